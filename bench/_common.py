@@ -1,0 +1,509 @@
+"""Shared helpers for the mproxy benchmark scripts (not part of the product).
+
+Everything here is about starting and stopping local processes safely:
+random free ports on 127.0.0.1, temporary directories, process groups that
+are always torn down (also on Ctrl-C / SIGTERM), and /proc accounting.
+Linux only (uses /proc and taskset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HOST = "127.0.0.1"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------
+# signals: turn SIGTERM/SIGHUP into an exception so `finally` blocks run
+
+
+def install_signal_handlers() -> None:
+    def _raise(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+
+
+# --------------------------------------------------------------------------
+# ports
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct currently-free TCP ports on 127.0.0.1 (held open until all
+    are chosen, so they differ from each other)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_port(port: int, timeout: float, proc: "Proc | None" = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.poll()} before listening "
+                             f"on {port}; see {proc.stderr_path} / {proc.stdout_path}\n"
+                             + proc.tail())
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing listening on {HOST}:{port} after {timeout}s")
+            time.sleep(0.05)
+
+
+def wait_path(path: Path, timeout: float, proc: "Proc | None" = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.poll()}\n" + proc.tail())
+        if time.monotonic() > deadline:
+            raise BenchError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# --------------------------------------------------------------------------
+# CPU pinning
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def pin_prefix(cpu: int | None) -> list[str]:
+    """`taskset -c N` prefix, or nothing when pinning is disabled/impossible."""
+    if cpu is None or cpu < 0:
+        return []
+    if cpu not in os.sched_getaffinity(0) or not shutil.which("taskset"):
+        log(f"warning: cannot pin to CPU {cpu}; running unpinned")
+        return []
+    return ["taskset", "-c", str(cpu)]
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+class Proc:
+    """A child process in its own process group, output sent to files.
+
+    stop() terminates the whole group (SIGTERM, then SIGKILL) – only ever
+    processes this script started."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict | None = None,
+                 cwd: Path | None = None):
+        self.name = name
+        self.argv = argv
+        self.stdout_path = workdir / f"{name}.stdout"
+        self.stderr_path = workdir / f"{name}.stderr"
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        log(f"start {name}: {shlex.join(argv)}")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.popen = subprocess.Popen(
+                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                env=full_env, cwd=str(cwd) if cwd else None, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def poll(self):
+        return self.popen.poll()
+
+    def tail(self, n: int = 20) -> str:
+        out = []
+        for p in (self.stderr_path, self.stdout_path):
+            try:
+                lines = p.read_text(errors="replace").splitlines()[-n:]
+            except OSError:
+                continue
+            if lines:
+                out.append(f"--- {p.name} (last {len(lines)} lines)")
+                out.extend(lines)
+        return "\n".join(out)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # Leftovers in the group (e.g. nginx workers) are killed too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+
+class Procs(contextlib.ExitStack):
+    """ExitStack that also remembers processes, stopping them in reverse order."""
+
+    def start(self, *args, **kw) -> Proc:
+        p = Proc(*args, **kw)
+        self.callback(p.stop)
+        return p
+
+
+# --------------------------------------------------------------------------
+# /proc accounting
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rfind(")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    kids = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Sum of utime+stime (seconds) of the given live processes (all threads)."""
+    ticks = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(")") + 2:].split()
+        # fields[0] is field 3 (state); utime/stime are fields 14/15.
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_kib(pids: list[int], key: str = "VmRSS") -> int:
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            total += proc_status_kib(p, key)
+    return total
+
+
+def reset_hwm(pids: list[int]) -> bool:
+    """Reset VmHWM (peak RSS) via /proc/PID/clear_refs (needs same uid/root)."""
+    ok = True
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            ok = False
+    return ok
+
+
+# --------------------------------------------------------------------------
+# nginx
+
+
+def _nginx_common(d: Path) -> str:
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / f"tmp_{sub}").mkdir(exist_ok=True)
+    user = "user root root;" if os.geteuid() == 0 else ""
+    return f"""
+{user}
+worker_processes 1;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+"""
+
+
+def _nginx_http_tmp(d: Path) -> str:
+    return f"""
+  client_body_temp_path {d}/tmp_client_body;
+  proxy_temp_path {d}/tmp_proxy;
+  fastcgi_temp_path {d}/tmp_fastcgi;
+  uwsgi_temp_path {d}/tmp_uwsgi;
+  scgi_temp_path {d}/tmp_scgi;
+"""
+
+
+def nginx_upstream_config(d: Path, port: int, body: bytes) -> Path:
+    """A fast upstream: fixed body on /, 200 on /up, keepalive, no logging."""
+    d.mkdir(parents=True, exist_ok=True)
+    text = body.decode("ascii")
+    assert '"' not in text and "\\" not in text
+    conf = d / "nginx.conf"
+    conf.write_text(_nginx_common(d) + f"""
+http {{
+{_nginx_http_tmp(d)}
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  default_type text/plain;
+  server {{
+    listen {HOST}:{port} backlog=4096;
+    location = /up {{ return 200 "OK\\n"; }}
+    location / {{ return 200 "{text}"; }}
+  }}
+}}
+""")
+    return conf
+
+
+def nginx_proxy_config(d: Path, port: int, upstream_port: int, access_log: bool = True,
+                       stream_bodies: bool = False) -> Path:
+    """nginx as a peer reverse proxy: keepalive upstream pool, JSON access log
+    to a file (mproxy logs one JSON line per request too), X-Forwarded-* and a
+    request id like mproxy."""
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    logline = (f"access_log {d}/access.log json;" if access_log else "access_log off;")
+    streaming = """
+      client_max_body_size 0;
+      proxy_request_buffering off;
+      proxy_buffering off;
+""" if stream_bodies else ""
+    conf.write_text(_nginx_common(d) + f"""
+http {{
+{_nginx_http_tmp(d)}
+  log_format json escape=json '{{"time":"$time_iso8601","msg":"Request","host":"$http_host",'
+    '"path":"$uri","request_id":"$request_id","status":$status,"target":"$upstream_addr",'
+    '"duration":"$request_time","method":"$request_method",'
+    '"req_content_length":"$content_length","resp_content_length":$body_bytes_sent,'
+    '"client_addr":"$remote_addr","client_port":"$remote_port","user_agent":"$http_user_agent",'
+    '"proto":"$server_protocol","scheme":"$scheme","query":"$query_string"}}';
+  {logline}
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  upstream app {{
+    server {HOST}:{upstream_port};
+    keepalive 128;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+  }}
+  server {{
+    listen {HOST}:{port} backlog=4096;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Request-ID $request_id;
+{streaming}
+    }}
+  }}
+}}
+""")
+    return conf
+
+
+def nginx_argv(conf: Path) -> list[str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return [nginx, "-p", str(conf.parent), "-c", str(conf), "-e", str(conf.parent / "error.log")]
+
+
+# --------------------------------------------------------------------------
+# caddy
+
+
+def caddy_available() -> bool:
+    return shutil.which("caddy") is not None
+
+
+def caddy_config(d: Path, port: int, upstream_port: int) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "Caddyfile"
+    conf.write_text(f"""{{
+	admin off
+	auto_https off
+	storage file_system {d}/data
+}}
+
+:{port} {{
+	bind {HOST}
+	reverse_proxy {HOST}:{upstream_port} {{
+		transport http {{
+			keepalive 300s
+			keepalive_idle_conns 256
+			keepalive_idle_conns_per_host 128
+		}}
+	}}
+	log {{
+		output file {d}/access.log
+		format json
+	}}
+}}
+""")
+    return conf
+
+
+def caddy_argv_env(conf: Path) -> tuple[list[str], dict]:
+    d = conf.parent
+    env = {"HOME": str(d), "XDG_DATA_HOME": str(d / "xdg-data"),
+           "XDG_CONFIG_HOME": str(d / "xdg-config")}
+    return [shutil.which("caddy") or "caddy", "run", "--config", str(conf),
+            "--adapter", "caddyfile"], env
+
+
+# --------------------------------------------------------------------------
+# mproxy
+
+
+def mproxy_command(explicit: str | None = None) -> tuple[list[str] | None, dict]:
+    """How to invoke the mproxy CLI: --mproxy-cmd / $MPROXY_CMD, else an
+    installed `mproxy` console script, else the entry point from this checkout
+    (`mproxy.cli.main:run`, PYTHONPATH=repo root). None if none of these work."""
+    explicit = explicit or os.environ.get("MPROXY_CMD")
+    if explicit:
+        return shlex.split(explicit), {}
+    exe = shutil.which("mproxy")
+    if exe:
+        return [exe], {}
+    env = {"PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    argv = [sys.executable, "-c",
+            "import sys; sys.argv[0] = 'mproxy'; from mproxy.cli.main import run; "
+            "sys.exit(run())"]
+    probe = subprocess.run(argv + ["--version"], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=30)
+    if probe.returncode != 0:
+        log("mproxy CLI not usable from this checkout yet:\n  "
+            + (probe.stderr.strip().splitlines() or ["(no output)"])[-1])
+        return None, env
+    return argv, env
+
+
+class MProxy:
+    """`mproxy run` in the foreground (pinned), plus deploy via the control socket."""
+
+    def __init__(self, procs: Procs, cmd: list[str], env: dict, workdir: Path,
+                 cpu: int | None, extra_args: list[str] | None = None):
+        self.cmd, self.env, self.dir = cmd, env, workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = workdir / "mproxy.sock"
+        self.state_dir = workdir / "state"
+        self.http_port, self.https_port = free_ports(2)
+        argv = pin_prefix(cpu) + cmd + [
+            "run", "--http-port", str(self.http_port), "--https-port", str(self.https_port),
+            "--socket", str(self.socket), "--state-dir", str(self.state_dir),
+            "--bind", HOST] + (extra_args or [])
+        self.proc = procs.start("mproxy", argv, workdir, env=env)
+        wait_port(self.http_port, 30, self.proc)
+        wait_path(self.socket, 30, self.proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def deploy(self, target: str, extra: list[str] | None = None, timeout: float = 60) -> None:
+        argv = self.cmd + ["deploy", target, "--socket", str(self.socket)] + (extra or [])
+        log(f"run: {shlex.join(argv)}")
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **self.env}, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise BenchError(f"mproxy deploy failed ({r.returncode}): {r.stderr.strip()}\n"
+                             + self.proc.tail())
+
+    def request_log_lines(self) -> int:
+        n = 0
+        with contextlib.suppress(OSError), open(self.proc.stdout_path, "rb") as f:
+            for line in f:
+                if b'"Request"' in line:
+                    n += 1
+        return n
+
+
+# --------------------------------------------------------------------------
+# misc
+
+
+def machine_info() -> dict:
+    info = {"nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "kernel": os.uname().release, "python": sys.version.split()[0]}
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    for name, argv in (("nginx", ["nginx", "-v"]), ("caddy", ["caddy", "version"]),
+                       ("wrk", ["wrk", "--version"])):
+        if shutil.which(argv[0]):
+            with contextlib.suppress(Exception):
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                info[name] = (r.stdout + r.stderr).strip().splitlines()[0]
+    with contextlib.suppress(Exception):
+        r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+        info["git_commit"] = r.stdout.strip()
+    return info
+
+
+def write_results(prefix: str, data: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Proxy throughput and CPU cost per request: direct vs mproxy vs nginx vs caddy.
+
+For each target the same upstream (nginx serving a small fixed body with
+keepalive, /up -> 200) is loaded with wrk through the proxy under test:
+
+  direct       wrk -> upstream                (no proxy: the ceiling)
+  mproxy       wrk -> mproxy run -> upstream  (deployed with `mproxy deploy`)
+  nginx        wrk -> nginx proxy_pass (keepalive pool, JSON access log on)
+  nginx-nolog  as nginx with access_log off (optional, shows the log's cost)
+  caddy        wrk -> caddy reverse_proxy (JSON access log on), if installed
+
+The proxy is pinned to CPU 0; wrk and the upstream share CPU 1. The proxy's
+CPU time is utime+stime from /proc/PID/stat summed over its process tree, as
+a delta over the measured run, divided by the requests wrk completed.
+
+Usage: python3 bench/proxy_cpu.py [--targets direct,mproxy,nginx,caddy]
+       [--duration 10] [--runs 3] [--connections 50]
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy"]
+DEFAULT_TARGETS = ["direct", "mproxy", "nginx", "caddy"]
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit]
+
+
+def parse_wrk(out: str) -> dict:
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m),", out)
+    if not m:
+        raise C.BenchError("could not parse wrk output:\n" + out)
+    res = {"requests": int(m.group(1)), "elapsed_s": _ms(m.group(2), m.group(3)) / 1000.0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    res["req_per_s"] = float(m.group(1)) if m else res["requests"] / res["elapsed_s"]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non_2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Latency\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    if m:
+        res["latency_avg_ms"] = _ms(m.group(1), m.group(2))
+        res["latency_max_ms"] = _ms(m.group(5), m.group(6))
+    for pct, val, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        res[f"latency_p{pct}_ms"] = _ms(val, unit)
+    return res
+
+
+def run_wrk(url: str, args, duration: float, cpu: int | None) -> dict:
+    argv = C.pin_prefix(cpu) + [
+        "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration:g}s",
+        "--timeout", "5s", "--latency", url]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise C.BenchError(f"wrk failed ({r.returncode}): {r.stderr}\n{r.stdout}")
+    return parse_wrk(r.stdout)
+
+
+def measure(url: str, args, proxy_pid: int | None, upstream_pid: int) -> dict:
+    proxy_pids = C.tree_pids(proxy_pid) if proxy_pid else []
+    up_pids = C.tree_pids(upstream_pid)
+    p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
+    res = run_wrk(url, args, args.duration, args.load_cpu)
+    p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
+    n = max(res["requests"], 1)
+    res["wall_s"] = t1 - t0
+    res["upstream_cpu_s"] = u1 - u0
+    res["upstream_cpu_us_per_req"] = (u1 - u0) / n * 1e6
+    if proxy_pid:
+        res["proxy_cpu_s"] = p1 - p0
+        res["proxy_cpu_us_per_req"] = (p1 - p0) / n * 1e6
+        res["proxy_cpu_util"] = (p1 - p0) / (t1 - t0)
+        res["proxy_rss_kib"] = C.rss_kib(proxy_pids)
+        res["proxy_pids"] = len(proxy_pids)
+    return res
+
+
+def verify(url: str, expected: bytes) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            status, body = C.http_get(url)
+        except OSError as e:
+            status, body = None, repr(e).encode()
+        if status == 200 and body == expected:
+            return
+        if time.monotonic() > deadline:
+            raise C.BenchError(f"GET {url} -> {status} {body[:200]!r}, expected 200 with the "
+                               "upstream's body")
+        time.sleep(0.2)
+
+
+def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, args):
+    """Start the proxy for `name`; return (url, pid or None, extra-info dict)."""
+    if name == "direct":
+        return f"http://{C.HOST}:{upstream_port}/", None, {}
+    if name in ("nginx", "nginx-nolog"):
+        (port,) = C.free_ports(1)
+        conf = C.nginx_proxy_config(workdir, port, upstream_port,
+                                    access_log=(name == "nginx"))
+        p = procs.start(name, C.pin_prefix(args.proxy_cpu) + C.nginx_argv(conf), workdir)
+        C.wait_port(port, 15, p)
+        return f"http://{C.HOST}:{port}/", p.pid, {"access_log": str(workdir / "access.log")}
+    if name == "caddy":
+        (port,) = C.free_ports(1)
+        conf = C.caddy_config(workdir, port, upstream_port)
+        argv, env = C.caddy_argv_env(conf)
+        p = procs.start(name, C.pin_prefix(args.proxy_cpu) + argv, workdir, env=env)
+        C.wait_port(port, 15, p)
+        return f"http://{C.HOST}:{port}/", p.pid, {"access_log": str(workdir / "access.log")}
+    if name == "mproxy":
+        cmd, env = args.mproxy_argv
+        mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu)
+        mp.deploy(f"{C.HOST}:{upstream_port}")
+        return f"http://{C.HOST}:{mp.http_port}/", mp.pid, {"mproxy": mp}
+    raise ValueError(name)
+
+
+def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes, args) -> dict:
+    workdir = tmp / name
+    workdir.mkdir()
+    with C.Procs() as procs:
+        url, pid, extra = start_target(name, procs, workdir, upstream_port, args)
+        verify(url, body)
+        C.log(f"{name}: warm-up {args.warmup:g}s on {url}")
+        if args.warmup > 0:
+            run_wrk(url, args, args.warmup, args.load_cpu)
+        runs = []
+        for i in range(args.runs):
+            r = measure(url, args, pid, upstream.pid)
+            runs.append(r)
+            cpu = (f", proxy CPU {r['proxy_cpu_us_per_req']:.1f} us/req "
+                   f"({r['proxy_cpu_util'] * 100:.0f}% of a core)" if pid else "")
+            bad = (f", {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
+                   if r["non_2xx"] or r["socket_errors"] else "")
+            C.log(f"{name}: run {i + 1}/{args.runs}: {r['req_per_s']:.0f} req/s{cpu}{bad}")
+        verify(url, body)
+        out = {"target": name, "url": url, "runs": runs}
+        if "mproxy" in extra:
+            out["mproxy_request_log_lines"] = extra["mproxy"].request_log_lines()
+        if "access_log" in extra:
+            try:
+                with open(extra["access_log"], "rb") as f:
+                    out["access_log_lines"] = sum(1 for _ in f)
+            except OSError:
+                out["access_log_lines"] = 0
+    out["summary"] = summarize(runs)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
+            "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib"]
+    s = {}
+    for k in keys:
+        vals = [r[k] for r in runs if k in r]
+        if vals:
+            s[k] = statistics.median(vals)
+    s["requests"] = sum(r["requests"] for r in runs)
+    s["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
+    return s
+
+
+def fmt(v, spec):
+    width = int(re.match(r"\d*", spec).group() or 0)
+    return f"{'-':>{width}}" if v is None else format(v, spec)
+
+
+def report(results: dict[str, dict]) -> tuple[str, dict]:
+    lines = []
+    hdr = (f"{'target':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'proxy CPU':>10} "
+           f"{'core use':>8} {'upstrm CPU':>10} {'RSS MiB':>7} {'errors':>6}")
+    lines.append(hdr)
+    lines.append(f"{'':<12} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10}")
+    lines.append("-" * len(hdr))
+    for name, r in results.items():
+        s = r["summary"]
+        rss = s.get("proxy_rss_kib")
+        util = s.get("proxy_cpu_util")
+        lines.append(
+            f"{name:<12} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
+            f"{fmt(s.get('latency_p99_ms'), '7.2f')} {fmt(s.get('proxy_cpu_us_per_req'), '10.1f')} "
+            f"{fmt(None if util is None else util * 100, '7.0f')}{'%' if util is not None else ' '} "
+            f"{fmt(s.get('upstream_cpu_us_per_req'), '10.1f')} "
+            f"{fmt(None if rss is None else rss / 1024, '7.1f')} {s['errors']:>6}")
+    ratios = {}
+
+    def ratio(a, b, key):
+        sa, sb = results.get(a, {}).get("summary", {}), results.get(b, {}).get("summary", {})
+        if sa.get(key) and sb.get(key):
+            return sa[key] / sb[key]
+        return None
+
+    lines.append("")
+    lines.append("Ratios (medians; >1 means the first is higher):")
+    for a in ("mproxy", "nginx", "caddy"):
+        for b in ("direct", "nginx", "nginx-nolog", "caddy"):
+            if a == b or a not in results or b not in results:
+                continue
+            if a in ("nginx", "caddy") and b != "direct":
+                continue
+            rq = ratio(a, b, "req_per_s")
+            cu = ratio(a, b, "proxy_cpu_us_per_req")
+            key = f"{a}_vs_{b}"
+            ratios[key] = {"req_per_s": rq, "proxy_cpu_us_per_req": cu}
+            txt = f"  {a} / {b}: req/s x{rq:.3f}" if rq else f"  {a} / {b}:"
+            if cu:
+                txt += f", proxy CPU per request x{cu:.2f}"
+            lines.append(txt)
+    return "\n".join(lines), ratios
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                    help=f"comma list from {','.join(ALL_TARGETS)} (default: %(default)s; "
+                         "mproxy/caddy are skipped with a warning if unavailable)")
+    ap.add_argument("--duration", type=float, default=10, help="seconds per measured run")
+    ap.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per target")
+    ap.add_argument("--runs", type=int, default=3, help="measured runs per target (median)")
+    ap.add_argument("--connections", "-c", type=int, default=50)
+    ap.add_argument("--threads", "-t", type=int, default=1)
+    ap.add_argument("--body-size", type=int, default=128, help="upstream body bytes")
+    ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
+    ap.add_argument("--load-cpu", type=int, default=1,
+                    help="CPU for wrk and the upstream (-1: no pin)")
+    ap.add_argument("--mproxy-cmd", help="command to run the mproxy CLI "
+                    "(default: $MPROXY_CMD, `mproxy` on PATH, or this checkout)")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
+    args = ap.parse_args(argv)
+
+    C.install_signal_handlers()
+    if not shutil.which("wrk"):
+        C.log("error: wrk not found (apt-get install wrk)")
+        return 1
+    if not shutil.which("nginx"):
+        C.log("error: nginx not found (apt-get install nginx-light); it is the upstream")
+        return 1
+    if C.cpu_count() < 2 and (args.proxy_cpu >= 0 or args.load_cpu >= 0):
+        C.log("warning: fewer than 2 CPUs available; not pinning")
+        args.proxy_cpu = args.load_cpu = -1
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in targets:
+        if t not in ALL_TARGETS:
+            ap.error(f"unknown target {t!r}")
+    skipped = {}
+    if "caddy" in targets and not C.caddy_available():
+        skipped["caddy"] = "caddy not installed (apt-get install caddy)"
+    args.mproxy_argv = (None, {})
+    if "mproxy" in targets:
+        args.mproxy_argv = C.mproxy_command(args.mproxy_cmd)
+        if args.mproxy_argv[0] is None:
+            skipped["mproxy"] = "mproxy CLI not available (pip install -e . or --mproxy-cmd)"
+    for t, why in skipped.items():
+        C.log(f"skipping {t}: {why}")
+    targets = [t for t in targets if t not in skipped]
+
+    body = (b"Hello from the upstream! " * ((args.body_size // 25) + 1))[:args.body_size - 1] + b"\n"
+    tmp = Path(tempfile.mkdtemp(prefix="mproxy-bench-"))
+    results: dict[str, dict] = {}
+    rc = 0
+    try:
+        with C.Procs() as procs:
+            (up_port,) = C.free_ports(1)
+            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body)
+            upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
+                                   tmp / "upstream")
+            C.wait_port(up_port, 15, upstream)
+            verify(f"http://{C.HOST}:{up_port}/", body)
+            for name in targets:
+                try:
+                    results[name] = bench_target(name, tmp, upstream, up_port, body, args)
+                except C.BenchError as e:
+                    C.log(f"{name}: FAILED: {e}")
+                    skipped[name] = f"failed: {str(e).splitlines()[0]}"
+                    rc = 1
+    except KeyboardInterrupt:
+        C.log("interrupted; cleaning up")
+        rc = 130
+    finally:
+        if args.keep_tmp:
+            C.log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if not results:
+        return rc or 1
+    table, ratios = report(results)
+    print()
+    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x{args.runs} "
+          f"(median), body {args.body_size} B, proxy on CPU {args.proxy_cpu}, "
+          f"wrk+upstream on CPU {args.load_cpu}")
+    print(table)
+    for t, why in skipped.items():
+        print(f"  (skipped {t}: {why})")
+    if not args.no_json:
+        path = C.write_results("proxy_cpu", {
+            "kind": "proxy_cpu", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": C.machine_info(),
+            "settings": {k: v for k, v in vars(args).items() if k != "mproxy_argv"},
+            "mproxy_cmd": args.mproxy_argv[0], "skipped": skipped,
+            "results": results, "ratios": ratios})
+        print(f"\nJSON: {path}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
