@@ -1,0 +1,154 @@
+"""
+Server configuration: the options of C{mproxy run} and C{twistd mproxy}, their
+defaults, and their environment variables (C{MPROXY_<NAME>} first, then
+C{<NAME>}; an explicit flag beats both).  One table, L{SERVER_OPTIONS}, feeds
+both command-line parsers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+from attrs import frozen
+
+from mproxy.errors import InvalidOptions
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+_TRUE = {"1", "t", "true", "yes", "on"}
+_FALSE = {"0", "f", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"invalid port {text!r}")
+    if not 0 <= port < 65536:
+        raise ValueError(f"invalid port {text!r}: must be 0-65535")
+    return port
+
+
+def parse_str(text: str) -> str:
+    return text
+
+
+@frozen
+class OptionSpec:
+    name: str  # flag name without dashes, e.g. "http-port"
+    parse: Callable[[str], Any]
+    default: Any
+    env: str  # e.g. "HTTP_PORT"
+    help: str
+    flag: bool = False  # a boolean switch
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+
+SERVER_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("http-port", parse_port, 80, "HTTP_PORT", "Port to serve HTTP traffic on"),
+    OptionSpec("https-port", parse_port, 443, "HTTPS_PORT", "Port to serve HTTPS traffic on"),
+    OptionSpec(
+        "metrics-port", parse_port, 0, "METRICS_PORT",
+        "Port to serve Prometheus metrics on (0 disables metrics)",
+    ),
+    OptionSpec(
+        "bind", parse_str, "", "BIND",
+        "Address to listen on for HTTP, HTTPS and metrics (default: all interfaces)",
+    ),
+    OptionSpec(
+        "socket", parse_str, "", "SOCKET",
+        "Control socket path (default: $XDG_RUNTIME_DIR/mproxy.sock or /tmp/mproxy.sock)",
+    ),
+    OptionSpec(
+        "state-dir", parse_str, "", "STATE_DIR",
+        "Directory for the state file and certificates (default: ~/.config/mproxy)",
+    ),
+    OptionSpec(
+        "acme-directory", parse_str, LETS_ENCRYPT, "ACME_DIRECTORY",
+        "ACME directory URL (default: Let's Encrypt production)",
+    ),
+    OptionSpec("acme-email", parse_str, "", "ACME_EMAIL", "Contact e-mail for the ACME account"),
+    OptionSpec(
+        "acme-ca-bundle", parse_str, "", "ACME_CA_BUNDLE",
+        "PEM file of CA certificates to trust for the ACME server (default: system trust)",
+    ),
+    OptionSpec("debug", parse_bool, False, "DEBUG", "Log at DEBUG level", flag=True),
+)
+
+
+@frozen
+class ServerConfig:
+    http_port: int = 80
+    https_port: int = 443
+    metrics_port: int = 0
+    bind: str = ""
+    socket: str = ""
+    state_dir: str = ""
+    acme_directory: str = LETS_ENCRYPT
+    acme_email: str = ""
+    acme_ca_bundle: str = ""
+    debug: bool = False
+
+
+def resolve_config(
+    explicit: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+) -> ServerConfig:
+    """
+    Combine flags given on the command line (C{explicit}, keyed by attribute
+    name, only those given) with the environment and the defaults.
+
+    @raise InvalidOptions: when an environment value does not parse.
+    """
+    values: dict[str, Any] = {}
+    for spec in SERVER_OPTIONS:
+        if spec.attr in explicit and explicit[spec.attr] is not None:
+            values[spec.attr] = explicit[spec.attr]
+            continue
+        for var in ("MPROXY_" + spec.env, spec.env):
+            raw = environ.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[spec.attr] = spec.parse(raw)
+            except ValueError as e:
+                raise InvalidOptions(f"invalid value for ${var}: {e}")
+            break
+        else:
+            values[spec.attr] = spec.default
+    values["socket"] = socket_path(values["socket"], environ)
+    values["state_dir"] = state_dir(values["state_dir"], environ)
+    return ServerConfig(**values)
+
+
+def socket_path(explicit: str = "", environ: Mapping[str, str] = os.environ) -> str:
+    if explicit:
+        return explicit
+    if environ.get("MPROXY_SOCKET"):
+        return environ["MPROXY_SOCKET"]
+    if environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(environ["XDG_RUNTIME_DIR"], "mproxy.sock")
+    return "/tmp/mproxy.sock"
+
+
+def state_dir(explicit: str = "", environ: Mapping[str, str] = os.environ) -> str:
+    if explicit:
+        return explicit
+    if environ.get("MPROXY_STATE_DIR"):
+        return environ["MPROXY_STATE_DIR"]
+    if environ.get("XDG_CONFIG_HOME"):
+        return os.path.join(environ["XDG_CONFIG_HOME"], "mproxy")
+    return os.path.join(os.path.expanduser("~"), ".config", "mproxy")

@@ -1,0 +1,101 @@
+"""
+The client side of the control protocol, used by the C{mproxy} commands.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.protocols import amp
+
+from mproxy.control import commands as c
+from mproxy.errors import MproxyError
+from mproxy.spec import DeployRequest, to_json
+
+
+class ServerUnavailable(MproxyError):
+    pass
+
+
+class ClientProtocol(amp.AMP):
+    def __init__(self, on_progress: Callable[[str, str], None] | None = None) -> None:
+        super().__init__()
+        self.on_progress = on_progress
+
+    @c.Progress.responder
+    def progress(self, phase: str, detail: str) -> dict[str, Any]:
+        if self.on_progress is not None:
+            self.on_progress(phase, detail)
+        return {}
+
+
+def deploy_request_to_json(req: DeployRequest) -> str:
+    return json.dumps(
+        {
+            "service": req.service,
+            "targets": list(req.targets),
+            "readers": list(req.readers),
+            "options": to_json(req.options),
+            "target_options": to_json(req.target_options),
+            "deploy_timeout": req.deploy_timeout,
+            "drain_timeout": req.drain_timeout,
+            "force": req.force,
+        }
+    )
+
+
+class ControlClient:
+    """
+    A connected, greeted client.  Use L{connect}.
+    """
+
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self.protocol = protocol
+
+    def call(self, command: type[amp.Command], **kw: Any) -> Any:
+        return self.protocol.callRemote(command, **kw)
+
+    @inlineCallbacks
+    def deploy(self, req: DeployRequest) -> Any:
+        r = yield self.call(c.Deploy, request=deploy_request_to_json(req))
+        return r["targets"]
+
+    @inlineCallbacks
+    def list_services(self) -> Any:
+        r = yield self.call(c.List)
+        return json.loads("".join(r["services"]) or "[]")
+
+    def close(self) -> None:
+        self.protocol.transport.loseConnection()
+
+
+@inlineCallbacks
+def connect(
+    reactor: Any, path: str, on_progress: Callable[[str, str], None] | None = None
+) -> Any:
+    """
+    Connect to the server's control socket and exchange versions.
+
+    @raise ServerUnavailable: when nothing answers on C{path}.
+    """
+    endpoint = UNIXClientEndpoint(reactor, path, timeout=10)
+    try:
+        protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
+    except ConnectError as e:
+        reason = e.osError.strerror if getattr(e, "osError", None) else str(e)
+        if not reason:
+            reason = e.__class__.__name__
+        raise ServerUnavailable(
+            f"cannot connect to mproxy at {path}: {reason} "
+            "(is `mproxy run` running? use --socket or MPROXY_SOCKET to choose the socket)"
+        )
+    try:
+        yield protocol.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
+    except c.VersionMismatch as e:
+        protocol.transport.loseConnection()
+        raise MproxyError(str(e))
+    return ControlClient(protocol)

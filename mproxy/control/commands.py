@@ -1,0 +1,149 @@
+"""
+The control protocol: AMP over a UNIX socket.  One L{Command} per operation,
+each declaring the domain errors it can raise, and a L{Hello} version
+handshake that every client sends first.
+
+Options travel as JSON text (L{amp.Unicode}) of the value types in
+L{mproxy.spec}, so the wire format is the state file's format.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+from mproxy.errors import (
+    CertificateError,
+    DeployTimedOut,
+    ErrorPagesError,
+    HostConflict,
+    InvalidOptions,
+    InvalidTarget,
+    RolloutNotSet,
+    ServiceNotFound,
+)
+
+PROTOCOL_VERSION = 1
+
+
+class VersionMismatch(Exception):
+    pass
+
+
+class HelloRequired(Exception):
+    pass
+
+
+ERRORS: dict[type[BaseException], bytes] = {
+    InvalidOptions: b"INVALID_OPTIONS",
+    InvalidTarget: b"INVALID_TARGET",
+    ServiceNotFound: b"SERVICE_NOT_FOUND",
+    HostConflict: b"HOST_CONFLICT",
+    DeployTimedOut: b"DEPLOY_TIMED_OUT",
+    RolloutNotSet: b"ROLLOUT_NOT_SET",
+    CertificateError: b"CERTIFICATE_ERROR",
+    ErrorPagesError: b"ERROR_PAGES_ERROR",
+    HelloRequired: b"HELLO_REQUIRED",
+}
+
+
+class Hello(amp.Command):
+    """
+    Exchange protocol versions.  Must be the first command on a connection.
+    """
+
+    arguments = [(b"version", amp.Integer())]
+    response = [(b"version", amp.Integer()), (b"server", amp.Unicode())]
+    errors = {VersionMismatch: b"VERSION_MISMATCH"}
+
+
+class Deploy(amp.Command):
+    """
+    Deploy targets to a service; answers when traffic is switched and the old
+    targets have drained.  C{request} is the JSON of a L{DeployRequest}.
+    """
+
+    arguments = [(b"request", amp.Unicode())]
+    response = [(b"targets", amp.ListOf(amp.Unicode()))]
+    errors = ERRORS
+
+
+class Progress(amp.Command):
+    """
+    Sent by the server to the client during a long command (deploy, pause,
+    stop): one phase of the operation.
+    """
+
+    arguments = [(b"phase", amp.Unicode()), (b"detail", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = False
+
+
+class Remove(amp.Command):
+    arguments = [(b"service", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class Pause(amp.Command):
+    arguments = [
+        (b"service", amp.Unicode()),
+        (b"drain_timeout", amp.Float()),
+        (b"max_pause", amp.Float()),
+    ]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class Stop(amp.Command):
+    arguments = [
+        (b"service", amp.Unicode()),
+        (b"drain_timeout", amp.Float()),
+        (b"message", amp.Unicode()),
+    ]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class Resume(amp.Command):
+    arguments = [(b"service", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class RolloutDeploy(amp.Command):
+    arguments = [
+        (b"service", amp.Unicode()),
+        (b"targets", amp.ListOf(amp.Unicode())),
+        (b"readers", amp.ListOf(amp.Unicode())),
+        (b"deploy_timeout", amp.Float()),
+        (b"drain_timeout", amp.Float()),
+    ]
+    response = [(b"targets", amp.ListOf(amp.Unicode()))]
+    errors = ERRORS
+
+
+class RolloutSet(amp.Command):
+    arguments = [
+        (b"service", amp.Unicode()),
+        (b"percentage", amp.Integer()),
+        (b"allowlist", amp.ListOf(amp.Unicode())),
+    ]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class RolloutStop(amp.Command):
+    arguments = [(b"service", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class List(amp.Command):
+    """
+    Every service, as JSON text (a list of objects).  Sent in pieces of at most
+    60 KiB each so that large tables fit AMP's value size limit.
+    """
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"services", amp.ListOf(amp.Unicode()))]
+    errors = ERRORS

@@ -1,0 +1,160 @@
+"""
+The server side of the control protocol: one L{ControlProtocol} per client
+connection, answering each command through the L{Controller}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+import mproxy
+from mproxy.control import commands as c
+from mproxy.controller import Controller
+from mproxy.errors import InvalidOptions
+from mproxy.logging import JSONLogger
+from mproxy.spec import (
+    DeployRequest,
+    ServiceOptions,
+    TargetOptions,
+    options_from_json,
+)
+
+CHUNK = 60 * 1024
+
+
+def deploy_request_from_json(text: str) -> DeployRequest:
+    """
+    Decode the C{request} argument of L{c.Deploy}.
+
+    @raise InvalidOptions: when it is not a valid request.
+    """
+    try:
+        data = json.loads(text)
+        return DeployRequest(
+            service=str(data["service"]),
+            targets=tuple(str(t) for t in data["targets"]),
+            readers=tuple(str(t) for t in data.get("readers", ())),
+            options=options_from_json(ServiceOptions, data.get("options", {})),
+            target_options=options_from_json(TargetOptions, data.get("target_options", {})),
+            deploy_timeout=float(data.get("deploy_timeout", 30.0)),
+            drain_timeout=float(data.get("drain_timeout", 30.0)),
+            force=bool(data.get("force", False)),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InvalidOptions(f"malformed deploy request: {e}")
+
+
+class ControlProtocol(amp.AMP):
+    def __init__(self, controller: Controller, logger: JSONLogger) -> None:
+        super().__init__()
+        self.controller = controller
+        self.logger = logger
+        self.greeted = False
+        self._closed = False
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed = True
+        super().connectionLost(reason)
+
+    def _require_hello(self) -> None:
+        if not self.greeted:
+            raise c.HelloRequired("the client must send Hello first")
+
+    def _progress(self, phase: str, detail: str) -> None:
+        if self._closed:
+            return
+        try:
+            self.callRemote(c.Progress, phase=phase, detail=detail)
+        except Exception:
+            pass
+
+    @c.Hello.responder
+    def hello(self, version: int) -> dict[str, Any]:
+        if version != c.PROTOCOL_VERSION:
+            raise c.VersionMismatch(
+                f"client speaks control protocol {version}, server speaks "
+                f"{c.PROTOCOL_VERSION} (mproxy {mproxy.__version__})"
+            )
+        self.greeted = True
+        return {"version": c.PROTOCOL_VERSION, "server": mproxy.__version__}
+
+    @c.Deploy.responder
+    def deploy(self, request: str) -> Any:
+        self._require_hello()
+        req = deploy_request_from_json(request)
+        d = self.controller.deploy(req, self._progress)
+        return d.addCallback(lambda targets: {"targets": targets})
+
+    @c.Remove.responder
+    def remove(self, service: str) -> dict[str, Any]:
+        self._require_hello()
+        self.controller.remove(service)
+        return {}
+
+    @c.Pause.responder
+    def pause(self, service: str, drain_timeout: float, max_pause: float) -> Any:
+        self._require_hello()
+        d = self.controller.pause(service, drain_timeout, max_pause)
+        return d.addCallback(lambda _: {})
+
+    @c.Stop.responder
+    def stop(self, service: str, drain_timeout: float, message: str) -> Any:
+        self._require_hello()
+        d = self.controller.stop(service, drain_timeout, message)
+        return d.addCallback(lambda _: {})
+
+    @c.Resume.responder
+    def resume(self, service: str) -> dict[str, Any]:
+        self._require_hello()
+        self.controller.resume(service)
+        return {}
+
+    @c.RolloutDeploy.responder
+    def rollout_deploy(
+        self,
+        service: str,
+        targets: list[str],
+        readers: list[str],
+        deploy_timeout: float,
+        drain_timeout: float,
+    ) -> Any:
+        self._require_hello()
+        d = self.controller.rollout_deploy(
+            service, tuple(targets), tuple(readers), deploy_timeout, drain_timeout,
+            self._progress,
+        )
+        return d.addCallback(lambda t: {"targets": t})
+
+    @c.RolloutSet.responder
+    def rollout_set(self, service: str, percentage: int, allowlist: list[str]) -> dict[str, Any]:
+        self._require_hello()
+        self.controller.rollout_set(service, percentage, tuple(allowlist))
+        return {}
+
+    @c.RolloutStop.responder
+    def rollout_stop(self, service: str) -> dict[str, Any]:
+        self._require_hello()
+        self.controller.rollout_stop(service)
+        return {}
+
+    @c.List.responder
+    def list_services(self) -> dict[str, Any]:
+        self._require_hello()
+        text = json.dumps(self.controller.list())
+        return {"services": [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)] or [""]}
+
+
+class ControlFactory(Factory):
+    def __init__(self, controller: Controller, logger: JSONLogger) -> None:
+        self.controller = controller
+        self.logger = logger
+
+    def buildProtocol(self, addr: object) -> ControlProtocol:
+        p = ControlProtocol(self.controller, self.logger)
+        p.factory = self
+        return p

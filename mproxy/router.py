@@ -1,0 +1,149 @@
+"""
+Host and path routing.
+
+L{RouteTable} is a plain immutable value (host → ordered (prefix, service
+name) bindings) built from service options, so it could be handed to another
+process.  L{Router} holds the live L{Service} objects and the current table.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from attrs import frozen
+
+from mproxy.errors import HostConflict
+from mproxy.service import Service
+from mproxy.spec import ServiceOptions
+
+
+@frozen
+class RouteTable:
+    bindings: Mapping[str, tuple[tuple[str, str], ...]]
+
+    @classmethod
+    def build(cls, services: Iterable[tuple[str, ServiceOptions]]) -> RouteTable:
+        table: dict[str, list[tuple[str, str]]] = {}
+        for name, options in services:
+            for host in options.hosts:
+                for prefix in options.path_prefixes:
+                    table.setdefault(host, []).append((prefix, name))
+        return cls(
+            {
+                h: tuple(sorted(v, key=lambda b: len(b[0]), reverse=True))
+                for h, v in table.items()
+            }
+        )
+
+    def bindings_for(self, host: str) -> tuple[tuple[str, str], ...] | None:
+        """
+        Exact host, else the single-label wildcard C{*.rest}, else the default
+        host C{""}.  The choice is final.
+        """
+        b = self.bindings
+        found = b.get(host)
+        if found is not None:
+            return found
+        dot = host.find(".", 1)
+        if dot > 0:
+            found = b.get("*" + host[dot:])
+            if found is not None:
+                return found
+        return b.get("")
+
+    def lookup(self, host: str, path: str) -> tuple[str, str] | None:
+        """
+        The (service name, matched prefix) for a request, or C{None}.  Prefixes
+        match on segment boundaries: C{/app} matches C{/app} and C{/app/x} but
+        not C{/appointment}.
+        """
+        bindings = self.bindings_for(host)
+        if not bindings:
+            return None
+        for prefix, name in bindings:
+            if prefix == "/":
+                return name, prefix
+            if path.startswith(prefix):
+                n = len(prefix)
+                if len(path) == n or path[n] == "/":
+                    return name, prefix
+        return None
+
+
+def strip_port(host: str) -> str:
+    """
+    C{example.com:8080} → C{example.com}; C{[::1]:80} → C{::1}.  Lower-cased.
+    """
+    if host.startswith("["):
+        end = host.find("]")
+        if end > 0:
+            return host[1:end].lower()
+        return host.lower()
+    i = host.rfind(":")
+    if i > 0 and host.count(":") == 1:
+        host = host[:i]
+    return host.lower().rstrip(".")
+
+
+@frozen
+class Match:
+    service: Service
+    prefix: str
+
+    def target_path(self, path: str) -> str:
+        """
+        The path the target sees: the matched prefix stripped when the service
+        strips prefixes.
+        """
+        if self.prefix == "/" or not self.service.options.strip_prefix:
+            return path
+        rest = path[len(self.prefix) :]
+        return rest if rest.startswith("/") else "/" + rest
+
+
+class Router:
+    def __init__(self) -> None:
+        self.services: dict[str, Service] = {}
+        self.table = RouteTable({})
+
+    def match(self, host: str, path: str) -> Match | None:
+        found = self.table.lookup(strip_port(host), path)
+        if found is None:
+            return None
+        return Match(self.services[found[0]], found[1])
+
+    def check_conflicts(self, name: str, options: ServiceOptions) -> None:
+        """
+        @raise HostConflict: when another service already binds one of the
+            same (host, prefix) pairs.
+        """
+        for other in self.services.values():
+            if other.name == name:
+                continue
+            for host in options.hosts:
+                if host not in other.options.hosts:
+                    continue
+                for prefix in options.path_prefixes:
+                    if prefix in other.options.path_prefixes:
+                        raise HostConflict()
+
+    def install(self, service: Service) -> None:
+        self.services[service.name] = service
+        self._rebuild()
+
+    def remove(self, name: str) -> Service | None:
+        service = self.services.pop(name, None)
+        self._rebuild()
+        return service
+
+    def _rebuild(self) -> None:
+        self.table = RouteTable.build(
+            (s.name, s.options) for s in self.services.values()
+        )
+
+    def root_service_for(self, host: str) -> Service | None:
+        """
+        The service serving C{/} for a host name (used for TLS decisions).
+        """
+        m = self.match(host, "/")
+        return None if m is None else m.service

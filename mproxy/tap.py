@@ -1,0 +1,215 @@
+"""
+The service tree: what C{twistd mproxy} and C{mproxy run} both run.
+
+L{build_service} assembles one L{MproxyService} (a L{MultiService}) from a
+L{ServerConfig} and an injected reactor.  Nothing is opened or read while
+building; L{MproxyService.startService} restores the state file and then
+listens, in that order, and L{MproxyService.ready} fires when it is serving
+(or fails with the reason it could not start).
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+import stat
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
+from twisted.python import usage
+
+from mproxy.config import SERVER_OPTIONS, ServerConfig, resolve_config
+from mproxy.control.server import ControlFactory
+from mproxy.controller import Controller
+from mproxy.errors import MproxyError
+from mproxy.health import http_probe
+from mproxy.logging import JSONLogger
+from mproxy.router import Router
+from mproxy.state import STATE_FILENAME, StateStore
+
+SHUTDOWN_GRACE = 10.0
+
+
+class StartupError(MproxyError):
+    pass
+
+
+class Options(usage.Options):
+    """
+    C{twistd mproxy} options: the same table as C{mproxy run}.
+    """
+
+    optParameters = [
+        [spec.name, None, None, f"{spec.help} [env MPROXY_{spec.env} or {spec.env}]"]
+        for spec in SERVER_OPTIONS
+        if not spec.flag
+    ]
+    optFlags = [[spec.name, None, spec.help] for spec in SERVER_OPTIONS if spec.flag]
+
+    def postOptions(self) -> None:
+        explicit: dict[str, Any] = {}
+        for spec in SERVER_OPTIONS:
+            key = spec.name
+            value = self.get(key)
+            if spec.flag:
+                if value:
+                    explicit[spec.attr] = True
+            elif value is not None:
+                try:
+                    explicit[spec.attr] = spec.parse(value)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{spec.name}: {e}")
+        try:
+            self.config = resolve_config(explicit)
+        except MproxyError as e:
+            raise usage.UsageError(str(e))
+
+
+def makeService(options: Options) -> MproxyService:
+    from twisted.internet import reactor
+
+    return build_service(reactor, options.config)
+
+
+def _listen_endpoints(reactor: Any, port: int, bind: str) -> list[Any]:
+    if bind:
+        if ":" in bind:
+            return [TCP6ServerEndpoint(reactor, port, interface=bind.strip("[]"))]
+        return [TCP4ServerEndpoint(reactor, port, interface=bind)]
+    if _socket.has_ipv6:
+        return [TCP6ServerEndpoint(reactor, port, interface="::"),
+                TCP4ServerEndpoint(reactor, port, interface="0.0.0.0")]
+    return [TCP4ServerEndpoint(reactor, port, interface="0.0.0.0")]
+
+
+def check_socket_free(path: str) -> None:
+    """
+    Remove a stale control socket left by a dead server; refuse to steal a
+    live one.
+
+    @raise StartupError: when another server answers on C{path}, or the path
+        is something other than a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise StartupError(f"cannot check control socket {path}: {e.strerror or e}")
+    finally:
+        s.close()
+    raise StartupError(f"another mproxy is already running on control socket {path}")
+
+
+class MproxyService(MultiService):
+    def __init__(self, reactor: Any, config: ServerConfig, logger: JSONLogger) -> None:
+        super().__init__()
+        self.setName("mproxy")
+        self.reactor = reactor
+        self.config = config
+        self.logger = logger
+        self.router = Router()
+        self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
+        from mproxy.http.upstream import UpstreamPool
+
+        self.pool_factory = lambda host, port: UpstreamPool(reactor, host, port)
+        self.controller = Controller(
+            self.router,
+            reactor,
+            http_probe(reactor),
+            self.store,
+            logger,
+            pool_factory=self.pool_factory,
+        )
+        self.ports: list[Any] = []
+        self.sites: list[Any] = []
+        self.ready: Deferred[None] = Deferred()
+        self.bound: dict[str, int] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._start()
+        d.addCallbacks(self.ready.callback, self.ready.errback)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        cfg = self.config
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        self.controller.restore()
+        from mproxy.http.proxy import build_http_factory
+
+        site = build_http_factory(
+            self.reactor, self.router, self.logger,
+            http_port=cfg.http_port, https_port=cfg.https_port,
+        )
+        self.sites.append(site)
+        for i, endpoint in enumerate(_listen_endpoints(self.reactor, cfg.http_port, cfg.bind)):
+            try:
+                port = yield endpoint.listen(site)
+            except Exception as e:
+                if i > 0 and self.ports:
+                    # Dual-stack "::" already took the IPv4 side too.
+                    continue
+                raise StartupError(f"cannot listen for HTTP on port {cfg.http_port}: {e}")
+            self.ports.append(port)
+            self.bound.setdefault("http", port.getHost().port)
+        check_socket_free(cfg.socket)
+        sock_dir = os.path.dirname(os.path.abspath(cfg.socket))
+        os.makedirs(sock_dir, exist_ok=True)
+        old_umask = os.umask(0o177)
+        try:
+            control = yield UNIXServerEndpoint(
+                self.reactor, cfg.socket, mode=0o600, wantPID=False
+            ).listen(ControlFactory(self.controller, self.logger))
+        except Exception as e:
+            raise StartupError(f"cannot listen on control socket {cfg.socket}: {e}")
+        finally:
+            os.umask(old_umask)
+        os.chmod(cfg.socket, 0o600)
+        self.ports.append(control)
+        self.logger.info(
+            "Server started",
+            http=self.bound.get("http"),
+            https=cfg.https_port,
+            socket=cfg.socket,
+            state=self.store.path,
+        )
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop accepting, let in-flight requests finish (up to 10 s), stop health
+        checks.
+        """
+        ports, self.ports = self.ports, []
+        stops = [succeed(p.stopListening()) for p in ports]
+        d: Deferred[Any] = DeferredList(stops, consumeErrors=True)
+
+        def drain(_: object) -> Any:
+            waits = [s.shutdown(SHUTDOWN_GRACE) for s in self.sites]
+            return DeferredList(waits, consumeErrors=True)
+
+        d.addCallback(drain)
+
+        def finish(_: object) -> Any:
+            self.controller.shutdown()
+            self.logger.info("Server stopped")
+            return MultiService.stopService(self)
+
+        d.addCallback(finish)
+        return d
+
+
+def build_service(reactor: Any, config: ServerConfig, logger: JSONLogger | None = None) -> MproxyService:
+    logger = logger or JSONLogger(level="DEBUG" if config.debug else "INFO")
+    return MproxyService(reactor, config, logger)

@@ -1,0 +1,197 @@
+"""
+A target is one upstream address (C{host:port}) inside a load balancer.  It
+counts the requests in flight on it (one L{Claim} each) so that a deploy can
+drain it: stop new claims, wait for the claims it had, and cancel whatever is
+left at the drain deadline.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+
+from mproxy.spec import parse_target
+
+
+class TargetState(enum.Enum):
+    ADDING = "adding"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+
+
+class Pool(Protocol):
+    """
+    What a target needs of its upstream connection pool (see
+    L{mproxy.http.upstream}).
+    """
+
+    def close_idle(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+PoolFactory = Callable[[str, int], Any]
+
+
+class _NoPool:
+    """
+    Stand-in pool for targets built without a data plane (unit tests).
+    """
+
+    def close_idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def no_pool(host: str, port: int) -> _NoPool:
+    return _NoPool()
+
+
+class Claim:
+    """
+    One request in flight on a target.  The data plane calls L{release} exactly
+    once when the request is over, and registers a canceller that a drain
+    calls when its deadline passes.
+    """
+
+    __slots__ = ("target", "_canceller", "upgraded", "released", "set_cookie")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._canceller: Callable[[], object] | None = None
+        self.upgraded = False
+        self.released = False
+        self.set_cookie: bytes | None = None
+
+    def set_canceller(self, fn: Callable[[], object] | None) -> None:
+        self._canceller = fn
+
+    def mark_upgraded(self) -> None:
+        self.upgraded = True
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.target._released(self)
+
+    def cancel(self) -> None:
+        """
+        Called by a drain whose deadline passed.  The canceller is expected to
+        end the request (and release the claim); if there is none, or it does
+        not release, the claim is released here so the drain can finish.
+        """
+        fn = self._canceller
+        self._canceller = None
+        if fn is not None:
+            try:
+                fn()
+            except Exception:
+                pass
+        self.release()
+
+
+class Target:
+    def __init__(
+        self,
+        address: str,
+        clock: IReactorTime,
+        pool_factory: PoolFactory = no_pool,
+    ) -> None:
+        self.address = address
+        self.host, self.port = parse_target(address)
+        self.clock = clock
+        self.state = TargetState.ADDING
+        self.inflight: set[Claim] = set()
+        self.pool = pool_factory(self.host, self.port)
+        self._drain_waiters: list[tuple[set[Claim], Deferred[None]]] = []
+        self._state_before_drain: TargetState | None = None
+        self.on_state_change: Callable[[Target, TargetState], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Target {self.address} {self.state.value} inflight={len(self.inflight)}>"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state is TargetState.HEALTHY
+
+    def set_state(self, state: TargetState) -> None:
+        old = self.state
+        if old is state:
+            return
+        self.state = state
+        if self.on_state_change is not None:
+            self.on_state_change(self, old)
+
+    def claim(self) -> Claim | None:
+        """
+        Register a new request in flight, or return C{None} if the target is
+        draining.
+        """
+        if self.state is TargetState.DRAINING:
+            return None
+        c = Claim(self)
+        self.inflight.add(c)
+        return c
+
+    def _released(self, claim: Claim) -> None:
+        self.inflight.discard(claim)
+        if not self._drain_waiters:
+            return
+        still = []
+        for snapshot, d in self._drain_waiters:
+            snapshot.discard(claim)
+            if snapshot:
+                still.append((snapshot, d))
+            else:
+                d.callback(None)
+        self._drain_waiters = still
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Stop new claims, wait for the requests in flight now to finish, and
+        cancel those still running after C{timeout} seconds.  Fires when every
+        request has ended; the target's state is then restored (a pause
+        drains targets that stay in use).
+        """
+        if self.state is TargetState.DRAINING:
+            return succeed(None)
+        self._state_before_drain = self.state
+        self.state = TargetState.DRAINING
+        snapshot = set(self.inflight)
+        if snapshot:
+            d: Deferred[None] = Deferred()
+            self._drain_waiters.append((snapshot, d))
+
+            def deadline() -> None:
+                for c in list(snapshot):
+                    c.cancel()
+
+            call = self.clock.callLater(timeout, deadline)
+
+            def done(_: object) -> None:
+                if call.active():
+                    call.cancel()
+
+            d.addCallback(done)
+        else:
+            d = succeed(None)
+
+        def restore(_: object) -> None:
+            if self.state is TargetState.DRAINING and self._state_before_drain:
+                self.state = self._state_before_drain
+
+        d.addCallback(restore)
+        return d
+
+    def close(self) -> None:
+        """
+        The target is gone for good: close idle upstream connections.
+        """
+        self.pool.close_idle()
