@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import attr
 import attrs
 from attrs import field, frozen
 
@@ -269,7 +270,7 @@ def to_json(value: Any) -> Any:
     """
     Turn one of the value types above into JSON-ready data (tuples → lists).
     """
-    return attrs.asdict(value, retain_collection_types=False)
+    return attr.asdict(value, retain_collection_types=False)
 
 
 def options_from_json(cls: type, data: dict[str, Any]) -> Any:
