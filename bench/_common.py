@@ -414,27 +414,31 @@ def caddy_argv_env(conf: Path) -> tuple[list[str], dict]:
 
 
 def mproxy_command(explicit: str | None = None) -> tuple[list[str] | None, dict]:
-    """How to invoke the mproxy CLI: --mproxy-cmd / $MPROXY_CMD, else an
-    installed `mproxy` console script, else the entry point from this checkout
-    (`mproxy.cli.main:run`, PYTHONPATH=repo root). None if none of these work."""
+    """How to invoke the mproxy CLI: --mproxy-cmd / $MPROXY_CMD, else the entry
+    point of this checkout (`mproxy.cli.main:run` with PYTHONPATH=repo root, so
+    the code being benchmarked is the code next to this script, not whatever
+    copy happens to be installed), else an installed `mproxy` console script.
+    None if none of these work."""
     explicit = explicit or os.environ.get("MPROXY_CMD")
     if explicit:
         return shlex.split(explicit), {}
-    exe = shutil.which("mproxy")
-    if exe:
-        return [exe], {}
-    env = {"PYTHONPATH": os.pathsep.join(
-        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-    argv = [sys.executable, "-c",
-            "import sys; sys.argv[0] = 'mproxy'; from mproxy.cli.main import run; "
-            "sys.exit(run())"]
-    probe = subprocess.run(argv + ["--version"], capture_output=True, text=True,
-                           env={**os.environ, **env}, timeout=30)
-    if probe.returncode != 0:
-        log("mproxy CLI not usable from this checkout yet:\n  "
-            + (probe.stderr.strip().splitlines() or ["(no output)"])[-1])
-        return None, env
-    return argv, env
+    candidates = []
+    if (REPO_ROOT / "mproxy" / "cli" / "main.py").exists():
+        env = {"PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+        candidates.append(([sys.executable, "-c",
+                            "import sys; sys.argv[0] = 'mproxy'; "
+                            "from mproxy.cli.main import run; sys.exit(run())"], env))
+    if shutil.which("mproxy"):
+        candidates.append(([shutil.which("mproxy")], {}))
+    for argv, env in candidates:
+        probe = subprocess.run(argv + ["--version"], capture_output=True, text=True,
+                               env={**os.environ, **env}, timeout=30)
+        if probe.returncode == 0:
+            return argv, env
+        log(f"mproxy CLI not usable via {argv[-1][:60]!r}: "
+            + ((probe.stderr.strip().splitlines() or ["(no output)"])[-1]))
+    return None, {}
 
 
 class MProxy:
