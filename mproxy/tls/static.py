@@ -1,0 +1,155 @@
+# -*- test-case-name: tests.test_tls_static -*-
+"""
+Custom certificates (C{--tls-certificate-path}, C{--tls-private-key-path}).
+
+API::
+
+    certified = load_static(cert_path, key_path)
+        # -> CertifiedKey; raises CertificateError("unable to load certificate: <reason>")
+    static = StaticCertificate(cert_path, key_path)    # loads at once (raises)
+    static.certificate                                  # current CertifiedKey
+    static.check() -> bool                              # reload if either file changed;
+                                                        # True when a new certificate
+                                                        # is in use; a broken new file
+                                                        # keeps the old one (logged)
+    static.reload() -> bool                             # reload unconditionally (SIGHUP)
+
+Reloading swaps the object used for new handshakes; established connections
+keep their session and are not touched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from twisted.logger import Logger
+
+from mproxy.errors import CertificateError
+from mproxy.tls.certs import CertifiedKey, load_certified_key
+
+__all__ = ["load_static", "StaticCertificate", "install_sighup_reload"]
+
+log = Logger()
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise CertificateError(f"unable to load certificate: open {path}: {reason}") from None
+
+
+def load_static(cert_path: str, key_path: str) -> CertifiedKey:
+    """
+    Load and check a PEM certificate chain and its private key.
+
+    @raise CertificateError: C{unable to load certificate: <reason>}.
+    """
+    if not cert_path or not key_path:
+        raise CertificateError(
+            "unable to load certificate: both a certificate and a private key path are required"
+        )
+    chain = _read(cert_path)
+    key = _read(key_path)
+    try:
+        return load_certified_key(chain, key)
+    except ValueError as e:
+        raise CertificateError(f"unable to load certificate: {e}") from None
+
+
+def _fingerprint(path: str, stat: Callable[[str], Any]) -> tuple[Any, ...] | None:
+    try:
+        st = stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class StaticCertificate:
+    """
+    A custom certificate that follows changes to its files.
+    """
+
+    def __init__(
+        self, cert_path: str, key_path: str, stat: Callable[[str], Any] = os.stat
+    ) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self._stat = stat
+        self._seen = self._fingerprints()
+        self.certificate = load_static(cert_path, key_path)
+        self.last_error: str | None = None
+
+    @property
+    def paths(self) -> tuple[str, str]:
+        return (self.cert_path, self.key_path)
+
+    def _fingerprints(self) -> tuple[Any, ...]:
+        return (_fingerprint(self.cert_path, self._stat), _fingerprint(self.key_path, self._stat))
+
+    def check(self) -> bool:
+        """
+        Reload when either file's mtime, size or inode changed.
+        """
+        now = self._fingerprints()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return self.reload()
+
+    def reload(self) -> bool:
+        """
+        Load the files again; keep the current certificate when they are
+        broken (for example half-way through being replaced).
+        """
+        try:
+            new = load_static(self.cert_path, self.key_path)
+        except CertificateError as e:
+            self.last_error = str(e)
+            log.warn(
+                "Keeping the current certificate for {path}: {error}",
+                path=self.cert_path,
+                error=str(e),
+            )
+            return False
+        self.last_error = None
+        if _same(new, self.certificate):
+            return False
+        self.certificate = new
+        log.info("Reloaded certificate {path}", path=self.cert_path)
+        return True
+
+
+def _same(a: CertifiedKey, b: CertifiedKey) -> bool:
+    return a.chain == b.chain and _key_der(a.key) == _key_der(b.key)
+
+
+def _key_der(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def install_sighup_reload(reactor: Any, reload: Callable[[], Any]) -> Callable[[], None]:
+    """
+    Call C{reload} on the reactor thread whenever the process gets SIGHUP.
+    Returns a function that restores the previous handler.
+    """
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    previous = signal.signal(signal.SIGHUP, handler)
+
+    def uninstall() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return uninstall
