@@ -1,0 +1,427 @@
+"""
+Tests for L{mproxy.health}: the checker's schedule on an injected clock, its
+verdicts, target state transitions, and the real HTTP probe on a memory
+reactor.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.test.test_endpoints import deterministicResolvingReactor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mproxy.balancer import LoadBalancer
+from mproxy.health import (
+    HealthChecker,
+    UnexpectedStatus,
+    describe_failure,
+    health_url,
+    http_probe,
+)
+from mproxy.spec import HealthCheckConfig
+from mproxy.target import Target, TargetState
+
+
+class FakeProbe:
+    """
+    A probe whose answers the test gives by hand.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Target, Deferred[int]]] = []
+        self.cancelled = 0
+
+    def __call__(self, target: Target, config: HealthCheckConfig) -> Deferred[int]:
+        def cancel(d: Deferred[int]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[int] = Deferred(cancel)
+        self.calls.append((target, d))
+        return d
+
+    def answer(self, code: int, index: int = -1) -> None:
+        self.calls[index][1].callback(code)
+
+    def fail(self, exc: Exception, index: int = -1) -> None:
+        self.calls[index][1].errback(exc)
+
+    def pending(self) -> int:
+        return sum(1 for _, d in self.calls if not d.called)
+
+
+CONFIG = HealthCheckConfig(path="/up", interval=1.0, timeout=5.0)
+
+
+class CheckerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.probe = FakeProbe()
+        self.target = Target("web:3000", self.clock)
+        self.reports: list[tuple[bool, str]] = []
+
+    def checker(self, config: HealthCheckConfig = CONFIG, stop_when_healthy: bool = False
+                ) -> HealthChecker:
+        c = HealthChecker(
+            self.target, config, self.clock, self.probe,
+            lambda t, ok, err: self.reports.append((ok, err)), stop_when_healthy,
+        )
+        c.start()
+        return c
+
+    def test_first_probe_at_once_then_interval(self) -> None:
+        """
+        The first probe is sent at once, the next one an interval later.
+        """
+        self.checker()
+        self.assertEqual(len(self.probe.calls), 1)
+        self.probe.answer(200)
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.probe.calls), 1)
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.probe.calls), 2)
+        self.probe.answer(204)
+        self.clock.advance(1)
+        self.assertEqual(len(self.probe.calls), 3)
+        self.assertEqual(self.reports, [(True, ""), (True, "")])
+
+    def test_timeout(self) -> None:
+        """
+        A probe not answered within the timeout fails with C{request timed out}
+        and is cancelled.
+        """
+        self.checker()
+        self.clock.advance(4.9)
+        self.assertEqual(self.reports, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.reports, [(False, "request timed out")])
+        self.assertEqual(self.probe.cancelled, 1)
+        self.assertIs(self.target.state, TargetState.ADDING)
+        # The next probe follows an interval later.
+        self.clock.advance(1)
+        self.assertEqual(len(self.probe.calls), 2)
+
+    def test_unexpected_status(self) -> None:
+        """
+        A status outside 2xx is a failure naming the status.
+        """
+        self.checker()
+        self.probe.answer(500)
+        self.clock.advance(1)
+        self.probe.answer(301)
+        self.clock.advance(1)
+        self.probe.answer(299)
+        self.assertEqual(
+            self.reports,
+            [(False, "unexpected status (500)"), (False, "unexpected status (301)"), (True, "")],
+        )
+
+    def test_connection_error(self) -> None:
+        """
+        A connection error is a failure with a readable message.
+        """
+        self.checker()
+        self.probe.fail(ConnectionRefusedError())
+        ok, err = self.reports[0]
+        self.assertFalse(ok)
+        self.assertIn("Connection was refused", err)
+
+    def test_probe_raises(self) -> None:
+        """
+        A probe function that raises counts as a failed check, and checking
+        goes on.
+        """
+
+        def probe(target: Target, config: HealthCheckConfig) -> Deferred[int]:
+            raise OSError("no route")
+
+        c = HealthChecker(self.target, CONFIG, self.clock, probe,
+                          lambda t, ok, err: self.reports.append((ok, err)))
+        c.start()
+        self.assertEqual(self.reports, [(False, "no route")])
+        self.clock.advance(1)
+        self.assertEqual(len(self.reports), 2)
+        c.stop()
+
+    def test_adding_to_healthy(self) -> None:
+        """
+        Failures while adding change nothing; the first success makes the
+        target healthy.
+        """
+        self.checker()
+        self.probe.answer(503)
+        self.assertIs(self.target.state, TargetState.ADDING)
+        self.clock.advance(1)
+        self.probe.answer(200)
+        self.assertIs(self.target.state, TargetState.HEALTHY)
+
+    def test_healthy_unhealthy_healthy(self) -> None:
+        """
+        A healthy target becomes unhealthy on a failure and healthy again on
+        the next success.
+        """
+        self.checker()
+        self.probe.answer(200)
+        self.clock.advance(1)
+        self.probe.answer(500)
+        self.assertIs(self.target.state, TargetState.UNHEALTHY)
+        self.clock.advance(1)
+        self.probe.fail(ConnectionRefusedError())
+        self.assertIs(self.target.state, TargetState.UNHEALTHY)
+        self.clock.advance(1)
+        self.probe.answer(200)
+        self.assertIs(self.target.state, TargetState.HEALTHY)
+
+    def test_stop_when_healthy(self) -> None:
+        """
+        A checker told to stop once healthy sends no more probes after the
+        first success.
+        """
+        c = self.checker(stop_when_healthy=True)
+        self.probe.answer(500)
+        self.clock.advance(1)
+        self.probe.answer(200)
+        self.assertFalse(c.running)
+        self.clock.advance(10)
+        self.assertEqual(len(self.probe.calls), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_inflight(self) -> None:
+        """
+        Stopping cancels the probe in flight and schedules nothing more, and
+        reports nothing.
+        """
+        c = self.checker()
+        c.stop()
+        self.assertEqual(self.probe.cancelled, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.reports, [])
+        self.clock.advance(10)
+        self.assertEqual(len(self.probe.calls), 1)
+
+    def test_stop_between_probes(self) -> None:
+        """
+        Stopping while waiting for the next tick cancels the tick.
+        """
+        c = self.checker()
+        self.probe.answer(200)
+        c.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(len(self.probe.calls), 1)
+
+    def test_late_answer_after_stop(self) -> None:
+        """
+        An answer arriving after stop (from a probe that ignores cancellation)
+        neither changes the target nor reports.
+        """
+        c = self.checker()
+        d = self.probe.calls[0][1]
+        c.stop()
+        # The fake canceller does not fire the Deferred; the checker's
+        # timeout wrapper has already errbacked it.
+        self.assertTrue(d.called)
+        self.assertIs(self.target.state, TargetState.ADDING)
+        self.assertEqual(self.reports, [])
+
+    def test_slow_probe_no_overlap(self) -> None:
+        """
+        A probe still running when the next one is due delays it: probes never
+        overlap.
+        """
+        config = HealthCheckConfig(interval=1.0, timeout=10.0)
+        self.checker(config)
+        self.clock.advance(3.5)
+        self.assertEqual(len(self.probe.calls), 1)
+        self.assertEqual(self.probe.pending(), 1)
+        self.probe.answer(200)
+        self.assertEqual(len(self.probe.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.probe.calls), 2)
+        self.assertEqual(self.probe.pending(), 1)
+
+    def test_draining_not_changed_by_success(self) -> None:
+        """
+        A success does not take a target out of C{draining}.
+        """
+        c = self.checker()
+        self.target.set_state(TargetState.HEALTHY)
+        claim = self.target.claim()
+        self.target.drain(30)
+        self.probe.answer(200)
+        self.assertIs(self.target.state, TargetState.DRAINING)
+        claim.release()
+        c.stop()
+
+
+class BalancerHealthTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.probe = FakeProbe()
+
+    def probes_for(self, address: str) -> list[Deferred[int]]:
+        return [d for t, d in self.probe.calls if t.address == address]
+
+    def test_single_writer_stops_once_healthy(self) -> None:
+        """
+        A balancer with a single writer and no readers stops checking as soon
+        as the writer is healthy.
+        """
+        lb = LoadBalancer(["aa:1"], [], self.clock)
+        lb.start_health_checks(CONFIG, self.probe)
+        self.probe.answer(200)
+        self.assertTrue(lb.all_healthy())
+        self.clock.advance(60)
+        self.assertEqual(len(self.probe.calls), 1)
+
+    def test_multi_target_keeps_checking(self) -> None:
+        """
+        With several targets checks continue, and a failing target leaves the
+        rotation and comes back.
+        """
+        lb = LoadBalancer(["aa:1", "bb:2"], [], self.clock)
+        lb.start_health_checks(CONFIG, self.probe)
+        self.assertEqual(len(self.probe.calls), 2)
+        self.probe.answer(200, 0)
+        self.probe.answer(200, 1)
+        self.assertTrue(lb.all_healthy())
+        self.clock.advance(1)
+        self.assertEqual(len(self.probe.calls), 4)
+        self.probes_for("aa:1")[-1].callback(500)
+        self.probes_for("bb:2")[-1].callback(200)
+        self.assertEqual({lb.claim(False).target.address for _ in range(4)}, {"bb:2"})
+        self.assertEqual(lb.last_health_error, "unexpected status (500)")
+        self.clock.advance(1)
+        self.probes_for("aa:1")[-1].callback(200)
+        self.assertEqual({lb.claim(False).target.address for _ in range(4)}, {"aa:1", "bb:2"})
+        lb.stop_health_checks()
+
+    def test_writer_with_reader_keeps_checking(self) -> None:
+        """
+        A single writer with a reader is not a single-target balancer.
+        """
+        lb = LoadBalancer(["aa:1"], ["rr:2"], self.clock)
+        lb.start_health_checks(CONFIG, self.probe)
+        self.probe.answer(200, 0)
+        self.probe.answer(200, 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.probe.calls), 4)
+        lb.stop_health_checks()
+
+    def test_listeners(self) -> None:
+        """
+        Health listeners see every result.
+        """
+        lb = LoadBalancer(["aa:1"], [], self.clock)
+        seen: list[tuple[str, bool, str]] = []
+        lb.health_listeners.append(lambda t, ok, err: seen.append((t.address, ok, err)))
+        lb.start_health_checks(CONFIG, self.probe)
+        self.probe.answer(404)
+        self.clock.advance(1)
+        self.probe.answer(200)
+        self.assertEqual(seen, [("aa:1", False, "unexpected status (404)"), ("aa:1", True, "")])
+
+    def test_restart_replaces_checkers(self) -> None:
+        """
+        Starting checks again stops the previous checkers.
+        """
+        lb = LoadBalancer(["aa:1", "bb:2"], [], self.clock)
+        lb.start_health_checks(CONFIG, self.probe)
+        lb.start_health_checks(CONFIG, self.probe)
+        self.assertEqual(self.probe.cancelled, 2)
+        self.assertEqual(self.probe.pending(), 2)
+        lb.stop_health_checks()
+
+
+class HelperTests(SynchronousTestCase):
+    def test_health_url(self) -> None:
+        """
+        The URL uses the target host, the health port when set, and the path
+        joined on the root.
+        """
+        self.assertEqual(health_url("web", 3000, HealthCheckConfig(path="/up")),
+                         "http://web:3000/up")
+        self.assertEqual(health_url("web", 3000, HealthCheckConfig(path="up")),
+                         "http://web:3000/up")
+        self.assertEqual(health_url("web", 3000, HealthCheckConfig(path="web/index.html")),
+                         "http://web:3000/web/index.html")
+        self.assertEqual(health_url("web", 3000, HealthCheckConfig(port=9000)),
+                         "http://web:9000/up")
+        self.assertEqual(health_url("::1", 80, HealthCheckConfig()), "http://[::1]:80/up")
+
+    def test_describe_failure(self) -> None:
+        """
+        Failures become the short messages of the reference.
+        """
+        from twisted.internet.defer import CancelledError, TimeoutError
+
+        self.assertEqual(describe_failure(Failure(TimeoutError())), "request timed out")
+        self.assertEqual(describe_failure(Failure(CancelledError())), "request timed out")
+        self.assertEqual(describe_failure(Failure(UnexpectedStatus(502))),
+                         "unexpected status (502)")
+        self.assertEqual(describe_failure(Failure(ValueError())), "ValueError")
+
+
+class HTTPProbeTests(SynchronousTestCase):
+    """
+    The real probe, on a memory reactor with deterministic name resolution.
+    """
+
+    def setUp(self) -> None:
+        self.memory = MemoryReactorClock()
+        self.reactor = deterministicResolvingReactor(self.memory, ["10.0.0.7"])
+        self.probe = http_probe(self.reactor)
+
+    def connect(self) -> StringTransport:
+        host, port, factory, timeout, bind = self.memory.tcpClients[-1]
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        transport.protocol = protocol  # type: ignore[attr-defined]
+        return transport
+
+    def test_get(self) -> None:
+        """
+        The probe GETs the health path with the mproxy User-Agent and fires
+        with the final status once the body is read.
+        """
+        target = Target("web:3000", self.memory)
+        d = self.probe(target, HealthCheckConfig(path="up", host="app.internal"))
+        self.assertEqual(self.memory.tcpClients[-1][:2], ("10.0.0.7", 3000))
+        transport = self.connect()
+        request = transport.value()
+        self.assertTrue(request.startswith(b"GET /up HTTP/1.1\r\n"), request)
+        self.assertIn(b"user-agent: mproxy\r\n", request.lower())
+        self.assertIn(b"host: app.internal\r\n", request.lower())
+        self.assertNoResult(d)
+        transport.protocol.dataReceived(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertEqual(self.successResultOf(d), 204)
+
+    def test_health_port(self) -> None:
+        """
+        The health-check port replaces the target's port; the Host header is
+        the target address by default.
+        """
+        target = Target("web:3000", self.memory)
+        self.probe(target, HealthCheckConfig(port=9000))
+        self.assertEqual(self.memory.tcpClients[-1][:2], ("10.0.0.7", 9000))
+        request = self.connect().value().lower()
+        self.assertIn(b"host: web:9000\r\n", request)
+
+    def test_status_with_body(self) -> None:
+        """
+        A non-2xx answer with a body fires with its status after the body.
+        """
+        d = self.probe(Target("web:3000", self.memory), HealthCheckConfig())
+        transport = self.connect()
+        transport.protocol.dataReceived(
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 5\r\n\r\nab"
+        )
+        self.assertNoResult(d)
+        transport.protocol.dataReceived(b"cde")
+        self.assertEqual(self.successResultOf(d), 500)
