@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The proxy's own error pages.
+
+    render_page(status: int, message: str = "") -> bytes
+
+Built-in templates live in C{mproxy/pages/<status>.html} (404, 413, 502,
+503, 504); 503 shows C{message} (HTML-escaped) when one is given, e.g. the
+stop message.  Other statuses get C{<h1><code> <reason></h1>}.  Every page
+is served as C{text/html; charset=utf-8} (L{CONTENT_TYPE}).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from http import HTTPStatus
+
+CONTENT_TYPE = b"text/html; charset=utf-8"
+_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pages")
+_DEFAULT_503 = (
+    "This site is temporarily unavailable, probably for maintenance. "
+    "Please try again soon."
+)
+
+
+def _load() -> dict[int, str]:
+    out: dict[int, str] = {}
+    for code in (404, 413, 502, 503, 504):
+        try:
+            with open(os.path.join(_DIR, f"{code}.html"), encoding="utf-8") as f:
+                out[code] = f.read()
+        except OSError:
+            pass
+    return out
+
+
+_TEMPLATES = _load()
+_CACHE: dict[int, bytes] = {}
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return {499: "Client Closed Request"}.get(status, "Unknown Status")
+
+
+def render_page(status: int, message: str = "") -> bytes:
+    """
+    The body of the page for C{status}.
+    """
+    if not message:
+        page = _CACHE.get(status)
+        if page is not None:
+            return page
+    tpl = _TEMPLATES.get(status)
+    if tpl is None:
+        page = f"<h1>{status} {html.escape(reason_phrase(status), quote=False)}</h1>".encode("utf-8")
+    elif "{{message}}" in tpl:
+        text = html.escape(message) if message else _DEFAULT_503
+        page = tpl.replace("{{message}}", text).encode("utf-8")
+    else:
+        page = tpl.encode("utf-8")
+    if not message:
+        _CACHE[status] = page
+    return page

@@ -1,0 +1,720 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The reverse-proxy resource and the HTTP site factory.
+
+    site = build_http_factory(reactor, router, logger, *,
+                              http_port=80, https_port=443, secure=False,
+                              pools=None, metrics=None)
+
+returns a L{mproxy.http.server.ProxySite} (a L{twisted.web.server.Site})
+whose root resource is a L{ProxyResource}.  C{site.shutdown(timeout)}
+returns a Deferred (see L{ProxySite.shutdown}); when C{pools} (a
+L{mproxy.http.upstream.PoolRegistry}) is given its idle connections are
+closed first.  C{metrics}, if given, is called as
+C{metrics(service, method, status, duration_seconds, target_path)} after
+each request.
+
+For each request L{ProxyResource} routes on Host and path
+(C{router.match}), asks the service for a target (C{service.select}),
+forwards the request to the target's pool (C{claim.target.pool}, an
+L{mproxy.http.upstream.UpstreamPool}) and streams the response back,
+then writes one C{Request} log line (L{mproxy.http.reqlog}).  It works with
+L{mproxy.http.server.FastRequest} (fast path, streamed request bodies,
+upgrades) and with any standard L{twisted.web.server.Request} (HTTP/2).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any, Callable
+from urllib.parse import quote, unquote
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from mproxy.http import reqlog
+from mproxy.http.pages import CONTENT_TYPE, render_page
+from mproxy.http.server import FastRequest, ProxySite
+
+# request headers that never go to the target (reference 5.2)
+_HOP = frozenset((
+    b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+))
+
+# special request headers: code per lower-cased name
+_H_HOST, _H_XFF, _H_XFP, _H_XFH, _H_RID, _H_RSTART, _H_UA, _H_CTYPE, _H_COOKIE, \
+    _H_TARGET, _H_EXPECT, _H_FORWARDED, _H_CLEN, _H_CONNECTION, _H_TE, _H_UPGRADE, \
+    _H_HOP = range(17)
+_SPECIAL = {
+    b"host": _H_HOST, b"x-forwarded-for": _H_XFF, b"x-forwarded-proto": _H_XFP,
+    b"x-forwarded-host": _H_XFH, b"x-request-id": _H_RID, b"x-request-start": _H_RSTART,
+    b"user-agent": _H_UA, b"content-type": _H_CTYPE, b"cookie": _H_COOKIE,
+    b"x-mproxy-target": _H_TARGET, b"expect": _H_EXPECT, b"forwarded": _H_FORWARDED,
+    b"content-length": _H_CLEN, b"connection": _H_CONNECTION, b"te": _H_TE,
+    b"upgrade": _H_UPGRADE,
+}
+for _n in _HOP:
+    _SPECIAL.setdefault(_n, _H_HOP)
+
+# response headers dropped on the way back
+_RESP_HOP = _HOP | {b"x-writer-affinity"}
+
+_rand = random.Random(os.urandom(16)).getrandbits
+
+
+def new_request_id() -> bytes:
+    """
+    A random (version 4) UUID, lower-case and hyphenated.
+    """
+    n = _rand(128) & ~(0xF000 << 64) | (0x4000 << 64)
+    n = n & ~(0xC000 << 48) | (0x8000 << 48)
+    h = b"%032x" % n
+    return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
+
+
+def _client_host(addr: Any) -> str:
+    return getattr(addr, "host", "") or ""
+
+
+def _cookie_lookup(values: list[bytes]) -> Callable[[bytes], bytes | None]:
+    parsed: dict[bytes, bytes] | None = None
+
+    def cookie(name: bytes) -> bytes | None:
+        nonlocal parsed
+        if parsed is None:
+            parsed = {}
+            for v in values:
+                for part in v.split(b";"):
+                    k, sep, val = part.strip().partition(b"=")
+                    if sep and k not in parsed:
+                        parsed[k] = val.strip().strip(b'"')
+        return parsed.get(name)
+
+    return cookie
+
+
+class _NullProducer:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class GenericExchange:
+    """
+    The exchange API of L{FastRequest} on top of a standard
+    L{twisted.web.server.Request} (HTTP/2, or HTTP/1.1 through Twisted's own
+    channel).  The body was buffered by Twisted already; upgrades are not
+    offered.
+    """
+
+    upgrade = False
+    expect_continue = False
+    started = False
+    finished = False
+    body_producer = _NullProducer()
+
+    def __init__(self, request: Any) -> None:
+        self.r = request
+        self.method = request.method
+        uri = request.uri
+        self.uri = uri
+        q = uri.find(b"?")
+        self.path, self.query = (uri, b"") if q < 0 else (uri[:q], uri[q + 1:])
+        proto = request.clientproto
+        self.clientproto = b"HTTP/2.0" if proto.startswith(b"HTTP/2") else proto
+        self.raw_headers = [
+            (k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs
+        ]
+        self.client = request.getClientAddress()
+        self.is_tls = bool(request.isSecure())
+        content = request.content
+        n = 0
+        if content is not None:
+            content.seek(0, 2)
+            n = content.tell()
+            content.seek(0)
+        self.body_length = n
+        self.rewrite_length = True
+        self.sentLength = 0
+        self.code = 200
+
+    def set_body_consumer(self, on_data: Callable[[bytes], None], on_end: Callable[[], None],
+                          on_error: Callable[[int, str], None]) -> None:
+        content = self.r.content
+        if content is not None and self.body_length:
+            while True:
+                chunk = content.read(65536)
+                if not chunk:
+                    break
+                on_data(chunk)
+        on_end()
+
+    def send_continue(self) -> None:
+        pass
+
+    def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def start_response(self, code: int, reason: bytes | None,
+                       headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        r = self.r
+        self.started = True
+        self.code = code
+        r.setResponseCode(code, reason)
+        h = Headers()
+        for name, value in headers:
+            h.addRawHeader(name, value)
+        r.responseHeaders = h
+        r.defaultContentType = None
+
+    def write(self, data: bytes) -> None:
+        if data and not self.finished:
+            self.sentLength += len(data)
+            self.r.write(data)
+
+    def finish(self, trailers: Any = None) -> None:
+        if not self.finished:
+            self.finished = True
+            try:
+                self.r.finish()
+            except RuntimeError:
+                pass
+
+    def abort(self) -> None:
+        self.finished = True
+        ch = getattr(self.r, "channel", None)
+        if ch is None:
+            return
+        if hasattr(ch, "abortConnection"):
+            ch.abortConnection()
+        elif getattr(ch, "transport", None) is not None:
+            ch.transport.abortConnection()
+
+    def set_lost_handler(self, fn: Callable[[], None]) -> None:
+        def lost(_: Failure) -> None:
+            if not self.finished:
+                self.finished = True
+                fn()
+
+        self.r.notifyFinish().addErrback(lost)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        try:
+            self.r.registerProducer(producer, True)
+        except (ValueError, RuntimeError, AttributeError):
+            pass
+
+    def unregisterProducer(self) -> None:
+        try:
+            self.r.unregisterProducer()
+        except (ValueError, RuntimeError, AttributeError):
+            pass
+
+
+class ProxyResource(Resource):
+    """
+    The reverse proxy (see the module docstring).
+    """
+
+    isLeaf = True
+
+    def __init__(self, router: Any, logger: Any, *, clock: Any, http_port: int = 80,
+                 https_port: int = 443, metrics: Callable[..., None] | None = None,
+                 now_ns: Callable[[], int] = time.monotonic_ns,
+                 wallclock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.router = router
+        self.logger = logger
+        self.clock = clock
+        self.http_port = http_port
+        self.https_port = https_port
+        self.metrics = metrics
+        self.now_ns = now_ns
+        self.wallclock = wallclock
+
+    def render(self, request: Any) -> Any:
+        rq = request if isinstance(request, FastRequest) else GenericExchange(request)
+        _ProxyCall(self, rq).start()
+        return NOT_DONE_YET
+
+
+class _ProxyCall:
+    """
+    One proxied request: the receiver of the upstream exchange.
+    """
+
+    __slots__ = (
+        "res", "rq", "start_ns", "host", "path", "target_path", "request_id", "status",
+        "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
+        "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
+        "topts", "body_started",
+    )
+
+    def __init__(self, res: ProxyResource, rq: Any) -> None:
+        self.res = res
+        self.rq = rq
+        self.start_ns = res.now_ns()
+        self.status = 200
+        self.service: Any = None
+        self.target = ""
+        self.claim: Any = None
+        self.up: Any = None
+        self.resp_ctype = b""
+        self.req_ctype = b""
+        self.user_agent = b""
+        self.remote_addr = b""
+        self.request_id = b""
+        self.host = b""
+        self.path = ""
+        self.target_path = ""
+        self.done = False
+        self.tunnel = False
+        self.upgrade_type = b""
+        self.log_extra: dict[str, str] | None = None
+        self.trailers_ok = False
+        self.topts: Any = None
+        self.body_started = False
+
+    # --- request ----------------------------------------------------------------
+
+    def start(self) -> None:
+        rq = self.rq
+        res = self.res
+        out: list[tuple[bytes, bytes]] = []
+        xff: list[bytes] = []
+        xfp = xfh = rid = rstart = b""
+        cookies: list[bytes] = []
+        targets: list[bytes] = []
+        conn_tokens: list[bytes] = []
+        host = None
+        te = b""
+        upgrade = b""
+        special = _SPECIAL
+        for item in rq.raw_headers:
+            name = item[0]
+            lname = name.lower()
+            code = special.get(lname)
+            if code is None:
+                out.append(item)
+                continue
+            value = item[1]
+            if code == _H_HOST:
+                if host is None:
+                    host = value
+                out.append(item)
+            elif code == _H_UA:
+                self.user_agent = value
+                out.append(item)
+            elif code == _H_CTYPE:
+                self.req_ctype = value
+                out.append(item)
+            elif code == _H_COOKIE:
+                cookies.append(value)
+                out.append(item)
+            elif code == _H_RID:
+                rid = value
+            elif code == _H_RSTART:
+                rstart = value
+            elif code == _H_XFF:
+                xff.append(value)
+            elif code == _H_XFP:
+                xfp = value
+            elif code == _H_XFH:
+                xfh = value
+            elif code == _H_TARGET:
+                targets.append(value)
+            elif code == _H_CLEN:
+                if not getattr(rq, "rewrite_length", False):
+                    out.append(item)
+            elif code == _H_CONNECTION:
+                conn_tokens.append(value)
+            elif code == _H_TE:
+                te = value
+            elif code == _H_UPGRADE:
+                upgrade = value
+            # expect, forwarded and the other hop-by-hop headers are dropped
+        if conn_tokens:
+            out = self._drop_connection_tokens(out, conn_tokens)
+        self.request_id = rid or new_request_id()
+        self.host = host or b""
+        raw_path = rq.path
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path, encoding="utf-8", errors="surrogateescape")
+        self.path = path
+        match = res.router.match(self.host.decode("latin-1"), path)
+        if match is None:
+            self.remote_addr = b", ".join(xff)
+            self._page(404)
+            return
+        service = self.service = match.service
+        opts = service.options
+        topts = self.topts = service.target_options
+        if opts.client_ip_header:
+            h = opts.client_ip_header.encode("latin-1").lower()
+            for n, v in rq.raw_headers:
+                if n.lower() == h and v:
+                    xff = [v]
+                    break
+        self.remote_addr = b", ".join(xff)
+        # the path the target sees (reference 2.3)
+        if match.prefix != "/" and opts.strip_prefix:
+            self.target_path = match.target_path(path)
+        else:
+            self.target_path = path
+        # forwarded headers
+        client_ip = _client_host(rq.client).encode("latin-1")
+        scheme = b"https" if rq.is_tls else b"http"
+        if topts.forward_headers:
+            out.append((b"X-Forwarded-For", b", ".join(xff) + b", " + client_ip if xff else client_ip))
+            out.append((b"X-Forwarded-Proto", xfp or scheme))
+            out.append((b"X-Forwarded-Host", xfh or self.host))
+        else:
+            out.append((b"X-Forwarded-For", client_ip))
+            out.append((b"X-Forwarded-Proto", scheme))
+            out.append((b"X-Forwarded-Host", self.host))
+        out.append((b"X-Request-ID", self.request_id))
+        out.append((b"X-Request-Start", rstart or b"t=%d" % int(res.wallclock() * 1000)))
+        if te and b"trailers" in te.lower():
+            out.append((b"TE", b"trailers"))
+            self.trailers_ok = True
+        is_upgrade = bool(rq.upgrade and upgrade)
+        if is_upgrade:
+            self.upgrade_type = upgrade
+            out.append((b"Connection", b"Upgrade"))
+            out.append((b"Upgrade", upgrade))
+        websocket = is_upgrade and upgrade.lower() == b"websocket" and rq.method == b"GET"
+        rq.set_lost_handler(self.client_lost)
+        if getattr(rq, "rewrite_length", False) and rq.body_length:
+            out.append((b"Content-Length", b"%d" % rq.body_length))
+        try:
+            result = service.select(rq.method, self.target_path, _cookie_lookup(cookies), websocket)
+        except Exception:
+            self._internal_error(Failure())
+            return
+        if isinstance(result, Deferred):
+            result.addCallback(self._selected, out, targets)
+            result.addErrback(self._internal_error)
+            return
+        self._selected(result, out, targets)
+
+    @staticmethod
+    def _drop_connection_tokens(out: list[tuple[bytes, bytes]],
+                                values: list[bytes]) -> list[tuple[bytes, bytes]]:
+        names = set()
+        for v in values:
+            for tok in v.split(b","):
+                tok = tok.strip().lower()
+                if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
+                    names.add(tok)
+        if not names:
+            return out
+        return [(n, v) for n, v in out if n.lower() not in names]
+
+    def _selected(self, result: Any, out: list[tuple[bytes, bytes]],
+                  targets: list[bytes]) -> None:
+        rq = self.rq
+        if self.done:
+            # the client left while the request was held
+            if hasattr(result, "release"):
+                result.release()
+            return
+        if not hasattr(result, "release"):
+            status = result.status
+            if status == 200:
+                self.status = 200
+                rq.start_response(200, None, [(b"Content-Length", b"0")], 0)
+                rq.finish()
+                self._complete()
+            else:
+                self._page(status, result.message)
+            return
+        claim = self.claim = result
+        target = claim.target
+        self.target = target.address
+        addr = self.target.encode("latin-1")
+        topts = self.topts
+        if targets and topts.forward_headers:
+            out.append((b"X-Mproxy-Target", b", ".join(targets) + b", " + addr))
+        else:
+            out.append((b"X-Mproxy-Target", addr))
+        claim.set_canceller(self.drain_cancel)
+        body_length = rq.body_length
+        target_uri = self._target_uri()
+        self.up = up = target.pool.request(
+            rq.method, target_uri, out, self, body_length=body_length,
+            timeout=topts.target_timeout,
+        )
+        if self.done:
+            return
+        if body_length:
+            up.set_body_producer(rq.body_producer)
+            rq.send_continue()
+            rq.set_body_consumer(up.write_body, up.end_body, self.body_error)
+
+    def _target_uri(self) -> bytes:
+        rq = self.rq
+        query = rq.query
+        prefix_stripped = self.target_path != self.path
+        if not prefix_stripped:
+            if rq.uri.startswith(b"/"):
+                return rq.uri
+            return rq.path + (b"?" + query if query else b"")
+        match_path = self.target_path
+        raw = rq.path
+        # raw path minus the prefix when it is spelled plainly, else re-quoted
+        cut = len(raw) - len(match_path.encode("utf-8", "surrogateescape"))
+        rest = raw[cut:] if cut >= 0 and raw[cut:] == match_path.encode("utf-8", "surrogateescape") else None
+        if rest is None or not rest.startswith(b"/"):
+            rest = quote(match_path, safe="/:@!$&'()*+,;=-._~").encode("latin-1")
+        return rest + (b"?" + query if query else b"")
+
+    def body_error(self, status: int, message: str) -> None:
+        """
+        The client's request body is malformed (bad chunked framing).
+        """
+        if self.done:
+            return
+        self.res.logger.info("Malformed chunked request", path=self.path, error=message)
+        up = self.up
+        if up is not None:
+            up.cancel()
+        if not self.rq.started:
+            self._page(status)
+        else:
+            self.rq.abort()
+            self._complete()
+
+    # --- upstream receiver ------------------------------------------------------
+
+    def upstream_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 100 or self.done:
+            return
+        self.rq.send_informational(status, [(n, v) for n, v in headers
+                                            if n.lower() not in _RESP_HOP])
+
+    def upstream_response(self, status: int, reason: bytes,
+                          headers: list[tuple[bytes, bytes]]) -> None:
+        if self.done:
+            return
+        rq = self.rq
+        out: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        conn_tokens: list[bytes] | None = None
+        affinity = b""
+        up_upgrade = b""
+        for item in headers:
+            lname = item[0].lower()
+            if lname in _RESP_HOP:
+                if lname == b"connection":
+                    if conn_tokens is None:
+                        conn_tokens = []
+                    conn_tokens.append(item[1])
+                elif lname == b"x-writer-affinity":
+                    affinity = item[1]
+                    if self.claim.set_cookie is None:
+                        out.append(item)
+                elif lname == b"upgrade":
+                    up_upgrade = item[1]
+                continue
+            if lname == b"content-length":
+                try:
+                    length = int(item[1])
+                except ValueError:
+                    self._fail_response(502, "invalid Content-Length from target")
+                    return
+            elif lname == b"content-type":
+                self.resp_ctype = item[1]
+            out.append(item)
+        if conn_tokens:
+            out = self._drop_connection_tokens(out, conn_tokens)
+        set_cookie = self.claim.set_cookie
+        if set_cookie is not None and affinity.strip().lower() != b"false":
+            out.append((b"Set-Cookie", set_cookie))
+        if self.topts.log_response_headers:
+            self._log_headers("resp_", self.topts.log_response_headers, out)
+        self.status = status
+        if status == 101:
+            if not self.upgrade_type or up_upgrade.lower() != self.upgrade_type.lower():
+                self._fail_response(502, "target switched to an unexpected protocol")
+                return
+            out.append((b"Connection", b"Upgrade"))
+            out.append((b"Upgrade", up_upgrade))
+            self.tunnel = True
+            self.claim.mark_upgraded()
+            rq.start_response(101, reason or None, out, None)
+            rq.tunnel_write(b"")
+            rq.take_over(self.up.write_raw)
+            rq.registerProducer(self.up, True)
+            return
+        rq.start_response(status, reason or None, out, length)
+        rq.registerProducer(self.up, True)
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.tunnel:
+            self.rq.tunnel_write(data)
+        else:
+            self.rq.write(data)
+
+    def upstream_done(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.done:
+            return
+        rq = self.rq
+        if self.tunnel:
+            rq.channel.transport.loseConnection()
+        else:
+            rq.finish(trailers if self.trailers_ok else None)
+        self._complete()
+
+    def upstream_failed(self, error: Any) -> None:
+        if self.done:
+            return
+        self._fail_response(error.status, error.message)
+
+    def _fail_response(self, status: int, message: str) -> None:
+        up = self.up
+        if up is not None:
+            up.cancel()
+        self.res.logger.error("Error while proxying", target=self.target, path=self.path,
+                              error=message)
+        if self.rq.started:
+            self.rq.abort()
+            self._complete()
+        else:
+            self._page(status)
+
+    # --- cancellation ---------------------------------------------------------
+
+    def client_lost(self) -> None:
+        """
+        The client hung up: abandon the upstream request; log 499 unless a
+        response was already under way.
+        """
+        if self.done:
+            return
+        up = self.up
+        if up is not None:
+            if self.tunnel:
+                up.close()
+            else:
+                up.cancel()
+        if not self.rq.started:
+            self.status = 499
+        self._complete()
+
+    def drain_cancel(self) -> None:
+        """
+        A drain's deadline passed while this request was in flight.
+        """
+        if self.done:
+            return
+        up = self.up
+        if up is not None:
+            up.cancel()
+        rq = self.rq
+        if self.tunnel:
+            # RFC 6455 close frame, code 1001 "going away", unmasked
+            rq.tunnel_write(b"\x88\x02\x03\xe9")
+            rq.channel.transport.loseConnection()
+            self._complete()
+        elif not rq.started:
+            self.res.logger.info("Request cancelled due to draining", path=self.path,
+                                 target=self.target)
+            self._page(504)
+        else:
+            rq.abort()
+            self._complete()
+
+    # --- responses ----------------------------------------------------------------
+
+    def _page(self, status: int, message: str = "") -> None:
+        rq = self.rq
+        body = render_page(status, message)
+        self.status = status
+        self.resp_ctype = CONTENT_TYPE
+        rq.start_response(status, None, [
+            (b"Content-Type", CONTENT_TYPE),
+            (b"Content-Length", b"%d" % len(body)),
+        ], len(body))
+        rq.write(body)
+        rq.finish()
+        self._complete()
+
+    def _internal_error(self, failure: Failure) -> None:
+        self.res.logger.error("Error while proxying", target=self.target, path=self.path,
+                              error=failure.getErrorMessage())
+        if self.done:
+            return
+        if self.rq.started:
+            self.rq.abort()
+            self._complete()
+        else:
+            self._page(500)
+
+    def _log_headers(self, prefix: str, names: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        extra = self.log_extra
+        if extra is None:
+            extra = self.log_extra = {}
+        for name in names:
+            lname = name.lower().encode("latin-1")
+            values = [v.decode("latin-1") for n, v in headers if n.lower() == lname]
+            extra[prefix + name.lower().replace("-", "_")] = ",".join(values)
+
+    def _complete(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        claim = self.claim
+        if claim is not None:
+            claim.set_canceller(None)
+            claim.release()
+            if self.topts.log_request_headers:
+                self._log_headers("req_", self.topts.log_request_headers, self.rq.raw_headers)
+        res = self.res
+        duration = res.now_ns() - self.start_ns
+        reqlog.log_request(res.logger, self, duration)
+        if res.metrics is not None:
+            svc = self.service.name if self.service is not None else ""
+            res.metrics(svc, self.rq.method, self.status, duration / 1e9, self.target_path)
+
+
+def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int = 80,
+                       https_port: int = 443, secure: bool = False, pools: Any = None,
+                       metrics: Callable[..., None] | None = None,
+                       header_timeout: float | None = None,
+                       idle_timeout: float | None = None) -> ProxySite:
+    """
+    The site for an HTTP (C{secure=False}) or HTTPS (C{secure=True}: wrap
+    it in TLS; ALPN C{h2} gets Twisted's HTTP/2 stack) listener.
+    """
+    from mproxy.http import server as _srv
+
+    resource = ProxyResource(router, logger, clock=reactor, http_port=http_port,
+                             https_port=https_port, metrics=metrics)
+    site = ProxySite(
+        resource, reactor, secure=secure,
+        header_timeout=_srv.HEADER_TIMEOUT if header_timeout is None else header_timeout,
+        idle_timeout=_srv.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+    )
+    if pools is not None:
+        site.on_shutdown.append(pools.close_idle)
+
+    def failed(request: Any, failure: Failure) -> None:
+        logger.error("Error while proxying", error=failure.getErrorMessage(),
+                     path=getattr(request, "uri", b"").decode("latin-1"))
+
+    site.on_render_failed = failed
+    return site

@@ -1,0 +1,1034 @@
+# -*- test-case-name: tests.test_http_server -*-
+"""
+A lean HTTP/1.1 server channel for the proxy's hot path.
+
+L{FastHTTPChannel} parses with C{httptools} (llhttp) and hands each request,
+as soon as its headers are complete, to the L{Site}'s root resource as a
+L{FastRequest}.  A L{FastRequest} I{is} a L{twisted.web.server.Request}
+(ordinary resources work with it), but it builds header, argument and cookie
+objects only when somebody asks for them, streams the request body to a
+consumer instead of buffering it, and writes status line, headers and the
+first body chunk in one transport write.
+
+The proxy resource talks to it through a small "exchange" API, which
+L{mproxy.http.proxy} also implements on top of a standard
+L{twisted.web.server.Request} (HTTP/2):
+
+    - C{raw_headers}: C{list[tuple[bytes, bytes]]} as received;
+    - C{body_length}: 0 none, n declared length, -1 chunked;
+    - C{set_body_consumer(on_data, on_end, on_error)};
+    - C{start_response(code, reason, headers, length)};
+    - C{write(data)}, C{finish()}, C{abort()};
+    - C{set_lost_handler(fn)}; C{body_producer} (IPushProducer).
+
+Public names: L{FastHTTPChannel}, L{FastRequest}, L{ProxySite}.
+
+Malformed input never reaches a resource: garbage, request smuggling
+attempts (Content-Length together with Transfer-Encoding, duplicate or bad
+Content-Length, bad chunked framing) get a 400, oversized header sections
+a 431, an overlong request target a 414; the connection is then closed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from io import BytesIO
+from typing import Any, Callable
+
+import httptools
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web import http as _http
+from twisted.web import server as _server
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+MAX_URL_LENGTH = 8192
+MAX_HEADER_BYTES = 65536
+MAX_HEADER_COUNT = 100
+#: request body bytes queued before anybody consumes them, before reading pauses
+MAX_QUEUED_BODY = 65536
+#: seconds allowed for a request's header section to arrive (slow-loris)
+HEADER_TIMEOUT = 30.0
+#: seconds an idle keep-alive client connection is kept open
+IDLE_TIMEOUT = 75.0
+
+_NO_BODY_CODES = frozenset((204, 304))
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(code: int, reason: bytes | None = None) -> bytes:
+    """
+    C{HTTP/1.1 <code> <reason>\\r\\n}, cached for standard reasons.
+    """
+    if reason is None:
+        line = _STATUS_LINES.get(code)
+        if line is None:
+            reason = _http.RESPONSES.get(code, b"Unknown Status")
+            line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason)
+        return line
+    return b"HTTP/1.1 %d %s\r\n" % (code, reason)
+
+
+def error_response(code: int) -> bytes:
+    """
+    A complete C{Connection: close} response for protocol errors.
+    """
+    reason = _http.RESPONSES.get(code, b"Error")
+    body = b"<h1>%d %s</h1>" % (code, reason)
+    return (
+        status_line(code)
+        + b"Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class _ParseError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _BodyProducer:
+    """
+    Pauses and resumes reading from the client for one reason: the request
+    body's consumer (the upstream connection) is full.
+    """
+
+    def __init__(self, channel: FastHTTPChannel) -> None:
+        self._channel = channel
+
+    def pauseProducing(self) -> None:
+        self._channel.pause_reading("body")
+
+    def resumeProducing(self) -> None:
+        self._channel.resume_reading("body")
+
+    def stopProducing(self) -> None:
+        pass
+
+
+implementer(IPushProducer)(_BodyProducer)
+
+
+def _hex(n: int) -> bytes:
+    return b"%x\r\n" % n
+
+
+class FastRequest(_server.Request):
+    """
+    A request received by L{FastHTTPChannel}.
+
+    Twisted's C{Request} API works (headers are materialised lazily); the
+    proxy uses the cheaper exchange API described in the module docstring.
+    """
+
+    _req_headers: Headers | None = None
+    _resp_headers: Headers | None = None
+    _cookies: list[bytes] | None = None
+    _received_cookies: dict[bytes, bytes] | None = None
+    _args: dict[bytes, list[bytes]] | None = None
+    _notifications: list[Any] | None = None
+    _adapter_cache: dict[Any, Any] | None = None
+    _postpath: list[bytes] | None = None
+    _content: Any = None
+    _on_data: Callable[[bytes], None] | None = None
+    _on_end: Callable[[], None] | None = None
+    _on_error: Callable[[int, str], None] | None = None
+    _lost_handler: Callable[[], None] | None = None
+    _queue: list[bytes] | None = None
+    _queued_bytes = 0
+    _body_error: tuple[int, str] | None = None
+    _head: bytes | None = None
+    _chunked_out = False
+    _no_body = False
+    _producer: Any = None
+    _tunnel: Any = None
+    expect_continue = False
+    upgrade = False
+    site = None
+    sitepath: list[bytes] = []
+    queued = 0
+
+    def __init__(self, channel: FastHTTPChannel, method: bytes, uri: bytes,
+                 version: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.channel = channel
+        self.transport = channel.transport
+        self.client = channel.peer
+        self.host = channel.local
+        self.method = method
+        self.uri = uri
+        self.clientproto = version
+        self.raw_headers = raw_headers
+        self.body_length = 0
+        self.body_done = True
+        self.keep_alive = True
+        self.started = False
+        self.finished = 0
+        self.code = 200
+        self.code_message = b"OK"
+        self.sentLength = 0
+        self.prepath = []
+        q = uri.find(b"?")
+        if q < 0:
+            self.path = uri
+            self.query = b""
+        else:
+            self.path = uri[:q]
+            self.query = uri[q + 1:]
+        self.is_tls = channel.is_tls
+
+    # --- lazily built twisted.web.http.Request attributes -------------------
+
+    @property
+    def requestHeaders(self) -> Headers:  # type: ignore[override]
+        h = self._req_headers
+        if h is None:
+            h = Headers()
+            for name, value in self.raw_headers:
+                h.addRawHeader(name, value)
+            self._req_headers = h
+        return h
+
+    @requestHeaders.setter
+    def requestHeaders(self, value: Headers) -> None:
+        self._req_headers = value
+
+    @property
+    def responseHeaders(self) -> Headers:  # type: ignore[override]
+        h = self._resp_headers
+        if h is None:
+            h = self._resp_headers = Headers()
+        return h
+
+    @responseHeaders.setter
+    def responseHeaders(self, value: Headers) -> None:
+        self._resp_headers = value
+
+    @property
+    def cookies(self) -> list[bytes]:  # type: ignore[override]
+        if self._cookies is None:
+            self._cookies = []
+        return self._cookies
+
+    @cookies.setter
+    def cookies(self, value: list[bytes]) -> None:
+        self._cookies = value
+
+    @property
+    def received_cookies(self) -> dict[bytes, bytes]:  # type: ignore[override]
+        if self._received_cookies is None:
+            self._received_cookies = {}
+            self.parseCookies()
+        return self._received_cookies
+
+    @received_cookies.setter
+    def received_cookies(self, value: dict[bytes, bytes]) -> None:
+        self._received_cookies = value
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:  # type: ignore[override]
+        if self._args is None:
+            self._args = _http.parse_qs(self.query, 1) if self.query else {}
+        return self._args
+
+    @args.setter
+    def args(self, value: dict[bytes, list[bytes]]) -> None:
+        self._args = value
+
+    @property
+    def postpath(self) -> list[bytes]:  # type: ignore[override]
+        if self._postpath is None:
+            self._postpath = [_server.unquote(s) for s in self.path[1:].split(b"/")]
+        return self._postpath
+
+    @postpath.setter
+    def postpath(self, value: list[bytes]) -> None:
+        self._postpath = value
+
+    @property
+    def content(self) -> Any:  # type: ignore[override]
+        """
+        Resources other than the proxy may read the body here: it is only
+        collected (in memory) when a body consumer was never set.
+        """
+        if self._content is None:
+            self._content = BytesIO(b"".join(self._queue or ()))
+        return self._content
+
+    @content.setter
+    def content(self, value: Any) -> None:
+        self._content = value
+
+    @property
+    def _adapterCache(self) -> dict[Any, Any]:
+        if self._adapter_cache is None:
+            self._adapter_cache = {}
+        return self._adapter_cache
+
+    def notifyFinish(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[None] = Deferred()
+        if self.finished:
+            d.callback(None)
+            return d
+        if self._disconnected:
+            d.errback(Failure(ConnectionError("connection lost")))
+            return d
+        if self._notifications is None:
+            self._notifications = []
+        self._notifications.append(d)
+        return d
+
+    def getHeader(self, key: Any) -> Any:
+        if isinstance(key, str):
+            v = self.getHeader(key.encode("ascii"))
+            return v.decode("latin-1") if v is not None else None
+        k = key.lower()
+        found = None
+        for name, value in self.raw_headers:
+            if name.lower() == k:
+                found = value
+        return found
+
+    # --- request body -------------------------------------------------------
+
+    def _body_data(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._on_data(data)
+            return
+        if self.finished:
+            return
+        if self._queue is None:
+            self._queue = []
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        if self._queued_bytes > MAX_QUEUED_BODY:
+            self.channel.pause_reading("queue")
+
+    def _body_end(self) -> None:
+        self.body_done = True
+        if self._on_end is not None:
+            self._on_end()
+
+    def _body_failed(self, status: int, message: str) -> None:
+        self._body_error = (status, message)
+        if self._on_error is not None:
+            self._on_error(status, message)
+
+    def set_body_consumer(self, on_data: Callable[[bytes], None],
+                          on_end: Callable[[], None],
+                          on_error: Callable[[int, str], None]) -> None:
+        """
+        Deliver the request body (already de-chunked) from now on; queued
+        data is delivered at once.  C{on_error(status, message)} reports a
+        malformed body.
+        """
+        self._on_data = on_data
+        self._on_end = on_end
+        self._on_error = on_error
+        q = self._queue
+        if q:
+            self._queue = None
+            self._queued_bytes = 0
+            for chunk in q:
+                on_data(chunk)
+            self.channel.resume_reading("queue")
+        if self._body_error is not None:
+            on_error(*self._body_error)
+        elif self.body_done and self.body_length:
+            on_end()
+
+    def send_continue(self) -> None:
+        """
+        Answer C{Expect: 100-continue}: we are about to read the body.
+        """
+        if self.expect_continue and not self.started:
+            self.expect_continue = False
+            if not self.body_done:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    @property
+    def body_producer(self) -> _BodyProducer:
+        return self.channel.body_producer
+
+    # --- response -----------------------------------------------------------
+
+    def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.started or self.clientproto != b"HTTP/1.1":
+            return
+        self.transport.write(
+            status_line(code) + b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
+        )
+
+    def start_response(self, code: int, reason: bytes | None,
+                       headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """
+        Prepare the response head.  It is sent with the first L{write} or by
+        L{finish}.  C{headers} must not contain framing or connection
+        headers; C{length} is the body length if known (it must match a
+        Content-Length header in C{headers}).
+        """
+        self.started = True
+        self.code = code
+        if code == 101:
+            self._no_body = True
+            self.keep_alive = False
+            lines = [n + b": " + v + b"\r\n" for n, v in headers]
+            self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
+            return
+        if self.method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
+            self._no_body = True
+        elif length is None:
+            if self.clientproto == b"HTTP/1.1":
+                self._chunked_out = True
+            else:
+                self.keep_alive = False
+        if not self.body_done or self.upgrade:
+            # the rest of the body (or the refused upgrade's stream) cannot
+            # be skipped reliably: close after this response
+            self.keep_alive = False
+        lines = [n + b": " + v + b"\r\n" for n, v in headers]
+        if self._chunked_out:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif self.clientproto != b"HTTP/1.1":
+            lines.append(b"Connection: keep-alive\r\n")
+        self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
+
+    def _generic_start(self) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        length = None
+        h = self._resp_headers
+        if h is not None:
+            for name, values in h.getAllRawHeaders():
+                lname = name.lower()
+                if lname == b"content-length":
+                    try:
+                        length = int(values[0])
+                    except ValueError:
+                        continue
+                elif lname in (b"transfer-encoding", b"connection"):
+                    continue
+                for v in values:
+                    headers.append((name, v))
+        if self._cookies:
+            for c in self._cookies:
+                headers.append((b"Set-Cookie", c))
+        self.start_response(self.code, self.code_message, headers, length)
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("write() after finish()")
+        if self._disconnected:
+            return
+        if not self.started:
+            self._generic_start()
+        if self._no_body:
+            data = b""
+        head = self._head
+        if head is not None:
+            self._head = None
+            if data:
+                self.sentLength += len(data)
+                if self._chunked_out:
+                    self.transport.write(head + _hex(len(data)) + data + b"\r\n")
+                else:
+                    self.transport.write(head + data)
+            else:
+                self.transport.write(head)
+        elif data:
+            self.sentLength += len(data)
+            if self._chunked_out:
+                self.transport.writeSequence((_hex(len(data)), data, b"\r\n"))
+            else:
+                self.transport.write(data)
+
+    def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self.finished or self._disconnected:
+            return
+        if not self.started:
+            self._generic_start()
+        end = b""
+        if self._chunked_out:
+            if trailers:
+                end = b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in trailers]) + b"\r\n"
+            else:
+                end = b"0\r\n\r\n"
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head + end)
+        elif end:
+            self.transport.write(end)
+        self.finished = 1
+        if self._producer is not None:
+            self.unregisterProducer()
+        self.channel.request_done(self)
+        n = self._notifications
+        if n:
+            self._notifications = None
+            for d in n:
+                d.callback(None)
+
+    def abort(self) -> None:
+        """
+        Abort the client connection (a response already started cannot be
+        completed).
+        """
+        if not self.finished:
+            self.channel.abort()
+
+    def set_lost_handler(self, fn: Callable[[], None] | None) -> None:
+        self._lost_handler = fn
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self._disconnected:
+            producer.stopProducing()
+            return
+        self._producer = producer
+        self.transport.registerProducer(producer, True)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
+
+    def take_over(self, on_data: Callable[[bytes], None]) -> None:
+        """
+        After a 101 response: every byte the client sends from now on is
+        given to C{on_data}; L{write} sends raw bytes.
+        """
+        self._tunnel = on_data
+        self.channel.start_tunnel(self, on_data)
+
+    def tunnel_write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.finished:
+            return
+        self._disconnected = True
+        if self._producer is not None:
+            self._producer = None
+        fn = self._lost_handler
+        if fn is not None:
+            self._lost_handler = None
+            fn()
+        n = self._notifications
+        if n:
+            self._notifications = None
+            for d in n:
+                d.errback(reason)
+
+    def isSecure(self) -> bool:
+        return self.is_tls
+
+    def getClientAddress(self) -> Any:
+        return self.client
+
+    def __repr__(self) -> str:
+        return f"<FastRequest {self.method!r} {self.uri!r}>"
+
+
+class FastHTTPChannel(Protocol):
+    """
+    One client connection.  Requests are handled one at a time in order;
+    pipelined requests wait (their bodies queued, reading paused when the
+    queue grows).
+    """
+
+    requestFactory = FastRequest
+    peer: Any = None
+    local: Any = None
+    is_tls = False
+
+    def __init__(self, site: _server.Site, clock: Any,
+                 header_timeout: float = HEADER_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.site = site
+        self.clock = clock
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self._parser = httptools.HttpRequestParser(self)
+        self._requests: deque[FastRequest] = deque()
+        self._current: FastRequest | None = None  # being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._in_headers = False
+        self._paused: set[str] = set()
+        self._closing = False
+        self._stopped = False  # parsing stopped, data discarded
+        self._pending_error: int | None = None
+        self._tunnel: Callable[[bytes], None] | None = None
+        self._timer: Any = None
+        self.body_producer = _BodyProducer(self)
+
+    # --- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        t = self.transport
+        self.peer = t.getPeer()
+        self.local = t.getHost()
+        self.is_tls = ISSLTransport.providedBy(t)
+        self.site._connection_opened(self)
+        if self.header_timeout:
+            self._timer = self.clock.callLater(self.header_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._requests:
+            # a request is in progress: its own timeouts apply
+            return
+        if self._in_headers:
+            self.transport.write(error_response(408))
+        self.transport.loseConnection()
+        self._closing = True
+
+    def _set_timer(self, delay: float) -> None:
+        t = self._timer
+        if not delay:
+            if t is not None:
+                self._timer = None
+                t.cancel()
+            return
+        if t is not None:
+            t.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._timed_out)
+
+    def is_idle(self) -> bool:
+        return not self._requests and not self._in_headers
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closing = True
+        if self._timer is not None:
+            t, self._timer = self._timer, None
+            if t.active():
+                t.cancel()
+        reqs = list(self._requests)
+        self._requests.clear()
+        for r in reqs:
+            r.connectionLost(reason)
+        self.site._connection_closed(self)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused:
+            self.transport.pauseProducing()
+        self._paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and not self._closing:
+                self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        self._closing = True
+        self.transport.abortConnection()
+
+    def close_when_idle(self) -> None:
+        """
+        Graceful shutdown: close now if no request is in progress, else
+        after the current response.
+        """
+        if self.is_idle():
+            self._closing = True
+            self.transport.loseConnection()
+        else:
+            for r in self._requests:
+                r.keep_alive = False
+
+    def stop_parsing(self) -> None:
+        """
+        The rest of what the client sends is discarded (the connection
+        closes after the current response).
+        """
+        self._stopped = True
+
+    # --- parsing ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel(data)
+            return
+        if self._stopped or self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade_data(data[e.args[0]:])
+            return
+        except _ParseError as e:
+            self._protocol_error(e.status, str(e))
+            return
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, _ParseError):
+                self._protocol_error(ctx.status, str(ctx))
+            else:
+                self._protocol_error(400, str(e))
+            return
+        except httptools.HttpParserError as e:
+            self._protocol_error(400, str(e))
+            return
+        if self._in_headers:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._protocol_error(431, "header section too large")
+
+    def on_message_begin(self) -> None:
+        self._in_headers = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if self.header_timeout and not self._requests:
+            self._set_timer(self.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_URL_LENGTH:
+            raise _ParseError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        h = self._headers
+        h.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if len(h) > MAX_HEADER_COUNT or self._header_bytes > MAX_HEADER_BYTES:
+            raise _ParseError(431, "too many or too large headers")
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self._in_headers = False
+        version = b"HTTP/1.1" if p.get_http_version() == "1.1" else b"HTTP/1.0"
+        if p.get_http_version() not in ("1.0", "1.1"):
+            raise _ParseError(505 if p.get_http_version()[0] >= "2" else 400,
+                              "unsupported HTTP version")
+        url = self._url
+        if not url.startswith(b"/"):
+            if url == b"*":
+                pass
+            else:
+                lower = url[:8].lower()
+                if lower.startswith(b"http://") or lower.startswith(b"https://"):
+                    i = url.find(b"/", url.find(b"//") + 2)
+                    url = url[i:] if i >= 0 else b"/"
+                else:
+                    raise _ParseError(400, "bad request target")
+        req = self.requestFactory(self, p.get_method(), url, version, self._headers)
+        self._headers = []
+        req.keep_alive = p.should_keep_alive()
+        te = cl = False
+        hosts = 0
+        for name, value in req.raw_headers:
+            n = len(name)
+            if n == 14 and name.lower() == b"content-length":
+                if cl:
+                    raise _ParseError(400, "duplicate Content-Length")
+                cl = True
+                try:
+                    req.body_length = int(value)
+                except ValueError:
+                    raise _ParseError(400, "bad Content-Length")
+            elif n == 17 and name.lower() == b"transfer-encoding":
+                te = True
+            elif n == 6 and name.lower() == b"expect":
+                if value.lower() == b"100-continue":
+                    req.expect_continue = True
+            elif n == 4 and name.lower() == b"host":
+                hosts += 1
+                if hosts > 1:
+                    raise _ParseError(400, "duplicate Host")
+        if not hosts and version == b"HTTP/1.1":
+            raise _ParseError(400, "missing Host")
+        if te:
+            if cl:
+                raise _ParseError(400, "Content-Length with Transfer-Encoding")
+            req.body_length = -1
+        if req.body_length:
+            req.body_done = False
+        if p.should_upgrade():
+            req.upgrade = True
+            if req.body_length:
+                raise _ParseError(400, "upgrade request with a body")
+        self._current = req
+        self._requests.append(req)
+        if len(self._requests) == 1:
+            self._dispatch(req)
+
+    def on_body(self, data: bytes) -> None:
+        req = self._current
+        if req is not None:
+            req._body_data(data)
+
+    def on_message_complete(self) -> None:
+        req = self._current
+        self._current = None
+        if req is not None and not req.body_done:
+            req._body_end()
+
+    def _protocol_error(self, status: int, message: str) -> None:
+        self._stopped = True
+        cur = self._current
+        if cur is not None and self._requests and cur is self._requests[0]:
+            # the body of the request being served is malformed: its
+            # consumer answers (400 or abort) and the connection closes
+            cur.keep_alive = False
+            cur._body_failed(status, message)
+            return
+        if self._requests:
+            # answer after the responses already owed
+            self._pending_error = status
+            self.pause_reading("error")
+            return
+        self._send_error(status)
+
+    def _send_error(self, status: int) -> None:
+        self._closing = True
+        self.transport.write(error_response(status))
+        self.transport.loseConnection()
+
+    # --- dispatch -------------------------------------------------------------
+
+    def _dispatch(self, req: FastRequest) -> None:
+        site = self.site
+        try:
+            resource = site.resource
+            if not resource.isLeaf:
+                resource = site.getResourceFor(req)
+            else:
+                req.site = site
+            body = resource.render(req)
+            if isinstance(body, bytes):
+                req.write(body)
+                req.finish()
+        except Exception:
+            site.render_failed(req, Failure())
+
+    def request_done(self, req: FastRequest) -> None:
+        """
+        Called by L{FastRequest.finish}.
+        """
+        if not self._requests or self._requests[0] is not req:
+            return
+        self._requests.popleft()
+        if not req.keep_alive or self._closing or self.site.shutting_down:
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        if self._requests:
+            self._dispatch(self._requests[0])
+        elif self._pending_error is not None:
+            self._send_error(self._pending_error)
+        elif self.idle_timeout:
+            self._set_timer(self.idle_timeout)
+
+    def start_tunnel(self, req: FastRequest, on_data: Callable[[bytes], None]) -> None:
+        self._tunnel = on_data
+        self._stopped = True
+        pending = getattr(self, "_upgrade_pending", b"")
+        self._upgrade_pending = b""
+        if pending:
+            on_data(pending)
+
+    def _upgrade_data(self, rest: bytes) -> None:
+        """
+        The parser stopped after an upgrade request's headers; bytes after
+        them belong to the tunnel (or, if the target refuses, are dropped).
+        """
+        self._stopped = True
+        self._current = None
+        if self._tunnel is not None:
+            if rest:
+                self._tunnel(rest)
+        elif rest:
+            self._upgrade_pending = getattr(self, "_upgrade_pending", b"") + rest
+
+    _upgrade_pending = b""
+
+
+class ProxySite(_server.Site):
+    """
+    A L{Site} whose plain-HTTP connections are L{FastHTTPChannel}s.
+
+    @ivar shutting_down: set by L{shutdown}; connections close after their
+        current response.
+    """
+
+    shutting_down = False
+    secure = False
+
+    def __init__(self, resource: Any, reactor: Any, *,
+                 header_timeout: float = HEADER_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT,
+                 secure: bool = False) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.reactor = reactor
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.secure = secure
+        self.connections: set[Any] = set()
+        self.on_shutdown: list[Callable[[], None]] = []
+        self._shutdown_waiters: list[Any] = []
+        self._shutdown_timer: Any = None
+        self.on_render_failed: Callable[[Any, Failure], None] | None = None
+
+    def startFactory(self) -> None:
+        pass
+
+    def stopFactory(self) -> None:
+        pass
+
+    def log(self, request: Any) -> None:
+        pass
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.secure:
+            return _NegotiatingProtocol(self)
+        return FastHTTPChannel(self, self.reactor, self.header_timeout, self.idle_timeout)
+
+    def _connection_opened(self, channel: Any) -> None:
+        self.connections.add(channel)
+
+    def _connection_closed(self, channel: Any) -> None:
+        self.connections.discard(channel)
+        if self.shutting_down and not self.connections:
+            self._shutdown_complete()
+
+    def shutdown(self, timeout: float) -> Any:
+        """
+        Graceful stop (call after the listening port stopped): idle client
+        connections close now, busy ones after their current response;
+        whatever is still open after C{timeout} seconds is aborted.  The
+        C{on_shutdown} callables (e.g. closing idle upstream connections)
+        run first.
+
+        @return: a L{Deferred} firing once every connection is closed.
+        """
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[None] = Deferred()
+        self._shutdown_waiters.append(d)
+        if not self.shutting_down:
+            self.shutting_down = True
+            for fn in self.on_shutdown:
+                fn()
+            for c in list(self.connections):
+                c.close_when_idle()
+            if self.connections:
+                self._shutdown_timer = self.reactor.callLater(timeout, self._shutdown_expired)
+        if not self.connections:
+            self._shutdown_complete()
+        return d
+
+    def _shutdown_expired(self) -> None:
+        self._shutdown_timer = None
+        for c in list(self.connections):
+            c.abort()
+        self.connections.clear()
+        self._shutdown_complete()
+
+    def _shutdown_complete(self) -> None:
+        t, self._shutdown_timer = self._shutdown_timer, None
+        if t is not None and t.active():
+            t.cancel()
+        waiters, self._shutdown_waiters = self._shutdown_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def render_failed(self, request: Any, failure: Failure) -> None:
+        cb = self.on_render_failed
+        if cb is not None:
+            cb(request, failure)
+        if getattr(request, "started", True) or request.finished:
+            try:
+                request.abort()
+            except Exception:
+                pass
+            return
+        body = b"<h1>500 Internal Server Error</h1>"
+        request.start_response(500, None, [
+            (b"Content-Type", b"text/html; charset=utf-8"),
+            (b"Content-Length", b"%d" % len(body)),
+        ], len(body))
+        request.keep_alive = False
+        request.write(body)
+        request.finish()
+
+
+class _NegotiatingProtocol(Protocol):
+    """
+    For TLS listeners: speaks HTTP/2 (Twisted's H2 stack, standard
+    requests) when ALPN chose C{h2}, else L{FastHTTPChannel}.
+    """
+
+    def __init__(self, site: ProxySite) -> None:
+        self.site = site
+        self._channel: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.site._connection_opened(self)
+
+    def _choose(self) -> Any:
+        proto = getattr(self.transport, "negotiatedProtocol", None)
+        if proto == b"h2" and _http.H2_ENABLED:
+            from twisted.web._http2 import H2Connection
+
+            ch = H2Connection(self.site.reactor)
+            ch.requestFactory = _server.Request
+            ch.site = self.site
+            ch.factory = self.site
+            ch.timeOut = self.site.idle_timeout
+            ch.callLater = self.site.reactor.callLater
+            ch.makeConnection(self.transport)
+            try:
+                self.transport.registerProducer(ch, True)
+            except RuntimeError:
+                pass
+        else:
+            ch = FastHTTPChannel(self.site, self.site.reactor,
+                                 self.site.header_timeout, self.site.idle_timeout)
+            ch.makeConnection(self.transport)
+            self.site._connection_closed(ch)
+        self._channel = ch
+        return ch
+
+    def dataReceived(self, data: bytes) -> None:
+        ch = self._channel
+        if ch is None:
+            ch = self._choose()
+        ch.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.site._connection_closed(self)
+        if self._channel is not None:
+            self._channel.connectionLost(reason)
+
+    def is_idle(self) -> bool:
+        ch = self._channel
+        if ch is None:
+            return True
+        f = getattr(ch, "is_idle", None)
+        return f() if f is not None else not getattr(ch, "streams", None)
+
+    def close_when_idle(self) -> None:
+        ch = self._channel
+        if ch is None or not hasattr(ch, "close_when_idle"):
+            if self.is_idle():
+                self.transport.loseConnection()
+            return
+        ch.close_when_idle()
+
+    def abort(self) -> None:
+        self.transport.abortConnection()

@@ -1,0 +1,630 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+A small HTTP/1.1 client for talking to targets, with a keep-alive pool per
+target.
+
+    pool = UpstreamPool(reactor, "10.0.0.5", 3000, max_idle=100)
+    exchange = pool.request(b"GET", b"/path?q", headers, receiver,
+                            body_length=0, timeout=30.0)
+
+C{headers} is a list of C{(name, value)} byte pairs sent as given (the
+caller adds Host, Content-Length, ...).  C{body_length} is 0 (no body), the
+declared Content-Length, or -1 for a body of unknown length (sent chunked;
+the caller must not include framing headers then).  The body is streamed
+with L{UpstreamExchange.write_body} / L{UpstreamExchange.end_body}.
+
+The C{receiver} gets (duck-typed callbacks, called from the reactor):
+
+    - C{upstream_informational(status: int, headers)} for 1xx other than 101;
+    - C{upstream_response(status: int, reason: bytes, headers)} once;
+    - C{upstream_data(data: bytes)} for each body piece (after a 101: each
+      piece of the tunnelled stream);
+    - C{upstream_done(trailers: list | None)} when the body is complete
+      (after a 101: when the target closes the tunnel);
+    - C{upstream_failed(error: UpstreamError)} instead of the rest when the
+      exchange fails: C{error.status} is 502 (connect failure, protocol
+      error, connection lost) or 504 (C{timeout} passed while waiting for
+      the response headers, or the connect timed out).
+
+C{timeout} bounds the connect and the wait for the response headers after
+the request was fully written, never the body.  A request that fails on a
+re-used keep-alive connection before any response byte arrived is retried
+once on a fresh connection when it has no body and an idempotent method
+(GET, HEAD, OPTIONS, TRACE): nothing of it can have had an effect.
+
+The exchange is an C{IPushProducer} for the response body: register it
+with the client transport to get backpressure.  The request body's
+producer is given with L{UpstreamExchange.set_body_producer} and is paused
+while the target's socket is full.
+
+L{pool_factory} returns a L{PoolRegistry}: C{registry(host, port)} makes a
+pool and remembers it so that C{registry.close_idle()} can close every idle
+connection at shutdown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httptools
+from twisted.internet import error as _error
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+
+MAX_PENDING_BODY = 65536
+REPLAYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+#: idle connections older than this are not reused (servers drop them)
+IDLE_REUSE_LIMIT = 50.0
+
+
+class UpstreamError(Exception):
+    """
+    An exchange with a target failed.
+
+    @ivar status: the status the proxy should answer with (502 or 504).
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _HeadDone(Exception):
+    pass
+
+
+def _hex(n: int) -> bytes:
+    return b"%x\r\n" % n
+
+
+class UpstreamExchange:
+    """
+    One request to a target.  See the module docstring.
+    """
+
+    conn: _Connection | None = None
+    connector: Any = None
+    timer: Any = None
+    body_producer: Any = None
+    responded = False
+    done = False
+    retried = False
+    tunnel = False
+    _pending_bytes = 0
+    _producer_paused = False
+
+    def __init__(self, pool: UpstreamPool, method: bytes, head: bytes, receiver: Any,
+                 body_length: int, timeout: float, replayable: bool) -> None:
+        self.pool = pool
+        self.method = method
+        self.head = head
+        self.receiver = receiver
+        self.body_length = body_length
+        self.chunked = body_length < 0
+        self.body_ended = body_length == 0
+        self.timeout = timeout
+        self.replayable = replayable
+        self.pending: list[bytes] | None = None
+
+    # --- request body -------------------------------------------------------
+
+    def set_body_producer(self, producer: Any) -> None:
+        """
+        C{producer} (an IPushProducer) is paused while the target cannot
+        take more of the request body.
+        """
+        self.body_producer = producer
+        conn = self.conn
+        if conn is not None and not self.body_ended:
+            conn._register_body_producer(producer)
+
+    def write_body(self, data: bytes) -> None:
+        if self.done or self.body_ended or not data:
+            return
+        if self.chunked:
+            data = _hex(len(data)) + data + b"\r\n"
+        self._write(data)
+
+    def write_raw(self, data: bytes) -> None:
+        """
+        Send bytes as they are (tunnels).
+        """
+        if self.done or not data:
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.transport.write(data)
+            return
+        if self.pending is None:
+            self.pending = []
+        self.pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > MAX_PENDING_BODY and self.body_producer is not None:
+            self._producer_paused = True
+            self.body_producer.pauseProducing()
+
+    def end_body(self) -> None:
+        if self.done or self.body_ended:
+            return
+        self.body_ended = True
+        if self.chunked:
+            self._write(b"0\r\n\r\n")
+        conn = self.conn
+        if conn is not None:
+            conn._unregister_body_producer()
+            if not self.responded:
+                self._arm_timer()
+
+    def _take_pending(self) -> bytes:
+        p = self.pending
+        if not p:
+            return b""
+        self.pending = None
+        self._pending_bytes = 0
+        if self._producer_paused:
+            self._producer_paused = False
+            self.body_producer.resumeProducing()
+        return b"".join(p)
+
+    # --- timing -------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self.timeout and self.timer is None:
+            self.timer = self.pool.reactor.callLater(self.timeout, self._timed_out)
+
+    def _disarm_timer(self) -> None:
+        t = self.timer
+        if t is not None:
+            self.timer = None
+            if t.active():
+                t.cancel()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.done or self.responded:
+            return
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.exchange = None
+            conn.transport.abortConnection()
+        self._fail(504, "target timed out waiting for response headers")
+
+    # --- outcome ------------------------------------------------------------
+
+    def _response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.responded = True
+        if self.timer is not None:
+            self._disarm_timer()
+        self.receiver.upstream_response(status, reason, headers)
+
+    def _fail(self, status: int, message: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._disarm_timer()
+        self.receiver.upstream_failed(UpstreamError(status, message))
+
+    def _finished(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._disarm_timer()
+        self.receiver.upstream_done(trailers)
+
+    def cancel(self) -> None:
+        """
+        Abandon the exchange: the connection (or the connect attempt) is
+        aborted and the receiver hears nothing more.
+        """
+        if self.done:
+            return
+        self.done = True
+        self._disarm_timer()
+        c = self.connector
+        if c is not None:
+            self.connector = None
+            try:
+                c.stopConnecting()
+            except _error.NotConnectingError:
+                pass
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.exchange = None
+            conn.transport.abortConnection()
+
+    def close(self) -> None:
+        """
+        End a tunnel gracefully: what was written is still delivered.
+        """
+        if self.done:
+            return
+        self.done = True
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.exchange = None
+            conn.transport.loseConnection()
+
+    # --- IPushProducer (response direction) -----------------------------------
+
+    def pauseProducing(self) -> None:
+        conn = self.conn
+        if conn is not None and not conn.paused:
+            conn.paused = True
+            conn.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.paused:
+            conn.paused = False
+            conn.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.cancel()
+
+
+class _Connection(Protocol):
+    exchange: UpstreamExchange | None = None
+    _pending: UpstreamExchange | None = None
+    tunnel = False
+    paused = False
+    reused = False
+    idle_since = 0.0
+    lost = False
+    _info = False
+    _in_body = False
+    _body_producer: Any = None
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._framed = False
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        ex, self._pending = self._pending, None
+        if ex is None or ex.done:
+            self.pool._release(self)
+            return
+        ex.connector = None
+        self.start(ex, reused=False)
+
+    def start(self, ex: UpstreamExchange, reused: bool) -> None:
+        self.exchange = ex
+        self.reused = reused
+        ex.conn = self
+        self.pool._busy.add(self)
+        self._in_body = False
+        self._info = False
+        data = ex.head
+        if ex.pending:
+            data += ex._take_pending()
+        self.transport.write(data)
+        if ex.body_ended:
+            ex._arm_timer()
+        elif ex.body_producer is not None:
+            self._register_body_producer(ex.body_producer)
+
+    def _register_body_producer(self, producer: Any) -> None:
+        if self._body_producer is None:
+            self._body_producer = producer
+            self.transport.registerProducer(producer, True)
+
+    def _unregister_body_producer(self) -> None:
+        if self._body_producer is not None:
+            self._body_producer = None
+            self.transport.unregisterProducer()
+
+    # --- parser callbacks -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reason = b""
+        self._headers = []
+        self._trailers = None
+        self._framed = False
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        status = self.parser.get_status_code()
+        headers = self._headers
+        if 100 <= status < 200 and status != 101:
+            self._info = True
+            if ex is not None:
+                ex.receiver.upstream_informational(status, headers)
+            return
+        self._info = False
+        self._in_body = True
+        for name, value in headers:
+            n = len(name)
+            if (n == 14 and name.lower() == b"content-length") or (
+                    n == 17 and name.lower() == b"transfer-encoding"):
+                self._framed = True
+                break
+        if status == 101:
+            self.tunnel = True
+            if ex is not None:
+                ex.tunnel = True
+        if ex is not None:
+            ex._response(status, self._reason, headers)
+        if ex is not None and ex.method == b"HEAD" and not self.tunnel:
+            raise _HeadDone()
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.receiver.upstream_data(data)
+
+    def on_message_complete(self) -> None:
+        if self._info:
+            self._info = False
+            return
+        if self.tunnel:
+            return
+        self._complete(self.parser.should_keep_alive())
+
+    def _complete(self, keep_alive: bool) -> None:
+        self._in_body = False
+        ex = self.exchange
+        self.exchange = None
+        if ex is None:
+            self.transport.loseConnection()
+            return
+        ex.conn = None
+        self._unregister_body_producer()
+        if keep_alive and ex.body_ended and not self.lost:
+            if self.paused:
+                self.paused = False
+                self.transport.resumeProducing()
+            self.pool._release(self)
+        else:
+            self.pool._busy.discard(self)
+            self.transport.loseConnection()
+        ex._finished(self._trailers)
+
+    # --- transport ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        ex = self.exchange
+        if self.tunnel:
+            if ex is not None:
+                ex.receiver.upstream_data(data)
+            return
+        if ex is None:
+            # nothing was asked: a broken or closing server
+            self.transport.abortConnection()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0]:]
+            ex = self.exchange
+            if rest and ex is not None:
+                ex.receiver.upstream_data(rest)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadDone):
+                self.parser = httptools.HttpResponseParser(self)
+                self._complete(not _says_close(self._headers))
+            else:
+                self._broken(f"error handling response: {e.__context__!r}")
+        except httptools.HttpParserError as e:
+            self._broken(f"malformed response from target: {e}")
+
+    def _broken(self, message: str) -> None:
+        ex = self.exchange
+        self.exchange = None
+        self.lost = True
+        self.transport.abortConnection()
+        if ex is not None:
+            ex.conn = None
+            ex._fail(502, message)
+
+    def connectionLost(self, reason: Failure = Failure(_error.ConnectionDone())) -> None:
+        self.lost = True
+        self.pool._lost(self)
+        ex = self.exchange
+        if ex is None:
+            return
+        self.exchange = None
+        ex.conn = None
+        if self.tunnel:
+            ex._finished(None)
+            return
+        if self._in_body:
+            if not self._framed:
+                # a close-delimited body ends here
+                ex._finished(self._trailers)
+            else:
+                ex._fail(502, "target closed the connection mid-response")
+            return
+        if (self.reused and not ex.responded and not ex.retried and ex.replayable
+                and not ex.done):
+            ex.retried = True
+            self.pool._dispatch(ex, fresh=True)
+            return
+        ex._fail(502, "target closed the connection: " + reason.getErrorMessage())
+
+
+def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            if b"close" in value.lower():
+                return True
+    return False
+
+
+class _ConnectFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, exchange: UpstreamExchange) -> None:
+        self.pool = pool
+        self.exchange = exchange
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        c = _Connection(self.pool)
+        c._pending = self.exchange
+        return c
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        ex = self.exchange
+        ex.connector = None
+        if ex.done:
+            return
+        if reason.check(_error.TimeoutError):
+            ex._fail(504, f"timed out connecting to {self.pool.address}")
+        else:
+            ex._fail(502, f"unable to connect to {self.pool.address}: {reason.getErrorMessage()}")
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        pass
+
+
+class UpstreamPool:
+    """
+    Keep-alive connections to one target.
+
+    @ivar address: C{host:port}, for messages.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, *, max_idle: int = 100,
+                 idle_reuse_limit: float = IDLE_REUSE_LIMIT) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.max_idle = max_idle
+        self.idle_reuse_limit = idle_reuse_limit
+        self.closed = False
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+
+    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                receiver: Any, *, body_length: int = 0, timeout: float = 30.0,
+                replayable: bool | None = None) -> UpstreamExchange:
+        """
+        Start a request; see the module docstring.
+        """
+        lines = [n + b": " + v + b"\r\n" for n, v in headers]
+        if body_length < 0:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        head = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(lines) + b"\r\n"
+        if replayable is None:
+            replayable = body_length == 0 and method in REPLAYABLE_METHODS
+        ex = UpstreamExchange(self, method, head, receiver, body_length, timeout, replayable)
+        self._dispatch(ex)
+        return ex
+
+    def _dispatch(self, ex: UpstreamExchange, fresh: bool = False) -> None:
+        idle = self._idle
+        if idle and not fresh:
+            limit = self.reactor.seconds() - self.idle_reuse_limit
+            while idle:
+                conn = idle.pop()
+                if conn.lost:
+                    continue
+                if conn.idle_since < limit:
+                    conn.transport.loseConnection()
+                    continue
+                conn.start(ex, reused=True)
+                return
+        if self.closed:
+            ex._fail(502, "target removed")
+            return
+        f = _ConnectFactory(self, ex)
+        ex.connector = self.reactor.connectTCP(self.host, self.port, f,
+                                               timeout=ex.timeout or 30)
+
+    def _release(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        if self.closed or len(self._idle) >= self.max_idle or conn.lost:
+            conn.transport.loseConnection()
+            return
+        conn.idle_since = self.reactor.seconds()
+        self._idle.append(conn)
+
+    def _lost(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def busy_count(self) -> int:
+        return len(self._busy)
+
+    def close_idle(self) -> None:
+        """
+        Close every idle keep-alive connection (busy ones stay).
+        """
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.transport.loseConnection()
+
+    def close(self) -> None:
+        """
+        Close idle connections now and busy ones when their exchange ends;
+        no new connections are made.
+        """
+        self.closed = True
+        self.close_idle()
+
+
+class PoolRegistry:
+    """
+    C{registry(host, port) -> UpstreamPool}; remembers the pools it made
+    (weakly) so that L{close_idle} reaches all of them.
+    """
+
+    def __init__(self, reactor: Any, **pool_options: Any) -> None:
+        import weakref
+
+        self.reactor = reactor
+        self.pool_options = pool_options
+        self._pools: weakref.WeakSet[UpstreamPool] = weakref.WeakSet()
+
+    def __call__(self, host: str, port: int) -> UpstreamPool:
+        pool = UpstreamPool(self.reactor, host, port, **self.pool_options)
+        self._pools.add(pool)
+        return pool
+
+    def close_idle(self) -> None:
+        for pool in list(self._pools):
+            pool.close_idle()
+
+
+def pool_factory(reactor: Any, **pool_options: Any) -> PoolRegistry:
+    """
+    The pool factory targets use: C{pool_factory(reactor)(host, port)}.
+    """
+    return PoolRegistry(reactor, **pool_options)
+
+
+__all__ = ["UpstreamPool", "UpstreamExchange", "UpstreamError", "PoolRegistry", "pool_factory"]
+
