@@ -122,7 +122,8 @@ class RolloutSplit:
 def is_health_check(method: bytes, target_path: str, health_path: str) -> bool:
     if method not in (b"GET", b"HEAD"):
         return False
-    return target_path == "/" + health_path.lstrip("/")
+    path = target_path.partition("?")[0]
+    return path == "/" + health_path.lstrip("/")
 
 
 class Service:
