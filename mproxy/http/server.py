@@ -667,24 +667,27 @@ class FastHTTPChannel(Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgrade_data(data[e.args[0]:])
-            return
         except _ParseError as e:
             self._protocol_error(e.status, str(e))
-            return
         except httptools.HttpParserCallbackError as e:
             ctx = e.__context__
             if isinstance(ctx, _ParseError):
                 self._protocol_error(ctx.status, str(ctx))
             else:
                 self._protocol_error(400, str(e))
-            return
         except httptools.HttpParserError as e:
             self._protocol_error(400, str(e))
-            return
-        if self._in_headers:
-            self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES:
-                self._protocol_error(431, "header section too large")
+        else:
+            if self._in_headers:
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    self._protocol_error(431, "header section too large")
+        # requests are dispatched once what arrived with them is parsed, so
+        # that a body received together with its headers is complete
+        req = self._to_dispatch
+        if req is not None:
+            self._to_dispatch = None
+            self._dispatch(req)
 
     def on_message_begin(self) -> None:
         self._in_headers = True
@@ -763,7 +766,7 @@ class FastHTTPChannel(Protocol):
         self._current = req
         self._requests.append(req)
         if len(self._requests) == 1:
-            self._dispatch(req)
+            self._to_dispatch = req
 
     def on_body(self, data: bytes) -> None:
         req = self._current
@@ -854,6 +857,7 @@ class FastHTTPChannel(Protocol):
             self._upgrade_pending = getattr(self, "_upgrade_pending", b"") + rest
 
     _upgrade_pending = b""
+    _to_dispatch: FastRequest | None = None
 
 
 class ProxySite(_server.Site):

@@ -1,0 +1,591 @@
+"""
+Tests for L{mproxy.http.server}: the fast HTTP/1.1 channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from mproxy.http.server import FastHTTPChannel, FastRequest, ProxySite
+
+
+class Recorder(Resource):
+    """
+    Remembers requests; answers them only when the test says so, unless
+    C{auto} is set.
+    """
+
+    isLeaf = True
+
+    def __init__(self, auto: bool = False) -> None:
+        super().__init__()
+        self.requests: list[FastRequest] = []
+        self.auto = auto
+        self.bodies: dict[int, list[bytes]] = {}
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        if self.auto:
+            body = b"ok:" + request.path
+            request.start_response(200, None, [(b"Content-Length", b"%d" % len(body))], len(body))
+            request.write(body)
+            request.finish()
+        return NOT_DONE_YET
+
+
+def respond(request: FastRequest, body: bytes = b"hi", code: int = 200,
+            length: bool = True) -> None:
+    headers = [(b"Content-Length", b"%d" % len(body))] if length else []
+    request.start_response(code, None, headers, len(body) if length else None)
+    if body:
+        request.write(body)
+    request.finish()
+
+
+class Harness:
+    def __init__(self, resource: Any, **kw: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.site = ProxySite(resource, self.reactor, **kw)
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.writes: list[bytes] = []
+        orig = self.transport.write
+
+        def write(data: bytes) -> None:
+            self.writes.append(data)
+            orig(data)
+
+        self.transport.write = write  # type: ignore[method-assign]
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def output(self) -> bytes:
+        return self.transport.value()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+GET = b"GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\n\r\n"
+
+
+class RequestParsingTests(SynchronousTestCase):
+    def test_simple_get(self) -> None:
+        """
+        A request reaches the root resource with method, path, query and raw
+        headers; the response goes out in one write.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(GET)
+        self.assertEqual(len(r.requests), 1)
+        req = r.requests[0]
+        self.assertIsInstance(req, FastRequest)
+        self.assertEqual(req.method, b"GET")
+        self.assertEqual(req.path, b"/a")
+        self.assertEqual(req.query, b"b=1")
+        self.assertEqual(req.uri, b"/a?b=1")
+        self.assertEqual(req.raw_headers, [(b"Host", b"example.com"), (b"User-Agent", b"t")])
+        respond(req, b"hello")
+        self.assertEqual(h.writes, [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"])
+        self.assertFalse(h.closed)
+
+    def test_twisted_request_api(self) -> None:
+        """
+        Ordinary resources can use the standard request API: headers, args,
+        setHeader, setResponseCode, write and finish.
+        """
+
+        class Plain(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                assert request.getHeader(b"user-agent") == b"t"
+                assert request.requestHeaders.getRawHeaders(b"host") == [b"example.com"]
+                assert request.args == {b"b": [b"1"]}
+                request.setResponseCode(201)
+                request.setHeader(b"X-A", b"1")
+                return b"body"
+
+        h = Harness(Plain())
+        h.send(GET)
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 201 Created\r\n"), out)
+        self.assertIn(b"X-A: 1\r\n", out)
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\n4\r\nbody\r\n0\r\n\r\n"), out)
+
+    def test_keep_alive(self) -> None:
+        """
+        Several requests are served one after another on one connection.
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(GET)
+        h.send(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(r.requests), 2)
+        self.assertEqual(h.output().count(b"HTTP/1.1 200 OK"), 2)
+        self.assertFalse(h.closed)
+
+    def test_pipelining_order(self) -> None:
+        """
+        Pipelined requests are dispatched one at a time, in order, so the
+        responses cannot be reordered.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([q.path for q in r.requests], [b"/1"])
+        respond(r.requests[0], b"one")
+        self.assertEqual([q.path for q in r.requests], [b"/1", b"/2"])
+        respond(r.requests[1], b"two")
+        out = h.output()
+        self.assertLess(out.index(b"one"), out.index(b"two"))
+
+    def test_connection_close(self) -> None:
+        """
+        C{Connection: close} from the client closes after the response,
+        which says so.
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b"Connection: close\r\n", h.output())
+        self.assertTrue(h.closed)
+
+    def test_http10_keep_alive(self) -> None:
+        """
+        HTTP/1.0 clients keep the connection only when they ask for it.
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.assertIn(b"Connection: keep-alive\r\n", h.output())
+        self.assertFalse(h.closed)
+        h2 = Harness(Recorder(auto=True))
+        h2.send(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertTrue(h2.closed)
+
+    def test_unknown_length_chunked(self) -> None:
+        """
+        A response of unknown length is sent chunked to HTTP/1.1 clients.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(GET)
+        req = r.requests[0]
+        req.start_response(200, None, [(b"Content-Type", b"text/plain")], None)
+        req.write(b"abc")
+        req.write(b"defgh")
+        req.finish()
+        self.assertEqual(
+            h.output(),
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n",
+        )
+
+    def test_trailers(self) -> None:
+        """
+        Trailers given to finish() follow the last chunk.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(GET)
+        req = r.requests[0]
+        req.start_response(200, None, [], None)
+        req.write(b"x")
+        req.finish([(b"Grpc-Status", b"0")])
+        self.assertTrue(h.output().endswith(b"1\r\nx\r\n0\r\nGrpc-Status: 0\r\n\r\n"))
+
+    def test_unknown_length_http10(self) -> None:
+        """
+        For HTTP/1.0 a response of unknown length ends with the connection.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        req = r.requests[0]
+        req.start_response(200, None, [], None)
+        req.write(b"abc")
+        req.finish()
+        self.assertNotIn(b"chunked", h.output())
+        self.assertTrue(h.output().endswith(b"\r\n\r\nabc"))
+        self.assertTrue(h.closed)
+
+    def test_head_has_no_body(self) -> None:
+        """
+        HEAD responses keep their Content-Length but send no body.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        respond(r.requests[0], b"hello")
+        self.assertEqual(h.output(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertFalse(h.closed)
+
+    def test_204_304_no_body(self) -> None:
+        """
+        204 and 304 responses carry no body and are not chunked.
+        """
+        for code in (204, 304):
+            r = Recorder()
+            h = Harness(r)
+            h.send(GET)
+            req = r.requests[0]
+            req.start_response(code, None, [], None)
+            req.write(b"ignored")
+            req.finish()
+            out = h.output()
+            self.assertNotIn(b"chunked", out)
+            self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+            self.assertFalse(h.closed)
+
+    def test_absolute_form(self) -> None:
+        """
+        An absolute-form request target is reduced to path and query.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET http://example.com/p?q HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        self.assertEqual(r.requests[0].path, b"/p")
+        self.assertEqual(r.requests[0].query, b"q")
+
+
+class MalformedRequestTests(SynchronousTestCase):
+    def assertRejected(self, data: bytes, status: bytes) -> Harness:
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(data)
+        self.assertEqual(r.requests, [], "a malformed request reached the resource")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 " + status), h.output())
+        self.assertTrue(h.closed)
+        return h
+
+    def test_garbage(self) -> None:
+        """
+        Garbage gets a 400 and the connection closes.
+        """
+        self.assertRejected(b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"400")
+
+    def test_content_length_and_transfer_encoding(self) -> None:
+        """
+        Content-Length together with Transfer-Encoding (smuggling) is a 400.
+        """
+        self.assertRejected(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400")
+
+    def test_duplicate_content_length(self) -> None:
+        """
+        Two Content-Length headers are a 400.
+        """
+        self.assertRejected(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"400")
+
+    def test_bad_content_length(self) -> None:
+        """
+        A non-numeric Content-Length is a 400.
+        """
+        self.assertRejected(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc", b"400")
+
+    def test_missing_host(self) -> None:
+        """
+        An HTTP/1.1 request without Host is a 400.
+        """
+        self.assertRejected(b"GET / HTTP/1.1\r\n\r\n", b"400")
+
+    def test_too_many_headers(self) -> None:
+        """
+        More than 100 headers: 431.
+        """
+        headers = b"".join(b"X-%d: v\r\n" % i for i in range(150))
+        self.assertRejected(b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n", b"431")
+
+    def test_headers_too_large(self) -> None:
+        """
+        A header section over 64 KiB: 431, even before it is complete.
+        """
+        self.assertRejected(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000, b"431")
+
+    def test_long_request_line(self) -> None:
+        """
+        A request target over 8 KiB: 414.
+        """
+        self.assertRejected(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414")
+
+    def test_malformed_chunked_body(self) -> None:
+        """
+        A malformed chunked body is reported to the body consumer, which
+        answers; the connection then closes.
+        """
+        r = Recorder()
+        h = Harness(r)
+        errors: list[tuple[int, str]] = []
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        req = r.requests[0]
+        req.set_body_consumer(lambda d: None, lambda: None,
+                              lambda s, m: errors.append((s, m)))
+        h.send(b"ZZ\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual([e[0] for e in errors], [400])
+        respond(req, b"bad", code=400)
+        self.assertTrue(h.closed)
+
+    def test_error_after_pipelined_response(self) -> None:
+        """
+        A malformed request behind a pending one is answered after it.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(GET + b"BAD\x00\r\n\r\n")
+        self.assertEqual(len(r.requests), 1)
+        self.assertEqual(h.output(), b"")
+        respond(r.requests[0], b"first")
+        out = h.output()
+        self.assertLess(out.index(b"first"), out.index(b"400 Bad Request"))
+        self.assertTrue(h.closed)
+
+
+class BodyTests(SynchronousTestCase):
+    def test_streamed_body(self) -> None:
+        """
+        The body is delivered as it arrives (queued until a consumer is set),
+        de-chunked, then the end is signalled.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        req = r.requests[0]
+        self.assertEqual(req.body_length, -1)
+        got: list[bytes] = []
+        ended: list[bool] = []
+        req.set_body_consumer(got.append, lambda: ended.append(True), lambda s, m: None)
+        self.assertEqual(got, [b"abc"])
+        h.send(b"2\r\nde\r\n")
+        self.assertEqual(got, [b"abc", b"de"])
+        self.assertEqual(ended, [])
+        h.send(b"0\r\n\r\n")
+        self.assertEqual(ended, [True])
+
+    def test_content_length_body(self) -> None:
+        """
+        A Content-Length body is delivered and ends at the declared length.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel")
+        req = r.requests[0]
+        got: list[bytes] = []
+        ended: list[bool] = []
+        req.set_body_consumer(got.append, lambda: ended.append(True), lambda s, m: None)
+        h.send(b"lo")
+        self.assertEqual(b"".join(got), b"hello")
+        self.assertEqual(ended, [True])
+
+    def test_queue_pauses_reading(self) -> None:
+        """
+        A body nobody consumes yet is queued; past 64 KiB reading pauses,
+        and resumes once a consumer takes it.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"a" * 70000)
+        self.assertEqual(h.transport.producerState, "paused")
+        got: list[bytes] = []
+        r.requests[0].set_body_consumer(got.append, lambda: None, lambda s, m: None)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(sum(map(len, got)), 70000)
+
+    def test_body_producer_pauses_reading(self) -> None:
+        """
+        The request's body producer pauses and resumes reading from the
+        client.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        p = r.requests[0].body_producer
+        p.pauseProducing()
+        self.assertEqual(h.transport.producerState, "paused")
+        p.resumeProducing()
+        self.assertEqual(h.transport.producerState, "producing")
+
+    def test_expect_continue(self) -> None:
+        """
+        C{Expect: 100-continue} is answered when the body is about to be
+        read, not before.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        self.assertEqual(h.output(), b"")
+        r.requests[0].send_continue()
+        self.assertEqual(h.output(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def test_expect_refused_closes(self) -> None:
+        """
+        Answering without reading an expected body closes the connection
+        (the unread body cannot be told from the next request).
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        respond(r.requests[0], b"no", code=413)
+        self.assertNotIn(b"100 Continue", h.output())
+        self.assertIn(b"Connection: close", h.output())
+        self.assertTrue(h.closed)
+
+    def test_unconsumed_body_in_same_packet_keeps_alive(self) -> None:
+        """
+        A body already fully received does not prevent keep-alive.
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertFalse(h.closed)
+        h.send(GET)
+        self.assertEqual(len(r.requests), 2)
+
+
+class ConnectionTests(SynchronousTestCase):
+    def test_client_lost(self) -> None:
+        """
+        When the client goes away mid-request the lost handler runs.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(GET)
+        lost: list[bool] = []
+        r.requests[0].set_lost_handler(lambda: lost.append(True))
+        h.channel.connectionLost()
+        self.assertEqual(lost, [True])
+
+    def test_idle_timeout(self) -> None:
+        """
+        An idle keep-alive connection is closed after the idle timeout.
+        """
+        h = Harness(Recorder(auto=True), idle_timeout=5, header_timeout=2)
+        h.send(GET)
+        h.reactor.advance(4)
+        self.assertFalse(h.closed)
+        h.reactor.advance(2)
+        self.assertTrue(h.closed)
+
+    def test_header_timeout(self) -> None:
+        """
+        A client that does not finish its headers in time gets a 408.
+        """
+        h = Harness(Recorder(auto=True), idle_timeout=50, header_timeout=2)
+        h.send(b"GET / HTTP/1.1\r\nHost:")
+        h.reactor.advance(3)
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 408"))
+        self.assertTrue(h.closed)
+
+    def test_no_timeout_while_request_in_progress(self) -> None:
+        """
+        A slow response is not cut by the header or idle timeouts.
+        """
+        r = Recorder()
+        h = Harness(r, idle_timeout=5, header_timeout=2)
+        h.send(GET)
+        h.reactor.advance(100)
+        self.assertFalse(h.closed)
+        respond(r.requests[0])
+        self.assertFalse(h.closed)
+
+    def test_upgrade_take_over(self) -> None:
+        """
+        After an upgrade request, bytes that follow go to the tunnel.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly")
+        req = r.requests[0]
+        self.assertTrue(req.upgrade)
+        got: list[bytes] = []
+        req.start_response(101, None, [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], None)
+        req.tunnel_write(b"")
+        req.take_over(got.append)
+        self.assertEqual(got, [b"early"])
+        h.send(b"more")
+        self.assertEqual(got, [b"early", b"more"])
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+
+    def test_render_exception(self) -> None:
+        """
+        A resource that raises gives a 500, not a dead server.
+        """
+
+        class Broken(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                raise ZeroDivisionError()
+
+        h = Harness(Broken())
+        h.send(GET)
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 500"))
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_shutdown(self) -> None:
+        """
+        Shutdown closes idle connections at once, busy ones after their
+        response, and fires when all are gone.
+        """
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        idle = site.buildProtocol(None)
+        ti = StringTransport()
+        idle.makeConnection(ti)
+        busy = site.buildProtocol(None)
+        tb = StringTransport()
+        busy.makeConnection(tb)
+        busy.dataReceived(GET)
+        closed: list[bool] = []
+        site.on_shutdown.append(lambda: closed.append(True))
+        d = site.shutdown(10)
+        self.assertEqual(closed, [True])
+        self.assertTrue(ti.disconnecting)
+        idle.connectionLost()
+        self.assertNoResult(d)
+        self.assertFalse(tb.disconnecting)
+        respond(r.requests[0])
+        self.assertIn(b"Connection: close", tb.value())
+        self.assertTrue(tb.disconnecting)
+        busy.connectionLost()
+        self.successResultOf(d)
+
+    def test_shutdown_timeout_aborts(self) -> None:
+        """
+        Connections still busy at the deadline are aborted.
+        """
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        busy = site.buildProtocol(None)
+        tb = StringTransport()
+        busy.makeConnection(tb)
+        busy.dataReceived(GET)
+        d = site.shutdown(10)
+        reactor.advance(11)
+        self.assertTrue(tb.disconnected)
+        self.successResultOf(d)
+
+
+class ChannelTypeTests(SynchronousTestCase):
+    def test_plain_site_builds_fast_channel(self) -> None:
+        """
+        Plain HTTP listeners get the fast channel.
+        """
+        site = ProxySite(Recorder(), MemoryReactorClock())
+        self.assertIsInstance(site.buildProtocol(None), FastHTTPChannel)

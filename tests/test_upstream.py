@@ -1,0 +1,505 @@
+"""
+Tests for L{mproxy.http.upstream}: the client side of the proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mproxy.http.upstream import UpstreamPool, pool_factory
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def upstream_informational(self, status: int, headers: Any) -> None:
+        self.events.append(("info", status, headers))
+
+    def upstream_response(self, status: int, reason: bytes, headers: Any) -> None:
+        self.events.append(("response", status, reason, headers))
+
+    def upstream_data(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def upstream_done(self, trailers: Any) -> None:
+        self.events.append(("done", trailers))
+
+    def upstream_failed(self, err: Any) -> None:
+        self.events.append(("failed", err.status, err.message))
+
+    def kinds(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+    def body(self) -> bytes:
+        return b"".join(e[1] for e in self.events if e[0] == "data")
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+
+
+class Harness:
+    def __init__(self, **kw: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = UpstreamPool(self.reactor, "10.0.0.2", 3000, **kw)
+        self.connected = 0
+
+    def request(self, method: bytes = b"GET", target: bytes = b"/x", body_length: int = 0,
+                timeout: float = 30.0) -> tuple[Any, Receiver]:
+        r = Receiver()
+        ex = self.pool.request(method, target, [(b"Host", b"example.com")], r,
+                               body_length=body_length, timeout=timeout)
+        return ex, r
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        host, port, factory, timeout, bind = self.reactor.tcpClients[self.connected]
+        self.connected += 1
+        proto = factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        return proto, t
+
+
+class RequestResponseTests(SynchronousTestCase):
+    def test_simple_exchange(self) -> None:
+        """
+        The request head goes out as given; the response head, body and end
+        reach the receiver; the connection goes back to the pool.
+        """
+        h = Harness()
+        ex, r = h.request()
+        self.assertEqual(h.reactor.tcpClients[0][:2], ("10.0.0.2", 3000))
+        proto, t = h.connect()
+        self.assertEqual(t.value(), b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        proto.dataReceived(OK)
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertEqual(r.events[0][1:3], (200, b"OK"))
+        self.assertEqual(r.events[0][3], [(b"Content-Length", b"5"), (b"Content-Type", b"text/plain")])
+        self.assertEqual(r.body(), b"hello")
+        self.assertEqual(h.pool.idle_count, 1)
+        self.assertFalse(t.disconnecting)
+
+    def test_keep_alive_reuse(self) -> None:
+        """
+        A second request reuses the idle connection.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.dataReceived(OK)
+        t.clear()
+        ex, r = h.request(target=b"/y")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertTrue(t.value().startswith(b"GET /y HTTP/1.1"))
+        proto.dataReceived(OK)
+        self.assertEqual(r.body(), b"hello")
+
+    def test_connection_close_not_reused(self) -> None:
+        """
+        A response with C{Connection: close} ends the connection.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_chunked_response_and_trailers(self) -> None:
+        """
+        Chunked bodies arrive de-chunked, piece by piece, with trailers.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.assertEqual(r.kinds(), ["response", "data"])
+        proto.dataReceived(b"2\r\nde\r\n0\r\nX-Sum: 1\r\n\r\n")
+        self.assertEqual(r.body(), b"abcde")
+        self.assertEqual(r.events[-1], ("done", [(b"X-Sum", b"1")]))
+        self.assertEqual(h.pool.idle_count, 1)
+
+    def test_close_delimited(self) -> None:
+        """
+        A body without length ends when the target closes.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        proto.dataReceived(b" more")
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(r.body(), b"some more")
+        self.assertEqual(r.kinds()[-1], "done")
+
+    def test_truncated_body(self) -> None:
+        """
+        A connection lost before the declared length is a failure.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        proto.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+
+    def test_head_response(self) -> None:
+        """
+        A response to HEAD ends after its headers even with a
+        Content-Length, and the connection is reusable.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"HEAD")
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        self.assertEqual(r.kinds(), ["response", "done"])
+        self.assertEqual(h.pool.idle_count, 1)
+        ex2, r2 = h.request()
+        proto.dataReceived(OK)
+        self.assertEqual(r2.body(), b"hello")
+
+    def test_informational(self) -> None:
+        """
+        1xx responses (other than 101) are passed on before the final one.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + OK)
+        self.assertEqual(r.kinds(), ["info", "response", "data", "done"])
+        self.assertEqual(r.events[0][1], 103)
+        self.assertEqual(r.events[0][2], [(b"Link", b"</s.css>; rel=preload")])
+
+    def test_malformed_response(self) -> None:
+        """
+        A response that does not parse is a 502 and the connection is
+        dropped.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 abc\r\n\r\n")
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+        self.assertTrue(t.disconnecting)
+
+    def test_204_no_body(self) -> None:
+        """
+        204 completes without a body.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(r.kinds(), ["response", "done"])
+
+
+class FailureTests(SynchronousTestCase):
+    def test_connect_refused(self) -> None:
+        """
+        A failed connect is a 502.
+        """
+        h = Harness()
+        ex, r = h.request()
+        factory = h.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual(r.events[0][:2], ("failed", 502))
+
+    def test_connect_timeout(self) -> None:
+        """
+        A connect that times out is a 504; the connect timeout is the
+        target timeout.
+        """
+        h = Harness()
+        ex, r = h.request(timeout=7)
+        self.assertEqual(h.reactor.tcpClients[0][3], 7)
+        factory = h.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(error.TimeoutError()))
+        self.assertEqual(r.events[0][:2], ("failed", 504))
+
+    def test_header_timeout(self) -> None:
+        """
+        No response headers within the timeout after the request was sent:
+        504 and the connection is aborted.
+        """
+        h = Harness()
+        ex, r = h.request(timeout=5)
+        proto, t = h.connect()
+        h.reactor.advance(4.9)
+        self.assertEqual(r.events, [])
+        h.reactor.advance(0.2)
+        self.assertEqual(r.events[0][:2], ("failed", 504))
+        self.assertTrue(t.disconnected)
+
+    def test_timeout_does_not_bound_body(self) -> None:
+        """
+        Once headers arrived, a slow body is not cut by the timeout.
+        """
+        h = Harness()
+        ex, r = h.request(timeout=5)
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+        h.reactor.advance(60)
+        proto.dataReceived(b"cdefghij")
+        self.assertEqual(r.kinds()[-1], "done")
+
+    def test_timeout_starts_after_body(self) -> None:
+        """
+        The header wait starts only when the request body was sent.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"POST", body_length=3, timeout=5)
+        proto, t = h.connect()
+        h.reactor.advance(10)
+        self.assertEqual(r.events, [])
+        ex.write_body(b"abc")
+        ex.end_body()
+        h.reactor.advance(6)
+        self.assertEqual(r.events[0][:2], ("failed", 504))
+
+    def test_stale_connection_retried(self) -> None:
+        """
+        A GET on a re-used connection that the target closed before
+        answering is retried once on a fresh connection.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.dataReceived(OK)
+        ex, r = h.request(target=b"/again")
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(r.events, [])
+        proto2, t2 = h.connect()
+        self.assertTrue(t2.value().startswith(b"GET /again "))
+        proto2.dataReceived(OK)
+        self.assertEqual(r.body(), b"hello")
+
+    def test_no_retry_with_body(self) -> None:
+        """
+        A POST with a body is never replayed: 502.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.dataReceived(OK)
+        ex, r = h.request(method=b"POST", body_length=3)
+        ex.write_body(b"abc")
+        ex.end_body()
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(r.events[0][:2], ("failed", 502))
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_no_retry_on_fresh_connection(self) -> None:
+        """
+        A fresh connection that fails is not retried.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(r.events[0][:2], ("failed", 502))
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling aborts the connection; the receiver hears nothing more.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        ex.cancel()
+        self.assertTrue(t.disconnected)
+        proto.dataReceived(OK)
+        proto.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(r.events, [])
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_cancel_while_connecting(self) -> None:
+        """
+        Cancelling before the connection is made stops the connect.
+        """
+        h = Harness()
+        ex, r = h.request()
+        connector = h.reactor.connectors[0]
+        ex.cancel()
+        self.assertTrue(connector.stoppedConnecting)
+        self.assertEqual(r.events, [])
+
+
+class BodyTests(SynchronousTestCase):
+    def test_length_body(self) -> None:
+        """
+        A body with a declared length is sent as is, also what was written
+        before the connection was up.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"POST", body_length=6)
+        ex.write_body(b"abc")
+        proto, t = h.connect()
+        ex.write_body(b"def")
+        ex.end_body()
+        self.assertTrue(t.value().endswith(b"\r\n\r\nabcdef"))
+
+    def test_chunked_body(self) -> None:
+        """
+        A body of unknown length is sent chunked.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"POST", body_length=-1)
+        proto, t = h.connect()
+        ex.write_body(b"abc")
+        ex.end_body()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", t.value())
+        self.assertTrue(t.value().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+
+    def test_body_backpressure(self) -> None:
+        """
+        The body producer is registered with the target's transport while
+        the body is sent, and paused while the connect is pending and too
+        much is queued.
+        """
+
+        class Producer:
+            state = "producing"
+
+            def pauseProducing(self) -> None:
+                self.state = "paused"
+
+            def resumeProducing(self) -> None:
+                self.state = "producing"
+
+            def stopProducing(self) -> None:
+                self.state = "stopped"
+
+        h = Harness()
+        ex, r = h.request(method=b"POST", body_length=200000)
+        p = Producer()
+        ex.set_body_producer(p)
+        ex.write_body(b"a" * 70000)
+        self.assertEqual(p.state, "paused")
+        proto, t = h.connect()
+        self.assertEqual(p.state, "producing")
+        self.assertIs(t.producer, p)
+        ex.write_body(b"b" * 130000)
+        ex.end_body()
+        self.assertIsNone(t.producer)
+
+    def test_response_backpressure(self) -> None:
+        """
+        The exchange pauses and resumes reading the response.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        ex.pauseProducing()
+        self.assertEqual(t.producerState, "paused")
+        ex.resumeProducing()
+        self.assertEqual(t.producerState, "producing")
+
+    def test_upgrade_tunnel(self) -> None:
+        """
+        After a 101, bytes flow both ways untouched until the target closes.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\n\r\nframe1")
+        self.assertEqual(r.kinds(), ["response", "data"])
+        self.assertEqual(r.events[1], ("data", b"frame1"))
+        proto.dataReceived(b"frame2")
+        t.clear()
+        ex.write_raw(b"client-frame")
+        self.assertEqual(t.value(), b"client-frame")
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(r.kinds()[-1], "done")
+        self.assertEqual(h.pool.idle_count, 0)
+
+
+class PoolTests(SynchronousTestCase):
+    def test_close_idle(self) -> None:
+        """
+        close_idle() closes idle connections only.
+        """
+        h = Harness()
+        h.request()
+        p1, t1 = h.connect()
+        h.request()
+        p2, t2 = h.connect()
+        p1.dataReceived(OK)
+        h.pool.close_idle()
+        self.assertTrue(t1.disconnecting)
+        self.assertFalse(t2.disconnecting)
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_close(self) -> None:
+        """
+        After close() busy connections are not kept once done.
+        """
+        h = Harness()
+        h.request()
+        p1, t1 = h.connect()
+        h.pool.close()
+        p1.dataReceived(OK)
+        self.assertTrue(t1.disconnecting)
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_max_idle(self) -> None:
+        """
+        At most C{max_idle} connections are kept.
+        """
+        h = Harness(max_idle=1)
+        h.request()
+        h.request()
+        p1, t1 = h.connect()
+        p2, t2 = h.connect()
+        p1.dataReceived(OK)
+        p2.dataReceived(OK)
+        self.assertEqual(h.pool.idle_count, 1)
+        self.assertTrue(t2.disconnecting)
+
+    def test_old_idle_not_reused(self) -> None:
+        """
+        Connections idle for too long are closed instead of reused.
+        """
+        h = Harness(idle_reuse_limit=10)
+        h.request()
+        p1, t1 = h.connect()
+        p1.dataReceived(OK)
+        h.reactor.advance(11)
+        h.request()
+        self.assertTrue(t1.disconnecting)
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+
+    def test_lost_idle_removed(self) -> None:
+        """
+        An idle connection closed by the target leaves the pool.
+        """
+        h = Harness()
+        h.request()
+        p1, t1 = h.connect()
+        p1.dataReceived(OK)
+        p1.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_registry(self) -> None:
+        """
+        The pool factory's registry closes idle connections of all pools.
+        """
+        reactor = MemoryReactorClock()
+        registry = pool_factory(reactor)
+        pool = registry("127.0.0.1", 80)
+        self.assertEqual(pool.address, "127.0.0.1:80")
+        r = Receiver()
+        pool.request(b"GET", b"/", [], r)
+        proto = reactor.tcpClients[0][2].buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(OK)
+        registry.close_idle()
+        self.assertTrue(t.disconnecting)
