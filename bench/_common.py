@@ -231,6 +231,29 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_times() -> dict[int, list[int]]:
+    """Per-CPU jiffies from /proc/stat: user nice system idle iowait irq softirq steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                out[int(name[3:])] = [int(v) for v in vals[:8]]
+    return out
+
+
+def cpu_busy(before: dict, after: dict, cpu: int) -> dict:
+    """Share of wall time CPU `cpu` was busy / idle+iowait / stolen between two
+    cpu_times() snapshots."""
+    if cpu not in before or cpu not in after:
+        return {}
+    d = [a - b for a, b in zip(after[cpu], before[cpu])]
+    total = sum(d) or 1
+    idle = d[3] + d[4]
+    return {"busy": round((total - idle - d[7]) / total, 3), "idle": round(idle / total, 3),
+            "steal": round(d[7] / total, 3)}
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

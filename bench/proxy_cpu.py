@@ -78,9 +78,15 @@ def run_wrk(url: str, args, duration: float, cpu: int | None) -> dict:
 def measure(url: str, args, proxy_pid: int | None, upstream_pid: int) -> dict:
     proxy_pids = C.tree_pids(proxy_pid) if proxy_pid else []
     up_pids = C.tree_pids(upstream_pid)
+    s0 = C.cpu_times()
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     res = run_wrk(url, args, args.duration, args.load_cpu)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
+    s1 = C.cpu_times()
+    # How busy each pinned CPU was: tells which side was the bottleneck.
+    for label, cpu in (("proxy_cpu", args.proxy_cpu), ("load_cpu", args.load_cpu)):
+        if cpu is not None and cpu >= 0:
+            res[f"{label}{cpu}_usage"] = C.cpu_busy(s0, s1, cpu)
     n = max(res["requests"], 1)
     res["wall_s"] = t1 - t0
     res["upstream_cpu_s"] = u1 - u0
@@ -152,7 +158,10 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
                    f"({r['proxy_cpu_util'] * 100:.0f}% of a core)" if pid else "")
             bad = (f", {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
                    if r["non_2xx"] or r["socket_errors"] else "")
-            C.log(f"{name}: run {i + 1}/{args.runs}: {r['req_per_s']:.0f} req/s{cpu}{bad}")
+            load = r.get(f"load_cpu{args.load_cpu}_usage", {})
+            busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
+                    "stolen" if load else "")
+            C.log(f"{name}: run {i + 1}/{args.runs}: {r['req_per_s']:.0f} req/s{cpu}{bad}{busy}")
         verify(url, body)
         out = {"target": name, "url": url, "runs": runs}
         if "mproxy" in extra:
@@ -171,6 +180,11 @@ def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
             "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib"]
     s = {}
+    for r in runs:
+        for k, v in list(r.items()):
+            if k.startswith("load_cpu") and k.endswith("_usage") and v:
+                r["load_cpu_busy"] = v["busy"]
+    keys.append("load_cpu_busy")
     for k in keys:
         vals = [r[k] for r in runs if k in r]
         if vals:
@@ -188,20 +202,23 @@ def fmt(v, spec):
 def report(results: dict[str, dict]) -> tuple[str, dict]:
     lines = []
     hdr = (f"{'target':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'proxy CPU':>10} "
-           f"{'core use':>8} {'upstrm CPU':>10} {'RSS MiB':>7} {'errors':>6}")
+           f"{'core use':>8} {'upstrm CPU':>10} {'RSS MiB':>7} {'errors':>6} {'load CPU':>8}")
     lines.append(hdr)
-    lines.append(f"{'':<12} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10}")
+    lines.append(f"{'':<12} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10} "
+                 f"{'':>7} {'':>6} {'busy':>8}")
     lines.append("-" * len(hdr))
     for name, r in results.items():
         s = r["summary"]
         rss = s.get("proxy_rss_kib")
         util = s.get("proxy_cpu_util")
+        lb = s.get("load_cpu_busy")
         lines.append(
             f"{name:<12} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
             f"{fmt(s.get('latency_p99_ms'), '7.2f')} {fmt(s.get('proxy_cpu_us_per_req'), '10.1f')} "
             f"{fmt(None if util is None else util * 100, '7.0f')}{'%' if util is not None else ' '} "
             f"{fmt(s.get('upstream_cpu_us_per_req'), '10.1f')} "
-            f"{fmt(None if rss is None else rss / 1024, '7.1f')} {s['errors']:>6}")
+            f"{fmt(None if rss is None else rss / 1024, '7.1f')} {s['errors']:>6} "
+            f"{fmt(None if lb is None else lb * 100, '7.0f')}{'%' if lb is not None else ' '}")
     ratios = {}
 
     def ratio(a, b, key):
