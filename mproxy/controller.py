@@ -24,6 +24,7 @@ from mproxy.balancer import LoadBalancer
 from mproxy.errors import (
     DeployTimedOut,
     InvalidOptions,
+    InvalidTarget,
     RolloutNotSet,
     ServiceNotFound,
     StateError,
@@ -34,6 +35,7 @@ from mproxy.router import Router
 from mproxy.service import PauseState, RolloutSplit, Service
 from mproxy.spec import (
     DeployRequest,
+    HealthCheckConfig,
     ServiceOptions,
     TargetOptions,
     format_duration,
@@ -420,45 +422,69 @@ class Controller:
         services = []
         try:
             for r in records:
-                options = options_from_json(ServiceOptions, r.get("options") or {})
-                target_options = options_from_json(TargetOptions, r.get("target_options") or {})
-                options.validate()
-                writers = tuple(r.get("active_targets") or ())
-                readers = tuple(r.get("active_readers") or ())
-                if not writers:
-                    raise InvalidOptions("no active targets")
-                for t in writers + readers:
-                    parse_target(t)
-                services.append((r, options, target_options, writers, readers))
-        except (InvalidOptions, TypeError, ValueError, KeyError, AttributeError) as e:
+                services.append(self._decode_record(r))
+        except (InvalidOptions, InvalidTarget, TypeError, ValueError, KeyError,
+                AttributeError) as e:
             raise StateError(f"state file {self.store.path} is invalid: {e}")
-        for r, options, target_options, writers, readers in services:
-            name = r["name"]
-            lb = self._balancer(writers, readers)
+        for name, options, target_options, active, rollout, split, pause in services:
+            lb = self._balancer(*active)
             lb.mark_all_healthy()
             lb.start_health_checks(target_options.health_check, self.probe)
             service = Service(name, options, target_options, lb, self.clock)
-            rw = tuple(r.get("rollout_targets") or ())
-            if rw:
-                rlb = self._balancer(rw, tuple(r.get("rollout_readers") or ()))
+            if rollout[0]:
+                rlb = self._balancer(*rollout)
                 rlb.mark_all_healthy()
                 rlb.start_health_checks(target_options.health_check, self.probe)
                 service.rollout = rlb
-            split = r.get("rollout_split")
-            if split:
-                service.split = RolloutSplit(
-                    int(split.get("percentage", 0)), tuple(split.get("allowlist") or ())
-                )
-            pause = r.get("pause") or {}
-            state = PauseState(int(pause.get("state", 0)))
+            service.split = split
+            state, max_pause, stop_message = pause
             if state is PauseState.PAUSED:
-                service.pause.pause(float(pause.get("max_pause", 30.0)))
+                service.pause.pause(max_pause)
             elif state is PauseState.STOPPED:
-                service.pause.stop(str(pause.get("stop_message", "")))
+                service.pause.stop(stop_message)
             self.router.install(service)
             self.certificates.update_service(name, options)
         self.logger.info("Restored saved state", path=self.store.path, services=len(services))
         return len(services)
+
+    @staticmethod
+    def _decode_record(r: dict[str, Any]) -> tuple[Any, ...]:
+        """
+        Check and decode one saved service record completely, so that a bad
+        record is found before anything is restored.
+        """
+
+        def mapping(key: str) -> dict[str, Any]:
+            v = r.get(key) or {}
+            if not isinstance(v, dict):
+                raise TypeError(f"{key} of {r['name']!r} is not an object")
+            return v
+
+        def addresses(key: str) -> tuple[str, ...]:
+            v = tuple(r.get(key) or ())
+            for t in v:
+                parse_target(t)
+            return v
+
+        options = options_from_json(ServiceOptions, mapping("options"))
+        target_options = options_from_json(TargetOptions, mapping("target_options"))
+        if not isinstance(target_options.health_check, HealthCheckConfig):
+            raise TypeError(f"health_check of {r['name']!r} is not an object")
+        options.validate()
+        active = (addresses("active_targets"), addresses("active_readers"))
+        if not active[0]:
+            raise InvalidOptions(f"no active targets for {r['name']!r}")
+        rollout = (addresses("rollout_targets"), addresses("rollout_readers"))
+        split = None
+        if r.get("rollout_split"):
+            s = mapping("rollout_split")
+            split = RolloutSplit(int(s.get("percentage", 0)), tuple(s.get("allowlist") or ()))
+        pause = mapping("pause")
+        state = PauseState(int(pause.get("state", 0)))
+        max_pause = float(pause.get("max_pause", 30.0))
+        stop_message = str(pause.get("stop_message", ""))
+        return (r["name"], options, target_options, active, rollout, split,
+                (state, max_pause, stop_message))
 
     def shutdown(self) -> None:
         for s in self.router.services.values():
