@@ -172,9 +172,13 @@ class HealthChecker:
             return
         from mproxy.target import TargetState
 
+        # Report first: becoming healthy may complete a deploy's health wait,
+        # which stops listening for results.
+        self.report(self.target, True, "")
+        if not self.running:
+            return
         if self.target.state is not TargetState.DRAINING:
             self.target.set_state(TargetState.HEALTHY)
-        self.report(self.target, True, "")
         if self.stop_when_healthy:
             self.running = False
             return
