@@ -196,6 +196,9 @@ def main(argv=None) -> int:
                     help="CPU for the client (this script) and upstream (-1: no pin)")
     ap.add_argument("--mproxy-cmd", help="command to run the mproxy CLI "
                     "(default: $MPROXY_CMD, `mproxy` on PATH, or this checkout)")
+    ap.add_argument("--upstream-push", action="store_true",
+                    help="harness self-check: the upstream ignores back-pressure on downloads, "
+                         "so `--proxy direct --upstream-push` must FAIL the RSS limit")
     ap.add_argument("--keep-tmp", action="store_true")
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args(argv)
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
                 "upstream", C.pin_prefix(args.load_cpu) + [
                     sys.executable, str(C.BENCH_DIR / "body_upstream.py"), "--port", str(up_port),
                     "--upload-stall", str(args.stall), "--stall-after", str(args.stall_after),
-                    "--seed", str(args.seed)], tmp)
+                    "--seed", str(args.seed)] + (["--push"] if args.upstream_push else []), tmp)
             C.wait_port(up_port, 15, upstream)
             if args.proxy == "direct":
                 port, pid, server = up_port, upstream.pid, upstream

@@ -31,7 +31,29 @@ from zope.interface import implementer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bodygen import chunks  # noqa: E402
 
-OPTS = argparse.Namespace(upload_stall=0.0, stall_after=64 << 20, seed=0)
+OPTS = argparse.Namespace(upload_stall=0.0, stall_after=64 << 20, seed=0, push=False)
+
+
+def push_all(request: http.Request, n: int) -> None:
+    """--push: write the whole body as fast as we can generate it, ignoring
+    back-pressure (so Twisted buffers it in memory). Only for checking that
+    bodies.py notices unbounded buffering: with --proxy direct it must FAIL."""
+    it = chunks(n, OPTS.seed)
+    gone = []
+    request.notifyFinish().addErrback(lambda _f: gone.append(1))
+
+    def step():
+        if gone:
+            return
+        for _ in range(16):
+            c = next(it, None)
+            if c is None:
+                request.finish()
+                return
+            request.write(c)
+        reactor.callLater(0, step)
+
+    step()
 
 
 @implementer(interfaces.IPullProducer)
@@ -90,6 +112,9 @@ class BodyRequest(http.Request):
                 if self.method == b"HEAD" or n == 0:
                     self.finish()
                     return
+                if OPTS.push:
+                    push_all(self, n)
+                    return
                 producer = GenProducer(self, n)
                 self.notifyFinish().addErrback(lambda _f: producer.stopProducing())
                 self.registerProducer(producer, False)
@@ -123,8 +148,11 @@ def main(argv=None) -> None:
     ap.add_argument("--upload-stall", type=float, default=0.0)
     ap.add_argument("--stall-after", type=int, default=64 << 20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--push", action="store_true",
+                    help="ignore back-pressure on downloads (harness self-check)")
     ns = ap.parse_args(argv)
     OPTS.upload_stall, OPTS.stall_after, OPTS.seed = ns.upload_stall, ns.stall_after, ns.seed
+    OPTS.push = ns.push
     reactor.listenTCP(ns.port, Factory(), interface=ns.bind, backlog=128)
     print(f"listening on {ns.bind}:{ns.port}", flush=True)
     reactor.run()
