@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from mproxy.http import reqlog
 from mproxy.http.pages import CONTENT_TYPE, render_page
-from mproxy.http.server import FastRequest, ProxySite
+from mproxy.http.server import FastRequest, ProxySite, reason_bytes
 
 # request headers that never go to the target (reference 5.2)
 _HOP = frozenset((
@@ -171,7 +171,7 @@ class GenericExchange:
         r = self.r
         self.started = True
         self.code = code
-        r.setResponseCode(code, reason)
+        r.setResponseCode(code, reason or reason_bytes(code))
         h = Headers()
         for name, value in headers:
             h.addRawHeader(name, value)
@@ -186,6 +186,8 @@ class GenericExchange:
     def finish(self, trailers: Any = None) -> None:
         if not self.finished:
             self.finished = True
+            if self._producer:
+                self.unregisterProducer()
             try:
                 self.r.finish()
             except RuntimeError:
@@ -209,13 +211,17 @@ class GenericExchange:
 
         self.r.notifyFinish().addErrback(lost)
 
+    _producer = False
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         try:
             self.r.registerProducer(producer, True)
+            self._producer = True
         except (ValueError, RuntimeError, AttributeError):
             pass
 
     def unregisterProducer(self) -> None:
+        self._producer = False
         try:
             self.r.unregisterProducer()
         except (ValueError, RuntimeError, AttributeError):

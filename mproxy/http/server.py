@@ -32,6 +32,7 @@ a 431, an overlong request target a 414; the connection is then closed.
 from __future__ import annotations
 
 from collections import deque
+from http import HTTPStatus
 from io import BytesIO
 from typing import Any, Callable
 
@@ -65,17 +66,23 @@ def status_line(code: int, reason: bytes | None = None) -> bytes:
     if reason is None:
         line = _STATUS_LINES.get(code)
         if line is None:
-            reason = _http.RESPONSES.get(code, b"Unknown Status")
-            line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason)
+            line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason_bytes(code))
         return line
     return b"HTTP/1.1 %d %s\r\n" % (code, reason)
+
+
+def reason_bytes(code: int) -> bytes:
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return _http.RESPONSES.get(code, b"Unknown Status")
 
 
 def error_response(code: int) -> bytes:
     """
     A complete C{Connection: close} response for protocol errors.
     """
-    reason = _http.RESPONSES.get(code, b"Error")
+    reason = reason_bytes(code)
     body = b"<h1>%d %s</h1>" % (code, reason)
     return (
         status_line(code)

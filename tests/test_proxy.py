@@ -1,0 +1,858 @@
+"""
+Tests for L{mproxy.http.proxy}, L{mproxy.http.pages} and
+L{mproxy.http.reqlog}, with fake routers, services and claims.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from mproxy.http.pages import render_page
+from mproxy.http.proxy import ProxyResource, build_http_factory, new_request_id
+from mproxy.http.upstream import UpstreamPool
+from mproxy.logging import ListLogger
+from mproxy.spec import ServiceOptions, TargetOptions
+
+
+class FakeTarget:
+    def __init__(self, reactor: Any, address: str = "10.0.0.2:3000") -> None:
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host, int(port)
+        self.pool = UpstreamPool(reactor, host, int(port))
+
+
+class FakeClaim:
+    def __init__(self, target: FakeTarget) -> None:
+        self.target = target
+        self.canceller: Any = None
+        self.releases = 0
+        self.upgraded = False
+        self.set_cookie: bytes | None = None
+
+    def set_canceller(self, fn: Any) -> None:
+        self.canceller = fn
+
+    def mark_upgraded(self) -> None:
+        self.upgraded = True
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+class Refusal:
+    def __init__(self, status: int, message: str = "") -> None:
+        self.status = status
+        self.message = message
+
+
+class FakeService:
+    def __init__(self, reactor: Any, name: str = "web", **target_options: Any) -> None:
+        self.name = name
+        self.options = ServiceOptions()
+        self.target_options = TargetOptions(**target_options)
+        self.target = FakeTarget(reactor)
+        self.claims: list[FakeClaim] = []
+        self.result: Any = None
+        self.selects: list[tuple[Any, ...]] = []
+        self.set_cookie: bytes | None = None
+
+    def select(self, method: bytes, path: str, cookie: Any, websocket: bool) -> Any:
+        self.selects.append((method, path, cookie(b"mproxy-rollout"), websocket))
+        if self.result is not None:
+            return self.result
+        c = FakeClaim(self.target)
+        c.set_cookie = self.set_cookie
+        self.claims.append(c)
+        return c
+
+
+class FakeMatch:
+    def __init__(self, service: FakeService, prefix: str) -> None:
+        self.service = service
+        self.prefix = prefix
+
+    def target_path(self, path: str) -> str:
+        if self.prefix == "/" or not self.service.options.strip_prefix:
+            return path
+        rest = path[len(self.prefix):]
+        return rest if rest.startswith("/") else "/" + rest
+
+
+class FakeRouter:
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[FakeService, str]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def match(self, host: str, path: str) -> FakeMatch | None:
+        self.calls.append((host, path))
+        h = host.split(":")[0].lower()
+        found = self.routes.get(h)
+        if found is None:
+            return None
+        service, prefix = found
+        if prefix != "/" and not (path == prefix or path.startswith(prefix + "/")):
+            return None
+        return FakeMatch(service, prefix)
+
+
+class Harness:
+    def __init__(self, prefix: str = "/", secure: bool = False, **target_options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.router = FakeRouter()
+        self.logger = ListLogger()
+        self.service = FakeService(self.reactor, **target_options)
+        self.router.routes["example.com"] = (self.service, prefix)
+        self.metrics: list[tuple[Any, ...]] = []
+        self.site = build_http_factory(
+            self.reactor, self.router, self.logger, http_port=80, https_port=443,
+            metrics=lambda *a: self.metrics.append(a),
+        )
+        self.client = self.site.buildProtocol(None)
+        self.ct = StringTransport()
+        self.client.makeConnection(self.ct)
+        self.connected = 0
+
+    def send(self, data: bytes) -> None:
+        self.client.dataReceived(data)
+
+    def get(self, path: bytes = b"/x", headers: bytes = b"", method: bytes = b"GET") -> None:
+        self.send(method + b" " + path + b" HTTP/1.1\r\nHost: example.com\r\n" + headers + b"\r\n")
+
+    def upstream(self) -> tuple[Any, StringTransport]:
+        host, port, factory, timeout, bind = self.reactor.tcpClients[self.connected]
+        self.connected += 1
+        proto = factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        return proto, t
+
+    def output(self) -> bytes:
+        return self.ct.value()
+
+    def requests_logged(self) -> list[dict[str, Any]]:
+        return [r for r in self.logger.records if r["msg"] == "Request"]
+
+
+def upstream_headers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    lines = head.split(b"\r\n")[1:]
+    return [tuple(line.split(b": ", 1)) for line in lines]  # type: ignore[misc]
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [v for n, v in headers if n.lower() == name.lower()]
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+class RoutingTests(SynchronousTestCase):
+    def test_unrouted_404(self) -> None:
+        """
+        A request no service matches gets the 404 page and is logged with
+        an empty service.
+        """
+        h = Harness()
+        h.send(b"GET /x HTTP/1.1\r\nHost: other.com\r\n\r\n")
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 404 Not Found\r\n"))
+        self.assertIn(b"Content-Type: text/html; charset=utf-8\r\n", out)
+        self.assertIn("404 — Not Found".encode(), out)
+        log = h.requests_logged()[0]
+        self.assertEqual((log["status"], log["service"], log["target"]), (404, "", ""))
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_router_gets_host_and_decoded_path(self) -> None:
+        """
+        The router is asked with the Host header and the decoded path.
+        """
+        h = Harness()
+        h.send(b"GET /a%20b?q=1 HTTP/1.1\r\nHost: Example.com:8080\r\n\r\n")
+        self.assertEqual(h.router.calls, [("Example.com:8080", "/a b")])
+
+    def test_prefix_stripped(self) -> None:
+        """
+        With a matched prefix the target sees the rest of the path, the
+        query untouched; the log keeps the original path.
+        """
+        h = Harness(prefix="/app")
+        h.get(b"/app/show?a=b;c")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /show?a=b;c HTTP/1.1\r\n"))
+        self.assertEqual(h.service.selects[0][1], "/show")
+        proto.dataReceived(OK)
+        self.assertEqual(h.requests_logged()[0]["path"], "/app/show")
+
+    def test_prefix_only_becomes_root(self) -> None:
+        """
+        The bare prefix becomes C{/}.
+        """
+        h = Harness(prefix="/app")
+        h.get(b"/app")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET / HTTP/1.1\r\n"))
+
+    def test_prefix_not_stripped(self) -> None:
+        """
+        With strip-prefix off the original path goes to the target.
+        """
+        h = Harness(prefix="/app")
+        h.service.options = ServiceOptions(strip_prefix=False)
+        h.get(b"/app/show")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /app/show HTTP/1.1\r\n"))
+
+
+class RequestHeaderTests(SynchronousTestCase):
+    def forwarded(self, h: Harness, path: bytes = b"/x", headers: bytes = b"") -> list[tuple[bytes, bytes]]:
+        h.get(path, headers)
+        proto, t = h.upstream()
+        return upstream_headers(t.value())
+
+    def test_added_headers(self) -> None:
+        """
+        Host is preserved; X-Forwarded-*, X-Request-ID (a UUID v4),
+        X-Request-Start and X-Mproxy-Target are added.
+        """
+        h = Harness()
+        hs = self.forwarded(h, headers=b"User-Agent: ua\r\n")
+        self.assertEqual(header(hs, b"host"), [b"example.com"])
+        self.assertEqual(header(hs, b"user-agent"), [b"ua"])
+        self.assertEqual(header(hs, b"x-forwarded-for"), [b"192.168.1.1"])
+        self.assertEqual(header(hs, b"x-forwarded-proto"), [b"http"])
+        self.assertEqual(header(hs, b"x-forwarded-host"), [b"example.com"])
+        self.assertEqual(header(hs, b"x-mproxy-target"), [b"10.0.0.2:3000"])
+        rid = header(hs, b"x-request-id")[0]
+        self.assertRegex(rid.decode(), r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+        self.assertRegex(header(hs, b"x-request-start")[0].decode(), r"^t=\d{13}$")
+
+    def test_existing_ids_kept(self) -> None:
+        """
+        Incoming X-Request-ID and X-Request-Start are kept.
+        """
+        hs = self.forwarded(Harness(), headers=b"X-Request-ID: 1234\r\nX-Request-Start: t=99\r\n")
+        self.assertEqual(header(hs, b"x-request-id"), [b"1234"])
+        self.assertEqual(header(hs, b"x-request-start"), [b"t=99"])
+
+    def test_hop_by_hop_removed(self) -> None:
+        """
+        Hop-by-hop headers, headers named in Connection and Forwarded are
+        not forwarded; other headers are.
+        """
+        hs = self.forwarded(Harness(), headers=(
+            b"Connection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\nX-Secret: s\r\n"
+            b"Proxy-Authorization: p\r\nProxy-Connection: x\r\nTE: gzip\r\n"
+            b"Trailer: x\r\nForwarded: for=1.2.3.4\r\nX-Custom: yes\r\nCookie: a=b\r\n"))
+        names = {n.lower() for n, v in hs}
+        for gone in (b"connection", b"keep-alive", b"x-secret", b"proxy-authorization",
+                     b"proxy-connection", b"te", b"trailer", b"forwarded"):
+            self.assertNotIn(gone, names)
+        self.assertEqual(header(hs, b"x-custom"), [b"yes"])
+        self.assertEqual(header(hs, b"cookie"), [b"a=b"])
+
+    def test_te_trailers_kept(self) -> None:
+        """
+        C{TE: trailers} survives as such.
+        """
+        hs = self.forwarded(Harness(), headers=b"TE: trailers, deflate\r\n")
+        self.assertEqual(header(hs, b"te"), [b"trailers"])
+
+    def test_raw_query(self) -> None:
+        """
+        The query string reaches the target byte for byte.
+        """
+        h = Harness()
+        h.get(b"/x?p1=a;b;c&p2=%x&p3=ok")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /x?p1=a;b;c&p2=%x&p3=ok HTTP/1.1\r\n"))
+
+    def test_forward_headers_on(self) -> None:
+        """
+        With forward-headers on, incoming X-Forwarded-* values are kept
+        (the client address appended to X-Forwarded-For).
+        """
+        hs = self.forwarded(Harness(forward_headers=True), headers=(
+            b"X-Forwarded-For: 10.10.10.10\r\nX-Forwarded-For: 10.0.0.9\r\n"
+            b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: untrusted.example.com\r\n"))
+        self.assertEqual(header(hs, b"x-forwarded-for"), [b"10.10.10.10, 10.0.0.9, 192.168.1.1"])
+        self.assertEqual(header(hs, b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(header(hs, b"x-forwarded-host"), [b"untrusted.example.com"])
+
+    def test_forward_headers_off(self) -> None:
+        """
+        With forward-headers off, client-sent X-Forwarded-* are replaced.
+        """
+        hs = self.forwarded(Harness(forward_headers=False), headers=(
+            b"X-Forwarded-For: 10.10.10.10\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Host: untrusted.example.com\r\n"))
+        self.assertEqual(header(hs, b"x-forwarded-for"), [b"192.168.1.1"])
+        self.assertEqual(header(hs, b"x-forwarded-proto"), [b"http"])
+        self.assertEqual(header(hs, b"x-forwarded-host"), [b"example.com"])
+
+    def test_client_ip_header(self) -> None:
+        """
+        The client-IP header replaces X-Forwarded-For (and is forwarded
+        itself); the log's remote_addr shows its value.
+        """
+        h = Harness(forward_headers=True)
+        h.service.options = ServiceOptions(client_ip_header="True-Client-IP")
+        hs = self.forwarded(h, headers=b"X-Forwarded-For: 6.6.6.6\r\nTrue-Client-IP: 203.0.113.9\r\n")
+        self.assertEqual(header(hs, b"x-forwarded-for"), [b"203.0.113.9, 192.168.1.1"])
+        self.assertEqual(header(hs, b"true-client-ip"), [b"203.0.113.9"])
+
+    def test_target_header_appended(self) -> None:
+        """
+        With forward-headers on an incoming X-Mproxy-Target is extended.
+        """
+        hs = self.forwarded(Harness(forward_headers=True), headers=b"X-Mproxy-Target: lb:1\r\n")
+        self.assertEqual(header(hs, b"x-mproxy-target"), [b"lb:1, 10.0.0.2:3000"])
+        hs = self.forwarded(Harness(forward_headers=False), headers=b"X-Mproxy-Target: lb:1\r\n")
+        self.assertEqual(header(hs, b"x-mproxy-target"), [b"10.0.0.2:3000"])
+
+    def test_cookie_given_to_select(self) -> None:
+        """
+        The service can read request cookies.
+        """
+        h = Harness()
+        h.get(headers=b"Cookie: a=1; mproxy-rollout=42\r\n")
+        self.assertEqual(h.service.selects[0][2], b"42")
+
+    def test_expect_continue(self) -> None:
+        """
+        The proxy answers 100-continue itself when it starts forwarding and
+        does not forward Expect.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+        self.assertEqual(h.output(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        proto, t = h.upstream()
+        self.assertEqual(header(upstream_headers(t.value()), b"expect"), [])
+
+
+class ResponseTests(SynchronousTestCase):
+    def test_response_relayed(self) -> None:
+        """
+        Status, headers and body are relayed; hop-by-hop response headers
+        dropped; the claim is released once; one log line.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\n"
+                           b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-App: a\r\n\r\nok")
+        out = h.output()
+        self.assertEqual(out, b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok")
+        self.assertEqual(h.service.claims[0].releases, 1)
+        self.assertEqual(len(h.requests_logged()), 1)
+
+    def test_log_line(self) -> None:
+        """
+        The request log line has the reference keys in order.
+        """
+        h = Harness()
+        h.send(b"POST /somepath?q=ok HTTP/1.1\r\nHost: example.com\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: 5\r\nUser-Agent: agent\r\nX-Forwarded-For: 192.168.1.9\r\n\r\nhello")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 8\r\n\r\n12345678")
+        log = h.requests_logged()[0]
+        keys = [k for k in log if k not in ("level", "msg")]
+        self.assertEqual(keys, [
+            "host", "port", "path", "request_id", "status", "service", "target", "duration",
+            "method", "req_content_length", "req_content_type", "resp_content_length",
+            "resp_content_type", "client_addr", "client_port", "remote_addr", "user_agent",
+            "proto", "scheme", "query"])
+        self.assertEqual(log["host"], "example.com")
+        self.assertEqual(log["port"], 80)
+        self.assertEqual(log["path"], "/somepath")
+        self.assertEqual(log["status"], 201)
+        self.assertEqual(log["service"], "web")
+        self.assertEqual(log["target"], "10.0.0.2:3000")
+        self.assertIsInstance(log["duration"], int)
+        self.assertEqual(log["method"], "POST")
+        self.assertEqual(log["req_content_length"], 5)
+        self.assertEqual(log["req_content_type"], "text/plain")
+        self.assertEqual(log["resp_content_length"], 8)
+        self.assertEqual(log["resp_content_type"], "application/json")
+        self.assertEqual(log["client_addr"], "192.168.1.1")
+        self.assertEqual(log["client_port"], "54321")
+        self.assertEqual(log["remote_addr"], "192.168.1.9")
+        self.assertEqual(log["user_agent"], "agent")
+        self.assertEqual(log["proto"], "HTTP/1.1")
+        self.assertEqual(log["scheme"], "http")
+        self.assertEqual(log["query"], "q=ok")
+        self.assertEqual(h.metrics[0][:3], ("web", b"POST", 201))
+
+    def test_logged_headers(self) -> None:
+        """
+        Configured request/response headers are logged as req_*/resp_*.
+        """
+        h = Harness(log_request_headers=("X-Custom",), log_response_headers=("Cache-Control",))
+        h.get(headers=b"x-custom: one\r\nX-Custom: two\r\n")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nCache-Control: no-cache\r\nContent-Length: 0\r\n\r\n")
+        log = h.requests_logged()[0]
+        self.assertEqual(log["req_x_custom"], "one,two")
+        self.assertEqual(log["resp_cache_control"], "no-cache")
+
+    def test_streamed_chunks(self) -> None:
+        """
+        A response without length is streamed to the client chunk by chunk.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n")
+        self.assertTrue(h.output().endswith(b"\r\n\r\n6\r\ndata:1\r\n"))
+        self.assertEqual(h.requests_logged(), [])
+        proto.dataReceived(b"6\r\ndata:2\r\n0\r\n\r\n")
+        self.assertTrue(h.output().endswith(b"6\r\ndata:2\r\n0\r\n\r\n"))
+        self.assertEqual(len(h.requests_logged()), 1)
+
+    def test_multiple_set_cookie_order(self) -> None:
+        """
+        Several Set-Cookie headers keep their order.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+                           b"Set-Cookie: c=3\r\nContent-Length: 0\r\n\r\n")
+        self.assertIn(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nSet-Cookie: c=3\r\n", h.output())
+
+    def test_writer_cookie(self) -> None:
+        """
+        The claim's writer-affinity cookie is added and X-Writer-Affinity
+        stripped; C{X-Writer-Affinity: false} suppresses the cookie.
+        """
+        h = Harness()
+        h.service.set_cookie = b"mproxy-writer=123; Path=/"
+        h.get(method=b"POST")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nX-Writer-Affinity: true\r\nContent-Length: 0\r\n\r\n")
+        self.assertIn(b"Set-Cookie: mproxy-writer=123; Path=/\r\n", h.output())
+        self.assertNotIn(b"X-Writer-Affinity", h.output())
+        h2 = Harness()
+        h2.service.set_cookie = b"mproxy-writer=123; Path=/"
+        h2.get(method=b"POST")
+        proto, t = h2.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nX-Writer-Affinity: false\r\nContent-Length: 0\r\n\r\n")
+        self.assertNotIn(b"mproxy-writer", h2.output())
+        self.assertNotIn(b"X-Writer-Affinity", h2.output())
+
+    def test_head(self) -> None:
+        """
+        HEAD responses are relayed without a body and the client connection
+        stays usable.
+        """
+        h = Harness()
+        h.get(method=b"HEAD")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(h.output(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(h.service.claims[0].releases, 1)
+        self.assertFalse(h.ct.disconnecting)
+
+    def test_early_hints_relayed(self) -> None:
+        """
+        103 Early Hints reach the client before the final response; a 100
+        from the target is not relayed.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                           b"Link: </a.css>\r\n\r\n" + OK)
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK"))
+        self.assertNotIn(b"100 Continue", out)
+
+    def test_trailers_relayed(self) -> None:
+        """
+        Trailers are relayed to a client that accepts them.
+        """
+        h = Harness()
+        h.get(headers=b"TE: trailers\r\n")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                           b"1\r\na\r\n0\r\nX-Sum: 9\r\n\r\n")
+        self.assertTrue(h.output().endswith(b"0\r\nX-Sum: 9\r\n\r\n"))
+
+    def test_keep_alive_next_request(self) -> None:
+        """
+        After a proxied response the next request on the connection is
+        routed and forwarded on the pooled upstream connection.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(OK)
+        t.clear()
+        h.get(b"/second")
+        self.assertTrue(t.value().startswith(b"GET /second "))
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        proto.dataReceived(OK)
+        self.assertEqual(h.output().count(b"hello"), 2)
+        self.assertEqual(len(h.service.claims), 2)
+
+
+class BodyTests(SynchronousTestCase):
+    def test_length_body_streamed(self) -> None:
+        """
+        A request body is streamed to the target as it arrives.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 6\r\n\r\nabc")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().endswith(b"Content-Length: 6\r\n" + t.value().split(b"Content-Length: 6\r\n", 1)[1]))
+        self.assertTrue(t.value().endswith(b"\r\n\r\nabc"))
+        h.send(b"def")
+        self.assertTrue(t.value().endswith(b"\r\n\r\nabcdef"))
+
+    def test_chunked_body_streamed(self) -> None:
+        """
+        A chunked request body stays chunked upstream.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        proto, t = h.upstream()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", t.value())
+        self.assertTrue(t.value().endswith(b"\r\n\r\n3\r\nabc\r\n"))
+        h.send(b"0\r\n\r\n")
+        self.assertTrue(t.value().endswith(b"3\r\nabc\r\n0\r\n\r\n"))
+
+    def test_malformed_chunked(self) -> None:
+        """
+        A malformed chunked body while proxying: 400, upstream abandoned,
+        logged.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n")
+        proto, t = h.upstream()
+        h.send(b"ZZ\r\nhello\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
+        self.assertIn(b"<h1>400 Bad Request</h1>", h.output())
+        self.assertTrue(t.disconnected)
+        self.assertIn("Malformed chunked request", h.logger.messages())
+        self.assertEqual(h.requests_logged()[0]["status"], 400)
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+
+class RefusalTests(SynchronousTestCase):
+    def test_503_with_message(self) -> None:
+        """
+        A 503 refusal shows the (escaped) stop message.
+        """
+        h = Harness()
+        h.service.result = Refusal(503, "Back <soon>")
+        h.get()
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertIn(b"Back &lt;soon&gt;", out)
+        self.assertIn("503 — Service Temporarily Unavailable".encode(), out)
+
+    def test_health_200(self) -> None:
+        """
+        A 200 refusal is an empty 200.
+        """
+        h = Harness()
+        h.service.result = Refusal(200)
+        h.get(b"/up")
+        self.assertEqual(h.output(), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def test_held_request(self) -> None:
+        """
+        A request held by a paused service proceeds when the Deferred
+        fires with a claim.
+        """
+        h = Harness()
+        d: Deferred[Any] = Deferred()
+        h.service.result = d
+        h.get()
+        self.assertEqual(h.reactor.tcpClients, [])
+        claim = FakeClaim(h.service.target)
+        d.callback(claim)
+        proto, t = h.upstream()
+        proto.dataReceived(OK)
+        self.assertIn(b"hello", h.output())
+        self.assertEqual(claim.releases, 1)
+
+    def test_held_request_expired(self) -> None:
+        """
+        A held request whose pause expired gets a 504.
+        """
+        h = Harness()
+        d: Deferred[Any] = Deferred()
+        h.service.result = d
+        h.get()
+        d.callback(Refusal(504))
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"))
+
+    def test_client_leaves_while_held(self) -> None:
+        """
+        If the client leaves while held, a later claim is released at once
+        and nothing is forwarded.
+        """
+        h = Harness()
+        d: Deferred[Any] = Deferred()
+        h.service.result = d
+        h.get()
+        h.client.connectionLost(Failure(error.ConnectionDone()))
+        claim = FakeClaim(h.service.target)
+        d.callback(claim)
+        self.assertEqual(claim.releases, 1)
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual(h.requests_logged()[0]["status"], 499)
+
+
+class FailureTests(SynchronousTestCase):
+    def test_connect_failure_502(self) -> None:
+        """
+        A target that cannot be reached: 502 page, ERROR log, claim
+        released.
+        """
+        h = Harness()
+        h.get()
+        factory = h.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertIn("502 — Bad Gateway".encode(), h.output())
+        self.assertIn("Error while proxying", h.logger.messages())
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+    def test_target_timeout_504(self) -> None:
+        """
+        No response headers within target_timeout: 504.
+        """
+        h = Harness(target_timeout=3)
+        h.get()
+        h.upstream()
+        h.reactor.advance(3.1)
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"))
+        self.assertIn("504 — Gateway Timeout".encode(), h.output())
+
+    def test_client_hangup_499(self) -> None:
+        """
+        A client that hangs up: upstream request aborted, 499 logged,
+        claim released, nothing sent.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        h.client.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(t.disconnected)
+        self.assertEqual(h.requests_logged()[0]["status"], 499)
+        self.assertEqual(h.service.claims[0].releases, 1)
+        self.assertEqual(h.output(), b"")
+
+    def test_upstream_dies_mid_body(self) -> None:
+        """
+        A target failing mid-body aborts the client connection.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        proto.connectionLost(Failure(error.ConnectionLost()))
+        self.assertTrue(h.ct.disconnected)
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+    def test_drain_cancel_before_response(self) -> None:
+        """
+        A drain deadline before the response started: 504 page and an INFO
+        log; the upstream request is aborted.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        h.service.claims[0].canceller()
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"))
+        self.assertIn("Request cancelled due to draining", h.logger.messages())
+        self.assertTrue(t.disconnected)
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+    def test_drain_cancel_after_response_started(self) -> None:
+        """
+        A drain deadline while the response streams aborts the client.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        h.service.claims[0].canceller()
+        self.assertTrue(h.ct.disconnected)
+        self.assertTrue(t.disconnected)
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+    def test_select_raises(self) -> None:
+        """
+        A failing service gives a 500, not a dead connection.
+        """
+        h = Harness()
+
+        def boom(*a: Any) -> Any:
+            raise RuntimeError("boom")
+
+        h.service.select = boom  # type: ignore[method-assign]
+        h.get()
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 500 "))
+
+
+class UpgradeTests(SynchronousTestCase):
+    WS = (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n"
+          b"Sec-WebSocket-Version: 13\r\n")
+
+    def test_websocket_tunnel(self) -> None:
+        """
+        A WebSocket upgrade becomes a byte tunnel; the claim is marked
+        upgraded and released when the tunnel closes.
+        """
+        h = Harness()
+        h.get(b"/ws", self.WS)
+        self.assertTrue(h.service.selects[0][3])
+        proto, t = h.upstream()
+        hs = upstream_headers(t.value())
+        self.assertEqual(header(hs, b"connection"), [b"Upgrade"])
+        self.assertEqual(header(hs, b"upgrade"), [b"websocket"])
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: a\r\n\r\nhello")
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+        self.assertIn(b"Upgrade: websocket\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\nhello"))
+        self.assertTrue(h.service.claims[0].upgraded)
+        t.clear()
+        h.send(b"\x81\x02hi")
+        self.assertEqual(t.value(), b"\x81\x02hi")
+        self.assertEqual(h.service.claims[0].releases, 0)
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(h.service.claims[0].releases, 1)
+        self.assertTrue(h.ct.disconnecting)
+        self.assertEqual(h.requests_logged()[0]["status"], 101)
+
+    def test_drain_sends_close_frame(self) -> None:
+        """
+        Draining a tunnel sends a WebSocket close frame (1001) and closes.
+        """
+        h = Harness()
+        h.get(b"/ws", self.WS)
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\n\r\n")
+        h.service.claims[0].canceller()
+        self.assertTrue(h.output().endswith(b"\x88\x02\x03\xe9"))
+        self.assertTrue(h.ct.disconnecting)
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+    def test_mismatched_upgrade_502(self) -> None:
+        """
+        A 101 to another protocol than asked for is a 502.
+        """
+        h = Harness()
+        h.get(b"/ws", self.WS)
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                           b"Connection: Upgrade\r\n\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 502 "))
+
+    def test_unrequested_upgrade_502(self) -> None:
+        """
+        A 101 to a request that did not ask for an upgrade is a 502.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 502 "))
+
+    def test_refused_upgrade_closes(self) -> None:
+        """
+        When the target answers an upgrade request normally, the response
+        is relayed and the connection closes.
+        """
+        h = Harness()
+        h.get(b"/ws", self.WS)
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
+        self.assertTrue(h.ct.disconnecting)
+
+
+class GenericRequestTests(SynchronousTestCase):
+    def test_standard_twisted_request(self) -> None:
+        """
+        The resource also serves standard Twisted requests (the HTTP/2
+        path): the body is forwarded and the response relayed.
+        """
+        reactor = MemoryReactorClock()
+        router = FakeRouter()
+        logger = ListLogger()
+        service = FakeService(reactor)
+        router.routes["example.com"] = (service, "/")
+        site = Site(ProxyResource(router, logger, clock=reactor), reactor=reactor)
+        channel = site.buildProtocol(None)
+        ct = StringTransport()
+        channel.makeConnection(ct)
+        channel.dataReceived(b"POST /x?y HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\nabc")
+        host, port, factory, timeout, bind = reactor.tcpClients[0]
+        proto = factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        sent = t.value()
+        self.assertTrue(sent.startswith(b"POST /x?y HTTP/1.1\r\n"))
+        self.assertEqual(header(upstream_headers(sent), b"content-length"), [b"3"])
+        self.assertTrue(sent.endswith(b"\r\n\r\nabc"))
+        proto.dataReceived(OK)
+        out = ct.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertTrue(out.endswith(b"hello"))
+        self.assertNotIn(b"Server:", out)
+        self.assertEqual(service.claims[0].releases, 1)
+        self.assertEqual([r["status"] for r in logger.records if r["msg"] == "Request"], [200])
+
+
+class PageTests(SynchronousTestCase):
+    def test_titles(self) -> None:
+        """
+        The built-in pages carry their titles.
+        """
+        for code, title in [(404, "404 — Not Found"), (413, "413 — Content Too Large"),
+                            (502, "502 — Bad Gateway"),
+                            (503, "503 — Service Temporarily Unavailable"),
+                            (504, "504 — Gateway Timeout")]:
+            self.assertIn(title.encode(), render_page(code))
+
+    def test_fallback(self) -> None:
+        """
+        Other statuses get a one-line heading.
+        """
+        self.assertEqual(render_page(400), b"<h1>400 Bad Request</h1>")
+        self.assertEqual(render_page(500), b"<h1>500 Internal Server Error</h1>")
+
+    def test_503_default_text(self) -> None:
+        """
+        Without a message, 503 has a generic text and no placeholder.
+        """
+        page = render_page(503)
+        self.assertNotIn(b"{{", page)
+        self.assertIn(b"maintenance", page)
+
+    def test_request_ids_unique(self) -> None:
+        """
+        Generated request ids are UUID v4 strings and differ.
+        """
+        ids = {new_request_id() for _ in range(100)}
+        self.assertEqual(len(ids), 100)
+        for i in ids:
+            self.assertTrue(re.match(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", i))
