@@ -5,6 +5,7 @@ The client side of the control protocol, used by the C{mproxy} commands.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable
 
 from twisted.internet.defer import inlineCallbacks
@@ -73,6 +74,22 @@ class ControlClient:
         self.protocol.transport.loseConnection()
 
 
+def _connect_reason(e: ConnectError) -> str:
+    """
+    The OS reason of a failed connect.  Twisted's connect errors carry the
+    errno as an C{int} in C{osError} and the text in C{args}.
+    """
+    os_error = getattr(e, "osError", None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror
+    if isinstance(os_error, int):
+        try:
+            return os.strerror(os_error)
+        except ValueError:
+            pass
+    return str(e) or e.__class__.__name__
+
+
 @inlineCallbacks
 def connect(
     reactor: Any, path: str, on_progress: Callable[[str, str], None] | None = None
@@ -86,9 +103,7 @@ def connect(
     try:
         protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
     except ConnectError as e:
-        reason = e.osError.strerror if getattr(e, "osError", None) else str(e)
-        if not reason:
-            reason = e.__class__.__name__
+        reason = _connect_reason(e)
         raise ServerUnavailable(
             f"cannot connect to mproxy at {path}: {reason} "
             "(is `mproxy run` running? use --socket or MPROXY_SOCKET to choose the socket)"
