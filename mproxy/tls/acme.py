@@ -115,6 +115,18 @@ class _EmptyResponse(acme_challenges.ChallengeResponse):
 
     typ = "empty"
 
+    def __bool__(self) -> bool:
+        # acme sends an empty payload (a POST-as-GET) for falsy objects, and
+        # a field-less object has length 0
+        return True
+
+
+def _challenge_type(challb: Any) -> str | None:
+    chall = challb.chall
+    if isinstance(chall, acme_challenges.UnrecognizedChallenge):
+        return chall.jobj.get("type")
+    return getattr(chall, "typ", None)
+
 
 def _problem(error: Any) -> str:
     detail = getattr(error, "detail", None) or ""
@@ -262,7 +274,7 @@ class AcmeIssuer:
             ident = authzr.body.identifier.value
             for challb in authzr.body.challenges:
                 if challb.error is not None:
-                    problems.append(f"{ident}: {challb.chall.typ}: {_problem(challb.error)}")
+                    problems.append(f"{ident}: {_challenge_type(challb)}: {_problem(challb.error)}")
         return "validation failed: " + ("; ".join(problems) or "no details")
 
     def _key_authorization(self, challb: Any) -> tuple[str, str]:
@@ -288,7 +300,8 @@ class AcmeIssuer:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue
                 challb = next(
-                    (c for c in authzr.body.challenges if c.chall.typ == challenge_type), None
+                    (c for c in authzr.body.challenges if _challenge_type(c) == challenge_type),
+                    None,
                 )
                 if challb is None:
                     raise IssueError(f"the ACME server offers no {challenge_type} challenge")

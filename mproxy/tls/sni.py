@@ -220,6 +220,8 @@ class _ALPNDispatch(Protocol):
 
 
 class _ALPNDispatchFactory(Factory):
+    noisy = False
+
     def __init__(self, protocol_for_alpn: Callable[[bytes | None, Any], Any], wrapped: Any) -> None:
         self.protocol_for_alpn = protocol_for_alpn
         self.wrapped = wrapped

@@ -1,0 +1,216 @@
+"""
+End-to-end tests of automatic TLS against Debian's pebble on loopback: the
+real L{CertificateService} (worker thread, L{AcmeIssuer}), the HTTP-01
+resource on a plain listener, and L{ServerTLS} on an HTTPS listener serving a
+trivial site over HTTP/1.1 and HTTP/2.
+
+These run on the real reactor with 127.0.0.1 sockets only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from mproxy.spec import ServiceOptions
+from mproxy.tls.challenges import ACMEChallengeResource
+from mproxy.tls.service import CertificateService
+from mproxy.tls.sni import ServerTLS, https_factory
+from tests.pebble import PEBBLE_SKIP, LoopbackDNS, Pebble
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello over " + request.clientproto
+
+
+def https_get_http11(port: int, host: str, cafile: str) -> tuple[str, bytes, str]:
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            san = s.getpeercert()["subjectAltName"]
+            return s.selected_alpn_protocol(), data, repr(san)
+
+
+def https_get_h2(port: int, host: str, cafile: str) -> tuple[str, int, bytes]:
+    import h2.connection
+    import h2.events
+
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            alpn = s.selected_alpn_protocol()
+            conn = h2.connection.H2Connection()
+            conn.initiate_connection()
+            conn.send_headers(
+                1,
+                [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", host)],
+                end_stream=True,
+            )
+            s.sendall(conn.data_to_send())
+            status, body = 0, b""
+            done = False
+            while not done:
+                data = s.recv(65536)
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        done = True
+                s.sendall(conn.data_to_send())
+            conn.close_connection()
+            s.sendall(conn.data_to_send())
+            return alpn, status, body
+
+
+class PebbleEndToEndTests(TestCase):
+    skip = PEBBLE_SKIP
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.state = os.path.abspath(self.mktemp())
+        os.makedirs(self.state)
+        dns = LoopbackDNS(reactor)
+        self.addCleanup(dns.stop)
+        self.certs = CertificateService.create(reactor, self.state, directory_url="placeholder")
+        site = Site(Hello())
+        http = reactor.listenTCP(0, Site(ACMEChallengeResource(self.certs.challenges, Hello())), interface="127.0.0.1")
+        self.addCleanup(http.stopListening)
+        self.tls = ServerTLS(self.certs.select, self.certs.challenges)
+        https = reactor.listenTCP(0, https_factory(self.tls, site), interface="127.0.0.1")
+        self.addCleanup(https.stopListening)
+        self.https_port = https.getHost().port
+        self.pebble = Pebble(
+            os.path.join(self.state, "pebble"),
+            http_port=http.getHost().port,
+            tls_port=self.https_port,
+            dns_port=dns.port,
+        )
+        self.pebble.start()
+        self.addCleanup(self.pebble.stop)
+        self.certs.directory_url = self.pebble.directory_url
+        for issuer_ca in [self.pebble.ca_bundle]:
+            self.certs.issuer_factory = self._issuer_factory(issuer_ca)
+        self.certs.retry_initial = 0.5
+        self.certs.startService()
+        self.addCleanup(self.certs.stopService)
+        self.root = os.path.join(self.state, "root.pem")
+
+    def _issuer_factory(self, ca_bundle):
+        from mproxy.tls.acme import AcmeIssuer
+
+        def factory(url):
+            return AcmeIssuer(
+                url,
+                self.certs.store.for_directory(url),
+                self.certs.challenges,
+                ca_bundle=ca_bundle,
+                poll_interval=0.05,
+            )
+
+        return factory
+
+    @inlineCallbacks
+    def wait_valid(self, host, limit=30.0):
+        start = time.monotonic()
+        while time.monotonic() - start < limit:
+            rows = {r.host: r for r in self.certs.status()}
+            row = rows.get(host)
+            if row is not None and row.state == "valid":
+                return row
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"no certificate for {host}: {self.certs.status()} / {self.pebble.log()}")
+
+    @inlineCallbacks
+    def issue_and_fetch(self, challenge):
+        self.certs.challenge_types = (challenge,)
+        started = time.monotonic()
+        self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
+        row = yield self.wait_valid("app1.test")
+        elapsed = time.monotonic() - started
+        self.assertIsNone(row.error)
+        root = yield deferToThread(self.pebble.root_pem)
+        with open(self.root, "wb") as f:
+            f.write(root)
+        alpn, raw, san = yield deferToThread(https_get_http11, self.https_port, "app1.test", self.root)
+        self.assertEqual(alpn, "http/1.1")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200"), raw[:100])
+        self.assertTrue(raw.endswith(b"hello over HTTP/1.1"), raw[-100:])
+        self.assertIn("app1.test", san)
+        alpn, status, body = yield deferToThread(https_get_h2, self.https_port, "app1.test", self.root)
+        self.assertEqual((alpn, status, body), ("h2", 200, b"hello over HTTP/2"))
+        stored = self.certs.store.for_directory(self.pebble.directory_url)
+        self.assertEqual(stored.hosts(), ["app1.test"])
+        return elapsed
+
+    def test_tlsAlpn01(self):
+        """
+        A certificate for app1.test is obtained with TLS-ALPN-01 answered by
+        the HTTPS listener, and then served for SNI app1.test over HTTP/1.1
+        and HTTP/2, verifying against pebble's root.
+        """
+        return self.issue_and_fetch("tls-alpn-01")
+
+    def test_http01(self):
+        """
+        The same with HTTP-01 answered on the plain HTTP listener.
+        """
+        return self.issue_and_fetch("http-01")
+
+    @inlineCallbacks
+    def test_unknownNameRefused(self):
+        """
+        A handshake for a name no service lists is refused, while the
+        issued name works.
+        """
+        yield self.issue_and_fetch("tls-alpn-01")
+        with self.assertRaises(ssl.SSLError):
+            yield deferToThread(https_get_http11, self.https_port, "other.test", self.root)
+
+    @inlineCallbacks
+    def test_failureThenRetry(self):
+        """
+        An order whose validation fails (the HTTP-01 token is not served) is
+        reported as pending with the CA's reason and succeeds when retried
+        with TLS-ALPN-01.
+        """
+        original = self.certs.challenges.add_http01
+        self.certs.challenges.add_http01 = lambda token, ka: None
+        self.addCleanup(setattr, self.certs.challenges, "add_http01", original)
+        self.certs.challenge_types = ("http-01", "tls-alpn-01")
+        self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
+        for _ in range(200):
+            rows = self.certs.status()
+            if rows and rows[0].error:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(rows[0].state, "pending")
+        self.assertIn("validation failed", rows[0].error)
+        yield self.wait_valid("app1.test")
