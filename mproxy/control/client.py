@@ -68,7 +68,7 @@ class ControlClient:
     @inlineCallbacks
     def list_services(self) -> Any:
         r = yield self.call(c.List)
-        return json.loads("".join(r["services"]) or "[]")
+        return json.loads(r["services"] or "[]")
 
     def close(self) -> None:
         self.protocol.transport.loseConnection()

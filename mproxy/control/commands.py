@@ -9,6 +9,8 @@ L{mproxy.spec}, so the wire format is the state file's format.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.protocols import amp
 
 from mproxy.errors import (
@@ -138,12 +140,34 @@ class RolloutStop(amp.Command):
     errors = ERRORS
 
 
+class BigUnicode(amp.Argument):
+    """
+    Text of any length.  AMP limits each value to 64 KiB (and L{amp.ListOf}
+    packs a whole list into one value), so the UTF-8 bytes are spread over
+    several keys: C{name} holds the number of pieces, C{name.0},
+    C{name.1}, ... the pieces.
+    """
+
+    CHUNK = 60 * 1024
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        data = self.retrieve(objects, name.decode("ascii"), proto).encode("utf-8")
+        pieces = [data[i : i + self.CHUNK] for i in range(0, len(data), self.CHUNK)]
+        strings[name] = str(len(pieces)).encode("ascii")
+        for i, piece in enumerate(pieces):
+            strings[name + b"." + str(i).encode("ascii")] = piece
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        count = int(strings[name])
+        data = b"".join(strings[name + b"." + str(i).encode("ascii")] for i in range(count))
+        objects[name.decode("ascii")] = data.decode("utf-8")
+
+
 class List(amp.Command):
     """
-    Every service, as JSON text (a list of objects).  Sent in pieces of at most
-    60 KiB each so that large tables fit AMP's value size limit.
+    Every service, as JSON text (a list of objects), of any length.
     """
 
     arguments: list[tuple[bytes, amp.Argument]] = []
-    response = [(b"services", amp.ListOf(amp.Unicode()))]
+    response = [(b"services", BigUnicode())]
     errors = ERRORS

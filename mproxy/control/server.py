@@ -24,9 +24,6 @@ from mproxy.spec import (
     options_from_json,
 )
 
-CHUNK = 60 * 1024
-
-
 def deploy_request_from_json(text: str) -> DeployRequest:
     """
     Decode the C{request} argument of L{c.Deploy}.
@@ -145,8 +142,7 @@ class ControlProtocol(amp.AMP):
     @c.List.responder
     def list_services(self) -> dict[str, Any]:
         self._require_hello()
-        text = json.dumps(self.controller.list())
-        return {"services": [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)] or [""]}
+        return {"services": json.dumps(self.controller.list())}
 
 
 class ControlFactory(Factory):
