@@ -1,0 +1,473 @@
+"""
+Tests for the AMP control protocol (L{mproxy.control}): the client and server
+protocols connected in memory with L{twisted.test.iosim}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+import mproxy
+from mproxy.control import commands as c
+from mproxy.control.client import (
+    ClientProtocol,
+    ControlClient,
+    ServerUnavailable,
+    connect,
+    deploy_request_to_json,
+)
+from mproxy.control.server import (
+    ControlFactory,
+    ControlProtocol,
+    deploy_request_from_json,
+)
+from mproxy.controller import Controller
+from mproxy.errors import (
+    DeployTimedOut,
+    HostConflict,
+    InvalidOptions,
+    InvalidTarget,
+    MproxyError,
+    RolloutNotSet,
+    ServiceNotFound,
+)
+from mproxy.logging import ListLogger
+from mproxy.router import Router
+from mproxy.spec import DeployRequest, HealthCheckConfig, ServiceOptions, TargetOptions
+from mproxy.state import StateStore
+from mproxy.target import Target
+
+
+class FakeProbe:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Deferred[int]]] = []
+
+    def __call__(self, target: Target, config: HealthCheckConfig) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        self.calls.append((target.address, d))
+        return d
+
+    def answer(self, address: str, code: int) -> None:
+        for a, d in self.calls:
+            if a == address and not d.called:
+                d.callback(code)
+
+
+def request(service: str, *targets: str, **kw: Any) -> DeployRequest:
+    hosts = kw.pop("hosts", ())
+    return DeployRequest(service, targets, options=ServiceOptions(hosts=hosts), **kw)
+
+
+class ControlTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.probe = FakeProbe()
+        self.router = Router()
+        self.logger = ListLogger()
+        self.store = StateStore(os.path.join(self.mktemp(), "mproxy.state"))
+        self.controller = Controller(self.router, self.clock, self.probe, self.store,
+                                     self.logger)
+        self.progress: list[tuple[str, str]] = []
+        self.client_proto, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: ControlProtocol(self.controller, self.logger),
+            lambda: ClientProtocol(lambda p, d: self.progress.append((p, d))),
+            greet=False,
+        )
+        self.client = ControlClient(self.client_proto)
+
+    def call(self, command: type, **kw: Any) -> Deferred[Any]:
+        """
+        Call a command and deliver everything.  The result is captured before
+        the pump runs: AMP treats an error that reaches a Deferred without an
+        errback as fatal and drops the connection.
+        """
+        result: Deferred[Any] = Deferred()
+        self.client_proto.callRemote(command, **kw).addBoth(result.callback)
+        self.pump.flush()
+        return result
+
+    def hello(self) -> None:
+        r = self.successResultOf(self.call(c.Hello, version=c.PROTOCOL_VERSION))
+        self.assertEqual(r, {"version": c.PROTOCOL_VERSION, "server": mproxy.__version__})
+
+    def deployed(self, req: DeployRequest) -> Any:
+        d = self.client.deploy(req)
+        self.pump.flush()
+        for t in req.targets + req.readers:
+            self.probe.answer(t, 200)
+        self.pump.flush()
+        return self.successResultOf(d)
+
+
+class HelloTests(ControlTestCase):
+    def test_hello_required(self) -> None:
+        """
+        Every command but Hello is refused before Hello.
+        """
+        cases: list[tuple[type, dict[str, Any]]] = [
+            (c.Deploy, {"request": deploy_request_to_json(request("web", "aa:1"))}),
+            (c.List, {}),
+            (c.Remove, {"service": "web"}),
+            (c.Pause, {"service": "web", "drain_timeout": 1.0, "max_pause": 1.0}),
+            (c.Stop, {"service": "web", "drain_timeout": 1.0, "message": ""}),
+            (c.Resume, {"service": "web"}),
+            (c.RolloutDeploy, {"service": "web", "targets": ["aa:1"], "readers": [],
+                               "deploy_timeout": 1.0, "drain_timeout": 1.0}),
+            (c.RolloutSet, {"service": "web", "percentage": 1, "allowlist": []}),
+            (c.RolloutStop, {"service": "web"}),
+        ]
+        for command, kw in cases:
+            f = self.failureResultOf(self.call(command, **kw), c.HelloRequired)
+            self.assertIn("Hello", str(f.value))
+        self.assertEqual(self.probe.calls, [])
+        self.assertEqual(self.router.services, {})
+        # The connection is still usable.
+        self.hello()
+        self.assertEqual(self.successResultOf(self.call(c.List)), {"services": "[]"})
+
+    def test_version_mismatch(self) -> None:
+        """
+        A client speaking another protocol version gets a clear error and is
+        not greeted.
+        """
+        f = self.failureResultOf(self.call(c.Hello, version=c.PROTOCOL_VERSION + 1),
+                                 c.VersionMismatch)
+        self.assertIn(f"client speaks control protocol {c.PROTOCOL_VERSION + 1}", str(f.value))
+        self.assertIn(mproxy.__version__, str(f.value))
+        self.assertFalse(self.server.greeted)
+        self.failureResultOf(self.call(c.List), c.HelloRequired)
+
+
+class CommandTests(ControlTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.hello()
+
+    def test_deploy_with_progress(self) -> None:
+        """
+        A deploy answers when the targets are healthy and switched; Progress
+        commands reach the client as it goes.
+        """
+        d = self.client.deploy(request("web", "web-1:3000"))
+        self.pump.flush()
+        self.assertNoResult(d)
+        self.assertEqual(self.progress[0][0], "health")
+        self.assertIn("web-1:3000", self.progress[0][1])
+        self.probe.answer("web-1:3000", 200)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), ["web-1:3000"])
+        phases = [p for p, _ in self.progress]
+        self.assertIn("switched", phases)
+        self.assertEqual(phases[-1], "done")
+        self.assertIn("web", self.router.services)
+
+    def test_deploy_waits_for_drain(self) -> None:
+        """
+        The Deploy answer comes only after the old targets drained.
+        """
+        self.deployed(request("web", "old:1"))
+        claim = self.router.services["web"].active.claim(False)
+        d = self.client.deploy(request("web", "new:2"))
+        self.pump.flush()
+        self.probe.answer("new:2", 200)
+        self.pump.flush()
+        self.assertNoResult(d)
+        self.assertIn(("draining", "draining 1 request from old:1"), self.progress)
+        claim.release()
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), ["new:2"])
+
+    def test_options_travel(self) -> None:
+        """
+        Every option of a deploy request reaches the controller unchanged.
+        """
+        req = DeployRequest(
+            "web", ["aa:1"], readers=["rr:2"],
+            options=ServiceOptions(hosts=["a.com"], path_prefixes=["/x"], strip_prefix=False,
+                                   canonical_host="a.com", writer_affinity_timeout=2.5),
+            target_options=TargetOptions(
+                health_check=HealthCheckConfig(path="/hc", port=99, interval=0.5, timeout=2,
+                                               host="h"),
+                buffer_requests=True, max_request_body=10, log_request_headers=["X-A"],
+                forward_headers=False),
+            deploy_timeout=12, drain_timeout=3, force=True,
+        )
+        self.assertEqual(deploy_request_from_json(deploy_request_to_json(req)), req)
+        d = self.client.deploy(req)
+        self.pump.flush()
+        self.successResultOf(d)
+        s = self.router.services["web"]
+        self.assertEqual(s.options, req.options)
+        self.assertEqual(s.target_options, req.target_options)
+
+    def test_declared_errors(self) -> None:
+        """
+        Domain errors arrive on the client as the same exception classes with
+        their messages.
+        """
+        f = self.failureResultOf(self.call(c.Remove, service="nope"), ServiceNotFound)
+        self.assertEqual(str(f.value), "service not found")
+        f = self.failureResultOf(self.call(c.Resume, service="nope"), ServiceNotFound)
+        f = self.failureResultOf(
+            self.call(c.Pause, service="nope", drain_timeout=1.0, max_pause=1.0),
+            ServiceNotFound,
+        )
+        f = self.failureResultOf(
+            self.call(c.Stop, service="nope", drain_timeout=1.0, message="x"), ServiceNotFound
+        )
+        f = self.failureResultOf(self.call(c.RolloutStop, service="nope"), ServiceNotFound)
+
+        d = self.client.deploy(request("web", "bad target!"))
+        self.pump.flush()
+        f = self.failureResultOf(d, InvalidTarget)
+        self.assertEqual(str(f.value), "bad target! :invalid host pattern")
+
+        d = self.client.deploy(
+            DeployRequest("web", ["aa:1"], options=ServiceOptions(tls_enabled=True))
+        )
+        self.pump.flush()
+        f = self.failureResultOf(d, InvalidOptions)
+        self.assertEqual(str(f.value), "service options invalid: host must be set when using TLS")
+
+        self.deployed(request("a", "aa:1", hosts=["x.com"]))
+        f = self.failureResultOf(
+            self.call(c.RolloutSet, service="a", percentage=10, allowlist=[]), RolloutNotSet
+        )
+        self.assertEqual(str(f.value), "rollout target not set")
+
+        d = self.client.deploy(request("b", "bb:1", hosts=["x.com"]))
+        self.pump.flush()
+        f = self.failureResultOf(d, HostConflict)
+        self.assertEqual(str(f.value), "host settings conflict with another service")
+
+        d = self.client.deploy(request("c", "cc:1", hosts=["c.com"], deploy_timeout=2))
+        self.pump.flush()
+        self.clock.advance(2)
+        self.pump.flush()
+        f = self.failureResultOf(d, DeployTimedOut)
+        self.assertEqual(
+            str(f.value), "target failed to become healthy within configured timeout (2s)"
+        )
+        # The connection survives every error.
+        self.assertTrue(self.successResultOf(self.call(c.List)))
+        self.assertFalse(self.client_proto.transport.disconnecting)
+
+    def test_malformed_deploy(self) -> None:
+        """
+        A Deploy whose JSON is not a deploy request is L{InvalidOptions}.
+        """
+        for text in ["{nope", "[]", "{}", '{"service": "web"}',
+                     '{"service": "web", "targets": 5}',
+                     '{"service": "web", "targets": ["aa:1"], "options": 3}',
+                     '{"service": "web", "targets": ["aa:1"], "deploy_timeout": "x"}']:
+            f = self.failureResultOf(self.call(c.Deploy, request=text), InvalidOptions)
+            self.assertIn("malformed deploy request", str(f.value), text)
+        self.assertEqual(self.probe.calls, [])
+
+    def test_pause_stop_resume_remove(self) -> None:
+        """
+        Pause, stop, resume and remove work over the wire.
+        """
+        self.deployed(request("web", "aa:1"))
+        self.successResultOf(
+            self.call(c.Pause, service="web", drain_timeout=1.0, max_pause=10.0))
+        self.assertEqual(self.router.services["web"].state_name, "paused")
+        self.successResultOf(
+            self.call(c.Stop, service="web", drain_timeout=1.0, message="bye"))
+        self.assertEqual(self.router.services["web"].pause.stop_message, "bye")
+        self.successResultOf(self.call(c.Resume, service="web"))
+        self.assertEqual(self.router.services["web"].state_name, "running")
+        self.successResultOf(self.call(c.Remove, service="web"))
+        self.assertEqual(self.router.services, {})
+
+    def test_pause_waits_for_drain(self) -> None:
+        """
+        The Pause answer comes after in-flight requests finished.
+        """
+        self.deployed(request("web", "aa:1"))
+        claim = self.router.services["web"].active.claim(False)
+        d = self.call(c.Pause, service="web", drain_timeout=30.0, max_pause=10.0)
+        self.assertNoResult(d)
+        claim.release()
+        self.pump.flush()
+        self.successResultOf(d)
+
+    def test_rollout(self) -> None:
+        """
+        Rollout deploy, set and stop work over the wire.
+        """
+        self.deployed(request("web", "aa:1"))
+        d = self.call(c.RolloutDeploy, service="web", targets=["cc:1"], readers=[],
+                      deploy_timeout=5.0, drain_timeout=5.0)
+        self.probe.answer("cc:1", 200)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), {"targets": ["cc:1"]})
+        self.successResultOf(self.call(c.RolloutSet, service="web", percentage=20,
+                                       allowlist=["a", "b"]))
+        self.assertEqual(self.router.services["web"].split.allowlist, ("a", "b"))
+        self.successResultOf(self.call(c.RolloutStop, service="web"))
+        self.assertIsNone(self.router.services["web"].split)
+
+    def test_list(self) -> None:
+        """
+        The listing arrives as decoded rows.
+        """
+        self.deployed(request("web", "aa:1", hosts=["a.com"]))
+        d = self.client.list_services()
+        self.pump.flush()
+        rows = self.successResultOf(d)
+        self.assertEqual(len(rows), 1)
+        self.assertEqual(rows[0]["service"], "web")
+        self.assertEqual(rows[0]["hosts"], ["a.com"])
+        self.assertEqual(rows[0]["targets"], ["aa:1"])
+
+    def test_list_empty(self) -> None:
+        """
+        No services, no rows.
+        """
+        d = self.client.list_services()
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), [])
+
+
+class BigController:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+class ChunkingTests(SynchronousTestCase):
+    def test_large_list(self) -> None:
+        """
+        A listing bigger than AMP's 64 KiB value limit is sent in chunks and
+        reassembled.
+        """
+        rows = [
+            {"service": f"service-{i}", "hosts": [f"host-{i}-{'x' * 40}.example.com"],
+             "targets": [f"target-{j}:3000" for j in range(5)]}
+            for i in range(2000)
+        ]
+        self.assertGreater(len(json.dumps(rows)), 4 * 65536)
+        logger = ListLogger()
+        client_proto, server, pump = iosim.connectedServerAndClient(
+            lambda: ControlProtocol(BigController(rows), logger),  # type: ignore[arg-type]
+            lambda: ClientProtocol(),
+            greet=False,
+        )
+        client_proto.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
+        pump.flush()
+        d = ControlClient(client_proto).list_services()
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), rows)
+
+
+class FactoryTests(SynchronousTestCase):
+    def test_build(self) -> None:
+        """
+        The factory builds one protocol per connection, on the controller.
+        """
+        controller = object()
+        f = ControlFactory(controller, ListLogger())  # type: ignore[arg-type]
+        p1 = f.buildProtocol(None)
+        p2 = f.buildProtocol(None)
+        self.assertIsInstance(p1, ControlProtocol)
+        self.assertIsNot(p1, p2)
+        self.assertIs(p1.controller, controller)
+        self.assertFalse(p1.greeted)
+
+
+class ConnectTests(SynchronousTestCase):
+    """
+    L{connect} on a memory reactor.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.path = os.path.join(self.mktemp(), "mproxy.sock")
+
+    def test_connect_and_hello(self) -> None:
+        """
+        L{connect} connects to the socket path and says Hello.
+        """
+        d = connect(self.reactor, self.path)
+        address, factory, timeout, check = self.reactor.unixClients[0]
+        self.assertEqual(address, self.path)
+        client = factory.buildProtocol(None)
+        router = Router()
+        controller = Controller(router, Clock(), FakeProbe(), None, ListLogger())
+        server = ControlProtocol(controller, ListLogger())
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client))
+        pump.flush()
+        cc = self.successResultOf(d)
+        self.assertTrue(server.greeted)
+        d = cc.list_services()
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), [])
+        cc.close()
+        pump.flush()
+        self.assertTrue(server._closed)
+
+    def fail_connect(self, error: Exception) -> Failure:
+        d = connect(self.reactor, self.path)
+        address, factory, timeout, check = self.reactor.unixClients[0]
+        factory.clientConnectionFailed(self.reactor.connectors[0], Failure(error))
+        return self.failureResultOf(d, ServerUnavailable)
+
+    def test_no_socket(self) -> None:
+        """
+        Nothing at the path: a L{ServerUnavailable} naming the path and the
+        reason, and suggesting how to fix it.
+        """
+        f = self.fail_connect(ConnectError(2, "No such file or directory"))
+        message = str(f.value)
+        self.assertTrue(
+            message.startswith(
+                f"cannot connect to mproxy at {self.path}: No such file or directory"
+            ),
+            message,
+        )
+        self.assertIn("mproxy run", message)
+        self.assertIsInstance(f.value, MproxyError)
+
+    def test_refused(self) -> None:
+        """
+        A stale socket (connection refused) is reported the same way.
+        """
+        f = self.fail_connect(ConnectionRefusedError(111, "Connection refused"))
+        self.assertIn(f"cannot connect to mproxy at {self.path}: Connection refused",
+                      str(f.value))
+
+    def test_version_mismatch(self) -> None:
+        """
+        A server speaking another version: an L{MproxyError} with the server's
+        message, and the connection is closed.
+        """
+        d = connect(self.reactor, self.path)
+        address, factory, timeout, check = self.reactor.unixClients[0]
+        client = factory.buildProtocol(None)
+        server = ControlProtocol(
+            Controller(Router(), Clock(), FakeProbe(), None, ListLogger()), ListLogger()
+        )
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client), greet=False)
+        # The client's Hello is on the wire; the server now speaks another
+        # version.
+        self.patch(c, "PROTOCOL_VERSION", c.PROTOCOL_VERSION + 1)
+        pump.flush()
+        f = self.failureResultOf(d, MproxyError)
+        self.assertIn(f"server speaks {c.PROTOCOL_VERSION}", str(f.value))
+        pump.flush()
+        self.assertTrue(server._closed)
