@@ -141,12 +141,12 @@ class PebbleEndToEndTests(TestCase):
     def wait_valid(self, host, limit=30.0):
         start = time.monotonic()
         while time.monotonic() - start < limit:
-            rows = {r.host: r for r in self.certs.status()}
+            rows = {r.host: r for r in self.certs.host_status()}
             row = rows.get(host)
             if row is not None and row.state == "valid":
                 return row
             yield deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"no certificate for {host}: {self.certs.status()} / {self.pebble.log()}")
+        self.fail(f"no certificate for {host}: {self.certs.host_status()} / {self.pebble.log()}")
 
     @inlineCallbacks
     def issue_and_fetch(self, challenge):
@@ -207,7 +207,7 @@ class PebbleEndToEndTests(TestCase):
         self.certs.challenge_types = ("http-01", "tls-alpn-01")
         self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
         for _ in range(200):
-            rows = self.certs.status()
+            rows = self.certs.host_status()
             if rows and rows[0].error:
                 break
             yield deferLater(reactor, 0.05, lambda: None)

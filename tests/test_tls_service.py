@@ -57,7 +57,7 @@ class ServiceTestMixin:
         return self.issuers.setdefault(PROD, FakeIssuer(self.clock))
 
     def states(self):
-        return {r.host: r.state for r in self.service.status()}
+        return {r.host: r.state for r in self.service.host_status()}
 
 
 class IssuanceTests(ServiceTestMixin, SynchronousTestCase):
@@ -169,7 +169,7 @@ class RetryTests(ServiceTestMixin, SynchronousTestCase):
         self.service.startService()
         self.service.update_service("web", tls("a.test"))
         self.clock.advance(0)
-        [row] = self.service.status()
+        [row] = self.service.host_status()
         self.assertEqual((row.state, row.error), ("pending", "boom 1"))
         self.assertEqual(row.describe(), "pending (boom 1)")
         self.assertEqual(row.next_attempt, self.clock.seconds() + 60)
@@ -223,10 +223,10 @@ class RetryTests(ServiceTestMixin, SynchronousTestCase):
         times = []
         self.clock.advance(0)
         for _ in range(5):
-            times.append(self.service.status()[0].next_attempt - self.clock.seconds())
+            times.append(self.service.host_status()[0].next_attempt - self.clock.seconds())
             self.clock.advance(times[-1])
         self.assertEqual(times, [10, 20, 40, 50, 50])
-        [row] = self.service.status()
+        [row] = self.service.host_status()
         self.assertEqual(row.state, "failed")
         self.assertEqual(row.describe(), "failed (e5)")
 
@@ -282,7 +282,7 @@ class RenewalTests(ServiceTestMixin, SynchronousTestCase):
         self.issuer.results["a.test"] = [IssueError("down")]
         self.clock.advance(60 * DAY)
         self.assertIs(self.service.select("a.test"), first)
-        [row] = self.service.status()
+        [row] = self.service.host_status()
         self.assertEqual(row.state, "valid")
         self.assertIn("renewal failing: down", row.describe())
 
@@ -319,7 +319,7 @@ class RenewalTests(ServiceTestMixin, SynchronousTestCase):
         n = len(self.issuer.orders)
         self.clock.advance(100 * DAY)
         self.assertEqual(len(self.issuer.orders), n)
-        self.assertEqual(self.service.status(), [])
+        self.assertEqual(self.service.host_status(), [])
 
     def test_inFlightOrderForRemovedHost(self) -> None:
         """
@@ -335,7 +335,7 @@ class RenewalTests(ServiceTestMixin, SynchronousTestCase):
         d.errback(IssueError("late"))
         attempts = [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_attempt"]
         self.assertEqual(attempts, [])
-        self.assertEqual(self.service.status(), [])
+        self.assertEqual(self.service.host_status(), [])
 
     def test_stopCancelsTimers(self) -> None:
         """
@@ -509,7 +509,7 @@ class SelectTests(ServiceTestMixin, SynchronousTestCase):
             f.write(b"garbage")
         self.clock.advance(5)
         self.assertEqual(self.service.select("a.test").leaf, new.leaf)
-        [row] = [r for r in self.service.status() if r.service == "s"]
+        [row] = [r for r in self.service.host_status() if r.service == "s"]
         self.assertIn("unable to load certificate", row.error)
         third, _, _ = self.static(["a.test"])
         self.service.reload_static()
@@ -621,4 +621,21 @@ class OnDemandTests(ServiceTestMixin, SynchronousTestCase):
         self.service.select("good.test")
         self.clock.advance(0)
         self.service.remove_service("od")
-        self.assertEqual(self.service.status(), [])
+        self.assertEqual(self.service.host_status(), [])
+
+
+class StatusTests(ServiceTestMixin, SynchronousTestCase):
+    def test_statusByHost(self) -> None:
+        """
+        status() maps each host to a one-line description, as the
+        controller's listing wants.
+        """
+        self.issuer.results["b.test"] = [IssueError("dns problem")]
+        self.service.startService()
+        self.service.update_service("web", tls("a.test", "b.test"))
+        self.service.update_service("plain", ServiceOptions(hosts=["p.test"]))
+        self.clock.advance(0)
+        status = self.service.status()
+        self.assertEqual(sorted(status), ["a.test", "b.test"])
+        self.assertTrue(status["a.test"].startswith("valid until 1970-"), status["a.test"])
+        self.assertEqual(status["b.test"], "pending (dns problem)")

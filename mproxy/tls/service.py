@@ -27,7 +27,10 @@ Deploy integration::
                                       # "automatic TLS does not support wildcards")
     certs.update_service(name, options)   # after the switch (and on state restore)
     certs.remove_service(name)
-    certs.status()                    # -> list[HostStatus], sorted by service, host
+    certs.status()                    # -> {host: "valid until 2026-...Z" | "pending (error)"
+                                      #     | "failed (error)"}
+    certs.host_status()               # -> list[HostStatus] (service, host, state,
+                                      #     not_after, error, next_attempt)
     certs.service_status(name)        # -> str for the TLS column of `mproxy list`
 
 Rules:
@@ -336,7 +339,18 @@ class CertificateService(Service):
 
     # -- status -------------------------------------------------------------
 
-    def status(self) -> list[HostStatus]:
+    def status(self) -> dict[str, str]:
+        """
+        Host -> one-line certificate status (C{valid until X}, C{pending
+        (last error)}, C{failed (error)}) for every TLS host with a
+        certificate managed here, as L{mproxy.controller.Certificates} wants.
+        """
+        return {row.host: row.describe() for row in self.host_status() if row.host}
+
+    def host_status(self) -> list[HostStatus]:
+        """
+        The detailed rows behind L{status}, sorted by service and host.
+        """
         rows = []
         for name, options in self._services.items():
             if not options.tls_enabled:
@@ -375,7 +389,7 @@ class CertificateService(Service):
         options = self._services.get(name)
         if options is None or not options.tls_enabled:
             return ""
-        rows = [r for r in self.status() if r.service == name]
+        rows = [r for r in self.host_status() if r.service == name]
         if name in self._static:
             return rows[0].describe() if rows else "static"
         if options.tls_on_demand_url and not rows:
