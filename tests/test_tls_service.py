@@ -639,3 +639,28 @@ class StatusTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(sorted(status), ["a.test", "b.test"])
         self.assertTrue(status["a.test"].startswith("valid until 1970-"), status["a.test"])
         self.assertEqual(status["b.test"], "pending (dns problem)")
+
+
+class BrokenStaticTests(ServiceTestMixin, SynchronousTestCase):
+    def test_restoreWithMissingFiles(self) -> None:
+        """
+        update_service with unreadable custom certificate files (state
+        restore) does not raise: the host is failed, handshakes are refused,
+        and the certificate is picked up once the files appear.
+        """
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        c = os.path.join(self.state, "c.pem")
+        k = os.path.join(self.state, "k.pem")
+        self.service.update_service("s", tls("a.test", tls_certificate_path=c, tls_private_key_path=k))
+        self.assertIsNone(self.service.select("a.test"))
+        self.assertTrue(self.service.status()["a.test"].startswith("failed (unable to load certificate: open "))
+        certified = make_certificate(["a.test"])
+        chain, key = pem_pair(certified)
+        with open(c, "wb") as f:
+            f.write(chain)
+        with open(k, "wb") as f:
+            f.write(key)
+        self.clock.advance(5)
+        self.assertEqual(self.service.select("a.test").leaf, certified.leaf)
+        self.assertTrue(self.service.status()["a.test"].startswith("valid until "))

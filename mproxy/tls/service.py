@@ -314,17 +314,28 @@ class CertificateService(Service):
     def update_service(self, name: str, options: Any) -> None:
         """
         Record a deployed (or restored) service's options and start whatever
-        certificate work they need.
-
-        @raise CertificateError: as L{validate}, for custom certificates that
-            cannot be loaded (the service is then left without TLS material).
+        certificate work they need.  Never raises: custom certificate files
+        that cannot be loaded (validate() catches that at deploy time; on
+        state restore they may have vanished) leave the service without a
+        certificate, reported as failed, until the files are fixed.
         """
         self._services[name] = options
         if options.tls_enabled and options.tls_certificate_path:
             current = self._static.get(name)
             paths = (options.tls_certificate_path, options.tls_private_key_path)
             if current is None or current.paths != paths:
-                self._static[name] = self.static_loader(*paths)
+                try:
+                    self._static[name] = self.static_loader(*paths)
+                except CertificateError as e:
+                    # validate() refuses this at deploy time; here we are
+                    # restoring state or the files vanished meanwhile: keep
+                    # the service, refuse its handshakes, load when fixed.
+                    log.error(
+                        "Custom certificate for {service} not loaded: {error}",
+                        service=name,
+                        error=str(e),
+                    )
+                    self._static[name] = StaticCertificate(*paths, strict=False)
         else:
             self._static.pop(name, None)
         if not (options.tls_enabled and options.tls_on_demand_url):
@@ -358,9 +369,14 @@ class CertificateService(Service):
             static = self._static.get(name)
             if static is not None:
                 for h in options.hosts:
-                    rows.append(
-                        HostStatus(name, h, "static", static.certificate.not_after, static.last_error)
-                    )
+                    if static.certificate is None:
+                        rows.append(HostStatus(name, h, "failed", None, static.last_error))
+                    else:
+                        rows.append(
+                            HostStatus(
+                                name, h, "static", static.certificate.not_after, static.last_error
+                            )
+                        )
                 continue
         for host in self._hosts.values():
             rows.append(self._host_status(host))

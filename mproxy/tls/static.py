@@ -73,15 +73,32 @@ class StaticCertificate:
     A custom certificate that follows changes to its files.
     """
 
+    certificate: CertifiedKey | None
+
     def __init__(
-        self, cert_path: str, key_path: str, stat: Callable[[str], Any] = os.stat
+        self,
+        cert_path: str,
+        key_path: str,
+        stat: Callable[[str], Any] = os.stat,
+        strict: bool = True,
     ) -> None:
+        """
+        @param strict: raise L{CertificateError} when the files cannot be
+            loaded; otherwise start without a certificate (C{certificate} is
+            None, C{last_error} says why) and load it once the files change.
+        """
         self.cert_path = cert_path
         self.key_path = key_path
         self._stat = stat
         self._seen = self._fingerprints()
-        self.certificate = load_static(cert_path, key_path)
         self.last_error: str | None = None
+        try:
+            self.certificate = load_static(cert_path, key_path)
+        except CertificateError as e:
+            if strict:
+                raise
+            self.certificate = None
+            self.last_error = str(e)
 
     @property
     def paths(self) -> tuple[str, str]:
@@ -116,7 +133,7 @@ class StaticCertificate:
             )
             return False
         self.last_error = None
-        if _same(new, self.certificate):
+        if self.certificate is not None and _same(new, self.certificate):
             return False
         self.certificate = new
         log.info("Reloaded certificate {path}", path=self.cert_path)
