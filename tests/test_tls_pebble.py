@@ -10,7 +10,6 @@ These run on the real reactor with 127.0.0.1 sockets only.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import time
 
@@ -26,6 +25,7 @@ from mproxy.spec import ServiceOptions
 from mproxy.tls.challenges import ACMEChallengeResource
 from mproxy.tls.service import CertificateService
 from mproxy.tls.sni import ServerTLS, https_factory
+from mproxy.tls.testing import https_get_h2, https_get_http11
 from tests.pebble import PEBBLE_SKIP, LoopbackDNS, Pebble
 
 
@@ -35,59 +35,6 @@ class Hello(Resource):
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain")
         return b"hello over " + request.clientproto
-
-
-def https_get_http11(port: int, host: str, cafile: str) -> tuple[str, bytes, str]:
-    ctx = ssl.create_default_context(cafile=cafile)
-    ctx.set_alpn_protocols(["http/1.1"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=host) as s:
-            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            san = s.getpeercert()["subjectAltName"]
-            return s.selected_alpn_protocol(), data, repr(san)
-
-
-def https_get_h2(port: int, host: str, cafile: str) -> tuple[str, int, bytes]:
-    import h2.connection
-    import h2.events
-
-    ctx = ssl.create_default_context(cafile=cafile)
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=host) as s:
-            alpn = s.selected_alpn_protocol()
-            conn = h2.connection.H2Connection()
-            conn.initiate_connection()
-            conn.send_headers(
-                1,
-                [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", host)],
-                end_stream=True,
-            )
-            s.sendall(conn.data_to_send())
-            status, body = 0, b""
-            done = False
-            while not done:
-                data = s.recv(65536)
-                if not data:
-                    break
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived):
-                        status = int(dict(event.headers)[b":status"])
-                    elif isinstance(event, h2.events.DataReceived):
-                        body += event.data
-                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    elif isinstance(event, h2.events.StreamEnded):
-                        done = True
-                s.sendall(conn.data_to_send())
-            conn.close_connection()
-            s.sendall(conn.data_to_send())
-            return alpn, status, body
 
 
 class PebbleEndToEndTests(TestCase):

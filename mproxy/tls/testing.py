@@ -17,7 +17,15 @@ from OpenSSL import SSL
 
 from mproxy.tls.certs import CertifiedKey
 
-__all__ = ["make_ca", "make_certificate", "pem_pair", "handshake", "FakeIssuer"]
+__all__ = [
+    "make_ca",
+    "make_certificate",
+    "pem_pair",
+    "handshake",
+    "FakeIssuer",
+    "https_get_http11",
+    "https_get_h2",
+]
 
 
 def _name(cn: str) -> x509.Name:
@@ -196,3 +204,88 @@ def synchronous_runner() -> Callable[[Callable[[], Any]], Any]:
         return maybeDeferred(job)
 
     return run
+
+
+def _client_context(cafile: str | None, host: str | None) -> Any:
+    import ssl
+
+    if cafile is None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context(cafile=cafile)
+    if host is None:
+        ctx.check_hostname = False
+    return ctx
+
+
+def https_get_http11(
+    port: int, host: str | None, cafile: str | None, address: str = "127.0.0.1"
+) -> tuple[str, bytes, str]:
+    """
+    Blocking HTTPS GET / over HTTP/1.1 with SNI C{host} (None: no SNI and no
+    hostname check), trusting C{cafile} (None: no verification).  Returns
+    (ALPN protocol, raw response, peer SAN repr).  For tests, from a thread.
+    """
+    import socket
+
+    ctx = _client_context(cafile, host)
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection((address, port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host or address}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            peer = s.getpeercert()
+            san = peer.get("subjectAltName", ()) if peer else ()
+            return s.selected_alpn_protocol(), data, repr(san)
+
+
+def https_get_h2(
+    port: int, host: str, cafile: str, address: str = "127.0.0.1"
+) -> tuple[str, int, bytes]:
+    """
+    Blocking HTTPS GET / over HTTP/2 (h2 library).  Returns (ALPN protocol,
+    status, body).  For tests, from a thread.
+    """
+    import socket
+
+    import h2.connection
+    import h2.events
+
+    ctx = _client_context(cafile, host)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((address, port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            alpn = s.selected_alpn_protocol()
+            conn = h2.connection.H2Connection()
+            conn.initiate_connection()
+            conn.send_headers(
+                1,
+                [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", host)],
+                end_stream=True,
+            )
+            s.sendall(conn.data_to_send())
+            status, body = 0, b""
+            done = False
+            while not done:
+                data = s.recv(65536)
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        done = True
+                s.sendall(conn.data_to_send())
+            conn.close_connection()
+            s.sendall(conn.data_to_send())
+            return alpn, status, body
