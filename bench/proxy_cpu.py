@@ -96,6 +96,11 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int) -> dict:
         res["proxy_cpu_us_per_req"] = (p1 - p0) / n * 1e6
         res["proxy_cpu_util"] = (p1 - p0) / (t1 - t0)
         res["proxy_rss_kib"] = C.rss_kib(proxy_pids)
+        # Other processes (not ours) running on the proxy's CPU during the run:
+        # then req/s is understated; CPU per request is still the proxy's own.
+        busy = res.get(f"proxy_cpu{args.proxy_cpu}_usage", {}).get("busy")
+        if busy is not None:
+            res["proxy_cpu_foreign"] = round(max(0.0, busy - res["proxy_cpu_util"]), 3)
         res["proxy_pids"] = len(proxy_pids)
     return res
 
@@ -158,6 +163,10 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
                    f"({r['proxy_cpu_util'] * 100:.0f}% of a core)" if pid else "")
             bad = (f", {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
                    if r["non_2xx"] or r["socket_errors"] else "")
+            foreign = r.get("proxy_cpu_foreign", 0)
+            if foreign > 0.05:
+                bad += (f"; WARNING: other processes used {foreign * 100:.0f}% of CPU "
+                        f"{args.proxy_cpu} (req/s understated)")
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
@@ -178,7 +187,7 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
 
 def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
-            "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib"]
+            "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):
@@ -227,6 +236,11 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
             return sa[key] / sb[key]
         return None
 
+    noisy = [n for n, r in results.items() if r["summary"].get("proxy_cpu_foreign", 0) > 0.05]
+    if noisy:
+        lines.append(f"WARNING: other processes shared the proxy CPU during {', '.join(noisy)} "
+                     "(see proxy_cpu_foreign in the JSON): req/s for those rows is understated;"
+                     " CPU us/req is less affected.")
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     for a in ("mproxy", "nginx", "caddy"):
