@@ -389,6 +389,9 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
     if factory is None:
         return fail(streams, f'unknown command "{name}" for "mproxy" (see `mproxy help`)')
     cmd = factory()
+    if "-h" in rest or "--help" in rest:
+        streams.out.write(cmd.help())
+        return 0
     try:
         ns = cmd.parse(rest)
     except SystemExit as e:  # --help
