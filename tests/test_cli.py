@@ -1,0 +1,657 @@
+"""
+Tests for the C{mproxy} command line (L{mproxy.cli}): parsing, both deploy
+spellings, error reporting, and whole commands run against an in-memory
+server on a fake reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from io import StringIO
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+import mproxy
+from mproxy.cli import parsing
+from mproxy.cli.main import ProgressPrinter, Streams, deploy_request, format_table, main
+from mproxy.config import SERVER_OPTIONS
+from mproxy.control.server import ControlProtocol
+from mproxy.controller import Controller
+from mproxy.errors import InvalidOptions
+from mproxy.logging import ListLogger
+from mproxy.router import Router
+from mproxy.spec import HealthCheckConfig
+from mproxy.target import Target
+
+
+def run(argv: Sequence[str], reactor: Any = None) -> tuple[int, str, str]:
+    out, err = StringIO(), StringIO()
+    status = main(list(argv), Streams(out, err), reactor)
+    return status, out.getvalue(), err.getvalue()
+
+
+class AutoProbe:
+    """
+    Answers every probe at once with the status set for its address (200 by
+    default), or never when the status is C{None}.
+    """
+
+    def __init__(self) -> None:
+        self.status: dict[str, int | None] = {}
+
+    def __call__(self, target: Target, config: HealthCheckConfig) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        code = self.status.get(target.address, 200)
+        if code is not None:
+            d.callback(code)
+        return d
+
+
+class FakeReactor(MemoryReactorClock):
+    """
+    A memory reactor whose UNIX connections reach an in-memory control
+    server (or fail as if no server were running), and whose C{run} pumps
+    them, advancing the clock when nothing else happens, until stopped.
+    """
+
+    def __init__(self, server: bool = True) -> None:
+        super().__init__()
+        self.router = Router()
+        self.probe = AutoProbe()
+        self.controller = Controller(self.router, self, self.probe, None, ListLogger())
+        self.server = server
+        self.pumps: list[iosim.IOPump] = []
+        self.paths: list[str] = []
+
+    def connectUNIX(self, address: str, factory: Any, timeout: float = 30,
+                    checkPID: int = 0) -> Any:
+        connector = super().connectUNIX(address, factory, timeout, checkPID)
+        self.paths.append(address)
+        if not self.server:
+            factory.clientConnectionFailed(
+                connector, Failure(ConnectError(2, "No such file or directory"))
+            )
+            return connector
+        client = factory.buildProtocol(None)
+        server = ControlProtocol(self.controller, ListLogger())
+        self.pumps.append(
+            iosim.connect(server, iosim.makeFakeServer(server), client,
+                          iosim.makeFakeClient(client), greet=False)
+        )
+        return connector
+
+    def run(self, installSignalHandlers: bool = True) -> None:  # type: ignore[override]
+        self.running = True
+        self.hasRun = True
+        hooks, self.whenRunningHooks = self.whenRunningHooks, []
+        for f, a, kw in hooks:
+            f(*a, **kw)
+        for _ in range(10000):
+            if not self.running:
+                return
+            for p in self.pumps:
+                p.flush()
+            if self.running:
+                self.advance(0.5)
+        raise AssertionError("the command never finished")
+
+
+class GeneralTests(SynchronousTestCase):
+    def test_version(self) -> None:
+        """
+        C{--version} prints the version.
+        """
+        self.assertEqual(run(["--version"]), (0, f"mproxy {mproxy.__version__}\n", ""))
+
+    def test_overview(self) -> None:
+        """
+        No arguments, C{help}, C{-h} and C{--help} print the overview.
+        """
+        for argv in ([], ["help"], ["-h"], ["--help"]):
+            status, out, err = run(argv)
+            self.assertEqual(status, 0)
+            self.assertIn("Usage:", out)
+            for command in ("run", "deploy", "list", "remove", "pause", "resume", "stop",
+                            "rollout deploy"):
+                self.assertIn(command, out)
+            self.assertEqual(err, "")
+
+    def test_help_run(self) -> None:
+        """
+        C{help run} lists every server option with its environment variable.
+        """
+        status, out, err = run(["help", "run"])
+        self.assertEqual(status, 0)
+        for spec in SERVER_OPTIONS:
+            self.assertIn(f"--{spec.name}", out)
+            self.assertIn(f"MPROXY_{spec.env}", out)
+
+    def test_help_commands(self) -> None:
+        """
+        C{help COMMAND} and C{COMMAND --help} print that command's flags to the
+        output stream.
+        """
+        for argv in (["help", "deploy"], ["deploy", "--help"], ["deploy", "-h"]):
+            status, out, err = run(argv)
+            self.assertEqual(status, 0, argv)
+            for flag in ("--target", "--host", "--tls", "--ssl", "--deploy-timeout",
+                         "--timeout", "--health-check-path", "--drain-timeout", "--force"):
+                self.assertIn(flag, out, argv)
+        for argv in (["help", "rollout", "set"], ["rollout", "set", "--help"]):
+            status, out, err = run(argv)
+            self.assertEqual(status, 0, argv)
+            self.assertIn("--percent", out)
+        status, out, err = run(["help", "ls"])
+        self.assertIn("--json", out)
+        status, out, err = run(["help", "rollout"])
+        self.assertEqual(status, 0)
+        self.assertIn("rollout deploy|set|stop", out)
+
+    def test_unknown_help_topic(self) -> None:
+        """
+        Help on an unknown topic is an error.
+        """
+        self.assertEqual(run(["help", "nope"]), (1, "", 'Error: unknown help topic "nope"\n'))
+
+    def test_unknown_command(self) -> None:
+        """
+        An unknown command is an error, without a traceback.
+        """
+        status, out, err = run(["frobnicate"])
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith('Error: unknown command "frobnicate"'), err)
+        status, out, err = run(["rollout", "frobnicate", "web"])
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("Error: unknown command "), err)
+        self.assertIn("frobnicate", err)
+
+    def test_unknown_flag(self) -> None:
+        """
+        An unknown flag is C{Error: ...} and exit status 1.
+        """
+        self.assertEqual(
+            run(["deploy", "web-1:3000", "--bogus"]),
+            (1, "", "Error: unrecognized arguments: --bogus\n"),
+        )
+        status, out, err = run(["list", "--bogus"])
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("Error: "))
+
+    def test_missing_argument(self) -> None:
+        """
+        A missing positional argument is an error.
+        """
+        status, out, err = run(["deploy"])
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("Error: "), err)
+        self.assertIn("TARGET|SERVICE", err)
+        status, out, err = run(["pause"])
+        self.assertEqual(status, 1)
+        self.assertIn("SERVICE", err)
+
+    def test_bad_values(self) -> None:
+        """
+        Values that do not parse are errors naming the flag.
+        """
+        status, out, err = run(["run", "--http-port", "abc"])
+        self.assertEqual((status, err), (1, "Error: argument --http-port: invalid port 'abc'\n"))
+        status, out, err = run(["deploy", "web:1", "--deploy-timeout", "soon"])
+        self.assertEqual(status, 1)
+        self.assertIn("invalid duration 'soon'", err)
+        status, out, err = run(["deploy", "web:1", "--tls=maybe"])
+        self.assertEqual(status, 1)
+        self.assertIn('invalid argument "maybe" for "--tls" flag', err)
+        status, out, err = run(["deploy", "web:1", "--buffer-memory", "-1"])
+        self.assertEqual(status, 1)
+        self.assertIn("must not be negative", err)
+
+    def test_invalid_target(self) -> None:
+        """
+        An invalid target is refused before contacting the server.
+        """
+        self.assertEqual(
+            run(["deploy", "bad_target!"], FakeReactor(server=False)),
+            (1, "", "Error: bad_target! :invalid host pattern\n"),
+        )
+
+
+def parse_deploy(*argv: str) -> Any:
+    return deploy_request(parsing.deploy_command().parse(list(argv)))
+
+
+class DeployParsingTests(SynchronousTestCase):
+    def test_seed_spelling(self) -> None:
+        """
+        C{deploy HOST:PORT}: the argument is the target, the service is
+        C{default}, or the first host (lower-cased) when hosts are given.
+        """
+        req = parse_deploy("web-1:3000")
+        self.assertEqual((req.service, req.targets), ("default", ("web-1:3000",)))
+        self.assertEqual(req.options.hosts, ("",))
+        req = parse_deploy("web-1:3000", "--host", "A")
+        self.assertEqual((req.service, req.targets), ("a", ("web-1:3000",)))
+        req = parse_deploy("web-1:3000", "--host", "App.Example.com", "--host", "b.example.com")
+        self.assertEqual(req.service, "app.example.com")
+        self.assertEqual(req.options.hosts, ("app.example.com", "b.example.com"))
+
+    def test_kamal_spelling(self) -> None:
+        """
+        With C{--target} the argument is the service; targets may be repeated
+        and comma-separated.
+        """
+        req = parse_deploy("app", "--target", "a-1:1,b-1:2", "--target", "c-1:3")
+        self.assertEqual(req.service, "app")
+        self.assertEqual(req.targets, ("a-1:1", "b-1:2", "c-1:3"))
+        req = parse_deploy("app", "--target=a-1:1", "--read-target", "r-1:1,r-2:2")
+        self.assertEqual(req.readers, ("r-1:1", "r-2:2"))
+
+    def test_defaults(self) -> None:
+        """
+        Defaults follow the reference.
+        """
+        req = parse_deploy("web:1")
+        self.assertEqual(req.deploy_timeout, 30.0)
+        self.assertEqual(req.drain_timeout, 30.0)
+        self.assertFalse(req.force)
+        hc = req.target_options.health_check
+        self.assertEqual((hc.path, hc.interval, hc.timeout, hc.port, hc.host),
+                         ("/up", 1.0, 5.0, 0, ""))
+        self.assertEqual(req.target_options.target_timeout, 30.0)
+        self.assertEqual(req.target_options.buffer_memory, 1 << 20)
+        self.assertTrue(req.options.strip_prefix)
+        self.assertTrue(req.options.tls_redirect)
+        self.assertFalse(req.options.tls_enabled)
+        self.assertEqual(req.options.writer_affinity_timeout, 1.0)
+
+    def test_ssl_is_tls(self) -> None:
+        """
+        C{--ssl} is C{--tls}, bare or with a value; C{--tls=false} is off.
+        """
+        for flag in ("--ssl", "--tls", "--ssl=true", "--tls=1"):
+            req = parse_deploy("web:1", "--host", "a.com", flag)
+            self.assertTrue(req.options.tls_enabled, flag)
+        for flag in ("--tls=false", "--ssl=false", "--tls=0"):
+            req = parse_deploy("web:1", "--host", "a.com", flag)
+            self.assertFalse(req.options.tls_enabled, flag)
+        req = parse_deploy("web:1", "--host", "a.com", "--ssl-staging")
+        self.assertTrue(req.options.tls_staging)
+
+    def test_timeout_alias(self) -> None:
+        """
+        C{--timeout} is C{--deploy-timeout}; durations use Go syntax or seconds.
+        """
+        self.assertEqual(parse_deploy("web:1", "--timeout", "5s").deploy_timeout, 5.0)
+        self.assertEqual(parse_deploy("web:1", "--deploy-timeout=1m30s").deploy_timeout, 90.0)
+        self.assertEqual(parse_deploy("web:1", "--timeout", "0.5").deploy_timeout, 0.5)
+        self.assertEqual(parse_deploy("web:1", "--drain-timeout", "500ms").drain_timeout, 0.5)
+
+    def test_flags(self) -> None:
+        """
+        The other deploy flags reach the request.
+        """
+        req = parse_deploy(
+            "web:1", "--path-prefix", "api,/app/", "--strip-path-prefix=false", "--force",
+            "--health-check-path", "/hc", "--health-check-interval", "2s",
+            "--health-check-timeout", "3s", "--health-check-port", "9000",
+            "--health-check-host", "h.internal", "--target-timeout", "10s",
+            "--buffer-requests", "--max-request-body", "100", "--buffer-responses",
+            "--max-response-body", "200", "--buffer-memory", "300",
+            "--log-request-header", "X-A,X-B", "--log-response-header", "X-C",
+            "--exclude-metrics-path", "/up", "--client-ip-header", "CF-Connecting-IP",
+            "--scope-cookie-paths", "--writer-affinity-timeout", "250ms",
+            "--read-target-websockets",
+        )
+        self.assertEqual(req.options.path_prefixes, ("/api", "/app"))
+        self.assertFalse(req.options.strip_prefix)
+        self.assertTrue(req.force)
+        hc = req.target_options.health_check
+        self.assertEqual((hc.path, hc.interval, hc.timeout, hc.port, hc.host),
+                         ("/hc", 2.0, 3.0, 9000, "h.internal"))
+        to = req.target_options
+        self.assertEqual(
+            (to.target_timeout, to.buffer_requests, to.max_request_body, to.buffer_responses,
+             to.max_response_body, to.buffer_memory),
+            (10.0, True, 100, True, 200, 300),
+        )
+        self.assertEqual(to.log_request_headers, ("X-A", "X-B"))
+        self.assertEqual(to.log_response_headers, ("X-C",))
+        self.assertTrue(to.scope_cookie_paths)
+        self.assertEqual(req.options.exclude_metrics_paths, ("/up",))
+        self.assertEqual(req.options.client_ip_header, "CF-Connecting-IP")
+        self.assertEqual(req.options.writer_affinity_timeout, 0.25)
+        self.assertTrue(req.options.read_targets_accept_websockets)
+
+    def test_max_body_needs_buffering(self) -> None:
+        """
+        A maximum body size needs the matching buffering.
+        """
+        with self.assertRaises(InvalidOptions) as cm:
+            parse_deploy("web:1", "--max-request-body", "10")
+        self.assertEqual(str(cm.exception),
+                         "max-request-body can only be set when request buffering is enabled")
+        with self.assertRaises(InvalidOptions) as cm:
+            parse_deploy("web:1", "--max-response-body", "10")
+        self.assertEqual(str(cm.exception),
+                         "max-response-body can only be set when response buffering is enabled")
+        parse_deploy("web:1", "--max-request-body", "10", "--buffer-requests")
+        self.assertEqual(
+            run(["deploy", "web:1", "--max-request-body", "10"]),
+            (1, "", "Error: max-request-body can only be set when request buffering is "
+                    "enabled\n"),
+        )
+
+    def test_forward_headers_default(self) -> None:
+        """
+        Forwarding client X-Forwarded-* headers defaults to the opposite of TLS;
+        an explicit flag wins.
+        """
+        self.assertTrue(parse_deploy("web:1").target_options.forward_headers)
+        self.assertFalse(
+            parse_deploy("web:1", "--host", "a.com", "--tls").target_options.forward_headers
+        )
+        self.assertTrue(
+            parse_deploy("web:1", "--host", "a.com", "--tls", "--forward-headers")
+            .target_options.forward_headers
+        )
+        self.assertFalse(
+            parse_deploy("web:1", "--forward-headers=false").target_options.forward_headers
+        )
+
+    def test_validation(self) -> None:
+        """
+        Service options are validated on the client, with the reference
+        messages.
+        """
+        self.assertEqual(
+            run(["deploy", "web:1", "--tls"]),
+            (1, "", "Error: service options invalid: host must be set when using TLS\n"),
+        )
+        status, out, err = run(["deploy", "web:1", "--host", "a.com", "--canonical-host",
+                                "b.com"])
+        self.assertEqual(status, 1)
+        self.assertIn("canonical-host 'b.com' must be present in the hosts list: [a.com]", err)
+        with self.assertRaises(InvalidOptions):
+            parse_deploy("web:1", "--health-check-interval", "0s")
+
+    def test_certificate_paths_absolute(self) -> None:
+        """
+        Certificate paths are made absolute on the client.
+        """
+        req = parse_deploy("web:1", "--host", "a.com", "--tls", "--tls-certificate-path",
+                           "c.pem", "--tls-private-key-path", "k.pem")
+        self.assertEqual(req.options.tls_certificate_path, os.path.abspath("c.pem"))
+        self.assertEqual(req.options.tls_private_key_path, os.path.abspath("k.pem"))
+
+
+class TableTests(SynchronousTestCase):
+    ROWS = [
+        {"service": "api", "hosts": ["api.example.com", "b.com"], "paths": ["/api", "/v2"],
+         "targets": ["api-1:3000", "api-2:3000"], "state": "running", "tls": True,
+         "certificates": {}},
+        {"service": "default", "hosts": [], "paths": ["/"], "targets": ["web-1:3000"],
+         "state": "paused", "tls": False},
+    ]
+
+    def test_plain(self) -> None:
+        """
+        Without colour, columns are padded to their widest cell and separated
+        by two spaces; no hosts shows as C{*}.
+        """
+        self.assertEqual(
+            format_table(self.ROWS, color=False),
+            "Service  Host                   Path      Target                 State    TLS\n"
+            "api      api.example.com,b.com  /api,/v2  api-1:3000,api-2:3000  running  yes\n"
+            "default  *                      /         web-1:3000             paused   no\n",
+        )
+
+    def test_empty(self) -> None:
+        """
+        With no services only the header is printed.
+        """
+        self.assertEqual(format_table([], color=False), "Service  Host  Path  Target  State  TLS\n")
+
+    def test_color(self) -> None:
+        """
+        On a terminal the header is italic bright blue and the first column
+        bold blue.
+        """
+        text = format_table(self.ROWS, color=True)
+        lines = text.splitlines()
+        self.assertTrue(lines[0].startswith("\x1b[3;94mService"), lines[0])
+        self.assertTrue(lines[1].startswith("\x1b[1;34mapi    "), lines[1])
+        self.assertIn("\x1b[0m", lines[1])
+
+    def test_certificate_status(self) -> None:
+        """
+        A TLS service with certificate states shows them.
+        """
+        rows = [dict(self.ROWS[0], certificates={"api.example.com": "valid"})]
+        self.assertIn("yes (valid)", format_table(rows, color=False))
+
+
+class ProgressPrinterTests(SynchronousTestCase):
+    def test_plain(self) -> None:
+        """
+        When not on a terminal, at most one line per phase is printed.
+        """
+        out = StringIO()
+        p = ProgressPrinter(out)
+        p("health", "waiting for a:1")
+        p("health-result", "a:1: unexpected status (500)")
+        p("health-result", "a:1: healthy")
+        p("switched", "traffic switched to a:1")
+        p("done", "")
+        self.assertEqual(
+            out.getvalue(),
+            "waiting for a:1\na:1: unexpected status (500)\ntraffic switched to a:1\n",
+        )
+
+    def test_tty(self) -> None:
+        """
+        On a terminal the status line is rewritten in place and cleared at the
+        end.
+        """
+
+        class TTY(StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        out = TTY()
+        p = ProgressPrinter(out)
+        p("health", "waiting for a:1")
+        p("health-result", "a:1: ok")
+        p("done", "")
+        self.assertEqual(
+            out.getvalue(),
+            "\rwaiting for a:1" "\ra:1: ok" + " " * 8 + "\r" + " " * 7 + "\r",
+        )
+
+
+class ClientCommandTests(SynchronousTestCase):
+    """
+    Whole commands against an in-memory server.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.socket = os.path.join(self.mktemp(), "mproxy.sock")
+
+    def cli(self, *argv: str) -> tuple[int, str, str]:
+        return run(list(argv) + ["--socket", self.socket], self.reactor)
+
+    def test_server_not_running(self) -> None:
+        """
+        Without a server: C{Error: cannot connect ...} naming the socket, and
+        exit status 1.
+        """
+        reactor = FakeReactor(server=False)
+        for argv in (["list"], ["deploy", "web-1:3000"], ["remove", "web"]):
+            status, out, err = run(argv + ["--socket", self.socket], reactor)
+            self.assertEqual(status, 1)
+            self.assertTrue(
+                err.startswith(
+                    f"Error: cannot connect to mproxy at {self.socket}: "
+                    "No such file or directory"
+                ),
+                err,
+            )
+            self.assertNotIn("Traceback", err)
+            reactor = FakeReactor(server=False)
+
+    def test_socket_from_environment(self) -> None:
+        """
+        Without C{--socket} the client uses C{$MPROXY_SOCKET}.
+        """
+        old = os.environ.get("MPROXY_SOCKET")
+
+        def restore() -> None:
+            if old is None:
+                os.environ.pop("MPROXY_SOCKET", None)
+            else:
+                os.environ["MPROXY_SOCKET"] = old
+
+        self.addCleanup(restore)
+        os.environ["MPROXY_SOCKET"] = "/run/x/mproxy.sock"
+        run(["list"], self.reactor)
+        self.assertEqual(self.reactor.paths, ["/run/x/mproxy.sock"])
+
+    def test_deploy_seed_spelling(self) -> None:
+        """
+        C{deploy web-1:3000} deploys to the C{default} service; a second
+        deploy replaces the target.
+        """
+        status, out, err = self.cli("deploy", "web-1:3000")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(self.reactor.paths, [self.socket])
+        s = self.reactor.router.services["default"]
+        self.assertEqual(s.active.addresses, ["web-1:3000"])
+        self.assertEqual(self.cli("deploy", "web-2:3000")[0], 0)
+        self.assertEqual(s.active.addresses, ["web-2:3000"])
+        self.assertEqual(list(self.reactor.router.services), ["default"])
+
+    def test_deploy_host(self) -> None:
+        """
+        C{deploy web-1:3000 --host A} deploys service C{a} on host C{a}.
+        """
+        self.assertEqual(self.cli("deploy", "web-1:3000", "--host", "A")[0], 0)
+        s = self.reactor.router.services["a"]
+        self.assertEqual(s.options.hosts, ("a",))
+
+    def test_deploy_kamal_spelling(self) -> None:
+        """
+        C{deploy app --target a:1,b:2 --target c:3} deploys three targets to
+        C{app}.
+        """
+        status, out, err = self.cli("deploy", "app", "--target", "aa:1,bb:2", "--target",
+                                    "cc:3")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(self.reactor.router.services["app"].active.addresses,
+                         ["aa:1", "bb:2", "cc:3"])
+
+    def test_deploy_progress(self) -> None:
+        """
+        Off a terminal, a deploy prints one plain line per phase.
+        """
+        status, out, err = self.cli("deploy", "web-1:3000")
+        lines = out.splitlines()
+        self.assertEqual(len(lines), len(set(lines)))
+        self.assertIn("waiting for web-1:3000 to become healthy", lines)
+        self.assertIn("traffic switched to web-1:3000", lines)
+
+    def test_deploy_unhealthy(self) -> None:
+        """
+        A target that never becomes healthy fails the deploy with the timeout
+        and the last health error, and exit status 1.
+        """
+        self.reactor.probe.status["web-1:3000"] = 503
+        status, out, err = self.cli("deploy", "web-1:3000", "--timeout", "3s")
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err,
+            "Error: target failed to become healthy within configured timeout (3s): "
+            "unexpected status (503)\n",
+        )
+        self.assertEqual(self.reactor.router.services, {})
+
+    def test_conflict(self) -> None:
+        """
+        A host conflict is reported as an error.
+        """
+        self.assertEqual(self.cli("deploy", "web-1:3000", "--host", "a.com")[0], 0)
+        status, out, err = self.cli("deploy", "other", "--target", "web-2:3000", "--host",
+                                    "a.com")
+        self.assertEqual((status, err), (1, "Error: host settings conflict with another service\n"))
+
+    def test_list(self) -> None:
+        """
+        C{list} prints the table, C{ls --json} the rows as JSON.
+        """
+        self.cli("deploy", "web-1:3000")
+        self.cli("deploy", "api", "--target", "api-1:3000", "--host", "api.example.com")
+        status, out, err = self.cli("list")
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            out,
+            "Service  Host             Path  Target      State    TLS\n"
+            "api      api.example.com  /     api-1:3000  running  no\n"
+            "default  *                /     web-1:3000  running  no\n",
+        )
+        status, out, err = self.cli("ls", "--json")
+        rows = json.loads(out)
+        self.assertEqual([r["service"] for r in rows], ["api", "default"])
+
+    def test_remove(self) -> None:
+        """
+        C{remove} and C{rm} remove a service; an unknown one is an error.
+        """
+        self.cli("deploy", "web-1:3000")
+        self.assertEqual(self.cli("rm", "default"), (0, "", ""))
+        self.assertEqual(self.reactor.router.services, {})
+        self.assertEqual(self.cli("remove", "default"), (1, "", "Error: service not found\n"))
+
+    def test_pause_stop_resume(self) -> None:
+        """
+        C{pause}, C{stop} and C{resume} change the service state.
+        """
+        self.cli("deploy", "web-1:3000")
+        s = self.reactor.router.services["default"]
+        self.assertEqual(self.cli("pause", "default", "--max-pause", "1m")[0], 0)
+        self.assertEqual((s.state_name, s.pause.max_pause), ("paused", 60.0))
+        self.assertEqual(self.cli("stop", "default", "--message", "bye")[0], 0)
+        self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", "bye"))
+        self.assertEqual(self.cli("resume", "default")[0], 0)
+        self.assertEqual(s.state_name, "running")
+        self.assertEqual(self.cli("pause", "nope"), (1, "", "Error: service not found\n"))
+
+    def test_rollout(self) -> None:
+        """
+        The rollout subcommands work, with the reference errors.
+        """
+        self.cli("deploy", "web-1:3000")
+        self.assertEqual(self.cli("rollout", "set", "default", "--percent", "10"),
+                         (1, "", "Error: rollout target not set\n"))
+        status, out, err = self.cli("rollout", "set", "default")
+        self.assertEqual(
+            (status, err),
+            (1, "Error: at least one of the flags in the group [percent list] is required\n"),
+        )
+        self.assertEqual(self.cli("rollout", "deploy", "default", "--target", "canary:3000")[0],
+                         0)
+        s = self.reactor.router.services["default"]
+        self.assertEqual(s.rollout.addresses, ["canary:3000"])
+        self.assertEqual(
+            self.cli("rollout", "set", "default", "--percent", "25", "--list", "a,b")[0], 0
+        )
+        self.assertEqual((s.split.percentage, s.split.allowlist), (25, ("a", "b")))
+        self.assertEqual(self.cli("rollout", "stop", "default")[0], 0)
+        self.assertIsNone(s.split)
+        self.assertEqual(self.cli("rollout", "stop", "nope"), (1, "", "Error: service not found\n"))
+        status, out, err = self.cli("rollout", "deploy", "default")
+        self.assertEqual((status, err), (1, 'Error: required flag(s) "target" not set\n'))
