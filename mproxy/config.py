@@ -135,10 +135,16 @@ def resolve_config(
 
 
 def socket_path(explicit: str = "", environ: Mapping[str, str] = os.environ) -> str:
+    """
+    The control socket: the flag, else C{$MPROXY_SOCKET} (then C{$SOCKET},
+    as the server reads it), else C{$XDG_RUNTIME_DIR/mproxy.sock}, else
+    C{/tmp/mproxy.sock}.  Clients and the server resolve it the same way.
+    """
     if explicit:
         return explicit
-    if environ.get("MPROXY_SOCKET"):
-        return environ["MPROXY_SOCKET"]
+    for var in ("MPROXY_SOCKET", "SOCKET"):
+        if environ.get(var):
+            return environ[var]
     if environ.get("XDG_RUNTIME_DIR"):
         return os.path.join(environ["XDG_RUNTIME_DIR"], "mproxy.sock")
     return "/tmp/mproxy.sock"
