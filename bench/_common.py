@@ -254,6 +254,29 @@ def cpu_busy(before: dict, after: dict, cpu: int) -> dict:
             "steal": round(d[7] / total, 3)}
 
 
+def wait_quiet(cpus: list[int], max_wait: float, threshold: float = 0.10,
+               window: float = 1.0) -> bool:
+    """Wait (up to max_wait s) until each CPU in `cpus` was busy less than
+    `threshold` over a `window`-second sample, i.e. nobody else is loading the
+    machine. Returns False if it never got quiet."""
+    cpus = [c for c in cpus if c is not None and c >= 0] or sorted(os.sched_getaffinity(0))
+    deadline = time.monotonic() + max_wait
+    said = False
+    while True:
+        a = cpu_times()
+        time.sleep(window)
+        b = cpu_times()
+        busy = {c: cpu_busy(a, b, c).get("busy", 0.0) for c in cpus}
+        if all(v < threshold for v in busy.values()):
+            return True
+        if time.monotonic() >= deadline:
+            log(f"warning: CPUs still busy ({busy}) after {max_wait:g}s; measuring anyway")
+            return False
+        if not said:
+            log(f"waiting for other load to stop (CPU busy: {busy}; up to {max_wait:g}s)")
+            said = True
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

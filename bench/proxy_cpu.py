@@ -157,7 +157,11 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             run_wrk(url, args, args.warmup, args.load_cpu)
         runs = []
         for i in range(args.runs):
+            quiet = True
+            if args.wait_quiet > 0:
+                quiet = C.wait_quiet([args.proxy_cpu, args.load_cpu], args.wait_quiet)
             r = measure(url, args, pid, upstream.pid)
+            r["started_quiet"] = quiet
             runs.append(r)
             cpu = (f", proxy CPU {r['proxy_cpu_us_per_req']:.1f} us/req "
                    f"({r['proxy_cpu_util'] * 100:.0f}% of a core)" if pid else "")
@@ -276,6 +280,9 @@ def main(argv=None) -> int:
                     help="CPU for wrk and the upstream (-1: no pin)")
     ap.add_argument("--mproxy-cmd", help="command to run the mproxy CLI "
                     "(default: $MPROXY_CMD, `mproxy` on PATH, or this checkout)")
+    ap.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS",
+                    help="before each run, wait up to this long until the pinned CPUs are "
+                         "idle (<10%% busy), for shared machines (0: don't wait)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)
