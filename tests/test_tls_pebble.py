@@ -37,9 +37,15 @@ class Hello(Resource):
         return b"hello over " + request.clientproto
 
 
-class PebbleEndToEndTests(TestCase):
+class PebbleFixture(TestCase):
+    """
+    Listeners (plain HTTP with the HTTP-01 resource, HTTPS with L{ServerTLS}),
+    a loopback DNS server, pebble, and a started L{CertificateService}.
+    """
+
     skip = PEBBLE_SKIP
     timeout = 60
+    validity: int | None = None
 
     def setUp(self) -> None:
         self.state = os.path.abspath(self.mktemp())
@@ -59,6 +65,7 @@ class PebbleEndToEndTests(TestCase):
             http_port=http.getHost().port,
             tls_port=self.https_port,
             dns_port=dns.port,
+            validity=self.validity,
         )
         self.pebble.start()
         self.addCleanup(self.pebble.stop)
@@ -117,6 +124,9 @@ class PebbleEndToEndTests(TestCase):
         self.assertEqual(stored.hosts(), ["app1.test"])
         return elapsed
 
+
+
+class PebbleEndToEndTests(PebbleFixture):
     def test_tlsAlpn01(self):
         """
         A certificate for app1.test is obtained with TLS-ALPN-01 answered by
@@ -161,3 +171,108 @@ class PebbleEndToEndTests(TestCase):
         self.assertEqual(rows[0].state, "pending")
         self.assertIn("validation failed", rows[0].error)
         yield self.wait_valid("app1.test")
+
+
+class Policy(Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def render_GET(self, request):
+        host = request.args.get(b"host", [b""])[0].decode()
+        self.asked.append(host)
+        if host == "app1.test":
+            return b"ok"
+        request.setResponseCode(403)
+        return b"Access denied"
+
+
+class PebbleOnDemandTests(PebbleFixture):
+    """
+    On-demand TLS against pebble, with the policy answered by a loopback
+    HTTP endpoint.
+    """
+
+    @inlineCallbacks
+    def test_onDemand(self):
+        """
+        The first handshake for an approved name is refused while the
+        certificate is obtained, later ones succeed; a denied name never
+        gets an order.
+        """
+        policy = Policy()
+        port = reactor.listenTCP(0, Site(policy), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/allow?token=t"
+        self.certs.challenge_types = ("tls-alpn-01",)
+        self.certs.update_service("od", ServiceOptions(tls_enabled=True, tls_on_demand_url=url))
+        root = yield deferToThread(self.pebble.root_pem)
+        with open(self.root, "wb") as f:
+            f.write(root)
+        with self.assertRaises(ssl.SSLError):
+            yield deferToThread(https_get_http11, self.https_port, "app1.test", self.root)
+        with self.assertRaises(ssl.SSLError):
+            yield deferToThread(https_get_http11, self.https_port, "denied.test", self.root)
+        yield self.wait_valid("app1.test")
+        alpn, raw, san = yield deferToThread(https_get_http11, self.https_port, "app1.test", self.root)
+        self.assertTrue(raw.endswith(b"hello over HTTP/1.1"))
+        with self.assertRaises(ssl.SSLError):
+            yield deferToThread(https_get_http11, self.https_port, "denied.test", self.root)
+        self.assertEqual(sorted(set(policy.asked)), ["app1.test", "denied.test"])
+        self.assertEqual(policy.asked.count("denied.test"), 1)  # denial cached
+        self.assertEqual([r.host for r in self.certs.host_status()], ["app1.test"])
+
+
+class PebbleRenewalTests(PebbleFixture):
+    """
+    Short-lived certificates from pebble are renewed when a third of their
+    lifetime is left, and the account is reused after a restart.
+    """
+
+    validity = 6
+
+    @inlineCallbacks
+    def test_renewal(self):
+        """
+        A 6-second certificate is replaced after about 4 seconds.
+        """
+        self.certs.challenge_types = ("tls-alpn-01",)
+        self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
+        yield self.wait_valid("app1.test")
+        first = self.certs.select("app1.test")
+        lifetime = first.not_after - first.not_before
+        self.assertLess(lifetime, 10)
+        start = time.monotonic()
+        while self.certs.select("app1.test") is first:
+            self.assertLess(time.monotonic() - start, 15, "not renewed")
+            yield deferLater(reactor, 0.1, lambda: None)
+        second = self.certs.select("app1.test")
+        self.assertGreater(second.not_after, first.not_after)
+
+    @inlineCallbacks
+    def test_accountReusedAfterRestart(self):
+        """
+        A new service on the same state directory uses the stored account.
+        """
+        self.certs.challenge_types = ("http-01",)
+        self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
+        yield self.wait_valid("app1.test")
+        stored = self.certs.store.for_directory(self.pebble.directory_url)
+        account = stored.load_account()
+        yield self.certs.stopService()
+        again = CertificateService.create(reactor, self.state, directory_url=self.pebble.directory_url)
+        again.issuer_factory = self._issuer_factory(self.pebble.ca_bundle)
+        # answer challenges through the listeners of this test
+        again.challenges = self.certs.challenges
+        self.tls.select = again.select
+        again.challenge_types = ("http-01",)
+        again.startService()
+        self.addCleanup(again.stopService)
+        again.update_service("app", ServiceOptions(hosts=["app1.test", "app2.test"], tls_enabled=True))
+        self.certs = again
+        yield self.wait_valid("app2.test")
+        self.assertEqual(stored.load_account(), account)
+        self.assertIn("There are now 1 accounts", self.pebble.log())
+        self.assertNotIn("There are now 2 accounts", self.pebble.log())

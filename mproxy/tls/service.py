@@ -232,13 +232,25 @@ class CertificateService(Service):
 
         store = CertificateStore(state_dir)
         challenges = ChallengeStore()
-        pool = ThreadPool(minthreads=0, maxthreads=1, name="mproxy-acme")
+        pools: list[ThreadPool] = []
 
         def issuer_factory(url: str) -> AcmeIssuer:
             return AcmeIssuer(url, store.for_directory(url), challenges, email=email, ca_bundle=ca_bundle)
 
         def run_in_thread(job: Callable[[], Any]) -> Deferred:
-            return deferToThreadPool(reactor, pool, job)
+            if not pools:
+                pool = ThreadPool(minthreads=0, maxthreads=1, name="mproxy-acme")
+                pool.start()
+                pools.append(pool)
+            return deferToThreadPool(reactor, pools[0], job)
+
+        def stop_pool() -> Deferred:
+            from twisted.internet.threads import deferToThread
+
+            if not pools:
+                return succeed(None)
+            # joining may wait for an order in progress; keep the reactor free
+            return deferToThread(pools.pop().stop)
 
         checker = OnDemandChecker(reactor, http_get=treq_http_get(reactor), local_get=local_get)
         service = cls(
@@ -253,16 +265,13 @@ class CertificateService(Service):
             staging_directory_url=staging_directory_url,
             **kwargs,
         )
-        service._thread_pool = pool  # type: ignore[attr-defined]
+        service._stop_hooks.append(stop_pool)
         return service
 
     # -- IService -----------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        pool = getattr(self, "_thread_pool", None)
-        if pool is not None:
-            pool.start()
         self._poll = LoopingCall(self.check_static)
         self._poll.clock = self.clock
         self._poll.start(self.static_poll_interval, now=False)
@@ -279,13 +288,11 @@ class CertificateService(Service):
             if host.call is not None and host.call.active():
                 host.call.cancel()
             host.call = None
-        pool = getattr(self, "_thread_pool", None)
-        if pool is not None:
-            from twisted.internet.threads import deferToThread
+        from twisted.internet.defer import gatherResults
 
-            # joining may wait for an order in progress; keep the reactor free
-            return deferToThread(pool.stop)
-        return succeed(None)
+        return gatherResults([maybeDeferred(hook) for hook in self._stop_hooks]).addCallback(
+            lambda _: None
+        )
 
     # -- deploy integration -------------------------------------------------
 
