@@ -51,6 +51,8 @@ from twisted.internet import error as _error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from mproxy.http.server import direct_write
+
 MAX_PENDING_BODY = 65536
 REPLAYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 #: idle connections older than this are not reused (servers drop them)
@@ -85,7 +87,6 @@ class UpstreamExchange:
 
     conn: _Connection | None = None
     connector: Any = None
-    timer: Any = None
     body_producer: Any = None
     responded = False
     done = False
@@ -137,7 +138,7 @@ class UpstreamExchange:
     def _write(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
-            conn.transport.write(data)
+            direct_write(conn.transport, data)
             return
         if self.pending is None:
             self.pending = []
@@ -173,18 +174,16 @@ class UpstreamExchange:
     # --- timing -------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        if self.timeout and self.timer is None:
-            self.timer = self.pool.reactor.callLater(self.timeout, self._timed_out)
+        conn = self.conn
+        if self.timeout and conn is not None:
+            conn.arm(self.timeout)
 
     def _disarm_timer(self) -> None:
-        t = self.timer
-        if t is not None:
-            self.timer = None
-            if t.active():
-                t.cancel()
+        conn = self.conn
+        if conn is not None:
+            conn.armed = False
 
     def _timed_out(self) -> None:
-        self.timer = None
         if self.done or self.responded:
             return
         conn = self.conn
@@ -198,8 +197,9 @@ class UpstreamExchange:
 
     def _response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.responded = True
-        if self.timer is not None:
-            self._disarm_timer()
+        conn = self.conn
+        if conn is not None:
+            conn.armed = False
         self.receiver.upstream_response(status, reason, headers)
 
     def _fail(self, status: int, message: str) -> None:
@@ -270,7 +270,15 @@ class UpstreamExchange:
 
 
 class _Connection(Protocol):
+    """
+    One connection to the target.  Its response-header timer is one
+    DelayedCall re-armed with C{reset()} for each request (and left to fire
+    harmlessly when disarmed), so no timer is created per request.
+    """
+
     exchange: UpstreamExchange | None = None
+    timer: Any = None
+    armed = False
     _pending: UpstreamExchange | None = None
     tunnel = False
     paused = False
@@ -311,11 +319,27 @@ class _Connection(Protocol):
         data = ex.head
         if ex.pending:
             data += ex._take_pending()
-        self.transport.write(data)
+        direct_write(self.transport, data)
         if ex.body_ended:
             ex._arm_timer()
         elif ex.body_producer is not None:
             self._register_body_producer(ex.body_producer)
+
+    def arm(self, timeout: float) -> None:
+        self.armed = True
+        t = self.timer
+        if t is not None and t.active():
+            t.reset(timeout)
+        else:
+            self.timer = self.pool.reactor.callLater(timeout, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        if self.armed:
+            self.armed = False
+            ex = self.exchange
+            if ex is not None:
+                ex._timed_out()
 
     def _register_body_producer(self, producer: Any) -> None:
         if self._body_producer is None:
@@ -443,6 +467,12 @@ class _Connection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(_error.ConnectionDone())) -> None:
         self.lost = True
+        self.armed = False
+        t = self.timer
+        if t is not None:
+            self.timer = None
+            if t.active():
+                t.cancel()
         self.pool._lost(self)
         ex = self.exchange
         if ex is None:
