@@ -209,7 +209,9 @@ class Controller:
             self.router.check_conflicts(name, options)
             existing = self.router.services.get(name)
             if rollout:
-                assert existing is not None
+                if existing is None:
+                    # Removed while the rollout waited for health.
+                    raise ServiceNotFound()
                 old_lb = existing.rollout
                 existing.rollout = lb
             elif existing is None:
