@@ -405,7 +405,9 @@ class Controller:
             self.store.save(self.records())
         except OSError as e:
             self.logger.error("Unable to save state", path=self.store.path, error=str(e))
-            raise
+            raise StateError(
+                f"cannot write state file {self.store.path}: {e.strerror or e}"
+            ) from e
         self.logger.debug("Saved state", path=self.store.path)
 
     def restore(self) -> int:

@@ -22,6 +22,7 @@ from mproxy.errors import (
     InvalidTarget,
     RolloutNotSet,
     ServiceNotFound,
+    StateError,
 )
 
 PROTOCOL_VERSION = 1
@@ -45,6 +46,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     CertificateError: b"CERTIFICATE_ERROR",
     ErrorPagesError: b"ERROR_PAGES_ERROR",
     HelloRequired: b"HELLO_REQUIRED",
+    StateError: b"STATE_ERROR",
 }
 
 
