@@ -40,6 +40,7 @@ from mproxy.errors import (
     MproxyError,
     RolloutNotSet,
     ServiceNotFound,
+    StateError,
 )
 from mproxy.logging import ListLogger
 from mproxy.router import Router
@@ -261,6 +262,18 @@ class CommandTests(ControlTestCase):
         # The connection survives every error.
         self.assertTrue(self.successResultOf(self.call(c.List)))
         self.assertFalse(self.client_proto.transport.disconnecting)
+
+    def test_state_error(self) -> None:
+        """
+        A state file that cannot be written reaches the client as a
+        L{StateError} naming the file, and the connection survives.
+        """
+        os.makedirs(self.store.path)
+        d = self.client.deploy(request("web", "aa:1", force=True))
+        self.pump.flush()
+        f = self.failureResultOf(d, StateError)
+        self.assertIn(f"cannot write state file {self.store.path}", str(f.value))
+        self.assertTrue(self.successResultOf(self.call(c.List)))
 
     def test_malformed_deploy(self) -> None:
         """

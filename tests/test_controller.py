@@ -490,6 +490,21 @@ class RolloutTests(ControllerTestCase):
         held.release()
         self.successResultOf(d)
 
+    def test_service_removed_during_rollout_wait(self) -> None:
+        """
+        A service removed while its rollout deploy waits for health fails the
+        rollout with C{service not found}, and nothing is re-created.
+        """
+        d = self.controller.rollout_deploy("web", ("canary:2",), (), 10, 10)
+        self.controller.remove("web")
+        self.probe.answer("canary:2", 200)
+        f = self.failureResultOf(d, ServiceNotFound)
+        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(self.router.services, {})
+        n = self.probe.count("canary:2")
+        self.clock.advance(10)
+        self.assertEqual(self.probe.count("canary:2"), n)
+
     def test_rollout_requires_targets(self) -> None:
         """
         A rollout deploy needs targets, valid ones.
@@ -897,15 +912,18 @@ class StateTests(ControllerTestCase):
         self.successResultOf(c.deploy(request("web", "aa:1")))
         self.assertIsNone(self.state_bytes())
 
-    def test_save_failure_logged(self) -> None:
+    def test_save_failure(self) -> None:
         """
         A state file that cannot be written is logged as an error and the
-        command fails.
+        command fails with a L{StateError} naming the file.
         """
         os.makedirs(self.state_path)
         self.probe.auto["aa:1"] = 200
-        self.failureResultOf(self.controller.deploy(request("web", "aa:1")), OSError)
+        f = self.failureResultOf(self.controller.deploy(request("web", "aa:1")), StateError)
+        self.assertIn(f"cannot write state file {self.state_path}", str(f.value))
         self.assertIn("Unable to save state", self.logger.messages())
+        with self.assertRaises(StateError):
+            self.controller.resume("web")
 
 
 class ServiceCloseTests(ControllerTestCase):
