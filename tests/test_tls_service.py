@@ -664,3 +664,22 @@ class BrokenStaticTests(ServiceTestMixin, SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(self.service.select("a.test").leaf, certified.leaf)
         self.assertTrue(self.service.status()["a.test"].startswith("valid until "))
+
+
+class PathServiceTests(ServiceTestMixin, SynchronousTestCase):
+    def test_pathServiceDoesNotOwnCertificates(self) -> None:
+        """
+        A path service that inherited TLS from its host's root service does
+        not start orders of its own; the root service's certificate serves
+        the host, and listing the hosts once.
+        """
+        self.service.startService()
+        self.service.update_service("web", tls("a.test"))
+        self.service.update_service("api", tls("a.test", path_prefixes=["/api"]))
+        self.clock.advance(0)
+        self.assertEqual(self.issuer.orders, [("a.test", "http-01")])
+        self.assertEqual([(r.service, r.host) for r in self.service.host_status()], [("web", "a.test")])
+        self.service.lookup = lambda name: ("web", self.service._services["web"])
+        self.assertIsNotNone(self.service.select("a.test"))
+        self.service.remove_service("api")
+        self.assertIsNotNone(self.service.select("a.test"))

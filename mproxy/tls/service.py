@@ -217,13 +217,24 @@ class CertificateService(Service):
         ca_bundle: str | None = None,
         lookup: Lookup | None = None,
         local_get: Callable[[str, str, str], Deferred] | None = None,
-        staging_directory_url: str = LETS_ENCRYPT_STAGING,
+        staging_directory_url: str | None = None,
         **kwargs: Any,
     ) -> "CertificateService":
         """
-        The real thing: a one-thread pool for ACME calls (started and stopped
-        with the service), L{AcmeIssuer}s and a treq-based on-demand checker.
+        The real thing: a one-thread pool for ACME calls (created on first
+        use, stopped with the service), L{AcmeIssuer}s and a treq-based
+        on-demand checker.
+
+        C{--tls-staging} means Let's Encrypt staging when the directory is
+        Let's Encrypt production; with any other directory (a private CA, a
+        test server) there is no separate staging server and the same
+        directory is used.
         """
+        directory_url = directory_url or LETS_ENCRYPT
+        if staging_directory_url is None:
+            staging_directory_url = (
+                LETS_ENCRYPT_STAGING if directory_url == LETS_ENCRYPT else directory_url
+            )
         from twisted.internet.threads import deferToThreadPool
         from twisted.python.threadpool import ThreadPool
 
@@ -441,7 +452,7 @@ class CertificateService(Service):
             return None
         directory = self.directory_for(options)
         host = self._hosts.get((directory, server_name))
-        if host is not None and host.service == service:
+        if host is not None:
             return host.certificate
         if options.tls_on_demand_url:
             return self._on_demand(service, options, server_name)
@@ -451,6 +462,8 @@ class CertificateService(Service):
         for name in sorted(self._services):
             options = self._services[name]
             if not options.tls_enabled or options.tls_on_demand_url:
+                continue
+            if "/" not in getattr(options, "path_prefixes", ("/",)):
                 continue
             if not options.hosts or not options.hosts[0]:
                 continue
@@ -501,6 +514,10 @@ class CertificateService(Service):
         wanted: dict[tuple[str, str], tuple[str, bool]] = {}
         for name in sorted(self._services):
             options = self._services[name]
+            if "/" not in getattr(options, "path_prefixes", ("/",)):
+                # path services inherit TLS from their host's root service,
+                # which owns the certificates (reference 2.5)
+                continue
             if _is_acme(options):
                 d = self.directory_for(options)
                 for h in options.hosts:

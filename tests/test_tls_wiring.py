@@ -1,0 +1,73 @@
+"""
+Tests for L{mproxy.tls.wiring}.
+"""
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from mproxy.spec import ServiceOptions
+from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+from mproxy.tls.service import CertificateService
+from mproxy.tls.wiring import build_certificate_service, https_server_factory, router_lookup
+
+
+class FakeService:
+    def __init__(self, name, options):
+        self.name = name
+        self.options = options
+
+
+class FakeRouter:
+    def __init__(self, services):
+        self.services = services
+
+    def root_service_for(self, host):
+        return self.services.get(host)
+
+
+class Config:
+    def __init__(self, state_dir, **kw):
+        self.state_dir = state_dir
+        self.acme_directory = kw.get("acme_directory", LETS_ENCRYPT)
+        self.acme_email = kw.get("acme_email", "")
+        self.acme_ca_bundle = kw.get("acme_ca_bundle", "")
+
+
+class WiringTests(SynchronousTestCase):
+    def test_routerLookup(self) -> None:
+        """
+        The router's root service becomes (name, options).
+        """
+        opts = ServiceOptions(hosts=["a.test"], tls_enabled=True)
+        lookup = router_lookup(FakeRouter({"a.test": FakeService("web", opts)}))
+        self.assertEqual(lookup("a.test"), ("web", opts))
+        self.assertIsNone(lookup("b.test"))
+
+    def test_build(self) -> None:
+        """
+        The service is built from the server config without side effects;
+        staging maps to Let's Encrypt staging only for Let's Encrypt.
+        """
+        state = self.mktemp()
+        certs = build_certificate_service(Clock(), Config(state), FakeRouter({}))
+        self.assertIsInstance(certs, CertificateService)
+        self.assertEqual(certs.directory_url, LETS_ENCRYPT)
+        self.assertEqual(certs.staging_directory_url, LETS_ENCRYPT_STAGING)
+        self.assertFalse(os.path.exists(state))
+        custom = build_certificate_service(
+            Clock(), Config(state, acme_directory="https://ca.internal/dir"), FakeRouter({})
+        )
+        self.assertEqual(custom.staging_directory_url, "https://ca.internal/dir")
+        self.assertEqual(custom.directory_for(ServiceOptions(hosts=["a.test"], tls_enabled=True, tls_staging=True)), "https://ca.internal/dir")
+
+    def test_httpsFactory(self) -> None:
+        """
+        The HTTPS factory is a TLS wrapper around the site.
+        """
+        certs = build_certificate_service(Clock(), Config(self.mktemp()), FakeRouter({}))
+        self.assertIsInstance(https_server_factory(certs, Site(Resource())), TLSMemoryBIOFactory)
