@@ -211,6 +211,27 @@ class CommandTests(ControlTestCase):
         self.assertEqual(s.options, req.options)
         self.assertEqual(s.target_options, req.target_options)
 
+    def test_client_gone_during_deploy(self) -> None:
+        """
+        A client that disconnects while its deploy waits does not stop the
+        deploy: the server still switches and drains, without errors.
+        """
+        self.deployed(request("web", "old:1"))
+        claim = self.router.services["web"].active.claim(False)
+        d = self.client.deploy(request("web", "new:2"))
+        self.pump.flush()
+        self.client_proto.transport.loseConnection()
+        self.pump.flush()
+        self.failureResultOf(d)
+        self.assertTrue(self.server._closed)
+        self.probe.answer("new:2", 200)
+        self.pump.flush()
+        self.assertEqual(self.router.services["web"].active.addresses, ["new:2"])
+        claim.release()
+        self.pump.flush()
+        self.assertIn("Deployed", self.logger.messages())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_declared_errors(self) -> None:
         """
         Domain errors arrive on the client as the same exception classes with

@@ -183,6 +183,20 @@ class PauseTests(ServiceTestCase):
         s.pause.resume()
         self.assertIsInstance(self.successResultOf(d2), Claim)
 
+    def test_cancelled_hold_claims_nothing(self) -> None:
+        """
+        A held request that is cancelled (its client went away) claims no
+        target when the service resumes.
+        """
+        s = self.service()
+        s.pause.pause(30)
+        d = self.select(s)
+        d.cancel()
+        self.failureResultOf(d)
+        s.pause.resume()
+        self.assertEqual(s.active.inflight(), 0)
+        self.assertIsInstance(self.select(s), Claim)
+
     def test_health_path_while_paused_or_stopped(self) -> None:
         """
         While paused or stopped, GET or HEAD of the health path is answered
