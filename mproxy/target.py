@@ -180,6 +180,9 @@ class Target:
                     call.cancel()
 
             d.addCallback(done)
+            # Upgraded connections (WebSockets) may never end on their own.
+            for c in [c for c in snapshot if c.upgraded]:
+                c.cancel()
         else:
             d = succeed(None)
 
