@@ -175,6 +175,34 @@ class DrainTests(SynchronousTestCase):
         self.assertIs(self.target.state, TargetState.HEALTHY)
         self.assertIsNotNone(self.target.claim())
 
+    def test_upgraded_cancelled_at_once(self) -> None:
+        """
+        Upgraded requests (WebSockets) may live forever, so a drain cancels
+        them at once; ordinary requests are still waited for.
+        """
+        cancelled = []
+        ws = self.target.claim()
+        ws.mark_upgraded()
+        ws.set_canceller(lambda: cancelled.append("ws"))
+        plain = self.target.claim()
+        plain.set_canceller(lambda: cancelled.append("plain"))
+        d = self.target.drain(30)
+        self.assertEqual(cancelled, ["ws"])
+        self.assertTrue(ws.released)
+        self.assertNoResult(d)
+        plain.release()
+        self.successResultOf(d)
+
+    def test_upgraded_only(self) -> None:
+        """
+        A target with only upgraded requests drains at once.
+        """
+        ws = self.target.claim()
+        ws.mark_upgraded()
+        self.successResultOf(self.target.drain(30))
+        self.assertTrue(ws.released)
+        self.assertIs(self.target.state, TargetState.HEALTHY)
+
     def test_upgraded_flag(self) -> None:
         """
         A claim can be marked upgraded.
