@@ -180,9 +180,10 @@ class Target:
                     call.cancel()
 
             d.addCallback(done)
-            # Upgraded connections (WebSockets) may never end on their own.
-            for c in [c for c in snapshot if c.upgraded]:
-                c.cancel()
+            # Upgraded connections (WebSockets) are deliberately NOT cut at
+            # once (kamal-proxy and Caddy do, and users complain): they stay
+            # up until the deadline, when their canceller sends a close frame
+            # (1001 going away) so clients reconnect cleanly to the new target.
         else:
             d = succeed(None)
 

@@ -175,10 +175,11 @@ class DrainTests(SynchronousTestCase):
         self.assertIs(self.target.state, TargetState.HEALTHY)
         self.assertIsNotNone(self.target.claim())
 
-    def test_upgraded_cancelled_at_once(self) -> None:
+    def test_upgraded_kept_until_deadline(self) -> None:
         """
-        Upgraded requests (WebSockets) may live forever, so a drain cancels
-        them at once; ordinary requests are still waited for.
+        Upgraded requests (WebSockets) are not cut when the drain starts: they
+        stay up until the drain deadline, and only then is their canceller
+        (which sends the WebSocket close frame) called.
         """
         cancelled = []
         ws = self.target.claim()
@@ -187,20 +188,27 @@ class DrainTests(SynchronousTestCase):
         plain = self.target.claim()
         plain.set_canceller(lambda: cancelled.append("plain"))
         d = self.target.drain(30)
+        self.assertEqual(cancelled, [])
+        self.assertFalse(ws.released)
+        plain.release()
+        self.assertNoResult(d)
+        self.clock.advance(30)
         self.assertEqual(cancelled, ["ws"])
         self.assertTrue(ws.released)
-        self.assertNoResult(d)
-        plain.release()
         self.successResultOf(d)
 
-    def test_upgraded_only(self) -> None:
+    def test_upgraded_closing_on_its_own(self) -> None:
         """
-        A target with only upgraded requests drains at once.
+        A WebSocket that closes by itself before the deadline ends the drain
+        without any cancel.
         """
         ws = self.target.claim()
         ws.mark_upgraded()
-        self.successResultOf(self.target.drain(30))
-        self.assertTrue(ws.released)
+        ws.set_canceller(lambda: self.fail("cancelled"))
+        d = self.target.drain(30)
+        self.assertNoResult(d)
+        ws.release()
+        self.successResultOf(d)
         self.assertIs(self.target.state, TargetState.HEALTHY)
 
     def test_upgraded_flag(self) -> None:
