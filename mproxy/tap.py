@@ -134,6 +134,11 @@ class MproxyService(MultiService):
         )
         self.ports: list[Any] = []
         self.sites: list[Any] = []
+        self.metrics = None
+        if config.metrics_port:
+            from mproxy.metrics import Metrics
+
+            self.metrics = Metrics()
         self.ready: Deferred[None] = Deferred()
         self.bound: dict[str, int] = {}
 
@@ -164,6 +169,8 @@ class MproxyService(MultiService):
                 raise StartupError(f"cannot listen for HTTP on port {cfg.http_port}: {e}")
             self.ports.append(port)
             self.bound.setdefault("http", port.getHost().port)
+        if self.metrics is not None:
+            yield self._listen_metrics()
         check_socket_free(cfg.socket)
         sock_dir = os.path.dirname(os.path.abspath(cfg.socket))
         os.makedirs(sock_dir, exist_ok=True)
@@ -185,6 +192,26 @@ class MproxyService(MultiService):
             socket=cfg.socket,
             state=self.store.path,
         )
+
+    @inlineCallbacks
+    def _listen_metrics(self) -> Any:
+        from twisted.web.server import Site
+
+        from mproxy.metrics import MetricsResource
+
+        cfg = self.config
+        site = Site(MetricsResource(self.metrics))
+        site.log = lambda request: None  # type: ignore[method-assign]
+        for i, endpoint in enumerate(_listen_endpoints(self.reactor, cfg.metrics_port, cfg.bind)):
+            try:
+                port = yield endpoint.listen(site)
+            except Exception as e:
+                if i > 0 and "metrics" in self.bound:
+                    continue
+                raise StartupError(f"cannot listen for metrics on port {cfg.metrics_port}: {e}")
+            self.ports.append(port)
+            self.bound.setdefault("metrics", port.getHost().port)
+        self.logger.info("Metrics enabled", port=self.bound.get("metrics"))
 
     def stopService(self) -> Deferred[Any]:
         """
