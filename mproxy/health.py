@@ -12,10 +12,17 @@ from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, RedirectAgent, readBody
+from twisted.web.client import (
+    Agent,
+    RedirectAgent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    readBody,
+)
 from twisted.web.http_headers import Headers
 
 from mproxy.spec import HealthCheckConfig
@@ -47,7 +54,15 @@ def health_url(host: str, port: int, config: HealthCheckConfig) -> str:
 
 
 def describe_failure(f: Failure) -> str:
-    if f.check(TimeoutError, CancelledError):
+    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed):
+        # The HTTP client wraps the real reasons (a timeout's cancellation
+        # among them).
+        reasons = f.value.reasons
+        if any(r.check(TimeoutError, CancelledError) for r in reasons):
+            return "request timed out"
+        if reasons:
+            return describe_failure(reasons[0])
+    if f.check(TimeoutError, CancelledError, ConnectingCancelledError):
         return "request timed out"
     if f.check(UnexpectedStatus):
         return str(f.value)
