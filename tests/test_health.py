@@ -425,3 +425,69 @@ class HTTPProbeTests(SynchronousTestCase):
         self.assertNoResult(d)
         transport.protocol.dataReceived(b"cde")
         self.assertEqual(self.successResultOf(d), 500)
+
+    def test_redirect_followed(self) -> None:
+        """
+        Redirects are followed and the final status counts.
+        """
+        d = self.probe(Target("web:3000", self.memory), HealthCheckConfig(path="/up"))
+        first = self.connect()
+        first.protocol.dataReceived(
+            b"HTTP/1.1 302 Found\r\nLocation: /really-up\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertNoResult(d)
+        self.assertEqual(len(self.memory.tcpClients), 2)
+        second = self.connect()
+        self.assertTrue(second.value().startswith(b"GET /really-up HTTP/1.1\r\n"))
+        second.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.successResultOf(d), 200)
+
+    def test_checker_with_real_probe_times_out(self) -> None:
+        """
+        A target that accepts the connection but never answers fails the check
+        with C{request timed out} after the health-check timeout.
+        """
+        target = Target("web:3000", self.memory)
+        reports: list[tuple[bool, str]] = []
+        checker = HealthChecker(target, HealthCheckConfig(timeout=2, interval=1), self.memory,
+                                self.probe, lambda t, ok, err: reports.append((ok, err)))
+        checker.start()
+        self.connect()
+        self.memory.advance(2)
+        self.assertEqual(reports, [(False, "request timed out")])
+        checker.stop()
+
+    def test_checker_with_real_probe_connect_timeout(self) -> None:
+        """
+        A target that never accepts the connection fails the check with
+        C{request timed out} too.
+        """
+        target = Target("web:3000", self.memory)
+        reports: list[tuple[bool, str]] = []
+        checker = HealthChecker(target, HealthCheckConfig(timeout=2, interval=1), self.memory,
+                                self.probe, lambda t, ok, err: reports.append((ok, err)))
+        checker.start()
+        self.memory.advance(2)
+        self.assertEqual(reports, [(False, "request timed out")])
+        checker.stop()
+
+    def test_connection_closed_early(self) -> None:
+        """
+        A target that closes the connection without answering fails with a
+        readable message, not a list of failures.
+        """
+        from twisted.internet.error import ConnectionDone
+
+        target = Target("web:3000", self.memory)
+        reports: list[tuple[bool, str]] = []
+        checker = HealthChecker(target, HealthCheckConfig(timeout=2, interval=1), self.memory,
+                                self.probe, lambda t, ok, err: reports.append((ok, err)))
+        checker.start()
+        transport = self.connect()
+        transport.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(reports), 1)
+        ok, err = reports[0]
+        self.assertFalse(ok)
+        self.assertNotIn("Failure", err)
+        self.assertIn("closed", err)
+        checker.stop()
