@@ -856,3 +856,163 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(len(ids), 100)
         for i in ids:
             self.assertTrue(re.match(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", i))
+
+
+class SpoolTests(SynchronousTestCase):
+    def test_memory_then_disk(self) -> None:
+        """
+        Up to C{memory} bytes stay in memory, the rest spills to an
+        anonymous file; reading gives everything back in order; closing
+        releases the file.
+        """
+        from mproxy.http.spool import Spool
+
+        logger = ListLogger()
+        s = Spool(4, 0, logger)
+        self.assertTrue(s.write(b"abc"))
+        self.assertFalse(s.spilled)
+        self.assertTrue(s.write(b"defgh"))
+        self.assertTrue(s.spilled)
+        f = s._file
+        out = b""
+        while True:
+            piece = s.read(2)
+            if not piece:
+                break
+            out += piece
+        self.assertEqual(out, b"abcdefgh")
+        s.close()
+        self.assertTrue(f.closed)
+        self.assertEqual(logger.messages(), ["Buffer: spilling to disk", "Buffer: removing spill"])
+
+    def test_limit(self) -> None:
+        """
+        Writing past the limit fails.
+        """
+        from mproxy.http.spool import Spool
+
+        s = Spool(100, 5)
+        self.assertTrue(s.write(b"12345"))
+        self.assertFalse(s.write(b"6"))
+        self.assertEqual(s.size, 5)
+
+
+class RequestBufferingTests(SynchronousTestCase):
+    def test_buffered_then_sent(self) -> None:
+        """
+        With request buffering the target is contacted only once the whole
+        body is in (spilled past buffer_memory), then gets all of it; the
+        spill is removed afterwards.
+        """
+        h = Harness(buffer_requests=True, buffer_memory=4, max_request_body=100)
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10\r\n\r\nhello")
+        self.assertEqual(h.reactor.tcpClients, [])
+        h.send(b"world")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().endswith(b"\r\n\r\nhelloworld"))
+        self.assertIn("Buffer: spilling to disk", h.logger.messages())
+        proto.dataReceived(OK)
+        self.assertIn("Buffer: removing spill", h.logger.messages())
+        self.assertIn(b"hello", h.output())
+
+    def test_declared_too_large(self) -> None:
+        """
+        A declared length over max_request_body: 413 at once, target never
+        contacted.
+        """
+        h = Harness(buffer_requests=True, max_request_body=8)
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 20\r\n\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 413 "))
+        self.assertIn("413 — Content Too Large".encode(), h.output())
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual(h.service.claims[0].releases, 1)
+        self.assertTrue(h.ct.disconnecting)
+
+    def test_chunked_too_large(self) -> None:
+        """
+        A chunked body growing past the limit: 413, target never contacted.
+        """
+        h = Harness(buffer_requests=True, buffer_memory=4, max_request_body=8)
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n5\r\nworld\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_limit_ignored_without_buffering(self) -> None:
+        """
+        Without request buffering max_request_body is not enforced.
+        """
+        h = Harness(max_request_body=2)
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().endswith(b"hello"))
+
+
+class ResponseBufferingTests(SynchronousTestCase):
+    def test_buffered_response(self) -> None:
+        """
+        With response buffering nothing is sent until the target finished.
+        """
+        h = Harness(buffer_responses=True, buffer_memory=2, max_response_body=100)
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        self.assertEqual(h.output(), b"")
+        proto.dataReceived(b"world")
+        self.assertEqual(h.output(), b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhelloworld")
+        self.assertEqual(h.service.claims[0].releases, 1)
+
+    def test_too_large_500(self) -> None:
+        """
+        A response over max_response_body: 500, nothing of it sent.
+        """
+        h = Harness(buffer_responses=True, buffer_memory=2, max_response_body=8)
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-A: 1\r\n\r\nhelloworld")
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"))
+        self.assertIn(b"<h1>500 Internal Server Error</h1>", out)
+        self.assertNotIn(b"X-A", out)
+        self.assertIn("Response exceeded max response limit", h.logger.messages())
+        self.assertTrue(t.disconnected)
+
+    def test_limit_ignored_without_buffering(self) -> None:
+        """
+        Without response buffering max_response_body is not enforced.
+        """
+        h = Harness(max_response_body=2)
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(OK)
+        self.assertTrue(h.output().endswith(b"hello"))
+
+    def test_streaming_bypasses(self) -> None:
+        """
+        Event streams (with parameters), X-Accel-Buffering: no and responses
+        of unknown length are streamed even with buffering on.
+        """
+        for head in (b"Content-Type: text/event-stream; charset=utf-8\r\nContent-Length: 20\r\n",
+                     b"X-Accel-Buffering: no\r\nContent-Length: 20\r\n",
+                     b"Transfer-Encoding: chunked\r\n"):
+            h = Harness(buffer_responses=True, max_response_body=2)
+            h.get()
+            proto, t = h.upstream()
+            body = b"5\r\nhello\r\n" if b"chunked" in head else b"hello"
+            proto.dataReceived(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + body)
+            self.assertTrue(h.output().startswith(b"HTTP/1.1 200 OK"), head)
+            self.assertIn(b"hello", h.output())
+
+    def test_websocket_bypasses(self) -> None:
+        """
+        Upgrades are tunnelled even with tiny buffering limits.
+        """
+        h = Harness(buffer_requests=True, buffer_responses=True, buffer_memory=1,
+                    max_request_body=2, max_response_body=2)
+        h.get(b"/ws", UpgradeTests.WS)
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\n\r\nlong frame from target")
+        self.assertTrue(h.output().endswith(b"long frame from target"))
+        h.send(b"long frame from client")
+        self.assertTrue(t.value().endswith(b"long frame from client"))

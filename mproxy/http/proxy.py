@@ -40,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET
 from mproxy.http import reqlog
 from mproxy.http.pages import CONTENT_TYPE, render_page
 from mproxy.http.server import FastRequest, ProxySite, reason_bytes
+from mproxy.http.spool import Spool, SpoolSender
 
 # request headers that never go to the target (reference 5.2)
 _HOP = frozenset((
@@ -264,7 +265,7 @@ class _ProxyCall:
         "res", "rq", "start_ns", "host", "path", "target_path", "request_id", "status",
         "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
         "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
-        "topts", "body_started",
+        "topts", "body_started", "req_spool", "resp_spool", "resp_head",
     )
 
     def __init__(self, res: ProxyResource, rq: Any) -> None:
@@ -291,6 +292,9 @@ class _ProxyCall:
         self.trailers_ok = False
         self.topts: Any = None
         self.body_started = False
+        self.req_spool: Spool | None = None
+        self.resp_spool: Spool | None = None
+        self.resp_head: Any = None
 
     # --- request ----------------------------------------------------------------
 
@@ -457,17 +461,60 @@ class _ProxyCall:
             out.append((b"X-Mproxy-Target", addr))
         claim.set_canceller(self.drain_cancel)
         body_length = rq.body_length
-        target_uri = self._target_uri()
-        self.up = up = target.pool.request(
-            rq.method, target_uri, out, self, body_length=body_length,
-            timeout=topts.target_timeout,
-        )
+        if body_length and topts.buffer_requests and not self.upgrade_type:
+            self._buffer_request(out)
+            return
+        up = self._forward(out)
         if self.done:
             return
         if body_length:
             up.set_body_producer(rq.body_producer)
             rq.send_continue()
             rq.set_body_consumer(up.write_body, up.end_body, self.body_error)
+
+    def _forward(self, out: list[tuple[bytes, bytes]]) -> Any:
+        self.up = up = self.claim.target.pool.request(
+            self.rq.method, self._target_uri(), out, self, body_length=self.rq.body_length,
+            timeout=self.topts.target_timeout,
+        )
+        return up
+
+    # --- request buffering (reference 5.4) --------------------------------------
+
+    def _buffer_request(self, out: list[tuple[bytes, bytes]]) -> None:
+        rq = self.rq
+        topts = self.topts
+        limit = topts.max_request_body
+        if limit and rq.body_length > limit:
+            self._page(413)
+            return
+        spool = self.req_spool = Spool(topts.buffer_memory, limit, self.res.logger)
+
+        def data(chunk: bytes) -> None:
+            if self.done:
+                return
+            try:
+                ok = spool.write(chunk)
+            except OSError as e:
+                self.res.logger.error("Error while proxying", target=self.target,
+                                      path=self.path, error=f"buffering request: {e}")
+                self._page(500)
+                return
+            if not ok:
+                self._page(413)
+
+        def end() -> None:
+            if self.done:
+                return
+            up = self._forward(out)
+            if self.done:
+                return
+            sender = SpoolSender(spool, up.write_body, up.end_body)
+            up.set_body_producer(sender)
+            sender.start()
+
+        rq.send_continue()
+        rq.set_body_consumer(data, end, self.body_error)
 
     def _target_uri(self) -> bytes:
         rq = self.rq
@@ -563,15 +610,50 @@ class _ProxyCall:
             rq.tunnel_write(b"")
             rq.take_over(self.up.write_raw)
             rq.registerProducer(self.up, True)
+            self.up.set_tunnel_producer(rq.body_producer)
+            return
+        topts = self.topts
+        if topts.buffer_responses and length is not None and not self._streaming(out):
+            self.resp_head = (status, reason or None, out, length)
+            self.resp_spool = Spool(topts.buffer_memory, topts.max_response_body,
+                                    self.res.logger)
             return
         rq.start_response(status, reason or None, out, length)
         rq.registerProducer(self.up, True)
+
+    @staticmethod
+    def _streaming(headers: list[tuple[bytes, bytes]]) -> bool:
+        """
+        Responses that are never held back: event streams and those asking
+        for no buffering (responses of unknown length are not buffered
+        either).
+        """
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-type":
+                if value.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+                    return True
+            elif lname == b"x-accel-buffering":
+                if value.strip().lower() == b"no":
+                    return True
+        return False
 
     def upstream_data(self, data: bytes) -> None:
         if self.done:
             return
         if self.tunnel:
             self.rq.tunnel_write(data)
+        elif self.resp_spool is not None:
+            try:
+                ok = self.resp_spool.write(data)
+            except OSError as e:
+                self._fail_response(500, f"buffering response: {e}")
+                return
+            if not ok:
+                self.up.cancel()
+                self.res.logger.info("Response exceeded max response limit", path=self.path,
+                                     target=self.target)
+                self._page(500)
         else:
             self.rq.write(data)
 
@@ -579,6 +661,18 @@ class _ProxyCall:
         if self.done:
             return
         rq = self.rq
+        if self.resp_spool is not None:
+            status, reason, out, length = self.resp_head
+            rq.start_response(status, reason, out, length)
+
+            def sent() -> None:
+                rq.finish()
+                self._complete()
+
+            sender = SpoolSender(self.resp_spool, rq.write, sent)
+            rq.registerProducer(sender, True)
+            sender.start()
+            return
         if self.tunnel:
             rq.channel.transport.loseConnection()
         else:
@@ -683,6 +777,10 @@ class _ProxyCall:
         if self.done:
             return
         self.done = True
+        if self.req_spool is not None:
+            self.req_spool.close()
+        if self.resp_spool is not None:
+            self.resp_spool.close()
         claim = self.claim
         if claim is not None:
             claim.set_canceller(None)

@@ -120,6 +120,15 @@ class UpstreamExchange:
         if conn is not None and not self.body_ended:
             conn._register_body_producer(producer)
 
+    def set_tunnel_producer(self, producer: Any) -> None:
+        """
+        After a 101: C{producer} (the client side) is paused while the
+        target cannot take more of the tunnelled stream.
+        """
+        conn = self.conn
+        if conn is not None:
+            conn._register_body_producer(producer)
+
     def write_body(self, data: bytes) -> None:
         if self.done or self.body_ended or not data:
             return
