@@ -146,6 +146,10 @@ class HealthChecker:
         self.running = False
 
     def start(self) -> None:
+        if self.stop_when_healthy and self.target.healthy:
+            # Already healthy (restored state): nothing left to find out, and
+            # a failed probe must not take the only target out of rotation.
+            return
         self.running = True
         self._tick()
 
