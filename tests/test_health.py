@@ -277,6 +277,31 @@ class BalancerHealthTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(len(self.probe.calls), 1)
 
+    def test_single_writer_already_healthy(self) -> None:
+        """
+        A single-writer balancer whose target is already healthy (restored
+        state) does not check it at all: a failed probe must not take the only
+        target out of rotation.
+        """
+        lb = LoadBalancer(["aa:1"], [], self.clock)
+        lb.mark_all_healthy()
+        lb.start_health_checks(CONFIG, self.probe)
+        self.clock.advance(60)
+        self.assertEqual(self.probe.calls, [])
+        self.assertIsNotNone(lb.claim(False))
+
+    def test_multi_target_already_healthy(self) -> None:
+        """
+        Restored multi-target balancers keep checking.
+        """
+        lb = LoadBalancer(["aa:1", "bb:2"], [], self.clock)
+        lb.mark_all_healthy()
+        lb.start_health_checks(CONFIG, self.probe)
+        self.assertEqual(len(self.probe.calls), 2)
+        self.probe.answer(500, 0)
+        self.assertEqual({lb.claim(False).target.address for _ in range(4)}, {"bb:2"})
+        lb.stop_health_checks()
+
     def test_multi_target_keeps_checking(self) -> None:
         """
         With several targets checks continue, and a failing target leaves the
