@@ -105,3 +105,18 @@ class IssuerErrorTests(SynchronousTestCase):
         self.assertEqual(parse_retry_after("Thu, 01 Jan 1970 00:10:00 GMT", 300), 300)
         self.assertIsNone(parse_retry_after("soon", 0))
         self.assertIsNone(parse_retry_after(None, 0))
+
+
+class CancelTests(SynchronousTestCase):
+    def test_cancelInterruptsWaits(self) -> None:
+        """
+        After cancel() the issuer's waits and new orders fail at once.
+        """
+        state = self.mktemp()
+        os.makedirs(state)
+        store = CertificateStore(state).for_directory("https://ca.test/dir")
+        issuer = AcmeIssuer("https://ca.test/dir", store, ChallengeStore())
+        issuer.cancel()
+        self.assertRaises(IssueError, issuer.sleep, 60)
+        e = self.assertRaises(IssueError, issuer.issue, "a.test", "http-01")
+        self.assertEqual(str(e), "stopped")

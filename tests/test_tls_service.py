@@ -339,12 +339,15 @@ class RenewalTests(ServiceTestMixin, SynchronousTestCase):
 
     def test_stopCancelsTimers(self) -> None:
         """
-        Stopping the service cancels scheduled orders and the static poll.
+        Stopping the service cancels scheduled orders and the static poll,
+        and tells issuers to give up orders in progress.
         """
         self.service.startService()
         self.service.update_service("web", tls("a.test"))
+        self.clock.advance(0)
         self.service.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(self.issuer.cancelled)
 
 
 class ValidateTests(ServiceTestMixin, SynchronousTestCase):

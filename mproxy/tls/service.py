@@ -301,6 +301,11 @@ class CertificateService(Service):
             host.call = None
         from twisted.internet.defer import gatherResults
 
+        issuers, self._issuers = self._issuers, {}
+        for issuer in issuers.values():
+            cancel = getattr(issuer, "cancel", None)
+            if cancel is not None:
+                cancel()
         return gatherResults([maybeDeferred(hook) for hook in self._stop_hooks]).addCallback(
             lambda _: None
         )

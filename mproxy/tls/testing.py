@@ -180,6 +180,10 @@ class FakeIssuer:
         self.lifetime = lifetime
         self.results: dict[str, list[Any]] = {}
         self.orders: list[tuple[str, str]] = []
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
     def issue(self, host: str, challenge_type: str) -> tuple[bytes, bytes]:
         self.orders.append((host, challenge_type))
