@@ -589,3 +589,16 @@ class ChannelTypeTests(SynchronousTestCase):
         """
         site = ProxySite(Recorder(), MemoryReactorClock())
         self.assertIsInstance(site.buildProtocol(None), FastHTTPChannel)
+
+
+class PipelineDepthTests(SynchronousTestCase):
+    def test_many_pipelined_sync_responses(self) -> None:
+        """
+        Hundreds of pipelined requests answered synchronously are served
+        without recursing once per request.
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        self.assertEqual(len(r.requests), 2000)
+        self.assertEqual(h.output().count(b"HTTP/1.1 200 OK"), 2000)

@@ -598,6 +598,7 @@ class FastHTTPChannel(Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._raw_header_bytes = 0
         self._in_headers = False
         self._paused: set[str] = set()
         self._closing = False
@@ -713,8 +714,8 @@ class FastHTTPChannel(Protocol):
             self._protocol_error(400, str(e))
         else:
             if self._in_headers:
-                self._header_bytes += len(data)
-                if self._header_bytes > MAX_HEADER_BYTES:
+                self._raw_header_bytes += len(data)
+                if self._raw_header_bytes > MAX_HEADER_BYTES:
                     self._protocol_error(431, "header section too large")
         # requests are dispatched once what arrived with them is parsed, so
         # that a body received together with its headers is complete
@@ -728,6 +729,7 @@ class FastHTTPChannel(Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._raw_header_bytes = 0
         if self.header_timeout and not self._requests:
             self._set_timer(self.header_timeout)
 
@@ -836,7 +838,27 @@ class FastHTTPChannel(Protocol):
 
     # --- dispatch -------------------------------------------------------------
 
+    _dispatching = False
+    _redispatch = False
+
     def _dispatch(self, req: FastRequest) -> None:
+        # Pipelined requests answered synchronously would otherwise recurse
+        # (finish -> request_done -> dispatch -> render -> finish ...).
+        if self._dispatching:
+            self._redispatch = True
+            return
+        self._dispatching = True
+        try:
+            while True:
+                self._redispatch = False
+                self._render(req)
+                if not self._redispatch or not self._requests or self._closing:
+                    return
+                req = self._requests[0]
+        finally:
+            self._dispatching = False
+
+    def _render(self, req: FastRequest) -> None:
         site = self.site
         try:
             resource = site.resource
