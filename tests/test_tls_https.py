@@ -209,3 +209,58 @@ class HTTPSListenerTests(TestCase):
 
         der = yield deferToThread(fresh)
         self.assertEqual(der, replaced[0].leaf.public_bytes(serialization.Encoding.DER))
+
+
+class Constant(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setHeader(b"content-type", b"text/plain")
+        request.setHeader(b"content-length", b"9")
+        return b"proxysite"
+
+
+class ProxySiteBehindTLSTests(TestCase):
+    """
+    The data plane's L{mproxy.http.server.ProxySite} (secure=True) works
+    behind L{https_factory} for HTTP/1.1 and HTTP/2.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        try:
+            from mproxy.http.server import ProxySite
+        except ImportError as e:  # pragma: no cover - the data plane moved
+            raise self.skipTest(f"mproxy.http.server.ProxySite unavailable: {e}")
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        ca = make_ca()
+        self.cafile = os.path.join(self.dir, "ca.pem")
+        with open(self.cafile, "wb") as f:
+            f.write(ca.leaf.public_bytes(serialization.Encoding.PEM))
+        cert = make_certificate(["app1.test"], issuer=ca)
+        site = ProxySite(Constant(), reactor, secure=True)
+        port = reactor.listenTCP(
+            0, https_factory(ServerTLS(lambda name: cert), site), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+
+    @inlineCallbacks
+    def test_http11(self):
+        """
+        HTTP/1.1 through the fast channel.
+        """
+        alpn, raw, san = yield deferToThread(https_get_http11, self.port, "app1.test", self.cafile)
+        self.assertEqual(alpn, "http/1.1")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200"), raw)
+        self.assertTrue(raw.endswith(b"proxysite"), raw)
+
+    @inlineCallbacks
+    def test_h2(self):
+        """
+        HTTP/2 through Twisted's H2 stack.
+        """
+        result = yield deferToThread(https_get_h2, self.port, "app1.test", self.cafile)
+        self.assertEqual(result, ("h2", 200, b"proxysite"))
