@@ -411,6 +411,71 @@ class DeployTests(ControllerTestCase):
         self.assertEqual(names[-1], "done")
 
 
+class RefusingCertificates:
+    """
+    A certificate service that refuses options with a certificate path, and
+    records what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.updated: list[str] = []
+        self.removed: list[str] = []
+
+    def validate(self, options: ServiceOptions) -> None:
+        from mproxy.errors import CertificateError
+
+        if options.tls_certificate_path:
+            raise CertificateError("unable to load certificate")
+
+    def update_service(self, name: str, options: ServiceOptions) -> None:
+        self.updated.append(name)
+
+    def remove_service(self, name: str) -> None:
+        self.removed.append(name)
+
+    def status(self) -> dict[str, str]:
+        return {"a.com": "valid"}
+
+
+class CertificateTests(ControllerTestCase):
+    def make_controller(self) -> Controller:
+        self.certs = RefusingCertificates()
+        return Controller(self.router, self.clock, self.probe, self.store, self.logger,
+                          certificates=self.certs)
+
+    def test_failed_redeploy_keeps_service(self) -> None:
+        """
+        A redeploy the certificate service refuses fails and leaves the
+        service and the state file as they were.
+        """
+        from mproxy.errors import CertificateError
+
+        self.deployed(request("web", "aa:1", hosts=["a.com"]))
+        before = self.state_bytes()
+        req = DeployRequest(
+            "web", ["bb:1"],
+            options=ServiceOptions(hosts=["a.com"], tls_enabled=True,
+                                   tls_certificate_path="/nope.pem",
+                                   tls_private_key_path="/nope.key"),
+        )
+        f = self.failureResultOf(self.controller.deploy(req), CertificateError)
+        self.assertEqual(str(f.value), "unable to load certificate")
+        self.assertEqual(self.address("a.com"), "aa:1")
+        self.assertEqual(self.state_bytes(), before)
+        self.assertEqual(self.probe.count("bb:1"), 0)
+
+    def test_certificates_told(self) -> None:
+        """
+        The certificate service hears of deployed and removed services, and
+        its status shows in the listing.
+        """
+        self.deployed(request("web", "aa:1", hosts=["a.com"]))
+        self.assertEqual(self.certs.updated, ["web"])
+        self.assertEqual(self.controller.list()[0]["certificates"], {"a.com": "valid"})
+        self.controller.remove("web")
+        self.assertEqual(self.certs.removed, ["web"])
+
+
 class RolloutTests(ControllerTestCase):
     def setUp(self) -> None:
         super().setUp()

@@ -293,6 +293,32 @@ class RolloutSplitTests(SynchronousTestCase):
             )
 
 
+class ReferenceRolloutTests(SynchronousTestCase):
+    """
+    The reference's rollout controller acceptance cases.
+    """
+
+    def test_percentage_split(self) -> None:
+        """
+        At 60%, cookies C{00000} to C{00999} send 600 +/- 20 to the rollout.
+        """
+        split = RolloutSplit(60)
+        n = sum(split.use_rollout(f"{i:05d}".encode()) for i in range(1000))
+        self.assertTrue(580 <= n <= 620, n)
+
+    def test_allowlist_and_percentage(self) -> None:
+        """
+        At 10% with an allowlist, about 100 +/- 20 of 1000 go to the rollout,
+        allowlisted values always.
+        """
+        split = RolloutSplit(10, ("00001", "00002"))
+        n = sum(split.use_rollout(f"{i:05d}".encode()) for i in range(1000))
+        self.assertTrue(80 <= n <= 120, n)
+        self.assertTrue(split.use_rollout(b"00001"))
+        self.assertTrue(split.use_rollout(b"00002"))
+        self.assertFalse(split.use_rollout(None))
+
+
 class RolloutSelectTests(ServiceTestCase):
     def setUp(self) -> None:
         super().setUp()

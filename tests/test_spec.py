@@ -121,6 +121,8 @@ class ParseTargetTests(SynchronousTestCase):
             "[::1]:0",
             "[::1]:99999",
             "-web:80",
+            "_",
+            "/",
         ]:
             with self.assertRaises(InvalidTarget, msg=text) as cm:
                 parse_target(text)
