@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from attrs import define, field
+from attrs import define
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -22,13 +22,13 @@ class CertifiedKey:
     """
     @ivar key: the private key (a C{cryptography} private key object).
     @ivar chain: the certificates, leaf first.
-    @ivar context: cache slot for the C{OpenSSL.SSL.Context} built from this
-        key by L{mproxy.tls.sni}; not part of the value.
+
+    Compared and hashed by identity (L{mproxy.tls.sni} caches one TLS context
+    per instance).
     """
 
     key: Any
     chain: list[x509.Certificate]
-    context: Any = field(default=None, repr=False)
 
     @property
     def leaf(self) -> x509.Certificate:

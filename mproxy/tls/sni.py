@@ -29,6 +29,7 @@ which C{select} gives nothing fails.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterable
 
 from OpenSSL import SSL, crypto
@@ -87,6 +88,10 @@ class ServerTLS:
         self.select = select
         self.challenges = challenges
         self.protocols = tuple(protocols)
+        # one context per certificate, dropped with the certificate
+        self._contexts: weakref.WeakKeyDictionary[CertifiedKey, SSL.Context] = (
+            weakref.WeakKeyDictionary()
+        )
         self._base = self._new_context()
         self._base.set_tlsext_servername_callback(self._on_servername)
 
@@ -108,15 +113,16 @@ class ServerTLS:
         """
         The (cached) context serving C{certified}.
         """
-        if certified.context is None:
+        ctx = self._contexts.get(certified)
+        if ctx is None:
             ctx = self._new_context()
             ctx.use_certificate(crypto.X509.from_cryptography(certified.chain[0]))
             ctx.use_privatekey(crypto.PKey.from_cryptography_key(certified.key))
             for extra in certified.chain[1:]:
                 ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
             ctx.check_privatekey()
-            certified.context = ctx
-        return certified.context
+            self._contexts[certified] = ctx
+        return ctx
 
     # -- callbacks (reactor thread, inside the handshake) -----------------
 
