@@ -7,7 +7,6 @@ import hashlib
 from cryptography import x509
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from mproxy.tls.challenges import (

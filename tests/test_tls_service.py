@@ -12,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from mproxy.errors import CertificateError
 from mproxy.spec import ServiceOptions
 from mproxy.tls.acme import IssueError
-from mproxy.tls.ondemand import OnDemandChecker
 from mproxy.tls.service import CertificateService
 from mproxy.tls.store import CertificateStore
 from mproxy.tls.testing import FakeIssuer, make_certificate, pem_pair, synchronous_runner

@@ -60,7 +60,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Iterable
 
-from attrs import define, field
+from attrs import define
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
@@ -69,7 +69,7 @@ from twisted.python.failure import Failure
 
 from mproxy.errors import CertificateError
 from mproxy.tls.acme import HTTP_01, LETS_ENCRYPT, LETS_ENCRYPT_STAGING, TLS_ALPN_01, IssueError
-from mproxy.tls.certs import CertifiedKey, format_time, load_certified_key
+from mproxy.tls.certs import CertifiedKey, format_time
 from mproxy.tls.challenges import ChallengeStore
 from mproxy.tls.ondemand import OnDemandChecker, OnDemandDenied
 from mproxy.tls.static import StaticCertificate, load_static
