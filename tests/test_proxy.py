@@ -1016,3 +1016,79 @@ class ResponseBufferingTests(SynchronousTestCase):
         self.assertTrue(h.output().endswith(b"long frame from target"))
         h.send(b"long frame from client")
         self.assertTrue(t.value().endswith(b"long frame from client"))
+
+
+class FrontTests(SynchronousTestCase):
+    def test_acme_challenge(self) -> None:
+        """
+        Known ACME HTTP-01 tokens are answered before routing (even for
+        unrouted hosts); unknown ones fall through.
+        """
+
+        class Challenges:
+            def http01_response(self, path: bytes) -> bytes | None:
+                return b"token.key" if path == b"/.well-known/acme-challenge/tok" else None
+
+        h = Harness()
+        h.site.resource.challenges = Challenges()
+        h.send(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: unknown.org\r\n\r\n")
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(out.endswith(b"\r\n\r\ntoken.key"))
+        self.assertEqual(h.requests_logged()[0]["service"], "")
+        h.get(b"/.well-known/acme-challenge/other")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_tls_request_to_plain_service(self) -> None:
+        """
+        A request over TLS for a service without TLS is a 503.
+        """
+        h = Harness()
+        h.client.is_tls = True
+        h.get()
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_https_redirect(self) -> None:
+        """
+        A TLS service redirects plain HTTP with a 301 that closes the
+        connection.
+        """
+        h = Harness()
+        h.service.options = ServiceOptions(hosts=["example.com"], tls_enabled=True)
+        h.get(b"/p?q=1")
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 301 Moved Permanently\r\n"), out)
+        self.assertIn(b"Location: https://example.com/p?q=1\r\n", out)
+        self.assertIn(b"Connection: close\r\n", out)
+        self.assertTrue(h.ct.disconnecting)
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_tls_service_over_tls_served(self) -> None:
+        """
+        The same TLS service is proxied when the request came over TLS, and
+        the target is told the scheme.
+        """
+        h = Harness(forward_headers=False)
+        h.service.options = ServiceOptions(hosts=["example.com"], tls_enabled=True)
+        h.client.is_tls = True
+        h.get()
+        proto, t = h.upstream()
+        self.assertEqual(header(upstream_headers(t.value()), b"x-forwarded-proto"), [b"https"])
+        proto.dataReceived(OK)
+        log = h.requests_logged()[0]
+        self.assertEqual((log["scheme"], log["port"]), ("https", 443))
+
+    def test_canonical_host_redirect(self) -> None:
+        """
+        Requests to another host of the service go to the canonical host.
+        """
+        h = Harness()
+        h.router.routes["www.example.com"] = (h.service, "/")
+        h.service.options = ServiceOptions(hosts=["example.com", "www.example.com"],
+                                           canonical_host="example.com")
+        h.send(b"POST /p HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 0\r\n\r\n")
+        out = h.output()
+        self.assertTrue(out.startswith(b"HTTP/1.1 301 "))
+        self.assertIn(b"Location: http://example.com/p\r\n", out)
+        self.assertIn(b"Content-Length: 0\r\n", out)

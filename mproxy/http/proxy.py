@@ -4,7 +4,8 @@ The reverse-proxy resource and the HTTP site factory.
 
     site = build_http_factory(reactor, router, logger, *,
                               http_port=80, https_port=443, secure=False,
-                              pools=None, metrics=None)
+                              pools=None, metrics=None, challenges=None,
+                              header_timeout=None, idle_timeout=None)
 
 returns a L{mproxy.http.server.ProxySite} (a L{twisted.web.server.Site})
 whose root resource is a L{ProxyResource}.  C{site.shutdown(timeout)}
@@ -12,7 +13,10 @@ returns a Deferred (see L{ProxySite.shutdown}); when C{pools} (a
 L{mproxy.http.upstream.PoolRegistry}) is given its idle connections are
 closed first.  C{metrics}, if given, is called as
 C{metrics(service, method, status, duration_seconds, target_path)} after
-each request.
+each request.  C{challenges} (a L{mproxy.tls.challenges.ChallengeStore})
+answers ACME HTTP-01 requests before routing.  Requests over TLS to a
+service without TLS get a 503; HTTPS and canonical-host redirects
+(L{mproxy.tls.redirect.redirect_location}) are answered with a 301.
 
 For each request L{ProxyResource} routes on Host and path
 (C{router.match}), asks the service for a target (C{service.select}),
@@ -41,6 +45,9 @@ from mproxy.http import reqlog
 from mproxy.http.pages import CONTENT_TYPE, render_page
 from mproxy.http.server import FastRequest, ProxySite, reason_bytes
 from mproxy.http.spool import Spool, SpoolSender
+from mproxy.tls.redirect import redirect_body, redirect_location
+
+_HTTP01_PREFIX = b"/.well-known/acme-challenge/"
 
 # request headers that never go to the target (reference 5.2)
 _HOP = frozenset((
@@ -238,6 +245,7 @@ class ProxyResource(Resource):
 
     def __init__(self, router: Any, logger: Any, *, clock: Any, http_port: int = 80,
                  https_port: int = 443, metrics: Callable[..., None] | None = None,
+                 challenges: Any = None,
                  now_ns: Callable[[], int] = time.monotonic_ns,
                  wallclock: Callable[[], float] = time.time) -> None:
         super().__init__()
@@ -247,6 +255,7 @@ class ProxyResource(Resource):
         self.http_port = http_port
         self.https_port = https_port
         self.metrics = metrics
+        self.challenges = challenges
         self.now_ns = now_ns
         self.wallclock = wallclock
 
@@ -363,6 +372,13 @@ class _ProxyCall:
         if "%" in path:
             path = unquote(path, encoding="utf-8", errors="surrogateescape")
         self.path = path
+        challenges = res.challenges
+        if challenges is not None and raw_path.startswith(_HTTP01_PREFIX):
+            body = challenges.http01_response(raw_path)
+            if body is not None:
+                self.remote_addr = b", ".join(xff)
+                self._respond(200, [(b"Content-Type", b"text/plain")], body)
+                return
         match = res.router.match(self.host.decode("latin-1"), path)
         if match is None:
             self.remote_addr = b", ".join(xff)
@@ -371,6 +387,21 @@ class _ProxyCall:
         service = self.service = match.service
         opts = service.options
         topts = self.topts = service.target_options
+        if rq.is_tls and not opts.tls_enabled:
+            self.remote_addr = b", ".join(xff)
+            self._page(503)
+            return
+        if opts.tls_enabled or opts.canonical_host:
+            location = redirect_location(
+                secure=rq.is_tls, host_header=self.host.decode("latin-1"),
+                uri=rq.uri.decode("latin-1"), tls_enabled=opts.tls_enabled,
+                tls_redirect=opts.tls_redirect, canonical_host=opts.canonical_host,
+                https_port=res.https_port, http_port=res.http_port,
+            )
+            if location is not None:
+                self.remote_addr = b", ".join(xff)
+                self._redirect(location)
+                return
         if opts.client_ip_header:
             h = opts.client_ip_header.encode("latin-1").lower()
             for n, v in rq.raw_headers:
@@ -753,6 +784,34 @@ class _ProxyCall:
         rq.finish()
         self._complete()
 
+    def _respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        rq = self.rq
+        self.status = status
+        for n, v in headers:
+            if n.lower() == b"content-type":
+                self.resp_ctype = v
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        rq.start_response(status, None, headers, len(body))
+        rq.write(body)
+        rq.finish()
+        self._complete()
+
+    def _redirect(self, location: str) -> None:
+        """
+        301 to C{location}, closing the connection (reference 5.9).
+        """
+        rq = self.rq
+        headers = [(b"Location", location.encode("latin-1", "replace"))]
+        if hasattr(rq, "keep_alive"):
+            rq.keep_alive = False
+        else:
+            headers.append((b"Connection", b"close"))
+        body = b""
+        if rq.method in (b"GET", b"HEAD"):
+            body = redirect_body(location)
+            headers.append((b"Content-Type", CONTENT_TYPE))
+        self._respond(301, headers, body)
+
     def _internal_error(self, failure: Failure) -> None:
         self.res.logger.error("Error while proxying", target=self.target, path=self.path,
                               error=failure.getErrorMessage())
@@ -799,7 +858,8 @@ def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int
                        https_port: int = 443, secure: bool = False, pools: Any = None,
                        metrics: Callable[..., None] | None = None,
                        header_timeout: float | None = None,
-                       idle_timeout: float | None = None) -> ProxySite:
+                       idle_timeout: float | None = None,
+                       challenges: Any = None) -> ProxySite:
     """
     The site for an HTTP (C{secure=False}) or HTTPS (C{secure=True}: wrap
     it in TLS; ALPN C{h2} gets Twisted's HTTP/2 stack) listener.
@@ -807,7 +867,7 @@ def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int
     from mproxy.http import server as _srv
 
     resource = ProxyResource(router, logger, clock=reactor, http_port=http_port,
-                             https_port=https_port, metrics=metrics)
+                             https_port=https_port, metrics=metrics, challenges=challenges)
     site = ProxySite(
         resource, reactor, secure=secure,
         header_timeout=_srv.HEADER_TIMEOUT if header_timeout is None else header_timeout,
