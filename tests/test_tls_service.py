@@ -685,3 +685,29 @@ class PathServiceTests(ServiceTestMixin, SynchronousTestCase):
         self.assertIsNotNone(self.service.select("a.test"))
         self.service.remove_service("api")
         self.assertIsNotNone(self.service.select("a.test"))
+
+
+class RedeployStaticTests(ServiceTestMixin, SynchronousTestCase):
+    def test_redeployReloads(self) -> None:
+        """
+        Redeploying with the same paths loads replaced files at once.
+        """
+        c = os.path.join(self.state, "c.pem")
+        k = os.path.join(self.state, "k.pem")
+
+        def write():
+            certified = make_certificate(["a.test"])
+            chain, key = pem_pair(certified)
+            with open(c, "wb") as f:
+                f.write(chain)
+            with open(k, "wb") as f:
+                f.write(key)
+            return certified
+
+        write()
+        options = tls("a.test", tls_certificate_path=c, tls_private_key_path=k)
+        self.service.update_service("s", options)
+        new = write()
+        self.service.validate(options)
+        self.service.update_service("s", options)
+        self.assertEqual(self.service.select("a.test").leaf, new.leaf)

@@ -346,7 +346,9 @@ class CertificateService(Service):
         if options.tls_enabled and options.tls_certificate_path:
             current = self._static.get(name)
             paths = (options.tls_certificate_path, options.tls_private_key_path)
-            if current is None or current.paths != paths:
+            if current is not None and current.paths == paths:
+                current.reload()  # a redeploy picks up replaced files at once
+            else:
                 try:
                     self._static[name] = self.static_loader(*paths)
                 except CertificateError as e:
