@@ -50,6 +50,29 @@ ERRORS: dict[type[BaseException], bytes] = {
 }
 
 
+class BigUnicode(amp.Argument):
+    """
+    Text of any length.  AMP limits each value to 64 KiB (and L{amp.ListOf}
+    packs a whole list into one value), so the UTF-8 bytes are spread over
+    several keys: C{name} holds the number of pieces, C{name.0},
+    C{name.1}, ... the pieces.
+    """
+
+    CHUNK = 60 * 1024
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        data = self.retrieve(objects, name.decode("ascii"), proto).encode("utf-8")
+        pieces = [data[i : i + self.CHUNK] for i in range(0, len(data), self.CHUNK)]
+        strings[name] = str(len(pieces)).encode("ascii")
+        for i, piece in enumerate(pieces):
+            strings[name + b"." + str(i).encode("ascii")] = piece
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        count = int(strings[name])
+        data = b"".join(strings[name + b"." + str(i).encode("ascii")] for i in range(count))
+        objects[name.decode("ascii")] = data.decode("utf-8")
+
+
 class Hello(amp.Command):
     """
     Exchange protocol versions.  Must be the first command on a connection.
@@ -66,7 +89,7 @@ class Deploy(amp.Command):
     targets have drained.  C{request} is the JSON of a L{DeployRequest}.
     """
 
-    arguments = [(b"request", amp.Unicode())]
+    arguments = [(b"request", BigUnicode())]
     response = [(b"targets", amp.ListOf(amp.Unicode()))]
     errors = ERRORS
 
@@ -140,29 +163,6 @@ class RolloutStop(amp.Command):
     arguments = [(b"service", amp.Unicode())]
     response: list[tuple[bytes, amp.Argument]] = []
     errors = ERRORS
-
-
-class BigUnicode(amp.Argument):
-    """
-    Text of any length.  AMP limits each value to 64 KiB (and L{amp.ListOf}
-    packs a whole list into one value), so the UTF-8 bytes are spread over
-    several keys: C{name} holds the number of pieces, C{name.0},
-    C{name.1}, ... the pieces.
-    """
-
-    CHUNK = 60 * 1024
-
-    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
-        data = self.retrieve(objects, name.decode("ascii"), proto).encode("utf-8")
-        pieces = [data[i : i + self.CHUNK] for i in range(0, len(data), self.CHUNK)]
-        strings[name] = str(len(pieces)).encode("ascii")
-        for i, piece in enumerate(pieces):
-            strings[name + b"." + str(i).encode("ascii")] = piece
-
-    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
-        count = int(strings[name])
-        data = b"".join(strings[name + b"." + str(i).encode("ascii")] for i in range(count))
-        objects[name.decode("ascii")] = data.decode("utf-8")
 
 
 class List(amp.Command):
