@@ -232,6 +232,19 @@ class CommandTests(ControlTestCase):
         self.assertIn("Deployed", self.logger.messages())
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_large_deploy(self) -> None:
+        """
+        A deploy request larger than AMP's 64 KiB value limit (thousands of
+        hosts) still travels.
+        """
+        hosts = [f"tenant-{i}.example.com" for i in range(4000)]
+        req = request("web", "aa:1", hosts=hosts, force=True)
+        self.assertGreater(len(deploy_request_to_json(req)), 65536)
+        d = self.client.deploy(req)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), ["aa:1"])
+        self.assertEqual(len(self.router.services["web"].options.hosts), 4000)
+
     def test_declared_errors(self) -> None:
         """
         Domain errors arrive on the client as the same exception classes with
