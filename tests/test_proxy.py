@@ -1092,3 +1092,38 @@ class FrontTests(SynchronousTestCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 301 "))
         self.assertIn(b"Location: http://example.com/p\r\n", out)
         self.assertIn(b"Content-Length: 0\r\n", out)
+
+
+class CookieScopeTests(SynchronousTestCase):
+    def test_scope_cookie(self) -> None:
+        """
+        Paths are joined onto the prefix for host-only or same-host cookies;
+        other domains and unparseable values are untouched.
+        """
+        from mproxy.http.proxy import scope_cookie
+
+        self.assertEqual(scope_cookie(b"a=1; Path=/", "/api", "example.com"), b"a=1; Path=/api")
+        self.assertEqual(scope_cookie(b"a=1; Path=/admin; HttpOnly", "/api", "example.com:8080"),
+                         b"a=1; Path=/api/admin; HttpOnly")
+        self.assertEqual(scope_cookie(b"a=1", "/api", "example.com"), b"a=1; Path=/api")
+        self.assertEqual(scope_cookie(b"a=1; Domain=example.com", "/api", "example.com"),
+                         b"a=1; Path=/api; Domain=example.com")
+        self.assertEqual(scope_cookie(b"a=1; Domain=other.com; Path=/", "/api", "example.com"),
+                         b"a=1; Domain=other.com; Path=/")
+        self.assertEqual(scope_cookie(b"garbage", "/api", "example.com"), b"garbage")
+
+    def test_through_proxy(self) -> None:
+        """
+        With scope_cookie_paths and a stripped prefix, responses' cookies
+        are scoped; without the option they are not.
+        """
+        h = Harness(prefix="/api", scope_cookie_paths=True)
+        h.get(b"/api/x")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Path=/\r\nContent-Length: 0\r\n\r\n")
+        self.assertIn(b"Set-Cookie: s=1; Path=/api\r\n", h.output())
+        h = Harness(prefix="/api")
+        h.get(b"/api/x")
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Path=/\r\nContent-Length: 0\r\n\r\n")
+        self.assertIn(b"Set-Cookie: s=1; Path=/\r\n", h.output())

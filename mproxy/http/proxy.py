@@ -107,6 +107,42 @@ def _cookie_lookup(values: list[bytes]) -> Callable[[bytes], bytes | None]:
     return cookie
 
 
+def scope_cookie(value: bytes, prefix: str, host: str) -> bytes:
+    """
+    Scope a Set-Cookie under a stripped path prefix (reference 5.11): when
+    its Domain is absent or the request host, its Path becomes the prefix
+    joined with the cookie's own path.  Unparseable values stay as they are.
+    """
+    parts = value.split(b";")
+    first = parts[0].strip()
+    if b"=" not in first or not first.split(b"=", 1)[0].strip():
+        return value
+    h = host
+    if h.startswith("["):
+        h = h[: h.find("]") + 1]
+    elif ":" in h:
+        h = h.split(":", 1)[0]
+    path = b""
+    rest: list[bytes] = []
+    for attr in parts[1:]:
+        attr = attr.strip()
+        if not attr:
+            continue
+        k, _, v = attr.partition(b"=")
+        lk = k.strip().lower()
+        if lk == b"path":
+            path = v.strip()
+            continue
+        if lk == b"domain":
+            d = v.strip().lstrip(b".").decode("latin-1").lower()
+            if d != h.lower():
+                return value
+        rest.append(attr)
+    segments = [p for p in (prefix.encode("latin-1") + b"/" + path).split(b"/") if p]
+    new_path = b"/" + b"/".join(segments)
+    return b"; ".join([first, b"Path=" + new_path] + rest)
+
+
 class _NullProducer:
     def pauseProducing(self) -> None:
         pass
@@ -274,7 +310,7 @@ class _ProxyCall:
         "res", "rq", "start_ns", "host", "path", "target_path", "request_id", "status",
         "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
         "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
-        "topts", "body_started", "req_spool", "resp_spool", "resp_head",
+        "topts", "body_started", "req_spool", "resp_spool", "resp_head", "prefix",
     )
 
     def __init__(self, res: ProxyResource, rq: Any) -> None:
@@ -304,6 +340,7 @@ class _ProxyCall:
         self.req_spool: Spool | None = None
         self.resp_spool: Spool | None = None
         self.resp_head: Any = None
+        self.prefix = ""
 
     # --- request ----------------------------------------------------------------
 
@@ -412,6 +449,7 @@ class _ProxyCall:
         # the path the target sees (reference 2.3)
         if match.prefix != "/" and opts.strip_prefix:
             self.target_path = match.target_path(path)
+            self.prefix = match.prefix
         else:
             self.target_path = path
         # forwarded headers
@@ -623,6 +661,10 @@ class _ProxyCall:
             out.append(item)
         if conn_tokens:
             out = self._drop_connection_tokens(out, conn_tokens)
+        if self.prefix and self.topts.scope_cookie_paths:
+            host = self.host.decode("latin-1")
+            out = [(n, scope_cookie(v, self.prefix, host)) if n.lower() == b"set-cookie" else (n, v)
+                   for n, v in out]
         set_cookie = self.claim.set_cookie
         if set_cookie is not None and affinity.strip().lower() != b"false":
             out.append((b"Set-Cookie", set_cookie))
