@@ -104,6 +104,20 @@ class FakeRouter:
         return FakeMatch(service, prefix)
 
 
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def enter(self, service: str) -> None:
+        self.events.append(("enter", service))
+
+    def leave(self, service: str) -> None:
+        self.events.append(("leave", service))
+
+    def observe(self, service: str, method: str, status: int, seconds: float) -> None:
+        self.events.append(("observe", service, method, status))
+
+
 class Harness:
     def __init__(self, prefix: str = "/", secure: bool = False, **target_options: Any) -> None:
         self.reactor = MemoryReactorClock()
@@ -111,10 +125,10 @@ class Harness:
         self.logger = ListLogger()
         self.service = FakeService(self.reactor, **target_options)
         self.router.routes["example.com"] = (self.service, prefix)
-        self.metrics: list[tuple[Any, ...]] = []
+        self.metrics = FakeMetrics()
         self.site = build_http_factory(
             self.reactor, self.router, self.logger, http_port=80, https_port=443,
-            metrics=lambda *a: self.metrics.append(a),
+            metrics=self.metrics,
         )
         self.client = self.site.buildProtocol(None)
         self.ct = StringTransport()
@@ -391,7 +405,8 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(log["proto"], "HTTP/1.1")
         self.assertEqual(log["scheme"], "http")
         self.assertEqual(log["query"], "q=ok")
-        self.assertEqual(h.metrics[0][:3], ("web", b"POST", 201))
+        self.assertEqual(h.metrics.events, [
+            ("enter", "web"), ("leave", "web"), ("observe", "web", "POST", 201)])
 
     def test_logged_headers(self) -> None:
         """
@@ -1127,3 +1142,29 @@ class CookieScopeTests(SynchronousTestCase):
         proto, t = h.upstream()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1; Path=/\r\nContent-Length: 0\r\n\r\n")
         self.assertIn(b"Set-Cookie: s=1; Path=/\r\n", h.output())
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_unrouted_counted(self) -> None:
+        """
+        Unrouted requests are counted with an empty service and no gauge.
+        """
+        h = Harness()
+        h.send(b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
+        self.assertEqual(h.metrics.events, [("observe", "", "GET", 404)])
+
+    def test_excluded_path(self) -> None:
+        """
+        A target-view path listed in exclude_metrics_paths is not counted
+        but still logged.
+        """
+        h = Harness(prefix="/api")
+        h.service.options = ServiceOptions(exclude_metrics_paths=["/up"])
+        h.get(b"/api/up")
+        proto, t = h.upstream()
+        proto.dataReceived(OK)
+        self.assertEqual(h.metrics.events, [])
+        self.assertEqual(len(h.requests_logged()), 1)
+        h.get(b"/api/other")
+        proto.dataReceived(OK)
+        self.assertEqual([e[0] for e in h.metrics.events], ["enter", "leave", "observe"])

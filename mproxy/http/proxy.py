@@ -11,9 +11,12 @@ returns a L{mproxy.http.server.ProxySite} (a L{twisted.web.server.Site})
 whose root resource is a L{ProxyResource}.  C{site.shutdown(timeout)}
 returns a Deferred (see L{ProxySite.shutdown}); when C{pools} (a
 L{mproxy.http.upstream.PoolRegistry}) is given its idle connections are
-closed first.  C{metrics}, if given, is called as
-C{metrics(service, method, status, duration_seconds, target_path)} after
-each request.  C{challenges} (a L{mproxy.tls.challenges.ChallengeStore})
+closed first.  C{metrics}, if given, is an L{mproxy.metrics.Metrics}-like
+object: C{metrics.enter(service)} / C{metrics.leave(service)} around the
+time a request is inside a service, C{metrics.observe(service, method,
+status, seconds)} when it completes (unrouted requests with service
+C{""}); requests whose target-view path is one of the service's
+C{exclude_metrics_paths} are not counted (reference 7.3).  C{challenges} (a L{mproxy.tls.challenges.ChallengeStore})
 answers ACME HTTP-01 requests before routing.  Requests over TLS to a
 service without TLS get a 503; HTTPS and canonical-host redirects
 (L{mproxy.tls.redirect.redirect_location}) are answered with a 301.
@@ -280,7 +283,7 @@ class ProxyResource(Resource):
     isLeaf = True
 
     def __init__(self, router: Any, logger: Any, *, clock: Any, http_port: int = 80,
-                 https_port: int = 443, metrics: Callable[..., None] | None = None,
+                 https_port: int = 443, metrics: Any = None,
                  challenges: Any = None,
                  now_ns: Callable[[], int] = time.monotonic_ns,
                  wallclock: Callable[[], float] = time.time) -> None:
@@ -311,6 +314,7 @@ class _ProxyCall:
         "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
         "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
         "topts", "body_started", "req_spool", "resp_spool", "resp_head", "prefix",
+        "metered",
     )
 
     def __init__(self, res: ProxyResource, rq: Any) -> None:
@@ -341,6 +345,7 @@ class _ProxyCall:
         self.resp_spool: Spool | None = None
         self.resp_head: Any = None
         self.prefix = ""
+        self.metered = False
 
     # --- request ----------------------------------------------------------------
 
@@ -424,6 +429,17 @@ class _ProxyCall:
         service = self.service = match.service
         opts = service.options
         topts = self.topts = service.target_options
+        # the path the target sees (reference 2.3)
+        if match.prefix != "/" and opts.strip_prefix:
+            self.target_path = match.target_path(path)
+            self.prefix = match.prefix
+        else:
+            self.target_path = path
+        if res.metrics is not None:
+            excluded = opts.exclude_metrics_paths
+            if not excluded or self.target_path not in excluded:
+                self.metered = True
+                res.metrics.enter(service.name)
         if rq.is_tls and not opts.tls_enabled:
             self.remote_addr = b", ".join(xff)
             self._page(503)
@@ -446,12 +462,6 @@ class _ProxyCall:
                     xff = [v]
                     break
         self.remote_addr = b", ".join(xff)
-        # the path the target sees (reference 2.3)
-        if match.prefix != "/" and opts.strip_prefix:
-            self.target_path = match.target_path(path)
-            self.prefix = match.prefix
-        else:
-            self.target_path = path
         # forwarded headers
         client_ip = _client_host(rq.client).encode("latin-1")
         scheme = b"https" if rq.is_tls else b"http"
@@ -891,14 +901,20 @@ class _ProxyCall:
         res = self.res
         duration = res.now_ns() - self.start_ns
         reqlog.log_request(res.logger, self, duration)
-        if res.metrics is not None:
-            svc = self.service.name if self.service is not None else ""
-            res.metrics(svc, self.rq.method, self.status, duration / 1e9, self.target_path)
+        metrics = res.metrics
+        if metrics is not None:
+            service = self.service
+            if service is None:
+                metrics.observe("", self.rq.method.decode("latin-1"), self.status, duration / 1e9)
+            elif self.metered:
+                metrics.leave(service.name)
+                metrics.observe(service.name, self.rq.method.decode("latin-1"), self.status,
+                                duration / 1e9)
 
 
 def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int = 80,
                        https_port: int = 443, secure: bool = False, pools: Any = None,
-                       metrics: Callable[..., None] | None = None,
+                       metrics: Any = None,
                        header_timeout: float | None = None,
                        idle_timeout: float | None = None,
                        challenges: Any = None) -> ProxySite:
