@@ -711,3 +711,20 @@ class RedeployStaticTests(ServiceTestMixin, SynchronousTestCase):
         self.service.validate(options)
         self.service.update_service("s", options)
         self.assertEqual(self.service.select("a.test").leaf, new.leaf)
+
+
+class OnDemandFloodTests(ServiceTestMixin, SynchronousTestCase):
+    def test_concurrentChecksBounded(self) -> None:
+        """
+        At most on_demand_max_checks policy requests run at once.
+        """
+        checker = FakeChecker()
+        pending = []
+        checker.check = lambda service, url, host: pending.append(host) or Deferred()
+        self.service = self.make(on_demand=checker, on_demand_max_checks=3)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.service.update_service("od", ServiceOptions(tls_enabled=True, tls_on_demand_url="/allow"))
+        for i in range(10):
+            self.service.select(f"h{i}.test")
+        self.assertEqual(pending, ["h0.test", "h1.test", "h2.test"])

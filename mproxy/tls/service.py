@@ -50,7 +50,8 @@ Rules:
   - On-demand services: an unknown SNI name triggers the policy check; a
     name with a certificate in the store is approved without asking;
     approvals and denials are cached; new on-demand orders are limited to
-    C{on_demand_rate} per C{on_demand_window} seconds.
+    C{on_demand_rate} per C{on_demand_window} seconds; at most
+    C{on_demand_max_checks} policy requests are in flight at once.
   - Custom certificates are polled for changes every C{static_poll_interval}
     seconds on the clock, and reloaded by C{reload_static()}.
 """
@@ -170,6 +171,7 @@ class CertificateService(Service):
         on_demand_rate: int = 10,
         on_demand_window: float = 3600.0,
         on_demand_deny_ttl: float = 60.0,
+        on_demand_max_checks: int = 16,
         static_loader: Callable[[str, str], StaticCertificate] = StaticCertificate,
     ) -> None:
         self.clock = clock
@@ -191,6 +193,7 @@ class CertificateService(Service):
         self.on_demand_rate = on_demand_rate
         self.on_demand_window = on_demand_window
         self.on_demand_deny_ttl = on_demand_deny_ttl
+        self.on_demand_max_checks = on_demand_max_checks
         self.static_loader = static_loader
 
         self._services: dict[str, Any] = {}
@@ -688,6 +691,10 @@ class CertificateService(Service):
             return None
         if self.on_demand is None:
             return None
+        if len(self._on_demand_checks) >= self.on_demand_max_checks:
+            # a flood of unknown names (scanners): don't hammer the policy
+            # endpoint; these handshakes fail and clients may retry later
+            return None
         self._on_demand_checks.add(check)
         d = self.on_demand.check(service, options.tls_on_demand_url, name)
         d.addCallbacks(
@@ -719,7 +726,12 @@ class CertificateService(Service):
 
     def _on_demand_refused(self, failure: Failure, service: str, name: str) -> None:
         self._on_demand_checks.discard((service, name))
-        self._on_demand_denied[(service, name)] = self.clock.seconds() + self.on_demand_deny_ttl
+        now = self.clock.seconds()
+        if len(self._on_demand_denied) >= 10000:
+            for key, until in list(self._on_demand_denied.items()):
+                if until <= now:
+                    del self._on_demand_denied[key]
+        self._on_demand_denied[(service, name)] = now + self.on_demand_deny_ttl
         if failure.check(OnDemandDenied):
             log.warn("TLS on-demand check denied host {host}: {error}", host=name, error=str(failure.value))
         else:
