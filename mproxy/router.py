@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import attrs
 from attrs import frozen
 
 from mproxy.errors import HostConflict
@@ -140,6 +141,27 @@ class Router:
         self.table = RouteTable.build(
             (s.name, s.options) for s in self.services.values()
         )
+        self._inherit_tls()
+
+    def _inherit_tls(self) -> None:
+        """
+        A service that does not serve C{/} takes its TLS and TLS-redirect
+        flags from the service serving C{/} for its first host; without one,
+        TLS is off and redirect on (reference 2.5).  Otherwise such a service
+        under an HTTPS host would refuse HTTPS requests.
+        """
+        for s in self.services.values():
+            if "/" in s.options.path_prefixes:
+                continue
+            root = self.root_service_for(s.options.hosts[0])
+            if root is None:
+                flags = (False, True)
+            else:
+                flags = (root.options.tls_enabled, root.options.tls_redirect)
+            if (s.options.tls_enabled, s.options.tls_redirect) != flags:
+                s.options = attrs.evolve(
+                    s.options, tls_enabled=flags[0], tls_redirect=flags[1]
+                )
 
     def root_service_for(self, host: str) -> Service | None:
         """
