@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
+import attrs
+
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -474,7 +476,12 @@ class Controller:
         target_options = options_from_json(TargetOptions, mapping("target_options"))
         if not isinstance(target_options.health_check, HealthCheckConfig):
             raise TypeError(f"health_check of {r['name']!r} is not an object")
-        options.validate()
+        if "/" in options.path_prefixes:
+            options.validate()
+        else:
+            # Path services' TLS flags are inherited from their host's root
+            # service (Router._inherit_tls), not set by the user.
+            attrs.evolve(options, tls_enabled=False, tls_redirect=True).validate()
         active = (addresses("active_targets"), addresses("active_readers"))
         if not active[0]:
             raise InvalidOptions(f"no active targets for {r['name']!r}")
