@@ -807,6 +807,25 @@ class StateTests(ControllerTestCase):
         self.assertEqual(s.options, req.options)
         self.assertEqual(s.target_options, req.target_options)
 
+    def test_restore_inherited_tls(self) -> None:
+        """
+        Path services that inherited TLS from their host's root service (and
+        were saved so) restore, and still inherit.
+        """
+        self.deployed(DeployRequest(
+            "root", ["rr:1"], options=ServiceOptions(hosts=["a.com"], tls_enabled=True)))
+        self.deployed(request("api", "aa:1", hosts=["a.com"], prefixes=["/api"]))
+        self.deployed(DeployRequest(
+            "ondemand", ["oo:1"],
+            options=ServiceOptions(tls_enabled=True, tls_on_demand_url="/allow")))
+        self.deployed(request("any", "bb:1", prefixes=["/any"]))
+        self.assertTrue(self.router.services["api"].options.tls_enabled)
+        self.assertTrue(self.router.services["any"].options.tls_enabled)
+        router, _, _ = self.restored()
+        self.assertEqual(sorted(router.services), ["any", "api", "ondemand", "root"])
+        self.assertTrue(router.services["api"].options.tls_enabled)
+        self.assertTrue(router.services["any"].options.tls_enabled)
+
     def test_restore_paused(self) -> None:
         """
         A paused service comes back paused, holds requests, and can be resumed

@@ -332,3 +332,71 @@ class RouteTableTests(SynchronousTestCase):
         self.assertEqual(router.root_service_for("y.a.com").name, "w")
         self.assertEqual(router.root_service_for("b.com").name, "d")
         self.assertIsNone(router.root_service_for("x.a.com"))
+
+
+class TLSInheritanceTests(SynchronousTestCase):
+    """
+    Reference 2.5: services that do not serve C{/} take TLS and TLS-redirect
+    from the root service of their first host.
+    """
+
+    def setUp(self) -> None:
+        self.router = Router()
+
+    def install(self, name: str, hosts: Sequence[str], prefixes: Sequence[str] = (),
+                tls: bool = False, redirect: bool = True) -> Service:
+        clock = Clock()
+        s = Service(
+            name,
+            ServiceOptions(hosts=hosts, path_prefixes=prefixes, tls_enabled=tls,
+                           tls_redirect=redirect),
+            TargetOptions(),
+            LoadBalancer(["web-" + name + ":80"], [], clock),
+            clock,
+        )
+        self.router.install(s)
+        return s
+
+    def flags(self, name: str) -> tuple[bool, bool]:
+        o = self.router.services[name].options
+        return o.tls_enabled, o.tls_redirect
+
+    def test_inherit(self) -> None:
+        """
+        A path service follows its host's root service, whichever is
+        installed first, and falls back to TLS off / redirect on when the
+        root goes away.
+        """
+        self.install("api", ["a.com"], ["/api"])
+        self.assertEqual(self.flags("api"), (False, True))
+        self.install("root", ["a.com"], tls=True, redirect=False)
+        self.assertEqual(self.flags("api"), (True, False))
+        self.assertEqual(self.router.match("a.com", "/api/x").service.options.tls_enabled, True)
+        self.install("root", ["a.com"], tls=False)
+        self.assertEqual(self.flags("api"), (False, True))
+        self.install("root", ["a.com"], tls=True)
+        self.assertEqual(self.flags("api"), (True, True))
+        self.router.remove("root")
+        self.assertEqual(self.flags("api"), (False, True))
+
+    def test_root_services_untouched(self) -> None:
+        """
+        Services that serve C{/} keep their own flags.
+        """
+        self.install("root", ["a.com"], tls=True, redirect=False)
+        self.install("both", ["b.com"], ["/", "/api"], tls=False)
+        self.assertEqual(self.flags("root"), (True, False))
+        self.assertEqual(self.flags("both"), (False, True))
+
+    def test_first_host_wildcard(self) -> None:
+        """
+        The root is looked up for the path service's first host, through the
+        wildcard entry.
+        """
+        self.install("w", ["*.a.com"], tls=True)
+        self.install("api", ["x.a.com", "other.com"], ["/api"])
+        # x.a.com has its own (path) binding, so its root lookup is final
+        # there: no root.
+        self.assertEqual(self.flags("api"), (False, True))
+        self.install("api2", ["*.a.com"], ["/api2"])
+        self.assertEqual(self.flags("api2"), (True, True))
