@@ -132,7 +132,7 @@ class Controller:
         lock = self._lock(req.service)
         yield lock.acquire()
         try:
-            old_lb = yield self._install(
+            old_lb, save_error = yield self._install(
                 req.service,
                 req.targets,
                 req.readers,
@@ -147,6 +147,8 @@ class Controller:
             lock.release()
         if old_lb is not None:
             yield self._drain(req.service, old_lb, req.drain_timeout, progress)
+        if save_error is not None:
+            raise save_error
         self.logger.info(
             "Deployed",
             service=req.service,
@@ -233,9 +235,15 @@ class Controller:
         if not rollout:
             self.certificates.update_service(name, options)
         lb.health_listeners.remove(report_health)
-        self.save()
+        save_error = None
+        try:
+            self.save()
+        except StateError as e:
+            # Traffic has switched: the old balancer must still be drained
+            # before the error is reported.
+            save_error = e
         progress("switched", "traffic switched to " + ", ".join(lb.addresses))
-        return old_lb
+        return old_lb, save_error
 
     @inlineCallbacks
     def _drain(
@@ -269,7 +277,7 @@ class Controller:
         yield lock.acquire()
         try:
             service = self._service(name)
-            old_lb = yield self._install(
+            old_lb, save_error = yield self._install(
                 name,
                 targets,
                 readers,
@@ -284,6 +292,8 @@ class Controller:
             lock.release()
         if old_lb is not None:
             yield self._drain(name, old_lb, drain_timeout, progress)
+        if save_error is not None:
+            raise save_error
         self.logger.info("Deployed for rollout", service=name, targets=list(targets))
         return list(targets + readers)
 
