@@ -988,6 +988,27 @@ class StateTests(ControllerTestCase):
         self.assert_state_error(self.record(target_options={"health_check": "/up"}))
         self.assert_state_error(self.record(pause="paused"))
 
+    def test_save_failure_after_switch_still_drains(self) -> None:
+        """
+        When the state cannot be saved after the switch, the old targets are
+        still drained and stop being checked before the error is reported.
+        """
+        self.deployed(request("web", "o1:1", "o2:2"))
+        held = self.select(method=b"POST")
+        os.remove(self.state_path)
+        os.makedirs(self.state_path)
+        d = self.controller.deploy(request("web", "n1:1", "n2:2"))
+        self.probe.answer("n1:1", 200)
+        self.probe.answer("n2:2", 200)
+        self.assertEqual(self.address(method=b"POST")[:1], "n")
+        self.assertNoResult(d)
+        held.release()
+        f = self.failureResultOf(d, StateError)
+        self.assertIn("cannot write state file", str(f.value))
+        before = self.probe.count("o1:1") + self.probe.count("o2:2")
+        self.clock.advance(10)
+        self.assertEqual(self.probe.count("o1:1") + self.probe.count("o2:2"), before)
+
     def test_no_store(self) -> None:
         """
         A controller without a store neither saves nor restores.
