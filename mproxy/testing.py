@@ -232,7 +232,7 @@ class MproxyProcess:
         self.reactor.spawnProcess(_Collect(done), sys.executable, argv, env=_child_env(env))
         return done
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.process is not None and self.process.pid is not None:
             os.kill(self.process.pid, sig)
 
@@ -245,7 +245,7 @@ class MproxyProcess:
             d.callback(0)
             return d
         if not self.protocol.ended.called:
-            self.signal(sig)
+            self.send_signal(sig)
         ended = self.protocol.ended
         result: Deferred[int] = Deferred()
         ended.addBoth(lambda r: (result.callback(r), r)[1])
