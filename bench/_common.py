@@ -350,11 +350,24 @@ http {{
   server {{
     listen {HOST}:{port} backlog=4096;
     location = /up {{ return 200 "OK\\n"; }}
+    location = /__upstream_status {{ stub_status; }}
     location / {{ return 200 "{text}"; }}
   }}
 }}
 """)
     return conf
+
+
+def nginx_accepts(port: int) -> int | None:
+    """Connections the upstream nginx has accepted so far (stub_status)."""
+    try:
+        status, body = http_get(f"http://{HOST}:{port}/__upstream_status", timeout=5)
+    except OSError:
+        return None
+    lines = body.decode(errors="replace").splitlines()
+    if status != 200 or len(lines) < 3:
+        return None
+    return int(lines[2].split()[0])
 
 
 def nginx_proxy_config(d: Path, port: int, upstream_port: int, access_log: bool = True,

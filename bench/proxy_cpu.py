@@ -75,15 +75,21 @@ def run_wrk(url: str, args, duration: float, cpu: int | None) -> dict:
     return parse_wrk(r.stdout)
 
 
-def measure(url: str, args, proxy_pid: int | None, upstream_pid: int) -> dict:
+def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
+            upstream_port: int) -> dict:
     proxy_pids = C.tree_pids(proxy_pid) if proxy_pid else []
     up_pids = C.tree_pids(upstream_pid)
+    a0 = C.nginx_accepts(upstream_port)
     s0 = C.cpu_times()
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     res = run_wrk(url, args, args.duration, args.load_cpu)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     s1 = C.cpu_times()
-    # How busy each pinned CPU was: tells which side was the bottleneck.
+    a1 = C.nginx_accepts(upstream_port)
+    if a0 is not None and a1 is not None:
+        # New connections the upstream accepted during the run (minus our own
+        # status request): shows whether the proxy reuses upstream connections.
+        res["upstream_new_connections"] = a1 - a0 - 1    # How busy each pinned CPU was: tells which side was the bottleneck.
     for label, cpu in (("proxy_cpu", args.proxy_cpu), ("load_cpu", args.load_cpu)):
         if cpu is not None and cpu >= 0:
             res[f"{label}{cpu}_usage"] = C.cpu_busy(s0, s1, cpu)
@@ -160,7 +166,7 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             quiet = True
             if args.wait_quiet > 0:
                 quiet = C.wait_quiet([args.proxy_cpu, args.load_cpu], args.wait_quiet)
-            r = measure(url, args, pid, upstream.pid)
+            r = measure(url, args, pid, upstream.pid, upstream_port)
             r["started_quiet"] = quiet
             runs.append(r)
             cpu = (f", proxy CPU {r['proxy_cpu_us_per_req']:.1f} us/req "
@@ -171,6 +177,8 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             if foreign > 0.05:
                 bad += (f"; WARNING: other processes used {foreign * 100:.0f}% of CPU "
                         f"{args.proxy_cpu} (req/s understated)")
+            if "upstream_new_connections" in r:
+                bad += f"; {r['upstream_new_connections']} new upstream connections"
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
@@ -191,7 +199,8 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
 
 def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
-            "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign"]
+            "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign",
+            "upstream_new_connections"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):
