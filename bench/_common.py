@@ -562,6 +562,9 @@ def machine_info() -> dict:
         r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                            capture_output=True, text=True, timeout=10)
         info["git_commit"] = r.stdout.strip()
+        r = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "mproxy"],
+                           capture_output=True, text=True, timeout=10)
+        info["git_mproxy_dirty"] = bool(r.stdout.strip())
     return info
 
 
