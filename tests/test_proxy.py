@@ -1168,3 +1168,21 @@ class MetricsTests(SynchronousTestCase):
         h.get(b"/api/other")
         proto.dataReceived(OK)
         self.assertEqual([e[0] for e in h.metrics.events], ["enter", "leave", "observe"])
+
+
+class HostlessTests(SynchronousTestCase):
+    def test_http10_without_host(self) -> None:
+        """
+        An HTTP/1.0 request without Host reaches the default service and the
+        target gets the target address as Host.
+        """
+        h = Harness()
+        h.router.routes[""] = (h.service, "/")
+        h.send(b"GET /old HTTP/1.0\r\n\r\n")
+        proto, t = h.upstream()
+        hs = upstream_headers(t.value())
+        self.assertEqual(header(hs, b"host"), [b"10.0.0.2:3000"])
+        self.assertEqual(header(hs, b"x-forwarded-host"), [])
+        proto.dataReceived(OK)
+        self.assertTrue(h.output().endswith(b"hello"))
+        self.assertTrue(h.ct.disconnecting)

@@ -468,11 +468,13 @@ class _ProxyCall:
         if topts.forward_headers:
             out.append((b"X-Forwarded-For", b", ".join(xff) + b", " + client_ip if xff else client_ip))
             out.append((b"X-Forwarded-Proto", xfp or scheme))
-            out.append((b"X-Forwarded-Host", xfh or self.host))
+            if xfh or self.host:
+                out.append((b"X-Forwarded-Host", xfh or self.host))
         else:
             out.append((b"X-Forwarded-For", client_ip))
             out.append((b"X-Forwarded-Proto", scheme))
-            out.append((b"X-Forwarded-Host", self.host))
+            if self.host:
+                out.append((b"X-Forwarded-Host", self.host))
         out.append((b"X-Request-ID", self.request_id))
         out.append((b"X-Request-Start", rstart or b"t=%d" % int(res.wallclock() * 1000)))
         if te and b"trailers" in te.lower():
@@ -538,6 +540,9 @@ class _ProxyCall:
             out.append((b"X-Mproxy-Target", b", ".join(targets) + b", " + addr))
         else:
             out.append((b"X-Mproxy-Target", addr))
+        if not self.host:
+            # an HTTP/1.0 request without Host: HTTP/1.1 needs one
+            out.insert(0, (b"Host", addr))
         claim.set_canceller(self.drain_cancel)
         body_length = rq.body_length
         if body_length and topts.buffer_requests and not self.upgrade_type:
