@@ -121,17 +121,23 @@ class MproxyService(MultiService):
         self.logger = logger
         self.router = Router()
         self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
-        from mproxy.http.upstream import UpstreamPool
+        from mproxy.http.upstream import pool_factory
+        from mproxy.tls.wiring import build_certificate_service
 
-        self.pool_factory = lambda host, port: UpstreamPool(reactor, host, port)
+        self.pools = pool_factory(reactor)
+        self.certificates = build_certificate_service(reactor, config, self.router)
+        self.certificates.setName("certs")
+        self.certificates.setServiceParent(self)
         self.controller = Controller(
             self.router,
             reactor,
             http_probe(reactor),
             self.store,
             logger,
-            pool_factory=self.pool_factory,
+            pool_factory=self.pools,
+            certificates=self.certificates,
         )
+        self._unhook_sighup: Any = None
         self.ports: list[Any] = []
         self.sites: list[Any] = []
         self.metrics = None
@@ -153,22 +159,27 @@ class MproxyService(MultiService):
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         self.controller.restore()
         from mproxy.http.proxy import build_http_factory
+        from mproxy.tls.wiring import https_server_factory, install_sighup_reload
 
-        site = build_http_factory(
-            self.reactor, self.router, self.logger,
-            http_port=cfg.http_port, https_port=cfg.https_port,
+        common = dict(
+            http_port=cfg.http_port, https_port=cfg.https_port, pools=self.pools,
+            metrics=self.metrics, challenges=self.certificates.challenges,
         )
-        self.sites.append(site)
-        for i, endpoint in enumerate(_listen_endpoints(self.reactor, cfg.http_port, cfg.bind)):
-            try:
-                port = yield endpoint.listen(site)
-            except Exception as e:
-                if i > 0 and self.ports:
-                    # Dual-stack "::" already took the IPv4 side too.
-                    continue
-                raise StartupError(f"cannot listen for HTTP on port {cfg.http_port}: {e}")
-            self.ports.append(port)
-            self.bound.setdefault("http", port.getHost().port)
+        site = build_http_factory(self.reactor, self.router, self.logger, **common)
+        secure_site = build_http_factory(
+            self.reactor, self.router, self.logger, secure=True, **common
+        )
+        self.sites += [site, secure_site]
+        yield self._listen("http", cfg.http_port, site)
+        yield self._listen(
+            "https", cfg.https_port, https_server_factory(self.certificates, secure_site)
+        )
+        try:
+            self._unhook_sighup = install_sighup_reload(
+                self.reactor, self.certificates.reload_static
+            )
+        except (ValueError, OSError):  # not the main thread, or no SIGHUP here
+            self._unhook_sighup = None
         if self.metrics is not None:
             yield self._listen_metrics()
         check_socket_free(cfg.socket)
@@ -188,10 +199,25 @@ class MproxyService(MultiService):
         self.logger.info(
             "Server started",
             http=self.bound.get("http"),
-            https=cfg.https_port,
+            https=self.bound.get("https"),
             socket=cfg.socket,
             state=self.store.path,
         )
+
+    @inlineCallbacks
+    def _listen(self, what: str, port_number: int, factory: Any) -> Any:
+        for i, endpoint in enumerate(_listen_endpoints(self.reactor, port_number, self.config.bind)):
+            try:
+                port = yield endpoint.listen(factory)
+            except Exception as e:
+                if i > 0 and what in self.bound:
+                    # Dual-stack "::" already took the IPv4 side too.
+                    continue
+                raise StartupError(
+                    f"cannot listen for {what.upper()} on port {port_number}: {e}"
+                )
+            self.ports.append(port)
+            self.bound.setdefault(what, port.getHost().port)
 
     @inlineCallbacks
     def _listen_metrics(self) -> Any:
@@ -199,18 +225,9 @@ class MproxyService(MultiService):
 
         from mproxy.metrics import MetricsResource
 
-        cfg = self.config
         site = Site(MetricsResource(self.metrics))
         site.log = lambda request: None  # type: ignore[method-assign]
-        for i, endpoint in enumerate(_listen_endpoints(self.reactor, cfg.metrics_port, cfg.bind)):
-            try:
-                port = yield endpoint.listen(site)
-            except Exception as e:
-                if i > 0 and "metrics" in self.bound:
-                    continue
-                raise StartupError(f"cannot listen for metrics on port {cfg.metrics_port}: {e}")
-            self.ports.append(port)
-            self.bound.setdefault("metrics", port.getHost().port)
+        yield self._listen("metrics", self.config.metrics_port, site)
         self.logger.info("Metrics enabled", port=self.bound.get("metrics"))
 
     def stopService(self) -> Deferred[Any]:
@@ -218,6 +235,9 @@ class MproxyService(MultiService):
         Stop accepting, let in-flight requests finish (up to 10 s), stop health
         checks.
         """
+        if self._unhook_sighup is not None:
+            self._unhook_sighup()
+            self._unhook_sighup = None
         ports, self.ports = self.ports, []
         stops = [succeed(p.stopListening()) for p in ports]
         d: Deferred[Any] = DeferredList(stops, consumeErrors=True)
