@@ -1,10 +1,11 @@
-# syntax=docker/dockerfile:1
-#
 # mproxy container image.
 #
 #   docker build -t mproxy .
-#   docker run -d --name proxy -p 80:80 -p 443:443 -v mproxy-config:/home/mproxy/.config/mproxy mproxy
-#   docker exec proxy mproxy deploy web-1:3000
+#   docker network create apps
+#   docker run -d --name proxy --network apps -p 80:80 -p 443:443 \
+#       -v mproxy-config:/home/mproxy/.config/mproxy mproxy
+#   docker exec proxy mproxy deploy web-1:3000     # web-1: a container on `apps`
+#   docker logs -f proxy                            # JSON log lines, one per request
 #
 # The last stage (mproxy) is the default build target. The `webapp` stage is the
 # tiny example server used by compose.yaml (`build: {target: webapp}`).
