@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    DeferredList,
     DeferredLock,
     TimeoutError,
     inlineCallbacks,
@@ -336,8 +337,7 @@ class Controller:
         service.pause.pause(max_pause)
         self.logger.info("Service paused", service=name)
         self.save()
-        for lb in service.balancers():
-            yield lb.drain(drain_timeout)
+        yield DeferredList([lb.drain(drain_timeout) for lb in service.balancers()])
         self.logger.info("Service drained", service=name)
 
     @inlineCallbacks
@@ -346,8 +346,7 @@ class Controller:
         service.pause.stop(message)
         self.logger.info("Service stopped", service=name)
         self.save()
-        for lb in service.balancers():
-            yield lb.drain(drain_timeout)
+        yield DeferredList([lb.drain(drain_timeout) for lb in service.balancers()])
         self.logger.info("Service drained", service=name)
 
     def resume(self, name: str) -> None:
