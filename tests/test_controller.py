@@ -684,6 +684,22 @@ class PauseTests(ControllerTestCase):
         self.failureResultOf(self.controller.stop("nope", 1, ""), ServiceNotFound)
         self.assertRaises(ServiceNotFound, self.controller.resume, "nope")
 
+    def test_pause_drains_rollout_in_parallel(self) -> None:
+        """
+        Pause drains the active and rollout deployments together: the command
+        takes at most the drain timeout.
+        """
+        self.probe.auto["cc:2"] = 200
+        self.successResultOf(self.controller.rollout_deploy("web", ("cc:2",), (), 10, 10))
+        s = self.router.services["web"]
+        a = s.active.claim(False)
+        r = s.rollout.claim(False)
+        d = self.controller.stop("web", 5, "")
+        self.clock.advance(5)
+        self.successResultOf(d)
+        self.assertTrue(a.released)
+        self.assertTrue(r.released)
+
     def test_max_pause(self) -> None:
         """
         The max pause given to the command applies to held requests.
