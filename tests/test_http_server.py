@@ -602,3 +602,42 @@ class PipelineDepthTests(SynchronousTestCase):
         h.send(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
         self.assertEqual(len(r.requests), 2000)
         self.assertEqual(h.output().count(b"HTTP/1.1 200 OK"), 2000)
+
+
+class FuzzTests(SynchronousTestCase):
+    def test_random_input_never_raises(self) -> None:
+        """
+        Mutated and random input, fed in random pieces, never raises out of
+        the channel; whatever is answered is a complete status line.
+        """
+        import random
+
+        rnd = random.Random(1234)
+        seeds = [
+            GET,
+            b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ]
+        for i in range(400):
+            data = bytearray(rnd.choice(seeds) * rnd.randint(1, 3))
+            for _ in range(rnd.randint(0, 6)):
+                op = rnd.random()
+                pos = rnd.randrange(len(data))
+                if op < 0.4:
+                    data[pos] = rnd.randrange(256)
+                elif op < 0.7:
+                    del data[pos]
+                else:
+                    data.insert(pos, rnd.choice(b"\r\n:; \x00ab0"))
+            if i % 10 == 0:
+                data = bytearray(rnd.randbytes(rnd.randint(1, 300)))
+            h = Harness(Recorder(auto=True))
+            pos = 0
+            while pos < len(data):
+                n = rnd.randint(1, 40)
+                h.send(bytes(data[pos:pos + n]))
+                pos += n
+            out = h.output()
+            if out:
+                self.assertTrue(out.startswith(b"HTTP/1.1 "), (bytes(data), out))

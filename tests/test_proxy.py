@@ -1186,3 +1186,36 @@ class HostlessTests(SynchronousTestCase):
         proto.dataReceived(OK)
         self.assertTrue(h.output().endswith(b"hello"))
         self.assertTrue(h.ct.disconnecting)
+
+
+class ProxyFuzzTests(SynchronousTestCase):
+    def test_mutated_requests(self) -> None:
+        """
+        Mutated requests and responses never raise out of the proxy, and
+        every claim taken is released once the exchange ends.
+        """
+        import random
+
+        rnd = random.Random(99)
+        req = (b"POST /a%20b/c?x=%zz HTTP/1.1\r\nHost: example.com\r\nCookie: a=b; mproxy-rollout=\xff\r\n"
+               b"Content-Length: 3\r\nX-Forwarded-For: 1.2.3.4\r\nConnection: x-a, close\r\n\r\nabc")
+        resp = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nSet-Cookie: a=1\r\nConnection: close\r\n"
+                b"X-Writer-Affinity: false\r\n\r\nhello")
+        for i in range(300):
+            data = bytearray(req)
+            for _ in range(rnd.randint(0, 4)):
+                pos = rnd.randrange(len(data))
+                data[pos] = rnd.randrange(256)
+            h = Harness(prefix=rnd.choice(["/", "/a b"]))
+            h.send(bytes(data))
+            if h.reactor.tcpClients:
+                proto, t = h.upstream()
+                r = bytearray(resp)
+                for _ in range(rnd.randint(0, 3)):
+                    pos = rnd.randrange(len(r))
+                    r[pos] = rnd.randrange(256)
+                proto.dataReceived(bytes(r))
+                proto.connectionLost(Failure(error.ConnectionDone()))
+                h.client.connectionLost(Failure(error.ConnectionDone()))
+                for c in h.service.claims:
+                    self.assertEqual(c.releases, 1, (bytes(data), bytes(r)))
