@@ -213,17 +213,17 @@ class CheckerTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.probe.calls), 1)
 
-    def test_late_answer_after_stop(self) -> None:
+    def test_cancelled_probe_not_reported(self) -> None:
         """
-        An answer arriving after stop (from a probe that ignores cancellation)
-        neither changes the target nor reports.
+        The cancelled probe's failure neither changes the target nor is
+        reported, and a later timeout of it does nothing.
         """
         c = self.checker()
         d = self.probe.calls[0][1]
         c.stop()
-        # The fake canceller does not fire the Deferred; the checker's
-        # timeout wrapper has already errbacked it.
+        # Cancelling a Deferred whose canceller does not fire it errbacks it.
         self.assertTrue(d.called)
+        self.clock.advance(10)
         self.assertIs(self.target.state, TargetState.ADDING)
         self.assertEqual(self.reports, [])
 
