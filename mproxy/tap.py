@@ -92,6 +92,11 @@ def check_socket_free(path: str) -> None:
     @raise StartupError: when another server answers on C{path}, or the path
         is something other than a socket.
     """
+    if len(os.fsencode(path)) > 107:
+        raise StartupError(
+            f"control socket path {path} is too long for a UNIX socket "
+            f"({len(os.fsencode(path))} bytes, at most 107)"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -182,6 +182,11 @@ class MproxyProcess:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.socket = os.path.join(self.directory, "mproxy.sock")
+        if len(self.socket.encode()) > 100:
+            # AF_UNIX paths are limited to about 107 bytes.
+            import tempfile
+
+            self.socket = os.path.join(tempfile.mkdtemp(prefix="mproxy-"), "mproxy.sock")
         self.state_dir = os.path.join(self.directory, "state")
         self.requested_port = http_port
         self.extra_args = extra_args

@@ -323,6 +323,7 @@ class StateAndLifecycleTests(IntegrationMixin, TestCase):
         p = yield self.proxy()
         self.assertEqual(stat.S_IMODE(os.stat(p.socket).st_mode), 0o600)
         second = MproxyProcess(reactor, p.directory)
+        second.socket = p.socket
         second.http_port = 0
         with self.assertRaises(RuntimeError) as e:
             yield second.start()
