@@ -1219,3 +1219,20 @@ class ProxyFuzzTests(SynchronousTestCase):
                 h.client.connectionLost(Failure(error.ConnectionDone()))
                 for c in h.service.claims:
                     self.assertEqual(c.releases, 1, (bytes(data), bytes(r)))
+
+
+class HeldCancelTests(SynchronousTestCase):
+    def test_client_leaving_cancels_hold(self) -> None:
+        """
+        A client leaving while held cancels the service's Deferred; nothing
+        is logged as an error.
+        """
+        h = Harness()
+        cancelled: list[bool] = []
+        d: Deferred[Any] = Deferred(lambda _: cancelled.append(True))
+        h.service.result = d
+        h.get()
+        h.client.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(cancelled, [True])
+        self.assertNotIn("Error while proxying", h.logger.messages())
+        self.assertEqual(h.requests_logged()[0]["status"], 499)

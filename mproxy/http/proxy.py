@@ -314,7 +314,7 @@ class _ProxyCall:
         "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
         "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
         "topts", "body_started", "req_spool", "resp_spool", "resp_head", "prefix",
-        "metered",
+        "metered", "held",
     )
 
     def __init__(self, res: ProxyResource, rq: Any) -> None:
@@ -346,6 +346,7 @@ class _ProxyCall:
         self.resp_head: Any = None
         self.prefix = ""
         self.metered = False
+        self.held: Deferred[Any] | None = None
 
     # --- request ----------------------------------------------------------------
 
@@ -495,6 +496,7 @@ class _ProxyCall:
             self._internal_error(Failure())
             return
         if isinstance(result, Deferred):
+            self.held = result
             result.addCallback(self._selected, out, targets)
             result.addErrback(self._internal_error)
             return
@@ -516,6 +518,7 @@ class _ProxyCall:
     def _selected(self, result: Any, out: list[tuple[bytes, bytes]],
                   targets: list[bytes]) -> None:
         rq = self.rq
+        self.held = None
         if self.done:
             # the client left while the request was held
             if hasattr(result, "release"):
@@ -802,6 +805,10 @@ class _ProxyCall:
         if not self.rq.started:
             self.status = 499
         self._complete()
+        held, self.held = self.held, None
+        if held is not None:
+            # let a paused service forget the request (if it can)
+            held.cancel()
 
     def drain_cancel(self) -> None:
         """
@@ -870,10 +877,10 @@ class _ProxyCall:
         self._respond(301, headers, body)
 
     def _internal_error(self, failure: Failure) -> None:
-        self.res.logger.error("Error while proxying", target=self.target, path=self.path,
-                              error=failure.getErrorMessage())
         if self.done:
             return
+        self.res.logger.error("Error while proxying", target=self.target, path=self.path,
+                              error=failure.getErrorMessage())
         if self.rq.started:
             self.rq.abort()
             self._complete()
