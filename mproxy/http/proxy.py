@@ -804,11 +804,9 @@ class _ProxyCall:
                 up.cancel()
         if not self.rq.started:
             self.status = 499
+        # A request held by a paused service is not cancelled: the service's
+        # Deferred still fires, and a claim it brings is released at once.
         self._complete()
-        held, self.held = self.held, None
-        if held is not None:
-            # let a paused service forget the request (if it can)
-            held.cancel()
 
     def drain_cancel(self) -> None:
         """
