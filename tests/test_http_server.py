@@ -641,3 +641,50 @@ class FuzzTests(SynchronousTestCase):
             out = h.output()
             if out:
                 self.assertTrue(out.startswith(b"HTTP/1.1 "), (bytes(data), out))
+
+
+class NegotiatingShutdownTests(SynchronousTestCase):
+    def test_h2_goaway_then_close(self) -> None:
+        """
+        At shutdown an HTTP/2 connection gets GOAWAY and is closed once its
+        streams are done.
+        """
+        from mproxy.http.server import _NegotiatingProtocol
+
+        class Conn:
+            def close_connection(self) -> None:
+                self.closed = True
+
+            def data_to_send(self) -> bytes:
+                return b"GOAWAY"
+
+        class H2:
+            conn = Conn()
+            streams = {1: object()}
+
+        reactor = MemoryReactorClock()
+        site = ProxySite(Recorder(), reactor, secure=True)
+        p = site.buildProtocol(None)
+        self.assertIsInstance(p, _NegotiatingProtocol)
+        t = StringTransport()
+        p.makeConnection(t)
+        p._channel = H2()
+        site.shutdown(10)
+        self.assertEqual(t.value(), b"GOAWAY")
+        self.assertFalse(t.disconnecting)
+        H2.streams = {}
+        reactor.advance(0.1)
+        self.assertTrue(t.disconnecting)
+
+    def test_http11_over_tls_uses_fast_channel(self) -> None:
+        """
+        Without h2 negotiated, TLS connections use the fast channel.
+        """
+        r = Recorder(auto=True)
+        site = ProxySite(r, MemoryReactorClock(), secure=True)
+        p = site.buildProtocol(None)
+        t = StringTransport()
+        p.makeConnection(t)
+        p.dataReceived(GET)
+        self.assertIsInstance(p._channel, FastHTTPChannel)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK"))

@@ -1071,6 +1071,7 @@ class _NegotiatingProtocol(Protocol):
         ch.dataReceived(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.connected = 0
         self.site._connection_closed(self)
         if self._channel is not None:
             self._channel.connectionLost(reason)
@@ -1084,11 +1085,23 @@ class _NegotiatingProtocol(Protocol):
 
     def close_when_idle(self) -> None:
         ch = self._channel
-        if ch is None or not hasattr(ch, "close_when_idle"):
-            if self.is_idle():
-                self.transport.loseConnection()
+        if ch is not None and hasattr(ch, "close_when_idle"):
+            ch.close_when_idle()
             return
-        ch.close_when_idle()
+        if ch is not None and getattr(ch, "conn", None) is not None:
+            # HTTP/2: GOAWAY, then close once the open streams are done
+            try:
+                ch.conn.close_connection()
+                self.transport.write(ch.conn.data_to_send())
+            except Exception:
+                pass
+        self._close_h2_when_done()
+
+    def _close_h2_when_done(self) -> None:
+        if self.is_idle():
+            self.transport.loseConnection()
+        elif self.connected:
+            self.site.reactor.callLater(0.1, self._close_h2_when_done)
 
     def abort(self) -> None:
         self.transport.abortConnection()
