@@ -16,8 +16,9 @@ object: C{metrics.enter(service)} / C{metrics.leave(service)} around the
 time a request is inside a service, C{metrics.observe(service, method,
 status, seconds)} when it completes (unrouted requests with service
 C{""}); requests whose target-view path is one of the service's
-C{exclude_metrics_paths} are not counted (reference 7.3).  C{challenges} (a L{mproxy.tls.challenges.ChallengeStore})
-answers ACME HTTP-01 requests before routing.  Requests over TLS to a
+C{exclude_metrics_paths} are not counted (reference 7.3).  C{challenges}
+(a L{mproxy.tls.challenges.ChallengeStore}) answers ACME HTTP-01 requests
+before routing.  Requests over TLS to a
 service without TLS get a 503; HTTPS and canonical-host redirects
 (L{mproxy.tls.redirect.redirect_location}) are answered with a 301.
 
@@ -28,6 +29,12 @@ L{mproxy.http.upstream.UpstreamPool}) and streams the response back,
 then writes one C{Request} log line (L{mproxy.http.reqlog}).  It works with
 L{mproxy.http.server.FastRequest} (fast path, streamed request bodies,
 upgrades) and with any standard L{twisted.web.server.Request} (HTTP/2).
+
+Statuses the proxy produces itself: 301 (redirects), 400 (malformed
+chunked body), 404 (no route), 413 (buffered request too large), 499 (client
+went away; log only), 500 (buffered response too large), 502 (target
+unreachable or broken response; ERROR C{Error while proxying}), 503
+(refusals), 504 (target timeout, drain deadline, pause expiry).
 """
 
 from __future__ import annotations
