@@ -73,15 +73,20 @@ def makeService(options: Options) -> MproxyService:
     return build_service(reactor, options.config)
 
 
-def _listen_endpoints(reactor: Any, port: int, bind: str) -> list[Any]:
+def _listen_endpoints(reactor: Any, bind: str) -> list[Any]:
+    """
+    Endpoint makers (port → endpoint) for a bind address; all interfaces is
+    C{::} then C{0.0.0.0}.
+    """
     if bind:
         if ":" in bind:
-            return [TCP6ServerEndpoint(reactor, port, interface=bind.strip("[]"))]
-        return [TCP4ServerEndpoint(reactor, port, interface=bind)]
+            return [lambda port: TCP6ServerEndpoint(reactor, port, interface=bind.strip("[]"))]
+        return [lambda port: TCP4ServerEndpoint(reactor, port, interface=bind)]
+    makers = []
     if _socket.has_ipv6:
-        return [TCP6ServerEndpoint(reactor, port, interface="::"),
-                TCP4ServerEndpoint(reactor, port, interface="0.0.0.0")]
-    return [TCP4ServerEndpoint(reactor, port, interface="0.0.0.0")]
+        makers.append(lambda port: TCP6ServerEndpoint(reactor, port, interface="::"))
+    makers.append(lambda port: TCP4ServerEndpoint(reactor, port, interface="0.0.0.0"))
+    return makers
 
 
 def check_socket_free(path: str) -> None:
@@ -211,18 +216,27 @@ class MproxyService(MultiService):
 
     @inlineCallbacks
     def _listen(self, what: str, port_number: int, factory: Any) -> Any:
-        for i, endpoint in enumerate(_listen_endpoints(self.reactor, port_number, self.config.bind)):
+        """
+        Listen on every endpoint for the bind address.  Without C{--bind} that
+        is C{::} (dual-stack where IPv6 exists) and C{0.0.0.0}: the second
+        fails harmlessly when the first already took IPv4 too, and the first
+        fails harmlessly where IPv6 is disabled (some containers).
+        """
+        errors = []
+        for make in _listen_endpoints(self.reactor, self.config.bind):
             try:
-                port = yield endpoint.listen(factory)
+                port = yield make(port_number).listen(factory)
             except Exception as e:
-                if i > 0 and what in self.bound:
-                    # Dual-stack "::" already took the IPv4 side too.
-                    continue
-                raise StartupError(
-                    f"cannot listen for {what.upper()} on port {port_number}: {e}"
-                )
+                errors.append(e)
+                continue
             self.ports.append(port)
-            self.bound.setdefault(what, port.getHost().port)
+            if what not in self.bound:
+                self.bound[what] = port.getHost().port
+                if port_number == 0:
+                    # An ephemeral port: listen there on the other family too.
+                    port_number = self.bound[what]
+        if what not in self.bound:
+            raise StartupError(f"cannot listen for {what.upper()} on port {port_number}: {errors[-1]}")
 
     @inlineCallbacks
     def _listen_metrics(self) -> Any:
