@@ -22,6 +22,7 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 import shutil
 import statistics
@@ -188,13 +189,30 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
         if "mproxy" in extra:
             out["mproxy_request_log_lines"] = extra["mproxy"].request_log_lines()
         if "access_log" in extra:
-            try:
-                with open(extra["access_log"], "rb") as f:
-                    out["access_log_lines"] = sum(1 for _ in f)
-            except OSError:
-                out["access_log_lines"] = 0
+            out["access_log_lines"] = count_log_lines(Path(extra["access_log"]))
     out["summary"] = summarize(runs)
+    logged = out.get("mproxy_request_log_lines", out.get("access_log_lines"))
+    if logged is not None and name != "nginx-nolog":
+        total = out["summary"]["requests"]
+        out["logged_fraction_vs_measured"] = round(logged / total, 3) if total else None
+        if logged < total:
+            C.log(f"{name}: WARNING: only {logged} request log lines for {total} measured "
+                  "requests; the logging cost is not fully included")
     return out
+
+
+def count_log_lines(path: Path) -> int:
+    """Lines in an access log and its rotated siblings (caddy rolls at 100 MB,
+    gzipped)."""
+    n = 0
+    for p in sorted(path.parent.glob(path.stem + "*")):
+        opener = gzip.open if p.suffix == ".gz" else open
+        try:
+            with opener(p, "rb") as f:
+                n += sum(1 for _ in f)
+        except OSError:
+            pass
+    return n
 
 
 def summarize(runs: list[dict]) -> dict:
