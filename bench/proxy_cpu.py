@@ -271,7 +271,7 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     if noisy:
         lines.append(f"WARNING: other processes shared the proxy CPU during {', '.join(noisy)} "
                      "(see proxy_cpu_foreign in the JSON): req/s for those rows is understated;"
-                     " CPU us/req is less affected.")
+                     " CPU us/req is less affected, but not immune (shared caches and cores).")
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     for a in ("mproxy", "nginx", "caddy"):
