@@ -70,7 +70,21 @@ class Options(usage.Options):
 def makeService(options: Options) -> MproxyService:
     from twisted.internet import reactor
 
-    return build_service(reactor, options.config)
+    service = build_service(reactor, options.config)
+
+    def failed(f: Any) -> None:
+        # Under twistd there is no caller to hand the error to: log it the
+        # same way as `mproxy run` reports it, and stop.
+        import sys
+
+        message = str(f.value) if f.check(MproxyError) else f.getErrorMessage()
+        sys.stderr.write(f"Error: {message}\n")
+        service.logger.error("Unable to start", error=message)
+        if reactor.running:
+            reactor.stop()
+
+    service.ready.addErrback(failed)
+    return service
 
 
 def _listen_endpoints(reactor: Any, bind: str) -> list[Any]:
