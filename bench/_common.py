@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -94,10 +95,12 @@ def wait_path(path: Path, timeout: float, proc: "Proc | None" = None) -> None:
         time.sleep(0.05)
 
 
-def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None,
+             cafile: str | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, headers=headers or {})
+    ctx = ssl.create_default_context(cafile=cafile) if cafile else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -306,6 +309,27 @@ def reset_hwm(pids: list[int]) -> bool:
 
 
 # --------------------------------------------------------------------------
+# TLS
+
+
+TLS_HOST = "localhost"
+
+
+def make_cert(d: Path, host: str = TLS_HOST) -> tuple[Path, Path]:
+    """Self-signed ECDSA P-256 certificate for `host` (what ACME would issue by
+    default), valid 2 days. Returns (cert, key) PEM paths."""
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", f"/CN={host}",
+         "-addext", f"subjectAltName=DNS:{host},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+# --------------------------------------------------------------------------
 # nginx
 
 
@@ -371,13 +395,21 @@ def nginx_accepts(port: int) -> int | None:
 
 
 def nginx_proxy_config(d: Path, port: int, upstream_port: int, access_log: bool = True,
-                       stream_bodies: bool = False) -> Path:
+                       stream_bodies: bool = False,
+                       tls: tuple[Path, Path] | None = None) -> Path:
     """nginx as a peer reverse proxy: keepalive upstream pool, JSON access log
     to a file (mproxy logs one JSON line per request too), X-Forwarded-* and a
     request id like mproxy."""
     d.mkdir(parents=True, exist_ok=True)
     conf = d / "nginx.conf"
     logline = (f"access_log {d}/access.log json;" if access_log else "access_log off;")
+    listen = f"listen {HOST}:{port} backlog=4096;"
+    if tls:
+        listen = f"""listen {HOST}:{port} ssl backlog=4096;
+    ssl_certificate {tls[0]};
+    ssl_certificate_key {tls[1]};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:1m;"""
     streaming = """
       client_max_body_size 0;
       proxy_request_buffering off;
@@ -402,7 +434,7 @@ http {{
     keepalive_timeout 300s;
   }}
   server {{
-    listen {HOST}:{port} backlog=4096;
+    {listen}
     location / {{
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -433,18 +465,21 @@ def caddy_available() -> bool:
     return shutil.which("caddy") is not None
 
 
-def caddy_config(d: Path, port: int, upstream_port: int) -> Path:
+def caddy_config(d: Path, port: int, upstream_port: int,
+                 tls: tuple[Path, Path] | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     conf = d / "Caddyfile"
+    site = f"https://{TLS_HOST}:{port}" if tls else f":{port}"
+    tls_line = f"\ttls {tls[0]} {tls[1]}\n" if tls else ""
     conf.write_text(f"""{{
 	admin off
 	auto_https off
 	storage file_system {d}/data
 }}
 
-:{port} {{
+{site} {{
 	bind {HOST}
-	reverse_proxy {HOST}:{upstream_port} {{
+{tls_line}	reverse_proxy {HOST}:{upstream_port} {{
 		transport http {{
 			keepalive 300s
 			keepalive_idle_conns 256

@@ -9,6 +9,9 @@ keepalive, /up -> 200) is loaded with wrk through the proxy under test:
   nginx        wrk -> nginx proxy_pass (keepalive pool, JSON access log on)
   nginx-nolog  as nginx with access_log off (optional, shows the log's cost)
   caddy        wrk -> caddy reverse_proxy (JSON access log on), if installed
+  *-tls        the same proxies terminating HTTPS (self-signed ECDSA cert for
+               localhost; mproxy deployed with --host localhost --tls and the
+               cert files); the upstream stays plain HTTP. Not in the default set.
 
 The proxy is pinned to CPU 0; wrk and the upstream share CPU 1. The proxy's
 CPU time is utime+stime from /proc/PID/stat summed over its process tree, as
@@ -35,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy"]
+ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy",
+               "mproxy-tls", "nginx-tls", "caddy-tls"]
 DEFAULT_TARGETS = ["direct", "mproxy", "nginx", "caddy"]
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -112,11 +116,11 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     return res
 
 
-def verify(url: str, expected: bytes) -> None:
+def verify(url: str, expected: bytes, cafile: str | None = None) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
-            status, body = C.http_get(url)
+            status, body = C.http_get(url, cafile=cafile)
         except OSError as e:
             status, body = None, repr(e).encode()
         if status == 200 and body == expected:
@@ -131,25 +135,36 @@ def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, a
     """Start the proxy for `name`; return (url, pid or None, extra-info dict)."""
     if name == "direct":
         return f"http://{C.HOST}:{upstream_port}/", None, {}
-    if name in ("nginx", "nginx-nolog"):
+    base, tls = (name[:-4], True) if name.endswith("-tls") else (name, False)
+    cert = C.make_cert(workdir / "cert") if tls else None
+    extra = {"cafile": str(cert[0])} if tls else {}
+    scheme_host = f"https://{C.TLS_HOST}" if tls else f"http://{C.HOST}"
+    if base in ("nginx", "nginx-nolog"):
         (port,) = C.free_ports(1)
         conf = C.nginx_proxy_config(workdir, port, upstream_port,
-                                    access_log=(name == "nginx"))
+                                    access_log=(base == "nginx"), tls=cert)
         p = procs.start(name, C.pin_prefix(args.proxy_cpu) + C.nginx_argv(conf), workdir)
         C.wait_port(port, 15, p)
-        return f"http://{C.HOST}:{port}/", p.pid, {"access_log": str(workdir / "access.log")}
-    if name == "caddy":
+        return (f"{scheme_host}:{port}/", p.pid,
+                {**extra, "access_log": str(workdir / "access.log")})
+    if base == "caddy":
         (port,) = C.free_ports(1)
-        conf = C.caddy_config(workdir, port, upstream_port)
+        conf = C.caddy_config(workdir, port, upstream_port, tls=cert)
         argv, env = C.caddy_argv_env(conf)
         p = procs.start(name, C.pin_prefix(args.proxy_cpu) + argv, workdir, env=env)
         C.wait_port(port, 15, p)
-        return f"http://{C.HOST}:{port}/", p.pid, {"access_log": str(workdir / "access.log")}
-    if name == "mproxy":
+        return (f"{scheme_host}:{port}/", p.pid,
+                {**extra, "access_log": str(workdir / "access.log")})
+    if base == "mproxy":
         cmd, env = args.mproxy_argv
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu)
-        mp.deploy(f"{C.HOST}:{upstream_port}")
-        return f"http://{C.HOST}:{mp.http_port}/", mp.pid, {"mproxy": mp}
+        opts = []
+        if tls:
+            opts = ["--host", C.TLS_HOST, "--tls", "--tls-certificate-path", str(cert[0]),
+                    "--tls-private-key-path", str(cert[1])]
+        mp.deploy(f"{C.HOST}:{upstream_port}", opts)
+        port = mp.https_port if tls else mp.http_port
+        return f"{scheme_host}:{port}/", mp.pid, {**extra, "mproxy": mp}
     raise ValueError(name)
 
 
@@ -158,7 +173,7 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
     workdir.mkdir()
     with C.Procs() as procs:
         url, pid, extra = start_target(name, procs, workdir, upstream_port, args)
-        verify(url, body)
+        verify(url, body, extra.get("cafile"))
         C.log(f"{name}: warm-up {args.warmup:g}s on {url}")
         if args.warmup > 0:
             run_wrk(url, args, args.warmup, args.load_cpu)
@@ -184,7 +199,7 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
             C.log(f"{name}: run {i + 1}/{args.runs}: {r['req_per_s']:.0f} req/s{cpu}{bad}{busy}")
-        verify(url, body)
+        verify(url, body, extra.get("cafile"))
         out = {"target": name, "url": url, "runs": runs}
         if "mproxy" in extra:
             out["mproxy_request_log_lines"] = extra["mproxy"].request_log_lines()
@@ -274,27 +289,27 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
                      " CPU us/req is less affected, but not immune (shared caches and cores).")
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
-    for a in ("mproxy", "nginx", "caddy"):
-        for b in ("direct", "nginx", "nginx-nolog", "caddy"):
-            if a == b or a not in results or b not in results:
-                continue
-            if a in ("nginx", "caddy") and b != "direct":
-                continue
-            rq = ratio(a, b, "req_per_s")
-            cu = ratio(a, b, "proxy_cpu_us_per_req")
-            key = f"{a}_vs_{b}"
-            ratios[key] = {"req_per_s": rq, "proxy_cpu_us_per_req": cu}
-            txt = f"  {a} / {b}: req/s x{rq:.3f}" if rq else f"  {a} / {b}:"
-            if cu:
-                txt += f", proxy CPU per request x{cu:.2f}"
-            lines.append(txt)
+    pairs = [("mproxy", b) for b in ("direct", "nginx", "nginx-nolog", "caddy")]
+    pairs += [("nginx", "direct"), ("caddy", "direct"),
+              ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
+              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy")]
+    for a, b in pairs:
+        if a not in results or b not in results:
+            continue
+        rq = ratio(a, b, "req_per_s")
+        cu = ratio(a, b, "proxy_cpu_us_per_req")
+        ratios[f"{a}_vs_{b}"] = {"req_per_s": rq, "proxy_cpu_us_per_req": cu}
+        txt = f"  {a} / {b}: req/s x{rq:.3f}" if rq else f"  {a} / {b}:"
+        if cu:
+            txt += f", proxy CPU per request x{cu:.2f}"
+        lines.append(txt)
     return "\n".join(lines), ratios
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                    help=f"comma list from {','.join(ALL_TARGETS)} (default: %(default)s; "
+                    help=f"comma list from {','.join(ALL_TARGETS)}, or all (default: %(default)s; "
                          "mproxy/caddy are skipped with a warning if unavailable)")
     ap.add_argument("--duration", type=float, default=10, help="seconds per measured run")
     ap.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per target")
@@ -325,17 +340,26 @@ def main(argv=None) -> int:
         C.log("warning: fewer than 2 CPUs available; not pinning")
         args.proxy_cpu = args.load_cpu = -1
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if targets == ["all"]:
+        targets = list(ALL_TARGETS)
     for t in targets:
         if t not in ALL_TARGETS:
-            ap.error(f"unknown target {t!r}")
+            if t != "all":
+                ap.error(f"unknown target {t!r}")
     skipped = {}
-    if "caddy" in targets and not C.caddy_available():
-        skipped["caddy"] = "caddy not installed (apt-get install caddy)"
+    for t in ("caddy", "caddy-tls"):
+        if t in targets and not C.caddy_available():
+            skipped[t] = "caddy not installed (apt-get install caddy)"
+    for t in ("mproxy-tls", "nginx-tls", "caddy-tls"):
+        if t in targets and not shutil.which("openssl"):
+            skipped[t] = "openssl CLI not found (needed to make the test certificate)"
     args.mproxy_argv = (None, {})
-    if "mproxy" in targets:
+    if "mproxy" in targets or "mproxy-tls" in targets:
         args.mproxy_argv = C.mproxy_command(args.mproxy_cmd)
         if args.mproxy_argv[0] is None:
-            skipped["mproxy"] = "mproxy CLI not available (pip install -e . or --mproxy-cmd)"
+            for t in ("mproxy", "mproxy-tls"):
+                if t in targets:
+                    skipped[t] = "mproxy CLI not available (pip install -e . or --mproxy-cmd)"
     for t, why in skipped.items():
         C.log(f"skipping {t}: {why}")
     targets = [t for t in targets if t not in skipped]
