@@ -81,7 +81,8 @@ def wait_port(port: int, timeout: float, proc: "Proc | None" = None) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise BenchError(f"nothing listening on {HOST}:{port} after {timeout}s")
+                raise BenchError(
+                    f"nothing listening on {HOST}:{port} after {timeout}s") from None
             time.sleep(0.05)
 
 
@@ -250,7 +251,7 @@ def cpu_busy(before: dict, after: dict, cpu: int) -> dict:
     cpu_times() snapshots."""
     if cpu not in before or cpu not in after:
         return {}
-    d = [a - b for a, b in zip(after[cpu], before[cpu])]
+    d = [a - b for a, b in zip(after[cpu], before[cpu], strict=True)]
     total = sum(d) or 1
     idle = d[3] + d[4]
     return {"busy": round((total - idle - d[7]) / total, 3), "idle": round(idle / total, 3),
@@ -518,8 +519,8 @@ def mproxy_command(explicit: str | None = None) -> tuple[list[str] | None, dict]
         return shlex.split(explicit), {}
     candidates = []
     if (REPO_ROOT / "mproxy" / "cli" / "main.py").exists():
-        env = {"PYTHONPATH": os.pathsep.join(
-            [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+        old = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+        env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT)] + old)}
         candidates.append(([sys.executable, "-c",
                             "import sys; sys.argv[0] = 'mproxy'; "
                             "from mproxy.cli.main import run; sys.exit(run())"], env))

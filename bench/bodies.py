@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--load-cpu", type=int, default=1,
                     help="CPU for the client (this script) and upstream (-1: no pin)")
     ap.add_argument("--mproxy-cmd", help="command to run the mproxy CLI "
-                    "(default: $MPROXY_CMD, `mproxy` on PATH, or this checkout)")
+                    "(default: $MPROXY_CMD, else this checkout, else `mproxy` on PATH)")
     ap.add_argument("--upstream-push", action="store_true",
                     help="harness self-check: the upstream ignores back-pressure on downloads, "
                          "so `--proxy direct --upstream-push` must FAIL the RSS limit")
@@ -262,8 +263,8 @@ def main(argv=None) -> int:
                 for p in (upstream, server):
                     if p.poll() is not None:
                         raise C.BenchError(f"{p.name} died during the transfer\n" + p.tail())
-    except C.BenchError as e:
-        C.log(f"FAILED: {e}")
+    except (C.BenchError, subprocess.SubprocessError, OSError) as e:
+        C.log(f"FAILED: {type(e).__name__}: {e}")
         rc = 1
     except KeyboardInterrupt:
         C.log("interrupted; cleaning up")

@@ -94,7 +94,8 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     if a0 is not None and a1 is not None:
         # New connections the upstream accepted during the run (minus our own
         # status request): shows whether the proxy reuses upstream connections.
-        res["upstream_new_connections"] = a1 - a0 - 1    # How busy each pinned CPU was: tells which side was the bottleneck.
+        res["upstream_new_connections"] = a1 - a0 - 1
+    # How busy each pinned CPU was: tells which side was the bottleneck.
     for label, cpu in (("proxy_cpu", args.proxy_cpu), ("load_cpu", args.load_cpu)):
         if cpu is not None and cpu >= 0:
             res[f"{label}{cpu}_usage"] = C.cpu_busy(s0, s1, cpu)
@@ -270,7 +271,7 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         lines.append(
             f"{name:<12} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
             f"{fmt(s.get('latency_p99_ms'), '7.2f')} {fmt(s.get('proxy_cpu_us_per_req'), '10.1f')} "
-            f"{fmt(None if util is None else util * 100, '7.0f')}{'%' if util is not None else ' '} "
+            f"{fmt(None if util is None else util * 100, '7.0f')}{' ' if util is None else '%'} "
             f"{fmt(s.get('upstream_cpu_us_per_req'), '10.1f')} "
             f"{fmt(None if rss is None else rss / 1024, '7.1f')} {s['errors']:>6} "
             f"{fmt(None if lb is None else lb * 100, '7.0f')}{'%' if lb is not None else ' '}")
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--load-cpu", type=int, default=1,
                     help="CPU for wrk and the upstream (-1: no pin)")
     ap.add_argument("--mproxy-cmd", help="command to run the mproxy CLI "
-                    "(default: $MPROXY_CMD, `mproxy` on PATH, or this checkout)")
+                    "(default: $MPROXY_CMD, else this checkout, else `mproxy` on PATH)")
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS",
                     help="before each run, wait up to this long until the pinned CPUs are "
                          "idle (<10%% busy), for shared machines (0: don't wait)")
@@ -364,7 +365,8 @@ def main(argv=None) -> int:
         C.log(f"skipping {t}: {why}")
     targets = [t for t in targets if t not in skipped]
 
-    body = (b"Hello from the upstream! " * ((args.body_size // 25) + 1))[:args.body_size - 1] + b"\n"
+    filler = b"Hello from the upstream! " * ((args.body_size // 25) + 1)
+    body = filler[:args.body_size - 1] + b"\n"
     tmp = Path(tempfile.mkdtemp(prefix="mproxy-bench-"))
     results: dict[str, dict] = {}
     rc = 0
@@ -379,8 +381,8 @@ def main(argv=None) -> int:
             for name in targets:
                 try:
                     results[name] = bench_target(name, tmp, upstream, up_port, body, args)
-                except C.BenchError as e:
-                    C.log(f"{name}: FAILED: {e}")
+                except (C.BenchError, subprocess.SubprocessError, OSError) as e:
+                    C.log(f"{name}: FAILED: {type(e).__name__}: {e}")
                     skipped[name] = f"failed: {str(e).splitlines()[0]}"
                     rc = 1
     except KeyboardInterrupt:
