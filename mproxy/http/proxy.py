@@ -191,6 +191,8 @@ class GenericExchange:
             (k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs
         ]
         self.client = request.getClientAddress()
+        self.client_strings = (getattr(self.client, "host", "") or "",
+                               str(getattr(self.client, "port", "")))
         self.is_tls = bool(request.isSecure())
         content = request.content
         n = 0

@@ -21,8 +21,7 @@ from typing import Any
 def log_request(logger: Any, call: Any, duration_ns: int) -> None:
     rq = call.rq
     res = call.res
-    client = rq.client
-    client_addr = getattr(client, "host", "") or ""
+    client_addr, client_port = rq.client_strings
     tls = rq.is_tls
     service = call.service
     rl = rq.body_length
@@ -41,7 +40,7 @@ def log_request(logger: Any, call: Any, duration_ns: int) -> None:
         "resp_content_length": rq.sentLength,
         "resp_content_type": call.resp_ctype.decode("latin-1"),
         "client_addr": client_addr,
-        "client_port": str(getattr(client, "port", "")),
+        "client_port": client_port,
         "remote_addr": call.remote_addr.decode("latin-1") or client_addr,
         "user_agent": call.user_agent.decode("latin-1"),
         "proto": rq.clientproto.decode("latin-1"),

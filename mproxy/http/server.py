@@ -389,6 +389,14 @@ class FastRequest(_server.Request):
     def body_producer(self) -> _BodyProducer:
         return self.channel.body_producer
 
+    @property
+    def client_strings(self) -> tuple[str, str]:
+        """
+        The peer's address and port as strings (for logs), computed once
+        per connection.
+        """
+        return self.channel.client_strings
+
     # --- response -----------------------------------------------------------
 
     def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -609,6 +617,17 @@ class FastHTTPChannel(Protocol):
         self.body_producer = _BodyProducer(self)
 
     # --- connection ---------------------------------------------------------
+
+    _client_strings: tuple[str, str] | None = None
+
+    @property
+    def client_strings(self) -> tuple[str, str]:
+        cs = self._client_strings
+        if cs is None:
+            peer = self.peer
+            cs = self._client_strings = (
+                getattr(peer, "host", "") or "", str(getattr(peer, "port", "")))
+        return cs
 
     def connectionMade(self) -> None:
         t = self.transport
