@@ -394,15 +394,19 @@ class _ProxyCall:
                 cookies.append(value)
                 out.append(item)
             elif code == _H_RID:
-                rid = value
+                if not rid:
+                    rid = value
             elif code == _H_RSTART:
-                rstart = value
+                if not rstart:
+                    rstart = value
             elif code == _H_XFF:
                 xff.append(value)
             elif code == _H_XFP:
-                xfp = value
+                if not xfp:
+                    xfp = value
             elif code == _H_XFH:
-                xfh = value
+                if not xfh:
+                    xfh = value
             elif code == _H_TARGET:
                 targets.append(value)
             elif code == _H_CLEN:
