@@ -283,6 +283,13 @@ class MalformedRequestTests(SynchronousTestCase):
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400")
 
+    def test_transfer_encoding_not_chunked(self) -> None:
+        """
+        A Transfer-Encoding whose last coding is not chunked is a 400.
+        """
+        self.assertRejected(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", b"400")
+
     def test_duplicate_content_length(self) -> None:
         """
         Two Content-Length headers are a 400.

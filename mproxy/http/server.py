@@ -798,6 +798,9 @@ class FastHTTPChannel(Protocol):
                 except ValueError:
                     raise _ParseError(400, "bad Content-Length")
             elif n == 17 and name.lower() == b"transfer-encoding":
+                if te or value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                    # only "chunked" (last) frames a request body reliably
+                    raise _ParseError(400, "unsupported Transfer-Encoding")
                 te = True
             elif n == 6 and name.lower() == b"expect":
                 if value.lower() == b"100-continue":
