@@ -503,3 +503,30 @@ class PoolTests(SynchronousTestCase):
         proto.dataReceived(OK)
         registry.close_idle()
         self.assertTrue(t.disconnecting)
+
+
+class LimitTests(SynchronousTestCase):
+    def test_huge_response_headers(self) -> None:
+        """
+        A target sending more than 1 MiB of headers gets a 502, also when
+        the header section never ends.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(40):
+            proto.dataReceived(b"X-Big: " + b"a" * 65536)
+        self.assertEqual(r.events[0][:2], ("failed", 502))
+        self.assertTrue(t.disconnected)
+
+    def test_many_large_headers(self) -> None:
+        """
+        Complete headers adding up to over 1 MiB: 502.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X-A: " + b"a" * 600000 + b"\r\nX-B: "
+                           + b"b" * 600000 + b"\r\n\r\n")
+        self.assertEqual(r.events[0][:2], ("failed", 502))

@@ -76,6 +76,10 @@ class _HeadDone(Exception):
     pass
 
 
+#: largest response header section accepted from a target
+MAX_RESPONSE_HEADER_BYTES = 1 << 20
+
+
 def _hex(n: int) -> bytes:
     return b"%x\r\n" % n
 
@@ -362,16 +366,24 @@ class _Connection(Protocol):
 
     # --- parser callbacks -----------------------------------------------------
 
+    _head_bytes = 0
+    _raw_head_bytes = 0
+
     def on_message_begin(self) -> None:
         self._reason = b""
         self._headers = []
         self._trailers = None
         self._framed = False
+        self._head_bytes = 0
+        self._raw_head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_RESPONSE_HEADER_BYTES:
+            raise ValueError("response headers too large")
         if self._in_body:
             if self._trailers is None:
                 self._trailers = []
@@ -449,6 +461,11 @@ class _Connection(Protocol):
             # nothing was asked: a broken or closing server
             self.transport.abortConnection()
             return
+        if not self._in_body:
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > 2 * MAX_RESPONSE_HEADER_BYTES:
+                self._broken("response headers too large")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
