@@ -695,3 +695,32 @@ class NegotiatingShutdownTests(SynchronousTestCase):
         p.dataReceived(GET)
         self.assertIsInstance(p._channel, FastHTTPChannel)
         self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK"))
+
+
+class LingerTests(SynchronousTestCase):
+    def test_early_response_lingers(self) -> None:
+        """
+        Answering before the request body was read half-closes the
+        connection, discards what still arrives, and closes a little later.
+        """
+
+        class HalfClosable(StringTransport):
+            half_closed = False
+
+            def loseWriteConnection(self) -> None:
+                self.half_closed = True
+
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        ch = site.buildProtocol(None)
+        t = HalfClosable()
+        ch.makeConnection(t)
+        ch.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+        respond(r.requests[0], b"too big", code=413)
+        self.assertTrue(t.half_closed)
+        self.assertFalse(t.disconnecting)
+        ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(r.requests), 1)
+        reactor.advance(2.1)
+        self.assertTrue(t.disconnecting)

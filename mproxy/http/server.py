@@ -55,6 +55,8 @@ MAX_QUEUED_BODY = 65536
 HEADER_TIMEOUT = 30.0
 #: seconds an idle keep-alive client connection is kept open
 IDLE_TIMEOUT = 75.0
+#: seconds unread request bytes are drained after an early response
+LINGER_TIMEOUT = 2.0
 
 _NO_BODY_CODES = frozenset((204, 304))
 _STATUS_LINES: dict[int, bytes] = {}
@@ -665,6 +667,9 @@ class FastHTTPChannel(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
+        lc, self._linger_call = self._linger_call, None
+        if lc is not None and lc.active():
+            lc.cancel()
         if self._timer is not None:
             t, self._timer = self._timer, None
             if t.active():
@@ -689,6 +694,28 @@ class FastHTTPChannel(Protocol):
     def abort(self) -> None:
         self._closing = True
         self.transport.abortConnection()
+
+    _linger_call: Any = None
+
+    def _linger(self) -> None:
+        """
+        Close after answering a request whose body was not read: send our
+        FIN but keep reading (and discarding) for a while, so that unread
+        request bytes do not make the kernel reset the connection before
+        the client has read the response.
+        """
+        self._closing = True
+        self._stopped = True
+        t = self.transport
+        half_close = getattr(t, "loseWriteConnection", None)
+        if half_close is None:
+            t.loseConnection()
+            return
+        half_close()
+        if self._paused:
+            self._paused.clear()
+            t.resumeProducing()
+        self._linger_call = self.clock.callLater(LINGER_TIMEOUT, t.loseConnection)
 
     def close_when_idle(self) -> None:
         """
@@ -903,6 +930,9 @@ class FastHTTPChannel(Protocol):
             return
         self._requests.popleft()
         if not req.keep_alive or self._closing or self.site.shutting_down:
+            if not req.body_done and not self._closing:
+                self._linger()
+                return
             self._closing = True
             self.transport.loseConnection()
             return
