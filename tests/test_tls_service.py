@@ -184,6 +184,34 @@ class RetryTests(ServiceTestMixin, SynchronousTestCase):
         )
         self.assertEqual(self.states(), {"a.test": "valid"})
 
+    def test_failedChallengeTriesTheOtherTypeAtOnce(self) -> None:
+        """
+        When http-01 fails validation (port 80 unreachable), tls-alpn-01 is
+        tried at once; only when both failed does the backoff apply.
+        """
+        self.issuer.results["a.test"] = [
+            IssueError("validation failed", challenge_failed=True),
+            IssueError("validation failed", challenge_failed=True),
+            IssueError("validation failed", challenge_failed=True),
+            None,
+        ]
+        self.service.startService()
+        self.service.update_service("web", tls("a.test"))
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(
+            [t for _, t in self.issuer.orders], ["http-01", "tls-alpn-01"]
+        )
+        [row] = self.service.host_status()
+        self.assertEqual(row.next_attempt, self.clock.seconds() + 120)
+        self.clock.advance(120)
+        self.clock.advance(0)
+        self.assertEqual(
+            [t for _, t in self.issuer.orders],
+            ["http-01", "tls-alpn-01", "http-01", "tls-alpn-01"],
+        )
+        self.assertEqual(self.states(), {"a.test": "valid"})
+
     def test_retryAfterRespected(self) -> None:
         """
         A rateLimited error waits at least the CA's Retry-After.

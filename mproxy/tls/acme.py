@@ -64,6 +64,8 @@ class IssueError(Exception):
     @ivar retry_after: seconds the CA asked us to wait (Retry-After), if any.
     @ivar rate_limited: the CA answered C{urn:ietf:params:acme:error:rateLimited}.
     @ivar permanent: the CA refuses this identifier; retrying soon won't help.
+    @ivar challenge_failed: the challenge type used failed validation (or the
+        CA does not offer it); another type may well succeed at once.
     """
 
     def __init__(
@@ -72,11 +74,13 @@ class IssueError(Exception):
         retry_after: float | None = None,
         rate_limited: bool = False,
         permanent: bool = False,
+        challenge_failed: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.rate_limited = rate_limited
         self.permanent = permanent
+        self.challenge_failed = challenge_failed
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -260,7 +264,9 @@ class AcmeIssuer:
                     continue
                 raise self._error(e) from None
             except acme_errors.ValidationError as e:
-                raise IssueError(self._validation_message(e.failed_authzrs)) from None
+                raise IssueError(
+                    self._validation_message(e.failed_authzrs), challenge_failed=True
+                ) from None
             except acme_errors.TimeoutError:
                 raise IssueError("timed out waiting for the ACME server") from None
             except requests.RequestException as e:
@@ -322,7 +328,10 @@ class AcmeIssuer:
                     None,
                 )
                 if challb is None:
-                    raise IssueError(f"the ACME server offers no {challenge_type} challenge")
+                    raise IssueError(
+                        f"the ACME server offers no {challenge_type} challenge",
+                        challenge_failed=True,
+                    )
                 token, key_authz = self._key_authorization(challb)
                 name = authzr.body.identifier.value
                 if challenge_type == HTTP_01:
@@ -351,7 +360,7 @@ class AcmeIssuer:
             if status == messages.STATUS_VALID:
                 return
             if status not in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
-                raise IssueError(self._validation_message([authzr]))
+                raise IssueError(self._validation_message([authzr]), challenge_failed=True)
             if self.now() >= deadline:
                 raise IssueError("timed out waiting for challenge validation")
             asked = parse_retry_after(response.headers.get("Retry-After"), self.now())

@@ -41,7 +41,10 @@ Rules:
   - Failed orders are retried with exponential backoff (C{retry_initial}
     doubling up to C{retry_max}), never sooner than the CA's Retry-After; a
     rateLimited error without Retry-After waits C{rate_limit_wait}.  The
-    challenge type alternates between attempts (http-01, tls-alpn-01, ...).
+    challenge type alternates between attempts (http-01, tls-alpn-01, ...);
+    when a challenge fails validation and the next type has not been tried
+    since, the next order starts at once (port 80 firewalled: a certificate
+    through TLS-ALPN-01 in seconds, not after the first backoff).
   - Renewal starts when a third of the lifetime is left.
   - Hosts no longer deployed are forgotten: no renewal, no retries.
   - A host's status is C{valid} (until X), C{pending} (with the last error) or
@@ -654,6 +657,8 @@ class CertificateService(Service):
         host.error = str(error)
         host.permanent = error.permanent
         delay = min(self.retry_initial * 2 ** (host.failures - 1), self.retry_max)
+        if error.challenge_failed and host.failures % len(self.challenge_types):
+            delay = 0.0  # try the next challenge type now
         if error.permanent:
             delay = self.retry_max
         if error.rate_limited and error.retry_after is None:
