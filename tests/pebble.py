@@ -252,11 +252,22 @@ class LoopbackDNS:
                     return defer.succeed(([answer], [], []))
                 return defer.succeed(([], [], []))
 
+        from twisted.internet.error import CannotListenError
+
         factory = server.DNSServerFactory(clients=[Everything()])
         protocol = dns.DNSDatagramProtocol(controller=factory)
-        self.udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-        self.port = self.udp.getHost().port
-        self.tcp = reactor.listenTCP(self.port, factory, interface="127.0.0.1")
+        for attempt in range(20):
+            # the UDP port is free, but a TCP connection may hold the same
+            # ephemeral port number: then try another one
+            self.udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+            self.port = self.udp.getHost().port
+            try:
+                self.tcp = reactor.listenTCP(self.port, factory, interface="127.0.0.1")
+                break
+            except CannotListenError:
+                self.udp.stopListening()
+                if attempt == 19:
+                    raise
 
     def stop(self) -> Any:
         from twisted.internet.defer import gatherResults, maybeDeferred
