@@ -177,6 +177,7 @@ class MproxyProcess:
         directory: str,
         http_port: int = 0,
         extra_args: tuple[str, ...] = (),
+        https_port: int = 0,
     ) -> None:
         self.reactor = reactor
         self.directory = os.path.abspath(directory)
@@ -189,8 +190,10 @@ class MproxyProcess:
             self.socket = os.path.join(tempfile.mkdtemp(prefix="mproxy-"), "mproxy.sock")
         self.state_dir = os.path.join(self.directory, "state")
         self.requested_port = http_port
+        self.requested_https_port = https_port
         self.extra_args = extra_args
         self.http_port: int | None = None
+        self.https_port: int | None = None
         self.process: Any = None
         self.protocol: _ServerProtocol | None = None
 
@@ -205,12 +208,13 @@ class MproxyProcess:
     def start(self) -> Any:
         """
         Start the server; fires with the "Server started" log record.
+        A restart listens on the ports the first start got.
         """
         self.protocol = _ServerProtocol()
         args = self.argv(
             "run",
             "--http-port", str(self.http_port or self.requested_port),
-            "--https-port", "0",
+            "--https-port", str(self.https_port or self.requested_https_port),
             "--bind", "127.0.0.1",
             "--socket", self.socket,
             "--state-dir", self.state_dir,
@@ -221,6 +225,7 @@ class MproxyProcess:
         )
         record = yield self.protocol.started
         self.http_port = int(record["http"])
+        self.https_port = int(record["https"])
         return record
 
     def url(self, path: str = "/") -> str:
