@@ -26,6 +26,7 @@ def run_server(ns: Any, streams: Any) -> int:
     from mproxy.tap import build_service
 
     service = build_service(reactor, config)
+    forward_twisted_events(service.logger)
     status = {"code": 0}
 
     def failed(f: Any) -> None:
@@ -46,3 +47,42 @@ def run_server(ns: Any, streams: Any) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", lambda: service.stopService() if service.running else None)
     reactor.run()
     return status["code"]
+
+
+_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARN", "error": "ERROR", "critical": "ERROR"}
+_EVENT_KEYS = frozenset(
+    ("format", "message", "time", "system", "isError", "printed", "why", "failure", "msg", "level")
+)
+
+
+def forward_twisted_events(logger: Any) -> Any:
+    """
+    Send C{twisted.logger} events to mproxy's JSON log: every event from an
+    C{mproxy.*} namespace (the certificate service logs that way: orders,
+    failures, renewals, on-demand decisions) and errors from anywhere
+    (unhandled errors in Deferreds).  Nothing else begins Twisted's logging
+    under C{mproxy run}, so without this those events were dropped.
+
+    The message is the formatted event; its own keys become attributes, and
+    a failure adds C{error} and C{traceback}.  Returns the observer.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    def observe(event: dict[str, Any]) -> None:
+        level = _LEVELS.get(getattr(event.get("log_level"), "name", ""), "INFO")
+        namespace = event.get("log_namespace") or ""
+        if level != "ERROR" and not namespace.startswith("mproxy"):
+            return
+        if not logger.enabled(level):
+            return
+        attrs = {
+            k: v for k, v in event.items() if not k.startswith("log_") and k not in _EVENT_KEYS
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            attrs["error"] = failure.getErrorMessage()
+            attrs["traceback"] = failure.getTraceback()
+        logger.log(level, formatEvent(event), **attrs)
+
+    globalLogPublisher.addObserver(observe)
+    return observe
