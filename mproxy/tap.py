@@ -146,10 +146,18 @@ class MproxyService(MultiService):
         self.router = Router()
         self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
         from mproxy.http.upstream import pool_factory
+        from mproxy.tls.localget import local_getter
         from mproxy.tls.wiring import build_certificate_service
 
         self.pools = pool_factory(reactor)
-        self.certificates = build_certificate_service(reactor, config, self.router)
+        # on-demand TLS policies that are paths ask the service itself
+        local_get = local_getter(
+            reactor, self.router, logger,
+            http_port=config.http_port, https_port=config.https_port,
+        )
+        self.certificates = build_certificate_service(
+            reactor, config, self.router, local_get=local_get
+        )
         self.certificates.setName("certs")
         self.certificates.setServiceParent(self)
         self.controller = Controller(
