@@ -57,11 +57,13 @@ _EVENT_KEYS = frozenset(
 
 def forward_twisted_events(logger: Any) -> Any:
     """
-    Send C{twisted.logger} events to mproxy's JSON log: every event from an
-    C{mproxy.*} namespace (the certificate service logs that way: orders,
-    failures, renewals, on-demand decisions) and errors from anywhere
-    (unhandled errors in Deferreds).  Nothing else begins Twisted's logging
-    under C{mproxy run}, so without this those events were dropped.
+    Send C{twisted.logger} events to mproxy's JSON log: every event from the
+    C{mproxy.tls} modules (the certificate service logs that way: orders,
+    failures, renewals, on-demand decisions) and warnings and errors from
+    anywhere (unhandled errors in Deferreds).  Not Twisted's informational
+    chatter, even from mproxy's subclasses of its classes ("Starting factory
+    ...", whose namespace is the subclass's).  Nothing else begins Twisted's
+    logging under C{mproxy run}, so without this those events were dropped.
 
     The message is the formatted event; its own keys become attributes, and
     a failure adds C{error} and C{traceback}.  Returns the observer.
@@ -71,7 +73,7 @@ def forward_twisted_events(logger: Any) -> Any:
     def observe(event: dict[str, Any]) -> None:
         level = _LEVELS.get(getattr(event.get("log_level"), "name", ""), "INFO")
         namespace = event.get("log_namespace") or ""
-        if level != "ERROR" and not namespace.startswith("mproxy"):
+        if level in ("DEBUG", "INFO") and not namespace.startswith("mproxy.tls"):
             return
         if not logger.enabled(level):
             return

@@ -433,3 +433,48 @@ class OnDemandLocalPolicyTests(TLSIntegration):
         logged = [x.get("path") for x in p.records if x.get("msg") == "Request"]
         self.assertNotIn("/allow", logged)
         self.assertIn("denied.test is not allowed", self.log_messages(p))
+
+
+class TwistedLogForwardingTests(TestCase):
+    """
+    L{mproxy.server.forward_twisted_events}: how the certificate service's
+    messages reach C{mproxy run}'s JSON log.
+    """
+
+    def test_forwarded_events(self) -> None:
+        """
+        C{mproxy.tls} events at every level and anyone's warnings and errors
+        are forwarded with their keys and failure; Twisted's informational
+        messages are not, even under an C{mproxy} namespace.
+        """
+        from twisted.logger import Logger, globalLogPublisher
+
+        from mproxy.logging import ListLogger
+        from mproxy.server import forward_twisted_events
+
+        logger = ListLogger(level="INFO")
+        observer = forward_twisted_events(logger)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        tls = Logger(namespace="mproxy.tls.service")
+        tls.info("Requesting a certificate for {host} ({challenge})", host="a.test", challenge="http-01")
+        tls.debug("quiet at INFO")
+        Logger(namespace="mproxy.http.server.ProxySite").info("Starting factory {factory!r}", factory=1)
+        Logger(namespace="twisted.web").warn("something odd")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            tls.failure("Certificate order for {host} crashed", host="a.test")
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.assertEqual(
+            [(r["level"], r["msg"]) for r in logger.records],
+            [
+                ("INFO", "Requesting a certificate for a.test (http-01)"),
+                ("WARN", "something odd"),
+                ("ERROR", "Certificate order for a.test crashed"),
+            ],
+        )
+        self.assertEqual(
+            (logger.records[0]["host"], logger.records[0]["challenge"]), ("a.test", "http-01")
+        )
+        self.assertIn("division by zero", logger.records[2]["error"])
+        self.assertIn("ZeroDivisionError", logger.records[2]["traceback"])
