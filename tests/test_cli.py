@@ -435,6 +435,18 @@ class TableTests(SynchronousTestCase):
         rows = [dict(self.ROWS[0], certificates={"api.example.com": "valid"})]
         self.assertIn("yes (valid)", format_table(rows, color=False))
 
+    def test_certificate_status_per_host(self) -> None:
+        """
+        When the hosts' certificate states differ, each host is named with
+        its state.
+        """
+        certs = {"api.example.com": "valid until X", "b.com": "pending (no route)"}
+        rows = [dict(self.ROWS[0], certificates=certs)]
+        self.assertIn(
+            "yes (api.example.com: valid until X; b.com: pending (no route))",
+            format_table(rows, color=False),
+        )
+
 
 class ProgressPrinterTests(SynchronousTestCase):
     def test_plain(self) -> None:

@@ -242,8 +242,17 @@ def format_table(rows: list[dict[str, Any]], color: bool) -> str:
         tls = "yes" if r["tls"] else "no"
         certs = r.get("certificates") or {}
         if r["tls"] and certs:
-            states = sorted(set(certs.values()))
-            tls = "yes (" + "; ".join(states) + ")" if states else "yes"
+            # one state for all hosts: just the state; else which host has which
+            by_state: dict[str, list[str]] = {}
+            for host in r["hosts"]:
+                if host in certs:
+                    by_state.setdefault(certs[host], []).append(host)
+            if len(by_state) == 1:
+                tls = f"yes ({next(iter(by_state))})"
+            elif by_state:
+                tls = "yes (" + "; ".join(
+                    f"{','.join(hosts)}: {state}" for state, hosts in by_state.items()
+                ) + ")"
         body.append(
             [
                 r["service"],
