@@ -255,10 +255,10 @@ class LoopbackDNS:
         from twisted.internet.error import CannotListenError
 
         factory = server.DNSServerFactory(clients=[Everything()])
-        protocol = dns.DNSDatagramProtocol(controller=factory)
         for attempt in range(20):
             # the UDP port is free, but a TCP connection may hold the same
             # ephemeral port number: then try another one
+            protocol = dns.DNSDatagramProtocol(controller=factory)
             self.udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
             self.port = self.udp.getHost().port
             try:
