@@ -226,7 +226,6 @@ class MproxyService(MultiService):
             raise StartupError(f"cannot listen on control socket {cfg.socket}: {e}")
         finally:
             os.umask(old_umask)
-        os.chmod(cfg.socket, 0o600)
         self.ports.append(control)
         self.logger.info(
             "Server started",
