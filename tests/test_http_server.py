@@ -724,3 +724,23 @@ class LingerTests(SynchronousTestCase):
         self.assertEqual(len(r.requests), 1)
         reactor.advance(2.1)
         self.assertTrue(t.disconnecting)
+
+
+class TraversalTests(SynchronousTestCase):
+    def test_resource_tree(self) -> None:
+        """
+        With a non-leaf root, requests are traversed as by Twisted's own
+        Request (prepath/postpath).
+        """
+
+        class Leaf(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b"/".join(request.prepath) + b"|" + b"/".join(request.postpath)
+
+        root = Resource()
+        root.putChild(b"a", Leaf())
+        h = Harness(root)
+        h.send(b"GET /a/b%20c/d HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(h.output().endswith(b"a|b c/d\r\n0\r\n\r\n"), h.output())
