@@ -179,7 +179,7 @@ class ACMEHTTP01Tests(TLSIntegration):
         """
         p = yield self.proxy()
         yield self.deploy_app1(p)
-        waited, (status, body, serial, alpn) = yield deferToThread(
+        waited, (status, body, _, alpn) = yield deferToThread(
             wait_for_https, self.https_port, "app1.test", self.root
         )
         self.assertLess(waited, 10)
@@ -333,7 +333,7 @@ class CustomCertificateTests(TestCase):
         wrong_key = write("wrong-key.pem", other_key)
         other_cert = write("other-cert.pem", other_chain)
 
-        app, port = listen_upstream(reactor, "custom")
+        _, port = listen_upstream(reactor, "custom")
         self.addCleanup(port.stopListening)
         upstream = f"127.0.0.1:{port.getHost().port}"
         p = MproxyProcess(reactor, os.path.join(work, "mproxy"))

@@ -68,7 +68,7 @@ class LocalGetTests(SynchronousTestCase):
         )
 
     def upstream(self) -> tuple[Any, StringTransport]:
-        host, port, factory, timeout, bind = self.reactor.tcpClients[-1]
+        factory = self.reactor.tcpClients[-1][2]
         proto = factory.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -129,7 +129,7 @@ class LocalGetTests(SynchronousTestCase):
         upstream connection and releases the claim.
         """
         d = self.get("ondemand", "/allow?host=a.test", "a.test")
-        proto, transport = self.upstream()
+        _, transport = self.upstream()
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.service.claims[0].releases, 1)
