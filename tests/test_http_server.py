@@ -744,3 +744,50 @@ class TraversalTests(SynchronousTestCase):
         h = Harness(root)
         h.send(b"GET /a/b%20c/d HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(h.output().endswith(b"a|b c/d\r\n0\r\n\r\n"), h.output())
+
+
+class BodyTimeoutTests(SynchronousTestCase):
+    def test_stalled_body(self) -> None:
+        """
+        A request body that stops arriving is reported as a 408 to its
+        consumer; arriving bytes keep it alive.
+        """
+        r = Recorder()
+        h = Harness(r, body_timeout=10, header_timeout=2)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        errors: list[int] = []
+        r.requests[0].set_body_consumer(lambda d: None, lambda: None,
+                                        lambda s, m: errors.append(s))
+        h.reactor.advance(9)
+        h.send(b"cd")
+        h.reactor.advance(9)
+        self.assertEqual(errors, [])
+        h.reactor.advance(2)
+        self.assertEqual(errors, [408])
+
+    def test_paused_body_does_not_time_out(self) -> None:
+        """
+        While we are not reading (backpressure), the body cannot time out.
+        """
+        r = Recorder()
+        h = Harness(r, body_timeout=10)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        errors: list[int] = []
+        req = r.requests[0]
+        req.set_body_consumer(lambda d: None, lambda: None, lambda s, m: errors.append(s))
+        req.body_producer.pauseProducing()
+        h.reactor.advance(100)
+        self.assertEqual(errors, [])
+
+    def test_complete_body_no_timeout(self) -> None:
+        """
+        A slow response to a complete request is not a body timeout.
+        """
+        r = Recorder()
+        h = Harness(r, body_timeout=10)
+        h.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab")
+        errors: list[int] = []
+        r.requests[0].set_body_consumer(lambda d: None, lambda: None,
+                                        lambda s, m: errors.append(s))
+        h.reactor.advance(100)
+        self.assertEqual(errors, [])

@@ -1236,3 +1236,18 @@ class HeldErrorTests(SynchronousTestCase):
         d.errback(RuntimeError("gone"))
         self.assertNotIn("Error while proxying", h.logger.messages())
         self.assertEqual(h.requests_logged()[0]["status"], 499)
+
+
+class BodyTimeoutProxyTests(SynchronousTestCase):
+    def test_stalled_upload_408(self) -> None:
+        """
+        A stalled upload: 408 to the client, upstream abandoned, logged.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10\r\n\r\nab")
+        proto, t = h.upstream()
+        h.reactor.advance(61)
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
+        self.assertTrue(t.disconnected)
+        self.assertIn("Request body timed out", h.logger.messages())
+        self.assertEqual(h.service.claims[0].releases, 1)

@@ -5,7 +5,8 @@ The reverse-proxy resource and the HTTP site factory.
     site = build_http_factory(reactor, router, logger, *,
                               http_port=80, https_port=443, secure=False,
                               pools=None, metrics=None, challenges=None,
-                              header_timeout=None, idle_timeout=None)
+                              header_timeout=None, idle_timeout=None,
+                              body_timeout=None)
 
 returns a L{mproxy.http.server.ProxySite} (a L{twisted.web.server.Site})
 whose root resource is a L{ProxyResource}.  C{site.shutdown(timeout)}
@@ -635,11 +636,15 @@ class _ProxyCall:
 
     def body_error(self, status: int, message: str) -> None:
         """
-        The client's request body is malformed (bad chunked framing).
+        The client's request body is malformed (bad chunked framing, 400) or
+        stopped arriving (408).
         """
         if self.done:
             return
-        self.res.logger.info("Malformed chunked request", path=self.path, error=message)
+        if status == 408:
+            self.res.logger.info("Request body timed out", path=self.path)
+        else:
+            self.res.logger.info("Malformed chunked request", path=self.path, error=message)
         up = self.up
         if up is not None:
             up.cancel()
@@ -940,7 +945,8 @@ def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int
                        metrics: Any = None,
                        header_timeout: float | None = None,
                        idle_timeout: float | None = None,
-                       challenges: Any = None) -> ProxySite:
+                       challenges: Any = None,
+                       body_timeout: float | None = None) -> ProxySite:
     """
     The site for an HTTP (C{secure=False}) or HTTPS (C{secure=True}: wrap
     it in TLS; ALPN C{h2} gets Twisted's HTTP/2 stack) listener.
@@ -953,6 +959,7 @@ def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int
         resource, reactor, secure=secure,
         header_timeout=_srv.HEADER_TIMEOUT if header_timeout is None else header_timeout,
         idle_timeout=_srv.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+        body_timeout=_srv.BODY_TIMEOUT if body_timeout is None else body_timeout,
     )
     if pools is not None:
         site.on_shutdown.append(pools.close_idle)

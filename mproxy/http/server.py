@@ -55,6 +55,8 @@ MAX_QUEUED_BODY = 65536
 HEADER_TIMEOUT = 30.0
 #: seconds an idle keep-alive client connection is kept open
 IDLE_TIMEOUT = 75.0
+#: seconds a request body may stall (while we are reading) before 408
+BODY_TIMEOUT = 60.0
 #: seconds unread request bytes are drained after an early response
 LINGER_TIMEOUT = 2.0
 
@@ -597,11 +599,13 @@ class FastHTTPChannel(Protocol):
 
     def __init__(self, site: _server.Site, clock: Any,
                  header_timeout: float = HEADER_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
         self.site = site
         self.clock = clock
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
         self._parser = httptools.HttpRequestParser(self)
         self._requests: deque[FastRequest] = deque()
         self._current: FastRequest | None = None  # being parsed
@@ -643,7 +647,17 @@ class FastHTTPChannel(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         if self._requests:
-            # a request is in progress: its own timeouts apply
+            # A request is in progress: only a body that stopped arriving
+            # (while we were reading) times out here.
+            cur = self._current
+            if (cur is not None and not cur.body_done and not cur.finished
+                    and self.body_timeout):
+                if self._paused:
+                    self._set_timer(self.body_timeout)
+                    return
+                cur.keep_alive = False
+                self._stopped = True
+                cur._body_failed(408, "request body timed out")
             return
         if self._in_headers:
             self.transport.write(error_response(408))
@@ -850,12 +864,16 @@ class FastHTTPChannel(Protocol):
                 raise _ParseError(400, "upgrade request with a body")
         self._current = req
         self._requests.append(req)
+        if req.body_length and self.body_timeout:
+            self._set_timer(self.body_timeout)
         if len(self._requests) == 1:
             self._to_dispatch = req
 
     def on_body(self, data: bytes) -> None:
         req = self._current
         if req is not None:
+            if self.body_timeout:
+                self._set_timer(self.body_timeout)
             req._body_data(data)
 
     def on_message_complete(self) -> None:
@@ -982,11 +1000,13 @@ class ProxySite(_server.Site):
     def __init__(self, resource: Any, reactor: Any, *,
                  header_timeout: float = HEADER_TIMEOUT,
                  idle_timeout: float = IDLE_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT,
                  secure: bool = False) -> None:
         super().__init__(resource, reactor=reactor)
         self.reactor = reactor
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
         self.secure = secure
         self.connections: set[Any] = set()
         self.on_shutdown: list[Callable[[], None]] = []
@@ -1006,7 +1026,8 @@ class ProxySite(_server.Site):
     def buildProtocol(self, addr: Any) -> Any:
         if self.secure:
             return _NegotiatingProtocol(self)
-        return FastHTTPChannel(self, self.reactor, self.header_timeout, self.idle_timeout)
+        return FastHTTPChannel(self, self.reactor, self.header_timeout, self.idle_timeout,
+                               self.body_timeout)
 
     def _connection_opened(self, channel: Any) -> None:
         self.connections.add(channel)
@@ -1109,8 +1130,8 @@ class _NegotiatingProtocol(Protocol):
             except RuntimeError:
                 pass
         else:
-            ch = FastHTTPChannel(self.site, self.site.reactor,
-                                 self.site.header_timeout, self.site.idle_timeout)
+            ch = FastHTTPChannel(self.site, self.site.reactor, self.site.header_timeout,
+                                 self.site.idle_timeout, self.site.body_timeout)
             ch.makeConnection(self.transport)
             self.site._connection_closed(ch)
         self._channel = ch
