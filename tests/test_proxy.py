@@ -1251,3 +1251,29 @@ class BodyTimeoutProxyTests(SynchronousTestCase):
         self.assertTrue(t.disconnected)
         self.assertIn("Request body timed out", h.logger.messages())
         self.assertEqual(h.service.claims[0].releases, 1)
+
+
+class SendTimeoutTests(SynchronousTestCase):
+    def test_client_not_reading(self) -> None:
+        """
+        A client whose socket stays full for the send timeout is dropped and
+        the upstream abandoned; reading again in time keeps it.
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        producer = h.ct.producer
+        producer.pauseProducing()
+        self.assertEqual(t.producerState, "paused")
+        h.reactor.advance(59)
+        producer.resumeProducing()
+        self.assertEqual(t.producerState, "producing")
+        h.reactor.advance(10)
+        self.assertFalse(h.ct.disconnected)
+        producer.pauseProducing()
+        h.reactor.advance(61)
+        self.assertTrue(h.ct.disconnected)
+        self.assertTrue(t.disconnected)
+        self.assertIn("Client stopped reading", h.logger.messages())
+        self.assertEqual(h.service.claims[0].releases, 1)

@@ -60,6 +60,10 @@ from mproxy.tls.redirect import redirect_body, redirect_location
 
 _HTTP01_PREFIX = b"/.well-known/acme-challenge/"
 
+#: seconds a client may leave a response unread (its socket full) before
+#: the exchange is abandoned
+SEND_TIMEOUT = 60.0
+
 # request headers that never go to the target (reference 5.2)
 _HOP = frozenset((
     b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate",
@@ -324,7 +328,7 @@ class _ProxyCall:
         "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
         "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
         "topts", "body_started", "req_spool", "resp_spool", "resp_head", "prefix",
-        "metered", "held",
+        "metered", "held", "stall_timer",
     )
 
     def __init__(self, res: ProxyResource, rq: Any) -> None:
@@ -357,6 +361,7 @@ class _ProxyCall:
         self.prefix = ""
         self.metered = False
         self.held: Deferred[Any] | None = None
+        self.stall_timer: Any = None
 
     # --- request ----------------------------------------------------------------
 
@@ -718,7 +723,7 @@ class _ProxyCall:
             rq.start_response(101, reason or None, out, None)
             rq.tunnel_write(b"")
             rq.take_over(self.up.write_raw)
-            rq.registerProducer(self.up, True)
+            rq.registerProducer(self, True)
             self.up.set_tunnel_producer(rq.body_producer)
             return
         topts = self.topts
@@ -728,7 +733,7 @@ class _ProxyCall:
                                     self.res.logger)
             return
         rq.start_response(status, reason or None, out, length)
-        rq.registerProducer(self.up, True)
+        rq.registerProducer(self, True)
 
     @staticmethod
     def _streaming(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -804,6 +809,42 @@ class _ProxyCall:
             self._complete()
         else:
             self._page(status)
+
+    # --- IPushProducer towards the client: the upstream, plus a send timeout
+
+    def pauseProducing(self) -> None:
+        up = self.up
+        if up is not None:
+            up.pauseProducing()
+        if self.stall_timer is None and not self.done:
+            self.stall_timer = self.res.clock.callLater(SEND_TIMEOUT, self._client_stalled)
+
+    def resumeProducing(self) -> None:
+        t = self.stall_timer
+        if t is not None:
+            self.stall_timer = None
+            if t.active():
+                t.cancel()
+        up = self.up
+        if up is not None:
+            up.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def _client_stalled(self) -> None:
+        """
+        The client has not read anything for SEND_TIMEOUT seconds.
+        """
+        self.stall_timer = None
+        if self.done:
+            return
+        self.res.logger.info("Client stopped reading", path=self.path, target=self.target)
+        up = self.up
+        if up is not None:
+            up.cancel()
+        self.rq.abort()
+        self._complete()
 
     # --- cancellation ---------------------------------------------------------
 
@@ -916,6 +957,11 @@ class _ProxyCall:
         if self.done:
             return
         self.done = True
+        t = self.stall_timer
+        if t is not None:
+            self.stall_timer = None
+            if t.active():
+                t.cancel()
         if self.req_spool is not None:
             self.req_spool.close()
         if self.resp_spool is not None:
