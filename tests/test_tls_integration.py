@@ -40,12 +40,13 @@ def sleep(seconds: float) -> Deferred[None]:
 
 
 def https_get(
-    port: int, sni: str, cafile: str | None, path: str = "/", alpn: str = "http/1.1"
+    port: int, sni: str | None, cafile: str | None, path: str = "/", alpn: str = "http/1.1"
 ) -> tuple[int, bytes, int, str]:
     """
     Blocking HTTPS GET over a new connection to 127.0.0.1:C{port} with SNI
-    C{sni}, verifying the certificate for C{sni} against C{cafile} (no
-    verification when None).  Returns (status, body, leaf serial, ALPN).
+    C{sni} (None: no SNI), verifying the certificate for C{sni} against
+    C{cafile} (no verification when None).  Returns (status, body, leaf
+    serial, ALPN).
     """
     if cafile is None:
         ctx = ssl.create_default_context()
@@ -57,7 +58,7 @@ def https_get(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname=sni) as s:
             s.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.1\r\nHost: {sni or '127.0.0.1'}\r\nConnection: close\r\n\r\n".encode()
             )
             data = b""
             while True:
@@ -179,12 +180,15 @@ class ACMEHTTP01Tests(TLSIntegration):
         """
         p = yield self.proxy()
         yield self.deploy_app1(p)
-        waited, (status, body, _, alpn) = yield deferToThread(
+        waited, (status, body, serial, alpn) = yield deferToThread(
             wait_for_https, self.https_port, "app1.test", self.root
         )
         self.assertLess(waited, 10)
         self.assertEqual((status, body, alpn), (200, b"app1", "http/1.1"))
         self.assertEqual(self.app.last_headers[b"x-forwarded-proto"], [b"https"])
+        # a client without SNI gets the default TLS host's certificate
+        _, _, no_sni_serial, _ = yield deferToThread(https_get, self.https_port, None, None)
+        self.assertEqual(no_sni_serial, serial)
         alpn, status, body = yield deferToThread(
             https_get_h2, self.https_port, "app1.test", self.root
         )
@@ -365,6 +369,63 @@ class CustomCertificateTests(TestCase):
         r = yield p.command("list")
         self.assertIn("custom.test", r.out)
         self.assertIn("valid until", r.out)
+
+        # replaced files are served after SIGHUP
+        new = make_certificate(["custom.test"], issuer=ca)
+        new_chain, new_key = pem_pair(new)
+        write("key.pem", new_key)
+        write("cert.pem", new_chain)
+        p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            status, body, serial3, _ = yield deferToThread(
+                https_get, p.https_port, "custom.test", ca_path
+            )
+            self.assertEqual((status, body), (200, b"custom"))
+            if serial3 == new.leaf.serial_number or time.monotonic() > deadline:
+                break
+            yield sleep(0.1)
+        self.assertEqual(serial3, new.leaf.serial_number)
+        self.assertEqual(p.protocol.ended.called, False)
+
+
+class ACMEErrorsTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_unreachable_ca_and_wildcards(self) -> Any:
+        """
+        An ACME server that cannot be reached does not fail the deploy;
+        C{list} shows the host pending with the reason.  A wildcard host with
+        automatic TLS is refused at deploy.
+        """
+        work = os.path.abspath(self.mktemp())
+        _, port = listen_upstream(reactor, "app")
+        self.addCleanup(port.stopListening)
+        upstream = f"127.0.0.1:{port.getHost().port}"
+        p = MproxyProcess(
+            reactor, os.path.join(work, "mproxy"),
+            extra_args=("--acme-directory", f"https://127.0.0.1:{free_port()}/dir"),
+        )
+        yield p.start()
+        self.addCleanup(p.stop, signal.SIGKILL)
+        r = yield p.command("deploy", upstream, "--host", "app1.test", "--ssl")
+        self.assertEqual(r.status, 0, r.err)
+        deadline = time.monotonic() + 10
+        while True:
+            r = yield p.command("list", "--json")
+            if "pending (" in r.out or time.monotonic() > deadline:
+                break
+            yield sleep(0.2)
+        self.assertIn('"app1.test": "pending (cannot reach the ACME server', r.out)
+        self.assertIn("cannot reach the ACME server", self.log_text(p))
+
+        r = yield p.command("deploy", upstream, "--host", "*.example.com", "--ssl")
+        self.assertEqual(r.status, 1)
+        self.assertEqual(r.err.strip(), "Error: automatic TLS does not support wildcards")
+
+    def log_text(self, p: MproxyProcess) -> str:
+        return "\n".join(str(r) for r in p.records)
 
 
 class HostPolicy(Resource):
