@@ -27,30 +27,47 @@ Malformed input never reaches a resource: garbage, request smuggling
 attempts (Content-Length together with Transfer-Encoding, duplicate or bad
 Content-Length, bad chunked framing) get a 400, oversized header sections
 a 431, an overlong request target a 414; the connection is then closed.
+
+Timeouts (per connection): C{header_timeout} for a request's header section
+(408), C{idle_timeout} between keep-alive requests, C{body_timeout} for a
+request body that stalls while we read it (408 through the body consumer),
+and a short linger after answering before the body was read.
+
+    site = ProxySite(resource, reactor, *, header_timeout=30, idle_timeout=75,
+                     body_timeout=60, secure=False)
+    site.shutdown(timeout) -> Deferred  # after the port stopped listening
 """
 
 from __future__ import annotations
 
 from collections import deque
-from http import HTTPStatus
-from io import BytesIO
 from typing import Any, Callable
 
 import httptools
-from twisted.internet import tcp as _tcp
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
-from twisted.web.http_headers import Headers
-from zope.interface import implementer
+
+from mproxy.http.request import (
+    MAX_QUEUED_BODY,
+    FastRequest,
+    _BodyProducer,
+    direct_write,
+    error_response,
+    reason_bytes,
+    status_line,
+)
+
+__all__ = [
+    "FastHTTPChannel", "FastRequest", "ProxySite", "direct_write", "error_response",
+    "reason_bytes", "status_line", "MAX_QUEUED_BODY",
+]
 
 MAX_URL_LENGTH = 8192
 MAX_HEADER_BYTES = 65536
 MAX_HEADER_COUNT = 100
-#: request body bytes queued before anybody consumes them, before reading pauses
-MAX_QUEUED_BODY = 65536
 #: seconds allowed for a request's header section to arrive (slow-loris)
 HEADER_TIMEOUT = 30.0
 #: seconds an idle keep-alive client connection is kept open
@@ -60,529 +77,11 @@ BODY_TIMEOUT = 60.0
 #: seconds unread request bytes are drained after an early response
 LINGER_TIMEOUT = 2.0
 
-_NO_BODY_CODES = frozenset((204, 304))
-_STATUS_LINES: dict[int, bytes] = {}
-
-
-def status_line(code: int, reason: bytes | None = None) -> bytes:
-    """
-    C{HTTP/1.1 <code> <reason>\\r\\n}, cached for standard reasons.
-    """
-    if reason is None:
-        line = _STATUS_LINES.get(code)
-        if line is None:
-            line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason_bytes(code))
-        return line
-    return b"HTTP/1.1 %d %s\r\n" % (code, reason)
-
-
-def reason_bytes(code: int) -> bytes:
-    try:
-        return HTTPStatus(code).phrase.encode("ascii")
-    except ValueError:
-        return _http.RESPONSES.get(code, b"Unknown Status")
-
-
-def error_response(code: int) -> bytes:
-    """
-    A complete C{Connection: close} response for protocol errors.
-    """
-    reason = reason_bytes(code)
-    body = b"<h1>%d %s</h1>" % (code, reason)
-    return (
-        status_line(code)
-        + b"Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % len(body)
-        + body
-    )
-
-
-_DIRECT_TYPES: frozenset[type] = frozenset((_tcp.Server, _tcp.Client))
-
-
-def direct_write(transport: Any, data: bytes) -> None:
-    """
-    C{transport.write(data)}, but on a plain TCP transport with nothing
-    buffered the bytes are sent at once instead of on the next reactor
-    iteration: that saves two epoll updates and one dispatch per write.
-    Whatever the socket does not take is buffered by Twisted as usual.
-    """
-    if (type(transport) in _DIRECT_TYPES and not transport._tempDataLen
-            and not transport.dataBuffer and transport.connected
-            and not transport.disconnecting):
-        try:
-            n = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            n = 0
-        if n == len(data):
-            return
-        if n:
-            data = data[n:]
-    transport.write(data)
-
 
 class _ParseError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-class _BodyProducer:
-    """
-    Pauses and resumes reading from the client for one reason: the request
-    body's consumer (the upstream connection) is full.
-    """
-
-    def __init__(self, channel: FastHTTPChannel) -> None:
-        self._channel = channel
-
-    def pauseProducing(self) -> None:
-        self._channel.pause_reading("body")
-
-    def resumeProducing(self) -> None:
-        self._channel.resume_reading("body")
-
-    def stopProducing(self) -> None:
-        pass
-
-
-implementer(IPushProducer)(_BodyProducer)
-
-
-def _hex(n: int) -> bytes:
-    return b"%x\r\n" % n
-
-
-class FastRequest(_server.Request):
-    """
-    A request received by L{FastHTTPChannel}.
-
-    Twisted's C{Request} API works (headers are materialised lazily); the
-    proxy uses the cheaper exchange API described in the module docstring.
-    """
-
-    _req_headers: Headers | None = None
-    _resp_headers: Headers | None = None
-    _cookies: list[bytes] | None = None
-    _received_cookies: dict[bytes, bytes] | None = None
-    _args: dict[bytes, list[bytes]] | None = None
-    _notifications: list[Any] | None = None
-    _adapter_cache: dict[Any, Any] | None = None
-    _postpath: list[bytes] | None = None
-    _content: Any = None
-    _on_data: Callable[[bytes], None] | None = None
-    _on_end: Callable[[], None] | None = None
-    _on_error: Callable[[int, str], None] | None = None
-    _lost_handler: Callable[[], None] | None = None
-    _queue: list[bytes] | None = None
-    _queued_bytes = 0
-    _body_error: tuple[int, str] | None = None
-    _head: bytes | None = None
-    _chunked_out = False
-    _no_body = False
-    _producer: Any = None
-    _tunnel: Any = None
-    expect_continue = False
-    upgrade = False
-    site = None
-    sitepath: list[bytes] = []
-    queued = 0
-
-    def __init__(self, channel: FastHTTPChannel, method: bytes, uri: bytes,
-                 version: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        self.channel = channel
-        self.transport = channel.transport
-        self.client = channel.peer
-        self.host = channel.local
-        self.method = method
-        self.uri = uri
-        self.clientproto = version
-        self.raw_headers = raw_headers
-        self.body_length = 0
-        self.body_done = True
-        self.keep_alive = True
-        self.started = False
-        self.finished = 0
-        self.code = 200
-        self.code_message = b"OK"
-        self.sentLength = 0
-        self.prepath = []
-        q = uri.find(b"?")
-        if q < 0:
-            self.path = uri
-            self.query = b""
-        else:
-            self.path = uri[:q]
-            self.query = uri[q + 1:]
-        self.is_tls = channel.is_tls
-
-    # --- lazily built twisted.web.http.Request attributes -------------------
-
-    @property
-    def requestHeaders(self) -> Headers:  # type: ignore[override]
-        h = self._req_headers
-        if h is None:
-            h = Headers()
-            for name, value in self.raw_headers:
-                h.addRawHeader(name, value)
-            self._req_headers = h
-        return h
-
-    @requestHeaders.setter
-    def requestHeaders(self, value: Headers) -> None:
-        self._req_headers = value
-
-    @property
-    def responseHeaders(self) -> Headers:  # type: ignore[override]
-        h = self._resp_headers
-        if h is None:
-            h = self._resp_headers = Headers()
-        return h
-
-    @responseHeaders.setter
-    def responseHeaders(self, value: Headers) -> None:
-        self._resp_headers = value
-
-    @property
-    def cookies(self) -> list[bytes]:  # type: ignore[override]
-        if self._cookies is None:
-            self._cookies = []
-        return self._cookies
-
-    @cookies.setter
-    def cookies(self, value: list[bytes]) -> None:
-        self._cookies = value
-
-    @property
-    def received_cookies(self) -> dict[bytes, bytes]:  # type: ignore[override]
-        if self._received_cookies is None:
-            self._received_cookies = {}
-            self.parseCookies()
-        return self._received_cookies
-
-    @received_cookies.setter
-    def received_cookies(self, value: dict[bytes, bytes]) -> None:
-        self._received_cookies = value
-
-    @property
-    def args(self) -> dict[bytes, list[bytes]]:  # type: ignore[override]
-        if self._args is None:
-            self._args = _http.parse_qs(self.query, 1) if self.query else {}
-        return self._args
-
-    @args.setter
-    def args(self, value: dict[bytes, list[bytes]]) -> None:
-        self._args = value
-
-    @property
-    def postpath(self) -> list[bytes]:  # type: ignore[override]
-        if self._postpath is None:
-            self._postpath = [_server.unquote(s) for s in self.path[1:].split(b"/")]
-        return self._postpath
-
-    @postpath.setter
-    def postpath(self, value: list[bytes]) -> None:
-        self._postpath = value
-
-    @property
-    def content(self) -> Any:  # type: ignore[override]
-        """
-        Resources other than the proxy may read the body here: it is only
-        collected (in memory) when a body consumer was never set.
-        """
-        if self._content is None:
-            self._content = BytesIO(b"".join(self._queue or ()))
-        return self._content
-
-    @content.setter
-    def content(self, value: Any) -> None:
-        self._content = value
-
-    @property
-    def _adapterCache(self) -> dict[Any, Any]:
-        if self._adapter_cache is None:
-            self._adapter_cache = {}
-        return self._adapter_cache
-
-    def notifyFinish(self) -> Any:
-        from twisted.internet.defer import Deferred
-
-        d: Deferred[None] = Deferred()
-        if self.finished:
-            d.callback(None)
-            return d
-        if self._disconnected:
-            d.errback(Failure(ConnectionError("connection lost")))
-            return d
-        if self._notifications is None:
-            self._notifications = []
-        self._notifications.append(d)
-        return d
-
-    def getHeader(self, key: Any) -> Any:
-        if isinstance(key, str):
-            v = self.getHeader(key.encode("ascii"))
-            return v.decode("latin-1") if v is not None else None
-        k = key.lower()
-        found = None
-        for name, value in self.raw_headers:
-            if name.lower() == k:
-                found = value
-        return found
-
-    # --- request body -------------------------------------------------------
-
-    def _body_data(self, data: bytes) -> None:
-        if self._on_data is not None:
-            self._on_data(data)
-            return
-        if self.finished:
-            return
-        if self._queue is None:
-            self._queue = []
-        self._queue.append(data)
-        self._queued_bytes += len(data)
-        if self._queued_bytes > MAX_QUEUED_BODY:
-            self.channel.pause_reading("queue")
-
-    def _body_end(self) -> None:
-        self.body_done = True
-        if self._on_end is not None:
-            self._on_end()
-
-    def _body_failed(self, status: int, message: str) -> None:
-        self._body_error = (status, message)
-        if self._on_error is not None:
-            self._on_error(status, message)
-
-    def set_body_consumer(self, on_data: Callable[[bytes], None],
-                          on_end: Callable[[], None],
-                          on_error: Callable[[int, str], None]) -> None:
-        """
-        Deliver the request body (already de-chunked) from now on; queued
-        data is delivered at once.  C{on_error(status, message)} reports a
-        malformed body.
-        """
-        self._on_data = on_data
-        self._on_end = on_end
-        self._on_error = on_error
-        q = self._queue
-        if q:
-            self._queue = None
-            self._queued_bytes = 0
-            for chunk in q:
-                on_data(chunk)
-            self.channel.resume_reading("queue")
-        if self._body_error is not None:
-            on_error(*self._body_error)
-        elif self.body_done and self.body_length:
-            on_end()
-
-    def send_continue(self) -> None:
-        """
-        Answer C{Expect: 100-continue}: we are about to read the body.
-        """
-        if self.expect_continue and not self.started:
-            self.expect_continue = False
-            if not self.body_done:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    @property
-    def body_producer(self) -> _BodyProducer:
-        return self.channel.body_producer
-
-    @property
-    def client_strings(self) -> tuple[str, str]:
-        """
-        The peer's address and port as strings (for logs), computed once
-        per connection.
-        """
-        return self.channel.client_strings
-
-    # --- response -----------------------------------------------------------
-
-    def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.started or self.clientproto != b"HTTP/1.1":
-            return
-        self.transport.write(
-            status_line(code) + b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
-        )
-
-    def start_response(self, code: int, reason: bytes | None,
-                       headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        """
-        Prepare the response head.  It is sent with the first L{write} or by
-        L{finish}.  C{headers} must not contain framing or connection
-        headers; C{length} is the body length if known (it must match a
-        Content-Length header in C{headers}).
-        """
-        self.started = True
-        self.code = code
-        if code == 101:
-            self._no_body = True
-            self.keep_alive = False
-            lines = [n + b": " + v + b"\r\n" for n, v in headers]
-            self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
-            return
-        if self.method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
-            self._no_body = True
-        elif length is None:
-            if self.clientproto == b"HTTP/1.1":
-                self._chunked_out = True
-            else:
-                self.keep_alive = False
-        if not self.body_done or self.upgrade:
-            # the rest of the body (or the refused upgrade's stream) cannot
-            # be skipped reliably: close after this response
-            self.keep_alive = False
-        lines = [n + b": " + v + b"\r\n" for n, v in headers]
-        if self._chunked_out:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        if not self.keep_alive:
-            lines.append(b"Connection: close\r\n")
-        elif self.clientproto != b"HTTP/1.1":
-            lines.append(b"Connection: keep-alive\r\n")
-        self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
-
-    def _generic_start(self) -> None:
-        headers: list[tuple[bytes, bytes]] = []
-        length = None
-        h = self._resp_headers
-        if h is not None:
-            for name, values in h.getAllRawHeaders():
-                lname = name.lower()
-                if lname == b"content-length":
-                    try:
-                        length = int(values[0])
-                    except ValueError:
-                        continue
-                elif lname in (b"transfer-encoding", b"connection"):
-                    continue
-                for v in values:
-                    headers.append((name, v))
-        if self._cookies:
-            for c in self._cookies:
-                headers.append((b"Set-Cookie", c))
-        self.start_response(self.code, self.code_message, headers, length)
-
-    def write(self, data: bytes) -> None:
-        if self.finished:
-            raise RuntimeError("write() after finish()")
-        if self._disconnected:
-            return
-        if not self.started:
-            self._generic_start()
-        if self._no_body:
-            data = b""
-        head = self._head
-        if head is not None:
-            self._head = None
-            if data:
-                self.sentLength += len(data)
-                if self._chunked_out:
-                    direct_write(self.transport, head + _hex(len(data)) + data + b"\r\n")
-                else:
-                    direct_write(self.transport, head + data)
-            else:
-                direct_write(self.transport, head)
-        elif data:
-            self.sentLength += len(data)
-            if self._chunked_out:
-                direct_write(self.transport, _hex(len(data)) + data + b"\r\n")
-            else:
-                direct_write(self.transport, data)
-
-    def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
-        if self.finished or self._disconnected:
-            return
-        if not self.started:
-            self._generic_start()
-        end = b""
-        if self._chunked_out:
-            if trailers:
-                end = b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in trailers]) + b"\r\n"
-            else:
-                end = b"0\r\n\r\n"
-        head = self._head
-        if head is not None:
-            self._head = None
-            direct_write(self.transport, head + end)
-        elif end:
-            direct_write(self.transport, end)
-        self.finished = 1
-        if self._producer is not None:
-            self.unregisterProducer()
-        self.channel.request_done(self)
-        n = self._notifications
-        if n:
-            self._notifications = None
-            for d in n:
-                d.callback(None)
-
-    def abort(self) -> None:
-        """
-        Abort the client connection (a response already started cannot be
-        completed).
-        """
-        if not self.finished:
-            self.channel.abort()
-
-    def set_lost_handler(self, fn: Callable[[], None] | None) -> None:
-        self._lost_handler = fn
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        if self._disconnected:
-            producer.stopProducing()
-            return
-        self._producer = producer
-        self.transport.registerProducer(producer, True)
-
-    def unregisterProducer(self) -> None:
-        if self._producer is not None:
-            self._producer = None
-            self.transport.unregisterProducer()
-
-    def take_over(self, on_data: Callable[[bytes], None]) -> None:
-        """
-        After a 101 response: every byte the client sends from now on is
-        given to C{on_data}; L{write} sends raw bytes.
-        """
-        self._tunnel = on_data
-        self.channel.start_tunnel(self, on_data)
-
-    def tunnel_write(self, data: bytes) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            data = head + data
-        direct_write(self.transport, data)
-
-    def connectionLost(self, reason: Any) -> None:
-        if self.finished:
-            return
-        self._disconnected = True
-        if self._producer is not None:
-            self._producer = None
-        fn = self._lost_handler
-        if fn is not None:
-            self._lost_handler = None
-            fn()
-        n = self._notifications
-        if n:
-            self._notifications = None
-            for d in n:
-                d.errback(reason)
-
-    def isSecure(self) -> bool:
-        return self.is_tls
-
-    def getClientAddress(self) -> Any:
-        return self.client
-
-    def __repr__(self) -> str:
-        return f"<FastRequest {self.method!r} {self.uri!r}>"
 
 
 class FastHTTPChannel(Protocol):

@@ -51,7 +51,7 @@ from twisted.internet import error as _error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
-from mproxy.http.server import direct_write
+from mproxy.http.request import direct_write
 
 MAX_PENDING_BODY = 65536
 REPLAYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
