@@ -48,13 +48,13 @@ from urllib.parse import quote, unquote
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mproxy.http import reqlog
 from mproxy.http.pages import CONTENT_TYPE, render_page
-from mproxy.http.server import FastRequest, ProxySite, reason_bytes
+from mproxy.http.generic import GenericExchange
+from mproxy.http.server import FastRequest, ProxySite
 from mproxy.http.spool import Spool, SpoolSender
 from mproxy.tls.redirect import redirect_body, redirect_location
 
@@ -156,137 +156,6 @@ def scope_cookie(value: bytes, prefix: str, host: str) -> bytes:
     segments = [p for p in (prefix.encode("latin-1") + b"/" + path).split(b"/") if p]
     new_path = b"/" + b"/".join(segments)
     return b"; ".join([first, b"Path=" + new_path] + rest)
-
-
-class _NullProducer:
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class GenericExchange:
-    """
-    The exchange API of L{FastRequest} on top of a standard
-    L{twisted.web.server.Request} (HTTP/2, or HTTP/1.1 through Twisted's own
-    channel).  The body was buffered by Twisted already; upgrades are not
-    offered.
-    """
-
-    upgrade = False
-    expect_continue = False
-    started = False
-    finished = False
-    body_producer = _NullProducer()
-
-    def __init__(self, request: Any) -> None:
-        self.r = request
-        self.method = request.method
-        uri = request.uri
-        self.uri = uri
-        q = uri.find(b"?")
-        self.path, self.query = (uri, b"") if q < 0 else (uri[:q], uri[q + 1:])
-        proto = request.clientproto
-        self.clientproto = b"HTTP/2.0" if proto.startswith(b"HTTP/2") else proto
-        self.raw_headers = [
-            (k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs
-        ]
-        self.client = request.getClientAddress()
-        self.client_strings = (getattr(self.client, "host", "") or "",
-                               str(getattr(self.client, "port", "")))
-        self.is_tls = bool(request.isSecure())
-        content = request.content
-        n = 0
-        if content is not None:
-            content.seek(0, 2)
-            n = content.tell()
-            content.seek(0)
-        self.body_length = n
-        self.rewrite_length = True
-        self.sentLength = 0
-        self.code = 200
-
-    def set_body_consumer(self, on_data: Callable[[bytes], None], on_end: Callable[[], None],
-                          on_error: Callable[[int, str], None]) -> None:
-        content = self.r.content
-        if content is not None and self.body_length:
-            while True:
-                chunk = content.read(65536)
-                if not chunk:
-                    break
-                on_data(chunk)
-        on_end()
-
-    def send_continue(self) -> None:
-        pass
-
-    def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
-        pass
-
-    def start_response(self, code: int, reason: bytes | None,
-                       headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        r = self.r
-        self.started = True
-        self.code = code
-        r.setResponseCode(code, reason or reason_bytes(code))
-        h = Headers()
-        for name, value in headers:
-            h.addRawHeader(name, value)
-        r.responseHeaders = h
-        r.defaultContentType = None
-
-    def write(self, data: bytes) -> None:
-        if data and not self.finished:
-            self.sentLength += len(data)
-            self.r.write(data)
-
-    def finish(self, trailers: Any = None) -> None:
-        if not self.finished:
-            self.finished = True
-            if self._producer:
-                self.unregisterProducer()
-            try:
-                self.r.finish()
-            except RuntimeError:
-                pass
-
-    def abort(self) -> None:
-        self.finished = True
-        ch = getattr(self.r, "channel", None)
-        if ch is None:
-            return
-        if hasattr(ch, "abortConnection"):
-            ch.abortConnection()
-        elif getattr(ch, "transport", None) is not None:
-            ch.transport.abortConnection()
-
-    def set_lost_handler(self, fn: Callable[[], None]) -> None:
-        def lost(_: Failure) -> None:
-            if not self.finished:
-                self.finished = True
-                fn()
-
-        self.r.notifyFinish().addErrback(lost)
-
-    _producer = False
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        try:
-            self.r.registerProducer(producer, True)
-            self._producer = True
-        except (ValueError, RuntimeError, AttributeError):
-            pass
-
-    def unregisterProducer(self) -> None:
-        self._producer = False
-        try:
-            self.r.unregisterProducer()
-        except (ValueError, RuntimeError, AttributeError):
-            pass
 
 
 class ProxyResource(Resource):
