@@ -530,3 +530,28 @@ class LimitTests(SynchronousTestCase):
         proto.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X-A: " + b"a" * 600000 + b"\r\nX-B: "
                            + b"b" * 600000 + b"\r\n\r\n")
         self.assertEqual(r.events[0][:2], ("failed", 502))
+
+
+class HeadKeepAliveTests(SynchronousTestCase):
+    def test_head_http10_not_reused(self) -> None:
+        """
+        A HEAD answered by an HTTP/1.0 server without keep-alive does not
+        go back to the pool.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"HEAD")
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n")
+        self.assertEqual(r.kinds(), ["response", "done"])
+        self.assertEqual(h.pool.idle_count, 0)
+        self.assertTrue(t.disconnecting)
+
+    def test_head_connection_close(self) -> None:
+        """
+        C{Connection: close} on a HEAD response closes the connection.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"HEAD")
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n")
+        self.assertEqual(h.pool.idle_count, 0)

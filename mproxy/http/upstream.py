@@ -368,6 +368,7 @@ class _Connection(Protocol):
 
     _head_bytes = 0
     _raw_head_bytes = 0
+    _head_keep_alive = False
 
     def on_message_begin(self) -> None:
         self._reason = b""
@@ -415,6 +416,7 @@ class _Connection(Protocol):
         if ex is not None:
             ex._response(status, self._reason, headers)
         if ex is not None and ex.method == b"HEAD" and not self.tunnel:
+            self._head_keep_alive = self.parser.should_keep_alive()
             raise _HeadDone()
 
     def on_body(self, data: bytes) -> None:
@@ -476,7 +478,7 @@ class _Connection(Protocol):
         except httptools.HttpParserCallbackError as e:
             if isinstance(e.__context__, _HeadDone):
                 self.parser = httptools.HttpResponseParser(self)
-                self._complete(not _says_close(self._headers))
+                self._complete(self._head_keep_alive)
             else:
                 self._broken(f"error handling response: {e.__context__!r}")
         except httptools.HttpParserError as e:
@@ -521,14 +523,6 @@ class _Connection(Protocol):
             self.pool._dispatch(ex, fresh=True)
             return
         ex._fail(502, "target closed the connection: " + reason.getErrorMessage())
-
-
-def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            if b"close" in value.lower():
-                return True
-    return False
 
 
 class _ConnectFactory(ClientFactory):
