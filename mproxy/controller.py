@@ -359,10 +359,16 @@ class Controller:
 
     def list(self) -> list[dict[str, Any]]:
         certs = self.certificates.status()
+        claimed = {h for s in self.router.services.values() for h in s.options.hosts if h}
         out = []
         for name in sorted(self.router.services):
             s = self.router.services[name]
             hosts = [h for h in s.options.hosts if h]
+            if s.options.tls_on_demand_url:
+                # Its certificates are for whichever names were approved.
+                names = sorted(h for h in certs if h not in claimed)
+            else:
+                names = hosts
             out.append(
                 {
                     "service": name,
@@ -372,7 +378,7 @@ class Controller:
                     "rollout_targets": s.rollout.addresses if s.rollout else [],
                     "state": s.state_name,
                     "tls": s.options.tls_enabled,
-                    "certificates": {h: certs[h] for h in hosts if h in certs},
+                    "certificates": {h: certs[h] for h in names if h in certs},
                     "inflight": sum(lb.inflight() for lb in s.balancers()),
                 }
             )

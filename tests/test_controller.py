@@ -1064,3 +1064,43 @@ class ServiceCloseTests(ControllerTestCase):
         """
         self.deployed(request("web", "aa:1"))
         self.assertIsInstance(self.router.services["web"], Service)
+
+
+class OnDemandListingTests(SynchronousTestCase):
+    """
+    An on-demand TLS service lists the certificates of the names it approved.
+    """
+
+    def test_on_demand_certificates_listed(self) -> None:
+        from twisted.internet.defer import succeed
+        from twisted.internet.task import Clock
+
+        from mproxy.controller import Controller
+        from mproxy.logging import ListLogger
+        from mproxy.router import Router
+        from mproxy.spec import DeployRequest, ServiceOptions
+
+        class Certs:
+            def validate(self, options: object) -> None:
+                pass
+
+            def update_service(self, name: str, options: object) -> None:
+                pass
+
+            def remove_service(self, name: str) -> None:
+                pass
+
+            def status(self) -> dict[str, str]:
+                return {"shop.test": "valid until X", "app.test": "pending"}
+
+        clock = Clock()
+        c = Controller(Router(), clock, lambda t, cfg: succeed(200), None, ListLogger(),
+                       certificates=Certs())
+        self.successResultOf(c.deploy(DeployRequest(
+            "app", ("web:1",), options=ServiceOptions(hosts=["app.test"], tls_enabled=True))))
+        self.successResultOf(c.deploy(DeployRequest(
+            "tenants", ("web:2",),
+            options=ServiceOptions(tls_enabled=True, tls_on_demand_url="/allow"))))
+        rows = {r["service"]: r for r in c.list()}
+        self.assertEqual(rows["app"]["certificates"], {"app.test": "pending"})
+        self.assertEqual(rows["tenants"]["certificates"], {"shop.test": "valid until X"})
