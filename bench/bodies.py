@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -79,8 +80,17 @@ class RssSampler(threading.Thread):
         self.join(5)
 
 
+_TLS_CTX: ssl.SSLContext | None = None   # set by --tls
+
+
+def connect(port: int, timeout: float) -> http.client.HTTPConnection:
+    if _TLS_CTX is not None:
+        return http.client.HTTPSConnection(C.TLS_HOST, port, timeout=timeout, context=_TLS_CTX)
+    return http.client.HTTPConnection(C.HOST, port, timeout=timeout)
+
+
 def download(port: int, n: int, stall: float, stall_after: int, timeout: float) -> dict:
-    conn = http.client.HTTPConnection(C.HOST, port, timeout=timeout)
+    conn = connect(port, timeout)
     try:
         conn.request("GET", f"/download?bytes={n}")
         resp = conn.getresponse()
@@ -106,7 +116,7 @@ def download(port: int, n: int, stall: float, stall_after: int, timeout: float) 
 
 
 def upload(port: int, n: int, timeout: float, chunked: bool, seed: int) -> dict:
-    conn = http.client.HTTPConnection(C.HOST, port, timeout=timeout)
+    conn = connect(port, timeout)
     try:
         conn.putrequest("POST", "/upload")
         conn.putheader("Content-Type", "application/octet-stream")
@@ -179,6 +189,7 @@ def run_one(direction: str, port: int, pids: list[int], args, expected: str) -> 
 
 
 def main(argv=None) -> int:
+    global _TLS_CTX
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxy", choices=["mproxy", "nginx", "direct"], default="mproxy",
                     help="what sits between client and upstream (nginx/direct are for "
@@ -189,6 +200,9 @@ def main(argv=None) -> int:
                     help="seconds the reading side pauses mid-transfer (0: never)")
     ap.add_argument("--stall-after", type=parse_size, default=64 * MiB)
     ap.add_argument("--chunked", action="store_true", help="upload with chunked encoding")
+    ap.add_argument("--tls", action="store_true",
+                    help="client -> proxy over HTTPS (self-signed cert for localhost; "
+                         "mproxy deployed with --host localhost --tls); not with direct")
     ap.add_argument("--limit-mib", type=float, default=50.0, help="allowed RSS growth")
     ap.add_argument("--timeout", type=float, default=60.0, help="socket inactivity timeout")
     ap.add_argument("--seed", type=int, default=0)
@@ -208,6 +222,8 @@ def main(argv=None) -> int:
     if C.cpu_count() < 2:
         args.proxy_cpu = args.load_cpu = -1
     directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+    if args.tls and args.proxy == "direct":
+        ap.error("--tls needs a proxy (mproxy or nginx)")
     mproxy_cmd = None
     if args.proxy == "mproxy":
         mproxy_cmd, mproxy_env = C.mproxy_command(args.mproxy_cmd)
@@ -228,18 +244,28 @@ def main(argv=None) -> int:
                     "--upload-stall", str(args.stall), "--stall-after", str(args.stall_after),
                     "--seed", str(args.seed)] + (["--push"] if args.upstream_push else []), tmp)
             C.wait_port(up_port, 15, upstream)
+            cert = None
+            if args.tls:
+                cert = C.make_cert(tmp / "cert")
+                _TLS_CTX = ssl.create_default_context(cafile=str(cert[0]))
             if args.proxy == "direct":
                 port, pid, server = up_port, upstream.pid, upstream
             elif args.proxy == "nginx":
                 (port,) = C.free_ports(1)
-                conf = C.nginx_proxy_config(tmp / "nginx", port, up_port, stream_bodies=True)
+                conf = C.nginx_proxy_config(tmp / "nginx", port, up_port, stream_bodies=True,
+                                            tls=cert)
                 p = procs.start("nginx", C.pin_prefix(args.proxy_cpu) + C.nginx_argv(conf), tmp)
                 C.wait_port(port, 15, p)
                 pid, server = p.pid, p
             else:
                 mp = C.MProxy(procs, mproxy_cmd, mproxy_env, tmp / "mproxy", args.proxy_cpu)
-                mp.deploy(f"{C.HOST}:{up_port}")
-                port, pid, server = mp.http_port, mp.pid, mp.proc
+                opts = []
+                if cert:
+                    opts = ["--host", C.TLS_HOST, "--tls", "--tls-certificate-path",
+                            str(cert[0]), "--tls-private-key-path", str(cert[1])]
+                mp.deploy(f"{C.HOST}:{up_port}", opts)
+                port = mp.https_port if cert else mp.http_port
+                pid, server = mp.pid, mp.proc
             if args.load_cpu >= 0:
                 os.sched_setaffinity(0, {args.load_cpu})
             pids = C.tree_pids(pid)
@@ -277,7 +303,8 @@ def main(argv=None) -> int:
 
     if results:
         print()
-        print(f"{args.size / MiB:.0f} MiB each way through {args.proxy}; reader stall "
+        print(f"{args.size / MiB:.0f} MiB each way through {args.proxy}"
+              f"{' over HTTPS' if args.tls else ''}; reader stall "
               f"{args.stall:g}s after {args.stall_after / MiB:.0f} MiB; "
               f"RSS growth limit {args.limit_mib:g} MiB")
         print(f"{'direction':<10} {'sha256':>7} {'seconds':>8} {'MiB/s*':>7} {'base MiB':>9} "
@@ -292,7 +319,7 @@ def main(argv=None) -> int:
                 print(f"  error: {r['error']}")
         print("* throughput excluding the deliberate stall")
         if not args.no_json:
-            path = C.write_results(f"bodies-{args.proxy}", {
+            path = C.write_results(f"bodies-{args.proxy}{'-tls' if args.tls else ''}", {
                 "kind": "bodies", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": C.machine_info(), "proxy": args.proxy,
                 "settings": vars(args), "mproxy_cmd": mproxy_cmd, "results": results})
