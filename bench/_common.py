@@ -235,6 +235,21 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def listen_overflows() -> int | None:
+    """System-wide TcpExt ListenOverflows (SYNs dropped because an accept
+    queue was full). Not per process: other load on the machine counts too."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            d = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(d["ListenOverflows"]) if "ListenOverflows" in d else None
+    return None
+
+
 def cpu_times() -> dict[int, list[int]]:
     """Per-CPU jiffies from /proc/stat: user nice system idle iowait irq softirq steal."""
     out = {}

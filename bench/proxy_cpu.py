@@ -85,12 +85,18 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     proxy_pids = C.tree_pids(proxy_pid) if proxy_pid else []
     up_pids = C.tree_pids(upstream_pid)
     a0 = C.nginx_accepts(upstream_port)
+    lo0 = C.listen_overflows()
     s0 = C.cpu_times()
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     res = run_wrk(url, args, args.duration, args.load_cpu)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     s1 = C.cpu_times()
     a1 = C.nginx_accepts(upstream_port)
+    lo1 = C.listen_overflows()
+    if lo0 is not None and lo1 is not None:
+        # SYNs dropped on a full accept queue (machine-wide): a listen backlog
+        # too small for the connection burst; clients then wait 1 s+ to retry.
+        res["listen_overflows"] = lo1 - lo0
     if a0 is not None and a1 is not None:
         # New connections the upstream accepted during the run (minus our own
         # status request): shows whether the proxy reuses upstream connections.
@@ -194,6 +200,9 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             if foreign > 0.05:
                 bad += (f"; WARNING: other processes used {foreign * 100:.0f}% of CPU "
                         f"{args.proxy_cpu} (req/s understated)")
+            if r.get("listen_overflows"):
+                bad += (f"; WARNING: {r['listen_overflows']} SYNs dropped on a full accept "
+                        "queue (listen backlog too small?)")
             if "upstream_new_connections" in r:
                 bad += f"; {r['upstream_new_connections']} new upstream connections"
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
@@ -234,7 +243,7 @@ def count_log_lines(path: Path) -> int:
 def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
             "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign",
-            "upstream_new_connections"]
+            "upstream_new_connections", "listen_overflows"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):
