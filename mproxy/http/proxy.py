@@ -52,7 +52,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mproxy.http import reqlog
-from mproxy.http.pages import CONTENT_TYPE, render_page
+from mproxy.http.custompages import render_for
+from mproxy.http.pages import CONTENT_TYPE
 from mproxy.http.generic import GenericExchange
 from mproxy.http.server import FastRequest, ProxySite
 from mproxy.http.spool import Spool, SpoolSender
@@ -763,7 +764,7 @@ class _ProxyCall:
 
     def _page(self, status: int, message: str = "") -> None:
         rq = self.rq
-        body = render_page(status, message)
+        body = render_for(self.service, status, message)
         self.status = status
         self.resp_ctype = CONTENT_TYPE
         rq.start_response(status, None, [
