@@ -33,6 +33,7 @@ from mproxy.errors import (
     StateError,
 )
 from mproxy.health import ProbeFunction
+from mproxy.http import custompages
 from mproxy.logging import JSONLogger
 from mproxy.router import Router
 from mproxy.service import PauseState, RolloutSplit, Service
@@ -130,6 +131,7 @@ class Controller:
         """
         req.validate()
         self.certificates.validate(req.options)
+        custompages.validate(req.options)
         lock = self._lock(req.service)
         yield lock.acquire()
         try:
