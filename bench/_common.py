@@ -39,14 +39,15 @@ class BenchError(Exception):
 
 
 # --------------------------------------------------------------------------
-# signals: turn SIGTERM/SIGHUP into an exception so `finally` blocks run
+# signals: turn SIGINT/SIGTERM/SIGHUP into an exception so `finally` blocks run
 
 
 def install_signal_handlers() -> None:
     def _raise(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise)
 
 
