@@ -10,7 +10,7 @@ import signal
 import socket
 from typing import Any
 
-from twisted.internet import error, reactor
+from twisted.internet import error
 from twisted.internet.defer import inlineCallbacks
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -398,7 +398,7 @@ class ProxyResourceTests(Pages, SynchronousTestCase):
         """
         h = self.harness()
         h.get()
-        proto, t = h.upstream()
+        proto, _ = h.upstream()
         proto.dataReceived(
             b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n"
             b"Content-Length: 7\r\n\r\napp 502"
@@ -433,7 +433,7 @@ class IntegrationTests(Pages, IntegrationMixin, TestCase):
             "503.html": KAMAL_503,
             "502.html": "<h1>Our custom 502</h1>",
         })
-        one, addr = self.upstream("one")
+        _, addr = self.upstream("one")
         p = yield self.proxy()
         r = yield p.command("deploy", "web", "--target", addr, "--error-pages", d)
         self.assertEqual(r.status, 0, r.err)
@@ -475,7 +475,7 @@ class IntegrationTests(Pages, IntegrationMixin, TestCase):
         A deploy naming a bad directory exits 1 with the error and changes
         nothing: the old target keeps serving, with its old pages.
         """
-        one, addr1 = self.upstream("one")
+        _, addr1 = self.upstream("one")
         two, addr2 = self.upstream("two")
         good = self.pages({"503.html": "<p>good 503 {{.Message}}</p>"})
         p = yield self.proxy()

@@ -60,7 +60,7 @@ from __future__ import annotations
 import html
 import os
 import re
-from typing import Any, Union
+from typing import Any
 
 from mproxy.errors import ErrorPagesError
 from mproxy.http.pages import render_page
@@ -88,7 +88,7 @@ class _Message:
 
 
 _MSG = _Message()
-_Node = Union[str, _Message, _If]
+_Node = str | _Message | _If
 
 
 class TemplateError(ValueError):
