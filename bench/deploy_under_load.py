@@ -46,10 +46,17 @@ def log_time(value: str) -> float:
     return datetime.fromisoformat(m.group(1) + frac + zone).timestamp()
 
 
-def start_upstream(procs: C.Procs, tmp: Path, name: str, port: int, cpu: int) -> C.Proc:
-    conf = C.nginx_upstream_config(tmp / name, port, f"{name}\n".encode())
+def start_upstream(procs: C.Procs, tmp: Path, name: str, port: int, cpu: int,
+                   slow: bool = False) -> C.Proc:
+    """nginx (fast) or, with slow=True, bench/body_upstream.py (serves /slow)."""
+    (tmp / name).mkdir(parents=True, exist_ok=True)
+    if slow:
+        argv = [sys.executable, str(C.BENCH_DIR / "body_upstream.py"), "--port", str(port),
+                "--name", name]
+    else:
+        argv = C.nginx_argv(C.nginx_upstream_config(tmp / name, port, f"{name}\n".encode()))
     p = procs.start(f"upstream-{name}-{int(time.monotonic() * 1000)}",
-                    C.pin_prefix(cpu) + C.nginx_argv(conf), tmp / name)
+                    C.pin_prefix(cpu) + argv, tmp / name)
     C.wait_port(port, 15, p)
     return p
 
@@ -59,6 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=30, help="seconds of load")
     ap.add_argument("--deploys", type=int, default=5, help="deploys during the load")
     ap.add_argument("--connections", "-c", type=int, default=50)
+    ap.add_argument("--slow-ms", type=int, default=0,
+                    help="every request takes this long at the upstream (Twisted upstreams "
+                         "serving /slow?ms=N instead of nginx), so each deploy has to drain "
+                         "in-flight requests before returning")
     ap.add_argument("--keep-old", action="store_true",
                     help="do not stop the old upstream after each deploy")
     ap.add_argument("--deploy-args", default="",
@@ -89,12 +100,15 @@ def main(argv=None) -> int:
     try:
         with C.Procs() as procs:
             ports = dict(zip("AB", C.free_ports(2), strict=True))
-            running = {"A": start_upstream(procs, tmp, "A", ports["A"], args.load_cpu)}
+            slow = args.slow_ms > 0
+            running = {"A": start_upstream(procs, tmp, "A", ports["A"], args.load_cpu, slow)}
             mp = C.MProxy(procs, cmd, env, tmp / "mproxy", args.proxy_cpu)
             extra = args.deploy_args.split() if args.deploy_args else []
             mp.deploy(f"{C.HOST}:{ports['A']}", extra)
             current = "A"
             url = f"http://{C.HOST}:{mp.http_port}/"
+            if slow:
+                url += f"slow?ms={args.slow_ms}"
             status, body = C.http_get(url)
             if status != 200 or body != b"A\n":
                 raise C.BenchError(f"GET {url} -> {status} {body[:100]!r}, expected A")
@@ -115,7 +129,8 @@ def main(argv=None) -> int:
                 time.sleep(max(0.0, t0 + step * (i + 1) - time.monotonic()))
                 new = "B" if current == "A" else "A"
                 if new not in running:
-                    running[new] = start_upstream(procs, tmp, new, ports[new], args.load_cpu)
+                    running[new] = start_upstream(procs, tmp, new, ports[new], args.load_cpu,
+                                                  slow)
                 d0 = time.monotonic()
                 try:
                     mp.deploy(f"{C.HOST}:{ports[new]}", extra)
@@ -161,7 +176,8 @@ def main(argv=None) -> int:
             result = {"wrk": w, "deploys": deploys, "log_statuses": dict(statuses),
                       "log_targets": dict(targets), "log_499_at_wrk_stop": at_stop}
             print()
-            print(f"{args.duration:g}s of wrk -c{args.connections} through mproxy, "
+            print(f"{args.duration:g}s of wrk -c{args.connections} through mproxy"
+                  f"{f' to {args.slow_ms} ms requests' if slow else ''}, "
                   f"{len(deploys)} deploys, old upstream "
                   f"{'kept' if args.keep_old else 'stopped right after each deploy'}")
             print(f"  requests: {w['requests']} ({w['req_per_s']:.0f}/s), "
