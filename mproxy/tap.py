@@ -30,6 +30,9 @@ from mproxy.router import Router
 from mproxy.state import STATE_FILENAME, StateStore
 
 SHUTDOWN_GRACE = 10.0
+#: Twisted's default backlog (50) drops SYNs under a burst of new connections;
+#: the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 class StartupError(MproxyError):
@@ -92,14 +95,15 @@ def _listen_endpoints(reactor: Any, bind: str) -> list[Any]:
     Endpoint makers (port → endpoint) for a bind address; all interfaces is
     C{::} then C{0.0.0.0}.
     """
+    b = LISTEN_BACKLOG
     if bind:
         if ":" in bind:
-            return [lambda port: TCP6ServerEndpoint(reactor, port, interface=bind.strip("[]"))]
-        return [lambda port: TCP4ServerEndpoint(reactor, port, interface=bind)]
+            return [lambda port: TCP6ServerEndpoint(reactor, port, b, bind.strip("[]"))]
+        return [lambda port: TCP4ServerEndpoint(reactor, port, b, bind)]
     makers = []
     if _socket.has_ipv6:
-        makers.append(lambda port: TCP6ServerEndpoint(reactor, port, interface="::"))
-    makers.append(lambda port: TCP4ServerEndpoint(reactor, port, interface="0.0.0.0"))
+        makers.append(lambda port: TCP6ServerEndpoint(reactor, port, b, "::"))
+    makers.append(lambda port: TCP4ServerEndpoint(reactor, port, b, "0.0.0.0"))
     return makers
 
 
