@@ -16,7 +16,6 @@ from http import HTTPStatus
 from io import BytesIO
 from typing import Any, Callable
 
-from twisted.internet import tcp as _tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import http as _http
@@ -62,32 +61,6 @@ def error_response(code: int) -> bytes:
         b"Connection: close\r\n\r\n" % len(body)
         + body
     )
-
-
-_DIRECT_TYPES: frozenset[type] = frozenset((_tcp.Server, _tcp.Client))
-
-
-def direct_write(transport: Any, data: bytes) -> None:
-    """
-    C{transport.write(data)}, but on a plain TCP transport with nothing
-    buffered the bytes are sent at once instead of on the next reactor
-    iteration: that saves two epoll updates and one dispatch per write.
-    Whatever the socket does not take is buffered by Twisted as usual.
-    """
-    if (type(transport) in _DIRECT_TYPES and not transport._tempDataLen
-            and not transport.dataBuffer and transport.connected
-            and not transport.disconnecting):
-        try:
-            n = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            n = 0
-        if n == len(data):
-            return
-        if n:
-            data = data[n:]
-    transport.write(data)
 
 
 class _BodyProducer:
@@ -443,17 +416,17 @@ class FastRequest(_server.Request):
             if data:
                 self.sentLength += len(data)
                 if self._chunked_out:
-                    direct_write(self.transport, head + _hex(len(data)) + data + b"\r\n")
+                    self.transport.write(head + _hex(len(data)) + data + b"\r\n")
                 else:
-                    direct_write(self.transport, head + data)
+                    self.transport.write(head + data)
             else:
-                direct_write(self.transport, head)
+                self.transport.write(head)
         elif data:
             self.sentLength += len(data)
             if self._chunked_out:
-                direct_write(self.transport, _hex(len(data)) + data + b"\r\n")
+                self.transport.write(_hex(len(data)) + data + b"\r\n")
             else:
-                direct_write(self.transport, data)
+                self.transport.write(data)
 
     def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished or self._disconnected:
@@ -469,9 +442,9 @@ class FastRequest(_server.Request):
         head = self._head
         if head is not None:
             self._head = None
-            direct_write(self.transport, head + end)
+            self.transport.write(head + end)
         elif end:
-            direct_write(self.transport, end)
+            self.transport.write(end)
         self.finished = 1
         if self._producer is not None:
             self.unregisterProducer()
@@ -518,7 +491,7 @@ class FastRequest(_server.Request):
         if head is not None:
             self._head = None
             data = head + data
-        direct_write(self.transport, data)
+        self.transport.write(data)
 
     def connectionLost(self, reason: Any) -> None:
         if self.finished:

@@ -54,14 +54,13 @@ from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
     _BodyProducer,
-    direct_write,
     error_response,
     reason_bytes,
     status_line,
 )
 
 __all__ = [
-    "FastHTTPChannel", "FastRequest", "ProxySite", "direct_write", "error_response",
+    "FastHTTPChannel", "FastRequest", "ProxySite", "error_response",
     "reason_bytes", "status_line", "MAX_QUEUED_BODY",
 ]
 

@@ -51,7 +51,6 @@ from twisted.internet import error as _error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
-from mproxy.http.request import direct_write
 
 MAX_PENDING_BODY = 65536
 REPLAYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
@@ -151,7 +150,7 @@ class UpstreamExchange:
     def _write(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
-            direct_write(conn.transport, data)
+            conn.transport.write(data)
             return
         if self.pending is None:
             self.pending = []
@@ -332,7 +331,7 @@ class _Connection(Protocol):
         data = ex.head
         if ex.pending:
             data += ex._take_pending()
-        direct_write(self.transport, data)
+        self.transport.write(data)
         if ex.body_ended:
             ex._arm_timer()
         elif ex.body_producer is not None:
