@@ -20,8 +20,13 @@ class ServiceTreeTests(SynchronousTestCase):
     def config(self, **kw: object) -> ServerConfig:
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)
+        import shutil
+        import tempfile
+
+        short = tempfile.mkdtemp(prefix="mp-")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, short, True)
         base = dict(http_port=8080, https_port=8443, bind="127.0.0.1",
-                    socket=os.path.join(d, "s.sock"), state_dir=os.path.join(d, "state"))
+                    socket=os.path.join(short, "s.sock"), state_dir=os.path.join(d, "state"))
         base.update(kw)
         return ServerConfig(**base)  # type: ignore[arg-type]
 
