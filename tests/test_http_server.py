@@ -791,3 +791,127 @@ class BodyTimeoutTests(SynchronousTestCase):
                                         lambda s, m: errors.append(s))
         h.reactor.advance(100)
         self.assertEqual(errors, [])
+
+
+class FakeSocket:
+    def __init__(self, take: int | None = None, error: Exception | None = None) -> None:
+        self.sent: list[bytes] = []
+        self.take = take
+        self.error = error
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        n = len(data) if self.take is None else min(self.take, len(data))
+        self.sent.append(bytes(data[:n]))
+        return n
+
+
+class FakeTCP:
+    """
+    Looks like a Twisted TCP transport to the batcher.
+    """
+
+    def __init__(self, sock: FakeSocket) -> None:
+        self.socket = sock
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.connected = True
+        self.disconnecting = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self._tempDataLen += len(data)
+
+
+class BatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from mproxy.http import batch
+
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+        self.clock = MemoryReactorClock()
+        self.batcher = batch.WriteBatcher(self.clock)
+
+    def test_coalesced_send_next_iteration(self) -> None:
+        """
+        Writes in one iteration reach the socket together, in order, in one
+        send at the next iteration.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"ab")
+        self.batcher.write(t, b"cd")
+        self.assertEqual(t.socket.sent, [])
+        self.clock.advance(0)
+        self.assertEqual(t.socket.sent, [b"abcd"])
+        self.assertEqual(t.written, [])
+
+    def test_partial_send(self) -> None:
+        """
+        What the socket does not take is handed to Twisted.
+        """
+        t = FakeTCP(FakeSocket(take=3))
+        self.batcher.write(t, b"abcdef")
+        self.clock.advance(0)
+        self.assertEqual(t.socket.sent, [b"abc"])
+        self.assertEqual(t.written, [b"def"])
+
+    def test_send_error(self) -> None:
+        """
+        A send error leaves the bytes to Twisted (which reports the loss).
+        """
+        t = FakeTCP(FakeSocket(error=BlockingIOError()))
+        self.batcher.write(t, b"abc")
+        self.clock.advance(0)
+        self.assertEqual(t.written, [b"abc"])
+
+    def test_busy_transport_not_batched(self) -> None:
+        """
+        A transport with bytes already buffered by Twisted is written to
+        directly, keeping the order.
+        """
+        t = FakeTCP(FakeSocket())
+        t._tempDataLen = 5
+        self.batcher.write(t, b"abc")
+        self.assertEqual(t.written, [b"abc"])
+
+    def test_flush_transport(self) -> None:
+        """
+        flush_transport hands pending bytes to Twisted at once (before a
+        close or a direct write).
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"abc")
+        self.batcher.flush_transport(t)
+        self.assertEqual(t.written, [b"abc"])
+        self.clock.advance(0)
+        self.assertEqual(t.socket.sent, [])
+
+    def test_other_transports_direct(self) -> None:
+        """
+        Transports that are not plain TCP (TLS, test transports) are written
+        to at once.
+        """
+        t = StringTransport()
+        self.batcher.write(t, b"abc")
+        self.assertEqual(t.value(), b"abc")
+
+    def test_close_flushes(self) -> None:
+        """
+        Closing a channel flushes what its responses left pending.
+        """
+        r = Recorder(auto=True)
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        ch = site.buildProtocol(None)
+        sock = FakeSocket()
+        t = FakeTCP(sock)
+        closed: list[bool] = []
+        t.getPeer = lambda: None  # type: ignore[attr-defined]
+        t.getHost = lambda: None  # type: ignore[attr-defined]
+        t.loseConnection = lambda: closed.append(bool(t.written))  # type: ignore[attr-defined]
+        ch.makeConnection(t)
+        ch.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual(closed, [True])
+        self.assertTrue(t.written[0].startswith(b"HTTP/1.1 200 OK"))

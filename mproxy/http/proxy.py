@@ -658,7 +658,7 @@ class _ProxyCall:
             sender.start()
             return
         if self.tunnel:
-            rq.channel.transport.loseConnection()
+            rq.close_connection()
         else:
             rq.finish(trailers if self.trailers_ok else None)
         self._complete()
@@ -750,7 +750,7 @@ class _ProxyCall:
         if self.tunnel:
             # RFC 6455 close frame, code 1001 "going away", unmasked
             rq.tunnel_write(b"\x88\x02\x03\xe9")
-            rq.channel.transport.loseConnection()
+            rq.close_connection()
             self._complete()
         elif not rq.started:
             self.res.logger.info("Request cancelled due to draining", path=self.path,

@@ -321,7 +321,7 @@ class FastRequest(_server.Request):
         if self.expect_continue and not self.started:
             self.expect_continue = False
             if not self.body_done:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.channel.batcher.write(self.transport, b"HTTP/1.1 100 Continue\r\n\r\n")
 
     @property
     def body_producer(self) -> _BodyProducer:
@@ -340,7 +340,8 @@ class FastRequest(_server.Request):
     def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self.started or self.clientproto != b"HTTP/1.1":
             return
-        self.transport.write(
+        self.channel.batcher.write(
+            self.transport,
             status_line(code) + b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
         )
 
@@ -410,23 +411,24 @@ class FastRequest(_server.Request):
             self._generic_start()
         if self._no_body:
             data = b""
+        bwrite = self.channel.batcher.write
         head = self._head
         if head is not None:
             self._head = None
             if data:
                 self.sentLength += len(data)
                 if self._chunked_out:
-                    self.transport.write(head + _hex(len(data)) + data + b"\r\n")
+                    bwrite(self.transport, head + _hex(len(data)) + data + b"\r\n")
                 else:
-                    self.transport.write(head + data)
+                    bwrite(self.transport, head + data)
             else:
-                self.transport.write(head)
+                bwrite(self.transport, head)
         elif data:
             self.sentLength += len(data)
             if self._chunked_out:
-                self.transport.write(_hex(len(data)) + data + b"\r\n")
+                bwrite(self.transport, _hex(len(data)) + data + b"\r\n")
             else:
-                self.transport.write(data)
+                bwrite(self.transport, data)
 
     def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished or self._disconnected:
@@ -439,12 +441,13 @@ class FastRequest(_server.Request):
                 end = b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in trailers]) + b"\r\n"
             else:
                 end = b"0\r\n\r\n"
+        bwrite = self.channel.batcher.write
         head = self._head
         if head is not None:
             self._head = None
-            self.transport.write(head + end)
+            bwrite(self.transport, head + end)
         elif end:
-            self.transport.write(end)
+            bwrite(self.transport, end)
         self.finished = 1
         if self._producer is not None:
             self.unregisterProducer()
@@ -491,7 +494,14 @@ class FastRequest(_server.Request):
         if head is not None:
             self._head = None
             data = head + data
-        self.transport.write(data)
+        self.channel.batcher.write(self.transport, data)
+
+    def close_connection(self) -> None:
+        """
+        Close the client connection once what was written is sent (ends a
+        tunnel).
+        """
+        self.channel.close()
 
     def connectionLost(self, reason: Any) -> None:
         if self.finished:

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
 
+from mproxy.http.batch import batcher_for
 from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
@@ -101,6 +102,7 @@ class FastHTTPChannel(Protocol):
                  body_timeout: float = BODY_TIMEOUT) -> None:
         self.site = site
         self.clock = clock
+        self.batcher = batcher_for(clock)
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
@@ -158,9 +160,8 @@ class FastHTTPChannel(Protocol):
                 cur._body_failed(408, "request body timed out")
             return
         if self._in_headers:
-            self.transport.write(error_response(408))
-        self.transport.loseConnection()
-        self._closing = True
+            self.batcher.write(self.transport, error_response(408))
+        self.close()
 
     def _set_timer(self, delay: float) -> None:
         t = self._timer
@@ -207,6 +208,14 @@ class FastHTTPChannel(Protocol):
         self._closing = True
         self.transport.abortConnection()
 
+    def close(self) -> None:
+        """
+        Close once everything written was sent.
+        """
+        self._closing = True
+        self.batcher.flush_transport(self.transport)
+        self.transport.loseConnection()
+
     _linger_call: Any = None
 
     def _linger(self) -> None:
@@ -219,6 +228,7 @@ class FastHTTPChannel(Protocol):
         self._closing = True
         self._stopped = True
         t = self.transport
+        self.batcher.flush_transport(t)
         half_close = getattr(t, "loseWriteConnection", None)
         if half_close is None:
             t.loseConnection()
@@ -235,8 +245,7 @@ class FastHTTPChannel(Protocol):
         after the current response.
         """
         if self.is_idle():
-            self._closing = True
-            self.transport.loseConnection()
+            self.close()
         else:
             for r in self._requests:
                 r.keep_alive = False
@@ -397,9 +406,8 @@ class FastHTTPChannel(Protocol):
         self._send_error(status)
 
     def _send_error(self, status: int) -> None:
-        self._closing = True
-        self.transport.write(error_response(status))
-        self.transport.loseConnection()
+        self.batcher.write(self.transport, error_response(status))
+        self.close()
 
     # --- dispatch -------------------------------------------------------------
 
@@ -449,8 +457,7 @@ class FastHTTPChannel(Protocol):
             if not req.body_done and not self._closing:
                 self._linger()
                 return
-            self._closing = True
-            self.transport.loseConnection()
+            self.close()
             return
         if self._requests:
             self._dispatch(self._requests[0])

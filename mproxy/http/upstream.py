@@ -51,6 +51,8 @@ from twisted.internet import error as _error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from mproxy.http.batch import batcher_for
+
 
 MAX_PENDING_BODY = 65536
 REPLAYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
@@ -150,7 +152,7 @@ class UpstreamExchange:
     def _write(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
-            conn.transport.write(data)
+            conn.pool.batcher.write(conn.transport, data)
             return
         if self.pending is None:
             self.pending = []
@@ -261,6 +263,7 @@ class UpstreamExchange:
         if conn is not None:
             self.conn = None
             conn.exchange = None
+            conn.pool.batcher.flush_transport(conn.transport)
             conn.transport.loseConnection()
 
     # --- IPushProducer (response direction) -----------------------------------
@@ -331,7 +334,7 @@ class _Connection(Protocol):
         data = ex.head
         if ex.pending:
             data += ex._take_pending()
-        self.transport.write(data)
+        self.pool.batcher.write(self.transport, data)
         if ex.body_ended:
             ex._arm_timer()
         elif ex.body_producer is not None:
@@ -566,6 +569,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.idle_reuse_limit = idle_reuse_limit
         self.closed = False
+        self.batcher = batcher_for(reactor)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
 

@@ -1,0 +1,98 @@
+# -*- test-case-name: tests.test_http_server -*-
+"""
+Batched sends on plain TCP transports.
+
+Twisted's C{transport.write} buffers the bytes, registers the socket for
+writability (an epoll update), sends them when the reactor dispatches the
+writable event and unregisters again (another epoll update).  For a proxy
+that writes one small request and one small response per exchange, that
+bookkeeping is a large part of the cost.  A L{WriteBatcher} collects what
+is written to idle TCP transports during one reactor iteration and sends it
+straight to the sockets at the start of the next one (C{callLater(0)}), so
+writes stay batched per iteration but skip the writability round trip.
+Whatever a socket does not take, and every transport that is not a plain
+TCP connection with an empty Twisted buffer, goes through
+C{transport.write} as usual.
+
+Rule for users: once bytes for a transport may have gone through
+L{WriteBatcher.write}, call L{WriteBatcher.flush_transport} before any
+other write to, or close of, that transport.
+
+    batcher = batcher_for(reactor)
+    batcher.write(transport, data)
+    batcher.flush_transport(transport)   # then transport.loseConnection()
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from twisted.internet import tcp as _tcp
+
+#: transport types whose sockets may be written to directly
+DIRECT_TYPES: set[type] = {_tcp.Server, _tcp.Client}
+
+
+class WriteBatcher:
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._pending: dict[Any, list[bytes]] = {}
+        self._call: Any = None
+
+    def write(self, transport: Any, data: bytes) -> None:
+        if not data:
+            return
+        pending = self._pending
+        buf = pending.get(transport)
+        if buf is not None:
+            buf.append(data)
+            return
+        if (type(transport) not in DIRECT_TYPES or transport._tempDataLen
+                or transport.dataBuffer or not transport.connected
+                or transport.disconnecting):
+            transport.write(data)
+            return
+        pending[transport] = [data]
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self.flush)
+
+    def flush_transport(self, transport: Any) -> None:
+        """
+        Hand what is pending for C{transport} to Twisted now.
+        """
+        buf = self._pending.pop(transport, None)
+        if buf:
+            transport.write(b"".join(buf))
+
+    def flush(self) -> None:
+        self._call = None
+        pending, self._pending = self._pending, {}
+        for transport, buf in pending.items():
+            data = buf[0] if len(buf) == 1 else b"".join(buf)
+            if (transport.connected and not transport.disconnecting
+                    and not transport._tempDataLen and not transport.dataBuffer):
+                try:
+                    n = transport.socket.send(data)
+                except OSError:
+                    # EAGAIN, or an error Twisted will notice itself
+                    n = 0
+                if n == len(data):
+                    continue
+                if n:
+                    data = data[n:]
+            transport.write(data)
+
+
+_batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()
+
+
+def batcher_for(reactor: Any) -> WriteBatcher:
+    """
+    The reactor's batcher (one per reactor, so that one flush per
+    iteration serves every connection).
+    """
+    b = _batchers.get(reactor)
+    if b is None:
+        b = _batchers[reactor] = WriteBatcher(reactor)
+    return b
