@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 from mproxy.errors import StateError
+from mproxy.fileutil import atomic_write
 
 STATE_VERSION = 1
 STATE_FILENAME = "mproxy.state"
@@ -63,27 +63,4 @@ class StateStore:
         data = json.dumps(
             {"version": STATE_VERSION, "services": services}, indent=1, sort_keys=True
         ).encode("utf-8") + b"\n"
-        fd, tmp = tempfile.mkstemp(prefix=".mproxy.state.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:
-            dfd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, data, 0o600)

@@ -35,9 +35,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from typing import Any
 
+from mproxy.fileutil import atomic_write
 from mproxy.tls.certs import CertifiedKey, load_certified_key
 
 __all__ = ["CertificateStore", "DirectoryStore", "atomic_write", "valid_host_name"]
@@ -55,38 +55,6 @@ def valid_host_name(name: str) -> bool:
     if all(part.isdigit() for part in name.split(".")):
         return False
     return True
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """
-    Write C{data} to C{path} atomically: temporary file in the same directory
-    created with C{mode}, fsync, rename over C{path}, fsync the directory.
-    """
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _read(path: str) -> bytes | None:
