@@ -1277,3 +1277,45 @@ class SendTimeoutTests(SynchronousTestCase):
         self.assertTrue(t.disconnected)
         self.assertIn("Client stopped reading", h.logger.messages())
         self.assertEqual(h.service.claims[0].releases, 1)
+
+
+class CustomPageTests(SynchronousTestCase):
+    def test_custom_pages(self) -> None:
+        """
+        A service's error-pages directory overrides built-in pages per
+        status, with the stop message filled in; other statuses keep the
+        built-in page.
+        """
+        import os
+
+        d = self.mktemp()
+        os.makedirs(d)
+        with open(os.path.join(d, "503.html"), "w") as f:
+            f.write("<p>Custom: {{ .Message }}</p>")
+        h = Harness()
+        h.service.options = ServiceOptions(error_pages=d)
+        h.service.result = Refusal(503, "back <soon>")
+        h.get()
+        self.assertTrue(h.output().endswith(b"<p>Custom: back &lt;soon&gt;</p>"))
+        h2 = Harness()
+        h2.service.options = ServiceOptions(error_pages=d)
+        h2.service.result = Refusal(504)
+        h2.get()
+        self.assertIn("504 — Gateway Timeout".encode(), h2.output())
+
+    def test_load_errors(self) -> None:
+        """
+        A directory without pages, or a missing one, cannot be loaded.
+        """
+        import os
+
+        from mproxy.errors import ErrorPagesError
+        from mproxy.http.pages import load_error_pages
+
+        d = self.mktemp()
+        os.makedirs(d)
+        self.assertRaises(ErrorPagesError, load_error_pages, d)
+        self.assertRaises(ErrorPagesError, load_error_pages, d + "-missing")
+        with open(os.path.join(d, "404.html"), "w") as f:
+            f.write("x")
+        self.assertEqual(load_error_pages(d), {404: "x"})
