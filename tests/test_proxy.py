@@ -613,6 +613,7 @@ class RefusalTests(SynchronousTestCase):
         h.get()
         d.callback(Refusal(504))
         self.assertTrue(h.output().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"))
+        self.assertIn("Rejecting request due to expired pause", h.logger.messages())
 
     def test_client_leaves_while_held(self) -> None:
         """

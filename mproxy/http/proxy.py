@@ -407,6 +407,7 @@ class _ProxyCall:
     def _selected(self, result: Any, out: list[tuple[bytes, bytes]],
                   targets: list[bytes]) -> None:
         rq = self.rq
+        was_held = self.held is not None
         self.held = None
         if self.done:
             # the client left while the request was held
@@ -421,6 +422,9 @@ class _ProxyCall:
                 rq.finish()
                 self._complete()
             else:
+                if was_held and status == 504:
+                    self.res.logger.warn("Rejecting request due to expired pause",
+                                         service=self.service.name, path=self.path)
                 self._page(status, result.message)
             return
         claim = self.claim = result
