@@ -915,3 +915,23 @@ class BatchTests(SynchronousTestCase):
         ch.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertEqual(closed, [True])
         self.assertTrue(t.written[0].startswith(b"HTTP/1.1 200 OK"))
+
+
+class BatchLimitTests(SynchronousTestCase):
+    def test_large_pending_goes_to_twisted(self) -> None:
+        """
+        Past 64 KiB pending, a transport's bytes go to Twisted at once (so
+        its buffer limits and producer pausing apply).
+        """
+        from mproxy.http import batch
+
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+        b = batch.WriteBatcher(MemoryReactorClock())
+        t = FakeTCP(FakeSocket())
+        b.write(t, b"a" * 40000)
+        self.assertEqual(t.written, [])
+        b.write(t, b"b" * 40000)
+        self.assertEqual([len(w) for w in t.written], [80000])
+        b.write(t, b"c")
+        self.assertEqual([len(w) for w in t.written], [80000, 1])

@@ -1320,3 +1320,44 @@ class CustomPageTests(SynchronousTestCase):
         with open(os.path.join(d, "404.html"), "w") as f:
             f.write("x")
         self.assertEqual(load_error_pages(d), {404: "x"})
+
+
+class GenericBodyTests(SynchronousTestCase):
+    def test_large_body_with_backpressure(self) -> None:
+        """
+        A large body buffered by Twisted is fed to the target in chunks as
+        the connection takes it, not all at once.
+        """
+        reactor = MemoryReactorClock()
+        router = FakeRouter()
+        service = FakeService(reactor)
+        router.routes["example.com"] = (service, "/")
+        site = Site(ProxyResource(router, ListLogger(), clock=reactor), reactor=reactor)
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        body = b"x" * 300000
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body)
+        exchange = service.target.pool._busy or None
+        self.assertIsNone(exchange)
+        host, port, factory, timeout, bind = reactor.tcpClients[0]
+        proto = factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        self.assertTrue(t.value().endswith(body))
+
+
+class BufferedLargeBodyTests(SynchronousTestCase):
+    def test_large_buffered_body_order(self) -> None:
+        """
+        A buffered body larger than the pre-connect queue reaches a fresh
+        connection intact and after the request head.
+        """
+        h = Harness(buffer_requests=True, buffer_memory=1000)
+        body = bytes(range(256)) * 1000
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: %d\r\n\r\n"
+               % len(body) + body)
+        proto, t = h.upstream()
+        head, sep, sent = t.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"POST /x HTTP/1.1"))
+        self.assertEqual(sent, body)

@@ -32,12 +32,15 @@ from twisted.internet import tcp as _tcp
 
 #: transport types whose sockets may be written to directly
 DIRECT_TYPES: set[type] = {_tcp.Server, _tcp.Client}
+#: above this many pending bytes a transport's data goes to Twisted at once,
+#: so that its buffer limits (and producer pausing) apply to large writes
+MAX_PENDING = 65536
 
 
 class WriteBatcher:
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self._pending: dict[Any, list[bytes]] = {}
+        self._pending: dict[Any, bytearray] = {}
         self._call: Any = None
 
     def write(self, transport: Any, data: bytes) -> None:
@@ -46,14 +49,17 @@ class WriteBatcher:
         pending = self._pending
         buf = pending.get(transport)
         if buf is not None:
-            buf.append(data)
+            buf += data
+            if len(buf) > MAX_PENDING:
+                del pending[transport]
+                transport.write(bytes(buf))
             return
-        if (type(transport) not in DIRECT_TYPES or transport._tempDataLen
-                or transport.dataBuffer or not transport.connected
-                or transport.disconnecting):
+        if (len(data) > MAX_PENDING or type(transport) not in DIRECT_TYPES
+                or transport._tempDataLen or transport.dataBuffer
+                or not transport.connected or transport.disconnecting):
             transport.write(data)
             return
-        pending[transport] = [data]
+        pending[transport] = bytearray(data)
         if self._call is None:
             self._call = self.reactor.callLater(0, self.flush)
 
@@ -63,13 +69,12 @@ class WriteBatcher:
         """
         buf = self._pending.pop(transport, None)
         if buf:
-            transport.write(b"".join(buf))
+            transport.write(bytes(buf))
 
     def flush(self) -> None:
         self._call = None
         pending, self._pending = self._pending, {}
-        for transport, buf in pending.items():
-            data = buf[0] if len(buf) == 1 else b"".join(buf)
+        for transport, data in pending.items():
             if (transport.connected and not transport.disconnecting
                     and not transport._tempDataLen and not transport.dataBuffer):
                 try:
@@ -81,7 +86,7 @@ class WriteBatcher:
                     continue
                 if n:
                     data = data[n:]
-            transport.write(data)
+            transport.write(bytes(data))
 
 
 _batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()

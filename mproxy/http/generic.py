@@ -17,17 +17,6 @@ from twisted.web.http_headers import Headers
 from mproxy.http.request import reason_bytes
 
 
-class _NullProducer:
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class GenericExchange:
     """
     The exchange API of L{FastRequest} on top of a standard
@@ -40,7 +29,6 @@ class GenericExchange:
     expect_continue = False
     started = False
     finished = False
-    body_producer = _NullProducer()
 
     def __init__(self, request: Any) -> None:
         self.r = request
@@ -69,16 +57,54 @@ class GenericExchange:
         self.sentLength = 0
         self.code = 200
 
+    _on_data: Callable[[bytes], None] | None = None
+    _on_end: Callable[[], None] | None = None
+    _paused = False
+    _pumping = False
+    _body_sent = False
+
     def set_body_consumer(self, on_data: Callable[[bytes], None], on_end: Callable[[], None],
                           on_error: Callable[[int, str], None]) -> None:
-        content = self.r.content
-        if content is not None and self.body_length:
-            while True:
-                chunk = content.read(65536)
+        """
+        Feed the (already buffered) body in chunks, as fast as the consumer
+        takes it (L{body_producer} is paused while it is full).
+        """
+        self._on_data = on_data
+        self._on_end = on_end
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping or self._body_sent or self._on_data is None:
+            return
+        self._pumping = True
+        try:
+            content = self.r.content
+            while not self._paused:
+                chunk = content.read(65536) if content is not None and self.body_length else b""
                 if not chunk:
-                    break
-                on_data(chunk)
-        on_end()
+                    self._body_sent = True
+                    assert self._on_end is not None
+                    self._on_end()
+                    return
+                self._on_data(chunk)
+        finally:
+            self._pumping = False
+
+    # body_producer: paused while the target cannot take more of the body
+
+    @property
+    def body_producer(self) -> Any:
+        return self
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._paused = True
 
     def send_continue(self) -> None:
         pass

@@ -180,10 +180,16 @@ class UpstreamExchange:
             return b""
         self.pending = None
         self._pending_bytes = 0
+        return b"".join(p)
+
+    def _resume_body(self) -> None:
+        """
+        The connection is up and what was queued is written: let the body
+        producer go on (if queueing had paused it).
+        """
         if self._producer_paused:
             self._producer_paused = False
             self.body_producer.resumeProducing()
-        return b"".join(p)
 
     # --- timing -------------------------------------------------------------
 
@@ -339,6 +345,7 @@ class _Connection(Protocol):
             ex._arm_timer()
         elif ex.body_producer is not None:
             self._register_body_producer(ex.body_producer)
+            ex._resume_body()
 
     def arm(self, timeout: float) -> None:
         self.armed = True
