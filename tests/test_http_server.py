@@ -818,6 +818,7 @@ class FakeTCP:
         self.dataBuffer = b""
         self.connected = True
         self.disconnecting = False
+        self._aborting = False
         self.written: list[bytes] = []
 
     def write(self, data: bytes) -> None:
@@ -887,6 +888,16 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual(t.written, [b"abc"])
         self.clock.advance(0)
         self.assertEqual(t.socket.sent, [])
+
+    def test_aborted_transport_dropped(self) -> None:
+        """
+        Pending bytes of a transport aborted meanwhile are dropped.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"abc")
+        t._aborting = True
+        self.clock.advance(0)
+        self.assertEqual((t.socket.sent, t.written), ([], []))
 
     def test_other_transports_direct(self) -> None:
         """

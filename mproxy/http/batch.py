@@ -56,7 +56,8 @@ class WriteBatcher:
             return
         if (len(data) > MAX_PENDING or type(transport) not in DIRECT_TYPES
                 or transport._tempDataLen or transport.dataBuffer
-                or not transport.connected or transport.disconnecting):
+                or not transport.connected or transport.disconnecting
+                or transport._aborting):
             transport.write(data)
             return
         pending[transport] = bytearray(data)
@@ -75,6 +76,8 @@ class WriteBatcher:
         self._call = None
         pending, self._pending = self._pending, {}
         for transport, data in pending.items():
+            if transport._aborting:
+                continue
             if (transport.connected and not transport.disconnecting
                     and not transport._tempDataLen and not transport.dataBuffer):
                 try:
