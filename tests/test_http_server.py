@@ -946,3 +946,19 @@ class BatchLimitTests(SynchronousTestCase):
         self.assertEqual([len(w) for w in t.written], [80000])
         b.write(t, b"c")
         self.assertEqual([len(w) for w in t.written], [80000, 1])
+
+
+class NoDelayTests(SynchronousTestCase):
+    def test_nodelay(self) -> None:
+        """
+        Client connections disable Nagle, so streamed events go out at once.
+        """
+        calls: list[bool] = []
+
+        class T(StringTransport):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
+
+        site = ProxySite(Recorder(), MemoryReactorClock())
+        site.buildProtocol(None).makeConnection(T())
+        self.assertEqual(calls, [True])

@@ -137,6 +137,13 @@ class FastHTTPChannel(Protocol):
 
     def connectionMade(self) -> None:
         t = self.transport
+        nodelay = getattr(t, "setTcpNoDelay", None)
+        if nodelay is not None:
+            # small streamed pieces (SSE) must not wait for the client's ACK
+            try:
+                nodelay(True)
+            except OSError:
+                pass
         self.peer = t.getPeer()
         self.local = t.getHost()
         self.is_tls = ISSLTransport.providedBy(t)
