@@ -951,7 +951,8 @@ class BatchLimitTests(SynchronousTestCase):
 class NoDelayTests(SynchronousTestCase):
     def test_nodelay(self) -> None:
         """
-        Client connections disable Nagle, so streamed events go out at once.
+        Streamed responses (unknown length) disable Nagle on the client
+        connection, so events go out at once; others leave it alone.
         """
         calls: list[bool] = []
 
@@ -959,6 +960,14 @@ class NoDelayTests(SynchronousTestCase):
             def setTcpNoDelay(self, enabled: bool) -> None:
                 calls.append(enabled)
 
-        site = ProxySite(Recorder(), MemoryReactorClock())
-        site.buildProtocol(None).makeConnection(T())
+        r = Recorder()
+        site = ProxySite(r, MemoryReactorClock())
+        ch = site.buildProtocol(None)
+        ch.makeConnection(T())
+        ch.dataReceived(GET)
+        respond(r.requests[0], b"sized")
+        self.assertEqual(calls, [])
+        ch.dataReceived(GET)
+        r.requests[1].start_response(200, None, [(b"Content-Type", b"text/event-stream")], None)
+        r.requests[1].write(b"data: 1\n\n")
         self.assertEqual(calls, [True])

@@ -356,6 +356,7 @@ class FastRequest(_server.Request):
         self.started = True
         self.code = code
         if code == 101:
+            self.channel.set_nodelay()
             self._no_body = True
             self.keep_alive = False
             lines = [n + b": " + v + b"\r\n" for n, v in headers]
@@ -364,6 +365,8 @@ class FastRequest(_server.Request):
         if self.method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
             self._no_body = True
         elif length is None:
+            # a streamed response (SSE, chunked): pieces go out at once
+            self.channel.set_nodelay()
             if self.clientproto == b"HTTP/1.1":
                 self._chunked_out = True
             else:

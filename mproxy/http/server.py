@@ -137,13 +137,6 @@ class FastHTTPChannel(Protocol):
 
     def connectionMade(self) -> None:
         t = self.transport
-        nodelay = getattr(t, "setTcpNoDelay", None)
-        if nodelay is not None:
-            # small streamed pieces (SSE) must not wait for the client's ACK
-            try:
-                nodelay(True)
-            except OSError:
-                pass
         self.peer = t.getPeer()
         self.local = t.getHost()
         self.is_tls = ISSLTransport.providedBy(t)
@@ -214,6 +207,23 @@ class FastHTTPChannel(Protocol):
     def abort(self) -> None:
         self._closing = True
         self.transport.abortConnection()
+
+    _nodelay = False
+
+    def set_nodelay(self) -> None:
+        """
+        Disable Nagle for this connection (once): small streamed pieces
+        (SSE events) must not wait for the client's ACK.
+        """
+        if self._nodelay:
+            return
+        self._nodelay = True
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            try:
+                nodelay(True)
+            except OSError:
+                pass
 
     def close(self) -> None:
         """
