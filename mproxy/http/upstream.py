@@ -3,9 +3,12 @@
 A small HTTP/1.1 client for talking to targets, with a keep-alive pool per
 target.
 
-    pool = UpstreamPool(reactor, "10.0.0.5", 3000, max_idle=100)
-    exchange = pool.request(b"GET", b"/path?q", headers, receiver,
-                            body_length=0, timeout=30.0)
+    pool = UpstreamPool(reactor, "10.0.0.5", 3000, *, max_idle=100,
+                        idle_reuse_limit=50.0)
+    exchange = pool.request(b"GET", b"/path?q", headers, receiver, *,
+                            body_length=0, timeout=30.0, replayable=None)
+    pool.close_idle()   # close idle keep-alive connections (drained target)
+    pool.close()        # and no new ones; busy ones close when done
 
 C{headers} is a list of C{(name, value)} byte pairs sent as given (the
 caller adds Host, Content-Length, ...).  C{body_length} is 0 (no body), the
@@ -36,6 +39,11 @@ The exchange is an C{IPushProducer} for the response body: register it
 with the client transport to get backpressure.  The request body's
 producer is given with L{UpstreamExchange.set_body_producer} and is paused
 while the target's socket is full.
+
+Connections are dialled with C{reactor.connectTCP} (names resolved by the
+reactor, IPv6 literals accepted).  Idle connections older than
+C{idle_reuse_limit} are not reused; response header sections over 1 MiB
+are a 502.
 
 L{pool_factory} returns a L{PoolRegistry}: C{registry(host, port)} makes a
 pool and remembers it so that C{registry.close_idle()} can close every idle
