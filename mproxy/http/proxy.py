@@ -32,10 +32,12 @@ L{mproxy.http.server.FastRequest} (fast path, streamed request bodies,
 upgrades) and with any standard L{twisted.web.server.Request} (HTTP/2).
 
 Statuses the proxy produces itself: 301 (redirects), 400 (malformed
-chunked body), 404 (no route), 413 (buffered request too large), 499 (client
-went away; log only), 500 (buffered response too large), 502 (target
-unreachable or broken response; ERROR C{Error while proxying}), 503
-(refusals), 504 (target timeout, drain deadline, pause expiry).
+chunked body), 404 (no route), 408 (request body stalled for 60 s), 413
+(buffered request too large), 499 (client went away; log only), 500
+(buffered response too large), 502 (target unreachable or broken response;
+ERROR C{Error while proxying}), 503 (refusals, TLS request to a non-TLS
+service), 504 (target timeout, drain deadline, pause expiry).  A client
+that leaves a response unread for C{SEND_TIMEOUT} (60 s) is dropped.
 """
 
 from __future__ import annotations
