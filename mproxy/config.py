@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from attrs import frozen
 
 from mproxy.errors import InvalidOptions
+from mproxy.spec import parse_duration
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -86,6 +87,14 @@ SERVER_OPTIONS: tuple[OptionSpec, ...] = (
         "acme-ca-bundle", parse_str, "", "ACME_CA_BUNDLE",
         "PEM file of CA certificates to trust for the ACME server (default: system trust)",
     ),
+    OptionSpec(
+        "http-header-timeout", parse_duration, 30.0, "HTTP_HEADER_TIMEOUT",
+        "Time a client has to send a request's header section, in seconds or 30s/1m (408)",
+    ),
+    OptionSpec(
+        "http-idle-timeout", parse_duration, 75.0, "HTTP_IDLE_TIMEOUT",
+        "Time an idle keep-alive client connection is kept open, in seconds or 75s/2m",
+    ),
     OptionSpec("debug", parse_bool, False, "DEBUG", "Log at DEBUG level", flag=True),
 )
 
@@ -101,6 +110,8 @@ class ServerConfig:
     acme_directory: str = LETS_ENCRYPT
     acme_email: str = ""
     acme_ca_bundle: str = ""
+    http_header_timeout: float = 30.0
+    http_idle_timeout: float = 75.0
     debug: bool = False
 
 

@@ -200,6 +200,7 @@ class MproxyService(MultiService):
         common = dict(
             http_port=cfg.http_port, https_port=cfg.https_port, pools=self.pools,
             metrics=self.metrics, challenges=self.certificates.challenges,
+            header_timeout=cfg.http_header_timeout, idle_timeout=cfg.http_idle_timeout,
         )
         site = build_http_factory(self.reactor, self.router, self.logger, **common)
         secure_site = build_http_factory(

@@ -139,6 +139,7 @@ class ResolveTests(SynchronousTestCase):
             "HTTP_PORT": "1", "HTTPS_PORT": "2", "METRICS_PORT": "3", "BIND": "::1",
             "SOCKET": "/s.sock", "STATE_DIR": "/state", "ACME_DIRECTORY": "https://acme/dir",
             "ACME_EMAIL": "e@x", "ACME_CA_BUNDLE": "/ca.pem", "DEBUG": "1",
+            "HTTP_HEADER_TIMEOUT": "2s", "HTTP_IDLE_TIMEOUT": "1m30s",
         }
         self.assertEqual({spec.env for spec in SERVER_OPTIONS}, set(env))
         config = resolve_config({}, env)
@@ -147,8 +148,22 @@ class ResolveTests(SynchronousTestCase):
             ServerConfig(http_port=1, https_port=2, metrics_port=3, bind="::1",
                          socket="/s.sock", state_dir="/state",
                          acme_directory="https://acme/dir", acme_email="e@x",
-                         acme_ca_bundle="/ca.pem", debug=True),
+                         acme_ca_bundle="/ca.pem", http_header_timeout=2.0,
+                         http_idle_timeout=90.0, debug=True),
         )
+
+    def test_http_timeouts(self) -> None:
+        """
+        C{--http-header-timeout} (30 s) and C{--http-idle-timeout} (75 s) are
+        durations; a bad value in the environment is an error.
+        """
+        config = resolve_config({}, {})
+        self.assertEqual((config.http_header_timeout, config.http_idle_timeout), (30.0, 75.0))
+        config = resolve_config({"http_header_timeout": 0.5}, {"HTTP_HEADER_TIMEOUT": "9"})
+        self.assertEqual(config.http_header_timeout, 0.5)
+        config = resolve_config({}, {"MPROXY_HTTP_IDLE_TIMEOUT": "500ms"})
+        self.assertEqual(config.http_idle_timeout, 0.5)
+        self.assertRaises(InvalidOptions, resolve_config, {}, {"HTTP_HEADER_TIMEOUT": "soon"})
 
 
 class PathTests(SynchronousTestCase):

@@ -61,6 +61,19 @@ class ServiceTreeTests(SynchronousTestCase):
                         messages.index("Server started"))
         self.assertIsNotNone(service.getServiceNamed("certs"))
 
+    def test_http_timeouts_reach_the_sites(self) -> None:
+        """
+        C{--http-header-timeout} and C{--http-idle-timeout} configure both
+        HTTP and HTTPS sites.
+        """
+        service, reactor, _ = self.build(http_header_timeout=2.0, http_idle_timeout=5.0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.successResultOf(service.ready)
+        self.assertEqual(len(service.sites), 2)
+        for site in service.sites:
+            self.assertEqual((site.header_timeout, site.idle_timeout), (2.0, 5.0))
+
     def test_corrupt_state_stops_startup_before_listening(self) -> None:
         service, reactor, _ = self.build()
         os.makedirs(service.config.state_dir)
