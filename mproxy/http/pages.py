@@ -4,8 +4,8 @@ The proxy's own error pages.
 
     render_page(status: int, message: str = "") -> bytes
 
-Built-in templates live in C{mproxy/pages/<status>.html} (404, 413, 502,
-503, 504); 503 shows C{message} (HTML-escaped) when one is given, e.g. the
+Built-in pages (404, 413, 502, 503, 504) are C{mproxy/pages/layout.html}
+filled from L{PAGES}; 503 shows C{message} (HTML-escaped) when one is given, e.g. the
 stop message.  Other statuses get C{<h1><code> <reason></h1>}.  Every page
 is served as C{text/html; charset=utf-8} (L{CONTENT_TYPE}).
 
@@ -27,14 +27,32 @@ _DEFAULT_503 = (
 )
 
 
+#: status → (title, accent colour, text); every built-in page is the one
+#: layout (C{mproxy/pages/layout.html}) filled with these.
+PAGES: dict[int, tuple[str, str, str]] = {
+    404: ("Not Found", "#6e7781",
+          "The page you were looking for doesn’t exist. Check the address, "
+          "or go back to where you came from."),
+    413: ("Content Too Large", "#9a6700",
+          "The request you sent is larger than this site accepts. "
+          "Try again with a smaller upload."),
+    502: ("Bad Gateway", "#cf222e",
+          "The server behind this site sent an invalid response or could not "
+          "be reached. Please try again in a moment."),
+    503: ("Service Temporarily Unavailable", "#0969da", "{{message}}"),
+    504: ("Gateway Timeout", "#bc4c00",
+          "The server behind this site did not respond in time. "
+          "Please try again in a moment."),
+}
+
+
 def _load() -> dict[int, str]:
+    with open(os.path.join(_DIR, "layout.html"), encoding="utf-8") as f:
+        layout = f.read()
     out: dict[int, str] = {}
-    for code in (404, 413, 502, 503, 504):
-        try:
-            with open(os.path.join(_DIR, f"{code}.html"), encoding="utf-8") as f:
-                out[code] = f.read()
-        except OSError:
-            pass
+    for code, (title, accent, text) in PAGES.items():
+        page = layout.replace("{{code}}", str(code)).replace("{{title}}", title)
+        out[code] = page.replace("{{accent}}", accent).replace("{{text}}", text)
     return out
 
 
