@@ -1,0 +1,1031 @@
+"""
+End-to-end streaming tests (issue #3): the real C{mproxy run} in a child
+process, upstreams and clients speaking raw HTTP/1.1 and WebSocket bytes on
+127.0.0.1, all timed in this process.
+
+Measured numbers are printed (C{MEASURED ...}) so that a run shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import time
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import httptools
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from mproxy.testing import MproxyProcess
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+BIG = 20 << 20
+_blob: list[bytes] = []
+
+
+def blob() -> bytes:
+    if not _blob:
+        _blob.append(random.Random(3).randbytes(BIG))
+    return _blob[0]
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def measured(what: str, value: Any) -> None:
+    print(f"MEASURED {what}: {value}")
+
+
+# --- WebSocket framing --------------------------------------------------------
+
+
+def ws_frame(opcode: int, payload: bytes, mask: bool) -> bytes:
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else (
+        (int.from_bytes(payload, "big") ^ int.from_bytes((key * (n // 4 + 1))[:n], "big"))
+        .to_bytes(n, "big")
+    )
+    return head + key + masked
+
+
+def ws_parse(buf: bytes) -> tuple[list[tuple[int, bytes, bool]], bytes]:
+    """
+    Complete frames in C{buf} as (opcode, payload, was_masked), and the rest.
+    """
+    frames = []
+    while len(buf) >= 2:
+        opcode = buf[0] & 0x0F
+        masked = bool(buf[1] & 0x80)
+        n = buf[1] & 0x7F
+        pos = 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n = struct.unpack("!H", buf[2:4])[0]
+            pos = 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n = struct.unpack("!Q", buf[2:10])[0]
+            pos = 10
+        key = b""
+        if masked:
+            key = buf[pos:pos + 4]
+            pos += 4
+        if len(buf) < pos + n:
+            break
+        payload = buf[pos:pos + n]
+        if masked:
+            payload = (int.from_bytes(payload, "big")
+                       ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
+        frames.append((opcode, payload, masked))
+        buf = buf[pos + n:]
+    return frames, buf
+
+
+# --- the upstream -------------------------------------------------------------
+
+
+class StreamApp(Factory):
+    """
+    A raw HTTP/1.1 upstream (httptools parser) with WebSocket echo, SSE and
+    other streaming endpoints.  C{requests} counts every request but health
+    checks; C{sent[key]} holds the monotonic time each streamed event was
+    written.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests = 0
+        self.connections = 0
+        self.received: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = []
+        self.sent: dict[str, list[float]] = {}
+        self.ws_open = 0
+        self.ws_lost: list[float] = []
+        self.aborted: list[bytes] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        p = _Upstream()
+        p.factory = self
+        return p
+
+
+class _Upstream(Protocol):
+    factory: StreamApp
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.parser = httptools.HttpRequestParser(self)
+        self.ws = False
+        self.ws_buf = b""
+        self.busy: Any = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.ws:
+            self.factory.ws_lost.append(time.monotonic())
+        if self.busy is not None and self.busy.active():
+            self.busy.cancel()
+            self.factory.aborted.append(self.url)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.ws:
+            return self.ws_data(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0]:]
+            if self.ws and rest:
+                self.ws_data(rest)
+        except httptools.HttpParserError:
+            self.transport.loseConnection()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.hasher = hashlib.sha256()
+        self.body = b""
+        self.body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+    def on_headers_complete(self) -> None:
+        self.method = self.parser.get_method()
+        self.path = urlsplit(self.url).path
+        if self.path != b"/up":
+            self.factory.requests += 1
+            self.factory.received.append((self.method, self.url, list(self.headers)))
+        if (self.header(b"expect") or b"").lower() == b"100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.body_len += len(data)
+        if self.body_len <= 65536:
+            self.body += data
+
+    def on_message_complete(self) -> None:
+        self.handle()
+
+    # responses
+    def respond(self, status: int, body: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = (),
+                reason: bytes = b"X", length: bool = True) -> None:
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        out += [b"%s: %s\r\n" % h for h in headers]
+        if length:
+            out.append(b"Content-Length: %d\r\n" % len(body))
+        out.append(b"X-Upstream: %s\r\n\r\n" % self.factory.name.encode())
+        if self.method != b"HEAD":
+            out.append(body)
+        self.transport.write(b"".join(out))
+
+    def handle(self) -> None:
+        path = self.path
+        query = parse_qs(urlsplit(self.url).query.decode())
+        name = self.factory.name.encode()
+        if path == b"/up":
+            return self.respond(200, b"up")
+        if self.parser.should_upgrade():
+            key = self.header(b"sec-websocket-key") or b""
+            accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+            )
+            self.ws = True
+            self.factory.ws_open += 1
+            return
+        if path in (b"/sse", b"/chunked", b"/accel"):
+            return self.stream(path.decode().strip("/") + ":" + query.get("k", [""])[0],
+                               int(query.get("n", ["10"])[0]))
+        if path == b"/early":
+            self.transport.write(b"HTTP/1.1 103 Early Hints\r\n"
+                                 b"Link: </style.css>; rel=preload; as=style\r\n\r\n")
+            self.busy = reactor.callLater(0.1, self.respond, 200, b"after hints")
+            return
+        if path == b"/continue":
+            return self.respond(200, self.body)
+        if path == b"/head":
+            return self.respond(200, b"hello", ((b"Content-Type", b"text/plain"),))
+        if path == b"/nocontent":
+            return self.respond(204, length=False)
+        if path == b"/notmod":
+            return self.respond(304, headers=((b"ETag", b'"v1"'),), length=False)
+        if path == b"/query":
+            return self.respond(200, self.url)
+        if path == b"/cookies":
+            return self.respond(200, b"cookies", (
+                (b"Set-Cookie", b"first=1; Path=/"),
+                (b"X-Other", b"other-value"),
+                (b"Set-Cookie", b"second=2; Path=/"),
+            ))
+        if path == b"/slow":
+            ms = int(query.get("ms", ["1000"])[0])
+            self.busy = reactor.callLater(ms / 1000, self.respond, 200, name)
+            return
+        if path == b"/upload":
+            return self.respond(200, b"%s %d" % (self.hasher.hexdigest().encode(), self.body_len))
+        if path == b"/download":
+            return self.respond(200, blob(), ((b"Content-Type", b"application/octet-stream"),))
+        return self.respond(200, name)
+
+    def stream(self, key: str, n: int) -> None:
+        kind = key.split(":")[0]
+        sent = self.factory.sent.setdefault(key, [])
+        piece_len = len(b"evt-0000-end payload\n")
+        if kind == "sse":
+            head = (b"Content-Type: text/event-stream; charset=utf-8\r\n"
+                    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n")
+        elif kind == "chunked":
+            head = b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
+        else:  # accel: known length, opt-out header
+            head = (b"Content-Type: text/html\r\nX-Accel-Buffering: no\r\n"
+                    b"Content-Length: %d\r\n" % (piece_len * n))
+        self.transport.write(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n")
+        chunked = kind != "accel"
+
+        def one(i: int) -> None:
+            if i == n:
+                self.busy = None
+                if chunked:
+                    self.transport.write(b"0\r\n\r\n")
+                return
+            if kind == "sse":
+                piece = b"data: evt-%04d-end\n\n" % i
+            else:
+                piece = b"evt-%04d-end payload\n" % i
+            sent.append(time.monotonic())
+            self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            self.busy = reactor.callLater(0.1, one, i + 1)
+
+        one(0)
+
+    def ws_data(self, data: bytes) -> None:
+        self.ws_buf += data
+        frames, self.ws_buf = ws_parse(self.ws_buf)
+        for opcode, payload, masked in frames:
+            if not masked:
+                self.transport.loseConnection()
+                return
+            if opcode == 1 or opcode == 2:
+                self.transport.write(ws_frame(opcode, self.factory.name.encode() + b":" + payload,
+                                              mask=False))
+            elif opcode == 9:
+                self.transport.write(ws_frame(10, payload, mask=False))
+            elif opcode == 8:
+                self.transport.write(ws_frame(8, payload[:2], mask=False))
+                self.transport.loseConnection()
+
+
+# --- clients ------------------------------------------------------------------
+
+
+class Raw(Protocol):
+    """
+    A client that records when bytes arrive; C{until(pred)} fires with
+    C{pred(buffer)} once that is true.
+    """
+
+    def __init__(self, first: bytes = b"") -> None:
+        self.first = first
+        self.buf = b""
+        self.arrivals: dict[bytes, float] = {}
+        self._scan = 0
+        self._waiters: list[tuple[Callable[[bytes], Any], Deferred[Any]]] = []
+        self.lost: Deferred[float] = Deferred()
+        self.closed_at: float | None = None
+
+    def connectionMade(self) -> None:
+        if self.first:
+            self.transport.write(self.first)
+
+    def dataReceived(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.buf += data
+        for m in re.finditer(rb"evt-\d+-end", self.buf[self._scan:]):
+            self.arrivals.setdefault(m.group(0), now)
+        self._scan = max(0, len(self.buf) - 16)
+        self.received()
+        self._check()
+
+    def received(self) -> None:
+        pass
+
+    def _check(self) -> None:
+        for item in list(self._waiters):
+            pred, d = item
+            result = pred(self.buf)
+            if result:
+                self._waiters.remove(item)
+                d.callback(result)
+
+    def until(self, pred: Callable[[bytes], Any], timeout: float = 5.0) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._waiters.append((pred, d))
+        d.addTimeout(timeout, reactor)
+        self._check()
+        return d
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed_at = time.monotonic()
+        self.lost.callback(self.closed_at)
+        waiters, self._waiters = self._waiters, []
+        for pred, d in waiters:
+            result = pred(self.buf)
+            if result:
+                d.callback(result)
+            else:
+                d.errback(ConnectionError(f"closed; got {self.buf[:300]!r}"))
+
+
+class WSClient(Raw):
+    def __init__(self, path: bytes = b"/ws", host: bytes = b"example.com") -> None:
+        self.key = base64.b64encode(os.urandom(16))
+        super().__init__(
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path, host, self.key)
+        )
+        self.head: bytes | None = None
+        self.frames: list[tuple[float, int, bytes]] = []
+        self._rest = b""
+
+    def received(self) -> None:
+        if self.head is None:
+            if b"\r\n\r\n" not in self.buf:
+                return
+            self.head, rest = self.buf.split(b"\r\n\r\n", 1)
+            self._rest = rest
+        else:
+            self._rest += self.buf[self._consumed:]
+        self._consumed = len(self.buf)
+        frames, self._rest = ws_parse(self._rest)
+        now = time.monotonic()
+        for opcode, payload, masked in frames:
+            assert not masked, "server frames must not be masked"
+            self.frames.append((now, opcode, payload))
+
+    _consumed = 0
+
+    def send(self, text: bytes, opcode: int = 1) -> None:
+        self.transport.write(ws_frame(opcode, text, mask=True))
+
+    def frame(self, pred: Callable[[int, bytes], bool], timeout: float = 5.0) -> Deferred[Any]:
+        def found(_: bytes) -> Any:
+            for f in self.frames:
+                if pred(f[1], f[2]):
+                    return f
+            return None
+
+        return self.until(found, timeout)
+
+    @inlineCallbacks
+    def echo(self, text: bytes, timeout: float = 3.0) -> Any:
+        self.send(text)
+        f = yield self.frame(lambda op, p: op == 1 and p.endswith(b":" + text), timeout)
+        return f[2].split(b":", 1)[0]
+
+
+def connect(port: int, proto: Protocol) -> Deferred[Any]:
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+
+
+def head_complete(buf: bytes) -> bool:
+    return b"\r\n\r\n" in buf
+
+
+def parse_responses(buf: bytes) -> list[tuple[int, dict[bytes, list[bytes]], bytes]]:
+    """
+    Responses in C{buf}; bodies delimited by Content-Length or chunked
+    (1xx, 204, 304 and replies to HEAD have none - HEAD is not told apart,
+    so only use for tests where Content-Length bodies are present).
+    """
+    out = []
+    while b"\r\n\r\n" in buf:
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers: dict[bytes, list[bytes]] = {}
+        for line in lines[1:]:
+            n, _, v = line.partition(b":")
+            headers.setdefault(n.strip().lower(), []).append(v.strip())
+        body = b""
+        if status >= 200 and status not in (204, 304):
+            if b"content-length" in headers:
+                n = int(headers[b"content-length"][0])
+                body, buf = buf[:n], buf[n:]
+            elif headers.get(b"transfer-encoding") == [b"chunked"]:
+                while True:
+                    size_line, buf = buf.split(b"\r\n", 1)
+                    size = int(size_line.split(b";")[0], 16)
+                    body += buf[:size]
+                    buf = buf[size + 2:]
+                    if size == 0:
+                        break
+        out.append((status, headers, body))
+    return out
+
+
+def blocking_exchange(port: int, data: bytes, timeout: float = 30.0) -> bytes:
+    """
+    Send C{data} (a request with C{Connection: close}), read until the server
+    closes.  (No half-close: like Go and nginx, mproxy takes EOF from the
+    client for a client that went away.)
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = []
+        while True:
+            try:
+                chunk = s.recv(1 << 20)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out.append(chunk)
+        return b"".join(out)
+    finally:
+        s.close()
+
+
+def read_one_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """
+    Head and Content-Length body of one response from a blocking socket.
+    """
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {buf[:200]!r}")
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    n = int(m.group(1)) if m else 0
+    chunks = [body]
+    got = len(body)
+    while got < n:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("closed in body")
+        chunks.append(chunk)
+        got += len(chunk)
+    return head, b"".join(chunks)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+# --- tests --------------------------------------------------------------------
+
+
+class StreamingMixin:
+    timeout = 60
+
+    def upstream(self, name: str) -> tuple[StreamApp, str]:
+        app = StreamApp(name)
+        port = reactor.listenTCP(0, app, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return app, f"127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def proxy(self, *extra: str) -> Any:
+        p = MproxyProcess(reactor, self.mktemp(), extra_args=extra)
+        yield p.start()
+        self.addCleanup(p.stop, signal.SIGKILL)
+        return p
+
+    @inlineCallbacks
+    def deploy(self, p: MproxyProcess, *args: str) -> Any:
+        r = yield p.command("deploy", *args, "--health-check-interval", "100ms")
+        self.assertEqual(r.status, 0, r.err)
+        return r
+
+    def requests_logged(self, p: MproxyProcess) -> list[dict[str, Any]]:
+        return [x for x in p.records if x.get("msg") == "Request"]
+
+    @inlineCallbacks
+    def get(self, port: int, path: bytes, host: bytes = b"example.com",
+            extra: bytes = b"") -> Any:
+        c = Raw(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (path, host, extra))
+        yield connect(port, c)
+        yield c.lost
+        [(status, headers, body)] = parse_responses(c.buf)
+        return status, headers, body
+
+
+class WebSocketTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_websocket_survives_deploy_until_drain_timeout(self) -> Any:
+        """
+        A WebSocket through mproxy echoes both ways (small and 64-bit-length
+        frames); during C{deploy --drain-timeout 2s} it keeps working on the
+        old instance until the deadline, then gets a 1001 close frame; deploy
+        returns about then; new connections reach the new instance; the log
+        records 101.
+        """
+        one, addr1 = self.upstream("one")
+        two, addr2 = self.upstream("two")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1)
+        ws = WSClient()
+        yield connect(p.http_port, ws)
+        yield ws.until(head_complete)
+        self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
+        accept = base64.b64encode(hashlib.sha1(ws.key + WS_GUID).digest())
+        self.assertIn(b"sec-websocket-accept: " + accept, ws.head.lower().replace(
+            accept.lower(), accept))
+        self.assertEqual((yield ws.echo(b"hello")), b"one")
+        big = os.urandom(70000).hex().encode()[:70000]
+        self.assertEqual((yield ws.echo(big)), b"one")
+
+        started = time.monotonic()
+        deploy = p.command("deploy", addr2, "--drain-timeout", "2s",
+                           "--health-check-interval", "100ms")
+        deploy_done: list[float] = []
+        deploy.addCallback(lambda r: (deploy_done.append(time.monotonic()), r)[1])
+        # wait for the switch: new connections reach "two"
+        switched = None
+        while time.monotonic() - started < 10:
+            status, headers, body = yield self.get(p.http_port, b"/")
+            if body == b"two":
+                switched = time.monotonic()
+                break
+            yield sleep(0.05)
+        self.assertIsNotNone(switched, "the deploy never switched")
+        # the old WebSocket keeps working on the old instance
+        echoes = []
+        i = 0
+        while not any(op == 8 for _, op, _ in ws.frames) and ws.closed_at is None:
+            i += 1
+            try:
+                who = yield ws.echo(b"msg-%d" % i, timeout=1.0)
+            except Exception:
+                break
+            echoes.append((time.monotonic() - switched, who))
+            yield sleep(0.1)
+        self.assertTrue(all(who == b"one" for _, who in echoes), echoes)
+        self.assertGreater(max(t for t, _ in echoes), 1.6, echoes)
+        close = yield ws.frame(lambda op, _p: op == 8, timeout=5)
+        closed_at, _, payload = close
+        code = struct.unpack("!H", payload[:2])[0]
+        self.assertEqual(code, 1001)
+        yield ws.lost
+        r = yield deploy
+        self.assertEqual(r.status, 0, r.err)
+        close_after = closed_at - switched
+        measured("websocket close code", code)
+        measured("websocket close after switch (s)", round(close_after, 3))
+        measured("websocket tcp closed after close frame (s)", round(ws.closed_at - closed_at, 3))
+        measured("deploy returned after close frame (s)", round(deploy_done[0] - closed_at, 3))
+        measured("deploy duration incl. CLI start (s)", round(deploy_done[0] - started, 3))
+        self.assertTrue(1.7 < close_after < 2.6, close_after)
+        self.assertLess(deploy_done[0] - closed_at, 0.6)
+        self.assertGreaterEqual(deploy_done[0] - closed_at, -0.05)
+        # the old upstream's tunnel was closed too
+        yield sleep(0.2)
+        self.assertEqual(len(one.ws_lost), 1)
+        # a new WebSocket reaches the new instance
+        ws2 = WSClient()
+        yield connect(p.http_port, ws2)
+        yield ws2.until(head_complete)
+        self.assertEqual((yield ws2.echo(b"again")), b"two")
+        # a clean close initiated by the client
+        ws2.send(struct.pack("!H", 1000), opcode=8)
+        close = yield ws2.frame(lambda op, _p: op == 8)
+        self.assertEqual(struct.unpack("!H", close[2][:2])[0], 1000)
+        yield ws2.lost
+        yield sleep(0.2)
+        logged = [x for x in self.requests_logged(p) if x["path"] == "/ws"]
+        self.assertEqual([x["status"] for x in logged], [101, 101])
+        self.assertEqual([x["target"] for x in logged], [addr1, addr2])
+
+    @inlineCallbacks
+    def test_websocket_with_buffering(self) -> Any:
+        """
+        Buffering options and tiny body limits do not apply to WebSocket
+        frames.
+        """
+        one, addr1 = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1, "--buffer-requests", "--buffer-responses",
+                          "--max-request-body", "10", "--max-response-body", "10")
+        ws = WSClient()
+        yield connect(p.http_port, ws)
+        yield ws.until(head_complete)
+        self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
+        self.assertEqual((yield ws.echo(b"x" * 5000)), b"one")
+        self.assertEqual((yield ws.echo(b"short")), b"one")
+        ws.transport.loseConnection()
+        yield ws.lost
+
+
+class StreamingResponseTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_events_flushed_per_chunk(self) -> Any:
+        """
+        SSE (C{text/event-stream; charset=utf-8}), a chunked ndjson stream
+        and a Content-Length response with C{X-Accel-Buffering: no}: each
+        event reaches the client within 50 ms of the upstream writing it,
+        with and without C{--buffer-responses}.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, "plain", "--target", addr, "--host", "plain.test")
+        yield self.deploy(p, "buffered", "--target", addr, "--host", "buffered.test",
+                          "--buffer-responses", "--buffer-memory", "1024")
+        cases = [(host, kind) for host in (b"plain.test", b"buffered.test")
+                 for kind in (b"sse", b"chunked", b"accel")]
+        clients = []
+        for host, kind in cases:
+            c = Raw(b"GET /%s?k=%s&n=10 HTTP/1.1\r\nHost: %s\r\n\r\n" % (kind, host, host))
+            yield connect(p.http_port, c)
+            clients.append(c)
+        yield gatherResults([
+            c.until(lambda b: b"evt-0009-end" in b, timeout=10) for c in clients
+        ])
+        worst: dict[str, float] = {}
+        for (host, kind), c in zip(cases, clients):
+            key = f"{kind.decode()}:{host.decode()}"
+            sent = app.sent[key]
+            self.assertEqual(len(sent), 10)
+            lat = [c.arrivals[b"evt-%04d-end" % i] - sent[i] for i in range(10)]
+            worst[key] = max(lat)
+            head = c.buf.split(b"\r\n\r\n", 1)[0].lower()
+            self.assertTrue(head.startswith(b"http/1.1 200"), head)
+            if kind == b"sse":
+                self.assertIn(b"content-type: text/event-stream; charset=utf-8", head)
+        measured("stream event latency max (s) per stream",
+                 {k: round(v, 4) for k, v in worst.items()})
+        for key, v in worst.items():
+            self.assertLess(v, 0.05, f"{key}: {worst}")
+        # complete, well-framed responses
+        yield sleep(0.1)
+        for (host, kind), c in zip(cases, clients):
+            [(status, headers, body)] = parse_responses(c.buf)
+            self.assertEqual(status, 200)
+            self.assertEqual(body.count(b"-end"), 10, (kind, host, body))
+            c.transport.loseConnection()
+
+
+class TimeoutTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_slow_loris_dropped_others_served(self) -> Any:
+        """
+        With C{--http-header-timeout 2s}, a client sending one header byte a
+        second is dropped after about 2 s (408) while other clients are
+        served; C{--http-idle-timeout 1s} closes idle keep-alive connections.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy("--http-header-timeout", "2s", "--http-idle-timeout", "1s")
+        yield self.deploy(p, addr)
+        loris = Raw()
+        yield connect(p.http_port, loris)
+        started = time.monotonic()
+        text = b"GET / HTTP/1.1\r\nHost: example.com\r\nX-Slow: " + b"a" * 100
+        sent = 0
+
+        def drip() -> None:
+            nonlocal sent
+            if loris.closed_at is None and sent < len(text):
+                loris.transport.write(text[sent:sent + 1])
+                sent += 1
+                calls.append(reactor.callLater(1.0, drip))
+
+        calls: list[Any] = []
+        drip()
+        served = 0
+        while loris.closed_at is None and time.monotonic() - started < 6:
+            status, _, body = yield self.get(p.http_port, b"/")
+            self.assertEqual((status, body), (200, b"one"))
+            served += 1
+            yield sleep(0.1)
+        for c in calls:
+            if c.active():
+                c.cancel()
+        self.assertIsNotNone(loris.closed_at, "slow loris never dropped")
+        dropped = loris.closed_at - started
+        measured("slow-loris dropped after (s)", round(dropped, 3))
+        measured("slow-loris bytes sent before drop", sent)
+        measured("requests served meanwhile", served)
+        self.assertTrue(1.8 < dropped < 2.8, dropped)
+        self.assertGreater(served, 5)
+        if loris.buf:
+            self.assertTrue(loris.buf.startswith(b"HTTP/1.1 408"), loris.buf)
+        # idle keep-alive connection: closed after about 1 s of idleness
+        idle = Raw(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        yield connect(p.http_port, idle)
+        yield idle.until(lambda b: b.endswith(b"one"))
+        answered = time.monotonic()
+        yield idle.lost
+        idle_for = idle.closed_at - answered
+        measured("idle keep-alive closed after (s)", round(idle_for, 3))
+        self.assertTrue(0.8 < idle_for < 1.6, idle_for)
+        self.assertEqual(app.requests, served + 1)
+
+
+SMUGGLING = {
+    "CL and TE": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE and CL": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Length: 5\r\n\r\n0\r\n\r\n",
+    "two CL": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+              b"Content-Length: 6\r\n\r\nhello!",
+    "CL +5": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
+    "CL -1": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\nhello",
+    "CL 5, 5": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+    "CL 0x5": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\nhello",
+    "CL 5 5": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\nhello",
+    "bad chunk size": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"zz\r\nhello\r\n0\r\n\r\n",
+    "chunk size +5": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"+5\r\nhello\r\n0\r\n\r\n",
+    "TE gzip": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    "TE chunked, gzip": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"
+                        b"0\r\n\r\n",
+    "TE obs-fold": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n"
+                   b"0\r\n\r\n",
+    "TE obs-fold 2": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
+                     b"0\r\n\r\n",
+    "TE space before colon": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n"
+                             b"0\r\n\r\n",
+    "TE xchunked": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n"
+                   b"0\r\n\r\n",
+    "bare LF in chunk": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5\nhello\r\n0\r\n\r\n",
+}
+
+
+class SmugglingTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_smuggling_rejected_target_untouched(self) -> Any:
+        """
+        Every ambiguous framing gets 400 and a closed connection, with or
+        without request buffering, and the target sees no request.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, "plain", "--target", addr, "--host", "a")
+        yield self.deploy(p, "buffered", "--target", addr, "--host", "b", "--buffer-requests")
+        failures = []
+        for host in (b"a", b"b"):
+            for name, data in SMUGGLING.items():
+                data = data.replace(b"Host: a\r\n", b"Host: %s\r\n" % host)
+                before = app.requests
+                c = Raw(data)
+                yield connect(p.http_port, c)
+                try:
+                    yield c.lost.addTimeout(5, reactor)
+                except Exception:
+                    failures.append(f"{host!r} {name}: connection not closed, got {c.buf[:40]!r}")
+                    c.transport.abortConnection()
+                    continue
+                yield sleep(0.05)
+                if not c.buf.startswith(b"HTTP/1.1 400 "):
+                    failures.append(f"{host!r} {name}: {c.buf[:60]!r}")
+                if len(parse_responses(c.buf)) != 1:
+                    failures.append(f"{host!r} {name}: not exactly one response: {c.buf!r}")
+                if app.requests != before:
+                    failures.append(f"{host!r} {name}: target saw {app.received[-1][:2]!r}")
+        self.assertEqual(failures, [])
+        status, _, body = yield self.get(p.http_port, b"/", b"a")
+        self.assertEqual((status, body), (200, b"one"))
+
+
+class BodyTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_20mib_up_and_down_with_spill(self) -> Any:
+        """
+        20 MiB up (Content-Length and chunked) and down through
+        C{--buffer-requests --buffer-memory 65536}: sha256 intact, the spill
+        happens and nothing stays open in mproxy afterwards.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy("--debug")
+        yield self.deploy(p, addr, "--buffer-requests", "--buffer-memory", "65536")
+        pid = p.process.pid
+        data = blob()
+        digest = hashlib.sha256(data).hexdigest().encode()
+        status, _, body = yield self.get(p.http_port, b"/")
+        self.assertEqual(status, 200)
+        yield sleep(0.2)
+        baseline = fd_count(pid)
+
+        def upload(chunked: bool) -> tuple[bytes, bytes]:
+            s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
+            try:
+                if chunked:
+                    s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n")
+                    step = 1 << 20
+                    for i in range(0, len(data), step):
+                        piece = data[i:i + step]
+                        s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    s.sendall(b"0\r\n\r\n")
+                else:
+                    s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                              % len(data))
+                    s.sendall(data)
+                return read_one_response(s)
+            finally:
+                s.close()
+
+        def download() -> tuple[bytes, bytes]:
+            s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
+            try:
+                s.sendall(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+                return read_one_response(s)
+            finally:
+                s.close()
+
+        t0 = time.monotonic()
+        head, body = yield deferToThread(upload, False)
+        t1 = time.monotonic()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertEqual(body, digest + b" %d" % BIG)
+        head, body = yield deferToThread(upload, True)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertEqual(body, digest + b" %d" % BIG)
+        t2 = time.monotonic()
+        head, body = yield deferToThread(download)
+        t3 = time.monotonic()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertEqual(len(body), BIG)
+        self.assertEqual(hashlib.sha256(body).hexdigest().encode(), digest)
+        measured("20 MiB upload (CL, chunked), download (s)",
+                 (round(t1 - t0, 3), round(t2 - t1, 3), round(t3 - t2, 3)))
+        messages = [x.get("msg") for x in p.records]
+        self.assertGreaterEqual(messages.count("Buffer: spilling to disk"), 2)
+        # back to the baseline: client sockets and spill files closed
+        deadline = time.monotonic() + 3
+        while fd_count(pid) > baseline and time.monotonic() < deadline:
+            yield sleep(0.1)
+        measured("mproxy fds baseline/after", (baseline, fd_count(pid)))
+        self.assertLessEqual(fd_count(pid), baseline, fd_targets(pid))
+        self.assertEqual([t for t in fd_targets(pid) if "deleted" in t or "mproxy-" in t], [])
+
+    @inlineCallbacks
+    def test_max_request_body_413_target_untouched(self) -> Any:
+        """
+        C{--max-request-body 1000 --buffer-requests}: bigger bodies (declared
+        or chunked) get the 413 page and the target is never contacted.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr, "--buffer-requests", "--max-request-body", "1000")
+        before = (app.requests, app.connections)
+        out = yield deferToThread(
+            blocking_exchange, p.http_port,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2000\r\n\r\n" + b"a" * 2000)
+        [(status, headers, body)] = parse_responses(out)
+        self.assertEqual(status, 413)
+        self.assertIn(b"413", body)
+        self.assertIn(b"text/html", headers[b"content-type"][0])
+        piece = b"a" * 600
+        out = yield deferToThread(
+            blocking_exchange, p.http_port,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"258\r\n" + piece + b"\r\n") * 2 + b"0\r\n\r\n")
+        [(status, headers, body)] = parse_responses(out)
+        self.assertEqual(status, 413)
+        self.assertEqual((app.requests, app.connections - before[1] <= 0), (before[0], True))
+        out = yield deferToThread(
+            blocking_exchange, p.http_port,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000)
+        [(status, headers, body)] = parse_responses(out)
+        self.assertEqual(status, 200)
+        self.assertEqual(body, hashlib.sha256(b"a" * 1000).hexdigest().encode() + b" 1000")
+        statuses = [x["status"] for x in self.requests_logged(p) if x["path"] == "/upload"]
+        self.assertEqual(statuses, [413, 413, 200])
+
+
+class ProtocolTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_protocol_details(self) -> Any:
+        """
+        100-continue, 103 Early Hints, HEAD/204/304 framing on one keep-alive
+        connection, the raw query byte for byte, Set-Cookie order, the
+        request log (custom header keys, 499 for a client that hangs up).
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr, "--log-request-header", "X-Custom",
+                          "--log-response-header", "X-Other")
+
+        # Expect: 100-continue
+        c = Raw(b"POST /continue HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
+                b"Expect: 100-continue\r\n\r\n")
+        yield connect(p.http_port, c)
+        got = yield c.until(lambda b: b"\r\n\r\n" in b, timeout=2)
+        self.assertTrue(c.buf.startswith(b"HTTP/1.1 100 "), c.buf)
+        c.transport.write(b"hello world")
+        yield c.until(lambda b: b.endswith(b"hello world"))
+        responses = parse_responses(c.buf)
+        self.assertEqual([r[0] for r in responses], [100, 200])
+        self.assertEqual(responses[-1][2], b"hello world")
+        c.transport.loseConnection()
+
+        # 103 Early Hints then 200
+        c = Raw(b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.until(lambda b: b.endswith(b"after hints"))
+        responses = parse_responses(c.buf)
+        self.assertEqual([r[0] for r in responses], [103, 200])
+        self.assertEqual(responses[0][1][b"link"], [b"</style.css>; rel=preload; as=style"])
+        c.transport.loseConnection()
+
+        # HEAD, 204, 304 carry no body; the connection stays in sync
+        c = Raw(b"HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.until(head_complete)
+        yield sleep(0.1)
+        head, rest = c.buf.split(b"\r\n\r\n", 1)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertIn(b"\r\ncontent-length: 5", head.lower())
+        self.assertEqual(rest, b"")
+        for path, code in ((b"/nocontent", 204), (b"/notmod", 304)):
+            c.buf = b""
+            c.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            yield c.until(head_complete)
+            yield sleep(0.1)
+            head, rest = c.buf.split(b"\r\n\r\n", 1)
+            self.assertTrue(head.startswith(b"HTTP/1.1 %d" % code), head)
+            self.assertNotIn(b"transfer-encoding", head.lower())
+            self.assertEqual(rest, b"")
+        c.buf = b""
+        query = b"/query?p1=a;b;c&p2=%x&p3=ok"
+        c.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\nX-Custom: custom-1\r\n\r\n" % query)
+        yield c.until(lambda b: b.endswith(query))
+        [(status, _, body)] = parse_responses(c.buf)
+        self.assertEqual((status, body), (200, query))
+        self.assertEqual(app.received[-1][1], query)
+        c.buf = b""
+        c.transport.write(b"GET /cookies HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield c.until(lambda b: b.endswith(b"cookies"))
+        [(status, headers, body)] = parse_responses(c.buf)
+        self.assertEqual(headers[b"set-cookie"], [b"first=1; Path=/", b"second=2; Path=/"])
+        c.transport.loseConnection()
+
+        # a client hanging up during a slow request: 499, upstream request cancelled
+        c = Raw(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield sleep(0.3)
+        c.transport.loseConnection()
+        yield sleep(0.3)
+        self.assertEqual(app.aborted, [b"/slow?ms=3000"])
+
+        logged = {x["path"]: x for x in self.requests_logged(p)}
+        self.assertEqual(logged["/slow"]["status"], 499)
+        self.assertEqual(logged["/query"]["query"], "p1=a;b;c&p2=%x&p3=ok")
+        self.assertEqual(logged["/query"]["req_x_custom"], "custom-1")
+        self.assertEqual(logged["/cookies"]["resp_x_other"], "other-value")
+        self.assertEqual(logged["/continue"]["status"], 200)
+        self.assertEqual(logged["/early"]["status"], 200)
+        self.assertEqual(logged["/head"]["method"], "HEAD")
+        self.assertEqual(logged["/nocontent"]["status"], 204)
+        self.assertEqual(logged["/notmod"]["status"], 304)
