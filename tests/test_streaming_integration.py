@@ -220,6 +220,14 @@ class _Upstream(Protocol):
         name = self.factory.name.encode()
         if path == b"/up":
             return self.respond(200, b"up")
+        if path == b"/refuse":
+            self.respond(403, b"no websockets here", ((b"Connection", b"close"),))
+            self.transport.loseConnection()
+            return
+        if path == b"/wrongupgrade":
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                                 b"Connection: Upgrade\r\n\r\n")
+            return
         if self.parser.should_upgrade():
             key = self.header(b"sec-websocket-key") or b""
             accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
@@ -229,8 +237,13 @@ class _Upstream(Protocol):
             )
             self.ws = True
             self.factory.ws_open += 1
+            if query.get("greet"):
+                self.transport.write(ws_frame(1, b"welcome from " + name, mask=False))
+            if query.get("bye"):
+                self.busy = reactor.callLater(0.2, self.transport.write,
+                                              ws_frame(8, struct.pack("!H", 1011), mask=False))
             return
-        if path in (b"/sse", b"/chunked", b"/accel"):
+        if path in (b"/sse", b"/chunked", b"/accel", b"/lengthy", b"/closesse", b"/closend"):
             return self.stream(path.decode().strip("/") + ":" + query.get("k", [""])[0],
                                int(query.get("n", ["10"])[0]))
         if path == b"/early":
@@ -273,19 +286,27 @@ class _Upstream(Protocol):
                     b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n")
         elif kind == "chunked":
             head = b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
-        else:  # accel: known length, opt-out header
+        elif kind == "accel":  # known length, opt-out header
             head = (b"Content-Type: text/html\r\nX-Accel-Buffering: no\r\n"
                     b"Content-Length: %d\r\n" % (piece_len * n))
+        elif kind == "lengthy":  # known length, nothing says stream: may be buffered
+            head = b"Content-Type: text/html\r\nContent-Length: %d\r\n" % (piece_len * n)
+        elif kind == "closesse":  # written by hand (rack.hijack): no length, no chunking
+            head = b"Content-Type: text/event-stream;charset=UTF-8\r\nConnection: close\r\n"
+        else:  # closend
+            head = b"Content-Type: application/x-ndjson\r\nConnection: close\r\n"
         self.transport.write(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n")
-        chunked = kind != "accel"
+        chunked = kind in ("sse", "chunked")
 
         def one(i: int) -> None:
             if i == n:
                 self.busy = None
                 if chunked:
                     self.transport.write(b"0\r\n\r\n")
+                elif kind.startswith("close"):
+                    self.transport.loseConnection()
                 return
-            if kind == "sse":
+            if kind in ("sse", "closesse"):
                 piece = b"data: evt-%04d-end\n\n" % i
             else:
                 piece = b"evt-%04d-end payload\n" % i
@@ -646,6 +667,45 @@ class WebSocketTests(StreamingMixin, TestCase):
         self.assertEqual([x["target"] for x in logged], [addr1, addr2])
 
     @inlineCallbacks
+    def test_websocket_edges(self) -> Any:
+        """
+        A frame sent with the handshake and a greeting sent with the 101 get
+        through; an upstream close reaches the client; a refused upgrade is
+        an ordinary response; a 101 for another protocol is a 502.
+        """
+        one, addr1 = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1)
+        ws = WSClient(b"/ws?greet=1")
+        ws.first += ws_frame(1, b"early", mask=True)
+        yield connect(p.http_port, ws)
+        yield ws.frame(lambda op, payload: payload == b"welcome from one")
+        yield ws.frame(lambda op, payload: payload == b"one:early")
+        self.assertEqual((yield ws.echo(b"later")), b"one")
+        ws.transport.loseConnection()
+        yield ws.lost
+        ws = WSClient(b"/ws?bye=1")
+        yield connect(p.http_port, ws)
+        close = yield ws.frame(lambda op, _p: op == 8)
+        self.assertEqual(struct.unpack("!H", close[2][:2])[0], 1011)
+        ws.send(close[2][:2], opcode=8)  # the closing handshake: the server then closes TCP
+        yield ws.lost.addTimeout(5, reactor)
+        ws = WSClient(b"/refuse")
+        yield connect(p.http_port, ws)
+        yield ws.lost.addTimeout(5, reactor)
+        [(status, _, body)] = parse_responses(ws.buf)
+        self.assertEqual((status, body), (403, b"no websockets here"))
+        ws = WSClient(b"/wrongupgrade")
+        yield connect(p.http_port, ws)
+        yield ws.until(head_complete)
+        self.assertTrue(ws.buf.startswith(b"HTTP/1.1 502"), ws.buf)
+        yield ws.lost.addTimeout(5, reactor)
+        yield sleep(0.2)
+        logged = [(x["path"], x["status"]) for x in self.requests_logged(p)]
+        self.assertEqual(logged, [("/ws", 101), ("/ws", 101), ("/refuse", 403),
+                                  ("/wrongupgrade", 502)])
+
+    @inlineCallbacks
     def test_websocket_with_buffering(self) -> Any:
         """
         Buffering options and tiny body limits do not apply to WebSocket
@@ -680,7 +740,8 @@ class StreamingResponseTests(StreamingMixin, TestCase):
         yield self.deploy(p, "buffered", "--target", addr, "--host", "buffered.test",
                           "--buffer-responses", "--buffer-memory", "1024")
         cases = [(host, kind) for host in (b"plain.test", b"buffered.test")
-                 for kind in (b"sse", b"chunked", b"accel")]
+                 for kind in (b"sse", b"chunked", b"accel", b"closesse", b"closend",
+                              b"lengthy")]
         clients = []
         for host, kind in cases:
             c = Raw(b"GET /%s?k=%s&n=10 HTTP/1.1\r\nHost: %s\r\n\r\n" % (kind, host, host))
@@ -702,13 +763,26 @@ class StreamingResponseTests(StreamingMixin, TestCase):
                 self.assertIn(b"content-type: text/event-stream; charset=utf-8", head)
         measured("stream event latency max (s) per stream",
                  {k: round(v, 4) for k, v in worst.items()})
+        # the control: a plain Content-Length response is held back by
+        # --buffer-responses (so the measurement above can tell), and
+        # streamed without it
+        buffered_control = worst.pop("lengthy:buffered.test")
+        self.assertGreater(buffered_control, 0.8)
         for key, v in worst.items():
             self.assertLess(v, 0.05, f"{key}: {worst}")
         # complete, well-framed responses
-        yield sleep(0.1)
         for (host, kind), c in zip(cases, clients):
-            [(status, headers, body)] = parse_responses(c.buf)
-            self.assertEqual(status, 200)
+            head = c.buf.split(b"\r\n\r\n", 1)[0].lower()
+            if b"transfer-encoding: chunked" in head:
+                yield c.until(lambda b: b.endswith(b"\r\n0\r\n\r\n"))
+                [(status, headers, body)] = parse_responses(c.buf)
+            elif b"content-length" in head:
+                self.assertFalse(kind.startswith(b"close"), head)
+                [(status, headers, body)] = parse_responses(c.buf)
+            else:
+                # close-delimited
+                yield c.lost
+                body = c.buf.split(b"\r\n\r\n", 1)[1]
             self.assertEqual(body.count(b"-end"), 10, (kind, host, body))
             c.transport.loseConnection()
 
@@ -847,7 +921,8 @@ class BodyTests(StreamingMixin, TestCase):
         """
         app, addr = self.upstream("one")
         p = yield self.proxy("--debug")
-        yield self.deploy(p, addr, "--buffer-requests", "--buffer-memory", "65536")
+        yield self.deploy(p, addr, "--buffer-requests", "--buffer-responses",
+                          "--buffer-memory", "65536")
         pid = p.process.pid
         data = blob()
         digest = hashlib.sha256(data).hexdigest().encode()
@@ -900,7 +975,8 @@ class BodyTests(StreamingMixin, TestCase):
         measured("20 MiB upload (CL, chunked), download (s)",
                  (round(t1 - t0, 3), round(t2 - t1, 3), round(t3 - t2, 3)))
         messages = [x.get("msg") for x in p.records]
-        self.assertGreaterEqual(messages.count("Buffer: spilling to disk"), 2)
+        # two request bodies and a response body went to disk
+        self.assertGreaterEqual(messages.count("Buffer: spilling to disk"), 3)
         # back to the baseline: client sockets and spill files closed
         deadline = time.monotonic() + 3
         while fd_count(pid) > baseline and time.monotonic() < deadline:
@@ -908,6 +984,70 @@ class BodyTests(StreamingMixin, TestCase):
         measured("mproxy fds baseline/after", (baseline, fd_count(pid)))
         self.assertLessEqual(fd_count(pid), baseline, fd_targets(pid))
         self.assertEqual([t for t in fd_targets(pid) if "deleted" in t or "mproxy-" in t], [])
+
+    @inlineCallbacks
+    def test_download_backpressure(self) -> Any:
+        """
+        A client that does not read a 20 MiB download does not make mproxy
+        hold the body in memory; it gets every byte when it reads.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr)
+        pid = p.process.pid
+        blob()
+
+        def rss() -> int:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+            return 0
+
+        s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.addCleanup(s.close)
+        before = rss()
+        s.sendall(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield sleep(1.0)
+        grown = rss() - before
+        measured("mproxy RSS growth with a stalled 20 MiB download (MiB)",
+                 round(grown / (1 << 20), 1))
+        self.assertLess(grown, 8 << 20)
+        head, body = yield deferToThread(read_one_response, s)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(blob()).digest())
+
+    @inlineCallbacks
+    def test_expect_continue_with_request_buffering(self) -> Any:
+        """
+        With C{--buffer-requests}, a client waiting for C{100 Continue} gets
+        it from mproxy at once (the target sees the body only later); a
+        declared body over C{--max-request-body} gets 413 without it.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr, "--buffer-requests", "--max-request-body", "1000")
+        c = Raw(b"POST /continue HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
+                b"Expect: 100-continue\r\n\r\n")
+        yield connect(p.http_port, c)
+        started = time.monotonic()
+        yield c.until(head_complete, timeout=3)
+        waited = time.monotonic() - started
+        measured("100 Continue with --buffer-requests after (s)", round(waited, 3))
+        self.assertTrue(c.buf.startswith(b"HTTP/1.1 100 "), c.buf)
+        self.assertLess(waited, 0.5)
+        c.transport.write(b"hello world")
+        yield c.until(lambda b: b.endswith(b"hello world"))
+        self.assertEqual([r[0] for r in parse_responses(c.buf)], [100, 200])
+        c.transport.loseConnection()
+        before = app.requests
+        c = Raw(b"POST /continue HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n"
+                b"Expect: 100-continue\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.until(head_complete, timeout=3)
+        self.assertTrue(c.buf.startswith(b"HTTP/1.1 413 "), c.buf)
+        c.transport.loseConnection()
+        self.assertEqual(app.requests, before)
 
     @inlineCallbacks
     def test_max_request_body_413_target_untouched(self) -> Any:
@@ -940,6 +1080,7 @@ class BodyTests(StreamingMixin, TestCase):
         [(status, headers, body)] = parse_responses(out)
         self.assertEqual(status, 200)
         self.assertEqual(body, hashlib.sha256(b"a" * 1000).hexdigest().encode() + b" 1000")
+        yield sleep(0.2)  # the log line follows the response
         statuses = [x["status"] for x in self.requests_logged(p) if x["path"] == "/upload"]
         self.assertEqual(statuses, [413, 413, 200])
 
