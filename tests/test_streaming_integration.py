@@ -829,8 +829,7 @@ class TimeoutTests(StreamingMixin, TestCase):
         measured("requests served meanwhile", served)
         self.assertTrue(1.8 < dropped < 2.8, dropped)
         self.assertGreater(served, 5)
-        if loris.buf:
-            self.assertTrue(loris.buf.startswith(b"HTTP/1.1 408"), loris.buf)
+        self.assertTrue(loris.buf.startswith(b"HTTP/1.1 408 "), loris.buf)
         # idle keep-alive connection: closed after about 1 s of idleness
         idle = Raw(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
         yield connect(p.http_port, idle)
@@ -841,6 +840,51 @@ class TimeoutTests(StreamingMixin, TestCase):
         measured("idle keep-alive closed after (s)", round(idle_for, 3))
         self.assertTrue(0.8 < idle_for < 1.6, idle_for)
         self.assertEqual(app.requests, served + 1)
+
+    @inlineCallbacks
+    def test_slow_loris_variants(self) -> Any:
+        """
+        Fifty slow clients at once are all dropped by the header timeout; so
+        is one that drips its second request on a keep-alive connection.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy("--http-header-timeout", "2s", "--http-idle-timeout", "1s")
+        yield self.deploy(p, addr)
+        lorises = []
+        for i in range(50):
+            c = Raw(b"GET / HTTP/1.1\r\nHost: example.com\r\nX-A: b")
+            yield connect(p.http_port, c)
+            lorises.append(c)
+        started = time.monotonic()
+        # the second request on a kept-alive connection, one byte every 0.4 s
+        kept = Raw(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        yield connect(p.http_port, kept)
+        yield kept.until(lambda b: b.endswith(b"one"))
+        answered = time.monotonic()
+        text = b"GET / HTTP/1.1\r\nHost: example.com\r\nX-Slow: " + b"a" * 100
+        calls: list[Any] = []
+
+        def drip(i: int) -> None:
+            if kept.closed_at is None and i < len(text):
+                kept.transport.write(text[i:i + 1])
+                calls.append(reactor.callLater(0.4, drip, i + 1))
+
+        drip(0)
+        for _ in range(5):
+            status, _, body = yield self.get(p.http_port, b"/")
+            self.assertEqual((status, body), (200, b"one"))
+        yield gatherResults([c.lost.addTimeout(5, reactor) for c in lorises])
+        drops = [c.closed_at - started for c in lorises]
+        measured("50 slow lorises dropped after min/max (s)",
+                 (round(min(drops), 3), round(max(drops), 3)))
+        self.assertTrue(1.8 < min(drops) and max(drops) < 3.0, drops)
+        yield kept.lost.addTimeout(6, reactor)
+        for c in calls:
+            if c.active():
+                c.cancel()
+        measured("keep-alive dripper dropped after its first answer (s)",
+                 round(kept.closed_at - answered, 3))
+        self.assertLess(kept.closed_at - answered, 3.5)
 
 
 SMUGGLING = {
