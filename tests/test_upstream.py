@@ -137,6 +137,18 @@ class RequestResponseTests(SynchronousTestCase):
         self.assertEqual(r.body(), b"some more")
         self.assertEqual(r.kinds()[-1], "done")
 
+    def test_close_delimited_reset(self) -> None:
+        """
+        A body without length cut by a reset (not a clean close) is a
+        failure: the client must not get it as complete.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        proto.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+
     def test_truncated_body(self) -> None:
         """
         A connection lost before the declared length is a failure.

@@ -528,8 +528,9 @@ class _Connection(Protocol):
             ex._finished(None)
             return
         if self._in_body:
-            if not self._framed:
-                # a close-delimited body ends here
+            if not self._framed and reason.check(_error.ConnectionDone):
+                # a close-delimited body ends with a clean close; a reset
+                # (or any other error) may have cut it short
                 ex._finished(self._trailers)
             else:
                 ex._fail(502, "target closed the connection mid-response")
