@@ -244,8 +244,14 @@ class _Upstream(Protocol):
                                               ws_frame(8, struct.pack("!H", 1011), mask=False))
             return
         if path in (b"/sse", b"/chunked", b"/accel", b"/lengthy", b"/closesse", b"/closend"):
+            self.die_at = int(query.get("die", ["-1"])[0])
             return self.stream(path.decode().strip("/") + ":" + query.get("k", [""])[0],
                                int(query.get("n", ["10"])[0]))
+        if path == b"/trailers":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Trailer: X-Checksum\r\n\r\n5\r\nhello\r\n"
+                                 b"0\r\nX-Checksum: abc123\r\n\r\n")
+            return
         if path == b"/early":
             self.transport.write(b"HTTP/1.1 103 Early Hints\r\n"
                                  b"Link: </style.css>; rel=preload; as=style\r\n\r\n")
@@ -310,6 +316,10 @@ class _Upstream(Protocol):
                 piece = b"data: evt-%04d-end\n\n" % i
             else:
                 piece = b"evt-%04d-end payload\n" % i
+            if i == self.die_at:
+                self.busy = None
+                self.transport.abortConnection()
+                return
             sent.append(time.monotonic())
             self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             self.busy = reactor.callLater(0.1, one, i + 1)
@@ -917,6 +927,84 @@ SMUGGLING = {
     "bare LF in chunk": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                         b"5\nhello\r\n0\r\n\r\n",
 }
+
+
+class FailurePathTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_hangups_and_upstream_failures(self) -> Any:
+        """
+        A client leaving an SSE stream or a WebSocket makes mproxy close the
+        upstream side too; an upstream dying mid-body never looks like a
+        complete response to the client (no final chunk, short body).
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr)
+        c = Raw(b"GET /sse?k=leave&n=50 HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.until(lambda b: b"evt-0002-end" in b)
+        c.transport.loseConnection()
+        yield sleep(0.3)
+        self.assertEqual(app.aborted, [b"/sse?k=leave&n=50"])
+        self.assertLess(len(app.sent["sse:leave"]), 6)
+
+        ws = WSClient()
+        yield connect(p.http_port, ws)
+        self.assertEqual((yield ws.echo(b"hi")), b"one")
+        ws.transport.abortConnection()
+        yield sleep(0.3)
+        self.assertEqual(len(app.ws_lost), 1)
+
+        for kind in (b"chunked", b"accel", b"closend"):
+            c = Raw(b"GET /%s?k=die&n=10&die=3 HTTP/1.1\r\nHost: x\r\n\r\n" % kind)
+            yield connect(p.http_port, c)
+            try:
+                yield c.lost.addTimeout(3, reactor)
+            except Exception:
+                self.fail(f"{kind!r}: client connection left open after {c.buf!r}")
+            head, body = c.buf.split(b"\r\n\r\n", 1)
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+            self.assertIn(b"evt-0002-end", body)
+            self.assertFalse(body.endswith(b"\r\n0\r\n\r\n"), (kind, body))
+            if kind == b"closend" and b"chunked" not in head.lower():
+                # close-delimited to the client: a clean close would pass for
+                # the whole body; it must be an abort (RST) - unverifiable
+                # here beyond "the body is short".
+                pass
+        # a chunked response's trailers reach an HTTP/1.1 client
+        c = Raw(b"GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.until(lambda b: b.endswith(b"\r\n\r\n") and b"hello" in b)
+        self.assertIn(b"\r\n0\r\nX-Checksum: abc123\r\n\r\n", c.buf)
+        c.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_pipelining_and_http10_streams(self) -> Any:
+        """
+        Pipelined requests are answered in order; an HTTP/1.0 client gets an
+        SSE stream close-delimited, still per event.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr, "--buffer-responses")
+        c = Raw(b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /query?second HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /sse?k=pipe&n=2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /query?fourth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.lost.addTimeout(5, reactor)
+        bodies = [r[2] for r in parse_responses(c.buf)]
+        self.assertEqual(bodies, [b"one", b"/query?second",
+                                  b"data: evt-0000-end\n\ndata: evt-0001-end\n\n",
+                                  b"/query?fourth"])
+        c = Raw(b"GET /sse?k=old&n=5 HTTP/1.0\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.lost.addTimeout(5, reactor)
+        head, body = c.buf.split(b"\r\n\r\n", 1)
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(body, b"".join(b"data: evt-%04d-end\n\n" % i for i in range(5)))
+        lat = [c.arrivals[b"evt-%04d-end" % i] - app.sent["sse:old"][i] for i in range(5)]
+        self.assertLess(max(lat), 0.05)
 
 
 class SmugglingTests(StreamingMixin, TestCase):
