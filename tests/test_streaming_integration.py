@@ -491,6 +491,17 @@ def parse_responses(buf: bytes) -> list[tuple[int, dict[bytes, list[bytes]], byt
     return out
 
 
+def complete(buf: bytes) -> bool:
+    """
+    C{buf} holds one whole response with a Content-Length.
+    """
+    if b"\r\n\r\n" not in buf:
+        return False
+    head, body = buf.split(b"\r\n\r\n", 1)
+    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    return bool(m) and len(body) >= int(m.group(1))
+
+
 def blocking_exchange(port: int, data: bytes, timeout: float = 30.0) -> bytes:
     """
     Send C{data} (a request with C{Connection: close}), read until the server
@@ -927,6 +938,53 @@ SMUGGLING = {
     "bare LF in chunk": b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                         b"5\nhello\r\n0\r\n\r\n",
 }
+
+
+class DrainTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_drain_deadline_streams_and_other_services(self) -> Any:
+        """
+        At the drain deadline an SSE stream on the old target is cut (never
+        a final chunk) and a request still waiting for its response gets
+        504; a WebSocket of another service is not touched by the deploy.
+        """
+        one, addr1 = self.upstream("one")
+        two, addr2 = self.upstream("two")
+        other, addr3 = self.upstream("other")
+        p = yield self.proxy()
+        yield self.deploy(p, "web", "--target", addr1, "--host", "web.test")
+        yield self.deploy(p, "chat", "--target", addr3, "--host", "chat.test")
+        ws = WSClient(host=b"chat.test")
+        yield connect(p.http_port, ws)
+        self.assertEqual((yield ws.echo(b"before")), b"other")
+        sse = Raw(b"GET /sse?k=cut&n=100 HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        yield connect(p.http_port, sse)
+        yield sse.until(lambda b: b"evt-0001-end" in b)
+        slow = Raw(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        yield connect(p.http_port, slow)
+        yield sleep(0.1)
+        started = time.monotonic()
+        r = yield p.command("deploy", "web", "--target", addr2, "--host", "web.test",
+                            "--drain-timeout", "1s", "--health-check-interval", "100ms")
+        self.assertEqual(r.status, 0, r.err)
+        yield sse.lost.addTimeout(3, reactor)
+        yield slow.until(complete, timeout=3)
+        measured("SSE cut at drain deadline, deploy started + (s)",
+                 round(sse.closed_at - started, 3))
+        self.assertLess(sse.closed_at - started, 2.5)
+        self.assertFalse(sse.buf.endswith(b"\r\n0\r\n\r\n"), sse.buf[-40:])
+        self.assertNotIn(b"evt-0050-end", sse.buf)
+        [(status, _, body)] = parse_responses(slow.buf)
+        self.assertEqual(status, 504)
+        # the other service's WebSocket is still fine
+        self.assertEqual((yield ws.echo(b"after")), b"other")
+        self.assertEqual([op for _, op, _ in ws.frames if op == 8], [])
+        ws.transport.loseConnection()
+        yield sleep(0.3)
+        self.assertIn(b"/sse?k=cut&n=100", one.aborted)
+        self.assertIn(b"/slow?ms=5000", one.aborted)
+        self.assertTrue(any(x.get("msg") == "Request cancelled due to draining"
+                            for x in p.records))
 
 
 class FailurePathTests(StreamingMixin, TestCase):
