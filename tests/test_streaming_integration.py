@@ -245,6 +245,7 @@ class _Upstream(Protocol):
             return
         if path in (b"/sse", b"/chunked", b"/accel", b"/lengthy", b"/closesse", b"/closend"):
             self.die_at = int(query.get("die", ["-1"])[0])
+            self.interval = int(query.get("ms", ["100"])[0]) / 1000
             return self.stream(path.decode().strip("/") + ":" + query.get("k", [""])[0],
                                int(query.get("n", ["10"])[0]))
         if path == b"/trailers":
@@ -322,7 +323,7 @@ class _Upstream(Protocol):
                 return
             sent.append(time.monotonic())
             self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-            self.busy = reactor.callLater(0.1, one, i + 1)
+            self.busy = reactor.callLater(self.interval, one, i + 1)
 
         one(0)
 
@@ -1238,6 +1239,24 @@ class BodyTests(StreamingMixin, TestCase):
         self.assertTrue(c.buf.startswith(b"HTTP/1.1 413 "), c.buf)
         c.transport.loseConnection()
         self.assertEqual(app.requests, before)
+
+    @inlineCallbacks
+    def test_max_response_body_500(self) -> Any:
+        """
+        C{--buffer-responses --max-response-body 1000}: a bigger response is
+        a 500 with nothing of the target's; streams are exempt.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr, "--buffer-responses", "--max-response-body", "1000")
+        status, headers, body = yield self.get(p.http_port, b"/download")
+        self.assertEqual(status, 500)
+        self.assertNotIn(b"x-upstream", headers)
+        self.assertIn(b"500", body)
+        status, headers, body = yield self.get(p.http_port, b"/sse?k=big&n=60&ms=5")
+        self.assertEqual((status, body.count(b"-end")), (200, 60))
+        status, headers, body = yield self.get(p.http_port, b"/query?small")
+        self.assertEqual((status, body), (200, b"/query?small"))
 
     @inlineCallbacks
     def test_max_request_body_413_target_untouched(self) -> Any:
