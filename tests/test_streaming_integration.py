@@ -17,7 +17,8 @@ import signal
 import socket
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
@@ -613,7 +614,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         records 101.
         """
         one, addr1 = self.upstream("one")
-        two, addr2 = self.upstream("two")
+        _two, addr2 = self.upstream("two")
         p = yield self.proxy()
         yield self.deploy(p, addr1)
         ws = WSClient()
@@ -635,7 +636,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         # wait for the switch: new connections reach "two"
         switched = None
         while time.monotonic() - started < 10:
-            status, headers, body = yield self.get(p.http_port, b"/")
+            _status, _headers, body = yield self.get(p.http_port, b"/")
             if body == b"two":
                 switched = time.monotonic()
                 break
@@ -648,7 +649,7 @@ class WebSocketTests(StreamingMixin, TestCase):
             i += 1
             try:
                 who = yield ws.echo(b"msg-%d" % i, timeout=1.0)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure ends the loop
                 break
             echoes.append((time.monotonic() - switched, who))
             yield sleep(0.1)
@@ -695,7 +696,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         through; an upstream close reaches the client; a refused upgrade is
         an ordinary response; a 101 for another protocol is a 502.
         """
-        one, addr1 = self.upstream("one")
+        _one, addr1 = self.upstream("one")
         p = yield self.proxy()
         yield self.deploy(p, addr1)
         ws = WSClient(b"/ws?greet=1")
@@ -733,7 +734,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         Buffering options and tiny body limits do not apply to WebSocket
         frames.
         """
-        one, addr1 = self.upstream("one")
+        _one, addr1 = self.upstream("one")
         p = yield self.proxy()
         yield self.deploy(p, addr1, "--buffer-requests", "--buffer-responses",
                           "--max-request-body", "10", "--max-response-body", "10")
@@ -797,10 +798,10 @@ class StreamingResponseTests(StreamingMixin, TestCase):
             head = c.buf.split(b"\r\n\r\n", 1)[0].lower()
             if b"transfer-encoding: chunked" in head:
                 yield c.until(lambda b: b.endswith(b"\r\n0\r\n\r\n"))
-                [(status, headers, body)] = parse_responses(c.buf)
+                [(_status, _headers, body)] = parse_responses(c.buf)
             elif b"content-length" in head:
                 self.assertFalse(kind.startswith(b"close"), head)
-                [(status, headers, body)] = parse_responses(c.buf)
+                [(_status, _headers, body)] = parse_responses(c.buf)
             else:
                 # close-delimited
                 yield c.lost
@@ -869,7 +870,7 @@ class TimeoutTests(StreamingMixin, TestCase):
         Fifty slow clients at once are all dropped by the header timeout; so
         is one that drips its second request on a keep-alive connection.
         """
-        app, addr = self.upstream("one")
+        _app, addr = self.upstream("one")
         p = yield self.proxy("--http-header-timeout", "2s", "--http-idle-timeout", "1s")
         yield self.deploy(p, addr)
         lorises = []
@@ -950,8 +951,8 @@ class DrainTests(StreamingMixin, TestCase):
         504; a WebSocket of another service is not touched by the deploy.
         """
         one, addr1 = self.upstream("one")
-        two, addr2 = self.upstream("two")
-        other, addr3 = self.upstream("other")
+        _two, addr2 = self.upstream("two")
+        _other, addr3 = self.upstream("other")
         p = yield self.proxy()
         yield self.deploy(p, "web", "--target", addr1, "--host", "web.test")
         yield self.deploy(p, "chat", "--target", addr3, "--host", "chat.test")
@@ -975,7 +976,7 @@ class DrainTests(StreamingMixin, TestCase):
         self.assertLess(sse.closed_at - started, 2.5)
         self.assertFalse(sse.buf.endswith(b"\r\n0\r\n\r\n"), sse.buf[-40:])
         self.assertNotIn(b"evt-0050-end", sse.buf)
-        [(status, _, body)] = parse_responses(slow.buf)
+        [(status, _, _body)] = parse_responses(slow.buf)
         self.assertEqual(status, 504)
         # the other service's WebSocket is still fine
         self.assertEqual((yield ws.echo(b"after")), b"other")
@@ -1019,7 +1020,7 @@ class FailurePathTests(StreamingMixin, TestCase):
             yield connect(p.http_port, c)
             try:
                 yield c.lost.addTimeout(3, reactor)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a timeout, reported
                 self.fail(f"{kind!r}: client connection left open after {c.buf!r}")
             head, body = c.buf.split(b"\r\n\r\n", 1)
             self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
@@ -1086,7 +1087,7 @@ class SmugglingTests(StreamingMixin, TestCase):
                 yield connect(p.http_port, c)
                 try:
                     yield c.lost.addTimeout(5, reactor)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a timeout, reported
                     failures.append(f"{host!r} {name}: connection not closed, got {c.buf[:40]!r}")
                     c.transport.abortConnection()
                     continue
@@ -1110,7 +1111,7 @@ class BodyTests(StreamingMixin, TestCase):
         C{--buffer-requests --buffer-memory 65536}: sha256 intact, the spill
         happens and nothing stays open in mproxy afterwards.
         """
-        app, addr = self.upstream("one")
+        _app, addr = self.upstream("one")
         p = yield self.proxy("--debug")
         yield self.deploy(p, addr, "--buffer-requests", "--buffer-responses",
                           "--buffer-memory", "65536")
@@ -1182,7 +1183,7 @@ class BodyTests(StreamingMixin, TestCase):
         A client that does not read a 20 MiB download does not make mproxy
         hold the body in memory; it gets every byte when it reads.
         """
-        app, addr = self.upstream("one")
+        _app, addr = self.upstream("one")
         p = yield self.proxy()
         yield self.deploy(p, addr)
         pid = p.process.pid
@@ -1205,7 +1206,7 @@ class BodyTests(StreamingMixin, TestCase):
         measured("mproxy RSS growth with a stalled 20 MiB download (MiB)",
                  round(grown / (1 << 20), 1))
         self.assertLess(grown, 8 << 20)
-        head, body = yield deferToThread(read_one_response, s)
+        _head, body = yield deferToThread(read_one_response, s)
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(blob()).digest())
 
     @inlineCallbacks
@@ -1246,7 +1247,7 @@ class BodyTests(StreamingMixin, TestCase):
         C{--buffer-responses --max-response-body 1000}: a bigger response is
         a 500 with nothing of the target's; streams are exempt.
         """
-        app, addr = self.upstream("one")
+        _app, addr = self.upstream("one")
         p = yield self.proxy()
         yield self.deploy(p, addr, "--buffer-responses", "--max-response-body", "1000")
         status, headers, body = yield self.get(p.http_port, b"/download")
@@ -1311,7 +1312,7 @@ class ProtocolTests(StreamingMixin, TestCase):
         c = Raw(b"POST /continue HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
                 b"Expect: 100-continue\r\n\r\n")
         yield connect(p.http_port, c)
-        got = yield c.until(lambda b: b"\r\n\r\n" in b, timeout=2)
+        yield c.until(lambda b: b"\r\n\r\n" in b, timeout=2)
         self.assertTrue(c.buf.startswith(b"HTTP/1.1 100 "), c.buf)
         c.transport.write(b"hello world")
         yield c.until(lambda b: b.endswith(b"hello world"))
