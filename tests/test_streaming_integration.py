@@ -690,6 +690,40 @@ class WebSocketTests(StreamingMixin, TestCase):
         self.assertEqual([x["target"] for x in logged], [addr1, addr2])
 
     @inlineCallbacks
+    def test_drain_ends_when_websocket_closes(self) -> Any:
+        """
+        A deploy waits for an old WebSocket only while it is open: when the
+        client closes it, the drain (and deploy) ends without waiting for
+        the deadline.
+        """
+        _one, addr1 = self.upstream("one")
+        _two, addr2 = self.upstream("two")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1)
+        ws = WSClient()
+        yield connect(p.http_port, ws)
+        self.assertEqual((yield ws.echo(b"hi")), b"one")
+        started = time.monotonic()
+        deploy = p.command("deploy", addr2, "--drain-timeout", "10s",
+                           "--health-check-interval", "100ms")
+        while True:
+            _status, _headers, body = yield self.get(p.http_port, b"/")
+            if body == b"two":
+                break
+            yield sleep(0.05)
+        self.assertEqual((yield ws.echo(b"still")), b"one")
+        yield sleep(0.3)
+        ws.send(struct.pack("!H", 1000), opcode=8)
+        closed = time.monotonic()
+        yield ws.lost.addTimeout(3, reactor)
+        r = yield deploy
+        self.assertEqual(r.status, 0, r.err)
+        measured("deploy returned after the old WebSocket closed (s)",
+                 round(time.monotonic() - closed, 3))
+        self.assertLess(time.monotonic() - closed, 1.0)
+        self.assertLess(time.monotonic() - started, 5.0)
+
+    @inlineCallbacks
     def test_websocket_edges(self) -> Any:
         """
         A frame sent with the handshake and a greeting sent with the 101 get
@@ -1350,7 +1384,8 @@ class ProtocolTests(StreamingMixin, TestCase):
             self.assertEqual(rest, b"")
         c.buf = b""
         query = b"/query?p1=a;b;c&p2=%x&p3=ok"
-        c.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\nX-Custom: custom-1\r\n\r\n" % query)
+        c.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\nX-Custom: custom-1\r\n"
+                          b"x-custom: custom-2\r\n\r\n" % query)
         yield c.until(lambda b: b.endswith(query))
         [(status, _, body)] = parse_responses(c.buf)
         self.assertEqual((status, body), (200, query))
@@ -1373,7 +1408,7 @@ class ProtocolTests(StreamingMixin, TestCase):
         logged = {x["path"]: x for x in self.requests_logged(p)}
         self.assertEqual(logged["/slow"]["status"], 499)
         self.assertEqual(logged["/query"]["query"], "p1=a;b;c&p2=%x&p3=ok")
-        self.assertEqual(logged["/query"]["req_x_custom"], "custom-1")
+        self.assertEqual(logged["/query"]["req_x_custom"], "custom-1,custom-2")
         self.assertEqual(logged["/cookies"]["resp_x_other"], "other-value")
         self.assertEqual(logged["/continue"]["status"], 200)
         self.assertEqual(logged["/early"]["status"], 200)
