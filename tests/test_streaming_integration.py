@@ -741,6 +741,16 @@ class WebSocketTests(StreamingMixin, TestCase):
         self.assertEqual((yield ws.echo(b"later")), b"one")
         ws.transport.loseConnection()
         yield ws.lost
+        # Firefox's spelling: Connection: keep-alive, Upgrade; Upgrade: WebSocket
+        ws = WSClient()
+        ws.first = (ws.first.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade")
+                    .replace(b"Upgrade: websocket", b"Upgrade: WebSocket"))
+        yield connect(p.http_port, ws)
+        yield ws.until(head_complete)
+        self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
+        self.assertEqual((yield ws.echo(b"firefox")), b"one")
+        ws.transport.loseConnection()
+        yield ws.lost
         ws = WSClient(b"/ws?bye=1")
         yield connect(p.http_port, ws)
         close = yield ws.frame(lambda op, _p: op == 8)
@@ -759,7 +769,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         yield ws.lost.addTimeout(5, reactor)
         yield sleep(0.2)
         logged = [(x["path"], x["status"]) for x in self.requests_logged(p)]
-        self.assertEqual(logged, [("/ws", 101), ("/ws", 101), ("/refuse", 403),
+        self.assertEqual(logged, [("/ws", 101), ("/ws", 101), ("/ws", 101), ("/refuse", 403),
                                   ("/wrongupgrade", 502)])
 
     @inlineCallbacks
@@ -1142,67 +1152,79 @@ class BodyTests(StreamingMixin, TestCase):
     def test_20mib_up_and_down_with_spill(self) -> Any:
         """
         20 MiB up (Content-Length and chunked) and down through
-        C{--buffer-requests --buffer-memory 65536}: sha256 intact, the spill
-        happens and nothing stays open in mproxy afterwards.
+        C{--buffer-requests --buffer-responses --buffer-memory 65536}, and
+        through a service without buffering: sha256 intact, the spill
+        happens; an upload abandoned half-way while spilling leaves nothing
+        behind; the open fds of mproxy return to their baseline.
         """
         _app, addr = self.upstream("one")
         p = yield self.proxy("--debug")
-        yield self.deploy(p, addr, "--buffer-requests", "--buffer-responses",
-                          "--buffer-memory", "65536")
+        yield self.deploy(p, "spill", "--target", addr, "--host", "spill", "--buffer-requests",
+                          "--buffer-responses", "--buffer-memory", "65536")
+        yield self.deploy(p, "plain", "--target", addr, "--host", "plain")
         pid = p.process.pid
         data = blob()
         digest = hashlib.sha256(data).hexdigest().encode()
-        status, _, body = yield self.get(p.http_port, b"/")
-        self.assertEqual(status, 200)
+        for host in (b"spill", b"plain"):
+            status, _, body = yield self.get(p.http_port, b"/", host)
+            self.assertEqual(status, 200)
         yield sleep(0.2)
         baseline = fd_count(pid)
 
-        def upload(chunked: bool) -> tuple[bytes, bytes]:
+        def upload(host: bytes, chunked: bool, abandon: bool = False) -> tuple[bytes, bytes]:
             s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
+            head = b"POST /upload HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n" % host
             try:
                 if chunked:
-                    s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                              b"Transfer-Encoding: chunked\r\n\r\n")
+                    s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
                     step = 1 << 20
                     for i in range(0, len(data), step):
                         piece = data[i:i + step]
                         s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
                     s.sendall(b"0\r\n\r\n")
                 else:
-                    s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-                              % len(data))
+                    s.sendall(head + b"Content-Length: %d\r\n\r\n" % len(data))
+                    if abandon:
+                        s.sendall(data[:len(data) // 4])
+                        time.sleep(0.3)
+                        return b"", b""
                     s.sendall(data)
                 return read_one_response(s)
             finally:
                 s.close()
 
-        def download() -> tuple[bytes, bytes]:
+        def download(host: bytes) -> tuple[bytes, bytes]:
             s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
             try:
-                s.sendall(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /download HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
                 return read_one_response(s)
             finally:
                 s.close()
 
-        t0 = time.monotonic()
-        head, body = yield deferToThread(upload, False)
-        t1 = time.monotonic()
-        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
-        self.assertEqual(body, digest + b" %d" % BIG)
-        head, body = yield deferToThread(upload, True)
-        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
-        self.assertEqual(body, digest + b" %d" % BIG)
-        t2 = time.monotonic()
-        head, body = yield deferToThread(download)
-        t3 = time.monotonic()
-        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
-        self.assertEqual(len(body), BIG)
-        self.assertEqual(hashlib.sha256(body).hexdigest().encode(), digest)
-        measured("20 MiB upload (CL, chunked), download (s)",
-                 (round(t1 - t0, 3), round(t2 - t1, 3), round(t3 - t2, 3)))
-        messages = [x.get("msg") for x in p.records]
+        for host in (b"spill", b"plain"):
+            t0 = time.monotonic()
+            head, body = yield deferToThread(upload, host, False)
+            t1 = time.monotonic()
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+            self.assertEqual(body, digest + b" %d" % BIG)
+            head, body = yield deferToThread(upload, host, True)
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+            self.assertEqual(body, digest + b" %d" % BIG)
+            t2 = time.monotonic()
+            head, body = yield deferToThread(download, host)
+            t3 = time.monotonic()
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+            self.assertEqual(len(body), BIG)
+            self.assertEqual(hashlib.sha256(body).hexdigest().encode(), digest)
+            measured(f"20 MiB upload (CL, chunked), download via {host.decode()} (s)",
+                     (round(t1 - t0, 3), round(t2 - t1, 3), round(t3 - t2, 3)))
+        spills = [x.get("msg") for x in p.records].count("Buffer: spilling to disk")
         # two request bodies and a response body went to disk
-        self.assertGreaterEqual(messages.count("Buffer: spilling to disk"), 3)
+        self.assertEqual(spills, 3)
+        yield deferToThread(upload, b"spill", False, True)
+        yield sleep(0.2)
+        spills = [x.get("msg") for x in p.records].count("Buffer: spilling to disk")
+        self.assertEqual(spills, 4)
         # back to the baseline: client sockets and spill files closed
         deadline = time.monotonic() + 3
         while fd_count(pid) > baseline and time.monotonic() < deadline:
