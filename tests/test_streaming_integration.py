@@ -954,6 +954,40 @@ class TimeoutTests(StreamingMixin, TestCase):
         self.assertLess(kept.closed_at - answered, 3.5)
 
 
+    @inlineCallbacks
+    def test_timeouts_spare_long_requests_and_tunnels(self) -> Any:
+        """
+        With 2 s header and 1 s idle timeouts, a slow response, a 2.5 s SSE
+        stream, a slow upload and a WebSocket quiet for 2.5 s are not cut.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy("--http-header-timeout", "2s", "--http-idle-timeout", "1s")
+        yield self.deploy(p, addr)
+        ws = WSClient()
+        yield connect(p.http_port, ws)
+        self.assertEqual((yield ws.echo(b"first")), b"one")
+        sse = Raw(b"GET /sse?k=long&n=25 HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, sse)
+        slow = Raw(b"GET /slow?ms=2500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, slow)
+        up = Raw(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")
+        yield connect(p.http_port, up)
+        reactor.callLater(0.8, up.transport.write, b"cd")
+        reactor.callLater(1.6, up.transport.write, b"ef")
+        yield sse.until(lambda b: b.endswith(b"\r\n0\r\n\r\n"), timeout=5)
+        self.assertEqual(sse.buf.count(b"-end"), 25)
+        yield slow.until(lambda b: b.endswith(b"one"), timeout=5)
+        yield up.until(complete, timeout=5)
+        [(status, _, body)] = parse_responses(up.buf)
+        self.assertEqual((status, body), (200, hashlib.sha256(b"abcdef").hexdigest().encode()
+                                          + b" 6"))
+        self.assertIsNone(ws.closed_at)
+        self.assertEqual((yield ws.echo(b"after a quiet while")), b"one")
+        for c in (ws, sse, slow, up):
+            self.assertIsNone(c.closed_at)
+            c.transport.loseConnection()
+
+
 SMUGGLING = {
     "CL and TE": b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
