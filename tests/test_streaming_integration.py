@@ -960,7 +960,7 @@ class TimeoutTests(StreamingMixin, TestCase):
         With 2 s header and 1 s idle timeouts, a slow response, a 2.5 s SSE
         stream, a slow upload and a WebSocket quiet for 2.5 s are not cut.
         """
-        app, addr = self.upstream("one")
+        _app, addr = self.upstream("one")
         p = yield self.proxy("--http-header-timeout", "2s", "--http-idle-timeout", "1s")
         yield self.deploy(p, addr)
         ws = WSClient()
@@ -1065,6 +1065,132 @@ class DrainTests(StreamingMixin, TestCase):
         self.assertIn(b"/slow?ms=5000", one.aborted)
         self.assertTrue(any(x.get("msg") == "Request cancelled due to draining"
                             for x in p.records))
+
+
+def h2_stream(port: int, host: str, cafile: str, paths: list[str],
+              ws: bool = False) -> dict[str, Any]:
+    """
+    Blocking HTTP/2 client: GET each path on one connection (concurrent
+    streams); returns per path the status, headers, body and the monotonic
+    arrival time of each C{evt-N-end} marker.
+    """
+    import ssl
+
+    import h2.connection
+    import h2.events
+
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["h2"])
+    out: dict[str, Any] = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as s:
+        assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        streams = {}
+        for i, path in enumerate(paths):
+            sid = 1 + 2 * i
+            streams[sid] = path
+            out[path] = {"status": 0, "headers": {}, "body": b"", "arrivals": {}}
+            conn.send_headers(sid, [(":method", "GET"), (":path", path),
+                                    (":scheme", "https"), (":authority", host)],
+                              end_stream=True)
+        s.sendall(conn.data_to_send())
+        open_streams = set(streams)
+        while open_streams:
+            data = s.recv(65536)
+            now = time.monotonic()
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                sid = getattr(event, "stream_id", None)
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                    out[streams[sid]]["headers"] = headers
+                    out[streams[sid]]["status"] = int(headers[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    r = out[streams[sid]]
+                    r["body"] += event.data
+                    for m in re.finditer(rb"evt-\d+-end", r["body"]):
+                        r["arrivals"].setdefault(m.group(0), now)
+                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    open_streams.discard(sid)
+            s.sendall(conn.data_to_send())
+        conn.close_connection()
+        s.sendall(conn.data_to_send())
+    return out
+
+
+class TLSStreamingTests(StreamingMixin, TestCase):
+    @inlineCallbacks
+    def test_streams_over_https_h1_and_h2(self) -> Any:
+        """
+        Over HTTPS: SSE and chunked streams per event on HTTP/1.1 and on
+        HTTP/2 (with --buffer-responses), and a WebSocket over HTTP/1.1.
+        """
+        from twisted.internet import ssl as tssl
+        from twisted.internet.endpoints import wrapClientTLS
+
+        from mproxy.tls.testing import make_ca, make_certificate, pem_pair
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        ca = make_ca()
+        ca_pem = pem_pair(ca)[0]
+        chain, key = pem_pair(make_certificate(["stream.test"], issuer=ca))
+        paths = {}
+        for name, data in (("ca.pem", ca_pem), ("cert.pem", chain), ("key.pem", key)):
+            paths[name] = os.path.join(work, name)
+            with open(paths[name], "wb") as f:
+                f.write(data)
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr, "--host", "stream.test", "--tls",
+                          "--tls-certificate-path", paths["cert.pem"],
+                          "--tls-private-key-path", paths["key.pem"], "--buffer-responses")
+        options = tssl.optionsForClientTLS(
+            "stream.test", trustRoot=tssl.Certificate.loadPEM(ca_pem))
+
+        def tls_connect(proto: Protocol) -> Deferred[Any]:
+            return connectProtocol(
+                wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", p.https_port)),
+                proto)
+
+        h1 = []
+        for kind in (b"sse", b"chunked"):
+            c = Raw(b"GET /%s?k=h1&n=10 HTTP/1.1\r\nHost: stream.test\r\n\r\n" % kind)
+            yield tls_connect(c)
+            h1.append((kind, c))
+        h2 = deferToThread(h2_stream, p.https_port, "stream.test", paths["ca.pem"],
+                           ["/sse?k=h2&n=10", "/chunked?k=h2&n=10", "/accel?k=h2&n=10"])
+        ws = WSClient(host=b"stream.test")
+        yield tls_connect(ws)
+        yield ws.until(head_complete)
+        self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
+        self.assertEqual((yield ws.echo(b"secure")), b"one")
+        yield gatherResults([c.until(lambda b: b"evt-0009-end" in b, timeout=5) for _, c in h1])
+        results = yield h2
+        worst = {}
+        for kind, c in h1:
+            sent = app.sent[f"{kind.decode()}:h1"]
+            worst[f"h1 {kind.decode()}"] = max(
+                c.arrivals[b"evt-%04d-end" % i] - sent[i] for i in range(10))
+            c.transport.loseConnection()
+        for path, r in results.items():
+            kind = path[1:].split("?")[0]
+            self.assertEqual(r["status"], 200, r)
+            sent = app.sent[f"{kind}:h2"]
+            self.assertEqual(r["body"].count(b"-end"), 10)
+            worst[f"h2 {kind}"] = max(
+                r["arrivals"][b"evt-%04d-end" % i] - sent[i] for i in range(10))
+        self.assertEqual(results["/sse?k=h2&n=10"]["headers"]["content-type"],
+                         "text/event-stream; charset=utf-8")
+        measured("HTTPS stream event latency max (s)", {k: round(v, 4) for k, v in worst.items()})
+        for k, v in worst.items():
+            self.assertLess(v, 0.05, k)
+        ws.transport.loseConnection()
+        yield ws.lost
 
 
 class FailurePathTests(StreamingMixin, TestCase):
