@@ -267,6 +267,14 @@ class _Upstream(Protocol):
             return self.respond(204, length=False)
         if path == b"/notmod":
             return self.respond(304, headers=((b"ETag", b'"v1"'),), length=False)
+        if path == b"/notmodcl":  # a 304 may carry the representation's length
+            self.transport.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n"
+                                 b"Content-Length: 1234\r\n\r\n")
+            return
+        if path == b"/badframing":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            return
         if path == b"/query":
             return self.respond(200, self.url)
         if path == b"/cookies":
@@ -1555,7 +1563,7 @@ class ProtocolTests(StreamingMixin, TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         self.assertIn(b"\r\ncontent-length: 5", head.lower())
         self.assertEqual(rest, b"")
-        for path, code in ((b"/nocontent", 204), (b"/notmod", 304)):
+        for path, code in ((b"/nocontent", 204), (b"/notmod", 304), (b"/notmodcl", 304)):
             c.buf = b""
             c.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
             yield c.until(head_complete)
@@ -1578,6 +1586,19 @@ class ProtocolTests(StreamingMixin, TestCase):
         [(status, headers, body)] = parse_responses(c.buf)
         self.assertEqual(headers[b"set-cookie"], [b"first=1; Path=/", b"second=2; Path=/"])
         c.transport.loseConnection()
+
+        # HTTP/1.0 clients get no 1xx
+        c = Raw(b"GET /early HTTP/1.0\r\nHost: x\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.lost.addTimeout(5, reactor)
+        self.assertTrue(c.buf.startswith(b"HTTP/1.1 200 "), c.buf)
+        # an upstream response with Content-Length and chunked never reaches
+        # the client with both
+        c = Raw(b"GET /badframing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        yield connect(p.http_port, c)
+        yield c.lost.addTimeout(5, reactor)
+        head = c.buf.split(b"\r\n\r\n")[0].lower()
+        self.assertFalse(b"content-length" in head and b"transfer-encoding" in head, c.buf)
 
         # a client hanging up during a slow request: 499, upstream request cancelled
         c = Raw(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
