@@ -1315,6 +1315,32 @@ class SmugglingTests(StreamingMixin, TestCase):
         self.assertEqual((status, body), (200, b"one"))
 
 
+    @inlineCallbacks
+    def test_size_limits(self) -> Any:
+        """
+        An overlong request target gets 414, an oversized or overlong header
+        section 431; the connection is closed and the target untouched.
+        """
+        app, addr = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr)
+        cases = [
+            (414, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+            (431, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"),
+            (431, b"GET / HTTP/1.1\r\nHost: x\r\n"
+                  + b"".join(b"X-H%d: v\r\n" % i for i in range(500)) + b"\r\n"),
+        ]
+        for code, data in cases:
+            before = app.requests
+            c = Raw(data)
+            yield connect(p.http_port, c)
+            yield c.lost.addTimeout(5, reactor)
+            self.assertTrue(c.buf.startswith(b"HTTP/1.1 %d " % code), c.buf[:80])
+            self.assertEqual(app.requests, before)
+        status, _, body = yield self.get(p.http_port, b"/")
+        self.assertEqual((status, body), (200, b"one"))
+
+
 class BodyTests(StreamingMixin, TestCase):
     @inlineCallbacks
     def test_20mib_up_and_down_with_spill(self) -> Any:
