@@ -771,6 +771,21 @@ class UpgradeTests(SynchronousTestCase):
         self.assertTrue(h.ct.disconnecting)
         self.assertEqual(h.service.claims[0].releases, 1)
 
+    def test_shutdown_ends_tunnel(self) -> None:
+        """
+        A graceful shutdown does not wait for a tunnel: it gets the close
+        frame (1001) and closes at once, like at a drain deadline.
+        """
+        h = Harness()
+        h.get(b"/ws", self.WS)
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\n\r\n")
+        h.site.shutdown(10)
+        self.assertTrue(h.output().endswith(b"\x88\x02\x03\xe9"))
+        self.assertTrue(h.ct.disconnecting)
+        self.assertEqual(h.service.claims[0].releases, 1)
+
     def test_mismatched_upgrade_502(self) -> None:
         """
         A 101 to another protocol than asked for is a 502.

@@ -598,6 +598,7 @@ class _ProxyCall:
             self.claim.mark_upgraded()
             rq.start_response(101, reason or None, out, None)
             rq.tunnel_write(b"")
+            rq.on_shutdown = self.drain_cancel  # 1001 and close, as at a drain deadline
             rq.take_over(self.up.write_raw)
             rq.registerProducer(self, True)
             self.up.set_tunnel_producer(rq.body_producer)

@@ -110,6 +110,9 @@ class FastRequest(_server.Request):
     _on_end: Callable[[], None] | None = None
     _on_error: Callable[[int, str], None] | None = None
     _lost_handler: Callable[[], None] | None = None
+    #: for an upgraded (tunnelled) request: ends the tunnel when the server
+    #: shuts down, which does not wait for tunnels
+    on_shutdown: Callable[[], None] | None = None
     _queue: list[bytes] | None = None
     _queued_bytes = 0
     _body_error: tuple[int, str] | None = None

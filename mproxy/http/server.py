@@ -261,7 +261,15 @@ class FastHTTPChannel(Protocol):
         Graceful shutdown: close now if no request is in progress, else
         after the current response.
         """
-        if self.is_idle():
+        if self._tunnel is not None:
+            # upgraded connections (WebSockets) may live forever: they are
+            # not waited for (reference 1.4); the proxy ends them cleanly
+            fn = self._tunnel_req.on_shutdown if self._tunnel_req is not None else None
+            if fn is not None:
+                fn()
+            else:
+                self.close()
+        elif self.is_idle():
             self.close()
         else:
             for r in self._requests:
@@ -485,6 +493,7 @@ class FastHTTPChannel(Protocol):
 
     def start_tunnel(self, req: FastRequest, on_data: Callable[[bytes], None]) -> None:
         self._tunnel = on_data
+        self._tunnel_req = req
         self._stopped = True
         pending = getattr(self, "_upgrade_pending", b"")
         self._upgrade_pending = b""
@@ -506,6 +515,7 @@ class FastHTTPChannel(Protocol):
 
     _upgrade_pending = b""
     _to_dispatch: FastRequest | None = None
+    _tunnel_req: FastRequest | None = None
 
 
 class ProxySite(_server.Site):
