@@ -732,6 +732,29 @@ class WebSocketTests(StreamingMixin, TestCase):
         self.assertLess(time.monotonic() - started, 5.0)
 
     @inlineCallbacks
+    def test_shutdown_does_not_wait_for_websockets(self) -> Any:
+        """
+        SIGTERM with a WebSocket open: mproxy exits at once (hijacked
+        connections are not waited for, reference 1.4); the client gets a
+        1001 close frame first.
+        """
+        _one, addr1 = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1)
+        ws = WSClient()
+        yield connect(p.http_port, ws)
+        self.assertEqual((yield ws.echo(b"hi")), b"one")
+        started = time.monotonic()
+        status = yield p.stop(signal.SIGTERM)
+        took = time.monotonic() - started
+        yield ws.lost.addTimeout(3, reactor)
+        codes = [struct.unpack("!H", f[2][:2])[0] for f in ws.frames if f[1] == 8]
+        measured("SIGTERM exit with an open WebSocket (s), close codes", (round(took, 3), codes))
+        self.assertEqual(status, 0)
+        self.assertLess(took, 3.0)
+        self.assertEqual(codes, [1001])
+
+    @inlineCallbacks
     def test_websocket_edges(self) -> Any:
         """
         A frame sent with the handshake and a greeting sent with the 101 get
