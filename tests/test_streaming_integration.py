@@ -698,6 +698,53 @@ class WebSocketTests(StreamingMixin, TestCase):
         self.assertEqual([x["target"] for x in logged], [addr1, addr2])
 
     @inlineCallbacks
+    def test_many_websockets_through_a_deploy(self) -> Any:
+        """
+        Fifty WebSockets all get 1001 at the drain deadline; while they
+        drain, other commands (C{list}, a deploy of another service) are not
+        held up.
+        """
+        one, addr1 = self.upstream("one")
+        _two, addr2 = self.upstream("two")
+        _other, addr3 = self.upstream("other")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1)
+        clients = []
+        for _ in range(50):
+            ws = WSClient()
+            yield connect(p.http_port, ws)
+            clients.append(ws)
+        for ws in clients:
+            self.assertEqual((yield ws.echo(b"hi")), b"one")
+        started = time.monotonic()
+        deploy = p.command("deploy", addr2, "--drain-timeout", "2s",
+                           "--health-check-interval", "100ms")
+        yield sleep(0.8)
+        t = time.monotonic()
+        r = yield p.command("list")
+        self.assertEqual(r.status, 0, r.err)
+        list_took = time.monotonic() - t
+        t = time.monotonic()
+        yield self.deploy(p, "other", "--target", addr3, "--host", "other.test")
+        other_took = time.monotonic() - t
+        measured("list / other deploy during a drain (s)", (round(list_took, 3),
+                                                            round(other_took, 3)))
+        self.assertFalse(deploy.called)
+        self.assertLess(list_took, 1.0)
+        r = yield deploy
+        self.assertEqual(r.status, 0, r.err)
+        yield gatherResults([ws.lost.addTimeout(3, reactor) for ws in clients])
+        codes = {struct.unpack("!H", f[2][:2])[0] for ws in clients for f in ws.frames
+                 if f[1] == 8}
+        spread = [ws.closed_at - started for ws in clients]
+        measured("50 WebSockets closed after deploy start min/max (s)",
+                 (round(min(spread), 3), round(max(spread), 3)))
+        self.assertEqual(codes, {1001})
+        self.assertLess(max(spread) - min(spread), 0.3)
+        yield sleep(0.2)
+        self.assertEqual(len(one.ws_lost), 50)
+
+    @inlineCallbacks
     def test_drain_ends_when_websocket_closes(self) -> Any:
         """
         A deploy waits for an old WebSocket only while it is open: when the
