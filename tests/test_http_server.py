@@ -526,6 +526,25 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(got, [b"early", b"more"])
         self.assertTrue(h.output().startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
 
+    def test_upgrade_bytes_before_take_over(self) -> None:
+        """
+        Bytes arriving in later packets while the target has not yet
+        answered the upgrade are kept for the tunnel, not dropped.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        h.send(b"first ")
+        h.send(b"second")
+        req = r.requests[0]
+        got: list[bytes] = []
+        req.start_response(101, None, [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], None)
+        req.tunnel_write(b"")
+        req.take_over(got.append)
+        self.assertEqual(b"".join(got), b"first second")
+        h.send(b"more")
+        self.assertEqual(got[-1], b"more")
+
     def test_render_exception(self) -> None:
         """
         A resource that raises gives a 500, not a dead server.

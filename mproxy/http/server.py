@@ -288,6 +288,13 @@ class FastHTTPChannel(Protocol):
         if self._tunnel is not None:
             self._tunnel(data)
             return
+        if self._awaiting_tunnel and not self._closing:
+            # sent after an upgrade request, before the target's answer: the
+            # tunnel's first bytes (or dropped if the target refuses)
+            self._upgrade_pending += data
+            if len(self._upgrade_pending) > MAX_QUEUED_BODY:
+                self.pause_reading("upgrade")
+            return
         if self._stopped or self._closing:
             return
         try:
@@ -495,10 +502,12 @@ class FastHTTPChannel(Protocol):
         self._tunnel = on_data
         self._tunnel_req = req
         self._stopped = True
+        self._awaiting_tunnel = False
         pending = getattr(self, "_upgrade_pending", b"")
         self._upgrade_pending = b""
         if pending:
             on_data(pending)
+        self.resume_reading("upgrade")
 
     def _upgrade_data(self, rest: bytes) -> None:
         """
@@ -510,10 +519,13 @@ class FastHTTPChannel(Protocol):
         if self._tunnel is not None:
             if rest:
                 self._tunnel(rest)
-        elif rest:
-            self._upgrade_pending = getattr(self, "_upgrade_pending", b"") + rest
+        else:
+            self._awaiting_tunnel = True
+            if rest:
+                self._upgrade_pending = getattr(self, "_upgrade_pending", b"") + rest
 
     _upgrade_pending = b""
+    _awaiting_tunnel = False
     _to_dispatch: FastRequest | None = None
     _tunnel_req: FastRequest | None = None
 
