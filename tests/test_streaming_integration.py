@@ -129,6 +129,7 @@ class StreamApp(Factory):
         self.ws_open = 0
         self.ws_lost: list[float] = []
         self.aborted: list[bytes] = []
+        self.held = 0
 
     def buildProtocol(self, addr: Any) -> Protocol:
         p = _Upstream()
@@ -143,6 +144,7 @@ class _Upstream(Protocol):
         self.factory.connections += 1
         self.parser = httptools.HttpRequestParser(self)
         self.ws = False
+        self.ws_hold = False
         self.ws_buf = b""
         self.busy: Any = None
 
@@ -154,13 +156,19 @@ class _Upstream(Protocol):
             self.factory.aborted.append(self.url)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.ws_hold:
+            self.factory.held += len(data)
+            self.ws_buf += data
+            return
         if self.ws:
             return self.ws_data(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             rest = data[e.args[0]:]
-            if self.ws and rest:
+            if self.ws_hold:
+                self.ws_buf += rest
+            elif self.ws and rest:
                 self.ws_data(rest)
         except httptools.HttpParserError:
             self.transport.loseConnection()
@@ -229,21 +237,13 @@ class _Upstream(Protocol):
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
                                  b"Connection: Upgrade\r\n\r\n")
             return
-        if self.parser.should_upgrade():
-            key = self.header(b"sec-websocket-key") or b""
-            accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-            self.transport.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
-            )
-            self.ws = True
-            self.factory.ws_open += 1
-            if query.get("greet"):
-                self.transport.write(ws_frame(1, b"welcome from " + name, mask=False))
-            if query.get("bye"):
-                self.busy = reactor.callLater(0.2, self.transport.write,
-                                              ws_frame(8, struct.pack("!H", 1011), mask=False))
+        if self.parser.should_upgrade() and query.get("delay"):
+            delay = int(query["delay"][0]) / 1000
+            self.busy = reactor.callLater(delay, self.accept_websocket, query)
+            self.ws_hold = True  # what the client sends meanwhile is WebSocket data
             return
+        if self.parser.should_upgrade():
+            return self.accept_websocket(query)
         if path in (b"/sse", b"/chunked", b"/accel", b"/lengthy", b"/closesse", b"/closend"):
             self.die_at = int(query.get("die", ["-1"])[0])
             self.interval = int(query.get("ms", ["100"])[0]) / 1000
@@ -292,6 +292,26 @@ class _Upstream(Protocol):
         if path == b"/download":
             return self.respond(200, blob(), ((b"Content-Type", b"application/octet-stream"),))
         return self.respond(200, name)
+
+    def accept_websocket(self, query: dict[str, list[str]]) -> None:
+        self.busy = None
+        self.ws_hold = False
+        name = self.factory.name.encode()
+        key = self.header(b"sec-websocket-key") or b""
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+        )
+        self.ws = True
+        self.factory.ws_open += 1
+        if query.get("greet"):
+            self.transport.write(ws_frame(1, b"welcome from " + name, mask=False))
+        if query.get("bye"):
+            self.busy = reactor.callLater(0.2, self.transport.write,
+                                          ws_frame(8, struct.pack("!H", 1011), mask=False))
+        if self.ws_buf:
+            self.ws_data(b"")
 
     def stream(self, key: str, n: int) -> None:
         kind = key.split(":")[0]
@@ -806,7 +826,8 @@ class WebSocketTests(StreamingMixin, TestCase):
         """
         A frame sent with the handshake and a greeting sent with the 101 get
         through; an upstream close reaches the client; a refused upgrade is
-        an ordinary response; a 101 for another protocol is a 502.
+        an ordinary response; a 101 for another protocol is a 502; a frame
+        sent in its own packet before the target's 101 is not lost.
         """
         _one, addr1 = self.upstream("one")
         p = yield self.proxy()
@@ -817,6 +838,16 @@ class WebSocketTests(StreamingMixin, TestCase):
         yield ws.frame(lambda op, payload: payload == b"welcome from one")
         yield ws.frame(lambda op, payload: payload == b"one:early")
         self.assertEqual((yield ws.echo(b"later")), b"one")
+        ws.transport.loseConnection()
+        yield ws.lost
+        # a frame sent in its own packet before the target's (slow) 101
+        ws = WSClient(b"/ws?delay=300")
+        yield connect(p.http_port, ws)
+        yield sleep(0.1)
+        self.assertIsNone(ws.head)
+        ws.send(b"impatient")
+        yield ws.frame(lambda op, payload: payload == b"one:impatient")
+        self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
         ws.transport.loseConnection()
         yield ws.lost
         # Firefox's spelling: Connection: keep-alive, Upgrade; Upgrade: WebSocket
@@ -847,7 +878,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         yield ws.lost.addTimeout(5, reactor)
         yield sleep(0.2)
         logged = [(x["path"], x["status"]) for x in self.requests_logged(p)]
-        self.assertEqual(logged, [("/ws", 101), ("/ws", 101), ("/ws", 101), ("/refuse", 403),
+        self.assertEqual(logged, [("/ws", 101)] * 4 + [("/refuse", 403),
                                   ("/wrongupgrade", 502)])
 
     @inlineCallbacks
