@@ -744,6 +744,34 @@ class LingerTests(SynchronousTestCase):
         reactor.advance(2.1)
         self.assertTrue(t.disconnecting)
 
+    def test_protocol_error_lingers(self) -> None:
+        """
+        A 431 for a header section still arriving half-closes too: what the
+        client keeps sending is discarded instead of resetting the
+        connection before it read the 431.
+        """
+
+        class HalfClosable(StringTransport):
+            half_closed = False
+
+            def loseWriteConnection(self) -> None:
+                self.half_closed = True
+
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        ch = site.buildProtocol(None)
+        t = HalfClosable()
+        ch.makeConnection(t)
+        ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(t.half_closed)
+        self.assertFalse(t.disconnecting)
+        ch.dataReceived(b"a" * 100_000 + b"\r\n\r\n")
+        self.assertEqual(r.requests, [])
+        reactor.advance(2.1)
+        self.assertTrue(t.disconnecting)
+
 
 class TraversalTests(SynchronousTestCase):
     def test_resource_tree(self) -> None:

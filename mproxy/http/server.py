@@ -44,11 +44,12 @@ from collections import deque
 from typing import Any, Callable
 
 import httptools
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
+from zope.interface import alsoProvides
 
 from mproxy.http.batch import batcher_for
 from mproxy.http.request import (
@@ -250,11 +251,25 @@ class FastHTTPChannel(Protocol):
         if half_close is None:
             t.loseConnection()
             return
+        # The client's EOF must not drop what is still to be sent: a
+        # lingering connection handles it (readConnectionLost) instead of
+        # being closed at once.
+        alsoProvides(self, IHalfCloseableProtocol)
         half_close()
         if self._paused:
             self._paused.clear()
             t.resumeProducing()
         self._linger_call = self.clock.callLater(LINGER_TIMEOUT, t.loseConnection)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client finished sending while we linger: close once our
+        response is out.
+        """
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def close_when_idle(self) -> None:
         """
@@ -438,8 +453,11 @@ class FastHTTPChannel(Protocol):
         self._send_error(status)
 
     def _send_error(self, status: int) -> None:
+        # the client may still be sending (an oversized header section, a
+        # smuggled body): linger, or its unread bytes make the kernel reset
+        # the connection and the client never sees the error
         self.batcher.write(self.transport, error_response(status))
-        self.close()
+        self._linger()
 
     # --- dispatch -------------------------------------------------------------
 
