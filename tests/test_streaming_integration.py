@@ -765,6 +765,34 @@ class WebSocketTests(StreamingMixin, TestCase):
         self.assertEqual(len(one.ws_lost), 50)
 
     @inlineCallbacks
+    def test_pause_and_stop_close_websockets_at_their_drain_timeout(self) -> Any:
+        """
+        C{pause} and C{stop} drain too: an open WebSocket keeps working until
+        their C{--drain-timeout}, then gets 1001.
+        """
+        _one, addr1 = self.upstream("one")
+        p = yield self.proxy()
+        yield self.deploy(p, addr1)
+        for command in (("pause", "default", "--drain-timeout", "1s", "--max-pause", "10s"),
+                        ("stop", "default", "--drain-timeout", "1s")):
+            ws = WSClient()
+            yield connect(p.http_port, ws)
+            self.assertEqual((yield ws.echo(b"hi")), b"one")
+            started = time.monotonic()
+            d = p.command(*command)
+            yield sleep(0.6)
+            self.assertEqual((yield ws.echo(b"still")), b"one")
+            r = yield d
+            self.assertEqual(r.status, 0, r.err)
+            close = yield ws.frame(lambda op, _p: op == 8, timeout=3)
+            self.assertEqual(struct.unpack("!H", close[2][:2])[0], 1001)
+            measured(f"WebSocket 1001 after {command[0]} (s)", round(close[0] - started, 3))
+            self.assertTrue(0.9 < close[0] - started < 2.0, close[0] - started)
+            yield ws.lost.addTimeout(3, reactor)
+            r = yield p.command("resume", "default")
+            self.assertEqual(r.status, 0, r.err)
+
+    @inlineCallbacks
     def test_drain_ends_when_websocket_closes(self) -> Any:
         """
         A deploy waits for an old WebSocket only while it is open: when the
