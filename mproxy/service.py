@@ -78,11 +78,10 @@ class PauseController:
 
     def wait(self) -> Deferred[bool]:
         """
-        Hold a request: fires C{True} on resume, C{False} on stop, and fails
-        with C{PauseExpired} after the max pause.
+        Hold a request: fires C{True} on resume, C{False} on stop, and
+        C{None} when the max pause has passed.
         """
         d: Deferred[bool] = Deferred()
-        entry: list[object] = []
 
         def expire() -> None:
             self._held = [h for h in self._held if h[0] is not d]
@@ -90,7 +89,6 @@ class PauseController:
 
         call = self.clock.callLater(self.max_pause, expire)
         self._held.append((d, call))
-        entry.append(call)
         return d
 
     @property

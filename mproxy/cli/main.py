@@ -384,17 +384,16 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
         return 0
     if name == "help":
         topic = " ".join(rest) if rest else None
-        if topic and topic.startswith("rollout "):
-            topic = topic
         status = show_help(topic, streams)
         if status < 0:
             return fail(streams, f'unknown help topic "{topic}"')
         return status
     if name == "rollout":
-        if rest and rest[0] not in ("-h", "--help", "help"):
-            return fail(streams, f'unknown command "{rest[0]}" for "mproxy rollout"')
         return show_help("rollout", streams)
     factory = COMMANDS.get(name)
+    if factory is None and name.startswith("rollout "):
+        sub = name.split(" ", 1)[1]
+        return fail(streams, f'unknown command "{sub}" for "mproxy rollout"')
     if factory is None:
         return fail(streams, f'unknown command "{name}" for "mproxy" (see `mproxy help`)')
     cmd = factory()
