@@ -26,6 +26,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 
 from mproxy.spec import HealthCheckConfig
+from mproxy.target import TargetState
 
 if TYPE_CHECKING:
     from mproxy.target import Target
@@ -189,8 +190,6 @@ class HealthChecker:
         self._inflight = None
         if not self.running:
             return
-        from mproxy.target import TargetState
-
         # Report first: becoming healthy may complete a deploy's health wait,
         # which stops listening for results.
         self.report(self.target, True, "")
@@ -207,8 +206,6 @@ class HealthChecker:
         self._inflight = None
         if not self.running:
             return
-        from mproxy.target import TargetState
-
         if self.target.state is TargetState.HEALTHY:
             self.target.set_state(TargetState.UNHEALTHY)
         self.report(self.target, False, describe_failure(f))
