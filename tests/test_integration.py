@@ -85,6 +85,18 @@ class IntegrationMixin:
         return p
 
     @inlineCallbacks
+    def serving(self, name: str, *deploy_args: str) -> Any:
+        """
+        An upstream called C{name}, a running proxy, and the upstream deployed
+        to it (with C{deploy_args}); returns (app, address, proxy).
+        """
+        app, addr = self.upstream(name)
+        p = yield self.proxy()
+        r = yield p.command("deploy", addr, *deploy_args)
+        self.assertEqual(r.status, 0, r.err)
+        return app, addr, p
+
+    @inlineCallbacks
     def get(self, url: str, headers: dict[str, str] | None = None) -> Any:
         pool = HTTPConnectionPool(reactor, persistent=False)
         r = yield treq.get(url, headers=headers, pool=pool, timeout=20)
@@ -245,10 +257,7 @@ class DeployTests(IntegrationMixin, TestCase):
 
     @inlineCallbacks
     def test_remove_pause_resume_stop(self) -> Any:
-        one, addr = self.upstream("one")
-        p = yield self.proxy()
-        r = yield p.command("deploy", addr)
-        self.assertEqual(r.status, 0, r.err)
+        one, addr, p = yield self.serving("one")
         r = yield p.command("stop", "default", "--message", "Back <soon>")
         self.assertEqual(r.status, 0, r.err)
         code, body, _ = yield self.get(p.url())
@@ -276,10 +285,7 @@ class DeployTests(IntegrationMixin, TestCase):
 class StateAndLifecycleTests(IntegrationMixin, TestCase):
     @inlineCallbacks
     def test_kill_9_then_restart_restores_routes(self) -> Any:
-        one, addr = self.upstream("one")
-        p = yield self.proxy()
-        r = yield p.command("deploy", addr, "--host", "app.example.com")
-        self.assertEqual(r.status, 0, r.err)
+        one, addr, p = yield self.serving("one", "--host", "app.example.com")
         state_file = os.path.join(p.state_dir, "mproxy.state")
         self.assertEqual(stat.S_IMODE(os.stat(state_file).st_mode), 0o600)
         yield p.stop(signal.SIGKILL)
@@ -306,10 +312,7 @@ class StateAndLifecycleTests(IntegrationMixin, TestCase):
 
     @inlineCallbacks
     def test_sigterm_lets_inflight_finish(self) -> Any:
-        one, addr = self.upstream("one")
-        p = yield self.proxy()
-        r = yield p.command("deploy", addr)
-        self.assertEqual(r.status, 0, r.err)
+        one, addr, p = yield self.serving("one")
         slow = self.get(p.url("/slow?ms=1500"))
         yield sleep(0.4)
         status = yield p.stop(signal.SIGTERM)
@@ -359,10 +362,7 @@ class BadInputTests(IntegrationMixin, TestCase):
 
     @inlineCallbacks
     def test_garbage_and_oversized_headers_get_4xx(self) -> Any:
-        one, addr = self.upstream("one")
-        p = yield self.proxy()
-        r = yield p.command("deploy", addr)
-        self.assertEqual(r.status, 0, r.err)
+        one, addr, p = yield self.serving("one")
 
         def raw(data: bytes) -> bytes:
             s = socket.create_connection(("127.0.0.1", p.http_port), timeout=5)
