@@ -15,7 +15,6 @@ import attrs
 
 from twisted.internet.defer import (
     CancelledError,
-    Deferred,
     DeferredList,
     DeferredLock,
     TimeoutError,

@@ -30,7 +30,6 @@ from typing import Any
 from attrs import frozen
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
