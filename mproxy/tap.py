@@ -150,7 +150,7 @@ class MproxyService(MultiService):
         self.router = Router()
         self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
         from mproxy.http.upstream import pool_factory
-        from mproxy.tls.localget import local_getter
+        from mproxy.http.localget import local_getter
         from mproxy.tls.wiring import build_certificate_service
 
         self.pools = pool_factory(reactor)

@@ -21,7 +21,7 @@ C{exclude_metrics_paths} are not counted (reference 7.3).  C{challenges}
 (a L{mproxy.tls.challenges.ChallengeStore}) answers ACME HTTP-01 requests
 before routing.  Requests over TLS to a
 service without TLS get a 503; HTTPS and canonical-host redirects
-(L{mproxy.tls.redirect.redirect_location}) are answered with a 301.
+(L{mproxy.http.redirect.redirect_location}) are answered with a 301.
 
 For each request L{ProxyResource} routes on Host and path
 (C{router.match}), asks the service for a target (C{service.select}),
@@ -60,7 +60,7 @@ from mproxy.http.pages import CONTENT_TYPE
 from mproxy.http.generic import GenericExchange
 from mproxy.http.server import FastRequest, ProxySite
 from mproxy.http.spool import Spool, SpoolSender
-from mproxy.tls.redirect import redirect_body, redirect_location
+from mproxy.http.redirect import redirect_body, redirect_location
 
 _HTTP01_PREFIX = b"/.well-known/acme-challenge/"
 

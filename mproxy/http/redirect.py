@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_redirect -*-
+# -*- test-case-name: tests.test_redirect -*-
 """
 HTTP → HTTPS and canonical-host redirects as a pure function.
 

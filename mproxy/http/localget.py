@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_localget -*-
+# -*- test-case-name: tests.test_localget -*-
 """
 The local on-demand TLS policy check (C{--tls-on-demand-url /path},
 reference 6.4 step 3): a synthetic C{GET <path>?host=H} with C{Host: H}

@@ -1,5 +1,5 @@
 """
-Tests for L{mproxy.tls.localget}: the in-memory on-demand TLS policy request
+Tests for L{mproxy.http.localget}: the in-memory on-demand TLS policy request
 through the real proxy resource, with a fake service and an in-memory
 upstream connection.
 """
@@ -16,7 +16,7 @@ from mproxy.http.upstream import UpstreamPool
 from mproxy.logging import ListLogger
 from mproxy.service import Refusal
 from mproxy.spec import ServiceOptions, TargetOptions
-from mproxy.tls.localget import BODY_LIMIT, local_getter
+from mproxy.http.localget import BODY_LIMIT, local_getter
 
 
 class FakeClaim:
