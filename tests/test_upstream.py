@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mproxy.http.upstream import UpstreamPool, pool_factory
+from mproxy.http.upstream import PoolRegistry, UpstreamPool
 
 
 class Receiver:
@@ -504,7 +504,7 @@ class PoolTests(SynchronousTestCase):
         The pool factory's registry closes idle connections of all pools.
         """
         reactor = MemoryReactorClock()
-        registry = pool_factory(reactor)
+        registry = PoolRegistry(reactor)
         pool = registry("127.0.0.1", 80)
         self.assertEqual(pool.address, "127.0.0.1:80")
         r = Receiver()
