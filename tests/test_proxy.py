@@ -17,11 +17,12 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mproxy.http.pages import render_page
+from mproxy.http.forwarding import new_request_id
 from mproxy.http.interfaces import (
     IClaim, IProxiedService, IProxiedTarget, IRefusal, IRequestMetrics, IRouteMatch, IRouter,
 )
-from mproxy.http.pages import render_page
-from mproxy.http.proxy import ProxyResource, build_http_factory, new_request_id
+from mproxy.http.proxy import ProxyResource, build_http_factory
 from mproxy.http.upstream import UpstreamPool
 from mproxy.logging import ListLogger
 from mproxy.spec import ServiceOptions, TargetOptions
@@ -1159,7 +1160,7 @@ class CookieScopeTests(SynchronousTestCase):
         Paths are joined onto the prefix for host-only or same-host cookies;
         other domains and unparseable values are untouched.
         """
-        from mproxy.http.proxy import scope_cookie
+        from mproxy.http.cookies import scope_cookie
 
         self.assertEqual(scope_cookie(b"a=1; Path=/", "/api", "example.com"), b"a=1; Path=/api")
         self.assertEqual(scope_cookie(b"a=1; Path=/admin; HttpOnly", "/api", "example.com:8080"),

@@ -112,10 +112,17 @@ class GenericExchange:
     def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
         pass
 
+    _close = False
+
+    def close_after_response(self) -> None:
+        self._close = True
+
     def start_response(self, code: int, reason: bytes | None,
                        headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         r = self.r
         self.started = True
+        if self._close:
+            headers.append((b"Connection", b"close"))
         self.code = code
         r.setResponseCode(code, reason or reason_bytes(code))
         h = Headers()

@@ -475,6 +475,12 @@ class FastRequest(_server.Request):
     def set_lost_handler(self, fn: Callable[[], None] | None) -> None:
         self._lost_handler = fn
 
+    def close_after_response(self) -> None:
+        self.keep_alive = False
+
+    def set_shutdown_handler(self, fn: Callable[[], None]) -> None:
+        self.on_shutdown = fn
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self._disconnected:
             producer.stopProducing()
