@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_localget -*-
 """
-The local on-demand TLS policy check (C{--tls-on-demand-url /path},
-reference 6.4 step 3): a synthetic C{GET <path>?host=H} with C{Host: H}
+The local on-demand TLS policy check (C{--tls-on-demand-url /path}, a
+path rather than a URL): a synthetic C{GET <path>?host=H} with C{Host: H}
 run in memory through the service's own handler chain, i.e. the real
 L{mproxy.http.proxy.ProxyResource} (pause, stop, load balancing, error
 pages, target forwarding), answered as C{(status, body)}.

@@ -322,7 +322,7 @@ class FastHTTPChannel(Protocol):
         """
         if self._tunnel is not None:
             # upgraded connections (WebSockets) may live forever: they are
-            # not waited for (reference 1.4); the proxy ends them cleanly
+            # not waited for; the proxy ends them cleanly
             fn = self._tunnel_req.on_shutdown if self._tunnel_req is not None else None
             if fn is not None:
                 fn()
