@@ -36,9 +36,11 @@ from acme import messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from zope.interface import implementer
+
 from mproxy.tls.certs import generate_key_pem
-from mproxy.tls.challenges import ChallengeStore, tls_alpn_certificate
-from mproxy.tls.store import DirectoryStore
+from mproxy.tls.challenges import tls_alpn_certificate
+from mproxy.tls.interfaces import IChallengeResponder, IDirectoryStore, IIssuer
 
 __all__ = [
     "AcmeIssuer",
@@ -140,6 +142,7 @@ def _problem(error: Any) -> str:
     return f"{text} ({code})" if code and code not in text else text
 
 
+@implementer(IIssuer)
 class AcmeIssuer:
     """
     Obtains certificates from one ACME directory.  Not thread-safe: call
@@ -149,8 +152,8 @@ class AcmeIssuer:
     def __init__(
         self,
         directory_url: str,
-        store: DirectoryStore,
-        challenges: ChallengeStore,
+        store: IDirectoryStore,
+        challenges: IChallengeResponder,
         email: str | None = None,
         ca_bundle: str | None = None,
         user_agent: str = "mproxy",
