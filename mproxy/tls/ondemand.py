@@ -20,7 +20,7 @@ API::
         # Host header = host, never redirected, not logged (the proxy provides it).
 
 Caching and rate limiting of approvals live in
-L{mproxy.tls.service.CertificateService}.
+L{mproxy.tls.gate.OnDemandGate}.
 """
 
 from __future__ import annotations

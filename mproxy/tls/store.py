@@ -14,7 +14,7 @@ test CAs never mix::
 
 Every file is written atomically (temporary file in the same directory, fsync,
 rename, fsync of the directory).  Methods are synchronous and do small file
-I/O; L{CertificateService} calls the writers from its ACME worker thread and
+I/O; L{mproxy.tls.orders.OrderRunner} calls the writers from its ACME worker thread and
 the readers at start-up / deploy time.
 
 API::
