@@ -302,7 +302,7 @@ def validate(options: Any) -> None:
     """
     For C{Controller.deploy}: load the directory the options name, if any.
     """
-    directory = getattr(options, "error_pages", "")
+    directory = options.error_pages
     if directory:
         load(directory)
 

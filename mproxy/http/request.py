@@ -16,12 +16,15 @@ from http import HTTPStatus
 from io import BytesIO
 from typing import Any, Callable
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
+
+from mproxy.http.interfaces import ITunnelExchange
 
 #: request body bytes queued before anybody consumes them, before reading pauses
 MAX_QUEUED_BODY = 65536
@@ -85,10 +88,21 @@ class _BodyProducer:
 implementer(IPushProducer)(_BodyProducer)
 
 
+def address_strings(address: Any) -> tuple[str, str]:
+    """
+    An IP address's host and port as strings, for logs (C{("", "")} for
+    other kinds of address).
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, str(address.port)
+    return "", ""
+
+
 def _hex(n: int) -> bytes:
     return b"%x\r\n" % n
 
 
+@implementer(ITunnelExchange)
 class FastRequest(_server.Request):
     """
     A request received by L{FastHTTPChannel}.
@@ -271,7 +285,7 @@ class FastRequest(_server.Request):
 
     # --- request body -------------------------------------------------------
 
-    def _body_data(self, data: bytes) -> None:
+    def body_received(self, data: bytes) -> None:
         if self._on_data is not None:
             self._on_data(data)
             return
@@ -284,12 +298,12 @@ class FastRequest(_server.Request):
         if self._queued_bytes > MAX_QUEUED_BODY:
             self.channel.pause_reading("queue")
 
-    def _body_end(self) -> None:
+    def body_complete(self) -> None:
         self.body_done = True
         if self._on_end is not None:
             self._on_end()
 
-    def _body_failed(self, status: int, message: str) -> None:
+    def body_failed(self, status: int, message: str) -> None:
         self._body_error = (status, message)
         if self._on_error is not None:
             self._on_error(status, message)

@@ -60,8 +60,10 @@ import httptools
 from twisted.internet import error as _error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mproxy.http.batch import batcher_for
+from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 
 
 MAX_PENDING_BODY = 65536
@@ -99,6 +101,7 @@ def _hex(n: int) -> bytes:
     return b"%x\r\n" % n
 
 
+@implementer(IUpstreamExchange)
 class UpstreamExchange:
     """
     One request to a target.  See the module docstring.
@@ -579,6 +582,7 @@ class _ConnectFactory(ClientFactory):
         pass
 
 
+@implementer(IUpstreamPool)
 class UpstreamPool:
     """
     Keep-alive connections to one target.
