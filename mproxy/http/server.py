@@ -29,19 +29,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
-    INegotiated,
-    ISSLTransport,
-    ITCPTransport,
-)
+from twisted.internet.interfaces import INegotiated, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
-from zope.interface import alsoProvides, implementer
+from zope.interface import implementer
 
 from mproxy.http.batch import batcher_for
+from mproxy.http.connection import ConnectionControl
 from mproxy.http.interfaces import IRequestChannel
 from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH, RequestReader
 from mproxy.http.request import (
@@ -66,12 +62,10 @@ HEADER_TIMEOUT = 30.0
 IDLE_TIMEOUT = 75.0
 #: seconds a request body may stall (while we are reading) before 408
 BODY_TIMEOUT = 60.0
-#: seconds unread request bytes are drained after an early response
-LINGER_TIMEOUT = 2.0
 
 
 @implementer(IRequestChannel)
-class FastHTTPChannel(Protocol):
+class FastHTTPChannel(ConnectionControl, Protocol):
     """
     One client connection.  Requests are handled one at a time in order;
     pipelined requests wait (their bodies queued, reading paused when the
@@ -139,7 +133,7 @@ class FastHTTPChannel(Protocol):
             if (cur is not None and not cur.body_done and not cur.finished
                     and self.body_timeout):
                 if self._paused:
-                    self._set_timer(self.body_timeout)
+                    self.set_timer(self.body_timeout)
                     return
                 cur.keep_alive = False
                 self._stopped = True
@@ -148,18 +142,6 @@ class FastHTTPChannel(Protocol):
         if self.reader.in_headers:
             self.batcher.write(self.transport, error_response(408))
         self.close()
-
-    def _set_timer(self, delay: float) -> None:
-        t = self._timer
-        if not delay:
-            if t is not None:
-                self._timer = None
-                t.cancel()
-            return
-        if t is not None:
-            t.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timed_out)
 
     def is_idle(self) -> bool:
         return not self._requests and not self.reader.in_headers
@@ -178,79 +160,6 @@ class FastHTTPChannel(Protocol):
         for r in reqs:
             r.connectionLost(reason)
         self.site._connection_closed(self)
-
-    def pause_reading(self, reason: str) -> None:
-        if not self._paused:
-            self.transport.pauseProducing()
-        self._paused.add(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if reason in self._paused:
-            self._paused.discard(reason)
-            if not self._paused and not self._closing:
-                self.transport.resumeProducing()
-
-    def abort(self) -> None:
-        self._closing = True
-        self.transport.abortConnection()
-
-    _nodelay = False
-
-    def set_nodelay(self) -> None:
-        """
-        Disable Nagle for this connection (once): small streamed pieces
-        (SSE events) must not wait for the client's ACK.
-        """
-        if self._nodelay:
-            return
-        self._nodelay = True
-        if ITCPTransport.providedBy(self.transport):
-            try:
-                self.transport.setTcpNoDelay(True)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        """
-        Close once everything written was sent.
-        """
-        self._closing = True
-        self.batcher.flush_transport(self.transport)
-        self.transport.loseConnection()
-
-    def _linger(self) -> None:
-        """
-        Close after answering a request whose body was not read: send our
-        FIN but keep reading (and discarding) for a while, so that unread
-        request bytes do not make the kernel reset the connection before
-        the client has read the response.
-        """
-        self._closing = True
-        self._stopped = True
-        t = self.transport
-        self.batcher.flush_transport(t)
-        if not ITCPTransport.providedBy(t):
-            t.loseConnection()
-            return
-        # The client's EOF must not drop what is still to be sent: a
-        # lingering connection handles it (readConnectionLost) instead of
-        # being closed at once.
-        alsoProvides(self, IHalfCloseableProtocol)
-        t.loseWriteConnection()
-        if self._paused:
-            self._paused.clear()
-            t.resumeProducing()
-        self._linger_call = self.clock.callLater(LINGER_TIMEOUT, t.loseConnection)
-
-    def readConnectionLost(self) -> None:
-        """
-        The client finished sending while we linger: close once our
-        response is out.
-        """
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
 
     def close_when_idle(self) -> None:
         """
@@ -298,18 +207,18 @@ class FastHTTPChannel(Protocol):
 
     def header_started(self) -> None:
         if self.header_timeout and not self._requests:
-            self._set_timer(self.header_timeout)
+            self.set_timer(self.header_timeout)
 
     def request_parsed(self, req: FastRequest) -> None:
         self._requests.append(req)
         if req.body_length and self.body_timeout:
-            self._set_timer(self.body_timeout)
+            self.set_timer(self.body_timeout)
         if len(self._requests) == 1:
             self._to_dispatch = req
 
     def body_arrived(self) -> None:
         if self.body_timeout:
-            self._set_timer(self.body_timeout)
+            self.set_timer(self.body_timeout)
 
     def protocol_error(self, status: int, message: str) -> None:
         self._stopped = True
@@ -347,7 +256,7 @@ class FastHTTPChannel(Protocol):
         # smuggled body): linger, or its unread bytes make the kernel reset
         # the connection and the client never sees the error
         self.batcher.write(self.transport, error_response(status))
-        self._linger()
+        self.linger()
 
     # --- dispatch -------------------------------------------------------------
 
@@ -395,7 +304,7 @@ class FastHTTPChannel(Protocol):
         self._requests.popleft()
         if not req.keep_alive or self._closing or self.site.shutting_down:
             if not req.body_done and not self._closing:
-                self._linger()
+                self.linger()
                 return
             self.close()
             return
@@ -404,7 +313,7 @@ class FastHTTPChannel(Protocol):
         elif self._pending_error is not None:
             self._send_error(self._pending_error)
         elif self.idle_timeout:
-            self._set_timer(self.idle_timeout)
+            self.set_timer(self.idle_timeout)
 
     def start_tunnel(self, req: FastRequest, on_data: Callable[[bytes], None]) -> None:
         self._tunnel = on_data
