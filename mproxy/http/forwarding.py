@@ -105,8 +105,7 @@ class RequestHeaders:
 
 def read_request_headers(raw_headers: list[tuple[bytes, bytes]], logger: Any) -> RequestHeaders:
     """
-    Sort a request's headers into those forwarded as they are and those
-    the proxy reads or re-writes (one pass, the hot path).
+    Sort a request's headers: forwarded as they are, read, or re-written.
     """
     h = RequestHeaders()
     out = h.out
@@ -139,19 +138,15 @@ def read_request_headers(raw_headers: list[tuple[bytes, bytes]], logger: Any) ->
             h.cookies.append(value)
             out.append(item)
         elif code == _H_RID:
-            if not h.rid:
-                h.rid = value
+            h.rid = h.rid or value
         elif code == _H_RSTART:
-            if not h.rstart:
-                h.rstart = value
+            h.rstart = h.rstart or value
         elif code == _H_XFF:
             h.xff.append(value)
         elif code == _H_XFP:
-            if not h.xfp:
-                h.xfp = value
+            h.xfp = h.xfp or value
         elif code == _H_XFH:
-            if not h.xfh:
-                h.xfh = value
+            h.xfh = h.xfh or value
         elif code == _H_TARGET:
             h.targets.append(value)
         elif code == _H_CLEN:
