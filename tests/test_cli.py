@@ -340,6 +340,23 @@ class DeployParsingTests(SynchronousTestCase):
         self.assertEqual(str(cm.exception),
                          "max-response-body can only be set when response buffering is enabled")
         parse_deploy("web:1", "--max-request-body", "10", "--buffer-requests")
+        with self.assertRaises(InvalidOptions):
+            parse_deploy("web:1", "--max-request-body", "0")
+
+    def test_max_body_with_buffering_given_as_false(self) -> None:
+        """
+        As Kamal sends it: C{--buffer-requests=false --max-request-body=N}
+        (and the same for responses) is accepted, since the buffering flag was
+        given; nothing is buffered, so the limit is not enforced.
+        """
+        req = parse_deploy("web:1", "--buffer-requests=false", "--max-request-body=10",
+                           "--buffer-responses=false", "--max-response-body=20")
+        to = req.target_options
+        self.assertEqual(
+            (to.buffer_requests, to.max_request_body, to.buffer_responses,
+             to.max_response_body),
+            (False, 10, False, 20),
+        )
         self.assertEqual(
             run(["deploy", "web:1", "--max-request-body", "10"]),
             (1, "", "Error: max-request-body can only be set when request buffering is "

@@ -111,9 +111,12 @@ def deploy_request(ns: Any) -> DeployRequest:
     else:
         targets = (ns.positional,)
         service = ns.host[0].lower() if ns.host else "default"
-    if ns.max_request_body and not ns.buffer_requests:
+    # Whether the buffering flag was given, not its value: Kamal sends
+    # --buffer-requests=false --max-request-body=N, and the limit is then
+    # simply not enforced (nothing is buffered).
+    if ns.max_request_body is not None and ns.buffer_requests is None:
         raise InvalidOptions("max-request-body can only be set when request buffering is enabled")
-    if ns.max_response_body and not ns.buffer_responses:
+    if ns.max_response_body is not None and ns.buffer_responses is None:
         raise InvalidOptions(
             "max-response-body can only be set when response buffering is enabled"
         )
