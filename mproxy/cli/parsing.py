@@ -260,7 +260,9 @@ def rollout_deploy_command() -> Command:
 
 def rollout_set_command() -> Command:
     cmd = simple_command("rollout set", "Send a share of traffic to the rollout slot")
-    cmd.option("percent", "Percentage of cookie-carrying requests to send to the rollout",
+    cmd.option("percent", "Percentage of cookie-carrying requests to send to the rollout "
+               "(chosen by a hash of the mproxy-rollout cookie value, so a value always "
+               "gets the same side)",
                type=integer, metavar="PERCENT")
     cmd.list_option("list", "Values of the mproxy-rollout cookie always sent to the rollout",
                     "VALUE")
