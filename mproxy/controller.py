@@ -113,7 +113,7 @@ class Controller:
     def _service(self, name: str) -> Service:
         s = self.router.services.get(name)
         if s is None:
-            raise ServiceNotFound()
+            raise ServiceNotFound.named(name)
         return s
 
     def _balancer(self, writers: tuple[str, ...], readers: tuple[str, ...]) -> LoadBalancer:
@@ -217,7 +217,7 @@ class Controller:
             if rollout:
                 if existing is None:
                     # Removed while the rollout waited for health.
-                    raise ServiceNotFound()
+                    raise ServiceNotFound.named(name)
                 old_lb = existing.rollout
                 existing.rollout = lb
             elif existing is None:

@@ -615,7 +615,8 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(self.cli("deploy", "web-1:3000", "--host", "a.com")[0], 0)
         status, out, err = self.cli("deploy", "other", "--target", "web-2:3000", "--host",
                                     "a.com")
-        self.assertEqual((status, err), (1, "Error: host settings conflict with another service\n"))
+        self.assertEqual((status, err), (1, "Error: host settings conflict with another service: host a.com is served by "
+                 "service a.com\n"))
 
     def test_list(self) -> None:
         """
@@ -642,7 +643,7 @@ class ClientCommandTests(SynchronousTestCase):
         self.cli("deploy", "web-1:3000")
         self.assertEqual(self.cli("rm", "default"), (0, "", ""))
         self.assertEqual(self.reactor.router.services, {})
-        self.assertEqual(self.cli("remove", "default"), (1, "", "Error: service not found\n"))
+        self.assertEqual(self.cli("remove", "default"), (1, "", "Error: service not found: default\n"))
 
     def test_pause_stop_resume(self) -> None:
         """
@@ -656,7 +657,7 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", "bye"))
         self.assertEqual(self.cli("resume", "default")[0], 0)
         self.assertEqual(s.state_name, "running")
-        self.assertEqual(self.cli("pause", "nope"), (1, "", "Error: service not found\n"))
+        self.assertEqual(self.cli("pause", "nope"), (1, "", "Error: service not found: nope\n"))
 
     def test_rollout(self) -> None:
         """
@@ -680,6 +681,7 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual((s.split.percentage, s.split.allowlist), (25, ("a", "b")))
         self.assertEqual(self.cli("rollout", "stop", "default")[0], 0)
         self.assertIsNone(s.split)
-        self.assertEqual(self.cli("rollout", "stop", "nope"), (1, "", "Error: service not found\n"))
+        self.assertEqual(self.cli("rollout", "stop", "nope"),
+                         (1, "", "Error: service not found: nope\n"))
         status, out, err = self.cli("rollout", "deploy", "default")
         self.assertEqual((status, err), (1, 'Error: required flag(s) "target" not set\n'))

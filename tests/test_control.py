@@ -251,7 +251,7 @@ class CommandTests(ControlTestCase):
         their messages.
         """
         f = self.failureResultOf(self.call(c.Remove, service="nope"), ServiceNotFound)
-        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(str(f.value), "service not found: nope")
         f = self.failureResultOf(self.call(c.Resume, service="nope"), ServiceNotFound)
         f = self.failureResultOf(
             self.call(c.Pause, service="nope", drain_timeout=1.0, max_pause=1.0),
@@ -283,7 +283,10 @@ class CommandTests(ControlTestCase):
         d = self.client.deploy(request("b", "bb:1", hosts=["x.com"]))
         self.pump.flush()
         f = self.failureResultOf(d, HostConflict)
-        self.assertEqual(str(f.value), "host settings conflict with another service")
+        self.assertEqual(
+            str(f.value),
+            "host settings conflict with another service: host x.com is served by service a",
+        )
 
         d = self.client.deploy(request("c", "cc:1", hosts=["c.com"], deploy_timeout=2))
         self.pump.flush()

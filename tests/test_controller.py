@@ -302,7 +302,11 @@ class DeployTests(ControllerTestCase):
         calls = len(self.probe.calls)
         d = self.controller.deploy(request("b", "bb:2", hosts=["app.example.com"]))
         f = self.failureResultOf(d, HostConflict)
-        self.assertEqual(str(f.value), "host settings conflict with another service")
+        self.assertEqual(
+            str(f.value),
+            "host settings conflict with another service: host app.example.com is served "
+            "by service a",
+        )
         self.assertEqual(len(self.probe.calls), calls)
         self.assertEqual(sorted(self.router.services), ["a"])
         self.assertEqual(self.address("app.example.com"), "aa:1")
@@ -488,7 +492,7 @@ class RolloutTests(ControllerTestCase):
         f = self.failureResultOf(
             self.controller.rollout_deploy("nope", ("cc:1",), (), 10, 10), ServiceNotFound
         )
-        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(str(f.value), "service not found: nope")
         self.assertRaises(ServiceNotFound, self.controller.rollout_set, "nope", 10, ())
         self.assertRaises(ServiceNotFound, self.controller.rollout_stop, "nope")
 
@@ -564,7 +568,7 @@ class RolloutTests(ControllerTestCase):
         self.controller.remove("web")
         self.probe.answer("canary:2", 200)
         f = self.failureResultOf(d, ServiceNotFound)
-        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(str(f.value), "service not found: web")
         self.assertEqual(self.router.services, {})
         n = self.probe.count("canary:2")
         self.clock.advance(10)

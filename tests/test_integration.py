@@ -249,7 +249,11 @@ class DeployTests(IntegrationMixin, TestCase):
         self.assertIn(b"404", body)
         r = yield p.command("deploy", "third", "--target", addr_c, "--host", "app2.example.com")
         self.assertEqual(r.status, 1)
-        self.assertEqual(r.err.strip(), "Error: host settings conflict with another service")
+        self.assertEqual(
+            r.err.strip(),
+            "Error: host settings conflict with another service: host app2.example.com "
+            "is served by service other",
+        )
         code, body, _ = yield self.get(p.url(), {"Host": "app2.example.com"})
         self.assertEqual((code, body), (200, b"b"))
         r = yield p.command("list", "--json")
@@ -279,7 +283,7 @@ class DeployTests(IntegrationMixin, TestCase):
         code, body, _ = yield self.get(p.url())
         self.assertEqual(code, 404)
         r = yield p.command("remove", "default")
-        self.assertEqual((r.status, r.err.strip()), (1, "Error: service not found"))
+        self.assertEqual((r.status, r.err.strip()), (1, "Error: service not found: default"))
 
 
 class StateAndLifecycleTests(IntegrationMixin, TestCase):
