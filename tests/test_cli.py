@@ -154,6 +154,23 @@ class GeneralTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertIn("rollout deploy|set|stop", out)
 
+    def test_help_one_default_per_option(self) -> None:
+        """
+        Every option's help states its default at most once, durations as
+        durations.
+        """
+        import re
+
+        for topic in ("run", "deploy", "pause", "stop", "rollout deploy"):
+            status, out, err = run(["help", *topic.split()])
+            self.assertEqual(status, 0)
+            options = re.split(r"\n  (?=-)", out.split("options:", 1)[1])
+            for text in options:
+                self.assertLessEqual(text.count("(default"), 1, (topic, text))
+        status, out, err = run(["help", "run"])
+        self.assertIn("(default 30s)", " ".join(out.split()))
+        self.assertNotIn("30.0", out)
+
     def test_unknown_help_topic(self) -> None:
         """
         Help on an unknown topic is an error.

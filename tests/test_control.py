@@ -492,6 +492,19 @@ class ConnectTests(SynchronousTestCase):
         self.assertIn("mproxy run", message)
         self.assertIsInstance(f.value, MproxyError)
 
+    def test_path_too_long(self) -> None:
+        """
+        A socket path longer than a UNIX address holds fails at once, naming
+        the path and the limit, without trying to connect.
+        """
+        path = "/tmp/" + "x" * 200 + "/mproxy.sock"
+        f = self.failureResultOf(connect(self.reactor, path), MproxyError)
+        self.assertEqual(
+            str(f.value),
+            f"control socket path {path} is too long for a UNIX socket (217 bytes, at most 107)",
+        )
+        self.assertEqual(self.reactor.unixClients, [])
+
     def test_refused(self) -> None:
         """
         A stale socket (connection refused) is reported the same way.

@@ -13,7 +13,7 @@ import argparse
 from typing import Any, Callable, Sequence
 
 from mproxy.config import SERVER_OPTIONS, parse_bool
-from mproxy.spec import parse_duration
+from mproxy.spec import format_duration, parse_duration
 
 
 class UsageError(Exception):
@@ -52,6 +52,16 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _with_default(help: str, default: str | None) -> str:
+    """
+    A flag's help with its default, said once: not appended when the text
+    already says it (C{(default: the target's port)}).
+    """
+    if default is None or "(default" in help:
+        return help
+    return f"{help} (default {default})"
+
+
 class Command:
     """
     One subcommand: its parser and which of its flags were given explicitly.
@@ -70,7 +80,7 @@ class Command:
         dest = name.replace("-", "_")
         self.parser.add_argument(
             f"--{name}", dest=dest, action="store_const", const=True, default=None,
-            help=f"{help} (default {str(default).lower()})",
+            help=_with_default(help, str(default).lower()),
         )
         self.parser.add_argument(
             f"--no-{name}", dest=dest, action="store_const", const=False,
@@ -81,10 +91,11 @@ class Command:
     def option(self, name: str, help: str, type: Any = str, default: Any = None,
                aliases: Sequence[str] = (), metavar: str | None = None) -> None:
         dest = name.replace("-", "_")
-        shown = "" if default in (None, "", 0, ()) else f" (default {default})"
+        shown = None if default in (None, "", 0, ()) else str(default)
         self.parser.add_argument(
             f"--{name}", *[f"--{a}" for a in aliases], dest=dest, type=type,
-            default=None, help=help + shown, metavar=metavar or name.split("-")[-1].upper(),
+            default=None, help=_with_default(help, shown),
+            metavar=metavar or name.split("-")[-1].upper(),
         )
 
     def list_option(self, name: str, help: str, metavar: str | None = None) -> None:
@@ -143,6 +154,8 @@ def run_command() -> Command:
             cmd.flag(spec.name, spec.help + env, spec.default)
         else:
             shown = spec.default if spec.default not in ("", None) else None
+            if isinstance(shown, float):
+                shown = format_duration(shown)
             cmd.option(
                 spec.name,
                 spec.help + env,

@@ -90,6 +90,24 @@ def _connect_reason(e: ConnectError) -> str:
     return str(e) or e.__class__.__name__
 
 
+#: The longest path a UNIX socket address holds (C{sun_path} is 108 bytes
+#: with the terminating NUL on Linux).
+MAX_SOCKET_PATH = 107
+
+
+def _check_path_length(path: str) -> None:
+    """
+    @raise MproxyError: when C{path} cannot be a UNIX socket address (the
+        connect would otherwise fail only at its timeout).
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise MproxyError(
+            f"control socket path {path} is too long for a UNIX socket "
+            f"({size} bytes, at most {MAX_SOCKET_PATH})"
+        )
+
+
 @inlineCallbacks
 def connect(
     reactor: Any, path: str, on_progress: Callable[[str, str], None] | None = None
@@ -99,6 +117,7 @@ def connect(
 
     @raise ServerUnavailable: when nothing answers on C{path}.
     """
+    _check_path_length(path)
     endpoint = UNIXClientEndpoint(reactor, path, timeout=10)
     try:
         protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
