@@ -37,14 +37,22 @@ from mproxy.logging import JSONLogger
 from mproxy.router import Router
 from mproxy.service import PauseState, RolloutSplit, Service
 from mproxy.spec import (
+    DEFAULT_DEPLOY_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_PAUSE_TIMEOUT,
     DeployRequest,
     HealthCheckConfig,
     ServiceOptions,
     TargetOptions,
     format_duration,
-    options_from_json,
+    from_json,
     parse_target,
     to_json,
+    unique,
+    validate_drain,
+    validate_percentage,
+    validate_targets,
+    validate_timeouts,
 )
 from mproxy.state import StateStore
 from mproxy.target import PoolFactory, no_pool
@@ -265,15 +273,14 @@ class Controller:
         self,
         name: str,
         targets: tuple[str, ...],
-        readers: tuple[str, ...],
-        deploy_timeout: float,
-        drain_timeout: float,
+        readers: tuple[str, ...] = (),
+        deploy_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         progress: Progress = _no_progress,
     ) -> Any:
-        if not targets:
-            raise InvalidOptions('required flag(s) "target" not set')
-        for t in targets + readers:
-            parse_target(t)
+        targets, readers = unique(targets), unique(readers)
+        validate_targets(targets, readers)
+        validate_timeouts(deploy_timeout, drain_timeout)
         service = self._service(name)
         lock = self._lock(name)
         yield lock.acquire()
@@ -300,6 +307,7 @@ class Controller:
         return list(targets + readers)
 
     def rollout_set(self, name: str, percentage: int, allowlist: tuple[str, ...]) -> None:
+        validate_percentage(percentage)
         service = self._service(name)
         if service.rollout is None:
             raise RolloutNotSet()
@@ -333,7 +341,13 @@ class Controller:
         self.save()
 
     @inlineCallbacks
-    def pause(self, name: str, drain_timeout: float, max_pause: float) -> Any:
+    def pause(
+        self,
+        name: str,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        max_pause: float = DEFAULT_PAUSE_TIMEOUT,
+    ) -> Any:
+        validate_drain(drain_timeout, max_pause)
         service = self._service(name)
         service.pause.pause(max_pause)
         self.logger.info("Service paused", service=name)
@@ -342,7 +356,10 @@ class Controller:
         self.logger.info("Service drained", service=name)
 
     @inlineCallbacks
-    def stop(self, name: str, drain_timeout: float, message: str) -> Any:
+    def stop(
+        self, name: str, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, message: str = ""
+    ) -> Any:
+        validate_drain(drain_timeout)
         service = self._service(name)
         service.pause.stop(message)
         self.logger.info("Service stopped", service=name)
@@ -488,10 +505,8 @@ class Controller:
                 parse_target(t)
             return v
 
-        options = options_from_json(ServiceOptions, mapping("options"))
-        target_options = options_from_json(TargetOptions, mapping("target_options"))
-        if not isinstance(target_options.health_check, HealthCheckConfig):
-            raise TypeError(f"health_check of {r['name']!r} is not an object")
+        options = from_json(ServiceOptions, mapping("options"))
+        target_options = from_json(TargetOptions, mapping("target_options"))
         if "/" in options.path_prefixes:
             options.validate()
         else:

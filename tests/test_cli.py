@@ -30,6 +30,9 @@ from mproxy.router import Router
 from mproxy.spec import HealthCheckConfig
 from mproxy.target import Target
 
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
+
 
 def run(argv: Sequence[str], reactor: Any = None) -> tuple[int, str, str]:
     out, err = StringIO(), StringIO()
@@ -234,7 +237,7 @@ class GeneralTests(SynchronousTestCase):
         """
         self.assertEqual(
             run(["deploy", "bad_target!"], FakeReactor(server=False)),
-            (1, "", "Error: bad_target! :invalid host pattern\n"),
+            (1, "", "Error: invalid target 'bad_target!': " + ALLOWED + "\n"),
         )
 
 
@@ -379,6 +382,45 @@ class DeployParsingTests(SynchronousTestCase):
             (1, "", "Error: max-request-body can only be set when request buffering is "
                     "enabled\n"),
         )
+
+    def test_empty_target_refused(self) -> None:
+        """
+        C{--target ''} is refused, not taken for the seed spelling (which
+        would deploy a target named after the service).
+        """
+        for argv in (["deploy", "app", "--target", ""], ["deploy", "app", "--target=,"]):
+            self.assertEqual(
+                run(argv),
+                (1, "", "Error: --target is empty: give at least one host:port\n"),
+            )
+
+    def test_duplicate_targets_merged(self) -> None:
+        """
+        A target given twice is deployed once.
+        """
+        req = parse_deploy("app", "--target", "aa:1,aa:1", "--target", "bb:2,aa:1")
+        self.assertEqual(req.targets, ("aa:1", "bb:2"))
+
+    def test_timeouts_and_negative_durations(self) -> None:
+        """
+        C{--deploy-timeout 0} is refused with a clear message (it would fail
+        even a healthy target); a negative duration is named as such, also
+        when written as a separate word after its flag.
+        """
+        self.assertEqual(
+            run(["deploy", "web:1", "--deploy-timeout", "0"]),
+            (1, "", "Error: deploy-timeout must be greater than zero\n"),
+        )
+        for argv in (["deploy", "web:1", "--drain-timeout", "-1s"],
+                     ["deploy", "web:1", "--drain-timeout=-1s"]):
+            self.assertEqual(
+                run(argv),
+                (1, "", "Error: argument --drain-timeout: invalid duration '-1s': must not be "
+                        "negative\n"),
+            )
+        status, out, err = run(["pause", "web", "--max-pause", "-5"])
+        self.assertEqual((status, err), (1, "Error: argument --max-pause: invalid duration "
+                                            "'-5': must not be negative\n"))
 
     def test_forward_headers_default(self) -> None:
         """

@@ -48,6 +48,9 @@ from mproxy.spec import DeployRequest, HealthCheckConfig, ServiceOptions, Target
 from mproxy.state import StateStore
 from mproxy.target import Target
 
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
+
 
 class FakeProbe:
     def __init__(self) -> None:
@@ -265,7 +268,7 @@ class CommandTests(ControlTestCase):
         d = self.client.deploy(request("web", "bad target!"))
         self.pump.flush()
         f = self.failureResultOf(d, InvalidTarget)
-        self.assertEqual(str(f.value), "bad target! :invalid host pattern")
+        self.assertEqual(str(f.value), "invalid target 'bad target!': " + ALLOWED)
 
         d = self.client.deploy(
             DeployRequest("web", ["aa:1"], options=ServiceOptions(tls_enabled=True))
@@ -339,6 +342,30 @@ class CommandTests(ControlTestCase):
         self.assertEqual(self.router.services["web"].state_name, "running")
         self.successResultOf(self.call(c.Remove, service="web"))
         self.assertEqual(self.router.services, {})
+
+    def test_defaults_on_the_server(self) -> None:
+        """
+        Durations a client leaves out take the server's defaults: a pause
+        holds requests for 30s, a drain waits 30s, a stop has no message.
+        """
+        self.deployed(request("web", "aa:1"))
+        s = self.router.services["web"]
+        claim = s.active.claim(False)
+        d = self.call(c.Pause, service="web")
+        self.assertEqual(s.pause.max_pause, 30.0)
+        self.clock.advance(29)
+        self.pump.flush()
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.pump.flush()
+        self.successResultOf(d)
+        self.assertTrue(claim.released)
+        self.successResultOf(self.call(c.Stop, service="web"))
+        self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", ""))
+        d = self.call(c.RolloutDeploy, service="web", targets=["cc:1"])
+        self.probe.answer("cc:1", 200)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), {"targets": ["cc:1"]})
 
     def test_pause_waits_for_drain(self) -> None:
         """

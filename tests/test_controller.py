@@ -37,6 +37,9 @@ from mproxy.spec import (
 from mproxy.state import StateStore
 from mproxy.target import Claim, Target, TargetState
 
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
+
 
 class FakeProbe:
     """
@@ -168,7 +171,7 @@ class DeployTests(ControllerTestCase):
         """
         f = self.failureResultOf(self.controller.deploy(request("web", "bad target!")),
                                  InvalidTarget)
-        self.assertEqual(str(f.value), "bad target! :invalid host pattern")
+        self.assertEqual(str(f.value), "invalid target 'bad target!': " + ALLOWED)
         self.failureResultOf(
             self.controller.deploy(
                 DeployRequest("web", ["aa:1"], options=ServiceOptions(tls_enabled=True))
@@ -574,6 +577,28 @@ class RolloutTests(ControllerTestCase):
         self.clock.advance(10)
         self.assertEqual(self.probe.count("canary:2"), n)
 
+    def test_rollout_values_checked_by_server(self) -> None:
+        """
+        Rollout deploys and splits are checked by the controller itself:
+        malformed and duplicate targets, zero deploy timeouts, percentages
+        outside 0-100.
+        """
+        f = self.failureResultOf(
+            self.controller.rollout_deploy("web", ("c:1",), (), 10, 10), InvalidTarget
+        )
+        self.assertIn("invalid target 'c:1'", str(f.value))
+        f = self.failureResultOf(
+            self.controller.rollout_deploy("web", ("cc:1",), (), 0, 10), InvalidOptions
+        )
+        self.assertEqual(str(f.value), "deploy-timeout must be greater than zero")
+        d = self.controller.rollout_deploy("web", ("cc:1", "cc:1"), (), 10, 10)
+        self.probe.answer("cc:1", 200)
+        self.assertEqual(self.successResultOf(d), ["cc:1"])
+        for bad in (-1, 101):
+            with self.assertRaises(InvalidOptions) as cm:
+                self.controller.rollout_set("web", bad, ())
+            self.assertEqual(str(cm.exception), "percent must be between 0 and 100")
+
     def test_rollout_requires_targets(self) -> None:
         """
         A rollout deploy needs targets, valid ones.
@@ -703,6 +728,17 @@ class PauseTests(ControllerTestCase):
         self.successResultOf(d)
         self.assertTrue(a.released)
         self.assertTrue(r.released)
+
+    def test_negative_durations(self) -> None:
+        """
+        Negative drain timeouts and max pauses are refused by the controller.
+        """
+        f = self.failureResultOf(self.controller.pause("web", -1, 1), InvalidOptions)
+        self.assertEqual(str(f.value), "drain-timeout must not be negative")
+        f = self.failureResultOf(self.controller.pause("web", 1, -1), InvalidOptions)
+        self.assertEqual(str(f.value), "max-pause must not be negative")
+        self.failureResultOf(self.controller.stop("web", -1, ""), InvalidOptions)
+        self.assertEqual(self.router.services["web"].state_name, "running")
 
     def test_max_pause(self) -> None:
         """
@@ -971,7 +1007,7 @@ class StateTests(ControllerTestCase):
         """
         Invalid or missing targets are a L{StateError}.
         """
-        self.assert_state_error(self.record(active_targets=["bad target!"]), "invalid host")
+        self.assert_state_error(self.record(active_targets=["bad target!"]), "invalid target")
 
     def test_missing_targets(self) -> None:
         """
@@ -983,7 +1019,7 @@ class StateTests(ControllerTestCase):
         """
         Invalid rollout targets are a L{StateError}, with nothing restored.
         """
-        self.assert_state_error(self.record(rollout_targets=["bad target!"]), "invalid host")
+        self.assert_state_error(self.record(rollout_targets=["bad target!"]), "invalid target")
 
     def test_invalid_pause_state(self) -> None:
         """

@@ -21,6 +21,9 @@ from twisted.web.client import HTTPConnectionPool
 
 from mproxy.testing import MproxyProcess, listen_upstream
 
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
+
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
@@ -347,7 +350,8 @@ class BadInputTests(IntegrationMixin, TestCase):
         self.assertEqual(r.status, 1)
         self.assertTrue(r.err.startswith("Error: "), r.err)
         r = yield p.command("deploy", "bad target!")
-        self.assertEqual((r.status, r.err.strip()), (1, "Error: bad target! :invalid host pattern"))
+        self.assertEqual((r.status, r.err.strip()),
+                         (1, "Error: invalid target 'bad target!': " + ALLOWED))
         r = yield p.command("deploy", "web-1:3000", "--deploy-timeout", "soon")
         self.assertEqual(r.status, 1)
         self.assertIn("invalid duration", r.err)

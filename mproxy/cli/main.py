@@ -98,14 +98,28 @@ def split_command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return first, list(argv[1:])
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """
+    Only the flags given on the command line: the others take the defaults
+    of L{mproxy.spec}.
+    """
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def deploy_request(ns: Any) -> DeployRequest:
     """
     Turn parsed C{deploy} flags into a L{DeployRequest}, applying both
-    spellings of cli.md and the reference's client-side checks.
+    spellings (C{deploy HOST:PORT} and C{deploy SERVICE --target ...}).
+
+    Only the checks about flags themselves are made here; every check of the
+    values is the request's own (L{DeployRequest.validate}), which the server
+    runs too.
 
     @raise InvalidOptions: for any invalid combination.
     """
-    if ns.target:
+    if ns.target is not None:
+        if not ns.target:
+            raise InvalidOptions("--target is empty: give at least one host:port")
         service = ns.positional
         targets = tuple(ns.target)
     else:
@@ -121,55 +135,49 @@ def deploy_request(ns: Any) -> DeployRequest:
             "max-response-body can only be set when response buffering is enabled"
         )
     tls = bool(ns.tls)
-    forward = (not tls) if ns.forward_headers is None else ns.forward_headers
-
-    def given(v: Any, default: Any) -> Any:
-        return default if v is None else v
-
     options = ServiceOptions(
         hosts=ns.host or (),
         path_prefixes=ns.path_prefix or (),
-        strip_prefix=given(ns.strip_path_prefix, True),
         tls_enabled=tls,
-        tls_certificate_path=ns.tls_certificate_path or "",
-        tls_private_key_path=ns.tls_private_key_path or "",
-        tls_on_demand_url=ns.tls_on_demand_url or "",
-        tls_redirect=given(ns.tls_redirect, True),
-        tls_staging=bool(ns.tls_staging),
         canonical_host=(ns.canonical_host or "").lower(),
         error_pages=os.path.abspath(ns.error_pages) if ns.error_pages else "",
-        writer_affinity_timeout=given(ns.writer_affinity_timeout, 1.0),
-        read_targets_accept_websockets=bool(ns.read_target_websockets),
-        exclude_metrics_paths=ns.exclude_metrics_path or (),
-        client_ip_header=ns.client_ip_header or "",
+        **_given(
+            strip_prefix=ns.strip_path_prefix,
+            tls_certificate_path=_abspath(ns.tls_certificate_path),
+            tls_private_key_path=_abspath(ns.tls_private_key_path),
+            tls_on_demand_url=ns.tls_on_demand_url,
+            tls_redirect=ns.tls_redirect,
+            tls_staging=ns.tls_staging,
+            writer_affinity_timeout=ns.writer_affinity_timeout,
+            read_targets_accept_websockets=ns.read_target_websockets,
+            exclude_metrics_paths=ns.exclude_metrics_path,
+            client_ip_header=ns.client_ip_header,
+        ),
     )
-    if options.tls_certificate_path:
-        options = _with_abs_cert_paths(options)
     health = HealthCheckConfig(
-        path=given(ns.health_check_path, "/up"),
-        port=given(ns.health_check_port, 0),
-        interval=given(ns.health_check_interval, 1.0),
-        timeout=given(ns.health_check_timeout, 5.0),
-        host=ns.health_check_host or "",
+        **_given(
+            path=ns.health_check_path,
+            port=ns.health_check_port,
+            interval=ns.health_check_interval,
+            timeout=ns.health_check_timeout,
+            host=ns.health_check_host,
+        )
     )
-    if health.port > 65535:
-        raise InvalidOptions(f"invalid health-check-port {health.port}")
-    if health.interval <= 0:
-        raise InvalidOptions("health-check-interval must be greater than zero")
-    if health.timeout <= 0:
-        raise InvalidOptions("health-check-timeout must be greater than zero")
     target_options = TargetOptions(
         health_check=health,
-        target_timeout=given(ns.target_timeout, 30.0),
-        buffer_requests=bool(ns.buffer_requests),
-        buffer_responses=bool(ns.buffer_responses),
-        buffer_memory=given(ns.buffer_memory, 1 << 20),
-        max_request_body=ns.max_request_body or 0,
-        max_response_body=ns.max_response_body or 0,
-        log_request_headers=ns.log_request_header or (),
-        log_response_headers=ns.log_response_header or (),
-        forward_headers=forward,
-        scope_cookie_paths=bool(ns.scope_cookie_paths),
+        # X-Forwarded-* from clients are trusted by default only without TLS.
+        forward_headers=(not tls) if ns.forward_headers is None else ns.forward_headers,
+        **_given(
+            target_timeout=ns.target_timeout,
+            buffer_requests=ns.buffer_requests,
+            buffer_responses=ns.buffer_responses,
+            buffer_memory=ns.buffer_memory,
+            max_request_body=ns.max_request_body,
+            max_response_body=ns.max_response_body,
+            log_request_headers=ns.log_request_header,
+            log_response_headers=ns.log_response_header,
+            scope_cookie_paths=ns.scope_cookie_paths,
+        ),
     )
     req = DeployRequest(
         service=service,
@@ -177,26 +185,16 @@ def deploy_request(ns: Any) -> DeployRequest:
         readers=tuple(ns.read_target or ()),
         options=options,
         target_options=target_options,
-        deploy_timeout=given(ns.deploy_timeout, 30.0),
-        drain_timeout=given(ns.drain_timeout, 30.0),
-        force=bool(ns.force),
+        **_given(
+            deploy_timeout=ns.deploy_timeout, drain_timeout=ns.drain_timeout, force=ns.force
+        ),
     )
     req.validate()
     return req
 
 
-def _with_abs_cert_paths(options: ServiceOptions) -> ServiceOptions:
-    import attrs
-
-    return attrs.evolve(
-        options,
-        tls_certificate_path=os.path.abspath(options.tls_certificate_path),
-        tls_private_key_path=(
-            os.path.abspath(options.tls_private_key_path)
-            if options.tls_private_key_path
-            else ""
-        ),
-    )
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 class ProgressPrinter:
@@ -308,12 +306,12 @@ def client_command(reactor: Any, name: str, ns: Any, streams: Streams) -> Any:
         elif name == "pause":
             yield client.call(
                 c.Pause, service=ns.service,
-                drain_timeout=_d(ns.drain_timeout, 30.0), max_pause=_d(ns.max_pause, 30.0),
+                **_given(drain_timeout=ns.drain_timeout, max_pause=ns.max_pause),
             )
         elif name == "stop":
             yield client.call(
-                c.Stop, service=ns.service, drain_timeout=_d(ns.drain_timeout, 30.0),
-                message=ns.message or "",
+                c.Stop, service=ns.service,
+                **_given(drain_timeout=ns.drain_timeout, message=ns.message),
             )
         elif name == "resume":
             yield client.call(c.Resume, service=ns.service)
@@ -322,16 +320,14 @@ def client_command(reactor: Any, name: str, ns: Any, streams: Streams) -> Any:
                 raise InvalidOptions('required flag(s) "target" not set')
             yield client.call(
                 c.RolloutDeploy, service=ns.service, targets=ns.target,
-                readers=ns.read_target or [], deploy_timeout=_d(ns.deploy_timeout, 30.0),
-                drain_timeout=_d(ns.drain_timeout, 30.0),
+                **_given(readers=ns.read_target, deploy_timeout=ns.deploy_timeout,
+                         drain_timeout=ns.drain_timeout),
             )
         elif name == "rollout set":
             if ns.percent is None and ns.list is None:
                 raise InvalidOptions(
                     "at least one of the flags in the group [percent list] is required"
                 )
-            if ns.percent is not None and not 0 <= ns.percent <= 100:
-                raise InvalidOptions("percent must be between 0 and 100")
             yield client.call(
                 c.RolloutSet, service=ns.service, percentage=ns.percent or 0,
                 allowlist=ns.list or [],
@@ -341,10 +337,6 @@ def client_command(reactor: Any, name: str, ns: Any, streams: Streams) -> Any:
     finally:
         printer.finish()
         client.close()
-
-
-def _d(v: Any, default: float) -> float:
-    return default if v is None else float(v)
 
 
 def _isatty(stream: IO[str]) -> bool:

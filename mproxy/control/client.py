@@ -35,18 +35,7 @@ class ClientProtocol(amp.AMP):
 
 
 def deploy_request_to_json(req: DeployRequest) -> str:
-    return json.dumps(
-        {
-            "service": req.service,
-            "targets": list(req.targets),
-            "readers": list(req.readers),
-            "options": to_json(req.options),
-            "target_options": to_json(req.target_options),
-            "deploy_timeout": req.deploy_timeout,
-            "drain_timeout": req.drain_timeout,
-            "force": req.force,
-        }
-    )
+    return json.dumps(to_json(req))
 
 
 class ControlClient:

@@ -112,20 +112,30 @@ class Remove(amp.Command):
 
 
 class Pause(amp.Command):
+    """
+    Hold the service's new requests; answers when its requests in flight have
+    drained.  Durations left out take the defaults of L{mproxy.spec}.
+    """
+
     arguments = [
         (b"service", amp.Unicode()),
-        (b"drain_timeout", amp.Float()),
-        (b"max_pause", amp.Float()),
+        (b"drain_timeout", amp.Float(optional=True)),
+        (b"max_pause", amp.Float(optional=True)),
     ]
     response: list[tuple[bytes, amp.Argument]] = []
     errors = ERRORS
 
 
 class Stop(amp.Command):
+    """
+    Answer the service's requests with a 503 page; answers when its requests
+    in flight have drained.
+    """
+
     arguments = [
         (b"service", amp.Unicode()),
-        (b"drain_timeout", amp.Float()),
-        (b"message", amp.Unicode()),
+        (b"drain_timeout", amp.Float(optional=True)),
+        (b"message", amp.Unicode(optional=True)),
     ]
     response: list[tuple[bytes, amp.Argument]] = []
     errors = ERRORS
@@ -138,12 +148,17 @@ class Resume(amp.Command):
 
 
 class RolloutDeploy(amp.Command):
+    """
+    Deploy targets to the service's rollout slot; no traffic moves until
+    L{RolloutSet}.
+    """
+
     arguments = [
         (b"service", amp.Unicode()),
         (b"targets", amp.ListOf(amp.Unicode())),
-        (b"readers", amp.ListOf(amp.Unicode())),
-        (b"deploy_timeout", amp.Float()),
-        (b"drain_timeout", amp.Float()),
+        (b"readers", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"deploy_timeout", amp.Float(optional=True)),
+        (b"drain_timeout", amp.Float(optional=True)),
     ]
     response = [(b"targets", amp.ListOf(amp.Unicode()))]
     errors = ERRORS

@@ -17,12 +17,8 @@ from mproxy.control import commands as c
 from mproxy.controller import Controller
 from mproxy.errors import InvalidOptions
 from mproxy.logging import JSONLogger
-from mproxy.spec import (
-    DeployRequest,
-    ServiceOptions,
-    TargetOptions,
-    options_from_json,
-)
+from mproxy.spec import DeployRequest, from_json
+
 
 def deploy_request_from_json(text: str) -> DeployRequest:
     """
@@ -31,19 +27,17 @@ def deploy_request_from_json(text: str) -> DeployRequest:
     @raise InvalidOptions: when it is not a valid request.
     """
     try:
-        data = json.loads(text)
-        return DeployRequest(
-            service=str(data["service"]),
-            targets=tuple(str(t) for t in data["targets"]),
-            readers=tuple(str(t) for t in data.get("readers", ())),
-            options=options_from_json(ServiceOptions, data.get("options", {})),
-            target_options=options_from_json(TargetOptions, data.get("target_options", {})),
-            deploy_timeout=float(data.get("deploy_timeout", 30.0)),
-            drain_timeout=float(data.get("drain_timeout", 30.0)),
-            force=bool(data.get("force", False)),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return from_json(DeployRequest, json.loads(text))
+    except (ValueError, TypeError) as e:
         raise InvalidOptions(f"malformed deploy request: {e}")
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """
+    The optional arguments the client sent; the others take the
+    controller's defaults (those of L{mproxy.spec}).
+    """
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class ControlProtocol(amp.AMP):
@@ -94,15 +88,21 @@ class ControlProtocol(amp.AMP):
         return {}
 
     @c.Pause.responder
-    def pause(self, service: str, drain_timeout: float, max_pause: float) -> Any:
+    def pause(
+        self, service: str, drain_timeout: float | None, max_pause: float | None
+    ) -> Any:
         self._require_hello()
-        d = self.controller.pause(service, drain_timeout, max_pause)
+        d = self.controller.pause(
+            service, **_given(drain_timeout=drain_timeout, max_pause=max_pause)
+        )
         return d.addCallback(lambda _: {})
 
     @c.Stop.responder
-    def stop(self, service: str, drain_timeout: float, message: str) -> Any:
+    def stop(self, service: str, drain_timeout: float | None, message: str | None) -> Any:
         self._require_hello()
-        d = self.controller.stop(service, drain_timeout, message)
+        d = self.controller.stop(
+            service, **_given(drain_timeout=drain_timeout, message=message)
+        )
         return d.addCallback(lambda _: {})
 
     @c.Resume.responder
@@ -116,14 +116,14 @@ class ControlProtocol(amp.AMP):
         self,
         service: str,
         targets: list[str],
-        readers: list[str],
-        deploy_timeout: float,
-        drain_timeout: float,
+        readers: list[str] | None,
+        deploy_timeout: float | None,
+        drain_timeout: float | None,
     ) -> Any:
         self._require_hello()
         d = self.controller.rollout_deploy(
-            service, tuple(targets), tuple(readers), deploy_timeout, drain_timeout,
-            self._progress,
+            service, tuple(targets), tuple(readers or ()), progress=self._progress,
+            **_given(deploy_timeout=deploy_timeout, drain_timeout=drain_timeout),
         )
         return d.addCallback(lambda t: {"targets": t})
 
