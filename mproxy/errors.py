@@ -50,6 +50,13 @@ class DeployTimedOut(MproxyError):
     pass
 
 
+class DeployCancelled(MproxyError):
+    """
+    The deploy was cancelled (its client went away) before the switch; the
+    old targets keep serving.
+    """
+
+
 class RolloutNotSet(MproxyError):
     def __init__(self, message: str = "rollout target not set") -> None:
         super().__init__(message)

@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,13 +25,8 @@ from mproxy.control.client import (
     ControlClient,
     ServerUnavailable,
     connect,
-    deploy_request_to_json,
 )
-from mproxy.control.server import (
-    ControlFactory,
-    ControlProtocol,
-    deploy_request_from_json,
-)
+from mproxy.control.server import ControlFactory, ControlProtocol
 from mproxy.controller import Controller
 from mproxy.errors import (
     DeployTimedOut,
@@ -44,7 +40,13 @@ from mproxy.errors import (
 )
 from mproxy.logging import ListLogger
 from mproxy.router import Router
-from mproxy.spec import DeployRequest, HealthCheckConfig, ServiceOptions, TargetOptions
+from mproxy.spec import (
+    DeployRequest,
+    HealthCheckConfig,
+    ServiceOptions,
+    TargetOptions,
+    to_json,
+)
 from mproxy.state import StateStore
 from mproxy.target import Target
 
@@ -70,6 +72,18 @@ class FakeProbe:
 def request(service: str, *targets: str, **kw: Any) -> DeployRequest:
     hosts = kw.pop("hosts", ())
     return DeployRequest(service, targets, options=ServiceOptions(hosts=hosts), **kw)
+
+
+class RawDeploy(amp.Command):
+    """
+    L{c.Deploy} with its request as any text, to send what a buggy or
+    hostile client could.
+    """
+
+    commandName = b"Deploy"
+    arguments = [(b"request", c.BigUnicode())]
+    response = c.Deploy.response
+    errors = c.ERRORS
 
 
 class ControlTestCase(SynchronousTestCase):
@@ -119,7 +133,7 @@ class HelloTests(ControlTestCase):
         Every command but Hello is refused before Hello.
         """
         cases: list[tuple[type, dict[str, Any]]] = [
-            (c.Deploy, {"request": deploy_request_to_json(request("web", "aa:1"))}),
+            (c.Deploy, {"request": request("web", "aa:1")}),
             (c.List, {}),
             (c.Remove, {"service": "web"}),
             (c.Pause, {"service": "web", "drain_timeout": 1.0, "max_pause": 1.0}),
@@ -169,7 +183,8 @@ class CommandTests(ControlTestCase):
         self.assertIn("web-1:3000", self.progress[0][1])
         self.probe.answer("web-1:3000", 200)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), ["web-1:3000"])
+        self.assertEqual(self.successResultOf(d),
+                         {"targets": ["web-1:3000"], "drained": 0, "cut": 0})
         phases = [p for p, _ in self.progress]
         self.assertIn("switched", phases)
         self.assertEqual(phases[-1], "done")
@@ -189,7 +204,7 @@ class CommandTests(ControlTestCase):
         self.assertIn(("draining", "draining 1 request from old:1"), self.progress)
         claim.release()
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), ["new:2"])
+        self.assertEqual(self.successResultOf(d), {"targets": ["new:2"], "drained": 1, "cut": 0})
 
     def test_options_travel(self) -> None:
         """
@@ -206,7 +221,6 @@ class CommandTests(ControlTestCase):
                 forward_headers=False),
             deploy_timeout=12, drain_timeout=3, force=True,
         )
-        self.assertEqual(deploy_request_from_json(deploy_request_to_json(req)), req)
         d = self.client.deploy(req)
         self.pump.flush()
         self.successResultOf(d)
@@ -216,23 +230,46 @@ class CommandTests(ControlTestCase):
 
     def test_client_gone_during_deploy(self) -> None:
         """
-        A client that disconnects while its deploy waits does not stop the
-        deploy: the server still switches and drains, without errors.
+        A client that disconnects while its deploy waits for health cancels
+        the deploy: checks stop, the old target keeps serving, a log line
+        says so, and nothing is logged as an error.
         """
         self.deployed(request("web", "old:1"))
-        claim = self.router.services["web"].active.claim(False)
         d = self.client.deploy(request("web", "new:2"))
         self.pump.flush()
         self.client_proto.transport.loseConnection()
         self.pump.flush()
         self.failureResultOf(d)
         self.assertTrue(self.server._closed)
+        self.assertEqual(self.router.services["web"].active.addresses, ["old:1"])
+        probes = len(self.probe.calls)
+        self.probe.answer("new:2", 200)
+        self.clock.advance(60)
+        self.assertEqual(len(self.probe.calls), probes)
+        self.assertEqual(self.router.services["web"].active.addresses, ["old:1"])
+        self.assertIn("Deploy cancelled", self.logger.messages())
+        self.assertNotIn("Deployed", self.logger.messages()[-3:])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_client_gone_after_switch(self) -> None:
+        """
+        Once traffic has switched, a client going away changes nothing: the
+        old target is still drained and the deploy completes.
+        """
+        self.deployed(request("web", "old:1"))
+        claim = self.router.services["web"].active.claim(False)
+        d = self.client.deploy(request("web", "new:2"))
+        self.pump.flush()
         self.probe.answer("new:2", 200)
         self.pump.flush()
         self.assertEqual(self.router.services["web"].active.addresses, ["new:2"])
-        claim.release()
+        self.client_proto.transport.loseConnection()
         self.pump.flush()
-        self.assertIn("Deployed", self.logger.messages())
+        self.failureResultOf(d)
+        self.assertNotIn("Deploy cancelled", self.logger.messages())
+        claim.release()
+        self.assertEqual(self.logger.messages()[-1], "Deployed")
+        self.assertEqual(self.router.services["web"].active.addresses, ["new:2"])
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_large_deploy(self) -> None:
@@ -242,10 +279,10 @@ class CommandTests(ControlTestCase):
         """
         hosts = [f"tenant-{i}.example.com" for i in range(4000)]
         req = request("web", "aa:1", hosts=hosts, force=True)
-        self.assertGreater(len(deploy_request_to_json(req)), 65536)
+        self.assertGreater(len(json.dumps(to_json(req))), 65536)
         d = self.client.deploy(req)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), ["aa:1"])
+        self.assertEqual(self.successResultOf(d)["targets"], ["aa:1"])
         self.assertEqual(len(self.router.services["web"].options.hosts), 4000)
 
     def test_declared_errors(self) -> None:
@@ -323,7 +360,7 @@ class CommandTests(ControlTestCase):
                      '{"service": "web", "targets": 5}',
                      '{"service": "web", "targets": ["aa:1"], "options": 3}',
                      '{"service": "web", "targets": ["aa:1"], "deploy_timeout": "x"}']:
-            f = self.failureResultOf(self.call(c.Deploy, request=text), InvalidOptions)
+            f = self.failureResultOf(self.call(RawDeploy, request=text), InvalidOptions)
             self.assertIn("malformed deploy request", str(f.value), text)
         self.assertEqual(self.probe.calls, [])
 
@@ -365,7 +402,7 @@ class CommandTests(ControlTestCase):
         d = self.call(c.RolloutDeploy, service="web", targets=["cc:1"])
         self.probe.answer("cc:1", 200)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), {"targets": ["cc:1"]})
+        self.assertEqual(self.successResultOf(d)["targets"], ["cc:1"])
 
     def test_pause_waits_for_drain(self) -> None:
         """
@@ -388,7 +425,7 @@ class CommandTests(ControlTestCase):
                       deploy_timeout=5.0, drain_timeout=5.0)
         self.probe.answer("cc:1", 200)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), {"targets": ["cc:1"]})
+        self.assertEqual(self.successResultOf(d)["targets"], ["cc:1"])
         self.successResultOf(self.call(c.RolloutSet, service="web", percentage=20,
                                        allowlist=["a", "b"]))
         self.assertEqual(self.router.services["web"].split.allowlist, ("a", "b"))

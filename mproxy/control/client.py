@@ -15,7 +15,7 @@ from twisted.protocols import amp
 
 from mproxy.control import commands as c
 from mproxy.errors import MproxyError
-from mproxy.spec import DeployRequest, to_json
+from mproxy.spec import DeployRequest
 
 
 class ServerUnavailable(MproxyError):
@@ -34,10 +34,6 @@ class ClientProtocol(amp.AMP):
         return {}
 
 
-def deploy_request_to_json(req: DeployRequest) -> str:
-    return json.dumps(to_json(req))
-
-
 class ControlClient:
     """
     A connected, greeted client.  Use L{connect}.
@@ -51,8 +47,10 @@ class ControlClient:
 
     @inlineCallbacks
     def deploy(self, req: DeployRequest) -> Any:
-        r = yield self.call(c.Deploy, request=deploy_request_to_json(req))
-        return r["targets"]
+        """
+        Deploy; fires with the answer (C{targets}, C{drained}, C{cut}).
+        """
+        return (yield self.call(c.Deploy, request=req))
 
     @inlineCallbacks
     def list_services(self) -> Any:

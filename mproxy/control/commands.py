@@ -3,18 +3,21 @@ The control protocol: AMP over a UNIX socket.  One L{Command} per operation,
 each declaring the domain errors it can raise, and a L{Hello} version
 handshake that every client sends first.
 
-Options travel as JSON text (L{amp.Unicode}) of the value types in
-L{mproxy.spec}, so the wire format is the state file's format.
+A deploy request travels as one declared argument (L{DeployRequestArgument}):
+the JSON of L{mproxy.spec.DeployRequest}, the state file's format for its
+options, spread over as many AMP values as it needs.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.protocols import amp
 
 from mproxy.errors import (
     CertificateError,
+    DeployCancelled,
     DeployTimedOut,
     ErrorPagesError,
     HostConflict,
@@ -24,6 +27,8 @@ from mproxy.errors import (
     ServiceNotFound,
     StateError,
 )
+
+from mproxy.spec import DeployRequest, from_json, to_json
 
 PROTOCOL_VERSION = 1
 
@@ -42,6 +47,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     ServiceNotFound: b"SERVICE_NOT_FOUND",
     HostConflict: b"HOST_CONFLICT",
     DeployTimedOut: b"DEPLOY_TIMED_OUT",
+    DeployCancelled: b"DEPLOY_CANCELLED",
     RolloutNotSet: b"ROLLOUT_NOT_SET",
     CertificateError: b"CERTIFICATE_ERROR",
     ErrorPagesError: b"ERROR_PAGES_ERROR",
@@ -73,6 +79,30 @@ class BigUnicode(amp.Argument):
         objects[name.decode("ascii")] = data.decode("utf-8")
 
 
+class DeployRequestArgument(BigUnicode):
+    """
+    A L{DeployRequest}.  One that does not decode is refused as
+    L{InvalidOptions} (C{malformed deploy request: ...}), like any other
+    invalid request, and the connection stays up.
+    """
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        # AMP hands each argument a copy of the caller's keywords.
+        key = name.decode("ascii")
+        objects[key] = json.dumps(to_json(objects[key]))
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        key = name.decode("ascii")
+        try:
+            super().fromBox(name, strings, objects, proto)
+            objects[key] = from_json(DeployRequest, json.loads(objects[key]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise amp.RemoteAmpError(
+                ERRORS[InvalidOptions], f"malformed deploy request: {e}"
+            )
+
+
 class Hello(amp.Command):
     """
     Exchange protocol versions.  Must be the first command on a connection.
@@ -86,11 +116,16 @@ class Hello(amp.Command):
 class Deploy(amp.Command):
     """
     Deploy targets to a service; answers when traffic is switched and the old
-    targets have drained.  C{request} is the JSON of a L{DeployRequest}.
+    targets have drained, with the targets now serving and how many requests
+    the drain waited for and cut at its deadline.
     """
 
-    arguments = [(b"request", BigUnicode())]
-    response = [(b"targets", amp.ListOf(amp.Unicode()))]
+    arguments = [(b"request", DeployRequestArgument())]
+    response = [
+        (b"targets", amp.ListOf(amp.Unicode())),
+        (b"drained", amp.Integer(optional=True)),
+        (b"cut", amp.Integer(optional=True)),
+    ]
     errors = ERRORS
 
 
@@ -150,7 +185,7 @@ class Resume(amp.Command):
 class RolloutDeploy(amp.Command):
     """
     Deploy targets to the service's rollout slot; no traffic moves until
-    L{RolloutSet}.
+    L{RolloutSet}.  Answers like L{Deploy}.
     """
 
     arguments = [
@@ -160,7 +195,7 @@ class RolloutDeploy(amp.Command):
         (b"deploy_timeout", amp.Float(optional=True)),
         (b"drain_timeout", amp.Float(optional=True)),
     ]
-    response = [(b"targets", amp.ListOf(amp.Unicode()))]
+    response = Deploy.response
     errors = ERRORS
 
 

@@ -1,6 +1,9 @@
 """
 The server side of the control protocol: one L{ControlProtocol} per client
 connection, answering each command through the L{Controller}.
+
+A deploy belongs to its connection: when the client goes away before the
+switch (Ctrl-C, a dropped SSH session), the deploy is cancelled.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -15,21 +19,10 @@ from twisted.python.failure import Failure
 import mproxy
 from mproxy.control import commands as c
 from mproxy.controller import Controller
-from mproxy.errors import InvalidOptions
+from mproxy.deploy import DeployResult
+from mproxy.errors import DeployCancelled
 from mproxy.logging import JSONLogger
-from mproxy.spec import DeployRequest, from_json
-
-
-def deploy_request_from_json(text: str) -> DeployRequest:
-    """
-    Decode the C{request} argument of L{c.Deploy}.
-
-    @raise InvalidOptions: when it is not a valid request.
-    """
-    try:
-        return from_json(DeployRequest, json.loads(text))
-    except (ValueError, TypeError) as e:
-        raise InvalidOptions(f"malformed deploy request: {e}")
+from mproxy.spec import DeployRequest
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -40,6 +33,21 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _answer(result: DeployResult) -> dict[str, Any]:
+    return {
+        "targets": list(result.targets),
+        "drained": result.drained.requests,
+        "cut": result.drained.cut,
+    }
+
+
+def _cancelled(f: Failure) -> None:
+    f.trap(CancelledError)
+    raise DeployCancelled(
+        "deploy cancelled before the switch: the old targets keep serving"
+    )
+
+
 class ControlProtocol(amp.AMP):
     def __init__(self, controller: Controller, logger: JSONLogger) -> None:
         super().__init__()
@@ -47,10 +55,28 @@ class ControlProtocol(amp.AMP):
         self.logger = logger
         self.greeted = False
         self._closed = False
+        self._deploys: set[Deferred[Any]] = set()
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
+        deploys, self._deploys = self._deploys, set()
+        if deploys:
+            self.logger.info("Control client went away during a deploy: cancelling it")
+        for d in deploys:
+            d.cancel()
         super().connectionLost(reason)
+
+    def _owned(self, d: Deferred[Any]) -> Deferred[Any]:
+        """
+        Tie a deploy to this connection (see L{connectionLost}).
+        """
+        self._deploys.add(d)
+
+        def done(result: Any) -> Any:
+            self._deploys.discard(d)
+            return result
+
+        return d.addBoth(done).addErrback(_cancelled).addCallback(_answer)
 
     def _require_hello(self) -> None:
         if not self.greeted:
@@ -75,11 +101,9 @@ class ControlProtocol(amp.AMP):
         return {"version": c.PROTOCOL_VERSION, "server": mproxy.__version__}
 
     @c.Deploy.responder
-    def deploy(self, request: str) -> Any:
+    def deploy(self, request: DeployRequest) -> Any:
         self._require_hello()
-        req = deploy_request_from_json(request)
-        d = self.controller.deploy(req, self._progress)
-        return d.addCallback(lambda targets: {"targets": targets})
+        return self._owned(self.controller.deploy(request, self._progress))
 
     @c.Remove.responder
     def remove(self, service: str) -> dict[str, Any]:
@@ -93,7 +117,8 @@ class ControlProtocol(amp.AMP):
     ) -> Any:
         self._require_hello()
         d = self.controller.pause(
-            service, **_given(drain_timeout=drain_timeout, max_pause=max_pause)
+            service, progress=self._progress,
+            **_given(drain_timeout=drain_timeout, max_pause=max_pause),
         )
         return d.addCallback(lambda _: {})
 
@@ -101,7 +126,8 @@ class ControlProtocol(amp.AMP):
     def stop(self, service: str, drain_timeout: float | None, message: str | None) -> Any:
         self._require_hello()
         d = self.controller.stop(
-            service, **_given(drain_timeout=drain_timeout, message=message)
+            service, progress=self._progress,
+            **_given(drain_timeout=drain_timeout, message=message),
         )
         return d.addCallback(lambda _: {})
 
@@ -125,7 +151,7 @@ class ControlProtocol(amp.AMP):
             service, tuple(targets), tuple(readers or ()), progress=self._progress,
             **_given(deploy_timeout=deploy_timeout, drain_timeout=drain_timeout),
         )
-        return d.addCallback(lambda t: {"targets": t})
+        return self._owned(d)
 
     @c.RolloutSet.responder
     def rollout_set(self, service: str, percentage: int, allowlist: list[str]) -> dict[str, Any]:
