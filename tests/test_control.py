@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -23,6 +23,7 @@ from mproxy.control import commands as c
 from mproxy.control.client import (
     ClientProtocol,
     ControlClient,
+    NoAnswer,
     ServerUnavailable,
     connect,
 )
@@ -101,7 +102,7 @@ class ControlTestCase(SynchronousTestCase):
             lambda: ClientProtocol(lambda p, d: self.progress.append((p, d))),
             greet=False,
         )
-        self.client = ControlClient(self.client_proto)
+        self.client = ControlClient(self.client_proto, self.clock, "mproxy.sock")
 
     def call(self, command: type, **kw: Any) -> Deferred[Any]:
         """
@@ -454,6 +455,83 @@ class CommandTests(ControlTestCase):
         self.assertEqual(self.successResultOf(d), [])
 
 
+class BadInputTests(SynchronousTestCase):
+    """
+    Bad control input is logged in one line, never as a traceback.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.protocol import Protocol
+
+        self.logger = ListLogger()
+        controller = Controller(Router(), Clock(), FakeProbe(), None, self.logger)
+        self.server = ControlProtocol(controller, self.logger)
+        self.raw = Protocol()
+        self.received: list[bytes] = []
+        self.raw.dataReceived = self.received.append  # type: ignore[method-assign]
+        self.pump = iosim.connect(self.server, iosim.makeFakeServer(self.server),
+                                  self.raw, iosim.makeFakeClient(self.raw), greet=False)
+
+    def send(self, data: bytes) -> bytes:
+        self.raw.transport.write(data)
+        self.pump.flush()
+        return b"".join(self.received)
+
+    def box(self, **kw: str) -> bytes:
+        return amp.AmpBox({k.encode(): v.encode() for k, v in kw.items()}).serialize()
+
+    def bad_input(self) -> list[dict[str, Any]]:
+        return [r for r in self.logger.records if r["msg"] == "Bad control input"]
+
+    def test_malformed_arguments(self) -> None:
+        """
+        A command with a missing or malformed argument is answered with
+        C{BAD_ARGUMENTS}; the connection stays up.
+        """
+        answer = self.send(self.box(_command="Hello", _ask="1", version="x"))
+        self.assertIn(b"BAD_ARGUMENTS", answer)
+        self.assertIn(b"malformed Hello: ValueError", answer)
+        answer = self.send(self.box(_command="Remove", _ask="2"))
+        self.assertIn(b"malformed Remove: KeyError", answer)
+        self.assertEqual([r["what"] for r in self.bad_input()], ["Hello", "Remove"])
+        self.assertFalse(self.server._closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_malformed_deploy(self) -> None:
+        """
+        A Deploy whose request does not decode is answered as invalid options
+        and logged in one line.
+        """
+        box = amp.AmpBox({b"_command": b"Deploy", b"_ask": b"1", b"request": b"1",
+                          b"request.0": b"{nope"})
+        answer = self.send(box.serialize())
+        self.assertIn(b"INVALID_OPTIONS", answer)
+        self.assertIn("malformed deploy request", self.bad_input()[0]["error"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_unknown_command(self) -> None:
+        """
+        An unknown command is answered as unhandled and logged.
+        """
+        self.assertIn(b"UNHANDLED", self.send(self.box(_command="Nope", _ask="1")))
+        self.assertEqual(self.bad_input()[0]["what"], "unknown command")
+
+    def test_not_a_command(self) -> None:
+        """
+        A box that is not a command, or bytes that are not AMP, close the
+        connection with one log line.
+        """
+        self.send(self.box(foo="bar"))
+        self.assertTrue(self.server._closed)
+        self.assertEqual(self.bad_input()[0]["what"], "box without a command")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.setUp()
+        self.send(b"\xff\xff\xff garbage that is not AMP\x00\x00")
+        self.assertTrue(self.server._closed)
+        self.assertEqual(self.bad_input()[0]["what"], "not AMP")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 class BigController:
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
@@ -482,7 +560,7 @@ class ChunkingTests(SynchronousTestCase):
         )
         client_proto.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
         pump.flush()
-        d = ControlClient(client_proto).list_services()
+        d = ControlClient(client_proto, Clock(), "mproxy.sock").list_services()
         pump.flush()
         self.assertEqual(self.successResultOf(d), rows)
 
@@ -555,6 +633,65 @@ class ConnectTests(SynchronousTestCase):
         )
         self.assertIn("mproxy run", message)
         self.assertIsInstance(f.value, MproxyError)
+
+    def silent_server(self) -> tuple[Any, iosim.IOPump]:
+        """
+        Connect L{connect}'s client to a peer that accepts and never answers.
+        """
+        from twisted.internet.protocol import Protocol
+
+        d = connect(self.reactor, self.path)
+        address, factory, timeout, check = self.reactor.unixClients[0]
+        self.assertEqual(timeout, 5)
+        client = factory.buildProtocol(None)
+        server = Protocol()
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client))
+        pump.flush()
+        return d, pump
+
+    def test_handshake_timeout(self) -> None:
+        """
+        A socket that accepts and never answers the version handshake gives
+        L{NoAnswer} naming the socket after 5 seconds, and the connection is
+        closed.
+        """
+        d, pump = self.silent_server()
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        f = self.failureResultOf(d, NoAnswer)
+        self.assertEqual(
+            str(f.value),
+            f"mproxy at {self.path} did not answer within 5s (is it an mproxy control "
+            "socket? is the server stuck?)",
+        )
+        self.assertIsInstance(f.value, MproxyError)
+        pump.flush()
+        self.assertTrue(pump.clientIO.disconnected)
+
+    def test_answer_timeout(self) -> None:
+        """
+        Prompt commands time out after 5 seconds too; those that wait for
+        health checks and drains (deploy, rollout deploy, pause, stop) do
+        not.
+        """
+        protocol = ClientProtocol()
+        protocol.makeConnection(iosim.FakeTransport(protocol, isServer=False))
+        client = ControlClient(protocol, self.reactor, self.path)
+        listing = client.list_services()
+        waits = [client.deploy(request("web", "aa:1")),
+                 client.call(c.Pause, service="web"), client.call(c.Stop, service="web"),
+                 client.call(c.RolloutDeploy, service="web", targets=["aa:1"])]
+        self.reactor.advance(5)
+        self.failureResultOf(listing, NoAnswer)
+        self.reactor.advance(3600)
+        for d in waits:
+            self.assertNoResult(d)
+        # They still end when the server goes away.
+        protocol.connectionLost(Failure(ConnectionDone()))
+        for d in waits:
+            self.failureResultOf(d, ConnectionDone)
 
     def test_path_too_long(self) -> None:
         """

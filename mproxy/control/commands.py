@@ -223,3 +223,11 @@ class List(amp.Command):
     arguments: list[tuple[bytes, amp.Argument]] = []
     response = [(b"services", BigUnicode())]
     errors = ERRORS
+
+
+#: Every command a client may send, by wire name.
+CLIENT_COMMANDS: dict[bytes, type[amp.Command]] = {
+    cmd.commandName: cmd  # type: ignore[misc]
+    for cmd in (Hello, Deploy, Remove, Pause, Stop, Resume, RolloutDeploy, RolloutSet,
+                RolloutStop, List)
+}

@@ -4,6 +4,10 @@ connection, answering each command through the L{Controller}.
 
 A deploy belongs to its connection: when the client goes away before the
 switch (Ctrl-C, a dropped SSH session), the deploy is cancelled.
+
+Bad input (garbage bytes, a box that is no command, a command with missing
+or malformed arguments, an unknown command) is logged in one line and
+answered or dropped; it never reaches the log as a traceback.
 """
 
 from __future__ import annotations
@@ -77,6 +81,47 @@ class ControlProtocol(amp.AMP):
             return result
 
         return d.addBoth(done).addErrback(_cancelled).addCallback(_answer)
+
+    def _bad_input(self, what: str, error: str) -> None:
+        self.logger.warn("Bad control input", what=what, error=error)
+
+    def locateResponder(self, name: bytes) -> Any:
+        """
+        The responder for command C{name}, checking its arguments first: a
+        command whose arguments do not parse is answered with
+        C{BAD_ARGUMENTS} (or its declared error) and logged in one line.
+        """
+        responder = super().locateResponder(name)
+        command = c.CLIENT_COMMANDS.get(name)
+        if responder is None or command is None:
+            self._bad_input("unknown command", repr(name)[:80])
+            return responder
+        label = name.decode("ascii", "replace")
+
+        def checked(box: amp.AmpBox) -> Any:
+            try:
+                command.parseArguments(box, self)
+            except amp.RemoteAmpError as e:
+                self._bad_input(label, str(e.description))
+                raise
+            except Exception as e:
+                reason = f"{e.__class__.__name__}: {e}"
+                self._bad_input(label, reason)
+                raise amp.RemoteAmpError(b"BAD_ARGUMENTS", f"malformed {label}: {reason}")
+            return responder(box)
+
+        return checked
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        try:
+            super().ampBoxReceived(box)
+        except amp.NoEmptyBoxes:
+            self._bad_input("box without a command", repr(dict(box))[:80])
+            self.transport.loseConnection()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._bad_input("not AMP", f"a {length}-byte key or value")
+        super().lengthLimitExceeded(length)
 
     def _require_hello(self) -> None:
         if not self.greeted:
