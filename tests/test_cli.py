@@ -20,7 +20,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import mproxy
 from mproxy.cli import parsing
-from mproxy.cli.main import ProgressPrinter, Streams, deploy_request, format_table, main
+from mproxy.cli.main import main
+from mproxy.cli.output import (
+    NO_SERVICES,
+    ProgressPrinter,
+    can_colour,
+    can_rewrite,
+    deploy_summary,
+    format_table,
+)
+from mproxy.cli.requests import deploy_request
+from mproxy.cli.streams import Streams
 from mproxy.config import SERVER_OPTIONS
 from mproxy.control.server import ControlProtocol
 from mproxy.controller import Controller
@@ -481,16 +491,42 @@ class TableTests(SynchronousTestCase):
         """
         self.assertEqual(
             format_table(self.ROWS, color=False),
-            "Service  Host                   Path      Target                 State    TLS\n"
-            "api      api.example.com,b.com  /api,/v2  api-1:3000,api-2:3000  running  yes\n"
-            "default  *                      /         web-1:3000             paused   no\n",
+            "Service  Host                   Path      Target                  State    TLS\n"
+            "api      api.example.com,b.com  /api,/v2  api-1:3000, api-2:3000  running  yes\n"
+            "default  *                      /         web-1:3000              paused   no\n",
         )
 
     def test_empty(self) -> None:
         """
-        With no services only the header is printed.
+        With no services the table says so.
         """
-        self.assertEqual(format_table([], color=False), "Service  Host  Path  Target  State  TLS\n")
+        self.assertEqual(format_table([], color=False), NO_SERVICES)
+        self.assertEqual(
+            NO_SERVICES, "No services deployed (deploy one with `mproxy deploy HOST:PORT`)\n"
+        )
+
+    def test_health_and_rollout(self) -> None:
+        """
+        Each target shows its health; a Rollout column appears when a service
+        has a rollout slot, with its targets, their health and the split.
+        """
+        rows = [
+            dict(self.ROWS[1], health={"web-1:3000": "healthy"}, rollout={
+                "targets": ["canary:3000"], "health": {"canary:3000": "unhealthy"},
+                "percent": 10, "allowlist": ["vip", "beta"]}),
+            dict(self.ROWS[1], service="other", health={"web-1:3000": "adding"},
+                 rollout={"targets": ["c2:1"], "health": {}, "percent": None,
+                          "allowlist": []}),
+            dict(self.ROWS[1], service="plain", rollout=None),
+        ]
+        self.assertEqual(
+            format_table(rows, color=False),
+            "Service  Host  Path  Target                State   TLS  Rollout\n"
+            "default  *     /     web-1:3000 (healthy)  paused  no   canary:3000 (unhealthy); "
+            "10%, allowlist vip,beta\n"
+            "other    *     /     web-1:3000 (adding)   paused  no   c2:1; no traffic\n"
+            "plain    *     /     web-1:3000            paused  no   -\n",
+        )
 
     def test_color(self) -> None:
         """
@@ -529,7 +565,7 @@ class ProgressPrinterTests(SynchronousTestCase):
         When not on a terminal, at most one line per phase is printed.
         """
         out = StringIO()
-        p = ProgressPrinter(out)
+        p = ProgressPrinter(out, environ={})
         p("health", "waiting for a:1")
         p("health-result", "a:1: unexpected status (500)")
         p("health-result", "a:1: healthy")
@@ -551,13 +587,61 @@ class ProgressPrinterTests(SynchronousTestCase):
                 return True
 
         out = TTY()
-        p = ProgressPrinter(out)
+        p = ProgressPrinter(out, environ={})
         p("health", "waiting for a:1")
         p("health-result", "a:1: ok")
         p("done", "")
         self.assertEqual(
             out.getvalue(),
             "\rwaiting for a:1" "\ra:1: ok" + " " * 8 + "\r" + " " * 7 + "\r",
+        )
+        out = TTY()
+        p = ProgressPrinter(out, environ={})
+        p("health", "waiting for a:1")
+        p.summary("web: now serving a:1 (took 1.0s)")
+        self.assertEqual(out.getvalue(), "\rwaiting for a:1\r" + " " * 15
+                         + "\rweb: now serving a:1 (took 1.0s)\n")
+
+    def test_dumb_terminal_and_no_color(self) -> None:
+        """
+        C{TERM=dumb} turns off in-place updates and colours; C{NO_COLOR}
+        turns off colours only; neither is used off a terminal.
+        """
+
+        class TTY(StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        self.assertTrue(can_rewrite(TTY(), {}) and can_colour(TTY(), {}))
+        self.assertFalse(can_rewrite(TTY(), {"TERM": "dumb"}))
+        self.assertFalse(can_colour(TTY(), {"TERM": "dumb"}))
+        self.assertTrue(can_rewrite(TTY(), {"NO_COLOR": "1"}))
+        self.assertFalse(can_colour(TTY(), {"NO_COLOR": "1"}))
+        self.assertFalse(can_rewrite(StringIO(), {}) or can_colour(StringIO(), {}))
+        out = TTY()
+        p = ProgressPrinter(out, environ={"TERM": "dumb"})
+        p("health", "waiting for a:1")
+        p("health", "waiting for a:1 again")
+        p("done", "")
+        self.assertEqual(out.getvalue(), "waiting for a:1\n")
+
+    def test_summary(self) -> None:
+        """
+        The summary of a deploy names the service, what now serves, how long
+        it took and what the drain did.
+        """
+        self.assertEqual(
+            deploy_summary("web", {"targets": ["a:1", "b:2"], "drained": 0, "cut": 0}, 2.345),
+            "web: now serving a:1, b:2 (took 2.3s)",
+        )
+        self.assertEqual(
+            deploy_summary("web", {"targets": ["a:1"], "drained": 5, "cut": 1}, 31),
+            "web: now serving a:1 (took 31.0s; drained 5 requests, 1 cut at the drain "
+            "deadline)",
+        )
+        self.assertEqual(
+            deploy_summary("web", {"targets": ["c:1"], "drained": 0, "cut": 0}, 1, rollout=True),
+            "web: rollout targets c:1 ready (took 1.0s); send traffic with `mproxy rollout set`",
         )
 
 
@@ -651,6 +735,8 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(len(lines), len(set(lines)))
         self.assertIn("waiting for web-1:3000 to become healthy", lines)
         self.assertIn("traffic switched to web-1:3000", lines)
+        self.assertTrue(lines[-1].startswith("default: now serving web-1:3000 (took "),
+                        lines[-1])
 
     def test_deploy_unhealthy(self) -> None:
         """
@@ -687,9 +773,9 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual(
             out,
-            "Service  Host             Path  Target      State    TLS\n"
-            "api      api.example.com  /     api-1:3000  running  no\n"
-            "default  *                /     web-1:3000  running  no\n",
+            "Service  Host             Path  Target                State    TLS\n"
+            "api      api.example.com  /     api-1:3000 (healthy)  running  no\n"
+            "default  *                /     web-1:3000 (healthy)  running  no\n",
         )
         status, out, err = self.cli("ls", "--json")
         rows = json.loads(out)

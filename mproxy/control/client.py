@@ -1,5 +1,10 @@
 """
 The client side of the control protocol, used by the C{mproxy} commands.
+
+Nothing here waits forever: connecting, the version handshake and every
+answer have a time limit (L{ANSWER_TIMEOUT}), except the answers of the
+commands that wait for health checks and drains (L{WAITING}); those end when
+the server answers or goes away.
 """
 
 from __future__ import annotations
@@ -8,9 +13,10 @@ import json
 import os
 from typing import Any, Callable
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import TimeoutError, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
 from mproxy.control import commands as c
@@ -18,8 +24,21 @@ from mproxy.errors import MproxyError
 from mproxy.spec import DeployRequest
 
 
+#: Seconds to connect, to exchange versions, and for each prompt answer.
+ANSWER_TIMEOUT = 5.0
+
+#: Commands whose answer waits for health checks or drains.
+WAITING = frozenset([c.Deploy, c.RolloutDeploy, c.Pause, c.Stop])
+
+
 class ServerUnavailable(MproxyError):
     pass
+
+
+class NoAnswer(MproxyError):
+    """
+    The server accepted the connection but did not answer in time.
+    """
 
 
 class ClientProtocol(amp.AMP):
@@ -39,11 +58,25 @@ class ControlClient:
     A connected, greeted client.  Use L{connect}.
     """
 
-    def __init__(self, protocol: ClientProtocol) -> None:
+    def __init__(self, protocol: ClientProtocol, clock: IReactorTime, path: str) -> None:
         self.protocol = protocol
+        self.clock = clock
+        self.path = path
 
+    @inlineCallbacks
     def call(self, command: type[amp.Command], **kw: Any) -> Any:
-        return self.protocol.callRemote(command, **kw)
+        """
+        Call C{command}; unless it is one of L{WAITING}, fail with
+        L{NoAnswer} when no answer comes within L{ANSWER_TIMEOUT}.
+        """
+        d = self.protocol.callRemote(command, **kw)
+        if command not in WAITING:
+            d.addTimeout(ANSWER_TIMEOUT, self.clock)
+        try:
+            return (yield d)
+        except TimeoutError:
+            self.close()
+            raise NoAnswer(_no_answer(self.path))
 
     @inlineCallbacks
     def deploy(self, req: DeployRequest) -> Any:
@@ -58,7 +91,15 @@ class ControlClient:
         return json.loads(r["services"] or "[]")
 
     def close(self) -> None:
-        self.protocol.transport.loseConnection()
+        if self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+
+
+def _no_answer(path: str) -> str:
+    return (
+        f"mproxy at {path} did not answer within {ANSWER_TIMEOUT:g}s "
+        "(is it an mproxy control socket? is the server stuck?)"
+    )
 
 
 def _connect_reason(e: ConnectError) -> str:
@@ -105,7 +146,7 @@ def connect(
     @raise ServerUnavailable: when nothing answers on C{path}.
     """
     _check_path_length(path)
-    endpoint = UNIXClientEndpoint(reactor, path, timeout=10)
+    endpoint = UNIXClientEndpoint(reactor, path, timeout=int(ANSWER_TIMEOUT))
     try:
         protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
     except ConnectError as e:
@@ -114,9 +155,10 @@ def connect(
             f"cannot connect to mproxy at {path}: {reason} "
             "(is `mproxy run` running? use --socket or MPROXY_SOCKET to choose the socket)"
         )
+    client = ControlClient(protocol, reactor, path)
     try:
-        yield protocol.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
+        yield client.call(c.Hello, version=c.PROTOCOL_VERSION)
     except c.VersionMismatch as e:
-        protocol.transport.loseConnection()
+        client.close()
         raise MproxyError(str(e))
-    return ControlClient(protocol)
+    return client
