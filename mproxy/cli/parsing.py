@@ -164,18 +164,18 @@ class Command:
 
 def run_command() -> Command:
     cmd = Command("run", "Run the proxy server in the foreground", "mproxy run [options]")
-    for spec in SERVER_OPTIONS:
-        env = f" [env MPROXY_{spec.env} or {spec.env}]"
-        if spec.flag:
-            cmd.flag(spec.name, spec.help + env, spec.default)
+    for option in SERVER_OPTIONS:
+        env = f" [env MPROXY_{option.env} or {option.env}]"
+        if option.flag:
+            cmd.flag(option.name, option.help + env, option.default)
         else:
-            shown = spec.default if spec.default not in ("", None) else None
+            shown = option.default if option.default not in ("", None) else None
             if isinstance(shown, float):
                 shown = format_duration(shown)
             cmd.option(
-                spec.name,
-                spec.help + env,
-                type=_typed(spec.parse, spec.name.split("-")[-1]),
+                option.name,
+                option.help + env,
+                type=_typed(option.parse, option.name.split("-")[-1]),
                 default=shown,
             )
     return cmd

@@ -16,6 +16,7 @@ import signal
 from typing import Any, Callable
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionClosed
 from twisted.protocols import amp
 
 from mproxy.cli.output import ProgressPrinter, can_colour, deploy_summary, format_table
@@ -119,8 +120,8 @@ def _error_message(f: Any) -> str:
         return str(f.value)
     if f.check(amp.RemoteAmpError):
         return str(f.value.description or f.value)
-    if f.check(ConnectionError, amp.ProtocolSwitched) or "ConnectionLost" in str(f.type):
-        return f"connection to mproxy lost: {f.getErrorMessage()}"
+    if f.check(ConnectionClosed, ConnectionError, amp.ProtocolSwitched):
+        return "connection to mproxy lost: the server closed it (stopped or crashed?)"
     return f"{f.type.__name__}: {f.getErrorMessage()}"
 
 
