@@ -160,7 +160,7 @@ class MproxyService(MultiService):
             http_port=config.http_port, https_port=config.https_port,
         )
         self.certificates = build_certificate_service(
-            reactor, config, self.router, local_get=local_get
+            reactor, config, self.router, logger, local_get=local_get
         )
         self.certificates.setName("certs")
         self.certificates.setServiceParent(self)
