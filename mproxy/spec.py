@@ -252,7 +252,7 @@ class ServiceOptions:
 
     def validate(self) -> None:
         """
-        Check the options against each other (reference section 1.12).
+        Check the options against each other (the rules kamal-proxy applies).
 
         @raise InvalidOptions: naming the first problem found.
         """

@@ -283,7 +283,7 @@ class DeployParsingTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """
-        Defaults follow the reference.
+        Flags not given take the defaults of mproxy.spec.
         """
         req = parse_deploy("web:1")
         self.assertEqual(req.deploy_timeout, 30.0)
@@ -451,7 +451,7 @@ class DeployParsingTests(SynchronousTestCase):
 
     def test_validation(self) -> None:
         """
-        Service options are validated on the client, with the reference
+        Service options are validated on the client, with kamal-proxy's
         messages.
         """
         self.assertEqual(
@@ -806,7 +806,7 @@ class ClientCommandTests(SynchronousTestCase):
 
     def test_rollout(self) -> None:
         """
-        The rollout subcommands work, with the reference errors.
+        The rollout subcommands work, with kamal-proxy's errors.
         """
         self.cli("deploy", "web-1:3000")
         self.assertEqual(self.cli("rollout", "set", "default", "--percent", "10"),

@@ -114,7 +114,7 @@ class ParseTargetTests(SynchronousTestCase):
 
     def test_invalid(self) -> None:
         """
-        Anything else raises L{InvalidTarget} with the reference message.
+        Anything else raises L{InvalidTarget} saying what is allowed.
         """
         for text in [
             "bad target!",
@@ -174,7 +174,7 @@ def invalid(testcase: SynchronousTestCase, options: ServiceOptions) -> str:
 
 class ValidationTests(SynchronousTestCase):
     """
-    Every message of reference section 1.12.
+    Every message of kamal-proxy's option validation.
     """
 
     def test_defaults_valid(self) -> None:

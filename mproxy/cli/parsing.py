@@ -1,7 +1,7 @@
 """
 Command-line parsing for every C{mproxy} command.
 
-Flags follow the reference (cobra) conventions: C{--flag value} or
+Flags follow the conventions of kamal-proxy (cobra): C{--flag value} or
 C{--flag=value}; booleans bare (C{--tls}) or explicit (C{--tls=false}); list
 flags repeat and/or take comma-separated values.  Errors raise L{UsageError}
 with the message the user sees after C{Error: }.
