@@ -175,6 +175,14 @@ def _tuple(value: Any) -> tuple[str, ...]:
     return tuple(value or ())
 
 
+def given(**values: Any) -> dict[str, Any]:
+    """
+    The values that are not C{None}, as keyword arguments: pass only what
+    a client gave, and the rest take the defaults declared here.
+    """
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise InvalidOptions(f"{name} must be greater than zero")

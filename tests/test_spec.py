@@ -19,6 +19,7 @@ from mproxy.spec import (
     normalise_hosts,
     normalise_prefixes,
     from_json,
+    given,
     parse_duration,
     parse_target,
     to_json,
@@ -527,3 +528,13 @@ class JSONTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             from_json(DeployRequest, [])
         self.assertEqual(from_json(HealthCheckConfig, {"interval": 2}).interval, 2.0)
+
+
+class GivenTests(SynchronousTestCase):
+    def test_given(self) -> None:
+        """
+        L{given} keeps the values that were given, so that the others take
+        the defaults declared in L{mproxy.spec}.
+        """
+        self.assertEqual(given(a=1, b=None, c=False, d=""), {"a": 1, "c": False, "d": ""})
+        self.assertEqual(HealthCheckConfig(**given(path=None, port=9)), HealthCheckConfig(port=9))
