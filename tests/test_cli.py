@@ -796,9 +796,11 @@ class ClientCommandTests(SynchronousTestCase):
         """
         self.cli("deploy", "web-1:3000")
         s = self.reactor.router.services["default"]
-        self.assertEqual(self.cli("pause", "default", "--max-pause", "1m")[0], 0)
+        status, out, err = self.cli("pause", "default", "--max-pause", "1m")
+        self.assertEqual((status, out), (0, "draining 0 requests from default\n"))
         self.assertEqual((s.state_name, s.pause.max_pause), ("paused", 60.0))
-        self.assertEqual(self.cli("stop", "default", "--message", "bye")[0], 0)
+        status, out, err = self.cli("stop", "default", "--message", "bye")
+        self.assertEqual((status, out), (0, "draining 0 requests from default\n"))
         self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", "bye"))
         self.assertEqual(self.cli("resume", "default")[0], 0)
         self.assertEqual(s.state_name, "running")
