@@ -272,7 +272,7 @@ class H2Channel(H2Connection):
     def timeoutConnection(self) -> None:
         if self.streams:
             # streams in progress (a long poll, a quiet event stream): not idle
-            self.resetTimeout()
+            self.setTimeout(self.timeOut)
             return
         self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
         self._close(Failure(ConnectionLost("idle timeout")), abort_after=True)
