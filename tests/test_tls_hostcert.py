@@ -20,7 +20,7 @@ class HostCertificateTests(SynchronousTestCase):
         self.orders: list = []
         self.logger = ListLogger()
 
-        def order(directory, name, challenge):
+        def order(directory, name, challenge, on_demand):
             d = Deferred()
             self.orders.append((name, challenge, d))
             return d

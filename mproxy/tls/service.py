@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
@@ -45,7 +45,7 @@ from mproxy.tls.backoff import RetryPolicy
 from mproxy.tls.certs import CertifiedKey
 from mproxy.tls.challenges import ChallengeStore
 from mproxy.tls.gate import OnDemandGate
-from mproxy.tls.hostcert import HostCertificate
+from mproxy.tls.hostcert import ORDERING, HostCertificate
 from mproxy.tls.interfaces import ICertificateStore, IChallengeResponder
 from mproxy.tls.orders import OrderRunner
 from mproxy.tls.static import StaticCertificates, load_static
@@ -138,6 +138,9 @@ class CertificateService(Service):
         the router's answer for path C{/}; the default matches the services
         given to L{update_service} (exact, then C{*.} wildcard, then default).
     @param gate: decides on-demand names; None refuses every unknown name.
+    @param cluster: in a cluster, its C{node} name and whether its store is
+        C{reachable}, for the status rows; certificates other nodes got
+        arrive through L{adopt}.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class CertificateService(Service):
         directories: Directories = Directories(),
         policy: RetryPolicy = RetryPolicy(),
         static_poll_interval: float = 5.0,
+        cluster: Any = None,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -163,11 +167,13 @@ class CertificateService(Service):
         self.directories = directories
         self.policy = policy
         self.static_poll_interval = static_poll_interval
+        self.cluster = cluster
         self.static = StaticCertificates(logger)
         self._services: dict[str, Any] = {}
         self._hosts: dict[Key, HostCertificate] = {}
         self._on_demand_hosts: dict[str, set[str]] = {}
         self._poll: LoopingCall | None = None
+        self.start_hooks: list[Callable[[], Any]] = []
         self.stop_hooks: list[Callable[[], Any]] = []
 
     # -- IService -----------------------------------------------------------
@@ -179,6 +185,8 @@ class CertificateService(Service):
         self._poll.start(self.static_poll_interval, now=False)
         for host in list(self._hosts.values()):
             host.start()
+        for hook in self.start_hooks:
+            hook()
 
     def stopService(self) -> Any:
         from twisted.internet.defer import gatherResults, maybeDeferred
@@ -235,8 +243,31 @@ class CertificateService(Service):
         for name, options in self._services.items():
             if options.tls_enabled and name in self.static:
                 rows.extend(self.static.rows(name, options.hosts))
-        rows.extend(host.status() for host in self._hosts.values())
+        rows.extend(self._cluster_row(host) for host in self._hosts.values())
         return sorted(rows, key=lambda r: (r.service, r.host))
+
+    def _cluster_row(self, host: HostCertificate) -> HostStatus:
+        row = host.status()
+        if self.cluster is None:
+            return row
+        return evolve(
+            row,
+            ordering_on=self.cluster.node if host.state == ORDERING else row.ordering_on,
+            store_unreachable=self.cluster.reachable is False,
+        )
+
+    def adopt(self, directory: str, name: str, certificate: CertifiedKey) -> None:
+        """
+        Another cluster node stored a new certificate for C{name}: serve it
+        for new handshakes (open connections keep theirs) and renew from it.
+        """
+        host = self._hosts.get((directory, name))
+        if host is not None and host.adopt(certificate):
+            self.logger.info(
+                f"Certificate for {name} from {certificate.issued_by or 'the cluster store'}",
+                host=name,
+                node=certificate.issued_by,
+            )
 
     # -- handshake-time selection (reactor thread) ----------------------------
 

@@ -1,0 +1,217 @@
+"""
+Certificates shared through Redis, end to end: two or three real C{mproxy
+run} nodes on 127.0.0.1 (different ports) naming the same Debian
+C{redis-server}, a real upstream, and Debian's pebble validating challenges
+against one chosen node's port.  Clients connect to each node with SNI
+app1.test and trust only pebble's root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from mproxy.testing import MproxyProcess, listen_upstream
+from tests.pebble import PEBBLE_SKIP, LoopbackDNS, Pebble, free_port
+from tests.redisserver import REDIS_SKIP, RedisServer
+from tests.test_tls_integration import https_get, sleep
+
+
+def serial_within(port: int, cafile: str, timeout: float, differs_from: int | None = None) -> tuple[float, int]:
+    """
+    Blocking: poll node C{port} with new connections until it serves a
+    verifying certificate for app1.test (other than C{differs_from}).
+    Returns (seconds waited, serial).
+    """
+    started = time.monotonic()
+    last: Any = None
+    while time.monotonic() - started < timeout:
+        try:
+            status, body, serial, _ = https_get(port, "app1.test", cafile)
+            if status == 200 and serial != differs_from:
+                return time.monotonic() - started, serial
+            last = serial
+        except (ssl.SSLError, OSError) as e:
+            last = e
+        time.sleep(0.05)
+    raise AssertionError(f"node on {port}: no new verifying certificate within {timeout}s: {last!r}")
+
+
+class Prober:
+    """
+    A thread making new HTTPS connections to every node in turn, counting
+    failures and recording the serials each node served.
+    """
+
+    def __init__(self, ports: list[int], cafile: str) -> None:
+        self.ports = ports
+        self.cafile = cafile
+        self.requests = 0
+        self.failures: list[str] = []
+        self.serials: dict[int, list[int]] = {p: [] for p in ports}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for port in self.ports:
+                self.requests += 1
+                try:
+                    status, body, serial, _ = https_get(port, "app1.test", self.cafile)
+                    if status != 200 or body != b"app1":
+                        self.failures.append(f"{port}: {status} {body[:40]!r}")
+                    elif serial not in self.serials[port]:
+                        self.serials[port].append(serial)
+                except (ssl.SSLError, OSError) as e:
+                    self.failures.append(f"{port}: {e!r}")
+            time.sleep(0.02)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+class ClusterIntegration(TestCase):
+    """
+    Per test: redis-server, an upstream, a loopback DNS server and pebble;
+    C{node(name)} starts an mproxy node on its own fixed ports.
+    """
+
+    skip = PEBBLE_SKIP or REDIS_SKIP
+    timeout = 120
+    validity: int | None = None
+    nodes = ("a", "b", "c")
+
+    def setUp(self) -> None:
+        self.work = os.path.abspath(self.mktemp())
+        self.redis = RedisServer(os.path.join(self.work, "redis"), password="s3cret")
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.ports = {n: (free_port(), free_port()) for n in self.nodes}
+        self.app, port = listen_upstream(reactor, "app1")
+        self.addCleanup(port.stopListening)
+        self.upstream = f"127.0.0.1:{port.getHost().port}"
+        self.procs: dict[str, MproxyProcess] = {}
+
+    def start_pebble(self, http_port: int, tls_port: int) -> None:
+        dns = LoopbackDNS(reactor)
+        self.addCleanup(dns.stop)
+        self.pebble = Pebble(
+            os.path.join(self.work, "pebble"),
+            http_port=http_port,
+            tls_port=tls_port,
+            dns_port=dns.port,
+            validity=self.validity,
+        )
+        self.pebble.start()
+        self.addCleanup(self.pebble.stop)
+        self.root = os.path.join(self.work, "root.pem")
+        with open(self.root, "wb") as f:
+            f.write(self.pebble.root_pem())
+
+    @inlineCallbacks
+    def node(self, name: str) -> Any:
+        http_port, https_port = self.ports[name]
+        p = MproxyProcess(
+            reactor,
+            os.path.join(self.work, name),
+            http_port=http_port,
+            https_port=https_port,
+            extra_args=(
+                "--acme-directory", self.pebble.directory_url,
+                "--acme-ca-bundle", self.pebble.ca_bundle,
+                "--cluster", self.redis.url,
+                "--cluster-node", name,
+            ),
+        )  # fmt: skip
+        yield p.start()
+        self.addCleanup(p.stop, signal.SIGKILL)
+        self.procs[name] = p
+        return p
+
+    @inlineCallbacks
+    def deploy(self, name: str) -> Any:
+        r = yield self.procs[name].command("deploy", self.upstream, "--host", "app1.test", "--tls")
+        self.assertEqual(r.status, 0, r.err)
+
+    def https(self, name: str) -> int:
+        return self.ports[name][1]
+
+    def http(self, name: str) -> int:
+        return self.ports[name][0]
+
+    def pebble_log(self) -> bytes:
+        with open(self.pebble.log_path, "rb") as f:
+            return f.read()
+
+    def orders(self) -> int:
+        return self.pebble_log().count(b"Added order")
+
+    def issued(self) -> int:
+        return self.pebble_log().count(b"Issued certificate serial")
+
+    def shared_issuer(self) -> str | None:
+        """
+        The node named in the store as having ordered app1.test's certificate.
+        """
+        client = self.redis.client()
+        for key in client.scan_iter(match="mproxy:dir:*:cert:app1.test"):
+            node = client.hget(key, "node")
+            return node.decode() if node else None
+        return None
+
+    @inlineCallbacks
+    def listing(self, name: str) -> Any:
+        r = yield self.procs[name].command("list")
+        self.assertEqual(r.status, 0, r.err)
+        return r.out
+
+
+class SharedIssuanceTests(ClusterIntegration):
+    @inlineCallbacks
+    def test_http01_at_one_node_both_serve_then_a_third_joins(self) -> Any:
+        """
+        Pebble's HTTP-01 validation reaches node B only: the certificate
+        issues with one order (placed by whichever node took the lock), both
+        nodes serve the same serial within 15 s, list names the issuing
+        node; a third node joining later serves it without a new order.
+        """
+        self.start_pebble(http_port=self.http("b"), tls_port=free_port())
+        yield self.node("a")
+        yield self.node("b")
+        started = time.monotonic()
+        yield self.deploy("a")
+        yield self.deploy("b")
+        _, serial_a = yield deferToThread(serial_within, self.https("a"), self.root, 15)
+        _, serial_b = yield deferToThread(serial_within, self.https("b"), self.root, 15)
+        both = time.monotonic() - started
+        print(f"MEASURED cluster HTTP-01: both nodes serve one serial after {both:.2f}s")
+        self.assertEqual(serial_a, serial_b)
+        self.assertLess(both, 15)
+        self.assertEqual((self.orders(), self.issued()), (1, 1))
+        issuer = self.shared_issuer()
+        self.assertIn(issuer, ("a", "b"))
+        for name in ("a", "b"):
+            out = yield self.listing(name)
+            self.assertIn(f"issued by {issuer}", out)
+
+        yield self.node("c")
+        yield self.deploy("c")
+        waited, serial_c = yield deferToThread(serial_within, self.https("c"), self.root, 15)
+        print(f"MEASURED cluster: a joining node serves the shared serial after {waited:.2f}s")
+        self.assertEqual(serial_c, serial_a)
+        yield sleep(1)
+        self.assertEqual(self.orders(), 1)
