@@ -215,3 +215,189 @@ class SharedIssuanceTests(ClusterIntegration):
         self.assertEqual(serial_c, serial_a)
         yield sleep(1)
         self.assertEqual(self.orders(), 1)
+
+
+class SharedTLSALPNTests(ClusterIntegration):
+    nodes = ("a", "b")
+
+    @inlineCallbacks
+    def test_tls_alpn01_answered_by_the_other_node(self) -> Any:
+        """
+        HTTP-01 blocked, pebble's TLS-ALPN-01 validation reaches node B
+        only, node A orders: B answers with the challenge certificate A
+        published, the certificate issues once, both serve it.
+        """
+        self.start_pebble(http_port=free_port(), tls_port=self.https("b"))
+        yield self.node("a")
+        yield self.node("b")
+        started = time.monotonic()
+        yield self.deploy("a")
+        _, serial_a = yield deferToThread(serial_within, self.https("a"), self.root, 15)
+        yield self.deploy("b")
+        _, serial_b = yield deferToThread(serial_within, self.https("b"), self.root, 15)
+        both = time.monotonic() - started
+        print(f"MEASURED cluster TLS-ALPN-01 at the other node: both serve after {both:.2f}s,"
+              f" pebble orders {self.orders()} (the first, HTTP-01, fails), issued {self.issued()}")
+        self.assertEqual(serial_a, serial_b)
+        self.assertEqual((self.issued(), self.shared_issuer()), (1, "a"))
+        self.assertLessEqual(self.orders(), 2)
+
+
+class ClusterRenewalTests(ClusterIntegration):
+    nodes = ("a", "b")
+    validity = 10
+
+    @inlineCallbacks
+    def test_renewed_once_per_cycle_both_serve_every_serial(self) -> Any:
+        """
+        10-second certificates: over about three renewal cycles each
+        renewal is one order cluster-wide, both nodes serve every new
+        serial, and new HTTPS connections to both nodes never fail.
+        """
+        self.start_pebble(http_port=self.http("b"), tls_port=self.https("a"))
+        yield self.node("a")
+        yield self.node("b")
+        yield self.deploy("a")
+        yield self.deploy("b")
+        yield deferToThread(serial_within, self.https("a"), self.root, 15)
+        yield deferToThread(serial_within, self.https("b"), self.root, 15)
+        prober = Prober([self.https("a"), self.https("b")], self.root)
+        prober.start()
+        yield sleep(22)
+        yield deferToThread(prober.stop)
+        seen = set(prober.serials[self.https("a")]) | set(prober.serials[self.https("b")])
+        print(f"MEASURED cluster renewal: {prober.requests} requests, {len(prober.failures)} failed,"
+              f" {len(seen)} serials seen, pebble orders {self.orders()}, issued {self.issued()}")
+        self.assertEqual(prober.failures, [])
+        self.assertGreaterEqual(len(seen), 3)
+        self.assertEqual(self.orders(), self.issued())
+        # every serial but perhaps the one issued last was served by both
+        self.assertLessEqual(self.issued(), len(seen) + 1)
+        a, b = prober.serials[self.https("a")], prober.serials[self.https("b")]
+        self.assertEqual(set(a[:-1]) - set(b), set())
+        self.assertEqual(set(b[:-1]) - set(a), set())
+
+
+class Blackhole:
+    """
+    A TCP listener that accepts and never answers (an HTTP-01 validation
+    that hangs), until closed.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.accepted.append(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+class LockHolderDiesTests(ClusterIntegration):
+    nodes = ("a", "b")
+
+    def lock_holder(self) -> str | None:
+        client = self.redis.client()
+        for key in client.scan_iter(match="mproxy:dir:*:lock:app1.test"):
+            value = client.get(key)
+            return value.decode() if value else None
+        return None
+
+    @inlineCallbacks
+    def test_kill_lock_holder_mid_order(self) -> Any:
+        """
+        Node A takes the lock and orders, its validation hangs, A is killed
+        with SIGKILL: after the lock expires node B completes issuance.
+        """
+        hole = Blackhole()
+        self.addCleanup(hole.close)
+        self.start_pebble(http_port=hole.port, tls_port=self.https("b"))
+        a = yield self.node("a")
+        yield self.node("b")
+        yield self.deploy("a")
+        for _ in range(100):
+            if self.lock_holder() == "a" and hole.accepted:
+                break
+            yield sleep(0.05)
+        self.assertEqual(self.lock_holder(), "a")
+        out = yield self.listing("a")
+        self.assertIn("ordering on a", out)
+        yield self.deploy("b")
+        out = yield self.listing("b")
+        self.assertIn("ordering on a", out)
+        a.process.signalProcess("KILL")
+        killed = time.monotonic()
+        hole.close()
+        waited, _ = yield deferToThread(serial_within, self.https("b"), self.root, 45)
+        print(f"MEASURED cluster: node B issued {time.monotonic() - killed:.2f}s after the lock"
+              f" holder was killed (lock TTL 15 s), pebble orders {self.orders()}")
+        self.assertEqual((self.issued(), self.shared_issuer()), (1, "b"))
+
+
+class StoreDownTests(ClusterIntegration):
+    nodes = ("a", "b")
+    validity = 45
+
+    @inlineCallbacks
+    def test_redis_down(self) -> Any:
+        """
+        Redis stopped: both nodes serve with zero failures, list says the
+        store is unreachable, deploys work, a restarted node serves its local
+        copy; the renewal that fell due meanwhile completes once Redis is
+        back, and both nodes serve the new serial.
+        """
+        self.start_pebble(http_port=self.http("b"), tls_port=self.https("a"))
+        a = yield self.node("a")
+        yield self.node("b")
+        yield self.deploy("a")
+        yield self.deploy("b")
+        _, first = yield deferToThread(serial_within, self.https("a"), self.root, 15)
+        yield deferToThread(serial_within, self.https("b"), self.root, 15)
+        self.redis.stop()
+        prober = Prober([self.https("a"), self.https("b")], self.root)
+        prober.start()
+        yield sleep(6)
+        out = yield self.listing("b")
+        self.assertIn("cluster store unreachable", out)
+        yield self.deploy("b")
+        yield deferToThread(prober.stop)
+        print(f"MEASURED cluster, Redis down: {prober.requests} requests, {len(prober.failures)} failed")
+        self.assertEqual(prober.failures, [])
+        yield a.stop()
+        yield a.start()
+        _, again = yield deferToThread(serial_within, self.https("a"), self.root, 10)
+        self.assertEqual(again, first)
+        # wait for the renewal to fall due and find the store unreachable
+        for _ in range(600):
+            if any(str(r.get("msg", "")).startswith("Certificate for app1.test not ordered")
+                   for p in self.procs.values() for r in p.records):
+                break
+            yield sleep(0.1)
+        else:
+            self.fail("the renewal never fell due")
+        self.redis.start()
+        back = time.monotonic()
+        _, new_a = yield deferToThread(serial_within, self.https("a"), self.root, 30, first)
+        _, new_b = yield deferToThread(serial_within, self.https("b"), self.root, 30, first)
+        print(f"MEASURED cluster: renewal done and served by both {time.monotonic() - back:.2f}s"
+              f" after Redis came back, issued {self.issued()}")
+        self.assertEqual(new_a, new_b)
+        self.assertEqual(self.issued(), 2)

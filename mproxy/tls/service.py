@@ -172,6 +172,8 @@ class CertificateService(Service):
         self._services: dict[str, Any] = {}
         self._hosts: dict[Key, HostCertificate] = {}
         self._on_demand_hosts: dict[str, set[str]] = {}
+        # who got the certificates other nodes announced: (not_after, node)
+        self._issuers: dict[Key, tuple[float, str]] = {}
         self._poll: LoopingCall | None = None
         self.start_hooks: list[Callable[[], Any]] = []
         self.stop_hooks: list[Callable[[], Any]] = []
@@ -261,6 +263,8 @@ class CertificateService(Service):
         Another cluster node stored a new certificate for C{name}: serve it
         for new handshakes (open connections keep theirs) and renew from it.
         """
+        if certificate.issued_by:
+            self._issuers[(directory, name)] = (certificate.not_after, certificate.issued_by)
         host = self._hosts.get((directory, name))
         if host is not None and host.adopt(certificate):
             self.logger.info(
@@ -373,6 +377,10 @@ class CertificateService(Service):
             refused = "not a name a public CA can issue for"
         elif certificate is None:
             certificate = self.store.for_directory(directory).load_certificate(name)
+        if certificate is not None and certificate.issued_by is None:
+            known = self._issuers.get(key)
+            if known is not None and known[0] == certificate.not_after:
+                certificate.issued_by = known[1]
         host = HostCertificate(
             self.clock, self.policy, self.orders.order, self.logger,
             directory, name, service, on_demand, certificate, refused,
