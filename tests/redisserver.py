@@ -14,6 +14,8 @@ A reusable fixture that runs Debian's C{redis-server} on a free loopback port.
             self.redis.stop(); self.redis.start()   # same port, empty again
 
 Nothing is saved to disk (no RDB, no AOF); it listens on 127.0.0.1 only.
+With C{tls=True} it speaks only TLS (C{rediss://}), with a certificate for
+127.0.0.1 from a throwaway CA in C{self.ca_bundle}.
 """
 
 from __future__ import annotations
@@ -52,22 +54,27 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: str, password: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, directory: str, password: str | None = None, port: int | None = None, tls: bool = False
+    ) -> None:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.password = password
+        self.tls = tls
+        self.ca_bundle: str | None = None
         self.port = port or _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> Any:
         import redis
 
-        return redis.Redis.from_url(self.url, socket_timeout=5)
+        extra = {"ssl_ca_certs": self.ca_bundle} if self.tls else {}
+        return redis.Redis.from_url(self.url, socket_timeout=5, **extra)
 
     def start(self, timeout: float = 10.0) -> None:
         args = [
@@ -77,6 +84,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            from tests.pebble import _write_tls_files
+
+            self.ca_bundle, cert, key = _write_tls_files(self.directory)
+            args[2] = "0"  # no plain port
+            args += [
+                "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                "--tls-ca-cert-file", self.ca_bundle, "--tls-auth-clients", "no",
+            ]  # fmt: skip
         log = open(os.path.join(self.directory, "redis.log"), "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()

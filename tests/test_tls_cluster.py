@@ -104,6 +104,28 @@ class RedisClusterTests(RedisTestCase):
         self.assertTrue(a.reachable)
 
 
+class TLSStoreTests(TestCase):
+    skip = REDIS_SKIP
+
+    def test_rediss(self) -> None:
+        """
+        C{rediss://} talks TLS to Redis, trusting the given CA bundle; a
+        server the bundle does not vouch for is unreachable.
+        """
+        server = RedisServer(self.mktemp(), password="pw", tls=True)
+        server.start()
+        self.addCleanup(server.stop)
+        trusted = RedisCluster(server.url, "a", ca_bundle=server.ca_bundle)
+        self.assertIsNone(trusted.acquire(CA, "x.test"))
+        self.assertEqual(RedisCluster(server.url, "b", ca_bundle=server.ca_bundle).holder(CA, "x.test"), "a")
+        other = os.path.join(self.mktemp())
+        os.makedirs(other)
+        from tests.pebble import _write_tls_files
+
+        wrong_ca, _, _ = _write_tls_files(other)
+        self.assertRaises(StoreUnavailable, RedisCluster(server.url, "c", ca_bundle=wrong_ca).holder, CA, "x.test")
+
+
 class GuardTests(RedisTestCase):
     def guard(self, node: str, **kw) -> ClusterGuard:
         local = CertificateStore(self.mktemp())
