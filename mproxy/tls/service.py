@@ -37,7 +37,6 @@ from typing import Any, Callable
 
 from attrs import evolve, frozen
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 
 from mproxy.errors import CertificateError
 from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
@@ -126,6 +125,44 @@ def match_service(services: dict[str, Any], server_name: str) -> tuple[str, Any]
     return None if best is None else (best[1], best[2])
 
 
+def wanted_hosts(
+    services: dict[str, Any], on_demand_hosts: dict[str, set[str]], directories: Directories
+) -> dict[Key, tuple[str, bool]]:
+    """
+    Every (directory, host) that needs an ACME certificate, with the service
+    that owns it and whether it is on-demand.
+    """
+    wanted: dict[Key, tuple[str, bool]] = {}
+    for name in sorted(services):
+        options = services[name]
+        if not _is_root(options):
+            continue
+        directory = directories.for_options(options)
+        if _is_acme(options):
+            for h in options.hosts:
+                if h and "*" not in h:
+                    wanted.setdefault((directory, h), (name, False))
+        elif _is_on_demand(options):
+            for h in on_demand_hosts.get(name, ()):
+                wanted.setdefault((directory, h), (name, True))
+    return wanted
+
+
+def cluster_row(host: HostCertificate, cluster: Any) -> HostStatus:
+    """
+    C{host}'s status row; in a cluster with this node ordering now and
+    whether the store is reachable.
+    """
+    row = host.status()
+    if cluster is None:
+        return row
+    return evolve(
+        row,
+        ordering_on=cluster.node if host.state == ORDERING else row.ordering_on,
+        store_unreachable=cluster.reachable is False,
+    )
+
+
 class CertificateService(Service):
     """
     See the module docstring.
@@ -174,7 +211,6 @@ class CertificateService(Service):
         self._on_demand_hosts: dict[str, set[str]] = {}
         # who got the certificates other nodes announced: (not_after, node)
         self._issuers: dict[Key, tuple[float, str]] = {}
-        self._poll: LoopingCall | None = None
         self.start_hooks: list[Callable[[], Any]] = []
         self.stop_hooks: list[Callable[[], Any]] = []
 
@@ -182,9 +218,7 @@ class CertificateService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._poll = LoopingCall(self.check_static)
-        self._poll.clock = self.clock
-        self._poll.start(self.static_poll_interval, now=False)
+        self.static.start_polling(self.clock, self.static_poll_interval)
         for host in list(self._hosts.values()):
             host.start()
         for hook in self.start_hooks:
@@ -194,9 +228,7 @@ class CertificateService(Service):
         from twisted.internet.defer import gatherResults, maybeDeferred
 
         super().stopService()
-        if self._poll is not None and self._poll.running:
-            self._poll.stop()
-        self._poll = None
+        self.static.stop_polling()
         for host in self._hosts.values():
             host.stop()
         self.orders.cancel()
@@ -205,11 +237,7 @@ class CertificateService(Service):
 
     # -- deploy integration -------------------------------------------------
 
-    def validate(self, options: Any) -> None:
-        """
-        See L{validate_tls_options}.
-        """
-        validate_tls_options(options)
+    validate = staticmethod(validate_tls_options)
 
     def update_service(self, name: str, options: Any) -> None:
         """
@@ -245,18 +273,8 @@ class CertificateService(Service):
         for name, options in self._services.items():
             if options.tls_enabled and name in self.static:
                 rows.extend(self.static.rows(name, options.hosts))
-        rows.extend(self._cluster_row(host) for host in self._hosts.values())
+        rows.extend(cluster_row(host, self.cluster) for host in self._hosts.values())
         return sorted(rows, key=lambda r: (r.service, r.host))
-
-    def _cluster_row(self, host: HostCertificate) -> HostStatus:
-        row = host.status()
-        if self.cluster is None:
-            return row
-        return evolve(
-            row,
-            ordering_on=self.cluster.node if host.state == ORDERING else row.ordering_on,
-            store_unreachable=self.cluster.reachable is False,
-        )
 
     def adopt(self, directory: str, name: str, certificate: CertifiedKey) -> None:
         """
@@ -301,6 +319,9 @@ class CertificateService(Service):
         return None
 
     def _default_certificate(self) -> CertifiedKey | None:
+        """
+        Without SNI: the first TLS root service's (by name) first host's.
+        """
         for name in sorted(self._services):
             options = self._services[name]
             if not options.tls_enabled or options.tls_on_demand_url or not _is_root(options):
@@ -317,14 +338,6 @@ class CertificateService(Service):
     def _lookup_deployed(self, server_name: str) -> tuple[str, Any] | None:
         return match_service(self._services, server_name)
 
-    # -- custom certificates ------------------------------------------------
-
-    def check_static(self) -> None:
-        """
-        Reload custom certificates whose files changed (run on a timer).
-        """
-        self.static.check()
-
     def reload_static(self) -> None:
         """
         Reload every custom certificate now (SIGHUP).
@@ -333,24 +346,8 @@ class CertificateService(Service):
 
     # -- which hosts get ACME certificates ------------------------------------
 
-    def _wanted(self) -> dict[Key, tuple[str, bool]]:
-        wanted: dict[Key, tuple[str, bool]] = {}
-        for name in sorted(self._services):
-            options = self._services[name]
-            if not _is_root(options):
-                continue
-            directory = self.directories.for_options(options)
-            if _is_acme(options):
-                for h in options.hosts:
-                    if h and "*" not in h:
-                        wanted.setdefault((directory, h), (name, False))
-            elif _is_on_demand(options):
-                for h in self._on_demand_hosts.get(name, ()):
-                    wanted.setdefault((directory, h), (name, True))
-        return wanted
-
     def _reconcile(self) -> None:
-        wanted = self._wanted()
+        wanted = wanted_hosts(self._services, self._on_demand_hosts, self.directories)
         for key in list(self._hosts):
             if key not in wanted or wanted[key][0] != self._hosts[key].service:
                 self._drop(key)
