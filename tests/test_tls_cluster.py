@@ -260,6 +260,24 @@ class ListenerTests(RedisTestCase):
         c = Node(self, "c")
         yield self.eventually(lambda: {h for _, h, _ in c.arrived} == {"x.test", "y.test"})
 
+    @inlineCallbacks
+    def test_badMessageIgnored(self) -> None:
+        """
+        A message the listener cannot use is logged and the next one is
+        still handled.
+        """
+        a = Node(self, "a")
+        yield self.eventually(lambda: a.cluster.reachable)
+        yield deferLater(reactor, 0.2, lambda: None)
+        client = self.redis.client()
+        client.publish("mproxy:events", b"not json")
+        client.publish("mproxy:events", b'{"kind": "challenge"}')
+        b = self.cluster("b")
+        yield deferToThread(ClusterChallenges(ChallengeStore(), b).add_http01, "t2", "t2.k")
+        yield self.eventually(lambda: a.local_challenges.key_authorization("t2") == b"t2.k")
+        errors = [r for r in a.listener.logger.records if r["level"] == "ERROR"]
+        self.assertEqual(len(errors), 2)
+
 
 class PolicyTests(RedisTestCase):
     @inlineCallbacks

@@ -83,7 +83,7 @@ class ClusterListener:
                 while not self._stopped.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
-                        self.handle(json.loads(message["data"]))
+                        self._handle_safely(message["data"])
             except (redis.RedisError, OSError, StoreUnavailable) as e:
                 if self.cluster.reachable is not False:
                     self._log("warn", f"Cluster store unreachable: {e}", store=self.cluster.url, error=str(e))
@@ -97,6 +97,14 @@ class ClusterListener:
                     pass
 
     # -- messages (listener thread) -------------------------------------------
+
+    def _handle_safely(self, data: bytes) -> None:
+        try:
+            self.handle(json.loads(data))
+        except StoreUnavailable:
+            raise
+        except Exception as e:  # a bad message must not stop the listener
+            self._log("error", f"Bad cluster message: {type(e).__name__}: {e}", error=str(e))
 
     def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
