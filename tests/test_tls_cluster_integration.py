@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
 
 from mproxy.testing import MproxyProcess, listen_upstream
 from tests.pebble import PEBBLE_SKIP, LoopbackDNS, Pebble, free_port
@@ -401,3 +402,44 @@ class StoreDownTests(ClusterIntegration):
               f" after Redis came back, issued {self.issued()}")
         self.assertEqual(new_a, new_b)
         self.assertEqual(self.issued(), 2)
+
+
+class ClusterOnDemandTests(ClusterIntegration):
+    nodes = ("a", "b")
+
+    @inlineCallbacks
+    def test_on_demand_decisions_shared(self) -> Any:
+        """
+        On-demand TLS on two nodes: a name approved and issued through node
+        A is served by node B without asking the application again; a name
+        denied through A is refused by B without asking again.
+        """
+        from tests.test_tls_integration import HostPolicy, handshake_refused, wait_for_https
+
+        self.start_pebble(http_port=self.http("b"), tls_port=self.https("a"))
+        policy = HostPolicy({"allowed.test"})
+        port = reactor.listenTCP(0, Site(policy), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for name in ("a", "b"):
+            yield self.node(name)
+            r = yield self.procs[name].command(
+                "deploy", "ondemand", "--target", f"127.0.0.1:{port.getHost().port}",
+                "--tls", "--tls-on-demand-url", "/allow", "--health-check-path", "/",
+            )  # fmt: skip
+            self.assertEqual(r.status, 0, r.err)
+        _, (status, _, serial_a, _) = yield deferToThread(wait_for_https, self.https("a"), "allowed.test", self.root)
+        self.assertEqual(status, 200)
+        waited, (_, _, serial_b, _) = yield deferToThread(
+            wait_for_https, self.https("b"), "allowed.test", self.root, 5.0
+        )
+        print(f"MEASURED cluster on-demand: node B serves the name approved through A after {waited:.2f}s")
+        self.assertEqual(serial_b, serial_a)
+        refused = yield deferToThread(handshake_refused, self.https("a"), "denied.test")
+        self.assertTrue(refused)
+        yield sleep(1)
+        refused = yield deferToThread(handshake_refused, self.https("b"), "denied.test")
+        self.assertTrue(refused)
+        yield sleep(1)
+        asked = [host for host, _, _ in policy.checks]
+        self.assertEqual((asked.count("allowed.test"), asked.count("denied.test")), (1, 1))
+        self.assertEqual(self.issued(), 1)
