@@ -13,7 +13,7 @@ from mproxy.errors import MproxyError
 
 
 def run_server(ns: Any, streams: Any) -> int:
-    from mproxy.cli.main import fail
+    from mproxy.cli.streams import fail
 
     explicit = {spec.attr: getattr(ns, spec.attr, None) for spec in SERVER_OPTIONS}
     try:

@@ -149,11 +149,11 @@ class MproxyService(MultiService):
         self.logger = logger
         self.router = Router()
         self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
-        from mproxy.http.upstream import pool_factory
-        from mproxy.tls.localget import local_getter
+        from mproxy.http.upstream import PoolRegistry
+        from mproxy.http.localget import local_getter
         from mproxy.tls.wiring import build_certificate_service
 
-        self.pools = pool_factory(reactor)
+        self.pools = PoolRegistry(reactor)
         # on-demand TLS policies that are paths ask the service itself
         local_get = local_getter(
             reactor, self.router, logger,
@@ -164,6 +164,13 @@ class MproxyService(MultiService):
         )
         self.certificates.setName("certs")
         self.certificates.setServiceParent(self)
+        self.metrics = None
+        if config.metrics_port:
+            from mproxy.metrics import Metrics
+
+            self.metrics = Metrics()
+        from mproxy.http import custompages
+
         self.controller = Controller(
             self.router,
             reactor,
@@ -172,15 +179,12 @@ class MproxyService(MultiService):
             logger,
             pool_factory=self.pools,
             certificates=self.certificates,
+            validate_error_pages=custompages.validate,
+            deploys=self.metrics,
         )
         self._unhook_sighup: Any = None
         self.ports: list[Any] = []
         self.sites: list[Any] = []
-        self.metrics = None
-        if config.metrics_port:
-            from mproxy.metrics import Metrics
-
-            self.metrics = Metrics()
         self.ready: Deferred[None] = Deferred()
         self.bound: dict[str, int] = {}
 
