@@ -440,7 +440,7 @@ class ProxySite(_server.Site):
 
 class _NegotiatingProtocol(Protocol):
     """
-    For TLS listeners: speaks HTTP/2 (Twisted's H2 stack, standard
+    For TLS listeners: speaks HTTP/2 (L{mproxy.http.h2.H2Channel}, standard
     requests) when ALPN chose C{h2}, else L{FastHTTPChannel}.
     """
 
@@ -457,19 +457,10 @@ class _NegotiatingProtocol(Protocol):
         t = self.transport
         proto = t.negotiatedProtocol if INegotiated.providedBy(t) else None
         if proto == b"h2" and _http.H2_ENABLED:
-            from twisted.web._http2 import H2Connection
+            from mproxy.http.h2 import H2Channel
 
-            ch = H2Connection(self.site.reactor)
-            ch.requestFactory = _server.Request
-            ch.site = self.site
-            ch.factory = self.site
-            ch.timeOut = self.site.idle_timeout
-            ch.callLater = self.site.reactor.callLater
+            ch = H2Channel(self.site, self.site.reactor, self.site.idle_timeout)
             ch.makeConnection(self.transport)
-            try:
-                self.transport.registerProducer(ch, True)
-            except RuntimeError:
-                pass
         else:
             ch = FastHTTPChannel(self.site, self.site.reactor, self.site.header_timeout,
                                  self.site.idle_timeout, self.site.body_timeout)
