@@ -704,23 +704,22 @@ class FuzzTests(SynchronousTestCase):
 
 
 class NegotiatingShutdownTests(SynchronousTestCase):
-    def test_h2_goaway_then_close(self) -> None:
+    def test_shutdown_is_the_channels(self) -> None:
         """
-        At shutdown an HTTP/2 connection gets GOAWAY and is closed once its
-        streams are done.
+        At shutdown the TLS listener's protocol asks its channel (HTTP/1.1
+        or HTTP/2) to close when idle, and reports the channel's idleness.
         """
         from mproxy.http.server import _NegotiatingProtocol
 
-        class Conn:
-            def close_connection(self) -> None:
-                self.closed = True
+        class Channel:
+            busy = True
+            asked = False
 
-            def data_to_send(self) -> bytes:
-                return b"GOAWAY"
+            def is_idle(self) -> bool:
+                return not self.busy
 
-        class H2:
-            conn = Conn()
-            streams = {1: object()}
+            def close_when_idle(self) -> None:
+                self.asked = True
 
         reactor = MemoryReactorClock()
         site = ProxySite(Recorder(), reactor, secure=True)
@@ -728,12 +727,20 @@ class NegotiatingShutdownTests(SynchronousTestCase):
         self.assertIsInstance(p, _NegotiatingProtocol)
         t = StringTransport()
         p.makeConnection(t)
-        p._channel = H2()
+        ch = p._channel = Channel()
+        self.assertFalse(p.is_idle())
         site.shutdown(10)
-        self.assertEqual(t.value(), b"GOAWAY")
+        self.assertTrue(ch.asked)
         self.assertFalse(t.disconnecting)
-        H2.streams = {}
-        reactor.advance(0.1)
+        ch.busy = False
+        self.assertTrue(p.is_idle())
+
+    def test_shutdown_before_any_byte_closes(self) -> None:
+        site = ProxySite(Recorder(), MemoryReactorClock(), secure=True)
+        p = site.buildProtocol(None)
+        t = StringTransport()
+        p.makeConnection(t)
+        site.shutdown(10)
         self.assertTrue(t.disconnecting)
 
     def test_http11_over_tls_uses_fast_channel(self) -> None:

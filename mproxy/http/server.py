@@ -483,31 +483,18 @@ class _NegotiatingProtocol(Protocol):
 
     def is_idle(self) -> bool:
         ch = self._channel
-        if ch is None:
-            return True
-        if isinstance(ch, FastHTTPChannel):
-            return ch.is_idle()
-        return not ch.streams  # HTTP/2
+        return ch is None or ch.is_idle()
 
     def close_when_idle(self) -> None:
+        """
+        Graceful shutdown, by the channel (HTTP/2: GOAWAY, the open streams
+        complete, then the close).
+        """
         ch = self._channel
-        if isinstance(ch, FastHTTPChannel):
-            ch.close_when_idle()
-            return
-        if ch is not None:
-            # HTTP/2: GOAWAY, then close once the open streams are done
-            try:
-                ch.conn.close_connection()
-                self.transport.write(ch.conn.data_to_send())
-            except Exception:
-                pass
-        self._close_h2_when_done()
-
-    def _close_h2_when_done(self) -> None:
-        if self.is_idle():
+        if ch is None:
             self.transport.loseConnection()
-        elif self.connected:
-            self.site.reactor.callLater(0.1, self._close_h2_when_done)
+        else:
+            ch.close_when_idle()
 
     def abort(self) -> None:
         self.transport.abortConnection()
