@@ -703,43 +703,17 @@ class FuzzTests(SynchronousTestCase):
                 self.assertTrue(out.startswith(b"HTTP/1.1 "), (bytes(data), out))
 
 
-class NegotiatingShutdownTests(SynchronousTestCase):
-    def test_shutdown_is_the_channels(self) -> None:
+class NegotiatingTests(SynchronousTestCase):
+    def test_close_before_any_byte(self) -> None:
         """
-        At shutdown the TLS listener's protocol asks its channel (HTTP/1.1
-        or HTTP/2) to close when idle, and reports the channel's idleness.
+        At shutdown a TLS connection that has not chosen a protocol yet is
+        closed at once.
         """
-        from mproxy.http.server import _NegotiatingProtocol
-
-        class Channel:
-            busy = True
-            asked = False
-
-            def is_idle(self) -> bool:
-                return not self.busy
-
-            def close_when_idle(self) -> None:
-                self.asked = True
-
-        reactor = MemoryReactorClock()
-        site = ProxySite(Recorder(), reactor, secure=True)
-        p = site.buildProtocol(None)
-        self.assertIsInstance(p, _NegotiatingProtocol)
-        t = StringTransport()
-        p.makeConnection(t)
-        ch = p._channel = Channel()
-        self.assertFalse(p.is_idle())
-        site.shutdown(10)
-        self.assertTrue(ch.asked)
-        self.assertFalse(t.disconnecting)
-        ch.busy = False
-        self.assertTrue(p.is_idle())
-
-    def test_shutdown_before_any_byte_closes(self) -> None:
         site = ProxySite(Recorder(), MemoryReactorClock(), secure=True)
         p = site.buildProtocol(None)
         t = StringTransport()
         p.makeConnection(t)
+        self.assertTrue(p.is_idle())
         site.shutdown(10)
         self.assertTrue(t.disconnecting)
 
@@ -751,6 +725,7 @@ class NegotiatingShutdownTests(SynchronousTestCase):
         site = ProxySite(r, MemoryReactorClock(), secure=True)
         p = site.buildProtocol(None)
         t = StringTransport()
+        t.negotiatedProtocol = None  # type: ignore[attr-defined]
         p.makeConnection(t)
         p.dataReceived(GET)
         self.assertIsInstance(p._channel, FastHTTPChannel)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet.interfaces import INegotiated, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http as _http
@@ -454,8 +454,8 @@ class _NegotiatingProtocol(Protocol):
         self.site._connection_opened(self)
 
     def _choose(self) -> Any:
-        t = self.transport
-        proto = t.negotiatedProtocol if INegotiated.providedBy(t) else None
+        # a TLS transport: its ALPN result (None before TLS 1.2 ALPN)
+        proto = self.transport.negotiatedProtocol
         if proto == b"h2" and _http.H2_ENABLED:
             from mproxy.http.h2 import H2Channel
 
@@ -487,8 +487,8 @@ class _NegotiatingProtocol(Protocol):
 
     def close_when_idle(self) -> None:
         """
-        Graceful shutdown, by the channel (HTTP/2: GOAWAY, the open streams
-        complete, then the close).
+        Graceful shutdown, as the chosen channel does it (HTTP/2: GOAWAY,
+        the open streams finish); before any byte, close at once.
         """
         ch = self._channel
         if ch is None:
