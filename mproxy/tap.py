@@ -215,6 +215,8 @@ class MproxyService(MultiService):
         yield self._listen(
             "https", cfg.https_port, https_server_factory(self.certificates, secure_site)
         )
+        if cfg.http3:
+            yield self._listen_http3(secure_site)
         try:
             self._unhook_sighup = install_sighup_reload(
                 self.reactor, self.certificates.reload_static
@@ -267,6 +269,17 @@ class MproxyService(MultiService):
                     port_number = self.bound[what]
         if what not in self.bound:
             raise StartupError(f"cannot listen for {what.upper()} on port {port_number}: {errors[-1]}")
+
+    def _listen_http3(self, secure_site: Any) -> Any:
+        from mproxy.http.h3 import serve_http3
+
+        port = self.bound["https"]
+        try:
+            listener = serve_http3(self.reactor, secure_site, self.certificates.select,
+                                   self.logger, bind=self.config.bind, port=port)
+        except Exception as e:
+            raise StartupError(f"cannot listen for HTTP/3 on UDP port {port}: {e}")
+        self.sites.append(listener)
 
     @inlineCallbacks
     def _listen_metrics(self) -> Any:
