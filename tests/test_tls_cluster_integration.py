@@ -266,6 +266,10 @@ class ClusterRenewalTests(ClusterIntegration):
         prober.start()
         yield sleep(22)
         yield deferToThread(prober.stop)
+        for _ in range(50):  # an order placed just before the end completes
+            if self.orders() == self.issued():
+                break
+            yield sleep(0.1)
         seen = set(prober.serials[self.https("a")]) | set(prober.serials[self.https("b")])
         print(f"MEASURED cluster renewal: {prober.requests} requests, {len(prober.failures)} failed,"
               f" {len(seen)} serials seen, pebble orders {self.orders()}, issued {self.issued()}")
