@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectError
 from twisted.protocols import amp
 
 from mproxy.control import commands as c
+from mproxy.controlsocket import check_server_peer, check_server_socket
 from mproxy.errors import MproxyError
 from mproxy.spec import DeployRequest, to_json
 
@@ -90,6 +91,17 @@ def _connect_reason(e: ConnectError) -> str:
     return str(e) or e.__class__.__name__
 
 
+def _check_peer(path: str, protocol: ClientProtocol) -> None:
+    """
+    Refuse a server process that runs as another user (not us, not root).
+    """
+    try:
+        check_server_peer(path, protocol.transport)
+    except MproxyError:
+        protocol.transport.abortConnection()
+        raise
+
+
 @inlineCallbacks
 def connect(
     reactor: Any, path: str, on_progress: Callable[[str, str], None] | None = None
@@ -100,6 +112,7 @@ def connect(
     @raise ServerUnavailable: when nothing answers on C{path}.
     """
     endpoint = UNIXClientEndpoint(reactor, path, timeout=10)
+    check_server_socket(path)
     try:
         protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
     except ConnectError as e:
@@ -108,6 +121,7 @@ def connect(
             f"cannot connect to mproxy at {path}: {reason} "
             "(is `mproxy run` running? use --socket or MPROXY_SOCKET to choose the socket)"
         )
+    _check_peer(path, protocol)
     try:
         yield protocol.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
     except c.VersionMismatch as e:
