@@ -65,7 +65,7 @@ def listen_failure(what: str, port: int, error: BaseException) -> StartupError:
     The start-up error for a port that could not be bound; a port below
     1024 refused for lack of privilege names the way out.
     """
-    message = f"cannot listen for {what} on port {port}: {error}"
+    message = f"cannot listen for {what} on port {port}: {str(error).rstrip('.')}"
     socket_error = error.socketError if isinstance(error, CannotListenError) else error
     if (
         isinstance(socket_error, OSError)
