@@ -6,7 +6,7 @@ out of rotation.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -14,9 +14,26 @@ from twisted.internet.interfaces import IReactorTime
 from mproxy.health import HealthChecker, ProbeFunction
 from mproxy.logging import JSONLogger
 from mproxy.spec import HealthCheckConfig
-from mproxy.target import Claim, PoolFactory, Target, TargetState, no_pool
+from mproxy.target import Claim, Drained, PoolFactory, Target, TargetState, no_pool
 
 OnHealth = Callable[[Target, bool, str], None]
+
+
+def gather_drains(drains: list[Deferred[Drained]]) -> Deferred[Drained]:
+    """
+    Fire with the sum of C{drains} once all have fired.
+    """
+    if not drains:
+        return succeed(Drained())
+
+    def total(results: list[tuple[bool, Any]]) -> Drained:
+        out = Drained()
+        for ok, value in results:
+            if ok and isinstance(value, Drained):
+                out += value
+        return out
+
+    return DeferredList(drains, consumeErrors=True).addCallback(total)
 
 
 class LoadBalancer:
@@ -50,6 +67,14 @@ class LoadBalancer:
     @property
     def addresses(self) -> list[str]:
         return [t.address for t in self.targets]
+
+    @property
+    def writer_addresses(self) -> list[str]:
+        return [t.address for t in self.writers]
+
+    @property
+    def reader_addresses(self) -> list[str]:
+        return [t.address for t in self.readers]
 
     def _rebuild(self) -> None:
         self._writer_rotation = [t for t in self.writers if t.healthy]
@@ -160,11 +185,12 @@ class LoadBalancer:
     def inflight(self) -> int:
         return sum(len(t.inflight) for t in self.targets)
 
-    def drain(self, timeout: float) -> Deferred[object]:
-        ds = [t.drain(timeout) for t in self.targets]
-        if not ds:
-            return succeed(None)
-        return DeferredList(ds, consumeErrors=True)
+    def drain(self, timeout: float) -> Deferred[Drained]:
+        """
+        Drain every target at once (see L{Target.drain}); fires with the sum
+        of what they did.
+        """
+        return gather_drains([t.drain(timeout) for t in self.targets])
 
     def close(self) -> None:
         self.stop_health_checks()

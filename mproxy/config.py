@@ -45,6 +45,31 @@ def parse_str(text: str) -> str:
     return text
 
 
+def parse_cluster_url(text: str) -> str:
+    """
+    C{redis://[user:password@]host:port/db} or C{rediss://...} (TLS); empty
+    means no cluster.
+    """
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        parts = urlsplit(text)
+        parts.port  # a port that is not a number raises here
+    except ValueError:
+        raise ValueError(f"invalid cluster URL {text!r}")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(
+            f"invalid cluster URL {text!r}: expected redis://[user:password@]host:port/db or rediss://..."
+        )
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"invalid cluster URL {text!r}: the database must be a number")
+    return text
+
+
 @frozen
 class OptionSpec:
     name: str  # flag name without dashes, e.g. "http-port"
@@ -95,6 +120,19 @@ SERVER_OPTIONS: tuple[OptionSpec, ...] = (
         "http-idle-timeout", parse_duration, 75.0, "HTTP_IDLE_TIMEOUT",
         "Time an idle keep-alive client connection is kept open, in seconds or 75s/2m",
     ),
+    OptionSpec(
+        "cluster", parse_cluster_url, "", "CLUSTER",
+        "Share ACME certificates with other mproxy nodes through Redis: "
+        "redis://[user:password@]host:port/db or rediss://... (default: no cluster)",
+    ),
+    OptionSpec(
+        "cluster-ca-bundle", parse_str, "", "CLUSTER_CA_BUNDLE",
+        "PEM file of CA certificates to trust for a rediss:// cluster store (default: system trust)",
+    ),
+    OptionSpec(
+        "cluster-node", parse_str, "", "CLUSTER_NODE",
+        "This node's name in the cluster, shown by list (default: the host name)",
+    ),
     OptionSpec("debug", parse_bool, False, "DEBUG", "Log at DEBUG level", flag=True),
 )
 
@@ -112,6 +150,9 @@ class ServerConfig:
     acme_ca_bundle: str = ""
     http_header_timeout: float = 30.0
     http_idle_timeout: float = 75.0
+    cluster: str = ""
+    cluster_ca_bundle: str = ""
+    cluster_node: str = ""
     debug: bool = False
 
 

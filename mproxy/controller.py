@@ -1,6 +1,11 @@
 """
-The operations behind every control command: deploy, remove, pause, stop,
-resume, rollout, list; plus restoring from and saving to the state file.
+The operations behind every control command: deploy, rollout, remove, pause,
+stop, resume, list; and restoring the services from the state file.
+
+Every command that changes a service makes the new state durable first and
+applies it only then: when the state file cannot be written the command
+fails with L{StateError} and nothing changes, so what a command answers is
+what is serving, and what a restart brings back.
 
 A deploy never holds anything that other services need while it waits:
 health waits and drains only touch the service being deployed, and commands
@@ -12,48 +17,38 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import attrs
-
-from twisted.internet.defer import (
-    CancelledError,
-    DeferredList,
-    DeferredLock,
-    TimeoutError,
-    inlineCallbacks,
-)
+from twisted.internet.defer import CancelledError, DeferredLock, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
-from mproxy.balancer import LoadBalancer
-from mproxy.errors import (
-    DeployTimedOut,
-    InvalidOptions,
-    InvalidTarget,
-    RolloutNotSet,
-    ServiceNotFound,
-    StateError,
+from mproxy.balancer import LoadBalancer, gather_drains
+from mproxy.deploy import (
+    DeployResult,
+    Progress,
+    drain_replaced,
+    no_progress,
+    plural,
+    wait_healthy,
 )
+from mproxy.errors import RolloutNotSet, ServiceNotFound, StateError
 from mproxy.health import ProbeFunction
-from mproxy.http import custompages
+from mproxy.listing import service_rows
 from mproxy.logging import JSONLogger
 from mproxy.router import Router
 from mproxy.service import PauseState, RolloutSplit, Service
 from mproxy.spec import (
+    DEFAULT_DEPLOY_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_PAUSE_TIMEOUT,
     DeployRequest,
-    HealthCheckConfig,
     ServiceOptions,
-    TargetOptions,
-    format_duration,
-    options_from_json,
-    parse_target,
-    to_json,
+    unique,
+    validate_drain,
+    validate_percentage,
+    validate_targets,
+    validate_timeouts,
 )
-from mproxy.state import StateStore
-from mproxy.target import PoolFactory, no_pool
-
-Progress = Callable[[str, str], None]
-
-
-def _no_progress(phase: str, detail: str) -> None:
-    pass
+from mproxy.state import PauseRecord, ServiceRecord, Slot, StateStore
+from mproxy.target import Drained, PoolFactory, no_pool
 
 
 class Certificates(Protocol):
@@ -84,6 +79,45 @@ class NoCertificates:
         return {}
 
 
+class DeployRecorder(Protocol):
+    """
+    Told the outcome of every deploy (L{mproxy.metrics.Metrics} counts them):
+    C{success}, C{failure} or C{cancelled}.
+    """
+
+    def deploy(self, service: str, outcome: str) -> None: ...
+
+
+class _NoRecorder:
+    def deploy(self, service: str, outcome: str) -> None:
+        pass
+
+
+def _accept_error_pages(options: ServiceOptions) -> None:
+    pass
+
+
+def record_of(service: Service) -> ServiceRecord:
+    """
+    The state-file record of a live service.
+    """
+
+    def slot(lb: LoadBalancer) -> Slot:
+        return Slot(lb.writer_addresses, lb.reader_addresses)
+
+    return ServiceRecord(
+        name=service.name,
+        options=service.options,
+        target_options=service.target_options,
+        active=slot(service.active),
+        rollout=slot(service.rollout) if service.rollout is not None else None,
+        split=service.split,
+        pause=PauseRecord(
+            service.pause.state, service.pause.max_pause, service.pause.stop_message
+        ),
+    )
+
+
 class Controller:
     def __init__(
         self,
@@ -94,7 +128,15 @@ class Controller:
         logger: JSONLogger,
         pool_factory: PoolFactory = no_pool,
         certificates: Certificates | None = None,
+        validate_error_pages: Callable[[ServiceOptions], None] = _accept_error_pages,
+        deploys: DeployRecorder | None = None,
     ) -> None:
+        """
+        @param validate_error_pages: raises L{mproxy.errors.ErrorPagesError}
+            when the options name error pages that cannot be loaded (the data
+            plane's L{mproxy.http.custompages.validate}).
+        @param deploys: told the outcome of every deploy.
+        """
         self.router = router
         self.clock = clock
         self.probe = probe
@@ -102,6 +144,8 @@ class Controller:
         self.logger = logger
         self.pool_factory = pool_factory
         self.certificates: Certificates = certificates or NoCertificates()
+        self.validate_error_pages = validate_error_pages
+        self.deploys: DeployRecorder = deploys or _NoRecorder()
         self._locks: dict[str, DeferredLock] = {}
 
     def _lock(self, name: str) -> DeferredLock:
@@ -113,44 +157,57 @@ class Controller:
     def _service(self, name: str) -> Service:
         s = self.router.services.get(name)
         if s is None:
-            raise ServiceNotFound()
+            raise ServiceNotFound.named(name)
         return s
 
-    def _balancer(self, writers: tuple[str, ...], readers: tuple[str, ...]) -> LoadBalancer:
-        return LoadBalancer(writers, readers, self.clock, self.pool_factory, self.logger)
+    def _balancer(self, slot: Slot) -> LoadBalancer:
+        return LoadBalancer(slot.writers, slot.readers, self.clock, self.pool_factory,
+                            self.logger)
+
+    def _commit(self, name: str, record: ServiceRecord | None) -> None:
+        """
+        Make durable the state in which service C{name} is C{record} (or is
+        gone, for C{None}).  The caller applies the change only after this
+        returns.
+
+        @raise StateError: when the state file cannot be written; the old
+            file is intact and nothing has changed.
+        """
+        if self.store is None:
+            return
+        records = [record_of(s) for n, s in self.router.services.items() if n != name]
+        if record is not None:
+            records.append(record)
+        records.sort(key=lambda r: r.name)
+        try:
+            self.store.save(records)
+        except OSError as e:
+            self.logger.error("Unable to save state", path=self.store.path, error=str(e))
+            raise StateError(
+                f"cannot write state file {self.store.path}: {e.strerror or e}; "
+                "nothing was changed"
+            ) from e
+        self.logger.debug("Saved state", path=self.store.path)
 
     # Deploy
 
     @inlineCallbacks
-    def deploy(self, req: DeployRequest, progress: Progress = _no_progress) -> Any:
+    def deploy(self, req: DeployRequest, progress: Progress = no_progress) -> Any:
         """
         Health-check the new targets, switch the service to them, drain the
-        old ones; fires with the new target addresses only when all of that is
-        done.  On failure nothing changes and the old targets keep serving.
+        old ones; fires with a L{DeployResult} only when all of that is done.
+        On failure nothing changes and the old targets keep serving.
+
+        Cancelling the Deferred before the switch abandons the deploy (checks
+        stopped, nothing changed); after the switch the drain goes on and the
+        Deferred fires when it ends.
         """
-        req.validate()
-        self.certificates.validate(req.options)
-        custompages.validate(req.options)
-        lock = self._lock(req.service)
-        yield lock.acquire()
         try:
-            old_lb, save_error = yield self._install(
-                req.service,
-                req.targets,
-                req.readers,
-                req.options,
-                req.target_options,
-                req.deploy_timeout,
-                req.force,
-                progress,
-                rollout=False,
-            )
-        finally:
-            lock.release()
-        if old_lb is not None:
-            yield self._drain(req.service, old_lb, req.drain_timeout, progress)
-        if save_error is not None:
-            raise save_error
+            result = yield self._deploy(req, progress)
+        except BaseException as e:
+            self._deploy_failed(req.service, req.targets, e)
+            raise
+        self.deploys.deploy(req.service, "success")
         self.logger.info(
             "Deployed",
             service=req.service,
@@ -158,105 +215,90 @@ class Controller:
             hosts=list(req.options.hosts),
             paths=list(req.options.path_prefixes),
             tls=req.options.tls_enabled,
+            drained=result.drained.requests,
+            cut=result.drained.cut,
         )
         progress("done", "")
-        return list(req.targets + req.readers)
+        return result
+
+    def _deploy_failed(self, service: str, targets: tuple[str, ...], e: BaseException) -> None:
+        if isinstance(e, CancelledError):
+            self.deploys.deploy(service, "cancelled")
+            self.logger.warn(
+                "Deploy cancelled", service=service, targets=list(targets),
+                reason="cancelled before the switch; the old targets keep serving",
+            )
+        else:
+            self.deploys.deploy(service, "failure")
+            self.logger.error(
+                "Deploy failed", service=service, targets=list(targets),
+                error=str(e) or e.__class__.__name__,
+            )
 
     @inlineCallbacks
-    def _install(
-        self,
-        name: str,
-        writers: tuple[str, ...],
-        readers: tuple[str, ...],
-        options: ServiceOptions,
-        target_options: TargetOptions,
-        deploy_timeout: float,
-        force: bool,
-        progress: Progress,
-        rollout: bool,
-    ) -> Any:
+    def _deploy(self, req: DeployRequest, progress: Progress) -> Any:
+        req.validate()
+        self.certificates.validate(req.options)
+        self.validate_error_pages(req.options)
         self.logger.info(
-            "Deploying for rollout" if rollout else "Deploying",
-            service=name,
-            targets=list(writers),
-            hosts=list(options.hosts),
-            paths=list(options.path_prefixes),
-            tls=options.tls_enabled,
+            "Deploying", service=req.service, targets=list(req.targets),
+            hosts=list(req.options.hosts), paths=list(req.options.path_prefixes),
+            tls=req.options.tls_enabled,
         )
-        # Refuse a host conflict before spending the deploy timeout on health.
-        self.router.check_conflicts(name, options)
-        lb = self._balancer(writers, readers)
-
-        def report_health(target: Any, ok: bool, error: str) -> None:
-            progress("health-result", f"{target.address}: " + ("healthy" if ok else error))
-
-        lb.health_listeners.append(report_health)
-        lb.start_health_checks(target_options.health_check, self.probe)
-        if not force:
-            progress("health", f"waiting for {', '.join(lb.addresses)} to become healthy")
-            wait = lb.wait_healthy()
-            wait.addTimeout(deploy_timeout, self.clock)
-            try:
-                yield wait
-            except (TimeoutError, CancelledError):
-                lb.close()
-                msg = (
-                    "target failed to become healthy within configured timeout "
-                    f"({format_duration(deploy_timeout)})"
-                )
-                if lb.last_health_error:
-                    msg += f": {lb.last_health_error}"
-                raise DeployTimedOut(msg)
-        else:
-            self.logger.warn("Deploying without waiting for health (--force)", service=name)
-        # The switch: synchronous, so no request can slip between the old
-        # balancer and the new one.
+        lock = self._lock(req.service)
+        yield lock.acquire()
         try:
-            self.router.check_conflicts(name, options)
-            existing = self.router.services.get(name)
-            if rollout:
-                if existing is None:
-                    # Removed while the rollout waited for health.
-                    raise ServiceNotFound()
-                old_lb = existing.rollout
-                existing.rollout = lb
-            elif existing is None:
-                old_lb = None
-                self.router.install(
-                    Service(name, options, target_options, lb, self.clock)
-                )
+            # Refuse a host conflict before spending the deploy timeout on health.
+            self.router.check_conflicts(req.service, req.options)
+            lb = self._balancer(Slot(req.targets, req.readers))
+            if req.force:
+                self.logger.warn("Deploying without waiting for health (--force)",
+                                 service=req.service)
+                lb.start_health_checks(req.target_options.health_check, self.probe)
             else:
-                old_lb = existing.active
-                existing.options = options
-                existing.target_options = target_options
-                existing.active = lb
-                self.router.install(existing)
+                yield wait_healthy(lb, req.target_options, self.probe, self.clock,
+                                   req.deploy_timeout, progress)
+            old = self._switch_active(req, lb)
+        finally:
+            lock.release()
+        progress("switched", "traffic switched to " + ", ".join(lb.addresses))
+        drained = Drained()
+        if old is not None:
+            drained = yield drain_replaced(old, req.drain_timeout, progress)
+        return DeployResult(req.targets + req.readers, drained)
+
+    def _switch_active(self, req: DeployRequest, lb: LoadBalancer) -> LoadBalancer | None:
+        """
+        Make C{lb} the service's active load balancer, creating the service
+        or updating its options; returns the load balancer it replaced.
+        Synchronous, so no request can slip between the old one and the new.
+        On any error C{lb} is closed and nothing has changed.
+        """
+        name = req.service
+        try:
+            self.router.check_conflicts(name, req.options)
+            existing = self.router.services.get(name)
+            record = ServiceRecord(name, req.options, req.target_options,
+                                   Slot(req.targets, req.readers))
+            if existing is not None:
+                kept = record_of(existing)
+                record = attrs.evolve(record, rollout=kept.rollout, split=kept.split,
+                                      pause=kept.pause)
+            self._commit(name, record)
         except BaseException:
             lb.close()
             raise
-        if not rollout:
-            self.certificates.update_service(name, options)
-        lb.health_listeners.remove(report_health)
-        save_error = None
-        try:
-            self.save()
-        except StateError as e:
-            # Traffic has switched: the old balancer must still be drained
-            # before the error is reported.
-            save_error = e
-        progress("switched", "traffic switched to " + ", ".join(lb.addresses))
-        return old_lb, save_error
-
-    @inlineCallbacks
-    def _drain(
-        self, name: str, lb: LoadBalancer, timeout: float, progress: Progress
-    ) -> Any:
-        lb.stop_health_checks()
-        n = lb.inflight()
-        progress("draining", f"draining {n} request{'s' if n != 1 else ''} from "
-                 + ", ".join(lb.addresses))
-        yield lb.drain(timeout)
-        lb.close()
+        if existing is None:
+            old = None
+            existing = Service(name, req.options, req.target_options, lb, self.clock)
+        else:
+            old = existing.active
+            existing.options = req.options
+            existing.target_options = req.target_options
+            existing.active = lb
+        self.router.install(existing)
+        self.certificates.update_service(name, req.options)
+        return old
 
     # Rollout
 
@@ -265,60 +307,77 @@ class Controller:
         self,
         name: str,
         targets: tuple[str, ...],
-        readers: tuple[str, ...],
-        deploy_timeout: float,
-        drain_timeout: float,
-        progress: Progress = _no_progress,
+        readers: tuple[str, ...] = (),
+        deploy_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        progress: Progress = no_progress,
     ) -> Any:
-        if not targets:
-            raise InvalidOptions('required flag(s) "target" not set')
-        for t in targets + readers:
-            parse_target(t)
+        """
+        Fill the service's rollout slot with healthy new targets (no traffic
+        moves until L{rollout_set}); fires with a L{DeployResult} once the
+        targets it replaced have drained.
+        """
+        slot = Slot(unique(targets), unique(readers))
+        validate_targets(slot.writers, slot.readers)
+        validate_timeouts(deploy_timeout, drain_timeout)
         service = self._service(name)
         lock = self._lock(name)
         yield lock.acquire()
         try:
-            service = self._service(name)
-            old_lb, save_error = yield self._install(
-                name,
-                targets,
-                readers,
-                service.options,
-                service.target_options,
-                deploy_timeout,
-                False,
-                progress,
-                rollout=True,
-            )
+            self.logger.info("Deploying for rollout", service=name, targets=list(slot.writers))
+            lb = self._balancer(slot)
+            yield wait_healthy(lb, service.target_options, self.probe, self.clock,
+                               deploy_timeout, progress)
+            old = self._fill_rollout(name, lb)
         finally:
             lock.release()
-        if old_lb is not None:
-            yield self._drain(name, old_lb, drain_timeout, progress)
-        if save_error is not None:
-            raise save_error
-        self.logger.info("Deployed for rollout", service=name, targets=list(targets))
-        return list(targets + readers)
+        progress("switched", "rollout targets ready: " + ", ".join(lb.addresses)
+                 + " (traffic moves with `mproxy rollout set`)")
+        drained = Drained()
+        if old is not None:
+            drained = yield drain_replaced(old, drain_timeout, progress)
+        self.logger.info("Deployed for rollout", service=name, targets=list(slot.writers))
+        progress("done", "")
+        return DeployResult(slot.writers + slot.readers, drained)
+
+    def _fill_rollout(self, name: str, lb: LoadBalancer) -> LoadBalancer | None:
+        """
+        Put C{lb} in the rollout slot; returns the load balancer it replaced.
+        On any error C{lb} is closed and nothing has changed.
+        """
+        try:
+            service = self._service(name)  # removed while the rollout waited?
+            slot = Slot(lb.writer_addresses, lb.reader_addresses)
+            self._commit(name, attrs.evolve(record_of(service), rollout=slot))
+        except BaseException:
+            lb.close()
+            raise
+        old, service.rollout = service.rollout, lb
+        return old
 
     def rollout_set(self, name: str, percentage: int, allowlist: tuple[str, ...]) -> None:
+        validate_percentage(percentage)
         service = self._service(name)
         if service.rollout is None:
             raise RolloutNotSet()
-        service.split = RolloutSplit(percentage, tuple(allowlist))
+        split = RolloutSplit(percentage, tuple(allowlist))
+        self._commit(name, attrs.evolve(record_of(service), split=split))
+        service.split = split
         self.logger.info(
             "Set rollout split", service=name, percentage=percentage, allowlist=list(allowlist)
         )
-        self.save()
 
     def rollout_stop(self, name: str) -> None:
         service = self._service(name)
+        self._commit(name, attrs.evolve(record_of(service), split=None))
         service.split = None
         self.logger.info("Stopped rollout", service=name)
-        self.save()
 
     # Remove, pause, stop, resume
 
     def remove(self, name: str) -> None:
         service = self._service(name)
+        self._commit(name, None)
         self.router.remove(name)
         for lb in service.balancers():
             lb.stop_health_checks()
@@ -330,103 +389,80 @@ class Controller:
         service.pause.resume()
         self.certificates.remove_service(name)
         self.logger.info("Service removed", service=name)
-        self.save()
+
+    def _set_pause(self, service: Service, pause: PauseRecord) -> None:
+        self._commit(service.name, attrs.evolve(record_of(service), pause=pause))
+        if pause.state is PauseState.PAUSED:
+            service.pause.pause(pause.max_pause)
+        elif pause.state is PauseState.STOPPED:
+            service.pause.stop(pause.stop_message)
+        else:
+            service.pause.resume()
 
     @inlineCallbacks
-    def pause(self, name: str, drain_timeout: float, max_pause: float) -> Any:
-        service = self._service(name)
-        service.pause.pause(max_pause)
-        self.logger.info("Service paused", service=name)
-        self.save()
-        yield DeferredList([lb.drain(drain_timeout) for lb in service.balancers()])
-        self.logger.info("Service drained", service=name)
+    def _drain_service(self, service: Service, timeout: float, progress: Progress) -> Any:
+        n = sum(lb.inflight() for lb in service.balancers())
+        progress("draining", f"draining {plural(n, 'request')} from {service.name}")
+        drained = yield gather_drains([lb.drain(timeout) for lb in service.balancers()])
+        self.logger.info("Service drained", service=service.name,
+                         drained=drained.requests, cut=drained.cut)
+        progress("done", "")
+        return drained
+
+    def pause(
+        self,
+        name: str,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        max_pause: float = DEFAULT_PAUSE_TIMEOUT,
+        progress: Progress = no_progress,
+    ) -> Any:
+        """
+        Hold the service's new requests (each for up to C{max_pause}); fires
+        with a L{Drained} once its requests in flight have finished.
+        """
+        return self._pause_or_stop(
+            name, PauseRecord(PauseState.PAUSED, max_pause, ""), drain_timeout, progress,
+            "Service paused",
+        )
+
+    def stop(
+        self,
+        name: str,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        message: str = "",
+        progress: Progress = no_progress,
+    ) -> Any:
+        """
+        Answer the service's requests with a 503 page (showing C{message});
+        fires with a L{Drained} once its requests in flight have finished.
+        """
+        return self._pause_or_stop(
+            name, PauseRecord(PauseState.STOPPED, DEFAULT_PAUSE_TIMEOUT, message),
+            drain_timeout, progress, "Service stopped",
+        )
 
     @inlineCallbacks
-    def stop(self, name: str, drain_timeout: float, message: str) -> Any:
+    def _pause_or_stop(
+        self, name: str, pause: PauseRecord, drain_timeout: float, progress: Progress,
+        message: str,
+    ) -> Any:
+        validate_drain(drain_timeout, pause.max_pause)
         service = self._service(name)
-        service.pause.stop(message)
-        self.logger.info("Service stopped", service=name)
-        self.save()
-        yield DeferredList([lb.drain(drain_timeout) for lb in service.balancers()])
-        self.logger.info("Service drained", service=name)
+        if pause.state is PauseState.STOPPED:
+            pause = attrs.evolve(pause, max_pause=service.pause.max_pause)
+        self._set_pause(service, pause)
+        self.logger.info(message, service=name)
+        return (yield self._drain_service(service, drain_timeout, progress))
 
     def resume(self, name: str) -> None:
         service = self._service(name)
-        service.pause.resume()
+        self._set_pause(service, PauseRecord(PauseState.RUNNING, service.pause.max_pause))
         self.logger.info("Service resumed", service=name)
-        self.save()
 
     # Listing and state
 
     def list(self) -> list[dict[str, Any]]:
-        certs = self.certificates.status()
-        claimed = {h for s in self.router.services.values() for h in s.options.hosts if h}
-        out = []
-        for name in sorted(self.router.services):
-            s = self.router.services[name]
-            hosts = [h for h in s.options.hosts if h]
-            if s.options.tls_on_demand_url:
-                # Its certificates are for whichever names were approved.
-                names = sorted(h for h in certs if h not in claimed)
-            else:
-                names = hosts
-            out.append(
-                {
-                    "service": name,
-                    "hosts": hosts,
-                    "paths": list(s.options.path_prefixes),
-                    "targets": s.active.addresses,
-                    "rollout_targets": s.rollout.addresses if s.rollout else [],
-                    "state": s.state_name,
-                    "tls": s.options.tls_enabled,
-                    "certificates": {h: certs[h] for h in names if h in certs},
-                    "inflight": sum(lb.inflight() for lb in s.balancers()),
-                }
-            )
-        return out
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for name in sorted(self.router.services):
-            s = self.router.services[name]
-            out.append(
-                {
-                    "name": name,
-                    "options": to_json(s.options),
-                    "target_options": to_json(s.target_options),
-                    "active_targets": [t.address for t in s.active.writers],
-                    "active_readers": [t.address for t in s.active.readers],
-                    "rollout_targets": (
-                        [t.address for t in s.rollout.writers] if s.rollout else None
-                    ),
-                    "rollout_readers": (
-                        [t.address for t in s.rollout.readers] if s.rollout else None
-                    ),
-                    "pause": {
-                        "state": int(s.pause.state),
-                        "stop_message": s.pause.stop_message,
-                        "max_pause": s.pause.max_pause,
-                    },
-                    "rollout_split": (
-                        {"percentage": s.split.percentage, "allowlist": list(s.split.allowlist)}
-                        if s.split
-                        else None
-                    ),
-                }
-            )
-        return out
-
-    def save(self) -> None:
-        if self.store is None:
-            return
-        try:
-            self.store.save(self.records())
-        except OSError as e:
-            self.logger.error("Unable to save state", path=self.store.path, error=str(e))
-            raise StateError(
-                f"cannot write state file {self.store.path}: {e.strerror or e}"
-            ) from e
-        self.logger.debug("Saved state", path=self.store.path)
+        return service_rows(self.router, self.certificates.status())
 
     def restore(self) -> int:
         """
@@ -441,80 +477,30 @@ class Controller:
         if records is None:
             self.logger.info("No previous state to restore", path=self.store.path)
             return 0
-        services = []
-        try:
-            for r in records:
-                services.append(self._decode_record(r))
-        except (InvalidOptions, InvalidTarget, TypeError, ValueError, KeyError,
-                AttributeError) as e:
-            raise StateError(f"state file {self.store.path} is invalid: {e}")
-        for name, options, target_options, active, rollout, split, pause in services:
-            lb = self._balancer(*active)
+        for r in records:
+            self._restore(r)
+        self.logger.info("Restored saved state", path=self.store.path, services=len(records))
+        return len(records)
+
+    def _restore(self, r: ServiceRecord) -> None:
+        def serving(slot: Slot) -> LoadBalancer:
+            lb = self._balancer(slot)
             lb.mark_all_healthy()
-            lb.start_health_checks(target_options.health_check, self.probe)
-            service = Service(name, options, target_options, lb, self.clock)
-            if rollout[0]:
-                rlb = self._balancer(*rollout)
-                rlb.mark_all_healthy()
-                rlb.start_health_checks(target_options.health_check, self.probe)
-                service.rollout = rlb
-            service.split = split
-            state, max_pause, stop_message = pause
-            if state is PauseState.PAUSED:
-                service.pause.pause(max_pause)
-            elif state is PauseState.STOPPED:
-                service.pause.stop(stop_message)
-            self.router.install(service)
-            self.certificates.update_service(name, options)
-        self.logger.info("Restored saved state", path=self.store.path, services=len(services))
-        return len(services)
+            lb.start_health_checks(r.target_options.health_check, self.probe)
+            return lb
 
-    @staticmethod
-    def _decode_record(r: dict[str, Any]) -> tuple[Any, ...]:
-        """
-        Check and decode one saved service record completely, so that a bad
-        record is found before anything is restored.
-        """
-
-        def mapping(key: str) -> dict[str, Any]:
-            v = r.get(key) or {}
-            if not isinstance(v, dict):
-                raise TypeError(f"{key} of {r['name']!r} is not an object")
-            return v
-
-        def addresses(key: str) -> tuple[str, ...]:
-            v = tuple(r.get(key) or ())
-            for t in v:
-                parse_target(t)
-            return v
-
-        options = options_from_json(ServiceOptions, mapping("options"))
-        target_options = options_from_json(TargetOptions, mapping("target_options"))
-        if not isinstance(target_options.health_check, HealthCheckConfig):
-            raise TypeError(f"health_check of {r['name']!r} is not an object")
-        if "/" in options.path_prefixes:
-            options.validate()
-        else:
-            # Path services' TLS flags are inherited from their host's root
-            # service (Router._inherit_tls), not set by the user.
-            attrs.evolve(options, tls_enabled=False, tls_redirect=True).validate()
-        active = (addresses("active_targets"), addresses("active_readers"))
-        if not active[0]:
-            raise InvalidOptions(f"no active targets for {r['name']!r}")
-        rollout = (addresses("rollout_targets"), addresses("rollout_readers"))
-        split = None
-        if r.get("rollout_split"):
-            s = mapping("rollout_split")
-            split = RolloutSplit(int(s.get("percentage", 0)), tuple(s.get("allowlist") or ()))
-        pause = mapping("pause")
-        state = PauseState(int(pause.get("state", 0)))
-        max_pause = float(pause.get("max_pause", 30.0))
-        stop_message = str(pause.get("stop_message", ""))
-        return (r["name"], options, target_options, active, rollout, split,
-                (state, max_pause, stop_message))
+        service = Service(r.name, r.options, r.target_options, serving(r.active), self.clock)
+        if r.rollout is not None:
+            service.rollout = serving(r.rollout)
+        service.split = r.split
+        if r.pause.state is PauseState.PAUSED:
+            service.pause.pause(r.pause.max_pause)
+        elif r.pause.state is PauseState.STOPPED:
+            service.pause.stop(r.pause.stop_message)
+        self.router.install(service)
+        self.certificates.update_service(r.name, r.options)
 
     def shutdown(self) -> None:
         for s in self.router.services.values():
             for lb in s.balancers():
                 lb.stop_health_checks()
-

@@ -19,17 +19,42 @@ class InvalidTarget(MproxyError):
 
 
 class ServiceNotFound(MproxyError):
-    def __init__(self, message: str = "service not found") -> None:
-        super().__init__(message)
+    """
+    No service of that name.  Raise it with L{named}; the plain constructor
+    takes the whole message, as AMP rebuilds it on the client.
+    """
+
+    @classmethod
+    def named(cls, service: str) -> "ServiceNotFound":
+        return cls(f"service not found: {service}")
 
 
 class HostConflict(MproxyError):
-    def __init__(self, message: str = "host settings conflict with another service") -> None:
-        super().__init__(message)
+    """
+    Another service already serves one of the (host, path prefix) pairs.
+    Raise it with L{held_by}, which names the pair and the service.
+    """
+
+    @classmethod
+    def held_by(cls, host: str, prefix: str, holder: str) -> "HostConflict":
+        where = f"host {host}" if host else "the default host (no --host)"
+        if prefix != "/":
+            where += f" path {prefix}"
+        return cls(
+            f"host settings conflict with another service: {where} is served by "
+            f"service {holder}"
+        )
 
 
 class DeployTimedOut(MproxyError):
     pass
+
+
+class DeployCancelled(MproxyError):
+    """
+    The deploy was cancelled (its client went away) before the switch; the
+    old targets keep serving.
+    """
 
 
 class RolloutNotSet(MproxyError):

@@ -68,7 +68,9 @@ def describe_failure(f: Failure) -> str:
     if f.check(UnexpectedStatus):
         return str(f.value)
     if f.check(DNSLookupError):
-        return f"DNS lookup failed: {f.value}"
+        # Twisted's message already starts with "DNS lookup failed: ".
+        msg = str(f.value).strip().rstrip(".")
+        return msg if msg.startswith("DNS lookup failed") else f"DNS lookup failed: {msg}"
     if f.check(ConnectError):
         msg = str(f.value).strip().rstrip(".")
         return msg or f.value.__class__.__name__

@@ -126,7 +126,7 @@ class Router:
                     continue
                 for prefix in options.path_prefixes:
                     if prefix in other.options.path_prefixes:
-                        raise HostConflict()
+                        raise HostConflict.held_by(host, prefix, other.name)
 
     def install(self, service: Service) -> None:
         self.services[service.name] = service

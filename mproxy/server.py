@@ -14,7 +14,7 @@ from mproxy.logging import TwistedEvents
 
 
 def run_server(ns: Any, streams: Any) -> int:
-    from mproxy.cli.main import fail
+    from mproxy.cli.streams import fail
 
     explicit = {spec.attr: getattr(ns, spec.attr, None) for spec in SERVER_OPTIONS}
     try:

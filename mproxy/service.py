@@ -8,6 +8,7 @@ L{Service.select} is what the data plane calls for each request.
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from typing import Callable
 
@@ -96,16 +97,25 @@ class PauseController:
         return len(self._held)
 
 
-def fnv1a32(data: bytes) -> int:
-    h = 0x811C9DC5
-    for b in data:
-        h ^= b
-        h = (h * 0x01000193) & 0xFFFFFFFF
-    return h
+def rollout_bucket(value: bytes) -> float:
+    """
+    Where a rollout cookie value falls in [0, 1): the first 8 bytes of its
+    BLAKE2b digest.  A well-mixed hash, so that sequential values
+    (C{user1}, C{user2}, ...; C{1}, C{2}, ...) split as evenly as random
+    ones do.
+    """
+    digest = hashlib.blake2b(value, digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 @frozen
 class RolloutSplit:
+    """
+    Which requests go to the rollout slot: those whose C{mproxy-rollout}
+    cookie value is in C{allowlist}, and a C{percentage} of the others,
+    chosen by hashing the value (so one value always lands on the same side).
+    """
+
     percentage: int
     allowlist: tuple[str, ...] = ()
 
@@ -114,7 +124,7 @@ class RolloutSplit:
             return False
         if value.decode("utf-8", "replace") in self.allowlist:
             return True
-        return fnv1a32(value) <= (self.percentage / 100) * 0xFFFFFFFF
+        return rollout_bucket(value) < self.percentage / 100
 
 
 def is_health_check(method: bytes, target_path: str, health_path: str) -> bool:

@@ -1,13 +1,18 @@
 """
-Plain value types describing what a service is: the routing table is built from
-these and the state file stores them.  Everything here is immutable and
-JSON-serialisable through L{to_json} / L{from_json}.
+What a deploy asks for, as plain immutable values, and every rule about them.
+
+This module owns the deploy vocabulary: durations, target addresses, the
+option types (L{HealthCheckConfig}, L{TargetOptions}, L{ServiceOptions}), the
+L{DeployRequest} that carries them, their defaults (spelled here and nowhere
+else), their validation (the server runs it, so every control client gets the
+same answers), and their JSON form (L{to_json} / L{from_json}), shared by the
+control protocol and the state file.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import attr
 import attrs
@@ -24,6 +29,8 @@ DEFAULT_HEALTH_TIMEOUT = 5.0
 DEFAULT_TARGET_TIMEOUT = 30.0
 DEFAULT_BUFFER_MEMORY = 1 << 20
 DEFAULT_WRITER_AFFINITY = 1.0
+
+T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -44,9 +51,13 @@ def parse_duration(text: str) -> float:
     except ValueError:
         pass
     else:
-        if value < 0 or value != value or value == float("inf"):
+        if value < 0:
+            raise ValueError(f"invalid duration {text!r}: must not be negative")
+        if value != value or value == float("inf"):
             raise ValueError(f"invalid duration {text!r}")
         return value
+    if s.startswith("-"):
+        raise ValueError(f"invalid duration {text!r}: must not be negative")
     pos = 0
     total = 0.0
     while pos < len(s):
@@ -82,6 +93,16 @@ def format_duration(seconds: float) -> str:
 
 _TARGET = re.compile(r"^\w[-_.\w+]+(:\d+)?$")
 _IPV6_TARGET = re.compile(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$")
+_TARGET_FORM = (
+    "use host:port (a host name or IPv4 address, or an IPv6 address in brackets; "
+    "port 1-65535; no scheme or path)"
+)
+
+
+def _bad_target(text: str) -> InvalidTarget:
+    if not text:
+        return InvalidTarget(f"empty target: {_TARGET_FORM}")
+    return InvalidTarget(f"invalid target {text!r}: {_TARGET_FORM}")
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -90,23 +111,46 @@ def parse_target(text: str) -> tuple[str, int]:
 
     IPv6 literals are accepted in brackets (C{[::1]:3000}).
 
-    @raise InvalidTarget: for anything else.
+    @raise InvalidTarget: for anything else, saying what is allowed.
     """
     m6 = _IPV6_TARGET.match(text)
     if m6:
         port = int(m6.group(2)) if m6.group(2) else 80
         if not 0 < port < 65536:
-            raise InvalidTarget(f"{text} :invalid host pattern")
+            raise _bad_target(text)
         return m6.group(1), port
     if not _TARGET.match(text):
-        raise InvalidTarget(f"{text} :invalid host pattern")
+        raise _bad_target(text)
     host, sep, port_text = text.rpartition(":")
     if not sep:
         return text, 80
     port = int(port_text)
     if not 0 < port < 65536:
-        raise InvalidTarget(f"{text} :invalid host pattern")
+        raise _bad_target(text)
     return host, port
+
+
+def unique(values: Any) -> tuple[str, ...]:
+    """
+    The values in their first order, each once (C{--target X --target X}
+    is one target).
+    """
+    return tuple(dict.fromkeys(values or ()))
+
+
+def validate_targets(writers: tuple[str, ...], readers: tuple[str, ...]) -> None:
+    """
+    @raise InvalidOptions: when there is no writer, or an address is both a
+        writer and a reader.
+    @raise InvalidTarget: for an address that is not C{host[:port]}.
+    """
+    if not writers:
+        raise InvalidOptions('required flag(s) "target" not set')
+    for t in writers + readers:
+        parse_target(t)
+    both = [t for t in readers if t in writers]
+    if both:
+        raise InvalidOptions(f"{both[0]} is given both as a target and as a read target")
 
 
 def normalise_hosts(hosts: Any) -> tuple[str, ...]:
@@ -131,6 +175,16 @@ def _tuple(value: Any) -> tuple[str, ...]:
     return tuple(value or ())
 
 
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise InvalidOptions(f"{name} must be greater than zero")
+
+
+def _not_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise InvalidOptions(f"{name} must not be negative")
+
+
 @frozen
 class HealthCheckConfig:
     path: str = DEFAULT_HEALTH_PATH
@@ -138,6 +192,15 @@ class HealthCheckConfig:
     interval: float = DEFAULT_HEALTH_INTERVAL
     timeout: float = DEFAULT_HEALTH_TIMEOUT
     host: str = ""
+
+    def validate(self) -> None:
+        """
+        @raise InvalidOptions: naming the first value out of range.
+        """
+        if not 0 <= self.port <= 65535:
+            raise InvalidOptions(f"invalid health-check-port {self.port}")
+        _positive("health-check-interval", self.interval)
+        _positive("health-check-timeout", self.timeout)
 
 
 @frozen
@@ -153,6 +216,16 @@ class TargetOptions:
     log_response_headers: tuple[str, ...] = field(default=(), converter=_tuple)
     forward_headers: bool = True
     scope_cookie_paths: bool = False
+
+    def validate(self) -> None:
+        """
+        @raise InvalidOptions: naming the first value out of range.
+        """
+        self.health_check.validate()
+        _positive("target-timeout", self.target_timeout)
+        _not_negative("buffer-memory", self.buffer_memory)
+        _not_negative("max-request-body", self.max_request_body)
+        _not_negative("max-response-body", self.max_response_body)
 
 
 @frozen
@@ -244,12 +317,12 @@ def _validate_on_demand_url(url: str, bad: Any) -> None:
 class DeployRequest:
     """
     Everything a deploy asks for: the new targets plus the options of the
-    service they belong to.
+    service they belong to.  Repeated addresses count once.
     """
 
     service: str
-    targets: tuple[str, ...] = field(converter=tuple)
-    readers: tuple[str, ...] = field(default=(), converter=tuple)
+    targets: tuple[str, ...] = field(converter=unique)
+    readers: tuple[str, ...] = field(default=(), converter=unique)
     options: ServiceOptions = field(factory=ServiceOptions)
     target_options: TargetOptions = field(factory=TargetOptions)
     deploy_timeout: float = DEFAULT_DEPLOY_TIMEOUT
@@ -257,13 +330,49 @@ class DeployRequest:
     force: bool = False
 
     def validate(self) -> None:
+        """
+        Every check a deploy must pass before anything is health-checked.
+
+        @raise InvalidOptions: naming the first problem.
+        @raise InvalidTarget: for a malformed address.
+        """
         if not self.service:
             raise InvalidOptions("service name must not be empty")
-        if not self.targets:
-            raise InvalidOptions('required flag(s) "target" not set')
-        for t in self.targets + self.readers:
-            parse_target(t)
+        validate_targets(self.targets, self.readers)
+        validate_timeouts(self.deploy_timeout, self.drain_timeout, self.force)
         self.options.validate()
+        self.target_options.validate()
+
+
+def validate_timeouts(deploy_timeout: float, drain_timeout: float, force: bool = False) -> None:
+    """
+    The waits of a deploy (or rollout deploy).  Without C{force}, a deploy
+    timeout of 0 would fail even a healthy target before its first check
+    answers, so it is refused.
+
+    @raise InvalidOptions: naming the first one out of range.
+    """
+    if not force:
+        _positive("deploy-timeout", deploy_timeout)
+    _not_negative("drain-timeout", drain_timeout)
+
+
+def validate_drain(drain_timeout: float, max_pause: float = 0.0) -> None:
+    """
+    The durations of C{pause} and C{stop}.
+
+    @raise InvalidOptions: for a negative one.
+    """
+    _not_negative("drain-timeout", drain_timeout)
+    _not_negative("max-pause", max_pause)
+
+
+def validate_percentage(percentage: int) -> None:
+    """
+    @raise InvalidOptions: unless 0 <= C{percentage} <= 100.
+    """
+    if not 0 <= percentage <= 100:
+        raise InvalidOptions("percent must be between 0 and 100")
 
 
 def to_json(value: Any) -> Any:
@@ -273,17 +382,39 @@ def to_json(value: Any) -> Any:
     return attr.asdict(value, retain_collection_types=False)
 
 
-def options_from_json(cls: type, data: dict[str, Any]) -> Any:
+def from_json(cls: type[T], data: Any) -> T:
     """
-    Build C{cls} from a JSON mapping, ignoring unknown keys so that newer state
-    files stay readable, and recursing into nested value types.
+    Build C{cls} (one of the value types above) from its JSON form: missing
+    keys take their defaults, unknown keys are ignored (so newer state files
+    stay readable), nested value types are decoded too, and every value must
+    have its field's type.
+
+    @raise TypeError: naming the field whose value has the wrong type.
     """
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be an object, not {type(data).__name__}")
     kwargs: dict[str, Any] = {}
-    for a in attrs.fields(cls):
-        if a.name not in data:
-            continue
-        v = data[a.name]
-        if a.name == "health_check" and isinstance(v, dict):
-            v = options_from_json(HealthCheckConfig, v)
-        kwargs[a.name] = v
+    for a in attrs.fields(attrs.resolve_types(cls)):  # type: ignore[arg-type]
+        if a.name in data:
+            kwargs[a.name] = _decode(a.type, data[a.name], a.name)
     return cls(**kwargs)
+
+
+def _decode(kind: Any, value: Any, name: str) -> Any:
+    if attrs.has(kind):
+        return from_json(kind, value)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise TypeError(f"{name} has the wrong type ({type(value).__name__})")
+    return value

@@ -10,10 +10,25 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable, Protocol
 
+from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from mproxy.spec import parse_target
+
+
+@frozen
+class Drained:
+    """
+    What a drain did: how many requests it waited for, and how many of them
+    it cut at its deadline.
+    """
+
+    requests: int = 0
+    cut: int = 0
+
+    def __add__(self, other: Drained) -> Drained:
+        return Drained(self.requests + other.requests, self.cut + other.cut)
 
 
 class TargetState(enum.Enum):
@@ -153,23 +168,27 @@ class Target:
                 d.callback(None)
         self._drain_waiters = still
 
-    def drain(self, timeout: float) -> Deferred[None]:
+    def drain(self, timeout: float) -> Deferred[Drained]:
         """
         Stop new claims, wait for the requests in flight now to finish, and
-        cancel those still running after C{timeout} seconds.  Fires when every
-        request has ended; the target's state is then restored (a pause
-        drains targets that stay in use).
+        cancel those still running after C{timeout} seconds.  Fires with a
+        L{Drained} when every request has ended; the target's state is then
+        restored (a pause drains targets that stay in use).
         """
         if self.state is TargetState.DRAINING:
-            return succeed(None)
+            return succeed(Drained())
         self._state_before_drain = self.state
         self.state = TargetState.DRAINING
         snapshot = set(self.inflight)
+        waited = len(snapshot)
+        cut = 0
         if snapshot:
             d: Deferred[None] = Deferred()
             self._drain_waiters.append((snapshot, d))
 
             def deadline() -> None:
+                nonlocal cut
+                cut = len(snapshot)
                 for c in list(snapshot):
                     c.cancel()
 
@@ -187,12 +206,12 @@ class Target:
         else:
             d = succeed(None)
 
-        def restore(_: object) -> None:
+        def restore(_: object) -> Drained:
             if self.state is TargetState.DRAINING and self._state_before_drain:
                 self.state = self._state_before_drain
+            return Drained(waited, cut)
 
-        d.addCallback(restore)
-        return d
+        return d.addCallback(restore)
 
     def close(self) -> None:
         """

@@ -68,10 +68,17 @@ class MproxyService(MultiService):
             http_port=config.http_port, https_port=config.https_port,
         )
         self.certificates = build_certificate_service(
-            reactor, config, self.router, local_get=local_get
+            reactor, config, self.router, logger, local_get=local_get
         )
         self.certificates.setName("certs")
         self.certificates.setServiceParent(self)
+        self.metrics = None
+        if config.metrics_port:
+            from mproxy.metrics import Metrics
+
+            self.metrics = Metrics()
+        from mproxy.http import custompages
+
         self.controller = Controller(
             self.router,
             reactor,
@@ -80,12 +87,9 @@ class MproxyService(MultiService):
             logger,
             pool_factory=self.pools,
             certificates=self.certificates,
+            validate_error_pages=custompages.validate,
+            deploys=self.metrics,
         )
-        self.metrics = None
-        if config.metrics_port:
-            from mproxy.metrics import Metrics
-
-            self.metrics = Metrics()
         self.sites = self._build_sites()
         self.listeners = self._build_listeners()
         for listener in self.listeners:

@@ -20,7 +20,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import mproxy
 from mproxy.cli import parsing
-from mproxy.cli.main import ProgressPrinter, Streams, deploy_request, format_table, main
+from mproxy.cli.main import main
+from mproxy.cli.output import (
+    NO_SERVICES,
+    ProgressPrinter,
+    can_colour,
+    can_rewrite,
+    deploy_summary,
+    format_table,
+)
+from mproxy.cli.requests import deploy_request
+from mproxy.cli.streams import Streams
 from mproxy.config import SERVER_OPTIONS
 from mproxy.control.server import ControlProtocol
 from mproxy.controller import Controller
@@ -29,6 +39,9 @@ from mproxy.logging import ListLogger
 from mproxy.router import Router
 from mproxy.spec import HealthCheckConfig
 from mproxy.target import Target
+
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
 
 
 def run(argv: Sequence[str], reactor: Any = None) -> tuple[int, str, str]:
@@ -154,6 +167,23 @@ class GeneralTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertIn("rollout deploy|set|stop", out)
 
+    def test_help_one_default_per_option(self) -> None:
+        """
+        Every option's help states its default at most once, durations as
+        durations.
+        """
+        import re
+
+        for topic in ("run", "deploy", "pause", "stop", "rollout deploy"):
+            status, out, err = run(["help", *topic.split()])
+            self.assertEqual(status, 0)
+            options = re.split(r"\n  (?=-)", out.split("options:", 1)[1])
+            for text in options:
+                self.assertLessEqual(text.count("(default"), 1, (topic, text))
+        status, out, err = run(["help", "run"])
+        self.assertIn("(default 30s)", " ".join(out.split()))
+        self.assertNotIn("30.0", out)
+
     def test_unknown_help_topic(self) -> None:
         """
         Help on an unknown topic is an error.
@@ -217,7 +247,7 @@ class GeneralTests(SynchronousTestCase):
         """
         self.assertEqual(
             run(["deploy", "bad_target!"], FakeReactor(server=False)),
-            (1, "", "Error: bad_target! :invalid host pattern\n"),
+            (1, "", "Error: invalid target 'bad_target!': " + ALLOWED + "\n"),
         )
 
 
@@ -340,11 +370,67 @@ class DeployParsingTests(SynchronousTestCase):
         self.assertEqual(str(cm.exception),
                          "max-response-body can only be set when response buffering is enabled")
         parse_deploy("web:1", "--max-request-body", "10", "--buffer-requests")
+        with self.assertRaises(InvalidOptions):
+            parse_deploy("web:1", "--max-request-body", "0")
+
+    def test_max_body_with_buffering_given_as_false(self) -> None:
+        """
+        As Kamal sends it: C{--buffer-requests=false --max-request-body=N}
+        (and the same for responses) is accepted, since the buffering flag was
+        given; nothing is buffered, so the limit is not enforced.
+        """
+        req = parse_deploy("web:1", "--buffer-requests=false", "--max-request-body=10",
+                           "--buffer-responses=false", "--max-response-body=20")
+        to = req.target_options
+        self.assertEqual(
+            (to.buffer_requests, to.max_request_body, to.buffer_responses,
+             to.max_response_body),
+            (False, 10, False, 20),
+        )
         self.assertEqual(
             run(["deploy", "web:1", "--max-request-body", "10"]),
             (1, "", "Error: max-request-body can only be set when request buffering is "
                     "enabled\n"),
         )
+
+    def test_empty_target_refused(self) -> None:
+        """
+        C{--target ''} is refused, not taken for the seed spelling (which
+        would deploy a target named after the service).
+        """
+        for argv in (["deploy", "app", "--target", ""], ["deploy", "app", "--target=,"]):
+            self.assertEqual(
+                run(argv),
+                (1, "", "Error: --target is empty: give at least one host:port\n"),
+            )
+
+    def test_duplicate_targets_merged(self) -> None:
+        """
+        A target given twice is deployed once.
+        """
+        req = parse_deploy("app", "--target", "aa:1,aa:1", "--target", "bb:2,aa:1")
+        self.assertEqual(req.targets, ("aa:1", "bb:2"))
+
+    def test_timeouts_and_negative_durations(self) -> None:
+        """
+        C{--deploy-timeout 0} is refused with a clear message (it would fail
+        even a healthy target); a negative duration is named as such, also
+        when written as a separate word after its flag.
+        """
+        self.assertEqual(
+            run(["deploy", "web:1", "--deploy-timeout", "0"]),
+            (1, "", "Error: deploy-timeout must be greater than zero\n"),
+        )
+        for argv in (["deploy", "web:1", "--drain-timeout", "-1s"],
+                     ["deploy", "web:1", "--drain-timeout=-1s"]):
+            self.assertEqual(
+                run(argv),
+                (1, "", "Error: argument --drain-timeout: invalid duration '-1s': must not be "
+                        "negative\n"),
+            )
+        status, out, err = run(["pause", "web", "--max-pause", "-5"])
+        self.assertEqual((status, err), (1, "Error: argument --max-pause: invalid duration "
+                                            "'-5': must not be negative\n"))
 
     def test_forward_headers_default(self) -> None:
         """
@@ -405,16 +491,42 @@ class TableTests(SynchronousTestCase):
         """
         self.assertEqual(
             format_table(self.ROWS, color=False),
-            "Service  Host                   Path      Target                 State    TLS\n"
-            "api      api.example.com,b.com  /api,/v2  api-1:3000,api-2:3000  running  yes\n"
-            "default  *                      /         web-1:3000             paused   no\n",
+            "Service  Host                   Path      Target                  State    TLS\n"
+            "api      api.example.com,b.com  /api,/v2  api-1:3000, api-2:3000  running  yes\n"
+            "default  *                      /         web-1:3000              paused   no\n",
         )
 
     def test_empty(self) -> None:
         """
-        With no services only the header is printed.
+        With no services the table says so.
         """
-        self.assertEqual(format_table([], color=False), "Service  Host  Path  Target  State  TLS\n")
+        self.assertEqual(format_table([], color=False), NO_SERVICES)
+        self.assertEqual(
+            NO_SERVICES, "No services deployed (deploy one with `mproxy deploy HOST:PORT`)\n"
+        )
+
+    def test_health_and_rollout(self) -> None:
+        """
+        Each target shows its health; a Rollout column appears when a service
+        has a rollout slot, with its targets, their health and the split.
+        """
+        rows = [
+            dict(self.ROWS[1], health={"web-1:3000": "healthy"}, rollout={
+                "targets": ["canary:3000"], "health": {"canary:3000": "unhealthy"},
+                "percent": 10, "allowlist": ["vip", "beta"]}),
+            dict(self.ROWS[1], service="other", health={"web-1:3000": "adding"},
+                 rollout={"targets": ["c2:1"], "health": {}, "percent": None,
+                          "allowlist": []}),
+            dict(self.ROWS[1], service="plain", rollout=None),
+        ]
+        self.assertEqual(
+            format_table(rows, color=False),
+            "Service  Host  Path  Target                State   TLS  Rollout\n"
+            "default  *     /     web-1:3000 (healthy)  paused  no   canary:3000 (unhealthy); "
+            "10%, allowlist vip,beta\n"
+            "other    *     /     web-1:3000 (adding)   paused  no   c2:1; no traffic\n"
+            "plain    *     /     web-1:3000            paused  no   -\n",
+        )
 
     def test_color(self) -> None:
         """
@@ -453,7 +565,7 @@ class ProgressPrinterTests(SynchronousTestCase):
         When not on a terminal, at most one line per phase is printed.
         """
         out = StringIO()
-        p = ProgressPrinter(out)
+        p = ProgressPrinter(out, environ={})
         p("health", "waiting for a:1")
         p("health-result", "a:1: unexpected status (500)")
         p("health-result", "a:1: healthy")
@@ -475,13 +587,61 @@ class ProgressPrinterTests(SynchronousTestCase):
                 return True
 
         out = TTY()
-        p = ProgressPrinter(out)
+        p = ProgressPrinter(out, environ={})
         p("health", "waiting for a:1")
         p("health-result", "a:1: ok")
         p("done", "")
         self.assertEqual(
             out.getvalue(),
             "\rwaiting for a:1" "\ra:1: ok" + " " * 8 + "\r" + " " * 7 + "\r",
+        )
+        out = TTY()
+        p = ProgressPrinter(out, environ={})
+        p("health", "waiting for a:1")
+        p.summary("web: now serving a:1 (took 1.0s)")
+        self.assertEqual(out.getvalue(), "\rwaiting for a:1\r" + " " * 15
+                         + "\rweb: now serving a:1 (took 1.0s)\n")
+
+    def test_dumb_terminal_and_no_color(self) -> None:
+        """
+        C{TERM=dumb} turns off in-place updates and colours; C{NO_COLOR}
+        turns off colours only; neither is used off a terminal.
+        """
+
+        class TTY(StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        self.assertTrue(can_rewrite(TTY(), {}) and can_colour(TTY(), {}))
+        self.assertFalse(can_rewrite(TTY(), {"TERM": "dumb"}))
+        self.assertFalse(can_colour(TTY(), {"TERM": "dumb"}))
+        self.assertTrue(can_rewrite(TTY(), {"NO_COLOR": "1"}))
+        self.assertFalse(can_colour(TTY(), {"NO_COLOR": "1"}))
+        self.assertFalse(can_rewrite(StringIO(), {}) or can_colour(StringIO(), {}))
+        out = TTY()
+        p = ProgressPrinter(out, environ={"TERM": "dumb"})
+        p("health", "waiting for a:1")
+        p("health", "waiting for a:1 again")
+        p("done", "")
+        self.assertEqual(out.getvalue(), "waiting for a:1\n")
+
+    def test_summary(self) -> None:
+        """
+        The summary of a deploy names the service, what now serves, how long
+        it took and what the drain did.
+        """
+        self.assertEqual(
+            deploy_summary("web", {"targets": ["a:1", "b:2"], "drained": 0, "cut": 0}, 2.345),
+            "web: now serving a:1, b:2 (took 2.3s)",
+        )
+        self.assertEqual(
+            deploy_summary("web", {"targets": ["a:1"], "drained": 5, "cut": 1}, 31),
+            "web: now serving a:1 (took 31.0s; drained 5 requests, 1 cut at the drain "
+            "deadline)",
+        )
+        self.assertEqual(
+            deploy_summary("web", {"targets": ["c:1"], "drained": 0, "cut": 0}, 1, rollout=True),
+            "web: rollout targets c:1 ready (took 1.0s); send traffic with `mproxy rollout set`",
         )
 
 
@@ -575,6 +735,8 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(len(lines), len(set(lines)))
         self.assertIn("waiting for web-1:3000 to become healthy", lines)
         self.assertIn("traffic switched to web-1:3000", lines)
+        self.assertTrue(lines[-1].startswith("default: now serving web-1:3000 (took "),
+                        lines[-1])
 
     def test_deploy_unhealthy(self) -> None:
         """
@@ -598,7 +760,8 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(self.cli("deploy", "web-1:3000", "--host", "a.com")[0], 0)
         status, out, err = self.cli("deploy", "other", "--target", "web-2:3000", "--host",
                                     "a.com")
-        self.assertEqual((status, err), (1, "Error: host settings conflict with another service\n"))
+        self.assertEqual((status, err), (1, "Error: host settings conflict with another service: host a.com is served by "
+                 "service a.com\n"))
 
     def test_list(self) -> None:
         """
@@ -610,9 +773,9 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual(
             out,
-            "Service  Host             Path  Target      State    TLS\n"
-            "api      api.example.com  /     api-1:3000  running  no\n"
-            "default  *                /     web-1:3000  running  no\n",
+            "Service  Host             Path  Target                State    TLS\n"
+            "api      api.example.com  /     api-1:3000 (healthy)  running  no\n"
+            "default  *                /     web-1:3000 (healthy)  running  no\n",
         )
         status, out, err = self.cli("ls", "--json")
         rows = json.loads(out)
@@ -625,7 +788,7 @@ class ClientCommandTests(SynchronousTestCase):
         self.cli("deploy", "web-1:3000")
         self.assertEqual(self.cli("rm", "default"), (0, "", ""))
         self.assertEqual(self.reactor.router.services, {})
-        self.assertEqual(self.cli("remove", "default"), (1, "", "Error: service not found\n"))
+        self.assertEqual(self.cli("remove", "default"), (1, "", "Error: service not found: default\n"))
 
     def test_pause_stop_resume(self) -> None:
         """
@@ -639,7 +802,7 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", "bye"))
         self.assertEqual(self.cli("resume", "default")[0], 0)
         self.assertEqual(s.state_name, "running")
-        self.assertEqual(self.cli("pause", "nope"), (1, "", "Error: service not found\n"))
+        self.assertEqual(self.cli("pause", "nope"), (1, "", "Error: service not found: nope\n"))
 
     def test_rollout(self) -> None:
         """
@@ -663,6 +826,7 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual((s.split.percentage, s.split.allowlist), (25, ("a", "b")))
         self.assertEqual(self.cli("rollout", "stop", "default")[0], 0)
         self.assertIsNone(s.split)
-        self.assertEqual(self.cli("rollout", "stop", "nope"), (1, "", "Error: service not found\n"))
+        self.assertEqual(self.cli("rollout", "stop", "nope"),
+                         (1, "", "Error: service not found: nope\n"))
         status, out, err = self.cli("rollout", "deploy", "default")
         self.assertEqual((status, err), (1, 'Error: required flag(s) "target" not set\n'))

@@ -140,6 +140,7 @@ class ResolveTests(SynchronousTestCase):
             "SOCKET": "/s.sock", "STATE_DIR": "/state", "ACME_DIRECTORY": "https://acme/dir",
             "ACME_EMAIL": "e@x", "ACME_CA_BUNDLE": "/ca.pem", "DEBUG": "1",
             "HTTP_HEADER_TIMEOUT": "2s", "HTTP_IDLE_TIMEOUT": "1m30s",
+            "CLUSTER": "redis://r:6379/0", "CLUSTER_CA_BUNDLE": "/r.pem", "CLUSTER_NODE": "n1",
         }
         self.assertEqual({spec.env for spec in SERVER_OPTIONS}, set(env))
         config = resolve_config({}, env)
@@ -149,7 +150,8 @@ class ResolveTests(SynchronousTestCase):
                          socket="/s.sock", state_dir="/state",
                          acme_directory="https://acme/dir", acme_email="e@x",
                          acme_ca_bundle="/ca.pem", http_header_timeout=2.0,
-                         http_idle_timeout=90.0, debug=True),
+                         http_idle_timeout=90.0, cluster="redis://r:6379/0",
+                         cluster_ca_bundle="/r.pem", cluster_node="n1", debug=True),
         )
 
     def test_http_timeouts(self) -> None:

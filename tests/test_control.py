@@ -10,10 +10,11 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,15 +23,11 @@ from mproxy.control import commands as c
 from mproxy.control.client import (
     ClientProtocol,
     ControlClient,
+    NoAnswer,
     ServerUnavailable,
     connect,
-    deploy_request_to_json,
 )
-from mproxy.control.server import (
-    ControlFactory,
-    ControlProtocol,
-    deploy_request_from_json,
-)
+from mproxy.control.server import ControlFactory, ControlProtocol
 from mproxy.controller import Controller
 from mproxy.errors import (
     DeployTimedOut,
@@ -44,9 +41,18 @@ from mproxy.errors import (
 )
 from mproxy.logging import ListLogger
 from mproxy.router import Router
-from mproxy.spec import DeployRequest, HealthCheckConfig, ServiceOptions, TargetOptions
+from mproxy.spec import (
+    DeployRequest,
+    HealthCheckConfig,
+    ServiceOptions,
+    TargetOptions,
+    to_json,
+)
 from mproxy.state import StateStore
 from mproxy.target import Target
+
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
 
 
 class FakeProbe:
@@ -69,6 +75,18 @@ def request(service: str, *targets: str, **kw: Any) -> DeployRequest:
     return DeployRequest(service, targets, options=ServiceOptions(hosts=hosts), **kw)
 
 
+class RawDeploy(amp.Command):
+    """
+    L{c.Deploy} with its request as any text, to send what a buggy or
+    hostile client could.
+    """
+
+    commandName = b"Deploy"
+    arguments = [(b"request", c.BigUnicode())]
+    response = c.Deploy.response
+    errors = c.ERRORS
+
+
 class ControlTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -84,7 +102,7 @@ class ControlTestCase(SynchronousTestCase):
             lambda: ClientProtocol(lambda p, d: self.progress.append((p, d))),
             greet=False,
         )
-        self.client = ControlClient(self.client_proto)
+        self.client = ControlClient(self.client_proto, self.clock, "mproxy.sock")
 
     def call(self, command: type, **kw: Any) -> Deferred[Any]:
         """
@@ -116,7 +134,7 @@ class HelloTests(ControlTestCase):
         Every command but Hello is refused before Hello.
         """
         cases: list[tuple[type, dict[str, Any]]] = [
-            (c.Deploy, {"request": deploy_request_to_json(request("web", "aa:1"))}),
+            (c.Deploy, {"request": request("web", "aa:1")}),
             (c.List, {}),
             (c.Remove, {"service": "web"}),
             (c.Pause, {"service": "web", "drain_timeout": 1.0, "max_pause": 1.0}),
@@ -166,7 +184,8 @@ class CommandTests(ControlTestCase):
         self.assertIn("web-1:3000", self.progress[0][1])
         self.probe.answer("web-1:3000", 200)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), ["web-1:3000"])
+        self.assertEqual(self.successResultOf(d),
+                         {"targets": ["web-1:3000"], "drained": 0, "cut": 0})
         phases = [p for p, _ in self.progress]
         self.assertIn("switched", phases)
         self.assertEqual(phases[-1], "done")
@@ -186,7 +205,7 @@ class CommandTests(ControlTestCase):
         self.assertIn(("draining", "draining 1 request from old:1"), self.progress)
         claim.release()
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), ["new:2"])
+        self.assertEqual(self.successResultOf(d), {"targets": ["new:2"], "drained": 1, "cut": 0})
 
     def test_options_travel(self) -> None:
         """
@@ -203,7 +222,6 @@ class CommandTests(ControlTestCase):
                 forward_headers=False),
             deploy_timeout=12, drain_timeout=3, force=True,
         )
-        self.assertEqual(deploy_request_from_json(deploy_request_to_json(req)), req)
         d = self.client.deploy(req)
         self.pump.flush()
         self.successResultOf(d)
@@ -213,23 +231,46 @@ class CommandTests(ControlTestCase):
 
     def test_client_gone_during_deploy(self) -> None:
         """
-        A client that disconnects while its deploy waits does not stop the
-        deploy: the server still switches and drains, without errors.
+        A client that disconnects while its deploy waits for health cancels
+        the deploy: checks stop, the old target keeps serving, a log line
+        says so, and nothing is logged as an error.
         """
         self.deployed(request("web", "old:1"))
-        claim = self.router.services["web"].active.claim(False)
         d = self.client.deploy(request("web", "new:2"))
         self.pump.flush()
         self.client_proto.transport.loseConnection()
         self.pump.flush()
         self.failureResultOf(d)
         self.assertTrue(self.server._closed)
+        self.assertEqual(self.router.services["web"].active.addresses, ["old:1"])
+        probes = len(self.probe.calls)
+        self.probe.answer("new:2", 200)
+        self.clock.advance(60)
+        self.assertEqual(len(self.probe.calls), probes)
+        self.assertEqual(self.router.services["web"].active.addresses, ["old:1"])
+        self.assertIn("Deploy cancelled", self.logger.messages())
+        self.assertNotIn("Deployed", self.logger.messages()[-3:])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_client_gone_after_switch(self) -> None:
+        """
+        Once traffic has switched, a client going away changes nothing: the
+        old target is still drained and the deploy completes.
+        """
+        self.deployed(request("web", "old:1"))
+        claim = self.router.services["web"].active.claim(False)
+        d = self.client.deploy(request("web", "new:2"))
+        self.pump.flush()
         self.probe.answer("new:2", 200)
         self.pump.flush()
         self.assertEqual(self.router.services["web"].active.addresses, ["new:2"])
-        claim.release()
+        self.client_proto.transport.loseConnection()
         self.pump.flush()
-        self.assertIn("Deployed", self.logger.messages())
+        self.failureResultOf(d)
+        self.assertNotIn("Deploy cancelled", self.logger.messages())
+        claim.release()
+        self.assertEqual(self.logger.messages()[-1], "Deployed")
+        self.assertEqual(self.router.services["web"].active.addresses, ["new:2"])
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_large_deploy(self) -> None:
@@ -239,10 +280,10 @@ class CommandTests(ControlTestCase):
         """
         hosts = [f"tenant-{i}.example.com" for i in range(4000)]
         req = request("web", "aa:1", hosts=hosts, force=True)
-        self.assertGreater(len(deploy_request_to_json(req)), 65536)
+        self.assertGreater(len(json.dumps(to_json(req))), 65536)
         d = self.client.deploy(req)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), ["aa:1"])
+        self.assertEqual(self.successResultOf(d)["targets"], ["aa:1"])
         self.assertEqual(len(self.router.services["web"].options.hosts), 4000)
 
     def test_declared_errors(self) -> None:
@@ -251,7 +292,7 @@ class CommandTests(ControlTestCase):
         their messages.
         """
         f = self.failureResultOf(self.call(c.Remove, service="nope"), ServiceNotFound)
-        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(str(f.value), "service not found: nope")
         f = self.failureResultOf(self.call(c.Resume, service="nope"), ServiceNotFound)
         f = self.failureResultOf(
             self.call(c.Pause, service="nope", drain_timeout=1.0, max_pause=1.0),
@@ -265,7 +306,7 @@ class CommandTests(ControlTestCase):
         d = self.client.deploy(request("web", "bad target!"))
         self.pump.flush()
         f = self.failureResultOf(d, InvalidTarget)
-        self.assertEqual(str(f.value), "bad target! :invalid host pattern")
+        self.assertEqual(str(f.value), "invalid target 'bad target!': " + ALLOWED)
 
         d = self.client.deploy(
             DeployRequest("web", ["aa:1"], options=ServiceOptions(tls_enabled=True))
@@ -283,7 +324,10 @@ class CommandTests(ControlTestCase):
         d = self.client.deploy(request("b", "bb:1", hosts=["x.com"]))
         self.pump.flush()
         f = self.failureResultOf(d, HostConflict)
-        self.assertEqual(str(f.value), "host settings conflict with another service")
+        self.assertEqual(
+            str(f.value),
+            "host settings conflict with another service: host x.com is served by service a",
+        )
 
         d = self.client.deploy(request("c", "cc:1", hosts=["c.com"], deploy_timeout=2))
         self.pump.flush()
@@ -317,7 +361,7 @@ class CommandTests(ControlTestCase):
                      '{"service": "web", "targets": 5}',
                      '{"service": "web", "targets": ["aa:1"], "options": 3}',
                      '{"service": "web", "targets": ["aa:1"], "deploy_timeout": "x"}']:
-            f = self.failureResultOf(self.call(c.Deploy, request=text), InvalidOptions)
+            f = self.failureResultOf(self.call(RawDeploy, request=text), InvalidOptions)
             self.assertIn("malformed deploy request", str(f.value), text)
         self.assertEqual(self.probe.calls, [])
 
@@ -336,6 +380,30 @@ class CommandTests(ControlTestCase):
         self.assertEqual(self.router.services["web"].state_name, "running")
         self.successResultOf(self.call(c.Remove, service="web"))
         self.assertEqual(self.router.services, {})
+
+    def test_defaults_on_the_server(self) -> None:
+        """
+        Durations a client leaves out take the server's defaults: a pause
+        holds requests for 30s, a drain waits 30s, a stop has no message.
+        """
+        self.deployed(request("web", "aa:1"))
+        s = self.router.services["web"]
+        claim = s.active.claim(False)
+        d = self.call(c.Pause, service="web")
+        self.assertEqual(s.pause.max_pause, 30.0)
+        self.clock.advance(29)
+        self.pump.flush()
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.pump.flush()
+        self.successResultOf(d)
+        self.assertTrue(claim.released)
+        self.successResultOf(self.call(c.Stop, service="web"))
+        self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", ""))
+        d = self.call(c.RolloutDeploy, service="web", targets=["cc:1"])
+        self.probe.answer("cc:1", 200)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d)["targets"], ["cc:1"])
 
     def test_pause_waits_for_drain(self) -> None:
         """
@@ -358,7 +426,7 @@ class CommandTests(ControlTestCase):
                       deploy_timeout=5.0, drain_timeout=5.0)
         self.probe.answer("cc:1", 200)
         self.pump.flush()
-        self.assertEqual(self.successResultOf(d), {"targets": ["cc:1"]})
+        self.assertEqual(self.successResultOf(d)["targets"], ["cc:1"])
         self.successResultOf(self.call(c.RolloutSet, service="web", percentage=20,
                                        allowlist=["a", "b"]))
         self.assertEqual(self.router.services["web"].split.allowlist, ("a", "b"))
@@ -385,6 +453,83 @@ class CommandTests(ControlTestCase):
         d = self.client.list_services()
         self.pump.flush()
         self.assertEqual(self.successResultOf(d), [])
+
+
+class BadInputTests(SynchronousTestCase):
+    """
+    Bad control input is logged in one line, never as a traceback.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.protocol import Protocol
+
+        self.logger = ListLogger()
+        controller = Controller(Router(), Clock(), FakeProbe(), None, self.logger)
+        self.server = ControlProtocol(controller, self.logger)
+        self.raw = Protocol()
+        self.received: list[bytes] = []
+        self.raw.dataReceived = self.received.append  # type: ignore[method-assign]
+        self.pump = iosim.connect(self.server, iosim.makeFakeServer(self.server),
+                                  self.raw, iosim.makeFakeClient(self.raw), greet=False)
+
+    def send(self, data: bytes) -> bytes:
+        self.raw.transport.write(data)
+        self.pump.flush()
+        return b"".join(self.received)
+
+    def box(self, **kw: str) -> bytes:
+        return amp.AmpBox({k.encode(): v.encode() for k, v in kw.items()}).serialize()
+
+    def bad_input(self) -> list[dict[str, Any]]:
+        return [r for r in self.logger.records if r["msg"] == "Bad control input"]
+
+    def test_malformed_arguments(self) -> None:
+        """
+        A command with a missing or malformed argument is answered with
+        C{BAD_ARGUMENTS}; the connection stays up.
+        """
+        answer = self.send(self.box(_command="Hello", _ask="1", version="x"))
+        self.assertIn(b"BAD_ARGUMENTS", answer)
+        self.assertIn(b"malformed Hello: ValueError", answer)
+        answer = self.send(self.box(_command="Remove", _ask="2"))
+        self.assertIn(b"malformed Remove: KeyError", answer)
+        self.assertEqual([r["what"] for r in self.bad_input()], ["Hello", "Remove"])
+        self.assertFalse(self.server._closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_malformed_deploy(self) -> None:
+        """
+        A Deploy whose request does not decode is answered as invalid options
+        and logged in one line.
+        """
+        box = amp.AmpBox({b"_command": b"Deploy", b"_ask": b"1", b"request": b"1",
+                          b"request.0": b"{nope"})
+        answer = self.send(box.serialize())
+        self.assertIn(b"INVALID_OPTIONS", answer)
+        self.assertIn("malformed deploy request", self.bad_input()[0]["error"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_unknown_command(self) -> None:
+        """
+        An unknown command is answered as unhandled and logged.
+        """
+        self.assertIn(b"UNHANDLED", self.send(self.box(_command="Nope", _ask="1")))
+        self.assertEqual(self.bad_input()[0]["what"], "unknown command")
+
+    def test_not_a_command(self) -> None:
+        """
+        A box that is not a command, or bytes that are not AMP, close the
+        connection with one log line.
+        """
+        self.send(self.box(foo="bar"))
+        self.assertTrue(self.server._closed)
+        self.assertEqual(self.bad_input()[0]["what"], "box without a command")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.setUp()
+        self.send(b"\xff\xff\xff garbage that is not AMP\x00\x00")
+        self.assertTrue(self.server._closed)
+        self.assertEqual(self.bad_input()[0]["what"], "not AMP")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class BigController:
@@ -415,7 +560,7 @@ class ChunkingTests(SynchronousTestCase):
         )
         client_proto.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
         pump.flush()
-        d = ControlClient(client_proto).list_services()
+        d = ControlClient(client_proto, Clock(), "mproxy.sock").list_services()
         pump.flush()
         self.assertEqual(self.successResultOf(d), rows)
 
@@ -488,6 +633,78 @@ class ConnectTests(SynchronousTestCase):
         )
         self.assertIn("mproxy run", message)
         self.assertIsInstance(f.value, MproxyError)
+
+    def silent_server(self) -> tuple[Any, iosim.IOPump]:
+        """
+        Connect L{connect}'s client to a peer that accepts and never answers.
+        """
+        from twisted.internet.protocol import Protocol
+
+        d = connect(self.reactor, self.path)
+        address, factory, timeout, check = self.reactor.unixClients[0]
+        self.assertEqual(timeout, 5)
+        client = factory.buildProtocol(None)
+        server = Protocol()
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client))
+        pump.flush()
+        return d, pump
+
+    def test_handshake_timeout(self) -> None:
+        """
+        A socket that accepts and never answers the version handshake gives
+        L{NoAnswer} naming the socket after 5 seconds, and the connection is
+        closed.
+        """
+        d, pump = self.silent_server()
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        f = self.failureResultOf(d, NoAnswer)
+        self.assertEqual(
+            str(f.value),
+            f"mproxy at {self.path} did not answer within 5s (is it an mproxy control "
+            "socket? is the server stuck?)",
+        )
+        self.assertIsInstance(f.value, MproxyError)
+        pump.flush()
+        self.assertTrue(pump.clientIO.disconnected)
+
+    def test_answer_timeout(self) -> None:
+        """
+        Prompt commands time out after 5 seconds too; those that wait for
+        health checks and drains (deploy, rollout deploy, pause, stop) do
+        not.
+        """
+        protocol = ClientProtocol()
+        protocol.makeConnection(iosim.FakeTransport(protocol, isServer=False))
+        client = ControlClient(protocol, self.reactor, self.path)
+        listing = client.list_services()
+        waits = [client.deploy(request("web", "aa:1")),
+                 client.call(c.Pause, service="web"), client.call(c.Stop, service="web"),
+                 client.call(c.RolloutDeploy, service="web", targets=["aa:1"])]
+        self.reactor.advance(5)
+        self.failureResultOf(listing, NoAnswer)
+        self.reactor.advance(3600)
+        for d in waits:
+            self.assertNoResult(d)
+        # They still end when the server goes away.
+        protocol.connectionLost(Failure(ConnectionDone()))
+        for d in waits:
+            self.failureResultOf(d, ConnectionDone)
+
+    def test_path_too_long(self) -> None:
+        """
+        A socket path longer than a UNIX address holds fails at once, naming
+        the path and the limit, without trying to connect.
+        """
+        path = "/tmp/" + "x" * 200 + "/mproxy.sock"
+        f = self.failureResultOf(connect(self.reactor, path), MproxyError)
+        self.assertEqual(
+            str(f.value),
+            f"control socket path {path} is too long for a UNIX socket (217 bytes, at most 107)",
+        )
+        self.assertEqual(self.reactor.unixClients, [])
 
     def test_refused(self) -> None:
         """

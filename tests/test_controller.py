@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+
+import attrs
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -35,7 +37,10 @@ from mproxy.spec import (
     TargetOptions,
 )
 from mproxy.state import StateStore
-from mproxy.target import Claim, Target, TargetState
+from mproxy.target import Claim, Drained, Target, TargetState
+
+ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+           "brackets; port 1-65535; no scheme or path)")
 
 
 class FakeProbe:
@@ -80,6 +85,15 @@ def request(service: str, *targets: str, **kw: Any) -> DeployRequest:
         target_options=TargetOptions(health_check=HealthCheckConfig(interval=1, timeout=5)),
         **kw,
     )
+
+
+class FailingStore(StateStore):
+    """
+    A state store whose disk is full.
+    """
+
+    def save(self, records: Any) -> None:
+        raise OSError(28, "No space left on device")
 
 
 def cookie_none(name: bytes) -> bytes | None:
@@ -143,7 +157,7 @@ class DeployTests(ControllerTestCase):
         self.assertIsNone(self.router.match("h", "/"))
         self.assertEqual(self.probe.count("web-1:3000"), 1)
         self.probe.answer("web-1:3000", 200)
-        self.assertEqual(self.successResultOf(d), ["web-1:3000"])
+        self.assertEqual(self.successResultOf(d).targets, ("web-1:3000",))
         self.assertEqual(self.address(), "web-1:3000")
         self.assertEqual(self.saved()[0]["name"], "web")
         self.assertEqual(self.saved()[0]["active_targets"], ["web-1:3000"])
@@ -160,7 +174,7 @@ class DeployTests(ControllerTestCase):
         self.assertIsNone(self.router.match("h", "/"))
         self.clock.advance(1)
         self.probe.answer("bb:2", 200)
-        self.assertEqual(self.successResultOf(d), ["aa:1", "bb:2", "rr:3"])
+        self.assertEqual(self.successResultOf(d).targets, ("aa:1", "bb:2", "rr:3"))
 
     def test_invalid_request(self) -> None:
         """
@@ -168,7 +182,7 @@ class DeployTests(ControllerTestCase):
         """
         f = self.failureResultOf(self.controller.deploy(request("web", "bad target!")),
                                  InvalidTarget)
-        self.assertEqual(str(f.value), "bad target! :invalid host pattern")
+        self.assertEqual(str(f.value), "invalid target 'bad target!': " + ALLOWED)
         self.failureResultOf(
             self.controller.deploy(
                 DeployRequest("web", ["aa:1"], options=ServiceOptions(tls_enabled=True))
@@ -200,7 +214,7 @@ class DeployTests(ControllerTestCase):
         self.clock.advance(29)
         self.assertNoResult(d)
         old_claim.release()
-        self.assertEqual(self.successResultOf(d), ["new:2"])
+        self.assertEqual(self.successResultOf(d).targets, ("new:2",))
         self.assertEqual(self.address(), "new:2")
 
     def test_drain_timeout(self) -> None:
@@ -302,7 +316,11 @@ class DeployTests(ControllerTestCase):
         calls = len(self.probe.calls)
         d = self.controller.deploy(request("b", "bb:2", hosts=["app.example.com"]))
         f = self.failureResultOf(d, HostConflict)
-        self.assertEqual(str(f.value), "host settings conflict with another service")
+        self.assertEqual(
+            str(f.value),
+            "host settings conflict with another service: host app.example.com is served "
+            "by service a",
+        )
         self.assertEqual(len(self.probe.calls), calls)
         self.assertEqual(sorted(self.router.services), ["a"])
         self.assertEqual(self.address("app.example.com"), "aa:1")
@@ -411,6 +429,145 @@ class DeployTests(ControllerTestCase):
         self.assertEqual(names[-1], "done")
 
 
+class Recorder:
+    """
+    Records deploy outcomes, as the metrics do.
+    """
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, str]] = []
+
+    def deploy(self, service: str, outcome: str) -> None:
+        self.outcomes.append((service, outcome))
+
+
+class OutcomeTests(ControllerTestCase):
+    """
+    Every deploy is logged and counted, whatever its outcome.
+    """
+
+    def make_controller(self) -> Controller:
+        self.recorder = Recorder()
+        return Controller(self.router, self.clock, self.probe, self.store, self.logger,
+                          deploys=self.recorder)
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.logger.records if r["msg"] == "Deploy failed"]
+
+    def test_success(self) -> None:
+        """
+        A deploy that completes is logged with what its drain did and
+        counted as a success.
+        """
+        self.deployed(request("web", "old:1"))
+        held = self.select()
+        d = self.controller.deploy(request("web", "new:2"))
+        self.probe.answer("new:2", 200)
+        self.clock.advance(30)
+        self.assertTrue(held.released)
+        self.assertEqual(self.successResultOf(d).drained, Drained(1, 1))
+        record = self.logger.records[-1]
+        self.assertEqual((record["msg"], record["drained"], record["cut"]), ("Deployed", 1, 1))
+        self.assertEqual(self.recorder.outcomes, [("web", "success"), ("web", "success")])
+
+    def test_failures_logged(self) -> None:
+        """
+        Invalid requests, conflicts and timeouts are logged as failed deploys,
+        naming the service, the targets and the reason, and counted.
+        """
+        self.deployed(request("a", "aa:1", hosts=["x.com"]))
+        self.failureResultOf(self.controller.deploy(request("b", "bad target!")))
+        self.failureResultOf(self.controller.deploy(request("b", "bb:1", hosts=["x.com"])))
+        d = self.controller.deploy(request("c", "cc:1", deploy_timeout=2))
+        self.clock.advance(2)
+        self.failureResultOf(d, DeployTimedOut)
+        failures = self.failures()
+        self.assertEqual([(r["service"], r["targets"], r["level"]) for r in failures],
+                         [("b", ["bad target!"], "ERROR"), ("b", ["bb:1"], "ERROR"),
+                          ("c", ["cc:1"], "ERROR")])
+        self.assertTrue(failures[0]["error"].startswith("invalid target 'bad target!'"))
+        self.assertIn("host x.com is served by service a", failures[1]["error"])
+        self.assertIn("failed to become healthy within configured timeout (2s)",
+                      failures[2]["error"])
+        self.assertEqual(self.recorder.outcomes, [("a", "success"), ("b", "failure"),
+                                                  ("b", "failure"), ("c", "failure")])
+
+    def test_cancel_during_health_wait(self) -> None:
+        """
+        Cancelling a deploy while it waits for health stops the new targets'
+        checks and changes nothing; it is logged and counted as cancelled.
+        """
+        self.deployed(request("web", "old:1"))
+        before = self.state_bytes()
+        d = self.controller.deploy(request("web", "new:2"))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.probe.answer("new:2", 200)
+        self.clock.advance(60)
+        self.assertEqual(self.probe.count("new:2"), 1)
+        self.assertEqual(self.address(), "old:1")
+        self.assertEqual(self.state_bytes(), before)
+        self.assertEqual(self.logger.records[-1]["msg"], "Deploy cancelled")
+        self.assertEqual(self.logger.records[-1]["service"], "web")
+        self.assertEqual(self.recorder.outcomes[-1], ("web", "cancelled"))
+        self.assertEqual(self.failures(), [])
+
+    def test_cancel_while_queued(self) -> None:
+        """
+        A deploy cancelled while another deploy of its service runs never
+        starts checking.
+        """
+        self.deployed(request("web", "old:1"))
+        first = self.controller.deploy(request("web", "one:1"))
+        second = self.controller.deploy(request("web", "two:2"))
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        self.probe.answer("one:1", 200)
+        self.successResultOf(first)
+        self.assertEqual(self.probe.count("two:2"), 0)
+        self.assertEqual(self.address(), "one:1")
+
+    def test_cancel_after_switch(self) -> None:
+        """
+        Cancelling a deploy after the switch does not stop its drain: the
+        Deferred fires when the old target has drained, and the deploy is a
+        success.
+        """
+        self.deployed(request("web", "old:1"))
+        held = self.select()
+        d = self.controller.deploy(request("web", "new:2"))
+        self.probe.answer("new:2", 200)
+        self.assertEqual(self.address(), "new:2")
+        d.cancel()
+        self.assertNoResult(d)
+        old = held.target
+        self.assertIs(old.state, TargetState.DRAINING)
+        held.release()
+        self.assertEqual(self.successResultOf(d).drained, Drained(1, 0))
+        self.assertEqual(self.recorder.outcomes[-1], ("web", "success"))
+
+
+class ErrorPagesTests(ControllerTestCase):
+    def test_injected_validation(self) -> None:
+        """
+        The error-page check is injected: a deploy it refuses fails before
+        any health check, with its message, and changes nothing.
+        """
+        from mproxy.errors import ErrorPagesError
+
+        def refuse(options: ServiceOptions) -> None:
+            if options.error_pages:
+                raise ErrorPagesError(f"unable to load error pages: {options.error_pages}")
+
+        controller = Controller(self.router, self.clock, self.probe, self.store, self.logger,
+                                validate_error_pages=refuse)
+        req = attrs.evolve(request("web", "aa:1"),
+                           options=ServiceOptions(error_pages="/nowhere"))
+        f = self.failureResultOf(controller.deploy(req), ErrorPagesError)
+        self.assertEqual(str(f.value), "unable to load error pages: /nowhere")
+        self.assertEqual((self.probe.calls, self.router.services), ([], {}))
+
+
 class RefusingCertificates:
     """
     A certificate service that refuses options with a certificate path, and
@@ -488,7 +645,7 @@ class RolloutTests(ControllerTestCase):
         f = self.failureResultOf(
             self.controller.rollout_deploy("nope", ("cc:1",), (), 10, 10), ServiceNotFound
         )
-        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(str(f.value), "service not found: nope")
         self.assertRaises(ServiceNotFound, self.controller.rollout_set, "nope", 10, ())
         self.assertRaises(ServiceNotFound, self.controller.rollout_stop, "nope")
 
@@ -509,7 +666,7 @@ class RolloutTests(ControllerTestCase):
         d = self.controller.rollout_deploy("web", ("canary:2",), (), 10, 10)
         self.assertNoResult(d)
         self.probe.answer("canary:2", 200)
-        self.assertEqual(self.successResultOf(d), ["canary:2"])
+        self.assertEqual(self.successResultOf(d).targets, ("canary:2",))
         self.assertEqual(self.saved()[0]["rollout_targets"], ["canary:2"])
         # No split yet.
         self.assertEqual(self.address(), "active:1")
@@ -564,11 +721,33 @@ class RolloutTests(ControllerTestCase):
         self.controller.remove("web")
         self.probe.answer("canary:2", 200)
         f = self.failureResultOf(d, ServiceNotFound)
-        self.assertEqual(str(f.value), "service not found")
+        self.assertEqual(str(f.value), "service not found: web")
         self.assertEqual(self.router.services, {})
         n = self.probe.count("canary:2")
         self.clock.advance(10)
         self.assertEqual(self.probe.count("canary:2"), n)
+
+    def test_rollout_values_checked_by_server(self) -> None:
+        """
+        Rollout deploys and splits are checked by the controller itself:
+        malformed and duplicate targets, zero deploy timeouts, percentages
+        outside 0-100.
+        """
+        f = self.failureResultOf(
+            self.controller.rollout_deploy("web", ("c:1",), (), 10, 10), InvalidTarget
+        )
+        self.assertIn("invalid target 'c:1'", str(f.value))
+        f = self.failureResultOf(
+            self.controller.rollout_deploy("web", ("cc:1",), (), 0, 10), InvalidOptions
+        )
+        self.assertEqual(str(f.value), "deploy-timeout must be greater than zero")
+        d = self.controller.rollout_deploy("web", ("cc:1", "cc:1"), (), 10, 10)
+        self.probe.answer("cc:1", 200)
+        self.assertEqual(self.successResultOf(d).targets, ("cc:1",))
+        for bad in (-1, 101):
+            with self.assertRaises(InvalidOptions) as cm:
+                self.controller.rollout_set("web", bad, ())
+            self.assertEqual(str(cm.exception), "percent must be between 0 and 100")
 
     def test_rollout_requires_targets(self) -> None:
         """
@@ -700,6 +879,17 @@ class PauseTests(ControllerTestCase):
         self.assertTrue(a.released)
         self.assertTrue(r.released)
 
+    def test_negative_durations(self) -> None:
+        """
+        Negative drain timeouts and max pauses are refused by the controller.
+        """
+        f = self.failureResultOf(self.controller.pause("web", -1, 1), InvalidOptions)
+        self.assertEqual(str(f.value), "drain-timeout must not be negative")
+        f = self.failureResultOf(self.controller.pause("web", 1, -1), InvalidOptions)
+        self.assertEqual(str(f.value), "max-pause must not be negative")
+        self.failureResultOf(self.controller.stop("web", -1, ""), InvalidOptions)
+        self.assertEqual(self.router.services["web"].state_name, "running")
+
     def test_max_pause(self) -> None:
         """
         The max pause given to the command applies to held requests.
@@ -734,6 +924,26 @@ class ListTests(ControllerTestCase):
         No services, an empty list.
         """
         self.assertEqual(self.controller.list(), [])
+
+    def test_health_and_rollout(self) -> None:
+        """
+        Each row shows every target's health, and the rollout slot with its
+        targets, their health, the percentage and the allowlist.
+        """
+        self.deployed(request("web", "aa:1", "bb:2"))
+        self.probe.auto["bb:2"] = 500
+        self.clock.advance(1)
+        row = self.controller.list()[0]
+        self.assertEqual(row["health"], {"aa:1": "healthy", "bb:2": "unhealthy"})
+        self.assertIsNone(row["rollout"])
+        self.probe.auto["cc:1"] = 200
+        self.successResultOf(self.controller.rollout_deploy("web", ("cc:1",)))
+        self.assertEqual(self.controller.list()[0]["rollout"],
+                         {"targets": ["cc:1"], "health": {"cc:1": "healthy"},
+                          "percent": None, "allowlist": []})
+        self.controller.rollout_set("web", 25, ("vip",))
+        rollout = self.controller.list()[0]["rollout"]
+        self.assertEqual((rollout["percent"], rollout["allowlist"]), (25, ["vip"]))
 
 
 class StateTests(ControllerTestCase):
@@ -967,7 +1177,7 @@ class StateTests(ControllerTestCase):
         """
         Invalid or missing targets are a L{StateError}.
         """
-        self.assert_state_error(self.record(active_targets=["bad target!"]), "invalid host")
+        self.assert_state_error(self.record(active_targets=["bad target!"]), "invalid target")
 
     def test_missing_targets(self) -> None:
         """
@@ -979,7 +1189,7 @@ class StateTests(ControllerTestCase):
         """
         Invalid rollout targets are a L{StateError}, with nothing restored.
         """
-        self.assert_state_error(self.record(rollout_targets=["bad target!"]), "invalid host")
+        self.assert_state_error(self.record(rollout_targets=["bad target!"]), "invalid target")
 
     def test_invalid_pause_state(self) -> None:
         """
@@ -1004,26 +1214,60 @@ class StateTests(ControllerTestCase):
         self.assert_state_error(self.record(target_options={"health_check": "/up"}))
         self.assert_state_error(self.record(pause="paused"))
 
-    def test_save_failure_after_switch_still_drains(self) -> None:
+    def test_failed_save_switches_nothing(self) -> None:
         """
-        When the state cannot be saved after the switch, the old targets are
-        still drained and stop being checked before the error is reported.
+        When the new state cannot be written, the deploy fails before the
+        switch: the old targets keep serving (and draining nothing), the new
+        ones stop being checked, and the file still holds the old state, so
+        a restart serves what is serving now.
         """
         self.deployed(request("web", "o1:1", "o2:2"))
-        held = self.select(method=b"POST")
-        os.remove(self.state_path)
-        os.makedirs(self.state_path)
+        before = self.state_bytes()
+        self.controller.store = FailingStore(self.state_path)
         d = self.controller.deploy(request("web", "n1:1", "n2:2"))
         self.probe.answer("n1:1", 200)
         self.probe.answer("n2:2", 200)
-        self.assertEqual(self.address(method=b"POST")[:1], "n")
-        self.assertNoResult(d)
-        held.release()
         f = self.failureResultOf(d, StateError)
-        self.assertIn("cannot write state file", str(f.value))
-        before = self.probe.count("o1:1") + self.probe.count("o2:2")
+        self.assertEqual(
+            str(f.value),
+            f"cannot write state file {self.state_path}: No space left on device; "
+            "nothing was changed",
+        )
+        self.assertEqual(self.address(method=b"POST")[:1], "o")
+        self.assertEqual(self.router.services["web"].active.addresses, ["o1:1", "o2:2"])
         self.clock.advance(10)
-        self.assertEqual(self.probe.count("o1:1") + self.probe.count("o2:2"), before)
+        self.assertEqual((self.probe.count("n1:1"), self.probe.count("n2:2")), (1, 1))
+        self.assertEqual(self.state_bytes(), before)
+        self.assertEqual(self.logger.records[-1]["msg"], "Deploy failed")
+
+    def test_failed_save_changes_nothing(self) -> None:
+        """
+        Every other command that changes a service fails the same way and
+        changes nothing when its new state cannot be written.
+        """
+        self.deployed(request("web", "aa:1"))
+        self.probe.auto["cc:1"] = 200
+        self.successResultOf(self.controller.rollout_deploy("web", ("cc:1",)))
+        self.controller.rollout_set("web", 10, ())
+        s = self.router.services["web"]
+        self.controller.store = FailingStore(self.state_path)
+        self.assertRaises(StateError, self.controller.remove, "web")
+        self.assertIs(self.router.services["web"], s)
+        self.assertRaises(StateError, self.controller.rollout_set, "web", 50, ())
+        self.assertRaises(StateError, self.controller.rollout_stop, "web")
+        self.assertEqual(s.split.percentage, 10)
+        self.failureResultOf(self.controller.pause("web"), StateError)
+        self.failureResultOf(self.controller.stop("web"), StateError)
+        self.assertEqual(s.state_name, "running")
+        d = self.controller.rollout_deploy("web", ("dd:1",))
+        self.probe.answer("dd:1", 200)
+        self.failureResultOf(d, StateError)
+        self.assertEqual(s.rollout.addresses, ["cc:1"])
+        self.controller.store = self.store
+        self.successResultOf(self.controller.pause("web"))
+        self.controller.store = FailingStore(self.state_path)
+        self.assertRaises(StateError, self.controller.resume, "web")
+        self.assertEqual(s.state_name, "paused")
 
     def test_no_store(self) -> None:
         """
@@ -1045,8 +1289,7 @@ class StateTests(ControllerTestCase):
         f = self.failureResultOf(self.controller.deploy(request("web", "aa:1")), StateError)
         self.assertIn(f"cannot write state file {self.state_path}", str(f.value))
         self.assertIn("Unable to save state", self.logger.messages())
-        with self.assertRaises(StateError):
-            self.controller.resume("web")
+        self.assertEqual(self.router.services, {})
 
 
 class ServiceCloseTests(ControllerTestCase):

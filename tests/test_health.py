@@ -389,6 +389,20 @@ class HelperTests(SynchronousTestCase):
                          "unexpected status (502)")
         self.assertEqual(describe_failure(Failure(ValueError())), "ValueError")
 
+    def test_describe_dns_failure(self) -> None:
+        """
+        A failed name lookup says "DNS lookup failed" once.
+        """
+        from twisted.internet.error import DNSLookupError
+
+        f = Failure(DNSLookupError("address 'web-9' not found: [Errno -2] Name or service "
+                                   "not known."))
+        self.assertEqual(
+            describe_failure(f),
+            "DNS lookup failed: address 'web-9' not found: [Errno -2] Name or service not known",
+        )
+        self.assertEqual(describe_failure(Failure(DNSLookupError())), "DNS lookup failed")
+
 
 class HTTPProbeTests(SynchronousTestCase):
     """

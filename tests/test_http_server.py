@@ -1018,3 +1018,72 @@ class NoDelayTests(SynchronousTestCase):
         r.requests[1].start_response(200, None, [(b"Content-Type", b"text/event-stream")], None)
         r.requests[1].write(b"data: 1\n\n")
         self.assertEqual(calls, [True])
+
+
+class DroppedUpgradeTests(SynchronousTestCase):
+    """
+    Only a WebSocket handshake is an upgrade; any other offer is parsed
+    and served as a normal request.
+    """
+
+    H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n"
+
+    def body_of(self, req: FastRequest) -> list[Any]:
+        got: list[Any] = []
+        req.set_body_consumer(got.append, lambda: got.append("end"),
+                              lambda s, m: got.append((s, m)))
+        return got
+
+    def test_h2c_without_body(self) -> None:
+        """
+        An h2c offer is not an upgrade: the request is served and the
+        requests pipelined after it are parsed.
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send(b"GET /a HTTP/1.1\r\nHost: x\r\n" + self.H2C + b"\r\n"
+               b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([(q.path, q.upgrade) for q in r.requests], [(b"/a", False), (b"/b", False)])
+        self.assertEqual(h.output().count(b"HTTP/1.1 200 OK\r\n"), 2)
+        self.assertFalse(h.closed)
+
+    def test_h2c_with_body(self) -> None:
+        """
+        A request with a body and an h2c offer (C{curl --http2 -d}) is read
+        with its body, whether it arrives with the head or later, and in
+        either framing; the next request is parsed after it.
+        """
+        for framing, parts in (
+                (b"Content-Length: 5\r\n", [b"hel", b"lo"]),
+                (b"Transfer-Encoding: chunked\r\n", [b"5\r\nhel", b"lo\r\n0\r\n\r\n"])):
+            r = Recorder()
+            h = Harness(r)
+            h.send(b"POST /a HTTP/1.1\r\nHost: x\r\n" + self.H2C + framing + b"\r\n" + parts[0])
+            req = r.requests[0]
+            self.assertFalse(req.upgrade)
+            got = self.body_of(req)
+            h.send(parts[1] + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(got, [b"hel", b"lo", "end"], framing)
+            respond(req)
+            self.assertEqual([q.path for q in r.requests], [b"/a", b"/b"])
+            self.assertFalse(h.closed)
+
+    def test_many_dropped_offers_in_one_packet(self) -> None:
+        """
+        Hundreds of pipelined h2c offers in one read are parsed in a loop
+        (no recursion).
+        """
+        r = Recorder(auto=True)
+        h = Harness(r)
+        h.send((b"GET /a HTTP/1.1\r\nHost: x\r\n" + self.H2C + b"\r\n") * 1500)
+        self.assertEqual(len(r.requests), 1500)
+
+    def test_websocket_offer_is_upgrade(self) -> None:
+        """
+        The WebSocket offer on GET over HTTP/1.1 is the upgrade (the
+        Upgrade value may list other protocols too).
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo, WebSocket\r\n\r\n")
+        self.assertTrue(r.requests[0].upgrade)

@@ -380,7 +380,11 @@ class HostSpellingTests(Helpers, TestCase):
         self.assertNotIn(addr_a, r.out)
         r = yield p.command("deploy", "other", "--target", addr_c, "--host", "app1.example.com")
         self.assertEqual(r.status, 1)
-        self.assertIn("Error: host settings conflict with another service", r.err)
+        self.assertEqual(
+            r.err.strip(),
+            "Error: host settings conflict with another service: host app1.example.com "
+            "is served by service app1.example.com",
+        )
         r = yield p.command("list", "--json")
         self.assertNotIn('"other"', r.out)
 

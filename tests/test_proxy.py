@@ -1318,3 +1318,265 @@ class CustomPageTests(SynchronousTestCase):
         h2.service.result = Refusal(504)
         h2.get()
         self.assertIn("504 — Gateway Timeout".encode(), h2.output())
+
+
+class SmugglingTests(SynchronousTestCase):
+    """
+    The framing and routing of a forwarded message are the proxy's own.
+    """
+
+    def test_connection_cannot_drop_framing(self) -> None:
+        """
+        Tokens in Connection never remove Content-Length or Host from the
+        forwarded request; other named headers still go.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\n"
+               b"Connection: Content-Length, Host, Transfer-Encoding, X-Hop\r\n"
+               b"X-Hop: 1\r\nContent-Length: 5\r\n\r\nhello")
+        proto, t = h.upstream()
+        raw = t.value()
+        hs = upstream_headers(raw)
+        self.assertEqual(header(hs, b"content-length"), [b"5"])
+        self.assertEqual(header(hs, b"host"), [b"example.com"])
+        self.assertEqual(header(hs, b"x-hop"), [])
+        self.assertEqual(header(hs, b"transfer-encoding"), [])
+        self.assertTrue(raw.endswith(b"\r\n\r\nhello"))
+
+    def test_smuggled_request_stays_body(self) -> None:
+        """
+        A body that spells a second request reaches the target as the body
+        of the first, with its length: the target sees one request.
+        """
+        import httptools
+
+        h = Harness()
+        smuggled = b"GET /admin HTTP/1.1\r\nHost: other.example\r\n\r\n"
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nConnection: content-length\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        proto, t = h.upstream()
+        seen: list[bytes] = []
+
+        class Target:
+            def on_url(self, url: bytes) -> None:
+                seen.append(url)
+
+        httptools.HttpRequestParser(Target()).feed_data(t.value())
+        self.assertEqual(seen, [b"/x"])
+
+    def test_declared_zero_length_kept(self) -> None:
+        """
+        A declared C{Content-Length: 0} is forwarded as such (some apps want
+        a length on every POST); none is invented for a GET.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0\r\n\r\n")
+        proto, t = h.upstream()
+        self.assertEqual(header(upstream_headers(t.value()), b"content-length"), [b"0"])
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        self.assertEqual(header(upstream_headers(t.value()), b"content-length"), [])
+
+    def test_response_connection_cannot_drop_length(self) -> None:
+        """
+        A target's Connection header cannot remove the response's
+        Content-Length either (the client would not know where it ends).
+        """
+        h = Harness()
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Up\r\nX-Up: 1\r\n"
+                           b"Content-Length: 5\r\n\r\nhello")
+        out = h.output()
+        self.assertIn(b"\r\nContent-Length: 5\r\n", out)
+        self.assertNotIn(b"X-Up", out)
+
+    def test_transfer_codings_kept(self) -> None:
+        """
+        C{Transfer-Encoding: gzip, chunked} reaches the target with its gzip
+        coding; the body stays as sent.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\n\r\n")
+        proto, t = h.upstream()
+        hs = upstream_headers(t.value())
+        self.assertEqual(header(hs, b"transfer-encoding"), [b"gzip, chunked"])
+        self.assertTrue(t.value().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+
+
+class HeaderHygieneTests(SynchronousTestCase):
+    def test_underscore_headers_dropped(self) -> None:
+        """
+        Header names with underscores never reach the target (CGI-style apps
+        would read X_Forwarded_For as X-Forwarded-For); the drop is logged
+        at debug level.
+        """
+        h = Harness()
+        h.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nX_Forwarded_For: 6.6.6.6\r\n"
+               b"X_Forwarded_Proto: https\r\nContent_Length: 99\r\nX-Fine: 1\r\n"
+               b"Content-Length: 0\r\n\r\n")
+        proto, t = h.upstream()
+        hs = upstream_headers(t.value())
+        self.assertEqual([n for n, v in hs if b"_" in n], [])
+        self.assertEqual(header(hs, b"x-fine"), [b"1"])
+        self.assertEqual(header(hs, b"x-forwarded-for"), [b"192.168.1.1"])
+        dropped = [r for r in h.logger.records if r["msg"] == "Dropped request header with underscore"]
+        self.assertEqual([(r["level"], r["header"]) for r in dropped], [
+            ("DEBUG", "X_Forwarded_For"), ("DEBUG", "X_Forwarded_Proto"),
+            ("DEBUG", "Content_Length")])
+
+    def test_request_start_replaced_without_forward_headers(self) -> None:
+        """
+        With forward-headers off a client's X-Request-Start is replaced by
+        the proxy's own.
+        """
+        h = Harness(forward_headers=False)
+        h.get(headers=b"X-Request-Start: t=1\r\n")
+        proto, t = h.upstream()
+        self.assertRegex(header(upstream_headers(t.value()), b"x-request-start")[0].decode(),
+                         r"^t=\d{13}$")
+
+    def test_invalid_status_502(self) -> None:
+        """
+        A status code outside 100-599 from a target is a 502.
+        """
+        for status in (b"000", b"099", b"600", b"999"):
+            h = Harness()
+            h.get()
+            proto, t = h.upstream()
+            proto.dataReceived(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 0\r\n\r\n")
+            self.assertTrue(h.output().startswith(b"HTTP/1.1 502 "), status)
+
+
+class DotSegmentTests(SynchronousTestCase):
+    """
+    Dot-segments are resolved before routing, and the target gets the
+    resolved path.
+    """
+
+    def routed(self, path: bytes, prefix: str = "/") -> tuple[Harness, bytes]:
+        h = Harness(prefix=prefix)
+        h.get(path)
+        return h, h.output()
+
+    def test_prefix_not_escaped(self) -> None:
+        """
+        C{/public/../internal} in any spelling is C{/internal}: outside the
+        C{/public} prefix, so no route.
+        """
+        for path in (b"/public/../internal", b"/public/%2e%2e/internal",
+                     b"/public/%2E%2E/internal", b"/public/.%2e/internal",
+                     b"/public/..%2finternal", b"/public%2F..%2Finternal",
+                     b"/public/x/../../internal", b"/public/./../internal"):
+            h, out = self.routed(path, prefix="/public")
+            self.assertTrue(out.startswith(b"HTTP/1.1 404 "), path)
+            self.assertEqual(h.router.calls[-1][1], "/internal")
+            self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_resolved_path_forwarded(self) -> None:
+        """
+        A path with dot-segments that stays under the prefix is forwarded
+        resolved (query untouched, other escapes kept); one without is
+        forwarded byte for byte.
+        """
+        h, _ = self.routed(b"/public/a/./b/../c%20d?x=/../y", prefix="/public")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /a/c%20d?x=/../y HTTP/1.1\r\n"))
+        proto.dataReceived(OK)
+        self.assertEqual(h.requests_logged()[0]["path"], "/public/a/c d")
+        h, _ = self.routed(b"/public/a%2Fb/.hidden/x..y/%2e%2e.")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /public/a%2Fb/.hidden/x..y/%2e%2e. HTTP/1.1\r\n"))
+
+    def test_resolved_prefix_kept(self) -> None:
+        """
+        Without prefix stripping the target sees the whole resolved path.
+        """
+        h = Harness(prefix="/public")
+        h.service.options = ServiceOptions(strip_prefix=False)
+        h.get(b"/public/a/../b?q")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /public/b?q HTTP/1.1\r\n"))
+
+    def test_root_is_floor(self) -> None:
+        """
+        C{..} above the root stays at the root.
+        """
+        h, _ = self.routed(b"/../../etc/passwd")
+        proto, t = h.upstream()
+        self.assertTrue(t.value().startswith(b"GET /etc/passwd HTTP/1.1\r\n"))
+
+
+class DroppedUpgradeTests(SynchronousTestCase):
+    """
+    Only WebSocket upgrades open a tunnel; any other offer is dropped.
+    """
+
+    H2C = (b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+
+    def assert_plain(self, hs: list[tuple[bytes, bytes]]) -> None:
+        for gone in (b"upgrade", b"http2-settings", b"connection"):
+            self.assertEqual(header(hs, gone), [], gone)
+
+    def test_h2c_proxied_as_normal_request(self) -> None:
+        """
+        An h2c offer reaches the target as a normal request (no Upgrade,
+        HTTP2-Settings or Connection); the service is not told it is a
+        WebSocket, and the client connection stays usable.
+        """
+        h = Harness()
+        h.get(b"/x", self.H2C)
+        self.assertFalse(h.service.selects[0][3])
+        proto, t = h.upstream()
+        self.assert_plain(upstream_headers(t.value()))
+        proto.dataReceived(OK)
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertFalse(h.ct.disconnecting)
+        t.clear()
+        h.get(b"/second")
+        self.assertTrue(t.value().startswith(b"GET /second HTTP/1.1\r\n"))
+
+    def test_h2c_with_body(self) -> None:
+        """
+        C{curl --http2 -d ...} over plain HTTP: the body is forwarded (it was
+        a 400 "upgrade request with a body").
+        """
+        for framing, body in ((b"Content-Length: 5\r\n", b"hello"),
+                              (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n")):
+            h = Harness()
+            h.send(b"POST /form HTTP/1.1\r\nHost: example.com\r\n" + self.H2C + framing
+                   + b"\r\n" + body)
+            proto, t = h.upstream()
+            raw = t.value()
+            self.assert_plain(upstream_headers(raw))
+            self.assertTrue(raw.endswith(b"\r\n\r\n" + body), raw)
+            proto.dataReceived(OK)
+            self.assertTrue(h.output().startswith(b"HTTP/1.1 200 OK\r\n"))
+            t.clear()
+            h.get(b"/next")
+            self.assertTrue(t.value().startswith(b"GET /next HTTP/1.1\r\n"), framing)
+
+    def test_target_101_to_dropped_offer_502(self) -> None:
+        """
+        A target that switches anyway (it cannot have been asked) is a 502.
+        """
+        h = Harness()
+        h.get(b"/x", self.H2C)
+        proto, t = h.upstream()
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                           b"Connection: Upgrade\r\n\r\n")
+        self.assertTrue(h.output().startswith(b"HTTP/1.1 502 "))
+
+    def test_websocket_only_on_get_http11(self) -> None:
+        """
+        A WebSocket offer on another method, or over HTTP/1.0, is dropped too.
+        """
+        for line in (b"POST /ws HTTP/1.1", b"GET /ws HTTP/1.0"):
+            h = Harness()
+            h.send(line + b"\r\nHost: example.com\r\n" + UpgradeTests.WS + b"\r\n")
+            self.assertFalse(h.service.selects[0][3])
+            proto, t = h.upstream()
+            self.assert_plain(upstream_headers(t.value()))

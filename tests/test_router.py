@@ -256,7 +256,13 @@ class ConflictTests(RouterTestCase):
         self.add("a", ["a.com"])
         with self.assertRaises(HostConflict) as cm:
             self.router.check_conflicts("b", ServiceOptions(hosts=["A.com"]))
-        self.assertEqual(str(cm.exception), "host settings conflict with another service")
+        self.assertEqual(
+            str(cm.exception),
+            "host settings conflict with another service: host a.com is served by service a",
+        )
+        with self.assertRaises(HostConflict) as cm:
+            self.router.check_conflicts("b", ServiceOptions(hosts=["x.com", "a.com"]))
+        self.assertIn("host a.com is served by service a", str(cm.exception))
         self.assertRaises(
             HostConflict,
             self.router.check_conflicts,
@@ -269,7 +275,17 @@ class ConflictTests(RouterTestCase):
         Only one service may be the default root service.
         """
         self.add("a")
-        self.assertRaises(HostConflict, self.router.check_conflicts, "b", ServiceOptions())
+        with self.assertRaises(HostConflict) as cm:
+            self.router.check_conflicts("b", ServiceOptions())
+        self.assertEqual(
+            str(cm.exception),
+            "host settings conflict with another service: the default host (no --host) "
+            "is served by service a",
+        )
+        self.add("api", ["a.com"], ["/api"])
+        with self.assertRaises(HostConflict) as cm:
+            self.router.check_conflicts("c", ServiceOptions(hosts=["a.com"], path_prefixes=["/api"]))
+        self.assertIn("host a.com path /api is served by service api", str(cm.exception))
 
     def test_own_redeploy(self) -> None:
         """

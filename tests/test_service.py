@@ -23,7 +23,7 @@ from mproxy.service import (
     Refusal,
     RolloutSplit,
     Service,
-    fnv1a32,
+    rollout_bucket,
 )
 from mproxy.spec import HealthCheckConfig, ServiceOptions, TargetOptions
 from mproxy.target import Claim
@@ -251,13 +251,28 @@ class PauseControllerTests(SynchronousTestCase):
 
 
 class RolloutSplitTests(SynchronousTestCase):
-    def test_fnv1a(self) -> None:
+    def test_bucket(self) -> None:
         """
-        The hash is 32-bit FNV-1a.
+        A value's bucket is the first 8 bytes of its BLAKE2b digest, as a
+        fraction of 2**64.
         """
-        self.assertEqual(fnv1a32(b""), 0x811C9DC5)
-        self.assertEqual(fnv1a32(b"a"), 0xE40C292C)
-        self.assertEqual(fnv1a32(b"foobar"), 0xBF9CF968)
+        import hashlib
+
+        for v in (b"a", b"user1", b"foobar"):
+            expected = int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "big")
+            self.assertEqual(rollout_bucket(v), expected / 2.0**64)
+            self.assertTrue(0 <= rollout_bucket(v) < 1)
+
+    def test_sequential_values_split_evenly(self) -> None:
+        """
+        Sequential cookie values, C{user1..user1000} and C{1..1000}, split
+        like random ones: 10% sends 100 +/- 20 of them to the rollout.
+        """
+        split = RolloutSplit(10)
+        for values in ([f"user{i}" for i in range(1, 1001)],
+                       [str(i) for i in range(1, 1001)]):
+            n = sum(split.use_rollout(v.encode()) for v in values)
+            self.assertTrue(80 <= n <= 120, (values[0], n))
 
     def test_no_cookie(self) -> None:
         """
@@ -289,7 +304,7 @@ class RolloutSplitTests(SynchronousTestCase):
         self.assertTrue(150 < sum(half) < 350, sum(half))
         for v in values:
             self.assertEqual(
-                RolloutSplit(30).use_rollout(v), fnv1a32(v) <= 0.3 * 0xFFFFFFFF
+                RolloutSplit(30).use_rollout(v), rollout_bucket(v) < 0.3
             )
 
 

@@ -18,7 +18,7 @@ from mproxy.spec import (
     format_duration,
     normalise_hosts,
     normalise_prefixes,
-    options_from_json,
+    from_json,
     parse_duration,
     parse_target,
     to_json,
@@ -55,6 +55,15 @@ class ParseDurationTests(SynchronousTestCase):
             with self.assertRaises(ValueError, msg=text) as cm:
                 parse_duration(text)
             self.assertIn("invalid duration", str(cm.exception))
+
+    def test_negative(self) -> None:
+        """
+        A negative duration is refused as such.
+        """
+        for text in ["-1", "-1s", "-0.5", "-1m30s"]:
+            with self.assertRaises(ValueError, msg=text) as cm:
+                parse_duration(text)
+            self.assertEqual(str(cm.exception), f"invalid duration {text!r}: must not be negative")
 
 
 class FormatDurationTests(SynchronousTestCase):
@@ -126,7 +135,12 @@ class ParseTargetTests(SynchronousTestCase):
         ]:
             with self.assertRaises(InvalidTarget, msg=text) as cm:
                 parse_target(text)
-            self.assertEqual(str(cm.exception), f"{text} :invalid host pattern")
+            allowed = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
+                       "brackets; port 1-65535; no scheme or path)")
+            if text:
+                self.assertEqual(str(cm.exception), f"invalid target {text!r}: {allowed}")
+            else:
+                self.assertEqual(str(cm.exception), f"empty target: {allowed}")
 
 
 class NormaliseTests(SynchronousTestCase):
@@ -347,6 +361,71 @@ class DeployRequestTests(SynchronousTestCase):
             InvalidTarget, DeployRequest("web", ["aa:1"], readers=["bad target!"]).validate
         )
 
+    def test_duplicates_merged(self) -> None:
+        """
+        An address given twice is one target.
+        """
+        req = DeployRequest("web", ["aa:1", "bb:2", "aa:1"], readers=["rr:1", "rr:1"])
+        self.assertEqual((req.targets, req.readers), (("aa:1", "bb:2"), ("rr:1",)))
+        req.validate()
+
+    def test_writer_and_reader(self) -> None:
+        """
+        One address cannot be both a writer and a reader.
+        """
+        with self.assertRaises(InvalidOptions) as cm:
+            DeployRequest("web", ["aa:1"], readers=["aa:1"]).validate()
+        self.assertEqual(str(cm.exception), "aa:1 is given both as a target and as a read target")
+
+    def test_empty_target(self) -> None:
+        """
+        An empty address is refused, not taken for the service's name.
+        """
+        with self.assertRaises(InvalidTarget) as cm:
+            DeployRequest("web", [""]).validate()
+        self.assertTrue(str(cm.exception).startswith("empty target: use host:port"))
+
+    def test_deploy_timeout(self) -> None:
+        """
+        A deploy timeout of zero (or less) is refused: it would fail even a
+        healthy target.  With C{force} there is no wait, so any value goes.
+        """
+        for value in (0, -1):
+            with self.assertRaises(InvalidOptions) as cm:
+                DeployRequest("web", ["aa:1"], deploy_timeout=value).validate()
+            self.assertEqual(str(cm.exception), "deploy-timeout must be greater than zero")
+        DeployRequest("web", ["aa:1"], deploy_timeout=0, force=True).validate()
+        with self.assertRaises(InvalidOptions) as cm:
+            DeployRequest("web", ["aa:1"], drain_timeout=-1).validate()
+        self.assertEqual(str(cm.exception), "drain-timeout must not be negative")
+        DeployRequest("web", ["aa:1"], drain_timeout=0).validate()
+
+    def test_target_options(self) -> None:
+        """
+        Health-check and target options out of range are refused by the
+        request itself, whichever client sent it.
+        """
+        cases = [
+            (HealthCheckConfig(port=70000), "invalid health-check-port 70000"),
+            (HealthCheckConfig(port=-1), "invalid health-check-port -1"),
+            (HealthCheckConfig(interval=0), "health-check-interval must be greater than zero"),
+            (HealthCheckConfig(timeout=-2), "health-check-timeout must be greater than zero"),
+        ]
+        for hc, message in cases:
+            with self.assertRaises(InvalidOptions) as cm:
+                DeployRequest("web", ["aa:1"],
+                              target_options=TargetOptions(health_check=hc)).validate()
+            self.assertEqual(str(cm.exception), message)
+        for kw, message in [
+            ({"target_timeout": 0}, "target-timeout must be greater than zero"),
+            ({"buffer_memory": -1}, "buffer-memory must not be negative"),
+            ({"max_request_body": -1}, "max-request-body must not be negative"),
+            ({"max_response_body": -5}, "max-response-body must not be negative"),
+        ]:
+            with self.assertRaises(InvalidOptions) as cm:
+                DeployRequest("web", ["aa:1"], target_options=TargetOptions(**kw)).validate()
+            self.assertEqual(str(cm.exception), message)
+
     def test_bad_options(self) -> None:
         """
         Service options are validated too.
@@ -374,7 +453,7 @@ class JSONTests(SynchronousTestCase):
             client_ip_header="CF-Connecting-IP",
         )
         text = json.dumps(to_json(options))
-        back = options_from_json(ServiceOptions, json.loads(text))
+        back = from_json(ServiceOptions, json.loads(text))
         self.assertEqual(back, options)
 
     def test_target_options_round_trip(self) -> None:
@@ -391,7 +470,7 @@ class JSONTests(SynchronousTestCase):
             forward_headers=False,
         )
         text = json.dumps(to_json(options))
-        back = options_from_json(TargetOptions, json.loads(text))
+        back = from_json(TargetOptions, json.loads(text))
         self.assertEqual(back, options)
         self.assertIsInstance(back.health_check, HealthCheckConfig)
 
@@ -399,7 +478,7 @@ class JSONTests(SynchronousTestCase):
         """
         Keys from a newer version are ignored; missing keys take defaults.
         """
-        back = options_from_json(ServiceOptions, {"hosts": ["a.com"], "future": 1})
+        back = from_json(ServiceOptions, {"hosts": ["a.com"], "future": 1})
         self.assertEqual(back, ServiceOptions(hosts=["a.com"]))
 
     def test_json_is_plain(self) -> None:
@@ -410,3 +489,41 @@ class JSONTests(SynchronousTestCase):
         self.assertEqual(data["hosts"], [""])
         self.assertEqual(data["path_prefixes"], ["/"])
         json.dumps(to_json(TargetOptions()))
+
+    def test_request_round_trip(self) -> None:
+        """
+        A whole deploy request survives JSON, nested options included.
+        """
+        req = DeployRequest(
+            "web", ["aa:1", "bb:2"], readers=["rr:1"],
+            options=ServiceOptions(hosts=["a.com"]),
+            target_options=TargetOptions(health_check=HealthCheckConfig(port=9)),
+            deploy_timeout=5, drain_timeout=0.5, force=True,
+        )
+        back = from_json(DeployRequest, json.loads(json.dumps(to_json(req))))
+        self.assertEqual(back, req)
+
+    def test_wrong_types(self) -> None:
+        """
+        A value of the wrong type is a L{TypeError} naming the field; numbers
+        are not booleans, and whole numbers are accepted for durations.
+        """
+        for cls, data, name in [
+            (DeployRequest, {"service": "web", "targets": 5}, "targets"),
+            (DeployRequest, {"service": "web", "targets": [1]}, "targets"),
+            (DeployRequest, {"service": 1, "targets": []}, "service"),
+            (DeployRequest, {"service": "w", "targets": [], "deploy_timeout": "x"},
+             "deploy_timeout"),
+            (DeployRequest, {"service": "w", "targets": [], "force": 1}, "force"),
+            (TargetOptions, {"health_check": {"port": "80"}}, "port"),
+            (TargetOptions, {"max_request_body": 1.5}, "max_request_body"),
+            (ServiceOptions, {"hosts": "a.com"}, "hosts"),
+        ]:
+            with self.assertRaises(TypeError, msg=data) as cm:
+                from_json(cls, data)
+            self.assertIn(name, str(cm.exception))
+        with self.assertRaises(TypeError):
+            from_json(DeployRequest, {"service": "w", "targets": [], "options": 3})
+        with self.assertRaises(TypeError):
+            from_json(DeployRequest, [])
+        self.assertEqual(from_json(HealthCheckConfig, {"interval": 2}).interval, 2.0)

@@ -1,5 +1,6 @@
 """
-Tests for L{mproxy.state}: atomic writes and careful loading.
+Tests for L{mproxy.state}: the typed service records and their JSON form,
+atomic writes and careful loading.
 """
 
 from __future__ import annotations
@@ -10,10 +11,72 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mproxy.errors import StateError
-from mproxy.state import STATE_FILENAME, StateStore
+from mproxy.errors import InvalidOptions, StateError
+from mproxy.service import PauseState, RolloutSplit
+from mproxy.spec import HealthCheckConfig, ServiceOptions, TargetOptions
+from mproxy.state import STATE_FILENAME, PauseRecord, ServiceRecord, Slot, StateStore
 
-RECORDS = [{"name": "web", "active_targets": ["aa:1"]}, {"name": "api", "x": [1, 2]}]
+RECORDS = [
+    ServiceRecord("api", ServiceOptions(hosts=["api.example.com"]), TargetOptions(),
+                  Slot(["aa:1"], ["rr:1"]), rollout=Slot(["cc:1"]),
+                  split=RolloutSplit(10, ("vip",)),
+                  pause=PauseRecord(PauseState.STOPPED, 12.0, "back soon")),
+    ServiceRecord("web", ServiceOptions(), TargetOptions(
+        health_check=HealthCheckConfig(path="/hc")), Slot(["bb:2"])),
+]
+JSON = [r.to_json() for r in RECORDS]
+
+
+class ServiceRecordTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """
+        A record survives its JSON form, every field included.
+        """
+        for r in RECORDS:
+            self.assertEqual(ServiceRecord.from_json(json.loads(json.dumps(r.to_json()))), r)
+
+    def test_format(self) -> None:
+        """
+        The JSON keys are those of the state file.
+        """
+        self.assertEqual(
+            JSON[0],
+            {
+                "name": "api",
+                "options": JSON[0]["options"],
+                "target_options": JSON[0]["target_options"],
+                "active_targets": ["aa:1"],
+                "active_readers": ["rr:1"],
+                "rollout_targets": ["cc:1"],
+                "rollout_readers": [],
+                "pause": {"state": 2, "stop_message": "back soon", "max_pause": 12.0},
+                "rollout_split": {"percentage": 10, "allowlist": ["vip"]},
+            },
+        )
+        self.assertIsNone(JSON[1]["rollout_targets"])
+        self.assertIsNone(JSON[1]["rollout_split"])
+
+    def test_defaults(self) -> None:
+        """
+        A minimal record (a name and active targets) takes defaults.
+        """
+        r = ServiceRecord.from_json({"name": "web", "active_targets": ["aa:1"]})
+        self.assertEqual(r, ServiceRecord("web", ServiceOptions(), TargetOptions(),
+                                          Slot(["aa:1"])))
+
+    def test_invalid(self) -> None:
+        """
+        An invalid record is L{InvalidOptions} naming the service.
+        """
+        for data in [
+            {"name": "web"},
+            {"name": "web", "active_targets": ["bad target!"]},
+            {"name": "web", "active_targets": ["aa:1"], "options": ["x"]},
+            {"name": "web", "active_targets": ["aa:1"], "pause": {"state": 9}},
+        ]:
+            with self.assertRaises(InvalidOptions, msg=data) as cm:
+                ServiceRecord.from_json(data)
+            self.assertTrue(str(cm.exception).startswith("service 'web': "), str(cm.exception))
 
 
 class StateStoreTests(SynchronousTestCase):
@@ -69,7 +132,7 @@ class StateStoreTests(SynchronousTestCase):
         self.store.save(RECORDS)
         with open(self.path, "rb") as old:
             self.store.save([])
-            self.assertEqual(json.loads(old.read())["services"], RECORDS)
+            self.assertEqual(json.loads(old.read())["services"], JSON)
         self.assertEqual(self.store.load(), [])
 
     def test_failed_write_leaves_old_file(self) -> None:
@@ -79,7 +142,8 @@ class StateStoreTests(SynchronousTestCase):
         self.store.save(RECORDS)
         with open(self.path, "rb") as f:
             before = f.read()
-        self.assertRaises(TypeError, self.store.save, [{"name": "x", "bad": object()}])
+        bad = ServiceRecord("x", ServiceOptions(), TargetOptions(), Slot([object()]))
+        self.assertRaises(TypeError, self.store.save, [bad])
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), before)
         self.assertEqual(os.listdir(self.dir), [STATE_FILENAME])
@@ -94,13 +158,13 @@ class StateStoreTests(SynchronousTestCase):
         self.assertTrue(raw.endswith(b"\n"))
         data = json.loads(raw)
         self.assertEqual(data["version"], 1)
-        self.assertEqual(data["services"], RECORDS)
+        self.assertEqual(data["services"], JSON)
 
     def test_legacy_list(self) -> None:
         """
         A bare JSON list of services (the reference's format) loads.
         """
-        self.write(json.dumps(RECORDS).encode())
+        self.write(json.dumps(JSON).encode())
         self.assertEqual(self.store.load(), RECORDS)
 
     def assert_error(self, content: bytes, text: str) -> None:
@@ -131,6 +195,15 @@ class StateStoreTests(SynchronousTestCase):
         """
         self.assert_error(b'{"version": 99, "services": []}', "unsupported version")
         self.assert_error(b'{"version": "1", "services": []}', "unsupported version")
+
+    def test_invalid_record(self) -> None:
+        """
+        One invalid record refuses the whole file, naming it and the service.
+        """
+        self.assert_error(
+            json.dumps({"services": JSON + [{"name": "bad", "active_targets": []}]}).encode(),
+            "is invalid: service 'bad': no active targets",
+        )
 
     def test_unreadable(self) -> None:
         """

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mproxy.balancer import LoadBalancer
 from mproxy.logging import ListLogger
 from mproxy.spec import HealthCheckConfig
-from mproxy.target import Target, TargetState
+from mproxy.target import Drained, Target, TargetState
 
 
 class RecordingPool:
@@ -127,6 +127,19 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.target.inflight, set())
         self.assertTrue(c1.released)
+
+    def test_drained_counts(self) -> None:
+        """
+        A drain fires with how many requests it waited for and how many it cut
+        at the deadline; an idle one with zeros.
+        """
+        self.assertEqual(self.successResultOf(Target("aa:1", self.clock).drain(1)), Drained())
+        c1, c2, c3 = self.target.claim(), self.target.claim(), self.target.claim()
+        d = self.target.drain(5)
+        c1.release()
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(d), Drained(requests=3, cut=2))
+        self.assertTrue(c2.released and c3.released)
 
     def test_canceller_raising(self) -> None:
         """
@@ -371,6 +384,20 @@ class BalancerDrainTests(SynchronousTestCase):
         clock.advance(30)
         self.successResultOf(d)
         self.assertTrue(cr.released)
+
+    def test_drain_totals(self) -> None:
+        """
+        A balancer's drain adds up its targets' counts.
+        """
+        clock = Clock()
+        lb = healthy_lb(["aa:1", "bb:2"], [], clock)
+        lb.writers[0].claim()
+        lb.writers[1].claim().release()
+        held = lb.writers[1].claim()
+        d = lb.drain(3)
+        held.release()
+        clock.advance(3)
+        self.assertEqual(self.successResultOf(d), Drained(requests=2, cut=1))
 
     def test_drain_idle(self) -> None:
         """

@@ -20,7 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mproxy.spec import ServiceOptions
-from mproxy.tls.service import CertificateService
+from mproxy.logging import ListLogger
+from mproxy.tls.orders import OrderRunner
+from mproxy.tls.service import CertificateService, Directories
 from mproxy.tls.sni import ServerTLS, https_factory
 from mproxy.tls.store import CertificateStore
 from mproxy.tls.testing import (
@@ -87,12 +89,13 @@ class HTTPSListenerTests(TestCase):
             return key, chain
 
         self.issuer.issue = issue
+        store = CertificateStore(self.dir)
         self.certs = CertificateService(
             reactor,
-            CertificateStore(self.dir),
-            lambda url: self.issuer,
-            synchronous_runner(),
-            directory_url="https://ca.invalid/dir",
+            store,
+            OrderRunner(store, lambda url: self.issuer, synchronous_runner()),
+            ListLogger(),
+            directories=Directories("https://ca.invalid/dir"),
         )
         self.certs.startService()
         self.addCleanup(self.certs.stopService)

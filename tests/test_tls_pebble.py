@@ -22,10 +22,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mproxy.spec import ServiceOptions
-from mproxy.tls.challenges import ACMEChallengeResource
-from mproxy.tls.service import CertificateService
+from mproxy.logging import ListLogger
+from mproxy.tls.backoff import RetryPolicy
+from mproxy.tls.challenges import ACMEChallengeResource, ChallengeStore
 from mproxy.tls.sni import ServerTLS, https_factory
 from mproxy.tls.testing import https_get_h2, https_get_http11
+from mproxy.tls.wiring import certificate_service
 from tests.pebble import PEBBLE_SKIP, LoopbackDNS, Pebble
 
 
@@ -40,7 +42,7 @@ class Hello(Resource):
 class PebbleFixture(TestCase):
     """
     Listeners (plain HTTP with the HTTP-01 resource, HTTPS with L{ServerTLS}),
-    a loopback DNS server, pebble, and a started L{CertificateService}.
+    a loopback DNS server and pebble; C{start()} starts a L{CertificateService}.
     """
 
     skip = PEBBLE_SKIP
@@ -52,11 +54,11 @@ class PebbleFixture(TestCase):
         os.makedirs(self.state)
         dns = LoopbackDNS(reactor)
         self.addCleanup(dns.stop)
-        self.certs = CertificateService.create(reactor, self.state, directory_url="placeholder")
+        self.challenges = ChallengeStore()
         site = Site(Hello())
-        http = reactor.listenTCP(0, Site(ACMEChallengeResource(self.certs.challenges, Hello())), interface="127.0.0.1")
+        http = reactor.listenTCP(0, Site(ACMEChallengeResource(self.challenges, Hello())), interface="127.0.0.1")
         self.addCleanup(http.stopListening)
-        self.tls = ServerTLS(self.certs.select, self.certs.challenges)
+        self.tls = ServerTLS(lambda name: self.certs.select(name), self.challenges)
         https = reactor.listenTCP(0, https_factory(self.tls, site), interface="127.0.0.1")
         self.addCleanup(https.stopListening)
         self.https_port = https.getHost().port
@@ -69,27 +71,31 @@ class PebbleFixture(TestCase):
         )
         self.pebble.start()
         self.addCleanup(self.pebble.stop)
-        self.certs.directory_url = self.pebble.directory_url
-        for issuer_ca in [self.pebble.ca_bundle]:
-            self.certs.issuer_factory = self._issuer_factory(issuer_ca)
-        self.certs.retry_initial = 0.5
-        self.certs.startService()
-        self.addCleanup(self.certs.stopService)
         self.root = os.path.join(self.state, "root.pem")
 
-    def _issuer_factory(self, ca_bundle):
+    def start(self, *challenge_types):
+        """
+        A started service ordering from pebble with C{challenge_types}.
+        """
+        self.logger = ListLogger()
+        self.certs = certificate_service(
+            reactor,
+            self.state,
+            self.logger,
+            directory_url=self.pebble.directory_url,
+            policy=RetryPolicy(initial=0.5, challenge_types=challenge_types),
+            issuer_factory=self._issuer,
+        )
+        # answer challenges through the listeners of this test
+        self.certs.challenges = self.challenges
+        self.certs.startService()
+        self.addCleanup(self.certs.stopService)
+        return self.certs
+
+    def _issuer(self, url, store, challenges):
         from mproxy.tls.acme import AcmeIssuer
 
-        def factory(url):
-            return AcmeIssuer(
-                url,
-                self.certs.store.for_directory(url),
-                self.certs.challenges,
-                ca_bundle=ca_bundle,
-                poll_interval=0.05,
-            )
-
-        return factory
+        return AcmeIssuer(url, store, self.challenges, ca_bundle=self.pebble.ca_bundle, poll_interval=0.05)
 
     @inlineCallbacks
     def wait_valid(self, host, limit=30.0):
@@ -104,7 +110,7 @@ class PebbleFixture(TestCase):
 
     @inlineCallbacks
     def issue_and_fetch(self, challenge):
-        self.certs.challenge_types = (challenge,)
+        self.start(challenge)
         started = time.monotonic()
         self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
         row = yield self.wait_valid("app1.test")
@@ -158,10 +164,8 @@ class PebbleEndToEndTests(PebbleFixture):
         reported as pending with the CA's reason and succeeds when retried
         with TLS-ALPN-01.
         """
-        original = self.certs.challenges.add_http01
-        self.certs.challenges.add_http01 = lambda token, ka: None
-        self.addCleanup(setattr, self.certs.challenges, "add_http01", original)
-        self.certs.challenge_types = ("http-01", "tls-alpn-01")
+        self.challenges.add_http01 = lambda token, ka: None
+        self.start("http-01", "tls-alpn-01")
         self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
         for _ in range(200):
             rows = self.certs.host_status()
@@ -206,7 +210,7 @@ class PebbleOnDemandTests(PebbleFixture):
         port = reactor.listenTCP(0, Site(policy), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         url = f"http://127.0.0.1:{port.getHost().port}/allow?token=t"
-        self.certs.challenge_types = ("tls-alpn-01",)
+        self.start("tls-alpn-01")
         self.certs.update_service("od", ServiceOptions(tls_enabled=True, tls_on_demand_url=url))
         root = yield deferToThread(self.pebble.root_pem)
         with open(self.root, "wb") as f:
@@ -238,7 +242,7 @@ class PebbleRenewalTests(PebbleFixture):
         """
         A 6-second certificate is replaced after about 4 seconds.
         """
-        self.certs.challenge_types = ("tls-alpn-01",)
+        self.start("tls-alpn-01")
         self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
         yield self.wait_valid("app1.test")
         first = self.certs.select("app1.test")
@@ -256,22 +260,14 @@ class PebbleRenewalTests(PebbleFixture):
         """
         A new service on the same state directory uses the stored account.
         """
-        self.certs.challenge_types = ("http-01",)
+        self.start("http-01")
         self.certs.update_service("app", ServiceOptions(hosts=["app1.test"], tls_enabled=True))
         yield self.wait_valid("app1.test")
         stored = self.certs.store.for_directory(self.pebble.directory_url)
         account = stored.load_account()
         yield self.certs.stopService()
-        again = CertificateService.create(reactor, self.state, directory_url=self.pebble.directory_url)
-        again.issuer_factory = self._issuer_factory(self.pebble.ca_bundle)
-        # answer challenges through the listeners of this test
-        again.challenges = self.certs.challenges
-        self.tls.select = again.select
-        again.challenge_types = ("http-01",)
-        again.startService()
-        self.addCleanup(again.stopService)
+        again = self.start("http-01")
         again.update_service("app", ServiceOptions(hosts=["app1.test", "app2.test"], tls_enabled=True))
-        self.certs = again
         yield self.wait_valid("app2.test")
         self.assertEqual(stored.load_account(), account)
         self.assertIn("There are now 1 accounts", self.pebble.log())

@@ -9,10 +9,18 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
 from mproxy.errors import CertificateError
+from mproxy.logging import ListLogger
 from mproxy.spec import ServiceOptions
 from mproxy.tls.acme import IssueError
-from mproxy.tls.service import CertificateService
+from mproxy.tls.backoff import RetryPolicy
+from mproxy.tls.gate import OnDemandGate
+from mproxy.tls.interfaces import IOnDemandPolicy
+from mproxy.tls.orders import OrderRunner
+from mproxy.tls.service import CertificateService, Directories
 from mproxy.tls.store import CertificateStore
 from mproxy.tls.testing import FakeIssuer, make_certificate, pem_pair, synchronous_runner
 
@@ -34,21 +42,24 @@ class ServiceTestMixin:
         self.issuers: dict = {}
         self.service = self.make()
 
-    def make(self, **kw):
+    def make(self, run_in_thread=None, policy=RetryPolicy(), on_demand=None, **gate):
         def factory(url):
             issuer = self.issuers.get(url)
             if issuer is None:
                 issuer = self.issuers[url] = FakeIssuer(self.clock)
             return issuer
 
-        kw.setdefault("run_in_thread", synchronous_runner())
+        self.logger = ListLogger()
+        store = CertificateStore(self.state)
+        orders = OrderRunner(store, factory, run_in_thread or synchronous_runner())
         return CertificateService(
             self.clock,
-            CertificateStore(self.state),
-            factory,
-            directory_url=PROD,
-            staging_directory_url=STAGING,
-            **kw,
+            store,
+            orders,
+            self.logger,
+            gate=OnDemandGate(self.clock, on_demand, self.logger, **gate) if on_demand else None,
+            directories=Directories(PROD, STAGING),
+            policy=policy,
         )
 
     @property
@@ -243,7 +254,7 @@ class RetryTests(ServiceTestMixin, SynchronousTestCase):
         The delay doubles up to retry_max; after failed_after failures the
         host shows as failed but is still retried.
         """
-        self.service = self.make(retry_initial=10, retry_max=50, failed_after=3)
+        self.service = self.make(policy=RetryPolicy(initial=10, maximum=50, failed_after=3))
         self.issuer.results["a.test"] = [IssueError(f"e{i}") for i in range(6)]
         self.service.startService()
         self.service.update_service("web", tls("a.test"))
@@ -269,13 +280,17 @@ class RetryTests(ServiceTestMixin, SynchronousTestCase):
 
     def test_unexpectedExceptionRetried(self) -> None:
         """
-        A crash in the issuer is logged and retried like any failure.
+        A crash in the issuer is logged with its traceback and retried like
+        any failure.
         """
         self.issuer.results["a.test"] = [RuntimeError("bug")]
         self.service.startService()
         self.service.update_service("web", tls("a.test"))
         self.clock.advance(0)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [crash] = [r for r in self.logger.records if r["level"] == "ERROR"]
+        self.assertEqual(crash["msg"], "Certificate order for a.test crashed")
+        self.assertEqual(crash["error"], "RuntimeError: bug")
+        self.assertIn("RuntimeError", crash["traceback"])
         self.clock.advance(60)
         self.assertEqual(self.states(), {"a.test": "valid"})
 
@@ -492,8 +507,9 @@ class SelectTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(self.service.select("x.s.test").leaf, certified.leaf)
         self.assertEqual(self.service.select("a.test").dns_names(), ["a.test"])
         self.assertIsNone(self.service.select("s.test"))
-        self.assertEqual(self.service.service_status("s")[:12], "valid until ")
-        self.assertIn("a.test: valid until ", self.service.service_status("web"))
+        status = self.service.status()
+        self.assertTrue(status["*.s.test"].startswith("valid until "), status)
+        self.assertTrue(status["a.test"].startswith("valid until "), status)
 
     def test_injectedLookup(self) -> None:
         """
@@ -546,6 +562,7 @@ class SelectTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(self.service.select("a.test").leaf, third.leaf)
 
 
+@implementer(IOnDemandPolicy)
 class FakeChecker:
     def __init__(self):
         self.calls = []
@@ -567,11 +584,17 @@ class OnDemandTests(ServiceTestMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.checker = FakeChecker()
-        self.service = self.make(on_demand=self.checker, on_demand_rate=2, on_demand_window=600)
+        self.service = self.make(on_demand=self.checker, rate=2, window=600)
         self.service.startService()
         self.addCleanup(self.service.stopService)
         self.options = ServiceOptions(tls_enabled=True, tls_on_demand_url="/allow")
         self.service.update_service("od", self.options)
+
+    def test_fakeIsAPolicy(self) -> None:
+        """
+        The fake policy used here provides L{IOnDemandPolicy}.
+        """
+        self.assertTrue(verifyObject(IOnDemandPolicy, self.checker))
 
     def test_deniedNeverOrders(self) -> None:
         """
@@ -597,7 +620,7 @@ class OnDemandTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(self.issuer.orders, [("good.test", "http-01")])
         self.assertIsNotNone(self.service.select("good.test"))
         self.assertEqual(len(self.checker.calls), 1)
-        self.assertEqual(self.service.service_status("od")[:21], "good.test: valid unti")
+        self.assertTrue(self.service.status()["good.test"].startswith("valid until "))
 
     def test_checkInFlightNotRepeated(self) -> None:
         """
@@ -749,7 +772,7 @@ class OnDemandFloodTests(ServiceTestMixin, SynchronousTestCase):
         checker = FakeChecker()
         pending = []
         checker.check = lambda service, url, host: pending.append(host) or Deferred()
-        self.service = self.make(on_demand=checker, on_demand_max_checks=3)
+        self.service = self.make(on_demand=checker, max_checks=3)
         self.service.startService()
         self.addCleanup(self.service.stopService)
         self.service.update_service("od", ServiceOptions(tls_enabled=True, tls_on_demand_url="/allow"))

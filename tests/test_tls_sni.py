@@ -8,6 +8,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.trial.unittest import SynchronousTestCase
 
+from mproxy.logging import ListLogger
 from mproxy.tls.challenges import ACME_IDENTIFIER_OID, ChallengeStore, tls_alpn_certificate
 from mproxy.tls.sni import ServerTLS, normalise_server_name
 from mproxy.tls.testing import handshake, make_ca, make_certificate
@@ -33,7 +34,8 @@ class ServerTLSTests(SynchronousTestCase):
                 return self.certs["b.test"]
             return self.certs.get(name)
 
-        self.tls = ServerTLS(select, self.challenges)
+        self.logger = ListLogger()
+        self.tls = ServerTLS(select, self.challenges, logger=self.logger)
 
     def connect(self, name, alpn=None, **kw):
         return handshake(self.tls.serverConnectionForTLS(None), name, alpn, **kw)
@@ -80,7 +82,9 @@ class ServerTLSTests(SynchronousTestCase):
         self.tls.select = lambda name: 1 / 0
         client, err = self.connect(b"a.test")
         self.assertIsInstance(err, SSL.Error)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        [error] = [r for r in self.logger.records if r["level"] == "ERROR"]
+        self.assertEqual(error["msg"], "Selecting a certificate for 'a.test' failed")
+        self.assertIn("ZeroDivisionError", error["traceback"])
 
     def test_alpnH2(self) -> None:
         """

@@ -8,12 +8,14 @@ import signal
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.errors import CertificateError
+from mproxy.logging import ListLogger
 from mproxy.tls.static import StaticCertificate, install_sighup_reload, load_static
 from mproxy.tls.testing import make_certificate, pem_pair
 
 
 class StaticTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.logger = ListLogger()
         self.dir = self.mktemp()
         os.makedirs(self.dir)
         self.cert = os.path.join(self.dir, "cert.pem")
@@ -65,7 +67,7 @@ class StaticTests(SynchronousTestCase):
         check() reloads when the files change and not otherwise.
         """
         self.write()
-        s = StaticCertificate(self.cert, self.key)
+        s = StaticCertificate(self.cert, self.key, self.logger)
         first = s.certificate
         self.assertFalse(s.check())
         second = self.write()
@@ -80,14 +82,18 @@ class StaticTests(SynchronousTestCase):
         error; a later good write is picked up.
         """
         first = self.write()
-        s = StaticCertificate(self.cert, self.key)
+        s = StaticCertificate(self.cert, self.key, self.logger)
         with open(self.key, "wb") as f:
             f.write(b"")
         self.assertFalse(s.check())
         self.assertEqual(s.certificate.leaf, first.leaf)
         self.assertIn("unable to load certificate", s.last_error)
+        [warning] = self.logger.records
+        self.assertEqual(warning["level"], "WARN")
+        self.assertTrue(warning["msg"].startswith(f"Keeping the current certificate for {self.cert}: "))
         third = self.write()
         self.assertTrue(s.check())
+        self.assertEqual(self.logger.records[-1]["msg"], f"Reloaded certificate {self.cert}")
         self.assertEqual(s.certificate.leaf, third.leaf)
         self.assertIsNone(s.last_error)
 
@@ -96,7 +102,7 @@ class StaticTests(SynchronousTestCase):
         reload() of unchanged files keeps the same object (and its context).
         """
         self.write()
-        s = StaticCertificate(self.cert, self.key)
+        s = StaticCertificate(self.cert, self.key, self.logger)
         first = s.certificate
         self.assertFalse(s.reload())
         self.assertIs(s.certificate, first)

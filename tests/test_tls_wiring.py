@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from mproxy.logging import ListLogger
 from mproxy.spec import ServiceOptions
 from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
 from mproxy.tls.service import CertificateService
@@ -54,20 +55,23 @@ class WiringTests(SynchronousTestCase):
         staging maps to Let's Encrypt staging only for Let's Encrypt.
         """
         state = self.mktemp()
-        certs = build_certificate_service(Clock(), Config(state), FakeRouter({}))
+        logger = ListLogger()
+        certs = build_certificate_service(Clock(), Config(state), FakeRouter({}), logger)
         self.assertIsInstance(certs, CertificateService)
-        self.assertEqual(certs.directory_url, LETS_ENCRYPT)
-        self.assertEqual(certs.staging_directory_url, LETS_ENCRYPT_STAGING)
+        self.assertIs(certs.logger, logger)
+        self.assertEqual(certs.directories.production, LETS_ENCRYPT)
+        self.assertEqual(certs.directories.staging, LETS_ENCRYPT_STAGING)
         self.assertFalse(os.path.exists(state))
         custom = build_certificate_service(
-            Clock(), Config(state, acme_directory="https://ca.internal/dir"), FakeRouter({})
+            Clock(), Config(state, acme_directory="https://ca.internal/dir"), FakeRouter({}), logger
         )
-        self.assertEqual(custom.staging_directory_url, "https://ca.internal/dir")
-        self.assertEqual(custom.directory_for(ServiceOptions(hosts=["a.test"], tls_enabled=True, tls_staging=True)), "https://ca.internal/dir")
+        self.assertEqual(custom.directories.staging, "https://ca.internal/dir")
+        staging = ServiceOptions(hosts=["a.test"], tls_enabled=True, tls_staging=True)
+        self.assertEqual(custom.directories.for_options(staging), "https://ca.internal/dir")
 
     def test_httpsFactory(self) -> None:
         """
         The HTTPS factory is a TLS wrapper around the site.
         """
-        certs = build_certificate_service(Clock(), Config(self.mktemp()), FakeRouter({}))
+        certs = build_certificate_service(Clock(), Config(self.mktemp()), FakeRouter({}), ListLogger())
         self.assertIsInstance(https_server_factory(certs, Site(Resource())), TLSMemoryBIOFactory)

@@ -567,3 +567,30 @@ class HeadKeepAliveTests(SynchronousTestCase):
         proto, t = h.connect()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n")
         self.assertEqual(h.pool.idle_count, 0)
+
+
+class HardeningTests(SynchronousTestCase):
+    def test_status_out_of_range(self) -> None:
+        """
+        A status code outside 100-599 is a broken response (502), and the
+        connection is not reused.
+        """
+        for status in (b"000", b"042", b"600", b"999"):
+            h = Harness()
+            ex, r = h.request()
+            proto, t = h.connect()
+            proto.dataReceived(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+            self.assertEqual(r.events, [
+                ("failed", 502, f"invalid status code {int(status)} from target")])
+            self.assertTrue(t.disconnecting)
+            self.assertEqual(h.pool.idle_count, 0)
+
+    def test_transfer_codings(self) -> None:
+        """
+        A chunked body's other codings are named before C{chunked}.
+        """
+        h = Harness()
+        r = Receiver()
+        h.pool.request(b"POST", b"/x", [(b"Host", b"h")], r, body_length=-1, codings=b"gzip")
+        proto, t = h.connect()
+        self.assertIn(b"\r\nTransfer-Encoding: gzip, chunked\r\n", t.value())

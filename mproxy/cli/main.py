@@ -1,5 +1,6 @@
 """
-The C{mproxy} console script.
+The C{mproxy} console script: which command runs (help, version, C{run},
+or one of the client commands of L{mproxy.cli.remote}) and its exit status.
 
 Every expected failure prints C{Error: <message>} on stderr and exits 1; no
 traceback reaches the user for a bad flag, an unreachable server or a failed
@@ -8,26 +9,16 @@ deploy.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from typing import IO, Any, Callable, Sequence
-
-from twisted.internet.defer import inlineCallbacks
-from twisted.protocols import amp
+from typing import Any, Callable, Sequence
 
 import mproxy
 from mproxy.cli import parsing
 from mproxy.cli.parsing import UsageError
-from mproxy.config import socket_path
-from mproxy.control import commands as c
-from mproxy.errors import InvalidOptions, MproxyError
-from mproxy.spec import (
-    DeployRequest,
-    HealthCheckConfig,
-    ServiceOptions,
-    TargetOptions,
-)
+from mproxy.cli.remote import run_client
+from mproxy.cli.requests import deploy_request
+from mproxy.cli.streams import Streams, fail
+from mproxy.errors import MproxyError
 
 COMMANDS: dict[str, Callable[[], parsing.Command]] = {
     "run": parsing.run_command,
@@ -75,18 +66,6 @@ Examples:
 """
 
 
-class Streams:
-    def __init__(self, out: IO[str], err: IO[str]) -> None:
-        self.out = out
-        self.err = err
-
-
-def fail(streams: Streams, message: str) -> int:
-    streams.err.write(f"Error: {message}\n")
-    streams.err.flush()
-    return 1
-
-
 def split_command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     if not argv:
         return None, []
@@ -96,259 +75,6 @@ def split_command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
             return "rollout", list(argv[1:])
         return f"rollout {argv[1]}", list(argv[2:])
     return first, list(argv[1:])
-
-
-def deploy_request(ns: Any) -> DeployRequest:
-    """
-    Turn parsed C{deploy} flags into a L{DeployRequest}, applying both
-    spellings of cli.md and the reference's client-side checks.
-
-    @raise InvalidOptions: for any invalid combination.
-    """
-    if ns.target:
-        service = ns.positional
-        targets = tuple(ns.target)
-    else:
-        targets = (ns.positional,)
-        service = ns.host[0].lower() if ns.host else "default"
-    if ns.max_request_body and not ns.buffer_requests:
-        raise InvalidOptions("max-request-body can only be set when request buffering is enabled")
-    if ns.max_response_body and not ns.buffer_responses:
-        raise InvalidOptions(
-            "max-response-body can only be set when response buffering is enabled"
-        )
-    tls = bool(ns.tls)
-    forward = (not tls) if ns.forward_headers is None else ns.forward_headers
-
-    def given(v: Any, default: Any) -> Any:
-        return default if v is None else v
-
-    options = ServiceOptions(
-        hosts=ns.host or (),
-        path_prefixes=ns.path_prefix or (),
-        strip_prefix=given(ns.strip_path_prefix, True),
-        tls_enabled=tls,
-        tls_certificate_path=ns.tls_certificate_path or "",
-        tls_private_key_path=ns.tls_private_key_path or "",
-        tls_on_demand_url=ns.tls_on_demand_url or "",
-        tls_redirect=given(ns.tls_redirect, True),
-        tls_staging=bool(ns.tls_staging),
-        canonical_host=(ns.canonical_host or "").lower(),
-        error_pages=os.path.abspath(ns.error_pages) if ns.error_pages else "",
-        writer_affinity_timeout=given(ns.writer_affinity_timeout, 1.0),
-        read_targets_accept_websockets=bool(ns.read_target_websockets),
-        exclude_metrics_paths=ns.exclude_metrics_path or (),
-        client_ip_header=ns.client_ip_header or "",
-    )
-    if options.tls_certificate_path:
-        options = _with_abs_cert_paths(options)
-    health = HealthCheckConfig(
-        path=given(ns.health_check_path, "/up"),
-        port=given(ns.health_check_port, 0),
-        interval=given(ns.health_check_interval, 1.0),
-        timeout=given(ns.health_check_timeout, 5.0),
-        host=ns.health_check_host or "",
-    )
-    if health.port > 65535:
-        raise InvalidOptions(f"invalid health-check-port {health.port}")
-    if health.interval <= 0:
-        raise InvalidOptions("health-check-interval must be greater than zero")
-    if health.timeout <= 0:
-        raise InvalidOptions("health-check-timeout must be greater than zero")
-    target_options = TargetOptions(
-        health_check=health,
-        target_timeout=given(ns.target_timeout, 30.0),
-        buffer_requests=bool(ns.buffer_requests),
-        buffer_responses=bool(ns.buffer_responses),
-        buffer_memory=given(ns.buffer_memory, 1 << 20),
-        max_request_body=ns.max_request_body or 0,
-        max_response_body=ns.max_response_body or 0,
-        log_request_headers=ns.log_request_header or (),
-        log_response_headers=ns.log_response_header or (),
-        forward_headers=forward,
-        scope_cookie_paths=bool(ns.scope_cookie_paths),
-    )
-    req = DeployRequest(
-        service=service,
-        targets=targets,
-        readers=tuple(ns.read_target or ()),
-        options=options,
-        target_options=target_options,
-        deploy_timeout=given(ns.deploy_timeout, 30.0),
-        drain_timeout=given(ns.drain_timeout, 30.0),
-        force=bool(ns.force),
-    )
-    req.validate()
-    return req
-
-
-def _with_abs_cert_paths(options: ServiceOptions) -> ServiceOptions:
-    import attrs
-
-    return attrs.evolve(
-        options,
-        tls_certificate_path=os.path.abspath(options.tls_certificate_path),
-        tls_private_key_path=(
-            os.path.abspath(options.tls_private_key_path)
-            if options.tls_private_key_path
-            else ""
-        ),
-    )
-
-
-class ProgressPrinter:
-    """
-    Shows what a waiting command is doing: one rewritten status line on a
-    terminal, at most one plain line per phase otherwise.
-    """
-
-    def __init__(self, out: IO[str]) -> None:
-        self.out = out
-        try:
-            self.tty = out.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
-        self.seen: set[str] = set()
-        self.width = 0
-
-    def __call__(self, phase: str, detail: str) -> None:
-        if phase == "done":
-            self.finish()
-            return
-        text = detail or phase
-        if self.tty:
-            line = text[:200]
-            pad = max(0, self.width - len(line))
-            self.out.write("\r" + line + " " * pad)
-            self.width = len(line)
-        else:
-            if phase in self.seen:
-                return
-            self.seen.add(phase)
-            self.out.write(text + "\n")
-        self.out.flush()
-
-    def finish(self) -> None:
-        if self.tty and self.width:
-            self.out.write("\r" + " " * self.width + "\r")
-            self.out.flush()
-            self.width = 0
-
-
-def format_table(rows: list[dict[str, Any]], color: bool) -> str:
-    header = ["Service", "Host", "Path", "Target", "State", "TLS"]
-    body = []
-    for r in rows:
-        tls = "yes" if r["tls"] else "no"
-        certs = r.get("certificates") or {}
-        if r["tls"] and certs:
-            # one state for all hosts: just the state; else which host has which
-            by_state: dict[str, list[str]] = {}
-            for host in r["hosts"]:
-                if host in certs:
-                    by_state.setdefault(certs[host], []).append(host)
-            if len(by_state) == 1:
-                tls = f"yes ({next(iter(by_state))})"
-            elif by_state:
-                tls = "yes (" + "; ".join(
-                    f"{','.join(hosts)}: {state}" for state, hosts in by_state.items()
-                ) + ")"
-        body.append(
-            [
-                r["service"],
-                ",".join(r["hosts"]) or "*",
-                ",".join(r["paths"]),
-                ",".join(r["targets"]),
-                r["state"],
-                tls,
-            ]
-        )
-    widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
-
-    def line(cells: list[str], styles: list[str]) -> str:
-        parts = []
-        for cell, w, style in zip(cells, widths, styles):
-            text = str(cell).ljust(w)
-            parts.append(f"\x1b[{style}m{text}\x1b[0m" if color and style else text)
-        return "  ".join(parts).rstrip() if not color else "  ".join(parts)
-
-    out = [line(header, ["3;94"] * len(header))]
-    for row in body:
-        out.append(line(row, ["1;34"] + [""] * (len(row) - 1)))
-    return "\n".join(out) + "\n"
-
-
-@inlineCallbacks
-def client_command(reactor: Any, name: str, ns: Any, streams: Streams) -> Any:
-    from mproxy.control.client import connect
-
-    path = socket_path(ns.socket or "")
-    printer = ProgressPrinter(streams.out)
-    if name == "deploy":
-        req = deploy_request(ns)
-        client = yield connect(reactor, path, printer)
-        try:
-            yield client.deploy(req)
-        finally:
-            printer.finish()
-        return
-    client = yield connect(reactor, path, printer)
-    try:
-        if name == "list":
-            rows = yield client.list_services()
-            if ns.json:
-                streams.out.write(json.dumps(rows, indent=2) + "\n")
-            else:
-                streams.out.write(format_table(rows, _isatty(streams.out)))
-        elif name == "remove":
-            yield client.call(c.Remove, service=ns.service)
-        elif name == "pause":
-            yield client.call(
-                c.Pause, service=ns.service,
-                drain_timeout=_d(ns.drain_timeout, 30.0), max_pause=_d(ns.max_pause, 30.0),
-            )
-        elif name == "stop":
-            yield client.call(
-                c.Stop, service=ns.service, drain_timeout=_d(ns.drain_timeout, 30.0),
-                message=ns.message or "",
-            )
-        elif name == "resume":
-            yield client.call(c.Resume, service=ns.service)
-        elif name == "rollout deploy":
-            if not ns.target:
-                raise InvalidOptions('required flag(s) "target" not set')
-            yield client.call(
-                c.RolloutDeploy, service=ns.service, targets=ns.target,
-                readers=ns.read_target or [], deploy_timeout=_d(ns.deploy_timeout, 30.0),
-                drain_timeout=_d(ns.drain_timeout, 30.0),
-            )
-        elif name == "rollout set":
-            if ns.percent is None and ns.list is None:
-                raise InvalidOptions(
-                    "at least one of the flags in the group [percent list] is required"
-                )
-            if ns.percent is not None and not 0 <= ns.percent <= 100:
-                raise InvalidOptions("percent must be between 0 and 100")
-            yield client.call(
-                c.RolloutSet, service=ns.service, percentage=ns.percent or 0,
-                allowlist=ns.list or [],
-            )
-        elif name == "rollout stop":
-            yield client.call(c.RolloutStop, service=ns.service)
-    finally:
-        printer.finish()
-        client.close()
-
-
-def _d(v: Any, default: float) -> float:
-    return default if v is None else float(v)
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def show_help(topic: str | None, streams: Streams) -> int:
@@ -415,37 +141,7 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
             deploy_request(ns)
         except MproxyError as e:
             return fail(streams, str(e))
-    return _run_client(name, ns, streams, reactor)
-
-
-def _run_client(name: str, ns: Any, streams: Streams, reactor: Any) -> int:
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    result: dict[str, int] = {}
-
-    def done(_: object) -> None:
-        result["status"] = 0
-
-    def failed(f: Any) -> None:
-        if f.check(MproxyError):
-            result["status"] = fail(streams, str(f.value))
-        elif f.check(amp.RemoteAmpError):
-            result["status"] = fail(streams, str(f.value.description or f.value))
-        elif f.check(ConnectionError, amp.ProtocolSwitched) or "ConnectionLost" in str(f.type):
-            result["status"] = fail(streams, f"connection to mproxy lost: {f.getErrorMessage()}")
-        else:
-            result["status"] = fail(streams, f"{f.type.__name__}: {f.getErrorMessage()}")
-
-    def start() -> None:
-        d = client_command(reactor, name, ns, streams)
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=True)
-    return result.get("status", 1)
+    return run_client(name, ns, streams, reactor)
 
 
 def run() -> None:

@@ -13,7 +13,8 @@ import argparse
 from typing import Any, Callable, Sequence
 
 from mproxy.config import SERVER_OPTIONS, parse_bool
-from mproxy.spec import parse_duration
+from mproxy import spec
+from mproxy.spec import format_duration, parse_duration
 
 
 class UsageError(Exception):
@@ -34,14 +35,18 @@ def _typed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
             return parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}")
+        except ValueError as e:
+            reason = str(e)
+            if not reason.startswith("invalid"):
+                reason = f"invalid {what} {text!r}"
+            raise argparse.ArgumentTypeError(reason)
 
     convert.__name__ = what
     return convert
 
 
 duration = _typed(parse_duration, "duration")
+_d = format_duration
 integer = _typed(lambda s: int(s, 10), "integer")
 
 
@@ -50,6 +55,16 @@ def _nonneg_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: must not be negative")
     return v
+
+
+def _with_default(help: str, default: str | None) -> str:
+    """
+    A flag's help with its default, said once: not appended when the text
+    already says it (C{(default: the target's port)}).
+    """
+    if default is None or "(default" in help:
+        return help
+    return f"{help} (default {default})"
 
 
 class Command:
@@ -65,12 +80,13 @@ class Command:
         )
         self.bools: set[str] = set()
         self.lists: set[str] = set()
+        self.valued: set[str] = set()
 
     def flag(self, name: str, help: str, default: bool = False) -> None:
         dest = name.replace("-", "_")
         self.parser.add_argument(
             f"--{name}", dest=dest, action="store_const", const=True, default=None,
-            help=f"{help} (default {str(default).lower()})",
+            help=_with_default(help, str(default).lower()),
         )
         self.parser.add_argument(
             f"--no-{name}", dest=dest, action="store_const", const=False,
@@ -81,14 +97,17 @@ class Command:
     def option(self, name: str, help: str, type: Any = str, default: Any = None,
                aliases: Sequence[str] = (), metavar: str | None = None) -> None:
         dest = name.replace("-", "_")
-        shown = "" if default in (None, "", 0, ()) else f" (default {default})"
+        shown = None if default in (None, "", 0, ()) else str(default)
+        self.valued.update(f"--{n}" for n in (name, *aliases))
         self.parser.add_argument(
             f"--{name}", *[f"--{a}" for a in aliases], dest=dest, type=type,
-            default=None, help=help + shown, metavar=metavar or name.split("-")[-1].upper(),
+            default=None, help=_with_default(help, shown),
+            metavar=metavar or name.split("-")[-1].upper(),
         )
 
     def list_option(self, name: str, help: str, metavar: str | None = None) -> None:
         dest = name.replace("-", "_")
+        self.valued.add(f"--{name}")
         self.parser.add_argument(
             f"--{name}", dest=dest, action="append", default=None, help=help,
             metavar=metavar or name.split("-")[-1].upper(),
@@ -107,7 +126,15 @@ class Command:
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
         args: list[str] = []
-        for a in argv:
+        rest = list(argv)
+        while rest:
+            a = rest.pop(0)
+            if a in self.valued and rest:
+                # The next word is this option's value even when it starts
+                # with "-" (--drain-timeout -1s is a negative duration, not
+                # a missing value).
+                args.append(f"{a}={rest.pop(0)}")
+                continue
             if a.startswith("--") and "=" in a:
                 name, _, value = a[2:].partition("=")
                 if name in self.bools:
@@ -137,16 +164,18 @@ class Command:
 
 def run_command() -> Command:
     cmd = Command("run", "Run the proxy server in the foreground", "mproxy run [options]")
-    for spec in SERVER_OPTIONS:
-        env = f" [env MPROXY_{spec.env} or {spec.env}]"
-        if spec.flag:
-            cmd.flag(spec.name, spec.help + env, spec.default)
+    for option in SERVER_OPTIONS:
+        env = f" [env MPROXY_{option.env} or {option.env}]"
+        if option.flag:
+            cmd.flag(option.name, option.help + env, option.default)
         else:
-            shown = spec.default if spec.default not in ("", None) else None
+            shown = option.default if option.default not in ("", None) else None
+            if isinstance(shown, float):
+                shown = format_duration(shown)
             cmd.option(
-                spec.name,
-                spec.help + env,
-                type=_typed(spec.parse, spec.name.split("-")[-1]),
+                option.name,
+                option.help + env,
+                type=_typed(option.parse, option.name.split("-")[-1]),
                 default=shown,
             )
     return cmd
@@ -178,28 +207,29 @@ def deploy_command() -> Command:
     cmd.flag("tls-redirect", "Redirect plain HTTP to HTTPS when TLS is on", True)
     cmd.option("canonical-host", "Redirect other hosts of this service to this one", metavar="HOST")
     cmd.option("deploy-timeout", "Maximum time to wait for the new targets to become healthy",
-               type=duration, default="30s", aliases=("timeout",), metavar="DURATION")
+               type=duration, default=_d(spec.DEFAULT_DEPLOY_TIMEOUT), aliases=("timeout",), metavar="DURATION")
     cmd.option("drain-timeout", "Maximum time to let in-flight requests on old targets finish",
-               type=duration, default="30s", metavar="DURATION")
+               type=duration, default=_d(spec.DEFAULT_DRAIN_TIMEOUT), metavar="DURATION")
     cmd.flag("force", "Switch traffic without waiting for health checks")
-    cmd.option("health-check-path", "Path to health-check", default="/up", metavar="PATH")
+    cmd.option("health-check-path", "Path to health-check", default=spec.DEFAULT_HEALTH_PATH,
+               metavar="PATH")
     cmd.option("health-check-interval", "Time between health checks", type=duration,
-               default="1s", metavar="DURATION")
+               default=_d(spec.DEFAULT_HEALTH_INTERVAL), metavar="DURATION")
     cmd.option("health-check-timeout", "Time allowed for one health check", type=duration,
-               default="5s", metavar="DURATION")
+               default=_d(spec.DEFAULT_HEALTH_TIMEOUT), metavar="DURATION")
     cmd.option("health-check-port", "Port to health-check (default: the target's port)",
                type=_nonneg_int, metavar="PORT")
     cmd.option("health-check-host", "Host header for health checks (default: target address)",
                metavar="HOST")
     cmd.option("target-timeout", "Maximum wait for a target's response headers",
-               type=duration, default="30s", metavar="DURATION")
+               type=duration, default=_d(spec.DEFAULT_TARGET_TIMEOUT), metavar="DURATION")
     cmd.option("writer-affinity-timeout", "Keep a client's reads on writers this long after a write",
-               type=duration, default="1s", metavar="DURATION")
+               type=duration, default=_d(spec.DEFAULT_WRITER_AFFINITY), metavar="DURATION")
     cmd.flag("read-target-websockets", "Allow WebSocket connections to go to read targets")
     cmd.flag("buffer-requests", "Read whole request bodies before forwarding")
     cmd.flag("buffer-responses", "Read whole response bodies before sending them")
     cmd.option("buffer-memory", "Bytes of a buffered body kept in memory before spilling to disk",
-               type=_nonneg_int, default=1048576, metavar="BYTES")
+               type=_nonneg_int, default=spec.DEFAULT_BUFFER_MEMORY, metavar="BYTES")
     cmd.option("max-request-body", "Largest request body allowed (0: unlimited; needs "
                "--buffer-requests)", type=_nonneg_int, metavar="BYTES")
     cmd.option("max-response-body", "Largest response body allowed (0: unlimited; needs "
@@ -227,16 +257,16 @@ def simple_command(name: str, summary: str, *, service: bool = True) -> Command:
 def pause_command() -> Command:
     cmd = simple_command("pause", "Pause a service: hold new requests until it is resumed")
     cmd.option("drain-timeout", "Time to let in-flight requests finish", type=duration,
-               default="30s", metavar="DURATION")
+               default=_d(spec.DEFAULT_DRAIN_TIMEOUT), metavar="DURATION")
     cmd.option("max-pause", "How long a request is held before it fails with 504",
-               type=duration, default="30s", metavar="DURATION")
+               type=duration, default=_d(spec.DEFAULT_PAUSE_TIMEOUT), metavar="DURATION")
     return cmd
 
 
 def stop_command() -> Command:
     cmd = simple_command("stop", "Stop a service: answer every request with a 503 page")
     cmd.option("drain-timeout", "Time to let in-flight requests finish", type=duration,
-               default="30s", metavar="DURATION")
+               default=_d(spec.DEFAULT_DRAIN_TIMEOUT), metavar="DURATION")
     cmd.option("message", "Message shown on the 503 page", metavar="TEXT")
     return cmd
 
@@ -252,15 +282,18 @@ def rollout_deploy_command() -> Command:
     cmd.list_option("target", "Target host:port (repeatable)", "HOST:PORT")
     cmd.list_option("read-target", "Read-only target host:port (repeatable)", "HOST:PORT")
     cmd.option("deploy-timeout", "Maximum time to wait for health", type=duration,
-               default="30s", aliases=("timeout",), metavar="DURATION")
+               default=_d(spec.DEFAULT_DEPLOY_TIMEOUT), aliases=("timeout",),
+               metavar="DURATION")
     cmd.option("drain-timeout", "Time to let in-flight requests finish", type=duration,
-               default="30s", metavar="DURATION")
+               default=_d(spec.DEFAULT_DRAIN_TIMEOUT), metavar="DURATION")
     return cmd
 
 
 def rollout_set_command() -> Command:
     cmd = simple_command("rollout set", "Send a share of traffic to the rollout slot")
-    cmd.option("percent", "Percentage of cookie-carrying requests to send to the rollout",
+    cmd.option("percent", "Percentage of cookie-carrying requests to send to the rollout "
+               "(chosen by a hash of the mproxy-rollout cookie value, so a value always "
+               "gets the same side)",
                type=integer, metavar="PERCENT")
     cmd.list_option("list", "Values of the mproxy-rollout cookie always sent to the rollout",
                     "VALUE")

@@ -1,5 +1,10 @@
 """
 The client side of the control protocol, used by the C{mproxy} commands.
+
+Nothing here waits forever: connecting, the version handshake and every
+answer have a time limit (L{ANSWER_TIMEOUT}), except the answers of the
+commands that wait for health checks and drains (L{WAITING}); those end when
+the server answers or goes away.
 """
 
 from __future__ import annotations
@@ -8,19 +13,33 @@ import json
 import os
 from typing import Any, Callable
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import TimeoutError, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
 from mproxy.control import commands as c
 from mproxy.controlsocket import check_server_peer, check_server_socket
 from mproxy.errors import MproxyError
-from mproxy.spec import DeployRequest, to_json
+from mproxy.spec import DeployRequest
+
+
+#: Seconds to connect, to exchange versions, and for each prompt answer.
+ANSWER_TIMEOUT = 5.0
+
+#: Commands whose answer waits for health checks or drains.
+WAITING = frozenset([c.Deploy, c.RolloutDeploy, c.Pause, c.Stop])
 
 
 class ServerUnavailable(MproxyError):
     pass
+
+
+class NoAnswer(MproxyError):
+    """
+    The server accepted the connection but did not answer in time.
+    """
 
 
 class ClientProtocol(amp.AMP):
@@ -35,36 +54,37 @@ class ClientProtocol(amp.AMP):
         return {}
 
 
-def deploy_request_to_json(req: DeployRequest) -> str:
-    return json.dumps(
-        {
-            "service": req.service,
-            "targets": list(req.targets),
-            "readers": list(req.readers),
-            "options": to_json(req.options),
-            "target_options": to_json(req.target_options),
-            "deploy_timeout": req.deploy_timeout,
-            "drain_timeout": req.drain_timeout,
-            "force": req.force,
-        }
-    )
-
-
 class ControlClient:
     """
     A connected, greeted client.  Use L{connect}.
     """
 
-    def __init__(self, protocol: ClientProtocol) -> None:
+    def __init__(self, protocol: ClientProtocol, clock: IReactorTime, path: str) -> None:
         self.protocol = protocol
+        self.clock = clock
+        self.path = path
 
+    @inlineCallbacks
     def call(self, command: type[amp.Command], **kw: Any) -> Any:
-        return self.protocol.callRemote(command, **kw)
+        """
+        Call C{command}; unless it is one of L{WAITING}, fail with
+        L{NoAnswer} when no answer comes within L{ANSWER_TIMEOUT}.
+        """
+        d = self.protocol.callRemote(command, **kw)
+        if command not in WAITING:
+            d.addTimeout(ANSWER_TIMEOUT, self.clock)
+        try:
+            return (yield d)
+        except TimeoutError:
+            self.close()
+            raise NoAnswer(_no_answer(self.path))
 
     @inlineCallbacks
     def deploy(self, req: DeployRequest) -> Any:
-        r = yield self.call(c.Deploy, request=deploy_request_to_json(req))
-        return r["targets"]
+        """
+        Deploy; fires with the answer (C{targets}, C{drained}, C{cut}).
+        """
+        return (yield self.call(c.Deploy, request=req))
 
     @inlineCallbacks
     def list_services(self) -> Any:
@@ -72,7 +92,15 @@ class ControlClient:
         return json.loads(r["services"] or "[]")
 
     def close(self) -> None:
-        self.protocol.transport.loseConnection()
+        if self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+
+
+def _no_answer(path: str) -> str:
+    return (
+        f"mproxy at {path} did not answer within {ANSWER_TIMEOUT:g}s "
+        "(is it an mproxy control socket? is the server stuck?)"
+    )
 
 
 def _connect_reason(e: ConnectError) -> str:
@@ -89,6 +117,24 @@ def _connect_reason(e: ConnectError) -> str:
         except ValueError:
             pass
     return str(e) or e.__class__.__name__
+
+
+#: The longest path a UNIX socket address holds (C{sun_path} is 108 bytes
+#: with the terminating NUL on Linux).
+MAX_SOCKET_PATH = 107
+
+
+def _check_path_length(path: str) -> None:
+    """
+    @raise MproxyError: when C{path} cannot be a UNIX socket address (the
+        connect would otherwise fail only at its timeout).
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise MproxyError(
+            f"control socket path {path} is too long for a UNIX socket "
+            f"({size} bytes, at most {MAX_SOCKET_PATH})"
+        )
 
 
 def _check_peer(path: str, protocol: ClientProtocol) -> None:
@@ -111,7 +157,8 @@ def connect(
 
     @raise ServerUnavailable: when nothing answers on C{path}.
     """
-    endpoint = UNIXClientEndpoint(reactor, path, timeout=10)
+    _check_path_length(path)
+    endpoint = UNIXClientEndpoint(reactor, path, timeout=int(ANSWER_TIMEOUT))
     check_server_socket(path)
     try:
         protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
@@ -122,9 +169,10 @@ def connect(
             "(is `mproxy run` running? use --socket or MPROXY_SOCKET to choose the socket)"
         )
     _check_peer(path, protocol)
+    client = ControlClient(protocol, reactor, path)
     try:
-        yield protocol.callRemote(c.Hello, version=c.PROTOCOL_VERSION)
+        yield client.call(c.Hello, version=c.PROTOCOL_VERSION)
     except c.VersionMismatch as e:
-        protocol.transport.loseConnection()
+        client.close()
         raise MproxyError(str(e))
-    return ControlClient(protocol)
+    return client

@@ -3,18 +3,21 @@ The control protocol: AMP over a UNIX socket.  One L{Command} per operation,
 each declaring the domain errors it can raise, and a L{Hello} version
 handshake that every client sends first.
 
-Options travel as JSON text (L{amp.Unicode}) of the value types in
-L{mproxy.spec}, so the wire format is the state file's format.
+A deploy request travels as one declared argument (L{DeployRequestArgument}):
+the JSON of L{mproxy.spec.DeployRequest}, the state file's format for its
+options, spread over as many AMP values as it needs.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.protocols import amp
 
 from mproxy.errors import (
     CertificateError,
+    DeployCancelled,
     DeployTimedOut,
     ErrorPagesError,
     HostConflict,
@@ -24,6 +27,8 @@ from mproxy.errors import (
     ServiceNotFound,
     StateError,
 )
+
+from mproxy.spec import DeployRequest, from_json, to_json
 
 PROTOCOL_VERSION = 1
 
@@ -42,6 +47,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     ServiceNotFound: b"SERVICE_NOT_FOUND",
     HostConflict: b"HOST_CONFLICT",
     DeployTimedOut: b"DEPLOY_TIMED_OUT",
+    DeployCancelled: b"DEPLOY_CANCELLED",
     RolloutNotSet: b"ROLLOUT_NOT_SET",
     CertificateError: b"CERTIFICATE_ERROR",
     ErrorPagesError: b"ERROR_PAGES_ERROR",
@@ -73,6 +79,30 @@ class BigUnicode(amp.Argument):
         objects[name.decode("ascii")] = data.decode("utf-8")
 
 
+class DeployRequestArgument(BigUnicode):
+    """
+    A L{DeployRequest}.  One that does not decode is refused as
+    L{InvalidOptions} (C{malformed deploy request: ...}), like any other
+    invalid request, and the connection stays up.
+    """
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        # AMP hands each argument a copy of the caller's keywords.
+        key = name.decode("ascii")
+        objects[key] = json.dumps(to_json(objects[key]))
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        key = name.decode("ascii")
+        try:
+            super().fromBox(name, strings, objects, proto)
+            objects[key] = from_json(DeployRequest, json.loads(objects[key]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise amp.RemoteAmpError(
+                ERRORS[InvalidOptions], f"malformed deploy request: {e}"
+            )
+
+
 class Hello(amp.Command):
     """
     Exchange protocol versions.  Must be the first command on a connection.
@@ -86,11 +116,16 @@ class Hello(amp.Command):
 class Deploy(amp.Command):
     """
     Deploy targets to a service; answers when traffic is switched and the old
-    targets have drained.  C{request} is the JSON of a L{DeployRequest}.
+    targets have drained, with the targets now serving and how many requests
+    the drain waited for and cut at its deadline.
     """
 
-    arguments = [(b"request", BigUnicode())]
-    response = [(b"targets", amp.ListOf(amp.Unicode()))]
+    arguments = [(b"request", DeployRequestArgument())]
+    response = [
+        (b"targets", amp.ListOf(amp.Unicode())),
+        (b"drained", amp.Integer(optional=True)),
+        (b"cut", amp.Integer(optional=True)),
+    ]
     errors = ERRORS
 
 
@@ -112,20 +147,30 @@ class Remove(amp.Command):
 
 
 class Pause(amp.Command):
+    """
+    Hold the service's new requests; answers when its requests in flight have
+    drained.  Durations left out take the defaults of L{mproxy.spec}.
+    """
+
     arguments = [
         (b"service", amp.Unicode()),
-        (b"drain_timeout", amp.Float()),
-        (b"max_pause", amp.Float()),
+        (b"drain_timeout", amp.Float(optional=True)),
+        (b"max_pause", amp.Float(optional=True)),
     ]
     response: list[tuple[bytes, amp.Argument]] = []
     errors = ERRORS
 
 
 class Stop(amp.Command):
+    """
+    Answer the service's requests with a 503 page; answers when its requests
+    in flight have drained.
+    """
+
     arguments = [
         (b"service", amp.Unicode()),
-        (b"drain_timeout", amp.Float()),
-        (b"message", amp.Unicode()),
+        (b"drain_timeout", amp.Float(optional=True)),
+        (b"message", amp.Unicode(optional=True)),
     ]
     response: list[tuple[bytes, amp.Argument]] = []
     errors = ERRORS
@@ -138,14 +183,19 @@ class Resume(amp.Command):
 
 
 class RolloutDeploy(amp.Command):
+    """
+    Deploy targets to the service's rollout slot; no traffic moves until
+    L{RolloutSet}.  Answers like L{Deploy}.
+    """
+
     arguments = [
         (b"service", amp.Unicode()),
         (b"targets", amp.ListOf(amp.Unicode())),
-        (b"readers", amp.ListOf(amp.Unicode())),
-        (b"deploy_timeout", amp.Float()),
-        (b"drain_timeout", amp.Float()),
+        (b"readers", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"deploy_timeout", amp.Float(optional=True)),
+        (b"drain_timeout", amp.Float(optional=True)),
     ]
-    response = [(b"targets", amp.ListOf(amp.Unicode()))]
+    response = Deploy.response
     errors = ERRORS
 
 
@@ -173,3 +223,11 @@ class List(amp.Command):
     arguments: list[tuple[bytes, amp.Argument]] = []
     response = [(b"services", BigUnicode())]
     errors = ERRORS
+
+
+#: Every command a client may send, by wire name.
+CLIENT_COMMANDS: dict[bytes, type[amp.Command]] = {
+    cmd.commandName: cmd  # type: ignore[misc]
+    for cmd in (Hello, Deploy, Remove, Pause, Stop, Resume, RolloutDeploy, RolloutSet,
+                RolloutStop, List)
+}

@@ -1,6 +1,13 @@
 """
 The server side of the control protocol: one L{ControlProtocol} per client
 connection, answering each command through the L{Controller}.
+
+A deploy belongs to its connection: when the client goes away before the
+switch (Ctrl-C, a dropped SSH session), the deploy is cancelled.
+
+Bad input (garbage bytes, a box that is no command, a command with missing
+or malformed arguments, an unknown command) is logged in one line and
+answered or dropped; it never reaches the log as a traceback.
 """
 
 from __future__ import annotations
@@ -8,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -15,35 +23,33 @@ from twisted.python.failure import Failure
 import mproxy
 from mproxy.control import commands as c
 from mproxy.controller import Controller
-from mproxy.errors import InvalidOptions
+from mproxy.deploy import DeployResult
+from mproxy.errors import DeployCancelled
 from mproxy.logging import JSONLogger
-from mproxy.spec import (
-    DeployRequest,
-    ServiceOptions,
-    TargetOptions,
-    options_from_json,
-)
+from mproxy.spec import DeployRequest
 
-def deploy_request_from_json(text: str) -> DeployRequest:
-    """
-    Decode the C{request} argument of L{c.Deploy}.
 
-    @raise InvalidOptions: when it is not a valid request.
+def _given(**values: Any) -> dict[str, Any]:
     """
-    try:
-        data = json.loads(text)
-        return DeployRequest(
-            service=str(data["service"]),
-            targets=tuple(str(t) for t in data["targets"]),
-            readers=tuple(str(t) for t in data.get("readers", ())),
-            options=options_from_json(ServiceOptions, data.get("options", {})),
-            target_options=options_from_json(TargetOptions, data.get("target_options", {})),
-            deploy_timeout=float(data.get("deploy_timeout", 30.0)),
-            drain_timeout=float(data.get("drain_timeout", 30.0)),
-            force=bool(data.get("force", False)),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InvalidOptions(f"malformed deploy request: {e}")
+    The optional arguments the client sent; the others take the
+    controller's defaults (those of L{mproxy.spec}).
+    """
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _answer(result: DeployResult) -> dict[str, Any]:
+    return {
+        "targets": list(result.targets),
+        "drained": result.drained.requests,
+        "cut": result.drained.cut,
+    }
+
+
+def _cancelled(f: Failure) -> None:
+    f.trap(CancelledError)
+    raise DeployCancelled(
+        "deploy cancelled before the switch: the old targets keep serving"
+    )
 
 
 class ControlProtocol(amp.AMP):
@@ -53,10 +59,69 @@ class ControlProtocol(amp.AMP):
         self.logger = logger
         self.greeted = False
         self._closed = False
+        self._deploys: set[Deferred[Any]] = set()
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
+        deploys, self._deploys = self._deploys, set()
+        if deploys:
+            self.logger.info("Control client went away during a deploy: cancelling it")
+        for d in deploys:
+            d.cancel()
         super().connectionLost(reason)
+
+    def _owned(self, d: Deferred[Any]) -> Deferred[Any]:
+        """
+        Tie a deploy to this connection (see L{connectionLost}).
+        """
+        self._deploys.add(d)
+
+        def done(result: Any) -> Any:
+            self._deploys.discard(d)
+            return result
+
+        return d.addBoth(done).addErrback(_cancelled).addCallback(_answer)
+
+    def _bad_input(self, what: str, error: str) -> None:
+        self.logger.warn("Bad control input", what=what, error=error)
+
+    def locateResponder(self, name: bytes) -> Any:
+        """
+        The responder for command C{name}, checking its arguments first: a
+        command whose arguments do not parse is answered with
+        C{BAD_ARGUMENTS} (or its declared error) and logged in one line.
+        """
+        responder = super().locateResponder(name)
+        command = c.CLIENT_COMMANDS.get(name)
+        if responder is None or command is None:
+            self._bad_input("unknown command", repr(name)[:80])
+            return responder
+        label = name.decode("ascii", "replace")
+
+        def checked(box: amp.AmpBox) -> Any:
+            try:
+                command.parseArguments(box, self)
+            except amp.RemoteAmpError as e:
+                self._bad_input(label, str(e.description))
+                raise
+            except Exception as e:
+                reason = f"{e.__class__.__name__}: {e}"
+                self._bad_input(label, reason)
+                raise amp.RemoteAmpError(b"BAD_ARGUMENTS", f"malformed {label}: {reason}")
+            return responder(box)
+
+        return checked
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        try:
+            super().ampBoxReceived(box)
+        except amp.NoEmptyBoxes:
+            self._bad_input("box without a command", repr(dict(box))[:80])
+            self.transport.loseConnection()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._bad_input("not AMP", f"a {length}-byte key or value")
+        super().lengthLimitExceeded(length)
 
     def _require_hello(self) -> None:
         if not self.greeted:
@@ -81,11 +146,9 @@ class ControlProtocol(amp.AMP):
         return {"version": c.PROTOCOL_VERSION, "server": mproxy.__version__}
 
     @c.Deploy.responder
-    def deploy(self, request: str) -> Any:
+    def deploy(self, request: DeployRequest) -> Any:
         self._require_hello()
-        req = deploy_request_from_json(request)
-        d = self.controller.deploy(req, self._progress)
-        return d.addCallback(lambda targets: {"targets": targets})
+        return self._owned(self.controller.deploy(request, self._progress))
 
     @c.Remove.responder
     def remove(self, service: str) -> dict[str, Any]:
@@ -94,15 +157,23 @@ class ControlProtocol(amp.AMP):
         return {}
 
     @c.Pause.responder
-    def pause(self, service: str, drain_timeout: float, max_pause: float) -> Any:
+    def pause(
+        self, service: str, drain_timeout: float | None, max_pause: float | None
+    ) -> Any:
         self._require_hello()
-        d = self.controller.pause(service, drain_timeout, max_pause)
+        d = self.controller.pause(
+            service, progress=self._progress,
+            **_given(drain_timeout=drain_timeout, max_pause=max_pause),
+        )
         return d.addCallback(lambda _: {})
 
     @c.Stop.responder
-    def stop(self, service: str, drain_timeout: float, message: str) -> Any:
+    def stop(self, service: str, drain_timeout: float | None, message: str | None) -> Any:
         self._require_hello()
-        d = self.controller.stop(service, drain_timeout, message)
+        d = self.controller.stop(
+            service, progress=self._progress,
+            **_given(drain_timeout=drain_timeout, message=message),
+        )
         return d.addCallback(lambda _: {})
 
     @c.Resume.responder
@@ -116,16 +187,16 @@ class ControlProtocol(amp.AMP):
         self,
         service: str,
         targets: list[str],
-        readers: list[str],
-        deploy_timeout: float,
-        drain_timeout: float,
+        readers: list[str] | None,
+        deploy_timeout: float | None,
+        drain_timeout: float | None,
     ) -> Any:
         self._require_hello()
         d = self.controller.rollout_deploy(
-            service, tuple(targets), tuple(readers), deploy_timeout, drain_timeout,
-            self._progress,
+            service, tuple(targets), tuple(readers or ()), progress=self._progress,
+            **_given(deploy_timeout=deploy_timeout, drain_timeout=drain_timeout),
         )
-        return d.addCallback(lambda t: {"targets": t})
+        return self._owned(d)
 
     @c.RolloutSet.responder
     def rollout_set(self, service: str, percentage: int, allowlist: list[str]) -> dict[str, Any]:

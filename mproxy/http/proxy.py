@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from typing import Any, Callable
 from urllib.parse import quote, unquote
@@ -67,23 +68,31 @@ _HTTP01_PREFIX = b"/.well-known/acme-challenge/"
 #: the exchange is abandoned
 SEND_TIMEOUT = 60.0
 
-# request headers that never go to the target (reference 5.2)
+# request headers that never go to the target (hop-by-hop; HTTP2-Settings
+# belongs to an h2c upgrade offer, which is never passed on)
 _HOP = frozenset((
     b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"http2-settings",
 ))
+
+# Headers a token in Connection can never remove: the framing and routing of
+# a forwarded message are the proxy's own.  (Otherwise C{Connection:
+# Content-Length} would forward a body without its length, and the target
+# would read the body as a second request on a shared connection.)
+_PROTECTED = frozenset((b"content-length", b"transfer-encoding", b"host"))
 
 # special request headers: code per lower-cased name
 _H_HOST, _H_XFF, _H_XFP, _H_XFH, _H_RID, _H_RSTART, _H_UA, _H_CTYPE, _H_COOKIE, \
-    _H_TARGET, _H_EXPECT, _H_FORWARDED, _H_CLEN, _H_CONNECTION, _H_TE, _H_UPGRADE, \
-    _H_HOP = range(17)
+    _H_TARGET, _H_EXPECT, _H_FORWARDED, _H_CLEN, _H_CONNECTION, _H_TE, \
+    _H_TENC, _H_HOP = range(17)
 _SPECIAL = {
     b"host": _H_HOST, b"x-forwarded-for": _H_XFF, b"x-forwarded-proto": _H_XFP,
     b"x-forwarded-host": _H_XFH, b"x-request-id": _H_RID, b"x-request-start": _H_RSTART,
     b"user-agent": _H_UA, b"content-type": _H_CTYPE, b"cookie": _H_COOKIE,
     b"x-mproxy-target": _H_TARGET, b"expect": _H_EXPECT, b"forwarded": _H_FORWARDED,
     b"content-length": _H_CLEN, b"connection": _H_CONNECTION, b"te": _H_TE,
-    b"upgrade": _H_UPGRADE,
+    b"transfer-encoding": _H_TENC,
 }
 for _n in _HOP:
     _SPECIAL.setdefault(_n, _H_HOP)
@@ -102,6 +111,52 @@ def new_request_id() -> bytes:
     n = n & ~(0xC000 << 48) | (0x8000 << 48)
     h = b"%032x" % n
     return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
+
+
+_SEPARATOR = re.compile(rb"/|%2[fF]")
+_DOT = re.compile(rb"%2[eE]")
+
+
+def remove_dot_segments(raw_path: bytes) -> bytes | None:
+    """
+    The request path (as received, percent-encoded) with its dot-segments
+    resolved, or C{None} when it has none.
+
+    Routing looks at the decoded path, so a segment is a dot-segment when it
+    decodes to C{.} or C{..} (C{%2e%2e}, C{.%2E} count).  A C{%2f} decodes
+    to C{/} for the router too, so for finding and resolving dot-segments it
+    separates segments like C{/}: C{/public/..%2finternal} is
+    C{/internal}, and cannot reach the target as a path under C{/public}
+    that a target decoding C{%2f} would resolve itself.  When nothing is
+    resolved the path is left exactly as sent (an encoded slash inside a
+    segment stays encoded); when something is, the result is joined with
+    plain C{/}, while every other escape in the remaining segments is kept
+    as it was.
+    """
+    segments = _SEPARATOR.split(raw_path)
+    if len(segments) < 2 or segments[0]:
+        return None  # not an absolute path ("*")
+    out: list[bytes] = []
+    found = False
+    last_dot = False
+    for seg in segments[1:]:
+        last_dot = False
+        if seg and len(seg) <= 6:
+            d = _DOT.sub(b".", seg) if b"%" in seg else seg
+            if d == b".":
+                found = last_dot = True
+                continue
+            if d == b"..":
+                found = last_dot = True
+                if out:
+                    out.pop()
+                continue
+        out.append(seg)
+    if not found:
+        return None
+    if last_dot:
+        out.append(b"")
+    return b"/" + b"/".join(out)
 
 
 def _client_host(addr: Any) -> str:
@@ -200,7 +255,7 @@ class _ProxyCall:
         "service", "target", "claim", "up", "resp_ctype", "req_ctype", "user_agent",
         "remote_addr", "done", "tunnel", "upgrade_type", "log_extra", "trailers_ok",
         "topts", "body_started", "req_spool", "resp_spool", "resp_head", "prefix",
-        "metered", "held", "stall_timer",
+        "metered", "held", "stall_timer", "raw_path", "codings",
     )
 
     def __init__(self, res: ProxyResource, rq: Any) -> None:
@@ -234,6 +289,8 @@ class _ProxyCall:
         self.metered = False
         self.held: Deferred[Any] | None = None
         self.stall_timer: Any = None
+        self.raw_path: bytes | None = None
+        self.codings = b""
 
     # --- request ----------------------------------------------------------------
 
@@ -248,13 +305,20 @@ class _ProxyCall:
         conn_tokens: list[bytes] = []
         host = None
         te = b""
-        upgrade = b""
+        codings = b""
+        declared_length = False
         special = _SPECIAL
         for item in rq.raw_headers:
             name = item[0]
             lname = name.lower()
             code = special.get(lname)
             if code is None:
+                if b"_" in name:
+                    # X_Forwarded_For and X-Forwarded-For are one variable
+                    # to CGI-style apps: never let a client spoof that way
+                    res.logger.debug("Dropped request header with underscore",
+                                     header=name.decode("latin-1"))
+                    continue
                 out.append(item)
                 continue
             value = item[1]
@@ -288,20 +352,28 @@ class _ProxyCall:
             elif code == _H_TARGET:
                 targets.append(value)
             elif code == _H_CLEN:
-                if not getattr(rq, "rewrite_length", False):
-                    out.append(item)
+                # re-written below from the length the channel checked
+                declared_length = True
             elif code == _H_CONNECTION:
                 conn_tokens.append(value)
             elif code == _H_TE:
                 te = value
-            elif code == _H_UPGRADE:
-                upgrade = value
-            # expect, forwarded and the other hop-by-hop headers are dropped
+            elif code == _H_TENC:
+                # codings before the final "chunked" (e.g. gzip) stay
+                i = value.rfind(b",")
+                if i > 0:
+                    codings = value[:i].strip()
+            # expect, forwarded, upgrade and the other hop-by-hop headers are
+            # dropped
         if conn_tokens:
             out = self._drop_connection_tokens(out, conn_tokens)
         self.request_id = rid or new_request_id()
         self.host = host or b""
         raw_path = rq.path
+        if b"/." in raw_path or b"%2" in raw_path:
+            resolved = remove_dot_segments(raw_path)
+            if resolved is not None:
+                raw_path = self.raw_path = resolved
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path, encoding="utf-8", errors="surrogateescape")
@@ -368,19 +440,24 @@ class _ProxyCall:
             if self.host:
                 out.append((b"X-Forwarded-Host", self.host))
         out.append((b"X-Request-ID", self.request_id))
-        out.append((b"X-Request-Start", rstart or b"t=%d" % int(res.wallclock() * 1000)))
+        if not (rstart and topts.forward_headers):
+            rstart = b"t=%d" % int(res.wallclock() * 1000)
+        out.append((b"X-Request-Start", rstart))
         if te and b"trailers" in te.lower():
             out.append((b"TE", b"trailers"))
             self.trailers_ok = True
-        is_upgrade = bool(rq.upgrade and upgrade)
-        if is_upgrade:
-            self.upgrade_type = upgrade
+        # only WebSocket upgrades reach here as upgrades (the channel drops
+        # any other offer and serves the request as a normal one)
+        websocket = rq.upgrade
+        if websocket:
+            self.upgrade_type = b"websocket"
             out.append((b"Connection", b"Upgrade"))
-            out.append((b"Upgrade", upgrade))
-        websocket = is_upgrade and upgrade.lower() == b"websocket" and rq.method == b"GET"
+            out.append((b"Upgrade", b"websocket"))
         rq.set_lost_handler(self.client_lost)
-        if getattr(rq, "rewrite_length", False) and rq.body_length:
-            out.append((b"Content-Length", b"%d" % rq.body_length))
+        body_length = rq.body_length
+        if body_length > 0 or (declared_length and body_length == 0):
+            out.append((b"Content-Length", b"%d" % body_length))
+        self.codings = codings
         try:
             result = service.select(rq.method, self.target_path, _cookie_lookup(cookies), websocket)
         except Exception:
@@ -400,7 +477,8 @@ class _ProxyCall:
         for v in values:
             for tok in v.split(b","):
                 tok = tok.strip().lower()
-                if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
+                if tok and tok not in (b"close", b"keep-alive", b"upgrade") \
+                        and tok not in _PROTECTED:
                     names.add(tok)
         if not names:
             return out
@@ -457,7 +535,7 @@ class _ProxyCall:
     def _forward(self, out: list[tuple[bytes, bytes]]) -> Any:
         self.up = up = self.claim.target.pool.request(
             self.rq.method, self._target_uri(), out, self, body_length=self.rq.body_length,
-            timeout=self.topts.target_timeout,
+            timeout=self.topts.target_timeout, codings=self.codings,
         )
         return up
 
@@ -501,13 +579,17 @@ class _ProxyCall:
     def _target_uri(self) -> bytes:
         rq = self.rq
         query = rq.query
+        raw = self.raw_path
         prefix_stripped = self.target_path != self.path
         if not prefix_stripped:
-            if rq.uri.startswith(b"/"):
-                return rq.uri
-            return rq.path + (b"?" + query if query else b"")
+            if raw is None:
+                if rq.uri.startswith(b"/"):
+                    return rq.uri
+                raw = rq.path
+            return raw + (b"?" + query if query else b"")
         match_path = self.target_path
-        raw = rq.path
+        if raw is None:
+            raw = rq.path
         # raw path minus the prefix when it is spelled plainly, else re-quoted
         cut = len(raw) - len(match_path.encode("utf-8", "surrogateescape"))
         rest = raw[cut:] if cut >= 0 and raw[cut:] == match_path.encode("utf-8", "surrogateescape") else None

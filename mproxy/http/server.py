@@ -85,6 +85,50 @@ class _ParseError(Exception):
         self.status = status
 
 
+def _offers_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            if any(t.strip().lower() == b"websocket" for t in value.split(b",")):
+                return True
+    return False
+
+
+class _PrimedCallbacks:
+    """
+    Parser callbacks for a parser that resumes a request whose upgrade
+    offer was dropped: the head it is primed with is not a request (its
+    callbacks are ignored); the body and everything after it go to the
+    channel.
+    """
+
+    priming = True
+
+    def __init__(self, channel: FastHTTPChannel) -> None:
+        self.channel = channel
+
+    def on_message_begin(self) -> None:
+        if not self.priming:
+            self.channel.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.priming:
+            self.channel.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.priming:
+            self.channel.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.priming:
+            self.channel.on_headers_complete()
+
+    def on_body(self, data: bytes) -> None:
+        self.channel.on_body(data)
+
+    def on_message_complete(self) -> None:
+        self.channel.on_message_complete()
+
+
 class FastHTTPChannel(Protocol):
     """
     One client connection.  Requests are handled one at a time in order;
@@ -312,31 +356,64 @@ class FastHTTPChannel(Protocol):
             return
         if self._stopped or self._closing:
             return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            self._upgrade_data(data[e.args[0]:])
-        except _ParseError as e:
-            self._protocol_error(e.status, str(e))
-        except httptools.HttpParserCallbackError as e:
-            ctx = e.__context__
-            if isinstance(ctx, _ParseError):
-                self._protocol_error(ctx.status, str(ctx))
-            else:
-                self._protocol_error(400, str(e))
-        except httptools.HttpParserError as e:
-            self._protocol_error(400, str(e))
-        else:
-            if self._in_headers:
-                self._raw_header_bytes += len(data)
-                if self._raw_header_bytes > MAX_HEADER_BYTES:
-                    self._protocol_error(431, "header section too large")
+        self._feed(data)
         # requests are dispatched once what arrived with them is parsed, so
         # that a body received together with its headers is complete
         req = self._to_dispatch
         if req is not None:
             self._to_dispatch = None
             self._dispatch(req)
+
+    def _feed(self, data: bytes) -> None:
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                rest = data[e.args[0]:]
+                req = self._dropped_upgrade
+                if req is None:
+                    self._upgrade_data(rest)
+                    return
+                # go on parsing what follows as HTTP (the body, further
+                # requests)
+                self._dropped_upgrade = None
+                self._restart_parser(req)
+                data = rest
+                continue
+            except _ParseError as e:
+                self._protocol_error(e.status, str(e))
+            except httptools.HttpParserCallbackError as e:
+                ctx = e.__context__
+                if isinstance(ctx, _ParseError):
+                    self._protocol_error(ctx.status, str(ctx))
+                else:
+                    self._protocol_error(400, str(e))
+            except httptools.HttpParserError as e:
+                self._protocol_error(400, str(e))
+            else:
+                if self._in_headers:
+                    self._raw_header_bytes += len(data)
+                    if self._raw_header_bytes > MAX_HEADER_BYTES:
+                        self._protocol_error(431, "header section too large")
+            return
+
+    def _restart_parser(self, req: FastRequest) -> None:
+        """
+        After a dropped upgrade offer: the parser (which stopped as for an
+        upgrade, skipping the body) is replaced by one primed with a head
+        carrying only the request's framing, so that it reads the request's
+        body and then the requests after it.
+        """
+        if not req.body_length:
+            self._parser = httptools.HttpRequestParser(self)
+            return
+        primer = _PrimedCallbacks(self)
+        self._parser = httptools.HttpRequestParser(primer)
+        framing = (b"Transfer-Encoding: chunked\r\n" if req.body_length < 0
+                   else b"Content-Length: %d\r\n" % req.body_length)
+        self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n")
+        primer.priming = False
+        self._current = req
 
     def on_message_begin(self) -> None:
         self._in_headers = True
@@ -412,11 +489,18 @@ class FastHTTPChannel(Protocol):
             req.body_length = -1
         if req.body_length:
             req.body_done = False
-        if p.should_upgrade():
-            req.upgrade = True
-            if req.body_length:
-                raise _ParseError(400, "upgrade request with a body")
         self._current = req
+        if p.should_upgrade():
+            # Only a WebSocket handshake (GET, HTTP/1.1, no body) opens a
+            # tunnel.  Any other offer (h2c ...) is dropped and the request
+            # served as a normal one: a tunnel in another protocol would
+            # carry requests past routing, forwarding headers and logs.
+            if (version == b"HTTP/1.1" and req.method == b"GET" and not req.body_length
+                    and _offers_websocket(req.raw_headers)):
+                req.upgrade = True
+            else:
+                self._dropped_upgrade = req
+                self._current = None  # its body is read by the next parser
         self._requests.append(req)
         if req.body_length and self.body_timeout:
             self._set_timer(self.body_timeout)
@@ -544,6 +628,7 @@ class FastHTTPChannel(Protocol):
 
     _upgrade_pending = b""
     _awaiting_tunnel = False
+    _dropped_upgrade: FastRequest | None = None
     _to_dispatch: FastRequest | None = None
     _tunnel_req: FastRequest | None = None
 

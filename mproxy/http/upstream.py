@@ -13,7 +13,9 @@ target.
 C{headers} is a list of C{(name, value)} byte pairs sent as given (the
 caller adds Host, Content-Length, ...).  C{body_length} is 0 (no body), the
 declared Content-Length, or -1 for a body of unknown length (sent chunked;
-the caller must not include framing headers then).  The body is streamed
+the caller must not include framing headers then; C{codings}, e.g.
+C{b"gzip"}, are transfer codings the body already has, sent before
+C{chunked}).  The body is streamed
 with L{UpstreamExchange.write_body} / L{UpstreamExchange.end_body}.
 
 The C{receiver} gets (duck-typed callbacks, called from the reactor):
@@ -26,7 +28,7 @@ The C{receiver} gets (duck-typed callbacks, called from the reactor):
       (after a 101: when the target closes the tunnel);
     - C{upstream_failed(error: UpstreamError)} instead of the rest when the
       exchange fails: C{error.status} is 502 (connect failure, protocol
-      error, connection lost) or 504 (C{timeout} passed while waiting for
+      error, a status code outside 100-599, connection lost) or 504 (C{timeout} passed while waiting for
       the response headers, or the connect timed out).
 
 C{timeout} bounds the connect and the wait for the response headers after
@@ -82,6 +84,10 @@ class UpstreamError(Exception):
 
 
 class _HeadDone(Exception):
+    pass
+
+
+class _BadResponse(Exception):
     pass
 
 
@@ -412,6 +418,8 @@ class _Connection(Protocol):
     def on_headers_complete(self) -> None:
         ex = self.exchange
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _BadResponse(f"invalid status code {status} from target")
         headers = self._headers
         if 100 <= status < 200 and status != 101:
             self._info = True
@@ -496,6 +504,8 @@ class _Connection(Protocol):
             if isinstance(e.__context__, _HeadDone):
                 self.parser = httptools.HttpResponseParser(self)
                 self._complete(self._head_keep_alive)
+            elif isinstance(e.__context__, _BadResponse):
+                self._broken(str(e.__context__))
             else:
                 self._broken(f"error handling response: {e.__context__!r}")
         except httptools.HttpParserError as e:
@@ -591,13 +601,16 @@ class UpstreamPool:
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 receiver: Any, *, body_length: int = 0, timeout: float = 30.0,
-                replayable: bool | None = None) -> UpstreamExchange:
+                replayable: bool | None = None, codings: bytes = b"") -> UpstreamExchange:
         """
         Start a request; see the module docstring.
         """
         lines = [n + b": " + v + b"\r\n" for n, v in headers]
         if body_length < 0:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            if codings:
+                lines.append(b"Transfer-Encoding: " + codings + b", chunked\r\n")
+            else:
+                lines.append(b"Transfer-Encoding: chunked\r\n")
         head = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(lines) + b"\r\n"
         if replayable is None:
             replayable = body_length == 0 and method in REPLAYABLE_METHODS

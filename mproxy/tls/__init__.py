@@ -2,9 +2,17 @@
 Automatic and custom TLS for mproxy.
 
   - L{mproxy.tls.service}: C{CertificateService}, the IService that decides
-    which certificate each handshake gets and obtains/renews ACME
-    certificates in the background (deploy integration: C{validate},
-    C{update_service}, C{remove_service}, C{status}).
+    which certificate each handshake gets and which hosts need ACME
+    certificates (deploy integration: C{validate}, C{update_service},
+    C{remove_service}, C{status}).
+  - L{mproxy.tls.hostcert}: C{HostCertificate}, one host's order/renewal
+    state machine.
+  - L{mproxy.tls.backoff}: C{RetryPolicy}, when the next order happens.
+  - L{mproxy.tls.orders}: C{OrderRunner}, orders in a worker thread, one at
+    a time per ACME account.
+  - L{mproxy.tls.gate}: C{OnDemandGate}, which on-demand names may order.
+  - L{mproxy.tls.status}: C{HostStatus} rows.
+  - L{mproxy.tls.interfaces}: the contracts between these pieces.
   - L{mproxy.tls.acme}: C{AcmeIssuer}, one blocking RFC 8555 order with
     certbot's C{acme} library (run in a worker thread).
   - L{mproxy.tls.challenges}: HTTP-01 and TLS-ALPN-01 responses.
@@ -13,7 +21,7 @@ Automatic and custom TLS for mproxy.
   - L{mproxy.tls.ondemand}: the C{--tls-on-demand-url} policy check.
   - L{mproxy.tls.redirect}: C{redirect_location}, HTTP to HTTPS / canonical host.
   - L{mproxy.tls.store}: the C{<state dir>/certs/} layout.
-  - L{mproxy.tls.wiring}: helpers for C{tap.py}.
+  - L{mproxy.tls.wiring}: the production service and helpers for C{tap.py}.
   - L{mproxy.tls.testing}: certificate factories, a fake issuer, clients.
 """
 

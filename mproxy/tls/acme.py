@@ -3,9 +3,9 @@
 The blocking ACME client: one certificate order from start to finish with
 certbot's C{acme} library (RFC 8555).
 
-L{AcmeIssuer} is synchronous; L{mproxy.tls.service.CertificateService} runs
+L{AcmeIssuer} is synchronous; L{mproxy.tls.orders.OrderRunner} runs
 its C{issue} calls in a worker thread, one at a time per account.  It touches
-the reactor only through the thread-safe L{ChallengeStore}.
+the reactor only through the thread-safe L{IChallengeResponder}.
 
 API::
 
@@ -36,9 +36,11 @@ from acme import messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from zope.interface import implementer
+
 from mproxy.tls.certs import generate_key_pem
-from mproxy.tls.challenges import ChallengeStore, tls_alpn_certificate
-from mproxy.tls.store import DirectoryStore
+from mproxy.tls.challenges import tls_alpn_certificate
+from mproxy.tls.interfaces import IChallengeResponder, IDirectoryStore, IIssuer
 
 __all__ = [
     "AcmeIssuer",
@@ -140,6 +142,17 @@ def _problem(error: Any) -> str:
     return f"{text} ({code})" if code and code not in text else text
 
 
+def _validation_message(authzrs: Any) -> str:
+    problems = []
+    for authzr in authzrs:
+        ident = authzr.body.identifier.value
+        for challb in authzr.body.challenges:
+            if challb.error is not None:
+                problems.append(f"{ident}: {_challenge_type(challb)}: {_problem(challb.error)}")
+    return "validation failed: " + ("; ".join(problems) or "no details")
+
+
+@implementer(IIssuer)
 class AcmeIssuer:
     """
     Obtains certificates from one ACME directory.  Not thread-safe: call
@@ -149,8 +162,8 @@ class AcmeIssuer:
     def __init__(
         self,
         directory_url: str,
-        store: DirectoryStore,
-        challenges: ChallengeStore,
+        store: IDirectoryStore,
+        challenges: IChallengeResponder,
         email: str | None = None,
         ca_bundle: str | None = None,
         user_agent: str = "mproxy",
@@ -265,7 +278,7 @@ class AcmeIssuer:
                 raise self._error(e) from None
             except acme_errors.ValidationError as e:
                 raise IssueError(
-                    self._validation_message(e.failed_authzrs), challenge_failed=True
+                    _validation_message(e.failed_authzrs), challenge_failed=True
                 ) from None
             except acme_errors.TimeoutError:
                 raise IssueError("timed out waiting for the ACME server") from None
@@ -288,16 +301,6 @@ class AcmeIssuer:
             rate_limited=code == "rateLimited",
             permanent=code in _PERMANENT,
         )
-
-    @staticmethod
-    def _validation_message(authzrs: Any) -> str:
-        problems = []
-        for authzr in authzrs:
-            ident = authzr.body.identifier.value
-            for challb in authzr.body.challenges:
-                if challb.error is not None:
-                    problems.append(f"{ident}: {_challenge_type(challb)}: {_problem(challb.error)}")
-        return "validation failed: " + ("; ".join(problems) or "no details")
 
     def _key_authorization(self, challb: Any) -> tuple[str, str]:
         chall = challb.chall
@@ -360,7 +363,7 @@ class AcmeIssuer:
             if status == messages.STATUS_VALID:
                 return
             if status not in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
-                raise IssueError(self._validation_message([authzr]), challenge_failed=True)
+                raise IssueError(_validation_message([authzr]), challenge_failed=True)
             if self.now() >= deadline:
                 raise IssueError("timed out waiting for challenge validation")
             asked = parse_retry_after(response.headers.get("Retry-After"), self.now())

@@ -35,6 +35,7 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 from zope.interface import implementer
 
 from mproxy.tls.certs import CertifiedKey
+from mproxy.tls.interfaces import IChallengeResponder
 
 __all__ = [
     "ChallengeStore",
@@ -74,6 +75,7 @@ def tls_alpn_certificate(domain: str, key_authorization: str) -> CertifiedKey:
     return CertifiedKey(key=key, chain=[cert])
 
 
+@implementer(IChallengeResponder)
 class ChallengeStore:
     """
     Thread-safe map of pending challenge responses.

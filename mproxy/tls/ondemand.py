@@ -20,7 +20,7 @@ API::
         # Host header = host, never redirected, not logged (the proxy provides it).
 
 Caching and rate limiting of approvals live in
-L{mproxy.tls.service.CertificateService}.
+L{mproxy.tls.gate.OnDemandGate}.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from zope.interface import implementer
+
+from mproxy.tls.interfaces import IOnDemandPolicy
 
 __all__ = ["OnDemandChecker", "OnDemandDenied", "check_url", "treq_http_get"]
 
@@ -79,6 +82,7 @@ def treq_http_get(reactor: Any, ca_bundle: str | None = None) -> Callable[[str],
     return get
 
 
+@implementer(IOnDemandPolicy)
 class OnDemandChecker:
     def __init__(
         self,

@@ -6,12 +6,13 @@ handshake.
 
 API::
 
-    tls = ServerTLS(select, challenges)
+    tls = ServerTLS(select, challenges, logger=None)
         # select(server_name: str | None) -> CertifiedKey | None
         #   server_name is lower-case without trailing dot, None without SNI;
         #   None result refuses the handshake.
         #   CertificateService.select is the production implementation.
-        # challenges: ChallengeStore (TLS-ALPN-01 certificates) or None.
+        # challenges: IChallengeResponder (TLS-ALPN-01 certificates) or None.
+        # logger: a JSONLogger (default: JSON lines on stdout).
     factory = https_factory(tls, site, protocol_for_alpn=None)
         # -> TLSMemoryBIOFactory: listen with any stream server endpoint, e.g.
         #    StreamServerEndpointService(TCP4ServerEndpoint(reactor, 443,
@@ -35,12 +36,12 @@ from typing import Any, Callable, Iterable
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from mproxy.logging import JSONLogger
 from mproxy.tls.certs import CertifiedKey
-from mproxy.tls.challenges import ChallengeStore
+from mproxy.tls.interfaces import IChallengeResponder
 
 __all__ = [
     "ServerTLS",
@@ -57,8 +58,6 @@ ALPN_H2 = b"h2"
 ALPN_HTTP11 = b"http/1.1"
 
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
-
-log = Logger()
 
 
 def normalise_server_name(raw: bytes | None) -> str | None:
@@ -82,10 +81,12 @@ class ServerTLS:
     def __init__(
         self,
         select: Callable[[str | None], CertifiedKey | None],
-        challenges: ChallengeStore | None = None,
+        challenges: IChallengeResponder | None = None,
         protocols: Iterable[bytes] = (ALPN_H2, ALPN_HTTP11),
+        logger: Any = None,
     ) -> None:
         self.select = select
+        self.logger = logger if logger is not None else JSONLogger()
         self.challenges = challenges
         self.protocols = tuple(protocols)
         # one context per certificate, dropped with the certificate
@@ -130,8 +131,15 @@ class ServerTLS:
         name = normalise_server_name(conn.get_servername())
         try:
             certified = self.select(name)
-        except Exception:
-            log.failure("Selecting a certificate for {name!r} failed", name=name)
+        except Exception as e:
+            import traceback
+
+            self.logger.error(
+                f"Selecting a certificate for {name!r} failed",
+                server_name=name,
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(),
+            )
             certified = None
         if certified is None and self.challenges is not None:
             # Without a certificate here OpenSSL cannot choose a cipher before
@@ -141,7 +149,7 @@ class ServerTLS:
             # refused anyway.
             certified = self.challenges.alpn_certificate(name)
         if certified is None:
-            log.debug("No certificate for server name {name!r}", name=name)
+            self.logger.debug(f"No certificate for server name {name!r}", server_name=name)
             return
         conn.set_context(self.context_for(certified))
 

@@ -6,13 +6,17 @@ API::
 
     certified = load_static(cert_path, key_path)
         # -> CertifiedKey; raises CertificateError("unable to load certificate: <reason>")
-    static = StaticCertificate(cert_path, key_path)    # loads at once (raises)
+    static = StaticCertificate(cert_path, key_path, logger)   # loads at once (raises)
     static.certificate                                  # current CertifiedKey
     static.check() -> bool                              # reload if either file changed;
                                                         # True when a new certificate
                                                         # is in use; a broken new file
                                                         # keeps the old one (logged)
     static.reload() -> bool                             # reload unconditionally (SIGHUP)
+
+    certs = StaticCertificates(logger)      # every service's, by service name
+    certs.update(name, options); certs.remove(name); certs.get(name)
+    certs.check(); certs.reload(); certs.rows(name, hosts) -> [HostStatus]
 
 Reloading swaps the object used for new handshakes; established connections
 keep their session and are not touched.
@@ -23,14 +27,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from twisted.logger import Logger
-
 from mproxy.errors import CertificateError
+from mproxy.logging import JSONLogger
 from mproxy.tls.certs import CertifiedKey, load_certified_key
+from mproxy.tls.status import HostStatus
 
-__all__ = ["load_static", "StaticCertificate", "install_sighup_reload"]
-
-log = Logger()
+__all__ = ["load_static", "StaticCertificate", "StaticCertificates", "install_sighup_reload"]
 
 
 def _read(path: str) -> bytes:
@@ -79,6 +81,7 @@ class StaticCertificate:
         self,
         cert_path: str,
         key_path: str,
+        logger: Any = None,
         stat: Callable[[str], Any] = os.stat,
         strict: bool = True,
     ) -> None:
@@ -89,6 +92,7 @@ class StaticCertificate:
         """
         self.cert_path = cert_path
         self.key_path = key_path
+        self.logger = logger if logger is not None else JSONLogger()
         self._stat = stat
         self._seen = self._fingerprints()
         self.last_error: str | None = None
@@ -126,8 +130,8 @@ class StaticCertificate:
             new = load_static(self.cert_path, self.key_path)
         except CertificateError as e:
             self.last_error = str(e)
-            log.warn(
-                "Keeping the current certificate for {path}: {error}",
+            self.logger.warn(
+                f"Keeping the current certificate for {self.cert_path}: {e}",
                 path=self.cert_path,
                 error=str(e),
             )
@@ -136,8 +140,71 @@ class StaticCertificate:
         if self.certificate is not None and _same(new, self.certificate):
             return False
         self.certificate = new
-        log.info("Reloaded certificate {path}", path=self.cert_path)
+        self.logger.info(f"Reloaded certificate {self.cert_path}", path=self.cert_path)
         return True
+
+
+class StaticCertificates:
+    """
+    The custom certificates of every service that has them, by service name.
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self._by_service: dict[str, StaticCertificate] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_service
+
+    def get(self, name: str) -> StaticCertificate | None:
+        return self._by_service.get(name)
+
+    def update(self, name: str, options: Any) -> None:
+        """
+        Follow a deployed (or restored) service's certificate paths.  Never
+        raises: files that cannot be loaded (refused at deploy time; on state
+        restore they may have vanished) leave the service without a
+        certificate, reported as failed, until the files are fixed.
+        """
+        if not (options.tls_enabled and options.tls_certificate_path):
+            self._by_service.pop(name, None)
+            return
+        current = self._by_service.get(name)
+        paths = (options.tls_certificate_path, options.tls_private_key_path)
+        if current is not None and current.paths == paths:
+            current.reload()  # a redeploy picks up replaced files at once
+            return
+        try:
+            self._by_service[name] = StaticCertificate(*paths, self.logger)
+        except CertificateError as e:
+            self.logger.error(
+                f"Custom certificate for {name} not loaded: {e}", service=name, error=str(e)
+            )
+            self._by_service[name] = StaticCertificate(*paths, self.logger, strict=False)
+
+    def remove(self, name: str) -> None:
+        self._by_service.pop(name, None)
+
+    def check(self) -> None:
+        """
+        Reload the certificates whose files changed (run on a timer).
+        """
+        for static in list(self._by_service.values()):
+            static.check()
+
+    def reload(self) -> None:
+        """
+        Reload every custom certificate now (SIGHUP).
+        """
+        for static in list(self._by_service.values()):
+            static.reload()
+
+    def rows(self, name: str, hosts: Any) -> list[HostStatus]:
+        static = self._by_service[name]
+        if static.certificate is None:
+            return [HostStatus(name, h, "failed", None, static.last_error) for h in hosts]
+        not_after = static.certificate.not_after
+        return [HostStatus(name, h, "static", not_after, static.last_error) for h in hosts]
 
 
 def _same(a: CertifiedKey, b: CertifiedKey) -> bool:

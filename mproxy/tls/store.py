@@ -14,7 +14,7 @@ test CAs never mix::
 
 Every file is written atomically (temporary file in the same directory, fsync,
 rename, fsync of the directory).  Methods are synchronous and do small file
-I/O; L{CertificateService} calls the writers from its ACME worker thread and
+I/O; L{mproxy.tls.orders.OrderRunner} calls the writers from its ACME worker thread and
 the readers at start-up / deploy time.
 
 API::
@@ -37,8 +37,11 @@ import os
 import re
 from typing import Any
 
+from zope.interface import implementer
+
 from mproxy.fileutil import atomic_write
 from mproxy.tls.certs import CertifiedKey, load_certified_key
+from mproxy.tls.interfaces import ICertificateStore, IDirectoryStore
 
 __all__ = ["CertificateStore", "DirectoryStore", "atomic_write", "valid_host_name"]
 
@@ -65,6 +68,7 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+@implementer(IDirectoryStore)
 class DirectoryStore:
     """
     The files for one ACME directory URL.
@@ -147,6 +151,7 @@ class DirectoryStore:
         return sorted(out)
 
 
+@implementer(ICertificateStore)
 class CertificateStore:
     """
     The C{certs/} directory inside the state directory.

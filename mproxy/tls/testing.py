@@ -15,7 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from zope.interface import implementer
+
 from mproxy.tls.certs import CertifiedKey
+from mproxy.tls.interfaces import IIssuer
 
 __all__ = [
     "make_ca",
@@ -165,6 +168,7 @@ def handshake(
     return client, error
 
 
+@implementer(IIssuer)
 class FakeIssuer:
     """
     A scripted stand-in for L{mproxy.tls.acme.AcmeIssuer}.

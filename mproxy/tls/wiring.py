@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_tls_wiring -*-
 """
-Glue between L{mproxy.tls} and the rest of mproxy, for C{tap.py}.
+Glue between L{mproxy.tls} and the rest of mproxy, for C{tap.py}: the
+production L{CertificateService} (a one-thread pool for ACME orders,
+L{AcmeIssuer}s, the treq-based on-demand policy) and the HTTPS factory.
 
-    certs = build_certificate_service(reactor, config, router, local_get=None)
+    certs = build_certificate_service(reactor, config, router, logger, local_get=None)
     certs.setName("certs"); certs.setServiceParent(top)     # before the listeners
     controller = Controller(..., certificates=certs)
 
@@ -22,15 +24,24 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mproxy.tls.service import CertificateService, Lookup
+from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+from mproxy.tls.backoff import RetryPolicy
+from mproxy.tls.challenges import ChallengeStore
+from mproxy.tls.gate import OnDemandGate
+from mproxy.tls.ondemand import OnDemandChecker
+from mproxy.tls.orders import OrderRunner
+from mproxy.tls.service import CertificateService, Directories, Lookup
 from mproxy.tls.sni import ServerTLS, https_factory
 from mproxy.tls.static import install_sighup_reload
+from mproxy.tls.store import CertificateStore
 
 __all__ = [
     "router_lookup",
+    "directories_for",
+    "certificate_service",
     "build_certificate_service",
     "https_server_factory",
     "install_sighup_reload",
@@ -53,26 +64,108 @@ def router_lookup(router: Any) -> Lookup:
     return lookup
 
 
+def directories_for(directory_url: str | None) -> Directories:
+    """
+    C{--tls-staging} means Let's Encrypt staging when the directory is Let's
+    Encrypt production; with any other directory (a private CA, a test
+    server) there is no separate staging server and the same one is used.
+    """
+    url = directory_url or LETS_ENCRYPT
+    return Directories(url, LETS_ENCRYPT_STAGING if url == LETS_ENCRYPT else url)
+
+
+def _worker_thread(reactor: Any) -> tuple[Callable[[Callable[[], Any]], Deferred], Callable[[], Deferred]]:
+    """
+    C{(run_in_thread, stop)}: one worker thread for ACME orders, created on
+    first use; C{stop} joins it off the reactor thread.
+    """
+    from twisted.internet.threads import deferToThread, deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    pools: list[ThreadPool] = []
+
+    def run_in_thread(job: Callable[[], Any]) -> Deferred:
+        if not pools:
+            pool = ThreadPool(minthreads=0, maxthreads=1, name="mproxy-acme")
+            pool.start()
+            pools.append(pool)
+        return deferToThreadPool(reactor, pools[0], job)
+
+    def stop() -> Deferred:
+        if not pools:
+            return succeed(None)
+        # joining may wait for an order in progress; keep the reactor free
+        return deferToThread(pools.pop().stop)
+
+    return run_in_thread, stop
+
+
+def certificate_service(
+    reactor: Any,
+    state_dir: Any,
+    logger: Any,
+    directory_url: str | None = None,
+    email: str | None = None,
+    ca_bundle: str | None = None,
+    lookup: Lookup | None = None,
+    local_get: Callable[[str, str, str], Deferred] | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+    issuer_factory: Callable[[str, Any, Any], Any] | None = None,
+) -> CertificateService:
+    """
+    The real thing on the state directory's C{certs/}; C{issuer_factory}
+    (default: L{AcmeIssuer} with C{email} and C{ca_bundle}) is called with
+    the directory URL, the store and the challenges.
+    """
+    from mproxy.tls.acme import AcmeIssuer
+    from mproxy.tls.ondemand import treq_http_get
+
+    store = CertificateStore(state_dir)
+    challenges = ChallengeStore()
+
+    def acme_issuer(url: str) -> Any:
+        if issuer_factory is not None:
+            return issuer_factory(url, store.for_directory(url), challenges)
+        return AcmeIssuer(url, store.for_directory(url), challenges, email=email, ca_bundle=ca_bundle)
+
+    run_in_thread, stop_thread = _worker_thread(reactor)
+    orders = OrderRunner(store, acme_issuer, run_in_thread)
+    checker = OnDemandChecker(reactor, http_get=treq_http_get(reactor), local_get=local_get)
+    service = CertificateService(
+        reactor,
+        store,
+        orders,
+        logger,
+        challenges=challenges,
+        lookup=lookup,
+        gate=OnDemandGate(reactor, checker, logger),
+        directories=directories_for(directory_url),
+        policy=policy,
+    )
+    service.stop_hooks.append(stop_thread)
+    return service
+
+
 def build_certificate_service(
     reactor: Any,
     config: Any,
     router: Any,
+    logger: Any,
     local_get: Callable[[str, str, str], Deferred] | None = None,
-    **kwargs: Any,
 ) -> CertificateService:
     """
     The production L{CertificateService} from a L{mproxy.config.ServerConfig}
     (C{state_dir}, C{acme_directory}, C{acme_email}, C{acme_ca_bundle}).
     """
-    return CertificateService.create(
+    return certificate_service(
         reactor,
         config.state_dir,
-        directory_url=getattr(config, "acme_directory", "") or "",
-        email=getattr(config, "acme_email", "") or None,
-        ca_bundle=getattr(config, "acme_ca_bundle", "") or None,
+        logger,
+        directory_url=config.acme_directory or None,
+        email=config.acme_email or None,
+        ca_bundle=config.acme_ca_bundle or None,
         lookup=router_lookup(router),
         local_get=local_get,
-        **kwargs,
     )
 
 
@@ -86,4 +179,5 @@ def https_server_factory(
     TLS-ALPN-01 answered from C{certs.challenges}, then C{site}'s protocol
     (or C{protocol_for_alpn(negotiated, addr)}).
     """
-    return https_factory(ServerTLS(certs.select, certs.challenges), site, protocol_for_alpn)
+    tls = ServerTLS(certs.select, certs.challenges, logger=certs.logger)
+    return https_factory(tls, site, protocol_for_alpn)

@@ -1,0 +1,167 @@
+"""
+The commands that talk to a running server (C{deploy}, C{list}, C{remove},
+C{pause}, C{stop}, C{resume}, C{rollout ...}): one function per command over
+a L{ControlClient}, and L{run_client}, which runs one on a reactor and turns
+its outcome into an exit status.
+
+Ctrl-C (SIGINT) ends a command with C{interrupted} and exit status 130; the
+connection closes with the process, and the server then cancels a deploy
+that has not switched traffic yet.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any, Callable
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionClosed
+from twisted.protocols import amp
+
+from mproxy.cli.output import ProgressPrinter, can_colour, deploy_summary, format_table
+from mproxy.cli.requests import deploy_request
+from mproxy.cli.streams import Streams, fail
+from mproxy.config import socket_path
+from mproxy.control import commands as c
+from mproxy.control.client import ControlClient, connect
+from mproxy.errors import InvalidOptions, MproxyError
+
+INTERRUPTED = 130
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """
+    Only the flags given: the server applies the defaults of the others.
+    """
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@inlineCallbacks
+def _deploy(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    req = deploy_request(ns)
+    started = clock.seconds()
+    answer = yield client.deploy(req)
+    out.summary(deploy_summary(req.service, answer, clock.seconds() - started))
+
+
+@inlineCallbacks
+def _rollout_deploy(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    if not ns.target:
+        raise InvalidOptions('required flag(s) "target" not set')
+    started = clock.seconds()
+    answer = yield client.call(
+        c.RolloutDeploy, service=ns.service, targets=ns.target,
+        **_given(readers=ns.read_target, deploy_timeout=ns.deploy_timeout,
+                 drain_timeout=ns.drain_timeout),
+    )
+    out.summary(deploy_summary(ns.service, answer, clock.seconds() - started, rollout=True))
+
+
+@inlineCallbacks
+def _list(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    rows = yield client.list_services()
+    if ns.json:
+        out.out.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        out.out.write(format_table(rows, can_colour(out.out)))
+
+
+def _pause(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    return client.call(c.Pause, service=ns.service,
+                       **_given(drain_timeout=ns.drain_timeout, max_pause=ns.max_pause))
+
+
+def _stop(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    return client.call(c.Stop, service=ns.service,
+                       **_given(drain_timeout=ns.drain_timeout, message=ns.message))
+
+
+def _rollout_set(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    if ns.percent is None and ns.list is None:
+        raise InvalidOptions("at least one of the flags in the group [percent list] is required")
+    return client.call(c.RolloutSet, service=ns.service, percentage=ns.percent or 0,
+                       allowlist=ns.list or [])
+
+
+def _by_service(command: type[amp.Command]) -> Callable[..., Any]:
+    def run(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+        return client.call(command, service=ns.service)
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[ControlClient, Any, ProgressPrinter, Any], Any]] = {
+    "deploy": _deploy,
+    "list": _list,
+    "remove": _by_service(c.Remove),
+    "pause": _pause,
+    "stop": _stop,
+    "resume": _by_service(c.Resume),
+    "rollout deploy": _rollout_deploy,
+    "rollout set": _rollout_set,
+    "rollout stop": _by_service(c.RolloutStop),
+}
+
+
+@inlineCallbacks
+def client_command(reactor: Any, name: str, ns: Any, streams: Streams) -> Any:
+    printer = ProgressPrinter(streams.out)
+    client = yield connect(reactor, socket_path(ns.socket or ""), printer)
+    try:
+        yield COMMANDS[name](client, ns, printer, reactor)
+    finally:
+        printer.finish()
+        client.close()
+
+
+def _error_message(f: Any) -> str:
+    if f.check(MproxyError):
+        return str(f.value)
+    if f.check(amp.RemoteAmpError):
+        return str(f.value.description or f.value)
+    if f.check(ConnectionClosed, ConnectionError, amp.ProtocolSwitched):
+        return "connection to mproxy lost: the server closed it (stopped or crashed?)"
+    return f"{f.type.__name__}: {f.getErrorMessage()}"
+
+
+def _on_interrupt(reactor: Any, interrupted: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(interrupted)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_client(name: str, ns: Any, streams: Streams, reactor: Any = None) -> int:
+    """
+    Run client command C{name} to its end; returns the exit status.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+        _on_interrupt(reactor, lambda: finished(INTERRUPTED))
+    result: dict[str, int] = {}
+
+    def finished(status: int) -> None:
+        if "status" in result:
+            return
+        result["status"] = status
+        if status == INTERRUPTED:
+            streams.err.write("interrupted" + (
+                " (the server cancels the deploy unless traffic had switched)"
+                if name in ("deploy", "rollout deploy") else "") + "\n")
+            streams.err.flush()
+        if reactor.running:
+            reactor.stop()
+
+    def failed(f: Any) -> None:
+        finished(fail(streams, _error_message(f)))
+
+    def start() -> None:
+        d = client_command(reactor, name, ns, streams)
+        d.addCallbacks(lambda _: finished(0), failed)
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    return result.get("status", INTERRUPTED)
