@@ -255,6 +255,58 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertEqual(record["count"], 2)
 
 
+class ListenerTests(SynchronousTestCase):
+    def test_an_inherited_socket_is_just_another_endpoint(self) -> None:
+        """
+        A listener whose endpoint adopts an inherited file descriptor (as a
+        supervisor or systemd socket activation would hand over) serves on
+        it without binding anything.
+        """
+        from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+        from mproxy.listeners import Listener
+
+        reactor = MemoryReactorClock()
+        factory = object()
+        inherited = socket.socket()
+        self.addCleanup(inherited.close)
+        fd = os.dup(inherited.fileno())  # the endpoint closes it once adopted
+        listener = Listener(
+            "HTTP", factory, 80,
+            [lambda port: AdoptedStreamServerEndpoint(reactor, fd, socket.AF_INET)],
+        )
+        listener.privilegedStartService()
+        self.assertEqual(reactor.adoptedPorts, [(fd, socket.AF_INET, factory)])
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertEqual(listener.port, 1234)
+
+    def test_one_family_may_fail(self) -> None:
+        """
+        Without C{--bind}, C{::} and C{0.0.0.0} are both tried; one failing
+        (IPv6 disabled, or IPv4 already taken by a dual-stack socket) is
+        fine, and an ephemeral port is reused for the second.
+        """
+        from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+        from mproxy.listeners import Listener
+
+        reactor = RefusingReactor(0)
+        refused = Listener("HTTP", object(), 0, [
+            lambda port: TCP6ServerEndpoint(reactor, port, 5, "::"),
+            lambda port: TCP4ServerEndpoint(reactor, port, 5, "0.0.0.0"),
+        ])
+        e = self.assertRaises(StartupError, refused.privilegedStartService)
+        self.assertIn("cannot listen for HTTP on port 0", str(e))
+        reactor = RefusingReactor(8080)
+        ok = Listener("HTTP", object(), 8081, [
+            lambda port: TCP4ServerEndpoint(reactor, 8080, 5, "0.0.0.0"),
+            lambda port: TCP6ServerEndpoint(reactor, port, 5, "::"),
+        ])
+        ok.privilegedStartService()
+        self.assertEqual(ok.port, 8081)
+        self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(8081, "::")])
+
+
 class TemporaryFilesTests(SynchronousTestCase):
     def test_symlinks_and_directories_are_left(self) -> None:
         d = os.path.abspath(self.mktemp())
