@@ -556,19 +556,20 @@ class MProxy:
     """`mproxy run` in the foreground (pinned), plus deploy via the control socket."""
 
     def __init__(self, procs: Procs, cmd: list[str], env: dict, workdir: Path,
-                 cpu: int | None, extra_args: list[str] | None = None):
+                 cpu: int | None, extra_args: list[str] | None = None,
+                 wrapper: list[str] | None = None, start_timeout: float = 30):
         self.cmd, self.env, self.dir = cmd, env, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "mproxy.sock"
         self.state_dir = workdir / "state"
         self.http_port, self.https_port = free_ports(2)
-        argv = pin_prefix(cpu) + cmd + [
+        argv = pin_prefix(cpu) + (wrapper or []) + cmd + [
             "run", "--http-port", str(self.http_port), "--https-port", str(self.https_port),
             "--socket", str(self.socket), "--state-dir", str(self.state_dir),
             "--bind", HOST] + (extra_args or [])
         self.proc = procs.start("mproxy", argv, workdir, env=env)
-        wait_port(self.http_port, 30, self.proc)
-        wait_path(self.socket, 30, self.proc)
+        wait_port(self.http_port, start_timeout, self.proc)
+        wait_path(self.socket, start_timeout, self.proc)
 
     @property
     def pid(self) -> int:

@@ -17,8 +17,15 @@ The proxy is pinned to CPU 0; wrk and the upstream share CPU 1. The proxy's
 CPU time is utime+stime from /proc/PID/stat summed over its process tree, as
 a delta over the measured run, divided by the requests wrk completed.
 
+  mproxy@LABEL, mproxy-tls@LABEL
+               mproxy (plain, HTTPS) run from another source tree given
+               with --mproxy-tree LABEL=DIR, to compare two versions of the
+               code in one run (--rounds alternates them).
+
 Usage: python3 bench/proxy_cpu.py [--targets direct,mproxy,nginx,caddy]
        [--duration 10] [--runs 3] [--connections 50]
+       [--mproxy-tree before=/path/a --mproxy-tree after=/path/b
+        --targets mproxy@before,mproxy@after --rounds 3]
 See bench/README.md.
 """
 
@@ -142,6 +149,7 @@ def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, a
     """Start the proxy for `name`; return (url, pid or None, extra-info dict)."""
     if name == "direct":
         return f"http://{C.HOST}:{upstream_port}/", None, {}
+    name, _, label = name.partition("@")
     base, tls = (name[:-4], True) if name.endswith("-tls") else (name, False)
     cert = C.make_cert(workdir / "cert") if tls else None
     extra = {"cafile": str(cert[0])} if tls else {}
@@ -163,7 +171,7 @@ def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, a
         return (f"{scheme_host}:{port}/", p.pid,
                 {**extra, "access_log": str(workdir / "access.log")})
     if base == "mproxy":
-        cmd, env = args.mproxy_argv
+        cmd, env = args.mproxy_trees[label] if label else args.mproxy_argv
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu)
         opts = []
         if tls:
@@ -175,8 +183,21 @@ def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, a
     raise ValueError(name)
 
 
+def tree_command(directory: str) -> tuple[list[str], dict]:
+    """The mproxy CLI of the source tree at `directory` (PYTHONPATH=directory)."""
+    root = Path(directory).resolve()
+    if not (root / "mproxy" / "cli" / "main.py").exists():
+        raise SystemExit(f"error: {root} holds no mproxy source tree")
+    return ([sys.executable, "-c", "import sys; sys.argv[0] = 'mproxy'; "
+             "from mproxy.cli.main import run; sys.exit(run())"], {"PYTHONPATH": str(root)})
+
+
 def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes, args) -> dict:
     workdir = tmp / name
+    n = 1
+    while workdir.exists():  # another round of the same target
+        n += 1
+        workdir = tmp / f"{name}.{n}"
     workdir.mkdir()
     with C.Procs() as procs:
         url, pid, extra = start_target(name, procs, workdir, upstream_port, args)
@@ -266,10 +287,10 @@ def fmt(v, spec):
 
 def report(results: dict[str, dict]) -> tuple[str, dict]:
     lines = []
-    hdr = (f"{'target':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'proxy CPU':>10} "
+    hdr = (f"{'target':<18} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'proxy CPU':>10} "
            f"{'core use':>8} {'upstrm CPU':>10} {'RSS MiB':>7} {'errors':>6} {'load CPU':>8}")
     lines.append(hdr)
-    lines.append(f"{'':<12} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10} "
+    lines.append(f"{'':<18} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10} "
                  f"{'':>7} {'':>6} {'busy':>8}")
     lines.append("-" * len(hdr))
     for name, r in results.items():
@@ -278,7 +299,7 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         util = s.get("proxy_cpu_util")
         lb = s.get("load_cpu_busy")
         lines.append(
-            f"{name:<12} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
+            f"{name:<18} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
             f"{fmt(s.get('latency_p99_ms'), '7.2f')} {fmt(s.get('proxy_cpu_us_per_req'), '10.1f')} "
             f"{fmt(None if util is None else util * 100, '7.0f')}{' ' if util is None else '%'} "
             f"{fmt(s.get('upstream_cpu_us_per_req'), '10.1f')} "
@@ -300,6 +321,10 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     pairs = [("mproxy", b) for b in ("direct", "nginx", "nginx-nolog", "caddy")]
+    trees = list(dict.fromkeys(n.partition("@")[2] for n in results if "@" in n))
+    for base in ("mproxy", "mproxy-tls"):
+        pairs += [(f"{base}@{b}", f"{base}@{a}") for i, a in enumerate(trees)
+                  for b in trees[i + 1:]]
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
               ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy")]
@@ -332,6 +357,13 @@ def main(argv=None) -> int:
                     help="CPU for wrk and the upstream (-1: no pin)")
     ap.add_argument("--mproxy-cmd", help="command to run the mproxy CLI "
                     "(default: $MPROXY_CMD, else this checkout, else `mproxy` on PATH)")
+    ap.add_argument("--mproxy-tree", action="append", default=[], metavar="LABEL=DIR",
+                    help="run mproxy from source tree DIR as targets mproxy@LABEL and "
+                         "mproxy-tls@LABEL (repeatable)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="benchmark the target list this many times, alternating targets "
+                         "(each round: warm-up and --runs runs per target; the medians are "
+                         "over all rounds)")
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS",
                     help="before each run, wait up to this long until the pinned CPUs are "
                          "idle (<10%% busy), for shared machines (0: don't wait)")
@@ -352,7 +384,18 @@ def main(argv=None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if targets == ["all"]:
         targets = list(ALL_TARGETS)
+    args.mproxy_trees = {}
+    for spec in args.mproxy_tree:
+        label, sep, directory = spec.partition("=")
+        if not sep or not label or not directory:
+            ap.error(f"--mproxy-tree wants LABEL=DIR, not {spec!r}")
+        args.mproxy_trees[label] = tree_command(directory)
     for t in targets:
+        base, _, label = t.partition("@")
+        if label and base in ("mproxy", "mproxy-tls"):
+            if label not in args.mproxy_trees:
+                ap.error(f"target {t!r}: no --mproxy-tree {label}=DIR")
+            continue
         if t not in ALL_TARGETS:
             if t != "all":
                 ap.error(f"unknown target {t!r}")
@@ -360,8 +403,8 @@ def main(argv=None) -> int:
     for t in ("caddy", "caddy-tls"):
         if t in targets and not C.caddy_available():
             skipped[t] = "caddy not installed (apt-get install caddy)"
-    for t in ("mproxy-tls", "nginx-tls", "caddy-tls"):
-        if t in targets and not shutil.which("openssl"):
+    for t in targets:
+        if t.partition("@")[0].endswith("-tls") and not shutil.which("openssl"):
             skipped[t] = "openssl CLI not found (needed to make the test certificate)"
     args.mproxy_argv = (None, {})
     if "mproxy" in targets or "mproxy-tls" in targets:
@@ -387,13 +430,25 @@ def main(argv=None) -> int:
                                    tmp / "upstream")
             C.wait_port(up_port, 15, upstream)
             verify(f"http://{C.HOST}:{up_port}/", body)
-            for name in targets:
-                try:
-                    results[name] = bench_target(name, tmp, upstream, up_port, body, args)
-                except (C.BenchError, subprocess.SubprocessError, OSError) as e:
-                    C.log(f"{name}: FAILED: {type(e).__name__}: {e}")
-                    skipped[name] = f"failed: {str(e).splitlines()[0]}"
-                    rc = 1
+            for round_no in range(args.rounds):
+                if args.rounds > 1:
+                    C.log(f"round {round_no + 1}/{args.rounds}")
+                for name in targets:
+                    if name in skipped:
+                        continue
+                    try:
+                        out = bench_target(name, tmp, upstream, up_port, body, args)
+                    except (C.BenchError, subprocess.SubprocessError, OSError) as e:
+                        C.log(f"{name}: FAILED: {type(e).__name__}: {e}")
+                        skipped[name] = f"failed: {str(e).splitlines()[0]}"
+                        results.pop(name, None)
+                        rc = 1
+                        continue
+                    if name in results:
+                        results[name]["runs"] += out["runs"]
+                        results[name]["summary"] = summarize(results[name]["runs"])
+                    else:
+                        results[name] = out
     except KeyboardInterrupt:
         C.log("interrupted; cleaning up")
         rc = 130
@@ -407,7 +462,8 @@ def main(argv=None) -> int:
         return rc or 1
     table, ratios = report(results)
     print()
-    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x{args.runs} "
+    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
+          f"x{args.runs * args.rounds} "
           f"(median), body {args.body_size} B, proxy on CPU {args.proxy_cpu}, "
           f"wrk+upstream on CPU {args.load_cpu}")
     print(table)
@@ -417,7 +473,8 @@ def main(argv=None) -> int:
         path = C.write_results("proxy_cpu", {
             "kind": "proxy_cpu", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": C.machine_info(),
-            "settings": {k: v for k, v in vars(args).items() if k != "mproxy_argv"},
+            "settings": {k: v for k, v in vars(args).items()
+                         if k not in ("mproxy_argv", "mproxy_trees")},
             "mproxy_cmd": args.mproxy_argv[0], "skipped": skipped,
             "results": results, "ratios": ratios})
         print(f"\nJSON: {path}")

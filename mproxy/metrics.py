@@ -20,6 +20,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from mproxy.http.interfaces import IRequestMetrics
 
 KNOWN_METHODS = frozenset(
     ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE"]
@@ -27,6 +30,7 @@ KNOWN_METHODS = frozenset(
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+@implementer(IRequestMetrics)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

@@ -12,8 +12,10 @@ from typing import Iterable, Mapping
 
 import attrs
 from attrs import frozen
+from zope.interface import implementer
 
 from mproxy.errors import HostConflict
+from mproxy.http.interfaces import IRouteMatch, IRouter
 from mproxy.service import Service
 from mproxy.spec import ServiceOptions
 
@@ -86,6 +88,7 @@ def strip_port(host: str) -> str:
     return host.lower().rstrip(".")
 
 
+@implementer(IRouteMatch)
 @frozen
 class Match:
     service: Service
@@ -102,6 +105,7 @@ class Match:
         return rest if rest.startswith("/") else "/" + rest
 
 
+@implementer(IRouter)
 class Router:
     def __init__(self) -> None:
         self.services: dict[str, Service] = {}

@@ -15,8 +15,10 @@ from typing import Callable
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from mproxy.balancer import LoadBalancer
+from mproxy.http.interfaces import IProxiedService, IRefusal
 from mproxy.spec import DEFAULT_PAUSE_TIMEOUT, ServiceOptions, TargetOptions
 from mproxy.target import Claim
 
@@ -24,6 +26,7 @@ WRITER_COOKIE = b"mproxy-writer"
 ROLLOUT_COOKIE = b"mproxy-rollout"
 
 
+@implementer(IRefusal)
 @frozen
 class Refusal:
     """
@@ -134,6 +137,7 @@ def is_health_check(method: bytes, target_path: str, health_path: str) -> bool:
     return path == "/" + health_path.lstrip("/")
 
 
+@implementer(IProxiedService)
 class Service:
     def __init__(
         self,

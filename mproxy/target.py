@@ -13,6 +13,9 @@ from typing import Any, Callable, Protocol
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from mproxy.http.interfaces import IClaim, IProxiedTarget
 
 from mproxy.spec import parse_target
 
@@ -68,6 +71,7 @@ def no_pool(host: str, port: int) -> _NoPool:
     return _NoPool()
 
 
+@implementer(IClaim)
 class Claim:
     """
     One request in flight on a target.  The data plane calls L{release} exactly
@@ -112,6 +116,7 @@ class Claim:
         self.release()
 
 
+@implementer(IProxiedTarget)
 class Target:
     def __init__(
         self,

@@ -57,11 +57,11 @@ class MproxyService(MultiService):
         self.log_observer: Any = None
         self.router = Router()
         self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
-        from mproxy.http.upstream import pool_factory
-        from mproxy.tls.localget import local_getter
+        from mproxy.http.localget import local_getter
+        from mproxy.http.upstream import PoolRegistry
         from mproxy.tls.wiring import build_certificate_service
 
-        self.pools = pool_factory(reactor)
+        self.pools = PoolRegistry(reactor)
         # on-demand TLS policies that are paths ask the service itself
         local_get = local_getter(
             reactor, self.router, logger,

@@ -6,12 +6,46 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from mproxy.http.interfaces import IRequestChannel, ITunnelExchange
 from mproxy.http.server import FastHTTPChannel, FastRequest, ProxySite
+
+
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    """
+    A L{StringTransport} that is a TCP connection: it can half-close and
+    switch Nagle off.
+    """
+
+    half_closed = False
+    nodelay_calls: list[bool]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodelay_calls = []
+
+    def loseWriteConnection(self) -> None:
+        self.half_closed = True
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.nodelay_calls and self.nodelay_calls[-1])
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay_calls.append(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
 
 
 class Recorder(Resource):
@@ -716,6 +750,25 @@ class NegotiatingShutdownTests(SynchronousTestCase):
         self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK"))
 
 
+class FakeContractTests(SynchronousTestCase):
+    def test_tcp_string_transport(self) -> None:
+        """
+        The TCP transport fake provides L{ITCPTransport}.
+        """
+        self.assertTrue(verifyObject(ITCPTransport, TCPStringTransport()))
+
+    def test_channel_and_request(self) -> None:
+        """
+        The channel provides what its requests use of it, the request the
+        exchange the proxy drives.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(GET)
+        self.assertTrue(verifyObject(IRequestChannel, h.channel))
+        self.assertTrue(verifyObject(ITunnelExchange, r.requests[0]))
+
+
 class LingerTests(SynchronousTestCase):
     def test_early_response_lingers(self) -> None:
         """
@@ -723,17 +776,11 @@ class LingerTests(SynchronousTestCase):
         connection, discards what still arrives, and closes a little later.
         """
 
-        class HalfClosable(StringTransport):
-            half_closed = False
-
-            def loseWriteConnection(self) -> None:
-                self.half_closed = True
-
         r = Recorder()
         reactor = MemoryReactorClock()
         site = ProxySite(r, reactor)
         ch = site.buildProtocol(None)
-        t = HalfClosable()
+        t = TCPStringTransport()
         ch.makeConnection(t)
         ch.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
         respond(r.requests[0], b"too big", code=413)
@@ -751,17 +798,11 @@ class LingerTests(SynchronousTestCase):
         connection before it read the 431.
         """
 
-        class HalfClosable(StringTransport):
-            half_closed = False
-
-            def loseWriteConnection(self) -> None:
-                self.half_closed = True
-
         r = Recorder()
         reactor = MemoryReactorClock()
         site = ProxySite(r, reactor)
         ch = site.buildProtocol(None)
-        t = HalfClosable()
+        t = TCPStringTransport()
         ch.makeConnection(t)
         ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
         self.assertTrue(t.value().startswith(b"HTTP/1.1 431 "))
@@ -1001,16 +1042,12 @@ class NoDelayTests(SynchronousTestCase):
         Streamed responses (unknown length) disable Nagle on the client
         connection, so events go out at once; others leave it alone.
         """
-        calls: list[bool] = []
-
-        class T(StringTransport):
-            def setTcpNoDelay(self, enabled: bool) -> None:
-                calls.append(enabled)
-
+        t = TCPStringTransport()
+        calls = t.nodelay_calls
         r = Recorder()
         site = ProxySite(r, MemoryReactorClock())
         ch = site.buildProtocol(None)
-        ch.makeConnection(T())
+        ch.makeConnection(t)
         ch.dataReceived(GET)
         respond(r.requests[0], b"sized")
         self.assertEqual(calls, [])

@@ -14,14 +14,21 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mproxy.http.pages import render_page
-from mproxy.http.proxy import ProxyResource, build_http_factory, new_request_id
+from mproxy.http.forwarding import new_request_id
+from mproxy.http.interfaces import (
+    IClaim, IProxiedService, IProxiedTarget, IRefusal, IRequestMetrics, IRouteMatch, IRouter,
+)
+from mproxy.http.proxy import ProxyResource, build_http_factory
 from mproxy.http.upstream import UpstreamPool
 from mproxy.logging import ListLogger
 from mproxy.spec import ServiceOptions, TargetOptions
 
 
+@implementer(IProxiedTarget)
 class FakeTarget:
     def __init__(self, reactor: Any, address: str = "10.0.0.2:3000") -> None:
         self.address = address
@@ -30,6 +37,7 @@ class FakeTarget:
         self.pool = UpstreamPool(reactor, host, int(port))
 
 
+@implementer(IClaim)
 class FakeClaim:
     def __init__(self, target: FakeTarget) -> None:
         self.target = target
@@ -48,12 +56,14 @@ class FakeClaim:
         self.releases += 1
 
 
+@implementer(IRefusal)
 class Refusal:
     def __init__(self, status: int, message: str = "") -> None:
         self.status = status
         self.message = message
 
 
+@implementer(IProxiedService)
 class FakeService:
     def __init__(self, reactor: Any, name: str = "web", **target_options: Any) -> None:
         self.name = name
@@ -75,6 +85,7 @@ class FakeService:
         return c
 
 
+@implementer(IRouteMatch)
 class FakeMatch:
     def __init__(self, service: FakeService, prefix: str) -> None:
         self.service = service
@@ -87,6 +98,7 @@ class FakeMatch:
         return rest if rest.startswith("/") else "/" + rest
 
 
+@implementer(IRouter)
 class FakeRouter:
     def __init__(self) -> None:
         self.routes: dict[str, tuple[FakeService, str]] = {}
@@ -104,6 +116,7 @@ class FakeRouter:
         return FakeMatch(service, prefix)
 
 
+@implementer(IRequestMetrics)
 class FakeMetrics:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
@@ -167,6 +180,22 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+class FakeContractTests(SynchronousTestCase):
+    def test_fakes_provide_interfaces(self) -> None:
+        """
+        The fakes these tests use provide the interfaces the proxy relies on.
+        """
+        reactor = MemoryReactorClock()
+        service = FakeService(reactor)
+        self.assertTrue(verifyObject(IProxiedService, service))
+        self.assertTrue(verifyObject(IProxiedTarget, service.target))
+        self.assertTrue(verifyObject(IClaim, FakeClaim(service.target)))
+        self.assertTrue(verifyObject(IRefusal, Refusal(503)))
+        self.assertTrue(verifyObject(IRouteMatch, FakeMatch(service, "/")))
+        self.assertTrue(verifyObject(IRouter, FakeRouter()))
+        self.assertTrue(verifyObject(IRequestMetrics, FakeMetrics()))
 
 
 class RoutingTests(SynchronousTestCase):
@@ -1131,7 +1160,7 @@ class CookieScopeTests(SynchronousTestCase):
         Paths are joined onto the prefix for host-only or same-host cookies;
         other domains and unparseable values are untouched.
         """
-        from mproxy.http.proxy import scope_cookie
+        from mproxy.http.cookies import scope_cookie
 
         self.assertEqual(scope_cookie(b"a=1; Path=/", "/api", "example.com"), b"a=1; Path=/api")
         self.assertEqual(scope_cookie(b"a=1; Path=/admin; HttpOnly", "/api", "example.com:8080"),

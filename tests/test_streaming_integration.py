@@ -829,8 +829,8 @@ class WebSocketTests(StreamingMixin, TestCase):
     @inlineCallbacks
     def test_shutdown_does_not_wait_for_websockets(self) -> Any:
         """
-        SIGTERM with a WebSocket open: mproxy exits at once (hijacked
-        connections are not waited for, reference 1.4); the client gets a
+        SIGTERM with a WebSocket open: mproxy exits at once (upgraded
+        connections are not waited for); the client gets a
         1001 close frame first.
         """
         _one, addr1 = self.upstream("one")

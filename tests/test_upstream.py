@@ -11,9 +11,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mproxy.http.upstream import UpstreamPool, pool_factory
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool, IUpstreamReceiver
+from mproxy.http.upstream import PoolRegistry, UpstreamPool
 
 
+@implementer(IUpstreamReceiver)
 class Receiver:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
@@ -504,7 +509,7 @@ class PoolTests(SynchronousTestCase):
         The pool factory's registry closes idle connections of all pools.
         """
         reactor = MemoryReactorClock()
-        registry = pool_factory(reactor)
+        registry = PoolRegistry(reactor)
         pool = registry("127.0.0.1", 80)
         self.assertEqual(pool.address, "127.0.0.1:80")
         r = Receiver()
@@ -567,6 +572,19 @@ class HeadKeepAliveTests(SynchronousTestCase):
         proto, t = h.connect()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n")
         self.assertEqual(h.pool.idle_count, 0)
+
+
+class ContractTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        """
+        The pool and its exchanges provide their interfaces; so does the
+        receiver fake.
+        """
+        h = Harness()
+        ex, r = h.request()
+        self.assertTrue(verifyObject(IUpstreamPool, h.pool))
+        self.assertTrue(verifyObject(IUpstreamExchange, ex))
+        self.assertTrue(verifyObject(IUpstreamReceiver, r))
 
 
 class HardeningTests(SynchronousTestCase):

@@ -129,54 +129,81 @@ def _emit(nodes: list[_Node], has: bool, escaped: str, out: list[str]) -> None:
             _emit(n.then if has else n.otherwise, has, escaped, out)
 
 
-def _parse(text: str) -> list[_Node]:
-    root: list[_Node] = []
-    stack: list[_If] = []
+class _Parser:
+    """
+    One template's parse: literal text and actions into a node tree.
+    """
 
-    def target() -> list[_Node]:
-        if not stack:
-            return root
-        top = stack[-1]
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.root: list[_Node] = []
+        self.stack: list[_If] = []
+
+    def target(self) -> list[_Node]:
+        if not self.stack:
+            return self.root
+        top = self.stack[-1]
         return top.otherwise if top.has_else else top.then
 
-    def line_at(i: int) -> int:
-        return text.count("\n", 0, i) + 1
+    def line_at(self, i: int) -> int:
+        return self.text.count("\n", 0, i) + 1
 
-    pos = 0
-    trim_next = False
-    n = len(text)
-    while True:
-        i = text.find("{{", pos)
-        literal = text[pos:] if i < 0 else text[pos:i]
-        if trim_next:
-            literal = literal.lstrip(_SPACE)
-        j = i + 2
-        trim_left = i >= 0 and text.startswith("-", j) and j + 1 < n and text[j + 1] in _SPACE
-        if trim_left:
-            literal = literal.rstrip(_SPACE)
-            j += 2
-        if literal:
-            target().append(literal)
-        if i < 0:
-            break
-        line = line_at(i)
-        body_start = j
-        while body_start < n and text[body_start] in _SPACE:
-            body_start += 1
-        if text.startswith("/*", body_start):
-            k = text.find("*/", body_start + 2)
-            if k < 0:
-                raise TemplateError(f"{line}: unclosed comment")
-            end = k + 2
-            while end < n and text[end] in _SPACE:
-                end += 1
-            trim_next = end > k + 2 and text.startswith("-}}", end)
+    def parse(self) -> list[_Node]:
+        text = self.text
+        pos = 0
+        trim_next = False
+        n = len(text)
+        while True:
+            i = text.find("{{", pos)
+            literal = text[pos:] if i < 0 else text[pos:i]
             if trim_next:
-                end += 1
-            if not text.startswith("}}", end):
-                raise TemplateError(f"{line}: comment ends before closing delimiter")
-            pos = end + 2
-            continue
+                literal = literal.lstrip(_SPACE)
+            j = i + 2
+            trim_left = i >= 0 and text.startswith("-", j) and j + 1 < n and text[j + 1] in _SPACE
+            if trim_left:
+                literal = literal.rstrip(_SPACE)
+                j += 2
+            if literal:
+                self.target().append(literal)
+            if i < 0:
+                break
+            body_start = j
+            while body_start < n and text[body_start] in _SPACE:
+                body_start += 1
+            if text.startswith("/*", body_start):
+                pos, trim_next = self.comment(body_start, self.line_at(i))
+            else:
+                pos, trim_next = self.action(j, self.line_at(i))
+        if self.stack:
+            raise TemplateError(f"{self.stack[-1].line}: {{{{if}}}} without {{{{end}}}}")
+        return self.root
+
+    def comment(self, start: int, line: int) -> tuple[int, bool]:
+        """
+        C{{{/* ... */}}} starting at C{start}: where the text goes on, and
+        whether a C{-}}} trims what follows.
+        """
+        text = self.text
+        n = len(text)
+        k = text.find("*/", start + 2)
+        if k < 0:
+            raise TemplateError(f"{line}: unclosed comment")
+        end = k + 2
+        while end < n and text[end] in _SPACE:
+            end += 1
+        trim_next = end > k + 2 and text.startswith("-}}", end)
+        if trim_next:
+            end += 1
+        if not text.startswith("}}", end):
+            raise TemplateError(f"{line}: comment ends before closing delimiter")
+        return end + 2, trim_next
+
+    def action(self, j: int, line: int) -> tuple[int, bool]:
+        """
+        The action whose body starts at C{j}: where the text goes on, and
+        whether a C{-}}} trims what follows.
+        """
+        text = self.text
         k = text.find("}}", j)
         if k < 0:
             raise TemplateError(f"{line}: unclosed action")
@@ -184,14 +211,13 @@ def _parse(text: str) -> list[_Node]:
         trim_next = len(body) >= 2 and body[-1] == "-" and body[-2] in _SPACE
         if trim_next:
             body = body[:-2]
-        pos = k + 2
         words = body.split()
-        shown = "{{" + body[:60] + "}}"
+        stack = self.stack
         if len(words) == 1 and _MESSAGE.match(words[0]):
-            target().append(_MSG)
+            self.target().append(_MSG)
         elif len(words) == 2 and words[0] == "if" and _MESSAGE.match(words[1]):
             block = _If(line)
-            target().append(block)
+            self.target().append(block)
             stack.append(block)
         elif words == ["else"]:
             if not stack or stack[-1].has_else:
@@ -204,13 +230,16 @@ def _parse(text: str) -> list[_Node]:
         elif not words:
             raise TemplateError(f"{line}: missing value for command")
         else:
+            shown = "{{" + body[:60] + "}}"
             raise TemplateError(
                 f"{line}: unsupported action {shown} (only .Message, if/else/end "
                 "on .Message and comments are allowed)"
             )
-    if stack:
-        raise TemplateError(f"{stack[-1].line}: {{{{if}}}} without {{{{end}}}}")
-    return root
+        return k + 2, trim_next
+
+
+def _parse(text: str) -> list[_Node]:
+    return _Parser(text).parse()
 
 
 class PageSet:
@@ -302,7 +331,7 @@ def validate(options: Any) -> None:
     """
     For C{Controller.deploy}: load the directory the options name, if any.
     """
-    directory = getattr(options, "error_pages", "")
+    directory = options.error_pages
     if directory:
         load(directory)
 

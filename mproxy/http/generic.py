@@ -13,10 +13,13 @@ from typing import Any, Callable
 
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
-from mproxy.http.request import reason_bytes
+from mproxy.http.interfaces import IExchange
+from mproxy.http.request import address_strings, reason_bytes
 
 
+@implementer(IExchange)
 class GenericExchange:
     """
     The exchange API of L{FastRequest} on top of a standard
@@ -43,8 +46,7 @@ class GenericExchange:
             (k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs
         ]
         self.client = request.getClientAddress()
-        self.client_strings = (getattr(self.client, "host", "") or "",
-                               str(getattr(self.client, "port", "")))
+        self.client_strings = address_strings(self.client)
         self.is_tls = bool(request.isSecure())
         content = request.content
         n = 0
@@ -112,10 +114,17 @@ class GenericExchange:
     def send_informational(self, code: int, headers: list[tuple[bytes, bytes]]) -> None:
         pass
 
+    _close = False
+
+    def close_after_response(self) -> None:
+        self._close = True
+
     def start_response(self, code: int, reason: bytes | None,
                        headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         r = self.r
         self.started = True
+        if self._close:
+            headers.append((b"Connection", b"close"))
         self.code = code
         r.setResponseCode(code, reason or reason_bytes(code))
         h = Headers()
@@ -140,14 +149,13 @@ class GenericExchange:
                 pass
 
     def abort(self) -> None:
+        """
+        Abort the request's stream or connection.  The channels standard
+        requests reach the proxy on (Twisted's HTTP/2 streams, the
+        in-memory channel of L{mproxy.http.localget}) can abort.
+        """
         self.finished = True
-        ch = getattr(self.r, "channel", None)
-        if ch is None:
-            return
-        if hasattr(ch, "abortConnection"):
-            ch.abortConnection()
-        elif getattr(ch, "transport", None) is not None:
-            ch.transport.abortConnection()
+        self.r.channel.abortConnection()
 
     def set_lost_handler(self, fn: Callable[[], None]) -> None:
         def lost(_: Failure) -> None:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
-The per-request log line (reference 7.2).
+The per-request log line.
 
     log_request(logger, call, duration_ns) -> None
 

@@ -3,25 +3,28 @@
 L{FastRequest}: the request object of L{mproxy.http.server.FastHTTPChannel}
 and the response-writing helpers it shares with the channel.
 
-A L{FastRequest} I{is} a L{twisted.web.server.Request} (ordinary resources
-work with it) but builds header, argument and cookie objects only when
-asked, streams the request body to a consumer and writes status line,
-headers and the first body chunk in one transport write.  Its exchange API
-is described in L{mproxy.http.server}.
+A L{FastRequest} is the L{mproxy.http.interfaces.ITunnelExchange} the proxy
+drives: it streams the request body to a consumer (L{_StreamedBody}) and
+writes status line, headers and the first body chunk in one transport
+write.  It also I{is} a L{twisted.web.server.Request}, so that ordinary
+resources work with it; those attributes are built only when asked
+(L{mproxy.http.compat.TwistedRequestFace}).  It reaches its connection only
+through L{mproxy.http.interfaces.IRequestChannel}.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
-from io import BytesIO
 from typing import Any, Callable
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
-from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
+
+from mproxy.http.compat import TwistedRequestFace
+from mproxy.http.interfaces import ITunnelExchange
 
 #: request body bytes queued before anybody consumes them, before reading pauses
 MAX_QUEUED_BODY = 65536
@@ -85,193 +88,43 @@ class _BodyProducer:
 implementer(IPushProducer)(_BodyProducer)
 
 
+def address_strings(address: Any) -> tuple[str, str]:
+    """
+    An IP address's host and port as strings, for logs (C{("", "")} for
+    other kinds of address).
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, str(address.port)
+    return "", ""
+
+
 def _hex(n: int) -> bytes:
     return b"%x\r\n" % n
 
 
-class FastRequest(_server.Request):
+class _StreamedBody:
     """
-    A request received by L{FastHTTPChannel}.
-
-    Twisted's C{Request} API works (headers are materialised lazily); the
-    proxy uses the cheaper exchange API described in the module docstring.
+    The request body as L{FastRequest} delivers it: queued (reading paused
+    past L{MAX_QUEUED_BODY}) until a consumer is set, then passed on as it
+    arrives; the channel reports it with L{body_received},
+    L{body_complete} and L{body_failed}.
     """
 
-    _req_headers: Headers | None = None
-    _resp_headers: Headers | None = None
-    _cookies: list[bytes] | None = None
-    _received_cookies: dict[bytes, bytes] | None = None
-    _args: dict[bytes, list[bytes]] | None = None
-    _notifications: list[Any] | None = None
-    _adapter_cache: dict[Any, Any] | None = None
-    _postpath: list[bytes] | None = None
-    _content: Any = None
+    channel: Any
+    finished: Any
+    started: bool
+    body_length: int
+    body_done: bool
+    transport: Any
     _on_data: Callable[[bytes], None] | None = None
     _on_end: Callable[[], None] | None = None
     _on_error: Callable[[int, str], None] | None = None
-    _lost_handler: Callable[[], None] | None = None
-    #: for an upgraded (tunnelled) request: ends the tunnel when the server
-    #: shuts down, which does not wait for tunnels
-    on_shutdown: Callable[[], None] | None = None
     _queue: list[bytes] | None = None
     _queued_bytes = 0
     _body_error: tuple[int, str] | None = None
-    _head: bytes | None = None
-    _chunked_out = False
-    _no_body = False
-    _producer: Any = None
-    _tunnel: Any = None
     expect_continue = False
-    upgrade = False
-    site = None
-    sitepath: list[bytes] = []
-    queued = 0
 
-    def __init__(self, channel: Any, method: bytes, uri: bytes,
-                 version: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        self.channel = channel
-        self.transport = channel.transport
-        self.client = channel.peer
-        self.host = channel.local
-        self.method = method
-        self.uri = uri
-        self.clientproto = version
-        self.raw_headers = raw_headers
-        self.body_length = 0
-        self.body_done = True
-        self.keep_alive = True
-        self.started = False
-        self.finished = 0
-        self.code = 200
-        self.code_message = b"OK"
-        self.sentLength = 0
-        self.prepath = []
-        q = uri.find(b"?")
-        if q < 0:
-            self.path = uri
-            self.query = b""
-        else:
-            self.path = uri[:q]
-            self.query = uri[q + 1:]
-        self.is_tls = channel.is_tls
-
-    # --- lazily built twisted.web.http.Request attributes -------------------
-
-    @property
-    def requestHeaders(self) -> Headers:  # type: ignore[override]
-        h = self._req_headers
-        if h is None:
-            h = Headers()
-            for name, value in self.raw_headers:
-                h.addRawHeader(name, value)
-            self._req_headers = h
-        return h
-
-    @requestHeaders.setter
-    def requestHeaders(self, value: Headers) -> None:
-        self._req_headers = value
-
-    @property
-    def responseHeaders(self) -> Headers:  # type: ignore[override]
-        h = self._resp_headers
-        if h is None:
-            h = self._resp_headers = Headers()
-        return h
-
-    @responseHeaders.setter
-    def responseHeaders(self, value: Headers) -> None:
-        self._resp_headers = value
-
-    @property
-    def cookies(self) -> list[bytes]:  # type: ignore[override]
-        if self._cookies is None:
-            self._cookies = []
-        return self._cookies
-
-    @cookies.setter
-    def cookies(self, value: list[bytes]) -> None:
-        self._cookies = value
-
-    @property
-    def received_cookies(self) -> dict[bytes, bytes]:  # type: ignore[override]
-        if self._received_cookies is None:
-            self._received_cookies = {}
-            self.parseCookies()
-        return self._received_cookies
-
-    @received_cookies.setter
-    def received_cookies(self, value: dict[bytes, bytes]) -> None:
-        self._received_cookies = value
-
-    @property
-    def args(self) -> dict[bytes, list[bytes]]:  # type: ignore[override]
-        if self._args is None:
-            self._args = _http.parse_qs(self.query, 1) if self.query else {}
-        return self._args
-
-    @args.setter
-    def args(self, value: dict[bytes, list[bytes]]) -> None:
-        self._args = value
-
-    @property
-    def postpath(self) -> list[bytes]:  # type: ignore[override]
-        if self._postpath is None:
-            self._postpath = [_server.unquote(s) for s in self.path[1:].split(b"/")]
-        return self._postpath
-
-    @postpath.setter
-    def postpath(self, value: list[bytes]) -> None:
-        self._postpath = value
-
-    @property
-    def content(self) -> Any:  # type: ignore[override]
-        """
-        Resources other than the proxy may read the body here: it is only
-        collected (in memory) when a body consumer was never set.
-        """
-        if self._content is None:
-            self._content = BytesIO(b"".join(self._queue or ()))
-        return self._content
-
-    @content.setter
-    def content(self, value: Any) -> None:
-        self._content = value
-
-    @property
-    def _adapterCache(self) -> dict[Any, Any]:
-        if self._adapter_cache is None:
-            self._adapter_cache = {}
-        return self._adapter_cache
-
-    def notifyFinish(self) -> Any:
-        from twisted.internet.defer import Deferred
-
-        d: Deferred[None] = Deferred()
-        if self.finished:
-            d.callback(None)
-            return d
-        if self._disconnected:
-            d.errback(Failure(ConnectionError("connection lost")))
-            return d
-        if self._notifications is None:
-            self._notifications = []
-        self._notifications.append(d)
-        return d
-
-    def getHeader(self, key: Any) -> Any:
-        if isinstance(key, str):
-            v = self.getHeader(key.encode("ascii"))
-            return v.decode("latin-1") if v is not None else None
-        k = key.lower()
-        found = None
-        for name, value in self.raw_headers:
-            if name.lower() == k:
-                found = value
-        return found
-
-    # --- request body -------------------------------------------------------
-
-    def _body_data(self, data: bytes) -> None:
+    def body_received(self, data: bytes) -> None:
         if self._on_data is not None:
             self._on_data(data)
             return
@@ -284,12 +137,12 @@ class FastRequest(_server.Request):
         if self._queued_bytes > MAX_QUEUED_BODY:
             self.channel.pause_reading("queue")
 
-    def _body_end(self) -> None:
+    def body_complete(self) -> None:
         self.body_done = True
         if self._on_end is not None:
             self._on_end()
 
-    def _body_failed(self, status: int, message: str) -> None:
+    def body_failed(self, status: int, message: str) -> None:
         self._body_error = (status, message)
         if self._on_error is not None:
             self._on_error(status, message)
@@ -329,6 +182,58 @@ class FastRequest(_server.Request):
     @property
     def body_producer(self) -> _BodyProducer:
         return self.channel.body_producer
+
+
+@implementer(ITunnelExchange)
+class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
+    """
+    A request received by L{FastHTTPChannel}.
+
+    Twisted's C{Request} API works (headers are materialised lazily); the
+    proxy uses the cheaper exchange API described in the module docstring.
+    """
+
+    _lost_handler: Callable[[], None] | None = None
+    #: for an upgraded (tunnelled) request: ends the tunnel when the server
+    #: shuts down, which does not wait for tunnels
+    on_shutdown: Callable[[], None] | None = None
+    _head: bytes | None = None
+    _chunked_out = False
+    _no_body = False
+    _producer: Any = None
+    _tunnel: Any = None
+    upgrade = False
+    site = None
+    sitepath: list[bytes] = []
+    queued = 0
+
+    def __init__(self, channel: Any, method: bytes, uri: bytes,
+                 version: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.channel = channel
+        self.transport = channel.transport
+        self.client = channel.peer
+        self.host = channel.local
+        self.method = method
+        self.uri = uri
+        self.clientproto = version
+        self.raw_headers = raw_headers
+        self.body_length = 0
+        self.body_done = True
+        self.keep_alive = True
+        self.started = False
+        self.finished = 0
+        self.code = 200
+        self.code_message = b"OK"
+        self.sentLength = 0
+        self.prepath = []
+        q = uri.find(b"?")
+        if q < 0:
+            self.path = uri
+            self.query = b""
+        else:
+            self.path = uri[:q]
+            self.query = uri[q + 1:]
+        self.is_tls = channel.is_tls
 
     @property
     def client_strings(self) -> tuple[str, str]:
@@ -386,27 +291,6 @@ class FastRequest(_server.Request):
         elif self.clientproto != b"HTTP/1.1":
             lines.append(b"Connection: keep-alive\r\n")
         self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
-
-    def _generic_start(self) -> None:
-        headers: list[tuple[bytes, bytes]] = []
-        length = None
-        h = self._resp_headers
-        if h is not None:
-            for name, values in h.getAllRawHeaders():
-                lname = name.lower()
-                if lname == b"content-length":
-                    try:
-                        length = int(values[0])
-                    except ValueError:
-                        continue
-                elif lname in (b"transfer-encoding", b"connection"):
-                    continue
-                for v in values:
-                    headers.append((name, v))
-        if self._cookies:
-            for c in self._cookies:
-                headers.append((b"Set-Cookie", c))
-        self.start_response(self.code, self.code_message, headers, length)
 
     def write(self, data: bytes) -> None:
         if self.finished:
@@ -475,6 +359,12 @@ class FastRequest(_server.Request):
     def set_lost_handler(self, fn: Callable[[], None] | None) -> None:
         self._lost_handler = fn
 
+    def close_after_response(self) -> None:
+        self.keep_alive = False
+
+    def set_shutdown_handler(self, fn: Callable[[], None]) -> None:
+        self.on_shutdown = fn
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self._disconnected:
             producer.stopProducing()
@@ -524,14 +414,3 @@ class FastRequest(_server.Request):
             self._notifications = None
             for d in n:
                 d.errback(reason)
-
-    def isSecure(self) -> bool:
-        return self.is_tls
-
-    def getClientAddress(self) -> Any:
-        return self.client
-
-    def __repr__(self) -> str:
-        return f"<FastRequest {self.method!r} {self.uri!r}>"
-
-

@@ -1,32 +1,18 @@
 # -*- test-case-name: tests.test_http_server -*-
 """
-A lean HTTP/1.1 server channel for the proxy's hot path.
+The HTTP listeners' connections: L{FastHTTPChannel} (HTTP/1.1, the proxy's
+hot path), L{ProxySite} (the site: timeouts, connection tracking, graceful
+shutdown) and, on TLS listeners, the ALPN choice between HTTP/2 and
+L{FastHTTPChannel}.
 
-L{FastHTTPChannel} parses with C{httptools} (llhttp) and hands each request,
-as soon as its headers are complete, to the L{Site}'s root resource as a
-L{FastRequest}.  A L{FastRequest} I{is} a L{twisted.web.server.Request}
-(ordinary resources work with it), but it builds header, argument and cookie
-objects only when somebody asks for them, streams the request body to a
-consumer instead of buffering it, and writes status line, headers and the
-first body chunk in one transport write.
-
-The proxy resource talks to it through a small "exchange" API, which
-L{mproxy.http.proxy} also implements on top of a standard
-L{twisted.web.server.Request} (HTTP/2):
-
-    - C{raw_headers}: C{list[tuple[bytes, bytes]]} as received;
-    - C{body_length}: 0 none, n declared length, -1 chunked;
-    - C{set_body_consumer(on_data, on_end, on_error)};
-    - C{start_response(code, reason, headers, length)};
-    - C{write(data)}, C{finish()}, C{abort()};
-    - C{set_lost_handler(fn)}; C{body_producer} (IPushProducer).
-
-Public names: L{FastHTTPChannel}, L{FastRequest}, L{ProxySite}.
-
-Malformed input never reaches a resource: garbage, request smuggling
-attempts (Content-Length together with Transfer-Encoding, duplicate or bad
-Content-Length, bad chunked framing) get a 400, oversized header sections
-a 431, an overlong request target a 414; the connection is then closed.
+L{FastHTTPChannel} reads requests with a L{mproxy.http.parsing.RequestReader}
+and hands each one, as soon as its headers are complete, to the site's root
+resource as a L{mproxy.http.request.FastRequest}, the
+L{mproxy.http.interfaces.ITunnelExchange} the proxy drives; the request
+calls back into the channel only through
+L{mproxy.http.interfaces.IRequestChannel}.  Malformed input never reaches a
+resource (see L{mproxy.http.parsing}): the client gets a 4xx and the
+connection closes.
 
 Timeouts (per connection): C{header_timeout} for a request's header section
 (408), C{idle_timeout} between keep-alive requests, C{body_timeout} for a
@@ -43,19 +29,22 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-import httptools
-from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import INegotiated, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import server as _server
-from zope.interface import alsoProvides
+from zope.interface import implementer
 
 from mproxy.http.batch import batcher_for
+from mproxy.http.connection import ConnectionControl
+from mproxy.http.interfaces import IRequestChannel
+from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH, RequestReader
 from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
     _BodyProducer,
+    address_strings,
     error_response,
     reason_bytes,
     status_line,
@@ -63,77 +52,26 @@ from mproxy.http.request import (
 
 __all__ = [
     "FastHTTPChannel", "FastRequest", "ProxySite", "error_response",
-    "reason_bytes", "status_line", "MAX_QUEUED_BODY",
+    "reason_bytes", "status_line", "MAX_QUEUED_BODY", "MAX_HEADER_BYTES",
+    "MAX_HEADER_COUNT", "MAX_URL_LENGTH",
 ]
 
-MAX_URL_LENGTH = 8192
-MAX_HEADER_BYTES = 65536
-MAX_HEADER_COUNT = 100
 #: seconds allowed for a request's header section to arrive (slow-loris)
 HEADER_TIMEOUT = 30.0
 #: seconds an idle keep-alive client connection is kept open
 IDLE_TIMEOUT = 75.0
 #: seconds a request body may stall (while we are reading) before 408
 BODY_TIMEOUT = 60.0
-#: seconds unread request bytes are drained after an early response
-LINGER_TIMEOUT = 2.0
 
 
-class _ParseError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _offers_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if len(name) == 7 and name.lower() == b"upgrade":
-            if any(t.strip().lower() == b"websocket" for t in value.split(b",")):
-                return True
-    return False
-
-
-class _PrimedCallbacks:
-    """
-    Parser callbacks for a parser that resumes a request whose upgrade
-    offer was dropped: the head it is primed with is not a request (its
-    callbacks are ignored); the body and everything after it go to the
-    channel.
-    """
-
-    priming = True
-
-    def __init__(self, channel: FastHTTPChannel) -> None:
-        self.channel = channel
-
-    def on_message_begin(self) -> None:
-        if not self.priming:
-            self.channel.on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        if not self.priming:
-            self.channel.on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.priming:
-            self.channel.on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        if not self.priming:
-            self.channel.on_headers_complete()
-
-    def on_body(self, data: bytes) -> None:
-        self.channel.on_body(data)
-
-    def on_message_complete(self) -> None:
-        self.channel.on_message_complete()
-
-
-class FastHTTPChannel(Protocol):
+@implementer(IRequestChannel)
+class FastHTTPChannel(ConnectionControl, Protocol):
     """
     One client connection.  Requests are handled one at a time in order;
     pipelined requests wait (their bodies queued, reading paused when the
-    queue grows).
+    queue grows).  Parsing is the L{RequestReader}'s; this class owns the
+    connection: dispatch, timeouts, reading pauses, closing (with a linger
+    after an early answer) and the switch to a tunnel after a 101.
     """
 
     requestFactory = FastRequest
@@ -151,20 +89,19 @@ class FastHTTPChannel(Protocol):
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
-        self._parser = httptools.HttpRequestParser(self)
+        self.reader = RequestReader(self)
         self._requests: deque[FastRequest] = deque()
-        self._current: FastRequest | None = None  # being parsed
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
-        self._raw_header_bytes = 0
-        self._in_headers = False
         self._paused: set[str] = set()
         self._closing = False
         self._stopped = False  # parsing stopped, data discarded
         self._pending_error: int | None = None
         self._tunnel: Callable[[bytes], None] | None = None
+        self._tunnel_req: FastRequest | None = None
+        self._awaiting_tunnel = False
+        self._upgrade_pending = b""
+        self._to_dispatch: FastRequest | None = None
         self._timer: Any = None
+        self._linger_call: Any = None
         self.body_producer = _BodyProducer(self)
 
     # --- connection ---------------------------------------------------------
@@ -175,9 +112,7 @@ class FastHTTPChannel(Protocol):
     def client_strings(self) -> tuple[str, str]:
         cs = self._client_strings
         if cs is None:
-            peer = self.peer
-            cs = self._client_strings = (
-                getattr(peer, "host", "") or "", str(getattr(peer, "port", "")))
+            cs = self._client_strings = address_strings(self.peer)
         return cs
 
     def connectionMade(self) -> None:
@@ -194,34 +129,22 @@ class FastHTTPChannel(Protocol):
         if self._requests:
             # A request is in progress: only a body that stopped arriving
             # (while we were reading) times out here.
-            cur = self._current
+            cur = self.reader.current
             if (cur is not None and not cur.body_done and not cur.finished
                     and self.body_timeout):
                 if self._paused:
-                    self._set_timer(self.body_timeout)
+                    self.set_timer(self.body_timeout)
                     return
                 cur.keep_alive = False
                 self._stopped = True
-                cur._body_failed(408, "request body timed out")
+                cur.body_failed(408, "request body timed out")
             return
-        if self._in_headers:
+        if self.reader.in_headers:
             self.batcher.write(self.transport, error_response(408))
         self.close()
 
-    def _set_timer(self, delay: float) -> None:
-        t = self._timer
-        if not delay:
-            if t is not None:
-                self._timer = None
-                t.cancel()
-            return
-        if t is not None:
-            t.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timed_out)
-
     def is_idle(self) -> bool:
-        return not self._requests and not self._in_headers
+        return not self._requests and not self.reader.in_headers
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
@@ -238,83 +161,6 @@ class FastHTTPChannel(Protocol):
             r.connectionLost(reason)
         self.site._connection_closed(self)
 
-    def pause_reading(self, reason: str) -> None:
-        if not self._paused:
-            self.transport.pauseProducing()
-        self._paused.add(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if reason in self._paused:
-            self._paused.discard(reason)
-            if not self._paused and not self._closing:
-                self.transport.resumeProducing()
-
-    def abort(self) -> None:
-        self._closing = True
-        self.transport.abortConnection()
-
-    _nodelay = False
-
-    def set_nodelay(self) -> None:
-        """
-        Disable Nagle for this connection (once): small streamed pieces
-        (SSE events) must not wait for the client's ACK.
-        """
-        if self._nodelay:
-            return
-        self._nodelay = True
-        nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if nodelay is not None:
-            try:
-                nodelay(True)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        """
-        Close once everything written was sent.
-        """
-        self._closing = True
-        self.batcher.flush_transport(self.transport)
-        self.transport.loseConnection()
-
-    _linger_call: Any = None
-
-    def _linger(self) -> None:
-        """
-        Close after answering a request whose body was not read: send our
-        FIN but keep reading (and discarding) for a while, so that unread
-        request bytes do not make the kernel reset the connection before
-        the client has read the response.
-        """
-        self._closing = True
-        self._stopped = True
-        t = self.transport
-        self.batcher.flush_transport(t)
-        half_close = getattr(t, "loseWriteConnection", None)
-        if half_close is None:
-            t.loseConnection()
-            return
-        # The client's EOF must not drop what is still to be sent: a
-        # lingering connection handles it (readConnectionLost) instead of
-        # being closed at once.
-        alsoProvides(self, IHalfCloseableProtocol)
-        half_close()
-        if self._paused:
-            self._paused.clear()
-            t.resumeProducing()
-        self._linger_call = self.clock.callLater(LINGER_TIMEOUT, t.loseConnection)
-
-    def readConnectionLost(self) -> None:
-        """
-        The client finished sending while we linger: close once our
-        response is out.
-        """
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
     def close_when_idle(self) -> None:
         """
         Graceful shutdown: close now if no request is in progress, else
@@ -322,10 +168,10 @@ class FastHTTPChannel(Protocol):
         """
         if self._tunnel is not None:
             # upgraded connections (WebSockets) may live forever: they are
-            # not waited for (reference 1.4); the proxy ends them cleanly
-            fn = self._tunnel_req.on_shutdown if self._tunnel_req is not None else None
-            if fn is not None:
-                fn()
+            # not waited for; the proxy ends them cleanly
+            req = self._tunnel_req
+            if req is not None and req.on_shutdown is not None:
+                req.on_shutdown()
             else:
                 self.close()
         elif self.is_idle():
@@ -334,14 +180,7 @@ class FastHTTPChannel(Protocol):
             for r in self._requests:
                 r.keep_alive = False
 
-    def stop_parsing(self) -> None:
-        """
-        The rest of what the client sends is discarded (the connection
-        closes after the current response).
-        """
-        self._stopped = True
-
-    # --- parsing ------------------------------------------------------------
+    # --- reading --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -356,7 +195,7 @@ class FastHTTPChannel(Protocol):
             return
         if self._stopped or self._closing:
             return
-        self._feed(data)
+        self.reader.feed(data)
         # requests are dispatched once what arrived with them is parsed, so
         # that a body received together with its headers is complete
         req = self._to_dispatch
@@ -364,170 +203,31 @@ class FastHTTPChannel(Protocol):
             self._to_dispatch = None
             self._dispatch(req)
 
-    def _feed(self, data: bytes) -> None:
-        while True:
-            try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserUpgrade as e:
-                rest = data[e.args[0]:]
-                req = self._dropped_upgrade
-                if req is None:
-                    self._upgrade_data(rest)
-                    return
-                # go on parsing what follows as HTTP (the body, further
-                # requests)
-                self._dropped_upgrade = None
-                self._restart_parser(req)
-                data = rest
-                continue
-            except _ParseError as e:
-                self._protocol_error(e.status, str(e))
-            except httptools.HttpParserCallbackError as e:
-                ctx = e.__context__
-                if isinstance(ctx, _ParseError):
-                    self._protocol_error(ctx.status, str(ctx))
-                else:
-                    self._protocol_error(400, str(e))
-            except httptools.HttpParserError as e:
-                self._protocol_error(400, str(e))
-            else:
-                if self._in_headers:
-                    self._raw_header_bytes += len(data)
-                    if self._raw_header_bytes > MAX_HEADER_BYTES:
-                        self._protocol_error(431, "header section too large")
-            return
+    # what the RequestReader tells the connection
 
-    def _restart_parser(self, req: FastRequest) -> None:
-        """
-        After a dropped upgrade offer: the parser (which stopped as for an
-        upgrade, skipping the body) is replaced by one primed with a head
-        carrying only the request's framing, so that it reads the request's
-        body and then the requests after it.
-        """
-        if not req.body_length:
-            self._parser = httptools.HttpRequestParser(self)
-            return
-        primer = _PrimedCallbacks(self)
-        self._parser = httptools.HttpRequestParser(primer)
-        framing = (b"Transfer-Encoding: chunked\r\n" if req.body_length < 0
-                   else b"Content-Length: %d\r\n" % req.body_length)
-        self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n")
-        primer.priming = False
-        self._current = req
-
-    def on_message_begin(self) -> None:
-        self._in_headers = True
-        self._url = b""
-        self._headers = []
-        self._header_bytes = 0
-        self._raw_header_bytes = 0
+    def header_started(self) -> None:
         if self.header_timeout and not self._requests:
-            self._set_timer(self.header_timeout)
+            self.set_timer(self.header_timeout)
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_URL_LENGTH:
-            raise _ParseError(414, "request target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        h = self._headers
-        h.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        if len(h) > MAX_HEADER_COUNT or self._header_bytes > MAX_HEADER_BYTES:
-            raise _ParseError(431, "too many or too large headers")
-
-    def on_headers_complete(self) -> None:
-        p = self._parser
-        self._in_headers = False
-        version = b"HTTP/1.1" if p.get_http_version() == "1.1" else b"HTTP/1.0"
-        if p.get_http_version() not in ("1.0", "1.1"):
-            raise _ParseError(505 if p.get_http_version()[0] >= "2" else 400,
-                              "unsupported HTTP version")
-        url = self._url
-        if not url.startswith(b"/"):
-            if url == b"*":
-                pass
-            else:
-                lower = url[:8].lower()
-                if lower.startswith(b"http://") or lower.startswith(b"https://"):
-                    i = url.find(b"/", url.find(b"//") + 2)
-                    url = url[i:] if i >= 0 else b"/"
-                else:
-                    raise _ParseError(400, "bad request target")
-        req = self.requestFactory(self, p.get_method(), url, version, self._headers)
-        self._headers = []
-        req.keep_alive = p.should_keep_alive()
-        te = cl = False
-        hosts = 0
-        for name, value in req.raw_headers:
-            n = len(name)
-            if n == 14 and name.lower() == b"content-length":
-                if cl:
-                    raise _ParseError(400, "duplicate Content-Length")
-                cl = True
-                try:
-                    req.body_length = int(value)
-                except ValueError:
-                    raise _ParseError(400, "bad Content-Length")
-            elif n == 17 and name.lower() == b"transfer-encoding":
-                if te or value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                    # only "chunked" (last) frames a request body reliably
-                    raise _ParseError(400, "unsupported Transfer-Encoding")
-                te = True
-            elif n == 6 and name.lower() == b"expect":
-                if value.lower() == b"100-continue":
-                    req.expect_continue = True
-            elif n == 4 and name.lower() == b"host":
-                hosts += 1
-                if hosts > 1:
-                    raise _ParseError(400, "duplicate Host")
-        if not hosts and version == b"HTTP/1.1":
-            raise _ParseError(400, "missing Host")
-        if te:
-            if cl:
-                raise _ParseError(400, "Content-Length with Transfer-Encoding")
-            req.body_length = -1
-        if req.body_length:
-            req.body_done = False
-        self._current = req
-        if p.should_upgrade():
-            # Only a WebSocket handshake (GET, HTTP/1.1, no body) opens a
-            # tunnel.  Any other offer (h2c ...) is dropped and the request
-            # served as a normal one: a tunnel in another protocol would
-            # carry requests past routing, forwarding headers and logs.
-            if (version == b"HTTP/1.1" and req.method == b"GET" and not req.body_length
-                    and _offers_websocket(req.raw_headers)):
-                req.upgrade = True
-            else:
-                self._dropped_upgrade = req
-                self._current = None  # its body is read by the next parser
+    def request_parsed(self, req: FastRequest) -> None:
         self._requests.append(req)
         if req.body_length and self.body_timeout:
-            self._set_timer(self.body_timeout)
+            self.set_timer(self.body_timeout)
         if len(self._requests) == 1:
             self._to_dispatch = req
 
-    def on_body(self, data: bytes) -> None:
-        req = self._current
-        if req is not None:
-            if self.body_timeout:
-                self._set_timer(self.body_timeout)
-            req._body_data(data)
+    def body_arrived(self) -> None:
+        if self.body_timeout:
+            self.set_timer(self.body_timeout)
 
-    def on_message_complete(self) -> None:
-        req = self._current
-        self._current = None
-        if req is not None and not req.body_done:
-            req._body_end()
-
-    def _protocol_error(self, status: int, message: str) -> None:
+    def protocol_error(self, status: int, message: str) -> None:
         self._stopped = True
-        cur = self._current
+        cur = self.reader.current
         if cur is not None and self._requests and cur is self._requests[0]:
             # the body of the request being served is malformed: its
             # consumer answers (400 or abort) and the connection closes
             cur.keep_alive = False
-            cur._body_failed(status, message)
+            cur.body_failed(status, message)
             return
         if self._requests:
             # answer after the responses already owed
@@ -536,12 +236,27 @@ class FastHTTPChannel(Protocol):
             return
         self._send_error(status)
 
+    def upgrade_started(self, rest: bytes) -> None:
+        """
+        The reader stopped after a WebSocket handshake's headers; bytes
+        after them belong to the tunnel (or, if the target refuses, are
+        dropped).
+        """
+        self._stopped = True
+        if self._tunnel is not None:
+            if rest:
+                self._tunnel(rest)
+        else:
+            self._awaiting_tunnel = True
+            if rest:
+                self._upgrade_pending += rest
+
     def _send_error(self, status: int) -> None:
         # the client may still be sending (an oversized header section, a
         # smuggled body): linger, or its unread bytes make the kernel reset
         # the connection and the client never sees the error
         self.batcher.write(self.transport, error_response(status))
-        self._linger()
+        self.linger()
 
     # --- dispatch -------------------------------------------------------------
 
@@ -589,7 +304,7 @@ class FastHTTPChannel(Protocol):
         self._requests.popleft()
         if not req.keep_alive or self._closing or self.site.shutting_down:
             if not req.body_done and not self._closing:
-                self._linger()
+                self.linger()
                 return
             self.close()
             return
@@ -598,39 +313,17 @@ class FastHTTPChannel(Protocol):
         elif self._pending_error is not None:
             self._send_error(self._pending_error)
         elif self.idle_timeout:
-            self._set_timer(self.idle_timeout)
+            self.set_timer(self.idle_timeout)
 
     def start_tunnel(self, req: FastRequest, on_data: Callable[[bytes], None]) -> None:
         self._tunnel = on_data
         self._tunnel_req = req
         self._stopped = True
         self._awaiting_tunnel = False
-        pending = getattr(self, "_upgrade_pending", b"")
-        self._upgrade_pending = b""
+        pending, self._upgrade_pending = self._upgrade_pending, b""
         if pending:
             on_data(pending)
         self.resume_reading("upgrade")
-
-    def _upgrade_data(self, rest: bytes) -> None:
-        """
-        The parser stopped after an upgrade request's headers; bytes after
-        them belong to the tunnel (or, if the target refuses, are dropped).
-        """
-        self._stopped = True
-        self._current = None
-        if self._tunnel is not None:
-            if rest:
-                self._tunnel(rest)
-        else:
-            self._awaiting_tunnel = True
-            if rest:
-                self._upgrade_pending = getattr(self, "_upgrade_pending", b"") + rest
-
-    _upgrade_pending = b""
-    _awaiting_tunnel = False
-    _dropped_upgrade: FastRequest | None = None
-    _to_dispatch: FastRequest | None = None
-    _tunnel_req: FastRequest | None = None
 
 
 class ProxySite(_server.Site):
@@ -729,7 +422,7 @@ class ProxySite(_server.Site):
         cb = self.on_render_failed
         if cb is not None:
             cb(request, failure)
-        if getattr(request, "started", True) or request.finished:
+        if request.started or request.finished:
             try:
                 request.abort()
             except Exception:
@@ -747,7 +440,7 @@ class ProxySite(_server.Site):
 
 class _NegotiatingProtocol(Protocol):
     """
-    For TLS listeners: speaks HTTP/2 (Twisted's H2 stack, standard
+    For TLS listeners: speaks HTTP/2 (L{mproxy.http.h2.H2Channel}, standard
     requests) when ALPN chose C{h2}, else L{FastHTTPChannel}.
     """
 
@@ -761,21 +454,13 @@ class _NegotiatingProtocol(Protocol):
         self.site._connection_opened(self)
 
     def _choose(self) -> Any:
-        proto = getattr(self.transport, "negotiatedProtocol", None)
+        t = self.transport
+        proto = t.negotiatedProtocol if INegotiated.providedBy(t) else None
         if proto == b"h2" and _http.H2_ENABLED:
-            from twisted.web._http2 import H2Connection
+            from mproxy.http.h2 import H2Channel
 
-            ch = H2Connection(self.site.reactor)
-            ch.requestFactory = _server.Request
-            ch.site = self.site
-            ch.factory = self.site
-            ch.timeOut = self.site.idle_timeout
-            ch.callLater = self.site.reactor.callLater
+            ch = H2Channel(self.site, self.site.reactor, self.site.idle_timeout)
             ch.makeConnection(self.transport)
-            try:
-                self.transport.registerProducer(ch, True)
-            except RuntimeError:
-                pass
         else:
             ch = FastHTTPChannel(self.site, self.site.reactor, self.site.header_timeout,
                                  self.site.idle_timeout, self.site.body_timeout)
@@ -800,15 +485,16 @@ class _NegotiatingProtocol(Protocol):
         ch = self._channel
         if ch is None:
             return True
-        f = getattr(ch, "is_idle", None)
-        return f() if f is not None else not getattr(ch, "streams", None)
+        if isinstance(ch, FastHTTPChannel):
+            return ch.is_idle()
+        return not ch.streams  # HTTP/2
 
     def close_when_idle(self) -> None:
         ch = self._channel
-        if ch is not None and hasattr(ch, "close_when_idle"):
+        if isinstance(ch, FastHTTPChannel):
             ch.close_when_idle()
             return
-        if ch is not None and getattr(ch, "conn", None) is not None:
+        if ch is not None:
             # HTTP/2: GOAWAY, then close once the open streams are done
             try:
                 ch.conn.close_connection()

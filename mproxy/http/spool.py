@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
-Bounded buffering of request and response bodies (reference 5.4, 5.5).
+Bounded buffering of request and response bodies.
 
 L{Spool} keeps up to C{memory} bytes in memory and spills the rest to an
 anonymous temporary file (already unlinked, so it disappears with the

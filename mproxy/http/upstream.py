@@ -47,9 +47,9 @@ reactor, IPv6 literals accepted).  Idle connections older than
 C{idle_reuse_limit} are not reused; response header sections over 1 MiB
 are a 502.
 
-L{pool_factory} returns a L{PoolRegistry}: C{registry(host, port)} makes a
-pool and remembers it so that C{registry.close_idle()} can close every idle
-connection at shutdown.
+L{PoolRegistry} is the pool factory targets use: C{registry(host, port)}
+makes a pool and remembers it so that C{registry.close_idle()} can close
+every idle connection at shutdown.
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ import httptools
 from twisted.internet import error as _error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mproxy.http.batch import batcher_for
+from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 
 
 MAX_PENDING_BODY = 65536
@@ -99,6 +101,7 @@ def _hex(n: int) -> bytes:
     return b"%x\r\n" % n
 
 
+@implementer(IUpstreamExchange)
 class UpstreamExchange:
     """
     One request to a target.  See the module docstring.
@@ -579,6 +582,7 @@ class _ConnectFactory(ClientFactory):
         pass
 
 
+@implementer(IUpstreamPool)
 class UpstreamPool:
     """
     Keep-alive connections to one target.
@@ -701,12 +705,5 @@ class PoolRegistry:
             pool.close_idle()
 
 
-def pool_factory(reactor: Any, **pool_options: Any) -> PoolRegistry:
-    """
-    The pool factory targets use: C{pool_factory(reactor)(host, port)}.
-    """
-    return PoolRegistry(reactor, **pool_options)
-
-
-__all__ = ["UpstreamPool", "UpstreamExchange", "UpstreamError", "PoolRegistry", "pool_factory"]
+__all__ = ["UpstreamPool", "UpstreamExchange", "UpstreamError", "PoolRegistry"]
 

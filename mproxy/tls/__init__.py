@@ -19,7 +19,6 @@ Automatic and custom TLS for mproxy.
   - L{mproxy.tls.sni}: C{ServerTLS} (SNI + ALPN) and C{https_factory}.
   - L{mproxy.tls.static}: custom certificate files, validation and reload.
   - L{mproxy.tls.ondemand}: the C{--tls-on-demand-url} policy check.
-  - L{mproxy.tls.redirect}: C{redirect_location}, HTTP to HTTPS / canonical host.
   - L{mproxy.tls.store}: the C{<state dir>/certs/} layout.
   - L{mproxy.tls.wiring}: the production service and helpers for C{tap.py}.
   - L{mproxy.tls.testing}: certificate factories, a fake issuer, clients.

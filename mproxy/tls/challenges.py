@@ -35,6 +35,7 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 from zope.interface import implementer
 
 from mproxy.tls.certs import CertifiedKey
+from mproxy.http.interfaces import IHTTP01Responder
 from mproxy.tls.interfaces import IChallengeResponder
 
 __all__ = [
@@ -75,7 +76,7 @@ def tls_alpn_certificate(domain: str, key_authorization: str) -> CertifiedKey:
     return CertifiedKey(key=key, chain=[cert])
 
 
-@implementer(IChallengeResponder)
+@implementer(IChallengeResponder, IHTTP01Responder)
 class ChallengeStore:
     """
     Thread-safe map of pending challenge responses.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_redirect -*-
+# -*- test-case-name: tests.test_redirect -*-
 """
 HTTP → HTTPS and canonical-host redirects as a pure function.
 
@@ -20,8 +20,7 @@ The proxy resource calls::
         request.setHeader("connection", "close")
         body = redirect_body(location) if request.method in (b"GET", b"HEAD") else b""
 
-Rules (reference 5.9, with the one deliberate difference that a non-default
-port is kept in the Location):
+Rules (a non-default port is kept in the Location):
   - ACME HTTP-01 challenge paths (C{/.well-known/acme-challenge/...}) and
     internal requests are never redirected.
   - desired scheme is C{https} when the service has TLS on, TLS redirect on and

@@ -1,5 +1,5 @@
 """
-Tests for L{mproxy.tls.localget}: the in-memory on-demand TLS policy request
+Tests for L{mproxy.http.localget}: the in-memory on-demand TLS policy request
 through the real proxy resource, with a fake service and an in-memory
 upstream connection.
 """
@@ -11,14 +11,18 @@ from typing import Any
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from mproxy.http.interfaces import IClaim, IProxiedService, IProxiedTarget, IRouteMatch, IRouter
 from mproxy.http.upstream import UpstreamPool
 from mproxy.logging import ListLogger
 from mproxy.service import Refusal
 from mproxy.spec import ServiceOptions, TargetOptions
-from mproxy.tls.localget import BODY_LIMIT, local_getter
+from mproxy.http.localget import BODY_LIMIT, _OneService, local_getter
 
 
+@implementer(IClaim, IProxiedTarget)
 class FakeClaim:
     def __init__(self, pool: UpstreamPool) -> None:
         self.target = self
@@ -30,10 +34,14 @@ class FakeClaim:
     def set_canceller(self, fn: Any) -> None:
         pass
 
+    def mark_upgraded(self) -> None:
+        pass
+
     def release(self) -> None:
         self.releases += 1
 
 
+@implementer(IProxiedService)
 class FakeService:
     def __init__(self, reactor: Any) -> None:
         self.name = "ondemand"
@@ -56,6 +64,26 @@ class FakeService:
 class FakeRouter:
     def __init__(self, *services: FakeService) -> None:
         self.services = {s.name: s for s in services}
+
+
+class ContractTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        """
+        The fakes provide what they stand in for; the one-service router,
+        its match and its view of the service provide what the proxy uses.
+        """
+        service = FakeService(MemoryReactorClock())
+        claim = FakeClaim(service.pool)
+        self.assertTrue(verifyObject(IProxiedService, service))
+        self.assertTrue(verifyObject(IClaim, claim))
+        self.assertTrue(verifyObject(IProxiedTarget, claim))
+        router = _OneService(FakeRouter(service), "ondemand")
+        self.assertTrue(verifyObject(IRouter, router))
+        match = router.match("any", "/x")
+        self.assertTrue(verifyObject(IRouteMatch, match))
+        self.assertTrue(verifyObject(IProxiedService, match.service))
+        self.assertFalse(match.service.options.tls_redirect)
+        self.assertIsNone(_OneService(FakeRouter(), "ondemand").match("any", "/"))
 
 
 class LocalGetTests(SynchronousTestCase):

@@ -1,7 +1,7 @@
-# -*- test-case-name: tests.test_tls_localget -*-
+# -*- test-case-name: tests.test_localget -*-
 """
-The local on-demand TLS policy check (C{--tls-on-demand-url /path},
-reference 6.4 step 3): a synthetic C{GET <path>?host=H} with C{Host: H}
+The local on-demand TLS policy check (C{--tls-on-demand-url /path}, a
+path rather than a URL): a synthetic C{GET <path>?host=H} with C{Host: H}
 run in memory through the service's own handler chain, i.e. the real
 L{mproxy.http.proxy.ProxyResource} (pause, stop, load balancing, error
 pages, target forwarding), answered as C{(status, body)}.
@@ -32,6 +32,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import Request
+from zope.interface import implementer
+
+from mproxy.http.interfaces import IProxiedService, IRouteMatch, IRouter
 
 __all__ = ["local_getter"]
 
@@ -46,33 +49,47 @@ class _QuietLogger:
     def __init__(self, logger: Any) -> None:
         self._logger = logger
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._logger, name)
-
     def log(self, level: str, msg: str, **attrs: Any) -> None:
         if msg != "Request":
             self._logger.log(level, msg, **attrs)
 
+    def debug(self, msg: str, **attrs: Any) -> None:
+        self.log("DEBUG", msg, **attrs)
+
     def info(self, msg: str, **attrs: Any) -> None:
         self.log("INFO", msg, **attrs)
 
+    def warn(self, msg: str, **attrs: Any) -> None:
+        self.log("WARN", msg, **attrs)
 
+    def error(self, msg: str, **attrs: Any) -> None:
+        self.log("ERROR", msg, **attrs)
+
+
+@implementer(IProxiedService)
 class _Internal:
     """
     A service as the internal request sees it: TLS redirect off.
     """
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: IProxiedService) -> None:
         self._service = service
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._service, name)
+        self.name = service.name
 
     @property
     def options(self) -> Any:
         return attrs.evolve(self._service.options, tls_redirect=False)
 
+    @property
+    def target_options(self) -> Any:
+        return self._service.target_options
 
+    def select(self, method: bytes, path: str, cookie: Callable[[bytes], bytes | None],
+               websocket: bool) -> Any:
+        return self._service.select(method, path, cookie, websocket)
+
+
+@implementer(IRouter)
 class _OneService:
     """
     A router that sends every request to one service (if it still exists).
@@ -83,12 +100,25 @@ class _OneService:
         self.name = name
 
     def match(self, host: str, path: str) -> Any:
-        from mproxy.router import Match
-
         service = self.router.services.get(self.name)
         if service is None:
             return None
-        return Match(_Internal(service), "/")  # type: ignore[arg-type]
+        return _WholeService(_Internal(service))
+
+
+@implementer(IRouteMatch)
+class _WholeService:
+    """
+    A match of the whole service (prefix C{/}: the path is the target's).
+    """
+
+    prefix = "/"
+
+    def __init__(self, service: IProxiedService) -> None:
+        self.service = service
+
+    def target_path(self, path: str) -> str:
+        return path
 
 
 class _Channel:

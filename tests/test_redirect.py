@@ -1,10 +1,10 @@
 """
-Tests for L{mproxy.tls.redirect}.
+Tests for L{mproxy.http.redirect}.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mproxy.tls.redirect import redirect_body, redirect_location, split_host_port
+from mproxy.http.redirect import redirect_body, redirect_location, split_host_port
 
 
 def loc(**kw):

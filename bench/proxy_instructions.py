@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Instructions per proxied request (valgrind callgrind): a repeatable CPU figure.
+
+Wall-clock and CPU-time figures (proxy_cpu.py) move by 10 % and more on a
+shared machine. Instruction counts do not: this script runs `mproxy run`
+under `valgrind --tool=callgrind`, sends it a fixed number of keep-alive
+requests (to the same nginx upstream as proxy_cpu.py), stops it, and reads
+the total instruction count (Ir) callgrind writes at exit. It does that
+twice per case, with --base and with --base + --requests requests; the
+difference divided by --requests is the instructions per request, with
+start-up, deploy and shutdown cancelled out.
+
+Cases: each source tree given with --mproxy-tree LABEL=DIR (default: this
+checkout as "here"), over plain HTTP and (--tls) HTTPS.
+
+Usage: python3 bench/proxy_instructions.py --mproxy-tree before=/path/a \\
+           --mproxy-tree after=/path/b [--requests 2000] [--base 300] [--tls]
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import re
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+from proxy_cpu import tree_command, verify  # noqa: E402
+
+
+def load(host: str, port: int, total: int, connections: int, cafile: str | None) -> int:
+    """Send `total` GET / requests over `connections` keep-alive connections;
+    returns how many got a 200."""
+    ok = [0] * connections
+    share = [total // connections + (1 if i < total % connections else 0)
+             for i in range(connections)]
+
+    def worker(i: int) -> None:
+        if cafile:
+            ctx = ssl.create_default_context(cafile=cafile)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, context=ctx, timeout=120)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=120)
+        for _ in range(share[i]):
+            conn.request("GET", "/")
+            r = conn.getresponse()
+            r.read()
+            if r.status == 200:
+                ok[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(ok)
+
+
+def total_ir(path: Path) -> int:
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"(?:summary|totals):\s+(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise C.BenchError(f"no instruction total in {path}")
+
+
+def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
+            upstream_port: int, body: bytes, args) -> int:
+    """Total Ir of one mproxy process that served n requests (after its deploy)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=tmp))
+    out = workdir / "callgrind.out"
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    with C.Procs() as procs:
+        mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, wrapper=wrapper,
+                      start_timeout=300)
+        opts = ["--health-check-interval", "1h"] if args.slow_health else []
+        cafile = None
+        if tls:
+            cert = C.make_cert(workdir / "cert")
+            cafile = str(cert[0])
+            opts += ["--host", C.TLS_HOST, "--tls", "--tls-certificate-path", str(cert[0]),
+                     "--tls-private-key-path", str(cert[1])]
+        mp.deploy(f"{C.HOST}:{upstream_port}", opts, timeout=300)
+        host = C.TLS_HOST if tls else C.HOST
+        port = mp.https_port if tls else mp.http_port
+        scheme = "https" if tls else "http"
+        verify(f"{scheme}://{host}:{port}/", body, cafile)
+        t0 = time.monotonic()
+        got = load(host, port, n, args.connections, cafile)
+        if got != n:
+            raise C.BenchError(f"{label}: only {got} of {n} requests got a 200")
+        C.log(f"{label}: {n} requests in {time.monotonic() - t0:.1f}s under callgrind")
+        mp.proc.popen.send_signal(signal.SIGTERM)
+        mp.proc.popen.wait(300)
+    return total_ir(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mproxy-tree", action="append", default=[], metavar="LABEL=DIR")
+    ap.add_argument("--requests", type=int, default=2000, help="requests measured")
+    ap.add_argument("--base", type=int, default=300,
+                    help="requests of the baseline run (subtracted)")
+    ap.add_argument("--connections", "-c", type=int, default=8)
+    ap.add_argument("--tls", action="store_true", help="also measure HTTPS")
+    ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
+    ap.add_argument("--load-cpu", type=int, default=1, help="CPU for the upstream (-1: no pin)")
+    ap.add_argument("--slow-health", action="store_true",
+                    help="deploy with --health-check-interval 1h (trees that accept it)")
+    args = ap.parse_args(argv)
+    C.install_signal_handlers()
+    for tool in ("valgrind", "nginx"):
+        if not shutil.which(tool):
+            C.log(f"error: {tool} not found")
+            return 1
+    trees = {}
+    for spec in args.mproxy_tree or [f"here={C.REPO_ROOT}"]:
+        label, _, directory = spec.partition("=")
+        trees[label] = tree_command(directory)
+    body = (b"Hello from the upstream! " * 6)[:127] + b"\n"
+    tmp = Path(tempfile.mkdtemp(prefix="mproxy-bench-ir-"))
+    results: dict[str, float] = {}
+    try:
+        with C.Procs() as procs:
+            (up_port,) = C.free_ports(1)
+            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body)
+            upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
+                                   tmp / "upstream")
+            C.wait_port(up_port, 15, upstream)
+            cases = [(label, tls) for tls in ([False, True] if args.tls else [False])
+                     for label in trees]
+            for label, tls in cases:
+                name = f"{'mproxy-tls' if tls else 'mproxy'}@{label}"
+                cmd, env = trees[label]
+                base = one_run(name, cmd, env, tls, args.base, tmp, up_port, body, args)
+                full = one_run(name, cmd, env, tls, args.base + args.requests, tmp, up_port,
+                               body, args)
+                results[name] = (full - base) / args.requests
+                C.log(f"{name}: {results[name]:,.0f} instructions per request")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(f"callgrind instructions per request ({args.requests} requests, "
+          f"{args.connections} keep-alive connections):")
+    for name, ir in results.items():
+        print(f"  {name:<22} {ir:>12,.0f}")
+    labels = list(trees)
+    for base in ("mproxy", "mproxy-tls"):
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                x, y = results.get(f"{base}@{b}"), results.get(f"{base}@{a}")
+                if x and y:
+                    print(f"  {base}@{b} / {base}@{a}: x{x / y:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+# -*- test-case-name: tests.test_h2 -*-
+"""
+mproxy's HTTP/2 server connection: Twisted's L{H2Connection} (hyper-h2 as
+the frame layer, L{twisted.web.server.Request} per stream) with the
+protocol-error, shutdown and flow-control handling a conforming server
+needs.
+
+What it changes, and why:
+
+    - A connection error always ends in a GOAWAY carrying the right code,
+      then a close.  Twisted left such connections open: a TLS transport
+      does not close while a producer is registered, and the connection is
+      the transport's producer.  Data arriving after the close decision is
+      ignored (no second GOAWAY, no answers).
+    - HPACK decoding errors are COMPRESSION_ERROR (hyper-h2 says
+      PROTOCOL_ERROR); a SETTINGS ACK with a payload is FRAME_SIZE_ERROR;
+      an invalid connection preface gets a GOAWAY (hyper-h2 raises before
+      queueing one).
+    - A stream's send window may go negative (a smaller
+      SETTINGS_INITIAL_WINDOW_SIZE): sending then waits for WINDOW_UPDATE
+      or a larger setting, instead of failing in the send loop or spinning
+      on a zero window.
+    - A GOAWAY from the client is not a reason to drop the responses it is
+      waiting for: with NO_ERROR the connection closes once its streams
+      are done (at once if there are none); with an error code at once.
+    - Graceful shutdown (L{H2Channel.close_when_idle}): GOAWAY naming the
+      last stream we accept, the open streams complete (hyper-h2's own
+      GOAWAY would refuse to send their data), newer streams are refused
+      with REFUSED_STREAM, and the connection closes when none is left.
+    - The idle timeout only applies to a connection without streams, as
+      for HTTP/1.1 (a long poll or a quiet event stream is not idle).
+
+    channel = H2Channel(site, reactor, idle_timeout=75)
+    channel.makeConnection(tls_transport)   # sends SETTINGS, registers itself
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import priority
+from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
+from h2.settings import SettingCodes
+from hpack.exceptions import HPACKError
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+from twisted.web import server as _server
+from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
+
+__all__ = ["H2Channel", "ServerConnection", "CompressionError"]
+
+#: seconds a closing connection may take to flush before it is aborted
+ABORT_TIMEOUT = 5.0
+
+_SETTINGS = 0x4
+_ACK = 0x1
+
+
+class CompressionError(h2.exceptions.ProtocolError):
+    """
+    A header block could not be decoded: a connection error of type
+    COMPRESSION_ERROR.
+    """
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
+class _FrameBuffer(FrameBuffer):
+    """
+    hyper-h2's frame buffer, with a SETTINGS ACK that carries a payload
+    reported as FRAME_SIZE_ERROR (hyperframe calls it invalid data).
+    """
+
+    def __next__(self) -> Any:
+        data = self._data
+        if (len(data) >= 9 and data[3] == _SETTINGS and data[4] & _ACK
+                and (data[0] << 16 | data[1] << 8 | data[2])):
+            raise h2.exceptions.FrameDataMissingError(
+                "SETTINGS frame with ACK flag and a payload")
+        return super().__next__()
+
+
+class ServerConnection(h2.connection.H2Connection):
+    """
+    hyper-h2's connection state machine for our server side.
+
+    @ivar goaway_code: the error code of the GOAWAY queued for a connection
+        error, or L{None}.
+    """
+
+    goaway_code: int | None = None
+
+    def __init__(self) -> None:
+        super().__init__(config=h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        self.incoming_buffer = _FrameBuffer(server=True)
+
+    def receive_data(self, data: Any) -> list[h2.events.Event]:
+        try:
+            return super().receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            if self.goaway_code is None:
+                # raised before hyper-h2 queued a GOAWAY (a bad preface)
+                self._terminate_connection(e.error_code)
+            raise
+
+    def _terminate_connection(self, error_code: Any) -> None:
+        self.goaway_code = error_code
+        super()._terminate_connection(error_code)
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        try:
+            return super()._receive_frame(frame)
+        except h2.exceptions.ProtocolError as e:
+            # hyper-h2 turns every decoding failure into a plain
+            # ProtocolError (an oversized header list becomes a
+            # DenialOfServiceError instead, and stays one)
+            if (type(e) is h2.exceptions.ProtocolError
+                    and isinstance(e.__cause__, (HPACKError, IndexError, TypeError))):
+                raise CompressionError(str(e)) from e.__cause__
+            raise
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        # hyper-h2 closes its state machine here, after which nothing may be
+        # sent, not even the responses the client still waits for
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_goaway(self, last_stream_id: int) -> None:
+        """
+        Queue a GOAWAY(NO_ERROR) announcing that streams after
+        C{last_stream_id} will not be processed, keeping the connection
+        usable for the streams up to it.
+        """
+        f = GoAwayFrame(0)
+        f.last_stream_id = last_stream_id
+        f.error_code = ErrorCodes.NO_ERROR
+        self._prepare_for_sending([f])
+
+
+class H2Channel(H2Connection):
+    """
+    One HTTP/2 client connection of a L{ProxySite}: its streams are
+    standard L{twisted.web.server.Request}s rendered by the site.
+    """
+
+    requestFactory = _server.Request
+    abortTimeout = ABORT_TIMEOUT
+
+    def __init__(self, site: Any, reactor: Any, idle_timeout: float | None = None) -> None:
+        super().__init__(reactor)
+        self.conn = ServerConnection()
+        self.site = site
+        self.factory = site
+        self.timeOut = idle_timeout
+        self.callLater = reactor.callLater
+        self._closed = False
+        self._draining = False
+        self._last_accepted: int | None = None
+        self._peer_going_away = False
+
+    # --- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        try:
+            self.transport.registerProducer(self, True)
+        except RuntimeError:
+            pass
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._close(Failure(), abort_after=True)
+            return
+        self.resetTimeout()
+        for event in events:
+            self._dispatch(event)
+            if self._closed:
+                return
+        self._tryToWriteControlData()
+        if self._peer_going_away:
+            self._close_if_done()
+
+    def _dispatch(self, event: Any) -> None:
+        stream_id = getattr(event, "stream_id", 0)
+        if isinstance(event, h2.events.RequestReceived):
+            if self._last_accepted is not None and stream_id > self._last_accepted:
+                # opened after our GOAWAY: the client may retry it elsewhere
+                self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+                return
+            self._requestReceived(event)
+        elif isinstance(event, h2.events.DataReceived):
+            if stream_id in self.streams:
+                self._requestDataReceived(event)
+            else:
+                # a stream we refused or have already answered: its bytes
+                # still count against the connection's window
+                self.conn.acknowledge_received_data(
+                    event.flow_controlled_length, stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            if stream_id in self.streams:
+                self._requestEnded(event)
+        elif isinstance(event, h2.events.StreamReset):
+            if stream_id in self.streams:
+                self._requestAborted(event)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._handleWindowUpdate(event)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                self._windows_changed()
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self._handlePriorityUpdate(event)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            if event.error_code != ErrorCodes.NO_ERROR:
+                self._close(Failure(ConnectionLost(
+                    "client sent GOAWAY with %s" % (event.error_code,))))
+            else:
+                self._peer_going_away = True
+
+    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
+        self._closed = True
+        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+
+    def _terminate(self, reason: Failure) -> None:
+        # the GOAWAY (too many resets) is queued by the caller
+        self._close(reason, abort_after=True)
+
+    def _close(self, reason: Failure, abort_after: bool = False) -> None:
+        """
+        Send what is queued (a GOAWAY first of all), stop producing, close
+        the transport and fail the open streams.  With C{abort_after}, a
+        peer that does not read is cut off after L{abortTimeout}.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stillProducing = False
+        t = self.transport
+        pending = b"".join(self._bufferedControlFrames) + self.conn.data_to_send()
+        self._bufferedControlFrames.clear()
+        self._bufferedControlFrameBytes = 0
+        if pending:
+            t.write(pending)
+        try:
+            # a TLS transport only closes once no producer is registered
+            t.unregisterProducer()
+        except RuntimeError:
+            pass
+        t.loseConnection()
+        if abort_after and self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.connectionLost(reason, _cancelTimeouts=False)
+
+    def _close_if_done(self) -> None:
+        if not self._closed and not self.streams:
+            self._close(Failure(ConnectionDone()))
+
+    def timeoutConnection(self) -> None:
+        if self.streams:
+            # streams in progress (a long poll, a quiet event stream): not idle
+            self.setTimeout(self.timeOut)
+            return
+        self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
+        self._close(Failure(ConnectionLost("idle timeout")), abort_after=True)
+
+    # --- the site's interface -------------------------------------------------
+
+    def is_idle(self) -> bool:
+        return not self.streams
+
+    def close_when_idle(self) -> None:
+        """
+        Graceful shutdown: GOAWAY now, the streams opened so far complete,
+        then the connection closes.
+        """
+        if self._closed:
+            return
+        if not self._draining:
+            self._draining = True
+            self._last_accepted = self.conn.highest_inbound_stream_id
+            self.conn.send_goaway(self._last_accepted)
+            self._tryToWriteControlData()
+        self._close_if_done()
+
+    def abort(self) -> None:
+        self._closed = True
+        self.transport.abortConnection()
+
+    # --- streams ---------------------------------------------------------------
+
+    def _requestDone(self, streamID: int) -> None:
+        super()._requestDone(streamID)
+        if (self._draining or self._peer_going_away) and not self._closed:
+            self._close_if_done()
+
+    def _wake_sender(self) -> None:
+        d, self._sendingDeferred = self._sendingDeferred, None
+        if d is not None:
+            d.callback(None)
+
+    def _handleWindowUpdate(self, event: Any) -> None:
+        super()._handleWindowUpdate(event)
+        self._wake_sender()
+
+    def _windows_changed(self) -> None:
+        """
+        SETTINGS_INITIAL_WINDOW_SIZE changed every stream's send window by
+        the same amount: retry the streams that have data waiting.
+        """
+        for stream_id, stream in list(self.streams.items()):
+            if self._outboundStreamQueues.get(stream_id):
+                self.priority.unblock(stream_id)
+            stream.windowUpdated()
+        self._wake_sender()
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        """
+        Send the next frame of the highest-priority stream that has data
+        and send window; a stream whose window is zero or negative waits
+        (blocked) for a WINDOW_UPDATE or a larger initial window.
+        """
+        if not self._stillProducing:
+            return
+        stream = None
+        while stream is None:
+            try:
+                stream = next(self.priority)
+            except priority.DeadlockError:
+                assert self._sendingDeferred is None
+                self._sendingDeferred = Deferred()
+                self._sendingDeferred.addCallback(self._sendPrioritisedData)
+                return
+        if self._consumerBlocked is not None:
+            self._consumerBlocked.addCallback(self._sendPrioritisedData)
+            return
+        self.resetTimeout()
+        queue = self._outboundStreamQueues[stream]
+        frameData = queue.popleft()
+        if frameData is _END_STREAM_SENTINEL:
+            self.conn.end_stream(stream)
+            self.transport.write(self.conn.data_to_send())
+            self._requestDone(stream)
+        else:
+            window = self.conn.local_flow_control_window(stream)
+            if window <= 0:
+                queue.appendleft(frameData)
+                self.priority.block(stream)
+                self.streams[stream].flowControlBlocked()
+            else:
+                size = min(self.conn.max_outbound_frame_size, window)
+                if len(frameData) > size:
+                    queue.appendleft(frameData[size:])
+                    frameData = frameData[:size]
+                self.conn.send_data(stream, frameData)
+                self.transport.write(self.conn.data_to_send())
+                if not queue:
+                    self.priority.block(stream)
+                if self.remainingOutboundWindow(stream) <= 0:
+                    self.streams[stream].flowControlBlocked()
+        if self._stillProducing:
+            self._reactor.callLater(0, self._sendPrioritisedData)

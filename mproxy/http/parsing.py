@@ -1,0 +1,279 @@
+# -*- test-case-name: tests.test_http_server -*-
+"""
+L{RequestReader}: turns the bytes of one HTTP/1.1 connection into
+L{mproxy.http.request.FastRequest}s, with C{httptools} (llhttp).
+
+It owns the parse state (URL, headers and their sizes, the request whose
+body is being read) and the rules for what a request may look like:
+garbage, request smuggling attempts (Content-Length together with
+Transfer-Encoding, duplicate or bad Content-Length, a Transfer-Encoding
+not ending in C{chunked}, duplicate Host) and bad framing are a 400,
+header sections over L{MAX_HEADER_BYTES} or L{MAX_HEADER_COUNT} a 431, a
+request target over L{MAX_URL_LENGTH} a 414, HTTP/2+ a 505.  Only a
+WebSocket handshake (GET, HTTP/1.1, no body) is an upgrade; any other
+upgrade offer (h2c ...) is dropped and the request read as a normal one.
+
+The connection (L{mproxy.http.server.FastHTTPChannel}) is told about each
+step through a few calls: C{header_started()}, C{request_parsed(req)},
+C{body_arrived()}, C{protocol_error(status, message)} and
+C{upgrade_started(rest)}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httptools
+
+if TYPE_CHECKING:
+    from mproxy.http.request import FastRequest
+    from mproxy.http.server import FastHTTPChannel
+
+MAX_URL_LENGTH = 8192
+MAX_HEADER_BYTES = 65536
+MAX_HEADER_COUNT = 100
+
+
+class ParseError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _offers_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            if any(t.strip().lower() == b"websocket" for t in value.split(b",")):
+                return True
+    return False
+
+
+def _origin_form(url: bytes) -> bytes:
+    """
+    The path and query of a request target not starting with C{/}
+    (C{*}, or the absolute form a proxy-aware client sends).
+    """
+    if url == b"*":
+        return url
+    lower = url[:8].lower()
+    if lower.startswith(b"http://") or lower.startswith(b"https://"):
+        i = url.find(b"/", url.find(b"//") + 2)
+        return url[i:] if i >= 0 else b"/"
+    raise ParseError(400, "bad request target")
+
+
+def _check_headers(req: FastRequest, version: bytes) -> None:
+    """
+    The framing headers of a new request: its body length (0 none, n, -1
+    chunked), C{Expect: 100-continue}; smuggling attempts are refused.
+    """
+    te = cl = False
+    hosts = 0
+    for name, value in req.raw_headers:
+        n = len(name)
+        if n == 14 and name.lower() == b"content-length":
+            if cl:
+                raise ParseError(400, "duplicate Content-Length")
+            cl = True
+            try:
+                req.body_length = int(value)
+            except ValueError:
+                raise ParseError(400, "bad Content-Length")
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            if te or value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                # only "chunked" (last) frames a request body reliably
+                raise ParseError(400, "unsupported Transfer-Encoding")
+            te = True
+        elif n == 6 and name.lower() == b"expect":
+            if value.lower() == b"100-continue":
+                req.expect_continue = True
+        elif n == 4 and name.lower() == b"host":
+            hosts += 1
+            if hosts > 1:
+                raise ParseError(400, "duplicate Host")
+    if not hosts and version == b"HTTP/1.1":
+        raise ParseError(400, "missing Host")
+    if te:
+        if cl:
+            raise ParseError(400, "Content-Length with Transfer-Encoding")
+        req.body_length = -1
+    if req.body_length:
+        req.body_done = False
+
+
+class RequestReader:
+    """
+    See the module docstring.
+
+    @ivar current: the request whose head or body is being read.
+    @ivar in_headers: a request's header section is being read.
+    """
+
+    def __init__(self, channel: FastHTTPChannel) -> None:
+        self.channel = channel
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: FastRequest | None = None
+        self.in_headers = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._raw_header_bytes = 0
+        self._dropped_upgrade: FastRequest | None = None
+
+    def feed(self, data: bytes) -> None:
+        """
+        Parse what arrived; errors go to the channel.
+        """
+        channel = self.channel
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                rest = data[e.args[0]:]
+                req = self._dropped_upgrade
+                if req is None:
+                    self.current = None
+                    channel.upgrade_started(rest)
+                    return
+                # go on parsing what follows as HTTP (the body, further
+                # requests)
+                self._dropped_upgrade = None
+                self._restart_parser(req)
+                data = rest
+                continue
+            except ParseError as e:
+                channel.protocol_error(e.status, str(e))
+            except httptools.HttpParserCallbackError as e:
+                ctx = e.__context__
+                if isinstance(ctx, ParseError):
+                    channel.protocol_error(ctx.status, str(ctx))
+                else:
+                    channel.protocol_error(400, str(e))
+            except httptools.HttpParserError as e:
+                channel.protocol_error(400, str(e))
+            else:
+                if self.in_headers:
+                    self._raw_header_bytes += len(data)
+                    if self._raw_header_bytes > MAX_HEADER_BYTES:
+                        channel.protocol_error(431, "header section too large")
+            return
+
+    def _restart_parser(self, req: FastRequest) -> None:
+        """
+        After a dropped upgrade offer: the parser (which stopped as for an
+        upgrade, skipping the body) is replaced by one primed with a head
+        carrying only the request's framing, so that it reads the request's
+        body and then the requests after it.
+        """
+        if not req.body_length:
+            self.parser = httptools.HttpRequestParser(self)
+            return
+        primer = _PrimedCallbacks(self)
+        self.parser = httptools.HttpRequestParser(primer)
+        framing = (b"Transfer-Encoding: chunked\r\n" if req.body_length < 0
+                   else b"Content-Length: %d\r\n" % req.body_length)
+        self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n")
+        primer.priming = False
+        self.current = req
+
+    # --- httptools callbacks (the hot path: kept flat) ------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_headers = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._raw_header_bytes = 0
+        self.channel.header_started()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_URL_LENGTH:
+            raise ParseError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        h = self._headers
+        h.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if len(h) > MAX_HEADER_COUNT or self._header_bytes > MAX_HEADER_BYTES:
+            raise ParseError(431, "too many or too large headers")
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        self.in_headers = False
+        v = p.get_http_version()
+        if v == "1.1":
+            version = b"HTTP/1.1"
+        elif v == "1.0":
+            version = b"HTTP/1.0"
+        else:
+            raise ParseError(505 if v[0] >= "2" else 400, "unsupported HTTP version")
+        url = self._url
+        if not url.startswith(b"/"):
+            url = _origin_form(url)
+        channel = self.channel
+        req = channel.requestFactory(channel, p.get_method(), url, version, self._headers)
+        self._headers = []
+        req.keep_alive = p.should_keep_alive()
+        _check_headers(req, version)
+        self.current = req
+        if p.should_upgrade():
+            # Only a WebSocket handshake (GET, HTTP/1.1, no body) opens a
+            # tunnel.  Any other offer (h2c ...) is dropped and the request
+            # served as a normal one: a tunnel in another protocol would
+            # carry requests past routing, forwarding headers and logs.
+            if (version == b"HTTP/1.1" and req.method == b"GET" and not req.body_length
+                    and _offers_websocket(req.raw_headers)):
+                req.upgrade = True
+            else:
+                self._dropped_upgrade = req
+                self.current = None  # its body is read by the next parser
+        channel.request_parsed(req)
+
+    def on_body(self, data: bytes) -> None:
+        req = self.current
+        if req is not None:
+            self.channel.body_arrived()
+            req.body_received(data)
+
+    def on_message_complete(self) -> None:
+        req = self.current
+        self.current = None
+        if req is not None and not req.body_done:
+            req.body_complete()
+
+
+class _PrimedCallbacks:
+    """
+    Parser callbacks for a parser that resumes a request whose upgrade
+    offer was dropped: the head it is primed with is not a request (its
+    callbacks are ignored); the body and everything after it go to the
+    reader.
+    """
+
+    priming = True
+
+    def __init__(self, reader: RequestReader) -> None:
+        self.reader = reader
+
+    def on_message_begin(self) -> None:
+        if not self.priming:
+            self.reader.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.priming:
+            self.reader.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.priming:
+            self.reader.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.priming:
+            self.reader.on_headers_complete()
+
+    def on_body(self, data: bytes) -> None:
+        self.reader.on_body(data)
+
+    def on_message_complete(self) -> None:
+        self.reader.on_message_complete()
