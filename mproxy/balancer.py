@@ -106,9 +106,6 @@ class LoadBalancer:
             t.set_state(TargetState.HEALTHY)
         self._rebuild()
 
-    def has_readers(self) -> bool:
-        return bool(self.readers)
-
     def claim(self, is_read: bool) -> Claim | None:
         """
         Pick the next healthy target and register the request on it, in one

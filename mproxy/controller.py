@@ -1,6 +1,7 @@
 """
-The operations behind every control command: deploy, rollout, remove, pause,
-stop, resume, list; and restoring the services from the state file.
+The operations behind every control command: deploy and rollout deploy
+(run by L{mproxy.deploy.Deployer}), rollout split, remove, pause, stop,
+resume, list; and restoring the services from the state file.
 
 Every command that changes a service makes the new state durable first and
 applies it only then: when the state file cannot be written the command
@@ -17,18 +18,11 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, DeferredLock, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
 from mproxy.balancer import LoadBalancer, gather_drains
-from mproxy.deploy import (
-    DeployResult,
-    Progress,
-    drain_replaced,
-    no_progress,
-    plural,
-    wait_healthy,
-)
+from mproxy.deploy import Deployer, Progress, no_progress, plural
 from mproxy.errors import RolloutNotSet, ServiceNotFound, StateError
 from mproxy.health import ProbeFunction
 from mproxy.listing import service_rows
@@ -41,14 +35,11 @@ from mproxy.spec import (
     DEFAULT_PAUSE_TIMEOUT,
     DeployRequest,
     ServiceOptions,
-    unique,
     validate_drain,
     validate_percentage,
-    validate_targets,
-    validate_timeouts,
 )
 from mproxy.state import PauseRecord, ServiceRecord, Slot, StateStore
-from mproxy.target import Drained, PoolFactory, no_pool
+from mproxy.target import PoolFactory, no_pool
 
 
 class Certificates(Protocol):
@@ -97,27 +88,6 @@ def _accept_error_pages(options: ServiceOptions) -> None:
     pass
 
 
-def record_of(service: Service) -> ServiceRecord:
-    """
-    The state-file record of a live service.
-    """
-
-    def slot(lb: LoadBalancer) -> Slot:
-        return Slot(lb.writer_addresses, lb.reader_addresses)
-
-    return ServiceRecord(
-        name=service.name,
-        options=service.options,
-        target_options=service.target_options,
-        active=slot(service.active),
-        rollout=slot(service.rollout) if service.rollout is not None else None,
-        split=service.split,
-        pause=PauseRecord(
-            service.pause.state, service.pause.max_pause, service.pause.stop_message
-        ),
-    )
-
-
 class Controller:
     def __init__(
         self,
@@ -146,13 +116,10 @@ class Controller:
         self.certificates: Certificates = certificates or NoCertificates()
         self.validate_error_pages = validate_error_pages
         self.deploys: DeployRecorder = deploys or _NoRecorder()
-        self._locks: dict[str, DeferredLock] = {}
-
-    def _lock(self, name: str) -> DeferredLock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = DeferredLock()
-        return lock
+        self.deployer = Deployer(
+            router, clock, probe, logger, self._commit, self._balancer, self.certificates,
+            validate_error_pages, self.deploys,
+        )
 
     def _service(self, name: str) -> Service:
         s = self.router.services.get(name)
@@ -175,7 +142,7 @@ class Controller:
         """
         if self.store is None:
             return
-        records = [record_of(s) for n, s in self.router.services.items() if n != name]
+        records = [ServiceRecord.of(s) for n, s in self.router.services.items() if n != name]
         if record is not None:
             records.append(record)
         records.sort(key=lambda r: r.name)
@@ -191,118 +158,12 @@ class Controller:
 
     # Deploy
 
-    @inlineCallbacks
     def deploy(self, req: DeployRequest, progress: Progress = no_progress) -> Any:
         """
-        Health-check the new targets, switch the service to them, drain the
-        old ones; fires with a L{DeployResult} only when all of that is done.
-        On failure nothing changes and the old targets keep serving.
-
-        Cancelling the Deferred before the switch abandons the deploy (checks
-        stopped, nothing changed); after the switch the drain goes on and the
-        Deferred fires when it ends.
+        See L{Deployer.deploy}.
         """
-        try:
-            result = yield self._deploy(req, progress)
-        except BaseException as e:
-            self._deploy_failed(req.service, req.targets, e)
-            raise
-        self.deploys.deploy(req.service, "success")
-        self.logger.info(
-            "Deployed",
-            service=req.service,
-            targets=list(req.targets),
-            hosts=list(req.options.hosts),
-            paths=list(req.options.path_prefixes),
-            tls=req.options.tls_enabled,
-            drained=result.drained.requests,
-            cut=result.drained.cut,
-        )
-        progress("done", "")
-        return result
+        return self.deployer.deploy(req, progress)
 
-    def _deploy_failed(self, service: str, targets: tuple[str, ...], e: BaseException) -> None:
-        if isinstance(e, CancelledError):
-            self.deploys.deploy(service, "cancelled")
-            self.logger.warn(
-                "Deploy cancelled", service=service, targets=list(targets),
-                reason="cancelled before the switch; the old targets keep serving",
-            )
-        else:
-            self.deploys.deploy(service, "failure")
-            self.logger.error(
-                "Deploy failed", service=service, targets=list(targets),
-                error=str(e) or e.__class__.__name__,
-            )
-
-    @inlineCallbacks
-    def _deploy(self, req: DeployRequest, progress: Progress) -> Any:
-        req.validate()
-        self.certificates.validate(req.options)
-        self.validate_error_pages(req.options)
-        self.logger.info(
-            "Deploying", service=req.service, targets=list(req.targets),
-            hosts=list(req.options.hosts), paths=list(req.options.path_prefixes),
-            tls=req.options.tls_enabled,
-        )
-        lock = self._lock(req.service)
-        yield lock.acquire()
-        try:
-            # Refuse a host conflict before spending the deploy timeout on health.
-            self.router.check_conflicts(req.service, req.options)
-            lb = self._balancer(Slot(req.targets, req.readers))
-            if req.force:
-                self.logger.warn("Deploying without waiting for health (--force)",
-                                 service=req.service)
-                lb.start_health_checks(req.target_options.health_check, self.probe)
-            else:
-                yield wait_healthy(lb, req.target_options, self.probe, self.clock,
-                                   req.deploy_timeout, progress)
-            old = self._switch_active(req, lb)
-        finally:
-            lock.release()
-        progress("switched", "traffic switched to " + ", ".join(lb.addresses))
-        drained = Drained()
-        if old is not None:
-            drained = yield drain_replaced(old, req.drain_timeout, progress)
-        return DeployResult(req.targets + req.readers, drained)
-
-    def _switch_active(self, req: DeployRequest, lb: LoadBalancer) -> LoadBalancer | None:
-        """
-        Make C{lb} the service's active load balancer, creating the service
-        or updating its options; returns the load balancer it replaced.
-        Synchronous, so no request can slip between the old one and the new.
-        On any error C{lb} is closed and nothing has changed.
-        """
-        name = req.service
-        try:
-            self.router.check_conflicts(name, req.options)
-            existing = self.router.services.get(name)
-            record = ServiceRecord(name, req.options, req.target_options,
-                                   Slot(req.targets, req.readers))
-            if existing is not None:
-                kept = record_of(existing)
-                record = attrs.evolve(record, rollout=kept.rollout, split=kept.split,
-                                      pause=kept.pause)
-            self._commit(name, record)
-        except BaseException:
-            lb.close()
-            raise
-        if existing is None:
-            old = None
-            existing = Service(name, req.options, req.target_options, lb, self.clock)
-        else:
-            old = existing.active
-            existing.options = req.options
-            existing.target_options = req.target_options
-            existing.active = lb
-        self.router.install(existing)
-        self.certificates.update_service(name, req.options)
-        return old
-
-    # Rollout
-
-    @inlineCallbacks
     def rollout_deploy(
         self,
         name: str,
@@ -313,47 +174,13 @@ class Controller:
         progress: Progress = no_progress,
     ) -> Any:
         """
-        Fill the service's rollout slot with healthy new targets (no traffic
-        moves until L{rollout_set}); fires with a L{DeployResult} once the
-        targets it replaced have drained.
+        See L{Deployer.rollout_deploy}.
         """
-        slot = Slot(unique(targets), unique(readers))
-        validate_targets(slot.writers, slot.readers)
-        validate_timeouts(deploy_timeout, drain_timeout)
-        service = self._service(name)
-        lock = self._lock(name)
-        yield lock.acquire()
-        try:
-            self.logger.info("Deploying for rollout", service=name, targets=list(slot.writers))
-            lb = self._balancer(slot)
-            yield wait_healthy(lb, service.target_options, self.probe, self.clock,
-                               deploy_timeout, progress)
-            old = self._fill_rollout(name, lb)
-        finally:
-            lock.release()
-        progress("switched", "rollout targets ready: " + ", ".join(lb.addresses)
-                 + " (traffic moves with `mproxy rollout set`)")
-        drained = Drained()
-        if old is not None:
-            drained = yield drain_replaced(old, drain_timeout, progress)
-        self.logger.info("Deployed for rollout", service=name, targets=list(slot.writers))
-        progress("done", "")
-        return DeployResult(slot.writers + slot.readers, drained)
+        return self.deployer.rollout_deploy(
+            name, targets, readers, deploy_timeout, drain_timeout, progress
+        )
 
-    def _fill_rollout(self, name: str, lb: LoadBalancer) -> LoadBalancer | None:
-        """
-        Put C{lb} in the rollout slot; returns the load balancer it replaced.
-        On any error C{lb} is closed and nothing has changed.
-        """
-        try:
-            service = self._service(name)  # removed while the rollout waited?
-            slot = Slot(lb.writer_addresses, lb.reader_addresses)
-            self._commit(name, attrs.evolve(record_of(service), rollout=slot))
-        except BaseException:
-            lb.close()
-            raise
-        old, service.rollout = service.rollout, lb
-        return old
+    # Rollout split
 
     def rollout_set(self, name: str, percentage: int, allowlist: tuple[str, ...]) -> None:
         validate_percentage(percentage)
@@ -361,7 +188,7 @@ class Controller:
         if service.rollout is None:
             raise RolloutNotSet()
         split = RolloutSplit(percentage, tuple(allowlist))
-        self._commit(name, attrs.evolve(record_of(service), split=split))
+        self._commit(name, attrs.evolve(ServiceRecord.of(service), split=split))
         service.split = split
         self.logger.info(
             "Set rollout split", service=name, percentage=percentage, allowlist=list(allowlist)
@@ -369,7 +196,7 @@ class Controller:
 
     def rollout_stop(self, name: str) -> None:
         service = self._service(name)
-        self._commit(name, attrs.evolve(record_of(service), split=None))
+        self._commit(name, attrs.evolve(ServiceRecord.of(service), split=None))
         service.split = None
         self.logger.info("Stopped rollout", service=name)
 
@@ -391,7 +218,7 @@ class Controller:
         self.logger.info("Service removed", service=name)
 
     def _set_pause(self, service: Service, pause: PauseRecord) -> None:
-        self._commit(service.name, attrs.evolve(record_of(service), pause=pause))
+        self._commit(service.name, attrs.evolve(ServiceRecord.of(service), pause=pause))
         if pause.state is PauseState.PAUSED:
             service.pause.pause(pause.max_pause)
         elif pause.state is PauseState.STOPPED:

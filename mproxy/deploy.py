@@ -1,27 +1,58 @@
 """
-The two waits of a deploy, apart from the switch between them: health
-(start checking a new load balancer, wait until every target has passed
-once, within the deploy timeout) and drain (let the replaced load
-balancer's requests finish, cut the rest at the drain timeout).
+Deploys: a service's active slot (L{Deployer.deploy}) or its rollout slot
+(L{Deployer.rollout_deploy}) gets a new load balancer in three steps: the
+health wait (start checking it, wait until every target has passed once,
+within the deploy timeout), the switch (durable first, then synchronous), and
+the drain of the load balancer it replaced (let its requests finish, cut the
+rest at the drain timeout).
 
-Cancelling a deploy's Deferred stops the health wait and closes the new load
-balancer, so nothing changes.  A drain cannot be cancelled: once traffic has
-switched, the old targets are drained to the end whatever the caller does.
+Cancelling a deploy's Deferred before the switch stops the health wait and
+closes the new load balancer, so nothing changes.  A drain cannot be
+cancelled: once traffic has switched, the old targets are drained to the end
+whatever the caller does.  Deploys of one service are serialised by its lock.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import attrs
 from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    TimeoutError,
+    inlineCallbacks,
+)
 from twisted.internet.interfaces import IReactorTime
 
 from mproxy.balancer import LoadBalancer
-from mproxy.errors import DeployTimedOut
+from mproxy.errors import DeployTimedOut, ServiceNotFound
 from mproxy.health import ProbeFunction
-from mproxy.spec import TargetOptions, format_duration
+from mproxy.logging import JSONLogger
+from mproxy.router import Router
+from mproxy.service import Service
+from mproxy.spec import (
+    DEFAULT_DEPLOY_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT,
+    DeployRequest,
+    ServiceOptions,
+    TargetOptions,
+    format_duration,
+    unique,
+    validate_targets,
+    validate_timeouts,
+)
+from mproxy.state import ServiceRecord, Slot
 from mproxy.target import Drained, Target
+
+if TYPE_CHECKING:
+    from mproxy.controller import Certificates, DeployRecorder
+
+#: Makes durable the state in which a service is the given record (or is
+#: gone, for C{None}); raises L{mproxy.errors.StateError} when it cannot.
+Commit = Callable[[str, "ServiceRecord | None"], None]
 
 #: Progress of a long command: C{(phase, detail)}, e.g.
 #: C{("health", "waiting for web-2:3000 to become healthy")}.
@@ -124,3 +155,210 @@ def drain_replaced(lb: LoadBalancer, timeout: float, progress: Progress) -> Any:
             continue
         lb.close()
         return drained
+
+
+class Deployer:
+    """
+    Runs deploys against the router.  Everything it touches is injected:
+    C{commit} makes a new state durable (the controller's state file),
+    C{balancer} builds a load balancer for a L{Slot}.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        clock: IReactorTime,
+        probe: ProbeFunction,
+        logger: JSONLogger,
+        commit: Commit,
+        balancer: Callable[[Slot], LoadBalancer],
+        certificates: "Certificates",
+        validate_error_pages: Callable[[ServiceOptions], None],
+        deploys: "DeployRecorder",
+    ) -> None:
+        self.router = router
+        self.clock = clock
+        self.probe = probe
+        self.logger = logger
+        self._commit = commit
+        self._balancer = balancer
+        self.certificates = certificates
+        self.validate_error_pages = validate_error_pages
+        self.deploys = deploys
+        self._locks: dict[str, DeferredLock] = {}
+
+    def _lock(self, name: str) -> DeferredLock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = DeferredLock()
+        return lock
+
+    def _service(self, name: str) -> Service:
+        s = self.router.services.get(name)
+        if s is None:
+            raise ServiceNotFound.named(name)
+        return s
+
+    @inlineCallbacks
+    def deploy(self, req: DeployRequest, progress: Progress = no_progress) -> Any:
+        """
+        Health-check the new targets, switch the service to them, drain the
+        old ones; fires with a L{DeployResult} only when all of that is done.
+        On failure nothing changes and the old targets keep serving.
+
+        Cancelling the Deferred before the switch abandons the deploy (checks
+        stopped, nothing changed); after the switch the drain goes on and the
+        Deferred fires when it ends.
+        """
+        try:
+            result = yield self._deploy(req, progress)
+        except BaseException as e:
+            self._deploy_failed(req.service, req.targets, e)
+            raise
+        self.deploys.deploy(req.service, "success")
+        self.logger.info(
+            "Deployed",
+            service=req.service,
+            targets=list(req.targets),
+            hosts=list(req.options.hosts),
+            paths=list(req.options.path_prefixes),
+            tls=req.options.tls_enabled,
+            drained=result.drained.requests,
+            cut=result.drained.cut,
+        )
+        progress("done", "")
+        return result
+
+    def _deploy_failed(self, service: str, targets: tuple[str, ...], e: BaseException) -> None:
+        if isinstance(e, CancelledError):
+            self.deploys.deploy(service, "cancelled")
+            self.logger.warn(
+                "Deploy cancelled", service=service, targets=list(targets),
+                reason="cancelled before the switch; the old targets keep serving",
+            )
+        else:
+            self.deploys.deploy(service, "failure")
+            self.logger.error(
+                "Deploy failed", service=service, targets=list(targets),
+                error=str(e) or e.__class__.__name__,
+            )
+
+    @inlineCallbacks
+    def _deploy(self, req: DeployRequest, progress: Progress) -> Any:
+        req.validate()
+        self.certificates.validate(req.options)
+        self.validate_error_pages(req.options)
+        self.logger.info(
+            "Deploying", service=req.service, targets=list(req.targets),
+            hosts=list(req.options.hosts), paths=list(req.options.path_prefixes),
+            tls=req.options.tls_enabled,
+        )
+        lock = self._lock(req.service)
+        yield lock.acquire()
+        try:
+            # Refuse a host conflict before spending the deploy timeout on health.
+            self.router.check_conflicts(req.service, req.options)
+            lb = self._balancer(Slot(req.targets, req.readers))
+            if req.force:
+                self.logger.warn("Deploying without waiting for health (--force)",
+                                 service=req.service)
+                lb.start_health_checks(req.target_options.health_check, self.probe)
+            else:
+                yield wait_healthy(lb, req.target_options, self.probe, self.clock,
+                                   req.deploy_timeout, progress)
+            old = self._switch_active(req, lb)
+        finally:
+            lock.release()
+        progress("switched", "traffic switched to " + ", ".join(lb.addresses))
+        drained = Drained()
+        if old is not None:
+            drained = yield drain_replaced(old, req.drain_timeout, progress)
+        return DeployResult(req.targets + req.readers, drained)
+
+    def _switch_active(self, req: DeployRequest, lb: LoadBalancer) -> LoadBalancer | None:
+        """
+        Make C{lb} the service's active load balancer, creating the service
+        or updating its options; returns the load balancer it replaced.
+        Synchronous, so no request can slip between the old one and the new.
+        On any error C{lb} is closed and nothing has changed.
+        """
+        name = req.service
+        try:
+            self.router.check_conflicts(name, req.options)
+            existing = self.router.services.get(name)
+            record = ServiceRecord(name, req.options, req.target_options,
+                                   Slot(req.targets, req.readers))
+            if existing is not None:
+                kept = ServiceRecord.of(existing)
+                record = attrs.evolve(record, rollout=kept.rollout, split=kept.split,
+                                      pause=kept.pause)
+            self._commit(name, record)
+        except BaseException:
+            lb.close()
+            raise
+        if existing is None:
+            old = None
+            existing = Service(name, req.options, req.target_options, lb, self.clock)
+        else:
+            old = existing.active
+            existing.options = req.options
+            existing.target_options = req.target_options
+            existing.active = lb
+        self.router.install(existing)
+        self.certificates.update_service(name, req.options)
+        return old
+
+    # Rollout
+
+    @inlineCallbacks
+    def rollout_deploy(
+        self,
+        name: str,
+        targets: tuple[str, ...],
+        readers: tuple[str, ...] = (),
+        deploy_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        progress: Progress = no_progress,
+    ) -> Any:
+        """
+        Fill the service's rollout slot with healthy new targets (no traffic
+        moves until L{rollout_set}); fires with a L{DeployResult} once the
+        targets it replaced have drained.
+        """
+        slot = Slot(unique(targets), unique(readers))
+        validate_targets(slot.writers, slot.readers)
+        validate_timeouts(deploy_timeout, drain_timeout)
+        service = self._service(name)
+        lock = self._lock(name)
+        yield lock.acquire()
+        try:
+            self.logger.info("Deploying for rollout", service=name, targets=list(slot.writers))
+            lb = self._balancer(slot)
+            yield wait_healthy(lb, service.target_options, self.probe, self.clock,
+                               deploy_timeout, progress)
+            old = self._fill_rollout(name, lb)
+        finally:
+            lock.release()
+        progress("switched", "rollout targets ready: " + ", ".join(lb.addresses)
+                 + " (traffic moves with `mproxy rollout set`)")
+        drained = Drained()
+        if old is not None:
+            drained = yield drain_replaced(old, drain_timeout, progress)
+        self.logger.info("Deployed for rollout", service=name, targets=list(slot.writers))
+        progress("done", "")
+        return DeployResult(slot.writers + slot.readers, drained)
+
+    def _fill_rollout(self, name: str, lb: LoadBalancer) -> LoadBalancer | None:
+        """
+        Put C{lb} in the rollout slot; returns the load balancer it replaced.
+        On any error C{lb} is closed and nothing has changed.
+        """
+        try:
+            service = self._service(name)  # removed while the rollout waited?
+            slot = Slot(lb.writer_addresses, lb.reader_addresses)
+            self._commit(name, attrs.evolve(ServiceRecord.of(service), rollout=slot))
+        except BaseException:
+            lb.close()
+            raise
+        old, service.rollout = service.rollout, lb
+        return old

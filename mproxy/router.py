@@ -151,7 +151,7 @@ class Router:
         """
         A service that does not serve C{/} takes its TLS and TLS-redirect
         flags from the service serving C{/} for its first host; without one,
-        TLS is off and redirect on (reference 2.5).  Otherwise such a service
+        TLS is off and redirect on, as in kamal-proxy.  Otherwise such a service
         under an HTTPS host would refuse HTTPS requests.
         """
         for s in self.services.values():

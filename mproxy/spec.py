@@ -175,6 +175,14 @@ def _tuple(value: Any) -> tuple[str, ...]:
     return tuple(value or ())
 
 
+def given(**values: Any) -> dict[str, Any]:
+    """
+    The values that are not C{None}, as keyword arguments: pass only what
+    a client gave, and the rest take the defaults declared here.
+    """
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise InvalidOptions(f"{name} must be greater than zero")
@@ -252,7 +260,7 @@ class ServiceOptions:
 
     def validate(self) -> None:
         """
-        Check the options against each other (reference section 1.12).
+        Check the options against each other (the rules kamal-proxy applies).
 
         @raise InvalidOptions: naming the first problem found.
         """

@@ -21,7 +21,8 @@ from attrs import field, frozen
 
 from mproxy.errors import InvalidOptions, InvalidTarget, StateError
 from mproxy.fileutil import atomic_write
-from mproxy.service import PauseState, RolloutSplit
+from mproxy.balancer import LoadBalancer
+from mproxy.service import PauseState, RolloutSplit, Service
 from mproxy.spec import (
     DEFAULT_PAUSE_TIMEOUT,
     ServiceOptions,
@@ -66,6 +67,27 @@ class ServiceRecord:
     rollout: Slot | None = None
     split: RolloutSplit | None = None
     pause: PauseRecord = field(factory=PauseRecord)
+
+    @classmethod
+    def of(cls, service: Service) -> ServiceRecord:
+        """
+        The record of a live service.
+        """
+
+        def slot(lb: LoadBalancer) -> Slot:
+            return Slot(lb.writer_addresses, lb.reader_addresses)
+
+        return cls(
+            name=service.name,
+            options=service.options,
+            target_options=service.target_options,
+            active=slot(service.active),
+            rollout=slot(service.rollout) if service.rollout is not None else None,
+            split=service.split,
+            pause=PauseRecord(
+                service.pause.state, service.pause.max_pause, service.pause.stop_message
+            ),
+        )
 
     def to_json(self) -> dict[str, Any]:
         rollout = self.rollout

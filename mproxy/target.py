@@ -8,7 +8,7 @@ left at the drain deadline.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
@@ -52,12 +52,14 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
-PoolFactory = Callable[[str, int], Any]
+#: Builds the upstream connection pool of a target from its host and port.
+PoolFactory = Callable[[str, int], Pool]
 
 
 class _NoPool:
     """
-    Stand-in pool for targets built without a data plane (unit tests).
+    The pool of targets built without a data plane (the control plane's unit
+    tests); the server always passes the data plane's pools.
     """
 
     def close_idle(self) -> None:

@@ -283,7 +283,7 @@ class DeployParsingTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """
-        Defaults follow the reference.
+        Flags not given take the defaults of mproxy.spec.
         """
         req = parse_deploy("web:1")
         self.assertEqual(req.deploy_timeout, 30.0)
@@ -451,7 +451,7 @@ class DeployParsingTests(SynchronousTestCase):
 
     def test_validation(self) -> None:
         """
-        Service options are validated on the client, with the reference
+        Service options are validated on the client, with kamal-proxy's
         messages.
         """
         self.assertEqual(
@@ -796,9 +796,11 @@ class ClientCommandTests(SynchronousTestCase):
         """
         self.cli("deploy", "web-1:3000")
         s = self.reactor.router.services["default"]
-        self.assertEqual(self.cli("pause", "default", "--max-pause", "1m")[0], 0)
+        status, out, err = self.cli("pause", "default", "--max-pause", "1m")
+        self.assertEqual((status, out), (0, "draining 0 requests from default\n"))
         self.assertEqual((s.state_name, s.pause.max_pause), ("paused", 60.0))
-        self.assertEqual(self.cli("stop", "default", "--message", "bye")[0], 0)
+        status, out, err = self.cli("stop", "default", "--message", "bye")
+        self.assertEqual((status, out), (0, "draining 0 requests from default\n"))
         self.assertEqual((s.state_name, s.pause.stop_message), ("stopped", "bye"))
         self.assertEqual(self.cli("resume", "default")[0], 0)
         self.assertEqual(s.state_name, "running")
@@ -806,7 +808,7 @@ class ClientCommandTests(SynchronousTestCase):
 
     def test_rollout(self) -> None:
         """
-        The rollout subcommands work, with the reference errors.
+        The rollout subcommands work, with kamal-proxy's errors.
         """
         self.cli("deploy", "web-1:3000")
         self.assertEqual(self.cli("rollout", "set", "default", "--percent", "10"),

@@ -379,7 +379,7 @@ class HelperTests(SynchronousTestCase):
 
     def test_describe_failure(self) -> None:
         """
-        Failures become the short messages of the reference.
+        Failures become short messages, as kamal-proxy words them.
         """
         from twisted.internet.defer import CancelledError, TimeoutError
 

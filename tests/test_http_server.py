@@ -703,37 +703,18 @@ class FuzzTests(SynchronousTestCase):
                 self.assertTrue(out.startswith(b"HTTP/1.1 "), (bytes(data), out))
 
 
-class NegotiatingShutdownTests(SynchronousTestCase):
-    def test_h2_goaway_then_close(self) -> None:
+class NegotiatingTests(SynchronousTestCase):
+    def test_close_before_any_byte(self) -> None:
         """
-        At shutdown an HTTP/2 connection gets GOAWAY and is closed once its
-        streams are done.
+        At shutdown a TLS connection that has not chosen a protocol yet is
+        closed at once.
         """
-        from mproxy.http.server import _NegotiatingProtocol
-
-        class Conn:
-            def close_connection(self) -> None:
-                self.closed = True
-
-            def data_to_send(self) -> bytes:
-                return b"GOAWAY"
-
-        class H2:
-            conn = Conn()
-            streams = {1: object()}
-
-        reactor = MemoryReactorClock()
-        site = ProxySite(Recorder(), reactor, secure=True)
+        site = ProxySite(Recorder(), MemoryReactorClock(), secure=True)
         p = site.buildProtocol(None)
-        self.assertIsInstance(p, _NegotiatingProtocol)
         t = StringTransport()
         p.makeConnection(t)
-        p._channel = H2()
+        self.assertTrue(p.is_idle())
         site.shutdown(10)
-        self.assertEqual(t.value(), b"GOAWAY")
-        self.assertFalse(t.disconnecting)
-        H2.streams = {}
-        reactor.advance(0.1)
         self.assertTrue(t.disconnecting)
 
     def test_http11_over_tls_uses_fast_channel(self) -> None:
@@ -744,6 +725,7 @@ class NegotiatingShutdownTests(SynchronousTestCase):
         site = ProxySite(r, MemoryReactorClock(), secure=True)
         p = site.buildProtocol(None)
         t = StringTransport()
+        t.negotiatedProtocol = None  # type: ignore[attr-defined]
         p.makeConnection(t)
         p.dataReceived(GET)
         self.assertIsInstance(p._channel, FastHTTPChannel)

@@ -6,22 +6,34 @@ L{mproxy.http.reqlog}, with fake routers, services and claims.
 from __future__ import annotations
 
 import re
+from io import BytesIO
 from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
+from twisted.web.test.requesthelper import DummyChannel
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mproxy.http.pages import render_page
 from mproxy.http.forwarding import new_request_id
+from mproxy.http.generic import GenericExchange
 from mproxy.http.interfaces import (
-    IClaim, IProxiedService, IProxiedTarget, IRefusal, IRequestMetrics, IRouteMatch, IRouter,
+    IClaim,
+    IExchange,
+    IProxiedService,
+    IProxiedTarget,
+    IRefusal,
+    IRequestMetrics,
+    IRouteMatch,
+    IRouter,
+    IUpstreamReceiver,
 )
+from mproxy.http.pages import render_page
 from mproxy.http.proxy import ProxyResource, build_http_factory
 from mproxy.http.upstream import UpstreamPool
 from mproxy.logging import ListLogger
@@ -196,6 +208,21 @@ class FakeContractTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IRouteMatch, FakeMatch(service, "/")))
         self.assertTrue(verifyObject(IRouter, FakeRouter()))
         self.assertTrue(verifyObject(IRequestMetrics, FakeMetrics()))
+
+    def test_relay_and_generic_exchange(self) -> None:
+        """
+        The relay is the upstream receiver (and the client's producer); the
+        exchange over a standard Twisted request is an L{IExchange}.
+        """
+        h = Harness()
+        h.get()
+        relay = h.reactor.tcpClients[0][2].exchange.receiver
+        self.assertTrue(verifyObject(IUpstreamReceiver, relay))
+        self.assertTrue(verifyObject(IPushProducer, relay))
+        request = Request(DummyChannel())
+        request.method, request.uri, request.clientproto = b"GET", b"/x?y", b"HTTP/1.1"
+        request.content = BytesIO(b"")
+        self.assertTrue(verifyObject(IExchange, GenericExchange(request)))
 
 
 class RoutingTests(SynchronousTestCase):

@@ -352,7 +352,7 @@ class RouteTableTests(SynchronousTestCase):
 
 class TLSInheritanceTests(SynchronousTestCase):
     """
-    Reference 2.5: services that do not serve C{/} take TLS and TLS-redirect
+    Services that do not serve C{/} take TLS and TLS-redirect
     from the root service of their first host.
     """
 

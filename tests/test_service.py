@@ -308,9 +308,9 @@ class RolloutSplitTests(SynchronousTestCase):
             )
 
 
-class ReferenceRolloutTests(SynchronousTestCase):
+class KamalRolloutTests(SynchronousTestCase):
     """
-    The reference's rollout controller acceptance cases.
+    kamal-proxy's rollout acceptance cases, with its cookie values.
     """
 
     def test_percentage_split(self) -> None:

@@ -19,6 +19,7 @@ from mproxy.spec import (
     normalise_hosts,
     normalise_prefixes,
     from_json,
+    given,
     parse_duration,
     parse_target,
     to_json,
@@ -114,7 +115,7 @@ class ParseTargetTests(SynchronousTestCase):
 
     def test_invalid(self) -> None:
         """
-        Anything else raises L{InvalidTarget} with the reference message.
+        Anything else raises L{InvalidTarget} saying what is allowed.
         """
         for text in [
             "bad target!",
@@ -174,7 +175,7 @@ def invalid(testcase: SynchronousTestCase, options: ServiceOptions) -> str:
 
 class ValidationTests(SynchronousTestCase):
     """
-    Every message of reference section 1.12.
+    Every message of kamal-proxy's option validation.
     """
 
     def test_defaults_valid(self) -> None:
@@ -527,3 +528,13 @@ class JSONTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             from_json(DeployRequest, [])
         self.assertEqual(from_json(HealthCheckConfig, {"interval": 2}).interval, 2.0)
+
+
+class GivenTests(SynchronousTestCase):
+    def test_given(self) -> None:
+        """
+        L{given} keeps the values that were given, so that the others take
+        the defaults declared in L{mproxy.spec}.
+        """
+        self.assertEqual(given(a=1, b=None, c=False, d=""), {"a": 1, "c": False, "d": ""})
+        self.assertEqual(HealthCheckConfig(**given(path=None, port=9)), HealthCheckConfig(port=9))

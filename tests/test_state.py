@@ -162,7 +162,7 @@ class StateStoreTests(SynchronousTestCase):
 
     def test_legacy_list(self) -> None:
         """
-        A bare JSON list of services (the reference's format) loads.
+        A bare JSON list of services (kamal-proxy's format) loads.
         """
         self.write(json.dumps(JSON).encode())
         self.assertEqual(self.store.load(), RECORDS)

@@ -284,7 +284,6 @@ class BalancerTests(SynchronousTestCase):
         lb = healthy_lb(["ww:1"], ["r1:2", "r2:3"])
         self.assertEqual({lb.claim(True).target.address for _ in range(4)}, {"r1:2", "r2:3"})
         self.assertEqual({lb.claim(False).target.address for _ in range(4)}, {"ww:1"})
-        self.assertTrue(lb.has_readers())
 
     def test_reads_fall_back_to_writers(self) -> None:
         """

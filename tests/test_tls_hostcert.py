@@ -20,7 +20,7 @@ class HostCertificateTests(SynchronousTestCase):
         self.orders: list = []
         self.logger = ListLogger()
 
-        def order(directory, name, challenge):
+        def order(directory, name, challenge, on_demand):
             d = Deferred()
             self.orders.append((name, challenge, d))
             return d
@@ -93,3 +93,71 @@ class HostCertificateTests(SynchronousTestCase):
         )
         host.start()
         self.assertEqual((host.status().state, self.clock.getDelayedCalls()), ("failed", []))
+
+
+class ClusterTransitionTests(SynchronousTestCase):
+    """
+    What a cluster adds: another node holding the lock, an unreachable
+    store, and certificates another node got.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.orders: list = []
+        self.logger = ListLogger()
+
+        def order(directory, name, challenge, on_demand):
+            d = Deferred()
+            self.orders.append((challenge, d))
+            return d
+
+        self.host = HostCertificate(
+            self.clock, RetryPolicy(initial=10), order, self.logger, "https://ca.test", "a.test", "web"
+        )
+        self.host.start()
+        self.clock.advance(0)
+
+    def test_heldElsewhere(self) -> None:
+        """
+        Another node holds the lock: no failure is counted, the status says
+        where it is being ordered, and the lock's expiry is the next try.
+        """
+        self.orders.pop()[1].errback(IssueError("b is ordering it", held_by="b", retry_after=7))
+        row = self.host.status()
+        self.assertEqual((row.state, row.error, row.ordering_on, row.next_attempt), ("pending", None, "b", 1007))
+        self.assertEqual(row.describe(), "pending; ordering on b")
+        self.assertEqual(self.host.failures, 0)
+        self.clock.advance(7)
+        self.assertEqual(self.orders[-1][0], "http-01")
+
+    def test_storeUnavailable(self) -> None:
+        """
+        The store cannot be reached: retried after 1, 2, 4 ... s (not the
+        ACME backoff), without counting failures or switching challenges.
+        """
+        for wait in (1, 2, 4):
+            challenge, d = self.orders.pop()
+            self.assertEqual(challenge, "http-01")
+            d.errback(IssueError("cluster store unreachable (down)", store_unavailable=True))
+            self.assertEqual(self.host.next_attempt, self.clock.seconds() + wait)
+            self.clock.advance(wait)
+        self.assertEqual((self.host.failures, self.host.status().state), (0, "pending"))
+        self.orders.pop()[1].callback(make_certificate(["a.test"]))
+        self.assertEqual((self.host.status().state, self.host.store_waits), ("valid", 0))
+
+    def test_adopt(self) -> None:
+        """
+        A longer-lived certificate from another node replaces the current
+        one and moves the renewal; an older one is ignored.
+        """
+        first = make_certificate(["a.test"], not_before=1000, not_after=4000)
+        self.orders.pop()[1].callback(first)
+        newer = make_certificate(["a.test"], not_before=2000, not_after=5000)
+        newer.issued_by = "b"
+        self.assertTrue(self.host.adopt(newer))
+        self.assertIs(self.host.certificate, newer)
+        self.assertEqual(self.host.next_attempt, 5000 - 3000 / 3)
+        self.assertIn("issued by b", self.host.status().describe())
+        self.assertFalse(self.host.adopt(first))
+        self.assertIs(self.host.certificate, newer)

@@ -779,3 +779,59 @@ class OnDemandFloodTests(ServiceTestMixin, SynchronousTestCase):
         for i in range(10):
             self.service.select(f"h{i}.test")
         self.assertEqual(pending, ["h0.test", "h1.test", "h2.test"])
+
+
+class FakeCluster:
+    def __init__(self, node="a"):
+        self.node = node
+        self.reachable = True
+
+
+class ClusterStatusTests(ServiceTestMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.cluster = FakeCluster()
+        self.service.cluster = self.cluster
+
+    def test_adoptFromAnotherNode(self) -> None:
+        """
+        A certificate another node announces is served for a deployed host
+        and renewed from; one for a host deployed later is known as that
+        node's when it is loaded from the local copy.
+        """
+        self.service.startService()
+        self.service.update_service("web", tls("a.test"))
+        self.clock.advance(0)
+        now = self.clock.seconds()
+        newer = make_certificate(["a.test"], not_before=now, not_after=now + 120 * DAY)
+        newer.issued_by = "b"
+        self.service.adopt(PROD, "a.test", newer)
+        self.assertIs(self.service.select("a.test"), newer)
+        self.assertIn("; issued by b", self.service.status()["a.test"])
+        [row] = self.service.host_status()
+        self.assertEqual(row.next_attempt, now + 80 * DAY)
+
+        other = make_certificate(["c.test"], not_before=now, not_after=now + 90 * DAY)
+        chain, key = pem_pair(other)
+        CertificateStore(self.state).for_directory(PROD).save_certificate("c.test", key, chain)
+        other.issued_by = "c"
+        self.service.adopt(PROD, "c.test", other)
+        self.service.update_service("second", tls("c.test"))
+        self.assertIn("; issued by c", self.service.status()["c.test"])
+
+    def test_orderingAndUnreachable(self) -> None:
+        """
+        While this node orders, the row says so; an unreachable store is
+        said on every row.
+        """
+        jobs = []
+        self.service = self.make(run_in_thread=lambda job: jobs.append(job) or Deferred())
+        self.service.cluster = self.cluster
+        self.service.startService()
+        self.service.update_service("web", tls("a.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.service.status()["a.test"], "pending; ordering on a")
+        self.cluster.reachable = False
+        self.assertEqual(
+            self.service.status()["a.test"], "pending; ordering on a; cluster store unreachable"
+        )

@@ -37,6 +37,9 @@ class Config:
         self.acme_directory = kw.get("acme_directory", LETS_ENCRYPT)
         self.acme_email = kw.get("acme_email", "")
         self.acme_ca_bundle = kw.get("acme_ca_bundle", "")
+        self.cluster = kw.get("cluster", "")
+        self.cluster_ca_bundle = ""
+        self.cluster_node = kw.get("cluster_node", "")
 
 
 class WiringTests(SynchronousTestCase):

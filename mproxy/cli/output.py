@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import IO, Any, Mapping
 
-from mproxy.deploy import plural
-
 
 def _isatty(stream: IO[str]) -> bool:
     try:
@@ -77,6 +75,10 @@ class ProgressPrinter:
         self.finish()
         self.out.write(line + "\n")
         self.out.flush()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def deploy_summary(service: str, answer: dict[str, Any], seconds: float,

@@ -1,7 +1,7 @@
 """
 Command-line parsing for every C{mproxy} command.
 
-Flags follow the reference (cobra) conventions: C{--flag value} or
+Flags follow the conventions of kamal-proxy (cobra): C{--flag value} or
 C{--flag=value}; booleans bare (C{--tls}) or explicit (C{--tls=false}); list
 flags repeat and/or take comma-separated values.  Errors raise L{UsageError}
 with the message the user sees after C{Error: }.
@@ -206,8 +206,19 @@ def deploy_command() -> Command:
                metavar="URL")
     cmd.flag("tls-redirect", "Redirect plain HTTP to HTTPS when TLS is on", True)
     cmd.option("canonical-host", "Redirect other hosts of this service to this one", metavar="HOST")
+    _deploy_target_flags(cmd)
+    cmd.option("socket", "Control socket path", metavar="PATH")
+    return cmd
+
+
+def _deploy_target_flags(cmd: Command) -> None:
+    """
+    The C{deploy} flags about the targets: waits, health checks, timeouts,
+    buffering, logging, forwarded headers.
+    """
     cmd.option("deploy-timeout", "Maximum time to wait for the new targets to become healthy",
-               type=duration, default=_d(spec.DEFAULT_DEPLOY_TIMEOUT), aliases=("timeout",), metavar="DURATION")
+               type=duration, default=_d(spec.DEFAULT_DEPLOY_TIMEOUT), aliases=("timeout",),
+               metavar="DURATION")
     cmd.option("drain-timeout", "Maximum time to let in-flight requests on old targets finish",
                type=duration, default=_d(spec.DEFAULT_DRAIN_TIMEOUT), metavar="DURATION")
     cmd.flag("force", "Switch traffic without waiting for health checks")
@@ -241,8 +252,6 @@ def deploy_command() -> Command:
     cmd.flag("forward-headers", "Forward client X-Forwarded-* headers (default: on unless --tls)")
     cmd.option("client-ip-header", "Header holding the real client IP", metavar="NAME")
     cmd.flag("scope-cookie-paths", "Scope Set-Cookie paths to the path prefix")
-    cmd.option("socket", "Control socket path", metavar="PATH")
-    return cmd
 
 
 def simple_command(name: str, summary: str, *, service: bool = True) -> Command:

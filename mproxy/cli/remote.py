@@ -26,15 +26,9 @@ from mproxy.config import socket_path
 from mproxy.control import commands as c
 from mproxy.control.client import ControlClient, connect
 from mproxy.errors import InvalidOptions, MproxyError
+from mproxy.spec import given
 
 INTERRUPTED = 130
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    """
-    Only the flags given: the server applies the defaults of the others.
-    """
-    return {k: v for k, v in values.items() if v is not None}
 
 
 @inlineCallbacks
@@ -52,7 +46,7 @@ def _rollout_deploy(client: ControlClient, ns: Any, out: ProgressPrinter, clock:
     started = clock.seconds()
     answer = yield client.call(
         c.RolloutDeploy, service=ns.service, targets=ns.target,
-        **_given(readers=ns.read_target, deploy_timeout=ns.deploy_timeout,
+        **given(readers=ns.read_target, deploy_timeout=ns.deploy_timeout,
                  drain_timeout=ns.drain_timeout),
     )
     out.summary(deploy_summary(ns.service, answer, clock.seconds() - started, rollout=True))
@@ -69,12 +63,12 @@ def _list(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> A
 
 def _pause(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
     return client.call(c.Pause, service=ns.service,
-                       **_given(drain_timeout=ns.drain_timeout, max_pause=ns.max_pause))
+                       **given(drain_timeout=ns.drain_timeout, max_pause=ns.max_pause))
 
 
 def _stop(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
     return client.call(c.Stop, service=ns.service,
-                       **_given(drain_timeout=ns.drain_timeout, message=ns.message))
+                       **given(drain_timeout=ns.drain_timeout, message=ns.message))
 
 
 def _rollout_set(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:

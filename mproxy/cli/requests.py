@@ -14,15 +14,13 @@ import os
 from typing import Any
 
 from mproxy.errors import InvalidOptions
-from mproxy.spec import DeployRequest, HealthCheckConfig, ServiceOptions, TargetOptions
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    """
-    Only the flags given on the command line: the others take the defaults
-    of L{mproxy.spec}.
-    """
-    return {k: v for k, v in values.items() if v is not None}
+from mproxy.spec import (
+    DeployRequest,
+    HealthCheckConfig,
+    ServiceOptions,
+    TargetOptions,
+    given,
+)
 
 
 def deploy_request(ns: Any) -> DeployRequest:
@@ -47,7 +45,7 @@ def deploy_request(ns: Any) -> DeployRequest:
         readers=tuple(ns.read_target or ()),
         options=_service_options(ns),
         target_options=_target_options(ns),
-        **_given(
+        **given(
             deploy_timeout=ns.deploy_timeout, drain_timeout=ns.drain_timeout, force=ns.force
         ),
     )
@@ -73,7 +71,7 @@ def _service_options(ns: Any) -> ServiceOptions:
         path_prefixes=ns.path_prefix or (),
         tls_enabled=bool(ns.tls),
         canonical_host=(ns.canonical_host or "").lower(),
-        **_given(
+        **given(
             strip_prefix=ns.strip_path_prefix,
             tls_certificate_path=_abspath(ns.tls_certificate_path),
             tls_private_key_path=_abspath(ns.tls_private_key_path),
@@ -91,7 +89,7 @@ def _service_options(ns: Any) -> ServiceOptions:
 
 def _target_options(ns: Any) -> TargetOptions:
     health = HealthCheckConfig(
-        **_given(
+        **given(
             path=ns.health_check_path,
             port=ns.health_check_port,
             interval=ns.health_check_interval,
@@ -103,7 +101,7 @@ def _target_options(ns: Any) -> TargetOptions:
         health_check=health,
         # X-Forwarded-* from clients are trusted by default only without TLS.
         forward_headers=not ns.tls if ns.forward_headers is None else ns.forward_headers,
-        **_given(
+        **given(
             target_timeout=ns.target_timeout,
             buffer_requests=ns.buffer_requests,
             buffer_responses=ns.buffer_responses,

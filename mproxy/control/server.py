@@ -26,15 +26,7 @@ from mproxy.controller import Controller
 from mproxy.deploy import DeployResult
 from mproxy.errors import DeployCancelled
 from mproxy.logging import JSONLogger
-from mproxy.spec import DeployRequest
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    """
-    The optional arguments the client sent; the others take the
-    controller's defaults (those of L{mproxy.spec}).
-    """
-    return {k: v for k, v in values.items() if v is not None}
+from mproxy.spec import DeployRequest, given
 
 
 def _answer(result: DeployResult) -> dict[str, Any]:
@@ -163,7 +155,7 @@ class ControlProtocol(amp.AMP):
         self._require_hello()
         d = self.controller.pause(
             service, progress=self._progress,
-            **_given(drain_timeout=drain_timeout, max_pause=max_pause),
+            **given(drain_timeout=drain_timeout, max_pause=max_pause),
         )
         return d.addCallback(lambda _: {})
 
@@ -172,7 +164,7 @@ class ControlProtocol(amp.AMP):
         self._require_hello()
         d = self.controller.stop(
             service, progress=self._progress,
-            **_given(drain_timeout=drain_timeout, message=message),
+            **given(drain_timeout=drain_timeout, message=message),
         )
         return d.addCallback(lambda _: {})
 
@@ -194,7 +186,7 @@ class ControlProtocol(amp.AMP):
         self._require_hello()
         d = self.controller.rollout_deploy(
             service, tuple(targets), tuple(readers or ()), progress=self._progress,
-            **_given(deploy_timeout=deploy_timeout, drain_timeout=drain_timeout),
+            **given(deploy_timeout=deploy_timeout, drain_timeout=drain_timeout),
         )
         return self._owned(d)
 

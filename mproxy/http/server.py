@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet.interfaces import INegotiated, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http as _http
@@ -454,8 +454,8 @@ class _NegotiatingProtocol(Protocol):
         self.site._connection_opened(self)
 
     def _choose(self) -> Any:
-        t = self.transport
-        proto = t.negotiatedProtocol if INegotiated.providedBy(t) else None
+        # a TLS transport: its ALPN result (None before TLS 1.2 ALPN)
+        proto = self.transport.negotiatedProtocol
         if proto == b"h2" and _http.H2_ENABLED:
             from mproxy.http.h2 import H2Channel
 
@@ -483,31 +483,18 @@ class _NegotiatingProtocol(Protocol):
 
     def is_idle(self) -> bool:
         ch = self._channel
-        if ch is None:
-            return True
-        if isinstance(ch, FastHTTPChannel):
-            return ch.is_idle()
-        return not ch.streams  # HTTP/2
+        return ch is None or ch.is_idle()
 
     def close_when_idle(self) -> None:
+        """
+        Graceful shutdown, as the chosen channel does it (HTTP/2: GOAWAY,
+        the open streams finish); before any byte, close at once.
+        """
         ch = self._channel
-        if isinstance(ch, FastHTTPChannel):
-            ch.close_when_idle()
-            return
-        if ch is not None:
-            # HTTP/2: GOAWAY, then close once the open streams are done
-            try:
-                ch.conn.close_connection()
-                self.transport.write(ch.conn.data_to_send())
-            except Exception:
-                pass
-        self._close_h2_when_done()
-
-    def _close_h2_when_done(self) -> None:
-        if self.is_idle():
+        if ch is None:
             self.transport.loseConnection()
-        elif self.connected:
-            self.site.reactor.callLater(0.1, self._close_h2_when_done)
+        else:
+            ch.close_when_idle()
 
     def abort(self) -> None:
         self.transport.abortConnection()

@@ -13,6 +13,12 @@ Automatic and custom TLS for mproxy.
   - L{mproxy.tls.gate}: C{OnDemandGate}, which on-demand names may order.
   - L{mproxy.tls.status}: C{HostStatus} rows.
   - L{mproxy.tls.interfaces}: the contracts between these pieces.
+  - L{mproxy.tls.redisstore}: C{RedisCluster}, what the nodes of a
+    C{--cluster} share through Redis (called from worker threads only).
+  - L{mproxy.tls.clusterstore}: the cluster's store, challenges, order
+    guard (one order per name) and on-demand policy over the local ones.
+  - L{mproxy.tls.listener}: C{ClusterListener}, the thread that brings
+    other nodes' certificates and challenges in.
   - L{mproxy.tls.acme}: C{AcmeIssuer}, one blocking RFC 8555 order with
     certbot's C{acme} library (run in a worker thread).
   - L{mproxy.tls.challenges}: HTTP-01 and TLS-ALPN-01 responses.

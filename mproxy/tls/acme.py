@@ -68,6 +68,10 @@ class IssueError(Exception):
     @ivar permanent: the CA refuses this identifier; retrying soon won't help.
     @ivar challenge_failed: the challenge type used failed validation (or the
         CA does not offer it); another type may well succeed at once.
+    @ivar held_by: another cluster node holds the order lock for the name
+        (no order was placed); C{retry_after} says when the lock expires.
+    @ivar store_unavailable: the cluster store could not be reached, so no
+        order was placed.
     """
 
     def __init__(
@@ -77,8 +81,12 @@ class IssueError(Exception):
         rate_limited: bool = False,
         permanent: bool = False,
         challenge_failed: bool = False,
+        held_by: str | None = None,
+        store_unavailable: bool = False,
     ) -> None:
         super().__init__(message)
+        self.held_by = held_by
+        self.store_unavailable = store_unavailable
         self.retry_after = retry_after
         self.rate_limited = rate_limited
         self.permanent = permanent
@@ -213,6 +221,7 @@ class AcmeIssuer:
                 serialization.NoEncryption(),
             )
             self.store.save_account_key(pem)
+            pem = self.store.load_account_key() or pem
         return jose.JWKRSA(key=serialization.load_pem_private_key(pem, password=None))
 
     def _ensure_client(self) -> acme_client.ClientV2:

@@ -30,6 +30,8 @@ class RetryPolicy:
         failed (it is still retried, at C{maximum}).
     @ivar challenge_types: tried in turn, one per attempt.
     @ivar renew_fraction: renew when this fraction of the lifetime is left.
+    @ivar store_initial: the wait after the cluster store could not be
+        reached; it doubles up to C{store_maximum}.
     """
 
     initial: float = 60.0
@@ -38,6 +40,8 @@ class RetryPolicy:
     failed_after: int = 5
     challenge_types: tuple[str, ...] = (HTTP_01, TLS_ALPN_01)
     renew_fraction: float = 1 / 3
+    store_initial: float = 1.0
+    store_maximum: float = 10.0
 
     def challenge_for(self, failures: int) -> str:
         """
@@ -65,6 +69,13 @@ class RetryPolicy:
         if error.retry_after is not None:
             delay = max(delay, error.retry_after)
         return delay
+
+    def store_delay(self, waits: int) -> float:
+        """
+        Seconds until the next attempt after the C{waits}-th attempt in a
+        row that found the cluster store unreachable.
+        """
+        return min(self.store_initial * 2 ** (waits - 1), self.store_maximum)
 
     def is_failed(self, failures: int, permanent: bool) -> bool:
         """

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-__all__ = ["CertifiedKey", "load_certified_key", "generate_key_pem", "format_time"]
+__all__ = ["CertifiedKey", "load_certified_key", "certified_pem", "generate_key_pem", "format_time"]
 
 
 @define(eq=False)
@@ -25,10 +25,13 @@ class CertifiedKey:
 
     Compared and hashed by identity (L{mproxy.tls.sni} caches one TLS context
     per instance).
+
+    @ivar issued_by: in a cluster, the node that ordered it (if known).
     """
 
     key: Any
     chain: list[x509.Certificate]
+    issued_by: str | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -89,6 +92,19 @@ def load_certified_key(chain_pem: bytes, key_pem: bytes) -> CertifiedKey:
     if _public_der(key.public_key()) != _public_der(chain[0].public_key()):
         raise ValueError("private key does not match certificate")
     return CertifiedKey(key=key, chain=chain)
+
+
+def certified_pem(certified: CertifiedKey) -> tuple[bytes, bytes]:
+    """
+    C{(chain PEM, key PEM)} of C{certified}, as L{load_certified_key} reads them.
+    """
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certified.chain)
+    key = certified.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return chain, key
 
 
 def generate_key_pem() -> bytes:

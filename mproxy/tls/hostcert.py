@@ -6,10 +6,14 @@ directory, as a small state machine::
     idle --start--> waiting --timer--> ordering --issued--> waiting (renewal)
                                                 --failed--> waiting (retry)
     waiting --stop--> idle           ordering --stop--> (result kept, nothing scheduled)
+    idle/waiting --adopt--> waiting (renewal of a newer certificate another node got)
     any --drop--> dropped            (final: a late order result is ignored)
 
 When to order is the injected L{RetryPolicy}'s decision; how to order is the
-injected C{order(directory, host, challenge_type) -> Deferred[CertifiedKey]}.
+injected C{order(directory, host, challenge_type, on_demand) ->
+Deferred[CertifiedKey]}.  In a cluster an order may find another node
+holding the name's lock (wait for its certificate, then renew from it) or
+the store unreachable (retry soon); neither counts as a failure.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ WAITING = "waiting"
 ORDERING = "ordering"
 DROPPED = "dropped"
 
-Order = Callable[[str, str, str], Deferred]
+Order = Callable[[str, str, str, bool], Deferred]
 
 
 class HostCertificate:
@@ -70,6 +74,8 @@ class HostCertificate:
         self.failures = 0
         self.permanent = refused is not None
         self.next_attempt: float | None = None
+        self.lock_node: str | None = None
+        self.store_waits = 0
         self._call: Any = None
 
     # -- inputs -------------------------------------------------------------
@@ -106,6 +112,22 @@ class HostCertificate:
         self.stop()
         self.state = DROPPED
 
+    def adopt(self, certificate: CertifiedKey) -> bool:
+        """
+        Serve C{certificate} (another node ordered it) if it lasts longer
+        than the current one, and renew from it.  Returns whether it did.
+        """
+        current = self.certificate
+        if current is not None and certificate.not_after == current.not_after and current.issued_by is None:
+            current.issued_by = certificate.issued_by  # the same one, now we know who got it
+        if self.state == DROPPED or (current is not None and certificate.not_after <= current.not_after):
+            return False
+        self.certificate = certificate
+        self._succeeded()
+        if self.started and self.state != ORDERING:
+            self._wait(self.policy.renew_at(certificate) - self.clock.seconds())
+        return True
+
     def status(self) -> HostStatus:
         if self.certificate is not None:
             state = "valid"
@@ -120,6 +142,8 @@ class HostCertificate:
             self.certificate.not_after if self.certificate else None,
             self.error,
             self.next_attempt,
+            self.certificate.issued_by if self.certificate else None,
+            self.lock_node,
         )
 
     # -- transitions --------------------------------------------------------
@@ -147,7 +171,7 @@ class HostCertificate:
             host=self.name,
             challenge=challenge,
         )
-        d = self.order(self.directory, self.name, challenge)
+        d = self.order(self.directory, self.name, challenge, self.on_demand)
         d.addCallbacks(self._issued, self._failed)
         return d
 
@@ -156,19 +180,29 @@ class HostCertificate:
             return
         self.state = IDLE
         self.certificate = certificate
-        self.failures = 0
-        self.error = None
-        self.permanent = False
+        self._succeeded()
         until = format_time(certificate.not_after)
         self.logger.info(f"Certificate for {self.name} valid until {until}", host=self.name, until=until)
         if self.started:
             self._wait(self.policy.renew_at(certificate) - self.clock.seconds())
+
+    def _succeeded(self) -> None:
+        self.failures = 0
+        self.store_waits = 0
+        self.error = None
+        self.permanent = False
+        self.lock_node = None
 
     def _failed(self, failure: Failure) -> None:
         if self.state == DROPPED:
             return
         self.state = IDLE
         error = self._issue_error(failure)
+        if error.held_by is not None or error.store_unavailable:
+            self._not_ordered(error)
+            return
+        self.lock_node = None
+        self.store_waits = 0
         self.failures += 1
         self.error = str(error)
         self.permanent = error.permanent
@@ -181,6 +215,33 @@ class HostCertificate:
             delay=delay,
             error=str(error),
         )
+        if self.started:
+            self._wait(delay)
+
+    def _not_ordered(self, error: IssueError) -> None:
+        """
+        No order was placed: another node holds the lock (its certificate
+        arrives through L{adopt}; check again when the lock expires), or the
+        store is unreachable (retry soon, backing off).
+        """
+        if error.held_by is not None:
+            self.lock_node = error.held_by
+            delay = error.retry_after if error.retry_after is not None else self.policy.initial
+            self.logger.info(
+                f"Certificate for {self.name} is being ordered by {error.held_by}; waiting",
+                host=self.name,
+                node=error.held_by,
+            )
+        else:
+            self.store_waits += 1
+            self.error = str(error)
+            delay = self.policy.store_delay(self.store_waits)
+            self.logger.warn(
+                f"Certificate for {self.name} not ordered, retrying in {delay:.0f}s: {error}",
+                host=self.name,
+                delay=delay,
+                error=str(error),
+            )
         if self.started:
             self._wait(delay)
 

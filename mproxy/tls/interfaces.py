@@ -19,6 +19,7 @@ __all__ = [
     "ICertificateStore",
     "IChallengeResponder",
     "IOnDemandPolicy",
+    "IOrderGuard",
 ]
 
 
@@ -110,6 +111,22 @@ class IChallengeResponder(Interface):
 
     def alpn_certificate(server_name: str | None) -> object:
         """The TLS-ALPN-01 L{CertifiedKey} for C{server_name}, or None."""
+
+
+class IOrderGuard(Interface):
+    """
+    Decides, in the ACME worker thread, whether and how an order happens:
+    a cluster takes the name's lock first and may hand back a certificate
+    another node already got.
+    """
+
+    def run(directory_url: str, host: str, on_demand: bool, issue: object) -> object:
+        """
+        Call C{issue() -> CertifiedKey} if this node may order now, or
+        return a certificate without ordering; raise
+        L{mproxy.tls.acme.IssueError} (C{held_by}, C{store_unavailable},
+        C{retry_after}) when no order may happen now.
+        """
 
 
 class IOnDemandPolicy(Interface):

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 
 from mproxy.errors import CertificateError
 from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
@@ -45,7 +44,7 @@ from mproxy.tls.backoff import RetryPolicy
 from mproxy.tls.certs import CertifiedKey
 from mproxy.tls.challenges import ChallengeStore
 from mproxy.tls.gate import OnDemandGate
-from mproxy.tls.hostcert import HostCertificate
+from mproxy.tls.hostcert import ORDERING, HostCertificate
 from mproxy.tls.interfaces import ICertificateStore, IChallengeResponder
 from mproxy.tls.orders import OrderRunner
 from mproxy.tls.static import StaticCertificates, load_static
@@ -126,6 +125,44 @@ def match_service(services: dict[str, Any], server_name: str) -> tuple[str, Any]
     return None if best is None else (best[1], best[2])
 
 
+def wanted_hosts(
+    services: dict[str, Any], on_demand_hosts: dict[str, set[str]], directories: Directories
+) -> dict[Key, tuple[str, bool]]:
+    """
+    Every (directory, host) that needs an ACME certificate, with the service
+    that owns it and whether it is on-demand.
+    """
+    wanted: dict[Key, tuple[str, bool]] = {}
+    for name in sorted(services):
+        options = services[name]
+        if not _is_root(options):
+            continue
+        directory = directories.for_options(options)
+        if _is_acme(options):
+            for h in options.hosts:
+                if h and "*" not in h:
+                    wanted.setdefault((directory, h), (name, False))
+        elif _is_on_demand(options):
+            for h in on_demand_hosts.get(name, ()):
+                wanted.setdefault((directory, h), (name, True))
+    return wanted
+
+
+def cluster_row(host: HostCertificate, cluster: Any) -> HostStatus:
+    """
+    C{host}'s status row; in a cluster with this node ordering now and
+    whether the store is reachable.
+    """
+    row = host.status()
+    if cluster is None:
+        return row
+    return evolve(
+        row,
+        ordering_on=cluster.node if host.state == ORDERING else row.ordering_on,
+        store_unreachable=cluster.reachable is False,
+    )
+
+
 class CertificateService(Service):
     """
     See the module docstring.
@@ -138,6 +175,9 @@ class CertificateService(Service):
         the router's answer for path C{/}; the default matches the services
         given to L{update_service} (exact, then C{*.} wildcard, then default).
     @param gate: decides on-demand names; None refuses every unknown name.
+    @param cluster: in a cluster, its C{node} name and whether its store is
+        C{reachable}, for the status rows; certificates other nodes got
+        arrive through L{adopt}.
     """
 
     def __init__(
@@ -152,6 +192,7 @@ class CertificateService(Service):
         directories: Directories = Directories(),
         policy: RetryPolicy = RetryPolicy(),
         static_poll_interval: float = 5.0,
+        cluster: Any = None,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -163,30 +204,31 @@ class CertificateService(Service):
         self.directories = directories
         self.policy = policy
         self.static_poll_interval = static_poll_interval
+        self.cluster = cluster
         self.static = StaticCertificates(logger)
         self._services: dict[str, Any] = {}
         self._hosts: dict[Key, HostCertificate] = {}
         self._on_demand_hosts: dict[str, set[str]] = {}
-        self._poll: LoopingCall | None = None
+        # who got the certificates other nodes announced: (not_after, node)
+        self._issuers: dict[Key, tuple[float, str]] = {}
+        self.start_hooks: list[Callable[[], Any]] = []
         self.stop_hooks: list[Callable[[], Any]] = []
 
     # -- IService -----------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._poll = LoopingCall(self.check_static)
-        self._poll.clock = self.clock
-        self._poll.start(self.static_poll_interval, now=False)
+        self.static.start_polling(self.clock, self.static_poll_interval)
         for host in list(self._hosts.values()):
             host.start()
+        for hook in self.start_hooks:
+            hook()
 
     def stopService(self) -> Any:
         from twisted.internet.defer import gatherResults, maybeDeferred
 
         super().stopService()
-        if self._poll is not None and self._poll.running:
-            self._poll.stop()
-        self._poll = None
+        self.static.stop_polling()
         for host in self._hosts.values():
             host.stop()
         self.orders.cancel()
@@ -195,11 +237,7 @@ class CertificateService(Service):
 
     # -- deploy integration -------------------------------------------------
 
-    def validate(self, options: Any) -> None:
-        """
-        See L{validate_tls_options}.
-        """
-        validate_tls_options(options)
+    validate = staticmethod(validate_tls_options)
 
     def update_service(self, name: str, options: Any) -> None:
         """
@@ -235,8 +273,23 @@ class CertificateService(Service):
         for name, options in self._services.items():
             if options.tls_enabled and name in self.static:
                 rows.extend(self.static.rows(name, options.hosts))
-        rows.extend(host.status() for host in self._hosts.values())
+        rows.extend(cluster_row(host, self.cluster) for host in self._hosts.values())
         return sorted(rows, key=lambda r: (r.service, r.host))
+
+    def adopt(self, directory: str, name: str, certificate: CertifiedKey) -> None:
+        """
+        Another cluster node stored a new certificate for C{name}: serve it
+        for new handshakes (open connections keep theirs) and renew from it.
+        """
+        if certificate.issued_by:
+            self._issuers[(directory, name)] = (certificate.not_after, certificate.issued_by)
+        host = self._hosts.get((directory, name))
+        if host is not None and host.adopt(certificate):
+            self.logger.info(
+                f"Certificate for {name} from {certificate.issued_by or 'the cluster store'}",
+                host=name,
+                node=certificate.issued_by,
+            )
 
     # -- handshake-time selection (reactor thread) ----------------------------
 
@@ -266,6 +319,9 @@ class CertificateService(Service):
         return None
 
     def _default_certificate(self) -> CertifiedKey | None:
+        """
+        Without SNI: the first TLS root service's (by name) first host's.
+        """
         for name in sorted(self._services):
             options = self._services[name]
             if not options.tls_enabled or options.tls_on_demand_url or not _is_root(options):
@@ -282,14 +338,6 @@ class CertificateService(Service):
     def _lookup_deployed(self, server_name: str) -> tuple[str, Any] | None:
         return match_service(self._services, server_name)
 
-    # -- custom certificates ------------------------------------------------
-
-    def check_static(self) -> None:
-        """
-        Reload custom certificates whose files changed (run on a timer).
-        """
-        self.static.check()
-
     def reload_static(self) -> None:
         """
         Reload every custom certificate now (SIGHUP).
@@ -298,24 +346,8 @@ class CertificateService(Service):
 
     # -- which hosts get ACME certificates ------------------------------------
 
-    def _wanted(self) -> dict[Key, tuple[str, bool]]:
-        wanted: dict[Key, tuple[str, bool]] = {}
-        for name in sorted(self._services):
-            options = self._services[name]
-            if not _is_root(options):
-                continue
-            directory = self.directories.for_options(options)
-            if _is_acme(options):
-                for h in options.hosts:
-                    if h and "*" not in h:
-                        wanted.setdefault((directory, h), (name, False))
-            elif _is_on_demand(options):
-                for h in self._on_demand_hosts.get(name, ()):
-                    wanted.setdefault((directory, h), (name, True))
-        return wanted
-
     def _reconcile(self) -> None:
-        wanted = self._wanted()
+        wanted = wanted_hosts(self._services, self._on_demand_hosts, self.directories)
         for key in list(self._hosts):
             if key not in wanted or wanted[key][0] != self._hosts[key].service:
                 self._drop(key)
@@ -342,6 +374,10 @@ class CertificateService(Service):
             refused = "not a name a public CA can issue for"
         elif certificate is None:
             certificate = self.store.for_directory(directory).load_certificate(name)
+        if certificate is not None and certificate.issued_by is None:
+            known = self._issuers.get(key)
+            if known is not None and known[0] == certificate.not_after:
+                certificate.issued_by = known[1]
         host = HostCertificate(
             self.clock, self.policy, self.orders.order, self.logger,
             directory, name, service, on_demand, certificate, refused,

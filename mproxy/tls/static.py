@@ -17,6 +17,7 @@ API::
     certs = StaticCertificates(logger)      # every service's, by service name
     certs.update(name, options); certs.remove(name); certs.get(name)
     certs.check(); certs.reload(); certs.rows(name, hosts) -> [HostStatus]
+    certs.start_polling(clock, interval); certs.stop_polling()
 
 Reloading swaps the object used for new handshakes; established connections
 keep their session and are not touched.
@@ -152,6 +153,22 @@ class StaticCertificates:
     def __init__(self, logger: Any) -> None:
         self.logger = logger
         self._by_service: dict[str, StaticCertificate] = {}
+        self._poll: Any = None
+
+    def start_polling(self, clock: Any, interval: float) -> None:
+        """
+        L{check} every C{interval} seconds on C{clock}.
+        """
+        from twisted.internet.task import LoopingCall
+
+        self._poll = LoopingCall(self.check)
+        self._poll.clock = clock
+        self._poll.start(interval, now=False)
+
+    def stop_polling(self) -> None:
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_service

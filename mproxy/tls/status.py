@@ -21,6 +21,9 @@ class HostStatus:
     @ivar not_after: expiry (POSIX time) of the certificate in use, if any.
     @ivar error: the last error, if the last attempt failed.
     @ivar next_attempt: when the next order or renewal is scheduled.
+    @ivar issued_by: the cluster node that ordered the certificate in use.
+    @ivar ordering_on: the cluster node holding the order lock now.
+    @ivar store_unreachable: the cluster store cannot be reached.
     """
 
     service: str
@@ -29,11 +32,26 @@ class HostStatus:
     not_after: float | None = None
     error: str | None = None
     next_attempt: float | None = None
+    issued_by: str | None = None
+    ordering_on: str | None = None
+    store_unreachable: bool = False
 
     def describe(self) -> str:
         """
-        The one-line form: C{valid until X}, C{pending (error)}, ...
+        The one-line form: C{valid until X}, C{pending (error)}, ...; in a
+        cluster followed by C{; issued by A}, C{; ordering on B},
+        C{; cluster store unreachable}.
         """
+        extras = []
+        if self.issued_by:
+            extras.append(f"issued by {self.issued_by}")
+        if self.ordering_on:
+            extras.append(f"ordering on {self.ordering_on}")
+        if self.store_unreachable:
+            extras.append("cluster store unreachable")
+        return "; ".join([self._base(), *extras])
+
+    def _base(self) -> str:
         if self.state in ("valid", "static"):
             text = f"valid until {format_time(self.not_after)}" if self.not_after else "valid"
             if self.error:

@@ -164,3 +164,18 @@ class CertificateStore:
     def for_directory(self, directory_url: str) -> DirectoryStore:
         digest = hashlib.sha256(directory_url.encode()).hexdigest()
         return DirectoryStore(os.path.join(self.path, digest), directory_url)
+
+    def directories(self) -> list[DirectoryStore]:
+        """
+        The stores of every directory URL with files here.
+        """
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            url = _read(os.path.join(self.path, name, "directory.txt"))
+            if url:
+                out.append(self.for_directory(url.decode().strip()))
+        return out

@@ -25,11 +25,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
 from mproxy.tls.backoff import RetryPolicy
 from mproxy.tls.challenges import ChallengeStore
+from mproxy.tls.clusterstore import ClusterCertificateStore, ClusterChallenges, ClusterGuard, ClusterPolicy
+from mproxy.tls.listener import ClusterListener
 from mproxy.tls.gate import OnDemandGate
 from mproxy.tls.ondemand import OnDemandChecker
 from mproxy.tls.orders import OrderRunner
@@ -74,10 +77,12 @@ def directories_for(directory_url: str | None) -> Directories:
     return Directories(url, LETS_ENCRYPT_STAGING if url == LETS_ENCRYPT else url)
 
 
-def _worker_thread(reactor: Any) -> tuple[Callable[[Callable[[], Any]], Deferred], Callable[[], Deferred]]:
+def _worker_thread(
+    reactor: Any, name: str = "mproxy-acme", threads: int = 1
+) -> tuple[Callable[[Callable[[], Any]], Deferred], Callable[[], Deferred]]:
     """
-    C{(run_in_thread, stop)}: one worker thread for ACME orders, created on
-    first use; C{stop} joins it off the reactor thread.
+    C{(run_in_thread, stop)}: worker threads (for ACME orders: one), created
+    on first use; C{stop} joins them off the reactor thread.
     """
     from twisted.internet.threads import deferToThread, deferToThreadPool
     from twisted.python.threadpool import ThreadPool
@@ -86,7 +91,7 @@ def _worker_thread(reactor: Any) -> tuple[Callable[[Callable[[], Any]], Deferred
 
     def run_in_thread(job: Callable[[], Any]) -> Deferred:
         if not pools:
-            pool = ThreadPool(minthreads=0, maxthreads=1, name="mproxy-acme")
+            pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
             pool.start()
             pools.append(pool)
         return deferToThreadPool(reactor, pools[0], job)
@@ -111,17 +116,28 @@ def certificate_service(
     local_get: Callable[[str, str, str], Deferred] | None = None,
     policy: RetryPolicy = RetryPolicy(),
     issuer_factory: Callable[[str, Any, Any], Any] | None = None,
+    cluster: Any = None,
 ) -> CertificateService:
     """
     The real thing on the state directory's C{certs/}; C{issuer_factory}
     (default: L{AcmeIssuer} with C{email} and C{ca_bundle}) is called with
-    the directory URL, the store and the challenges.
+    the directory URL, the store and the challenges.  With a
+    L{RedisCluster}, certificates, challenges, locks and on-demand decisions
+    are shared through it (L{cluster_parts}).
     """
     from mproxy.tls.acme import AcmeIssuer
     from mproxy.tls.ondemand import treq_http_get
 
-    store = CertificateStore(state_dir)
-    challenges = ChallengeStore()
+    local_store = CertificateStore(state_dir)
+    local_challenges = ChallengeStore()
+    store: Any = local_store
+    challenges: Any = local_challenges
+    guard = None
+    checker: Any = OnDemandChecker(reactor, http_get=treq_http_get(reactor), local_get=local_get)
+    if cluster is not None:
+        store, challenges, guard, checker, hooks = cluster_parts(
+            reactor, cluster, local_store, local_challenges, checker, policy
+        )
 
     def acme_issuer(url: str) -> Any:
         if issuer_factory is not None:
@@ -129,8 +145,7 @@ def certificate_service(
         return AcmeIssuer(url, store.for_directory(url), challenges, email=email, ca_bundle=ca_bundle)
 
     run_in_thread, stop_thread = _worker_thread(reactor)
-    orders = OrderRunner(store, acme_issuer, run_in_thread)
-    checker = OnDemandChecker(reactor, http_get=treq_http_get(reactor), local_get=local_get)
+    orders = OrderRunner(store, acme_issuer, run_in_thread, guard)
     service = CertificateService(
         reactor,
         store,
@@ -141,9 +156,32 @@ def certificate_service(
         gate=OnDemandGate(reactor, checker, logger),
         directories=directories_for(directory_url),
         policy=policy,
+        cluster=cluster,
     )
     service.stop_hooks.append(stop_thread)
+    if cluster is not None:
+        listener = ClusterListener(reactor, cluster, local_store, local_challenges, service.adopt, logger)
+        service.start_hooks.append(listener.start)
+        service.stop_hooks.append(lambda: deferToThread(listener.stop))
+        service.stop_hooks.extend(hooks)
     return service
+
+
+def cluster_parts(
+    reactor: Any, cluster: Any, local_store: Any, local_challenges: Any, checker: Any, policy: RetryPolicy
+) -> tuple[Any, Any, Any, Any, list[Callable[[], Any]]]:
+    """
+    The shared store, challenges, order guard and on-demand policy over the
+    local ones, and the stop hooks of the thread pool they use.
+    """
+    run_cluster, stop_cluster = _worker_thread(reactor, "mproxy-cluster", 2)
+    return (
+        ClusterCertificateStore(local_store, cluster),
+        ClusterChallenges(local_challenges, cluster),
+        ClusterGuard(cluster, local_store, policy.renew_at),
+        ClusterPolicy(checker, cluster, run_cluster),
+        [stop_cluster],
+    )
 
 
 def build_certificate_service(
@@ -155,8 +193,17 @@ def build_certificate_service(
 ) -> CertificateService:
     """
     The production L{CertificateService} from a L{mproxy.config.ServerConfig}
-    (C{state_dir}, C{acme_directory}, C{acme_email}, C{acme_ca_bundle}).
+    (C{state_dir}, C{acme_directory}, C{acme_email}, C{acme_ca_bundle},
+    C{cluster}, C{cluster_ca_bundle}, C{cluster_node}).
     """
+    cluster = None
+    if config.cluster:
+        import socket
+
+        from mproxy.tls.redisstore import RedisCluster
+
+        node = config.cluster_node or socket.gethostname()
+        cluster = RedisCluster(config.cluster, node, ca_bundle=config.cluster_ca_bundle or None)
     return certificate_service(
         reactor,
         config.state_dir,
@@ -166,6 +213,7 @@ def build_certificate_service(
         ca_bundle=config.acme_ca_bundle or None,
         lookup=router_lookup(router),
         local_get=local_get,
+        cluster=cluster,
     )
 
 
