@@ -143,6 +143,7 @@ class Listener(Service):
         """
         Close the ports without waiting (start-up failed elsewhere).
         """
+        self.port = None
         ports, self._ports = self._ports, []
         for p in ports:
             p.stopListening()

@@ -63,6 +63,12 @@ def makeService(options: Options) -> MproxyService:
     from twisted.internet import reactor
 
     twistd_options: Mapping[str, Any] = getattr(options, "parent", None) or {}
+    report_errors_plainly()
+    if twistd_options.get("syslog"):
+        raise StartupError(
+            "twistd --syslog is not supported: mproxy logs JSON lines, on stdout with -n "
+            "or in --logfile"
+        )
     try:
         stream = twistd_log_stream(twistd_options)
     except OSError as e:
@@ -70,7 +76,6 @@ def makeService(options: Options) -> MproxyService:
     logger = JSONLogger(stream, level="DEBUG" if options.config.debug else "INFO")
     service = build_service(reactor, options.config, logger)
     service.log_observer = TwistedEvents(logger, reactor)
-    report_errors_plainly()
     return service
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import signal
 import os
 import socket
 import stat
@@ -581,12 +582,21 @@ class TwistdTests(SynchronousTestCase):
     events go through the same logger.
     """
 
+    def setUp(self) -> None:
+        import signal
+
+        installed: list[Any] = []
+        # Rotation on SIGUSR1, as twistd does; not in the test process.
+        self.patch(signal, "signal", lambda *a: installed.append(a))
+        self.installed = installed
+
     def test_log_stream(self) -> None:
         self.assertIs(twistd_log_stream({"nodaemon": True, "logfile": None}), sys.stdout)
         self.assertIs(twistd_log_stream({"nodaemon": True, "logfile": "-"}), sys.stdout)
         path = os.path.abspath(self.mktemp())
         stream = twistd_log_stream({"nodaemon": False, "logfile": path})
         self.addCleanup(stream.close)
+        self.assertEqual([a[0] for a in self.installed], [signal.SIGUSR1])
         JSONLogger(stream).info("hello", n=1)
         with open(path) as f:
             self.assertEqual(json.loads(f.read())["msg"], "hello")
@@ -627,6 +637,26 @@ class TwistdTests(SynchronousTestCase):
                       log_namespace="anything"))
         [line] = out.getvalue().splitlines()
         self.assertEqual(json.loads(line)["msg"], "boom 1")
+
+    def test_syslog_is_refused(self) -> None:
+        """
+        twistd's --syslog would bypass the JSON log: refused with a reason.
+        """
+        options = Options()
+        options.parseOptions(["--socket", "/tmp/unused.sock"])
+        options.parent = {"nodaemon": False, "syslog": True}  # type: ignore[attr-defined]
+        self.patch(sys, "excepthook", sys.excepthook)
+        e = self.assertRaises(StartupError, makeService, options)
+        self.assertIn("--syslog is not supported", str(e))
+
+    def test_unwritable_log_file(self) -> None:
+        options = Options()
+        options.parseOptions(["--socket", "/tmp/unused.sock"])
+        path = os.path.join(os.path.abspath(self.mktemp()), "no", "such", "dir", "x.log")
+        options.parent = {"nodaemon": False, "logfile": path}  # type: ignore[attr-defined]
+        self.patch(sys, "excepthook", sys.excepthook)
+        e = self.assertRaises(StartupError, makeService, options)
+        self.assertIn("cannot open the log file", str(e))
 
     def test_startup_errors_print_plainly(self) -> None:
         from mproxy.tap import report_errors_plainly
