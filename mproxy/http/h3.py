@@ -9,9 +9,9 @@ The HTTP/3 front end: QUIC on the HTTPS port's UDP socket, driven sans-I/O
     listener.ports.append(port)
     listener.shutdown(timeout) -> Deferred   # graceful stop, then stopListening
 
-    # or, for mproxy run, on the HTTPS site's proxy resource (Alt-Svc on):
-    listener = serve_http3(reactor, https_site, certificates.select, logger,
-                           bind="", port=443)
+    # or, for mproxy run, a service beside the HTTPS listener (Alt-Svc on):
+    HTTP3Service(reactor, https_site, certificates.select, logger, bind="",
+                 https_port=lambda: https_listener.port, grace=10)
 
 L{H3Listener} is the UDP protocol: it answers unknown QUIC versions with a
 version negotiation, starts an L{H3Session} for a client's first Initial
@@ -55,6 +55,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -66,7 +67,7 @@ from mproxy.http.interfaces import IExchange
 from mproxy.http.request import MAX_QUEUED_BODY, address_strings
 from mproxy.tls.sni import normalise_server_name
 
-__all__ = ["H3Listener", "H3Session", "H3Exchange", "proxy_handler", "SEND_HIGH_WATER", "SEND_LOW_WATER"]
+__all__ = ["HTTP3Service", "H3Listener", "H3Session", "H3Exchange", "proxy_handler", "SEND_HIGH_WATER", "SEND_LOW_WATER"]
 
 #: unacknowledged response bytes on a stream above which its producer pauses
 SEND_HIGH_WATER = 256 * 1024
@@ -777,28 +778,68 @@ def proxy_handler(resource: Any) -> Callable[[H3Exchange], None]:
     return serve
 
 
-def serve_http3(reactor: Any, site: Any, select: Callable[[str | None], Any], logger: Any,
-                *, bind: str, port: int) -> H3Listener:
-    """
-    HTTP/3 on UDP C{port} for the HTTPS C{site}: the same proxy resource
-    (routing, metrics, logs), its idle timeout, and C{Alt-Svc} on the
-    site's TCP responses from now on.  Without C{bind}: C{::} (dual-stack),
-    else C{0.0.0.0}.
 
-    @raise CannotListenError: when no address could be bound.
+class HTTP3Service(Service):
     """
-    resource = site.resource
-    listener = H3Listener(proxy_handler(resource), reactor, select, logger=logger,
-                          idle_timeout=site.idle_timeout)
-    error: Exception | None = None
-    for interface in ([bind.strip("[]")] if bind else ["::", "0.0.0.0"]):
-        try:
-            listener.ports.append(reactor.listenUDP(port, listener, interface=interface))
+    HTTP/3 for C{mproxy run --http3}, as a service of the server's tree:
+    UDP on the port the HTTPS listener got (C{https_port()}), serving the
+    HTTPS C{site}'s proxy resource (routing, metrics, logs) with its idle
+    timeout, and C{Alt-Svc} on the site's TCP responses once bound.
+    Without C{bind}: C{::} (dual-stack), else C{0.0.0.0}.  Stopping drains
+    (up to C{grace} seconds), then closes the port.
+
+    @ivar port: the UDP port bound, or C{None}.
+    """
+
+    def __init__(self, reactor: Any, site: Any, select: Callable[[str | None], Any],
+                 logger: Any, *, bind: str, https_port: Callable[[], int | None],
+                 grace: float) -> None:
+        self.setName("http3")
+        self.reactor = reactor
+        self.site = site
+        self.bind = bind
+        self.https_port = https_port
+        self.grace = grace
+        self.listener = H3Listener(proxy_handler(site.resource), reactor, select,
+                                   logger=logger, idle_timeout=site.idle_timeout)
+        self.port: int | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is None:
+            self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._bind()
+
+    def _bind(self) -> None:
+        from mproxy.listeners import listen_failure
+
+        number = self.https_port() or 0
+        error: Exception | None = None
+        for interface in ([self.bind.strip("[]")] if self.bind else ["::", "0.0.0.0"]):
+            try:
+                port = self.reactor.listenUDP(number, self.listener, interface=interface)
+            except CannotListenError as e:
+                error = e
+                continue
+            self.listener.ports.append(port)
+            self.port = port.getHost().port
             break
-        except CannotListenError as e:
-            error = e
-    if not listener.ports:
-        assert error is not None
-        raise error
-    resource.alt_svc = [(b"Alt-Svc", b'h3=":%d"; ma=2592000' % port)]
-    return listener
+        if self.port is None:
+            assert error is not None
+            raise listen_failure("HTTP/3 (UDP)", number, error)
+        self.site.resource.alt_svc = [(b"Alt-Svc", b'h3=":%d"; ma=2592000' % self.port)]
+
+    def abandon(self) -> None:
+        self.port = None
+        ports, self.listener.ports = self.listener.ports, []
+        for p in ports:
+            p.stopListening()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.site.resource.alt_svc = None
+        return self.listener.shutdown(self.grace)
