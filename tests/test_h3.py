@@ -431,6 +431,29 @@ class TimerTests(SynchronousTestCase):
         self.assertEqual(h.listener.connections, set())
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
+    def test_open_stream_is_not_idle(self) -> None:
+        """
+        A connection with a request in progress outlives the idle timeout
+        however quiet it is (the server pings), and goes idle once done.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen, answer=False), idle_timeout=5)
+        h.pump()
+        h.request()
+        for _ in range(30):
+            h.clock.advance(1)
+            h.pump()
+        self.assertEqual(len(h.listener.connections), 1)
+        ex = seen[0]
+        ex.start_response(200, None, [(b"Content-Length", b"2")], 2)
+        ex.write(b"ok")
+        ex.finish()
+        h.pump()
+        self.assertEqual(h.responses[0]["body"], b"ok")
+        for _ in range(12):
+            h.clock.advance(1)
+        self.assertEqual(h.listener.connections, set())
+
 
 class FuzzTests(SynchronousTestCase):
     def test_malformed_datagrams(self) -> None:

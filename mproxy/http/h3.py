@@ -404,6 +404,10 @@ class H3Session:
         self._transmit_call: Any = None
         self._last_accepted: int | None = None
         self.closed = False
+        # QUIC's idle timeout counts any silence; a quiet long response
+        # (long poll, event stream) is not idle: ping while streams are open
+        self._keepalive_interval = max(0.5, listener.idle_timeout / 3)
+        self._keepalive_call = self.clock.callLater(self._keepalive_interval, self._keepalive)
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -518,11 +522,20 @@ class H3Session:
         self.quic.handle_timer(now=self.now())
         self._process()
 
+    def _keepalive(self) -> None:
+        self._keepalive_call = None
+        if self.closed:
+            return
+        if self.exchanges:
+            self.quic.send_ping(0)
+            self.transmit()
+        self._keepalive_call = self.clock.callLater(self._keepalive_interval, self._keepalive)
+
     def _terminated(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for t in (self._timer, self._transmit_call):
+        for t in (self._timer, self._transmit_call, self._keepalive_call):
             if t is not None and t.active():
                 t.cancel()
         exchanges, self.exchanges = self.exchanges, {}
