@@ -516,6 +516,35 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual((record["proto"], record["scheme"], record["port"], record["status"],
                           record["host"]), ("HTTP/3.0", "https", 8443, 404, "one.test"))
 
+    def test_alt_svc_on_tls_only(self) -> None:
+        """
+        With C{alt_svc} set, the proxy resource adds it to the responses of
+        requests that arrived over TLS (error pages included), not to plain
+        HTTP ones.
+        """
+        from io import BytesIO
+
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        resource = ProxyResource(FakeRouter(), ListLogger(), clock=Clock())
+        resource.alt_svc = [(b"Alt-Svc", b'h3=":8443"; ma=2592000')]
+
+        def render(secure: bool) -> Any:
+            channel = DummyChannel()
+            if secure:
+                channel.transport = DummyChannel.SSL()
+            request = Request(channel)
+            request.method, request.uri, request.clientproto = b"GET", b"/", b"HTTP/1.1"
+            request.requestHeaders.setRawHeaders(b"host", [b"nowhere.test"])
+            request.content = BytesIO(b"")
+            resource.render(request)
+            self.assertEqual(request.code, 404)
+            return request.responseHeaders.getRawHeaders(b"alt-svc")
+
+        self.assertEqual(render(True), [b'h3=":8443"; ma=2592000'])
+        self.assertIsNone(render(False))
+
 
 class ConfigTests(SynchronousTestCase):
     def test_http3_option(self) -> None:
