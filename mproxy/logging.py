@@ -1,9 +1,12 @@
 """
-JSON log lines on stdout, one object per line:
-C{{"time": ..., "level": ..., "msg": ..., <attributes>}}.
+JSON log lines, one object per line:
+C{{"time": ..., "level": ..., "msg": ..., <attributes>}}, on stdout (or, under
+a daemonized twistd, in twistd's log file).
 
 A L{JSONLogger} is injected wherever something logs; tests use a logger that
-writes to a list.
+writes to a list.  L{TwistedEvents} turns the C{twisted.logger} events worth
+a line (from the certificate service, warnings and errors from anywhere,
+running out of file descriptors) into JSON lines too.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import datetime
 import json
 import sys
 from typing import IO, Any, Callable
+
+from zope.interface import implementer
+from twisted.logger import ILogObserver, formatEvent
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "ERROR": 40}
 
@@ -75,3 +81,91 @@ class ListLogger(JSONLogger):
 
     def messages(self) -> list[str]:
         return [r["msg"] for r in self.records]
+
+
+_TWISTED_LEVELS = {
+    "debug": "DEBUG", "info": "INFO", "warn": "WARN", "error": "ERROR", "critical": "ERROR",
+}
+_EVENT_KEYS = frozenset(
+    ("format", "message", "time", "system", "isError", "printed", "why", "failure", "msg", "level")
+)
+#: What Twisted's listening ports log when accept() finds the process (or the
+#: system) out of file descriptors or memory: with the reserve descriptor,
+#: each refused client is closed and logged; without it, the accept error.
+_ACCEPT_CLOSED = "EMFILE recovery: Closed socket from {address}"
+_ACCEPT_FAILED = "Could not accept new connection ({acceptError})"
+_EXHAUSTION = frozenset(("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"))
+#: At most one "Out of file descriptors" line per this many seconds.
+EXHAUSTION_REPORT_INTERVAL = 10.0
+
+
+@implementer(ILogObserver)
+class TwistedEvents:
+    """
+    A C{twisted.logger} observer writing to a L{JSONLogger}: every event from
+    the C{mproxy.tls} modules (the certificate service logs that way) and
+    warnings and errors from anywhere (unhandled errors in Deferreds); not
+    Twisted's informational chatter, even from mproxy's subclasses of its
+    classes ("Starting factory ...", whose namespace is the subclass's).
+
+    The message is the formatted event; its own keys become attributes, and
+    a failure adds C{error} and C{traceback}.
+
+    Connections refused for lack of file descriptors are reported as one
+    C{WARN} line at once and then at most one per
+    L{EXHAUSTION_REPORT_INTERVAL} seconds on C{clock}, counting the refusals
+    in between, so a server at its descriptor limit does not also flood its
+    log.
+    """
+
+    def __init__(self, logger: JSONLogger, clock: Any) -> None:
+        self.logger = logger
+        self.clock = clock
+        self._suppressed = 0
+        self._window: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        fmt = event.get("log_format")
+        if fmt == _ACCEPT_CLOSED or (
+            fmt == _ACCEPT_FAILED and event.get("acceptError") in _EXHAUSTION
+        ):
+            self._exhausted(str(event.get("acceptError", "EMFILE")))
+            return
+        level = _TWISTED_LEVELS.get(getattr(event.get("log_level"), "name", ""), "INFO")
+        namespace = event.get("log_namespace") or ""
+        if level in ("DEBUG", "INFO") and not namespace.startswith("mproxy.tls"):
+            return
+        if not self.logger.enabled(level):
+            return
+        attrs = {
+            k: v for k, v in event.items() if not k.startswith("log_") and k not in _EVENT_KEYS
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            attrs["error"] = failure.getErrorMessage()
+            attrs["traceback"] = failure.getTraceback()
+        self.logger.log(level, formatEvent(event), **attrs)
+
+    def _exhausted(self, error: str) -> None:
+        if self._window is not None:
+            self._suppressed += 1
+            return
+        self.logger.warn(
+            "Out of file descriptors: refusing new connections",
+            error=error,
+            hint="raise the open files limit (ulimit -n, LimitNOFILE=)",
+        )
+        self._window = self.clock.callLater(EXHAUSTION_REPORT_INTERVAL, self._window_ended)
+
+    def _window_ended(self) -> None:
+        self._window = None
+        if self._suppressed:
+            count, self._suppressed = self._suppressed, 0
+            self.logger.warn(
+                "Out of file descriptors: refusing new connections",
+                refused=count,
+                seconds=EXHAUSTION_REPORT_INTERVAL,
+            )
+            self._window = self.clock.callLater(
+                EXHAUSTION_REPORT_INTERVAL, self._window_ended
+            )

@@ -1,5 +1,5 @@
 """
-C{mproxy run}: the service tree of L{mproxy.tap} in the foreground, on the
+C{mproxy run}: the service tree of L{mproxy.tree} in the foreground, on the
 global reactor, exiting 0 after a graceful stop on SIGTERM/SIGINT and 1 with
 C{Error: ...} when it cannot start.
 """
@@ -10,6 +10,7 @@ from typing import Any
 
 from mproxy.config import SERVER_OPTIONS, resolve_config
 from mproxy.errors import MproxyError
+from mproxy.logging import TwistedEvents
 
 
 def run_server(ns: Any, streams: Any) -> int:
@@ -23,68 +24,36 @@ def run_server(ns: Any, streams: Any) -> int:
 
     from twisted.internet import reactor
 
-    from mproxy.tap import build_service
+    from mproxy.tree import build_service
 
     service = build_service(reactor, config)
-    forward_twisted_events(service.logger)
-    status = {"code": 0}
-
-    def failed(f: Any) -> None:
-        msg = str(f.value) if f.check(MproxyError) else f"{f.type.__name__}: {f.getErrorMessage()}"
-        status["code"] = fail(streams, msg)
-        if reactor.running:
-            reactor.stop()
-
-    def start() -> None:
-        service.ready.addErrback(failed)
-        try:
-            service.startService()
-        except MproxyError as e:
-            status["code"] = fail(streams, str(e))
-            reactor.stop()
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: service.stopService() if service.running else None)
+    forward_twisted_events(service.logger, reactor)
+    # The same two steps as twistd, before the reactor runs: nothing is
+    # accepted until the state is restored, and a failure exits at once.
+    service.ready.addErrback(lambda f: None)  # reported below, once
+    try:
+        service.privilegedStartService()
+        service.startService()
+    except MproxyError as e:
+        return fail(streams, str(e))
+    except Exception as e:
+        return fail(streams, f"{type(e).__name__}: {e}")
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return status["code"]
+    return 0
 
 
-_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARN", "error": "ERROR", "critical": "ERROR"}
-_EVENT_KEYS = frozenset(
-    ("format", "message", "time", "system", "isError", "printed", "why", "failure", "msg", "level")
-)
-
-
-def forward_twisted_events(logger: Any) -> Any:
+def forward_twisted_events(logger: Any, clock: Any = None) -> Any:
     """
-    Send C{twisted.logger} events to mproxy's JSON log: every event from the
-    C{mproxy.tls} modules (the certificate service logs that way: orders,
-    failures, renewals, on-demand decisions) and warnings and errors from
-    anywhere (unhandled errors in Deferreds).  Not Twisted's informational
-    chatter, even from mproxy's subclasses of its classes ("Starting factory
-    ...", whose namespace is the subclass's).  Nothing else begins Twisted's
-    logging under C{mproxy run}, so without this those events were dropped.
-
-    The message is the formatted event; its own keys become attributes, and
-    a failure adds C{error} and C{traceback}.  Returns the observer.
+    Send C{twisted.logger} events to mproxy's JSON log (see
+    L{mproxy.logging.TwistedEvents}); nothing else begins Twisted's logging
+    under C{mproxy run}, so without this those events were dropped.  Returns
+    the observer.
     """
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import globalLogPublisher
 
-    def observe(event: dict[str, Any]) -> None:
-        level = _LEVELS.get(getattr(event.get("log_level"), "name", ""), "INFO")
-        namespace = event.get("log_namespace") or ""
-        if level in ("DEBUG", "INFO") and not namespace.startswith("mproxy.tls"):
-            return
-        if not logger.enabled(level):
-            return
-        attrs = {
-            k: v for k, v in event.items() if not k.startswith("log_") and k not in _EVENT_KEYS
-        }
-        failure = event.get("log_failure")
-        if failure is not None:
-            attrs["error"] = failure.getErrorMessage()
-            attrs["traceback"] = failure.getTraceback()
-        logger.log(level, formatEvent(event), **attrs)
-
-    globalLogPublisher.addObserver(observe)
-    return observe
+    if clock is None:
+        from twisted.internet import reactor as clock
+    observer = TwistedEvents(logger, clock)
+    globalLogPublisher.addObserver(observer)
+    return observer

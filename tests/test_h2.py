@@ -23,10 +23,12 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from twisted.internet.interfaces import INegotiated
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from mproxy.http.h2 import ABORT_TIMEOUT, H2Channel
 from mproxy.http.server import ProxySite
@@ -80,6 +82,19 @@ class Reactor(MemoryReactorClock):
             if self.spins > 10000:
                 raise AssertionError("the send loop never waits")
         return super().callLater(delay, f, *args, **kw)
+
+
+@implementer(INegotiated)
+class NegotiatedTransport(StringTransport):
+    """
+    A TLS connection on which ALPN chose h2.
+    """
+
+    negotiatedProtocol = b"h2"
+    nodelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
 
 
 class Harness:
@@ -448,8 +463,7 @@ class ShutdownTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         site = ProxySite(App(), reactor, secure=True)
         p = site.buildProtocol(None)
-        t = StringTransport()
-        t.negotiatedProtocol = b"h2"
+        t = NegotiatedTransport()
         p.makeConnection(t)
         p.dataReceived(PREFACE + frame(0x4, 0, 0, b""))
         self.assertIsInstance(p._channel, H2Channel)

@@ -172,6 +172,32 @@ class GuardTests(RedisTestCase):
         renewed = self.issue()
         self.assertIs(b.run(CA, "x.test", False, lambda: renewed), renewed)
 
+    def test_failedOrderHoldsTheLockForTheBackoff(self) -> None:
+        """
+        After a failed order the lock stays with the node for the backoff
+        (failures counted cluster-wide), the other node learns why and
+        when to look again; the node that failed may retry under its own
+        lock; a success clears the count and frees the lock.
+        """
+        backoff = lambda failures, error: 60.0 * failures  # noqa: E731
+        a, b = self.guard("a", backoff=backoff), self.guard("b", backoff=backoff)
+
+        def failing():
+            raise IssueError("validation failed")
+
+        self.assertRaises(IssueError, a.run, CA, "x.test", False, failing)
+        with self.assertRaises(IssueError) as cm:
+            b.run(CA, "x.test", False, lambda: self.fail("b ordered"))
+        error = cm.exception
+        self.assertEqual((error.held_by, error.cooling_down), ("a", True))
+        self.assertEqual(str(error), "the last order on a failed: validation failed")
+        self.assertTrue(59 < error.retry_after <= 60.5, error.retry_after)
+        self.assertRaises(IssueError, a.run, CA, "x.test", False, failing)
+        self.assertGreater(a.cluster.lock_left(CA, "x.test"), 119)
+        a.run(CA, "x.test", False, self.issue)
+        self.assertIsNone(a.cluster.holder(CA, "x.test"))
+        self.assertEqual(a.cluster.count_failure(CA, "x.test"), 1)
+
     def test_onDemandLimitAndStoreDown(self) -> None:
         """
         On-demand orders beyond the cluster's limit wait; with the store

@@ -266,6 +266,10 @@ class ClusterRenewalTests(ClusterIntegration):
         prober.start()
         yield sleep(22)
         yield deferToThread(prober.stop)
+        for _ in range(50):  # an order placed just before the end completes
+            if self.orders() == self.issued():
+                break
+            yield sleep(0.1)
         seen = set(prober.serials[self.https("a")]) | set(prober.serials[self.https("b")])
         print(f"MEASURED cluster renewal: {prober.requests} requests, {len(prober.failures)} failed,"
               f" {len(seen)} serials seen, pebble orders {self.orders()}, issued {self.issued()}")
@@ -443,3 +447,31 @@ class ClusterOnDemandTests(ClusterIntegration):
         asked = [host for host, _, _ in policy.checks]
         self.assertEqual((asked.count("allowed.test"), asked.count("denied.test")), (1, 1))
         self.assertEqual(self.issued(), 1)
+
+
+class FailingNameTests(ClusterIntegration):
+    nodes = ("a", "b")
+
+    @inlineCallbacks
+    def test_failing_name_backs_off_cluster_wide(self) -> Any:
+        """
+        Neither challenge can succeed (pebble reaches no node): the cluster
+        tries HTTP-01 and TLS-ALPN-01 once each and then both nodes wait out
+        one backoff, instead of each node ordering on its own; list on both
+        says why.
+        """
+        self.start_pebble(http_port=free_port(), tls_port=free_port())
+        yield self.node("a")
+        yield self.node("b")
+        yield self.deploy("a")
+        yield self.deploy("b")
+        # long enough for a node told "a is ordering" to look again (lock TTL 15 s)
+        yield sleep(20)
+        print(f"MEASURED cluster, failing name: pebble orders in 20 s: {self.orders()}")
+        self.assertEqual(self.orders(), 2)
+        outs = []
+        for name in ("a", "b"):
+            out = yield self.listing(name)
+            outs.append(out)
+        self.assertTrue(any("the last order on " in out for out in outs), outs)
+        self.assertTrue(all("pending (" in out for out in outs), outs)

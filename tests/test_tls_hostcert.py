@@ -131,6 +131,18 @@ class ClusterTransitionTests(SynchronousTestCase):
         self.clock.advance(7)
         self.assertEqual(self.orders[-1][0], "http-01")
 
+    def test_coolingDownElsewhere(self) -> None:
+        """
+        Another node's last order failed and the cluster waits out its
+        backoff: the status shows why, and nothing is ordered until then.
+        """
+        self.orders.pop()[1].errback(
+            IssueError("the last order on b failed: dns", held_by="b", retry_after=90, cooling_down=True)
+        )
+        row = self.host.status()
+        self.assertEqual(row.describe(), "pending (the last order on b failed: dns)")
+        self.assertEqual((self.host.failures, row.next_attempt), (0, 1090))
+
     def test_storeUnavailable(self) -> None:
         """
         The store cannot be reached: retried after 1, 2, 4 ... s (not the

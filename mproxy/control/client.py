@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
 from mproxy.control import commands as c
+from mproxy.controlsocket import check_server_peer, check_server_socket
 from mproxy.errors import MproxyError
 from mproxy.spec import DeployRequest
 
@@ -136,6 +137,17 @@ def _check_path_length(path: str) -> None:
         )
 
 
+def _check_peer(path: str, protocol: ClientProtocol) -> None:
+    """
+    Refuse a server process that runs as another user (not us, not root).
+    """
+    try:
+        check_server_peer(path, protocol.transport)
+    except MproxyError:
+        protocol.transport.abortConnection()
+        raise
+
+
 @inlineCallbacks
 def connect(
     reactor: Any, path: str, on_progress: Callable[[str, str], None] | None = None
@@ -147,6 +159,7 @@ def connect(
     """
     _check_path_length(path)
     endpoint = UNIXClientEndpoint(reactor, path, timeout=int(ANSWER_TIMEOUT))
+    check_server_socket(path)
     try:
         protocol = yield connectProtocol(endpoint, ClientProtocol(on_progress))
     except ConnectError as e:
@@ -155,6 +168,7 @@ def connect(
             f"cannot connect to mproxy at {path}: {reason} "
             "(is `mproxy run` running? use --socket or MPROXY_SOCKET to choose the socket)"
         )
+    _check_peer(path, protocol)
     client = ControlClient(protocol, reactor, path)
     try:
         yield client.call(c.Hello, version=c.PROTOCOL_VERSION)

@@ -72,6 +72,8 @@ class IssueError(Exception):
         (no order was placed); C{retry_after} says when the lock expires.
     @ivar store_unavailable: the cluster store could not be reached, so no
         order was placed.
+    @ivar cooling_down: with C{held_by}: that node's last order failed and
+        the cluster waits out its backoff.
     """
 
     def __init__(
@@ -83,9 +85,11 @@ class IssueError(Exception):
         challenge_failed: bool = False,
         held_by: str | None = None,
         store_unavailable: bool = False,
+        cooling_down: bool = False,
     ) -> None:
         super().__init__(message)
         self.held_by = held_by
+        self.cooling_down = cooling_down
         self.store_unavailable = store_unavailable
         self.retry_after = retry_after
         self.rate_limited = rate_limited

@@ -11,7 +11,9 @@ local implementations and a L{RedisCluster}:
     the CA reaches answers.  Answers come from local memory.
   - L{ClusterGuard}: one order per name cluster-wide (a lock with expiry
     that its holder keeps extending while the order runs; a node that dies
-    mid-order lets it expire), a current shared certificate instead of a new
+    mid-order lets it expire; after a failed order it is held for the
+    backoff, counted cluster-wide, so the cluster retries a failing name as
+    often as one node would), a current shared certificate instead of a new
     order, and the on-demand order limit counted cluster-wide.
   - L{ClusterPolicy}: on-demand approvals and denials shared by the nodes.
 
@@ -211,6 +213,8 @@ class ClusterGuard:
     @param renew_at: C{CertifiedKey -> POSIX time} of its renewal; a shared
         certificate not yet due is used instead of ordering.
     @param local: the local store, for a copy of a shared certificate.
+    @param backoff: C{(failures in a row, IssueError) -> seconds} the lock
+        stays held after a failed order (L{RetryPolicy.delay}).
     """
 
     def __init__(
@@ -218,6 +222,7 @@ class ClusterGuard:
         cluster: RedisCluster,
         local: CertificateStore,
         renew_at: Callable[[CertifiedKey], float],
+        backoff: Callable[[int, IssueError], float] = lambda failures, error: 0.0,
         on_demand_rate: int = 10,
         on_demand_window: float = 3600.0,
         now: Callable[[], float] = time.time,
@@ -225,6 +230,7 @@ class ClusterGuard:
         self.cluster = cluster
         self.local = local
         self.renew_at = renew_at
+        self.backoff = backoff
         self.on_demand_rate = on_demand_rate
         self.on_demand_window = on_demand_window
         self.now = now
@@ -233,21 +239,44 @@ class ClusterGuard:
         try:
             holder = self.cluster.acquire(directory_url, host)
             if holder is not None:
-                left = self.cluster.lock_left(directory_url, host)
-                raise IssueError(f"{holder} is ordering it", held_by=holder, retry_after=left + 0.5)
+                self._held(directory_url, host, holder)
         except StoreUnavailable as e:
             raise IssueError(f"cluster store unreachable ({e})", store_unavailable=True) from None
         done = threading.Event()
         keeper = threading.Thread(target=self._keep, args=(directory_url, host, done), daemon=True)
         keeper.start()
+        failed: list[IssueError] = []
         try:
-            return self._order(directory_url, host, on_demand, issue)
+            return self._order(directory_url, host, on_demand, issue, failed)
         finally:
             done.set()
+            keeper.join(5)
             try:
-                self.cluster.release(directory_url, host)
+                if not (failed and self._hold(directory_url, host, failed[0])):
+                    self.cluster.release(directory_url, host)
             except StoreUnavailable:
                 pass  # it expires
+
+    def _held(self, directory_url: str, host: str, holder: str) -> None:
+        left = self.cluster.lock_left(directory_url, host) + 0.5
+        reason = self.cluster.last_failure(directory_url, host)
+        if reason is not None:
+            raise IssueError(
+                f"the last order on {holder} failed: {reason}",
+                held_by=holder, retry_after=left, cooling_down=True,
+            )  # fmt: skip
+        raise IssueError(f"{holder} is ordering it", held_by=holder, retry_after=left)
+
+    def _hold(self, directory_url: str, host: str, error: IssueError) -> bool:
+        """
+        After a failed order: keep the lock for the backoff; False when the
+        next attempt may start at once.
+        """
+        delay = self.backoff(self.cluster.count_failure(directory_url, host), error)
+        if delay <= 0:
+            return False
+        self.cluster.hold(directory_url, host, delay, str(error))
+        return True
 
     def _keep(self, directory_url: str, host: str, done: threading.Event) -> None:
         while not done.wait(self.cluster.lock_ttl / 3):
@@ -256,7 +285,14 @@ class ClusterGuard:
             except StoreUnavailable:
                 pass
 
-    def _order(self, directory_url: str, host: str, on_demand: bool, issue: Callable[[], CertifiedKey]) -> CertifiedKey:
+    def _order(
+        self,
+        directory_url: str,
+        host: str,
+        on_demand: bool,
+        issue: Callable[[], CertifiedKey],
+        failed: list[IssueError],
+    ) -> CertifiedKey:
         try:
             shared = shared_certificate(self.cluster.get_certificate(directory_url, host))
             if shared is not None and self.renew_at(shared) > self.now():
@@ -269,7 +305,16 @@ class ClusterGuard:
                     raise IssueError("the cluster's on-demand order limit is reached", retry_after=wait, rate_limited=True)
         except StoreUnavailable as e:
             raise IssueError(f"cluster store unreachable ({e})", store_unavailable=True) from None
-        return issue()
+        try:
+            certified = issue()
+        except IssueError as error:
+            failed.append(error)
+            raise
+        try:
+            self.cluster.clear_failures(directory_url, host)
+        except StoreUnavailable:
+            pass
+        return certified
 
 
 @implementer(IOnDemandPolicy)

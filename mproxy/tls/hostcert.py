@@ -225,12 +225,17 @@ class HostCertificate:
         store is unreachable (retry soon, backing off).
         """
         if error.held_by is not None:
-            self.lock_node = error.held_by
             delay = error.retry_after if error.retry_after is not None else self.policy.initial
+            if error.cooling_down:
+                self.lock_node = None
+                self.error = str(error)
+            else:
+                self.lock_node = error.held_by
             self.logger.info(
-                f"Certificate for {self.name} is being ordered by {error.held_by}; waiting",
+                f"Certificate for {self.name}: {error}; waiting {delay:.0f}s",
                 host=self.name,
                 node=error.held_by,
+                delay=delay,
             )
         else:
             self.store_waits += 1

@@ -16,7 +16,10 @@ Keys (C{<d>}: the first 16 hex digits of SHA-256 of the ACME directory URL)::
     mproxy:dir:<d>:account              registration JSON
     mproxy:dir:<d>:cert:<host>          hash: chain, key, node, not_after, directory
     mproxy:dir:<d>:lock:<host>          name of the node ordering <host>; expires
-                                        unless its holder keeps extending it
+                                        unless its holder keeps extending it; after
+                                        a failed order held for the backoff
+    mproxy:dir:<d>:failed:<host>        why the last order failed (expires with it)
+    mproxy:dir:<d>:failures:<host>      failed orders in a row, cluster-wide
     mproxy:dir:<d>:ondemand-orders      sorted set: recent on-demand orders
     mproxy:challenge:<type>:<name>      a pending challenge response (expires)
     mproxy:ack:<id>                     nodes that applied a challenge message
@@ -179,6 +182,30 @@ class RedisCluster:
 
     def release(self, directory_url: str, host: str) -> None:
         self._script(self._release, [self._dir(directory_url, f"lock:{host}")], [self.node])
+
+    def count_failure(self, directory_url: str, host: str) -> int:
+        """
+        One more failed order for C{host} in a row; returns how many.
+        """
+        key = self._dir(directory_url, f"failures:{host}")
+        count = int(self._call("incr", key))
+        self._call("expire", key, 7 * 86400)
+        return count
+
+    def clear_failures(self, directory_url: str, host: str) -> None:
+        self._call("delete", self._dir(directory_url, f"failures:{host}"))
+
+    def hold(self, directory_url: str, host: str, seconds: float, reason: str) -> None:
+        """
+        Keep the lock for C{seconds} after a failed order (the backoff),
+        saying why, so that no other node orders meanwhile.
+        """
+        ms = max(1, int(seconds * 1000))
+        self._call("set", self._dir(directory_url, f"failed:{host}"), reason, px=ms)
+        self._script(self._extend, [self._dir(directory_url, f"lock:{host}")], [self.node, ms])
+
+    def last_failure(self, directory_url: str, host: str) -> str | None:
+        return _text(self._call("get", self._dir(directory_url, f"failed:{host}")))
 
     # -- certificates and the account -------------------------------------------
 

@@ -71,7 +71,7 @@ class Directories:
 
 
 def _is_root(options: Any) -> bool:
-    return "/" in getattr(options, "path_prefixes", ("/",))
+    return "/" in options.path_prefixes
 
 
 def _is_acme(options: Any) -> bool:

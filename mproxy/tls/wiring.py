@@ -178,7 +178,7 @@ def cluster_parts(
     return (
         ClusterCertificateStore(local_store, cluster),
         ClusterChallenges(local_challenges, cluster),
-        ClusterGuard(cluster, local_store, policy.renew_at),
+        ClusterGuard(cluster, local_store, policy.renew_at, policy.delay),
         ClusterPolicy(checker, cluster, run_cluster),
         [stop_cluster],
     )

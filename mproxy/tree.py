@@ -1,0 +1,280 @@
+"""
+The service tree: what C{twistd mproxy} and C{mproxy run} both run.
+
+L{build_service} assembles one L{MproxyService} (a L{MultiService}) from a
+L{ServerConfig} and an injected reactor.  Nothing is opened or read while
+building.  Starting it restores the state file, then binds the TCP ports
+(C{privilegedStartService}), then listens on the control socket and starts
+the other children (C{startService}); a failure at any step raises (so twistd
+exits non-zero) and fails L{MproxyService.ready}, which otherwise fires once
+the server is serving.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
+
+from mproxy.config import ServerConfig
+from mproxy.control.server import ControlFactory
+from mproxy.controller import Controller
+from mproxy.controlsocket import ControlSocketService
+from mproxy.errors import MproxyError
+from mproxy.fileutil import remove_stale_temporary_files
+from mproxy.health import http_probe
+from mproxy.listeners import Listener, bind_endpoints
+from mproxy.logging import JSONLogger
+from mproxy.router import Router
+from mproxy.state import STATE_FILENAME, StateStore
+
+#: How long a stop lets in-flight requests finish.
+SHUTDOWN_GRACE = 10.0
+
+
+class MproxyService(MultiService):
+    """
+    The whole server.  Its children, in start order: the certificate
+    service, the HTTP, HTTPS and (with C{--metrics-port}) metrics listeners,
+    and the control socket.  Stopping stops them all (each listener closes
+    its ports and then drains its connections; the control socket's file is
+    removed), then the health checks.
+
+    @ivar log_observer: a C{twisted.logger} observer that a twistd
+        application this service is added to logs through, or C{None}.
+    """
+
+    def __init__(self, reactor: Any, config: ServerConfig, logger: JSONLogger) -> None:
+        super().__init__()
+        self.setName("mproxy")
+        self.reactor = reactor
+        self.config = config
+        self.logger = logger
+        self.log_observer: Any = None
+        self.router = Router()
+        self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
+        from mproxy.http.localget import local_getter
+        from mproxy.http.upstream import PoolRegistry
+        from mproxy.tls.wiring import build_certificate_service
+
+        self.pools = PoolRegistry(reactor)
+        # on-demand TLS policies that are paths ask the service itself
+        local_get = local_getter(
+            reactor, self.router, logger,
+            http_port=config.http_port, https_port=config.https_port,
+        )
+        self.certificates = build_certificate_service(
+            reactor, config, self.router, logger, local_get=local_get
+        )
+        self.certificates.setName("certs")
+        self.certificates.setServiceParent(self)
+        self.metrics = None
+        if config.metrics_port:
+            from mproxy.metrics import Metrics
+
+            self.metrics = Metrics()
+        from mproxy.http import custompages
+
+        self.controller = Controller(
+            self.router,
+            reactor,
+            http_probe(reactor),
+            self.store,
+            logger,
+            pool_factory=self.pools,
+            certificates=self.certificates,
+            validate_error_pages=custompages.validate,
+            deploys=self.metrics,
+        )
+        self.sites = self._build_sites()
+        self.listeners = self._build_listeners()
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+        self.control = ControlSocketService(
+            reactor, config.socket, ControlFactory(self.controller, logger), logger
+        )
+        self.control.setServiceParent(self)
+        self._unhook_sighup: Any = None
+        self._prepared = False
+        self.ready: Deferred[None] = Deferred()
+
+    def _build_sites(self) -> list[Any]:
+        """
+        The HTTP and HTTPS sites (the proxy resource over the router).
+        """
+        from mproxy.http.proxy import build_http_factory
+
+        cfg = self.config
+        common = dict(
+            http_port=cfg.http_port, https_port=cfg.https_port, pools=self.pools,
+            metrics=self.metrics, challenges=self.certificates.challenges,
+            header_timeout=cfg.http_header_timeout, idle_timeout=cfg.http_idle_timeout,
+        )
+        site = build_http_factory(self.reactor, self.router, self.logger, **common)
+        secure = build_http_factory(
+            self.reactor, self.router, self.logger, secure=True, **common
+        )
+        return [site, secure]
+
+    def _build_listeners(self) -> list[Any]:
+        from mproxy.tls.wiring import https_server_factory
+
+        cfg = self.config
+        endpoints = bind_endpoints(self.reactor, cfg.bind)
+        site, secure = self.sites
+        listeners = [
+            Listener("HTTP", site, cfg.http_port, endpoints,
+                     drain=lambda: site.shutdown(SHUTDOWN_GRACE)),
+            Listener("HTTPS", https_server_factory(self.certificates, secure),
+                     cfg.https_port, endpoints,
+                     drain=lambda: secure.shutdown(SHUTDOWN_GRACE)),
+        ]
+        if cfg.http3:
+            from mproxy.http.h3 import HTTP3Service
+
+            https = listeners[1]
+            listeners.append(HTTP3Service(
+                self.reactor, secure, self.certificates.select, self.logger, bind=cfg.bind,
+                https_port=lambda: https.port, grace=SHUTDOWN_GRACE))
+        if self.metrics is not None:
+            listeners.append(
+                Listener("metrics", metrics_site(self.metrics), cfg.metrics_port, endpoints)
+            )
+        return listeners
+
+    @property
+    def bound(self) -> dict[str, int]:
+        """
+        The port number each listener got, by name ("http", "https",
+        "metrics").
+        """
+        return {str(s.name): s.port for s in self.listeners if s.port is not None}
+
+    def setServiceParent(self, parent: Any) -> None:
+        # Under twistd the parent is the application: twistd logs through
+        # the application's observer when it has one.
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        """
+        Restore the state file (a bad one stops start-up before anything
+        listens), then bind the TCP ports (before twistd drops privileges).
+
+        @raise StateError: the state file cannot be used.
+        @raise StartupError: a port cannot be bound.
+        """
+        try:
+            remove_stale_temporary_files(self.config.state_dir, self.logger)
+            self.controller.restore()
+            self._prepared = True
+            super().privilegedStartService()
+        except BaseException as e:
+            self._failed(e)
+            raise
+
+    def startService(self) -> None:
+        """
+        Listen on the control socket and start the children; C{ready} fires
+        (and "Server started" is logged) once the reactor runs.  Runs
+        L{privilegedStartService} first if nobody did.
+
+        @raise StateError: the state file cannot be used.
+        @raise StartupError: a port or the control socket cannot be used.
+        """
+        if not self._prepared:
+            self.privilegedStartService()
+        try:
+            os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+            super().startService()
+        except BaseException as e:
+            self._failed(e)
+            raise
+        self._install_sighup()
+        # Serving begins when the reactor runs (it accepts nothing before):
+        # say so then, once its signal handlers are in place, so whoever
+        # waits for the line may stop the server at once.
+        self.reactor.callWhenRunning(self._serving)
+
+    def _serving(self) -> None:
+        if not self.running:
+            return
+        bound = self.bound
+        self.logger.info(
+            "Server started",
+            http=bound.get("http"),
+            https=bound.get("https"),
+            socket=self.config.socket,
+            state=self.store.path,
+        )
+        if self.metrics is not None:
+            self.logger.info("Metrics enabled", port=bound.get("metrics"))
+        self.ready.callback(None)
+
+    def _failed(self, error: BaseException) -> None:
+        """
+        Start-up failed: close what was opened, log why, fail C{ready}.
+        """
+        self.running = 0
+        for listener in self.listeners:
+            listener.abandon()
+        self.control.abandon()
+        self.controller.shutdown()
+        message = str(error) if isinstance(error, MproxyError) else repr(error)
+        self.logger.error("Unable to start", error=message)
+        if not self.ready.called:
+            self.ready.errback(error)
+
+    def _install_sighup(self) -> None:
+        from mproxy.tls.wiring import install_sighup_reload
+
+        try:
+            self._unhook_sighup = install_sighup_reload(
+                self.reactor, self.certificates.reload_static
+            )
+        except (ValueError, OSError):  # not the main thread, or no SIGHUP here
+            self._unhook_sighup = None
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop accepting, let in-flight requests finish (up to
+        L{SHUTDOWN_GRACE} seconds), close the control socket (removing its
+        file), then stop health checks.
+        """
+        if self._unhook_sighup is not None:
+            self._unhook_sighup()
+            self._unhook_sighup = None
+        d: Deferred[Any] = maybeDeferred(MultiService.stopService, self)
+
+        def finish(_: object) -> None:
+            self.controller.shutdown()
+            self.logger.info("Server stopped")
+
+        d.addCallback(finish)
+        return d
+
+
+def metrics_site(metrics: Any) -> Any:
+    """
+    The Prometheus site of C{--metrics-port}.
+    """
+    from twisted.web.server import Site
+
+    from mproxy.metrics import MetricsResource
+
+    site = Site(MetricsResource(metrics))
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site
+
+
+def build_service(
+    reactor: Any, config: ServerConfig, logger: JSONLogger | None = None
+) -> MproxyService:
+    logger = logger or JSONLogger(level="DEBUG" if config.debug else "INFO")
+    return MproxyService(reactor, config, logger)
