@@ -387,14 +387,15 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     pairs = [("mproxy", b) for b in ("direct", "nginx", "nginx-nolog", "caddy")]
-    trees = list(dict.fromkeys(n.partition("@")[2] for n in results if "@" in n))
+    suffixes = [""] + [f":{w}" for w in WORKLOADS if w != "small"]
+    trees = list(dict.fromkeys(n.partition("@")[2].partition(":")[0]
+                               for n in results if "@" in n))
     for base in ("mproxy", "mproxy-tls"):
-        pairs += [(f"{base}@{b}", f"{base}@{a}") for i, a in enumerate(trees)
-                  for b in trees[i + 1:]]
+        pairs += [(f"{base}@{b}{sfx}", f"{base}@{a}{sfx}") for sfx in suffixes
+                  for i, a in enumerate(trees) for b in trees[i + 1:]]
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
               ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy")]
-    suffixes = [""] + [f":{w}" for w in WORKLOADS if w != "small"]
     pairs += [(f"{p}{sfx}", f"{q}{sfx}") for sfx in suffixes[1:]
               for p, q in [("mproxy", "direct"), ("mproxy", "caddy"), ("mproxy", "nginx"),
                            ("caddy", "direct"), ("nginx", "direct"),
