@@ -21,7 +21,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from mproxy.testing import CommandResult, MproxyProcess, _child_env, _Collect, listen_upstream
+from mproxy.testing import (
+    CommandProtocol,
+    CommandResult,
+    MproxyProcess,
+    child_env,
+    listen_upstream,
+)
 
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
@@ -32,7 +38,7 @@ def sleep(seconds: float) -> Deferred[None]:
 
 def spawn(argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> Deferred[CommandResult]:
     done: Deferred[CommandResult] = Deferred()
-    reactor.spawnProcess(_Collect(done), sys.executable, argv, env=_child_env(env), **kw)
+    reactor.spawnProcess(CommandProtocol(done), sys.executable, argv, env=child_env(env), **kw)
     return done
 
 
@@ -113,13 +119,13 @@ class CleanStopTests(Helpers, TestCase):
         d = self.short_dir()
         socket_path = os.path.join(d, "s.sock")
         done: Deferred[CommandResult] = Deferred()
-        collect = _Collect(done)
+        collect = CommandProtocol(done)
         process = reactor.spawnProcess(
             collect, sys.executable,
             [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mproxy", "--bind", "127.0.0.1",
              "--http-port", "0", "--https-port", "0", "--socket", socket_path,
              "--state-dir", os.path.join(d, "state")],
-            env=_child_env(),
+            env=child_env(),
         )
         self.addCleanup(lambda: done if done.called else (process.signalProcess("KILL"), done)[1])
         self.assertTrue((yield wait_for(lambda: b"Server started" in b"".join(collect.out))))
@@ -317,7 +323,7 @@ class SocketOwnershipTests(Helpers, TestCase):
         if not os.path.exists(python):
             raise SkipTest(f"{python} is needed to run a process as another user")
         done: Deferred[CommandResult] = Deferred()
-        proc = reactor.spawnProcess(_Collect(done), python, [python, "-c", server],
+        proc = reactor.spawnProcess(CommandProtocol(done), python, [python, "-c", server],
                                     env={}, path="/", uid=65534, gid=65534)
         self.addCleanup(lambda: (proc.signalProcess("KILL") if proc.pid else None, done)[1])
         self.assertTrue((yield wait_for(lambda: os.path.exists(ready))))
