@@ -30,6 +30,7 @@ from mproxy.health import http_probe
 from mproxy.listeners import Listener, bind_endpoints
 from mproxy.logging import JSONLogger
 from mproxy.router import Router
+from mproxy.signals import install_stop_signals
 from mproxy.state import STATE_FILENAME, StateStore
 
 #: How long a stop lets in-flight requests finish.
@@ -99,6 +100,7 @@ class MproxyService(MultiService):
         )
         self.control.setServiceParent(self)
         self._unhook_sighup: Any = None
+        self.stop_signals: Any = None
         self._prepared = False
         self.ready: Deferred[None] = Deferred()
 
@@ -205,6 +207,10 @@ class MproxyService(MultiService):
     def _serving(self) -> None:
         if not self.running:
             return
+        try:
+            self.stop_signals = install_stop_signals(self.reactor, self.logger)
+        except ValueError:  # not the main thread: the reactor has no handlers either
+            self.stop_signals = None
         bound = self.bound
         self.logger.info(
             "Server started",
