@@ -17,7 +17,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from mproxy.testing import MproxyProcess, _child_env, _ServerProtocol, listen_upstream
+from mproxy.testing import MproxyProcess, ServerProtocol, child_env, listen_upstream
 
 #: Runs mproxy with LISTEN_PID set to its own process id, as systemd does
 #: between fork and exec (the test cannot know the pid before spawning).
@@ -46,7 +46,7 @@ class ActivatedProcess(MproxyProcess):
         self.twistd = twistd
 
     def start(self) -> Any:
-        self.protocol = _ServerProtocol()
+        self.protocol = ServerProtocol()
         args = [
             sys.executable, "-c", AS_SYSTEMD_TWISTD if self.twistd else AS_SYSTEMD, "run",
             "--http-port", str(self.ports[0]), "--https-port", str(self.ports[1]),
@@ -55,7 +55,7 @@ class ActivatedProcess(MproxyProcess):
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for offset, (_, s) in enumerate(self.sockets):
             fds[3 + offset] = s.fileno()
-        env = _child_env({
+        env = child_env({
             "LISTEN_FDS": str(len(self.sockets)),
             "LISTEN_FDNAMES": ":".join(name for name, _ in self.sockets),
         })

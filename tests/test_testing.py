@@ -67,7 +67,8 @@ class ExportTests(SynchronousTestCase):
         """
         self.assertEqual(sorted(mproxy.testing.__all__), [
             "CommandProtocol", "CommandResult", "MemoryNetwork", "MemoryTransport",
-            "MemoryUpstream", "MproxyProcess", "ProxyHarness", "Response", "UpstreamApp",
+            "MemoryUpstream", "MproxyProcess", "ProxyHarness", "Response", "ServerProtocol",
+            "UpstreamApp",
             "child_env", "listen_upstream", "run_mproxy",
         ])
         for name in mproxy.testing.__all__:

@@ -39,6 +39,7 @@ from mproxy.testing._process import (
     CommandProtocol,
     CommandResult,
     MproxyProcess,
+    ServerProtocol,
     child_env,
     run_mproxy,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "MproxyProcess",
     "ProxyHarness",
     "Response",
+    "ServerProtocol",
     "UpstreamApp",
     "child_env",
     "listen_upstream",

@@ -71,7 +71,13 @@ class CommandProtocol(protocol.ProcessProtocol):
         )
 
 
-class _ServerProtocol(protocol.ProcessProtocol):
+class ServerProtocol(protocol.ProcessProtocol):
+    """
+    Reads a running server's JSON log from its stdout: every record is kept
+    in C{records}; C{started} fires with the "Server started" record (or
+    fails if the process ends first), C{ended} with its exit status.
+    """
+
     def __init__(self) -> None:
         self.started: Deferred[dict[str, Any]] = Deferred()
         self.ended: Deferred[int] = Deferred()
@@ -135,7 +141,7 @@ class MproxyProcess:
         self.http_port: int | None = None
         self.https_port: int | None = None
         self.process: Any = None
-        self.protocol: _ServerProtocol | None = None
+        self.protocol: ServerProtocol | None = None
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -150,7 +156,7 @@ class MproxyProcess:
         Start the server; fires with the "Server started" log record.
         A restart listens on the ports the first start got.
         """
-        self.protocol = _ServerProtocol()
+        self.protocol = ServerProtocol()
         args = self.argv(
             "run",
             "--http-port", str(self.http_port or self.requested_port),
