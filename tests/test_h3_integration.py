@@ -167,6 +167,29 @@ class HTTP3Tests(TestCase):
         self.assertEqual({body for _, body in results}, {b"first", b"second"})
 
     @inlineCallbacks
+    def test_pause_holds_and_resume_releases(self) -> Any:
+        """
+        A paused service holds an HTTP/3 request; resume sends it on; after
+        C{stop} it gets the 503 page.
+        """
+        _, up = self.upstream("web")
+        yield self.deploy_tls("web", "web.test", up)
+        c = yield self.client("web.test")
+        r = yield self.proxy.command("pause", "web", "--max-pause", "20s")
+        self.assertEqual(r.status, 0, r.err)
+        held = c.request("GET", "/")
+        yield sleep(0.7)
+        self.assertNoResult(held)
+        r = yield self.proxy.command("resume", "web")
+        self.assertEqual(r.status, 0, r.err)
+        r = yield held
+        self.assertEqual((r.status, r.body), (200, b"web"))
+        r = yield self.proxy.command("stop", "web")
+        self.assertEqual(r.status, 0, r.err)
+        r = yield c.request("GET", "/")
+        self.assertEqual(r.status, 503)
+
+    @inlineCallbacks
     def test_request_body_and_limits(self) -> Any:
         """
         A POST body reaches the target (streamed); with request buffering,
