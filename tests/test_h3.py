@@ -347,6 +347,26 @@ class ExchangeTests(SynchronousTestCase):
         h.pump()
         self.assertEqual(lost, [0, 4])
 
+    def test_not_origin_form(self) -> None:
+        """
+        CONNECT and a request target that is not a path get a 400 without
+        reaching the handler.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sid = h.client.get_next_available_stream_id()
+        h.h3.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"one.test:443")],
+                          end_stream=False)
+        h.pump()
+        sid2 = h.request(b"OPTIONS", b"*")
+        self.assertEqual(seen, [])
+        for s in (sid, sid2):
+            self.assertEqual(h.responses[s]["headers"][0][0], (b":status", b"400"))
+            self.assertEqual(h.responses[s]["body"], b"<h1>400 Bad Request</h1>")
+        h.request()
+        self.assertEqual(len(seen), 1)
+
     def test_abort_resets_stream_only(self) -> None:
         """
         Aborting an exchange resets its stream; the connection serves on.

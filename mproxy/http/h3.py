@@ -403,6 +403,7 @@ class H3Session:
         self._timer_at: float | None = None
         self._transmit_call: Any = None
         self._last_accepted: int | None = None
+        self._highest = -4  # the highest request stream seen
         self.closed = False
         # QUIC's idle timeout counts any silence; a quiet long response
         # (long poll, event stream) is not idle: ping while streams are open
@@ -475,8 +476,18 @@ class H3Session:
                 self.quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
                 self.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
                 return
+            self._highest = max(self._highest, stream_id)
             ex = H3Exchange(self, stream_id, event.headers, event.stream_ended)
             self.exchanges[stream_id] = ex
+            if not ex.uri.startswith(b"/") or ex.method == b"CONNECT":
+                # only origin-form requests are proxied (no CONNECT, no "*")
+                body = b"<h1>400 Bad Request</h1>"
+                ex.start_response(400, None, [
+                    (b"content-type", b"text/html; charset=utf-8"),
+                    (b"content-length", b"%d" % len(body))], len(body))
+                ex.write(body)
+                ex.finish()
+                return
             self.listener.render(ex)
         elif isinstance(event, DataReceived):
             ex = self.exchanges.get(stream_id)
@@ -608,7 +619,7 @@ class H3Session:
         if self.closed:
             return
         if self._last_accepted is None:
-            self._last_accepted = max(self.exchanges, default=-4)
+            self._last_accepted = self._highest
             if self.h3 is not None:
                 control = self.h3._local_control_stream_id
                 if control is not None:
