@@ -6,7 +6,6 @@ client connection, in memory (no sockets), on a L{Clock}.
 from __future__ import annotations
 
 import random
-import ssl
 from typing import Any
 
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
