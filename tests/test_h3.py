@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events as qe
@@ -365,6 +366,56 @@ class ExchangeTests(SynchronousTestCase):
             self.assertEqual(h.responses[s]["body"], b"<h1>400 Bad Request</h1>")
         h.request()
         self.assertEqual(len(seen), 1)
+
+    def test_header_limits(self) -> None:
+        """
+        A request target over 8 KiB is a 414, a header section over 64 KiB
+        or 100 fields a 431; none reaches the handler.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sids = [h.request(path=b"/" + b"a" * 9000),
+                h.request(headers=[(b"x-big-%d" % i, b"v" * 30000) for i in range(3)]),
+                h.request(headers=[(b"x-%d" % i, b"v") for i in range(101)])]
+        self.assertEqual([h.responses[s]["headers"][0][0][1] for s in sids],
+                         [b"414", b"431", b"431"])
+        self.assertEqual(seen, [])
+
+    def test_unfinished_header_section_bounded(self) -> None:
+        """
+        A request stream gets no credit past its first window before its
+        header section is complete.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sid = h.client.get_next_available_stream_id()
+        # a HEADERS frame announcing 3 MiB, then its bytes
+        size = 3 << 20
+        h.client.send_stream_data(sid, b"\x01" + encode_uint_var(size) + b"\x00" * size)
+        for _ in range(10):
+            h.clock.advance(0.05)
+            h.pump()
+        session = list(h.listener.connections)[0]
+        stream = session.quic._streams[sid]
+        self.assertEqual(stream.max_stream_data_local, 1 << 20)
+        self.assertLessEqual(stream.receiver.highest_offset, 1 << 20)
+        self.assertEqual(seen, [])
+
+    def test_early_response_stops_body(self) -> None:
+        """
+        A response finished before the request body ended asks the client
+        to stop sending it (STOP_SENDING, H3_NO_ERROR).
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sid = h.request(b"POST", body=b"part", end=False)
+        self.assertEqual(h.responses[sid]["body"], b"hi")
+        stops = [e for e in h.quic_events if isinstance(e, qe.StopSendingReceived)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in stops],
+                         [(sid, ErrorCode.H3_NO_ERROR)])
 
     def test_abort_resets_stream_only(self) -> None:
         """
