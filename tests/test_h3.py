@@ -616,6 +616,89 @@ class ProxyTests(SynchronousTestCase):
         self.assertIsNone(render(False))
 
 
+class UDPReactor(Clock):
+    """
+    A clock that records C{listenUDP} calls (C{refuse}: interfaces that
+    fail with CannotListenError).
+    """
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.udp: list[tuple[int, Any, str, FakeUDP]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> Any:
+        from twisted.internet.error import CannotListenError
+
+        if interface in self.refuse:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        udp = FakeUDP()
+        udp.getHost = lambda: type("Host", (), {"port": port or 4433})()  # type: ignore[attr-defined]
+        protocol.makeConnection(udp)
+        self.udp.append((port, protocol, interface, udp))
+        return udp
+
+
+class ServiceTests(SynchronousTestCase):
+    def site(self) -> Any:
+        return type("Site", (), {"resource": ProxyResource(FakeRouter(), ListLogger(),
+                                                           clock=Clock()),
+                                 "idle_timeout": 30.0})()
+
+    def test_binds_on_the_https_port(self) -> None:
+        """
+        The service listens on UDP at the port the HTTPS listener got
+        (dual-stack C{::} without C{--bind}), turns Alt-Svc on for the site,
+        and on stop drains, closes the port and turns Alt-Svc off.
+        """
+        from mproxy.http.h3 import HTTP3Service
+
+        reactor = UDPReactor()
+        site = self.site()
+        service = HTTP3Service(reactor, site, CERTS.get, ListLogger(), bind="",
+                               https_port=lambda: 8443, grace=10)
+        service.privilegedStartService()
+        service.startService()
+        [(port, protocol, interface, udp)] = reactor.udp
+        self.assertEqual((port, interface, service.port, service.name),
+                         (8443, "::", 8443, "http3"))
+        self.assertIs(protocol, service.listener)
+        self.assertEqual(site.resource.alt_svc, [(b"Alt-Svc", b'h3=":8443"; ma=2592000')])
+        self.successResultOf(service.stopService())
+        self.assertTrue(udp.stopped)
+        self.assertIsNone(site.resource.alt_svc)
+
+    def test_bind_address_and_failure(self) -> None:
+        """
+        With C{--bind} only that address is tried; a port that cannot be
+        bound stops start-up with a clear error, and no Alt-Svc is sent.
+        """
+        from mproxy.http.h3 import HTTP3Service
+        from mproxy.listeners import StartupError
+
+        reactor = UDPReactor(refuse=("127.0.0.1",))
+        site = self.site()
+        service = HTTP3Service(reactor, site, CERTS.get, ListLogger(), bind="127.0.0.1",
+                               https_port=lambda: 8443, grace=10)
+        e = self.assertRaises(StartupError, service.privilegedStartService)
+        self.assertIn("cannot listen for HTTP/3 (UDP) on port 8443", str(e))
+        self.assertIsNone(site.resource.alt_svc)
+
+    def test_only_with_http3(self) -> None:
+        """
+        The server's tree has the HTTP/3 service only with C{--http3}.
+        """
+        from mproxy.config import ServerConfig
+        from mproxy.tree import build_service
+
+        names = []
+        for on in (False, True):
+            config = ServerConfig(state_dir=self.mktemp(), socket=self.mktemp(), http3=on)
+            svc = build_service(UDPReactor(), config, ListLogger())
+            names.append([str(listener.name) for listener in svc.listeners])
+        self.assertEqual(names, [["http", "https"], ["http", "https", "http3"]])
+
+
 class ConfigTests(SynchronousTestCase):
     def test_http3_option(self) -> None:
         """
