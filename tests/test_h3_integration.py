@@ -62,6 +62,19 @@ class HTTP3Tests(TestCase):
         self.assertEqual(r.status, 0, r.err)
         return certified
 
+    @inlineCallbacks
+    def request_records(self, n: int) -> Any:
+        """
+        The server's C{Request} log records once there are C{n} (the line is
+        written after the response, and read from the child's stdout).
+        """
+        for _ in range(100):
+            logged = [rec for rec in self.proxy.records if rec.get("msg") == "Request"]
+            if len(logged) >= n:
+                return logged
+            yield sleep(0.05)
+        return logged
+
     def upstream(self, name: str) -> tuple[Any, str]:
         app, port = listen_upstream(reactor, name)
         self.addCleanup(port.stopListening)
@@ -92,7 +105,7 @@ class HTTP3Tests(TestCase):
             r = yield c.request("GET", "/")
             self.assertEqual((r.status, r.body), (200, body))
             self.assertIsNone(r.header(b"alt-svc"))
-        logged = [rec for rec in self.proxy.records if rec.get("msg") == "Request"]
+        logged = yield self.request_records(2)
         self.assertEqual([(rec["proto"], rec["host"], rec["status"], rec["scheme"])
                           for rec in logged],
                          [("HTTP/3.0", "one.test", 200, "https"),
