@@ -345,7 +345,9 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
                   for b in trees[i + 1:]]
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
-              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy")]
+              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy"),
+              ("mproxy-h2", "caddy-h2"), ("mproxy-h3", "caddy-h3"),
+              ("mproxy-h2", "mproxy-tls"), ("mproxy-h3", "mproxy-tls")]
     for a, b in pairs:
         if a not in results or b not in results:
             continue
