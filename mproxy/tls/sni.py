@@ -260,13 +260,21 @@ def https_factory(
     tls: ServerTLS,
     site: Factory | None = None,
     protocol_for_alpn: Callable[[bytes | None, Any], Any] | None = None,
+    stdlib: bool = True,
 ) -> TLSMemoryBIOFactory:
     """
     A server factory for the HTTPS port: TLS with certificate selection by
     C{tls}, then the protocol from C{protocol_for_alpn} (default: C{site}'s).
+    With C{stdlib} (the default) connections run on the standard library's
+    C{ssl} (L{mproxy.tls.fasttls}); without it, on pyOpenSSL.
     """
     if protocol_for_alpn is None:
         if site is None:
             raise TypeError("https_factory needs a site or protocol_for_alpn")
         protocol_for_alpn = default_protocol_for_alpn(site)
-    return TLSMemoryBIOFactory(tls, False, _ALPNDispatchFactory(protocol_for_alpn, site))
+    wrapped = _ALPNDispatchFactory(protocol_for_alpn, site)
+    if stdlib:
+        from mproxy.tls.fasttls import FastTLSFactory
+
+        return FastTLSFactory(tls, wrapped)
+    return TLSMemoryBIOFactory(tls, False, wrapped)
