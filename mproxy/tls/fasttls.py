@@ -46,6 +46,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer, directlyProvides
 
+from mproxy.http.batch import DIRECT_TYPES
 from mproxy.tls.certs import CertifiedKey, certified_pem
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
@@ -108,7 +109,8 @@ class StdlibContexts:
         name = normalise_server_name(server_name.encode("ascii") if server_name else None)
         tls = self.tls
         challenges = tls.challenges
-        if challenges is not None and name is not None and conn is not None:
+        if (challenges is not None and name is not None and conn is not None
+                and not conn._sent):
             if challenges.alpn_certificate(name) is not None:
                 # only pyOpenSSL can pick the certificate by the ALPN offer
                 conn._fallback = True
@@ -181,6 +183,7 @@ class FastTLSProtocol(Protocol):
     disconnecting = False
     disconnected = False
     _fallback = False
+    _sent = False  # anything sent to the client yet
     TLS = True
 
     def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
@@ -191,6 +194,9 @@ class FastTLSProtocol(Protocol):
         self._sslobj = factory.contexts.base.wrap_bio(
             self._incoming, self._outgoing, server_side=True)
         self._sslobj._mproxy_conn = self
+        # the C object's methods, without the ssl.SSLObject wrappers
+        self._ssl = getattr(self._sslobj, "_sslobj", self._sslobj)
+        self._deliver: Any = None
         self._handshaking = True
         self._hello: list[bytes] | None = []  # raw bytes until the handshake is done
         self._plain: list[bytes] = []
@@ -214,24 +220,22 @@ class FastTLSProtocol(Protocol):
             self._hello.append(data)
             if not self._handshake():
                 return
-        sslobj = self._sslobj
+        sslobj = self._ssl
         incoming = self._incoming
+        deliver = self._deliver
         while not self.disconnecting:
             try:
                 chunk = sslobj.read(READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:
-                # close_notify from the client
-                self._send_outgoing()
-                self.loseConnection()
-                break
             except ssl.SSLError as e:
                 self._fail(e)
                 break
             if not chunk:
+                # close_notify from the client
+                self.loseConnection()
                 break
-            self.app.dataReceived(chunk)
+            deliver(chunk)
             if not incoming.pending and not sslobj.pending():
                 break
         if self._outgoing.pending:
@@ -264,6 +268,9 @@ class FastTLSProtocol(Protocol):
         app.makeConnection(self)
         if IHandshakeListener.providedBy(app):
             app.handshakeCompleted()
+        # bytes go straight to the protocol the ALPN dispatcher chose
+        inner = getattr(app, "inner", None)
+        self._deliver = (inner if inner is not None else app).dataReceived
         return not self.disconnecting
 
     def _to_pyopenssl(self) -> None:
@@ -306,9 +313,10 @@ class FastTLSProtocol(Protocol):
         data = self._outgoing.read()
         if not data:
             return
+        self._sent = True
         t = self.transport
-        if (t.connected and not t.disconnecting and not t.dataBuffer
-                and not t._tempDataLen):
+        if (type(t) in DIRECT_TYPES and t.connected and not t.disconnecting
+                and not t.dataBuffer and not t._tempDataLen):
             try:
                 n = t.socket.send(data)
             except OSError:
@@ -325,7 +333,7 @@ class FastTLSProtocol(Protocol):
         if plain and not self.disconnected:
             data = plain[0] if len(plain) == 1 else b"".join(plain)
             try:
-                self._sslobj.write(data)
+                self._ssl.write(data)
             except ssl.SSLError as e:
                 self._fail(e)
                 return
