@@ -276,5 +276,6 @@ def https_factory(
     if stdlib:
         from mproxy.tls.fasttls import FastTLSFactory
 
-        return FastTLSFactory(tls, wrapped)
+        # the site's reactor runs the per-iteration write flush
+        return FastTLSFactory(tls, wrapped, getattr(site, "reactor", None))
     return TLSMemoryBIOFactory(tls, False, wrapped)
