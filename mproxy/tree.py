@@ -120,7 +120,7 @@ class MproxyService(MultiService):
         )
         return [site, secure]
 
-    def _build_listeners(self) -> list[Listener]:
+    def _build_listeners(self) -> list[Any]:
         from mproxy.tls.wiring import https_server_factory
 
         cfg = self.config
@@ -133,6 +133,13 @@ class MproxyService(MultiService):
                      cfg.https_port, endpoints,
                      drain=lambda: secure.shutdown(SHUTDOWN_GRACE)),
         ]
+        if cfg.http3:
+            from mproxy.http.h3 import HTTP3Service
+
+            https = listeners[1]
+            listeners.append(HTTP3Service(
+                self.reactor, secure, self.certificates.select, self.logger, bind=cfg.bind,
+                https_port=lambda: https.port, grace=SHUTDOWN_GRACE))
         if self.metrics is not None:
             listeners.append(
                 Listener("metrics", metrics_site(self.metrics), cfg.metrics_port, endpoints)

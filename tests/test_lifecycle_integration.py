@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -62,12 +63,12 @@ class Helpers:
     def short_dir(self) -> str:
         d = tempfile.mkdtemp(prefix="mpl-")
         os.chmod(d, 0o755)
-        self.addCleanup(__import__("shutil").rmtree, d, True)  # type: ignore[attr-defined]
+        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
         return d
 
     @inlineCallbacks
-    def started(self, cls: type[MproxyProcess] = MproxyProcess, *extra: str) -> Any:
-        p = cls(reactor, self.mktemp(), extra_args=extra)  # type: ignore[attr-defined]
+    def started(self, cls: type[MproxyProcess] = MproxyProcess) -> Any:
+        p = cls(reactor, self.mktemp())  # type: ignore[attr-defined]
         yield p.start()
         self.addCleanup(p.stop, signal.SIGKILL)  # type: ignore[attr-defined]
         return p
@@ -265,7 +266,7 @@ class SocketOwnershipTests(Helpers, TestCase):
         if os.geteuid() != 0:
             raise SkipTest("needs root to create files and processes of another user")
 
-    def strangers_socket(self, listening_as_nobody: bool = False) -> Any:
+    def strangers_socket(self) -> str:
         """
         A socket path in a directory everyone may write, owned by nobody.
         """
