@@ -13,8 +13,11 @@ API::
         #   CertificateService.select is the production implementation.
         # challenges: IChallengeResponder (TLS-ALPN-01 certificates) or None.
         # logger: a JSONLogger (default: JSON lines on stdout).
-    factory = https_factory(tls, site, protocol_for_alpn=None)
-        # -> TLSMemoryBIOFactory: listen with any stream server endpoint, e.g.
+    factory = https_factory(tls, site, protocol_for_alpn=None, stdlib=True)
+        # -> a TLSMemoryBIOFactory (with stdlib, the subclass
+        #    mproxy.tls.fasttls.FastTLSFactory, whose connections run on the
+        #    standard library's ssl and fall back to pyOpenSSL only to
+        #    answer TLS-ALPN-01): listen with any stream server endpoint, e.g.
         #    StreamServerEndpointService(TCP4ServerEndpoint(reactor, 443,
         #        interface=bind), factory)
         # protocol_for_alpn(negotiated: bytes | None, addr) -> IProtocol builds
