@@ -198,12 +198,12 @@ class FastTLSProtocol(Protocol):
         self._ssl = getattr(self._sslobj, "_sslobj", self._sslobj)
         self._deliver: Any = None
         self._handshaking = True
-        self._hello: list[bytes] | None = []  # raw bytes until the handshake is done
+        # the client's bytes until anything is sent (the fallback replays them)
+        self._hello: list[bytes] | None = []
         self._plain: list[bytes] = []
         self._plain_len = 0
         self._queued = False
         self.app: Any = None
-        self._close_after_flush = False
         self._reason: Failure | None = None
 
     # -- from the TCP transport ------------------------------------------------
@@ -217,7 +217,8 @@ class FastTLSProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._incoming.write(data)
         if self._handshaking:
-            self._hello.append(data)
+            if self._hello is not None:
+                self._hello.append(data)
             if not self._handshake():
                 return
         sslobj = self._ssl
@@ -314,6 +315,7 @@ class FastTLSProtocol(Protocol):
         if not data:
             return
         self._sent = True
+        self._hello = None
         t = self.transport
         if (type(t) in DIRECT_TYPES and t.connected and not t.disconnecting
                 and not t.dataBuffer and not t._tempDataLen):
@@ -338,9 +340,6 @@ class FastTLSProtocol(Protocol):
                 self._fail(e)
                 return
             self._send_outgoing()
-        if self._close_after_flush:
-            self._close_after_flush = False
-            self._shutdown()
 
     # -- ITransport (for the application protocol) ---------------------------------
 
