@@ -206,7 +206,11 @@ def tree_command(directory: str) -> tuple[list[str], dict]:
     root = Path(directory).resolve()
     if not (root / "mproxy" / "cli" / "main.py").exists():
         raise SystemExit(f"error: {root} holds no mproxy source tree")
-    return ([sys.executable, "-c", "import sys; sys.argv[0] = 'mproxy'; "
+    # `python -c` puts the current directory first on sys.path, ahead of
+    # PYTHONPATH: the tree goes in front of it, or a run from another
+    # checkout would measure that checkout
+    return ([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); "
+             "sys.argv[0] = 'mproxy'; "
              "from mproxy.cli.main import run; sys.exit(run())"], {"PYTHONPATH": str(root)})
 
 
