@@ -54,9 +54,9 @@ def missing_tool(name: str) -> str | None:
     if base.endswith("-h2") and not shutil.which("h2load"):
         return "h2load not found (apt-get install nghttp2-client)"
     if base.endswith("-h3"):
-        try:
-            import aioquic  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("aioquic") is None:
             return "aioquic not installed (pip install aioquic)"
     return None
 

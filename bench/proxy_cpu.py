@@ -234,7 +234,11 @@ def tree_command(directory: str) -> tuple[list[str], dict]:
     root = Path(directory).resolve()
     if not (root / "mproxy" / "cli" / "main.py").exists():
         raise SystemExit(f"error: {root} holds no mproxy source tree")
-    return ([sys.executable, "-c", "import sys; sys.argv[0] = 'mproxy'; "
+    # `python -c` puts the current directory first on sys.path, ahead of
+    # PYTHONPATH: the tree goes in front of it, or a run from another
+    # checkout would measure that checkout
+    return ([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); "
+             "sys.argv[0] = 'mproxy'; "
              "from mproxy.cli.main import run; sys.exit(run())"], {"PYTHONPATH": str(root)})
 
 
@@ -395,7 +399,9 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
                   for i, a in enumerate(trees) for b in trees[i + 1:]]
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
-              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy")]
+              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy"),
+              ("mproxy-h2", "caddy-h2"), ("mproxy-h3", "caddy-h3"),
+              ("mproxy-h2", "mproxy-tls"), ("mproxy-h3", "mproxy-tls")]
     pairs += [(f"{p}{sfx}", f"{q}{sfx}") for sfx in suffixes[1:]
               for p, q in [("mproxy", "direct"), ("mproxy", "caddy"), ("mproxy", "nginx"),
                            ("caddy", "direct"), ("nginx", "direct"),

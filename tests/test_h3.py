@@ -6,9 +6,9 @@ client connection, in memory (no sockets), on a L{Clock}.
 from __future__ import annotations
 
 import random
-import ssl
 from typing import Any
 
+from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events as qe
@@ -347,6 +347,76 @@ class ExchangeTests(SynchronousTestCase):
         h.pump()
         self.assertEqual(lost, [0, 4])
 
+    def test_not_origin_form(self) -> None:
+        """
+        CONNECT and a request target that is not a path get a 400 without
+        reaching the handler.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sid = h.client.get_next_available_stream_id()
+        h.h3.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"one.test:443")],
+                          end_stream=False)
+        h.pump()
+        sid2 = h.request(b"OPTIONS", b"*")
+        self.assertEqual(seen, [])
+        for s in (sid, sid2):
+            self.assertEqual(h.responses[s]["headers"][0][0], (b":status", b"400"))
+            self.assertEqual(h.responses[s]["body"], b"<h1>400 Bad Request</h1>")
+        h.request()
+        self.assertEqual(len(seen), 1)
+
+    def test_header_limits(self) -> None:
+        """
+        A request target over 8 KiB is a 414, a header section over 64 KiB
+        or 100 fields a 431; none reaches the handler.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sids = [h.request(path=b"/" + b"a" * 9000),
+                h.request(headers=[(b"x-big-%d" % i, b"v" * 30000) for i in range(3)]),
+                h.request(headers=[(b"x-%d" % i, b"v") for i in range(101)])]
+        self.assertEqual([h.responses[s]["headers"][0][0][1] for s in sids],
+                         [b"414", b"431", b"431"])
+        self.assertEqual(seen, [])
+
+    def test_unfinished_header_section_bounded(self) -> None:
+        """
+        A request stream gets no credit past its first window before its
+        header section is complete.
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sid = h.client.get_next_available_stream_id()
+        # a HEADERS frame announcing 3 MiB, then its bytes
+        size = 3 << 20
+        h.client.send_stream_data(sid, b"\x01" + encode_uint_var(size) + b"\x00" * size)
+        for _ in range(10):
+            h.clock.advance(0.05)
+            h.pump()
+        session = list(h.listener.connections)[0]
+        stream = session.quic._streams[sid]
+        self.assertEqual(stream.max_stream_data_local, 1 << 20)
+        self.assertLessEqual(stream.receiver.highest_offset, 1 << 20)
+        self.assertEqual(seen, [])
+
+    def test_early_response_stops_body(self) -> None:
+        """
+        A response finished before the request body ended asks the client
+        to stop sending it (STOP_SENDING, H3_NO_ERROR).
+        """
+        seen: list[H3Exchange] = []
+        h = Harness(serving(seen))
+        h.pump()
+        sid = h.request(b"POST", body=b"part", end=False)
+        self.assertEqual(h.responses[sid]["body"], b"hi")
+        stops = [e for e in h.quic_events if isinstance(e, qe.StopSendingReceived)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in stops],
+                         [(sid, ErrorCode.H3_NO_ERROR)])
+
     def test_abort_resets_stream_only(self) -> None:
         """
         Aborting an exchange resets its stream; the connection serves on.
@@ -544,6 +614,89 @@ class ProxyTests(SynchronousTestCase):
 
         self.assertEqual(render(True), [b'h3=":8443"; ma=2592000'])
         self.assertIsNone(render(False))
+
+
+class UDPReactor(Clock):
+    """
+    A clock that records C{listenUDP} calls (C{refuse}: interfaces that
+    fail with CannotListenError).
+    """
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.udp: list[tuple[int, Any, str, FakeUDP]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> Any:
+        from twisted.internet.error import CannotListenError
+
+        if interface in self.refuse:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        udp = FakeUDP()
+        udp.getHost = lambda: type("Host", (), {"port": port or 4433})()  # type: ignore[attr-defined]
+        protocol.makeConnection(udp)
+        self.udp.append((port, protocol, interface, udp))
+        return udp
+
+
+class ServiceTests(SynchronousTestCase):
+    def site(self) -> Any:
+        return type("Site", (), {"resource": ProxyResource(FakeRouter(), ListLogger(),
+                                                           clock=Clock()),
+                                 "idle_timeout": 30.0})()
+
+    def test_binds_on_the_https_port(self) -> None:
+        """
+        The service listens on UDP at the port the HTTPS listener got
+        (dual-stack C{::} without C{--bind}), turns Alt-Svc on for the site,
+        and on stop drains, closes the port and turns Alt-Svc off.
+        """
+        from mproxy.http.h3 import HTTP3Service
+
+        reactor = UDPReactor()
+        site = self.site()
+        service = HTTP3Service(reactor, site, CERTS.get, ListLogger(), bind="",
+                               https_port=lambda: 8443, grace=10)
+        service.privilegedStartService()
+        service.startService()
+        [(port, protocol, interface, udp)] = reactor.udp
+        self.assertEqual((port, interface, service.port, service.name),
+                         (8443, "::", 8443, "http3"))
+        self.assertIs(protocol, service.listener)
+        self.assertEqual(site.resource.alt_svc, [(b"Alt-Svc", b'h3=":8443"; ma=2592000')])
+        self.successResultOf(service.stopService())
+        self.assertTrue(udp.stopped)
+        self.assertIsNone(site.resource.alt_svc)
+
+    def test_bind_address_and_failure(self) -> None:
+        """
+        With C{--bind} only that address is tried; a port that cannot be
+        bound stops start-up with a clear error, and no Alt-Svc is sent.
+        """
+        from mproxy.http.h3 import HTTP3Service
+        from mproxy.listeners import StartupError
+
+        reactor = UDPReactor(refuse=("127.0.0.1",))
+        site = self.site()
+        service = HTTP3Service(reactor, site, CERTS.get, ListLogger(), bind="127.0.0.1",
+                               https_port=lambda: 8443, grace=10)
+        e = self.assertRaises(StartupError, service.privilegedStartService)
+        self.assertIn("cannot listen for HTTP/3 (UDP) on port 8443", str(e))
+        self.assertIsNone(site.resource.alt_svc)
+
+    def test_only_with_http3(self) -> None:
+        """
+        The server's tree has the HTTP/3 service only with C{--http3}.
+        """
+        from mproxy.config import ServerConfig
+        from mproxy.tree import build_service
+
+        names = []
+        for on in (False, True):
+            config = ServerConfig(state_dir=self.mktemp(), socket=self.mktemp(), http3=on)
+            svc = build_service(UDPReactor(), config, ListLogger())
+            names.append([str(listener.name) for listener in svc.listeners])
+        self.assertEqual(names, [["http", "https"], ["http", "https", "http3"]])
 
 
 class ConfigTests(SynchronousTestCase):

@@ -21,8 +21,6 @@ from mproxy.http.h3client import H3Client, H3ConnectionLost
 from mproxy.testing import MproxyProcess, listen_upstream
 from mproxy.tls.testing import make_ca, make_certificate, pem_pair
 
-from tests.test_tls_integration import https_get
-
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
@@ -64,6 +62,19 @@ class HTTP3Tests(TestCase):
         self.assertEqual(r.status, 0, r.err)
         return certified
 
+    @inlineCallbacks
+    def request_records(self, n: int) -> Any:
+        """
+        The server's C{Request} log records once there are C{n} (the line is
+        written after the response, and read from the child's stdout).
+        """
+        for _ in range(100):
+            logged = [rec for rec in self.proxy.records if rec.get("msg") == "Request"]
+            if len(logged) >= n:
+                return logged
+            yield sleep(0.05)
+        return logged
+
     def upstream(self, name: str) -> tuple[Any, str]:
         app, port = listen_upstream(reactor, name)
         self.addCleanup(port.stopListening)
@@ -94,7 +105,7 @@ class HTTP3Tests(TestCase):
             r = yield c.request("GET", "/")
             self.assertEqual((r.status, r.body), (200, body))
             self.assertIsNone(r.header(b"alt-svc"))
-        logged = [rec for rec in self.proxy.records if rec.get("msg") == "Request"]
+        logged = yield self.request_records(2)
         self.assertEqual([(rec["proto"], rec["host"], rec["status"], rec["scheme"])
                           for rec in logged],
                          [("HTTP/3.0", "one.test", 200, "https"),
@@ -112,10 +123,10 @@ class HTTP3Tests(TestCase):
         """
         _, one = self.upstream("one")
         yield self.deploy_tls("one", "one.test", one, "--tls-redirect=false")
-        status, body, _, _ = yield deferToThread(
+        status, head = yield deferToThread(
             https_get_headers, self.proxy.https_port, "one.test", self.ca_path)
         self.assertEqual(status, 200)
-        self.assertIn(b'alt-svc: h3=":%d"; ma=2592000' % self.proxy.https_port, body.lower())
+        self.assertIn(b'alt-svc: h3=":%d"; ma=2592000' % self.proxy.https_port, head.lower())
         status, head = yield deferToThread(http_get_head, self.proxy.http_port, "one.test")
         self.assertEqual(status, 200)
         self.assertNotIn(b"alt-svc", head.lower())
@@ -165,6 +176,29 @@ class HTTP3Tests(TestCase):
         self.assertEqual(failures, [])
         self.assertGreater(len(results), 50)
         self.assertEqual({body for _, body in results}, {b"first", b"second"})
+
+    @inlineCallbacks
+    def test_pause_holds_and_resume_releases(self) -> Any:
+        """
+        A paused service holds an HTTP/3 request; resume sends it on; after
+        C{stop} it gets the 503 page.
+        """
+        _, up = self.upstream("web")
+        yield self.deploy_tls("web", "web.test", up)
+        c = yield self.client("web.test")
+        r = yield self.proxy.command("pause", "web", "--max-pause", "20s")
+        self.assertEqual(r.status, 0, r.err)
+        held = c.request("GET", "/")
+        yield sleep(0.7)
+        self.assertNoResult(held)
+        r = yield self.proxy.command("resume", "web")
+        self.assertEqual(r.status, 0, r.err)
+        r = yield held
+        self.assertEqual((r.status, r.body), (200, b"web"))
+        r = yield self.proxy.command("stop", "web")
+        self.assertEqual(r.status, 0, r.err)
+        r = yield c.request("GET", "/")
+        self.assertEqual(r.status, 503)
 
     @inlineCallbacks
     def test_request_body_and_limits(self) -> Any:
@@ -253,9 +287,9 @@ class HTTP3Tests(TestCase):
         self.assertEqual(errors, [])
 
 
-def https_get_headers(port: int, host: str, cafile: str) -> tuple[int, bytes, int, str]:
+def https_get_headers(port: int, host: str, cafile: str) -> tuple[int, bytes]:
     """
-    L{https_get} of C{/}, with the response head returned as the body.
+    A blocking HTTPS/1.1 GET of C{/}: (status, response head).
     """
     import ssl
 
@@ -270,7 +304,7 @@ def https_get_headers(port: int, host: str, cafile: str) -> tuple[int, bytes, in
                     break
                 data += chunk
     head = data.partition(b"\r\n\r\n")[0]
-    return int(head.split(b" ", 2)[1]), head, 0, ""
+    return int(head.split(b" ", 2)[1]), head
 
 
 def http_get_head(port: int, host: str) -> tuple[int, bytes]:

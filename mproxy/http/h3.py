@@ -31,7 +31,11 @@ the handshake.  QUIC is TLS 1.3 only.
 Flow control: a response stream whose unacknowledged data passes
 L{SEND_HIGH_WATER} pauses its producer (the relay, hence the target) until
 it drops below L{SEND_LOW_WATER}; a request body whose consumer is paused
-stops getting stream credit (MAX_STREAM_DATA), so the client stops sending.
+stops getting stream credit (MAX_STREAM_DATA), so the client stops sending;
+a request stream gets no credit beyond its first window until its header
+section is complete (bounding it), which then has HTTP/1.1's limits (414,
+431).  A response sent before the request body ended stops the body
+(STOP_SENDING).
 
 Graceful shutdown: a GOAWAY to every client, new connections and new
 streams are refused, open streams complete, then each connection closes;
@@ -40,6 +44,7 @@ whatever is left after the timeout is closed at once.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Callable
 
@@ -64,10 +69,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mproxy.http.interfaces import IExchange
-from mproxy.http.request import MAX_QUEUED_BODY, address_strings
+from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH
+from mproxy.http.request import MAX_QUEUED_BODY, address_strings, reason_bytes
 from mproxy.tls.sni import normalise_server_name
 
 __all__ = ["HTTP3Service", "H3Listener", "H3Session", "H3Exchange", "proxy_handler", "SEND_HIGH_WATER", "SEND_LOW_WATER"]
+
+# aioquic logs through the standard library ("quic", "http3") without a
+# handler of its own: Python would print its warnings (a client's protocol
+# error) to stderr.  What matters is logged here, as JSON.
+for _name in ("quic", "http3"):
+    logging.getLogger(_name).addHandler(logging.NullHandler())
 
 #: unacknowledged response bytes on a stream above which its producer pauses
 SEND_HIGH_WATER = 256 * 1024
@@ -99,6 +111,9 @@ class _SNIQuicConnection(QuicConnection):
         self._select = select
         self._mproxy_logger = logger
         self.held_streams: set[int] = set()
+        #: request streams whose header section arrived (the others get no
+        #: more credit than the first window: it bounds a header section)
+        self.headed_streams: set[int] = set()
         self.server_name: str | None = None
 
     def _initialize(self, peer_cid: bytes) -> None:
@@ -132,7 +147,8 @@ class _SNIQuicConnection(QuicConnection):
         context._server_handle_hello = choose_then_handle
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        if stream.stream_id in self.held_streams:
+        sid = stream.stream_id
+        if sid in self.held_streams or (sid % 4 == 0 and sid not in self.headed_streams):
             return
         super()._write_stream_limits(builder, space, stream)
 
@@ -364,6 +380,22 @@ class H3Exchange:
             fn()
 
 
+def _refusal(exchange: H3Exchange, headers: list[tuple[bytes, bytes]]) -> int:
+    """
+    The status for a request the proxy does not take (0: it does): only
+    origin-form targets (no CONNECT, no C{*}), and the size limits of
+    HTTP/1.1 (414, 431).
+    """
+    if not exchange.uri.startswith(b"/") or exchange.method == b"CONNECT":
+        return 400
+    if len(exchange.uri) > MAX_URL_LENGTH:
+        return 414
+    if (len(headers) > MAX_HEADER_COUNT
+            or sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEADER_BYTES):
+        return 431
+    return 0
+
+
 class _BodyProducer:
     """
     Holds back the client's request body while its consumer is full.
@@ -403,6 +435,7 @@ class H3Session:
         self._timer_at: float | None = None
         self._transmit_call: Any = None
         self._last_accepted: int | None = None
+        self._highest = -4  # the highest request stream seen
         self.closed = False
         # QUIC's idle timeout counts any silence; a quiet long response
         # (long poll, event stream) is not idle: ping while streams are open
@@ -475,8 +508,19 @@ class H3Session:
                 self.quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
                 self.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
                 return
+            self._highest = max(self._highest, stream_id)
+            self.quic.headed_streams.add(stream_id)
             ex = H3Exchange(self, stream_id, event.headers, event.stream_ended)
             self.exchanges[stream_id] = ex
+            status = _refusal(ex, event.headers)
+            if status:
+                body = b"<h1>%d %s</h1>" % (status, reason_bytes(status))
+                ex.start_response(status, None, [
+                    (b"content-type", b"text/html; charset=utf-8"),
+                    (b"content-length", b"%d" % len(body))], len(body))
+                ex.write(body)
+                ex.finish()
+                return
             self.listener.render(ex)
         elif isinstance(event, DataReceived):
             ex = self.exchanges.get(stream_id)
@@ -590,10 +634,20 @@ class H3Session:
             self.transmit_soon()
 
     def exchange_done(self, exchange: H3Exchange) -> None:
-        if self.exchanges.get(exchange.stream_id) is exchange:
-            del self.exchanges[exchange.stream_id]
+        sid = exchange.stream_id
+        if self.exchanges.get(sid) is exchange:
+            del self.exchanges[sid]
         self._paused.discard(exchange)
-        self.quic.held_streams.discard(exchange.stream_id)
+        quic = self.quic
+        quic.held_streams.discard(sid)
+        quic.headed_streams.discard(sid)
+        if not exchange.body_done and not self.closed:
+            # answered before the whole body arrived: the rest is not wanted
+            try:
+                quic.stop_stream(sid, ErrorCode.H3_NO_ERROR)
+            except ValueError:
+                pass
+            self.transmit_soon()
 
     # --- shutdown ---------------------------------------------------------------
 
@@ -608,7 +662,7 @@ class H3Session:
         if self.closed:
             return
         if self._last_accepted is None:
-            self._last_accepted = max(self.exchanges, default=-4)
+            self._last_accepted = self._highest
             if self.h3 is not None:
                 control = self.h3._local_control_stream_id
                 if control is not None:
