@@ -57,8 +57,11 @@ class LoadBalancer:
         self._healthy_waiters: list[Deferred[None]] = []
         self.last_health_error = ""
         self.health_listeners: list[OnHealth] = []
+        #: called with each target that becomes healthy
+        self.on_target_healthy: Callable[[Target], None] | None = None
         for t in self.targets:
             t.on_state_change = self._target_state_changed
+            t.balancer = self
 
     @property
     def targets(self) -> list[Target]:
@@ -81,14 +84,19 @@ class LoadBalancer:
         self._reader_rotation = [t for t in self.readers if t.healthy]
 
     def _target_state_changed(self, target: Target, was: TargetState) -> None:
-        if self.logger is not None and target.state is not TargetState.DRAINING:
+        state = target.state
+        if self.logger is not None and state is not TargetState.DRAINING:
+            fields = {"error": target.last_error} if state is TargetState.UNHEALTHY else {}
             self.logger.info(
                 "Target health updated",
                 target=target.address,
-                state=target.state.value,
+                state=state.value,
                 was=was.value,
+                **fields,
             )
         self._rebuild()
+        if state is TargetState.HEALTHY and self.on_target_healthy is not None:
+            self.on_target_healthy(target)
         if self.all_healthy():
             waiters, self._healthy_waiters = self._healthy_waiters, []
             for d in waiters:
@@ -135,21 +143,14 @@ class LoadBalancer:
         self, config: HealthCheckConfig, probe: ProbeFunction
     ) -> None:
         """
-        Start checking every target.  A balancer with a single writer and no
-        readers stops checking once that target is healthy: taking the only
-        target out of rotation would not help anybody.
+        Start checking every target, a lone one too, until
+        L{stop_health_checks}: a dead target leaves rotation (and, when it
+        was the only one, requests get the 503 page at once instead of a 502
+        each after a connect attempt).
         """
         self.stop_health_checks()
-        single = len(self.writers) == 1 and not self.readers
         for t in self.targets:
-            checker = HealthChecker(
-                t,
-                config,
-                self.clock,
-                probe,
-                self._health_result,
-                stop_when_healthy=single,
-            )
+            checker = HealthChecker(t, config, self.clock, probe, self._health_result)
             self._checkers.append(checker)
             checker.start()
 
@@ -158,7 +159,9 @@ class LoadBalancer:
             listener(target, ok, error)
         if not ok:
             self.last_health_error = error
-            if self.logger is not None:
+            # While a deploy waits for the target, each failure is news; once
+            # it has served, only its transitions are logged.
+            if self.logger is not None and target.state is TargetState.ADDING:
                 self.logger.info("Healthcheck failed", target=target.address, error=error)
 
     def stop_health_checks(self) -> None:

@@ -528,6 +528,24 @@ class TableTests(SynchronousTestCase):
             "plain    *     /     web-1:3000            paused  no   -\n",
         )
 
+    def test_health_since_and_error(self) -> None:
+        """
+        With the details of each target's health, the Target cell says since
+        when, and why an unhealthy one is.
+        """
+        rows = [dict(self.ROWS[1], targets=["a:1", "b:2"],
+                     health={"a:1": "healthy", "b:2": "unhealthy"},
+                     target_health={
+                         "a:1": {"health": "healthy", "since": "2026-12-01T12:00:00Z",
+                                 "last_error": "request timed out"},
+                         "b:2": {"health": "unhealthy", "since": "2026-12-01T12:20:01Z",
+                                 "last_error": "Connection was refused"}})]
+        self.assertIn(
+            "a:1 (healthy since 2026-12-01 12:00:00Z), "
+            "b:2 (unhealthy since 2026-12-01 12:20:01Z: Connection was refused)",
+            format_table(rows, color=False),
+        )
+
     def test_color(self) -> None:
         """
         On a terminal the header is italic bright blue and the first column
@@ -773,9 +791,12 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual(
             out,
-            "Service  Host             Path  Target                State    TLS\n"
-            "api      api.example.com  /     api-1:3000 (healthy)  running  no\n"
-            "default  *                /     web-1:3000 (healthy)  running  no\n",
+            "Service  Host             Path  Target                                           "
+            "State    TLS\n"
+            "api      api.example.com  /     api-1:3000 (healthy since 1970-01-01 00:00:00Z)  "
+            "running  no\n"
+            "default  *                /     web-1:3000 (healthy since 1970-01-01 00:00:00Z)  "
+            "running  no\n",
         )
         status, out, err = self.cli("ls", "--json")
         rows = json.loads(out)

@@ -327,6 +327,13 @@ class IProxiedTarget(Interface):
     address = Attribute("C{str}: C{host:port}")
     pool = Attribute("the target's L{IUpstreamPool}")
 
+    def eject(error):
+        """
+        A connection to the target was refused, reset or timed out: take it
+        out of rotation until a health check passes.  Returns C{True} when
+        this call took it out (it was healthy).
+        """
+
 
 class IClaim(Interface):
     """
@@ -375,6 +382,22 @@ class IRequestMetrics(Interface):
     def observe(service, method, status, seconds):
         """
         A request completed.
+        """
+
+    def retried(service):
+        """
+        A request was sent again after a failed delivery.
+        """
+
+    def ejected(service, target):
+        """
+        A refused, reset or timed-out connection took C{target} out of
+        rotation.
+        """
+
+    def unavailable(service):
+        """
+        A request got the 503 page because no target was healthy.
         """
 
 
