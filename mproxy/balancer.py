@@ -6,7 +6,7 @@ out of rotation.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -133,6 +133,25 @@ class LoadBalancer:
         n = len(rotation)
         for i in range(n):
             c = rotation[(start + i) % n].claim()
+            if c is not None:
+                return c
+        return None
+
+    def claim_other(self, is_read: bool, tried: Collection[str]) -> Claim | None:
+        """
+        For a request sent again: a healthy target (in the role L{claim}
+        would pick) whose address is not in C{tried}, else a healthy one
+        that is; C{None} when none is healthy.
+        """
+        rotation = self._reader_rotation if is_read and self._reader_rotation else (
+            self._writer_rotation)
+        for t in rotation:
+            if t.address not in tried:
+                c = t.claim()
+                if c is not None:
+                    return c
+        for t in rotation:
+            c = t.claim()
             if c is not None:
                 return c
         return None

@@ -256,6 +256,19 @@ def parse_deploy(*argv: str) -> Any:
 
 
 class DeployParsingTests(SynchronousTestCase):
+    def test_retry_timeout(self) -> None:
+        """
+        C{--retry-timeout DURATION} goes into the target options (so the
+        state file keeps it); help lists it with its default.
+        """
+        req = parse_deploy("web:1", "--retry-timeout", "10s")
+        self.assertEqual(req.target_options.retry_timeout, 10.0)
+        self.assertEqual(parse_deploy("web:1", "--retry-timeout", "1m30s")
+                         .target_options.retry_timeout, 90.0)
+        help_text = parsing.deploy_command().parser.format_help()
+        self.assertIn("--retry-timeout DURATION", help_text)
+        self.assertIn("(default 0s)", help_text.split("--retry-timeout")[1].split("--")[0])
+
     def test_seed_spelling(self) -> None:
         """
         C{deploy HOST:PORT}: the argument is the target, the service is
@@ -298,6 +311,7 @@ class DeployParsingTests(SynchronousTestCase):
         self.assertTrue(req.options.tls_redirect)
         self.assertFalse(req.options.tls_enabled)
         self.assertEqual(req.options.writer_affinity_timeout, 1.0)
+        self.assertEqual(req.target_options.retry_timeout, 0.0)
 
     def test_ssl_is_tls(self) -> None:
         """

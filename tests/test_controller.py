@@ -925,6 +925,16 @@ class ListTests(ControllerTestCase):
         """
         self.assertEqual(self.controller.list(), [])
 
+    def test_target_health(self) -> None:
+        """
+        C{target_health} (the metrics' source) gives every target of both
+        slots with whether it is healthy.
+        """
+        self.deployed(request("web", "aa:1", "bb:2"))
+        self.router.services["web"].active.targets[1].eject("refused")
+        self.assertEqual(self.controller.target_health(),
+                         [("web", "aa:1", True), ("web", "bb:2", False)])
+
     def test_health_and_rollout(self) -> None:
         """
         Each row shows every target's health, and the rollout slot with its
