@@ -537,8 +537,10 @@ def mproxy_command(explicit: str | None = None) -> tuple[list[str] | None, dict]
     if (REPO_ROOT / "mproxy" / "cli" / "main.py").exists():
         old = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
         env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT)] + old)}
+        # (the checkout goes ahead of the current directory `python -c` puts first)
         candidates.append(([sys.executable, "-c",
-                            "import sys; sys.argv[0] = 'mproxy'; "
+                            f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+                            "sys.argv[0] = 'mproxy'; "
                             "from mproxy.cli.main import run; sys.exit(run())"], env))
     if shutil.which("mproxy"):
         candidates.append(([shutil.which("mproxy")], {}))

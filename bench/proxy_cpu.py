@@ -12,6 +12,11 @@ keepalive, /up -> 200) is loaded with wrk through the proxy under test:
   *-tls        the same proxies terminating HTTPS (self-signed ECDSA cert for
                localhost; mproxy deployed with --host localhost --tls and the
                cert files); the upstream stays plain HTTP. Not in the default set.
+  *-h2         mproxy-h2, caddy-h2: the -tls setup loaded over HTTP/2 by h2load
+               (nghttp2-client), -c connections with one stream each
+  *-h3         mproxy-h3 (run with --http3), caddy-h3: the -tls setup loaded
+               over HTTP/3 by bench/h3load.py (aioquic, one Python process:
+               usually the bottleneck itself; CPU us/req is still the proxy's)
 
 The proxy is pinned to CPU 0; wrk and the upstream share CPU 1. The proxy's
 CPU time is utime+stime from /proc/PID/stat summed over its process tree, as
@@ -44,9 +49,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _protocols as P  # noqa: E402
 
 ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy",
-               "mproxy-tls", "nginx-tls", "caddy-tls"]
+               "mproxy-tls", "nginx-tls", "caddy-tls",
+               # HTTP/2 (h2load) and HTTP/3 (bench/h3load.py) over the -tls setups
+               "mproxy-h2", "caddy-h2", "mproxy-h3", "caddy-h3"]
 DEFAULT_TARGETS = ["direct", "mproxy", "nginx", "caddy"]
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -95,7 +103,7 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     lo0 = C.listen_overflows()
     s0 = C.cpu_times()
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
-    res = run_wrk(url, args, args.duration, args.load_cpu)
+    res = P.run_load(url, args, args.duration, args.load_cpu, run_wrk)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     s1 = C.cpu_times()
     a1 = C.nginx_accepts(upstream_port)
@@ -131,6 +139,7 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
 
 
 def verify(url: str, expected: bytes, cafile: str | None = None) -> None:
+    url = P.split_url(url)[1]
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -146,7 +155,16 @@ def verify(url: str, expected: bytes, cafile: str | None = None) -> None:
 
 
 def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, args):
-    """Start the proxy for `name`; return (url, pid or None, extra-info dict)."""
+    """Start the proxy for `name`; return (url, pid or None, extra-info dict).
+    A -h2/-h3 target runs as its -tls one, loaded by h2load / h3load."""
+    name, prefix = P.protocol_target(name)
+    url, pid, extra = _start_target(name, procs, workdir, upstream_port, args,
+                                    ["--http3"] if prefix == "h3+" else None)
+    return prefix + url, pid, extra
+
+
+def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, args,
+                  mproxy_args: list[str] | None = None):
     if name == "direct":
         return f"http://{C.HOST}:{upstream_port}/", None, {}
     name, _, label = name.partition("@")
@@ -172,7 +190,7 @@ def start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, a
                 {**extra, "access_log": str(workdir / "access.log")})
     if base == "mproxy":
         cmd, env = args.mproxy_trees[label] if label else args.mproxy_argv
-        mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu)
+        mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, extra_args=mproxy_args)
         opts = []
         if tls:
             opts = ["--host", C.TLS_HOST, "--tls", "--tls-certificate-path", str(cert[0]),
@@ -188,7 +206,11 @@ def tree_command(directory: str) -> tuple[list[str], dict]:
     root = Path(directory).resolve()
     if not (root / "mproxy" / "cli" / "main.py").exists():
         raise SystemExit(f"error: {root} holds no mproxy source tree")
-    return ([sys.executable, "-c", "import sys; sys.argv[0] = 'mproxy'; "
+    # `python -c` puts the current directory first on sys.path, ahead of
+    # PYTHONPATH: the tree goes in front of it, or a run from another
+    # checkout would measure that checkout
+    return ([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); "
+             "sys.argv[0] = 'mproxy'; "
              "from mproxy.cli.main import run; sys.exit(run())"], {"PYTHONPATH": str(root)})
 
 
@@ -204,7 +226,7 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
         verify(url, body, extra.get("cafile"))
         C.log(f"{name}: warm-up {args.warmup:g}s on {url}")
         if args.warmup > 0:
-            run_wrk(url, args, args.warmup, args.load_cpu)
+            P.run_load(url, args, args.warmup, args.load_cpu, run_wrk)
         runs = []
         for i in range(args.runs):
             quiet = True
@@ -327,7 +349,9 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
                   for b in trees[i + 1:]]
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
-              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy")]
+              ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy"),
+              ("mproxy-h2", "caddy-h2"), ("mproxy-h3", "caddy-h3"),
+              ("mproxy-h2", "mproxy-tls"), ("mproxy-h3", "mproxy-tls")]
     for a, b in pairs:
         if a not in results or b not in results:
             continue
@@ -392,7 +416,7 @@ def main(argv=None) -> int:
         args.mproxy_trees[label] = tree_command(directory)
     for t in targets:
         base, _, label = t.partition("@")
-        if label and base in ("mproxy", "mproxy-tls"):
+        if label and base in ("mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"):
             if label not in args.mproxy_trees:
                 ap.error(f"target {t!r}: no --mproxy-tree {label}=DIR")
             continue
@@ -400,17 +424,19 @@ def main(argv=None) -> int:
             if t != "all":
                 ap.error(f"unknown target {t!r}")
     skipped = {}
-    for t in ("caddy", "caddy-tls"):
+    for t in ("caddy", "caddy-tls", "caddy-h2", "caddy-h3"):
         if t in targets and not C.caddy_available():
             skipped[t] = "caddy not installed (apt-get install caddy)"
     for t in targets:
-        if t.partition("@")[0].endswith("-tls") and not shutil.which("openssl"):
+        if t.partition("@")[0].endswith(("-tls", "-h2", "-h3")) and not shutil.which("openssl"):
             skipped[t] = "openssl CLI not found (needed to make the test certificate)"
+        if P.missing_tool(t):
+            skipped[t] = P.missing_tool(t)
     args.mproxy_argv = (None, {})
-    if "mproxy" in targets or "mproxy-tls" in targets:
+    if {"mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"} & set(targets):
         args.mproxy_argv = C.mproxy_command(args.mproxy_cmd)
         if args.mproxy_argv[0] is None:
-            for t in ("mproxy", "mproxy-tls"):
+            for t in ("mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"):
                 if t in targets:
                     skipped[t] = "mproxy CLI not available (pip install -e . or --mproxy-cmd)"
     for t, why in skipped.items():

@@ -133,6 +133,10 @@ SERVER_OPTIONS: tuple[OptionSpec, ...] = (
         "cluster-node", parse_str, "", "CLUSTER_NODE",
         "This node's name in the cluster, shown by list (default: the host name)",
     ),
+    OptionSpec(
+        "http3", parse_bool, False, "HTTP3",
+        "Also serve HTTP/3 (QUIC) on UDP at the HTTPS port", flag=True,
+    ),
     OptionSpec("debug", parse_bool, False, "DEBUG", "Log at DEBUG level", flag=True),
 )
 
@@ -153,6 +157,7 @@ class ServerConfig:
     cluster: str = ""
     cluster_ca_bundle: str = ""
     cluster_node: str = ""
+    http3: bool = False
     debug: bool = False
 
 

@@ -8,21 +8,26 @@ that cannot be bound stops start-up at once with a L{StartupError} (twistd
 then exits non-zero).  Stopping it closes the ports and then, for an HTTP
 site, waits for the graceful drain of the site's connections.
 
-Where the sockets come from is an L{EndpointMaker}: today one that binds
-(C{::} and C{0.0.0.0}, or the C{--bind} address); a socket inherited from a
-supervisor or from systemd would be an endpoint maker that adopts a file
-descriptor instead, with nothing else changing here.
+Where the sockets come from is an L{EndpointMaker}: one that binds (C{::}
+and C{0.0.0.0}, or the C{--bind} address, L{bind_endpoints}), or one that
+adopts a listening socket this process inherited (from systemd, or from a
+supervisor, L{adopted_endpoints}), with nothing else changing here.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket as _socket
 from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.failure import Failure
@@ -58,6 +63,21 @@ def bind_endpoints(reactor: Any, bind: str) -> list[EndpointMaker]:
         makers.append(lambda port: TCP6ServerEndpoint(reactor, port, b, "::"))
     makers.append(lambda port: TCP4ServerEndpoint(reactor, port, b, "0.0.0.0"))
     return makers
+
+
+def adopted_endpoints(reactor: Any, sockets: Sequence[tuple[int, int]]) -> list[EndpointMaker]:
+    """
+    Endpoint makers serving inherited listening sockets, given as (file
+    descriptor, address family) pairs; the port number asked for is the
+    socket's own, whatever it is.  The endpoint is given a duplicate (it
+    closes what it adopts), so the inherited descriptor stays open and can
+    be handed on.
+    """
+
+    def maker(fd: int, family: int) -> EndpointMaker:
+        return lambda port: AdoptedStreamServerEndpoint(reactor, os.dup(fd), family)
+
+    return [maker(fd, family) for fd, family in sockets]
 
 
 def listen_failure(what: str, port: int, error: BaseException) -> StartupError:

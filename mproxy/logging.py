@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 from typing import IO, Any, Callable
 
 from zope.interface import implementer
@@ -22,8 +23,47 @@ from twisted.logger import ILogObserver, formatEvent
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "ERROR": 40}
 
 
+# (second, "YYYY-MM-DDTHH:MM:SS", "+HH:MM") of the last time formatted: the
+# local time of a whole second is worked out once per second, not per line
+_second: list[Any] = [None, "", ""]
+
+
 def _now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat()
+    """
+    The local time with its UTC offset, as C{datetime.isoformat} writes it
+    (microseconds only when not zero).
+    """
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    cached = _second
+    if cached[0] != second:
+        whole = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).astimezone()
+        text = whole.isoformat()
+        cached[:] = [second, text[:19], text[19:]]
+    us = ns // 1000
+    if us:
+        return "%s.%06d%s" % (cached[1], us, cached[2])
+    return cached[1] + cached[2]
+
+
+def _make_dumps() -> Callable[[dict[str, Any]], str]:
+    """
+    C{json.dumps(record, default=str, ensure_ascii=False)}, with the
+    encoder built once instead of per line.
+    """
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:
+        return json.JSONEncoder(default=str, ensure_ascii=False).encode
+    encode = make(None, str, json.encoder.encode_basestring, None, ": ", ", ",
+                  False, False, True)
+    join = "".join
+
+    def dumps(record: dict[str, Any]) -> str:
+        return join(encode(record, 0))
+
+    return dumps
+
+
+_dumps = _make_dumps()
 
 
 class JSONLogger:
@@ -45,7 +85,7 @@ class JSONLogger:
             return
         record = {"time": self._now(), "level": level, "msg": msg}
         record.update(attrs)
-        line = json.dumps(record, default=str, ensure_ascii=False)
+        line = _dumps(record)
         try:
             self._stream.write(line + "\n")
             self._stream.flush()

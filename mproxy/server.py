@@ -26,7 +26,10 @@ def run_server(ns: Any, streams: Any) -> int:
 
     from mproxy.tree import build_service
 
-    service = build_service(reactor, config)
+    try:
+        service = build_service(reactor, config)
+    except MproxyError as e:
+        return fail(streams, str(e))
     forward_twisted_events(service.logger, reactor)
     # The same two steps as twistd, before the reactor runs: nothing is
     # accepted until the state is restored, and a failure exits at once.

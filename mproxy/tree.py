@@ -3,7 +3,9 @@ The service tree: what C{twistd mproxy} and C{mproxy run} both run.
 
 L{build_service} assembles one L{MproxyService} (a L{MultiService}) from a
 L{ServerConfig} and an injected reactor.  Nothing is opened or read while
-building.  Starting it restores the state file, then binds the TCP ports
+building, except that the listening sockets this process inherited (systemd
+socket activation, L{mproxy.activation}) are looked at: the listeners serve
+them instead of binding their ports.  Starting it restores the state file, then binds the TCP ports
 (C{privilegedStartService}), then listens on the control socket and starts
 the other children (C{startService}); a failure at any step raises (so twistd
 exits non-zero) and fails L{MproxyService.ready}, which otherwise fires once
@@ -13,13 +15,15 @@ the server is serving.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, MutableMapping
 
+from attrs import evolve
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
+from mproxy.activation import InheritedSockets, inherited_sockets, startup_environment
 from mproxy.config import ServerConfig
 from mproxy.control.server import ControlFactory
 from mproxy.controller import Controller
@@ -27,9 +31,10 @@ from mproxy.controlsocket import ControlSocketService
 from mproxy.errors import MproxyError
 from mproxy.fileutil import remove_stale_temporary_files
 from mproxy.health import http_probe
-from mproxy.listeners import Listener, bind_endpoints
+from mproxy.listeners import Listener, adopted_endpoints, bind_endpoints
 from mproxy.logging import JSONLogger
 from mproxy.router import Router
+from mproxy.signals import install_stop_signals
 from mproxy.state import STATE_FILENAME, StateStore
 
 #: How long a stop lets in-flight requests finish.
@@ -48,10 +53,19 @@ class MproxyService(MultiService):
         application this service is added to logs through, or C{None}.
     """
 
-    def __init__(self, reactor: Any, config: ServerConfig, logger: JSONLogger) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: ServerConfig,
+        logger: JSONLogger,
+        inherited: InheritedSockets | None = None,
+    ) -> None:
         super().__init__()
         self.setName("mproxy")
         self.reactor = reactor
+        self.inherited = inherited
+        if inherited is not None:
+            config = with_inherited_ports(config, inherited)
         self.config = config
         self.logger = logger
         self.log_observer: Any = None
@@ -101,6 +115,7 @@ class MproxyService(MultiService):
         )
         self.control.setServiceParent(self)
         self._unhook_sighup: Any = None
+        self.stop_signals: Any = None
         self._prepared = False
         self.ready: Deferred[None] = Deferred()
 
@@ -122,24 +137,42 @@ class MproxyService(MultiService):
         )
         return [site, secure]
 
-    def _build_listeners(self) -> list[Listener]:
+    def _build_listeners(self) -> list[Any]:
         from mproxy.tls.wiring import https_server_factory
 
         cfg = self.config
-        endpoints = bind_endpoints(self.reactor, cfg.bind)
+        endpoints = self._endpoints
         site, secure = self.sites
         listeners = [
-            Listener("HTTP", site, cfg.http_port, endpoints,
+            Listener("HTTP", site, cfg.http_port, endpoints("http"),
                      drain=lambda: site.shutdown(SHUTDOWN_GRACE)),
             Listener("HTTPS", https_server_factory(self.certificates, secure),
-                     cfg.https_port, endpoints,
+                     cfg.https_port, endpoints("https"),
                      drain=lambda: secure.shutdown(SHUTDOWN_GRACE)),
         ]
+        if cfg.http3:
+            from mproxy.http.h3 import HTTP3Service
+
+            https = listeners[1]
+            listeners.append(HTTP3Service(
+                self.reactor, secure, self.certificates.select, self.logger, bind=cfg.bind,
+                https_port=lambda: https.port, grace=SHUTDOWN_GRACE))
         if self.metrics is not None:
             listeners.append(
-                Listener("metrics", metrics_site(self.metrics), cfg.metrics_port, endpoints)
+                Listener("metrics", metrics_site(self.metrics), cfg.metrics_port,
+                         endpoints("metrics"))
             )
         return listeners
+
+    def _endpoints(self, kind: str) -> list[Any]:
+        """
+        Where the listener of C{kind} serves: its inherited sockets when
+        there are any, else the ports it binds.
+        """
+        inherited = self.inherited.get(kind) if self.inherited is not None else ()
+        if inherited:
+            return adopted_endpoints(self.reactor, [(s.fd, s.family) for s in inherited])
+        return bind_endpoints(self.reactor, self.config.bind)
 
     @property
     def bound(self) -> dict[str, int]:
@@ -200,6 +233,16 @@ class MproxyService(MultiService):
     def _serving(self) -> None:
         if not self.running:
             return
+        try:
+            self.stop_signals = install_stop_signals(self.reactor, self.logger)
+        except ValueError:  # not the main thread: the reactor has no handlers either
+            self.stop_signals = None
+        if self.inherited is not None:
+            self.logger.info(
+                "Serving inherited sockets",
+                **{kind: [s.port for s in sockets]
+                   for kind, sockets in sorted(self.inherited.by_kind.items())},
+            )
         bound = self.bound
         self.logger.info(
             "Server started",
@@ -268,8 +311,33 @@ def metrics_site(metrics: Any) -> Any:
     return site
 
 
+def with_inherited_ports(config: ServerConfig, inherited: InheritedSockets) -> ServerConfig:
+    """
+    The configuration with the port of each inherited kind set to its
+    socket's (redirects to HTTPS and the on-demand policy's local requests
+    use them); an inherited metrics socket turns metrics on.
+    """
+    changes = {
+        f"{kind}_port": port
+        for kind in ("http", "https", "metrics")
+        if (port := inherited.port(kind)) is not None
+    }
+    return evolve(config, **changes)
+
+
 def build_service(
-    reactor: Any, config: ServerConfig, logger: JSONLogger | None = None
+    reactor: Any,
+    config: ServerConfig,
+    logger: JSONLogger | None = None,
+    environ: MutableMapping[str, str] | None = None,
 ) -> MproxyService:
+    """
+    The service tree for C{config}; it serves the listening sockets this
+    process was started with, when C{environ} (by default the process's
+    environment as it started, L{startup_environment}) says there are some.
+
+    @raise StartupError: the inherited sockets cannot be used.
+    """
     logger = logger or JSONLogger(level="DEBUG" if config.debug else "INFO")
-    return MproxyService(reactor, config, logger)
+    inherited = inherited_sockets(startup_environment() if environ is None else environ)
+    return MproxyService(reactor, config, logger, inherited)

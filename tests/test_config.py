@@ -141,6 +141,7 @@ class ResolveTests(SynchronousTestCase):
             "ACME_EMAIL": "e@x", "ACME_CA_BUNDLE": "/ca.pem", "DEBUG": "1",
             "HTTP_HEADER_TIMEOUT": "2s", "HTTP_IDLE_TIMEOUT": "1m30s",
             "CLUSTER": "redis://r:6379/0", "CLUSTER_CA_BUNDLE": "/r.pem", "CLUSTER_NODE": "n1",
+            "HTTP3": "true",
         }
         self.assertEqual({spec.env for spec in SERVER_OPTIONS}, set(env))
         config = resolve_config({}, env)
@@ -151,7 +152,8 @@ class ResolveTests(SynchronousTestCase):
                          acme_directory="https://acme/dir", acme_email="e@x",
                          acme_ca_bundle="/ca.pem", http_header_timeout=2.0,
                          http_idle_timeout=90.0, cluster="redis://r:6379/0",
-                         cluster_ca_bundle="/r.pem", cluster_node="n1", debug=True),
+                         cluster_ca_bundle="/r.pem", cluster_node="n1", http3=True,
+                         debug=True),
         )
 
     def test_http_timeouts(self) -> None:

@@ -20,36 +20,13 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from mproxy.testing import CommandResult, MproxyProcess, listen_upstream
+from mproxy.testing import (
+    CommandProtocol, CommandResult, MproxyProcess, child_env, listen_upstream,
+)
 
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
-
-
-class _Command(protocol.ProcessProtocol):
-    """
-    Collects a command's output and exit status.
-    """
-
-    def __init__(self) -> None:
-        self.done: Deferred[CommandResult] = Deferred()
-        self.out: list[bytes] = []
-        self.err: list[bytes] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def errReceived(self, data: bytes) -> None:
-        self.err.append(data)
-
-    def processEnded(self, reason: Any) -> None:
-        code = reason.value.exitCode
-        if code is None:
-            code = -(reason.value.signal or 1)
-        self.done.callback(
-            CommandResult(code, b"".join(self.out).decode(), b"".join(self.err).decode())
-        )
 
 
 class ControlIntegrationTests(TestCase):
@@ -95,13 +72,11 @@ class ControlIntegrationTests(TestCase):
         Start C{mproxy <args>} against C{p} (or the socket C{socket_path});
         returns the process and a Deferred of its result.
         """
-        command = _Command()
-        env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+        done: Deferred[CommandResult] = Deferred()
         argv = p.argv(*args, "--socket", socket_path or p.socket)
-        process = reactor.spawnProcess(command, sys.executable, argv, env=env)
-        return process, command.done
+        process = reactor.spawnProcess(CommandProtocol(done), sys.executable, argv,
+                                       env=child_env())
+        return process, done
 
     @inlineCallbacks
     def test_kamal_buffering_flags(self) -> Any:

@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from mproxy.testing import MproxyProcess, listen_upstream
+from mproxy.testing import MproxyProcess, listen_upstream, run_mproxy
 
 ALLOWED = ("use host:port (a host name or IPv4 address, or an IPv6 address in "
            "brackets; port 1-65535; no scheme or path)")
@@ -356,14 +356,7 @@ class BadInputTests(IntegrationMixin, TestCase):
         self.assertEqual(r.status, 1)
         self.assertIn("invalid duration", r.err)
         missing = os.path.join(self.mktemp(), "none.sock")
-        done: Deferred[Any] = Deferred()
-        from mproxy.testing import _Collect, _child_env
-        import sys
-
-        reactor.spawnProcess(_Collect(done), sys.executable,
-                             [sys.executable, "-m", "mproxy", "list", "--socket", missing],
-                             env=_child_env())
-        r = yield done
+        r = yield run_mproxy(reactor, "list", "--socket", missing)
         self.assertEqual(r.status, 1)
         self.assertIn(f"Error: cannot connect to mproxy at {missing}", r.err)
         self.assertNotIn("Traceback", r.err)

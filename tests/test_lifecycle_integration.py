@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -21,7 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from mproxy.testing import CommandResult, MproxyProcess, _child_env, _Collect, listen_upstream
+from mproxy.testing import (
+    CommandProtocol,
+    CommandResult,
+    MproxyProcess,
+    child_env,
+    listen_upstream,
+)
 
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
@@ -32,7 +39,7 @@ def sleep(seconds: float) -> Deferred[None]:
 
 def spawn(argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> Deferred[CommandResult]:
     done: Deferred[CommandResult] = Deferred()
-    reactor.spawnProcess(_Collect(done), sys.executable, argv, env=_child_env(env), **kw)
+    reactor.spawnProcess(CommandProtocol(done), sys.executable, argv, env=child_env(env), **kw)
     return done
 
 
@@ -62,12 +69,12 @@ class Helpers:
     def short_dir(self) -> str:
         d = tempfile.mkdtemp(prefix="mpl-")
         os.chmod(d, 0o755)
-        self.addCleanup(__import__("shutil").rmtree, d, True)  # type: ignore[attr-defined]
+        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
         return d
 
     @inlineCallbacks
-    def started(self, cls: type[MproxyProcess] = MproxyProcess, *extra: str) -> Any:
-        p = cls(reactor, self.mktemp(), extra_args=extra)  # type: ignore[attr-defined]
+    def started(self, cls: type[MproxyProcess] = MproxyProcess) -> Any:
+        p = cls(reactor, self.mktemp())  # type: ignore[attr-defined]
         yield p.start()
         self.addCleanup(p.stop, signal.SIGKILL)  # type: ignore[attr-defined]
         return p
@@ -104,6 +111,53 @@ class CleanStopTests(Helpers, TestCase):
         return self.check_stop_removes_socket(TwistdProcess, signal.SIGTERM)
 
     @inlineCallbacks
+    def check_repeated_signals(self, cls: type[MproxyProcess]) -> Any:
+        """
+        Stop signals repeated while a request holds the shutdown open are
+        logged and change nothing: no error, the request completes, the
+        exit is the clean one.
+        """
+        app, upstream = listen_upstream(reactor, "one")
+        self.addCleanup(upstream.stopListening)
+        p = yield self.started(cls)
+        r = yield p.command("deploy", f"127.0.0.1:{upstream.getHost().port}")
+        self.assertEqual(r.status, 0, r.err)
+
+        def get() -> bytes:
+            with socket.create_connection(("127.0.0.1", p.http_port), timeout=20) as s:
+                s.sendall(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return b"".join(iter(lambda: s.recv(65536), b""))
+
+        slow = deferToThread(get)
+        self.assertTrue((yield wait_for(lambda: app.requests == 1)))
+        p.send_signal(signal.SIGTERM)
+        yield sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        yield sleep(0.1)  # one signal pending at a time: the kernel merges repeats
+        p.send_signal(signal.SIGINT)
+        yield sleep(0.1)
+        status = yield p.stop(signal.SIGTERM)
+        answer = yield slow
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertIn(b"one", answer.split(b"\r\n\r\n", 1)[1])
+        expected = -signal.SIGTERM if cls is TwistdProcess else 0
+        self.assertEqual(status, expected, p.protocol.stderr if p.protocol else "")
+        errors = [x for x in p.records if x.get("level") == "ERROR"]
+        self.assertEqual(errors, [])
+        self.assertNotIn(b"Traceback", p.protocol.stderr if p.protocol else b"")
+        self.assertEqual(
+            sorted(x.get("signal") for x in p.records if x.get("msg") == "Already shutting down"),
+            ["SIGINT", "SIGTERM", "SIGTERM"],
+        )
+        self.assertEqual([x["msg"] for x in p.records][-1], "Server stopped")
+
+    def test_repeated_stop_signals_are_harmless(self) -> Any:
+        return self.check_repeated_signals(MproxyProcess)
+
+    def test_twistd_repeated_stop_signals_are_harmless(self) -> Any:
+        return self.check_repeated_signals(TwistdProcess)
+
+    @inlineCallbacks
     def test_twistd_stdout_carries_only_json(self) -> Any:
         """
         Under C{twistd -n}, every line on stdout, from start to stop, is a
@@ -113,13 +167,13 @@ class CleanStopTests(Helpers, TestCase):
         d = self.short_dir()
         socket_path = os.path.join(d, "s.sock")
         done: Deferred[CommandResult] = Deferred()
-        collect = _Collect(done)
+        collect = CommandProtocol(done)
         process = reactor.spawnProcess(
             collect, sys.executable,
             [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mproxy", "--bind", "127.0.0.1",
              "--http-port", "0", "--https-port", "0", "--socket", socket_path,
              "--state-dir", os.path.join(d, "state")],
-            env=_child_env(),
+            env=child_env(),
         )
         self.addCleanup(lambda: done if done.called else (process.signalProcess("KILL"), done)[1])
         self.assertTrue((yield wait_for(lambda: b"Server started" in b"".join(collect.out))))
@@ -265,7 +319,7 @@ class SocketOwnershipTests(Helpers, TestCase):
         if os.geteuid() != 0:
             raise SkipTest("needs root to create files and processes of another user")
 
-    def strangers_socket(self, listening_as_nobody: bool = False) -> Any:
+    def strangers_socket(self) -> str:
         """
         A socket path in a directory everyone may write, owned by nobody.
         """
@@ -317,7 +371,7 @@ class SocketOwnershipTests(Helpers, TestCase):
         if not os.path.exists(python):
             raise SkipTest(f"{python} is needed to run a process as another user")
         done: Deferred[CommandResult] = Deferred()
-        proc = reactor.spawnProcess(_Collect(done), python, [python, "-c", server],
+        proc = reactor.spawnProcess(CommandProtocol(done), python, [python, "-c", server],
                                     env={}, path="/", uid=65534, gid=65534)
         self.addCleanup(lambda: (proc.signalProcess("KILL") if proc.pid else None, done)[1])
         self.assertTrue((yield wait_for(lambda: os.path.exists(ready))))

@@ -78,3 +78,30 @@ class WiringTests(SynchronousTestCase):
         """
         certs = build_certificate_service(Clock(), Config(self.mktemp()), FakeRouter({}), ListLogger())
         self.assertIsInstance(https_server_factory(certs, Site(Resource())), TLSMemoryBIOFactory)
+
+
+class ClusterWiringTests(SynchronousTestCase):
+    def test_cluster(self) -> None:
+        """
+        With C{--cluster} the service shares through Redis: the store, the
+        challenges, an order guard and the listener hooks; building it does
+        not connect; the node defaults to the host name.
+        """
+        import socket
+
+        from mproxy.tls.clusterstore import ClusterCertificateStore, ClusterChallenges, ClusterGuard
+
+        config = Config(self.mktemp(), cluster="redis://:pw@127.0.0.1:1/0", cluster_node="web-1")
+        certs = build_certificate_service(Clock(), config, FakeRouter({}), ListLogger())
+        self.assertEqual((certs.cluster.node, certs.cluster.reachable), ("web-1", None))
+        self.assertIsInstance(certs.store, ClusterCertificateStore)
+        self.assertIsInstance(certs.challenges, ClusterChallenges)
+        self.assertIsInstance(certs.orders.guard, ClusterGuard)
+        self.assertEqual(len(certs.start_hooks), 1)
+        default = build_certificate_service(
+            Clock(), Config(self.mktemp(), cluster="redis://127.0.0.1:1/0"), FakeRouter({}), ListLogger()
+        )
+        self.assertEqual(default.cluster.node, socket.gethostname())
+        plain = build_certificate_service(Clock(), Config(self.mktemp()), FakeRouter({}), ListLogger())
+        self.assertIsNone(plain.cluster)
+        self.assertIsNone(plain.orders.guard)

@@ -32,6 +32,8 @@ class GenericExchange:
     expect_continue = False
     started = False
     finished = False
+    #: headers added to every response (L{ProxyResource.alt_svc})
+    extra_headers: list[tuple[bytes, bytes]] = []
 
     def __init__(self, request: Any) -> None:
         self.r = request
@@ -123,6 +125,8 @@ class GenericExchange:
                        headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         r = self.r
         self.started = True
+        if self.extra_headers:
+            headers = headers + self.extra_headers
         if self._close:
             headers.append((b"Connection", b"close"))
         self.code = code

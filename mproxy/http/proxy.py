@@ -82,6 +82,9 @@ class ProxyResource(Resource):
     """
 
     isLeaf = True
+    #: response headers for every request that arrived over TLS (the
+    #: Alt-Svc advertising HTTP/3), or None
+    alt_svc: list[tuple[bytes, bytes]] | None = None
 
     def __init__(self, router: Any, logger: Any, *, clock: Any, http_port: int = 80,
                  https_port: int = 443, metrics: Any = None,
@@ -101,6 +104,8 @@ class ProxyResource(Resource):
 
     def render(self, request: Any) -> Any:
         rq = request if isinstance(request, FastRequest) else GenericExchange(request)
+        if self.alt_svc is not None and rq.is_tls:
+            rq.extra_headers = self.alt_svc
         handle(ProxyCall(self, rq))
         return NOT_DONE_YET
 

@@ -203,6 +203,8 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
     _producer: Any = None
     _tunnel: Any = None
     upgrade = False
+    #: headers added to every response (L{ProxyResource.alt_svc})
+    extra_headers: list[tuple[bytes, bytes]] = []
     site = None
     sitepath: list[bytes] = []
     queued = 0
@@ -263,6 +265,8 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         """
         self.started = True
         self.code = code
+        if self.extra_headers:
+            headers = headers + self.extra_headers
         if code == 101:
             self.channel.set_nodelay()
             self._no_body = True

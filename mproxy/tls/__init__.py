@@ -23,6 +23,8 @@ Automatic and custom TLS for mproxy.
     certbot's C{acme} library (run in a worker thread).
   - L{mproxy.tls.challenges}: HTTP-01 and TLS-ALPN-01 responses.
   - L{mproxy.tls.sni}: C{ServerTLS} (SNI + ALPN) and C{https_factory}.
+  - L{mproxy.tls.fasttls}: the HTTPS connections' TLS transport on the
+    standard library's C{ssl} (one record per connection per iteration).
   - L{mproxy.tls.static}: custom certificate files, validation and reload.
   - L{mproxy.tls.ondemand}: the C{--tls-on-demand-url} policy check.
   - L{mproxy.tls.store}: the C{<state dir>/certs/} layout.

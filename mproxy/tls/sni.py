@@ -13,8 +13,11 @@ API::
         #   CertificateService.select is the production implementation.
         # challenges: IChallengeResponder (TLS-ALPN-01 certificates) or None.
         # logger: a JSONLogger (default: JSON lines on stdout).
-    factory = https_factory(tls, site, protocol_for_alpn=None)
-        # -> TLSMemoryBIOFactory: listen with any stream server endpoint, e.g.
+    factory = https_factory(tls, site, protocol_for_alpn=None, stdlib=True)
+        # -> a TLSMemoryBIOFactory (with stdlib, the subclass
+        #    mproxy.tls.fasttls.FastTLSFactory, whose connections run on the
+        #    standard library's ssl and fall back to pyOpenSSL only to
+        #    answer TLS-ALPN-01): listen with any stream server endpoint, e.g.
         #    StreamServerEndpointService(TCP4ServerEndpoint(reactor, 443,
         #        interface=bind), factory)
         # protocol_for_alpn(negotiated: bytes | None, addr) -> IProtocol builds
@@ -260,13 +263,22 @@ def https_factory(
     tls: ServerTLS,
     site: Factory | None = None,
     protocol_for_alpn: Callable[[bytes | None, Any], Any] | None = None,
+    stdlib: bool = True,
 ) -> TLSMemoryBIOFactory:
     """
     A server factory for the HTTPS port: TLS with certificate selection by
     C{tls}, then the protocol from C{protocol_for_alpn} (default: C{site}'s).
+    With C{stdlib} (the default) connections run on the standard library's
+    C{ssl} (L{mproxy.tls.fasttls}); without it, on pyOpenSSL.
     """
     if protocol_for_alpn is None:
         if site is None:
             raise TypeError("https_factory needs a site or protocol_for_alpn")
         protocol_for_alpn = default_protocol_for_alpn(site)
-    return TLSMemoryBIOFactory(tls, False, _ALPNDispatchFactory(protocol_for_alpn, site))
+    wrapped = _ALPNDispatchFactory(protocol_for_alpn, site)
+    if stdlib:
+        from mproxy.tls.fasttls import FastTLSFactory
+
+        # the site's reactor runs the per-iteration write flush
+        return FastTLSFactory(tls, wrapped, getattr(site, "reactor", None))
+    return TLSMemoryBIOFactory(tls, False, wrapped)

@@ -1,22 +1,9 @@
 """
-Public helpers for testing deploy tooling against a real mproxy with trial.
-
-    from mproxy.testing import UpstreamApp, listen_upstream, MproxyProcess
-
-    class DeployTests(TestCase):
-        @inlineCallbacks
-        def test_deploy(self):
-            app, port = listen_upstream(reactor, "web-1")
-            self.addCleanup(port.stopListening)
-            proxy = MproxyProcess(reactor, self.mktemp())
-            yield proxy.start()
-            self.addCleanup(proxy.stop)
-            result = yield proxy.command("deploy", f"127.0.0.1:{port.getHost().port}")
-            self.assertEqual(result.status, 0)
-
-L{UpstreamApp} is a small web application with a health endpoint whose answer
-can be scripted; L{MproxyProcess} runs the real C{mproxy run} in a child
-process on free loopback ports and runs C{mproxy} commands against it.
+The real C{mproxy} in child processes: L{MproxyProcess} runs C{mproxy run} on
+free loopback ports and runs C{mproxy} commands against it;
+L{run_mproxy} runs one command on its own; L{CommandProtocol} and
+L{child_env} are the pieces for spawning anything else (C{twistd mproxy},
+another Python) the same way.
 """
 
 from __future__ import annotations
@@ -30,86 +17,40 @@ from typing import Any
 from attrs import frozen
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
-
-__all__ = ["UpstreamApp", "listen_upstream", "MproxyProcess", "CommandResult"]
-
-
-class UpstreamApp(Resource):
-    """
-    A web app for tests.
-
-      - C{/up}: 200 while C{healthy} is true, else 503.
-      - C{/slow?ms=N}: answers after N milliseconds.
-      - C{/echo}: answers with the request body.
-      - anything else: 200 with the app's name.
-
-    Every request is counted in C{requests}.
-    """
-
-    isLeaf = True
-
-    def __init__(self, reactor: Any, name: str) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.name = name
-        self.healthy = True
-        self.requests = 0
-        self.health_checks = 0
-        self.last_headers: dict[bytes, list[bytes]] = {}
-
-    def render(self, request: Any) -> Any:
-        path = request.path
-        if path == b"/up":
-            self.health_checks += 1
-            request.setResponseCode(200 if self.healthy else 503)
-            return b"up" if self.healthy else b"down"
-        self.requests += 1
-        self.last_headers = {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()}
-        request.setHeader(b"content-type", b"text/plain")
-        request.setHeader(b"x-upstream", self.name.encode())
-        if path == b"/slow":
-            ms = int(request.args.get(b"ms", [b"1000"])[0])
-            call = self.reactor.callLater(ms / 1000.0, self._finish_slow, request)
-            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
-            return NOT_DONE_YET
-        if path == b"/echo":
-            return request.content.read()
-        return self.name.encode()
-
-    def _finish_slow(self, request: Any) -> None:
-        request.write(self.name.encode())
-        request.finish()
-
-
-def listen_upstream(reactor: Any, name: str, port: int = 0) -> tuple[UpstreamApp, Any]:
-    """
-    Serve a new L{UpstreamApp} on 127.0.0.1; returns it and the listening port.
-    """
-    app = UpstreamApp(reactor, name)
-    site = Site(app)
-    site.displayTracebacks = False
-    listening = reactor.listenTCP(port, site, interface="127.0.0.1")
-    return app, listening
 
 
 @frozen
 class CommandResult:
+    """
+    How a child process ended: its exit status (minus the signal number
+    when a signal killed it), and what it wrote to stdout and stderr.
+    """
+
     status: int
     out: str
     err: str
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """
+    The environment for a child C{mproxy}: this one without C{MPROXY_*}
+    variables, with C{PYTHONPATH} leading to the C{mproxy} being tested,
+    plus C{extra}.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPROXY_")}
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(package)
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env
 
 
-class _Collect(protocol.ProcessProtocol):
+class CommandProtocol(protocol.ProcessProtocol):
+    """
+    Collects a child's stdout (C{out}) and stderr (C{err}) as they arrive;
+    C{done} fires with a L{CommandResult} when the child has ended.
+    """
+
     def __init__(self, done: Deferred[CommandResult]) -> None:
         self.done = done
         self.out: list[bytes] = []
@@ -130,7 +71,13 @@ class _Collect(protocol.ProcessProtocol):
         )
 
 
-class _ServerProtocol(protocol.ProcessProtocol):
+class ServerProtocol(protocol.ProcessProtocol):
+    """
+    Reads a running server's JSON log from its stdout: every record is kept
+    in C{records}; C{started} fires with the "Server started" record (or
+    fails if the process ends first), C{ended} with its exit status.
+    """
+
     def __init__(self) -> None:
         self.started: Deferred[dict[str, Any]] = Deferred()
         self.ended: Deferred[int] = Deferred()
@@ -194,7 +141,7 @@ class MproxyProcess:
         self.http_port: int | None = None
         self.https_port: int | None = None
         self.process: Any = None
-        self.protocol: _ServerProtocol | None = None
+        self.protocol: ServerProtocol | None = None
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -209,7 +156,7 @@ class MproxyProcess:
         Start the server; fires with the "Server started" log record.
         A restart listens on the ports the first start got.
         """
-        self.protocol = _ServerProtocol()
+        self.protocol = ServerProtocol()
         args = self.argv(
             "run",
             "--http-port", str(self.http_port or self.requested_port),
@@ -220,7 +167,7 @@ class MproxyProcess:
             *self.extra_args,
         )
         self.process = self.reactor.spawnProcess(
-            self.protocol, sys.executable, args, env=_child_env()
+            self.protocol, sys.executable, args, env=child_env()
         )
         record = yield self.protocol.started
         self.http_port = int(record["http"])
@@ -238,7 +185,7 @@ class MproxyProcess:
         argv = self.argv(*args)
         if args and args[0] not in ("help", "--version", "run"):
             argv += ["--socket", self.socket]
-        self.reactor.spawnProcess(_Collect(done), sys.executable, argv, env=_child_env(env))
+        self.reactor.spawnProcess(CommandProtocol(done), sys.executable, argv, env=child_env(env))
         return done
 
     def send_signal(self, sig: int) -> None:
@@ -259,3 +206,16 @@ class MproxyProcess:
         result: Deferred[int] = Deferred()
         ended.addBoth(lambda r: (result.callback(r), r)[1])
         return result
+
+
+def run_mproxy(
+    reactor: Any, *args: str, env: dict[str, str] | None = None
+) -> Deferred[CommandResult]:
+    """
+    Run C{mproxy <args>} (no socket added) in a child process; fires with
+    its L{CommandResult}.
+    """
+    done: Deferred[CommandResult] = Deferred()
+    argv = [sys.executable, "-m", "mproxy", *args]
+    reactor.spawnProcess(CommandProtocol(done), sys.executable, argv, env=child_env(env))
+    return done

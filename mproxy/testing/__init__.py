@@ -1,0 +1,62 @@
+"""
+Public helpers for testing deploy tooling against mproxy with trial.
+
+In memory, synchronous: L{ProxyHarness} runs the real router, controller
+(health checks, switches, drains) and proxy on a L{MemoryReactorClock},
+with in-memory upstream apps; no sockets, no sleeps.
+
+    from mproxy.testing import ProxyHarness
+
+    class DeployTests(SynchronousTestCase):
+        def test_deploy(self):
+            harness = ProxyHarness()
+            web = harness.upstream("web-1")
+            self.successResultOf(harness.deploy("app", web, host="app.example"))
+            response = harness.request(b"GET", b"/", host="app.example")
+            self.assertEqual(self.successResultOf(response).body, b"web-1")
+
+For real: L{MproxyProcess} runs the real C{mproxy run} in a child process
+on free loopback ports and runs C{mproxy} commands against it;
+L{listen_upstream} serves an L{UpstreamApp} (a small web application whose
+health answer can be scripted, and which can hold requests open) on a
+loopback port.
+
+    class DeployTests(TestCase):
+        @inlineCallbacks
+        def test_deploy(self):
+            app, port = listen_upstream(reactor, "web-1")
+            self.addCleanup(port.stopListening)
+            proxy = MproxyProcess(reactor, self.mktemp())
+            yield proxy.start()
+            self.addCleanup(proxy.stop)
+            result = yield proxy.command("deploy", f"127.0.0.1:{port.getHost().port}")
+            self.assertEqual(result.status, 0)
+"""
+
+from mproxy.testing._harness import MemoryUpstream, ProxyHarness, Response
+from mproxy.testing._network import MemoryNetwork, MemoryTransport
+from mproxy.testing._process import (
+    CommandProtocol,
+    CommandResult,
+    MproxyProcess,
+    ServerProtocol,
+    child_env,
+    run_mproxy,
+)
+from mproxy.testing._upstream import UpstreamApp, listen_upstream
+
+__all__ = [
+    "CommandProtocol",
+    "CommandResult",
+    "MemoryNetwork",
+    "MemoryTransport",
+    "MemoryUpstream",
+    "MproxyProcess",
+    "ProxyHarness",
+    "Response",
+    "ServerProtocol",
+    "UpstreamApp",
+    "child_env",
+    "listen_upstream",
+    "run_mproxy",
+]

@@ -1,0 +1,447 @@
+# -*- test-case-name: tests.test_tls_fasttls -*-
+"""
+The HTTPS listener's TLS transport on the standard library's C{ssl}
+(C{SSLObject} over two C{MemoryBIO}s), in place of pyOpenSSL through
+Twisted's C{TLSMemoryBIOProtocol}: fewer Python-level calls per record, and
+what the application writes during one reactor iteration goes out as one
+TLS record (up to 16 KiB) and one socket send at the start of the next
+iteration, instead of one record and one buffered Twisted write per
+C{write} call.
+
+API::
+
+    factory = FastTLSFactory(tls, wrapped_factory)
+        # tls: a mproxy.tls.sni.ServerTLS (certificate selection, ALPN list,
+        #   challenges); wrapped_factory builds the protocol that runs once
+        #   the handshake is done (it is told through IHandshakeListener).
+
+Certificate selection is L{ServerTLS}'s (its C{select} and the same
+fallback to a TLS-ALPN-01 certificate for names without one), done in the
+C{sni_callback}, which swaps the connection's C{SSLContext} for one holding
+the chosen certificate.  The standard library cannot choose a certificate
+by the client's ALPN offer, so a handshake for a name with a pending
+TLS-ALPN-01 challenge is handed, ClientHello and all, to the pyOpenSSL
+C{TLSMemoryBIOProtocol} of the factory it subclasses, which answers
+C{acme-tls/1} as before.  Nothing has been sent to the client at that
+point, so the client sees one ordinary handshake.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+import weakref
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    INegotiated,
+    IPushProducer,
+    ISSLTransport,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer, directlyProvides
+
+from mproxy.http.batch import DIRECT_TYPES
+from mproxy.tls.certs import CertifiedKey, certified_pem
+
+__all__ = ["FastTLSFactory", "StdlibContexts"]
+
+#: plaintext queued beyond this many bytes is encrypted at once (so the TCP
+#: transport's buffer limits and producer pausing apply to large bodies)
+MAX_PENDING = 65536
+#: bytes read from the SSL object at a time
+READ_SIZE = 65536
+
+
+class StdlibContexts:
+    """
+    The standard-library contexts for a L{ServerTLS}: a base context
+    without a certificate whose C{sni_callback} picks one, and one cached
+    context per certificate.  Same policy as L{ServerTLS}'s pyOpenSSL
+    contexts: TLS 1.2 minimum, the same TLS 1.2 cipher list, server cipher
+    preference, no compression, no renegotiation, its ALPN list.
+    """
+
+    def __init__(self, tls: Any) -> None:
+        self.tls = tls
+        self._contexts: weakref.WeakKeyDictionary[CertifiedKey, ssl.SSLContext] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.base = self._new_context()
+        self.base.sni_callback = self._on_servername
+
+    def _new_context(self) -> ssl.SSLContext:
+        from mproxy.tls.sni import CIPHERS
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                        | getattr(ssl, "OP_NO_RENEGOTIATION", 0))
+        ctx.set_ciphers(CIPHERS.decode("ascii"))
+        ctx.set_alpn_protocols([p.decode("ascii") for p in self.tls.protocols])
+        return ctx
+
+    def context_for(self, certified: CertifiedKey) -> ssl.SSLContext:
+        ctx = self._contexts.get(certified)
+        if ctx is None:
+            ctx = self._new_context()
+            chain, key = certified_pem(certified)
+            # load_cert_chain reads files only: a private file, removed at once
+            fd, path = tempfile.mkstemp(prefix="mproxy-cert-", suffix=".pem")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key + b"\n" + chain)
+                ctx.load_cert_chain(path)
+            finally:
+                os.unlink(path)
+            self._contexts[certified] = ctx
+        return ctx
+
+    def _on_servername(self, sslobj: Any, server_name: str | None, ctx: Any) -> Any:
+        from mproxy.tls.sni import normalise_server_name
+
+        conn = getattr(sslobj, "_mproxy_conn", None)
+        name = normalise_server_name(server_name.encode("ascii") if server_name else None)
+        tls = self.tls
+        challenges = tls.challenges
+        if (challenges is not None and name is not None and conn is not None
+                and not conn._sent):
+            if challenges.alpn_certificate(name) is not None:
+                # only pyOpenSSL can pick the certificate by the ALPN offer
+                conn._fallback = True
+                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        try:
+            certified = tls.select(name)
+        except Exception as e:
+            import traceback
+
+            tls.logger.error(
+                f"Selecting a certificate for {name!r} failed",
+                server_name=name,
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(),
+            )
+            certified = None
+        if certified is None:
+            tls.logger.debug(f"No certificate for server name {name!r}", server_name=name)
+            return None
+        try:
+            sslobj.context = self.context_for(certified)
+        except Exception as e:
+            tls.logger.error(f"Loading the certificate for {name!r} failed",
+                             server_name=name, error=f"{type(e).__name__}: {e}")
+        return None
+
+
+class _Flusher:
+    """
+    Encrypts and sends, at the start of the next reactor iteration, what
+    was written to each TLS connection during this one (one C{callLater(0)}
+    per iteration for all connections).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pending: dict[FastTLSProtocol, None] = {}
+        self._call: Any = None
+
+    def add(self, conn: "FastTLSProtocol") -> None:
+        self.pending[conn] = None
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._call = None
+        pending, self.pending = self.pending, {}
+        for conn in pending:
+            conn._flush_plaintext()
+
+
+_flushers: weakref.WeakKeyDictionary[Any, _Flusher] = weakref.WeakKeyDictionary()
+
+
+def _flusher_for(reactor: Any) -> _Flusher:
+    f = _flushers.get(reactor)
+    if f is None:
+        f = _flushers[reactor] = _Flusher(reactor)
+    return f
+
+
+@implementer(ISSLTransport, ITCPTransport, INegotiated, IPushProducer)
+class FastTLSProtocol(Protocol):
+    """
+    The TCP connection's protocol, and the transport of the application
+    protocol built once the handshake is done.
+    """
+
+    negotiatedProtocol: bytes | None = None
+    disconnecting = False
+    disconnected = False
+    _fallback = False
+    _sent = False  # anything sent to the client yet
+    TLS = True
+
+    def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
+        self.factory = factory
+        self.addr = addr
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj = factory.contexts.base.wrap_bio(
+            self._incoming, self._outgoing, server_side=True)
+        self._sslobj._mproxy_conn = self
+        # the C object's methods, without the ssl.SSLObject wrappers
+        self._ssl = getattr(self._sslobj, "_sslobj", self._sslobj)
+        self._deliver: Any = None
+        self._handshaking = True
+        # the client's bytes until anything is sent (the fallback replays them)
+        self._hello: list[bytes] | None = []
+        self._plain: list[bytes] = []
+        self._plain_len = 0
+        self._queued = False
+        self.app: Any = None
+        self._reason: Failure | None = None
+
+    # -- from the TCP transport ------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.factory.registerProtocol(self)
+        self.connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if self._handshaking:
+            if self._hello is not None:
+                self._hello.append(data)
+            if not self._handshake():
+                return
+        sslobj = self._ssl
+        incoming = self._incoming
+        deliver = self._deliver
+        while not self.disconnecting:
+            try:
+                chunk = sslobj.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as e:
+                self._fail(e)
+                break
+            if not chunk:
+                # close_notify from the client
+                self.loseConnection()
+                break
+            deliver(chunk)
+            if not incoming.pending and not sslobj.pending():
+                break
+        if self._outgoing.pending:
+            self._send_outgoing()
+
+    def _handshake(self) -> bool:
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_outgoing()
+            return False
+        except ssl.SSLError as e:
+            if self._fallback:
+                self._to_pyopenssl()
+            else:
+                # send the alert, then close
+                self._send_outgoing()
+                self._fail(e)
+            return False
+        self._handshaking = False
+        self._hello = None
+        proto = self._sslobj.selected_alpn_protocol()
+        self.negotiatedProtocol = proto.encode("ascii") if proto else None
+        self._send_outgoing()
+        app = self.factory.wrappedFactory.buildProtocol(self.addr)
+        if app is None:
+            self.loseConnection()
+            return False
+        self.app = app
+        app.makeConnection(self)
+        if IHandshakeListener.providedBy(app):
+            app.handshakeCompleted()
+        # bytes go straight to the protocol the ALPN dispatcher chose
+        inner = getattr(app, "inner", None)
+        self._deliver = (inner if inner is not None else app).dataReceived
+        return not self.disconnecting
+
+    def _to_pyopenssl(self) -> None:
+        """
+        Replay the ClientHello into the pyOpenSSL TLS protocol, which
+        takes over the TCP connection.
+        """
+        hello, self._hello = self._hello or [], None
+        self._handshaking = False
+        self.disconnecting = True  # this object is done
+        t = self.transport
+        self.factory.protocols.pop(self, None)
+        other = TLSMemoryBIOFactory.buildProtocol(self.factory, self.addr)
+        t.protocol = other
+        other.makeConnection(t)
+        for data in hello:
+            other.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        self.connected = 0
+        self.disconnecting = True
+        self._plain = []
+        self.factory.protocols.pop(self, None)
+        app, self.app = self.app, None
+        if app is not None:
+            app.connectionLost(self._reason or reason)
+
+    def _fail(self, e: Exception) -> None:
+        self._reason = Failure(e)
+        self.disconnecting = True
+        self._plain = []
+        self.transport.loseConnection()
+
+    # -- sending ----------------------------------------------------------------
+
+    def _send_outgoing(self) -> None:
+        data = self._outgoing.read()
+        if not data:
+            return
+        self._sent = True
+        self._hello = None
+        t = self.transport
+        if (type(t) in DIRECT_TYPES and t.connected and not t.disconnecting
+                and not t.dataBuffer and not t._tempDataLen):
+            try:
+                n = t.socket.send(data)
+            except OSError:
+                n = 0  # EAGAIN, or an error Twisted will notice itself
+            if n == len(data):
+                return
+            data = data[n:]
+        t.write(data)
+
+    def _flush_plaintext(self) -> None:
+        self._queued = False
+        plain, self._plain = self._plain, []
+        self._plain_len = 0
+        if plain and not self.disconnected:
+            data = plain[0] if len(plain) == 1 else b"".join(plain)
+            try:
+                self._ssl.write(data)
+            except ssl.SSLError as e:
+                self._fail(e)
+                return
+            self._send_outgoing()
+
+    # -- ITransport (for the application protocol) ---------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting or not data:
+            return
+        self._plain.append(data)
+        self._plain_len += len(data)
+        if self._plain_len > MAX_PENDING:
+            self._flush_plaintext()
+        elif not self._queued:
+            self._queued = True
+            self.factory.flusher.add(self)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        if self._handshaking:
+            self.transport.loseConnection()
+            return
+        if self._plain:
+            self._flush_plaintext()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self._sslobj.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass  # no reply to our close_notify is awaited
+        self._send_outgoing()
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self._plain = []
+        self.transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def getHandle(self) -> Any:
+        return self.transport.getHandle()
+
+    def getPeerCertificate(self) -> Any:
+        return None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.transport.setTcpNoDelay(enabled)
+
+    def getTcpNoDelay(self) -> bool:
+        return self.transport.getTcpNoDelay()
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.transport.setTcpKeepAlive(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.transport.getTcpKeepAlive()
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+    # -- IConsumer / IPushProducer: straight to the TCP transport ------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+class FastTLSFactory(TLSMemoryBIOFactory):
+    """
+    A L{TLSMemoryBIOFactory} whose connections run on the standard
+    library's C{ssl} (handshakes that need C{acme-tls/1} fall back to the
+    pyOpenSSL protocol).
+    """
+
+    def __init__(self, tls: Any, wrapped: Any, reactor: Any = None) -> None:
+        super().__init__(tls, False, wrapped)
+        self.tls = tls
+        self.contexts = StdlibContexts(tls)
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.flusher = _flusher_for(reactor)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return FastTLSProtocol(self, addr)

@@ -1,0 +1,99 @@
+"""
+Tests for L{mproxy.logging}: the JSON line format and its time stamps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import re
+from unittest import mock
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mproxy import logging as mlogging
+from mproxy.logging import JSONLogger
+
+
+class TimeStampTests(SynchronousTestCase):
+    def at(self, ns: int) -> str:
+        with mock.patch.object(mlogging.time, "time_ns", return_value=ns):
+            return mlogging._now_rfc3339()
+
+    def expected(self, ns: int) -> str:
+        whole = datetime.datetime.fromtimestamp(ns // 10**9, datetime.timezone.utc)
+        exact = whole.replace(microsecond=ns % 10**9 // 1000)
+        return exact.astimezone().isoformat()
+
+    def test_matches_isoformat(self) -> None:
+        """
+        The stamp is the local time as C{isoformat} writes it, microseconds
+        truncated, also for a second already formatted and a new one.
+        """
+        for ns in (1_764_592_000_123_456_789, 1_764_592_000_999_999_999,
+                   1_764_592_001_000_001_000, 1_764_592_001_000_000_999,
+                   1_700_000_000_500_000_000):
+            self.assertEqual(self.at(ns), self.expected(ns))
+
+    def test_whole_second(self) -> None:
+        """
+        No fraction when the microseconds are zero.
+        """
+        stamp = self.at(1_764_592_005_000_000_123)
+        self.assertRegex(stamp, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$")
+        self.assertEqual(stamp, self.expected(1_764_592_005_000_000_123))
+
+    def test_now(self) -> None:
+        """
+        Without a patched clock the stamp is close to now.
+        """
+        stamp = datetime.datetime.fromisoformat(mlogging._now_rfc3339())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.assertLess(abs((now - stamp).total_seconds()), 5)
+
+
+class LineTests(SynchronousTestCase):
+    def test_line(self) -> None:
+        """
+        One JSON object per line: time, level, msg, then the attributes in
+        order; non-ASCII text stays as it is and other objects are written
+        as their C{str}.
+        """
+        out = io.StringIO()
+        logger = JSONLogger(out, now=lambda: "T")
+
+        class Thing:
+            def __str__(self) -> str:
+                return "thing"
+
+        logger.info("Request", host="é.example", n=3, d=1.5, none=None, thing=Thing(),
+                    nested={"a": [1, True]})
+        line = out.getvalue()
+        self.assertTrue(line.endswith("}\n"))
+        self.assertEqual(line.count("\n"), 1)
+        self.assertEqual(
+            line,
+            '{"time": "T", "level": "INFO", "msg": "Request", "host": "é.example", "n": 3, '
+            '"d": 1.5, "none": null, "thing": "thing", "nested": {"a": [1, true]}}\n')
+        self.assertEqual(json.loads(line)["host"], "é.example")
+
+    def test_control_characters_escaped(self) -> None:
+        """
+        A newline or quote in a value cannot break the line.
+        """
+        out = io.StringIO()
+        JSONLogger(out, now=lambda: "T").warn("x", path='a\n"b\x00')
+        self.assertEqual(out.getvalue().count("\n"), 1)
+        self.assertEqual(json.loads(out.getvalue())["path"], 'a\n"b\x00')
+
+    def test_level(self) -> None:
+        """
+        Records below the logger's level are not written.
+        """
+        out = io.StringIO()
+        logger = JSONLogger(out, level="WARN", now=lambda: "T")
+        logger.info("quiet")
+        logger.error("loud")
+        self.assertEqual([json.loads(x)["msg"] for x in out.getvalue().splitlines()], ["loud"])
+        self.assertTrue(re.match(r"\{", out.getvalue()))
