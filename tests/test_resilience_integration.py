@@ -28,7 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from mproxy.testing import MproxyProcess, _child_env
+from mproxy.testing import MproxyProcess, child_env
 
 APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resilience_app.py")
 CLIENTS = 20
@@ -88,7 +88,7 @@ class App:
     def start(self) -> Any:
         self.proto = _AppProtocol()
         argv = [sys.executable, APP, "--name", self.name, "--port", str(self.port), *self.args]
-        self.process = reactor.spawnProcess(self.proto, sys.executable, argv, env=_child_env())
+        self.process = reactor.spawnProcess(self.proto, sys.executable, argv, env=child_env())
         self.port = yield self.proto.listening
         return self.port
 
