@@ -36,9 +36,12 @@ What it changes, and why:
       and everything goes to the transport in one write.  Twisted sent one
       frame per reactor iteration and an empty DATA frame to end each
       stream.
-    - Response headers are normalized here in one pass (lowercase names,
-      no connection-specific fields, credentials never indexed) instead of
-      by hyper-h2's chain of generators; inbound validation is hyper-h2's.
+    - Header blocks are checked and normalized in one pass each instead of
+      by hyper-h2's chains of generators (and its per-byte loops): a
+      request's headers against the same rules (L{request_headers}: a
+      violation is a PROTOCOL_ERROR, as before), a response's lowercased,
+      stripped of connection-specific fields, credentials never indexed.
+      Trailers still go through hyper-h2's own checks.
 
     channel = H2Channel(site, reactor, idle_timeout=75)
     channel.makeConnection(tls_transport)   # sends SETTINGS, registers itself
@@ -46,12 +49,15 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.stream
+import h2.utilities
 import priority
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
@@ -81,6 +87,108 @@ _SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 
 _SETTINGS = 0x4
 _ACK = 0x1
+
+
+#: a byte a field name must not contain (controls, space, uppercase, non-ASCII)
+_BAD_NAME_BYTE = re.compile(rb"[\x00-\x20A-Z\x7f-\xff]")
+_PSEUDO_FIELDS = frozenset([b":method", b":scheme", b":path", b":authority", b":protocol",
+                            b":status"])
+
+
+def _check_value(value: bytes) -> None:
+    if value:
+        if b"\x00" in value or b"\n" in value or b"\r" in value:
+            raise h2.exceptions.ProtocolError(
+                "Illegal character in header value: %r" % (value,))
+        if value[0] in (0x20, 0x09) or value[-1] in (0x20, 0x09):
+            raise h2.exceptions.ProtocolError(
+                "Received header value surrounded by whitespace %r" % (value,))
+
+
+def request_headers(headers: Any, flags: Any) -> list[Any]:
+    """
+    A request's decoded header block, checked as hyper-h2 checks it
+    (names non-empty, lowercase, without controls, spaces or a colon past
+    the first byte; values without NUL/CR/LF or surrounding whitespace; no
+    connection-specific field, TE only "trailers"; pseudo-header fields
+    known, once each, first, and the ones the method needs; a non-empty
+    C{:path}; C{:authority} or one C{Host}, equal if both) and normalized
+    (C{cookie} fields joined into one, last, never indexed).
+
+    @raise h2.exceptions.ProtocolError: for any violation.
+    """
+    out = []
+    cookies = []
+    pseudo: set[bytes] = set()
+    regular = False
+    method = authority = host = None
+    ProtocolError = h2.exceptions.ProtocolError
+    for header in headers:
+        name = header[0]
+        value = header[1]
+        if not name:
+            raise ProtocolError("Received header name with zero length.")
+        if _BAD_NAME_BYTE.search(name) is not None or name.find(b":", 1) != -1:
+            raise ProtocolError("Illegal character in header name: %r" % (name,))
+        if name == b"cookie":
+            # joined (and checked) below, after the other fields
+            cookies.append(value)
+            continue
+        _check_value(value)
+        if name[0] == 0x3A:
+            if name in pseudo:
+                raise ProtocolError("Received duplicate pseudo-header field %r" % (name,))
+            pseudo.add(name)
+            if regular:
+                raise ProtocolError("Received pseudo-header field out of sequence: %r"
+                                    % (name,))
+            if name not in _PSEUDO_FIELDS:
+                raise ProtocolError("Received custom pseudo-header field %r" % (name,))
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                if not value:
+                    raise ProtocolError("An empty :path header is forbidden")
+            elif name == b":authority":
+                authority = value
+        else:
+            regular = True
+            if name in _CONNECTION_HEADERS:
+                raise ProtocolError("Connection-specific header field present: %r." % (name,))
+            if name == b"te":
+                if value.lower() != b"trailers":
+                    raise ProtocolError("Invalid value for TE header: %r" % (value,))
+            elif name == b"host":
+                if host is not None:
+                    raise ProtocolError("Request header block has multiple Host headers.")
+                host = value
+        out.append(header)
+    if cookies:
+        value = b"; ".join(cookies)
+        _check_value(value)
+        out.append(NeverIndexedHeaderTuple(b"cookie", value))
+    h2.utilities._check_pseudo_header_field_acceptability(pseudo, method, flags)
+    if authority is None and host is None:
+        raise ProtocolError("Request header block does not have an :authority or Host header.")
+    if authority is not None and host is not None and authority != host:
+        raise ProtocolError("Request header block has mismatched :authority and Host headers")
+    return out
+
+
+class _ServerStream(h2.stream.H2Stream):
+    """
+    hyper-h2's stream, with a request's header block checked by
+    L{request_headers} (one pass) instead of hyper-h2's generator chain.
+    """
+
+    def _process_received_headers(self, headers: Any, header_validation_flags: Any,
+                                  header_encoding: Any) -> list[Any]:
+        flags = header_validation_flags
+        if (flags.is_trailer or flags.is_response_header or header_encoding
+                or not self.config.validate_inbound_headers
+                or not self.config.normalize_inbound_headers):
+            return super()._process_received_headers(headers, flags, header_encoding)
+        return request_headers(headers, flags)
 
 
 class CompressionError(h2.exceptions.ProtocolError):
@@ -136,6 +244,11 @@ class ServerConnection(h2.connection.H2Connection):
     def _terminate_connection(self, error_code: Any) -> None:
         self.goaway_code = error_code
         super()._terminate_connection(error_code)
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _ServerStream
+        return stream
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
