@@ -95,6 +95,17 @@ _PSEUDO_FIELDS = frozenset([b":method", b":scheme", b":path", b":authority", b":
                             b":status"])
 
 
+#: a byte a field value must not contain, and the ones it must not start
+#: or end with
+_BAD_VALUE_BYTE = re.compile(rb"[\x00\r\n]")
+_BLANKS = (0x20, 0x09)
+#: the pseudo-header fields of an ordinary request
+_USUAL_PSEUDO = frozenset([b":method", b":scheme", b":path", b":authority"])
+#: field names already found valid (names repeat from request to request)
+_GOOD_NAMES: set[bytes] = set()
+MAX_GOOD_NAMES = 1024
+
+
 def _check_value(value: bytes) -> None:
     if value:
         if b"\x00" in value or b"\n" in value or b"\r" in value:
@@ -126,15 +137,20 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
     for header in headers:
         name = header[0]
         value = header[1]
-        if not name:
-            raise ProtocolError("Received header name with zero length.")
-        if _BAD_NAME_BYTE.search(name) is not None or name.find(b":", 1) != -1:
-            raise ProtocolError("Illegal character in header name: %r" % (name,))
+        if name not in _GOOD_NAMES:
+            if not name:
+                raise ProtocolError("Received header name with zero length.")
+            if _BAD_NAME_BYTE.search(name) is not None or name.find(b":", 1) != -1:
+                raise ProtocolError("Illegal character in header name: %r" % (name,))
+            if len(_GOOD_NAMES) < MAX_GOOD_NAMES:
+                _GOOD_NAMES.add(name)
         if name == b"cookie":
             # joined (and checked) below, after the other fields
             cookies.append(value)
             continue
-        _check_value(value)
+        if value and (value[0] in _BLANKS or value[-1] in _BLANKS
+                      or _BAD_VALUE_BYTE.search(value) is not None):
+            _check_value(value)
         if name[0] == 0x3A:
             if name in pseudo:
                 raise ProtocolError("Received duplicate pseudo-header field %r" % (name,))
@@ -167,7 +183,8 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
         value = b"; ".join(cookies)
         _check_value(value)
         out.append(NeverIndexedHeaderTuple(b"cookie", value))
-    h2.utilities._check_pseudo_header_field_acceptability(pseudo, method, flags)
+    if pseudo != _USUAL_PSEUDO or method == b"CONNECT":
+        h2.utilities._check_pseudo_header_field_acceptability(pseudo, method, flags)
     if authority is None and host is None:
         raise ProtocolError("Request header block does not have an :authority or Host header.")
     if authority is not None and host is not None and authority != host:
