@@ -648,11 +648,12 @@ class H2Channel(H2Connection):
                 if self.remainingOutboundWindow(stream) <= 0:
                     self.streams[stream].flowControlBlocked()
         finally:
+            alive = True
             if conn._data_to_send:
                 self.resetTimeout()
-                if not self._tryToWriteControlData():
-                    # aborted: too much buffered for a client that does not read
-                    return
-            for stream in done:
-                if stream in self.streams:
-                    self._requestDone(stream)
+                # False: aborted, too much buffered for a client that does not read
+                alive = self._tryToWriteControlData()
+            if alive:
+                for stream in done:
+                    if stream in self.streams:
+                        self._requestDone(stream)
