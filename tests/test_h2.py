@@ -749,3 +749,57 @@ class RequestHeaderCheckTests(SynchronousTestCase):
         h.send(frame(0x1, 0x5, 1, bad))
         self.assertEqual(goaways(h.frames()), [ErrorCodes.PROTOCOL_ERROR])
         self.assertTrue(h.closed)
+
+
+class SchedulingTests(SynchronousTestCase):
+    def test_streams_take_turns(self) -> None:
+        """
+        Streams with data send one frame each in turn; a client's priority
+        signals are accepted (no error) and do not change the order.
+        """
+        from hyperframe.frame import PriorityFrame
+
+        app = App()
+        h = Harness(app)
+        h.get(1, path=b"/wait")
+        h.get(3, path=b"/wait")
+        # stream 3 depends on stream 1 (it would wait for it under RFC 7540)
+        pf = PriorityFrame(3)
+        pf.depends_on = 1
+        pf.stream_weight = 255
+        h.send(pf.serialize())
+        h.frames()
+        for req in app.waiting:
+            req.write(b"b" * 20000)
+        h.pump()
+        order = [f.stream_id for f in h.frames() if isinstance(f, DataFrame)]
+        self.assertEqual(order, [1, 3, 1, 3])
+        self.assertFalse(h.closed)
+
+    def test_round_robin_scheduler(self) -> None:
+        import priority
+
+        from mproxy.http.h2 import RoundRobin
+
+        rr = RoundRobin(maximum_streams=3)
+        self.assertRaises(priority.DeadlockError, next, rr)
+        rr.insert_stream(1)
+        rr.insert_stream(3)
+        self.assertRaises(priority.DuplicateStreamError, rr.insert_stream, 1)
+        self.assertEqual([next(rr) for _ in range(4)], [1, 3, 1, 3])
+        rr.block(1)
+        self.assertEqual([next(rr) for _ in range(2)], [3, 3])
+        rr.unblock(1)
+        rr.reprioritize(1, depends_on=3, weight=200)
+        self.assertEqual(sorted(next(rr) for _ in range(2)), [1, 3])
+        rr.remove_stream(3)
+        self.assertEqual(next(rr), 1)
+        for bad in (rr.block, rr.unblock, rr.remove_stream, rr.reprioritize):
+            self.assertRaises(priority.MissingStreamError, bad, 3)
+        rr.insert_stream(5)
+        rr.insert_stream(7)
+        self.assertRaises(priority.TooManyStreamsError, rr.insert_stream, 9)
+        rr.block(1)
+        rr.block(5)
+        rr.block(7)
+        self.assertRaises(priority.DeadlockError, next, rr)
