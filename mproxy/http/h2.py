@@ -426,6 +426,15 @@ class H2Channel(H2Connection):
         except RuntimeError:
             pass
 
+    _secure: bool | None = None
+
+    def _isSecure(self) -> bool:
+        # asked for every request; the transport does not change
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super()._isSecure()
+        return secure
+
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
