@@ -6,7 +6,7 @@ out of rotation.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -57,8 +57,11 @@ class LoadBalancer:
         self._healthy_waiters: list[Deferred[None]] = []
         self.last_health_error = ""
         self.health_listeners: list[OnHealth] = []
+        #: called with each target that becomes healthy
+        self.on_target_healthy: Callable[[Target], None] | None = None
         for t in self.targets:
             t.on_state_change = self._target_state_changed
+            t.balancer = self
 
     @property
     def targets(self) -> list[Target]:
@@ -81,14 +84,19 @@ class LoadBalancer:
         self._reader_rotation = [t for t in self.readers if t.healthy]
 
     def _target_state_changed(self, target: Target, was: TargetState) -> None:
-        if self.logger is not None and target.state is not TargetState.DRAINING:
+        state = target.state
+        if self.logger is not None and state is not TargetState.DRAINING:
+            fields = {"error": target.last_error} if state is TargetState.UNHEALTHY else {}
             self.logger.info(
                 "Target health updated",
                 target=target.address,
-                state=target.state.value,
+                state=state.value,
                 was=was.value,
+                **fields,
             )
         self._rebuild()
+        if state is TargetState.HEALTHY and self.on_target_healthy is not None:
+            self.on_target_healthy(target)
         if self.all_healthy():
             waiters, self._healthy_waiters = self._healthy_waiters, []
             for d in waiters:
@@ -129,27 +137,39 @@ class LoadBalancer:
                 return c
         return None
 
+    def claim_other(self, is_read: bool, tried: Collection[str]) -> Claim | None:
+        """
+        For a request sent again: a healthy target (in the role L{claim}
+        would pick) whose address is not in C{tried}, else a healthy one
+        that is; C{None} when none is healthy.
+        """
+        rotation = self._reader_rotation if is_read and self._reader_rotation else (
+            self._writer_rotation)
+        for t in rotation:
+            if t.address not in tried:
+                c = t.claim()
+                if c is not None:
+                    return c
+        for t in rotation:
+            c = t.claim()
+            if c is not None:
+                return c
+        return None
+
     # Health
 
     def start_health_checks(
         self, config: HealthCheckConfig, probe: ProbeFunction
     ) -> None:
         """
-        Start checking every target.  A balancer with a single writer and no
-        readers stops checking once that target is healthy: taking the only
-        target out of rotation would not help anybody.
+        Start checking every target, a lone one too, until
+        L{stop_health_checks}: a dead target leaves rotation (and, when it
+        was the only one, requests get the 503 page at once instead of a 502
+        each after a connect attempt).
         """
         self.stop_health_checks()
-        single = len(self.writers) == 1 and not self.readers
         for t in self.targets:
-            checker = HealthChecker(
-                t,
-                config,
-                self.clock,
-                probe,
-                self._health_result,
-                stop_when_healthy=single,
-            )
+            checker = HealthChecker(t, config, self.clock, probe, self._health_result)
             self._checkers.append(checker)
             checker.start()
 
@@ -158,7 +178,9 @@ class LoadBalancer:
             listener(target, ok, error)
         if not ok:
             self.last_health_error = error
-            if self.logger is not None:
+            # While a deploy waits for the target, each failure is news; once
+            # it has served, only its transitions are logged.
+            if self.logger is not None and target.state is TargetState.ADDING:
                 self.logger.info("Healthcheck failed", target=target.address, error=error)
 
     def stop_health_checks(self) -> None:

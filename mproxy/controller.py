@@ -291,6 +291,17 @@ class Controller:
     def list(self) -> list[dict[str, Any]]:
         return service_rows(self.router, self.certificates.status())
 
+    def target_health(self) -> list[tuple[str, str, bool]]:
+        """
+        C{(service, target, healthy)} for every deployed target (both slots).
+        """
+        return [
+            (name, t.address, t.healthy)
+            for name, s in sorted(self.router.services.items())
+            for lb in s.balancers()
+            for t in lb.targets
+        ]
+
     def restore(self) -> int:
         """
         Rebuild every service from the state file, targets serving at once.

@@ -1,6 +1,19 @@
 """
 Health checks: GET a path on a target at a fixed interval, within a timeout;
-any 2xx is healthy.
+any 2xx is a passing check.
+
+Every target is checked for as long as it is deployed, a lone one too.  Its
+state follows the checks:
+
+  - C{adding} (a deploy waits for it): the first passing check makes it
+    C{healthy}; failures leave it C{adding};
+  - C{healthy}: it becomes C{unhealthy} after L{UNHEALTHY_AFTER}
+    consecutive failed checks (so with the default 1 s interval a dead target
+    is out of rotation within about 2 s; a single slow or lost check does not
+    take it out);
+  - C{unhealthy} (failed checks, or ejected by the data plane when a
+    connection to it was refused, reset or timed out): one passing check
+    makes it C{healthy} again.
 
 The probe itself is injected (L{ProbeFunction}); L{http_probe} is the real one,
 on a L{HostnameEndpoint}.
@@ -34,6 +47,9 @@ if TYPE_CHECKING:
 USER_AGENT = b"mproxy"
 
 ProbeFunction = Callable[["Target", HealthCheckConfig], "Deferred[int]"]
+
+#: consecutive failed checks that make a healthy target unhealthy
+UNHEALTHY_AFTER = 2
 
 
 class UnexpectedStatus(Exception):
@@ -124,9 +140,10 @@ def http_probe(reactor: object) -> ProbeFunction:
 
 class HealthChecker:
     """
-    Checks one target: a probe at once, then one per interval; a probe still
-    running when the next is due delays it.  Each probe must finish within the
-    configured timeout.
+    Checks one target, for as long as it runs: a probe at once, then one per
+    interval; a probe still running when the next is due delays it.  Each
+    probe must finish within the configured timeout.  It moves the target
+    between states as the module docstring says.
     """
 
     def __init__(
@@ -136,23 +153,18 @@ class HealthChecker:
         clock: IReactorTime,
         probe: ProbeFunction,
         report: Callable[["Target", bool, str], None],
-        stop_when_healthy: bool = False,
     ) -> None:
         self.target = target
         self.config = config
         self.clock = clock
         self.probe = probe
         self.report = report
-        self.stop_when_healthy = stop_when_healthy
+        self.failures = 0
         self._call: object | None = None
         self._inflight: Deferred[int] | None = None
         self.running = False
 
     def start(self) -> None:
-        if self.stop_when_healthy and self.target.healthy:
-            # Already healthy (restored state): nothing left to find out, and
-            # a failed probe must not take the only target out of rotation.
-            return
         self.running = True
         self._tick()
 
@@ -194,21 +206,23 @@ class HealthChecker:
             return
         # Report first: becoming healthy may complete a deploy's health wait,
         # which stops listening for results.
+        self.failures = 0
         self.report(self.target, True, "")
         if not self.running:
             return
         if self.target.state is not TargetState.DRAINING:
             self.target.set_state(TargetState.HEALTHY)
-        if self.stop_when_healthy:
-            self.running = False
-            return
         self._schedule()
 
     def _failure(self, f: Failure) -> None:
         self._inflight = None
         if not self.running:
             return
-        if self.target.state is TargetState.HEALTHY:
-            self.target.set_state(TargetState.UNHEALTHY)
-        self.report(self.target, False, describe_failure(f))
+        self.failures += 1
+        error = describe_failure(f)
+        target = self.target
+        target.last_error = error
+        if target.state is TargetState.HEALTHY and self.failures >= UNHEALTHY_AFTER:
+            target.set_state(TargetState.UNHEALTHY, error)
+        self.report(target, False, error)
         self._schedule()

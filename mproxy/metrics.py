@@ -1,12 +1,18 @@
 """
 Prometheus metrics, served on C{--metrics-port} (off by default) for any
-path.  Labels are bounded: the service name, the method (unknown methods
-collapse to C{OTHER}) and the status code; never paths or hosts.
+path.  Labels are bounded: the service name, the target address, the method
+(unknown methods collapse to C{OTHER}) and the status code; never paths or
+hosts.
+
+Target health (C{mproxy_target_healthy}, 1 or 0 per service and target) is
+read from the router when scraped (L{Metrics.watch_targets}); retries,
+ejections and requests answered "no healthy targets" are counted as they
+happen.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -62,7 +69,43 @@ class Metrics:
             ["service", "outcome"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "mproxy_retries_total",
+            "Requests sent again because they could not be delivered to a target",
+            ["service"],
+            registry=self.registry,
+        )
+        self.ejections = Counter(
+            "mproxy_target_ejections_total",
+            "Targets taken out of rotation after a refused, reset or timed-out connection",
+            ["service", "target"],
+            registry=self.registry,
+        )
+        self.no_target = Counter(
+            "mproxy_no_healthy_target_total",
+            "Requests answered with the 503 page because no target was healthy",
+            ["service"],
+            registry=self.registry,
+        )
+        self._targets: Callable[[], Iterable[tuple[str, str, bool]]] = lambda: ()
+        self.registry.register(_HealthCollector(self))
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def watch_targets(self, source: Callable[[], Iterable[tuple[str, str, bool]]]) -> None:
+        """
+        C{source()} gives C{(service, target, healthy)} for every deployed
+        target; it is asked at each scrape.
+        """
+        self._targets = source
+
+    def retried(self, service: str) -> None:
+        self.retries.labels(service).inc()
+
+    def ejected(self, service: str, target: str) -> None:
+        self.ejections.labels(service, target).inc()
+
+    def unavailable(self, service: str) -> None:
+        self.no_target.labels(service).inc()
 
     def observe(self, service: str, method: str, status: int, seconds: float) -> None:
         if method not in KNOWN_METHODS:
@@ -86,6 +129,27 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HealthCollector:
+    """
+    C{mproxy_target_healthy}, built from the targets deployed at scrape time
+    (so removed targets disappear).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        g = GaugeMetricFamily("mproxy_target_healthy",
+                              "1 when the target is healthy (in rotation), else 0",
+                              labels=["service", "target"])
+        for service, target, healthy in self.metrics._targets():
+            g.add_metric([service, target], 1.0 if healthy else 0.0)
+        return [g]
 
 
 class MetricsResource(Resource):

@@ -2,7 +2,14 @@
 A service: a name, its options, the active deployment (a L{LoadBalancer}), an
 optional rollout deployment with its traffic split, and its pause state.
 
-L{Service.select} is what the data plane calls for each request.
+L{Service.select} is what the data plane calls for each request, and
+L{Service.retry} when a request could not be delivered to its target.
+
+With a retry timeout (C{--retry-timeout}), a request that finds no healthy
+target waits for one: it is woken by the next target that becomes healthy
+(a health transition, or a deploy switching to healthy targets), not by
+polling, and gets the 503 page when the wait runs out.  Without one it gets
+the 503 page at once.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import time
-from typing import Callable
+from typing import Any, Callable, Collection
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -32,14 +39,16 @@ class Refusal:
     """
     The service answers itself: C{status} with the built-in page (C{message}
     is the stop message shown on a 503), or 200 with an empty body for a health
-    check while paused or stopped.
+    check while paused or stopped.  C{unavailable}: a 503 because no target
+    was healthy.
     """
 
     status: int
     message: str = ""
+    unavailable: bool = False
 
 
-NO_TARGET = Refusal(503)
+NO_TARGET = Refusal(503, unavailable=True)
 PAUSE_EXPIRED = Refusal(504)
 HEALTH_OK = Refusal(200)
 
@@ -137,6 +146,21 @@ def is_health_check(method: bytes, target_path: str, health_path: str) -> bool:
     return path == "/" + health_path.lstrip("/")
 
 
+class _TargetWait:
+    """
+    A request waiting for a healthy target: C{attempt()} gives a claim or
+    C{None}; C{d} fires with the claim, or L{NO_TARGET} at the deadline.
+    """
+
+    __slots__ = ("attempt", "d", "call")
+
+    def __init__(self, attempt: Callable[[], Claim | None], d: Deferred[Claim | Refusal]
+                 ) -> None:
+        self.attempt = attempt
+        self.d = d
+        self.call: object = None
+
+
 @implementer(IProxiedService)
 class Service:
     def __init__(
@@ -151,20 +175,82 @@ class Service:
         self.name = name
         self.options = options
         self.target_options = target_options
+        self.clock = clock
+        self._waits: list[_TargetWait] = []
+        self._rollout: LoadBalancer | None = None
         self.active = active
-        self.rollout: LoadBalancer | None = None
         self.split: RolloutSplit | None = None
         self.pause = PauseController(clock)
         self._wallclock = wallclock
+
+    @property
+    def active(self) -> LoadBalancer:
+        return self._active
+
+    @active.setter
+    def active(self, lb: LoadBalancer) -> None:
+        self._active = lb
+        lb.on_target_healthy = self._target_healthy
+        self._target_healthy(None)
+
+    @property
+    def rollout(self) -> LoadBalancer | None:
+        return self._rollout
+
+    @rollout.setter
+    def rollout(self, lb: LoadBalancer | None) -> None:
+        self._rollout = lb
+        if lb is not None:
+            lb.on_target_healthy = self._target_healthy
+            self._target_healthy(None)
+
+    # Waiting for a healthy target
+
+    @property
+    def waiting(self) -> int:
+        """
+        Requests waiting for a healthy target.
+        """
+        return len(self._waits)
+
+    def _wait_for_target(self, seconds: float, attempt: Callable[[], Claim | None]
+                         ) -> Deferred[Claim | Refusal]:
+        w = _TargetWait(attempt, Deferred())
+
+        def expire() -> None:
+            if w in self._waits:
+                self._waits.remove(w)
+                w.d.callback(NO_TARGET)
+
+        w.call = self.clock.callLater(seconds, expire)
+        self._waits.append(w)
+        return w.d
+
+    def _target_healthy(self, target: object) -> None:
+        """
+        A target became healthy (or new targets were installed): give each
+        waiting request a claim while there are targets to claim.
+        """
+        if not self._waits:
+            return
+        for w in list(self._waits):
+            c = w.attempt()
+            if c is None:
+                continue
+            self._waits.remove(w)
+            call: Any = w.call
+            if call.active():
+                call.cancel()
+            w.d.callback(c)
 
     @property
     def state_name(self) -> str:
         return self.pause.state.name.lower()
 
     def balancers(self) -> list[LoadBalancer]:
-        out = [self.active]
-        if self.rollout is not None:
-            out.append(self.rollout)
+        out = [self._active]
+        if self._rollout is not None:
+            out.append(self._rollout)
         return out
 
     def select(
@@ -192,10 +278,52 @@ class Service:
                     return PAUSE_EXPIRED
                 if not proceed:
                     return Refusal(503, self.pause.stop_message)
-                return self._choose(method, cookie, websocket)
+                return self._choose_or_wait(method, cookie, websocket)
 
             return d.addCallback(released)
-        return self._choose(method, cookie, websocket)
+        return self._choose_or_wait(method, cookie, websocket)
+
+    def _choose_or_wait(
+        self,
+        method: bytes,
+        cookie: Callable[[bytes], bytes | None],
+        websocket: bool,
+    ) -> Claim | Refusal | Deferred[Claim | Refusal]:
+        c = self._choose(method, cookie, websocket)
+        if c is NO_TARGET and self.target_options.retry_timeout:
+            def attempt() -> Claim | None:
+                c = self._choose(method, cookie, websocket)
+                return c if isinstance(c, Claim) else None
+
+            return self._wait_for_target(self.target_options.retry_timeout, attempt)
+        return c
+
+    def retry(
+        self, failed: Claim, tried: Collection[str], wait: float
+    ) -> Claim | Refusal | Deferred[Claim | Refusal]:
+        """
+        Another target for a request that could not be delivered to
+        C{failed.target} (whose claim the caller has released): a healthy
+        one not in C{tried} (addresses already tried) when there is one,
+        else a healthy one tried before; in the same role (writer or reader)
+        and slot.  With none healthy: wait up to C{wait} seconds for one (a
+        Deferred), or L{NO_TARGET} at once.
+        """
+        target = failed.target
+        lb: LoadBalancer = target.balancer  # type: ignore[assignment]
+        if lb is not self._active and lb is not self._rollout:
+            lb = self._active  # replaced by a deploy meanwhile
+        is_read = target in lb.readers
+
+        def attempt() -> Claim | None:
+            return lb.claim_other(is_read, tried)
+
+        c = attempt()
+        if c is not None:
+            return c
+        if wait > 0:
+            return self._wait_for_target(wait, attempt)
+        return NO_TARGET
 
     def _choose(
         self,
@@ -203,10 +331,10 @@ class Service:
         cookie: Callable[[bytes], bytes | None],
         websocket: bool,
     ) -> Claim | Refusal:
-        lb = self.active
-        if self.split is not None and self.rollout is not None:
+        lb = self._active
+        if self.split is not None and self._rollout is not None:
             if self.split.use_rollout(cookie(ROLLOUT_COOKIE)):
-                lb = self.rollout
+                lb = self._rollout
         if not lb.readers:
             c = lb.claim(False)
             return NO_TARGET if c is None else c

@@ -29,6 +29,7 @@ DEFAULT_HEALTH_TIMEOUT = 5.0
 DEFAULT_TARGET_TIMEOUT = 30.0
 DEFAULT_BUFFER_MEMORY = 1 << 20
 DEFAULT_WRITER_AFFINITY = 1.0
+DEFAULT_RETRY_TIMEOUT = 0.0
 
 T = TypeVar("T")
 
@@ -224,6 +225,10 @@ class TargetOptions:
     log_response_headers: tuple[str, ...] = field(default=(), converter=_tuple)
     forward_headers: bool = True
     scope_cookie_paths: bool = False
+    #: how long a request that could not be delivered (or found no healthy
+    #: target) may wait for a healthy one; 0: one immediate retry on another
+    #: target, if there is one
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT
 
     def validate(self) -> None:
         """
@@ -231,6 +236,7 @@ class TargetOptions:
         """
         self.health_check.validate()
         _positive("target-timeout", self.target_timeout)
+        _not_negative("retry-timeout", self.retry_timeout)
         _not_negative("buffer-memory", self.buffer_memory)
         _not_negative("max-request-body", self.max_request_body)
         _not_negative("max-response-body", self.max_response_body)

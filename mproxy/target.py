@@ -135,6 +135,12 @@ class Target:
         self._drain_waiters: list[tuple[set[Claim], Deferred[None]]] = []
         self._state_before_drain: TargetState | None = None
         self.on_state_change: Callable[[Target, TargetState], None] | None = None
+        #: when the state last changed (C{clock.seconds()})
+        self.since = clock.seconds()
+        #: why the last check failed, or why the target was ejected
+        self.last_error = ""
+        #: the load balancer the target belongs to (set by it)
+        self.balancer: object = None
 
     def __repr__(self) -> str:
         return f"<Target {self.address} {self.state.value} inflight={len(self.inflight)}>"
@@ -143,13 +149,30 @@ class Target:
     def healthy(self) -> bool:
         return self.state is TargetState.HEALTHY
 
-    def set_state(self, state: TargetState) -> None:
+    def set_state(self, state: TargetState, error: str = "") -> None:
+        """
+        Move to C{state}; C{error} says why when it is C{unhealthy}.
+        """
         old = self.state
         if old is state:
             return
         self.state = state
+        self.since = self.clock.seconds()
+        if error:
+            self.last_error = error
         if self.on_state_change is not None:
             self.on_state_change(self, old)
+
+    def eject(self, error: str) -> bool:
+        """
+        The data plane could not reach the target (refused, reset, timed
+        out): take it out of rotation at once, until a health check passes.
+        Only a healthy target is ejected; returns whether this one was.
+        """
+        if self.state is not TargetState.HEALTHY:
+            return False
+        self.set_state(TargetState.UNHEALTHY, error)
+        return True
 
     def claim(self) -> Claim | None:
         """

@@ -104,6 +104,8 @@ class MproxyService(MultiService):
             validate_error_pages=custompages.validate,
             deploys=self.metrics,
         )
+        if self.metrics is not None:
+            self.metrics.watch_targets(self.controller.target_health)
         self.sites = self._build_sites()
         self.listeners = self._build_listeners()
         for listener in self.listeners:

@@ -256,6 +256,19 @@ def parse_deploy(*argv: str) -> Any:
 
 
 class DeployParsingTests(SynchronousTestCase):
+    def test_retry_timeout(self) -> None:
+        """
+        C{--retry-timeout DURATION} goes into the target options (so the
+        state file keeps it); help lists it with its default.
+        """
+        req = parse_deploy("web:1", "--retry-timeout", "10s")
+        self.assertEqual(req.target_options.retry_timeout, 10.0)
+        self.assertEqual(parse_deploy("web:1", "--retry-timeout", "1m30s")
+                         .target_options.retry_timeout, 90.0)
+        help_text = parsing.deploy_command().parser.format_help()
+        self.assertIn("--retry-timeout DURATION", help_text)
+        self.assertIn("(default 0s)", help_text.split("--retry-timeout")[1].split("--")[0])
+
     def test_seed_spelling(self) -> None:
         """
         C{deploy HOST:PORT}: the argument is the target, the service is
@@ -298,6 +311,7 @@ class DeployParsingTests(SynchronousTestCase):
         self.assertTrue(req.options.tls_redirect)
         self.assertFalse(req.options.tls_enabled)
         self.assertEqual(req.options.writer_affinity_timeout, 1.0)
+        self.assertEqual(req.target_options.retry_timeout, 0.0)
 
     def test_ssl_is_tls(self) -> None:
         """
@@ -526,6 +540,24 @@ class TableTests(SynchronousTestCase):
             "10%, allowlist vip,beta\n"
             "other    *     /     web-1:3000 (adding)   paused  no   c2:1; no traffic\n"
             "plain    *     /     web-1:3000            paused  no   -\n",
+        )
+
+    def test_health_since_and_error(self) -> None:
+        """
+        With the details of each target's health, the Target cell says since
+        when, and why an unhealthy one is.
+        """
+        rows = [dict(self.ROWS[1], targets=["a:1", "b:2"],
+                     health={"a:1": "healthy", "b:2": "unhealthy"},
+                     target_health={
+                         "a:1": {"health": "healthy", "since": "2026-12-01T12:00:00Z",
+                                 "last_error": "request timed out"},
+                         "b:2": {"health": "unhealthy", "since": "2026-12-01T12:20:01Z",
+                                 "last_error": "Connection was refused"}})]
+        self.assertIn(
+            "a:1 (healthy since 2026-12-01 12:00:00Z), "
+            "b:2 (unhealthy since 2026-12-01 12:20:01Z: Connection was refused)",
+            format_table(rows, color=False),
         )
 
     def test_color(self) -> None:
@@ -773,9 +805,12 @@ class ClientCommandTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual(
             out,
-            "Service  Host             Path  Target                State    TLS\n"
-            "api      api.example.com  /     api-1:3000 (healthy)  running  no\n"
-            "default  *                /     web-1:3000 (healthy)  running  no\n",
+            "Service  Host             Path  Target                                           "
+            "State    TLS\n"
+            "api      api.example.com  /     api-1:3000 (healthy since 1970-01-01 00:00:00Z)  "
+            "running  no\n"
+            "default  *                /     web-1:3000 (healthy since 1970-01-01 00:00:00Z)  "
+            "running  no\n",
         )
         status, out, err = self.cli("ls", "--json")
         rows = json.loads(out)

@@ -251,7 +251,7 @@ class ControlIntegrationTests(TestCase):
         self.assertIn("failed to become healthy within configured timeout (1s)",
                       failed[0]["error"])
         r = yield p.command("list")
-        self.assertIn(f"{addr} (healthy)", r.out)
+        self.assertIn(f"{addr} (healthy since ", r.out)
         code, body = yield self.get(f"http://127.0.0.1:{metrics_port}/metrics")
         self.assertIn(b'mproxy_deploys_total{outcome="success",service="default"} 1.0', body)
         self.assertIn(b'mproxy_deploys_total{outcome="failure",service="app"} 1.0', body)

@@ -925,6 +925,16 @@ class ListTests(ControllerTestCase):
         """
         self.assertEqual(self.controller.list(), [])
 
+    def test_target_health(self) -> None:
+        """
+        C{target_health} (the metrics' source) gives every target of both
+        slots with whether it is healthy.
+        """
+        self.deployed(request("web", "aa:1", "bb:2"))
+        self.router.services["web"].active.targets[1].eject("refused")
+        self.assertEqual(self.controller.target_health(),
+                         [("web", "aa:1", True), ("web", "bb:2", False)])
+
     def test_health_and_rollout(self) -> None:
         """
         Each row shows every target's health, and the rollout slot with its
@@ -933,13 +943,23 @@ class ListTests(ControllerTestCase):
         self.deployed(request("web", "aa:1", "bb:2"))
         self.probe.auto["bb:2"] = 500
         self.clock.advance(1)
+        self.clock.advance(1)
         row = self.controller.list()[0]
         self.assertEqual(row["health"], {"aa:1": "healthy", "bb:2": "unhealthy"})
+        self.assertEqual(row["target_health"], {
+            "aa:1": {"health": "healthy", "since": "1970-01-01T00:00:00Z",
+                     "last_error": ""},
+            "bb:2": {"health": "unhealthy", "since": "1970-01-01T00:00:02Z",
+                     "last_error": "unexpected status (500)"},
+        })
         self.assertIsNone(row["rollout"])
         self.probe.auto["cc:1"] = 200
         self.successResultOf(self.controller.rollout_deploy("web", ("cc:1",)))
         self.assertEqual(self.controller.list()[0]["rollout"],
                          {"targets": ["cc:1"], "health": {"cc:1": "healthy"},
+                          "target_health": {"cc:1": {"health": "healthy",
+                                                     "since": "1970-01-01T00:00:02Z",
+                                                     "last_error": ""}},
                           "percent": None, "allowlist": []})
         self.controller.rollout_set("web", 25, ("vip",))
         rollout = self.controller.list()[0]["rollout"]
@@ -989,7 +1009,7 @@ class StateTests(ControllerTestCase):
     def test_restore_serves_at_once(self) -> None:
         """
         Restored targets serve at once, without waiting for a probe; health
-        checks still run (and stop at once for a single writer).
+        checks run for every target, a lone one too.
         """
         self.deployed(request("web", "aa:1", hosts=["x.com"], prefixes=["/app"]))
         self.deployed(request("multi", "m1:1", "m2:2", readers=("r1:3",)))
@@ -1002,17 +1022,16 @@ class StateTests(ControllerTestCase):
         self.assertEqual(m.active.addresses, ["m1:1", "m2:2", "r1:3"])
         self.assertEqual(m.options.hosts, ("",))
         self.assertTrue(m.active.all_healthy())
-        # Checks run for the multi-target balancer, not for the single
-        # writer (it is the only target; taking it out would not help).
         self.assertEqual(probe.count("m1:1"), 1)
-        self.assertEqual(probe.count("aa:1"), 0)
+        self.assertEqual(probe.count("aa:1"), 1)
         probe.answer("aa:1", 200)
         probe.answer("m1:1", 200)
         probe.answer("m2:2", 200)
         probe.answer("r1:3", 200)
         self.clock.advance(1)
-        self.assertEqual(probe.count("aa:1"), 0)
+        self.assertEqual(probe.count("aa:1"), 2)
         self.assertEqual(probe.count("m1:1"), 2)
+        controller.shutdown()
         controller.shutdown()
 
     def test_restore_options(self) -> None:
@@ -1160,6 +1179,7 @@ class StateTests(ControllerTestCase):
         with open(self.state_path) as f:
             data = json.load(f)
         os.remove(self.state_path)
+        self.controller.shutdown()
         self.router.services.clear()
         data["services"][1].update(changes)
         return json.dumps(data).encode()

@@ -363,9 +363,11 @@ class ProxyResourceTests(Pages, SynchronousTestCase):
 
     def test_connect_failure(self) -> None:
         h = self.harness()
+        h.service.retry_results = [h.service.target]
         h.get()
-        factory = h.reactor.tcpClients[0][2]
-        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        for i in (0, 1):
+            factory = h.reactor.tcpClients[i][2]
+            factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
         out = h.output()
         self.assertTrue(out.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
         self.assertTrue(out.endswith(b"<p>custom 502</p>"))
@@ -458,9 +460,10 @@ class IntegrationTests(Pages, IntegrationMixin, TestCase):
         r = yield p.command("resume", "web")
         self.assertEqual(r.status, 0, r.err)
 
-        # A target that is healthy (its health checks go to another port)
-        # but refuses the request: custom 502.
-        dead = f"127.0.0.1:{unused_port()}"
+        # Targets that are healthy (their health checks go to another port)
+        # but refuse the request, also when it is sent again to the other
+        # one: custom 502.
+        dead = f"127.0.0.1:{unused_port()},127.0.0.1:{unused_port()}"
         r = yield p.command(
             "deploy", "web", "--target", dead, "--error-pages", d,
             "--health-check-port", addr.rpartition(":")[2],

@@ -15,7 +15,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.balancer import LoadBalancer
+from mproxy.logging import ListLogger
 from mproxy.health import (
+    UNHEALTHY_AFTER,
     HealthChecker,
     UnexpectedStatus,
     describe_failure,
@@ -63,11 +65,10 @@ class CheckerTests(SynchronousTestCase):
         self.target = Target("web:3000", self.clock)
         self.reports: list[tuple[bool, str]] = []
 
-    def checker(self, config: HealthCheckConfig = CONFIG, stop_when_healthy: bool = False
-                ) -> HealthChecker:
+    def checker(self, config: HealthCheckConfig = CONFIG) -> HealthChecker:
         c = HealthChecker(
             self.target, config, self.clock, self.probe,
-            lambda t, ok, err: self.reports.append((ok, err)), stop_when_healthy,
+            lambda t, ok, err: self.reports.append((ok, err)),
         )
         c.start()
         return c
@@ -160,34 +161,88 @@ class CheckerTests(SynchronousTestCase):
 
     def test_healthy_unhealthy_healthy(self) -> None:
         """
-        A healthy target becomes unhealthy on a failure and healthy again on
-        the next success.
+        A healthy target becomes unhealthy after UNHEALTHY_AFTER consecutive
+        failed checks, and healthy again after one passing check; the state's
+        time and the last error are kept.
         """
+        self.assertEqual(UNHEALTHY_AFTER, 2)
         self.checker()
         self.probe.answer(200)
+        self.assertEqual(self.target.since, 0)
         self.clock.advance(1)
         self.probe.answer(500)
+        self.assertIs(self.target.state, TargetState.HEALTHY)
+        self.assertEqual(self.target.last_error, "unexpected status (500)")
+        self.clock.advance(1)
+        self.probe.fail(ConnectionRefusedError())
         self.assertIs(self.target.state, TargetState.UNHEALTHY)
+        self.assertEqual(self.target.since, 2)
+        self.assertIn("refused", self.target.last_error)
         self.clock.advance(1)
         self.probe.fail(ConnectionRefusedError())
         self.assertIs(self.target.state, TargetState.UNHEALTHY)
         self.clock.advance(1)
         self.probe.answer(200)
         self.assertIs(self.target.state, TargetState.HEALTHY)
+        self.assertEqual(self.target.since, 4)
+        self.assertIn("refused", self.target.last_error)
 
-    def test_stop_when_healthy(self) -> None:
+    def test_one_failure_between_passes_keeps_healthy(self) -> None:
         """
-        A checker told to stop once healthy sends no more probes after the
-        first success.
+        A single failed check between passing ones does not take the target
+        out: the failures must be consecutive.
         """
-        c = self.checker(stop_when_healthy=True)
-        self.probe.answer(500)
-        self.clock.advance(1)
+        self.checker()
         self.probe.answer(200)
-        self.assertFalse(c.running)
-        self.clock.advance(10)
-        self.assertEqual(len(self.probe.calls), 2)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        for _ in range(5):
+            self.clock.advance(1)
+            self.probe.answer(500)
+            self.clock.advance(1)
+            self.probe.answer(200)
+        self.assertIs(self.target.state, TargetState.HEALTHY)
+        self.assertEqual(self.target.since, 0)
+
+    def test_keeps_checking_while_healthy(self) -> None:
+        """
+        Checks go on for as long as the checker runs, healthy or not.
+        """
+        c = self.checker()
+        for _ in range(10):
+            self.probe.answer(200)
+            self.clock.advance(1)
+        self.assertTrue(c.running)
+        self.assertEqual(len(self.probe.calls), 11)
+
+    def test_ejected_target_back_after_one_pass(self) -> None:
+        """
+        A target the data plane ejected is unhealthy at once, with the
+        reason, and the next passing check brings it back.
+        """
+        self.checker()
+        self.probe.answer(200)
+        self.clock.advance(0.5)
+        self.assertTrue(self.target.eject("connection refused"))
+        self.assertFalse(self.target.eject("again"))
+        self.assertIs(self.target.state, TargetState.UNHEALTHY)
+        self.assertEqual((self.target.since, self.target.last_error),
+                         (0.5, "connection refused"))
+        self.clock.advance(0.5)
+        self.probe.answer(200)
+        self.assertIs(self.target.state, TargetState.HEALTHY)
+
+    def test_adding_not_ejected(self) -> None:
+        """
+        Only a healthy target is ejected: a target still being added or
+        draining keeps its state.
+        """
+        self.assertFalse(self.target.eject("refused"))
+        self.assertIs(self.target.state, TargetState.ADDING)
+        self.target.set_state(TargetState.HEALTHY)
+        claim = self.target.claim()
+        self.target.drain(1)
+        self.assertFalse(self.target.eject("refused"))
+        self.assertIs(self.target.state, TargetState.DRAINING)
+        claim.release()
 
     def test_stop_cancels_inflight(self) -> None:
         """
@@ -265,30 +320,75 @@ class BalancerHealthTests(SynchronousTestCase):
     def probes_for(self, address: str) -> list[Deferred[int]]:
         return [d for t, d in self.probe.calls if t.address == address]
 
-    def test_single_writer_stops_once_healthy(self) -> None:
+    def test_single_writer_keeps_checking(self) -> None:
         """
-        A balancer with a single writer and no readers stops checking as soon
-        as the writer is healthy.
+        A lone target is checked for as long as it is deployed: when it dies
+        it leaves rotation (no target: the 503 page) and comes back.
         """
         lb = LoadBalancer(["aa:1"], [], self.clock)
         lb.start_health_checks(CONFIG, self.probe)
         self.probe.answer(200)
         self.assertTrue(lb.all_healthy())
-        self.clock.advance(60)
-        self.assertEqual(len(self.probe.calls), 1)
+        for _ in range(UNHEALTHY_AFTER):
+            self.clock.advance(1)
+            self.probe.fail(ConnectionRefusedError())
+        self.assertIsNone(lb.claim(False))
+        self.clock.advance(1)
+        self.probe.answer(200)
+        self.assertIsNotNone(lb.claim(False))
+        lb.stop_health_checks()
 
     def test_single_writer_already_healthy(self) -> None:
         """
-        A single-writer balancer whose target is already healthy (restored
-        state) does not check it at all: a failed probe must not take the only
-        target out of rotation.
+        A restored lone target serves at once and is checked from then on.
         """
         lb = LoadBalancer(["aa:1"], [], self.clock)
         lb.mark_all_healthy()
         lb.start_health_checks(CONFIG, self.probe)
-        self.clock.advance(60)
-        self.assertEqual(self.probe.calls, [])
         self.assertIsNotNone(lb.claim(False))
+        self.assertEqual(len(self.probe.calls), 1)
+        lb.stop_health_checks()
+
+    def test_transitions_logged_once(self) -> None:
+        """
+        The log has one line per transition, not one per failed check, once
+        the target has served; while a deploy adds it, each failure is
+        logged.
+        """
+        logger = ListLogger()
+        lb = LoadBalancer(["aa:1"], [], self.clock, logger=logger)
+        lb.start_health_checks(CONFIG, self.probe)
+        self.probe.answer(500)
+        self.clock.advance(1)
+        self.probe.answer(200)
+        for _ in range(5):
+            self.clock.advance(1)
+            self.probe.answer(503)
+        self.clock.advance(1)
+        self.probe.answer(200)
+        msgs = [(r["msg"], r.get("state"), r.get("error")) for r in logger.records]
+        self.assertEqual(msgs, [
+            ("Healthcheck failed", None, "unexpected status (500)"),
+            ("Target health updated", "healthy", None),
+            ("Target health updated", "unhealthy", "unexpected status (503)"),
+            ("Target health updated", "healthy", None),
+        ])
+        lb.stop_health_checks()
+
+    def test_healthy_callback(self) -> None:
+        """
+        C{on_target_healthy} hears each target that becomes healthy.
+        """
+        lb = LoadBalancer(["aa:1", "bb:2"], [], self.clock)
+        seen: list[str] = []
+        lb.on_target_healthy = lambda t: seen.append(t.address)
+        lb.start_health_checks(CONFIG, self.probe)
+        self.probe.answer(200, 1)
+        self.probe.answer(200, 0)
+        self.assertEqual(seen, ["bb:2", "aa:1"])
+        lb.targets[0].eject("reset")
+        self.assertEqual(seen, ["bb:2", "aa:1"])
+        lb.stop_health_checks()
 
     def test_multi_target_already_healthy(self) -> None:
         """
@@ -299,6 +399,9 @@ class BalancerHealthTests(SynchronousTestCase):
         lb.start_health_checks(CONFIG, self.probe)
         self.assertEqual(len(self.probe.calls), 2)
         self.probe.answer(500, 0)
+        self.probe.answer(200, 1)
+        self.clock.advance(1)
+        self.probes_for("aa:1")[-1].callback(500)
         self.assertEqual({lb.claim(False).target.address for _ in range(4)}, {"bb:2"})
         lb.stop_health_checks()
 
@@ -315,6 +418,9 @@ class BalancerHealthTests(SynchronousTestCase):
         self.assertTrue(lb.all_healthy())
         self.clock.advance(1)
         self.assertEqual(len(self.probe.calls), 4)
+        self.probes_for("aa:1")[-1].callback(500)
+        self.probes_for("bb:2")[-1].callback(200)
+        self.clock.advance(1)
         self.probes_for("aa:1")[-1].callback(500)
         self.probes_for("bb:2")[-1].callback(200)
         self.assertEqual({lb.claim(False).target.address for _ in range(4)}, {"bb:2"})

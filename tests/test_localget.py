@@ -40,6 +40,9 @@ class FakeClaim:
     def release(self) -> None:
         self.releases += 1
 
+    def eject(self, error: str) -> bool:
+        return False
+
 
 @implementer(IProxiedService)
 class FakeService:
@@ -52,6 +55,9 @@ class FakeService:
         self.pool = UpstreamPool(reactor, "10.0.0.2", 3000)
         self.result: Any = None
         self.claims: list[FakeClaim] = []
+
+    def retry(self, failed: Any, tried: Any, wait: float) -> Any:
+        return Refusal(503, unavailable=True)
 
     def select(self, method: bytes, path: str, cookie: Any, websocket: bool) -> Any:
         if self.result is not None:

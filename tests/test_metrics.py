@@ -47,3 +47,31 @@ class MetricsTests(SynchronousTestCase):
         body = r.render_GET(req)
         self.assertIn(b'mproxy_deploys_total{outcome="ok",service="app"} 1.0', body)
         self.assertTrue(req.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+
+    def test_target_health_gauge(self) -> None:
+        """
+        Target health is read from the source at each scrape, 1 or 0 per
+        service and target; removed targets disappear.
+        """
+        m = Metrics()
+        targets = [("app", "a:1", True), ("app", "b:2", False)]
+        m.watch_targets(lambda: list(targets))
+        text = m.exposition().decode()
+        self.assertIn('mproxy_target_healthy{service="app",target="a:1"} 1.0', text)
+        self.assertIn('mproxy_target_healthy{service="app",target="b:2"} 0.0', text)
+        targets.pop()
+        self.assertNotIn('target="b:2"', m.exposition().decode())
+
+    def test_retries_ejections_unavailable(self) -> None:
+        """
+        Retries, ejections and "no healthy targets" answers are counted.
+        """
+        m = Metrics()
+        m.retried("app")
+        m.retried("app")
+        m.ejected("app", "a:1")
+        m.unavailable("app")
+        text = m.exposition().decode()
+        self.assertIn('mproxy_retries_total{service="app"} 2.0', text)
+        self.assertIn('mproxy_target_ejections_total{service="app",target="a:1"} 1.0', text)
+        self.assertIn('mproxy_no_healthy_target_total{service="app"} 1.0', text)

@@ -47,6 +47,13 @@ class FakeTarget:
         host, _, port = address.rpartition(":")
         self.host, self.port = host, int(port)
         self.pool = UpstreamPool(reactor, host, int(port))
+        self.healthy = True
+        self.ejections: list[str] = []
+
+    def eject(self, error: str) -> bool:
+        self.ejections.append(error)
+        was, self.healthy = self.healthy, False
+        return was
 
 
 @implementer(IClaim)
@@ -70,9 +77,10 @@ class FakeClaim:
 
 @implementer(IRefusal)
 class Refusal:
-    def __init__(self, status: int, message: str = "") -> None:
+    def __init__(self, status: int, message: str = "", unavailable: bool = False) -> None:
         self.status = status
         self.message = message
+        self.unavailable = unavailable
 
 
 @implementer(IProxiedService)
@@ -86,6 +94,21 @@ class FakeService:
         self.result: Any = None
         self.selects: list[tuple[Any, ...]] = []
         self.set_cookie: bytes | None = None
+        #: what retry() gives, in turn: a target (claimed), a refusal or a
+        #: Deferred; an empty list is a 503 "no healthy targets"
+        self.retry_results: list[Any] = []
+        self.retries: list[tuple[str, list[str], float]] = []
+
+    def retry(self, failed: Any, tried: Any, wait: float) -> Any:
+        self.retries.append((failed.target.address, list(tried), wait))
+        if not self.retry_results:
+            return Refusal(503, unavailable=True)
+        r = self.retry_results.pop(0)
+        if isinstance(r, FakeTarget):
+            c = FakeClaim(r)
+            self.claims.append(c)
+            return c
+        return r
 
     def select(self, method: bytes, path: str, cookie: Any, websocket: bool) -> Any:
         self.selects.append((method, path, cookie(b"mproxy-rollout"), websocket))
@@ -141,6 +164,15 @@ class FakeMetrics:
 
     def observe(self, service: str, method: str, status: int, seconds: float) -> None:
         self.events.append(("observe", service, method, status))
+
+    def retried(self, service: str) -> None:
+        self.events.append(("retried", service))
+
+    def ejected(self, service: str, target: str) -> None:
+        self.events.append(("ejected", service, target))
+
+    def unavailable(self, service: str) -> None:
+        self.events.append(("unavailable", service))
 
 
 class Harness:
@@ -691,17 +723,19 @@ class RefusalTests(SynchronousTestCase):
 class FailureTests(SynchronousTestCase):
     def test_connect_failure_502(self) -> None:
         """
-        A target that cannot be reached: 502 page, ERROR log, claim
-        released.
+        A target that cannot be reached, also on the one retry: 502 page,
+        ERROR log, claims released.
         """
         h = Harness()
+        h.service.retry_results = [h.service.target]
         h.get()
-        factory = h.reactor.tcpClients[0][2]
-        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        for i in (0, 1):
+            factory = h.reactor.tcpClients[i][2]
+            factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
         self.assertTrue(h.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
         self.assertIn("502 — Bad Gateway".encode(), h.output())
         self.assertIn("Error while proxying", h.logger.messages())
-        self.assertEqual(h.service.claims[0].releases, 1)
+        self.assertEqual([c.releases for c in h.service.claims], [1, 1])
 
     def test_target_timeout_504(self) -> None:
         """

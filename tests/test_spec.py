@@ -422,6 +422,7 @@ class DeployRequestTests(SynchronousTestCase):
             ({"buffer_memory": -1}, "buffer-memory must not be negative"),
             ({"max_request_body": -1}, "max-request-body must not be negative"),
             ({"max_response_body": -5}, "max-response-body must not be negative"),
+            ({"retry_timeout": -1}, "retry-timeout must not be negative"),
         ]:
             with self.assertRaises(InvalidOptions) as cm:
                 DeployRequest("web", ["aa:1"], target_options=TargetOptions(**kw)).validate()

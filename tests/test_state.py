@@ -35,6 +35,16 @@ class ServiceRecordTests(SynchronousTestCase):
         for r in RECORDS:
             self.assertEqual(ServiceRecord.from_json(json.loads(json.dumps(r.to_json()))), r)
 
+    def test_retry_timeout_kept(self) -> None:
+        """
+        The retry timeout is stored with the target options.
+        """
+        r = ServiceRecord("web", ServiceOptions(), TargetOptions(retry_timeout=10.0),
+                          Slot(["aa:1"]))
+        data = json.loads(json.dumps(r.to_json()))
+        self.assertEqual(data["target_options"]["retry_timeout"], 10.0)
+        self.assertEqual(ServiceRecord.from_json(data).target_options.retry_timeout, 10.0)
+
     def test_format(self) -> None:
         """
         The JSON keys are those of the state file.

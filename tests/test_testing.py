@@ -213,13 +213,14 @@ class HarnessTests(SynchronousTestCase):
 
     def test_stopped_upstream(self) -> None:
         """
-        An upstream that stopped listening refuses connections: the proxy
-        answers 502.
+        An upstream that stopped listening refuses connections: the refusal
+        ejects the lone target, and with no healthy target left the proxy
+        answers 503 at once.
         """
         self.successResultOf(self.harness.deploy("app", self.web))
         self.web.stop()
         response = self.successResultOf(self.harness.request(b"GET", b"/"))
-        self.assertEqual(response.code, 502)
+        self.assertEqual(response.code, 503)
 
     def test_unknown_target_fails_health(self) -> None:
         """

@@ -15,7 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool, IUpstreamReceiver
-from mproxy.http.upstream import PoolRegistry, UpstreamPool
+from mproxy.http.upstream import CLOSED, NOT_CONNECTED, PoolRegistry, UpstreamPool
 
 
 @implementer(IUpstreamReceiver)
@@ -278,48 +278,136 @@ class FailureTests(SynchronousTestCase):
         h.reactor.advance(6)
         self.assertEqual(r.events[0][:2], ("failed", 504))
 
-    def test_stale_connection_retried(self) -> None:
+    def test_stale_connection_not_resent(self) -> None:
         """
         A GET on a re-used connection that the target closed before
-        answering is retried once on a fresh connection.
+        answering is not sent again by the pool: it fails as L{CLOSED} on a
+        re-used connection, for the caller to decide.
         """
         h = Harness()
         h.request()
         proto, t = h.connect()
         proto.dataReceived(OK)
         ex, r = h.request(target=b"/again")
-        proto.connectionLost(Failure(error.ConnectionDone()))
-        self.assertEqual(r.events, [])
-        proto2, t2 = h.connect()
-        self.assertTrue(t2.value().startswith(b"GET /again "))
-        proto2.dataReceived(OK)
-        self.assertEqual(r.body(), b"hello")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        errors: list[Any] = []
+        r.upstream_failed = errors.append  # type: ignore[method-assign]
+        proto.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual([(e.status, e.kind, e.reused) for e in errors], [(502, CLOSED, True)])
+        self.assertEqual(len(h.reactor.tcpClients), 1)
 
-    def test_no_retry_with_body(self) -> None:
+    def test_closed_on_fresh_connection(self) -> None:
         """
-        A POST with a body is never replayed: 502.
+        A fresh connection closed before any response byte is L{CLOSED},
+        not re-used.
+        """
+        h = Harness()
+        ex, r = h.request()
+        errors: list[Any] = []
+        r.upstream_failed = errors.append  # type: ignore[method-assign]
+        proto, t = h.connect()
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual([(e.status, e.kind, e.reused) for e in errors], [(502, CLOSED, False)])
+
+    def test_closed_after_response_bytes(self) -> None:
+        """
+        Once a byte of the response arrived (even an interim 100), a closed
+        connection is an ordinary failure: nothing says it could be resent.
+        """
+        for partial in (b"HTTP/1.1 200 OK\r\nContent-", b"HTTP/1.1 100 Continue\r\n\r\n"):
+            h = Harness()
+            ex, r = h.request()
+            errors: list[Any] = []
+            r.upstream_failed = errors.append  # type: ignore[method-assign]
+            proto, t = h.connect()
+            proto.dataReceived(partial)
+            proto.connectionLost(Failure(error.ConnectionLost()))
+            self.assertEqual([(e.status, e.kind) for e in errors], [(502, "")])
+
+    def test_connect_failure_kind(self) -> None:
+        """
+        A refused or timed-out connect is L{NOT_CONNECTED}.
+        """
+        for reason, status in ((error.ConnectionRefusedError(), 502),
+                               (error.TimeoutError(), 504)):
+            h = Harness()
+            ex, r = h.request()
+            errors: list[Any] = []
+            r.upstream_failed = errors.append  # type: ignore[method-assign]
+            host, port, factory, timeout, bind = h.reactor.tcpClients[0]
+            factory.clientConnectionFailed(None, Failure(reason))
+            self.assertEqual([(e.status, e.kind) for e in errors], [(status, NOT_CONNECTED)])
+
+    def test_fresh_skips_idle(self) -> None:
+        """
+        C{fresh=True} dials a new connection even with an idle one.
         """
         h = Harness()
         h.request()
         proto, t = h.connect()
         proto.dataReceived(OK)
-        ex, r = h.request(method=b"POST", body_length=3)
-        ex.write_body(b"abc")
-        ex.end_body()
-        proto.connectionLost(Failure(error.ConnectionDone()))
-        self.assertEqual(r.events[0][:2], ("failed", 502))
-        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertEqual(h.pool.idle_count, 1)
+        h.pool.request(b"GET", b"/f", [], Receiver(), fresh=True)
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+        self.assertEqual(h.pool.idle_count, 1)
 
-    def test_no_retry_on_fresh_connection(self) -> None:
+    def test_replay_moves_unsent_body(self) -> None:
         """
-        A fresh connection that fails is not retried.
+        C{replay} takes the body queued by an exchange whose connect failed,
+        its end too: the new connection gets head, body, nothing twice.
         """
         h = Harness()
-        ex, r = h.request()
+        ex, r = h.request(method=b"POST", body_length=-1)
+        ex.write_body(b"abc")
+        ex.end_body()
+        host, port, factory, timeout, bind = h.reactor.tcpClients[0]
+        r.upstream_failed = lambda e: None  # type: ignore[method-assign]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        other = UpstreamPool(h.reactor, "10.0.0.3", 3000)
+        r2 = Receiver()
+        ex2 = other.request(b"POST", b"/x", [(b"Host", b"example.com")], r2, body_length=-1,
+                            replay=ex)
+        ex2.end_body()
+        h.connected = 1
         proto, t = h.connect()
-        proto.connectionLost(Failure(error.ConnectionDone()))
-        self.assertEqual(r.events[0][:2], ("failed", 502))
+        sent = t.value()
+        self.assertTrue(sent.startswith(b"POST /x HTTP/1.1\r\n"))
+        self.assertTrue(sent.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+        proto.dataReceived(OK)
+        self.assertEqual(r2.body(), b"hello")
+
+    def test_keep_alive_timeout_respected(self) -> None:
+        """
+        A connection whose target announced C{Keep-Alive: timeout=N} is not
+        re-used once idle for N minus the margin (at least 0.5 s); it is
+        closed and a new one dialled.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\n"
+                           b"Content-Length: 0\r\n\r\n")
+        h.reactor.advance(1.4)
+        h.request()
         self.assertEqual(len(h.reactor.tcpClients), 1)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        h.reactor.advance(1.6)
+        h.request()
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+        self.assertTrue(t.disconnecting)
+
+    def test_keep_alive_too_short_not_pooled(self) -> None:
+        """
+        A keep-alive timeout shorter than the margin: the connection is not
+        kept.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=0.4\r\n"
+                           b"Content-Length: 0\r\n\r\n")
+        self.assertEqual(h.pool.idle_count, 0)
+        self.assertTrue(t.disconnecting)
 
     def test_cancel(self) -> None:
         """

@@ -116,14 +116,33 @@ def _tls_cell(r: dict[str, Any]) -> str:
     return tls
 
 
-def _targets_cell(targets: list[str], health: dict[str, str]) -> str:
-    return ", ".join(f"{t} ({health[t]})" if t in health else t for t in targets)
+def _since(iso: str) -> str:
+    """
+    C{2026-12-01T12:20:01Z} as C{2026-12-01 12:20:01Z}.
+    """
+    return iso.replace("T", " ")
+
+
+def _target_cell(t: str, health: dict[str, str], details: dict[str, Any]) -> str:
+    d = details.get(t)
+    if d:
+        text = f"{d['health']} since {_since(d['since'])}"
+        if d["health"] == "unhealthy" and d.get("last_error"):
+            text += f": {d['last_error']}"
+        return f"{t} ({text})"
+    return f"{t} ({health[t]})" if t in health else t
+
+
+def _targets_cell(targets: list[str], health: dict[str, str],
+                  details: dict[str, Any] | None = None) -> str:
+    return ", ".join(_target_cell(t, health, details or {}) for t in targets)
 
 
 def _rollout_cell(rollout: dict[str, Any] | None) -> str:
     if not rollout:
         return "-"
-    cell = _targets_cell(rollout["targets"], rollout.get("health") or {})
+    cell = _targets_cell(rollout["targets"], rollout.get("health") or {},
+                         rollout.get("target_health"))
     share = []
     if rollout.get("percent") is not None:
         share.append(f"{rollout['percent']}%")
@@ -138,7 +157,7 @@ NO_SERVICES = "No services deployed (deploy one with `mproxy deploy HOST:PORT`)\
 def format_table(rows: list[dict[str, Any]], color: bool) -> str:
     """
     The C{list} table: Service, Host, Path, Target (with each target's
-    health), State, TLS, and Rollout when some service has a rollout slot.
+    health, since when, and why it is unhealthy), State, TLS, and Rollout when some service has a rollout slot.
     """
     if not rows:
         return NO_SERVICES
@@ -152,7 +171,7 @@ def format_table(rows: list[dict[str, Any]], color: bool) -> str:
             r["service"],
             ",".join(r["hosts"]) or "*",
             ",".join(r["paths"]),
-            _targets_cell(r["targets"], r.get("health") or {}),
+            _targets_cell(r["targets"], r.get("health") or {}, r.get("target_health")),
             r["state"],
             _tls_cell(r),
         ]

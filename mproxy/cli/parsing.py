@@ -234,6 +234,10 @@ def _deploy_target_flags(cmd: Command) -> None:
                metavar="HOST")
     cmd.option("target-timeout", "Maximum wait for a target's response headers",
                type=duration, default=_d(spec.DEFAULT_TARGET_TIMEOUT), metavar="DURATION")
+    cmd.option("retry-timeout", "How long a request that could not be delivered may wait for "
+               "a healthy target before a 503 page (0s: one immediate retry on another "
+               "target, if there is one)",
+               type=duration, default=_d(spec.DEFAULT_RETRY_TIMEOUT), metavar="DURATION")
     cmd.option("writer-affinity-timeout", "Keep a client's reads on writers this long after a write",
                type=duration, default=_d(spec.DEFAULT_WRITER_AFFINITY), metavar="DURATION")
     cmd.flag("read-target-websockets", "Allow WebSocket connections to go to read targets")

@@ -103,6 +103,7 @@ def _target_options(ns: Any) -> TargetOptions:
         forward_headers=not ns.tls if ns.forward_headers is None else ns.forward_headers,
         **given(
             target_timeout=ns.target_timeout,
+            retry_timeout=ns.retry_timeout,
             buffer_requests=ns.buffer_requests,
             buffer_responses=ns.buffer_responses,
             buffer_memory=ns.buffer_memory,

@@ -59,7 +59,7 @@ def buffer_request(call: ProxyCall, forward: Callable[[], Any],
         up = forward()
         if call.done:
             return
-        sender = SpoolSender(spool, up.write_body, up.end_body)
+        sender = call.req_sender = SpoolSender(spool, up.write_body, up.end_body)
         up.set_body_producer(sender)
         sender.start()
 

@@ -48,6 +48,11 @@ class ProxyCall:
     @ivar req_spool: the buffered request body.
     @ivar resp_spool: the buffered response body, C{resp_head} its head.
     @ivar metered: counted in the metrics' in-flight gauge.
+    @ivar tried: the targets of the earlier attempts, when the request was
+        sent again (L{mproxy.http.retry}), else C{None}.
+    @ivar retry_deadline: until when (C{clock.seconds()}) it may be sent
+        again, from its first failed attempt.
+    @ivar req_sender: the producer sending the buffered body.
     """
 
     __slots__ = (
@@ -55,7 +60,7 @@ class ProxyCall:
         "prefix", "request_id", "status", "service", "topts", "target", "claim", "up",
         "resp_ctype", "req_ctype", "user_agent", "remote_addr", "done", "tunnel",
         "upgrade_type", "log_extra", "trailers_ok", "req_spool", "resp_spool", "resp_head",
-        "metered", "held", "stall_timer",
+        "metered", "held", "stall_timer", "tried", "retry_deadline", "req_sender",
     )
 
     def __init__(self, res: ProxyResource, rq: IExchange) -> None:
@@ -90,6 +95,9 @@ class ProxyCall:
         self.metered = False
         self.held: Deferred[Any] | None = None
         self.stall_timer: Any = None
+        self.tried: list[str] | None = None
+        self.retry_deadline: float | None = None
+        self.req_sender: Any = None
 
 
 def log_headers(call: ProxyCall, prefix: str, names: Any,

@@ -251,6 +251,17 @@ def add_target_headers(call: ProxyCall, h: RequestHeaders) -> None:
         out.insert(0, (b"Host", addr))
 
 
+def remove_target_headers(call: ProxyCall, h: RequestHeaders) -> None:
+    """
+    Undo L{add_target_headers} (the request goes to another target).
+    """
+    out = h.out
+    if out and out[-1][0] == b"X-Mproxy-Target":
+        out.pop()
+    if not call.host and out and out[0][0] == b"Host":
+        out.pop(0)
+
+
 class ResponseHeaders:
     """
     A target's response head as it goes to the client.

@@ -220,7 +220,8 @@ class IUpstreamReceiver(Interface):
     def upstream_failed(error):
         """
         The exchange failed (an L{mproxy.http.upstream.UpstreamError}: 502 or
-        504); nothing else follows.
+        504, with the C{kind} of failure that says whether the request could
+        be sent again); nothing else follows.
         """
 
 
@@ -228,6 +229,8 @@ class IUpstreamExchange(IPushProducer):
     """
     One request to a target; as a push producer it pauses the response.
     """
+
+    body_ended = Attribute("C{bool}: the request body is complete (or there is none)")
 
     def write_body(data):
         """
@@ -271,10 +274,13 @@ class IUpstreamPool(Interface):
     """
 
     def request(method, target, headers, receiver, *, body_length=0, timeout=30.0,
-                replayable=None, codings=b""):
+                codings=b"", fresh=False, replay=None):
         """
         Start a request; returns an L{IUpstreamExchange} whose progress goes
-        to C{receiver} (an L{IUpstreamReceiver}).
+        to C{receiver} (an L{IUpstreamReceiver}).  The pool never sends a
+        request twice by itself.  C{fresh}: on a new connection, not an idle
+        one.  C{replay}: an exchange of this same request (from any pool)
+        whose connect failed; its queued body, and its end, are sent first.
         """
 
     def close_idle():
@@ -318,14 +324,30 @@ class IProxiedService(Interface):
     def select(method, path, cookie, websocket):
         """
         An L{IClaim} on a target for this request, an L{IRefusal}, or a
-        L{Deferred} firing with one of them (while paused).  C{cookie(name)}
-        reads a request cookie.
+        L{Deferred} firing with one of them (while paused, or waiting for a
+        healthy target).  C{cookie(name)} reads a request cookie.
+        """
+
+    def retry(failed, tried, wait):
+        """
+        For a request that could not be delivered on the claim C{failed}
+        (already released): an L{IClaim} on another healthy target (one whose
+        address is not in C{tried} if there is one), an L{IRefusal} (503, no
+        healthy target), or a L{Deferred} of either while it waits up to
+        C{wait} seconds for a target to become healthy.
         """
 
 
 class IProxiedTarget(Interface):
     address = Attribute("C{str}: C{host:port}")
     pool = Attribute("the target's L{IUpstreamPool}")
+
+    def eject(error):
+        """
+        A connection to the target was refused, reset or timed out: take it
+        out of rotation until a health check passes.  Returns C{True} when
+        this call took it out (it was healthy).
+        """
 
 
 class IClaim(Interface):
@@ -359,6 +381,7 @@ class IRefusal(Interface):
 
     status = Attribute("C{int}: 503 (stopped, unhealthy), 504 (pause expired), 200 (health)")
     message = Attribute("C{str}")
+    unavailable = Attribute("C{bool}: a 503 because no target was healthy")
 
 
 class IRequestMetrics(Interface):
@@ -375,6 +398,22 @@ class IRequestMetrics(Interface):
     def observe(service, method, status, seconds):
         """
         A request completed.
+        """
+
+    def retried(service):
+        """
+        A request was sent again after a failed delivery.
+        """
+
+    def ejected(service, target):
+        """
+        A refused, reset or timed-out connection took C{target} out of
+        rotation.
+        """
+
+    def unavailable(service):
+        """
+        A request got the 503 page because no target was healthy.
         """
 
 

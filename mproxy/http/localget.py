@@ -88,6 +88,9 @@ class _Internal:
                websocket: bool) -> Any:
         return self._service.select(method, path, cookie, websocket)
 
+    def retry(self, failed: Any, tried: Any, wait: float) -> Any:
+        return self._service.retry(failed, tried, wait)
+
 
 @implementer(IRouter)
 class _OneService:

@@ -215,6 +215,8 @@ def _refused(call: ProxyCall, refusal: Any, was_held: bool) -> None:
     if was_held and status == 504:
         call.res.logger.warn("Rejecting request due to expired pause",
                              service=call.service.name, path=call.path)  # type: ignore[union-attr]
+    elif refusal.unavailable and call.res.metrics is not None:
+        call.res.metrics.unavailable(call.service.name)  # type: ignore[union-attr]
     send_page(call, status, refusal.message)
 
 

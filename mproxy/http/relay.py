@@ -16,7 +16,8 @@ going away (L{Relay.client_lost}: the upstream exchange is abandoned, 499),
 a drain's deadline (L{Relay.drain_cancel}: 504, or a WebSocket close frame
 1001) and a broken request body (L{Relay.body_error}: 400/408).
 
-Errors end in L{mproxy.http.responses.fail}.
+A failed exchange goes to L{mproxy.http.retry} first (ejection, sending the
+request again); errors end in L{mproxy.http.responses.fail}.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from mproxy.http import buffering
+from mproxy.http import buffering, retry
 from mproxy.http.call import ProxyCall, cancel_stall_timer, complete, log_headers
 from mproxy.http.forwarding import RequestHeaders, informational_headers, response_headers
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamReceiver
@@ -47,31 +48,47 @@ class Relay:
     See the module docstring.
     """
 
-    __slots__ = ("call",)
+    __slots__ = ("call", "h")
 
     def __init__(self, call: ProxyCall) -> None:
         self.call = call
+        self.h: RequestHeaders | None = None
 
-    def forward(self, h: RequestHeaders) -> IUpstreamExchange:
+    def forward(self, h: RequestHeaders, fresh: bool = False,
+                replay: IUpstreamExchange | None = None) -> IUpstreamExchange:
         """
-        Send the request to the claimed target.
+        Send the request to the claimed target (C{fresh}, C{replay}: see
+        L{IUpstreamPool.request}).
         """
         call = self.call
         rq = call.rq
+        self.h = h
         call.up = up = call.claim.target.pool.request(  # type: ignore[union-attr]
             rq.method, target_uri(call), h.out, self, body_length=rq.body_length,
-            timeout=call.topts.target_timeout, codings=h.codings,
+            timeout=call.topts.target_timeout, codings=h.codings, fresh=fresh,
+            replay=replay,
         )
         return up
 
     def stream_body(self, up: IUpstreamExchange) -> None:
         """
-        Stream the request body to the target as it arrives.
+        Stream the request body to the target as it arrives (to whichever
+        exchange is current: a request sent again goes on in a new one).
         """
         rq = self.call.rq
         up.set_body_producer(rq.body_producer)
         rq.send_continue()
-        rq.set_body_consumer(up.write_body, up.end_body, self.body_error)
+        rq.set_body_consumer(self._body_data, self._body_end, self.body_error)
+
+    def _body_data(self, data: bytes) -> None:
+        up = self.call.up
+        if up is not None:
+            up.write_body(data)
+
+    def _body_end(self) -> None:
+        up = self.call.up
+        if up is not None:
+            up.end_body()
 
     # --- IUpstreamReceiver ------------------------------------------------------
 
@@ -149,7 +166,10 @@ class Relay:
         complete(call)
 
     def upstream_failed(self, error: Any) -> None:
-        if self.call.done:
+        call = self.call
+        if call.done:
+            return
+        if error.kind and retry.after_failure(call, error):
             return
         self._target_failed(error.status, error.message)
 

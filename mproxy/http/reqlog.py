@@ -10,7 +10,8 @@ request_id, status, service, target, duration (ns), method,
 req_content_length, req_content_type, resp_content_length,
 resp_content_type, client_addr, client_port, remote_addr, user_agent, proto,
 scheme, query, then C{req_<header>} / C{resp_<header>} for the service's
-C{log_request_headers} / C{log_response_headers}.
+C{log_request_headers} / C{log_response_headers}; a request that was sent
+again also has C{attempts} and C{tried} (the targets, in order).
 """
 
 from __future__ import annotations
@@ -50,4 +51,8 @@ def log_request(logger: Any, call: Any, duration_ns: int) -> None:
     extra = call.log_extra
     if extra:
         record.update(extra)
+    tried = call.tried
+    if tried:
+        record["attempts"] = len(tried) + 1
+        record["tried"] = tried + [call.target] if call.target else list(tried)
     logger.info("Request", **record)

@@ -72,6 +72,13 @@ class Spool:
         self._read_pos += len(data)
         return data
 
+    def rewind(self) -> None:
+        """
+        Read from the start again (a request sent again).
+        """
+        self._read_pos = 0
+        self._mem_index = 0
+
     def close(self) -> None:
         if self.closed:
             return

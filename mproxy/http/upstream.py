@@ -6,7 +6,8 @@ target.
     pool = UpstreamPool(reactor, "10.0.0.5", 3000, *, max_idle=100,
                         idle_reuse_limit=50.0)
     exchange = pool.request(b"GET", b"/path?q", headers, receiver, *,
-                            body_length=0, timeout=30.0, replayable=None)
+                            body_length=0, timeout=30.0, fresh=False,
+                            replay=None)
     pool.close_idle()   # close idle keep-alive connections (drained target)
     pool.close()        # and no new ones; busy ones close when done
 
@@ -29,13 +30,20 @@ The C{receiver} gets (duck-typed callbacks, called from the reactor):
     - C{upstream_failed(error: UpstreamError)} instead of the rest when the
       exchange fails: C{error.status} is 502 (connect failure, protocol
       error, a status code outside 100-599, connection lost) or 504 (C{timeout} passed while waiting for
-      the response headers, or the connect timed out).
+      the response headers, or the connect timed out).  Its C{kind} says
+      whether the request could be sent again: L{NOT_CONNECTED} (the
+      connection could not be made: nothing was sent), L{CLOSED} (the
+      connection was closed or reset before any byte of the response; its
+      C{reused} says whether it was a re-used keep-alive connection), or
+      C{""} (anything else).
 
 C{timeout} bounds the connect and the wait for the response headers after
-the request was fully written, never the body.  A request that fails on a
-re-used keep-alive connection before any response byte arrived is retried
-once on a fresh connection when it has no body and an idempotent method
-(GET, HEAD, OPTIONS, TRACE): nothing of it can have had an effect.
+the request was fully written, never the body.  The pool never sends a
+request twice: whether a failed one is sent again (and where) is the
+caller's decision.  C{fresh=True} dials a new connection instead of
+re-using an idle one; C{replay} is an exchange of the same request whose
+connect failed: what it queued of the body (and its end) is sent first, so
+a streamed body can go to another target as long as nothing of it was sent.
 
 The exchange is an C{IPushProducer} for the response body: register it
 with the client transport to get backpressure.  The request body's
@@ -44,8 +52,11 @@ while the target's socket is full.
 
 Connections are dialled with C{reactor.connectTCP} (names resolved by the
 reactor, IPv6 literals accepted).  Idle connections older than
-C{idle_reuse_limit} are not reused; response header sections over 1 MiB
-are a 502.
+C{idle_reuse_limit}, or close to the idle timeout the target announced
+(C{Keep-Alive: timeout=N}: not re-used after N minus a margin of a tenth of
+N, at least 0.5 s), are closed instead of re-used, so the target rarely
+closes a connection just as a request is sent on it; response header
+sections over 1 MiB are a 502.
 
 L{PoolRegistry} is the pool factory targets use: C{registry(host, port)}
 makes a pool and remembers it so that C{registry.close_idle()} can close
@@ -67,9 +78,32 @@ from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 
 
 MAX_PENDING_BODY = 65536
-REPLAYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 #: idle connections older than this are not reused (servers drop them)
 IDLE_REUSE_LIMIT = 50.0
+#: an announced keep-alive timeout is cut by this share, at least
+#: L{KEEP_ALIVE_MIN_MARGIN} seconds
+KEEP_ALIVE_MARGIN = 0.1
+KEEP_ALIVE_MIN_MARGIN = 0.5
+
+#: L{UpstreamError.kind}: the connection could not be made
+NOT_CONNECTED = "not-connected"
+#: L{UpstreamError.kind}: closed or reset before any byte of the response
+CLOSED = "closed"
+
+
+def _keep_alive_timeout(value: bytes) -> float:
+    """
+    The C{timeout=N} of a C{Keep-Alive} header, 0 when absent or invalid.
+    """
+    for part in value.split(b","):
+        name, _, n = part.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            try:
+                t = float(n.strip())
+            except ValueError:
+                return 0.0
+            return t if t > 0 else 0.0
+    return 0.0
 
 
 class UpstreamError(Exception):
@@ -77,12 +111,18 @@ class UpstreamError(Exception):
     An exchange with a target failed.
 
     @ivar status: the status the proxy should answer with (502 or 504).
+    @ivar kind: L{NOT_CONNECTED}, L{CLOSED} or C{""} (see the module
+        docstring).
+    @ivar reused: for L{CLOSED}, the connection was a re-used keep-alive one.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "",
+                 reused: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.kind = kind
+        self.reused = reused
 
 
 class _HeadDone(Exception):
@@ -112,13 +152,12 @@ class UpstreamExchange:
     body_producer: Any = None
     responded = False
     done = False
-    retried = False
     tunnel = False
     _pending_bytes = 0
     _producer_paused = False
 
     def __init__(self, pool: UpstreamPool, method: bytes, head: bytes, receiver: Any,
-                 body_length: int, timeout: float, replayable: bool) -> None:
+                 body_length: int, timeout: float) -> None:
         self.pool = pool
         self.method = method
         self.head = head
@@ -127,8 +166,20 @@ class UpstreamExchange:
         self.chunked = body_length < 0
         self.body_ended = body_length == 0
         self.timeout = timeout
-        self.replayable = replayable
         self.pending: list[bytes] | None = None
+
+    def _take_over(self, old: UpstreamExchange) -> None:
+        """
+        Go on with the body of C{old}, an exchange of the same request that
+        never connected: its queued bytes, its end, its producer.
+        """
+        self.pending = old.pending
+        self._pending_bytes = old._pending_bytes
+        self.body_ended = old.body_ended
+        self.body_producer = old.body_producer
+        self._producer_paused = old._producer_paused
+        old.pending = None
+        old._producer_paused = False
 
     # --- request body -------------------------------------------------------
 
@@ -239,12 +290,12 @@ class UpstreamExchange:
             conn.armed = False
         self.receiver.upstream_response(status, reason, headers)
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, kind: str = "", reused: bool = False) -> None:
         if self.done:
             return
         self.done = True
         self._disarm_timer()
-        self.receiver.upstream_failed(UpstreamError(status, message))
+        self.receiver.upstream_failed(UpstreamError(status, message, kind, reused))
 
     def _finished(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.done:
@@ -321,8 +372,10 @@ class _Connection(Protocol):
     tunnel = False
     paused = False
     reused = False
-    idle_since = 0.0
+    idle_until = 0.0
+    keep_alive = 0.0
     lost = False
+    _begun = False
     _info = False
     _in_body = False
     _body_producer: Any = None
@@ -354,6 +407,7 @@ class _Connection(Protocol):
         self.pool._busy.add(self)
         self._in_body = False
         self._info = False
+        self._begun = False
         data = ex.head
         if ex.pending:
             data += ex._take_pending()
@@ -397,6 +451,7 @@ class _Connection(Protocol):
     _head_keep_alive = False
 
     def on_message_begin(self) -> None:
+        self._begun = True
         self._reason = b""
         self._headers = []
         self._trailers = None
@@ -436,7 +491,8 @@ class _Connection(Protocol):
             if (n == 14 and name.lower() == b"content-length") or (
                     n == 17 and name.lower() == b"transfer-encoding"):
                 self._framed = True
-                break
+            elif n == 10 and name.lower() == b"keep-alive":
+                self.keep_alive = _keep_alive_timeout(value)
         if status == 101:
             self.tunnel = True
             if ex is not None:
@@ -548,10 +604,9 @@ class _Connection(Protocol):
             else:
                 ex._fail(502, "target closed the connection mid-response")
             return
-        if (self.reused and not ex.responded and not ex.retried and ex.replayable
-                and not ex.done):
-            ex.retried = True
-            self.pool._dispatch(ex, fresh=True)
+        if not ex.responded and not self._info and not self._begun:
+            ex._fail(502, "target closed the connection: " + reason.getErrorMessage(),
+                     CLOSED, self.reused)
             return
         ex._fail(502, "target closed the connection: " + reason.getErrorMessage())
 
@@ -574,9 +629,10 @@ class _ConnectFactory(ClientFactory):
         if ex.done:
             return
         if reason.check(_error.TimeoutError):
-            ex._fail(504, f"timed out connecting to {self.pool.address}")
+            ex._fail(504, f"timed out connecting to {self.pool.address}", NOT_CONNECTED)
         else:
-            ex._fail(502, f"unable to connect to {self.pool.address}: {reason.getErrorMessage()}")
+            ex._fail(502, f"unable to connect to {self.pool.address}: {reason.getErrorMessage()}",
+                     NOT_CONNECTED)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
         pass
@@ -605,7 +661,8 @@ class UpstreamPool:
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 receiver: Any, *, body_length: int = 0, timeout: float = 30.0,
-                replayable: bool | None = None, codings: bytes = b"") -> UpstreamExchange:
+                codings: bytes = b"", fresh: bool = False,
+                replay: UpstreamExchange | None = None) -> UpstreamExchange:
         """
         Start a request; see the module docstring.
         """
@@ -616,21 +673,21 @@ class UpstreamPool:
             else:
                 lines.append(b"Transfer-Encoding: chunked\r\n")
         head = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(lines) + b"\r\n"
-        if replayable is None:
-            replayable = body_length == 0 and method in REPLAYABLE_METHODS
-        ex = UpstreamExchange(self, method, head, receiver, body_length, timeout, replayable)
-        self._dispatch(ex)
+        ex = UpstreamExchange(self, method, head, receiver, body_length, timeout)
+        if replay is not None:
+            ex._take_over(replay)
+        self._dispatch(ex, fresh)
         return ex
 
     def _dispatch(self, ex: UpstreamExchange, fresh: bool = False) -> None:
         idle = self._idle
         if idle and not fresh:
-            limit = self.reactor.seconds() - self.idle_reuse_limit
+            now = self.reactor.seconds()
             while idle:
                 conn = idle.pop()
                 if conn.lost:
                     continue
-                if conn.idle_since < limit:
+                if conn.idle_until < now:
                     conn.transport.loseConnection()
                     continue
                 conn.start(ex, reused=True)
@@ -647,7 +704,16 @@ class UpstreamPool:
         if self.closed or len(self._idle) >= self.max_idle or conn.lost:
             conn.transport.loseConnection()
             return
-        conn.idle_since = self.reactor.seconds()
+        limit = self.idle_reuse_limit
+        ka = conn.keep_alive
+        if ka:
+            ka -= max(KEEP_ALIVE_MIN_MARGIN, ka * KEEP_ALIVE_MARGIN)
+            if ka <= 0:
+                conn.transport.loseConnection()
+                return
+            if ka < limit:
+                limit = ka
+        conn.idle_until = self.reactor.seconds() + limit
         self._idle.append(conn)
 
     def _lost(self, conn: _Connection) -> None:
@@ -705,5 +771,6 @@ class PoolRegistry:
             pool.close_idle()
 
 
-__all__ = ["UpstreamPool", "UpstreamExchange", "UpstreamError", "PoolRegistry"]
+__all__ = ["UpstreamPool", "UpstreamExchange", "UpstreamError", "PoolRegistry",
+           "NOT_CONNECTED", "CLOSED"]
 
