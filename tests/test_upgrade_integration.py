@@ -1,0 +1,259 @@
+"""
+End-to-end tests of the hitless upgrade: the real C{mproxy run} (and
+C{twistd -n mproxy}) upgraded with C{mproxy upgrade} and SIGUSR2, with real
+clients on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from mproxy.testing import (
+    LoadClient,
+    MproxyProcess,
+    ServerProtocol,
+    child_env,
+    listen_upstream,
+)
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class Connector:
+    """
+    Connects to a port again and again in a thread (blocking sockets), and
+    records every refused connection.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.refused = 0
+        self.connected = 0
+        self.other: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            s = socket.socket()
+            s.settimeout(30)
+            try:
+                s.connect(("127.0.0.1", self.port))
+                self.connected += 1
+            except ConnectionRefusedError:
+                self.refused += 1
+            except OSError as e:
+                self.other.append(f"{errno.errorcode.get(e.errno or 0, e)}")
+            finally:
+                s.close()
+            self._stop.wait(0.005)
+
+    def stop(self) -> Deferred[None]:
+        from twisted.internet.threads import deferToThread
+
+        self._stop.set()
+        return deferToThread(self._thread.join)
+
+
+def state_and_certificates(state_dir: str) -> dict[str, str]:
+    """
+    Digest of every file under the state directory.
+    """
+    found = {}
+    for root, _dirs, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, state_dir)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def records(proxy: MproxyProcess, msg: str) -> list[dict[str, Any]]:
+    return [r for r in proxy.records if r.get("msg") == msg]
+
+
+class UpgradeTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def start(self, *args: str) -> Any:
+        app, port = listen_upstream(reactor, "web-1")
+        self.addCleanup(port.stopListening)
+        self.app = app
+        proxy = MproxyProcess(reactor, self.mktemp(), extra_args=args)
+        yield proxy.start()
+        self.addCleanup(proxy.stop)
+        result = yield proxy.command(
+            "deploy", "app", "--target", f"127.0.0.1:{port.getHost().port}",
+            "--host", "example.com",
+        )
+        self.assertEqual(result.status, 0, result.err)
+        return proxy
+
+    @inlineCallbacks
+    def wait_for(self, proxy: MproxyProcess, msg: str, count: int) -> Any:
+        for _ in range(600):
+            if len(records(proxy, msg)) >= count:
+                return
+            yield sleep(0.05)
+        self.fail(f"no {count} {msg!r} records: {proxy.records[-5:]}")
+
+    @inlineCallbacks
+    def test_upgrade_keeps_pid_sockets_and_state(self) -> Any:
+        """
+        C{mproxy upgrade} re-executes the server in its process: the PID is
+        the same, a client connecting all along is never refused, requests
+        under load all succeed, and the state is the same afterwards.
+        """
+        proxy = yield self.start("--metrics-port", "0")
+        pid = proxy.process.pid
+        before = state_and_certificates(proxy.state_dir)
+        connector = Connector(proxy.http_port)
+        load = LoadClient(reactor, proxy.http_port, clients=5, interval=0.01)
+        load.start()
+        yield load.until(20)
+        result = yield proxy.command("upgrade")
+        self.assertEqual(result.status, 0, result.err)
+        self.assertIn(f"(pid {pid})", result.out)
+        self.assertIn("Checking the new code", result.out)
+        ok = load.report().ok
+        yield load.until(ok + 20)
+        report = yield load.stop()
+        yield connector.stop()
+        self.assertEqual(report.failures, ())
+        self.assertEqual(connector.refused, 0)
+        self.assertEqual(connector.other, [])
+        self.assertGreater(connector.connected, 0)
+        self.assertEqual(len(records(proxy, "Server started")), 2)
+        self.assertEqual(records(proxy, "Upgrade done")[0]["pid"], pid)
+        self.assertEqual(state_and_certificates(proxy.state_dir), before)
+        listed = yield proxy.command("list", "--json")
+        self.assertIn("example.com", listed.out)
+        # the same PID still serves, and still stops gracefully
+        self.assertEqual(proxy.process.pid, pid)
+        status = yield proxy.stop()
+        self.assertEqual(status, 0)
+        self.assertFalse(os.path.exists(proxy.socket), "the control socket file is removed")
+
+    @inlineCallbacks
+    def test_slow_request_completes(self) -> Any:
+        """
+        A request in flight when the upgrade starts completes (the old
+        image drains before it re-executes).
+        """
+        proxy = yield self.start()
+        from twisted.web.client import Agent, readBody
+        from twisted.web.http_headers import Headers
+
+        agent = Agent(reactor)
+        slow = agent.request(b"GET", proxy.url("/slow?ms=1500").encode(),
+                             Headers({b"Host": [b"example.com"]}))
+        yield sleep(0.3)
+        result = yield proxy.command("upgrade", "--drain-timeout", "5s")
+        self.assertEqual(result.status, 0, result.err)
+        response = yield slow
+        self.assertEqual(response.code, 200)
+        self.assertEqual((yield readBody(response)), b"web-1")
+
+    @inlineCallbacks
+    def test_sigusr2_upgrades(self) -> Any:
+        proxy = yield self.start()
+        pid = proxy.process.pid
+        proxy.send_signal(signal.SIGUSR2)
+        yield self.wait_for(proxy, "Upgrade done", 1)
+        self.assertEqual(len(records(proxy, "Server started")), 2)
+        proxy.send_signal(signal.SIGUSR2)
+        yield self.wait_for(proxy, "Upgrade done", 2)
+        self.assertEqual(proxy.process.pid, pid)
+        listed = yield proxy.command("list", "--json")
+        self.assertIn("example.com", listed.out)
+
+    @inlineCallbacks
+    def test_failing_check_leaves_the_old_server(self) -> Any:
+        """
+        New code that cannot start (here: a state file it cannot read)
+        fails the upgrade with the reason; the old server serves on.
+        """
+        proxy = yield self.start()
+        state = os.path.join(proxy.state_dir, "mproxy.state")
+        with open(state, "rb") as f:
+            good = f.read()
+        with open(state, "wb") as f:
+            f.write(b"{not json")
+        result = yield proxy.command("upgrade")
+        with open(state, "wb") as f:
+            f.write(good)
+        self.assertEqual(result.status, 1)
+        self.assertIn("Error: the new code cannot start:", result.err)
+        self.assertIn("state", result.err)
+        self.assertNotIn("Traceback", result.err)
+        self.assertEqual(len(records(proxy, "Server started")), 1)
+        load = LoadClient(reactor, proxy.http_port, clients=2)
+        load.start()
+        yield load.until(10)
+        report = yield load.stop()
+        self.assertEqual(report.failures, ())
+        # and a later upgrade works
+        result = yield proxy.command("upgrade")
+        self.assertEqual(result.status, 0, result.err)
+
+
+class TwistdUpgradeTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_twistd_upgrade_keeps_pidfile(self) -> Any:
+        """
+        C{twistd -n mproxy} upgrades in place; its pidfile names the same
+        process afterwards.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        sock = os.path.join(directory, "m.sock")
+        if len(sock) > 100:
+            import tempfile
+
+            sock = os.path.join(tempfile.mkdtemp(), "m.sock")
+        pidfile = os.path.join(directory, "twistd.pid")
+        protocol = ServerProtocol()
+        twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+        argv = [sys.executable, "-c", twistd, "-n", "--pidfile", pidfile, "mproxy",
+                "--http-port", "0", "--https-port", "0", "--bind", "127.0.0.1",
+                "--socket", sock, "--state-dir", os.path.join(directory, "state")]
+        process = reactor.spawnProcess(protocol, sys.executable, argv, env=child_env(),
+                                       path=directory)
+
+        def stop() -> Any:
+            if not protocol.ended.called and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+            return protocol.ended
+
+        self.addCleanup(stop)
+        record = yield protocol.started
+        from mproxy.testing import run_mproxy
+
+        result = yield run_mproxy(reactor, "upgrade", "--socket", sock)
+        self.assertEqual(result.status, 0, result.err + protocol.stderr.decode())
+        with open(pidfile) as f:
+            self.assertEqual(int(f.read().strip()), process.pid)
+        started = [r for r in protocol.records if r.get("msg") == "Server started"]
+        self.assertEqual(len(started), 2)
+        self.assertEqual(started[1]["http"], record["http"])
+        status = yield stop()
+        self.assertEqual(status, -signal.SIGTERM)  # twistd re-raises the stop signal
+        self.assertFalse(os.path.exists(pidfile))
