@@ -20,6 +20,13 @@ listening socket.
      client that asked for it (reconnected, since the exec closed its
      connection) is told so by L{Upgrades.outcome}.
 
+With worker processes the supervisor serves no HTTP: it drains nothing
+before the exec, and the workers' channels are handed over too, so the old
+workers serve on through it.  The new image adopts them, starts a new
+generation, and once that serves retires the old one (it drains up to the
+drain timeout); the upgrade is done when the old workers are gone
+(L{Upgrades.start_generation}).
+
 The run options of the new image are the ones the server was started with:
 the same command line and environment.
 """
@@ -31,7 +38,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -223,9 +230,11 @@ class Upgrades:
         self.flush = flush or _flush_standard_streams
         self.relaunch: Relaunch | None = None
         self.running: str | None = None
-        self._ready: Deferred[None] | None = None
-        self._waiting: list[Deferred[dict[str, Any]]] = []
+        self._waiting: list[tuple[Deferred[dict[str, Any]], Callable[[str, str], Any]]] = []
         self._done: dict[str, Any] | None = None
+        self._pending = False  # old workers are still to retire
+        self._serving = False
+        self._phase: tuple[str, str] | None = None
 
     # The image before
 
@@ -274,11 +283,13 @@ class Upgrades:
             self.logger.error("Upgrade failed", upgrade=id, error=repr(e))
             raise UpgradeError(f"cannot check the new code: {e}")
         sockets, control = self._keep_sockets()
+        channels = self._keep_channels()
         progress("drain", f"Draining the connections of the old server (up to {drain_timeout:g}s)")
         self.logger.info("Upgrade: draining", upgrade=id, timeout=drain_timeout)
         yield self.server.drain_for_upgrade(drain_timeout)
         self.server.save_state()
-        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout)
+        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
+                            tuple(channels))
         progress("exec", f"Starting the new server (pid {handover.pid})")
         # Let the progress reach the clients (written on the reactor's next
         # turns) before the exec.
@@ -291,6 +302,16 @@ class Upgrades:
         sockets = [(kind, self.keep(fd)) for kind, fd in self.server.listening_sockets()]
         control = self.server.control.fileno()
         return sockets, None if control is None else self.keep(control)
+
+    def _keep_channels(self) -> list[list[int]]:
+        """
+        The channels of the workers (which serve on through the exec), as
+        C{[pid, descriptor, generation]}.
+        """
+        pool = getattr(self.server, "pool", None)
+        if pool is None:
+            return []
+        return [[pid, self.keep(fd), generation] for pid, fd, generation in pool.channels()]
 
     def _exec(self, relaunch: Relaunch, handover: Handover) -> None:
         environ = dict(self.environ)
@@ -311,23 +332,91 @@ class Upgrades:
 
     # The image after
 
+    def start_generation(self, pool: Any) -> Deferred[Any]:
+        """
+        Start this image's first generation of workers on C{pool} (a
+        L{mproxy.workers.pool.WorkerPool}).  After an upgrade, the workers
+        of the image before are adopted first and go on serving; once the
+        new generation serves they are retired (drained for the handover's
+        drain timeout), and only then is the upgrade done.  When the new
+        generation fails to start, the old one keeps serving and the upgrade
+        fails with the reason.  Fires with the generation that serves.
+        """
+        channels = [tuple(ch) for ch in self.handover.channels] if self.handover else []
+        old = pool.adopt(channels) if channels else []
+        if old:
+            self._pending = True
+            self.logger.info("Upgrade: adopted the old workers", upgrade=self.handover.id,
+                             pids=[pid for pid, _fd, _g in channels])
+        d = pool.start_generation()
+
+        def started(generation: Any) -> Any:
+            if old:
+                self._retire(pool, old)
+            return generation
+
+        def failed(f: Failure) -> Any:
+            if not old:
+                return f
+            reason = f"the new workers did not start: {f.getErrorMessage()}"
+            self.logger.error("Upgrade failed: the old workers serve on",
+                              upgrade=self.handover.id, error=reason)
+            self._finish(UpgradeError(reason))
+            return old[-1]
+
+        return d.addCallbacks(started, failed)
+
+    def _retire(self, pool: Any, old: Sequence[Any]) -> None:
+        assert self.handover is not None
+        timeout = self.handover.drain_timeout
+        self.logger.info("Upgrade: retiring the old workers", upgrade=self.handover.id,
+                         timeout=timeout)
+        self._notify("retire", f"New workers serve; the old ones drain (up to {timeout:g}s)")
+        d = DeferredList([pool.retire(g, timeout) for g in old], consumeErrors=True)
+        d.addCallback(lambda _: self._finish(None))
+
     def serving(self) -> None:
         """
-        The server now serves; the upgrade that started it, if any, is done.
+        The server now serves; the upgrade that started it, if any, is done
+        (unless old workers are still draining).
         """
         if self.handover is None or self._done is not None:
             return
-        self._done = {"id": self.handover.id, "pid": self.getpid()}
-        self.logger.info("Upgrade done", upgrade=self.handover.id, pid=self.getpid())
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(self._done)
+        self._serving = True
+        if not self._pending:
+            self._finish(None)
 
-    def outcome(self, id: str) -> Deferred[dict[str, Any]]:
+    def _finish(self, error: UpgradeError | None) -> None:
+        if self._done is not None or self.handover is None:
+            return
+        self._pending = False
+        self._done = {"id": self.handover.id, "pid": self.getpid(), "error": error}
+        if error is None:
+            self.logger.info("Upgrade done", upgrade=self.handover.id, pid=self.getpid())
+        waiting, self._waiting = self._waiting, []
+        for d, _progress in waiting:
+            self._answer(d)
+
+    def _answer(self, d: Deferred[dict[str, Any]]) -> None:
+        assert self._done is not None
+        if self._done["error"] is not None:
+            d.errback(self._done["error"])
+        else:
+            d.callback({"id": self._done["id"], "pid": self._done["pid"]})
+
+    def _notify(self, phase: str, detail: str) -> None:
+        self._phase = (phase, detail)
+        for _d, progress in self._waiting:
+            progress(phase, detail)
+
+    def outcome(
+        self, id: str, progress: Callable[[str, str], Any] = lambda phase, detail: None
+    ) -> Deferred[dict[str, Any]]:
         """
         Fires with C{{"id", "pid"}} once upgrade C{id}, which started this
-        image, is done; fails with L{UpgradeError} when this image did not
-        come from upgrade C{id}.
+        image, is done (C{progress} is told what it waits for meanwhile);
+        fails with L{UpgradeError} when this image did not come from
+        upgrade C{id}, or the upgrade failed.
         """
         d: Deferred[dict[str, Any]] = Deferred()
         if self.handover is None or self.handover.id != id:
@@ -336,9 +425,11 @@ class Upgrades:
                 "from it (did it crash or restart instead?)"
             ))
         elif self._done is not None:
-            d.callback(self._done)
+            self._answer(d)
         else:
-            self._waiting.append(d)
+            self._waiting.append((d, progress))
+            if self._phase is not None:
+                progress(*self._phase)
         return d
 
 

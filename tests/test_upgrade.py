@@ -263,6 +263,87 @@ class OutcomeTests(SynchronousTestCase):
         self.failureResultOf(self.upgrades(None).outcome("u1"), UpgradeError)
 
 
+class FakePool:
+    def __init__(self) -> None:
+        self.adopted: list[Any] = []
+        self.started: Deferred[Any] = Deferred()
+        self.retiring: dict[Any, tuple[float, Deferred[None]]] = {}
+
+    def channels(self) -> list[tuple[int, int, int]]:
+        return [(100, 20, 1), (101, 21, 1)]
+
+    def adopt(self, channels: Any) -> list[str]:
+        self.adopted.extend(channels)
+        return ["old"]
+
+    def start_generation(self) -> Deferred[Any]:
+        return self.started
+
+    def retire(self, generation: Any, grace: float) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.retiring[generation] = (grace, d)
+        return d
+
+
+class GenerationHandoverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.pool = FakePool()
+        self.logger = ListLogger()
+        handover = Handover(42, "u1", (), None, 4.0, ([100, 20, 1], [101, 21, 1]))
+        self.upgrades = Upgrades(MemoryReactorClock(), FakeServer(), self.logger,
+                                 handover=handover, getpid=lambda: 42)
+        self.progress: list[tuple[str, str]] = []
+
+    def test_old_generation_retired_once_the_new_serves(self) -> None:
+        serving = self.upgrades.start_generation(self.pool)
+        self.assertEqual(self.pool.adopted, [(100, 20, 1), (101, 21, 1)])
+        outcome = self.upgrades.outcome("u1", lambda *a: self.progress.append(a))
+        self.assertEqual(self.pool.retiring, {}, "the old serve until the new do")
+        self.pool.started.callback("new")
+        self.assertEqual(self.successResultOf(serving), "new")
+        self.assertEqual(list(self.pool.retiring), ["old"])
+        self.assertEqual(self.pool.retiring["old"][0], 4.0)
+        self.assertEqual([p[0] for p in self.progress], ["retire"])
+        self.upgrades.serving()
+        self.assertNoResult(outcome)
+        self.pool.retiring["old"][1].callback(None)
+        self.assertEqual(self.successResultOf(outcome), {"id": "u1", "pid": 42})
+        later = self.upgrades.outcome("u1")
+        self.assertEqual(self.successResultOf(later)["pid"], 42)
+
+    def test_new_generation_fails_old_serves_on(self) -> None:
+        serving = self.upgrades.start_generation(self.pool)
+        outcome = self.upgrades.outcome("u1")
+        self.pool.started.errback(RuntimeError("worker 0 ended before serving"))
+        self.assertEqual(self.successResultOf(serving), "old")
+        self.assertEqual(self.pool.retiring, {})
+        error = self.failureResultOf(outcome, UpgradeError).value
+        self.assertIn("worker 0 ended before serving", str(error))
+
+    def test_without_handover(self) -> None:
+        upgrades = Upgrades(MemoryReactorClock(), FakeServer(), ListLogger())
+        d = upgrades.start_generation(self.pool)
+        self.assertEqual(self.pool.adopted, [])
+        self.pool.started.errback(RuntimeError("no"))
+        self.failureResultOf(d, RuntimeError)
+
+    def test_channels_kept_across_the_exec(self) -> None:
+        server = FakeServer()
+        server.pool = self.pool  # type: ignore[attr-defined]
+        execs: list[Any] = []
+        reactor = MemoryReactorClock()
+        upgrades = Upgrades(reactor, server, ListLogger(), environ={},
+                            execv=lambda *a: execs.append(a), check=lambda *a: succeed(None),
+                            keep=lambda fd: fd + 100, getpid=lambda: 42, flush=lambda: None)
+        upgrades.relaunch = Relaunch(("/py",), ("c",))
+        upgrades.upgrade("u2", 5.0)
+        server.drain.callback(None)
+        reactor.advance(0)
+        reactor.advance(0)
+        handover = Handover.from_text(execs[0][2][UPGRADE_VARIABLE])
+        self.assertEqual(handover.channels, ([100, 120, 1], [101, 121, 1]))
+
+
 class RelaunchTests(SynchronousTestCase):
     def test_run(self) -> None:
         r = relaunch_for_run(["--http-port", "8080"])

@@ -226,7 +226,7 @@ class ControlProtocol(amp.AMP):
     @c.UpgradeStatus.responder
     def upgrade_status(self, id: str) -> Any:
         self._require_hello()
-        d = self._upgrades().outcome(id)
+        d = self._upgrades().outcome(id, self._progress)
         return d.addCallback(lambda done: {"pid": done["pid"], "server": mproxy.__version__})
 
 
