@@ -257,3 +257,161 @@ class TwistdUpgradeTests(TestCase):
         status = yield stop()
         self.assertEqual(status, -signal.SIGTERM)  # twistd re-raises the stop signal
         self.assertFalse(os.path.exists(pidfile))
+
+
+def https_serial(port: int, name: str, cafile: str) -> tuple[int, int]:
+    """
+    (status, serial of the certificate served) of a GET / to C{name}.
+    """
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            serial = x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
+    return int(data.split(b" ", 2)[1]), serial
+
+
+def workers_supported() -> bool:
+    from mproxy.config import SERVER_OPTIONS
+
+    return any(option.name == "workers" for option in SERVER_OPTIONS)
+
+
+#: Upgrades in a row in the suite; MPROXY_TEST_UPGRADES=20 for the full run.
+UPGRADES = int(os.environ.get("MPROXY_TEST_UPGRADES", "2"))
+
+
+class UpgradeUnderLoadMixin:
+    """
+    Upgrades in a row under 20 keep-alive clients (that check an idle
+    connection before reuse), each with a 3 s request and a WebSocket open
+    as it starts.
+    """
+
+    server_args: tuple[str, ...] = ()
+    #: whether an open WebSocket stays (on the old workers) until the drain
+    #: timeout; without workers the server drains before the exec
+    websocket_outlives_the_switch = False
+    drain = 5.0
+
+    @inlineCallbacks
+    def test_upgrades_under_load(self) -> Any:
+        from twisted.internet.threads import deferToThread
+        from twisted.web.client import Agent, readBody
+        from twisted.web.http_headers import Headers
+
+        from mproxy.testing import listen_websocket_upstream, open_websocket
+        from mproxy.tls.testing import make_ca, make_certificate, pem_pair
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        ca = make_ca()
+        ca_path = os.path.join(work, "ca.pem")
+        chain, key = pem_pair(make_certificate(["secure.test"], issuer=ca))
+        for name, data in (("ca.pem", pem_pair(ca)[0]), ("cert.pem", chain), ("key.pem", key)):
+            with open(os.path.join(work, name), "wb") as f:
+                f.write(data)
+        app, port = listen_upstream(reactor, "web-1")
+        self.addCleanup(port.stopListening)
+        ws_app, ws_port = listen_websocket_upstream(reactor, "ws-1")
+        self.addCleanup(ws_port.stopListening)
+        proxy = MproxyProcess(reactor, os.path.join(work, "mproxy"), extra_args=self.server_args)
+        yield proxy.start()
+        self.addCleanup(proxy.stop)
+        for args in (
+            ("app", "--target", f"127.0.0.1:{port.getHost().port}", "--host", "example.com"),
+            ("ws", "--target", f"127.0.0.1:{ws_port.getHost().port}", "--host", "ws.test"),
+            ("secure", "--target", f"127.0.0.1:{port.getHost().port}", "--host", "secure.test",
+             "--tls", "--tls-certificate-path", os.path.join(work, "cert.pem"),
+             "--tls-private-key-path", os.path.join(work, "key.pem")),
+        ):
+            result = yield proxy.command("deploy", *args)
+            self.assertEqual(result.status, 0, result.err)
+        pid = proxy.process.pid
+        before = state_and_certificates(proxy.state_dir)
+        status, serial = yield deferToThread(https_serial, proxy.https_port, "secure.test",
+                                             ca_path)
+        self.assertEqual(status, 200)
+
+        load = LoadClient(reactor, proxy.http_port, clients=20)
+        load.start()
+        yield load.until(50)
+        agent = Agent(reactor)
+        for n in range(UPGRADES):
+            slow = agent.request(b"GET", proxy.url("/slow?ms=3000").encode(),
+                                 Headers({b"Host": [b"example.com"]}))
+            ws = yield open_websocket(reactor, proxy.http_port, b"/chat", b"ws.test")
+            self.assertEqual((yield ws.echo(b"before")), b"ws-1:before")
+            echoes: list[float] = []
+            stop_echoing = False
+
+            @inlineCallbacks
+            def keep_echoing(ws: Any = ws) -> Any:
+                import time
+
+                i = 0
+                while not stop_echoing and not ws.closed.called:
+                    i += 1
+                    try:
+                        answer = yield ws.echo(b"%d" % i)
+                    except ConnectionError:
+                        return
+                    self.assertEqual(answer, b"ws-1:%d" % i)
+                    echoes.append(time.monotonic())
+                    yield sleep(0.1)
+
+            echoing = keep_echoing()
+            yield sleep(0.3)
+            import time
+
+            started = time.monotonic()
+            result = yield proxy.command("upgrade", "--drain-timeout", f"{self.drain:g}s")
+            self.assertEqual(result.status, 0, f"upgrade {n}: {result.out} {result.err}")
+            self.assertIn(f"(pid {pid})", result.out)
+            response = yield slow
+            self.assertEqual(response.code, 200, f"upgrade {n}")
+            self.assertEqual((yield readBody(response)), b"web-1")
+            code = yield ws.closed
+            stop_echoing = True
+            yield echoing
+            self.assertEqual(code, 1001, f"upgrade {n}")
+            if self.websocket_outlives_the_switch:
+                done = [r for r in records(proxy, "Upgrade: retiring the old workers")]
+                self.assertTrue(done)
+                self.assertTrue(
+                    [t for t in echoes if t > started + 1.0],
+                    f"upgrade {n}: the WebSocket echoed after the new workers served",
+                )
+            report = load.report()
+            self.assertEqual(report.failures, (), f"upgrade {n}")
+            print(f"MEASURED upgrade {n}: {time.monotonic() - started:.1f}s, "
+                  f"{report.ok} requests ok so far, {len(echoes)} echoes")
+        report = yield load.stop()
+        self.assertEqual(report.failures, ())
+        self.assertEqual(proxy.process.pid, pid)
+        self.assertEqual(len(records(proxy, "Upgrade done")), UPGRADES)
+        self.assertEqual(state_and_certificates(proxy.state_dir), before)
+        after = yield deferToThread(https_serial, proxy.https_port, "secure.test", ca_path)
+        self.assertEqual(after, (200, serial))
+        print(f"MEASURED {UPGRADES} upgrades under load: {report.ok} requests, "
+              f"{len(report.failures)} failed, {report.connections} connections, "
+              f"{report.discarded} idle connections discarded before reuse")
+
+
+class SingleProcessUpgradeUnderLoadTests(UpgradeUnderLoadMixin, TestCase):
+    timeout = 60 + 40 * UPGRADES
+
+
+class WorkersUpgradeUnderLoadTests(UpgradeUnderLoadMixin, TestCase):
+    timeout = 60 + 40 * UPGRADES
+    server_args = ("--workers", "2")
+    websocket_outlives_the_switch = True
+    if not workers_supported():
+        skip = "no --workers yet"
