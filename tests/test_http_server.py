@@ -15,7 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mproxy.http.interfaces import IRequestChannel, ITunnelExchange
-from mproxy.http.server import FastHTTPChannel, FastRequest, ProxySite
+from mproxy.http.server import IDLE_CLOSE_QUIET, FastHTTPChannel, FastRequest, ProxySite
 
 
 @implementer(ITCPTransport)
@@ -613,6 +613,7 @@ class ShutdownTests(SynchronousTestCase):
         busy.dataReceived(GET)
         closed: list[bool] = []
         site.on_shutdown.append(lambda: closed.append(True))
+        reactor.advance(IDLE_CLOSE_QUIET)
         d = site.shutdown(10)
         self.assertEqual(closed, [True])
         self.assertTrue(ti.disconnecting)
@@ -624,6 +625,50 @@ class ShutdownTests(SynchronousTestCase):
         self.assertTrue(tb.disconnecting)
         busy.connectionLost()
         self.successResultOf(d)
+
+    def test_shutdown_closes_a_just_used_connection_after_a_quiet_moment(self) -> None:
+        """
+        A keep-alive connection that answered a request just now may carry
+        the client's next request already: shutdown closes it only once it
+        has been idle for a moment, and a request arriving meanwhile is
+        answered, with Connection: close.
+        """
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        conn = site.buildProtocol(None)
+        t = StringTransport()
+        conn.makeConnection(t)
+        conn.dataReceived(GET)
+        respond(r.requests[0])
+        reactor.advance(IDLE_CLOSE_QUIET / 2)
+        d = site.shutdown(10)
+        self.assertFalse(t.disconnecting)
+        conn.dataReceived(GET)
+        reactor.advance(IDLE_CLOSE_QUIET)
+        self.assertFalse(t.disconnecting, "the request in progress is answered")
+        t.clear()
+        respond(r.requests[1])
+        self.assertIn(b"Connection: close", t.value())
+        self.assertTrue(t.disconnecting)
+        conn.connectionLost()
+        self.successResultOf(d)
+
+    def test_shutdown_quiet_close(self) -> None:
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        conn = site.buildProtocol(None)
+        t = StringTransport()
+        conn.makeConnection(t)
+        conn.dataReceived(GET)
+        respond(r.requests[0])
+        reactor.advance(IDLE_CLOSE_QUIET / 4)
+        site.shutdown(10)
+        reactor.advance(IDLE_CLOSE_QUIET / 2)
+        self.assertFalse(t.disconnecting)
+        reactor.advance(IDLE_CLOSE_QUIET / 4)
+        self.assertTrue(t.disconnecting)
 
     def test_shutdown_timeout_aborts(self) -> None:
         """
