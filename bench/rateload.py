@@ -10,6 +10,7 @@ socket_errors and latency percentiles (ms), the shape proxy_cpu.py reads
 from wrk.
 
     python3 bench/rateload.py http://127.0.0.1:8080/ --rate 1000 -d 30 -c 50
+    python3 bench/rateload.py https://localhost:8443/ ...   # TLS, certificate not checked
 
 It is one Python process (asyncio): at 1,000 req/s it is far from its
 limit, and its own overhead is the same for every target, so compare
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 from urllib.parse import urlsplit
@@ -34,8 +36,9 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 class Client:
-    def __init__(self, host: str, port: int, path: str) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, path: str,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
         self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                         "User-Agent: rateload\r\n\r\n").encode()
         self.reader: asyncio.StreamReader | None = None
@@ -43,7 +46,9 @@ class Client:
 
     async def get(self) -> int:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.tls,
+                server_hostname=self.host if self.tls else None)
         assert self.reader is not None
         self.writer.write(self.request)
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -71,9 +76,17 @@ async def run(url: str, rate: float, duration: float, connections: int) -> dict:
     path = u.path or "/"
     if u.query:
         path += "?" + u.query
+    tls = None
+    if u.scheme == "https":
+        # keep-alive HTTPS like wrk's -tls rows; the bench's certificate is self-signed
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        tls.set_alpn_protocols(["http/1.1"])
     idle: asyncio.Queue[Client] = asyncio.Queue()
     for _ in range(connections):
-        idle.put_nowait(Client(u.hostname or "127.0.0.1", u.port or 80, path))
+        idle.put_nowait(Client(u.hostname or "127.0.0.1", u.port or (443 if tls else 80),
+                               path, tls))
     latencies: list[float] = []
     counts = {"non_2xx": 0, "socket_errors": 0}
     tasks: set[asyncio.Task[None]] = set()
