@@ -207,11 +207,16 @@ class MproxyService(MultiService):
             except (OSError, ValueError):
                 pass
 
+        from mproxy.logging import TwistedEvents
+
+        # workers out of file descriptors: one line per window for all of them
+        exhaustion = TwistedEvents(logger, self.reactor)
         pool = WorkerPool(
             self.reactor, logger, None, self.config.workers, grace=SHUTDOWN_GRACE, spares=1,
             on_eject=lambda address, error: self.controller.eject(address, error),
             on_ask_certificate=lambda name: self.certificates.select(name),
             write_line=write_line,
+            on_exhausted=exhaustion._exhausted,
         )
         pool.setName("workers")
         challenges.push = pool.set_challenges

@@ -10,8 +10,8 @@ inherited sockets) and L{Retire} (stop accepting, drain, exit).
 
 Worker to supervisor: L{Drained} (the load balancers a L{SetServices}
 replaced have drained), L{Eject} (a connection to a target failed),
-L{AskCertificate} (an on-demand TLS name without a certificate) and
-L{Log} (a log line, when the supervisor's log is not a file descriptor the
+L{AskCertificate} (an on-demand TLS name without a certificate),
+L{Exhausted} (out of file descriptors) and L{Log} (a log line, when the supervisor's log is not a file descriptor the
 worker can share).
 
 Values that may be large (records, certificates, metrics) are JSON split
@@ -162,6 +162,16 @@ class Eject(amp.Command):
 
 class AskCertificate(amp.Command):
     arguments = [(b"server_name", amp.Unicode())]
+    requiresAnswer = False
+
+
+class Exhausted(amp.Command):
+    """
+    The worker refused a connection for lack of file descriptors (the
+    supervisor logs it, at most once per window for all workers).
+    """
+
+    arguments = [(b"error", amp.Unicode())]
     requiresAnswer = False
 
 

@@ -114,6 +114,11 @@ class SupervisorChannel(amp.AMP):
         self.pool.on_ask_certificate(server_name)
         return {}
 
+    @c.Exhausted.responder
+    def exhausted(self, error: str) -> dict:
+        self.pool.on_exhausted(error)
+        return {}
+
     @c.Log.responder
     def log(self, line: str) -> dict:
         self.pool.write_line(line)
@@ -221,13 +226,15 @@ class WorkerPool(Service):
     @param on_ask_certificate: called with an on-demand TLS name a worker
         has no certificate for.
     @param write_line: writes a log line a worker sent.
+    @param on_exhausted: called when a worker ran out of file descriptors.
     """
 
     def __init__(self, reactor: Any, logger: Any, spawner: Any, count: int,
                  grace: float = 10.0, spares: int = 0,
                  on_eject: Callable[[str, str], None] = lambda a, e: None,
                  on_ask_certificate: Callable[[str], None] = lambda n: None,
-                 write_line: Callable[[str], None] | None = None) -> None:
+                 write_line: Callable[[str], None] | None = None,
+                 on_exhausted: Callable[[str], None] = lambda e: None) -> None:
         self.reactor = reactor
         self.logger = logger
         self.spawner = spawner
@@ -235,6 +242,7 @@ class WorkerPool(Service):
         self.grace = grace
         self.on_eject = on_eject
         self.on_ask_certificate = on_ask_certificate
+        self.on_exhausted = on_exhausted
         self.write_line = write_line or (lambda line: None)
         self.spares = spares
         #: started workers waiting to replace one that dies (so that a

@@ -329,6 +329,21 @@ class WorkerChannel(amp.AMP):
             server.retire(server.settings.grace)
 
 
+def worker_events(logger: Any, clock: Any, report: Callable[[str], None]) -> Any:
+    """
+    The worker's C{twisted.logger} observer: as the supervisor's, except
+    that running out of file descriptors is reported to the supervisor
+    (which logs it once for all workers) instead of logged here.
+    """
+    from mproxy.logging import TwistedEvents
+
+    class WorkerEvents(TwistedEvents):
+        def _exhausted(self, error: str) -> None:
+            report(error)
+
+    return WorkerEvents(logger, clock)
+
+
 class FDLines:
     """
     A stream for L{mproxy.logging.JSONLogger} that writes each line with
@@ -385,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory
 
-    from mproxy.logging import JSONLogger, TwistedEvents
+    from mproxy.logging import JSONLogger
 
     args = sys.argv[1:] if argv is None else argv
     settings = WorkerSettings.from_json(args[0])
@@ -393,9 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     logger = JSONLogger(lines, level="DEBUG" if settings.debug else "INFO")
     from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([TwistedEvents(logger, reactor)],
-                                     redirectStandardIO=False)
     channel = WorkerChannel()
+    events = worker_events(logger, reactor,
+                           lambda error: channel.callRemote(c.Exhausted, error=error))
+    globalLogBeginner.beginLoggingTo([events], redirectStandardIO=False)
     server = WorkerServer(reactor, settings, logger, channel.callRemote)
     channel.server = server
     if isinstance(lines, ChannelLines):
