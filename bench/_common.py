@@ -375,9 +375,20 @@ def _nginx_http_tmp(d: Path) -> str:
 """
 
 
+#: the upstream's larger responses: /files/<name> (see nginx_upstream_config)
+BODY_FILES = {"64k": 65536, "1m": 1048576}
+
+
 def nginx_upstream_config(d: Path, port: int, body: bytes) -> Path:
-    """A fast upstream: fixed body on /, 200 on /up, keepalive, no logging."""
+    """A fast upstream: fixed body on / (and on POST /upload, whose request
+    body nginx reads and discards), 200 on /up, /files/64k and /files/1m
+    (BODY_FILES bytes each), keepalive, no logging."""
     d.mkdir(parents=True, exist_ok=True)
+    files = d / "files"
+    files.mkdir(exist_ok=True)
+    block = bytes(range(256)) * 4096
+    for name, size in BODY_FILES.items():
+        (files / name).write_bytes(block[:size])
     text = body.decode("ascii")
     assert '"' not in text and "\\" not in text
     conf = d / "nginx.conf"
@@ -392,6 +403,8 @@ http {{
     listen {HOST}:{port} backlog=4096;
     location = /up {{ return 200 "OK\\n"; }}
     location = /__upstream_status {{ stub_status; }}
+    location /files/ {{ root {d}; default_type application/octet-stream; }}
+    location = /upload {{ client_max_body_size 64m; return 200 "{text}"; }}
     location / {{ return 200 "{text}"; }}
   }}
 }}
@@ -442,6 +455,7 @@ http {{
     '"client_addr":"$remote_addr","client_port":"$remote_port","user_agent":"$http_user_agent",'
     '"proto":"$server_protocol","scheme":"$scheme","query":"$query_string"}}';
   {logline}
+  client_max_body_size 64m;
   keepalive_requests 10000000;
   keepalive_timeout 300s;
   upstream app {{

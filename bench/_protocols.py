@@ -3,7 +3,8 @@ HTTP/2 and HTTP/3 load for proxy_cpu.py, beside wrk's HTTP/1.1.
 
 A target's URL says which load generator drives it: C{h2+https://...} is
 h2load (Debian's C{nghttp2-client}), C{h3+https://...} is bench/h3load.py
-(aioquic), anything else wrk.  L{run_load} returns the dict wrk's parser
+(aioquic), C{rate+http://...} bench/rateload.py (constant rate,
+C{args.rate} requests a second), anything else wrk.  L{run_load} returns the dict wrk's parser
 gives (requests, elapsed_s, req_per_s, non_2xx, socket_errors, latency_*).
 """
 
@@ -22,13 +23,15 @@ import _common as C
 PROTOCOL_SUFFIXES = {"-h2": "h2+", "-h3": "h3+"}
 
 H3LOAD = Path(__file__).resolve().parent / "h3load.py"
+RATELOAD = Path(__file__).resolve().parent / "rateload.py"
 
 
 def split_url(url: str) -> tuple[str, str]:
     """
-    (protocol, plain URL): protocol is "h2", "h3" or "" (HTTP/1.1, wrk).
+    (protocol, plain URL): protocol is "h2", "h3", "rate" (HTTP/1.1 at a
+    constant rate) or "" (HTTP/1.1, wrk).
     """
-    for proto in ("h2", "h3"):
+    for proto in ("h2", "h3", "rate"):
         if url.startswith(proto + "+"):
             return proto, url[len(proto) + 1:]
     return "", url
@@ -99,6 +102,16 @@ def run_load(url: str, args, duration: float, cpu: int | None, run_wrk) -> dict:
         if r.returncode != 0:
             raise C.BenchError(f"h2load failed ({r.returncode}): {r.stderr}\n{r.stdout}")
         return parse_h2load(r.stdout)
+    if proto == "rate":
+        argv = C.pin_prefix(cpu) + [
+            sys.executable, str(RATELOAD), plain, "--rate", f"{args.rate:g}",
+            "-c", str(args.connections), "-d", f"{duration:g}"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
+                           stdin=subprocess.DEVNULL)
+        try:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise C.BenchError(f"rateload failed ({r.returncode}): {r.stderr}\n{r.stdout}")
     # h3: one Python process; fewer connections, several streams each
     conns = max(1, min(args.connections, 10))
     streams = max(1, args.connections // conns)

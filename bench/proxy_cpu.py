@@ -22,10 +22,28 @@ The proxy is pinned to CPU 0; wrk and the upstream share CPU 1. The proxy's
 CPU time is utime+stime from /proc/PID/stat summed over its process tree, as
 a delta over the measured run, divided by the requests wrk completed.
 
+  mproxy-w1, mproxy-w2, caddy-multi, nginx-multi
+               every core: `mproxy run --workers 1` / `--workers 2`, caddy
+               and nginx (worker_processes auto) with their default worker
+               counts, none pinned (the load stays pinned); mproxy's CPU
+               is that of the supervisor and its workers. The other mproxy
+               rows run with one worker (MPROXY_WORKERS=1) on the pinned CPU.
+
   mproxy@LABEL, mproxy-tls@LABEL
                mproxy (plain, HTTPS) run from another source tree given
                with --mproxy-tree LABEL=DIR, to compare two versions of the
                code in one run (--rounds alternates them).
+
+Workloads (--workloads, each a set of rows; the row of a target under a
+workload other than "small" is named TARGET:WORKLOAD):
+
+  small        GET / (a --body-size response; the default)
+  get64k, get1m
+               GET of a 64 KiB / 1 MiB response (the upstream serves files)
+  post1m       POST of a 1 MiB request body (wrk script), small response
+  rate         GET / at a constant --rate (default 1,000 req/s) for
+               --rate-duration (30 s) by bench/rateload.py: latency, not
+               capacity; the ratios give each proxy's p99 minus direct's
 
 Usage: python3 bench/proxy_cpu.py [--targets direct,mproxy,nginx,caddy]
        [--duration 10] [--runs 3] [--connections 50]
@@ -54,8 +72,23 @@ import _protocols as P  # noqa: E402
 ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy",
                "mproxy-tls", "nginx-tls", "caddy-tls",
                # HTTP/2 (h2load) and HTTP/3 (bench/h3load.py) over the -tls setups
-               "mproxy-h2", "caddy-h2", "mproxy-h3", "caddy-h3"]
+               "mproxy-h2", "caddy-h2", "mproxy-h3", "caddy-h3",
+               # every core, unpinned (worker processes)
+               "mproxy-w1", "mproxy-w2", "caddy-multi", "nginx-multi"]
+#: unpinned targets: name -> (the target it runs as, extra mproxy run options)
+MULTI = {"mproxy-w1": ("mproxy", ["--workers", "1"]), "mproxy-w2": ("mproxy", ["--workers", "2"]),
+         "caddy-multi": ("caddy", []), "nginx-multi": ("nginx", [])}
 DEFAULT_TARGETS = ["direct", "mproxy", "nginx", "caddy"]
+
+#: workload -> (path under the target's URL, request body bytes, response
+#: body bytes or None for --body-size)
+WORKLOADS = {
+    "small": ("", 0, None),
+    "get64k": ("files/64k", 0, C.BODY_FILES["64k"]),
+    "get1m": ("files/1m", 0, C.BODY_FILES["1m"]),
+    "post1m": ("upload", 1048576, None),
+    "rate": ("", 0, None),
+}
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -85,9 +118,10 @@ def parse_wrk(out: str) -> dict:
 
 
 def run_wrk(url: str, args, duration: float, cpu: int | None) -> dict:
+    script = getattr(args, "wrk_script", None)
     argv = C.pin_prefix(cpu) + [
         "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration:g}s",
-        "--timeout", "5s", "--latency", url]
+        "--timeout", "5s", "--latency"] + (["-s", script] if script else []) + [url]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                        stdin=subprocess.DEVNULL)
     if r.returncode != 0:
@@ -103,7 +137,7 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     lo0 = C.listen_overflows()
     s0 = C.cpu_times()
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
-    res = P.run_load(url, args, args.duration, args.load_cpu, run_wrk)
+    res = P.run_load(url, args, args.run_duration, args.load_cpu, run_wrk)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     s1 = C.cpu_times()
     a1 = C.nginx_accepts(upstream_port)
@@ -135,6 +169,12 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
         if busy is not None:
             res["proxy_cpu_foreign"] = round(max(0.0, busy - res["proxy_cpu_util"]), 3)
         res["proxy_pids"] = len(proxy_pids)
+    body = args.body_bytes_per_req
+    if body:
+        res["body_bytes_per_req"] = body
+        res["mib_per_s"] = res["req_per_s"] * body / 1048576
+        if proxy_pid:
+            res["proxy_cpu_ns_per_kib"] = res["proxy_cpu_us_per_req"] * 1000 / (body / 1024)
     return res
 
 
@@ -167,6 +207,11 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
                   mproxy_args: list[str] | None = None):
     if name == "direct":
         return f"http://{C.HOST}:{upstream_port}/", None, {}
+    if name in MULTI:
+        base, extra_args = MULTI[name]
+        unpinned = argparse.Namespace(**{**vars(args), "proxy_cpu": -1, "multi": base})
+        return _start_target(base, procs, workdir, upstream_port, unpinned,
+                             (mproxy_args or []) + extra_args)
     name, _, label = name.partition("@")
     base, tls = (name[:-4], True) if name.endswith("-tls") else (name, False)
     cert = C.make_cert(workdir / "cert") if tls else None
@@ -176,6 +221,9 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
         (port,) = C.free_ports(1)
         conf = C.nginx_proxy_config(workdir, port, upstream_port,
                                     access_log=(base == "nginx"), tls=cert)
+        if getattr(args, "multi", None):
+            conf.write_text(conf.read_text().replace("worker_processes 1;",
+                                                     "worker_processes auto;"))
         p = procs.start(name, C.pin_prefix(args.proxy_cpu) + C.nginx_argv(conf), workdir)
         C.wait_port(port, 15, p)
         return (f"{scheme_host}:{port}/", p.pid,
@@ -190,6 +238,9 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
                 {**extra, "access_log": str(workdir / "access.log")})
     if base == "mproxy":
         cmd, env = args.mproxy_trees[label] if label else args.mproxy_argv
+        if not getattr(args, "multi", None):
+            # one worker on the pinned CPU (older trees ignore the variable)
+            env = {**env, "MPROXY_WORKERS": "1"}
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, extra_args=mproxy_args)
         opts = []
         if tls:
@@ -214,19 +265,24 @@ def tree_command(directory: str) -> tuple[list[str], dict]:
              "from mproxy.cli.main import run; sys.exit(run())"], {"PYTHONPATH": str(root)})
 
 
-def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes, args) -> dict:
-    workdir = tmp / name
+def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes, args,
+                 workload: str = "small") -> dict:
+    workdir = tmp / (name if workload == "small" else f"{name}:{workload}")
     n = 1
     while workdir.exists():  # another round of the same target
         n += 1
         workdir = tmp / f"{name}.{n}"
     workdir.mkdir()
+    if name in MULTI:  # unpinned: no proxy CPU to watch
+        args = argparse.Namespace(**{**vars(args), "proxy_cpu": -1})
     with C.Procs() as procs:
-        url, pid, extra = start_target(name, procs, workdir, upstream_port, args)
-        verify(url, body, extra.get("cafile"))
+        root, pid, extra = start_target(name, procs, workdir, upstream_port, args)
+        verify(root, body, extra.get("cafile"))
+        url = ("rate+" if workload == "rate" else "") + root + WORKLOADS[workload][0]
         C.log(f"{name}: warm-up {args.warmup:g}s on {url}")
         if args.warmup > 0:
-            P.run_load(url, args, args.warmup, args.load_cpu, run_wrk)
+            P.run_load(root + WORKLOADS[workload][0], args, args.warmup, args.load_cpu,
+                       run_wrk)
         runs = []
         for i in range(args.runs):
             quiet = True
@@ -252,8 +308,8 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
             C.log(f"{name}: run {i + 1}/{args.runs}: {r['req_per_s']:.0f} req/s{cpu}{bad}{busy}")
-        verify(url, body, extra.get("cafile"))
-        out = {"target": name, "url": url, "runs": runs}
+        verify(root, body, extra.get("cafile"))
+        out = {"target": name, "workload": workload, "url": url, "runs": runs}
         if "mproxy" in extra:
             out["mproxy_request_log_lines"] = extra["mproxy"].request_log_lines()
         if "access_log" in extra:
@@ -267,6 +323,20 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             C.log(f"{name}: WARNING: only {logged} request log lines for {total} measured "
                   "requests; the logging cost is not fully included")
     return out
+
+
+def set_workload(args, workload: str, tmp: Path) -> None:
+    """The load settings of `workload`: run length, wrk script, body bytes
+    counted per request."""
+    _, upload, download = WORKLOADS[workload]
+    args.run_duration = args.rate_duration if workload == "rate" else args.duration
+    args.wrk_script = None
+    if upload:
+        script = tmp / f"post-{upload}.lua"
+        script.write_text(f'wrk.method = "POST"\nwrk.body = string.rep("x", {upload})\n'
+                          'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+        args.wrk_script = str(script)
+    args.body_bytes_per_req = upload or download or 0
 
 
 def count_log_lines(path: Path) -> int:
@@ -286,7 +356,8 @@ def count_log_lines(path: Path) -> int:
 def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
             "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign",
-            "upstream_new_connections", "listen_overflows"]
+            "upstream_new_connections", "listen_overflows", "mib_per_s",
+            "proxy_cpu_ns_per_kib"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):
@@ -309,11 +380,12 @@ def fmt(v, spec):
 
 def report(results: dict[str, dict]) -> tuple[str, dict]:
     lines = []
-    hdr = (f"{'target':<18} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'proxy CPU':>10} "
-           f"{'core use':>8} {'upstrm CPU':>10} {'RSS MiB':>7} {'errors':>6} {'load CPU':>8}")
+    hdr = (f"{'target':<22} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'proxy CPU':>10} "
+           f"{'core use':>8} {'upstrm CPU':>10} {'RSS MiB':>7} {'errors':>6} {'load CPU':>8} "
+           f"{'MiB/s':>7} {'proxy CPU':>9}")
     lines.append(hdr)
-    lines.append(f"{'':<18} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10} "
-                 f"{'':>7} {'':>6} {'busy':>8}")
+    lines.append(f"{'':<22} {'':>9} {'':>7} {'':>7} {'us/req':>10} {'':>8} {'us/req':>10} "
+                 f"{'':>7} {'':>6} {'busy':>8} {'':>7} {'ns/KiB':>9}")
     lines.append("-" * len(hdr))
     for name, r in results.items():
         s = r["summary"]
@@ -321,12 +393,13 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         util = s.get("proxy_cpu_util")
         lb = s.get("load_cpu_busy")
         lines.append(
-            f"{name:<18} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
+            f"{name:<22} {s['req_per_s']:>9.0f} {fmt(s.get('latency_p50_ms'), '7.2f')} "
             f"{fmt(s.get('latency_p99_ms'), '7.2f')} {fmt(s.get('proxy_cpu_us_per_req'), '10.1f')} "
             f"{fmt(None if util is None else util * 100, '7.0f')}{' ' if util is None else '%'} "
             f"{fmt(s.get('upstream_cpu_us_per_req'), '10.1f')} "
             f"{fmt(None if rss is None else rss / 1024, '7.1f')} {s['errors']:>6} "
-            f"{fmt(None if lb is None else lb * 100, '7.0f')}{'%' if lb is not None else ' '}")
+            f"{fmt(None if lb is None else lb * 100, '7.0f')}{'%' if lb is not None else ' '} "
+            f"{fmt(s.get('mib_per_s'), '7.1f')} {fmt(s.get('proxy_cpu_ns_per_kib'), '9.1f')}")
     ratios = {}
 
     def ratio(a, b, key):
@@ -343,24 +416,47 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     pairs = [("mproxy", b) for b in ("direct", "nginx", "nginx-nolog", "caddy")]
-    trees = list(dict.fromkeys(n.partition("@")[2] for n in results if "@" in n))
+    suffixes = [""] + [f":{w}" for w in WORKLOADS if w != "small"]
+    trees = list(dict.fromkeys(n.partition("@")[2].partition(":")[0]
+                               for n in results if "@" in n))
     for base in ("mproxy", "mproxy-tls"):
-        pairs += [(f"{base}@{b}", f"{base}@{a}") for i, a in enumerate(trees)
-                  for b in trees[i + 1:]]
+        pairs += [(f"{base}@{b}{sfx}", f"{base}@{a}{sfx}") for sfx in suffixes
+                  for i, a in enumerate(trees) for b in trees[i + 1:]]
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
               ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy"),
               ("mproxy-h2", "caddy-h2"), ("mproxy-h3", "caddy-h3"),
-              ("mproxy-h2", "mproxy-tls"), ("mproxy-h3", "mproxy-tls")]
+              ("mproxy-h2", "mproxy-tls"), ("mproxy-h3", "mproxy-tls"),
+              ("mproxy-w2", "mproxy-w1"), ("mproxy-w2", "caddy-multi"),
+              ("mproxy-w1", "caddy-multi"), ("mproxy-w2", "nginx-multi"),
+              ("mproxy-w2", "mproxy")]
+    pairs += [(f"{p}{sfx}", f"{q}{sfx}") for sfx in suffixes[1:]
+              for p, q in [("mproxy", "direct"), ("mproxy", "caddy"), ("mproxy", "nginx"),
+                           ("caddy", "direct"), ("nginx", "direct"),
+                           ("mproxy-tls", "caddy-tls"), ("mproxy-tls", "nginx-tls")]]
     for a, b in pairs:
         if a not in results or b not in results:
             continue
         rq = ratio(a, b, "req_per_s")
         cu = ratio(a, b, "proxy_cpu_us_per_req")
         ratios[f"{a}_vs_{b}"] = {"req_per_s": rq, "proxy_cpu_us_per_req": cu}
+        if a.endswith(":rate"):
+            # a fixed rate: the figure is the latency the proxy adds
+            sa, sb = results[a]["summary"], results[b]["summary"]
+            txt = f"  {a} / {b}:"
+            for pct in ("p50", "p99"):
+                va, vb = sa.get(f"latency_{pct}_ms"), sb.get(f"latency_{pct}_ms")
+                if va is not None and vb is not None:
+                    ratios[f"{a}_vs_{b}"][f"{pct}_added_ms"] = va - vb
+                    txt += f" {pct} {va:.2f} ms vs {vb:.2f} ms ({va - vb:+.2f} ms)"
+            lines.append(txt)
+            continue
         txt = f"  {a} / {b}: req/s x{rq:.3f}" if rq else f"  {a} / {b}:"
         if cu:
             txt += f", proxy CPU per request x{cu:.2f}"
+        mb = ratio(a, b, "mib_per_s")
+        if mb:
+            txt += f", throughput x{mb:.3f}"
         lines.append(txt)
     return "\n".join(lines), ratios
 
@@ -376,6 +472,12 @@ def main(argv=None) -> int:
     ap.add_argument("--connections", "-c", type=int, default=50)
     ap.add_argument("--threads", "-t", type=int, default=1)
     ap.add_argument("--body-size", type=int, default=128, help="upstream body bytes")
+    ap.add_argument("--workloads", default="small",
+                    help=f"comma list from {','.join(WORKLOADS)}, or all (default: %(default)s)")
+    ap.add_argument("--rate", type=float, default=1000,
+                    help="requests per second of the rate workload")
+    ap.add_argument("--rate-duration", type=float, default=30,
+                    help="seconds per measured run of the rate workload")
     ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
     ap.add_argument("--load-cpu", type=int, default=1,
                     help="CPU for wrk and the upstream (-1: no pin)")
@@ -406,6 +508,12 @@ def main(argv=None) -> int:
         C.log("warning: fewer than 2 CPUs available; not pinning")
         args.proxy_cpu = args.load_cpu = -1
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if workloads == ["all"]:
+        workloads = list(WORKLOADS)
+    for w in workloads:
+        if w not in WORKLOADS:
+            ap.error(f"unknown workload {w!r}")
     if targets == ["all"]:
         targets = list(ALL_TARGETS)
     args.mproxy_trees = {}
@@ -424,7 +532,7 @@ def main(argv=None) -> int:
             if t != "all":
                 ap.error(f"unknown target {t!r}")
     skipped = {}
-    for t in ("caddy", "caddy-tls", "caddy-h2", "caddy-h3"):
+    for t in ("caddy", "caddy-tls", "caddy-h2", "caddy-h3", "caddy-multi"):
         if t in targets and not C.caddy_available():
             skipped[t] = "caddy not installed (apt-get install caddy)"
     for t in targets:
@@ -433,10 +541,10 @@ def main(argv=None) -> int:
         if P.missing_tool(t):
             skipped[t] = P.missing_tool(t)
     args.mproxy_argv = (None, {})
-    if {"mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"} & set(targets):
+    if {"mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3", "mproxy-w1", "mproxy-w2"} & set(targets):
         args.mproxy_argv = C.mproxy_command(args.mproxy_cmd)
         if args.mproxy_argv[0] is None:
-            for t in ("mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"):
+            for t in ("mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3", "mproxy-w1", "mproxy-w2"):
                 if t in targets:
                     skipped[t] = "mproxy CLI not available (pip install -e . or --mproxy-cmd)"
     for t, why in skipped.items():
@@ -459,11 +567,16 @@ def main(argv=None) -> int:
             for round_no in range(args.rounds):
                 if args.rounds > 1:
                     C.log(f"round {round_no + 1}/{args.rounds}")
-                for name in targets:
-                    if name in skipped:
+                for workload, target in [(w, t) for w in workloads for t in targets]:
+                    name = target if workload == "small" else f"{target}:{workload}"
+                    if name in skipped or target in skipped:
                         continue
+                    if workload == "rate" and P.protocol_target(target)[1]:
+                        skipped[name] = "the rate workload is HTTP/1.1 only"
+                        continue
+                    set_workload(args, workload, tmp)
                     try:
-                        out = bench_target(name, tmp, upstream, up_port, body, args)
+                        out = bench_target(target, tmp, upstream, up_port, body, args, workload)
                     except (C.BenchError, subprocess.SubprocessError, OSError) as e:
                         C.log(f"{name}: FAILED: {type(e).__name__}: {e}")
                         skipped[name] = f"failed: {str(e).splitlines()[0]}"
@@ -491,7 +604,9 @@ def main(argv=None) -> int:
     print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
           f"x{args.runs * args.rounds} "
           f"(median), body {args.body_size} B, proxy on CPU {args.proxy_cpu}, "
-          f"wrk+upstream on CPU {args.load_cpu}")
+          f"wrk+upstream on CPU {args.load_cpu}, workloads {','.join(workloads)}"
+          + (f" (rate: {args.rate:g} req/s for {args.rate_duration:g} s)"
+             if "rate" in workloads else ""))
     print(table)
     for t, why in skipped.items():
         print(f"  (skipped {t}: {why})")
@@ -501,6 +616,7 @@ def main(argv=None) -> int:
             "machine": C.machine_info(),
             "settings": {k: v for k, v in vars(args).items()
                          if k not in ("mproxy_argv", "mproxy_trees")},
+            "workloads": workloads,
             "mproxy_cmd": args.mproxy_argv[0], "skipped": skipped,
             "results": results, "ratios": ratios})
         print(f"\nJSON: {path}")

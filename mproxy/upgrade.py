@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mproxy.activation import UPGRADE_VARIABLE, Handover
@@ -50,6 +51,9 @@ CHECK_COMMAND = "upgrade-check"
 
 #: Seconds the pre-flight check may take.
 CHECK_TIMEOUT = 60.0
+
+#: Seconds the exec waits for the workers to answer what was asked of them.
+QUIET_TIMEOUT = 2.0
 
 #: How long the old server's connections may drain, by default.
 DEFAULT_DRAIN_TIMEOUT = 10.0
@@ -283,25 +287,43 @@ class Upgrades:
             self.logger.error("Upgrade failed", upgrade=id, error=repr(e))
             raise UpgradeError(f"cannot check the new code: {e}")
         sockets, control = self._keep_sockets()
-        channels = self._keep_channels()
-        progress("drain", f"Draining the connections of the old server (up to {drain_timeout:g}s)")
+        if getattr(self.server, "pool", None) is None:
+            progress("drain",
+                     f"Draining the connections of the old server (up to {drain_timeout:g}s)")
         self.logger.info("Upgrade: draining", upgrade=id, timeout=drain_timeout)
         yield self.server.drain_for_upgrade(drain_timeout)
         self.server.save_state()
-        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
-                            tuple(channels))
-        progress("exec", f"Starting the new server (pid {handover.pid})")
+        progress("exec", f"Starting the new server (pid {self.getpid()})")
         # Let the progress reach the clients (written on the reactor's next
-        # turns) before the exec.
+        # turns) before the exec, and the workers answer what was asked of
+        # them (an answer arriving after the exec would name a question the
+        # new image never asked).
+        deadline = self.reactor.seconds() + QUIET_TIMEOUT
         done: Deferred[None] = Deferred()
         self.reactor.callLater(0, self.reactor.callLater, 0, done.callback, None)
         yield done
+        while self._busy_channels() and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.01, lambda: None)
+        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
+                            tuple(self._keep_channels()))
         self._exec(relaunch, handover)
 
     def _keep_sockets(self) -> tuple[list[tuple[str, int]], int | None]:
         sockets = [(kind, self.keep(fd)) for kind, fd in self.server.listening_sockets()]
         control = self.server.control.fileno()
         return sockets, None if control is None else self.keep(control)
+
+    def _busy_channels(self) -> int:
+        """
+        How many worker channels await an answer.
+        """
+        pool = getattr(self.server, "pool", None)
+        if pool is None:
+            return 0
+        return sum(
+            1 for w in pool.workers
+            if w.channel is not None and getattr(w.channel, "_outstandingRequests", None)
+        )
 
     def _keep_channels(self) -> list[list[int]]:
         """

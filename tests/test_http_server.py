@@ -921,6 +921,9 @@ class FakeSocket:
         self.sent.append(bytes(data[:n]))
         return n
 
+    def sendmsg(self, buffers: Any) -> int:
+        return self.send(b"".join(bytes(b) for b in buffers))
+
 
 class FakeTCP:
     """
@@ -1055,12 +1058,115 @@ class BatchLimitTests(SynchronousTestCase):
         self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
         b = batch.WriteBatcher(MemoryReactorClock())
         t = FakeTCP(FakeSocket())
-        b.write(t, b"a" * 40000)
-        self.assertEqual(t.written, [])
-        b.write(t, b"b" * 40000)
-        self.assertEqual([len(w) for w in t.written], [80000])
+        for _ in range(5):
+            b.write(t, b"a" * 15000)
+        self.assertEqual([len(w) for w in t.written], [75000])
         b.write(t, b"c")
-        self.assertEqual([len(w) for w in t.written], [80000, 1])
+        self.assertEqual([len(w) for w in t.written], [75000, 1])
+        self.assertEqual(t.socket.sent, [])
+
+
+class BatchSendNowTests(SynchronousTestCase):
+    """
+    A large piece goes to the socket at once, after what was pending.
+    """
+
+    def setUp(self) -> None:
+        from mproxy.http import batch
+
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+        self.clock = MemoryReactorClock()
+        self.batcher = batch.WriteBatcher(self.clock)
+        self.big = bytes(range(256)) * 100
+
+    def test_large_sent_at_once(self) -> None:
+        """
+        A piece of SEND_NOW bytes or more is sent in the same call, not at
+        the next iteration.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.socket.sent, [self.big])
+        self.assertEqual(t.written, [])
+        self.clock.advance(0)
+        self.assertEqual(t.socket.sent, [self.big])
+
+    def test_pending_first(self) -> None:
+        """
+        Bytes pending for the transport (a response head) go first, in one
+        send with the piece; nothing is left for the next iteration.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"head")
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.socket.sent, [b"head" + self.big])
+        self.clock.advance(0)
+        self.assertEqual(t.socket.sent, [b"head" + self.big])
+        self.assertEqual(t.written, [])
+
+    def test_partial_in_pending(self) -> None:
+        """
+        A socket that takes only part of the pending bytes leaves the rest
+        of them and the whole piece to Twisted, in order.
+        """
+        t = FakeTCP(FakeSocket(take=2))
+        self.batcher.write(t, b"head")
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.socket.sent, [b"he"])
+        self.assertEqual(t.written, [b"ad" + self.big])
+
+    def test_partial_in_piece(self) -> None:
+        """
+        A socket that takes part of the piece leaves its tail to Twisted.
+        """
+        t = FakeTCP(FakeSocket(take=1000))
+        self.batcher.write(t, b"head")
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.written, [self.big[996:]])
+        t2 = FakeTCP(FakeSocket(take=1000))
+        self.batcher.write(t2, self.big)
+        self.assertEqual(t2.written, [self.big[1000:]])
+
+    def test_send_error(self) -> None:
+        """
+        A send error leaves everything to Twisted.
+        """
+        t = FakeTCP(FakeSocket(error=BlockingIOError()))
+        self.batcher.write(t, b"head")
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.written, [b"head" + self.big])
+
+    def test_busy_transport(self) -> None:
+        """
+        A transport with bytes buffered by Twisted gets the piece (after
+        anything pending) through Twisted, in order.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"head")
+        t._tempDataLen = 5
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.socket.sent, [])
+        self.assertEqual(t.written, [b"head" + self.big])
+
+    def test_aborted(self) -> None:
+        """
+        Nothing is sent to a transport aborted meanwhile.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"head")
+        t._aborting = True
+        self.batcher.write(t, self.big)
+        self.assertEqual((t.socket.sent, t.written), ([], []))
+
+    def test_other_transports(self) -> None:
+        """
+        A transport that is not plain TCP (TLS, test transports) gets a
+        large piece through its own write.
+        """
+        t = StringTransport()
+        self.batcher.write(t, self.big)
+        self.assertEqual(t.value(), self.big)
 
 
 class NoDelayTests(SynchronousTestCase):

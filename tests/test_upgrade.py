@@ -263,8 +263,19 @@ class OutcomeTests(SynchronousTestCase):
         self.failureResultOf(self.upgrades(None).outcome("u1"), UpgradeError)
 
 
+class FakeChannel:
+    def __init__(self) -> None:
+        self._outstandingRequests: dict[bytes, Any] = {}
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.channel = FakeChannel()
+
+
 class FakePool:
     def __init__(self) -> None:
+        self.workers = [FakeWorker(), FakeWorker()]
         self.adopted: list[Any] = []
         self.started: Deferred[Any] = Deferred()
         self.retiring: dict[Any, tuple[float, Deferred[None]]] = {}
@@ -342,6 +353,40 @@ class GenerationHandoverTests(SynchronousTestCase):
         reactor.advance(0)
         handover = Handover.from_text(execs[0][2][UPGRADE_VARIABLE])
         self.assertEqual(handover.channels, ([100, 120, 1], [101, 121, 1]))
+
+    def exec_with_busy_channel(self) -> tuple[MemoryReactorClock, list[Any]]:
+        server = FakeServer()
+        server.pool = self.pool  # type: ignore[attr-defined]
+        execs: list[Any] = []
+        reactor = MemoryReactorClock()
+        upgrades = Upgrades(reactor, server, ListLogger(), environ={},
+                            execv=lambda *a: execs.append(a), check=lambda *a: succeed(None),
+                            keep=lambda fd: fd, getpid=lambda: 42, flush=lambda: None)
+        upgrades.relaunch = Relaunch(("/py",), ("c",))
+        self.pool.workers[1].channel._outstandingRequests[b"1"] = Deferred()
+        upgrades.upgrade("u3", 5.0)
+        server.drain.callback(None)
+        reactor.advance(0)
+        reactor.advance(0)
+        return reactor, execs
+
+    def test_exec_waits_for_the_workers_answers(self) -> None:
+        """
+        The exec waits while a worker owes an answer: the new image would
+        get an answer to a question it never asked.
+        """
+        reactor, execs = self.exec_with_busy_channel()
+        reactor.advance(0.5)
+        self.assertEqual(execs, [])
+        self.pool.workers[1].channel._outstandingRequests.clear()
+        reactor.advance(0.01)
+        self.assertEqual(len(execs), 1)
+
+    def test_exec_waits_only_so_long(self) -> None:
+        reactor, execs = self.exec_with_busy_channel()
+        for _ in range(300):
+            reactor.advance(0.01)
+        self.assertEqual(len(execs), 1)
 
 
 class RelaunchTests(SynchronousTestCase):

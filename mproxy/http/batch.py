@@ -10,9 +10,11 @@ bookkeeping is a large part of the cost.  A L{WriteBatcher} collects what
 is written to idle TCP transports during one reactor iteration and sends it
 straight to the sockets at the start of the next one (C{callLater(0)}), so
 writes stay batched per iteration but skip the writability round trip.
-Whatever a socket does not take, and every transport that is not a plain
-TCP connection with an empty Twisted buffer, goes through
-C{transport.write} as usual.
+A large piece (a body chunk of L{SEND_NOW} bytes or more) is not copied
+into the batch: it goes to the socket at once, after what is pending for
+the transport, in one C{sendmsg}.  Whatever a socket does not take, and
+every transport that is not a plain TCP connection with an empty Twisted
+buffer, goes through C{transport.write} as usual.
 
 Rule for users: once bytes for a transport may have gone through
 L{WriteBatcher.write}, call L{WriteBatcher.flush_transport} before any
@@ -35,6 +37,18 @@ DIRECT_TYPES: set[type] = {_tcp.Server, _tcp.Client}
 #: above this many pending bytes a transport's data goes to Twisted at once,
 #: so that its buffer limits (and producer pausing) apply to large writes
 MAX_PENDING = 65536
+#: a piece this large is sent at once instead of being batched
+SEND_NOW = 16384
+
+
+def _direct(transport: Any) -> bool:
+    """
+    The transport's socket may be written to now: a plain TCP connection,
+    open, with nothing buffered by Twisted.
+    """
+    return (type(transport) in DIRECT_TYPES and transport.connected
+            and not transport.disconnecting and not transport._aborting
+            and not transport._tempDataLen and not transport.dataBuffer)
 
 
 class WriteBatcher:
@@ -48,6 +62,11 @@ class WriteBatcher:
             return
         pending = self._pending
         buf = pending.get(transport)
+        if len(data) >= SEND_NOW:
+            if buf is not None:
+                del pending[transport]
+            self._send_now(transport, buf, data)
+            return
         if buf is not None:
             buf += data
             if len(buf) > MAX_PENDING:
@@ -63,6 +82,36 @@ class WriteBatcher:
         pending[transport] = bytearray(data)
         if self._call is None:
             self._call = self.reactor.callLater(0, self.flush)
+
+    def _send_now(self, transport: Any, buf: bytearray | None, data: bytes) -> None:
+        """
+        Send C{buf} (what was pending) and C{data} to the socket now; what
+        it does not take goes to Twisted.
+        """
+        if type(transport) not in DIRECT_TYPES:
+            transport.write(bytes(buf) + data if buf else data)
+            return
+        if transport._aborting:
+            return
+        if not _direct(transport):
+            transport.write(bytes(buf) + data if buf else data)
+            return
+        try:
+            if buf:
+                n = transport.socket.sendmsg((buf, data))
+            else:
+                n = transport.socket.send(data)
+        except OSError:
+            # EAGAIN, or an error Twisted will notice itself
+            n = 0
+        if buf:
+            held = len(buf)
+            if n < held:
+                transport.write(bytes(buf[n:]) + data)
+                return
+            n -= held
+        if n < len(data):
+            transport.write(data[n:] if n else data)
 
     def flush_transport(self, transport: Any) -> None:
         """

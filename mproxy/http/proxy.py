@@ -72,7 +72,7 @@ from mproxy.http.generic import GenericExchange
 from mproxy.http.interfaces import IRefusal
 from mproxy.http.relay import Relay
 from mproxy.http.request import FastRequest
-from mproxy.http.responses import fail, send_page
+from mproxy.http.responses import internal_error, send_page
 from mproxy.http.server import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, ProxySite
 
 
@@ -141,12 +141,12 @@ def handle(call: ProxyCall) -> None:
         result = service.select(rq.method, call.target_path, cookie_lookup(h.cookies),
                                 rq.upgrade)
     except Exception:
-        _internal_error(Failure(), call)
+        internal_error(Failure(), call)
         return
     if isinstance(result, Deferred):
         call.held = result
         result.addCallback(_selected, call, h)
-        result.addErrback(_internal_error, call)
+        result.addErrback(internal_error, call)
         return
     _selected(result, call, h)
 
@@ -218,14 +218,6 @@ def _refused(call: ProxyCall, refusal: Any, was_held: bool) -> None:
     elif refusal.unavailable and call.res.metrics is not None:
         call.res.metrics.unavailable(call.service.name)  # type: ignore[union-attr]
     send_page(call, status, refusal.message)
-
-
-def _internal_error(failure: Failure, call: ProxyCall) -> None:
-    if call.done:
-        return
-    call.res.logger.error("Error while proxying", target=call.target, path=call.path,
-                          error=failure.getErrorMessage())
-    fail(call, 500)
 
 
 def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int = 80,

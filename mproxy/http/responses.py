@@ -6,6 +6,7 @@ The responses the proxy makes itself, and what happens on an error.
     send_response(call, status, headers, body)
     send_redirect(call, location)         # 301, connection closed after it
     fail(call, status, message="")        # THE error path
+    internal_error(failure, call)         # an exception of the proxy's own: 500
     abort(call)                           # give up on a started response
 
 L{fail} is the one place that decides what an error does to the client:
@@ -15,6 +16,8 @@ the upstream exchange, if any, is abandoned and the request completed.
 """
 
 from __future__ import annotations
+
+from twisted.python.failure import Failure
 
 from mproxy.http.call import ProxyCall, complete
 from mproxy.http.custompages import render_for
@@ -83,6 +86,19 @@ def fail(call: ProxyCall, status: int, message: str = "") -> None:
     if up is not None:
         up.cancel()
     send_page(call, status, message)
+
+
+def internal_error(failure: Failure, call: ProxyCall) -> None:
+    """
+    An exception in the proxy's own code while handling C{call} (an
+    errback, or caught around a step): logged, and the request ends with
+    a 500 unless it already ended.
+    """
+    if call.done:
+        return
+    call.res.logger.error("Error while proxying", target=call.target, path=call.path,
+                          error=failure.getErrorMessage())
+    fail(call, 500)
 
 
 def abort(call: ProxyCall) -> None:

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from mproxy.http import forwarding
 from mproxy.http.call import ProxyCall
 from mproxy.http.interfaces import IRefusal
-from mproxy.http.responses import fail, send_page
+from mproxy.http.responses import internal_error, send_page
 from mproxy.http.spool import SpoolSender
 from mproxy.http.upstream import CLOSED, NOT_CONNECTED
 
@@ -151,12 +151,12 @@ def after_failure(call: ProxyCall, error: Any) -> bool:
     try:
         result = service.retry(claim, tried, wait)
     except Exception:
-        _internal_error(Failure(), call)
+        internal_error(Failure(), call)
         return True
     if isinstance(result, Deferred):
         call.held = result
         result.addCallback(_resend, call, old_up if streamed else None)
-        result.addErrback(_internal_error, call)
+        result.addErrback(internal_error, call)
         return True
     _resend(result, call, old_up if streamed else None)
     return True
@@ -194,11 +194,3 @@ def _resend(result: Any, call: ProxyCall, replay: Any) -> None:
     sender = call.req_sender = SpoolSender(spool, up.write_body, up.end_body)
     up.set_body_producer(sender)
     sender.start()
-
-
-def _internal_error(failure: Failure, call: ProxyCall) -> None:
-    if call.done:
-        return
-    call.res.logger.error("Error while proxying", target=call.target, path=call.path,
-                          error=failure.getErrorMessage())
-    fail(call, 500)
