@@ -297,7 +297,7 @@ class UpgradeUnderLoadMixin:
 
     server_args: tuple[str, ...] = ()
     #: whether an open WebSocket stays (on the old workers) until the drain
-    #: timeout; without workers the server drains before the exec
+    #: timeout; a server without workers drains before the exec
     websocket_outlives_the_switch = False
     drain = 5.0
 
@@ -403,10 +403,6 @@ class UpgradeUnderLoadMixin:
         print(f"MEASURED {UPGRADES} upgrades under load: {report.ok} requests, "
               f"{len(report.failures)} failed, {report.connections} connections, "
               f"{report.discarded} idle connections discarded before reuse")
-
-
-class SingleProcessUpgradeUnderLoadTests(UpgradeUnderLoadMixin, TestCase):
-    timeout = 60 + 40 * UPGRADES
 
 
 class WorkersUpgradeUnderLoadTests(UpgradeUnderLoadMixin, TestCase):
