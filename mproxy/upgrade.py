@@ -261,6 +261,12 @@ class Upgrades:
         if self.running is not None:
             d.errback(UpgradeError(f"an upgrade is already in progress ({self.running})"))
             return d
+        if self.handover is not None and self._done is None:
+            d.errback(UpgradeError(
+                "the previous upgrade is still finishing (the old workers drain); "
+                "try again once it is done"
+            ))
+            return d
         if getattr(self.server, "stop_signals", None) is not None and \
                 self.server.stop_signals.stopping:
             d.errback(UpgradeError("the server is shutting down"))

@@ -322,6 +322,19 @@ class GenerationHandoverTests(SynchronousTestCase):
         later = self.upgrades.outcome("u1")
         self.assertEqual(self.successResultOf(later)["pid"], 42)
 
+    def test_no_upgrade_while_the_old_generation_drains(self) -> None:
+        self.upgrades.relaunch = Relaunch(("/py",), ("c",))
+        self.upgrades.start_generation(self.pool)
+        self.pool.started.callback("new")
+        refused = self.upgrades.upgrade("u2", 1.0)
+        self.assertIn("still finishing", str(self.failureResultOf(refused, UpgradeError).value))
+        self.pool.retiring["old"][1].callback(None)
+        self.upgrades.serving()
+        checks: list[Any] = []
+        self.upgrades.check = lambda *a: checks.append(a) or Deferred()
+        self.assertNoResult(self.upgrades.upgrade("u2", 1.0))
+        self.assertEqual(len(checks), 1, "now it checks the new code")
+
     def test_new_generation_fails_old_serves_on(self) -> None:
         serving = self.upgrades.start_generation(self.pool)
         outcome = self.upgrades.outcome("u1")
