@@ -55,6 +55,9 @@ CHECK_TIMEOUT = 60.0
 #: Seconds the exec waits for the workers to answer what was asked of them.
 QUIET_TIMEOUT = 2.0
 
+#: Seconds between looks for the exit of adopted workers.
+REAP_INTERVAL = 0.5
+
 #: How long the old server's connections may drain, by default.
 DEFAULT_DRAIN_TIMEOUT = 10.0
 
@@ -221,6 +224,7 @@ class Upgrades:
         keep: Callable[[int], int] = keep_across_exec,
         getpid: Callable[[], int] = os.getpid,
         flush: Callable[[], Any] | None = None,
+        waitpid: Callable[[int, int], tuple[int, int]] = os.waitpid,
     ) -> None:
         self.reactor = reactor
         self.server = server
@@ -232,6 +236,7 @@ class Upgrades:
         self.keep = keep
         self.getpid = getpid
         self.flush = flush or _flush_standard_streams
+        self.waitpid = waitpid
         self.relaunch: Relaunch | None = None
         self.running: str | None = None
         self._waiting: list[tuple[Deferred[dict[str, Any]], Callable[[str, str], Any]]] = []
@@ -339,7 +344,14 @@ class Upgrades:
         pool = getattr(self.server, "pool", None)
         if pool is None:
             return []
-        return [[pid, self.keep(fd), generation] for pid, fd, generation in pool.channels()]
+        channels = [[pid, self.keep(fd), generation] for pid, fd, generation in pool.channels()]
+        # the spare workers too (as generation 0): the new image retires
+        # them with the old ones, and reaps them
+        for spare in getattr(pool, "standby", ()):
+            transport = spare.channel.transport if spare.channel is not None else None
+            if transport is not None and spare.pid is not None and not spare.gone:
+                channels.append([spare.pid, self.keep(transport.fileno()), 0])
+        return channels
 
     def _exec(self, relaunch: Relaunch, handover: Handover) -> None:
         environ = dict(self.environ)
@@ -372,6 +384,7 @@ class Upgrades:
         """
         channels = [tuple(ch) for ch in self.handover.channels] if self.handover else []
         old = pool.adopt(channels) if channels else []
+        self._reap([int(ch[0]) for ch in channels])
         if old:
             self._pending = True
             self.logger.info("Upgrade: adopted the old workers", upgrade=self.handover.id,
@@ -393,6 +406,24 @@ class Upgrades:
             return old[-1]
 
         return d.addCallbacks(started, failed)
+
+    def _reap(self, pids: Sequence[int]) -> None:
+        """
+        Reap the adopted workers once they exit: they are children of this
+        process that Twisted did not start (and a supervisor that is PID 1
+        must not leave zombies).  Each is asked for by its PID only, so the
+        exits of Twisted's own children stay Twisted's to see.
+        """
+        left = []
+        for pid in pids:
+            try:
+                done, _status = self.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue  # reaped already (by the pool), or not our child
+            if done == 0:
+                left.append(pid)
+        if left:
+            self.reactor.callLater(REAP_INTERVAL, self._reap, left)
 
     def _retire(self, pool: Any, old: Sequence[Any]) -> None:
         assert self.handover is not None

@@ -273,9 +273,23 @@ class FakeWorker:
         self.channel = FakeChannel()
 
 
+class FakeSpare:
+    pid = 102
+    gone = False
+
+    def __init__(self) -> None:
+        class Transport:
+            def fileno(self) -> int:
+                return 22
+
+        self.channel = FakeChannel()
+        self.channel.transport = Transport()  # type: ignore[attr-defined]
+
+
 class FakePool:
     def __init__(self) -> None:
         self.workers = [FakeWorker(), FakeWorker()]
+        self.standby = [FakeSpare()]
         self.adopted: list[Any] = []
         self.started: Deferred[Any] = Deferred()
         self.retiring: dict[Any, tuple[float, Deferred[None]]] = {}
@@ -301,9 +315,36 @@ class GenerationHandoverTests(SynchronousTestCase):
         self.pool = FakePool()
         self.logger = ListLogger()
         handover = Handover(42, "u1", (), None, 4.0, ([100, 20, 1], [101, 21, 1]))
-        self.upgrades = Upgrades(MemoryReactorClock(), FakeServer(), self.logger,
-                                 handover=handover, getpid=lambda: 42)
+        self.reactor = MemoryReactorClock()
+        self.exited: set[int] = set()
+        self.reaped: list[int] = []
+        self.upgrades = Upgrades(self.reactor, FakeServer(), self.logger,
+                                 handover=handover, getpid=lambda: 42, waitpid=self.waitpid)
         self.progress: list[tuple[str, str]] = []
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        self.assertEqual(options, os.WNOHANG)
+        if pid in self.reaped:
+            raise ChildProcessError()
+        if pid in self.exited:
+            self.reaped.append(pid)
+            return pid, 0
+        return 0, 0
+
+    def test_adopted_workers_are_reaped(self) -> None:
+        """
+        The adopted workers (children Twisted did not start) are reaped
+        when they exit, each by its PID.
+        """
+        self.upgrades.start_generation(self.pool)
+        self.assertEqual(self.reaped, [])
+        self.exited.add(101)
+        self.reactor.advance(0.5)
+        self.assertEqual(self.reaped, [101])
+        self.exited.add(100)
+        self.reactor.advance(0.5)
+        self.assertEqual(self.reaped, [101, 100])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_old_generation_retired_once_the_new_serves(self) -> None:
         serving = self.upgrades.start_generation(self.pool)
@@ -365,7 +406,7 @@ class GenerationHandoverTests(SynchronousTestCase):
         reactor.advance(0)
         reactor.advance(0)
         handover = Handover.from_text(execs[0][2][UPGRADE_VARIABLE])
-        self.assertEqual(handover.channels, ([100, 120, 1], [101, 121, 1]))
+        self.assertEqual(handover.channels, ([100, 120, 1], [101, 121, 1], [102, 122, 0]))
 
     def exec_with_busy_channel(self) -> tuple[MemoryReactorClock, list[Any]]:
         server = FakeServer()

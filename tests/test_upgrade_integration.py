@@ -144,6 +144,15 @@ class UpgradeTests(TestCase):
         self.assertEqual(state_and_certificates(proxy.state_dir), before)
         listed = yield proxy.command("list", "--json")
         self.assertIn("example.com", listed.out)
+        # the old workers (and the spare) were retired, and reaped: no zombies
+        [adopted] = records(proxy, "Upgrade: adopted the old workers")
+        self.assertTrue(adopted["pids"])
+        for _ in range(40):
+            left = [p for p in adopted["pids"] if os.path.exists(f"/proc/{p}")]
+            if not left:
+                break
+            yield sleep(0.1)
+        self.assertEqual(left, [], "the old workers are gone, not zombies")
         # the same PID still serves, and still stops gracefully
         self.assertEqual(proxy.process.pid, pid)
         status = yield proxy.stop()
