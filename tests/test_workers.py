@@ -513,3 +513,69 @@ class ReplicaHealthTests(SynchronousTestCase):
         states = {t.address: t.state for t in router.services["web"].active.targets}
         self.assertEqual(states, {"web-1:3000": TargetState.HEALTHY,
                                   "web-2:3000": TargetState.UNHEALTHY})
+
+
+class WorkerLoggingTests(SynchronousTestCase):
+    def test_exhaustion_reported_not_logged(self) -> None:
+        from mproxy.workers.worker import worker_events
+
+        logger = ListLogger()
+        reported: list[str] = []
+        events = worker_events(logger, MemoryReactorClock(), reported.append)
+        events({"log_format": "EMFILE recovery: Closed socket from {address}",
+                "address": "x", "acceptError": "EMFILE"})
+        self.assertEqual(reported, ["EMFILE"])
+        self.assertEqual(logger.records, [])
+
+    def test_fd_lines_one_write_per_line(self) -> None:
+        import os
+
+        from mproxy.workers.worker import FDLines
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        FDLines(w).write('{"msg": "Request"}\n')
+        self.assertEqual(os.read(r, 100), b'{"msg": "Request"}\n')
+
+    def test_channel_lines_sent_once_connected(self) -> None:
+        from mproxy.workers import commands as c
+        from mproxy.workers.worker import ChannelLines
+
+        sent: list[Any] = []
+
+        class Channel:
+            def callRemote(self, command: Any, **kw: Any) -> None:
+                sent.append((command, kw))
+
+        lines = ChannelLines()
+        lines.write("early\n")
+        lines.connected(Channel())
+        lines.write("late\n")
+        self.assertEqual(sent, [(c.Log, {"line": "early"}), (c.Log, {"line": "late"})])
+
+
+class SocketTests(SynchronousTestCase):
+    def test_bound_and_listening_and_port_in_use(self) -> None:
+        import socket
+
+        from mproxy.listeners import StartupError
+        from mproxy.workers.sockets import SocketListener
+
+        listener = SocketListener("HTTP", 0, "127.0.0.1")
+        listener.privilegedStartService()
+        self.addCleanup(listener.stopService)
+        assert listener.port is not None
+        client = socket.create_connection(("127.0.0.1", listener.port), timeout=2)
+        client.close()
+        taken = SocketListener("HTTP", listener.port, "127.0.0.1")
+        with self.assertRaises(StartupError) as cm:
+            taken.privilegedStartService()
+        self.assertIn(f"cannot listen for HTTP on port {listener.port}", str(cm.exception))
+
+    def test_inherited_sockets_are_passed_on(self) -> None:
+        from mproxy.workers.sockets import SocketListener
+
+        listener = SocketListener("HTTPS", 443, "", inherited=[(5, 10, 8443)])
+        listener.privilegedStartService()
+        self.assertEqual((listener.port, listener.fds), (8443, [(5, 10)]))

@@ -146,7 +146,8 @@ class _WorkerProcess(ProcessProtocol):
 class ProcessSpawner:
     """
     Starts a worker process (C{python -m mproxy.workers}) with its channel
-    at descriptor 3 and the listening sockets after it.
+    and the listening sockets at descriptors above all of the supervisor's
+    (their numbers are on its command line).
 
     @param listening: C{{kind: [(fd, family), ...]}} of the supervisor's
         listening TCP sockets; C{udp}: the HTTP/3 sockets (the worker of
@@ -173,9 +174,16 @@ class ProcessSpawner:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
+            sources = [child.fileno(), devnull] + [
+                fd for pairs in self.listening.values() for fd, _ in pairs] + [
+                fd for fd, _ in self.udp]
+            # the child's numbers are above every one of ours: no mapping
+            # overwrites a descriptor another one is still to be copied from
+            n = max(3, *sources) + 1
+            channel_fd = n
             fds: dict[int, Any] = {0: devnull, 1: 1 if self.log_to_fd else devnull, 2: 2,
-                                   3: child.fileno()}
-            n = 4
+                                   channel_fd: child.fileno()}
+            n += 1
             sockets: dict[str, list[tuple[int, int]]] = {}
             for kind, pairs in self.listening.items():
                 for fd, family in pairs:
@@ -187,7 +195,8 @@ class ProcessSpawner:
                 fds[n] = fd
                 udp.append((n, family))
                 n += 1
-            settings = WorkerSettings(slot=worker.slot, channel=3, sockets=sockets, udp=udp,
+            settings = WorkerSettings(slot=worker.slot, channel=channel_fd, sockets=sockets,
+                                      udp=udp,
                                       log="fd" if self.log_to_fd else "channel",
                                       **self.settings)
             env = dict(os.environ if self.env is None else self.env)

@@ -215,6 +215,9 @@ class WorkerServer:
         factories = {"http": self.site, "https": self.https}
         for kind, sockets in self.settings.sockets.items():
             for fd, family in sockets:
+                # an inherited socket may be blocking (systemd's are not, a
+                # test's may be): accept() must never block the reactor
+                os.set_blocking(fd, False)
                 self.ports.append(self.reactor.adoptStreamPort(fd, family, factories[kind]))
                 os.close(fd)
         for fd, family in self.settings.udp:
@@ -227,6 +230,7 @@ class WorkerServer:
                                   self.certs.select, logger=self.logger,
                                   idle_timeout=self.secure.idle_timeout)
             self.http3 = listener
+            os.set_blocking(fd, False)
             listener.ports.append(self.reactor.adoptDatagramPort(fd, family, listener))
             os.close(fd)
 
