@@ -1257,3 +1257,36 @@ class DroppedUpgradeTests(SynchronousTestCase):
         h = Harness(r)
         h.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo, WebSocket\r\n\r\n")
         self.assertTrue(r.requests[0].upgrade)
+
+
+class ReadSizeTests(SynchronousTestCase):
+    def test_upload_reads_grow(self) -> None:
+        """
+        A request body arriving in reads that fill the read buffer makes
+        the connection read twice as much at a time; small reads do not.
+        """
+        got: list[int] = []
+
+        class Sink(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                def data(chunk: bytes) -> None:
+                    got.append(len(chunk))
+
+                def end() -> None:
+                    request.start_response(200, None, [(b"Content-Length", b"0")], 0)
+                    request.finish()
+
+                request.set_body_consumer(data, end, lambda code, msg: None)
+                return NOT_DONE_YET
+
+        h = Harness(Sink())
+        h.transport.bufferSize = 65536
+        h.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+        self.assertEqual(h.transport.bufferSize, 65536)
+        h.send(b"y" * 65536)
+        self.assertEqual(h.transport.bufferSize, 131072)
+        h.send(b"y" * (200000 - 65536))
+        self.assertEqual(sum(got), 200000)
+        self.assertIn(b"200", h.output())

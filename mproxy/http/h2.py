@@ -29,6 +29,16 @@ What it changes, and why:
       with REFUSED_STREAM, and the connection closes when none is left.
     - The idle timeout only applies to a connection without streams, as
       for HTTP/1.1 (a long poll or a quiet event stream is not idle).
+    - Sending is batched: data written to streams during one reactor
+      iteration is sent at the start of the next one, as many frames as
+      the windows allow (up to L{SEND_BUDGET} bytes before yielding to
+      other connections), a stream's last data frame carries END_STREAM,
+      and everything goes to the transport in one write.  Twisted sent one
+      frame per reactor iteration and an empty DATA frame to end each
+      stream.
+    - Response headers are normalized here in one pass (lowercase names,
+      no connection-specific fields, credentials never indexed) instead of
+      by hyper-h2's chain of generators; inbound validation is hyper-h2's.
 
     channel = H2Channel(site, reactor, idle_timeout=75)
     channel.makeConnection(tls_transport)   # sends SETTINGS, registers itself
@@ -47,7 +57,8 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
@@ -58,6 +69,15 @@ __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
 
 #: seconds a closing connection may take to flush before it is aborted
 ABORT_TIMEOUT = 5.0
+#: bytes of DATA one connection sends per reactor iteration before letting
+#: the others run
+SEND_BUDGET = 262144
+
+#: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
+_CONNECTION_HEADERS = frozenset(
+    [b"connection", b"upgrade", b"transfer-encoding", b"keep-alive", b"proxy-connection"])
+#: fields HPACK must never index (hyper-h2's rule: credentials)
+_SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 
 _SETTINGS = 0x4
 _ACK = 0x1
@@ -98,8 +118,10 @@ class ServerConnection(h2.connection.H2Connection):
     goaway_code: int | None = None
 
     def __init__(self) -> None:
+        # outbound headers are normalized by H2Channel.writeHeaders
         super().__init__(config=h2.config.H2Configuration(
-            client_side=False, header_encoding=None))
+            client_side=False, header_encoding=None,
+            normalize_outbound_headers=False, validate_outbound_headers=False))
         self.incoming_buffer = _FrameBuffer(server=True)
 
     def receive_data(self, data: Any) -> list[h2.events.Event]:
@@ -117,7 +139,7 @@ class ServerConnection(h2.connection.H2Connection):
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
-            return super()._receive_frame(frame)
+            return self._receive_frame_quietly(frame)
         except h2.exceptions.ProtocolError as e:
             # hyper-h2 turns every decoding failure into a plain
             # ProtocolError (an oversized header list becomes a
@@ -126,6 +148,37 @@ class ServerConnection(h2.connection.H2Connection):
                     and isinstance(e.__cause__, (HPACKError, IndexError, TypeError))):
                 raise CompressionError(str(e)) from e.__cause__
             raise
+
+    def _receive_frame_quietly(self, frame: Any) -> list[h2.events.Event]:
+        """
+        hyper-h2's C{_receive_frame} without its trace line, whose
+        argument (the frame's repr) it builds even when nothing logs.
+        """
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # closed by RST_STREAM: a stream error, answered with RST_STREAM;
+            # otherwise a connection error
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                return e._events
+            raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            # a closed (and forgotten) stream, or one closed implicitly by a
+            # newer stream: RST_STREAM if it was reset, a connection error if
+            # it had ended (STREAM_CLOSED) or was closed implicitly
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                return []
+            if self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            raise
+        self._prepare_for_sending(frames)
+        return events
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
         # hyper-h2 closes its state machine here, after which nothing may be
@@ -231,10 +284,6 @@ class H2Channel(H2Connection):
             else:
                 self._peer_going_away = True
 
-    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
-        self._closed = True
-        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
-
     def _terminate(self, reason: Failure) -> None:
         # the GOAWAY (too many resets) is queued by the caller
         self._close(reason, abort_after=True)
@@ -327,49 +376,153 @@ class H2Channel(H2Connection):
             stream.windowUpdated()
         self._wake_sender()
 
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,
+                     headers: list[tuple[bytes, bytes]], streamID: int) -> None:
+        """
+        Send a response's headers: names lowercased, values stripped,
+        connection-specific fields dropped, credentials never indexed.
+        """
+        block = [(b":status", code)]
+        for name, value in headers:
+            name = name.lower().strip()
+            if name in _CONNECTION_HEADERS:
+                continue
+            value = value.strip()
+            if name in _SECRET_HEADERS or (name == b"cookie" and len(value) < 20):
+                block.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                block.append((name, value))
+        try:
+            self.conn.send_headers(streamID, block)
+        except h2.exceptions.StreamClosedError:
+            # the client reset the stream meanwhile; write() ignores it too
+            return
+        # sent with the stream's first data (or alone, next iteration)
+        self._wake()
+
+    _send_call: Any = None
+    _waiting_for_consumer = False
+
+    def _wake(self) -> None:
+        """
+        Something is queued to send: wake the send loop (next iteration).
+        """
+        d, self._sendingDeferred = self._sendingDeferred, None
+        if d is not None:
+            d.callback(None)
+        else:
+            self._schedule_send()
+
+    def _consumer_ready(self, *args: Any) -> None:
+        self._waiting_for_consumer = False
+        self._sendPrioritisedData()
+
+    def _schedule_send(self, *args: Any) -> None:
+        """
+        Run the send loop at the start of the next reactor iteration (once,
+        however many streams got data meanwhile).
+        """
+        if self._send_call is None and self._stillProducing:
+            self._send_call = self._reactor.callLater(0, self._send_scheduled)
+
+    def _send_scheduled(self) -> None:
+        self._send_call = None
+        self._sendPrioritisedData()
+
+    def endRequest(self, streamID: int) -> None:
+        """
+        A response is complete: send what is queued now, so that its last
+        data goes out with its headers (one TLS record for a small
+        response) and ends the stream in the same frame.
+        """
+        super().endRequest(streamID)
+        call = self._send_call
+        if call is not None and self._consumerBlocked is None:
+            self._send_call = None
+            call.cancel()
+            self._sendPrioritisedData()
+
+    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
+        call, self._send_call = self._send_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._closed = True
+        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+
     def _sendPrioritisedData(self, *args: Any) -> None:
         """
-        Send the next frame of the highest-priority stream that has data
-        and send window; a stream whose window is zero or negative waits
-        (blocked) for a WINDOW_UPDATE or a larger initial window.
+        Send frames of the streams that have data and send window, highest
+        priority first, until none is left, the transport is full or
+        L{SEND_BUDGET} bytes went out (then again next iteration); the
+        frames go to the transport in one write.  A stream's last data
+        frame carries END_STREAM.  A stream whose window is zero or
+        negative waits (blocked) for a WINDOW_UPDATE or a larger initial
+        window.
         """
         if not self._stillProducing:
             return
-        stream = None
-        while stream is None:
-            try:
-                stream = next(self.priority)
-            except priority.DeadlockError:
-                assert self._sendingDeferred is None
-                self._sendingDeferred = Deferred()
-                self._sendingDeferred.addCallback(self._sendPrioritisedData)
-                return
-        if self._consumerBlocked is not None:
-            self._consumerBlocked.addCallback(self._sendPrioritisedData)
-            return
-        self.resetTimeout()
-        queue = self._outboundStreamQueues[stream]
-        frameData = queue.popleft()
-        if frameData is _END_STREAM_SENTINEL:
-            self.conn.end_stream(stream)
-            self.transport.write(self.conn.data_to_send())
-            self._requestDone(stream)
-        else:
-            window = self.conn.local_flow_control_window(stream)
-            if window <= 0:
-                queue.appendleft(frameData)
-                self.priority.block(stream)
-                self.streams[stream].flowControlBlocked()
-            else:
-                size = min(self.conn.max_outbound_frame_size, window)
+        conn = self.conn
+        priority_tree = self.priority
+        queues = self._outboundStreamQueues
+        budget = SEND_BUDGET
+        done: list[int] = []
+        try:
+            while True:
+                try:
+                    stream = next(priority_tree)
+                except priority.DeadlockError:
+                    # nothing to send: wait until a stream has data
+                    if self._sendingDeferred is None:
+                        self._sendingDeferred = Deferred()
+                        self._sendingDeferred.addCallback(self._schedule_send)
+                    return
+                if self._consumerBlocked is not None:
+                    # the transport is full: resume when it drains
+                    if not self._waiting_for_consumer:
+                        self._waiting_for_consumer = True
+                        self._consumerBlocked.addCallback(self._consumer_ready)
+                    return
+                if budget <= 0:
+                    self._schedule_send()
+                    return
+                queue = queues[stream]
+                frameData = queue.popleft()
+                if frameData is _END_STREAM_SENTINEL:
+                    conn.end_stream(stream)
+                    priority_tree.block(stream)
+                    done.append(stream)
+                    continue
+                window = conn.local_flow_control_window(stream)
+                if window <= 0:
+                    queue.appendleft(frameData)
+                    priority_tree.block(stream)
+                    self.streams[stream].flowControlBlocked()
+                    continue
+                size = min(conn.max_outbound_frame_size, window)
                 if len(frameData) > size:
+                    if not isinstance(frameData, memoryview):
+                        frameData = memoryview(frameData)
                     queue.appendleft(frameData[size:])
                     frameData = frameData[:size]
-                self.conn.send_data(stream, frameData)
-                self.transport.write(self.conn.data_to_send())
+                end = bool(queue) and queue[0] is _END_STREAM_SENTINEL
+                if end:
+                    queue.popleft()
+                conn.send_data(stream, frameData, end_stream=end)
+                budget -= len(frameData)
+                if end:
+                    priority_tree.block(stream)
+                    done.append(stream)
+                    continue
                 if not queue:
-                    self.priority.block(stream)
+                    priority_tree.block(stream)
                 if self.remainingOutboundWindow(stream) <= 0:
                     self.streams[stream].flowControlBlocked()
-        if self._stillProducing:
-            self._reactor.callLater(0, self._sendPrioritisedData)
+        finally:
+            if conn._data_to_send:
+                self.resetTimeout()
+                if not self._tryToWriteControlData():
+                    # aborted: too much buffered for a client that does not read
+                    return
+            for stream in done:
+                if stream in self.streams:
+                    self._requestDone(stream)

@@ -40,6 +40,7 @@ from mproxy.http.batch import batcher_for
 from mproxy.http.connection import ConnectionControl
 from mproxy.http.interfaces import IRequestChannel
 from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH, RequestReader
+from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
@@ -215,6 +216,8 @@ class FastHTTPChannel(ConnectionControl, Protocol):
             return
         if self._stopped or self._closing:
             return
+        if len(data) >= READ_GROW_AT:
+            grow_reads(self.transport, len(data))
         self.reader.feed(data)
         # requests are dispatched once what arrived with them is parsed, so
         # that a body received together with its headers is complete
