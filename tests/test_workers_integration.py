@@ -175,12 +175,17 @@ class WorkersTests(TestCase):
         self.assertEqual(others, [])
         self.assertGreater(load.ok, before)
         self.assertLess(replaced[0]["seconds"], 1.0)
-        # the replacement serves: a new connection to each process gets 200
-        for _ in range(10):
-            conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10)
-            conn.request("GET", "/")
-            self.assertEqual(conn.getresponse().status, 200)
-            conn.close()
+        # the replacement serves: new connections (spread over both) get 200
+        def fresh() -> list[int]:
+            statuses = []
+            for _ in range(10):
+                conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10)
+                conn.request("GET", "/")
+                statuses.append(conn.getresponse().status)
+                conn.close()
+            return statuses
+
+        self.assertEqual((yield deferToThread(fresh)), [200] * 10)
         figures(test="kill -9 of one worker", requests=load.ok + len(load.failures),
                 failed=len(load.failures), failed_elsewhere=len(others),
                 connections_of_the_dead_worker=len(held),
@@ -247,8 +252,13 @@ class WorkersTests(TestCase):
 
     @inlineCallbacks
     def test_list_and_metrics_sum_workers(self) -> Any:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            metrics_port = s.getsockname()[1]
         p = MproxyProcess(reactor, self.mktemp(),
-                          extra_args=("--workers", "2", "--metrics-port", "0"))
+                          extra_args=("--workers", "2", "--metrics-port", str(metrics_port)))
         yield p.start()
         self.addCleanup(p.stop, signal.SIGKILL)
         app, port = listen_upstream(reactor, "one")
@@ -264,7 +274,6 @@ class WorkersTests(TestCase):
                 conn.close()
 
         yield deferToThread(get_many)
-        metrics_port = [x for x in p.records if x.get("msg") == "Metrics enabled"][0]["port"]
 
         def scrape() -> str:
             conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
@@ -277,9 +286,13 @@ class WorkersTests(TestCase):
         self.assertEqual(len(line), 1, line)
         self.assertEqual(float(line[0].rsplit(" ", 1)[1]), 20.0)
         self.assertIn('mproxy_deploys_total{outcome="success",service="default"} 1.0', text)
-        slow = [deferToThread(lambda: http.client.HTTPConnection(
-            "127.0.0.1", p.http_port, timeout=10).request("GET", "/slow?ms=1500"))]
+        def slow() -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10)
+            conn.request("GET", "/slow?ms=3000")
+            return conn.getresponse().status
+
+        waiting = deferToThread(slow)
         yield sleep(0.7)
         r = yield p.command("list", "--json")
         self.assertEqual(json.loads(r.out)[0]["inflight"], 1)
-        yield slow[0]
+        self.assertEqual((yield waiting), 200)
