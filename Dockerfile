@@ -6,6 +6,7 @@
 #       -v mproxy-config:/home/mproxy/.config/mproxy mproxy
 #   docker exec proxy mproxy deploy web-1:3000     # web-1: a container on `apps`
 #   docker logs -f proxy                            # JSON log lines, one per request
+#   docker exec proxy mproxy upgrade                # replace the server in place (PID 1 stays)
 #
 # The last stage (mproxy) is the default build target. The `webapp` stage is the
 # tiny example server used by compose.yaml (`build: {target: webapp}`).
@@ -70,5 +71,8 @@ EXPOSE 80 443
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["mproxy", "list"]
 
-# SIGTERM (docker stop) shuts the server down gracefully.
+# PID 1 is mproxy itself (exec form, no shell): SIGTERM (docker stop) shuts it
+# down gracefully, draining requests for up to 10 s (give docker stop a longer
+# grace period, e.g. -t 30); SIGUSR2 (docker kill -s USR2) or
+# `docker exec proxy mproxy upgrade` upgrades it in place, keeping PID 1.
 CMD ["mproxy", "run"]

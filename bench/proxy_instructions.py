@@ -11,10 +11,12 @@ difference divided by --requests is the instructions per request, with
 start-up, deploy and shutdown cancelled out.
 
 Cases: each source tree given with --mproxy-tree LABEL=DIR (default: this
-checkout as "here"), over plain HTTP and (--tls) HTTPS.
+checkout as "here"), over plain HTTP, (--tls) HTTPS and (--h2) HTTP/2 over
+TLS (h2load -n N -c --connections -m --h2-streams).
 
 Usage: python3 bench/proxy_instructions.py --mproxy-tree before=/path/a \\
-           --mproxy-tree after=/path/b [--requests 2000] [--base 300] [--tls]
+           --mproxy-tree after=/path/b [--requests 2000] [--base 300] [--tls] [--h2]
+           [--no-plain]
 See bench/README.md.
 """
 
@@ -26,6 +28,7 @@ import re
 import shutil
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from proxy_cpu import tree_command, verify  # noqa: E402
+from proxy_cpu import single_worker, tree_command, verify  # noqa: E402
 
 
 def load(host: str, port: int, total: int, connections: int, cafile: str | None) -> int:
@@ -67,6 +70,18 @@ def load(host: str, port: int, total: int, connections: int, cafile: str | None)
     return sum(ok)
 
 
+def load_h2(host: str, port: int, total: int, connections: int, streams: int) -> int:
+    """h2load: `total` GET / over `connections` HTTP/2 connections with
+    `streams` in flight on each; returns how many got a 2xx."""
+    r = subprocess.run(["h2load", "-t1", f"-n{total}", f"-c{connections}", f"-m{streams}",
+                        f"https://{host}:{port}/"], capture_output=True, text=True,
+                       timeout=3600, stdin=subprocess.DEVNULL)
+    m = re.search(r"status codes: (\d+) 2xx", r.stdout)
+    if r.returncode != 0 or not m:
+        raise C.BenchError(f"h2load failed ({r.returncode}): {r.stderr}\n{r.stdout}")
+    return int(m.group(1))
+
+
 def total_ir(path: Path) -> int:
     for line in path.read_text(errors="replace").splitlines():
         m = re.match(r"(?:summary|totals):\s+(\d+)", line)
@@ -76,14 +91,14 @@ def total_ir(path: Path) -> int:
 
 
 def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
-            upstream_port: int, body: bytes, args) -> int:
+            upstream_port: int, body: bytes, args, h2: bool = False) -> int:
     """Total Ir of one mproxy process that served n requests (after its deploy)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=tmp))
     out = workdir / "callgrind.out"
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     with C.Procs() as procs:
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, wrapper=wrapper,
-                      start_timeout=300)
+                      start_timeout=300, extra_args=single_worker(cmd, env))
         opts = ["--health-check-interval", "1h"] if args.slow_health else []
         cafile = None
         if tls:
@@ -97,7 +112,10 @@ def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
         scheme = "https" if tls else "http"
         verify(f"{scheme}://{host}:{port}/", body, cafile)
         t0 = time.monotonic()
-        got = load(host, port, n, args.connections, cafile)
+        if h2:
+            got = load_h2(host, port, n, args.connections, args.h2_streams)
+        else:
+            got = load(host, port, n, args.connections, cafile)
         if got != n:
             raise C.BenchError(f"{label}: only {got} of {n} requests got a 200")
         C.log(f"{label}: {n} requests in {time.monotonic() - t0:.1f}s under callgrind")
@@ -114,13 +132,18 @@ def main(argv=None) -> int:
                     help="requests of the baseline run (subtracted)")
     ap.add_argument("--connections", "-c", type=int, default=8)
     ap.add_argument("--tls", action="store_true", help="also measure HTTPS")
+    ap.add_argument("--h2", action="store_true",
+                    help="also measure HTTP/2 over TLS (h2load; --connections connections)")
+    ap.add_argument("--h2-streams", type=int, default=10,
+                    help="HTTP/2 streams in flight per connection (h2load -m)")
+    ap.add_argument("--no-plain", action="store_true", help="skip plain HTTP")
     ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
     ap.add_argument("--load-cpu", type=int, default=1, help="CPU for the upstream (-1: no pin)")
     ap.add_argument("--slow-health", action="store_true",
                     help="deploy with --health-check-interval 1h (trees that accept it)")
     args = ap.parse_args(argv)
     C.install_signal_handlers()
-    for tool in ("valgrind", "nginx"):
+    for tool in ("valgrind", "nginx") + (("h2load",) if args.h2 else ()):
         if not shutil.which(tool):
             C.log(f"error: {tool} not found")
             return 1
@@ -138,25 +161,28 @@ def main(argv=None) -> int:
             upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
                                    tmp / "upstream")
             C.wait_port(up_port, 15, upstream)
-            cases = [(label, tls) for tls in ([False, True] if args.tls else [False])
-                     for label in trees]
-            for label, tls in cases:
-                name = f"{'mproxy-tls' if tls else 'mproxy'}@{label}"
+            kinds = ([] if args.no_plain else ["mproxy"]) + (["mproxy-tls"] if args.tls else [])
+            kinds += ["mproxy-h2"] if args.h2 else []
+            cases = [(label, kind) for kind in kinds for label in trees]
+            for label, kind in cases:
+                name = f"{kind}@{label}"
+                tls, h2 = kind != "mproxy", kind == "mproxy-h2"
                 cmd, env = trees[label]
-                base = one_run(name, cmd, env, tls, args.base, tmp, up_port, body, args)
+                base = one_run(name, cmd, env, tls, args.base, tmp, up_port, body, args, h2)
                 full = one_run(name, cmd, env, tls, args.base + args.requests, tmp, up_port,
-                               body, args)
+                               body, args, h2)
                 results[name] = (full - base) / args.requests
                 C.log(f"{name}: {results[name]:,.0f} instructions per request")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
     print(f"callgrind instructions per request ({args.requests} requests, "
-          f"{args.connections} keep-alive connections):")
+          f"{args.connections} keep-alive connections"
+          + (f"; HTTP/2: {args.h2_streams} streams each" if args.h2 else "") + "):")
     for name, ir in results.items():
         print(f"  {name:<22} {ir:>12,.0f}")
     labels = list(trees)
-    for base in ("mproxy", "mproxy-tls"):
+    for base in ("mproxy", "mproxy-tls", "mproxy-h2"):
         for i, a in enumerate(labels):
             for b in labels[i + 1:]:
                 x, y = results.get(f"{base}@{b}"), results.get(f"{base}@{a}")

@@ -125,6 +125,15 @@ def check_socket_free(path: str, identity: Identity = REAL) -> None:
     raise StartupError(f"another mproxy is already running on control socket {path}")
 
 
+def _bound_path(fd: int) -> str:
+    s = _socket.socket(fileno=os.dup(fd))
+    try:
+        name = s.getsockname()
+    finally:
+        s.close()
+    return name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else str(name)
+
+
 class UntrustedSocket(MproxyError):
     """
     The control socket, or the server behind it, belongs to another user.
@@ -211,21 +220,62 @@ class ControlSocketService(Service):
     runs as) it checks the path, creates the socket with mode 0600 and
     listens; stopping it waits until the port is closed, which removes the
     file.
+
+    After an upgrade the socket is already listening: C{inherited} is its
+    descriptor, handed over by the image before, and it is adopted as it is
+    (the file stays where it was, and the clients that connected during the
+    exec are answered) when it is bound to C{path}.  A descriptor bound
+    elsewhere (the path changed) is closed and C{path} listened on as usual.
     """
 
     name = "control"
 
     def __init__(
-        self, reactor: Any, path: str, factory: Any, logger: Any, identity: Identity = REAL
+        self, reactor: Any, path: str, factory: Any, logger: Any, identity: Identity = REAL,
+        inherited: int | None = None,
+        bound_path: Callable[[int], str] | None = None,
     ) -> None:
         self.reactor = reactor
         self.path = path
         self.factory = PeerCheckingFactory(factory, logger, identity)
         self.identity = identity
+        self.logger = logger
+        self.inherited = inherited
+        self._bound_path = bound_path or _bound_path
         self._port: Any = None
+
+    def fileno(self) -> int | None:
+        """
+        The listening socket's descriptor, or C{None} when not listening.
+        """
+        return None if self._port is None else self._port.fileno()
+
+    def _adopt(self) -> bool:
+        fd, self.inherited = self.inherited, None
+        if fd is None:
+            return False
+        try:
+            same = os.path.abspath(self._bound_path(fd)) == os.path.abspath(self.path)
+        except OSError:
+            same = False
+        if not same:
+            self.logger.info("Handed-over control socket is for another path: not used",
+                             socket=self.path)
+            os.close(fd)
+            return False
+        try:
+            self._port = self.reactor.adoptStreamPort(fd, _socket.AF_UNIX, self.factory)
+        finally:
+            os.close(fd)  # the port listens on its own duplicate
+        # adopting makes the file world-writable: the peer check still
+        # applies, but keep it private as a bound one is
+        os.chmod(self.path, 0o600)
+        return True
 
     def startService(self) -> None:
         super().startService()
+        if self._adopt():
+            return
         check_socket_free(self.path, self.identity)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         outcome: list[Any] = []

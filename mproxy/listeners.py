@@ -159,6 +159,22 @@ class Listener(Service):
         if self.port is None:
             raise listen_failure(self.what, self.requested_port, errors[-1])
 
+    def filenos(self) -> list[int]:
+        """
+        The descriptors of the listening sockets.
+        """
+        return [p.fileno() for p in self._ports]
+
+    def stop_accepting(self) -> None:
+        """
+        Accept no more connections, leaving the sockets listening: new
+        connections wait in their queues (for another process holding the
+        sockets).  Closing a port instead would shut down a socket it bound,
+        for every process holding it.
+        """
+        for p in self._ports:
+            p.stopReading()
+
     def abandon(self) -> None:
         """
         Close the ports without waiting (start-up failed elsewhere).

@@ -6,15 +6,20 @@ C{Error: ...} when it cannot start.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from mproxy.config import SERVER_OPTIONS, resolve_config
 from mproxy.errors import MproxyError
 from mproxy.logging import TwistedEvents
 
 
-def run_server(ns: Any, streams: Any) -> int:
+def run_server(ns: Any, streams: Any, run_args: Sequence[str] = ()) -> int:
+    """
+    Run the server; C{run_args} are the flags it was given (for the
+    upgrade's check of the new code).
+    """
     from mproxy.cli.streams import fail
+    from mproxy.upgrade import relaunch_for_run
 
     explicit = {spec.attr: getattr(ns, spec.attr, None) for spec in SERVER_OPTIONS}
     try:
@@ -30,6 +35,7 @@ def run_server(ns: Any, streams: Any) -> int:
         service = build_service(reactor, config)
     except MproxyError as e:
         return fail(streams, str(e))
+    service.upgrades.relaunch = relaunch_for_run(run_args)
     forward_twisted_events(service.logger, reactor)
     # The same two steps as twistd, before the reactor runs: nothing is
     # accepted until the state is restored, and a failure exits at once.

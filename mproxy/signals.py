@@ -80,3 +80,40 @@ def _is_method(handler: Any, reactor: Any, method: str) -> bool:
         and getattr(handler, "__func__", None) is function
         and getattr(handler, "__self__", None) is reactor
     )
+
+
+def install_upgrade_signal(
+    reactor: Any,
+    upgrades: Any,
+    logger: Any,
+    install: Callable[[int, Any], Any] = _signal.signal,
+) -> Callable[[], None] | None:
+    """
+    SIGUSR2 upgrades the server, as C{mproxy upgrade} does (with the
+    default drain timeout), for C{systemctl reload} and C{docker kill -s
+    USR2}; its progress and outcome are logged.  Returns a function that
+    puts the previous handler back, or C{None} where there is no SIGUSR2.
+    """
+    number = getattr(_signal, "SIGUSR2", None)
+    if number is None:
+        return None
+
+    def start() -> None:
+        import uuid
+
+        from mproxy.upgrade import DEFAULT_DRAIN_TIMEOUT
+
+        d = upgrades.upgrade(f"signal-{uuid.uuid4().hex[:12]}", DEFAULT_DRAIN_TIMEOUT)
+        # a failure is logged by the upgrade itself
+        d.addErrback(lambda f: logger.warn("Upgrade on SIGUSR2 refused",
+                                           error=f.getErrorMessage()))
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(start)
+
+    previous = install(number, handler)
+
+    def uninstall() -> None:
+        install(number, previous if previous is not None else _signal.SIG_DFL)
+
+    return uninstall

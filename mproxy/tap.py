@@ -19,6 +19,7 @@ from mproxy.errors import MproxyError
 from mproxy.listeners import StartupError
 from mproxy.logging import JSONLogger, TwistedEvents
 from mproxy.tree import MproxyService, build_service
+from mproxy.upgrade import relaunch_for_twistd
 
 __all__ = ["Options", "makeService", "twistd_log_stream", "MproxyService", "build_service"]
 
@@ -76,6 +77,7 @@ def makeService(options: Options) -> MproxyService:
     logger = JSONLogger(stream, level="DEBUG" if options.config.debug else "INFO")
     service = build_service(reactor, options.config, logger)
     service.log_observer = TwistedEvents(logger, reactor)
+    service.upgrades.relaunch = relaunch_for_twistd(twistd_options)
     return service
 
 

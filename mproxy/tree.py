@@ -23,7 +23,12 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
-from mproxy.activation import InheritedSockets, inherited_sockets, startup_environment
+from mproxy.activation import (
+    InheritedSockets,
+    inherited_sockets,
+    startup_environment,
+    upgrade_sockets,
+)
 from mproxy.config import ServerConfig
 from mproxy.control.server import ControlFactory
 from mproxy.controller import Controller
@@ -34,8 +39,9 @@ from mproxy.health import http_probe
 from mproxy.listeners import Listener, StartupError, adopted_endpoints, bind_endpoints
 from mproxy.logging import JSONLogger
 from mproxy.router import Router
-from mproxy.signals import install_stop_signals
-from mproxy.state import STATE_FILENAME, StateStore
+from mproxy.signals import install_stop_signals, install_upgrade_signal
+from mproxy.state import STATE_FILENAME, ServiceRecord, StateStore
+from mproxy.upgrade import Upgrades
 
 #: How long a stop lets in-flight requests finish.
 SHUTDOWN_GRACE = 10.0
@@ -125,6 +131,10 @@ class MproxyService(MultiService):
         )
         if self.metrics is not None:
             self.metrics.watch_targets(self.controller.target_health)
+        self.upgrades = Upgrades(
+            reactor, self, logger, handover=inherited.handover if inherited else None
+        )
+        self.http3: Any = None
         if config.workers:
             self.sites = []
             self.listeners = self._build_socket_listeners()
@@ -136,10 +146,12 @@ class MproxyService(MultiService):
         if self.pool is not None:
             self.pool.setServiceParent(self)
         self.control = ControlSocketService(
-            reactor, config.socket, ControlFactory(self.controller, logger), logger
+            reactor, config.socket, ControlFactory(self.controller, logger, self.upgrades),
+            logger, inherited=inherited.control if inherited else None,
         )
         self.control.setServiceParent(self)
         self._unhook_sighup: Any = None
+        self._unhook_sigusr2: Any = None
         self.stop_signals: Any = None
         self._prepared = False
         self.ready: Deferred[None] = Deferred()
@@ -179,9 +191,12 @@ class MproxyService(MultiService):
             from mproxy.http.h3 import HTTP3Service
 
             https = listeners[1]
-            listeners.append(HTTP3Service(
+            inherited = self.inherited.get("http3") if self.inherited is not None else ()
+            self.http3 = HTTP3Service(
                 self.reactor, secure, self.certificates.select, self.logger, bind=cfg.bind,
-                https_port=lambda: https.port, grace=SHUTDOWN_GRACE))
+                https_port=lambda: https.port, grace=SHUTDOWN_GRACE,
+                inherited=[(s.fd, s.family) for s in inherited])
+            listeners.append(self.http3)
         if self.metrics is not None:
             listeners.append(
                 Listener("metrics", metrics_site(self.metrics), cfg.metrics_port,
@@ -241,7 +256,8 @@ class MproxyService(MultiService):
             import socket
 
             listeners.append(SocketListener("HTTP/3 (UDP)", lambda: https.port, cfg.bind,
-                                            kind=socket.SOCK_DGRAM, name="http3"))
+                                            inherited("http3"), kind=socket.SOCK_DGRAM,
+                                            name="http3"))
         if self.metrics is not None:
             from mproxy.workers.metrics import PooledMetricsResource
 
@@ -291,6 +307,56 @@ class MproxyService(MultiService):
         if inherited:
             return adopted_endpoints(self.reactor, [(s.fd, s.family) for s in inherited])
         return bind_endpoints(self.reactor, self.config.bind)
+
+    def listening_sockets(self) -> list[tuple[str, int]]:
+        """
+        (kind, descriptor) of every listening socket: C{http}, C{https},
+        C{metrics}, and C{http3} (UDP).
+        """
+        if self.pool is not None:
+            # the supervisor's own sockets (the workers hold duplicates)
+            return [(str(listener.name), fd) for listener in self.listeners
+                    for fd in (listener.filenos() if isinstance(listener, Listener)
+                               else [fd for fd, _ in listener.fds])]
+        sockets = [
+            (str(listener.name), fd)
+            for listener in self.listeners if isinstance(listener, Listener)
+            for fd in listener.filenos()
+        ]
+        if self.http3 is not None:
+            sockets += [("http3", port.fileno()) for port in self.http3.listener.ports]
+        return sockets
+
+    def drain_for_upgrade(self, timeout: float) -> Deferred[Any]:
+        """
+        Before re-executing for an upgrade: accept nothing more (the sockets
+        stay open and listening, for the new image), and drain the
+        connections as a stop does, up to C{timeout} seconds.
+        """
+        from twisted.internet.defer import DeferredList
+
+        for listener in self.listeners:
+            if isinstance(listener, Listener):
+                listener.stop_accepting()
+        drains = [site.shutdown(timeout) for site in self.sites]
+        if self.pool is not None:
+            # the workers stop accepting and drain; the sockets stay listening here
+            self.certificate_watch.stop()
+            drains += [self.pool.retire(g, timeout) for g in list(self.pool.generations)]
+            drains += [self.pool.stop_standby()]
+        if self.http3 is not None:
+            drains.append(self.http3.listener.shutdown(timeout))
+        self.controller.shutdown()
+        return DeferredList(drains, consumeErrors=True)
+
+    def save_state(self) -> None:
+        """
+        Write the state file as the services are now.
+        """
+        records = sorted(
+            (ServiceRecord.of(s) for s in self.router.services.values()), key=lambda r: r.name
+        )
+        self.store.save(records)
 
     @property
     def bound(self) -> dict[str, int]:
@@ -365,6 +431,9 @@ class MproxyService(MultiService):
             return
         try:
             self.stop_signals = install_stop_signals(self.reactor, self.logger)
+            if self.stop_signals is not None:  # a reactor with signal handlers
+                self._unhook_sigusr2 = install_upgrade_signal(
+                    self.reactor, self.upgrades, self.logger)
         except ValueError:  # not the main thread: the reactor has no handlers either
             self.stop_signals = None
         if self.inherited is not None:
@@ -384,6 +453,7 @@ class MproxyService(MultiService):
         if self.metrics is not None:
             self.logger.info("Metrics enabled", port=bound.get("metrics"))
         self.ready.callback(None)
+        self.upgrades.serving()
 
     def _workers_failed(self, failure: Any) -> None:
         """
@@ -433,6 +503,9 @@ class MproxyService(MultiService):
         if self._unhook_sighup is not None:
             self._unhook_sighup()
             self._unhook_sighup = None
+        if self._unhook_sigusr2 is not None:
+            self._unhook_sigusr2()
+            self._unhook_sigusr2 = None
         d: Deferred[Any] = maybeDeferred(MultiService.stopService, self)
 
         def finish(_: object) -> None:
@@ -482,10 +555,12 @@ def build_service(
     """
     The service tree for C{config}; it serves the listening sockets this
     process was started with, when C{environ} (by default the process's
-    environment as it started, L{startup_environment}) says there are some.
+    environment as it started, L{startup_environment}) says there are some:
+    handed over by the image before an upgrade, or by systemd.
 
     @raise StartupError: the inherited sockets cannot be used.
     """
     logger = logger or JSONLogger(level="DEBUG" if config.debug else "INFO")
-    inherited = inherited_sockets(startup_environment() if environ is None else environ)
+    environ = startup_environment() if environ is None else environ
+    inherited = upgrade_sockets(environ) or inherited_sockets(environ)
     return MproxyService(reactor, config, logger, inherited)

@@ -497,3 +497,309 @@ class IdleTimeoutTests(SynchronousTestCase):
         h.pump()
         h.reactor.advance(IDLE)
         self.assertTrue(h.closed)
+
+
+class WritingTransport(StringTransport):
+    """
+    Counts the writes the channel makes.
+    """
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class SendBatchingTests(SynchronousTestCase):
+    """
+    What the streams write during one reactor iteration goes out together:
+    as many frames as the windows allow, the last data frame ending the
+    stream, in one write to the transport.
+    """
+
+    def harness(self, app: App) -> Harness:
+        h = Harness(app)
+        h.transport = WritingTransport()
+        h.channel.transport = h.transport
+        return h
+
+    def test_small_response_in_one_write(self) -> None:
+        """
+        Headers and body of a response finished at once go to the transport
+        in one write, and the body's only DATA frame carries END_STREAM (no
+        empty DATA frame after it).
+        """
+        app = App()
+        h = self.harness(app)
+        h.get(path=b"/wait")
+        [req] = app.waiting
+        h.transport.writes = 0
+        req.write(b"hello")
+        req.finish()
+        h.pump()
+        fs = [f for f in h.frames() if f.stream_id == 1]
+        self.assertEqual([type(f) for f in fs], [HeadersFrame, DataFrame])
+        self.assertEqual(fs[1].data, b"hello")
+        self.assertIn("END_STREAM", fs[1].flags)
+        self.assertEqual(h.transport.writes, 1)
+
+    def test_many_frames_in_one_iteration(self) -> None:
+        """
+        A body of several frames (within the window) is sent in one reactor
+        iteration and one write, not one frame per iteration.
+        """
+        app = App()
+        h = self.harness(app)
+        h.get(path=b"/wait")
+        [req] = app.waiting
+        h.frames()
+        req.write(b"a" * 40000)
+        h.transport.writes = 0
+        h.reactor.advance(0)
+        fs = [f for f in h.frames() if isinstance(f, DataFrame)]
+        self.assertEqual(len(fs), 3)
+        self.assertEqual(sum(len(f.data) for f in fs), 40000)
+        self.assertEqual(h.transport.writes, 1)
+        req.finish()
+        h.pump()
+        [last] = [f for f in h.frames() if isinstance(f, DataFrame)]
+        self.assertIn("END_STREAM", last.flags)
+
+    def test_streams_written_together_share_one_write(self) -> None:
+        """
+        Data written to several streams in one iteration goes out in one
+        write at the start of the next.
+        """
+        app = App()
+        h = self.harness(app)
+        for sid in (1, 3, 5):
+            h.get(sid, path=b"/wait")
+        h.frames()
+        for req in app.waiting:
+            req.write(b"part")
+        h.transport.writes = 0
+        h.reactor.advance(0)
+        fs = [f for f in h.frames() if isinstance(f, DataFrame)]
+        self.assertEqual(sorted(f.stream_id for f in fs), [1, 3, 5])
+        self.assertEqual(h.transport.writes, 1)
+
+    def test_send_budget_yields_to_other_connections(self) -> None:
+        """
+        Past SEND_BUDGET bytes the loop stops and the rest goes out in a
+        later run (scheduled with a zero delay, after the other
+        connections' calls), in a write of its own.
+        """
+        from mproxy.http import h2 as h2mod
+
+        self.patch(h2mod, "SEND_BUDGET", 20000)
+        app = App()
+        h = self.harness(app)
+        h.get(path=b"/wait")
+        [req] = app.waiting
+        h.frames()
+        req.write(b"a" * 60000)
+        h.transport.writes = 0
+        h.pump()
+        self.assertEqual(len(data_of(h.frames())), 60000)
+        # 16384 + 16384 bytes (over the budget), then 16384 + 10848
+        self.assertEqual(h.transport.writes, 2)
+
+
+class ResponseHeaderTests(SynchronousTestCase):
+    def test_response_headers_normalized(self) -> None:
+        """
+        Response header names are sent lowercase, connection-specific
+        fields are dropped, values are stripped, and credentials are sent
+        never-indexed.
+        """
+        from hpack import Decoder, NeverIndexedHeaderTuple
+
+        class Headers(App):
+            def render(self, request: Any) -> Any:
+                request.responseHeaders.setRawHeaders(b"X-Thing", [b" v "])
+                request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+                request.responseHeaders.setRawHeaders(b"Keep-Alive", [b"timeout=5"])
+                request.responseHeaders.setRawHeaders(b"Transfer-Encoding", [b"chunked"])
+                request.responseHeaders.setRawHeaders(b"Authorization", [b"secret"])
+                return b"ok"
+
+        h = Harness(Headers())
+        h.get()
+        [hf] = [f for f in h.frames() if isinstance(f, HeadersFrame)]
+        headers = Decoder().decode(hf.data, raw=True)
+        names = [n for n, _ in headers]
+        self.assertEqual(names[0], b":status")
+        self.assertIn((b"x-thing", b"v"), headers)
+        for n in names:
+            self.assertEqual(n, n.lower())
+        for gone in (b"connection", b"keep-alive", b"transfer-encoding"):
+            self.assertNotIn(gone, names)
+        [auth] = [x for x in headers if x[0] == b"authorization"]
+        self.assertIsInstance(auth, NeverIndexedHeaderTuple)
+
+
+class ReceiveTests(SynchronousTestCase):
+    def test_frames_not_formatted_on_receipt(self) -> None:
+        """
+        Received frames are not formatted for a log nobody reads (hyper-h2
+        builds each frame's repr for its trace line).
+        """
+        def no_repr(self: Any) -> str:
+            raise AssertionError("a frame was formatted")
+
+        self.patch(Frame, "__repr__", no_repr)
+        h = Harness()
+        h.get()
+        self.assertEqual(data_of(h.frames()), b"0123456789")
+
+
+class RequestHeaderCheckTests(SynchronousTestCase):
+    """
+    L{request_headers} accepts, normalizes and refuses exactly what
+    hyper-h2's own inbound pipeline does.
+    """
+
+    BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+            (b":authority", b"a.test")]
+
+    CASES = {
+        "plain": BASE,
+        "regular fields": BASE + [(b"user-agent", b"x/1"), (b"accept", b"*/*"), (b"x", b"")],
+        "cookies joined last": [BASE[0], (b"cookie", b"a=1")] + BASE[1:]
+        + [(b"x", b"y"), (b"cookie", b"b=2")],
+        "cookie with spaces inside": BASE + [(b"cookie", b"a=1 "), (b"cookie", b" b=2")],
+        "cookie with space at the end": BASE + [(b"cookie", b"a=1 ")],
+        "host only": BASE[:3] + [(b"host", b"a.test")],
+        "host equal": BASE + [(b"host", b"a.test")],
+        "host differs": BASE + [(b"host", b"b.test")],
+        "two hosts": BASE[:3] + [(b"host", b"a"), (b"host", b"a")],
+        "no authority": BASE[:3],
+        "uppercase name": BASE + [(b"X-Thing", b"1")],
+        "space in name": BASE + [(b"x thing", b"1")],
+        "non-ascii name": BASE + [(b"x\xe9", b"1")],
+        "colon in name": BASE + [(b"x:y", b"1")],
+        "empty name": BASE + [(b"", b"1")],
+        "nul in value": BASE + [(b"x", b"a\x00b")],
+        "lf in value": BASE + [(b"x", b"a\nb")],
+        "cr in value": BASE + [(b"x", b"a\rb")],
+        "leading space": BASE + [(b"x", b" a")],
+        "trailing tab": BASE + [(b"x", b"a\t")],
+        "connection": BASE + [(b"connection", b"close")],
+        "keep-alive": BASE + [(b"keep-alive", b"5")],
+        "transfer-encoding": BASE + [(b"transfer-encoding", b"chunked")],
+        "te trailers": BASE + [(b"te", b"trailers")],
+        "te gzip": BASE + [(b"te", b"gzip")],
+        "pseudo after regular": BASE[:3] + [(b"x", b"1"), BASE[3]],
+        "duplicate pseudo": BASE + [(b":path", b"/x")],
+        "custom pseudo": BASE + [(b":foo", b"1")],
+        "status in request": BASE + [(b":status", b"200")],
+        "empty path": [BASE[0], BASE[1], (b":path", b""), BASE[3]],
+        "no method": BASE[1:],
+        "no scheme": [BASE[0], BASE[2], BASE[3]],
+        "no path": [BASE[0], BASE[1], BASE[3]],
+        "connect": [(b":method", b"CONNECT"), (b":authority", b"a.test:443")],
+        "connect with path": [(b":method", b"CONNECT"), (b":authority", b"a:1"),
+                              (b":path", b"/")],
+        "extended connect": [(b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                             (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"a")],
+        "protocol without connect": BASE + [(b":protocol", b"websocket")],
+    }
+
+    def hyper_h2(self, headers: Any, flags: Any) -> Any:
+        from h2.utilities import normalize_inbound_headers, validate_headers
+
+        return list(validate_headers(normalize_inbound_headers(headers, flags), flags))
+
+    def test_same_as_hyper_h2(self) -> None:
+        from h2.exceptions import ProtocolError
+        from h2.utilities import HeaderValidationFlags
+        from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+        from mproxy.http.h2 import request_headers
+
+        flags = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                      is_response_header=False, is_push_promise=False)
+        for name, headers in self.CASES.items():
+            headers = [HeaderTuple(n, v) for n, v in headers]
+            try:
+                expected = self.hyper_h2(headers, flags)
+            except ProtocolError:
+                expected = ProtocolError
+            try:
+                got = request_headers(headers, flags)
+            except ProtocolError:
+                got = ProtocolError
+            if expected is ProtocolError:
+                self.assertIs(got, ProtocolError, name)
+                continue
+            self.assertEqual(got, expected, name)
+            self.assertEqual([type(h) for h in got], [type(h) for h in expected], name)
+            self.assertTrue(any(isinstance(h, NeverIndexedHeaderTuple) for h in got)
+                            or not any(h[0] == b"cookie" for h in got), name)
+
+    def test_bad_request_header_is_connection_error(self) -> None:
+        """
+        A request header block that breaks a rule is a PROTOCOL_ERROR for
+        the connection.
+        """
+        h = Harness()
+        # an uppercase name (hyper-h2's client refuses to send one itself)
+        bad = Encoder().encode(list(REQUEST) + [(b"X-Bad", b"1")])
+        h.send(frame(0x1, 0x5, 1, bad))
+        self.assertEqual(goaways(h.frames()), [ErrorCodes.PROTOCOL_ERROR])
+        self.assertTrue(h.closed)
+
+
+class SchedulingTests(SynchronousTestCase):
+    def test_streams_take_turns(self) -> None:
+        """
+        Streams with data send one frame each in turn; a client's priority
+        signals are accepted (no error) and do not change the order.
+        """
+        from hyperframe.frame import PriorityFrame
+
+        app = App()
+        h = Harness(app)
+        h.get(1, path=b"/wait")
+        h.get(3, path=b"/wait")
+        # stream 3 depends on stream 1 (it would wait for it under RFC 7540)
+        pf = PriorityFrame(3)
+        pf.depends_on = 1
+        pf.stream_weight = 255
+        h.send(pf.serialize())
+        h.frames()
+        for req in app.waiting:
+            req.write(b"b" * 20000)
+        h.pump()
+        order = [f.stream_id for f in h.frames() if isinstance(f, DataFrame)]
+        self.assertEqual(order, [1, 3, 1, 3])
+        self.assertFalse(h.closed)
+
+    def test_round_robin_scheduler(self) -> None:
+        import priority
+
+        from mproxy.http.h2 import RoundRobin
+
+        rr = RoundRobin(maximum_streams=3)
+        self.assertRaises(priority.DeadlockError, next, rr)
+        rr.insert_stream(1)
+        rr.insert_stream(3)
+        self.assertRaises(priority.DuplicateStreamError, rr.insert_stream, 1)
+        self.assertEqual([next(rr) for _ in range(4)], [1, 3, 1, 3])
+        rr.block(1)
+        self.assertEqual([next(rr) for _ in range(2)], [3, 3])
+        rr.unblock(1)
+        rr.reprioritize(1, depends_on=3, weight=200)
+        self.assertEqual(sorted(next(rr) for _ in range(2)), [1, 3])
+        rr.remove_stream(3)
+        self.assertEqual(next(rr), 1)
+        for bad in (rr.block, rr.unblock, rr.remove_stream, rr.reprioritize):
+            self.assertRaises(priority.MissingStreamError, bad, 3)
+        rr.insert_stream(5)
+        rr.insert_stream(7)
+        self.assertRaises(priority.TooManyStreamsError, rr.insert_stream, 9)
+        rr.block(1)
+        rr.block(5)
+        rr.block(7)
+        self.assertRaises(priority.DeadlockError, next, rr)

@@ -15,7 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mproxy.http.interfaces import IRequestChannel, ITunnelExchange
-from mproxy.http.server import FastHTTPChannel, FastRequest, ProxySite
+from mproxy.http.server import IDLE_CLOSE_QUIET, FastHTTPChannel, FastRequest, ProxySite
 
 
 @implementer(ITCPTransport)
@@ -613,6 +613,7 @@ class ShutdownTests(SynchronousTestCase):
         busy.dataReceived(GET)
         closed: list[bool] = []
         site.on_shutdown.append(lambda: closed.append(True))
+        reactor.advance(IDLE_CLOSE_QUIET)
         d = site.shutdown(10)
         self.assertEqual(closed, [True])
         self.assertTrue(ti.disconnecting)
@@ -624,6 +625,50 @@ class ShutdownTests(SynchronousTestCase):
         self.assertTrue(tb.disconnecting)
         busy.connectionLost()
         self.successResultOf(d)
+
+    def test_shutdown_closes_a_just_used_connection_after_a_quiet_moment(self) -> None:
+        """
+        A keep-alive connection that answered a request just now may carry
+        the client's next request already: shutdown closes it only once it
+        has been idle for a moment, and a request arriving meanwhile is
+        answered, with Connection: close.
+        """
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        conn = site.buildProtocol(None)
+        t = StringTransport()
+        conn.makeConnection(t)
+        conn.dataReceived(GET)
+        respond(r.requests[0])
+        reactor.advance(IDLE_CLOSE_QUIET / 2)
+        d = site.shutdown(10)
+        self.assertFalse(t.disconnecting)
+        conn.dataReceived(GET)
+        reactor.advance(IDLE_CLOSE_QUIET)
+        self.assertFalse(t.disconnecting, "the request in progress is answered")
+        t.clear()
+        respond(r.requests[1])
+        self.assertIn(b"Connection: close", t.value())
+        self.assertTrue(t.disconnecting)
+        conn.connectionLost()
+        self.successResultOf(d)
+
+    def test_shutdown_quiet_close(self) -> None:
+        r = Recorder()
+        reactor = MemoryReactorClock()
+        site = ProxySite(r, reactor)
+        conn = site.buildProtocol(None)
+        t = StringTransport()
+        conn.makeConnection(t)
+        conn.dataReceived(GET)
+        respond(r.requests[0])
+        reactor.advance(IDLE_CLOSE_QUIET / 4)
+        site.shutdown(10)
+        reactor.advance(IDLE_CLOSE_QUIET / 2)
+        self.assertFalse(t.disconnecting)
+        reactor.advance(IDLE_CLOSE_QUIET / 4)
+        self.assertTrue(t.disconnecting)
 
     def test_shutdown_timeout_aborts(self) -> None:
         """
@@ -1212,3 +1257,36 @@ class DroppedUpgradeTests(SynchronousTestCase):
         h = Harness(r)
         h.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo, WebSocket\r\n\r\n")
         self.assertTrue(r.requests[0].upgrade)
+
+
+class ReadSizeTests(SynchronousTestCase):
+    def test_upload_reads_grow(self) -> None:
+        """
+        A request body arriving in reads that fill the read buffer makes
+        the connection read twice as much at a time; small reads do not.
+        """
+        got: list[int] = []
+
+        class Sink(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                def data(chunk: bytes) -> None:
+                    got.append(len(chunk))
+
+                def end() -> None:
+                    request.start_response(200, None, [(b"Content-Length", b"0")], 0)
+                    request.finish()
+
+                request.set_body_consumer(data, end, lambda code, msg: None)
+                return NOT_DONE_YET
+
+        h = Harness(Sink())
+        h.transport.bufferSize = 65536
+        h.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+        self.assertEqual(h.transport.bufferSize, 65536)
+        h.send(b"y" * 65536)
+        self.assertEqual(h.transport.bufferSize, 131072)
+        h.send(b"y" * (200000 - 65536))
+        self.assertEqual(sum(got), 200000)
+        self.assertIn(b"200", h.output())

@@ -66,10 +66,11 @@ class ExportTests(SynchronousTestCase):
         The public names are pinned, and each one is there.
         """
         self.assertEqual(sorted(mproxy.testing.__all__), [
-            "CommandProtocol", "CommandResult", "MemoryNetwork", "MemoryTransport",
-            "MemoryUpstream", "MproxyProcess", "ProxyHarness", "Response", "ServerProtocol",
-            "UpstreamApp",
-            "child_env", "listen_upstream", "run_mproxy",
+            "CommandProtocol", "CommandResult", "LoadClient", "LoadReport", "MemoryNetwork",
+            "MemoryTransport", "MemoryUpstream", "MproxyProcess", "ProxyHarness", "Response",
+            "ServerProtocol", "UpstreamApp", "WebSocketClient", "WebSocketUpstream",
+            "child_env", "listen_upstream", "listen_websocket_upstream", "open_websocket",
+            "run_mproxy",
         ])
         for name in mproxy.testing.__all__:
             self.assertTrue(hasattr(mproxy.testing, name), name)

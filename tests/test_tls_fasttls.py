@@ -176,6 +176,58 @@ class FastTLSTests(SynchronousTestCase):
         self.assertEqual(client.read(65536),
                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
 
+    def test_recordsOfOneReadDeliveredTogether(self) -> None:
+        """
+        The plaintext of every record that arrived in one read reaches the
+        application in one call (a record holds at most 16 KiB).
+        """
+        server, wire, client, cin, cout, error = self.connect("a.test", ["http/1.1"])
+        self.pump(wire, client, cin, cout)
+        body = bytes(range(256)) * 256  # 64 KiB: four records
+        client.write(body)
+        raw = cout.read()
+        self.assertGreaterEqual(len(records(raw)), 4)
+        server.dataReceived(raw)
+        app = self.apps[0][1]
+        self.assertEqual(app.received, [body])
+
+    def test_dataThenCloseNotify(self) -> None:
+        """
+        Data followed by close_notify in one read is delivered, then the
+        connection closes.
+        """
+        server, wire, client, cin, cout, error = self.connect("a.test", ["http/1.1"])
+        self.pump(wire, client, cin, cout)
+        client.write(b"last words")
+        try:
+            client.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        server.dataReceived(cout.read())
+        self.assertEqual(self.apps[0][1].received, [b"last words"])
+        self.assertTrue(wire.disconnecting)
+
+    def test_busyConnectionReadsMore(self) -> None:
+        """
+        A read that fills the TCP transport's buffer doubles it, up to
+        MAX_READ; smaller reads leave it as it is.
+        """
+        from mproxy.http.reads import MAX_READ
+
+        server, wire, client, cin, cout, error = self.connect("a.test", ["http/1.1"])
+        self.pump(wire, client, cin, cout)
+        wire.bufferSize = 65536
+        client.write(b"small")
+        server.dataReceived(cout.read())
+        self.assertEqual(wire.bufferSize, 65536)
+        client.write(b"x" * 70000)
+        server.dataReceived(cout.read())
+        self.assertEqual(wire.bufferSize, 131072)
+        for _ in range(3):
+            client.write(b"x" * MAX_READ)
+            server.dataReceived(cout.read())
+        self.assertEqual(wire.bufferSize, MAX_READ)
+
     def test_largeWriteAtOnce(self) -> None:
         """
         Plaintext beyond the pending limit is encrypted at once, so the TCP

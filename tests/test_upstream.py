@@ -700,3 +700,30 @@ class HardeningTests(SynchronousTestCase):
         h.pool.request(b"POST", b"/x", [(b"Host", b"h")], r, body_length=-1, codings=b"gzip")
         proto, t = h.connect()
         self.assertIn(b"\r\nTransfer-Encoding: gzip, chunked\r\n", t.value())
+
+
+class ReadSizeTests(SynchronousTestCase):
+    def test_large_body_reads_grow(self) -> None:
+        """
+        Body reads that fill the connection's read buffer make it read
+        twice as much at a time (up to MAX_READ); the response still
+        arrives whole.
+        """
+        from mproxy.http.reads import MAX_READ
+
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        t.bufferSize = 65536
+        size = 65536 * 8
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        self.assertEqual(t.bufferSize, 65536)
+        sent = 0
+        for n in (65536, 131072, 262144, 65536):
+            proto.dataReceived(b"x" * n)
+            sent += n
+        self.assertEqual(t.bufferSize, MAX_READ)
+        self.assertEqual(len(r.body()), sent)
+        proto.dataReceived(b"x" * (size - sent))
+        self.assertEqual(r.kinds()[-1], "done")
+        self.assertEqual(len(r.body()), size)

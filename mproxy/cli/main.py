@@ -31,6 +31,12 @@ COMMANDS: dict[str, Callable[[], parsing.Command]] = {
     "rollout deploy": parsing.rollout_deploy_command,
     "rollout set": parsing.rollout_set_command,
     "rollout stop": parsing.rollout_stop_command,
+    "upgrade": parsing.upgrade_command,
+}
+
+#: Commands run by mproxy itself, not shown in the help.
+HIDDEN = {
+    "upgrade-check": parsing.run_command,
 }
 ALIASES = {"rm": "remove", "ls": "list"}
 
@@ -51,6 +57,7 @@ Commands:
   rollout deploy      Deploy targets to a service's rollout slot
   rollout set         Send a share of traffic to the rollout slot
   rollout stop        Send all traffic back to the active slot
+  upgrade             Replace the running server by the installed code, dropping nothing
   help [COMMAND]      Show help for a command
 
 Flags:
@@ -63,6 +70,7 @@ Examples:
   mproxy deploy web-1:3000 --host app1.example.com --ssl
   mproxy deploy app --target web-1:3000,web-2:3000 --host app.example.com
   mproxy list
+  mproxy upgrade
 """
 
 
@@ -116,7 +124,7 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
         return status
     if name == "rollout":
         return show_help("rollout", streams)
-    factory = COMMANDS.get(name)
+    factory = COMMANDS.get(name) or HIDDEN.get(name)
     if factory is None and name.startswith("rollout "):
         sub = name.split(" ", 1)[1]
         return fail(streams, f'unknown command "{sub}" for "mproxy rollout"')
@@ -135,7 +143,11 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
     if name == "run":
         from mproxy.server import run_server
 
-        return run_server(ns, streams)
+        return run_server(ns, streams, run_args=rest)
+    if name == "upgrade-check":
+        from mproxy.upgrade import check_installed
+
+        return check_installed(ns, streams)
     if name == "deploy":
         try:
             deploy_request(ns)

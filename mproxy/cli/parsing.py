@@ -315,3 +315,16 @@ def rollout_set_command() -> Command:
 
 def rollout_stop_command() -> Command:
     return simple_command("rollout stop", "Send all traffic back to the active slot")
+
+
+def upgrade_command() -> Command:
+    cmd = Command(
+        "upgrade",
+        "Replace the running server by the code installed now, without dropping a "
+        "connection (the server keeps its PID, sockets and state)",
+        "mproxy upgrade [options]",
+    )
+    cmd.option("drain-timeout", "Time to let the old server's in-flight requests finish",
+               type=duration, default=_d(10.0))
+    cmd.option("socket", "Control socket path", metavar="PATH")
+    return cmd

@@ -1,6 +1,6 @@
 """
 The commands that talk to a running server (C{deploy}, C{list}, C{remove},
-C{pause}, C{stop}, C{resume}, C{rollout ...}): one function per command over
+C{pause}, C{stop}, C{resume}, C{rollout ...}, C{upgrade}): one function per command over
 a L{ControlClient}, and L{run_client}, which runs one on a reactor and turns
 its outcome into an exit status.
 
@@ -25,6 +25,7 @@ from mproxy.cli.streams import Streams, fail
 from mproxy.config import socket_path
 from mproxy.control import commands as c
 from mproxy.control.client import ControlClient, connect
+from mproxy.controlsocket import UntrustedSocket
 from mproxy.errors import InvalidOptions, MproxyError
 from mproxy.spec import given
 
@@ -85,6 +86,57 @@ def _by_service(command: type[amp.Command]) -> Callable[..., Any]:
     return run
 
 
+#: Seconds the upgrade waits for the new server to answer.
+UPGRADE_RECONNECT = 60.0
+
+
+@inlineCallbacks
+def _upgrade(client: ControlClient, ns: Any, out: ProgressPrinter, clock: Any) -> Any:
+    """
+    Ask for the upgrade; the server answers only if it cannot be done.
+    Otherwise the exec closes the connection: reconnect (the socket is the
+    same) and ask the new server how the upgrade went.
+    """
+    import uuid
+
+    id = uuid.uuid4().hex
+    try:
+        yield client.call(c.Upgrade, id=id, **given(drain_timeout=ns.drain_timeout))
+    except (ConnectionClosed, ConnectionError):
+        pass
+    else:
+        raise MproxyError("the server did not restart for the upgrade")
+    out("wait", "Waiting for the new server")
+    new = yield reconnect(clock, client.path, out, UPGRADE_RECONNECT)
+    try:
+        answer = yield new.call(c.UpgradeStatus, id=id)
+    finally:
+        new.close()
+    out.summary(f"Upgraded to mproxy {answer['server']} (pid {answer['pid']})")
+
+
+@inlineCallbacks
+def reconnect(
+    clock: Any, path: str, on_progress: Callable[[str, str], None], within: float
+) -> Any:
+    """
+    Connect to the server at C{path}, retrying until it answers or
+    C{within} seconds have passed.
+    """
+    from twisted.internet.task import deferLater
+
+    deadline = clock.seconds() + within
+    while True:
+        try:
+            return (yield connect(clock, path, on_progress))
+        except (MproxyError, ConnectionClosed, ConnectionError) as e:
+            if isinstance(e, UntrustedSocket) or clock.seconds() >= deadline:
+                raise MproxyError(
+                    f"the server did not come back within {within:g}s after the upgrade: {e}"
+                )
+        yield deferLater(clock, 0.2, lambda: None)
+
+
 COMMANDS: dict[str, Callable[[ControlClient, Any, ProgressPrinter, Any], Any]] = {
     "deploy": _deploy,
     "list": _list,
@@ -95,6 +147,7 @@ COMMANDS: dict[str, Callable[[ControlClient, Any, ProgressPrinter, Any], Any]] =
     "rollout deploy": _rollout_deploy,
     "rollout set": _rollout_set,
     "rollout stop": _by_service(c.RolloutStop),
+    "upgrade": _upgrade,
 }
 
 

@@ -29,7 +29,7 @@ from mproxy.spec import DeployRequest
 ANSWER_TIMEOUT = 5.0
 
 #: Commands whose answer waits for health checks or drains.
-WAITING = frozenset([c.Deploy, c.RolloutDeploy, c.Pause, c.Stop])
+WAITING = frozenset([c.Deploy, c.RolloutDeploy, c.Pause, c.Stop, c.Upgrade, c.UpgradeStatus])
 
 
 class ServerUnavailable(MproxyError):

@@ -29,6 +29,7 @@ from mproxy.errors import (
 )
 
 from mproxy.spec import DeployRequest, from_json, to_json
+from mproxy.upgrade import UpgradeError
 
 PROTOCOL_VERSION = 1
 
@@ -53,6 +54,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     ErrorPagesError: b"ERROR_PAGES_ERROR",
     HelloRequired: b"HELLO_REQUIRED",
     StateError: b"STATE_ERROR",
+    UpgradeError: b"UPGRADE_ERROR",
 }
 
 
@@ -225,9 +227,34 @@ class List(amp.Command):
     errors = ERRORS
 
 
+class Upgrade(amp.Command):
+    """
+    Replace the running server by the code installed now (see
+    L{mproxy.upgrade}), the upgrade named C{id} by the client.  Answered
+    only with an error (nothing changed); otherwise the connection closes
+    as the server re-executes itself, and the client asks the new server
+    with L{UpgradeStatus}.
+    """
+
+    arguments = [(b"id", amp.Unicode()), (b"drain_timeout", amp.Float(optional=True))]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = ERRORS
+
+
+class UpgradeStatus(amp.Command):
+    """
+    Answers once upgrade C{id} is done, with the server's PID; fails with
+    C{UPGRADE_ERROR} when the server running did not start from it.
+    """
+
+    arguments = [(b"id", amp.Unicode())]
+    response = [(b"pid", amp.Integer()), (b"server", amp.Unicode())]
+    errors = ERRORS
+
+
 #: Every command a client may send, by wire name.
 CLIENT_COMMANDS: dict[bytes, type[amp.Command]] = {
     cmd.commandName: cmd  # type: ignore[misc]
     for cmd in (Hello, Deploy, Remove, Pause, Stop, Resume, RolloutDeploy, RolloutSet,
-                RolloutStop, List)
+                RolloutStop, List, Upgrade, UpgradeStatus)
 }

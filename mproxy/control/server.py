@@ -26,7 +26,8 @@ from mproxy.controller import Controller
 from mproxy.deploy import DeployResult
 from mproxy.errors import DeployCancelled
 from mproxy.logging import JSONLogger
-from mproxy.spec import DeployRequest, given
+from mproxy.spec import DeployRequest, given, validate_drain
+from mproxy.upgrade import DEFAULT_DRAIN_TIMEOUT, UpgradeError
 
 
 def _answer(result: DeployResult) -> dict[str, Any]:
@@ -45,10 +46,13 @@ def _cancelled(f: Failure) -> None:
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, controller: Controller, logger: JSONLogger) -> None:
+    def __init__(
+        self, controller: Controller, logger: JSONLogger, upgrades: Any = None
+    ) -> None:
         super().__init__()
         self.controller = controller
         self.logger = logger
+        self.upgrades = upgrades
         self.greeted = False
         self._closed = False
         self._deploys: set[Deferred[Any]] = set()
@@ -207,13 +211,32 @@ class ControlProtocol(amp.AMP):
         d = self.controller.refresh()
         return d.addCallback(lambda _: {"services": json.dumps(self.controller.list())})
 
+    def _upgrades(self) -> Any:
+        if self.upgrades is None:
+            raise UpgradeError("this server cannot be upgraded in place")
+        return self.upgrades
+
+    @c.Upgrade.responder
+    def upgrade(self, id: str, drain_timeout: float | None) -> Any:
+        self._require_hello()
+        timeout = DEFAULT_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout
+        validate_drain(timeout)
+        return self._upgrades().upgrade(id, timeout, self._progress).addCallback(lambda _: {})
+
+    @c.UpgradeStatus.responder
+    def upgrade_status(self, id: str) -> Any:
+        self._require_hello()
+        d = self._upgrades().outcome(id, self._progress)
+        return d.addCallback(lambda done: {"pid": done["pid"], "server": mproxy.__version__})
+
 
 class ControlFactory(Factory):
-    def __init__(self, controller: Controller, logger: JSONLogger) -> None:
+    def __init__(self, controller: Controller, logger: JSONLogger, upgrades: Any = None) -> None:
         self.controller = controller
         self.logger = logger
+        self.upgrades = upgrades
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
-        p = ControlProtocol(self.controller, self.logger)
+        p = ControlProtocol(self.controller, self.logger, self.upgrades)
         p.factory = self
         return p

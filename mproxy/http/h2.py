@@ -29,6 +29,23 @@ What it changes, and why:
       with REFUSED_STREAM, and the connection closes when none is left.
     - The idle timeout only applies to a connection without streams, as
       for HTTP/1.1 (a long poll or a quiet event stream is not idle).
+    - Sending is batched: data written to streams during one reactor
+      iteration is sent at the start of the next one, as many frames as
+      the windows allow (up to L{SEND_BUDGET} bytes before yielding to
+      other connections), a stream's last data frame carries END_STREAM,
+      and everything goes to the transport in one write.  Twisted sent one
+      frame per reactor iteration and an empty DATA frame to end each
+      stream.
+    - Streams with data to send take turns, one frame each (round robin).
+      Clients' priority signals (PRIORITY frames, HEADERS priority) are
+      accepted and ignored, as the current HTTP/2 specification allows:
+      the priority tree Twisted kept cost tens of microseconds per stream.
+    - Header blocks are checked and normalized in one pass each instead of
+      by hyper-h2's chains of generators (and its per-byte loops): a
+      request's headers against the same rules (L{request_headers}: a
+      violation is a PROTOCOL_ERROR, as before), a response's lowercased,
+      stripped of connection-specific fields, credentials never indexed.
+      Trailers still go through hyper-h2's own checks.
 
     channel = H2Channel(site, reactor, idle_timeout=75)
     channel.makeConnection(tls_transport)   # sends SETTINGS, registers itself
@@ -36,18 +53,22 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.stream
+import h2.utilities
 import priority
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
@@ -58,9 +79,197 @@ __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
 
 #: seconds a closing connection may take to flush before it is aborted
 ABORT_TIMEOUT = 5.0
+#: bytes of DATA one connection sends per reactor iteration before letting
+#: the others run
+SEND_BUDGET = 262144
+
+#: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
+_CONNECTION_HEADERS = frozenset(
+    [b"connection", b"upgrade", b"transfer-encoding", b"keep-alive", b"proxy-connection"])
+#: fields HPACK must never index (hyper-h2's rule: credentials)
+_SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 
 _SETTINGS = 0x4
 _ACK = 0x1
+
+
+#: a byte a field name must not contain (controls, space, uppercase, non-ASCII)
+_BAD_NAME_BYTE = re.compile(rb"[\x00-\x20A-Z\x7f-\xff]")
+_PSEUDO_FIELDS = frozenset([b":method", b":scheme", b":path", b":authority", b":protocol",
+                            b":status"])
+
+
+#: a byte a field value must not contain, and the ones it must not start
+#: or end with
+_BAD_VALUE_BYTE = re.compile(rb"[\x00\r\n]")
+_BLANKS = (0x20, 0x09)
+#: the pseudo-header fields of an ordinary request
+_USUAL_PSEUDO = frozenset([b":method", b":scheme", b":path", b":authority"])
+#: field names already found valid (names repeat from request to request)
+_GOOD_NAMES: set[bytes] = set()
+MAX_GOOD_NAMES = 1024
+
+
+def _check_value(value: bytes) -> None:
+    if value:
+        if b"\x00" in value or b"\n" in value or b"\r" in value:
+            raise h2.exceptions.ProtocolError(
+                "Illegal character in header value: %r" % (value,))
+        if value[0] in (0x20, 0x09) or value[-1] in (0x20, 0x09):
+            raise h2.exceptions.ProtocolError(
+                "Received header value surrounded by whitespace %r" % (value,))
+
+
+def request_headers(headers: Any, flags: Any) -> list[Any]:
+    """
+    A request's decoded header block, checked as hyper-h2 checks it
+    (names non-empty, lowercase, without controls, spaces or a colon past
+    the first byte; values without NUL/CR/LF or surrounding whitespace; no
+    connection-specific field, TE only "trailers"; pseudo-header fields
+    known, once each, first, and the ones the method needs; a non-empty
+    C{:path}; C{:authority} or one C{Host}, equal if both) and normalized
+    (C{cookie} fields joined into one, last, never indexed).
+
+    @raise h2.exceptions.ProtocolError: for any violation.
+    """
+    out = []
+    cookies = []
+    pseudo: set[bytes] = set()
+    regular = False
+    method = authority = host = None
+    ProtocolError = h2.exceptions.ProtocolError
+    for header in headers:
+        name = header[0]
+        value = header[1]
+        if name not in _GOOD_NAMES:
+            if not name:
+                raise ProtocolError("Received header name with zero length.")
+            if _BAD_NAME_BYTE.search(name) is not None or name.find(b":", 1) != -1:
+                raise ProtocolError("Illegal character in header name: %r" % (name,))
+            if len(_GOOD_NAMES) < MAX_GOOD_NAMES:
+                _GOOD_NAMES.add(name)
+        if name == b"cookie":
+            # joined (and checked) below, after the other fields
+            cookies.append(value)
+            continue
+        if value and (value[0] in _BLANKS or value[-1] in _BLANKS
+                      or _BAD_VALUE_BYTE.search(value) is not None):
+            _check_value(value)
+        if name[0] == 0x3A:
+            if name in pseudo:
+                raise ProtocolError("Received duplicate pseudo-header field %r" % (name,))
+            pseudo.add(name)
+            if regular:
+                raise ProtocolError("Received pseudo-header field out of sequence: %r"
+                                    % (name,))
+            if name not in _PSEUDO_FIELDS:
+                raise ProtocolError("Received custom pseudo-header field %r" % (name,))
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                if not value:
+                    raise ProtocolError("An empty :path header is forbidden")
+            elif name == b":authority":
+                authority = value
+        else:
+            regular = True
+            if name in _CONNECTION_HEADERS:
+                raise ProtocolError("Connection-specific header field present: %r." % (name,))
+            if name == b"te":
+                if value.lower() != b"trailers":
+                    raise ProtocolError("Invalid value for TE header: %r" % (value,))
+            elif name == b"host":
+                if host is not None:
+                    raise ProtocolError("Request header block has multiple Host headers.")
+                host = value
+        out.append(header)
+    if cookies:
+        value = b"; ".join(cookies)
+        _check_value(value)
+        out.append(NeverIndexedHeaderTuple(b"cookie", value))
+    if pseudo != _USUAL_PSEUDO or method == b"CONNECT":
+        h2.utilities._check_pseudo_header_field_acceptability(pseudo, method, flags)
+    if authority is None and host is None:
+        raise ProtocolError("Request header block does not have an :authority or Host header.")
+    if authority is not None and host is not None and authority != host:
+        raise ProtocolError("Request header block has mismatched :authority and Host headers")
+    return out
+
+
+class _ServerStream(h2.stream.H2Stream):
+    """
+    hyper-h2's stream, with a request's header block checked by
+    L{request_headers} (one pass) instead of hyper-h2's generator chain.
+    """
+
+    def _process_received_headers(self, headers: Any, header_validation_flags: Any,
+                                  header_encoding: Any) -> list[Any]:
+        flags = header_validation_flags
+        if (flags.is_trailer or flags.is_response_header or header_encoding
+                or not self.config.validate_inbound_headers
+                or not self.config.normalize_inbound_headers):
+            return super()._process_received_headers(headers, flags, header_encoding)
+        return request_headers(headers, flags)
+
+
+class RoundRobin:
+    """
+    The send scheduler: the streams that have data and window (unblocked)
+    take turns, one frame each.  It has the interface of
+    L{priority.PriorityTree} that the channel uses, and its errors;
+    weights and dependencies are accepted and ignored.
+    """
+
+    def __init__(self, maximum_streams: int = 1000) -> None:
+        self.maximum_streams = maximum_streams
+        self._known: set[int] = set()
+        #: unblocked streams, in turn order (a dict as an ordered set)
+        self._ready: dict[int, None] = {}
+
+    def insert_stream(self, stream_id: int, depends_on: Any = None, weight: int = 16,
+                      exclusive: bool = False) -> None:
+        if stream_id in self._known:
+            raise priority.DuplicateStreamError("Stream %d already in tree" % stream_id)
+        if len(self._known) >= self.maximum_streams:
+            raise priority.TooManyStreamsError(
+                "Refusing to insert %d streams into priority tree at once"
+                % (self.maximum_streams + 1))
+        self._known.add(stream_id)
+        self._ready[stream_id] = None
+
+    def reprioritize(self, stream_id: int, depends_on: Any = None, weight: int = 16,
+                     exclusive: bool = False) -> None:
+        if stream_id not in self._known:
+            raise priority.MissingStreamError("Stream %d not in tree" % stream_id)
+
+    def remove_stream(self, stream_id: int) -> None:
+        if stream_id not in self._known:
+            raise priority.MissingStreamError("Stream %d not in tree" % stream_id)
+        self._known.discard(stream_id)
+        self._ready.pop(stream_id, None)
+
+    def block(self, stream_id: int) -> None:
+        if stream_id not in self._known:
+            raise priority.MissingStreamError("Stream %d not in tree" % stream_id)
+        self._ready.pop(stream_id, None)
+
+    def unblock(self, stream_id: int) -> None:
+        if stream_id not in self._known:
+            raise priority.MissingStreamError("Stream %d not in tree" % stream_id)
+        self._ready[stream_id] = None
+
+    def __iter__(self) -> "RoundRobin":
+        return self
+
+    def __next__(self) -> int:
+        ready = self._ready
+        if not ready:
+            raise priority.DeadlockError("No unblocked streams to schedule.")
+        stream_id = next(iter(ready))
+        # to the back of the line
+        del ready[stream_id]
+        ready[stream_id] = None
+        return stream_id
 
 
 class CompressionError(h2.exceptions.ProtocolError):
@@ -98,8 +307,10 @@ class ServerConnection(h2.connection.H2Connection):
     goaway_code: int | None = None
 
     def __init__(self) -> None:
+        # outbound headers are normalized by H2Channel.writeHeaders
         super().__init__(config=h2.config.H2Configuration(
-            client_side=False, header_encoding=None))
+            client_side=False, header_encoding=None,
+            normalize_outbound_headers=False, validate_outbound_headers=False))
         self.incoming_buffer = _FrameBuffer(server=True)
 
     def receive_data(self, data: Any) -> list[h2.events.Event]:
@@ -115,9 +326,14 @@ class ServerConnection(h2.connection.H2Connection):
         self.goaway_code = error_code
         super()._terminate_connection(error_code)
 
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _ServerStream
+        return stream
+
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
-            return super()._receive_frame(frame)
+            return self._receive_frame_quietly(frame)
         except h2.exceptions.ProtocolError as e:
             # hyper-h2 turns every decoding failure into a plain
             # ProtocolError (an oversized header list becomes a
@@ -126,6 +342,37 @@ class ServerConnection(h2.connection.H2Connection):
                     and isinstance(e.__cause__, (HPACKError, IndexError, TypeError))):
                 raise CompressionError(str(e)) from e.__cause__
             raise
+
+    def _receive_frame_quietly(self, frame: Any) -> list[h2.events.Event]:
+        """
+        hyper-h2's C{_receive_frame} without its trace line, whose
+        argument (the frame's repr) it builds even when nothing logs.
+        """
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # closed by RST_STREAM: a stream error, answered with RST_STREAM;
+            # otherwise a connection error
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                return e._events
+            raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            # a closed (and forgotten) stream, or one closed implicitly by a
+            # newer stream: RST_STREAM if it was reset, a connection error if
+            # it had ended (STREAM_CLOSED) or was closed implicitly
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                return []
+            if self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            raise
+        self._prepare_for_sending(frames)
+        return events
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
         # hyper-h2 closes its state machine here, after which nothing may be
@@ -160,6 +407,7 @@ class H2Channel(H2Connection):
     def __init__(self, site: Any, reactor: Any, idle_timeout: float | None = None) -> None:
         super().__init__(reactor)
         self.conn = ServerConnection()
+        self.priority = RoundRobin()
         self.site = site
         self.factory = site
         self.timeOut = idle_timeout
@@ -177,6 +425,15 @@ class H2Channel(H2Connection):
             self.transport.registerProducer(self, True)
         except RuntimeError:
             pass
+
+    _secure: bool | None = None
+
+    def _isSecure(self) -> bool:
+        # asked for every request; the transport does not change
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super()._isSecure()
+        return secure
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -230,10 +487,6 @@ class H2Channel(H2Connection):
                     "client sent GOAWAY with %s" % (event.error_code,))))
             else:
                 self._peer_going_away = True
-
-    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
-        self._closed = True
-        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
 
     def _terminate(self, reason: Failure) -> None:
         # the GOAWAY (too many resets) is queued by the caller
@@ -327,49 +580,154 @@ class H2Channel(H2Connection):
             stream.windowUpdated()
         self._wake_sender()
 
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,
+                     headers: list[tuple[bytes, bytes]], streamID: int) -> None:
+        """
+        Send a response's headers: names lowercased, values stripped,
+        connection-specific fields dropped, credentials never indexed.
+        """
+        block = [(b":status", code)]
+        for name, value in headers:
+            name = name.lower().strip()
+            if name in _CONNECTION_HEADERS:
+                continue
+            value = value.strip()
+            if name in _SECRET_HEADERS or (name == b"cookie" and len(value) < 20):
+                block.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                block.append((name, value))
+        try:
+            self.conn.send_headers(streamID, block)
+        except h2.exceptions.StreamClosedError:
+            # the client reset the stream meanwhile; write() ignores it too
+            return
+        # sent with the stream's first data (or alone, next iteration)
+        self._wake()
+
+    _send_call: Any = None
+    _waiting_for_consumer = False
+
+    def _wake(self) -> None:
+        """
+        Something is queued to send: wake the send loop (next iteration).
+        """
+        d, self._sendingDeferred = self._sendingDeferred, None
+        if d is not None:
+            d.callback(None)
+        else:
+            self._schedule_send()
+
+    def _consumer_ready(self, *args: Any) -> None:
+        self._waiting_for_consumer = False
+        self._sendPrioritisedData()
+
+    def _schedule_send(self, *args: Any) -> None:
+        """
+        Run the send loop at the start of the next reactor iteration (once,
+        however many streams got data meanwhile).
+        """
+        if self._send_call is None and self._stillProducing:
+            self._send_call = self._reactor.callLater(0, self._send_scheduled)
+
+    def _send_scheduled(self) -> None:
+        self._send_call = None
+        self._sendPrioritisedData()
+
+    def endRequest(self, streamID: int) -> None:
+        """
+        A response is complete: send what is queued now, so that its last
+        data goes out with its headers (one TLS record for a small
+        response) and ends the stream in the same frame.
+        """
+        super().endRequest(streamID)
+        call = self._send_call
+        if call is not None and self._consumerBlocked is None:
+            self._send_call = None
+            call.cancel()
+            self._sendPrioritisedData()
+
+    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
+        call, self._send_call = self._send_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._closed = True
+        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+
     def _sendPrioritisedData(self, *args: Any) -> None:
         """
-        Send the next frame of the highest-priority stream that has data
-        and send window; a stream whose window is zero or negative waits
-        (blocked) for a WINDOW_UPDATE or a larger initial window.
+        Send frames of the streams that have data and send window, highest
+        priority first, until none is left, the transport is full or
+        L{SEND_BUDGET} bytes went out (then again next iteration); the
+        frames go to the transport in one write.  A stream's last data
+        frame carries END_STREAM.  A stream whose window is zero or
+        negative waits (blocked) for a WINDOW_UPDATE or a larger initial
+        window.
         """
         if not self._stillProducing:
             return
-        stream = None
-        while stream is None:
-            try:
-                stream = next(self.priority)
-            except priority.DeadlockError:
-                assert self._sendingDeferred is None
-                self._sendingDeferred = Deferred()
-                self._sendingDeferred.addCallback(self._sendPrioritisedData)
-                return
-        if self._consumerBlocked is not None:
-            self._consumerBlocked.addCallback(self._sendPrioritisedData)
-            return
-        self.resetTimeout()
-        queue = self._outboundStreamQueues[stream]
-        frameData = queue.popleft()
-        if frameData is _END_STREAM_SENTINEL:
-            self.conn.end_stream(stream)
-            self.transport.write(self.conn.data_to_send())
-            self._requestDone(stream)
-        else:
-            window = self.conn.local_flow_control_window(stream)
-            if window <= 0:
-                queue.appendleft(frameData)
-                self.priority.block(stream)
-                self.streams[stream].flowControlBlocked()
-            else:
-                size = min(self.conn.max_outbound_frame_size, window)
+        conn = self.conn
+        priority_tree = self.priority
+        queues = self._outboundStreamQueues
+        budget = SEND_BUDGET
+        done: list[int] = []
+        try:
+            while True:
+                try:
+                    stream = next(priority_tree)
+                except priority.DeadlockError:
+                    # nothing to send: wait until a stream has data
+                    if self._sendingDeferred is None:
+                        self._sendingDeferred = Deferred()
+                        self._sendingDeferred.addCallback(self._schedule_send)
+                    return
+                if self._consumerBlocked is not None:
+                    # the transport is full: resume when it drains
+                    if not self._waiting_for_consumer:
+                        self._waiting_for_consumer = True
+                        self._consumerBlocked.addCallback(self._consumer_ready)
+                    return
+                if budget <= 0:
+                    self._schedule_send()
+                    return
+                queue = queues[stream]
+                frameData = queue.popleft()
+                if frameData is _END_STREAM_SENTINEL:
+                    conn.end_stream(stream)
+                    priority_tree.block(stream)
+                    done.append(stream)
+                    continue
+                window = conn.local_flow_control_window(stream)
+                if window <= 0:
+                    queue.appendleft(frameData)
+                    priority_tree.block(stream)
+                    self.streams[stream].flowControlBlocked()
+                    continue
+                size = min(conn.max_outbound_frame_size, window)
                 if len(frameData) > size:
+                    if not isinstance(frameData, memoryview):
+                        frameData = memoryview(frameData)
                     queue.appendleft(frameData[size:])
                     frameData = frameData[:size]
-                self.conn.send_data(stream, frameData)
-                self.transport.write(self.conn.data_to_send())
+                end = bool(queue) and queue[0] is _END_STREAM_SENTINEL
+                if end:
+                    queue.popleft()
+                conn.send_data(stream, frameData, end_stream=end)
+                budget -= len(frameData)
+                if end:
+                    priority_tree.block(stream)
+                    done.append(stream)
+                    continue
                 if not queue:
-                    self.priority.block(stream)
+                    priority_tree.block(stream)
                 if self.remainingOutboundWindow(stream) <= 0:
                     self.streams[stream].flowControlBlocked()
-        if self._stillProducing:
-            self._reactor.callLater(0, self._sendPrioritisedData)
+        finally:
+            alive = True
+            if conn._data_to_send:
+                self.resetTimeout()
+                # False: aborted, too much buffered for a client that does not read
+                alive = self._tryToWriteControlData()
+            if alive:
+                for stream in done:
+                    if stream in self.streams:
+                        self._requestDone(stream)

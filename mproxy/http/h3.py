@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from aioquic import tls
 from aioquic.buffer import Buffer, encode_uint_var
@@ -852,7 +852,9 @@ class HTTP3Service(Service):
     UDP on the port the HTTPS listener got (C{https_port()}), serving the
     HTTPS C{site}'s proxy resource (routing, metrics, logs) with its idle
     timeout, and C{Alt-Svc} on the site's TCP responses once bound.
-    Without C{bind}: C{::} (dual-stack), else C{0.0.0.0}.  Stopping drains
+    Without C{bind}: C{::} (dual-stack), else C{0.0.0.0}.  With
+    C{inherited} (descriptor, family) UDP sockets (handed over by an
+    upgrading server) it serves those instead of binding.  Stopping drains
     (up to C{grace} seconds), then closes the port.
 
     @ivar port: the UDP port bound, or C{None}.
@@ -860,8 +862,9 @@ class HTTP3Service(Service):
 
     def __init__(self, reactor: Any, site: Any, select: Callable[[str | None], Any],
                  logger: Any, *, bind: str, https_port: Callable[[], int | None],
-                 grace: float) -> None:
+                 grace: float, inherited: Sequence[tuple[int, int]] = ()) -> None:
         self.setName("http3")
+        self.inherited = list(inherited)
         self.reactor = reactor
         self.site = site
         self.bind = bind
@@ -884,6 +887,14 @@ class HTTP3Service(Service):
     def _bind(self) -> None:
         from mproxy.listeners import listen_failure
 
+        if self.inherited:
+            for fd, family in self.inherited:
+                # the port listens on a duplicate: the handed-over one stays open
+                port = self.reactor.adoptDatagramPort(fd, family, self.listener)
+                self.listener.ports.append(port)
+                self.port = port.getHost().port
+            self.site.resource.alt_svc = [(b"Alt-Svc", b'h3=":%d"; ma=2592000' % self.port)]
+            return
         number = self.https_port() or 0
         error: Exception | None = None
         for interface in ([self.bind.strip("[]")] if self.bind else ["::", "0.0.0.0"]):

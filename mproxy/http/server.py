@@ -40,6 +40,7 @@ from mproxy.http.batch import batcher_for
 from mproxy.http.connection import ConnectionControl
 from mproxy.http.interfaces import IRequestChannel
 from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH, RequestReader
+from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
@@ -62,6 +63,10 @@ HEADER_TIMEOUT = 30.0
 IDLE_TIMEOUT = 75.0
 #: seconds a request body may stall (while we are reading) before 408
 BODY_TIMEOUT = 60.0
+#: seconds a keep-alive connection must have been idle before a graceful
+#: shutdown closes it: one that served a request just now may be carrying
+#: the client's next request already, which a close would lose
+IDLE_CLOSE_QUIET = 1.0
 
 
 @implementer(IRequestChannel)
@@ -102,6 +107,8 @@ class FastHTTPChannel(ConnectionControl, Protocol):
         self._to_dispatch: FastRequest | None = None
         self._timer: Any = None
         self._linger_call: Any = None
+        self._quiet_call: Any = None
+        self._idle_since = 0.0
         self.body_producer = _BodyProducer(self)
 
     # --- connection ---------------------------------------------------------
@@ -121,6 +128,7 @@ class FastHTTPChannel(ConnectionControl, Protocol):
         self.local = t.getHost()
         self.is_tls = ISSLTransport.providedBy(t)
         self.site._connection_opened(self)
+        self._idle_since = self.clock.seconds()
         if self.header_timeout:
             self._timer = self.clock.callLater(self.header_timeout, self._timed_out)
 
@@ -148,9 +156,11 @@ class FastHTTPChannel(ConnectionControl, Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
-        lc, self._linger_call = self._linger_call, None
-        if lc is not None and lc.active():
-            lc.cancel()
+        for name in ("_linger_call", "_quiet_call"):
+            call = getattr(self, name)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
         if self._timer is not None:
             t, self._timer = self._timer, None
             if t.active():
@@ -175,10 +185,21 @@ class FastHTTPChannel(ConnectionControl, Protocol):
             else:
                 self.close()
         elif self.is_idle():
-            self.close()
+            # Close only once it has been idle for a moment: a request sent
+            # meanwhile is answered (with Connection: close) instead of lost.
+            quiet = IDLE_CLOSE_QUIET - (self.clock.seconds() - self._idle_since)
+            if quiet <= 0:
+                self.close()
+            elif self._quiet_call is None:
+                self._quiet_call = self.clock.callLater(quiet, self._close_if_idle)
         else:
             for r in self._requests:
                 r.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        self._quiet_call = None
+        if self.is_idle() and not self._closing:
+            self.close()
 
     # --- reading --------------------------------------------------------------
 
@@ -195,6 +216,8 @@ class FastHTTPChannel(ConnectionControl, Protocol):
             return
         if self._stopped or self._closing:
             return
+        if len(data) >= READ_GROW_AT:
+            grow_reads(self.transport, len(data))
         self.reader.feed(data)
         # requests are dispatched once what arrived with them is parsed, so
         # that a body received together with its headers is complete
@@ -282,6 +305,8 @@ class FastHTTPChannel(ConnectionControl, Protocol):
 
     def _render(self, req: FastRequest) -> None:
         site = self.site
+        if site.shutting_down:
+            req.keep_alive = False  # the response says Connection: close
         try:
             resource = site.resource
             if not resource.isLeaf:
@@ -312,8 +337,10 @@ class FastHTTPChannel(ConnectionControl, Protocol):
             self._dispatch(self._requests[0])
         elif self._pending_error is not None:
             self._send_error(self._pending_error)
-        elif self.idle_timeout:
-            self.set_timer(self.idle_timeout)
+        else:
+            self._idle_since = self.clock.seconds()
+            if self.idle_timeout:
+                self.set_timer(self.idle_timeout)
 
     def start_tunnel(self, req: FastRequest, on_data: Callable[[bytes], None]) -> None:
         self._tunnel = on_data

@@ -75,6 +75,7 @@ from zope.interface import implementer
 
 from mproxy.http.batch import batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
+from mproxy.http.reads import READ_GROW_AT, grow_reads
 
 
 MAX_PENDING_BODY = 65536
@@ -552,6 +553,8 @@ class _Connection(Protocol):
             if self._raw_head_bytes > 2 * MAX_RESPONSE_HEADER_BYTES:
                 self._broken("response headers too large")
                 return
+        elif len(data) >= READ_GROW_AT:
+            grow_reads(self.transport, len(data))
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:

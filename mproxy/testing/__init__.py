@@ -19,7 +19,10 @@ For real: L{MproxyProcess} runs the real C{mproxy run} in a child process
 on free loopback ports and runs C{mproxy} commands against it;
 L{listen_upstream} serves an L{UpstreamApp} (a small web application whose
 health answer can be scripted, and which can hold requests open) on a
-loopback port.
+loopback port.  L{LoadClient} keeps many keep-alive clients busy against a
+real server and counts failed requests (it checks an idle connection before
+reusing it, as urllib3 does); L{open_websocket} and L{WebSocketUpstream} are
+a WebSocket client and an echoing app.
 
     class DeployTests(TestCase):
         @inlineCallbacks
@@ -34,6 +37,7 @@ loopback port.
 """
 
 from mproxy.testing._harness import MemoryUpstream, ProxyHarness, Response
+from mproxy.testing._load import LoadClient, LoadReport
 from mproxy.testing._network import MemoryNetwork, MemoryTransport
 from mproxy.testing._process import (
     CommandProtocol,
@@ -44,10 +48,18 @@ from mproxy.testing._process import (
     run_mproxy,
 )
 from mproxy.testing._upstream import UpstreamApp, listen_upstream
+from mproxy.testing._websocket import (
+    WebSocketClient,
+    WebSocketUpstream,
+    listen_websocket_upstream,
+    open_websocket,
+)
 
 __all__ = [
     "CommandProtocol",
     "CommandResult",
+    "LoadClient",
+    "LoadReport",
     "MemoryNetwork",
     "MemoryTransport",
     "MemoryUpstream",
@@ -56,7 +68,11 @@ __all__ = [
     "Response",
     "ServerProtocol",
     "UpstreamApp",
+    "WebSocketClient",
+    "WebSocketUpstream",
     "child_env",
     "listen_upstream",
+    "listen_websocket_upstream",
+    "open_websocket",
     "run_mproxy",
 ]

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer, directlyProvides
 
 from mproxy.http.batch import DIRECT_TYPES
+from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.tls.certs import CertifiedKey, certified_pem
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
@@ -215,30 +216,50 @@ class FastTLSProtocol(Protocol):
         self.connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        if len(data) >= READ_GROW_AT:
+            grow_reads(self.transport, len(data))
         self._incoming.write(data)
         if self._handshaking:
             if self._hello is not None:
                 self._hello.append(data)
             if not self._handshake():
                 return
-        sslobj = self._ssl
-        incoming = self._incoming
-        deliver = self._deliver
-        while not self.disconnecting:
-            try:
-                chunk = sslobj.read(READ_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLError as e:
-                self._fail(e)
-                break
-            if not chunk:
-                # close_notify from the client
+        if not self.disconnecting:
+            # every complete record received, decrypted and handed to the
+            # protocol in one call (a record holds at most 16 KiB: a large
+            # upload would otherwise cost one protocol call per record)
+            sslobj = self._ssl
+            incoming = self._incoming
+            first: bytes | None = None
+            more: list[bytes] | None = None
+            error: ssl.SSLError | None = None
+            closed = False
+            while True:
+                try:
+                    chunk = sslobj.read(READ_SIZE)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLError as e:
+                    error = e
+                    break
+                if not chunk:
+                    # close_notify from the client
+                    closed = True
+                    break
+                if first is None:
+                    first = chunk
+                elif more is None:
+                    more = [first, chunk]
+                else:
+                    more.append(chunk)
+                if not incoming.pending and not sslobj.pending():
+                    break
+            if first is not None:
+                self._deliver(first if more is None else b"".join(more))
+            if error is not None:
+                self._fail(error)
+            elif closed:
                 self.loseConnection()
-                break
-            deliver(chunk)
-            if not incoming.pending and not sslobj.pending():
-                break
         if self._outgoing.pending:
             self._send_outgoing()
 

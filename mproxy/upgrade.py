@@ -1,0 +1,470 @@
+"""
+The hitless upgrade (C{mproxy upgrade}, SIGUSR2): the running server is
+replaced by the code installed now, in the same process, without closing a
+listening socket.
+
+  1. Pre-flight: the installed code is run as a child (L{CHECK_COMMAND})
+     with the server's run options: it imports everything, parses the
+     options and reads the state file.  If it fails, the upgrade fails with
+     its reason and nothing changed.
+  2. The listening sockets (HTTP, HTTPS, metrics, HTTP/3's UDP) and the
+     control socket are duplicated into descriptors kept across an exec.
+     The server stops accepting and drains what it serves (in-flight
+     requests finish, idle keep-alive connections are closed; new
+     connections wait in the listening sockets' queues meanwhile), the
+     state file is written, and the process re-executes its own command
+     line (L{Relaunch}) with the descriptors named in C{MPROXY_UPGRADE}
+     (L{mproxy.activation.Handover}); the PID stays the same.
+  3. The new image adopts the sockets (L{mproxy.activation.upgrade_sockets})
+     and restores the state; once it serves, the upgrade is done, and the
+     client that asked for it (reconnected, since the exec closed its
+     connection) is told so by L{Upgrades.outcome}.
+
+With worker processes the supervisor serves no HTTP: it drains nothing
+before the exec, and the workers' channels are handed over too, so the old
+workers serve on through it.  The new image adopts them, starts a new
+generation, and once that serves retires the old one (it drains up to the
+drain timeout); the upgrade is done when the old workers are gone
+(L{Upgrades.start_generation}).
+
+The run options of the new image are the ones the server was started with:
+the same command line and environment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from mproxy.activation import UPGRADE_VARIABLE, Handover
+from mproxy.errors import MproxyError
+
+#: The hidden command that checks the installed code before an upgrade.
+CHECK_COMMAND = "upgrade-check"
+
+#: Seconds the pre-flight check may take.
+CHECK_TIMEOUT = 60.0
+
+#: How long the old server's connections may drain, by default.
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+
+class UpgradeError(MproxyError):
+    """
+    The upgrade cannot be done; the server runs on as it was.
+    """
+
+
+@frozen
+class Relaunch:
+    """
+    How this server re-executes itself: C{argv} (C{argv[0]} the program),
+    and C{check_argv}, the pre-flight check of the installed code with the
+    same run options.  C{refusal}, when set, says why this server cannot be
+    upgraded in place.  C{before_exec} runs just before the exec.
+    """
+
+    argv: tuple[str, ...]
+    check_argv: tuple[str, ...]
+    refusal: str | None = None
+    before_exec: Callable[[], Any] | None = None
+
+
+def relaunch_for_run(run_args: Sequence[str]) -> Relaunch:
+    """
+    The relaunch of C{mproxy run RUN_ARGS...} (as a console script or
+    C{python -m mproxy}): the same interpreter command line.
+    """
+    return Relaunch(
+        (sys.executable, *sys.orig_argv[1:]),
+        (sys.executable, "-m", "mproxy", CHECK_COMMAND, *run_args),
+    )
+
+
+def relaunch_for_twistd(
+    twistd_options: Mapping[str, Any], orig_argv: Sequence[str] | None = None,
+    remove: Callable[[str], Any] = os.unlink,
+) -> Relaunch:
+    """
+    The relaunch of C{twistd -n ... mproxy OPTIONS...}.  twistd refuses to
+    start while its pidfile names a live process, and this one lives on: the
+    file is removed just before the exec, and the new twistd writes it again
+    with the same PID.  A daemonized twistd is refused: its re-executed
+    command line would daemonize again, as a new process.
+    """
+    argv = list(sys.orig_argv if orig_argv is None else orig_argv)
+    try:
+        plugin_args = argv[argv.index("mproxy", 2) + 1:]
+    except ValueError:
+        plugin_args = []
+    check = (sys.executable, "-m", "mproxy", CHECK_COMMAND, *plugin_args)
+    if not twistd_options.get("nodaemon"):
+        return Relaunch(
+            (), check,
+            refusal="a daemonized twistd cannot be upgraded in place: run it in the "
+            "foreground (twistd -n mproxy) under a supervisor such as systemd or Docker",
+        )
+    pidfile = twistd_options.get("pidfile") or ""
+
+    def before_exec() -> None:
+        if pidfile:
+            try:
+                remove(pidfile)
+            except FileNotFoundError:
+                pass
+
+    return Relaunch((sys.executable, *argv[1:]), check, before_exec=before_exec)
+
+
+class _CheckProtocol(ProcessProtocol):
+    def __init__(self, done: Deferred[tuple[int, str]]) -> None:
+        self.done = done
+        self.err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        pass
+
+    def errReceived(self, data: bytes) -> None:
+        self.err = (self.err + data)[-8192:]
+
+    def processEnded(self, reason: Failure) -> None:
+        code = reason.value.exitCode
+        if code is None:
+            code = -(reason.value.signal or 1)
+        self.done.callback((code, self.err.decode("utf-8", "replace")))
+
+
+def check_reason(status: int, stderr: str) -> str:
+    """
+    What a failed pre-flight check said: its last C{Error:} line, else the
+    last line of its stderr, else its exit status.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("Error: "):
+            return line[len("Error: "):]
+    if lines:
+        return lines[-1]
+    return f"exit status {status}"
+
+
+def run_check(
+    reactor: Any, argv: Sequence[str], environ: Mapping[str, str], timeout: float = CHECK_TIMEOUT
+) -> Deferred[None]:
+    """
+    Run the pre-flight check C{argv}; fires when it passed, fails with
+    L{UpgradeError} saying why it did not.
+    """
+    done: Deferred[tuple[int, str]] = Deferred()
+    process = reactor.spawnProcess(_CheckProtocol(done), argv[0], list(argv), env=dict(environ))
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except Exception:
+            pass
+
+    timer = reactor.callLater(timeout, kill)
+
+    def ended(result: tuple[int, str]) -> None:
+        if timer.active():
+            timer.cancel()
+        status, stderr = result
+        if status != 0:
+            if status == -9 and not timer.active():
+                raise UpgradeError(f"the new code did not pass its check within {timeout:g}s")
+            raise UpgradeError(f"the new code cannot start: {check_reason(status, stderr)}")
+
+    return done.addCallback(ended)
+
+
+def keep_across_exec(fd: int, dup: Callable[[int], int] = os.dup) -> int:
+    """
+    A duplicate of C{fd} that an exec keeps open.
+    """
+    new = dup(fd)
+    os.set_inheritable(new, True)
+    return new
+
+
+class Upgrades:
+    """
+    The upgrades of one server (C{server}, an L{mproxy.tree.MproxyService}):
+    starting one (L{upgrade}) and answering for the one that brought this
+    image up (L{outcome}).
+
+    @ivar relaunch: how to re-execute; set by the entry point that started
+        the server (without one, upgrades are refused).
+    @ivar handover: what the image before handed over, when this image
+        came from an upgrade.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        server: Any,
+        logger: Any,
+        handover: Handover | None = None,
+        environ: Mapping[str, str] = os.environ,
+        execv: Callable[[str, Sequence[str], Mapping[str, str]], Any] = os.execve,
+        check: Callable[[Any, Sequence[str], Mapping[str, str]], Deferred[None]] = run_check,
+        keep: Callable[[int], int] = keep_across_exec,
+        getpid: Callable[[], int] = os.getpid,
+        flush: Callable[[], Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.server = server
+        self.logger = logger
+        self.handover = handover
+        self.environ = environ
+        self.execv = execv
+        self.check = check
+        self.keep = keep
+        self.getpid = getpid
+        self.flush = flush or _flush_standard_streams
+        self.relaunch: Relaunch | None = None
+        self.running: str | None = None
+        self._waiting: list[tuple[Deferred[dict[str, Any]], Callable[[str, str], Any]]] = []
+        self._done: dict[str, Any] | None = None
+        self._pending = False  # old workers are still to retire
+        self._serving = False
+        self._phase: tuple[str, str] | None = None
+
+    # The image before
+
+    def upgrade(
+        self, id: str, drain_timeout: float,
+        progress: Callable[[str, str], Any] = lambda phase, detail: None,
+    ) -> Deferred[None]:
+        """
+        Upgrade, named C{id}.  Fails with L{UpgradeError} (nothing changed)
+        when it cannot be done or the new code fails its check; otherwise
+        never fires: the process re-executes itself.
+        """
+        d: Deferred[None] = Deferred()
+        if self.relaunch is None:
+            d.errback(UpgradeError("this server cannot be upgraded in place"))
+            return d
+        if self.relaunch.refusal:
+            d.errback(UpgradeError(self.relaunch.refusal))
+            return d
+        if self.running is not None:
+            d.errback(UpgradeError(f"an upgrade is already in progress ({self.running})"))
+            return d
+        if getattr(self.server, "stop_signals", None) is not None and \
+                self.server.stop_signals.stopping:
+            d.errback(UpgradeError("the server is shutting down"))
+            return d
+        self.running = id
+        return self._upgrade(id, drain_timeout, progress)
+
+    @inlineCallbacks
+    def _upgrade(
+        self, id: str, drain_timeout: float, progress: Callable[[str, str], Any]
+    ) -> Any:
+        relaunch = self.relaunch
+        assert relaunch is not None
+        self.logger.info("Upgrade started", upgrade=id)
+        progress("check", "Checking the new code")
+        try:
+            yield self.check(self.reactor, relaunch.check_argv, self.environ)
+        except UpgradeError as e:
+            self.running = None
+            self.logger.error("Upgrade failed", upgrade=id, error=str(e))
+            raise
+        except Exception as e:
+            self.running = None
+            self.logger.error("Upgrade failed", upgrade=id, error=repr(e))
+            raise UpgradeError(f"cannot check the new code: {e}")
+        sockets, control = self._keep_sockets()
+        channels = self._keep_channels()
+        progress("drain", f"Draining the connections of the old server (up to {drain_timeout:g}s)")
+        self.logger.info("Upgrade: draining", upgrade=id, timeout=drain_timeout)
+        yield self.server.drain_for_upgrade(drain_timeout)
+        self.server.save_state()
+        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
+                            tuple(channels))
+        progress("exec", f"Starting the new server (pid {handover.pid})")
+        # Let the progress reach the clients (written on the reactor's next
+        # turns) before the exec.
+        done: Deferred[None] = Deferred()
+        self.reactor.callLater(0, self.reactor.callLater, 0, done.callback, None)
+        yield done
+        self._exec(relaunch, handover)
+
+    def _keep_sockets(self) -> tuple[list[tuple[str, int]], int | None]:
+        sockets = [(kind, self.keep(fd)) for kind, fd in self.server.listening_sockets()]
+        control = self.server.control.fileno()
+        return sockets, None if control is None else self.keep(control)
+
+    def _keep_channels(self) -> list[list[int]]:
+        """
+        The channels of the workers (which serve on through the exec), as
+        C{[pid, descriptor, generation]}.
+        """
+        pool = getattr(self.server, "pool", None)
+        if pool is None:
+            return []
+        return [[pid, self.keep(fd), generation] for pid, fd, generation in pool.channels()]
+
+    def _exec(self, relaunch: Relaunch, handover: Handover) -> None:
+        environ = dict(self.environ)
+        environ[UPGRADE_VARIABLE] = handover.to_text()
+        self.logger.info("Upgrade: re-executing", upgrade=handover.id, pid=handover.pid,
+                         argv=list(relaunch.argv))
+        if relaunch.before_exec is not None:
+            relaunch.before_exec()
+        self.flush()
+        try:
+            self.execv(relaunch.argv[0], list(relaunch.argv), environ)
+        except OSError as e:
+            # The old server stopped accepting: nothing can serve now.
+            self.logger.error("Upgrade: cannot re-execute; stopping", upgrade=handover.id,
+                              error=str(e))
+            self.running = None
+            self.reactor.stop()
+
+    # The image after
+
+    def start_generation(self, pool: Any) -> Deferred[Any]:
+        """
+        Start this image's first generation of workers on C{pool} (a
+        L{mproxy.workers.pool.WorkerPool}).  After an upgrade, the workers
+        of the image before are adopted first and go on serving; once the
+        new generation serves they are retired (drained for the handover's
+        drain timeout), and only then is the upgrade done.  When the new
+        generation fails to start, the old one keeps serving and the upgrade
+        fails with the reason.  Fires with the generation that serves.
+        """
+        channels = [tuple(ch) for ch in self.handover.channels] if self.handover else []
+        old = pool.adopt(channels) if channels else []
+        if old:
+            self._pending = True
+            self.logger.info("Upgrade: adopted the old workers", upgrade=self.handover.id,
+                             pids=[pid for pid, _fd, _g in channels])
+        d = pool.start_generation()
+
+        def started(generation: Any) -> Any:
+            if old:
+                self._retire(pool, old)
+            return generation
+
+        def failed(f: Failure) -> Any:
+            if not old:
+                return f
+            reason = f"the new workers did not start: {f.getErrorMessage()}"
+            self.logger.error("Upgrade failed: the old workers serve on",
+                              upgrade=self.handover.id, error=reason)
+            self._finish(UpgradeError(reason))
+            return old[-1]
+
+        return d.addCallbacks(started, failed)
+
+    def _retire(self, pool: Any, old: Sequence[Any]) -> None:
+        assert self.handover is not None
+        timeout = self.handover.drain_timeout
+        self.logger.info("Upgrade: retiring the old workers", upgrade=self.handover.id,
+                         timeout=timeout)
+        self._notify("retire", f"New workers serve; the old ones drain (up to {timeout:g}s)")
+        d = DeferredList([pool.retire(g, timeout) for g in old], consumeErrors=True)
+        d.addCallback(lambda _: self._finish(None))
+
+    def serving(self) -> None:
+        """
+        The server now serves; the upgrade that started it, if any, is done
+        (unless old workers are still draining).
+        """
+        if self.handover is None or self._done is not None:
+            return
+        self._serving = True
+        if not self._pending:
+            self._finish(None)
+
+    def _finish(self, error: UpgradeError | None) -> None:
+        if self._done is not None or self.handover is None:
+            return
+        self._pending = False
+        self._done = {"id": self.handover.id, "pid": self.getpid(), "error": error}
+        if error is None:
+            self.logger.info("Upgrade done", upgrade=self.handover.id, pid=self.getpid())
+        waiting, self._waiting = self._waiting, []
+        for d, _progress in waiting:
+            self._answer(d)
+
+    def _answer(self, d: Deferred[dict[str, Any]]) -> None:
+        assert self._done is not None
+        if self._done["error"] is not None:
+            d.errback(self._done["error"])
+        else:
+            d.callback({"id": self._done["id"], "pid": self._done["pid"]})
+
+    def _notify(self, phase: str, detail: str) -> None:
+        self._phase = (phase, detail)
+        for _d, progress in self._waiting:
+            progress(phase, detail)
+
+    def outcome(
+        self, id: str, progress: Callable[[str, str], Any] = lambda phase, detail: None
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Fires with C{{"id", "pid"}} once upgrade C{id}, which started this
+        image, is done (C{progress} is told what it waits for meanwhile);
+        fails with L{UpgradeError} when this image did not come from
+        upgrade C{id}, or the upgrade failed.
+        """
+        d: Deferred[dict[str, Any]] = Deferred()
+        if self.handover is None or self.handover.id != id:
+            d.errback(UpgradeError(
+                f"upgrade {id} did not happen: the server running now did not start "
+                "from it (did it crash or restart instead?)"
+            ))
+        elif self._done is not None:
+            self._answer(d)
+        else:
+            self._waiting.append((d, progress))
+            if self._phase is not None:
+                progress(*self._phase)
+        return d
+
+
+def _flush_standard_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def check_installed(ns: Any, streams: Any, reactor: Any = None) -> int:
+    """
+    The pre-flight check (L{CHECK_COMMAND}), run by the installed code:
+    the run options C{ns} parse, the service tree builds (importing what it
+    serves with), and the state file restores.  Exit status 0, or 1 with
+    C{Error: ...}.  Nothing is bound, listened on or written.
+    """
+    import io
+
+    from mproxy.cli.streams import fail
+    from mproxy.config import SERVER_OPTIONS, resolve_config
+    from mproxy.logging import JSONLogger
+    from mproxy.tree import build_service
+
+    if reactor is None:
+        from twisted.internet import reactor
+    explicit = {spec.attr: getattr(ns, spec.attr, None) for spec in SERVER_OPTIONS}
+    try:
+        config = resolve_config(explicit)
+        service = build_service(reactor, config, JSONLogger(io.StringIO()), environ={})
+        service.controller.restore()
+        service.controller.shutdown()
+    except MproxyError as e:
+        return fail(streams, str(e))
+    except Exception as e:
+        return fail(streams, f"{type(e).__name__}: {e}")
+    return 0
