@@ -435,7 +435,7 @@ def nginx_proxy_config(d: Path, port: int, upstream_port: int, access_log: bool 
     logline = (f"access_log {d}/access.log json;" if access_log else "access_log off;")
     listen = f"listen {HOST}:{port} backlog=4096;"
     if tls:
-        listen = f"""listen {HOST}:{port} ssl backlog=4096;
+        listen = f"""listen {HOST}:{port} ssl http2 backlog=4096;
     ssl_certificate {tls[0]};
     ssl_certificate_key {tls[1]};
     ssl_protocols TLSv1.2 TLSv1.3;

@@ -93,10 +93,10 @@ def run_load(url: str, args, duration: float, cpu: int | None, run_wrk) -> dict:
     if proto == "":
         return run_wrk(url, args, duration, cpu)
     if proto == "h2":
-        # -m 1: as many requests in flight as wrk's connections, one per
-        # connection, so the rows compare per-request cost
+        # -c connections, --h2-streams (default 10) requests in flight on each
+        streams = getattr(args, "h2_streams", 10)
         argv = C.pin_prefix(cpu) + [
-            "h2load", "-t1", f"-c{args.connections}", "-m1", f"-D{duration:g}", plain]
+            "h2load", "-t1", f"-c{args.connections}", f"-m{streams}", f"-D{duration:g}", plain]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                            stdin=subprocess.DEVNULL)
         if r.returncode != 0:

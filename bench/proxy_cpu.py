@@ -12,8 +12,9 @@ keepalive, /up -> 200) is loaded with wrk through the proxy under test:
   *-tls        the same proxies terminating HTTPS (self-signed ECDSA cert for
                localhost; mproxy deployed with --host localhost --tls and the
                cert files); the upstream stays plain HTTP. Not in the default set.
-  *-h2         mproxy-h2, caddy-h2: the -tls setup loaded over HTTP/2 by h2load
-               (nghttp2-client), -c connections with one stream each
+  *-h2         mproxy-h2, caddy-h2, nginx-h2: the -tls setup loaded over
+               HTTP/2 by h2load (nghttp2-client), -c connections with
+               --h2-streams (10) streams in flight on each
   *-h3         mproxy-h3 (run with --http3), caddy-h3: the -tls setup loaded
                over HTTP/3 by bench/h3load.py (aioquic, one Python process:
                usually the bottleneck itself; CPU us/req is still the proxy's)
@@ -27,7 +28,7 @@ a delta over the measured run, divided by the requests wrk completed.
                and nginx (worker_processes auto) with their default worker
                counts, none pinned (the load stays pinned); mproxy's CPU
                is that of the supervisor and its workers. The other mproxy
-               rows run with one worker (MPROXY_WORKERS=1) on the pinned CPU.
+               rows run with one worker on the pinned CPU.
 
   mproxy@LABEL, mproxy-tls@LABEL
                mproxy (plain, HTTPS) run from another source tree given
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import re
 import shutil
 import statistics
@@ -72,7 +74,7 @@ import _protocols as P  # noqa: E402
 ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy",
                "mproxy-tls", "nginx-tls", "caddy-tls",
                # HTTP/2 (h2load) and HTTP/3 (bench/h3load.py) over the -tls setups
-               "mproxy-h2", "caddy-h2", "mproxy-h3", "caddy-h3",
+               "mproxy-h2", "caddy-h2", "nginx-h2", "mproxy-h3", "caddy-h3",
                # every core, unpinned (worker processes)
                "mproxy-w1", "mproxy-w2", "caddy-multi", "nginx-multi"]
 #: unpinned targets: name -> (the target it runs as, extra mproxy run options)
@@ -238,9 +240,8 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
                 {**extra, "access_log": str(workdir / "access.log")})
     if base == "mproxy":
         cmd, env = args.mproxy_trees[label] if label else args.mproxy_argv
-        if not getattr(args, "multi", None):
-            # one worker on the pinned CPU (older trees ignore the variable)
-            env = {**env, "MPROXY_WORKERS": "1"}
+        if not getattr(args, "multi", None):  # the pinned rows: one worker
+            mproxy_args = (mproxy_args or []) + single_worker(cmd, env)
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, extra_args=mproxy_args)
         opts = []
         if tls:
@@ -250,6 +251,25 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
         port = mp.https_port if tls else mp.http_port
         return f"{scheme_host}:{port}/", mp.pid, {**extra, "mproxy": mp}
     raise ValueError(name)
+
+
+_single_worker: dict[tuple[str, ...], list[str]] = {}
+
+
+def single_worker(cmd: list[str], env: dict) -> list[str]:
+    """
+    C{["--workers", "1"]} for an mproxy whose C{run} has a C{--workers}
+    option (one process: the pinned single-core figure), else nothing.
+    """
+    key = tuple(cmd)
+    if key not in _single_worker:
+        r = subprocess.run(cmd + ["run", "--help"], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        _single_worker[key] = ["--workers", "1"] if "--workers" in r.stdout else []
+        C.log(f"mproxy run {'has' if _single_worker[key] else 'has no'} --workers option"
+              + (": running with --workers 1" if _single_worker[key] else ""))
+    return _single_worker[key]
 
 
 def tree_command(directory: str) -> tuple[list[str], dict]:
@@ -425,8 +445,9 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     pairs += [("nginx", "direct"), ("caddy", "direct"),
               ("mproxy-tls", "nginx-tls"), ("mproxy-tls", "caddy-tls"),
               ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy"),
-              ("mproxy-h2", "caddy-h2"), ("mproxy-h3", "caddy-h3"),
-              ("mproxy-h2", "mproxy-tls"), ("mproxy-h3", "mproxy-tls"),
+              ("mproxy-h2", "caddy-h2"), ("mproxy-h2", "nginx-h2"), ("mproxy-h3", "caddy-h3"),
+              ("mproxy-h2", "mproxy-tls"), ("caddy-h2", "caddy-tls"), ("nginx-h2", "nginx-tls"),
+              ("mproxy-h3", "mproxy-tls"),
               ("mproxy-w2", "mproxy-w1"), ("mproxy-w2", "caddy-multi"),
               ("mproxy-w1", "caddy-multi"), ("mproxy-w2", "nginx-multi"),
               ("mproxy-w2", "mproxy")]
@@ -471,6 +492,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="measured runs per target (median)")
     ap.add_argument("--connections", "-c", type=int, default=50)
     ap.add_argument("--threads", "-t", type=int, default=1)
+    ap.add_argument("--h2-streams", type=int, default=10,
+                    help="HTTP/2 streams in flight per connection for the -h2 rows (h2load -m)")
     ap.add_argument("--body-size", type=int, default=128, help="upstream body bytes")
     ap.add_argument("--workloads", default="small",
                     help=f"comma list from {','.join(WORKLOADS)}, or all (default: %(default)s)")

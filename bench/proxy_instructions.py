@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from proxy_cpu import tree_command, verify  # noqa: E402
+from proxy_cpu import single_worker, tree_command, verify  # noqa: E402
 
 
 def load(host: str, port: int, total: int, connections: int, cafile: str | None) -> int:
@@ -98,7 +98,7 @@ def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     with C.Procs() as procs:
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, wrapper=wrapper,
-                      start_timeout=300)
+                      start_timeout=300, extra_args=single_worker(cmd, env))
         opts = ["--health-check-interval", "1h"] if args.slow_health else []
         cafile = None
         if tls:

@@ -339,6 +339,10 @@ class MproxyService(MultiService):
             if isinstance(listener, Listener):
                 listener.stop_accepting()
         drains = [site.shutdown(timeout) for site in self.sites]
+        if self.pool is not None:
+            # the workers serve on through the exec (their channels are
+            # handed over); the new image retires them once its own serve
+            self.certificate_watch.stop()
         if self.http3 is not None:
             drains.append(self.http3.listener.shutdown(timeout))
         self.controller.shutdown()

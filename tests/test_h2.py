@@ -652,3 +652,154 @@ class ReceiveTests(SynchronousTestCase):
         h = Harness()
         h.get()
         self.assertEqual(data_of(h.frames()), b"0123456789")
+
+
+class RequestHeaderCheckTests(SynchronousTestCase):
+    """
+    L{request_headers} accepts, normalizes and refuses exactly what
+    hyper-h2's own inbound pipeline does.
+    """
+
+    BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+            (b":authority", b"a.test")]
+
+    CASES = {
+        "plain": BASE,
+        "regular fields": BASE + [(b"user-agent", b"x/1"), (b"accept", b"*/*"), (b"x", b"")],
+        "cookies joined last": [BASE[0], (b"cookie", b"a=1")] + BASE[1:]
+        + [(b"x", b"y"), (b"cookie", b"b=2")],
+        "cookie with spaces inside": BASE + [(b"cookie", b"a=1 "), (b"cookie", b" b=2")],
+        "cookie with space at the end": BASE + [(b"cookie", b"a=1 ")],
+        "host only": BASE[:3] + [(b"host", b"a.test")],
+        "host equal": BASE + [(b"host", b"a.test")],
+        "host differs": BASE + [(b"host", b"b.test")],
+        "two hosts": BASE[:3] + [(b"host", b"a"), (b"host", b"a")],
+        "no authority": BASE[:3],
+        "uppercase name": BASE + [(b"X-Thing", b"1")],
+        "space in name": BASE + [(b"x thing", b"1")],
+        "non-ascii name": BASE + [(b"x\xe9", b"1")],
+        "colon in name": BASE + [(b"x:y", b"1")],
+        "empty name": BASE + [(b"", b"1")],
+        "nul in value": BASE + [(b"x", b"a\x00b")],
+        "lf in value": BASE + [(b"x", b"a\nb")],
+        "cr in value": BASE + [(b"x", b"a\rb")],
+        "leading space": BASE + [(b"x", b" a")],
+        "trailing tab": BASE + [(b"x", b"a\t")],
+        "connection": BASE + [(b"connection", b"close")],
+        "keep-alive": BASE + [(b"keep-alive", b"5")],
+        "transfer-encoding": BASE + [(b"transfer-encoding", b"chunked")],
+        "te trailers": BASE + [(b"te", b"trailers")],
+        "te gzip": BASE + [(b"te", b"gzip")],
+        "pseudo after regular": BASE[:3] + [(b"x", b"1"), BASE[3]],
+        "duplicate pseudo": BASE + [(b":path", b"/x")],
+        "custom pseudo": BASE + [(b":foo", b"1")],
+        "status in request": BASE + [(b":status", b"200")],
+        "empty path": [BASE[0], BASE[1], (b":path", b""), BASE[3]],
+        "no method": BASE[1:],
+        "no scheme": [BASE[0], BASE[2], BASE[3]],
+        "no path": [BASE[0], BASE[1], BASE[3]],
+        "connect": [(b":method", b"CONNECT"), (b":authority", b"a.test:443")],
+        "connect with path": [(b":method", b"CONNECT"), (b":authority", b"a:1"),
+                              (b":path", b"/")],
+        "extended connect": [(b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                             (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"a")],
+        "protocol without connect": BASE + [(b":protocol", b"websocket")],
+    }
+
+    def hyper_h2(self, headers: Any, flags: Any) -> Any:
+        from h2.utilities import normalize_inbound_headers, validate_headers
+
+        return list(validate_headers(normalize_inbound_headers(headers, flags), flags))
+
+    def test_same_as_hyper_h2(self) -> None:
+        from h2.exceptions import ProtocolError
+        from h2.utilities import HeaderValidationFlags
+        from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+        from mproxy.http.h2 import request_headers
+
+        flags = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                      is_response_header=False, is_push_promise=False)
+        for name, headers in self.CASES.items():
+            headers = [HeaderTuple(n, v) for n, v in headers]
+            try:
+                expected = self.hyper_h2(headers, flags)
+            except ProtocolError:
+                expected = ProtocolError
+            try:
+                got = request_headers(headers, flags)
+            except ProtocolError:
+                got = ProtocolError
+            if expected is ProtocolError:
+                self.assertIs(got, ProtocolError, name)
+                continue
+            self.assertEqual(got, expected, name)
+            self.assertEqual([type(h) for h in got], [type(h) for h in expected], name)
+            self.assertTrue(any(isinstance(h, NeverIndexedHeaderTuple) for h in got)
+                            or not any(h[0] == b"cookie" for h in got), name)
+
+    def test_bad_request_header_is_connection_error(self) -> None:
+        """
+        A request header block that breaks a rule is a PROTOCOL_ERROR for
+        the connection.
+        """
+        h = Harness()
+        # an uppercase name (hyper-h2's client refuses to send one itself)
+        bad = Encoder().encode(list(REQUEST) + [(b"X-Bad", b"1")])
+        h.send(frame(0x1, 0x5, 1, bad))
+        self.assertEqual(goaways(h.frames()), [ErrorCodes.PROTOCOL_ERROR])
+        self.assertTrue(h.closed)
+
+
+class SchedulingTests(SynchronousTestCase):
+    def test_streams_take_turns(self) -> None:
+        """
+        Streams with data send one frame each in turn; a client's priority
+        signals are accepted (no error) and do not change the order.
+        """
+        from hyperframe.frame import PriorityFrame
+
+        app = App()
+        h = Harness(app)
+        h.get(1, path=b"/wait")
+        h.get(3, path=b"/wait")
+        # stream 3 depends on stream 1 (it would wait for it under RFC 7540)
+        pf = PriorityFrame(3)
+        pf.depends_on = 1
+        pf.stream_weight = 255
+        h.send(pf.serialize())
+        h.frames()
+        for req in app.waiting:
+            req.write(b"b" * 20000)
+        h.pump()
+        order = [f.stream_id for f in h.frames() if isinstance(f, DataFrame)]
+        self.assertEqual(order, [1, 3, 1, 3])
+        self.assertFalse(h.closed)
+
+    def test_round_robin_scheduler(self) -> None:
+        import priority
+
+        from mproxy.http.h2 import RoundRobin
+
+        rr = RoundRobin(maximum_streams=3)
+        self.assertRaises(priority.DeadlockError, next, rr)
+        rr.insert_stream(1)
+        rr.insert_stream(3)
+        self.assertRaises(priority.DuplicateStreamError, rr.insert_stream, 1)
+        self.assertEqual([next(rr) for _ in range(4)], [1, 3, 1, 3])
+        rr.block(1)
+        self.assertEqual([next(rr) for _ in range(2)], [3, 3])
+        rr.unblock(1)
+        rr.reprioritize(1, depends_on=3, weight=200)
+        self.assertEqual(sorted(next(rr) for _ in range(2)), [1, 3])
+        rr.remove_stream(3)
+        self.assertEqual(next(rr), 1)
+        for bad in (rr.block, rr.unblock, rr.remove_stream, rr.reprioritize):
+            self.assertRaises(priority.MissingStreamError, bad, 3)
+        rr.insert_stream(5)
+        rr.insert_stream(7)
+        self.assertRaises(priority.TooManyStreamsError, rr.insert_stream, 9)
+        rr.block(1)
+        rr.block(5)
+        rr.block(7)
+        self.assertRaises(priority.DeadlockError, next, rr)

@@ -16,7 +16,14 @@ from __future__ import annotations
 from typing import Callable
 
 
+def _no_cookies(name: bytes) -> bytes | None:
+    return None
+
+
 def cookie_lookup(values: list[bytes]) -> Callable[[bytes], bytes | None]:
+    if not values:
+        # most requests: no Cookie header, no closure to build
+        return _no_cookies
     parsed: dict[bytes, bytes] | None = None
 
     def cookie(name: bytes) -> bytes | None:

@@ -225,42 +225,43 @@ class FastTLSProtocol(Protocol):
             if not self._handshake():
                 return
         if not self.disconnecting:
-            self._decrypt()
+            # every complete record received, decrypted and handed to the
+            # protocol in one call (a record holds at most 16 KiB: a large
+            # upload would otherwise cost one protocol call per record)
+            sslobj = self._ssl
+            incoming = self._incoming
+            first: bytes | None = None
+            more: list[bytes] | None = None
+            error: ssl.SSLError | None = None
+            closed = False
+            while True:
+                try:
+                    chunk = sslobj.read(READ_SIZE)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLError as e:
+                    error = e
+                    break
+                if not chunk:
+                    # close_notify from the client
+                    closed = True
+                    break
+                if first is None:
+                    first = chunk
+                elif more is None:
+                    more = [first, chunk]
+                else:
+                    more.append(chunk)
+                if not incoming.pending and not sslobj.pending():
+                    break
+            if first is not None:
+                self._deliver(first if more is None else b"".join(more))
+            if error is not None:
+                self._fail(error)
+            elif closed:
+                self.loseConnection()
         if self._outgoing.pending:
             self._send_outgoing()
-
-    def _decrypt(self) -> None:
-        """
-        Decrypt every complete record received and hand the plaintext to
-        the protocol in one call (a record holds at most 16 KiB: a large
-        upload would otherwise cost one protocol call per record).
-        """
-        sslobj = self._ssl
-        incoming = self._incoming
-        chunks = []
-        error: ssl.SSLError | None = None
-        closed = False
-        while True:
-            try:
-                chunk = sslobj.read(READ_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLError as e:
-                error = e
-                break
-            if not chunk:
-                # close_notify from the client
-                closed = True
-                break
-            chunks.append(chunk)
-            if not incoming.pending and not sslobj.pending():
-                break
-        if chunks:
-            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if error is not None:
-            self._fail(error)
-        elif closed:
-            self.loseConnection()
 
     def _handshake(self) -> bool:
         try:

@@ -505,14 +505,22 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
 
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
+    def stop_standby(self) -> Deferred[None]:
+        """
+        Stop the standby workers (no more are started); fires once they exited.
+        """
+        self.spares = 0
         standby, self.standby = self.standby, []
         for spare in standby:
             if spare.channel is not None and not spare.gone:
                 spare.channel.callRemote(c.Retire, grace=0.0).addErrback(lambda f: None)
+        d = DeferredList([s.ended for s in standby], consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
         ds = [self.retire(g, self.grace) for g in list(self.generations)]
-        ds += [s.ended for s in standby]
+        ds.append(self.stop_standby())
         return DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
 
     # IDataPlane
