@@ -579,3 +579,58 @@ class SocketTests(SynchronousTestCase):
         listener = SocketListener("HTTPS", 443, "", inherited=[(5, 10, 8443)])
         listener.privilegedStartService()
         self.assertEqual((listener.port, listener.fds), (8443, [(5, 10)]))
+
+
+class SpawnerTests(SynchronousTestCase):
+    def test_descriptors_settings_and_log_mode(self) -> None:
+        """
+        The child's descriptors are numbered above every descriptor of ours
+        (so no mapping overwrites one still to be copied), and its command
+        line says where they are, with the debug level and the log mode.
+        """
+        import json
+        import socket
+
+        from mproxy.workers.pool import ProcessSpawner, WorkerHandle, Generation
+        from mproxy.workers.worker import WorkerSettings
+
+        calls: list[Any] = []
+
+        class Process:
+            pid = 4242
+
+        class Reactor:
+            def spawnProcess(self, proto: Any, exe: str, args: list[str], env: Any,
+                             childFDs: dict[int, Any]) -> Any:
+                calls.append((args, dict(childFDs)))
+                return Process()
+
+            def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+                calls.append(("adopted", family))
+
+        spawner = ProcessSpawner(Reactor(), {"http": [(3, socket.AF_INET)],
+                                             "https": [(4, socket.AF_INET6)]},
+                                 [(5, socket.AF_INET)],
+                                 dict(http_port=80, https_port=443, header_timeout=30.0,
+                                      idle_timeout=75.0, metrics=False, debug=True,
+                                      grace=10.0),
+                                 log_to_fd=False)
+        pool = WorkerPool(MemoryReactorClock(), ListLogger(), spawner, 1)
+        worker = WorkerHandle(0, Generation(1, 1))
+        spawner.spawn(pool, worker)
+        (args, fds), adopted = calls
+        self.assertEqual(adopted, ("adopted", socket.AF_UNIX))
+        self.assertEqual(worker.pid, 4242)
+        settings = WorkerSettings.from_json(args[-1])
+        self.assertEqual(args[1:3], ["-m", "mproxy.workers"])
+        self.assertTrue(settings.debug)
+        self.assertEqual(settings.log, "channel")
+        sources = [v for k, v in fds.items() if k > 2]
+        targets = [k for k in fds if k > 2]
+        self.assertTrue(min(targets) > max(sources), fds)
+        self.assertEqual(fds[settings.sockets["http"][0][0]], 3)
+        self.assertEqual(fds[settings.sockets["https"][0][0]], 4)
+        self.assertEqual(fds[settings.udp[0][0]], 5)
+        self.assertIn(settings.channel, fds)
+        self.assertEqual(settings.sockets["https"][0][1], socket.AF_INET6)
+        self.assertEqual(json.loads(settings.to_json())["slot"], 0)
