@@ -23,6 +23,13 @@ The proxy is pinned to CPU 0; wrk and the upstream share CPU 1. The proxy's
 CPU time is utime+stime from /proc/PID/stat summed over its process tree, as
 a delta over the measured run, divided by the requests wrk completed.
 
+  mproxy-w1, mproxy-w2, caddy-multi, nginx-multi
+               every core: `mproxy run --workers 1` / `--workers 2`, caddy
+               and nginx (worker_processes auto) with their default worker
+               counts, none pinned (the load stays pinned); mproxy's CPU
+               is that of the supervisor and its workers. The other mproxy
+               rows run with one worker on the pinned CPU.
+
   mproxy@LABEL, mproxy-tls@LABEL
                mproxy (plain, HTTPS) run from another source tree given
                with --mproxy-tree LABEL=DIR, to compare two versions of the
@@ -67,7 +74,12 @@ import _protocols as P  # noqa: E402
 ALL_TARGETS = ["direct", "mproxy", "nginx", "nginx-nolog", "caddy",
                "mproxy-tls", "nginx-tls", "caddy-tls",
                # HTTP/2 (h2load) and HTTP/3 (bench/h3load.py) over the -tls setups
-               "mproxy-h2", "caddy-h2", "nginx-h2", "mproxy-h3", "caddy-h3"]
+               "mproxy-h2", "caddy-h2", "nginx-h2", "mproxy-h3", "caddy-h3",
+               # every core, unpinned (worker processes)
+               "mproxy-w1", "mproxy-w2", "caddy-multi", "nginx-multi"]
+#: unpinned targets: name -> (the target it runs as, extra mproxy run options)
+MULTI = {"mproxy-w1": ("mproxy", ["--workers", "1"]), "mproxy-w2": ("mproxy", ["--workers", "2"]),
+         "caddy-multi": ("caddy", []), "nginx-multi": ("nginx", [])}
 DEFAULT_TARGETS = ["direct", "mproxy", "nginx", "caddy"]
 
 #: workload -> (path under the target's URL, request body bytes, response
@@ -197,6 +209,11 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
                   mproxy_args: list[str] | None = None):
     if name == "direct":
         return f"http://{C.HOST}:{upstream_port}/", None, {}
+    if name in MULTI:
+        base, extra_args = MULTI[name]
+        unpinned = argparse.Namespace(**{**vars(args), "proxy_cpu": -1, "multi": base})
+        return _start_target(base, procs, workdir, upstream_port, unpinned,
+                             (mproxy_args or []) + extra_args)
     name, _, label = name.partition("@")
     base, tls = (name[:-4], True) if name.endswith("-tls") else (name, False)
     cert = C.make_cert(workdir / "cert") if tls else None
@@ -206,6 +223,9 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
         (port,) = C.free_ports(1)
         conf = C.nginx_proxy_config(workdir, port, upstream_port,
                                     access_log=(base == "nginx"), tls=cert)
+        if getattr(args, "multi", None):
+            conf.write_text(conf.read_text().replace("worker_processes 1;",
+                                                     "worker_processes auto;"))
         p = procs.start(name, C.pin_prefix(args.proxy_cpu) + C.nginx_argv(conf), workdir)
         C.wait_port(port, 15, p)
         return (f"{scheme_host}:{port}/", p.pid,
@@ -220,7 +240,8 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
                 {**extra, "access_log": str(workdir / "access.log")})
     if base == "mproxy":
         cmd, env = args.mproxy_trees[label] if label else args.mproxy_argv
-        mproxy_args = (mproxy_args or []) + single_worker(cmd, env)
+        if not getattr(args, "multi", None):  # the pinned rows: one worker
+            mproxy_args = (mproxy_args or []) + single_worker(cmd, env)
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, extra_args=mproxy_args)
         opts = []
         if tls:
@@ -272,6 +293,8 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
         n += 1
         workdir = tmp / f"{name}.{n}"
     workdir.mkdir()
+    if name in MULTI:  # unpinned: no proxy CPU to watch
+        args = argparse.Namespace(**{**vars(args), "proxy_cpu": -1})
     with C.Procs() as procs:
         root, pid, extra = start_target(name, procs, workdir, upstream_port, args)
         verify(root, body, extra.get("cafile"))
@@ -424,7 +447,10 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
               ("mproxy-tls", "mproxy"), ("nginx-tls", "nginx"), ("caddy-tls", "caddy"),
               ("mproxy-h2", "caddy-h2"), ("mproxy-h2", "nginx-h2"), ("mproxy-h3", "caddy-h3"),
               ("mproxy-h2", "mproxy-tls"), ("caddy-h2", "caddy-tls"), ("nginx-h2", "nginx-tls"),
-              ("mproxy-h3", "mproxy-tls")]
+              ("mproxy-h3", "mproxy-tls"),
+              ("mproxy-w2", "mproxy-w1"), ("mproxy-w2", "caddy-multi"),
+              ("mproxy-w1", "caddy-multi"), ("mproxy-w2", "nginx-multi"),
+              ("mproxy-w2", "mproxy")]
     pairs += [(f"{p}{sfx}", f"{q}{sfx}") for sfx in suffixes[1:]
               for p, q in [("mproxy", "direct"), ("mproxy", "caddy"), ("mproxy", "nginx"),
                            ("caddy", "direct"), ("nginx", "direct"),
@@ -529,7 +555,7 @@ def main(argv=None) -> int:
             if t != "all":
                 ap.error(f"unknown target {t!r}")
     skipped = {}
-    for t in ("caddy", "caddy-tls", "caddy-h2", "caddy-h3"):
+    for t in ("caddy", "caddy-tls", "caddy-h2", "caddy-h3", "caddy-multi"):
         if t in targets and not C.caddy_available():
             skipped[t] = "caddy not installed (apt-get install caddy)"
     for t in targets:
@@ -538,10 +564,10 @@ def main(argv=None) -> int:
         if P.missing_tool(t):
             skipped[t] = P.missing_tool(t)
     args.mproxy_argv = (None, {})
-    if {"mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"} & set(targets):
+    if {"mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3", "mproxy-w1", "mproxy-w2"} & set(targets):
         args.mproxy_argv = C.mproxy_command(args.mproxy_cmd)
         if args.mproxy_argv[0] is None:
-            for t in ("mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3"):
+            for t in ("mproxy", "mproxy-tls", "mproxy-h2", "mproxy-h3", "mproxy-w1", "mproxy-w2"):
                 if t in targets:
                     skipped[t] = "mproxy CLI not available (pip install -e . or --mproxy-cmd)"
     for t, why in skipped.items():

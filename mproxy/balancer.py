@@ -6,12 +6,13 @@ out of rotation.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from mproxy.health import HealthChecker, ProbeFunction
+if TYPE_CHECKING:  # the health checks' HTTP client is imported only where checks run
+    from mproxy.health import HealthChecker, ProbeFunction
 from mproxy.logging import JSONLogger
 from mproxy.spec import HealthCheckConfig
 from mproxy.target import Claim, Drained, PoolFactory, Target, TargetState, no_pool
@@ -167,6 +168,8 @@ class LoadBalancer:
         was the only one, requests get the 503 page at once instead of a 502
         each after a connect attempt).
         """
+        from mproxy.health import HealthChecker
+
         self.stop_health_checks()
         for t in self.targets:
             checker = HealthChecker(t, config, self.clock, probe, self._health_result)

@@ -45,6 +45,37 @@ def parse_str(text: str) -> str:
     return text
 
 
+def usable_cpus() -> int:
+    """
+    The CPUs this process may run on (its affinity mask), at least one.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+#: The most worker processes C{--workers} accepts.
+MAX_WORKERS = 64
+
+
+def parse_workers(text: str) -> int:
+    """
+    C{--workers}: a number of worker processes (1 to L{MAX_WORKERS}), or
+    C{auto} for one per usable CPU.
+    """
+    v = text.strip().lower()
+    if v == "auto":
+        return usable_cpus()
+    try:
+        n = int(v, 10)
+    except ValueError:
+        raise ValueError(f"invalid number of workers {text!r}: expected a number or auto")
+    if not 1 <= n <= MAX_WORKERS:
+        raise ValueError(f"invalid number of workers {text!r}: must be 1-{MAX_WORKERS} or auto")
+    return n
+
+
 def parse_cluster_url(text: str) -> str:
     """
     C{redis://[user:password@]host:port/db} or C{rediss://...} (TLS); empty
@@ -138,6 +169,10 @@ SERVER_OPTIONS: tuple[OptionSpec, ...] = (
         "Also serve HTTP/3 (QUIC) on UDP at the HTTPS port", flag=True,
     ),
     OptionSpec("debug", parse_bool, False, "DEBUG", "Log at DEBUG level", flag=True),
+    OptionSpec(
+        "workers", parse_workers, "auto", "WORKERS",
+        "Worker processes serving HTTP and HTTPS: a number, or auto for one per usable CPU",
+    ),
 )
 
 
@@ -159,6 +194,8 @@ class ServerConfig:
     cluster_node: str = ""
     http3: bool = False
     debug: bool = False
+    #: data-plane worker processes; 0 serves in this process (no workers)
+    workers: int = 0
 
 
 def resolve_config(
@@ -185,7 +222,9 @@ def resolve_config(
                 raise InvalidOptions(f"invalid value for ${var}: {e}")
             break
         else:
-            values[spec.attr] = spec.default
+            default = spec.default
+            # a default given as text (C{auto}) is resolved as if it were given
+            values[spec.attr] = spec.parse(default) if spec.parse is parse_workers else default
     values["socket"] = socket_path(values["socket"], environ)
     values["state_dir"] = state_dir(values["state_dir"], environ)
     return ServerConfig(**values)

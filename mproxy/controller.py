@@ -8,6 +8,13 @@ applies it only then: when the state file cannot be written the command
 fails with L{StateError} and nothing changes, so what a command answers is
 what is serving, and what a restart brings back.
 
+The processes serving requests follow through an L{IDataPlane}: the
+controller's own router (L{LocalDataPlane}, the default) or worker
+processes (L{mproxy.workers.pool.WorkerPool}).  Each change is sent as the
+full list of service records right after it is made durable; a command
+answers once every replica switched, and drains wait for the requests in
+flight everywhere.
+
 A deploy never holds anything that other services need while it waits:
 health waits and drains only touch the service being deployed, and commands
 for one service are serialised by that service's own lock.
@@ -18,7 +25,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import attrs
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
 from mproxy.balancer import LoadBalancer, gather_drains
@@ -39,7 +46,9 @@ from mproxy.spec import (
     validate_percentage,
 )
 from mproxy.state import PauseRecord, ServiceRecord, Slot, StateStore
-from mproxy.target import PoolFactory, no_pool
+from mproxy.target import PoolFactory, TargetState, no_pool
+from mproxy.workers.interfaces import IDataPlane, Switch
+from mproxy.workers.local import LocalDataPlane
 
 
 class Certificates(Protocol):
@@ -100,13 +109,17 @@ class Controller:
         certificates: Certificates | None = None,
         validate_error_pages: Callable[[ServiceOptions], None] = _accept_error_pages,
         deploys: DeployRecorder | None = None,
+        dataplane: IDataPlane | None = None,
     ) -> None:
         """
         @param validate_error_pages: raises L{mproxy.errors.ErrorPagesError}
             when the options name error pages that cannot be loaded (the data
             plane's L{mproxy.http.custompages.validate}).
         @param deploys: told the outcome of every deploy.
+        @param dataplane: where requests are served (default: this
+            controller's router).
         """
+        self.dataplane: IDataPlane = dataplane if dataplane is not None else LocalDataPlane()
         self.router = router
         self.clock = clock
         self.probe = probe
@@ -128,24 +141,56 @@ class Controller:
         return s
 
     def _balancer(self, slot: Slot) -> LoadBalancer:
-        return LoadBalancer(slot.writers, slot.readers, self.clock, self.pool_factory,
-                            self.logger)
+        lb = LoadBalancer(slot.writers, slot.readers, self.clock, self.pool_factory,
+                          self.logger)
+        for t in lb.targets:
+            t.on_state_change = self._health_follower(t.on_state_change)
+        return lb
 
-    def _commit(self, name: str, record: ServiceRecord | None) -> None:
+    def _health_follower(self, changed: Any) -> Any:
+        """
+        C{changed}, then the data plane told of a move in or out of rotation.
+        """
+        dataplane = self.dataplane
+
+        def follow(target: Any, was: TargetState) -> None:
+            changed(target, was)
+            if target.state in (TargetState.HEALTHY, TargetState.UNHEALTHY):
+                dataplane.set_health(target.address, target.healthy)
+
+        return follow
+
+    def eject(self, address: str, error: str) -> None:
+        """
+        The data plane could not reach target C{address}: take it out of
+        rotation in every service (see L{mproxy.target.Target.eject}).
+        """
+        for s in self.router.services.values():
+            for lb in s.balancers():
+                for t in lb.targets:
+                    if t.address == address:
+                        t.eject(error)
+
+    def _commit(self, name: str, record: ServiceRecord | None,
+                drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> Switch:
         """
         Make durable the state in which service C{name} is C{record} (or is
-        gone, for C{None}).  The caller applies the change only after this
-        returns.
+        gone, for C{None}), and send it to the data plane.  The caller applies
+        the change to its router only after this returns.
 
         @raise StateError: when the state file cannot be written; the old
             file is intact and nothing has changed.
         """
-        if self.store is None:
-            return
         records = [ServiceRecord.of(s) for n, s in self.router.services.items() if n != name]
         if record is not None:
             records.append(record)
         records.sort(key=lambda r: r.name)
+        self._save(records)
+        return self.dataplane.apply(records, drain_timeout)
+
+    def _save(self, records: list[ServiceRecord]) -> None:
+        if self.store is None:
+            return
         try:
             self.store.save(records)
         except OSError as e:
@@ -182,29 +227,32 @@ class Controller:
 
     # Rollout split
 
-    def rollout_set(self, name: str, percentage: int, allowlist: tuple[str, ...]) -> None:
+    def rollout_set(self, name: str, percentage: int, allowlist: tuple[str, ...]
+                    ) -> Deferred[None]:
         validate_percentage(percentage)
         service = self._service(name)
         if service.rollout is None:
             raise RolloutNotSet()
         split = RolloutSplit(percentage, tuple(allowlist))
-        self._commit(name, attrs.evolve(ServiceRecord.of(service), split=split))
+        switch = self._commit(name, attrs.evolve(ServiceRecord.of(service), split=split))
         service.split = split
         self.logger.info(
             "Set rollout split", service=name, percentage=percentage, allowlist=list(allowlist)
         )
+        return _switched(switch)
 
-    def rollout_stop(self, name: str) -> None:
+    def rollout_stop(self, name: str) -> Deferred[None]:
         service = self._service(name)
-        self._commit(name, attrs.evolve(ServiceRecord.of(service), split=None))
+        switch = self._commit(name, attrs.evolve(ServiceRecord.of(service), split=None))
         service.split = None
         self.logger.info("Stopped rollout", service=name)
+        return _switched(switch)
 
     # Remove, pause, stop, resume
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> Deferred[None]:
         service = self._service(name)
-        self._commit(name, None)
+        switch = self._commit(name, None)
         self.router.remove(name)
         for lb in service.balancers():
             lb.stop_health_checks()
@@ -216,21 +264,26 @@ class Controller:
         service.pause.resume()
         self.certificates.remove_service(name)
         self.logger.info("Service removed", service=name)
+        return _switched(switch)
 
-    def _set_pause(self, service: Service, pause: PauseRecord) -> None:
-        self._commit(service.name, attrs.evolve(ServiceRecord.of(service), pause=pause))
+    def _set_pause(self, service: Service, pause: PauseRecord) -> Switch:
+        switch = self._commit(service.name, attrs.evolve(ServiceRecord.of(service), pause=pause))
         if pause.state is PauseState.PAUSED:
             service.pause.pause(pause.max_pause)
         elif pause.state is PauseState.STOPPED:
             service.pause.stop(pause.stop_message)
         else:
             service.pause.resume()
+        return switch
 
     @inlineCallbacks
     def _drain_service(self, service: Service, timeout: float, progress: Progress) -> Any:
-        n = sum(lb.inflight() for lb in service.balancers())
+        yield self.dataplane.refresh()
+        n = sum(lb.inflight() for lb in service.balancers()) + self.dataplane.inflight(
+            service.name)
         progress("draining", f"draining {plural(n, 'request')} from {service.name}")
-        drained = yield gather_drains([lb.drain(timeout) for lb in service.balancers()])
+        drained = yield gather_drains([lb.drain(timeout) for lb in service.balancers()]
+                                      + [self.dataplane.drain_service(service.name, timeout)])
         self.logger.info("Service drained", service=service.name,
                          drained=drained.requests, cut=drained.cut)
         progress("done", "")
@@ -277,19 +330,35 @@ class Controller:
         service = self._service(name)
         if pause.state is PauseState.STOPPED:
             pause = attrs.evolve(pause, max_pause=service.pause.max_pause)
-        self._set_pause(service, pause)
+        switch = self._set_pause(service, pause)
         self.logger.info(message, service=name)
+        yield switch.switched
         return (yield self._drain_service(service, drain_timeout, progress))
 
-    def resume(self, name: str) -> None:
+    def resume(self, name: str) -> Deferred[None]:
         service = self._service(name)
-        self._set_pause(service, PauseRecord(PauseState.RUNNING, service.pause.max_pause))
+        switch = self._set_pause(service, PauseRecord(PauseState.RUNNING,
+                                                      service.pause.max_pause))
         self.logger.info("Service resumed", service=name)
+        return _switched(switch)
 
     # Listing and state
 
     def list(self) -> list[dict[str, Any]]:
-        return service_rows(self.router, self.certificates.status())
+        """
+        The rows of C{mproxy list}, requests in flight as of the last
+        L{refresh}.
+        """
+        rows = service_rows(self.router, self.certificates.status())
+        for row in rows:
+            row["inflight"] += self.dataplane.inflight(row["service"])
+        return rows
+
+    def refresh(self) -> Deferred[None]:
+        """
+        Fetch the data plane's in-flight counts (before L{list}).
+        """
+        return self.dataplane.refresh()
 
     def target_health(self) -> list[tuple[str, str, bool]]:
         """
@@ -317,6 +386,7 @@ class Controller:
             return 0
         for r in records:
             self._restore(r)
+        self.dataplane.apply(records, DEFAULT_DRAIN_TIMEOUT)
         self.logger.info("Restored saved state", path=self.store.path, services=len(records))
         return len(records)
 
@@ -342,3 +412,10 @@ class Controller:
         for s in self.router.services.values():
             for lb in s.balancers():
                 lb.stop_health_checks()
+
+
+def _switched(switch: Switch) -> Deferred[None]:
+    """
+    Fires once every replica serves the change.
+    """
+    return switch.switched.addCallback(lambda _: None)

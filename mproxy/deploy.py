@@ -27,7 +27,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 
-from mproxy.balancer import LoadBalancer
+from mproxy.balancer import LoadBalancer, gather_drains
 from mproxy.errors import DeployTimedOut, ServiceNotFound
 from mproxy.health import ProbeFunction
 from mproxy.logging import JSONLogger
@@ -51,8 +51,10 @@ if TYPE_CHECKING:
     from mproxy.controller import Certificates, DeployRecorder
 
 #: Makes durable the state in which a service is the given record (or is
-#: gone, for C{None}); raises L{mproxy.errors.StateError} when it cannot.
-Commit = Callable[[str, "ServiceRecord | None"], None]
+#: gone, for C{None}), with the drain timeout of what it replaces, and sends
+#: it to the data plane (the L{mproxy.workers.interfaces.Switch} returned);
+#: raises L{mproxy.errors.StateError} when it cannot.
+Commit = Callable[[str, "ServiceRecord | None", float], Any]
 
 #: Progress of a long command: C{(phase, detail)}, e.g.
 #: C{("health", "waiting for web-2:3000 to become healthy")}.
@@ -136,18 +138,24 @@ def _shield(d: Deferred[Drained]) -> Deferred[Drained]:
 
 
 @inlineCallbacks
-def drain_replaced(lb: LoadBalancer, timeout: float, progress: Progress) -> Any:
+def drain_replaced(lb: LoadBalancer, timeout: float, progress: Progress,
+                   elsewhere: int = 0, others: Deferred[Drained] | None = None) -> Any:
     """
     Stop checking a replaced load balancer, drain it, close it; fires with
-    the L{Drained} totals.  Cancelling the returned Deferred does not stop
-    the drain (the switch has happened): it fires when the drain ends.
+    the L{Drained} totals, those of C{others} (the data plane's drain of its
+    copies of it, with C{elsewhere} requests in flight) included.
+    Cancelling the returned Deferred does not stop the drain (the switch
+    has happened): it fires when the drain ends.
     """
     lb.stop_health_checks()
     progress(
         "draining",
-        f"draining {plural(lb.inflight(), 'request')} from " + ", ".join(lb.addresses),
+        f"draining {plural(lb.inflight() + elsewhere, 'request')} from "
+        + ", ".join(lb.addresses),
     )
     drain = lb.drain(timeout)
+    if others is not None:
+        drain = gather_drains([drain, others])
     while True:
         try:
             drained = yield _shield(drain)
@@ -155,6 +163,20 @@ def drain_replaced(lb: LoadBalancer, timeout: float, progress: Progress) -> Any:
             continue
         lb.close()
         return drained
+
+
+@inlineCallbacks
+def _switched(switch: Any) -> Any:
+    """
+    Wait for every replica to serve a switch whatever the caller does
+    (cancelling only stops waiting for it); fires with the requests in
+    flight on what it replaced.
+    """
+    while True:
+        try:
+            return (yield _shield(switch.switched))
+        except CancelledError:
+            continue
 
 
 class Deployer:
@@ -266,19 +288,23 @@ class Deployer:
             else:
                 yield wait_healthy(lb, req.target_options, self.probe, self.clock,
                                    req.deploy_timeout, progress)
-            old = self._switch_active(req, lb)
+            old, switch = self._switch_active(req, lb)
         finally:
             lock.release()
+        elsewhere = yield _switched(switch)
         progress("switched", "traffic switched to " + ", ".join(lb.addresses))
         drained = Drained()
         if old is not None:
-            drained = yield drain_replaced(old, req.drain_timeout, progress)
+            drained = yield drain_replaced(old, req.drain_timeout, progress, elsewhere,
+                                           switch.drained)
         return DeployResult(req.targets + req.readers, drained)
 
-    def _switch_active(self, req: DeployRequest, lb: LoadBalancer) -> LoadBalancer | None:
+    def _switch_active(self, req: DeployRequest, lb: LoadBalancer
+                       ) -> tuple[LoadBalancer | None, Any]:
         """
         Make C{lb} the service's active load balancer, creating the service
-        or updating its options; returns the load balancer it replaced.
+        or updating its options; returns the load balancer it replaced and
+        the data plane's switch.
         Synchronous, so no request can slip between the old one and the new.
         On any error C{lb} is closed and nothing has changed.
         """
@@ -292,7 +318,7 @@ class Deployer:
                 kept = ServiceRecord.of(existing)
                 record = attrs.evolve(record, rollout=kept.rollout, split=kept.split,
                                       pause=kept.pause)
-            self._commit(name, record)
+            switch = self._commit(name, record, req.drain_timeout)
         except BaseException:
             lb.close()
             raise
@@ -306,7 +332,7 @@ class Deployer:
             existing.active = lb
         self.router.install(existing)
         self.certificates.update_service(name, req.options)
-        return old
+        return old, switch
 
     # Rollout
 
@@ -336,29 +362,34 @@ class Deployer:
             lb = self._balancer(slot)
             yield wait_healthy(lb, service.target_options, self.probe, self.clock,
                                deploy_timeout, progress)
-            old = self._fill_rollout(name, lb)
+            old, switch = self._fill_rollout(name, lb, drain_timeout)
         finally:
             lock.release()
+        elsewhere = yield _switched(switch)
         progress("switched", "rollout targets ready: " + ", ".join(lb.addresses)
                  + " (traffic moves with `mproxy rollout set`)")
         drained = Drained()
         if old is not None:
-            drained = yield drain_replaced(old, drain_timeout, progress)
+            drained = yield drain_replaced(old, drain_timeout, progress, elsewhere,
+                                           switch.drained)
         self.logger.info("Deployed for rollout", service=name, targets=list(slot.writers))
         progress("done", "")
         return DeployResult(slot.writers + slot.readers, drained)
 
-    def _fill_rollout(self, name: str, lb: LoadBalancer) -> LoadBalancer | None:
+    def _fill_rollout(self, name: str, lb: LoadBalancer, drain_timeout: float
+                      ) -> tuple[LoadBalancer | None, Any]:
         """
-        Put C{lb} in the rollout slot; returns the load balancer it replaced.
-        On any error C{lb} is closed and nothing has changed.
+        Put C{lb} in the rollout slot; returns the load balancer it replaced
+        and the data plane's switch.  On any error C{lb} is closed and
+        nothing has changed.
         """
         try:
             service = self._service(name)  # removed while the rollout waited?
             slot = Slot(lb.writer_addresses, lb.reader_addresses)
-            self._commit(name, attrs.evolve(ServiceRecord.of(service), rollout=slot))
+            switch = self._commit(name, attrs.evolve(ServiceRecord.of(service), rollout=slot),
+                                  drain_timeout)
         except BaseException:
             lb.close()
             raise
         old, service.rollout = service.rollout, lb
-        return old
+        return old, switch

@@ -49,6 +49,8 @@ def run_server(ns: Any, streams: Any, run_args: Sequence[str] = ()) -> int:
         return fail(streams, f"{type(e).__name__}: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
+    if service.failure is not None:  # failed once running (its workers did not start)
+        return fail(streams, str(service.failure))
     return 0
 
 

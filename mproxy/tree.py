@@ -36,7 +36,7 @@ from mproxy.controlsocket import ControlSocketService
 from mproxy.errors import MproxyError
 from mproxy.fileutil import remove_stale_temporary_files
 from mproxy.health import http_probe
-from mproxy.listeners import Listener, adopted_endpoints, bind_endpoints
+from mproxy.listeners import Listener, StartupError, adopted_endpoints, bind_endpoints
 from mproxy.logging import JSONLogger
 from mproxy.router import Router
 from mproxy.signals import install_stop_signals, install_upgrade_signal
@@ -54,6 +54,15 @@ class MproxyService(MultiService):
     and the control socket.  Stopping stops them all (each listener closes
     its ports and then drains its connections; the control socket's file is
     removed), then the health checks.
+
+    With C{config.workers} (C{--workers}), this process is the supervisor:
+    it binds the HTTP and HTTPS sockets (L{mproxy.workers.sockets}) without
+    serving them, and that many worker processes
+    (L{mproxy.workers.pool.WorkerPool}, a child service stopped before the
+    sockets close) serve them; the controller drives them as its data
+    plane, certificates and challenges are sent to them, and the metrics
+    endpoint sums theirs.  "Server started" is logged once every worker
+    serves.
 
     @ivar log_observer: a C{twisted.logger} observer that a twistd
         application this service is added to logs through, or C{None}.
@@ -75,6 +84,8 @@ class MproxyService(MultiService):
         self.config = config
         self.logger = logger
         self.log_observer: Any = None
+        self.failure: BaseException | None = None
+        self.pool: Any = None
         self.router = Router()
         self.store = StateStore(os.path.join(config.state_dir, STATE_FILENAME))
         from mproxy.http.localget import local_getter
@@ -87,8 +98,13 @@ class MproxyService(MultiService):
             reactor, self.router, logger,
             http_port=config.http_port, https_port=config.https_port,
         )
+        challenges = None
+        if config.workers:
+            from mproxy.workers.certs import NotifyingChallenges
+
+            challenges = NotifyingChallenges(reactor)
         self.certificates = build_certificate_service(
-            reactor, config, self.router, logger, local_get=local_get
+            reactor, config, self.router, logger, local_get=local_get, challenges=challenges
         )
         self.certificates.setName("certs")
         self.certificates.setServiceParent(self)
@@ -99,6 +115,8 @@ class MproxyService(MultiService):
             self.metrics = Metrics()
         from mproxy.http import custompages
 
+        if config.workers:
+            self.pool = self._build_pool(challenges)
         self.controller = Controller(
             self.router,
             reactor,
@@ -109,17 +127,24 @@ class MproxyService(MultiService):
             certificates=self.certificates,
             validate_error_pages=custompages.validate,
             deploys=self.metrics,
+            dataplane=self.pool,
         )
         if self.metrics is not None:
             self.metrics.watch_targets(self.controller.target_health)
         self.upgrades = Upgrades(
             reactor, self, logger, handover=inherited.handover if inherited else None
         )
-        self.sites = self._build_sites()
         self.http3: Any = None
-        self.listeners = self._build_listeners()
+        if config.workers:
+            self.sites = []
+            self.listeners = self._build_socket_listeners()
+        else:
+            self.sites = self._build_sites()
+            self.listeners = self._build_listeners()
         for listener in self.listeners:
             listener.setServiceParent(self)
+        if self.pool is not None:
+            self.pool.setServiceParent(self)
         self.control = ControlSocketService(
             reactor, config.socket, ControlFactory(self.controller, logger, self.upgrades),
             logger, inherited=inherited.control if inherited else None,
@@ -179,6 +204,102 @@ class MproxyService(MultiService):
             )
         return listeners
 
+    def _build_pool(self, challenges: Any) -> Any:
+        """
+        The workers (started with the service), told of ejections, asking
+        for on-demand certificates, writing their log lines through ours
+        when they cannot share our stdout.
+        """
+        from mproxy.workers.certs import CertificateWatch
+        from mproxy.workers.pool import WorkerPool
+
+        logger = self.logger
+
+        def write_line(line: str) -> None:
+            try:
+                logger._stream.write(line + "\n")
+                logger._stream.flush()
+            except (OSError, ValueError):
+                pass
+
+        from mproxy.logging import TwistedEvents
+
+        # workers out of file descriptors: one line per window for all of them
+        exhaustion = TwistedEvents(logger, self.reactor)
+        pool = WorkerPool(
+            self.reactor, logger, None, self.config.workers, grace=SHUTDOWN_GRACE, spares=1,
+            on_eject=lambda address, error: self.controller.eject(address, error),
+            on_ask_certificate=lambda name: self.certificates.select(name),
+            write_line=write_line,
+            on_exhausted=exhaustion._exhausted,
+        )
+        pool.setName("workers")
+        challenges.push = pool.set_challenges
+        self.certificate_watch = CertificateWatch(self.reactor, self.certificates,
+                                                  pool.set_certificates)
+        pool.after_apply.append(self.certificate_watch.check)
+        return pool
+
+    def _build_socket_listeners(self) -> list[Any]:
+        from mproxy.workers.sockets import SocketListener
+
+        cfg = self.config
+
+        def inherited(kind: str) -> list[tuple[int, int, int]]:
+            found = self.inherited.get(kind) if self.inherited is not None else ()
+            return [(s.fd, s.family, s.port) for s in found]
+
+        https = SocketListener("HTTPS", cfg.https_port, cfg.bind, inherited("https"))
+        listeners: list[Any] = [
+            SocketListener("HTTP", cfg.http_port, cfg.bind, inherited("http")), https]
+        if cfg.http3:
+            import socket
+
+            listeners.append(SocketListener("HTTP/3 (UDP)", lambda: https.port, cfg.bind,
+                                            inherited("http3"), kind=socket.SOCK_DGRAM,
+                                            name="http3"))
+        if self.metrics is not None:
+            from mproxy.workers.metrics import PooledMetricsResource
+
+            listeners.append(
+                Listener("metrics", metrics_site(self.metrics, PooledMetricsResource(
+                    self.metrics, self.pool.metric_families)), cfg.metrics_port,
+                    self._endpoints("metrics"))
+            )
+        return listeners
+
+    def _start_workers(self) -> Deferred[Any]:
+        """
+        Start the first generation of workers on the bound sockets.
+        """
+        import sys
+
+        from mproxy.workers.pool import ProcessSpawner
+
+        cfg = self.config
+        by_name = {s.name: s for s in self.listeners}
+        http, https = by_name["http"], by_name["https"]
+        h3 = by_name.get("http3")
+        stream = self.logger._stream
+        try:
+            log_to_fd = stream in (sys.stdout, sys.__stdout__) and stream.fileno() == 1
+        except (AttributeError, OSError, ValueError):
+            log_to_fd = False
+        settings = dict(
+            http_port=http.port, https_port=https.port,
+            header_timeout=cfg.http_header_timeout, idle_timeout=cfg.http_idle_timeout,
+            metrics=self.metrics is not None, debug=cfg.debug, grace=SHUTDOWN_GRACE,
+        )
+        self.pool.spawner = ProcessSpawner(
+            self.reactor, {"http": http.fds, "https": https.fds},
+            h3.fds if h3 is not None else [], settings, log_to_fd)
+        if h3 is not None:
+            self.pool.alt_svc = h3.port
+        self.certificate_watch.start()
+        # after an upgrade: the old image's workers are adopted, and retired
+        # once these serve
+        return self.upgrades.start_generation(self.pool)
+
     def _endpoints(self, kind: str) -> list[Any]:
         """
         Where the listener of C{kind} serves: its inherited sockets when
@@ -194,11 +315,12 @@ class MproxyService(MultiService):
         (kind, descriptor) of every listening socket: C{http}, C{https},
         C{metrics}, and C{http3} (UDP).
         """
-        sockets = [
-            (str(listener.name), fd)
-            for listener in self.listeners if isinstance(listener, Listener)
-            for fd in listener.filenos()
-        ]
+        sockets = []
+        for listener in self.listeners:
+            if isinstance(listener, Listener):
+                sockets += [(str(listener.name), fd) for fd in listener.filenos()]
+            else:  # the workers' sockets (mproxy.workers.sockets)
+                sockets += [(str(listener.name), fd) for fd, _family in listener.fds]
         if self.http3 is not None:
             sockets += [("http3", port.fileno()) for port in self.http3.listener.ports]
         return sockets
@@ -207,7 +329,9 @@ class MproxyService(MultiService):
         """
         Before re-executing for an upgrade: accept nothing more (the sockets
         stay open and listening, for the new image), and drain the
-        connections as a stop does, up to C{timeout} seconds.
+        connections as a stop does, up to C{timeout} seconds.  With workers
+        there is nothing to drain here (the metrics endpoint aside): they
+        serve on through the exec, and the new image retires them.
         """
         from twisted.internet.defer import DeferredList
 
@@ -215,6 +339,10 @@ class MproxyService(MultiService):
             if isinstance(listener, Listener):
                 listener.stop_accepting()
         drains = [site.shutdown(timeout) for site in self.sites]
+        if self.pool is not None:
+            # the workers serve on through the exec (their channels are
+            # handed over); the new image retires them once its own serve
+            self.certificate_watch.stop()
         if self.http3 is not None:
             drains.append(self.http3.listener.shutdown(timeout))
         self.controller.shutdown()
@@ -280,13 +408,25 @@ class MproxyService(MultiService):
             self._failed(e)
             raise
         self._install_sighup()
+        workers = None
+        if self.pool is not None:
+            # here, not while privileged: under twistd --uid workers run as that user
+            try:
+                workers = self._start_workers()
+            except BaseException as e:
+                self._failed(e)
+                raise
         # Serving begins when the reactor runs (it accepts nothing before):
         # say so then, once its signal handlers are in place, so whoever
         # waits for the line may stop the server at once.
-        self.reactor.callWhenRunning(self._serving)
+        self.reactor.callWhenRunning(self._serving, workers)
 
-    def _serving(self) -> None:
+    def _serving(self, workers: Deferred[Any] | None = None) -> None:
         if not self.running:
+            return
+        if workers is not None:
+            # once every worker serves
+            workers.addCallbacks(lambda _: self._serving(), self._workers_failed)
             return
         try:
             self.stop_signals = install_stop_signals(self.reactor, self.logger)
@@ -314,6 +454,17 @@ class MproxyService(MultiService):
         self.ready.callback(None)
         self.upgrades.serving()
 
+    def _workers_failed(self, failure: Any) -> None:
+        """
+        The first workers could not start: stop, failing start-up.
+        """
+        error = StartupError(f"the worker processes did not start: {failure.getErrorMessage()}")
+        self.failure = error
+        self.logger.error("Unable to start", error=str(error))
+        if not self.ready.called:
+            self.ready.errback(error)
+        self.reactor.stop()
+
     def _failed(self, error: BaseException) -> None:
         """
         Start-up failed: close what was opened, log why, fail C{ready}.
@@ -323,6 +474,10 @@ class MproxyService(MultiService):
             listener.abandon()
         self.control.abandon()
         self.controller.shutdown()
+        if self.pool is not None:
+            self.certificate_watch.stop()
+            for generation in list(self.pool.generations):
+                self.pool.retire(generation, 0)
         message = str(error) if isinstance(error, MproxyError) else repr(error)
         self.logger.error("Unable to start", error=message)
         if not self.ready.called:
@@ -354,21 +509,24 @@ class MproxyService(MultiService):
 
         def finish(_: object) -> None:
             self.controller.shutdown()
+            if self.pool is not None:
+                self.certificate_watch.stop()
             self.logger.info("Server stopped")
 
         d.addCallback(finish)
         return d
 
 
-def metrics_site(metrics: Any) -> Any:
+def metrics_site(metrics: Any, resource: Any = None) -> Any:
     """
-    The Prometheus site of C{--metrics-port}.
+    The Prometheus site of C{--metrics-port} (C{resource}: the one that
+    adds the workers' metrics).
     """
     from twisted.web.server import Site
 
     from mproxy.metrics import MetricsResource
 
-    site = Site(MetricsResource(metrics))
+    site = Site(resource if resource is not None else MetricsResource(metrics))
     site.log = lambda request: None  # type: ignore[method-assign]
     return site
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mproxy.activation import UPGRADE_VARIABLE, Handover
@@ -50,6 +51,12 @@ CHECK_COMMAND = "upgrade-check"
 
 #: Seconds the pre-flight check may take.
 CHECK_TIMEOUT = 60.0
+
+#: Seconds the exec waits for the workers to answer what was asked of them.
+QUIET_TIMEOUT = 2.0
+
+#: Seconds between looks for the exit of adopted workers.
+REAP_INTERVAL = 0.5
 
 #: How long the old server's connections may drain, by default.
 DEFAULT_DRAIN_TIMEOUT = 10.0
@@ -217,6 +224,7 @@ class Upgrades:
         keep: Callable[[int], int] = keep_across_exec,
         getpid: Callable[[], int] = os.getpid,
         flush: Callable[[], Any] | None = None,
+        waitpid: Callable[[int, int], tuple[int, int]] = os.waitpid,
     ) -> None:
         self.reactor = reactor
         self.server = server
@@ -228,6 +236,7 @@ class Upgrades:
         self.keep = keep
         self.getpid = getpid
         self.flush = flush or _flush_standard_streams
+        self.waitpid = waitpid
         self.relaunch: Relaunch | None = None
         self.running: str | None = None
         self._waiting: list[tuple[Deferred[dict[str, Any]], Callable[[str, str], Any]]] = []
@@ -257,6 +266,12 @@ class Upgrades:
         if self.running is not None:
             d.errback(UpgradeError(f"an upgrade is already in progress ({self.running})"))
             return d
+        if self.handover is not None and self._done is None:
+            d.errback(UpgradeError(
+                "the previous upgrade is still finishing (the old workers drain); "
+                "try again once it is done"
+            ))
+            return d
         if getattr(self.server, "stop_signals", None) is not None and \
                 self.server.stop_signals.stopping:
             d.errback(UpgradeError("the server is shutting down"))
@@ -283,25 +298,43 @@ class Upgrades:
             self.logger.error("Upgrade failed", upgrade=id, error=repr(e))
             raise UpgradeError(f"cannot check the new code: {e}")
         sockets, control = self._keep_sockets()
-        channels = self._keep_channels()
-        progress("drain", f"Draining the connections of the old server (up to {drain_timeout:g}s)")
+        if getattr(self.server, "pool", None) is None:
+            progress("drain",
+                     f"Draining the connections of the old server (up to {drain_timeout:g}s)")
         self.logger.info("Upgrade: draining", upgrade=id, timeout=drain_timeout)
         yield self.server.drain_for_upgrade(drain_timeout)
         self.server.save_state()
-        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
-                            tuple(channels))
-        progress("exec", f"Starting the new server (pid {handover.pid})")
+        progress("exec", f"Starting the new server (pid {self.getpid()})")
         # Let the progress reach the clients (written on the reactor's next
-        # turns) before the exec.
+        # turns) before the exec, and the workers answer what was asked of
+        # them (an answer arriving after the exec would name a question the
+        # new image never asked).
+        deadline = self.reactor.seconds() + QUIET_TIMEOUT
         done: Deferred[None] = Deferred()
         self.reactor.callLater(0, self.reactor.callLater, 0, done.callback, None)
         yield done
+        while self._busy_channels() and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.01, lambda: None)
+        handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
+                            tuple(self._keep_channels()))
         self._exec(relaunch, handover)
 
     def _keep_sockets(self) -> tuple[list[tuple[str, int]], int | None]:
         sockets = [(kind, self.keep(fd)) for kind, fd in self.server.listening_sockets()]
         control = self.server.control.fileno()
         return sockets, None if control is None else self.keep(control)
+
+    def _busy_channels(self) -> int:
+        """
+        How many worker channels await an answer.
+        """
+        pool = getattr(self.server, "pool", None)
+        if pool is None:
+            return 0
+        return sum(
+            1 for w in pool.workers
+            if w.channel is not None and getattr(w.channel, "_outstandingRequests", None)
+        )
 
     def _keep_channels(self) -> list[list[int]]:
         """
@@ -311,7 +344,14 @@ class Upgrades:
         pool = getattr(self.server, "pool", None)
         if pool is None:
             return []
-        return [[pid, self.keep(fd), generation] for pid, fd, generation in pool.channels()]
+        channels = [[pid, self.keep(fd), generation] for pid, fd, generation in pool.channels()]
+        # the spare workers too (as generation 0): the new image retires
+        # them with the old ones, and reaps them
+        for spare in getattr(pool, "standby", ()):
+            transport = spare.channel.transport if spare.channel is not None else None
+            if transport is not None and spare.pid is not None and not spare.gone:
+                channels.append([spare.pid, self.keep(transport.fileno()), 0])
+        return channels
 
     def _exec(self, relaunch: Relaunch, handover: Handover) -> None:
         environ = dict(self.environ)
@@ -344,6 +384,7 @@ class Upgrades:
         """
         channels = [tuple(ch) for ch in self.handover.channels] if self.handover else []
         old = pool.adopt(channels) if channels else []
+        self._reap([int(ch[0]) for ch in channels])
         if old:
             self._pending = True
             self.logger.info("Upgrade: adopted the old workers", upgrade=self.handover.id,
@@ -365,6 +406,24 @@ class Upgrades:
             return old[-1]
 
         return d.addCallbacks(started, failed)
+
+    def _reap(self, pids: Sequence[int]) -> None:
+        """
+        Reap the adopted workers once they exit: they are children of this
+        process that Twisted did not start (and a supervisor that is PID 1
+        must not leave zombies).  Each is asked for by its PID only, so the
+        exits of Twisted's own children stay Twisted's to see.
+        """
+        left = []
+        for pid in pids:
+            try:
+                done, _status = self.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue  # reaped already (by the pool), or not our child
+            if done == 0:
+                left.append(pid)
+        if left:
+            self.reactor.callLater(REAP_INTERVAL, self._reap, left)
 
     def _retire(self, pool: Any, old: Sequence[Any]) -> None:
         assert self.handover is not None

@@ -16,9 +16,11 @@ from mproxy.config import (
     ServerConfig,
     parse_bool,
     parse_port,
+    parse_workers,
     resolve_config,
     socket_path,
     state_dir,
+    usable_cpus,
 )
 from mproxy.errors import InvalidOptions
 
@@ -48,6 +50,35 @@ class ParseTests(SynchronousTestCase):
             self.assertRaises(ValueError, parse_port, text)
 
 
+class WorkersTests(SynchronousTestCase):
+    def test_parse_workers(self) -> None:
+        """
+        C{--workers} is a number of processes or C{auto}, one per usable CPU.
+        """
+        self.assertEqual(parse_workers("1"), 1)
+        self.assertEqual(parse_workers(" 4 "), 4)
+        self.assertEqual(parse_workers("auto"), usable_cpus())
+        self.assertEqual(parse_workers("AUTO"), usable_cpus())
+        for text in ("", "0", "-1", "two", "1.5", "65"):
+            self.assertRaises(ValueError, parse_workers, text)
+
+    def test_usable_cpus_is_the_affinity(self) -> None:
+        self.assertEqual(usable_cpus(), len(os.sched_getaffinity(0)))
+
+    def test_env_and_flag(self) -> None:
+        """
+        C{$MPROXY_WORKERS} / C{$WORKERS} set it; a bad value is an error
+        naming the variable.
+        """
+        self.assertEqual(resolve_config({}, {"WORKERS": "3"}).workers, 3)
+        self.assertEqual(resolve_config({}, {"MPROXY_WORKERS": "auto", "WORKERS": "3"}).workers,
+                         usable_cpus())
+        self.assertEqual(resolve_config({"workers": 1}, {"WORKERS": "3"}).workers, 1)
+        with self.assertRaises(InvalidOptions) as cm:
+            resolve_config({}, {"WORKERS": "many"})
+        self.assertIn("$WORKERS", str(cm.exception))
+
+
 class ResolveTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """
@@ -61,6 +92,7 @@ class ResolveTests(SynchronousTestCase):
                 socket="/tmp/mproxy.sock",
                 state_dir=os.path.join(HOME, ".config", "mproxy"),
                 acme_directory=LETS_ENCRYPT, acme_email="", acme_ca_bundle="", debug=False,
+                workers=usable_cpus(),
             ),
         )
 
@@ -141,7 +173,7 @@ class ResolveTests(SynchronousTestCase):
             "ACME_EMAIL": "e@x", "ACME_CA_BUNDLE": "/ca.pem", "DEBUG": "1",
             "HTTP_HEADER_TIMEOUT": "2s", "HTTP_IDLE_TIMEOUT": "1m30s",
             "CLUSTER": "redis://r:6379/0", "CLUSTER_CA_BUNDLE": "/r.pem", "CLUSTER_NODE": "n1",
-            "HTTP3": "true",
+            "HTTP3": "true", "WORKERS": "3",
         }
         self.assertEqual({spec.env for spec in SERVER_OPTIONS}, set(env))
         config = resolve_config({}, env)
@@ -153,7 +185,7 @@ class ResolveTests(SynchronousTestCase):
                          acme_ca_bundle="/ca.pem", http_header_timeout=2.0,
                          http_idle_timeout=90.0, cluster="redis://r:6379/0",
                          cluster_ca_bundle="/r.pem", cluster_node="n1", http3=True,
-                         debug=True),
+                         debug=True, workers=3),
         )
 
     def test_http_timeouts(self) -> None:

@@ -539,6 +539,11 @@ class BigController:
     def list(self) -> list[dict[str, Any]]:
         return self.rows
 
+    def refresh(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
 
 class ChunkingTests(SynchronousTestCase):
     def test_large_list(self) -> None:

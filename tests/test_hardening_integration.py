@@ -149,7 +149,9 @@ class HardeningTests(TestCase):
         self.target = RawUpstream()
         port = reactor.listenTCP(0, self.target, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        p = MproxyProcess(reactor, self.mktemp())
+        # one worker: the clients' requests then share one upstream pool, the
+        # case a smuggled request would poison (workers each have their own)
+        p = MproxyProcess(reactor, self.mktemp(), extra_args=("--workers", "1"))
         yield p.start()
         self.addCleanup(p.stop, signal.SIGKILL)
         r = yield p.command("deploy", f"127.0.0.1:{port.getHost().port}", *deploy_args)

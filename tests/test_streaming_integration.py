@@ -1608,12 +1608,24 @@ class BodyTests(StreamingMixin, TestCase):
         pid = p.process.pid
         blob()
 
-        def rss() -> int:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
+        def rss_of(pid: int) -> int:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            return int(line.split()[1]) * 1024
+            except OSError:
+                pass
             return 0
+
+        def rss() -> int:
+            # the server and its worker processes (the one relaying is among them)
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                children = []
+            return sum(rss_of(c) for c in [pid, *children])
 
         s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)

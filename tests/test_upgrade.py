@@ -263,8 +263,33 @@ class OutcomeTests(SynchronousTestCase):
         self.failureResultOf(self.upgrades(None).outcome("u1"), UpgradeError)
 
 
+class FakeChannel:
+    def __init__(self) -> None:
+        self._outstandingRequests: dict[bytes, Any] = {}
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.channel = FakeChannel()
+
+
+class FakeSpare:
+    pid = 102
+    gone = False
+
+    def __init__(self) -> None:
+        class Transport:
+            def fileno(self) -> int:
+                return 22
+
+        self.channel = FakeChannel()
+        self.channel.transport = Transport()  # type: ignore[attr-defined]
+
+
 class FakePool:
     def __init__(self) -> None:
+        self.workers = [FakeWorker(), FakeWorker()]
+        self.standby = [FakeSpare()]
         self.adopted: list[Any] = []
         self.started: Deferred[Any] = Deferred()
         self.retiring: dict[Any, tuple[float, Deferred[None]]] = {}
@@ -290,9 +315,36 @@ class GenerationHandoverTests(SynchronousTestCase):
         self.pool = FakePool()
         self.logger = ListLogger()
         handover = Handover(42, "u1", (), None, 4.0, ([100, 20, 1], [101, 21, 1]))
-        self.upgrades = Upgrades(MemoryReactorClock(), FakeServer(), self.logger,
-                                 handover=handover, getpid=lambda: 42)
+        self.reactor = MemoryReactorClock()
+        self.exited: set[int] = set()
+        self.reaped: list[int] = []
+        self.upgrades = Upgrades(self.reactor, FakeServer(), self.logger,
+                                 handover=handover, getpid=lambda: 42, waitpid=self.waitpid)
         self.progress: list[tuple[str, str]] = []
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        self.assertEqual(options, os.WNOHANG)
+        if pid in self.reaped:
+            raise ChildProcessError()
+        if pid in self.exited:
+            self.reaped.append(pid)
+            return pid, 0
+        return 0, 0
+
+    def test_adopted_workers_are_reaped(self) -> None:
+        """
+        The adopted workers (children Twisted did not start) are reaped
+        when they exit, each by its PID.
+        """
+        self.upgrades.start_generation(self.pool)
+        self.assertEqual(self.reaped, [])
+        self.exited.add(101)
+        self.reactor.advance(0.5)
+        self.assertEqual(self.reaped, [101])
+        self.exited.add(100)
+        self.reactor.advance(0.5)
+        self.assertEqual(self.reaped, [101, 100])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_old_generation_retired_once_the_new_serves(self) -> None:
         serving = self.upgrades.start_generation(self.pool)
@@ -310,6 +362,19 @@ class GenerationHandoverTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(outcome), {"id": "u1", "pid": 42})
         later = self.upgrades.outcome("u1")
         self.assertEqual(self.successResultOf(later)["pid"], 42)
+
+    def test_no_upgrade_while_the_old_generation_drains(self) -> None:
+        self.upgrades.relaunch = Relaunch(("/py",), ("c",))
+        self.upgrades.start_generation(self.pool)
+        self.pool.started.callback("new")
+        refused = self.upgrades.upgrade("u2", 1.0)
+        self.assertIn("still finishing", str(self.failureResultOf(refused, UpgradeError).value))
+        self.pool.retiring["old"][1].callback(None)
+        self.upgrades.serving()
+        checks: list[Any] = []
+        self.upgrades.check = lambda *a: checks.append(a) or Deferred()
+        self.assertNoResult(self.upgrades.upgrade("u2", 1.0))
+        self.assertEqual(len(checks), 1, "now it checks the new code")
 
     def test_new_generation_fails_old_serves_on(self) -> None:
         serving = self.upgrades.start_generation(self.pool)
@@ -341,7 +406,41 @@ class GenerationHandoverTests(SynchronousTestCase):
         reactor.advance(0)
         reactor.advance(0)
         handover = Handover.from_text(execs[0][2][UPGRADE_VARIABLE])
-        self.assertEqual(handover.channels, ([100, 120, 1], [101, 121, 1]))
+        self.assertEqual(handover.channels, ([100, 120, 1], [101, 121, 1], [102, 122, 0]))
+
+    def exec_with_busy_channel(self) -> tuple[MemoryReactorClock, list[Any]]:
+        server = FakeServer()
+        server.pool = self.pool  # type: ignore[attr-defined]
+        execs: list[Any] = []
+        reactor = MemoryReactorClock()
+        upgrades = Upgrades(reactor, server, ListLogger(), environ={},
+                            execv=lambda *a: execs.append(a), check=lambda *a: succeed(None),
+                            keep=lambda fd: fd, getpid=lambda: 42, flush=lambda: None)
+        upgrades.relaunch = Relaunch(("/py",), ("c",))
+        self.pool.workers[1].channel._outstandingRequests[b"1"] = Deferred()
+        upgrades.upgrade("u3", 5.0)
+        server.drain.callback(None)
+        reactor.advance(0)
+        reactor.advance(0)
+        return reactor, execs
+
+    def test_exec_waits_for_the_workers_answers(self) -> None:
+        """
+        The exec waits while a worker owes an answer: the new image would
+        get an answer to a question it never asked.
+        """
+        reactor, execs = self.exec_with_busy_channel()
+        reactor.advance(0.5)
+        self.assertEqual(execs, [])
+        self.pool.workers[1].channel._outstandingRequests.clear()
+        reactor.advance(0.01)
+        self.assertEqual(len(execs), 1)
+
+    def test_exec_waits_only_so_long(self) -> None:
+        reactor, execs = self.exec_with_busy_channel()
+        for _ in range(300):
+            reactor.advance(0.01)
+        self.assertEqual(len(execs), 1)
 
 
 class RelaunchTests(SynchronousTestCase):

@@ -144,6 +144,15 @@ class UpgradeTests(TestCase):
         self.assertEqual(state_and_certificates(proxy.state_dir), before)
         listed = yield proxy.command("list", "--json")
         self.assertIn("example.com", listed.out)
+        # the old workers (and the spare) were retired, and reaped: no zombies
+        [adopted] = records(proxy, "Upgrade: adopted the old workers")
+        self.assertTrue(adopted["pids"])
+        for _ in range(40):
+            left = [p for p in adopted["pids"] if os.path.exists(f"/proc/{p}")]
+            if not left:
+                break
+            yield sleep(0.1)
+        self.assertEqual(left, [], "the old workers are gone, not zombies")
         # the same PID still serves, and still stops gracefully
         self.assertEqual(proxy.process.pid, pid)
         status = yield proxy.stop()
@@ -297,7 +306,7 @@ class UpgradeUnderLoadMixin:
 
     server_args: tuple[str, ...] = ()
     #: whether an open WebSocket stays (on the old workers) until the drain
-    #: timeout; without workers the server drains before the exec
+    #: timeout; a server without workers drains before the exec
     websocket_outlives_the_switch = False
     drain = 5.0
 
@@ -405,13 +414,51 @@ class UpgradeUnderLoadMixin:
               f"{report.discarded} idle connections discarded before reuse")
 
 
-class SingleProcessUpgradeUnderLoadTests(UpgradeUnderLoadMixin, TestCase):
-    timeout = 60 + 40 * UPGRADES
-
-
 class WorkersUpgradeUnderLoadTests(UpgradeUnderLoadMixin, TestCase):
     timeout = 60 + 40 * UPGRADES
     server_args = ("--workers", "2")
     websocket_outlives_the_switch = True
     if not workers_supported():
         skip = "no --workers yet"
+
+
+class ActivatedUpgradeTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_socket_activated_server_upgrades(self) -> Any:
+        """
+        A server given its sockets by systemd (LISTEN_FDS) hands them over
+        at an upgrade too (its ports are held by other sockets, so binding
+        them again would fail).
+        """
+        from tests.test_process_integration import ActivatedProcess, get, listening
+
+        sockets = []
+        for name in ("http", "https"):
+            s = listening()
+            self.addCleanup(s.close)
+            sockets.append((name, s))
+        occupied = []
+        for _ in range(2):
+            s = listening()
+            self.addCleanup(s.close)
+            occupied.append(s.getsockname()[1])
+        app, port = listen_upstream(reactor, "web-1")
+        self.addCleanup(port.stopListening)
+        proxy = ActivatedProcess(reactor, self.mktemp(), sockets, (occupied[0], occupied[1]))
+        yield proxy.start()
+        self.addCleanup(proxy.stop)
+        http_port = sockets[0][1].getsockname()[1]
+        self.assertEqual(proxy.http_port, http_port)
+        result = yield proxy.command("deploy", f"127.0.0.1:{port.getHost().port}")
+        self.assertEqual(result.status, 0, result.err)
+        for s in sockets:
+            s[1].close()  # only mproxy holds them now
+        result = yield proxy.command("upgrade")
+        self.assertEqual(result.status, 0, result.err)
+        from twisted.internet.threads import deferToThread
+
+        answer = yield deferToThread(get, http_port)
+        self.assertIn(b"web-1", answer)
+        self.assertEqual(len(records(proxy, "Server started")), 2)

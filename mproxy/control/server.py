@@ -147,10 +147,10 @@ class ControlProtocol(amp.AMP):
         return self._owned(self.controller.deploy(request, self._progress))
 
     @c.Remove.responder
-    def remove(self, service: str) -> dict[str, Any]:
+    def remove(self, service: str) -> Any:
         self._require_hello()
-        self.controller.remove(service)
-        return {}
+        # answered once every worker serves the change
+        return self.controller.remove(service).addCallback(lambda _: {})
 
     @c.Pause.responder
     def pause(
@@ -173,10 +173,9 @@ class ControlProtocol(amp.AMP):
         return d.addCallback(lambda _: {})
 
     @c.Resume.responder
-    def resume(self, service: str) -> dict[str, Any]:
+    def resume(self, service: str) -> Any:
         self._require_hello()
-        self.controller.resume(service)
-        return {}
+        return self.controller.resume(service).addCallback(lambda _: {})
 
     @c.RolloutDeploy.responder
     def rollout_deploy(
@@ -195,21 +194,22 @@ class ControlProtocol(amp.AMP):
         return self._owned(d)
 
     @c.RolloutSet.responder
-    def rollout_set(self, service: str, percentage: int, allowlist: list[str]) -> dict[str, Any]:
+    def rollout_set(self, service: str, percentage: int, allowlist: list[str]) -> Any:
         self._require_hello()
-        self.controller.rollout_set(service, percentage, tuple(allowlist))
-        return {}
+        d = self.controller.rollout_set(service, percentage, tuple(allowlist))
+        return d.addCallback(lambda _: {})
 
     @c.RolloutStop.responder
-    def rollout_stop(self, service: str) -> dict[str, Any]:
+    def rollout_stop(self, service: str) -> Any:
         self._require_hello()
-        self.controller.rollout_stop(service)
-        return {}
+        return self.controller.rollout_stop(service).addCallback(lambda _: {})
 
     @c.List.responder
     def list_services(self) -> dict[str, Any]:
         self._require_hello()
-        return {"services": json.dumps(self.controller.list())}
+        # the requests in flight in worker processes are asked for first
+        d = self.controller.refresh()
+        return d.addCallback(lambda _: {"services": json.dumps(self.controller.list())})
 
     def _upgrades(self) -> Any:
         if self.upgrades is None:

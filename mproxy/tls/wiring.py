@@ -117,9 +117,12 @@ def certificate_service(
     policy: RetryPolicy = RetryPolicy(),
     issuer_factory: Callable[[str, Any, Any], Any] | None = None,
     cluster: Any = None,
+    challenges: ChallengeStore | None = None,
 ) -> CertificateService:
     """
-    The real thing on the state directory's C{certs/}; C{issuer_factory}
+    The real thing on the state directory's C{certs/}; C{challenges} is the
+    store pending ACME challenges are kept in (default: a new
+    L{ChallengeStore}); C{issuer_factory}
     (default: L{AcmeIssuer} with C{email} and C{ca_bundle}) is called with
     the directory URL, the store and the challenges.  With a
     L{RedisCluster}, certificates, challenges, locks and on-demand decisions
@@ -129,7 +132,7 @@ def certificate_service(
     from mproxy.tls.ondemand import treq_http_get
 
     local_store = CertificateStore(state_dir)
-    local_challenges = ChallengeStore()
+    local_challenges = challenges if challenges is not None else ChallengeStore()
     store: Any = local_store
     challenges: Any = local_challenges
     guard = None
@@ -190,11 +193,13 @@ def build_certificate_service(
     router: Any,
     logger: Any,
     local_get: Callable[[str, str, str], Deferred] | None = None,
+    challenges: ChallengeStore | None = None,
 ) -> CertificateService:
     """
     The production L{CertificateService} from a L{mproxy.config.ServerConfig}
     (C{state_dir}, C{acme_directory}, C{acme_email}, C{acme_ca_bundle},
-    C{cluster}, C{cluster_ca_bundle}, C{cluster_node}).
+    C{cluster}, C{cluster_ca_bundle}, C{cluster_node}); C{challenges} as
+    for L{certificate_service}.
     """
     cluster = None
     if config.cluster:
@@ -214,6 +219,7 @@ def build_certificate_service(
         lookup=router_lookup(router),
         local_get=local_get,
         cluster=cluster,
+        challenges=challenges,
     )
 
 

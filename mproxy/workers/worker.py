@@ -1,0 +1,432 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+A worker process: the data plane only.  It serves HTTP and HTTPS (and, in
+the worker that got the UDP socket, HTTP/3) on the listening sockets it
+inherited, routing with a L{mproxy.replica.Replica} of the supervisor's
+services, terminating TLS with the certificates the supervisor sends
+(L{mproxy.workers.certs.CertificateMirror}), and reports back over its
+channel (L{mproxy.workers.commands}): drains, ejections, in-flight counts,
+metrics, and log lines when it cannot write them itself.
+
+Nothing of the control plane runs here: no state file, no health checks
+(the supervisor's results arrive with L{SetHealth}), no ACME.
+
+A worker whose channel closes without L{Retire} (its supervisor died)
+retires itself: it stops accepting, lets in-flight requests finish for the
+grace period, and exits; so does one sent SIGTERM or SIGINT.
+
+C{python -m mproxy.workers SETTINGS_JSON} runs one (L{main}); the
+supervisor's L{mproxy.workers.pool} starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.protocols import amp
+
+from mproxy.balancer import LoadBalancer
+from mproxy.replica import Replica, drain_all
+from mproxy.router import Router
+from mproxy.state import ServiceRecord, Slot
+from mproxy.target import Drained
+from mproxy.workers import commands as c
+
+
+@frozen
+class WorkerSettings:
+    """
+    What a worker is told on its command line: its slot, the ports (for
+    redirects and Alt-Svc), the HTTP timeouts, whether metrics and HTTP/3
+    are on, and its inherited descriptors: the channel, the listening TCP
+    sockets by kind (C{[(fd, family), ...]}), the UDP socket for HTTP/3.
+    C{log} is C{"fd"} (write JSON lines to descriptor 1) or C{"channel"}.
+    """
+
+    slot: int
+    channel: int
+    http_port: int
+    https_port: int
+    header_timeout: float
+    idle_timeout: float
+    sockets: dict[str, list[tuple[int, int]]]
+    udp: list[tuple[int, int]] = []
+    metrics: bool = False
+    debug: bool = False
+    log: str = "fd"
+    grace: float = 10.0
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "slot": self.slot, "channel": self.channel, "http_port": self.http_port,
+            "https_port": self.https_port, "header_timeout": self.header_timeout,
+            "idle_timeout": self.idle_timeout,
+            "sockets": {k: [list(s) for s in v] for k, v in self.sockets.items()},
+            "udp": [list(s) for s in self.udp], "metrics": self.metrics,
+            "debug": self.debug, "log": self.log, "grace": self.grace,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSettings:
+        d = json.loads(text)
+        d["sockets"] = {k: [tuple(s) for s in v] for k, v in d["sockets"].items()}
+        d["udp"] = [tuple(s) for s in d["udp"]]
+        return cls(**d)
+
+
+def metric_families(registry: Any) -> list[Any]:
+    """
+    The C{mproxy_*} families of a registry as plain lists (the answer to
+    L{GetMetrics}).
+    """
+    out = []
+    for family in registry.collect():
+        if not family.name.startswith("mproxy_"):
+            continue
+        out.append([family.name, family.type, family.documentation,
+                    [[s.name, s.labels, s.value] for s in family.samples]])
+    return out
+
+
+class WorkerServer:
+    """
+    The worker's data plane.  C{send(command, **arguments)} sends a command
+    to the supervisor (its channel's C{callRemote}).
+
+    @ivar ports: the listening ports, once L{serve} ran.
+    """
+
+    def __init__(self, reactor: Any, settings: WorkerSettings, logger: Any,
+                 send: Callable[..., Any], exit: Callable[[], None] | None = None) -> None:
+        from mproxy.http.proxy import build_http_factory
+        from mproxy.http.upstream import PoolRegistry
+        from mproxy.tls.sni import ServerTLS, https_factory
+        from mproxy.workers.certs import CertificateMirror
+
+        self.reactor = reactor
+        self.settings = settings
+        self.logger = logger
+        self.send = send
+        self.exit = exit or reactor.stop
+        self.router = Router()
+        self.pools = PoolRegistry(reactor)
+        self.replica = Replica(self.router, reactor, self._balancer)
+        self.certs = CertificateMirror(self._root_service, self._ask_certificate)
+        self.metrics = None
+        if settings.metrics:
+            from mproxy.metrics import Metrics
+
+            self.metrics = Metrics()
+        common = dict(
+            http_port=settings.http_port, https_port=settings.https_port, pools=self.pools,
+            metrics=self.metrics, challenges=self.certs.challenges,
+            header_timeout=settings.header_timeout, idle_timeout=settings.idle_timeout,
+        )
+        self.site = build_http_factory(reactor, self.router, logger, **common)
+        self.secure = build_http_factory(reactor, self.router, logger, secure=True, **common)
+        tls = ServerTLS(self.certs.select, self.certs.challenges, logger=logger)
+        self.https = https_factory(tls, self.secure)
+        self.http3: Any = None
+        self.ports: list[Any] = []
+        self.retiring = False
+        #: the slot the supervisor gave it when it began serving
+        self.slot = settings.slot
+
+    # routing
+
+    def _root_service(self, server_name: str) -> Any:
+        """
+        C{(name, options)} of the service serving C{/} for a TLS name.
+        """
+        service = self.router.root_service_for(server_name)
+        return None if service is None else (service.name, service.options)
+
+    def _balancer(self, slot: Slot) -> LoadBalancer:
+        # no logger: the supervisor logs each health transition once
+        lb = LoadBalancer(slot.writers, slot.readers, self.reactor, self.pools, None)
+        for t in lb.targets:
+            t.eject = self._reporting_eject(t, t.eject)  # type: ignore[method-assign]
+        return lb
+
+    def _reporting_eject(self, target: Any, eject: Callable[[str], bool]) -> Callable[[str], bool]:
+        def reporting(error: str) -> bool:
+            ejected = eject(error)
+            if ejected:
+                self.send(c.Eject, address=target.address, error=error)
+            return ejected
+
+        return reporting
+
+    def set_services(self, seq: int, records: list[dict[str, Any]], health: dict[str, bool],
+                     drain_timeout: float) -> int:
+        """
+        Switch to C{records}; drain what they replaced (reported with
+        L{Drained}); returns the requests in flight on what was replaced.
+        """
+        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health)
+        draining = sum(lb.inflight() for lb in replaced)
+        for lb in replaced:
+            lb.stop_health_checks()
+
+        def drained(d: Drained) -> None:
+            self.send(c.Drained, seq=seq, requests=d.requests, cut=d.cut)
+
+        drain_all(replaced, drain_timeout).addCallback(drained)
+        return draining
+
+    def set_health(self, address: str, healthy: bool) -> None:
+        self.replica.set_health(address, healthy)
+
+    def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
+        from mproxy.balancer import gather_drains
+
+        service = self.router.services.get(name)
+        if service is None:
+            return succeed(Drained())
+        return gather_drains([lb.drain(timeout) for lb in service.balancers()])
+
+    def inflight(self) -> dict[str, int]:
+        return {name: sum(lb.inflight() for lb in s.balancers())
+                for name, s in self.router.services.items()}
+
+    def metric_families(self) -> list[Any]:
+        if self.metrics is None:
+            return []
+        return metric_families(self.metrics.registry)
+
+    # certificates
+
+    def _ask_certificate(self, server_name: str) -> None:
+        self.send(c.AskCertificate, server_name=server_name)
+
+    # serving
+
+    def serve(self, http3: bool = False) -> None:
+        """
+        Accept on the inherited sockets (the UDP one too with C{http3},
+        else it is closed here).
+        """
+        factories = {"http": self.site, "https": self.https}
+        for kind, sockets in self.settings.sockets.items():
+            for fd, family in sockets:
+                # an inherited socket may be blocking (systemd's are not, a
+                # test's may be): accept() must never block the reactor
+                os.set_blocking(fd, False)
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, factories[kind]))
+                os.close(fd)
+        for fd, family in self.settings.udp:
+            if not http3:
+                os.close(fd)
+                continue
+            from mproxy.http.h3 import H3Listener, proxy_handler
+
+            listener = H3Listener(proxy_handler(self.secure.resource), self.reactor,
+                                  self.certs.select, logger=self.logger,
+                                  idle_timeout=self.secure.idle_timeout)
+            self.http3 = listener
+            os.set_blocking(fd, False)
+            listener.ports.append(self.reactor.adoptDatagramPort(fd, family, listener))
+            os.close(fd)
+
+    def set_alt_svc(self, port: int | None) -> None:
+        self.secure.resource.alt_svc = (
+            None if port is None else [(b"Alt-Svc", b'h3=":%d"; ma=2592000' % port)])
+
+    def retire(self, grace: float) -> Deferred[None]:
+        """
+        Stop accepting here (the sockets stay open in the other processes),
+        let in-flight requests finish for up to C{grace} seconds, exit.
+        """
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        if self.retiring:
+            return succeed(None)
+        self.retiring = True
+        ports, self.ports = self.ports, []
+        d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+
+        def drain(_: object) -> Any:
+            drains = [self.site.shutdown(grace), self.secure.shutdown(grace)]
+            if self.http3 is not None:
+                drains.append(self.http3.shutdown(grace))
+            return DeferredList(drains, consumeErrors=True)
+
+        d.addCallback(drain)
+        d.addBoth(lambda _: self.exit())
+        return d
+
+
+class WorkerChannel(amp.AMP):
+    """
+    The worker's end of the channel.
+    """
+
+    def __init__(self, server: WorkerServer | None = None) -> None:
+        super().__init__()
+        self.server = server
+
+    @c.SetServices.responder
+    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float) -> dict:
+        assert self.server is not None
+        return {"draining": self.server.set_services(seq, records, health, drain_timeout)}
+
+    @c.SetHealth.responder
+    def set_health(self, address: str, healthy: bool) -> dict:
+        assert self.server is not None
+        self.server.set_health(address, healthy)
+        return {}
+
+    @c.DrainService.responder
+    def drain_service(self, service: str, timeout: float) -> Deferred[dict]:
+        assert self.server is not None
+        d = self.server.drain_service(service, timeout)
+        return d.addCallback(lambda r: {"requests": r.requests, "cut": r.cut})
+
+    @c.GetInflight.responder
+    def get_inflight(self) -> dict:
+        assert self.server is not None
+        return {"inflight": self.server.inflight()}
+
+    @c.GetMetrics.responder
+    def get_metrics(self) -> dict:
+        assert self.server is not None
+        return {"families": self.server.metric_families()}
+
+    @c.SetCertificates.responder
+    def set_certificates(self, snapshot: Any) -> dict:
+        assert self.server is not None
+        self.server.certs.update(snapshot)
+        return {}
+
+    @c.SetChallenges.responder
+    def set_challenges(self, http01: Any, alpn: Any) -> dict:
+        assert self.server is not None
+        self.server.certs.update_challenges(http01, alpn)
+        return {}
+
+    @c.Serve.responder
+    def serve(self, slot: int, http3: bool, alt_svc: int) -> dict:
+        assert self.server is not None
+        self.server.slot = slot
+        self.server.serve(http3)
+        self.server.set_alt_svc(alt_svc or None)
+        return {"pid": os.getpid()}
+
+    @c.Retire.responder
+    def retire(self, grace: float) -> dict:
+        assert self.server is not None
+        self.server.retire(grace)
+        return {}
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        server = self.server
+        if server is not None and not server.retiring:
+            if server.ports:
+                server.logger.warn("Supervisor gone: retiring", slot=server.slot)
+            server.retire(server.settings.grace)
+
+
+def worker_events(logger: Any, clock: Any, report: Callable[[str], None]) -> Any:
+    """
+    The worker's C{twisted.logger} observer: as the supervisor's, except
+    that running out of file descriptors is reported to the supervisor
+    (which logs it once for all workers) instead of logged here.
+    """
+    from mproxy.logging import TwistedEvents
+
+    class WorkerEvents(TwistedEvents):
+        def _exhausted(self, error: str) -> None:
+            report(error)
+
+    return WorkerEvents(logger, clock)
+
+
+class FDLines:
+    """
+    A stream for L{mproxy.logging.JSONLogger} that writes each line with
+    one C{write(2)} to a descriptor shared with the supervisor, so lines of
+    different processes never mix.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+
+    def flush(self) -> None:
+        pass
+
+
+class ChannelLines:
+    """
+    A stream for L{mproxy.logging.JSONLogger} that sends each line to the
+    supervisor, which writes it where it logs.
+    """
+
+    def __init__(self) -> None:
+        self.channel: Any = None
+        self._pending: list[str] = []
+
+    def write(self, text: str) -> None:
+        line = text.rstrip("\n")
+        if self.channel is None:
+            self._pending.append(line)
+            return
+        self.channel.callRemote(c.Log, line=line)
+
+    def connected(self, channel: Any) -> None:
+        self.channel = channel
+        pending, self._pending = self._pending, []
+        for line in pending:
+            channel.callRemote(c.Log, line=line)
+
+    def flush(self) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    Run a worker: C{python -m mproxy.workers SETTINGS_JSON}.
+    """
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    from mproxy.logging import JSONLogger
+
+    args = sys.argv[1:] if argv is None else argv
+    settings = WorkerSettings.from_json(args[0])
+    lines: Any = FDLines(1) if settings.log == "fd" else ChannelLines()
+    logger = JSONLogger(lines, level="DEBUG" if settings.debug else "INFO")
+    from twisted.logger import globalLogBeginner
+
+    channel = WorkerChannel()
+    events = worker_events(logger, reactor,
+                           lambda error: channel.callRemote(c.Exhausted, error=error))
+    globalLogBeginner.beginLoggingTo([events], redirectStandardIO=False)
+    server = WorkerServer(reactor, settings, logger, channel.callRemote)
+    channel.server = server
+    if isinstance(lines, ChannelLines):
+        lines.connected(channel)
+    reactor.adoptStreamConnection(settings.channel, socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: channel))
+    os.close(settings.channel)
+
+    def stop(signum: int, frame: Any) -> None:
+        reactor.callFromThread(server.retire, settings.grace)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    reactor.run(installSignalHandlers=False)

@@ -1,0 +1,636 @@
+"""
+Unit tests of L{mproxy.workers}: the supervisor's L{WorkerPool} driving
+in-memory workers (the real L{WorkerServer} and channel protocols, over an
+in-memory AMP connection on a fake clock), the controller on a data plane
+of workers, certificates, challenges and metrics across processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test.iosim import FakeTransport, connect
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from mproxy.controller import Controller
+from mproxy.logging import ListLogger
+from mproxy.router import Router
+from mproxy.spec import DeployRequest, ServiceOptions, TargetOptions
+from mproxy.state import ServiceRecord, Slot
+from mproxy.target import Drained, TargetState
+from mproxy.workers.interfaces import IDataPlane, Switch
+from mproxy.workers.local import LocalDataPlane
+from mproxy.workers.pool import WorkerPool
+from mproxy.workers.worker import WorkerChannel, WorkerServer, WorkerSettings
+
+
+def record(name: str, *targets: str, host: str = "") -> ServiceRecord:
+    options = ServiceOptions(hosts=(host,) if host else ())
+    return ServiceRecord(name, options, TargetOptions(), Slot(targets))
+
+
+class MemorySpawner:
+    """
+    Starts each worker as a L{WorkerServer} in this process, its channel
+    an in-memory AMP connection; C{kill(worker)} ends one as a crash would.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+        self.servers: dict[int, WorkerServer] = {}
+        self.pumps: list[Any] = []
+        self.next_pid = 100
+
+    def spawn(self, pool: WorkerPool, worker: Any) -> None:
+        pid = self.next_pid
+        self.next_pid += 1
+        settings = WorkerSettings(slot=worker.slot, channel=-1, http_port=80, https_port=443,
+                                  header_timeout=30.0, idle_timeout=75.0, sockets={},
+                                  metrics=True)
+        channel = WorkerChannel()
+        server = WorkerServer(self.reactor, settings, ListLogger(), channel.callRemote,
+                              exit=lambda: self.ended(pid, "exit status 0"))
+        channel.server = server
+        supervisor = pool.channel_for(worker)
+        worker.pid = pid
+        self.pool = pool
+        self.servers[pid] = server
+        pump = connect(channel, FakeTransport(channel, True), supervisor,
+                       FakeTransport(supervisor, False), greet=False)
+        pump.pid = pid
+        self.pumps.append(pump)
+
+    def flush(self) -> None:
+        for _ in range(5):
+            for pump in list(self.pumps):
+                pump.flush()
+            self.reactor.advance(0)
+
+    def ended(self, pid: int, how: str) -> None:
+        for w in [w for g in self.pool.generations for w in g.workers] + self.pool.standby:
+            if w.pid == pid and not w.gone:
+                self.pool._worker_ended(w, how)
+        self.pumps = [p for p in self.pumps if p.pid != pid]
+
+    def kill(self, pid: int) -> None:
+        self.servers.pop(pid)
+        self.ended(pid, "killed by signal 9")
+
+
+class PoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.spawner = MemorySpawner(self.reactor)
+        self.logger = ListLogger()
+        self.ejected: list[tuple[str, str]] = []
+        self.pool = WorkerPool(self.reactor, self.logger, self.spawner, 2,
+                               on_eject=lambda a, e: self.ejected.append((a, e)))
+        self.pool.startService()
+
+    def start(self) -> Any:
+        d = self.pool.start_generation()
+        self.spawner.flush()
+        return self.successResultOf(d)
+
+    def servers(self) -> list[WorkerServer]:
+        return list(self.spawner.servers.values())
+
+    def test_interface(self) -> None:
+        verifyObject(IDataPlane, self.pool)
+        verifyObject(IDataPlane, LocalDataPlane())
+
+    def test_generation_serves_with_current_routing(self) -> None:
+        """
+        Workers started after a change get it before they serve; the
+        generation fires once all serve.
+        """
+        self.pool.apply([record("web", "web-1:3000", host="a.test")], 30.0)
+        d = self.pool.start_generation()
+        self.assertNoResult(d)
+        self.spawner.flush()
+        generation = self.successResultOf(d)
+        self.assertEqual(len(generation.workers), 2)
+        for server in self.servers():
+            match = server.router.match("a.test", "/")
+            assert match is not None
+            self.assertEqual(match.service.active.addresses, ["web-1:3000"])
+        self.assertIn("Workers started", self.logger.messages())
+
+    def test_switch_waits_for_every_worker(self) -> None:
+        self.start()
+        switch = self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.assertNoResult(switch.switched)
+        self.spawner.flush()
+        self.assertEqual(self.successResultOf(switch.switched), 0)
+        for server in self.servers():
+            self.assertIn("web", server.router.services)
+
+    def test_drain_waits_for_requests_on_every_worker(self) -> None:
+        """
+        The requests in flight on a replaced deployment, in any worker, are
+        counted at the switch and waited for by the drain.
+        """
+        self.start()
+        first = self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        claims = [s.router.services["web"].active.claim(False) for s in self.servers()]
+        switch = self.pool.apply([record("web", "web-2:3000")], 30.0)
+        self.spawner.flush()
+        self.assertEqual(self.successResultOf(switch.switched), 2)
+        self.assertNoResult(switch.drained)
+        claims[0].release()
+        self.spawner.flush()
+        self.assertNoResult(switch.drained)
+        claims[1].release()
+        self.spawner.flush()
+        self.assertEqual(self.successResultOf(switch.drained), Drained(2, 0))
+        self.successResultOf(first.drained)
+
+    def test_drain_cut_at_timeout(self) -> None:
+        self.start()
+        self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        self.servers()[0].router.services["web"].active.claim(False)
+        switch = self.pool.apply([record("web", "web-2:3000")], 5.0)
+        self.spawner.flush()
+        self.reactor.advance(5)
+        self.spawner.flush()
+        self.assertEqual(self.successResultOf(switch.drained), Drained(1, 1))
+
+    def test_health_reaches_workers(self) -> None:
+        self.start()
+        self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        self.pool.set_health("web-1:3000", False)
+        self.spawner.flush()
+        for server in self.servers():
+            t = server.router.services["web"].active.targets[0]
+            self.assertIs(t.state, TargetState.UNHEALTHY)
+        # a worker started now knows it too
+        self.spawner.kill(self.pool.generations[0].workers[0].pid)
+        self.reactor.advance(0)
+        self.spawner.flush()
+        for server in self.servers():
+            t = server.router.services["web"].active.targets[0]
+            self.assertIs(t.state, TargetState.UNHEALTHY)
+
+    def test_ejection_reported(self) -> None:
+        self.start()
+        self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        target = self.servers()[0].router.services["web"].active.targets[0]
+        self.assertTrue(target.eject("connection refused"))
+        self.spawner.flush()
+        self.assertEqual(self.ejected, [("web-1:3000", "connection refused")])
+
+    def test_dead_worker_replaced_and_logged(self) -> None:
+        """
+        A worker that dies is replaced in its slot at once; its pending
+        drain counts as done; the supervisor logs both.
+        """
+        generation = self.start()
+        self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        dead = generation.workers[0]
+        self.spawner.servers[dead.pid].router.services["web"].active.claim(False)
+        switch = self.pool.apply([record("web", "web-2:3000")], 30.0)
+        self.spawner.flush()
+        self.spawner.kill(dead.pid)
+        self.assertEqual(self.successResultOf(switch.drained), Drained())
+        self.spawner.flush()
+        replacement = generation.workers[0]
+        self.assertIsNot(replacement, dead)
+        self.assertTrue(replacement.serving)
+        self.assertEqual(len(self.servers()), 2)
+        for server in self.servers():
+            self.assertEqual(server.router.services["web"].active.addresses, ["web-2:3000"])
+        errors = [r for r in self.logger.records if r["msg"].startswith("Worker exited")]
+        self.assertEqual(errors[0]["level"], "ERROR")
+        self.assertEqual(errors[0]["pid"], dead.pid)
+        self.assertIn("Worker replaced", self.logger.messages())
+
+    def test_standby_worker_replaces_without_a_new_start(self) -> None:
+        self.pool.spares = 1
+        generation = self.start()
+        self.spawner.flush()
+        self.assertEqual(len(self.pool.standby), 1)
+        spare_pid = self.pool.standby[0].pid
+        self.spawner.kill(generation.workers[1].pid)
+        self.spawner.flush()
+        self.assertEqual(generation.workers[1].pid, spare_pid)
+        self.assertTrue(generation.workers[1].serving)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.standby), 1)  # a new spare
+
+    def test_worker_that_never_serves_fails_the_generation(self) -> None:
+        d = self.pool.start_generation()
+        self.spawner.kill(self.pool.generations[0].workers[0].pid)
+        self.failureResultOf(d)
+
+    def test_retire(self) -> None:
+        generation = self.start()
+        d = self.pool.retire(generation, 10.0)
+        self.assertNoResult(d)
+        self.spawner.flush()
+        self.successResultOf(d)
+        self.assertNotIn(generation, self.pool.generations)
+        self.assertNotIn("Worker exited unexpectedly: replacing it", self.logger.messages())
+
+    def test_inflight_summed(self) -> None:
+        self.start()
+        self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        for s in self.servers():
+            s.router.services["web"].active.claim(False)
+        d = self.pool.refresh()
+        self.spawner.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.pool.inflight("web"), 2)
+
+    def test_drain_service_summed(self) -> None:
+        self.start()
+        self.pool.apply([record("web", "web-1:3000")], 30.0)
+        self.spawner.flush()
+        claims = [s.router.services["web"].active.claim(False) for s in self.servers()]
+        d = self.pool.drain_service("web", 30.0)
+        self.spawner.flush()
+        self.assertNoResult(d)
+        for c in claims:
+            c.release()
+        self.spawner.flush()
+        self.assertEqual(self.successResultOf(d), Drained(2, 0))
+
+    def test_metrics_summed(self) -> None:
+        from mproxy.metrics import Metrics
+        from mproxy.workers.metrics import merged_exposition
+
+        self.start()
+        for s in self.servers():
+            assert s.metrics is not None
+            s.metrics.observe("web", "GET", 200, 0.01)
+        d = self.pool.metric_families()
+        self.spawner.flush()
+        families = self.successResultOf(d)
+        supervisor = Metrics()
+        supervisor.deploy("web", "success")
+        text = merged_exposition(supervisor.registry, families).decode()
+        self.assertIn('mproxy_http_requests_total{method="GET",service="web",status="200"} 2.0',
+                      text)
+        self.assertIn('mproxy_deploys_total{outcome="success",service="web"} 1.0', text)
+        self.assertEqual(text.count("# TYPE mproxy_http_requests_total counter"), 1)
+
+    def test_stop_retires_everything(self) -> None:
+        self.start()
+        d = self.pool.stopService()
+        self.spawner.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.pool.generations, [])
+
+
+class FakeDataPlane:
+    """
+    A data plane whose switches and drains the test fires.
+    """
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[list[str], float]] = []
+        self.switches: list[tuple[Deferred[int], Deferred[Drained]]] = []
+        self.health: list[tuple[str, bool]] = []
+
+    def apply(self, records: Any, drain_timeout: float) -> Switch:
+        self.applied.append(([r.name for r in records], drain_timeout))
+        pair: tuple[Deferred[int], Deferred[Drained]] = (Deferred(), Deferred())
+        self.switches.append(pair)
+        return Switch(*pair)
+
+    def set_health(self, address: str, healthy: bool) -> None:
+        self.health.append((address, healthy))
+
+    def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
+        return succeed(Drained(3, 1))
+
+    def refresh(self) -> Deferred[None]:
+        return succeed(None)
+
+    def inflight(self, service: str) -> int:
+        return 4
+
+
+class ControllerOnWorkersTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from tests.test_controller import FakeProbe
+
+        self.clock = MemoryReactorClock()
+        self.probe = FakeProbe()
+        self.dataplane = FakeDataPlane()
+        self.controller = Controller(Router(), self.clock, self.probe, None, ListLogger(),
+                                     dataplane=self.dataplane)
+
+    def deploy(self, *targets: str) -> tuple[Deferred[Any], list[tuple[str, str]]]:
+        progress: list[tuple[str, str]] = []
+        for t in targets:
+            self.probe.auto[t] = 200
+        d = self.controller.deploy(DeployRequest("web", targets, options=ServiceOptions(),
+                                                 target_options=TargetOptions(), drain_timeout=7.0),
+                                   lambda phase, detail: progress.append((phase, detail)))
+        return d, progress
+
+    def test_deploy_switched_once_workers_switched_and_returns_after_their_drain(self) -> None:
+        d, progress = self.deploy("web-1:3000")
+        self.assertEqual(self.dataplane.applied, [(["web"], 7.0)])
+        self.assertNotIn("switched", [p for p, _ in progress])
+        switched, drained = self.dataplane.switches[0]
+        switched.callback(0)
+        self.assertIn("switched", [p for p, _ in progress])
+        self.successResultOf(d)  # a first deploy replaced nothing
+        d, progress = self.deploy("web-2:3000")
+        switched, drained = self.dataplane.switches[1]
+        switched.callback(2)
+        self.assertIn(("draining", "draining 2 requests from web-1:3000"), progress)
+        self.assertNoResult(d)
+        drained.callback(Drained(2, 0))
+        result = self.successResultOf(d)
+        self.assertEqual(result.drained, Drained(2, 0))
+
+    def test_health_transitions_reach_the_data_plane(self) -> None:
+        d, _ = self.deploy("web-1:3000")
+        self.assertIn(("web-1:3000", True), self.dataplane.health)
+
+    def test_eject_from_a_worker(self) -> None:
+        d, _ = self.deploy("web-1:3000")
+        self.dataplane.switches[0][0].callback(0)
+        self.controller.eject("web-1:3000", "connection refused")
+        t = self.controller.router.services["web"].active.targets[0]
+        self.assertIs(t.state, TargetState.UNHEALTHY)
+        self.assertEqual(t.last_error, "connection refused")
+        self.assertEqual(self.dataplane.health[-1], ("web-1:3000", False))
+
+    def test_pause_drains_workers_and_list_sums_inflight(self) -> None:
+        d, _ = self.deploy("web-1:3000")
+        self.dataplane.switches[0][0].callback(0)
+        p = self.controller.pause("web")
+        self.assertNoResult(p)  # until the workers hold new requests
+        self.dataplane.switches[1][0].callback(0)
+        self.assertEqual(self.successResultOf(p), Drained(3, 1))
+        self.assertEqual(self.controller.list()[0]["inflight"], 4)
+
+    def test_resume_answers_once_switched(self) -> None:
+        d, _ = self.deploy("web-1:3000")
+        self.dataplane.switches[0][0].callback(0)
+        r = self.controller.resume("web")
+        self.assertNoResult(r)
+        self.dataplane.switches[-1][0].callback(0)
+        self.successResultOf(r)
+
+
+class CertificateMirrorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from mproxy.tls.testing import make_ca, make_certificate
+
+        self.ca = make_ca()
+        self.cert = make_certificate(["a.test"], issuer=self.ca)
+        self.other = make_certificate(["b.test"], issuer=self.ca)
+        self.router = Router()
+        self.asked: list[str] = []
+        self.now = 0.0
+        from mproxy.workers.certs import CertificateMirror
+
+        def lookup(name: str) -> Any:
+            s = self.router.root_service_for(name)
+            return None if s is None else (s.name, s.options)
+
+        self.mirror = CertificateMirror(lookup, self.asked.append, now=lambda: self.now)
+        from mproxy.replica import Replica
+        from mproxy.balancer import LoadBalancer
+
+        self.replica = Replica(self.router, MemoryReactorClock(),
+                               lambda slot: LoadBalancer(slot.writers, slot.readers,
+                                                         MemoryReactorClock()))
+
+    def pem(self, cert: Any) -> list[str]:
+        from mproxy.tls.certs import certified_pem
+
+        return [x.decode() for x in certified_pem(cert)]
+
+    def serve(self, name: str, host: str, **options: Any) -> None:
+        self.replica.apply([ServiceRecord(name, ServiceOptions(hosts=(host,), tls_enabled=True,
+                                                               **options),
+                                          TargetOptions(), Slot(("app-1:3000",)))])
+
+    def test_acme_static_and_default(self) -> None:
+        self.serve("web", "a.test")
+        self.serve("api", "b.test", tls_certificate_path="/c.pem", tls_private_key_path="/k.pem")
+        self.replica.apply([
+            ServiceRecord("web", ServiceOptions(hosts=("a.test",), tls_enabled=True),
+                          TargetOptions(), Slot(("app-1:3000",))),
+            ServiceRecord("api", ServiceOptions(hosts=("b.test",), tls_enabled=True,
+                                                tls_certificate_path="/c.pem",
+                                                tls_private_key_path="/k.pem"),
+                          TargetOptions(), Slot(("app-2:3000",))),
+        ])
+        self.mirror.update({"default": self.pem(self.cert), "static": {"api": self.pem(self.other)},
+                            "hosts": [["https://acme/dir", "a.test", self.pem(self.cert)]],
+                            "directories": ["https://acme/dir", "https://staging/dir"]})
+        a = self.mirror.select("a.test")
+        assert a is not None
+        self.assertEqual(a.dns_names(), ["a.test"])
+        b = self.mirror.select("b.test")
+        assert b is not None
+        self.assertEqual(b.dns_names(), ["b.test"])
+        self.assertIs(self.mirror.select(None), self.mirror._default)
+        self.assertIsNone(self.mirror.select("unknown.test"))
+        # the same PEM keeps the same object (and so its TLS context)
+        self.mirror.update({"default": None, "static": {},
+                            "hosts": [["https://acme/dir", "a.test", self.pem(self.cert)]],
+                            "directories": ["https://acme/dir", "https://staging/dir"]})
+        self.assertIs(self.mirror.select("a.test"), a)
+        self.assertIsNone(self.mirror.select("b.test"))
+
+    def test_on_demand_asks_the_supervisor(self) -> None:
+        self.serve("web", "", tls_on_demand_url="http://policy/")
+        self.assertIsNone(self.mirror.select("x.test"))
+        self.assertIsNone(self.mirror.select("x.test"))
+        self.assertEqual(self.asked, ["x.test"])
+        self.now = 5.0
+        self.assertIsNone(self.mirror.select("x.test"))
+        self.assertEqual(self.asked, ["x.test", "x.test"])
+
+    def test_challenges(self) -> None:
+        from mproxy.tls.challenges import tls_alpn_certificate
+
+        alpn = tls_alpn_certificate("a.test", "token.thumb")
+        self.mirror.update_challenges({"tok": "tok.thumb"}, {"a.test": self.pem(alpn)})
+        self.assertEqual(self.mirror.challenges.http01_response(
+            b"/.well-known/acme-challenge/tok"), b"tok.thumb")
+        self.assertIsNotNone(self.mirror.challenges.alpn_certificate("a.test"))
+        self.mirror.update_challenges({}, {})
+        self.assertIsNone(self.mirror.challenges.alpn_certificate("a.test"))
+
+
+class NotifyingChallengesTests(SynchronousTestCase):
+    def test_changes_pushed(self) -> None:
+        from mproxy.workers.certs import NotifyingChallenges
+
+        store = NotifyingChallenges(MemoryReactorClock(), in_io_thread=lambda: True)
+        pushed: list[Any] = []
+        store.push = lambda http01, alpn: pushed.append((http01, alpn)) or succeed(None)
+        store.add_http01("tok", "tok.key")
+        store.remove_http01("tok")
+        self.assertEqual(pushed, [({"tok": "tok.key"}, {}), ({}, {})])
+        self.assertIsNone(store.key_authorization("tok"))
+
+    def test_removal_from_a_thread_goes_through_the_reactor(self) -> None:
+        from mproxy.workers.certs import NotifyingChallenges
+
+        calls: list[Any] = []
+
+        class Reactor:
+            def callFromThread(self, f: Any, *a: Any) -> None:
+                calls.append(f)
+
+        store = NotifyingChallenges(Reactor(), in_io_thread=lambda: False)
+        pushed: list[Any] = []
+        store.push = lambda http01, alpn: pushed.append((http01, alpn)) or succeed(None)
+        store.remove_tls_alpn01("a.test")
+        self.assertEqual(pushed, [])
+        calls[0]()
+        self.assertEqual(pushed, [({}, {})])
+
+
+class ReplicaHealthTests(SynchronousTestCase):
+    def test_new_targets_take_the_supervisors_health(self) -> None:
+        from mproxy.balancer import LoadBalancer
+        from mproxy.replica import Replica
+
+        clock = MemoryReactorClock()
+        router = Router()
+        replica = Replica(router, clock, lambda slot: LoadBalancer(slot.writers, slot.readers,
+                                                                   clock))
+        replica.apply([record("web", "web-1:3000", "web-2:3000")], {"web-2:3000": False})
+        states = {t.address: t.state for t in router.services["web"].active.targets}
+        self.assertEqual(states, {"web-1:3000": TargetState.HEALTHY,
+                                  "web-2:3000": TargetState.UNHEALTHY})
+
+
+class WorkerLoggingTests(SynchronousTestCase):
+    def test_exhaustion_reported_not_logged(self) -> None:
+        from mproxy.workers.worker import worker_events
+
+        logger = ListLogger()
+        reported: list[str] = []
+        events = worker_events(logger, MemoryReactorClock(), reported.append)
+        events({"log_format": "EMFILE recovery: Closed socket from {address}",
+                "address": "x", "acceptError": "EMFILE"})
+        self.assertEqual(reported, ["EMFILE"])
+        self.assertEqual(logger.records, [])
+
+    def test_fd_lines_one_write_per_line(self) -> None:
+        import os
+
+        from mproxy.workers.worker import FDLines
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        FDLines(w).write('{"msg": "Request"}\n')
+        self.assertEqual(os.read(r, 100), b'{"msg": "Request"}\n')
+
+    def test_channel_lines_sent_once_connected(self) -> None:
+        from mproxy.workers import commands as c
+        from mproxy.workers.worker import ChannelLines
+
+        sent: list[Any] = []
+
+        class Channel:
+            def callRemote(self, command: Any, **kw: Any) -> None:
+                sent.append((command, kw))
+
+        lines = ChannelLines()
+        lines.write("early\n")
+        lines.connected(Channel())
+        lines.write("late\n")
+        self.assertEqual(sent, [(c.Log, {"line": "early"}), (c.Log, {"line": "late"})])
+
+
+class SocketTests(SynchronousTestCase):
+    def test_bound_and_listening_and_port_in_use(self) -> None:
+        import socket
+
+        from mproxy.listeners import StartupError
+        from mproxy.workers.sockets import SocketListener
+
+        listener = SocketListener("HTTP", 0, "127.0.0.1")
+        listener.privilegedStartService()
+        self.addCleanup(listener.stopService)
+        assert listener.port is not None
+        client = socket.create_connection(("127.0.0.1", listener.port), timeout=2)
+        client.close()
+        taken = SocketListener("HTTP", listener.port, "127.0.0.1")
+        with self.assertRaises(StartupError) as cm:
+            taken.privilegedStartService()
+        self.assertIn(f"cannot listen for HTTP on port {listener.port}", str(cm.exception))
+
+    def test_inherited_sockets_are_passed_on(self) -> None:
+        from mproxy.workers.sockets import SocketListener
+
+        listener = SocketListener("HTTPS", 443, "", inherited=[(5, 10, 8443)])
+        listener.privilegedStartService()
+        self.assertEqual((listener.port, listener.fds), (8443, [(5, 10)]))
+
+
+class SpawnerTests(SynchronousTestCase):
+    def test_descriptors_settings_and_log_mode(self) -> None:
+        """
+        The child's descriptors are numbered above every descriptor of ours
+        (so no mapping overwrites one still to be copied), and its command
+        line says where they are, with the debug level and the log mode.
+        """
+        import json
+        import socket
+
+        from mproxy.workers.pool import ProcessSpawner, WorkerHandle, Generation
+        from mproxy.workers.worker import WorkerSettings
+
+        calls: list[Any] = []
+
+        class Process:
+            pid = 4242
+
+        class Reactor:
+            def spawnProcess(self, proto: Any, exe: str, args: list[str], env: Any,
+                             childFDs: dict[int, Any]) -> Any:
+                calls.append((args, dict(childFDs)))
+                return Process()
+
+            def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+                calls.append(("adopted", family))
+
+        spawner = ProcessSpawner(Reactor(), {"http": [(3, socket.AF_INET)],
+                                             "https": [(4, socket.AF_INET6)]},
+                                 [(5, socket.AF_INET)],
+                                 dict(http_port=80, https_port=443, header_timeout=30.0,
+                                      idle_timeout=75.0, metrics=False, debug=True,
+                                      grace=10.0),
+                                 log_to_fd=False)
+        pool = WorkerPool(MemoryReactorClock(), ListLogger(), spawner, 1)
+        worker = WorkerHandle(0, Generation(1, 1))
+        spawner.spawn(pool, worker)
+        (args, fds), adopted = calls
+        self.assertEqual(adopted, ("adopted", socket.AF_UNIX))
+        self.assertEqual(worker.pid, 4242)
+        settings = WorkerSettings.from_json(args[-1])
+        self.assertEqual(args[1:3], ["-m", "mproxy.workers"])
+        self.assertTrue(settings.debug)
+        self.assertEqual(settings.log, "channel")
+        sources = [v for k, v in fds.items() if k > 2]
+        targets = [k for k in fds if k > 2]
+        self.assertTrue(min(targets) > max(sources), fds)
+        self.assertEqual(fds[settings.sockets["http"][0][0]], 3)
+        self.assertEqual(fds[settings.sockets["https"][0][0]], 4)
+        self.assertEqual(fds[settings.udp[0][0]], 5)
+        self.assertIn(settings.channel, fds)
+        self.assertEqual(settings.sockets["https"][0][1], socket.AF_INET6)
+        self.assertEqual(json.loads(settings.to_json())["slot"], 0)

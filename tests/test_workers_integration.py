@@ -1,0 +1,298 @@
+"""
+Integration tests of worker processes: the real C{mproxy run --workers 2}
+(a supervisor and two workers), real upstreams, 20 concurrent keep-alive
+clients that check an idle connection before reusing it (as urllib3 does).
+Each test prints its figures as a C{workers figures:} JSON line.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import threading
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from mproxy.testing import MproxyProcess, listen_upstream
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def figures(**values: Any) -> None:
+    print("workers figures:", json.dumps(values))
+
+
+class KeepAliveLoad:
+    """
+    C{clients} threads, each GETting C{path} over its own keep-alive
+    connection; a connection found readable or closed while idle is
+    replaced before the next request (urllib3's check).  Failures are kept
+    with the client port of the connection they happened on.
+    """
+
+    def __init__(self, port: int, clients: int = 20, path: str = "/") -> None:
+        self.port = port
+        self.path = path
+        self.clients = clients
+        self.ok = 0
+        self.failures: list[tuple[int | None, str]] = []
+        self.ports_seen: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> Deferred[None]:
+        self._stop.set()
+
+        def join() -> None:
+            for t in self._threads:
+                t.join(30)
+
+        return deferToThread(join)
+
+    @staticmethod
+    def _dropped(conn: http.client.HTTPConnection) -> bool:
+        sock = conn.sock
+        if sock is None:
+            return True
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+
+    def _run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            if conn is not None and self._dropped(conn):
+                conn.close()
+                conn = None
+            local = None
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+                    conn.connect()
+                local = conn.sock.getsockname()[1]
+                with self._lock:
+                    self.ports_seen.add(local)
+                conn.request("GET", self.path)
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"status {response.status}")
+                with self._lock:
+                    self.ok += 1
+            except Exception as e:
+                with self._lock:
+                    self.failures.append((local, f"{type(e).__name__}: {e}"))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+def client_ports_of(pid: int, server_port: int) -> set[int]:
+    """
+    The client ports of the connections process C{pid} accepted on
+    C{server_port} (from /proc).
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if inode in inodes and int(local.rsplit(":", 1)[1], 16) == server_port:
+                    ports.add(int(remote.rsplit(":", 1)[1], 16))
+    return ports
+
+
+class WorkersTests(TestCase):
+    timeout = 180
+
+    @inlineCallbacks
+    def serving(self, *names: str) -> Any:
+        apps = []
+        for name in names:
+            app, port = listen_upstream(reactor, name)
+            self.addCleanup(port.stopListening)
+            apps.append((app, f"127.0.0.1:{port.getHost().port}"))
+        p = MproxyProcess(reactor, self.mktemp(), extra_args=("--workers", "2"))
+        yield p.start()
+        self.addCleanup(p.stop, signal.SIGKILL)
+        r = yield p.command("deploy", apps[0][1])
+        self.assertEqual(r.status, 0, r.err)
+        return p, apps
+
+    def worker_pids(self, p: MproxyProcess) -> list[int]:
+        started = [r for r in p.records if r.get("msg") == "Workers started"]
+        return list(started[-1]["pids"])
+
+    @inlineCallbacks
+    def test_kill_9_of_one_worker_under_load(self) -> Any:
+        """
+        A worker killed under load: only the connections it held fail; a
+        replacement serves within a second; the supervisor logs it.
+        """
+        p, _ = yield self.serving("one")
+        load = KeepAliveLoad(p.http_port)
+        load.start()
+        yield sleep(2.0)
+        victim, survivor = self.worker_pids(p)
+        held = yield deferToThread(client_ports_of, victim, p.http_port)
+        before = load.ok
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        yield sleep(3.0)
+        yield load.stop()
+        replaced = [r for r in p.records if r.get("msg") == "Worker replaced"]
+        self.assertTrue(replaced, [r.get("msg") for r in p.records])
+        self.assertEqual(replaced[0]["was"], victim)
+        exited = [r for r in p.records if r.get("msg", "").startswith("Worker exited")]
+        self.assertEqual(exited[0]["level"], "ERROR")
+        others = [f for f in load.failures if f[0] not in held]
+        self.assertEqual(others, [])
+        self.assertGreater(load.ok, before)
+        self.assertLess(replaced[0]["seconds"], 1.0)
+        # the replacement serves: new connections (spread over both) get 200
+        def fresh() -> list[int]:
+            statuses = []
+            for _ in range(10):
+                conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10)
+                conn.request("GET", "/")
+                statuses.append(conn.getresponse().status)
+                conn.close()
+            return statuses
+
+        self.assertEqual((yield deferToThread(fresh)), [200] * 10)
+        figures(test="kill -9 of one worker", requests=load.ok + len(load.failures),
+                failed=len(load.failures), failed_elsewhere=len(others),
+                connections_of_the_dead_worker=len(held),
+                replacement_serving_s=replaced[0]["seconds"],
+                since_kill_s=round(time.monotonic() - killed, 2))
+
+    @inlineCallbacks
+    def test_50_deploys_under_load(self) -> Any:
+        """
+        50 back-to-back deploys alternating two targets under 20 keep-alive
+        clients: zero failed requests.
+        """
+        p, apps = yield self.serving("one", "two")
+        load = KeepAliveLoad(p.http_port)
+        load.start()
+        yield sleep(1.0)
+        started = time.monotonic()
+        for i in range(50):
+            r = yield p.command("deploy", apps[(i + 1) % 2][1])
+            self.assertEqual(r.status, 0, r.err)
+        took = time.monotonic() - started
+        yield sleep(0.5)
+        yield load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertGreater(load.ok, 100)
+        figures(test="50 deploys under load", requests=load.ok, failed=len(load.failures),
+                deploys_s=round(took, 2))
+
+    @inlineCallbacks
+    def test_slow_requests_on_both_workers_finish_before_deploy_returns(self) -> Any:
+        """
+        Slow requests over many connections (so both workers hold some):
+        the deploy returns only after all of them completed with 200, and
+        its answer counts them.
+        """
+        p, apps = yield self.serving("one", "two")
+        finished: list[float] = []
+
+        def slow() -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=30)
+            conn.request("GET", "/slow?ms=2000")
+            status = conn.getresponse().status
+            finished.append(time.monotonic())
+            conn.close()
+            return status
+
+        requests = [deferToThread(slow) for _ in range(8)]
+        yield sleep(0.5)
+        holding = []
+        for pid in self.worker_pids(p):
+            holding.append(len((yield deferToThread(client_ports_of, pid, p.http_port))))
+        r = yield p.command("deploy", apps[1][1])
+        returned = time.monotonic()
+        self.assertEqual(r.status, 0, r.err)
+        statuses = []
+        for d in requests:
+            statuses.append((yield d))
+        self.assertEqual(statuses, [200] * 8)
+        self.assertTrue(all(t <= returned for t in finished), (finished, returned))
+        deployed = [x for x in p.records if x.get("msg") == "Deployed"][-1]
+        self.assertEqual(deployed["drained"], 8)
+        figures(test="slow requests on both workers", per_worker=holding,
+                drained=deployed["drained"])
+
+    @inlineCallbacks
+    def test_list_and_metrics_sum_workers(self) -> Any:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            metrics_port = s.getsockname()[1]
+        p = MproxyProcess(reactor, self.mktemp(),
+                          extra_args=("--workers", "2", "--metrics-port", str(metrics_port)))
+        yield p.start()
+        self.addCleanup(p.stop, signal.SIGKILL)
+        app, port = listen_upstream(reactor, "one")
+        self.addCleanup(port.stopListening)
+        r = yield p.command("deploy", f"127.0.0.1:{port.getHost().port}")
+        self.assertEqual(r.status, 0, r.err)
+
+        def get_many() -> None:
+            for _ in range(20):
+                conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10)
+                conn.request("GET", "/")
+                conn.getresponse().read()
+                conn.close()
+
+        yield deferToThread(get_many)
+
+        def scrape() -> str:
+            conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read().decode()
+
+        text = yield deferToThread(scrape)
+        line = [x for x in text.splitlines()
+                if x.startswith("mproxy_http_requests_total{") and 'status="200"' in x]
+        self.assertEqual(len(line), 1, line)
+        self.assertEqual(float(line[0].rsplit(" ", 1)[1]), 20.0)
+        self.assertIn('mproxy_deploys_total{outcome="success",service="default"} 1.0', text)
+        def slow() -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10)
+            conn.request("GET", "/slow?ms=3000")
+            return conn.getresponse().status
+
+        waiting = deferToThread(slow)
+        yield sleep(0.7)
+        r = yield p.command("list", "--json")
+        self.assertEqual(json.loads(r.out)[0]["inflight"], 1)
+        self.assertEqual((yield waiting), 200)
