@@ -7,6 +7,7 @@ of workers, certificates, challenges and metrics across processes.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -634,3 +635,50 @@ class SpawnerTests(SynchronousTestCase):
         self.assertIn(settings.channel, fds)
         self.assertEqual(settings.sockets["https"][0][1], socket.AF_INET6)
         self.assertEqual(json.loads(settings.to_json())["slot"], 0)
+
+
+class RetireReleasesSocketsTests(SynchronousTestCase):
+    """
+    A worker that never served (a standby) lets go of its inherited
+    listening sockets as soon as it retires, so that a server started after
+    its supervisor died can bind the same ports while it is still exiting.
+    """
+
+    def server(self, sockets: dict[str, list[tuple[int, int]]]) -> WorkerServer:
+        settings = WorkerSettings(slot=-1, channel=-1, http_port=80, https_port=443,
+                                  header_timeout=30.0, idle_timeout=75.0, sockets=sockets,
+                                  metrics=False)
+        channel = WorkerChannel()
+        return WorkerServer(MemoryReactorClock(), settings, ListLogger(), channel.callRemote,
+                            exit=lambda: None)
+
+    def listening(self) -> Any:
+        import socket
+
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(s.close)
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        fd = os.dup(s.fileno())
+        return fd, s.getsockname()[1]
+
+    def test_unserved_sockets_closed_on_retire(self) -> None:
+        import socket
+
+        fd, port = self.listening()
+        server = self.server({"http": [(fd, socket.AF_INET)]})
+        server.retire(0)
+        self.assertRaises(OSError, os.fstat, fd)
+
+    def test_served_sockets_not_closed_twice(self) -> None:
+        import socket
+
+        fd, _port = self.listening()
+        server = self.server({"http": [(fd, socket.AF_INET)]})
+        server.serve()
+        # the adopted port owns a copy; the inherited number was closed
+        self.assertRaises(OSError, os.fstat, fd)
+        other = os.dup(0)  # may reuse the number: retire must not close it
+        self.addCleanup(os.close, other)
+        server.retire(0)
+        os.fstat(other)

@@ -135,6 +135,8 @@ class WorkerServer:
         self.http3: Any = None
         self.ports: list[Any] = []
         self.retiring = False
+        #: whether the inherited sockets were taken over (or let go of)
+        self.served = False
         #: the slot the supervisor gave it when it began serving
         self.slot = settings.slot
 
@@ -212,6 +214,7 @@ class WorkerServer:
         Accept on the inherited sockets (the UDP one too with C{http3},
         else it is closed here).
         """
+        self.served = True
         factories = {"http": self.site, "https": self.https}
         for kind, sockets in self.settings.sockets.items():
             for fd, family in sockets:
@@ -234,6 +237,22 @@ class WorkerServer:
             listener.ports.append(self.reactor.adoptDatagramPort(fd, family, listener))
             os.close(fd)
 
+    def _release_unserved(self) -> None:
+        """
+        Close the inherited sockets this worker never served (a standby
+        worker's): once its supervisor is gone, the next server started on
+        the same ports must be able to bind them at once, not after this
+        process has exited.
+        """
+        if self.served:
+            return
+        self.served = True
+        for sockets in self.settings.sockets.values():
+            for fd, _family in sockets:
+                _close_quietly(fd)
+        for fd, _family in self.settings.udp:
+            _close_quietly(fd)
+
     def set_alt_svc(self, port: int | None) -> None:
         self.secure.resource.alt_svc = (
             None if port is None else [(b"Alt-Svc", b'h3=":%d"; ma=2592000' % port)])
@@ -248,6 +267,7 @@ class WorkerServer:
         if self.retiring:
             return succeed(None)
         self.retiring = True
+        self._release_unserved()
         ports, self.ports = self.ports, []
         d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
@@ -392,6 +412,13 @@ class ChannelLines:
             channel.callRemote(c.Log, line=line)
 
     def flush(self) -> None:
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
         pass
 
 
