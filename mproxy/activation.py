@@ -26,7 +26,8 @@ import fcntl
 import json
 import os
 import socket as _socket
-from typing import Any, Callable, MutableMapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, MutableMapping
 
 from attrs import field, frozen
 
@@ -127,17 +128,31 @@ class InheritedSockets:
         return sockets[0].port if sockets else None
 
 
-def describe_socket(fd: int) -> InheritedSocket:
+@contextmanager
+def _peek(fd: int) -> Iterator[_socket.socket]:
     """
-    Look at descriptor C{fd} (without taking it over).
+    A socket object over a duplicate of C{fd}, closed afterwards (C{fd}
+    itself is left as it is).
 
-    @raise StartupError: it is not a listening TCP socket.
+    @raise StartupError: C{fd} is not a socket.
     """
     try:
         s = _socket.socket(fileno=os.dup(fd))
     except OSError as e:
         raise StartupError(f"inherited file descriptor {fd} is not a socket: {e.strerror or e}")
     try:
+        yield s
+    finally:
+        s.close()
+
+
+def describe_socket(fd: int) -> InheritedSocket:
+    """
+    Look at descriptor C{fd} (without taking it over).
+
+    @raise StartupError: it is not a listening TCP socket.
+    """
+    with _peek(fd) as s:
         if s.family not in (_socket.AF_INET, _socket.AF_INET6) or s.type != _socket.SOCK_STREAM:
             raise StartupError(
                 f"inherited file descriptor {fd} is not a TCP socket "
@@ -146,8 +161,6 @@ def describe_socket(fd: int) -> InheritedSocket:
         if not s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN):
             raise StartupError(f"inherited file descriptor {fd} is not listening")
         return InheritedSocket(fd, int(s.family), int(s.getsockname()[1]))
-    finally:
-        s.close()
 
 
 def describe_datagram_socket(fd: int) -> InheritedSocket:
@@ -156,16 +169,10 @@ def describe_datagram_socket(fd: int) -> InheritedSocket:
 
     @raise StartupError: it is not one.
     """
-    try:
-        s = _socket.socket(fileno=os.dup(fd))
-    except OSError as e:
-        raise StartupError(f"inherited file descriptor {fd} is not a socket: {e.strerror or e}")
-    try:
+    with _peek(fd) as s:
         if s.family not in (_socket.AF_INET, _socket.AF_INET6) or s.type != _socket.SOCK_DGRAM:
             raise StartupError(f"inherited file descriptor {fd} is not a UDP socket")
         return InheritedSocket(fd, int(s.family), int(s.getsockname()[1]))
-    finally:
-        s.close()
 
 
 def describe_control_socket(fd: int) -> str:
@@ -174,19 +181,13 @@ def describe_control_socket(fd: int) -> str:
 
     @raise StartupError: it is not one.
     """
-    try:
-        s = _socket.socket(fileno=os.dup(fd))
-    except OSError as e:
-        raise StartupError(f"inherited file descriptor {fd} is not a socket: {e.strerror or e}")
-    try:
+    with _peek(fd) as s:
         if s.family != _socket.AF_UNIX or not s.getsockopt(
             _socket.SOL_SOCKET, _socket.SO_ACCEPTCONN
         ):
             raise StartupError(f"inherited file descriptor {fd} is not a listening UNIX socket")
         name = s.getsockname()
         return name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
-    finally:
-        s.close()
 
 
 def set_close_on_exec(fd: int) -> None:
