@@ -99,7 +99,33 @@ def listen_failure(what: str, port: int, error: BaseException) -> StartupError:
     return StartupError(message)
 
 
-class Listener(Service):
+class BindingService(Service):
+    """
+    A service that binds its sockets once, when it is first started: in
+    C{privilegedStartService} (under twistd, before privileges are
+    dropped) or, when its parent starts it without that step, in
+    C{startService}.  Subclasses define C{_bind}, which sets C{port}.
+
+    @ivar port: the port number, once bound.
+    """
+
+    port: int | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is None:
+            self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._bind()
+
+    def _bind(self) -> None:
+        raise NotImplementedError
+
+
+class Listener(BindingService):
     """
     The ports of one kind (C{what}: "HTTP", "HTTPS", "metrics") serving
     C{factory}, one per endpoint maker.  Without C{--bind} that is C{::}
@@ -128,16 +154,6 @@ class Listener(Service):
         self.drain = drain
         self.port: int | None = None
         self._ports: list[Any] = []
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self.port is None:
-            self._bind()
-
-    def startService(self) -> None:
-        super().startService()
-        if self.port is None:
-            self._bind()
 
     def _bind(self) -> None:
         errors: list[BaseException] = []

@@ -60,7 +60,6 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -71,6 +70,7 @@ from zope.interface import implementer
 from mproxy.http.interfaces import IExchange
 from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH
 from mproxy.http.request import MAX_QUEUED_BODY, address_strings, reason_bytes
+from mproxy.listeners import BindingService
 from mproxy.tls.sni import normalise_server_name
 
 __all__ = ["HTTP3Service", "H3Listener", "H3Session", "H3Exchange", "proxy_handler", "SEND_HIGH_WATER", "SEND_LOW_WATER"]
@@ -846,7 +846,7 @@ def proxy_handler(resource: Any) -> Callable[[H3Exchange], None]:
 
 
 
-class HTTP3Service(Service):
+class HTTP3Service(BindingService):
     """
     HTTP/3 for C{mproxy run --http3}, as a service of the server's tree:
     UDP on the port the HTTPS listener got (C{https_port()}), serving the
@@ -873,16 +873,6 @@ class HTTP3Service(Service):
         self.listener = H3Listener(proxy_handler(site.resource), reactor, select,
                                    logger=logger, idle_timeout=site.idle_timeout)
         self.port: int | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self.port is None:
-            self._bind()
-
-    def startService(self) -> None:
-        super().startService()
-        if self.port is None:
-            self._bind()
 
     def _bind(self) -> None:
         from mproxy.listeners import listen_failure

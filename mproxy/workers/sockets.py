@@ -16,9 +16,8 @@ import errno
 import socket as _socket
 from typing import Any, Callable
 
-from twisted.application.service import Service
 
-from mproxy.listeners import LISTEN_BACKLOG, listen_failure
+from mproxy.listeners import LISTEN_BACKLOG, BindingService, listen_failure
 
 
 def _bind_one(family: int, address: str, port: int, kind: int) -> _socket.socket:
@@ -70,7 +69,7 @@ def bind_sockets(bind: str, port: int, kind: int = _socket.SOCK_STREAM) -> list[
     return out
 
 
-class SocketListener(Service):
+class SocketListener(BindingService):
     """
     The sockets of one kind (C{what}: "HTTP", "HTTPS", "HTTP/3 (UDP)"),
     bound in C{privilegedStartService} or inherited (C{inherited}:
@@ -94,17 +93,7 @@ class SocketListener(Service):
         self.fds: list[tuple[int, int]] = []
         self._sockets: list[_socket.socket] = []
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._bind()
-
-    def startService(self) -> None:
-        super().startService()
-        self._bind()
-
     def _bind(self) -> None:
-        if self.port is not None:
-            return
         if self.inherited:
             self.fds = [(fd, family) for fd, family, _ in self.inherited]
             self.port = self.inherited[0][2]
