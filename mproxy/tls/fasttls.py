@@ -44,7 +44,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer, directlyProvides
+from zope.interface import implementer
 
 from mproxy.http.batch import DIRECT_TYPES
 from mproxy.http.reads import READ_GROW_AT, grow_reads
@@ -116,18 +116,7 @@ class StdlibContexts:
                 # only pyOpenSSL can pick the certificate by the ALPN offer
                 conn._fallback = True
                 return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-        try:
-            certified = tls.select(name)
-        except Exception as e:
-            import traceback
-
-            tls.logger.error(
-                f"Selecting a certificate for {name!r} failed",
-                server_name=name,
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(),
-            )
-            certified = None
+        certified = tls.certificate_for(name)
         if certified is None:
             tls.logger.debug(f"No certificate for server name {name!r}", server_name=name)
             return None

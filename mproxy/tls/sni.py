@@ -128,12 +128,14 @@ class ServerTLS:
             self._contexts[certified] = ctx
         return ctx
 
-    # -- callbacks (reactor thread, inside the handshake) -----------------
-
-    def _on_servername(self, conn: SSL.Connection) -> None:
-        name = normalise_server_name(conn.get_servername())
+    def certificate_for(self, name: str | None) -> Any:
+        """
+        C{select(name)}, with an exception of its logged (with its
+        traceback) and answered as no certificate, so that a bug there
+        refuses one handshake instead of breaking the connection's code.
+        """
         try:
-            certified = self.select(name)
+            return self.select(name)
         except Exception as e:
             import traceback
 
@@ -143,7 +145,13 @@ class ServerTLS:
                 error=f"{type(e).__name__}: {e}",
                 traceback=traceback.format_exc(),
             )
-            certified = None
+            return None
+
+    # -- callbacks (reactor thread, inside the handshake) -----------------
+
+    def _on_servername(self, conn: SSL.Connection) -> None:
+        name = normalise_server_name(conn.get_servername())
+        certified = self.certificate_for(name)
         if certified is None and self.challenges is not None:
             # Without a certificate here OpenSSL cannot choose a cipher before
             # the ALPN callback runs.  A name without a certificate of its own
