@@ -5,8 +5,13 @@ L{mproxy.http.reqlog}, with fake routers, services and claims.
 
 from __future__ import annotations
 
+import gc
+import io
+import json
 import re
+import weakref
 from io import BytesIO
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import error
@@ -495,6 +500,43 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(log["query"], "q=ok")
         self.assertEqual(h.metrics.events, [
             ("enter", "web"), ("leave", "web"), ("observe", "web", "POST", 201)])
+
+    def test_request_objects_freed_without_the_garbage_collector(self) -> None:
+        """
+        Once a request is complete, nothing of it is kept in a reference
+        cycle: its request object and upstream exchange are freed by
+        reference counting alone (the cyclic collector stays off here),
+        so requests do not pile up garbage whose collections every request
+        pays for.
+        """
+        h = Harness()
+        seen: list[Any] = []
+        render = h.site.resource.render
+        pool = h.service.target.pool
+        request = pool.request
+
+        def capture(rq: Any) -> Any:
+            seen.append(weakref.ref(rq))
+            return render(rq)
+
+        def exchange(*args: Any, **kw: Any) -> Any:
+            ex = request(*args, **kw)
+            seen.append(weakref.ref(ex))
+            return ex
+
+        h.site.resource.render = capture  # type: ignore[method-assign]
+        pool.request = exchange  # type: ignore[method-assign]
+        enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if enabled else None)
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(OK)
+        h.get()  # on the same connections
+        proto.dataReceived(OK)
+        self.assertEqual(h.output().count(b"HTTP/1.1 200 OK"), 2)
+        self.assertEqual(len(seen), 4)
+        self.assertEqual([r() for r in seen], [None] * 4)
 
     def test_logged_headers(self) -> None:
         """

@@ -343,6 +343,9 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         elif end:
             bwrite(self.transport, end)
         self.finished = 1
+        # never called once finished (see connectionLost); dropped so that
+        # the request does not keep its handler's owner alive in a cycle
+        self._lost_handler = None
         if self._producer is not None:
             self.unregisterProducer()
         self.channel.request_done(self)

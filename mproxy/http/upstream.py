@@ -619,15 +619,20 @@ class _ConnectFactory(ClientFactory):
 
     def __init__(self, pool: UpstreamPool, exchange: UpstreamExchange) -> None:
         self.pool = pool
-        self.exchange = exchange
+        self.exchange: UpstreamExchange | None = exchange
 
     def buildProtocol(self, addr: Any) -> _Connection:
         c = _Connection(self.pool)
         c._pending = self.exchange
+        # the connector keeps its factory as long as the connection lasts:
+        # it must not keep the connection's first request alive with it
+        self.exchange = None
         return c
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         ex = self.exchange
+        if ex is None:
+            return  # connected (and failing later is not a connect failure)
         ex.connector = None
         if ex.done:
             return
