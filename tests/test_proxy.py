@@ -41,7 +41,8 @@ from mproxy.http.interfaces import (
 from mproxy.http.pages import render_page
 from mproxy.http.proxy import ProxyResource, build_http_factory
 from mproxy.http.upstream import UpstreamPool
-from mproxy.logging import ListLogger
+from mproxy.http import reqlog
+from mproxy.logging import JSONLogger, ListLogger
 from mproxy.spec import ServiceOptions, TargetOptions
 
 
@@ -983,6 +984,110 @@ class GenericRequestTests(SynchronousTestCase):
         self.assertNotIn(b"Server:", out)
         self.assertEqual(service.claims[0].releases, 1)
         self.assertEqual([r["status"] for r in logger.records if r["msg"] == "Request"], [200])
+
+
+
+#: values that JSON must escape or keep as they are: quotes, backslashes,
+#: every control character, DEL, Latin-1 bytes, line and paragraph
+#: separators, a lone surrogate (a path's undecodable escape)
+TRICKY = ['a"b\\c', "".join(chr(i) for i in range(32)) + "\x7f", "caf\xe9 \xff",
+          "\u2028\u2029", "/x\udcff", "", "</script>", "{\"k\": 1}"]
+
+
+class _CallStub:
+    """
+    The attributes of a completed call that the request log reads.
+    """
+
+    def __init__(self, text: str, tls: bool, remote: str, service: Any) -> None:
+        b = text.encode("latin-1", "replace")
+        self.rq = SimpleNamespace(
+            client_strings=(text, text[::-1]), is_tls=tls, method=b"G\"ET",
+            body_length=-1 if tls else 7, sentLength=12345678901, clientproto=b"HTTP/1.0",
+            query=b,
+        )
+        self.res = SimpleNamespace(http_port=8080, https_port=8443)
+        self.host = b
+        self.path = text
+        self.request_id = b
+        self.status = 599
+        self.service = service
+        self.target = text
+        self.req_ctype = b
+        self.resp_ctype = b
+        self.remote_addr = remote.encode("latin-1", "replace")
+        self.user_agent = b
+        self.log_extra = None
+        self.tried = None
+
+
+class RequestLogEncodingTests(SynchronousTestCase):
+    """
+    The request log line encoded in one format (L{reqlog.log_request} with
+    a logger that takes encoded attributes) is the text of the record
+    encoded as a dict.
+    """
+
+    def lines(self, call: Any) -> tuple[str, str]:
+        fast, slow = io.StringIO(), io.StringIO()
+        reqlog.log_request(JSONLogger(fast, now=lambda: 'T"\n'), call, 987654321012)
+        reqlog._log_record(JSONLogger(slow, now=lambda: 'T"\n'), call, 987654321012)
+        return fast.getvalue(), slow.getvalue()
+
+    def test_same_text_as_the_record(self) -> None:
+        """
+        For tricky strings in every field, TLS or not, with or without a
+        remote address and a service, both lines are the same text, one
+        line of JSON that reads back as the values.
+        """
+        for text in TRICKY:
+            for tls in (False, True):
+                for remote in ("", text, "10.0.0.1, 10.0.0.2"):
+                    for service in (None, SimpleNamespace(name=text)):
+                        call = _CallStub(text, tls, remote, service)
+                        fast, slow = self.lines(call)
+                        self.assertEqual(fast, slow, (text, tls, remote, service))
+                        self.assertEqual(fast.count("\n"), 1)
+                        record = json.loads(fast)
+                        self.assertEqual(record["path"], text)
+                        self.assertEqual(record["remote_addr"],
+                                         call.remote_addr.decode("latin-1") or text)
+                        self.assertEqual(record["service"], service.name if service else "")
+                        self.assertEqual(record["port"], 8443 if tls else 8080)
+
+    def test_extra_fields_and_retries(self) -> None:
+        """
+        Logged headers (which may reuse a key) and retries take the record
+        path: the line is the record's.
+        """
+        call = _CallStub("x", False, "", None)
+        call.log_extra = {"req_content_type": "over", "resp_x": 'a"b'}
+        call.tried = ["10.0.0.9:80"]
+        fast, slow = self.lines(call)
+        self.assertEqual(fast, slow)
+        record = json.loads(fast)
+        self.assertEqual(record["req_content_type"], "over")
+        self.assertEqual(record["tried"], ["10.0.0.9:80", "x"])
+        self.assertEqual(list(record).index("req_content_type"), 13)
+
+    def test_logger_without_encoded_records(self) -> None:
+        """
+        A logger with only C{info} gets the record as attributes.
+        """
+        got: list[tuple[str, dict[str, Any]]] = []
+        logger = SimpleNamespace(info=lambda msg, **attrs: got.append((msg, attrs)))
+        reqlog.log_request(logger, _CallStub("p", True, "", None), 5)
+        self.assertEqual(got[0][0], "Request")
+        self.assertEqual(got[0][1]["path"], "p")
+        self.assertEqual(got[0][1]["scheme"], "https")
+
+    def test_below_level(self) -> None:
+        """
+        A logger above INFO writes no request line.
+        """
+        out = io.StringIO()
+        reqlog.log_request(JSONLogger(out, level="WARN"), _CallStub("p", False, "", None), 5)
+        self.assertEqual(out.getvalue(), "")
 
 
 class PageTests(SynchronousTestCase):
