@@ -15,6 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mproxy.http.interfaces import IRequestChannel, ITunnelExchange
+from mproxy.http.request import header_lines
 from mproxy.http.server import IDLE_CLOSE_QUIET, FastHTTPChannel, FastRequest, ProxySite
 
 
@@ -1334,3 +1335,15 @@ class ReadSizeTests(SynchronousTestCase):
         h.send(b"y" * (200000 - 65536))
         self.assertEqual(sum(got), 200000)
         self.assertIn(b"200", h.output())
+
+
+class HeaderLinesTests(SynchronousTestCase):
+    def test_lines(self) -> None:
+        """
+        Each header as C{name: value} and CRLF, in order (an empty value
+        too); nothing for no headers.
+        """
+        self.assertEqual(header_lines([]), b"")
+        self.assertEqual(header_lines([(b"A", b"1")]), b"A: 1\r\n")
+        self.assertEqual(header_lines([(b"A", b"1"), (b"B", b""), (b"A", b"x y")]),
+                         b"A: 1\r\nB: \r\nA: x y\r\n")

@@ -76,6 +76,7 @@ from zope.interface import implementer
 from mproxy.http.batch import batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.request import header_lines
 
 
 MAX_PENDING_BODY = 65536
@@ -690,13 +691,13 @@ class UpstreamPool:
         """
         Start a request; see the module docstring.
         """
-        lines = [n + b": " + v + b"\r\n" for n, v in headers]
+        end = b"\r\n"
         if body_length < 0:
             if codings:
-                lines.append(b"Transfer-Encoding: " + codings + b", chunked\r\n")
+                end = b"Transfer-Encoding: " + codings + b", chunked\r\n\r\n"
             else:
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-        head = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(lines) + b"\r\n"
+                end = b"Transfer-Encoding: chunked\r\n\r\n"
+        head = b"%s %s HTTP/1.1\r\n%s%s" % (method, target, header_lines(headers), end)
         ex = UpstreamExchange(self, method, head, receiver, body_length, timeout)
         if replay is not None:
             ex._take_over(replay)
