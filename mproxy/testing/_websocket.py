@@ -61,6 +61,15 @@ def decode_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     The complete frames at the start of C{data}, as (opcode, unmasked
     payload), and the bytes after them.
     """
+    frames, rest = decode_frames_masked(data)
+    return [(opcode, payload) for opcode, payload, _ in frames], rest
+
+
+def decode_frames_masked(data: bytes) -> tuple[list[tuple[int, bytes, bool]], bytes]:
+    """
+    Like L{decode_frames}, with each frame's (opcode, unmasked payload,
+    whether it was masked): a test checks clients mask and servers do not.
+    """
     frames = []
     while len(data) >= 2:
         opcode, masked, n, pos = data[0] & 0x0F, data[1] & 0x80, data[1] & 0x7F, 2
@@ -77,7 +86,7 @@ def decode_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
         if len(data) < pos + n:
             break
         payload = data[pos:pos + n]
-        frames.append((opcode, _unmask(key, payload) if masked else payload))
+        frames.append((opcode, _unmask(key, payload) if masked else payload, bool(masked)))
         data = data[pos + n:]
     return frames, data
 
