@@ -30,8 +30,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from mproxy.testing import MproxyProcess
-from mproxy.testing._websocket import accept_key, decode_frames_masked, encode_frame
+from mproxy.testing import (
+    MproxyProcess,
+    decode_websocket_frames,
+    encode_websocket_frame,
+    websocket_accept_key,
+)
 
 BIG = 20 << 20
 _blob: list[bytes] = []
@@ -240,7 +244,7 @@ class _Upstream(Protocol):
         self.ws_hold = False
         name = self.factory.name.encode()
         key = self.header(b"sec-websocket-key") or b""
-        accept = accept_key(key)
+        accept = websocket_accept_key(key)
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
@@ -248,10 +252,10 @@ class _Upstream(Protocol):
         self.ws = True
         self.factory.ws_open += 1
         if query.get("greet"):
-            self.transport.write(encode_frame(1, b"welcome from " + name, mask=False))
+            self.transport.write(encode_websocket_frame(1, b"welcome from " + name, mask=False))
         if query.get("bye"):
             self.busy = reactor.callLater(0.2, self.transport.write,
-                                          encode_frame(8, struct.pack("!H", 1011), mask=False))
+                                          encode_websocket_frame(8, struct.pack("!H", 1011), mask=False))
         if self.ws_buf:
             self.ws_data(b"")
 
@@ -300,18 +304,18 @@ class _Upstream(Protocol):
 
     def ws_data(self, data: bytes) -> None:
         self.ws_buf += data
-        frames, self.ws_buf = decode_frames_masked(self.ws_buf)
+        frames, self.ws_buf = decode_websocket_frames(self.ws_buf)
         for opcode, payload, masked in frames:
             if not masked:
                 self.transport.loseConnection()
                 return
             if opcode == 1 or opcode == 2:
-                self.transport.write(encode_frame(opcode, self.factory.name.encode() + b":" + payload,
+                self.transport.write(encode_websocket_frame(opcode, self.factory.name.encode() + b":" + payload,
                                               mask=False))
             elif opcode == 9:
-                self.transport.write(encode_frame(10, payload, mask=False))
+                self.transport.write(encode_websocket_frame(10, payload, mask=False))
             elif opcode == 8:
-                self.transport.write(encode_frame(8, payload[:2], mask=False))
+                self.transport.write(encode_websocket_frame(8, payload[:2], mask=False))
                 self.transport.loseConnection()
 
 
@@ -396,7 +400,7 @@ class WSClient(Raw):
         else:
             self._rest += self.buf[self._consumed:]
         self._consumed = len(self.buf)
-        frames, self._rest = decode_frames_masked(self._rest)
+        frames, self._rest = decode_websocket_frames(self._rest)
         now = time.monotonic()
         for opcode, payload, masked in frames:
             assert not masked, "server frames must not be masked"
@@ -405,7 +409,7 @@ class WSClient(Raw):
     _consumed = 0
 
     def send(self, text: bytes, opcode: int = 1) -> None:
-        self.transport.write(encode_frame(opcode, text, mask=True))
+        self.transport.write(encode_websocket_frame(opcode, text, mask=True))
 
     def frame(self, pred: Callable[[int, bytes], bool], timeout: float = 5.0) -> Deferred[Any]:
         def found(_: bytes) -> Any:
@@ -591,7 +595,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         yield connect(p.http_port, ws)
         yield ws.until(head_complete)
         self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
-        accept = accept_key(ws.key)
+        accept = websocket_accept_key(ws.key)
         self.assertIn(b"sec-websocket-accept: " + accept, ws.head.lower().replace(
             accept.lower(), accept))
         self.assertEqual((yield ws.echo(b"hello")), b"one")
@@ -803,7 +807,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         p = yield self.proxy()
         yield self.deploy(p, addr1)
         ws = WSClient(b"/ws?greet=1")
-        ws.first += encode_frame(1, b"early", mask=True)
+        ws.first += encode_websocket_frame(1, b"early", mask=True)
         yield connect(p.http_port, ws)
         yield ws.frame(lambda op, payload: payload == b"welcome from one")
         yield ws.frame(lambda op, payload: payload == b"one:early")
