@@ -1362,6 +1362,36 @@ class FrontTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: 0\r\n", out)
 
 
+    def test_canonical_host_redirect_over_tls(self) -> None:
+        """
+        Over TLS too, another host of a TLS service goes to the canonical
+        host (on HTTPS), and the canonical host itself is served.
+        """
+        h = Harness()
+        h.router.routes["www.example.com"] = (h.service, "/")
+        h.service.options = ServiceOptions(hosts=["example.com", "www.example.com"],
+                                           tls_enabled=True, canonical_host="example.com")
+        h.client.is_tls = True
+        h.send(b"GET /p HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        self.assertIn(b"Location: https://example.com/p\r\n", h.output())
+        h = Harness()
+        h.service.options = ServiceOptions(hosts=["example.com"], tls_enabled=True,
+                                           canonical_host="example.com")
+        h.client.is_tls = True
+        h.get()
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_tls_service_without_redirect_serves_http(self) -> None:
+        """
+        A TLS service with the HTTPS redirect off serves plain HTTP.
+        """
+        h = Harness()
+        h.service.options = ServiceOptions(hosts=["example.com"], tls_enabled=True,
+                                           tls_redirect=False)
+        h.get()
+        self.assertEqual(h.output(), b"")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
 class CookieScopeTests(SynchronousTestCase):
     def test_scope_cookie(self) -> None:
         """
