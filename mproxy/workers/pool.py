@@ -262,6 +262,8 @@ class WorkerPool(Service):
         self.seq = 0
         self.records: list[dict[str, Any]] = []
         self.health: dict[str, bool] = {}
+        #: every target's key and health (the controller's target_health_map)
+        self.targets: dict[str, Any] | None = None
         self.drain_timeout = 30.0
         self.certificates: dict[str, Any] = {"default": None, "static": {}, "hosts": [],
                                              "directories": ["", ""]}
@@ -308,7 +310,8 @@ class WorkerPool(Service):
         ch.callRemote(c.SetChallenges, http01=self.challenges[0],
                       alpn=self.challenges[1]).addErrback(quiet)
         ch.callRemote(c.SetServices, seq=self.seq, records=self.records, health=self.health,
-                      drain_timeout=float(self.drain_timeout)).addErrback(quiet)
+                      drain_timeout=float(self.drain_timeout),
+                      targets=self.targets).addErrback(quiet)
         d = ch.callRemote(c.Serve, slot=worker.slot, http3=worker.slot == 0,
                           alt_svc=self.alt_svc)
 
@@ -529,8 +532,9 @@ class WorkerPool(Service):
         return [w.channel.callRemote(command, **arguments)  # type: ignore[union-attr]
                 for w in self.workers]
 
-    def apply(self, records: Any, drain_timeout: float) -> Switch:
+    def apply(self, records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         self.seq += 1
+        self.targets = targets
         seq = self.seq
         self.records = [r.to_json() for r in records]
         self.drain_timeout = drain_timeout
@@ -546,7 +550,8 @@ class WorkerPool(Service):
             w.drains[seq] = drained
             drains.append(drained)
             acks.append(ch.callRemote(c.SetServices, seq=seq, records=self.records,
-                                      health=self.health, drain_timeout=float(drain_timeout)))
+                                      health=self.health, drain_timeout=float(drain_timeout),
+                                      targets=self.targets))
 
         barrier: Deferred[None] = Deferred()
         self.reactor.callLater(0, self._barrier, barrier)
@@ -569,9 +574,11 @@ class WorkerPool(Service):
         d = DeferredList(self._broadcast(c.GetInflight), consumeErrors=True)
         d.addCallback(lambda _: done.callback(None))
 
-    def set_health(self, address: str, healthy: bool) -> None:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
         self.health[address] = healthy
-        for d in self._broadcast(c.SetHealth, address=address, healthy=healthy):
+        if key is not None and self.targets is not None:
+            self.targets["states"][key] = "healthy" if healthy else "unhealthy"
+        for d in self._broadcast(c.SetHealth, address=address, healthy=healthy, key=key):
             d.addErrback(lambda f: None)
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:

@@ -166,12 +166,13 @@ class WorkerServer:
         return reporting
 
     def set_services(self, seq: int, records: list[dict[str, Any]], health: dict[str, bool],
-                     drain_timeout: float) -> int:
+                     drain_timeout: float, targets: dict[str, Any] | None = None) -> int:
         """
         Switch to C{records}; drain what they replaced (reported with
         L{Drained}); returns the requests in flight on what was replaced.
         """
-        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health)
+        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health,
+                                      targets)
         draining = sum(lb.inflight() for lb in replaced)
         for lb in replaced:
             lb.stop_health_checks()
@@ -182,8 +183,8 @@ class WorkerServer:
         drain_all(replaced, drain_timeout).addCallback(drained)
         return draining
 
-    def set_health(self, address: str, healthy: bool) -> None:
-        self.replica.set_health(address, healthy)
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
+        self.replica.set_health(address, healthy, key)
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
         from mproxy.balancer import gather_drains
@@ -292,14 +293,16 @@ class WorkerChannel(amp.AMP):
         self.server = server
 
     @c.SetServices.responder
-    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float) -> dict:
+    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float,
+                     targets: Any = None) -> dict:
         assert self.server is not None
-        return {"draining": self.server.set_services(seq, records, health, drain_timeout)}
+        return {"draining": self.server.set_services(seq, records, health, drain_timeout,
+                                                     targets)}
 
     @c.SetHealth.responder
-    def set_health(self, address: str, healthy: bool) -> dict:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> dict:
         assert self.server is not None
-        self.server.set_health(address, healthy)
+        self.server.set_health(address, healthy, key)
         return {}
 
     @c.DrainService.responder
