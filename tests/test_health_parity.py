@@ -168,3 +168,27 @@ class WorkerProcessesTests(HealthParityMixin, SynchronousTestCase):
         self.assertEqual(self.serving(), [set(), set()])
         self.answer("web-2:3000", 200)
         self.assertEqual(self.serving(), [{"web-2:3000"}] * 2)
+
+    def test_adopted_workers_keep_their_deployments(self) -> None:
+        """
+        After an upgrade the new supervisor names the targets afresh: the
+        workers it adopted keep their load balancers (and the requests in
+        flight there), matching targets by address.
+        """
+        self.probe.auto["web-1:3000"] = 200
+        self.probe.auto["web-2:3000"] = 200
+        self.successResultOf(self.deploy("web-2:3000"))
+        self.successResultOf(self.deploy("web-1:3000"))
+        before = [r.services["web"].active for r in self.routers()]
+        claims = [lb.claim(False) for lb in before]
+        for generation in self.pool.generations:
+            generation.adopted = True
+        image = Controller(Router(), self.reactor, self.probe, self.store, self.logger,
+                           dataplane=self.pool)
+        image.restore()
+        self.settle()
+        self.assertEqual([r.services["web"].active for r in self.routers()], before)
+        self.assertEqual([lb.inflight() for lb in before], [1, 1])
+        self.assertEqual(self.serving(), [{"web-1:3000"}] * 2)
+        for claim in claims:
+            claim.release()

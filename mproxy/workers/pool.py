@@ -60,6 +60,9 @@ class Generation:
         self.count = count
         self.workers: list[WorkerHandle] = []
         self.retiring = False
+        #: taken over from the image before an upgrade: its workers know the
+        #: targets of that image's supervisor only by address
+        self.adopted = False
 
     def __repr__(self) -> str:
         return f"<Generation {self.number} workers={[w.pid for w in self.workers]}>"
@@ -478,6 +481,7 @@ class WorkerPool(Service):
             generation = by_number.get(number)
             if generation is None:
                 generation = by_number[number] = Generation(number, 0)
+                generation.adopted = True
                 self.generations.append(generation)
                 self._next_generation = max(self._next_generation, number + 1)
             worker = WorkerHandle(len(generation.workers), generation)
@@ -543,6 +547,9 @@ class WorkerPool(Service):
         self.health = {a: h for a, h in self.health.items() if a in addresses}
         acks = []
         drains = []
+        # Workers adopted after an upgrade get no keys: theirs came from the
+        # supervisor image before, whose keys differ from this one's, and
+        # every deployment would look new to them.
         for w in self.workers:
             ch = w.channel
             assert ch is not None
@@ -551,7 +558,7 @@ class WorkerPool(Service):
             drains.append(drained)
             acks.append(ch.callRemote(c.SetServices, seq=seq, records=self.records,
                                       health=self.health, drain_timeout=float(drain_timeout),
-                                      targets=self.targets))
+                                      targets=None if w.generation.adopted else self.targets))
 
         barrier: Deferred[None] = Deferred()
         self.reactor.callLater(0, self._barrier, barrier)
@@ -578,8 +585,11 @@ class WorkerPool(Service):
         self.health[address] = healthy
         if key is not None and self.targets is not None:
             self.targets["states"][key] = "healthy" if healthy else "unhealthy"
-        for d in self._broadcast(c.SetHealth, address=address, healthy=healthy, key=key):
-            d.addErrback(lambda f: None)
+        for w in self.workers:
+            assert w.channel is not None
+            w.channel.callRemote(c.SetHealth, address=address, healthy=healthy,
+                                 key=None if w.generation.adopted else key
+                                 ).addErrback(lambda f: None)
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
         ds = [d.addCallback(lambda a: Drained(a["requests"], a["cut"]))
