@@ -111,3 +111,51 @@ class UpgradeDuringDeployTests(TestCase):
         self.assertEqual(len(records(proxy, "Upgrade done")), 1)
         print(f"MEASURED upgrade during a deploy: {report.ok} requests, "
               f"{len(report.failures)} failed")
+
+
+class OnDemandFirstHandshakeTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_first_handshake_gets_the_stored_certificate(self) -> Any:
+        """
+        An on-demand name whose certificate is in the supervisor's store:
+        the very first handshake (in whichever worker) gets it, as with one
+        process.
+        """
+        import os
+
+        from twisted.internet.threads import deferToThread
+
+        from mproxy.tls.store import CertificateStore
+        from mproxy.tls.testing import make_ca, make_certificate, pem_pair
+        from tests.test_tls_integration import https_get
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        ca = make_ca()
+        ca_path = os.path.join(work, "ca.pem")
+        with open(ca_path, "wb") as f:
+            f.write(pem_pair(ca)[0])
+        directory = "http://127.0.0.1:1/directory"
+        app, port = listen_upstream(reactor, "shop")
+        self.addCleanup(port.stopListening)
+        proxy = MproxyProcess(reactor, os.path.join(work, "mproxy"),
+                              extra_args=("--workers", "2", "--acme-directory", directory))
+        certificates = {}
+        for name in ("shop.test", "blog.test"):
+            certificate = make_certificate([name], issuer=ca)
+            certificates[name] = certificate.chain[0].serial_number
+            chain, key = pem_pair(certificate)
+            CertificateStore(proxy.state_dir).for_directory(directory).save_certificate(
+                name, key, chain)
+        yield proxy.start()
+        self.addCleanup(proxy.stop)
+        result = yield proxy.command(
+            "deploy", "shop", "--target", f"127.0.0.1:{port.getHost().port}", "--tls",
+            "--tls-on-demand-url", "http://127.0.0.1:1/allow")
+        self.assertEqual(result.status, 0, result.err)
+        for name in ("shop.test", "blog.test"):
+            status, body, serial, _alpn = yield deferToThread(
+                https_get, proxy.https_port, name, ca_path)
+            self.assertEqual((status, body, serial), (200, b"shop", certificates[name]))

@@ -11,6 +11,7 @@ inherited sockets) and L{Retire} (stop accepting, drain, exit).
 Worker to supervisor: L{Drained} (the load balancers a L{SetServices}
 replaced have drained), L{Eject} (a connection to a target failed),
 L{AskCertificate} (an on-demand TLS name without a certificate),
+L{FetchCertificate} (the same, answered: held by the handshake),
 L{Exhausted} (out of file descriptors) and L{Log} (a log line, when the supervisor's log is not a file descriptor the
 worker can share).
 
@@ -178,6 +179,17 @@ class Eject(amp.Command):
 class AskCertificate(amp.Command):
     arguments = [(b"server_name", amp.Unicode())]
     requiresAnswer = False
+
+
+class FetchCertificate(amp.Command):
+    """
+    The certificate for an on-demand TLS name, as the supervisor would
+    choose it for a handshake now (which may start its issuance): its PEM
+    pair, or nothing.
+    """
+
+    arguments = [(b"server_name", amp.Unicode())]
+    response = [(b"pem", BigJSON(optional=True))]
 
 
 class Exhausted(amp.Command):

@@ -117,6 +117,14 @@ class SupervisorChannel(amp.AMP):
         self.pool.on_ask_certificate(server_name)
         return {}
 
+    @c.FetchCertificate.responder
+    def fetch_certificate(self, server_name: str) -> dict:
+        from mproxy.tls.certs import CertifiedKey
+        from mproxy.workers.certs import _pem
+
+        found = self.pool.on_ask_certificate(server_name)
+        return {"pem": _pem(found) if isinstance(found, CertifiedKey) else None}
+
     @c.Exhausted.responder
     def exhausted(self, error: str) -> dict:
         self.pool.on_exhausted(error)
@@ -236,7 +244,8 @@ class WorkerPool(Service):
     @param on_eject: called with C{(address, error)} when a worker could not
         reach a target.
     @param on_ask_certificate: called with an on-demand TLS name a worker
-        has no certificate for.
+        has no certificate for; returns the certificate the supervisor has
+        for it now, if any (sent to a worker that waits for it).
     @param write_line: writes a log line a worker sent.
     @param on_exhausted: called when a worker ran out of file descriptors.
     """
@@ -244,7 +253,7 @@ class WorkerPool(Service):
     def __init__(self, reactor: Any, logger: Any, spawner: Any, count: int,
                  grace: float = 10.0, spares: int = 0,
                  on_eject: Callable[[str, str], None] = lambda a, e: None,
-                 on_ask_certificate: Callable[[str], None] = lambda n: None,
+                 on_ask_certificate: Callable[[str], Any] = lambda n: None,
                  write_line: Callable[[str], None] | None = None,
                  on_exhausted: Callable[[str], None] = lambda e: None) -> None:
         self.reactor = reactor

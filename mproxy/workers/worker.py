@@ -107,7 +107,7 @@ class WorkerServer:
         from mproxy.http.proxy import build_http_factory
         from mproxy.http.upstream import PoolRegistry
         from mproxy.tls.sni import ServerTLS, https_factory
-        from mproxy.workers.certs import CertificateMirror
+        from mproxy.workers.certs import CertificateMirror, HelloGate
 
         self.reactor = reactor
         self.settings = settings
@@ -117,7 +117,11 @@ class WorkerServer:
         self.router = Router()
         self.pools = PoolRegistry(reactor)
         self.replica = Replica(self.router, reactor, self._balancer)
-        self.certs = CertificateMirror(self._root_service, self._ask_certificate)
+        self.certs = CertificateMirror(self._root_service, self._ask_certificate,
+                                       fetch=self._fetch_certificate)
+        #: whether a service has on-demand TLS (a handshake may wait for
+        #: the supervisor's certificate)
+        self.on_demand = False
         self.metrics = None
         if settings.metrics:
             from mproxy.metrics import Metrics
@@ -131,7 +135,8 @@ class WorkerServer:
         self.site = build_http_factory(reactor, self.router, logger, **common)
         self.secure = build_http_factory(reactor, self.router, logger, secure=True, **common)
         tls = ServerTLS(self.certs.select, self.certs.challenges, logger=logger)
-        self.https = https_factory(tls, self.secure)
+        self.https = HelloGate(https_factory(tls, self.secure), self.certs.wait_for, reactor,
+                               lambda: self.on_demand)
         self.http3: Any = None
         self.ports: list[Any] = []
         self.retiring = False
@@ -173,6 +178,8 @@ class WorkerServer:
         """
         replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health,
                                       targets)
+        self.on_demand = any(s.options.tls_on_demand_url
+                             for s in self.router.services.values())
         draining = sum(lb.inflight() for lb in replaced)
         for lb in replaced:
             lb.stop_health_checks()
@@ -207,6 +214,10 @@ class WorkerServer:
 
     def _ask_certificate(self, server_name: str) -> None:
         self.send(c.AskCertificate, server_name=server_name)
+
+    def _fetch_certificate(self, server_name: str) -> Deferred[Any]:
+        d = self.send(c.FetchCertificate, server_name=server_name)
+        return d.addCallbacks(lambda answer: answer["pem"], lambda f: None)
 
     # serving
 
