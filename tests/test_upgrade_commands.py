@@ -314,3 +314,36 @@ class HeldCommandTests(SynchronousTestCase):
         f = self.failureResultOf(d, MproxyError)
         self.assertIn("an upgrade is in progress (u1)", str(f.value))
         self.assertIn(f"still upgrading after {HOLD_TIMEOUT:g}s", str(f.value))
+
+
+class StartingWorkersTests(SynchronousTestCase):
+    """
+    While a new generation starts (after an upgrade), C{list} and the
+    metrics endpoint do not wait for its workers, which serve nothing yet.
+    """
+
+    def test_not_asked_before_they_serve(self) -> None:
+        from mproxy.workers.pool import WorkerPool
+        from tests.test_workers import MemorySpawner, record
+
+        reactor = MemoryReactorClock()
+        spawner = MemorySpawner(reactor)
+        pool = WorkerPool(reactor, ListLogger(), spawner, 2)
+        pool.startService()
+        pool.apply([record("web", "web-1:3000")], 30.0)
+        pool.start_generation()
+        spawner.flush()
+        for server in spawner.servers.values():
+            server.router.services["web"].active.claim(False)
+        serving = list(spawner.pumps)
+        starting = pool.start_generation()
+        self.assertEqual(len(pool.workers), 4)
+        refreshed = pool.refresh()
+        metrics = pool.metric_families()
+        for _ in range(3):
+            for pump in serving:
+                pump.flush()
+        self.successResultOf(refreshed)
+        self.assertEqual(pool.inflight("web"), 2)
+        self.assertEqual(len(self.successResultOf(metrics)), 2)
+        self.assertNoResult(starting)

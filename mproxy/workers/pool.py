@@ -545,6 +545,14 @@ class WorkerPool(Service):
         return [w.channel.callRemote(command, **arguments)  # type: ignore[union-attr]
                 for w in self.workers]
 
+    def _ask_serving(self, command: Any) -> list[Deferred[Any]]:
+        """
+        Ask C{command} of the workers that serve: one still starting has no
+        requests or metrics yet, and may take seconds to answer.
+        """
+        return [w.channel.callRemote(command)  # type: ignore[union-attr]
+                for w in self.workers if w.serving]
+
     def apply(self, records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         self.seq += 1
         self.targets = targets
@@ -614,7 +622,7 @@ class WorkerPool(Service):
                         total[name] = total.get(name, 0) + n
             self._inflight = total
 
-        d = DeferredList(self._broadcast(c.GetInflight), consumeErrors=True)
+        d = DeferredList(self._ask_serving(c.GetInflight), consumeErrors=True)
         return d.addCallback(summed)
 
     def inflight(self, service: str) -> int:
@@ -639,7 +647,7 @@ class WorkerPool(Service):
         """
         Every serving worker's C{mproxy_*} metric families (one list each).
         """
-        ds = self._broadcast(c.GetMetrics)
+        ds = self._ask_serving(c.GetMetrics)
 
         def collected(results: list[tuple[bool, Any]]) -> list[Any]:
             return [answer["families"] for ok, answer in results if ok]
