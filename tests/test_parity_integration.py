@@ -159,3 +159,65 @@ class OnDemandFirstHandshakeTests(TestCase):
             status, body, serial, _alpn = yield deferToThread(
                 https_get, proxy.https_port, name, ca_path)
             self.assertEqual((status, body, serial), (200, b"shop", certificates[name]))
+
+
+class HTTP3WorkerReplacedTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_replacement_serves_http3(self) -> Any:
+        """
+        The worker serving HTTP/3 is killed: its replacement serves the UDP
+        socket, and new QUIC connections are answered again (those of the
+        dead worker are lost).
+        """
+        import os
+        import signal
+
+        from mproxy.http.h3client import H3Client
+        from mproxy.tls.testing import make_ca, make_certificate, pem_pair
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        ca = make_ca()
+        paths = {}
+        chain, key = pem_pair(make_certificate(["h3.test"], issuer=ca))
+        for name, data in (("ca.pem", pem_pair(ca)[0]), ("cert.pem", chain), ("key.pem", key)):
+            paths[name] = os.path.join(work, name)
+            with open(paths[name], "wb") as f:
+                f.write(data)
+        app, port = listen_upstream(reactor, "h3-app")
+        self.addCleanup(port.stopListening)
+        proxy = MproxyProcess(reactor, os.path.join(work, "mproxy"),
+                              extra_args=("--http3", "--workers", "2"))
+        yield proxy.start()
+        self.addCleanup(proxy.stop, signal.SIGKILL)
+        result = yield proxy.command(
+            "deploy", "app", "--target", f"127.0.0.1:{port.getHost().port}", "--host", "h3.test",
+            "--tls", "--tls-certificate-path", paths["cert.pem"],
+            "--tls-private-key-path", paths["key.pem"])
+        self.assertEqual(result.status, 0, result.err)
+
+        @inlineCallbacks
+        def h3_get() -> Any:
+            client = H3Client(reactor, "127.0.0.1", proxy.https_port, server_name="h3.test",
+                              cafile=paths["ca.pem"])
+            try:
+                yield client.connect()
+                response = yield client.request("GET", "/")
+            finally:
+                client.close()
+            return response.status, response.body
+
+        self.assertEqual((yield h3_get()), (200, b"h3-app"))
+        [started] = records(proxy, "Workers started")
+        os.kill(started["pids"][0], signal.SIGKILL)  # slot 0 serves HTTP/3
+        for _ in range(200):
+            if records(proxy, "Worker replaced"):
+                break
+            yield sleep(0.05)
+        [replaced] = records(proxy, "Worker replaced")
+        self.assertEqual(replaced["slot"], 0)
+        self.assertEqual(replaced["was"], started["pids"][0])
+        for _ in range(3):
+            self.assertEqual((yield h3_get()), (200, b"h3-app"))
