@@ -174,7 +174,7 @@ class HTTP3WorkerReplacedTests(TestCase):
         import os
         import signal
 
-        from mproxy.http.h3client import H3Client
+        from mproxy.testing import H3Client
         from mproxy.tls.testing import make_ca, make_certificate, pem_pair
 
         work = os.path.abspath(self.mktemp())
