@@ -64,8 +64,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -138,9 +140,31 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     a0 = C.nginx_accepts(upstream_port)
     lo0 = C.listen_overflows()
     s0 = C.cpu_times()
+    by_pid0 = C.cpu_seconds_by_pid(proxy_pids)
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
-    res = P.run_load(url, args, args.run_duration, args.load_cpu, run_wrk)
+    split: dict[int, int] = {}
+    sampler = None
+    if len(proxy_pids) > 1:
+        # which process holds how many of the client connections, sampled
+        # half-way through the run (the load keeps its connections open)
+        port = urlsplit(P.split_url(url)[1]).port
+        sampler = threading.Timer(args.run_duration / 2,
+                                  lambda: split.update(C.established_by_pid(proxy_pids, port)))
+        sampler.start()
+    try:
+        res = P.run_load(url, args, args.run_duration, args.load_cpu, run_wrk)
+    finally:
+        if sampler is not None:
+            sampler.cancel()
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
+    by_pid1 = C.cpu_seconds_by_pid(proxy_pids)
+    if len(proxy_pids) > 1:
+        # per process: CPU share of a core and client connections held
+        res["per_process"] = {
+            str(pid): {"cpu_util": round((by_pid1[pid] - by_pid0.get(pid, by_pid1[pid]))
+                                         / (t1 - t0), 3),
+                       "connections": split.get(pid)}
+            for pid in proxy_pids if pid in by_pid1}
     s1 = C.cpu_times()
     a1 = C.nginx_accepts(upstream_port)
     lo1 = C.listen_overflows()
@@ -324,6 +348,10 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
                         "queue (listen backlog too small?)")
             if "upstream_new_connections" in r:
                 bad += f"; {r['upstream_new_connections']} new upstream connections"
+            if r.get("per_process"):
+                bad += "; per process (connections, core use): " + ", ".join(
+                    f"{v['connections']}/{v['cpu_util'] * 100:.0f}%"
+                    for v in r["per_process"].values())
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")

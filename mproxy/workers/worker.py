@@ -37,6 +37,7 @@ from mproxy.router import Router
 from mproxy.state import ServiceRecord, Slot
 from mproxy.target import Drained
 from mproxy.workers import commands as c
+from mproxy.workers.sockets import adopt_listening
 
 
 @frozen
@@ -221,7 +222,7 @@ class WorkerServer:
                 # an inherited socket may be blocking (systemd's are not, a
                 # test's may be): accept() must never block the reactor
                 os.set_blocking(fd, False)
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, factories[kind]))
+                self.ports.append(adopt_listening(self.reactor, fd, family, factories[kind]))
                 os.close(fd)
         for fd, family in self.settings.udp:
             if not http3:
