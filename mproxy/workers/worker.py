@@ -21,6 +21,7 @@ supervisor's L{mproxy.workers.pool} starts them.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -95,6 +96,19 @@ def metric_families(registry: Any) -> list[Any]:
     return out
 
 
+def settle_heap() -> None:
+    """
+    Put what start-up built (modules, factories, the routing table) out of
+    the cyclic garbage collector's sight before serving: a full collection
+    would otherwise walk all of it again and again while requests wait
+    (tens of milliseconds each time, the p99 of a steady load), although
+    none of it is ever garbage.  One collection first, so that start-up's
+    own garbage is not kept for good.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class WorkerServer:
     """
     The worker's data plane.  C{send(command, **arguments)} sends a command
@@ -104,7 +118,8 @@ class WorkerServer:
     """
 
     def __init__(self, reactor: Any, settings: WorkerSettings, logger: Any,
-                 send: Callable[..., Any], exit: Callable[[], None] | None = None) -> None:
+                 send: Callable[..., Any], exit: Callable[[], None] | None = None,
+                 settle: Callable[[], None] | None = None) -> None:
         from mproxy.http.proxy import build_http_factory
         from mproxy.http.upstream import PoolRegistry
         from mproxy.tls.sni import ServerTLS, https_factory
@@ -115,6 +130,7 @@ class WorkerServer:
         self.logger = logger
         self.send = send
         self.exit = exit or reactor.stop
+        self.settle = settle or settle_heap
         self.router = Router()
         self.pools = PoolRegistry(reactor)
         self.replica = Replica(self.router, reactor, self._balancer)
@@ -216,6 +232,7 @@ class WorkerServer:
         else it is closed here).
         """
         self.served = True
+        self.settle()
         factories = {"http": self.site, "https": self.https}
         for kind, sockets in self.settings.sockets.items():
             for fd, family in sockets:
