@@ -479,6 +479,17 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         lines.append(f"WARNING: other processes shared the proxy CPU during {', '.join(noisy)} "
                      "(see proxy_cpu_foreign in the JSON): req/s for those rows is understated;"
                      " CPU us/req is less affected, but not immune (shared caches and cores).")
+    for name, r in results.items():
+        splits = []
+        for run in r["runs"]:
+            procs = [v for v in run.get("per_process", {}).values()
+                     if v["connections"] or v["cpu_util"] >= 0.02]
+            if procs:
+                splits.append("+".join(str(v["connections"]) for v in procs) + " ("
+                              + "/".join(f"{v['cpu_util'] * 100:.0f}%" for v in procs) + ")")
+        if splits:
+            lines.append(f"{name}: client connections per process (core use), by run: "
+                         + ", ".join(splits))
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     pairs = [("mproxy", b) for b in ("direct", "nginx", "nginx-nolog", "caddy")]

@@ -666,23 +666,16 @@ class OneAcceptTests(SynchronousTestCase):
 
 
 class SettleHeapTests(SynchronousTestCase):
-    def test_serve_settles_the_heap_before_accepting(self) -> None:
-        import socket
-
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
+    def test_heap_settled_once_the_reactor_runs(self) -> None:
         settings = WorkerSettings(slot=0, channel=-1, http_port=80, https_port=443,
-                                  header_timeout=30, idle_timeout=60,
-                                  sockets={"http": [(os.dup(listener.fileno()), socket.AF_INET)]})
-        ports_when_settled: list[int] = []
-        server = WorkerServer(MemoryReactorClock(), settings, ListLogger(), lambda *a, **k: None,
-                              exit=lambda: None,
-                              settle=lambda: ports_when_settled.append(len(server.ports)))
-        server.serve()
-        self.assertEqual((ports_when_settled, len(server.ports)), ([0], 1))
-        server.retire(0)
+                                  header_timeout=30, idle_timeout=60, sockets={})
+        reactor = MemoryReactorClock()
+        settled: list[bool] = []
+        WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None, exit=lambda: None,
+                     settle=lambda: settled.append(True))
+        self.assertEqual(settled, [])
+        reactor.run()
+        self.assertEqual(settled, [True])
 
     def test_settle_heap_freezes_what_start_up_built(self) -> None:
         import gc

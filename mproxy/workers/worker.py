@@ -98,8 +98,8 @@ def metric_families(registry: Any) -> list[Any]:
 
 def settle_heap() -> None:
     """
-    Put what start-up built (modules, factories, the routing table) out of
-    the cyclic garbage collector's sight before serving: a full collection
+    Put what start-up built (modules, factories, protocols) out of the
+    cyclic garbage collector's sight before serving: a full collection
     would otherwise walk all of it again and again while requests wait
     (tens of milliseconds each time, the p99 of a steady load), although
     none of it is ever garbage.  One collection first, so that start-up's
@@ -130,7 +130,8 @@ class WorkerServer:
         self.logger = logger
         self.send = send
         self.exit = exit or reactor.stop
-        self.settle = settle or settle_heap
+        # once start-up is done, and off the path of a standby's Serve
+        reactor.callWhenRunning(settle or settle_heap)
         self.router = Router()
         self.pools = PoolRegistry(reactor)
         self.replica = Replica(self.router, reactor, self._balancer)
@@ -232,7 +233,6 @@ class WorkerServer:
         else it is closed here).
         """
         self.served = True
-        self.settle()
         factories = {"http": self.site, "https": self.https}
         for kind, sockets in self.settings.sockets.items():
             for fd, family in sockets:
