@@ -644,7 +644,7 @@ class OneAcceptTests(SynchronousTestCase):
         self.assertEqual(len(built), 3)
         self.assertEqual(port.numberAccepts, 1)
         for protocol in built:
-            protocol.transport.loseConnection()
+            protocol.transport.socket.close()
 
     def test_worker_serves_with_one_accept_ports(self) -> None:
         import socket
@@ -655,14 +655,19 @@ class OneAcceptTests(SynchronousTestCase):
         settings = WorkerSettings(slot=0, channel=-1, http_port=80, https_port=443,
                                   header_timeout=30, idle_timeout=60,
                                   sockets={"http": [(os.dup(listener.fileno()), socket.AF_INET)]})
-        server = WorkerServer(MemoryReactorClock(), settings, ListLogger(), lambda *a, **k: None,
+        reactor = MemoryReactorClock()
+        server = WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None,
                               exit=lambda: None)
         server.serve()
         (port,) = server.ports
         self.assertIsInstance(port, OneAcceptPort)
         port.doRead()
         self.assertEqual(accept_queue(listener), 1)
+        for reader in reactor.getReaders():
+            if reader is not port:
+                reader.socket.close()  # the accepted connection
         server.retire(0)
+        reactor.advance(0)  # the port closes its socket
 
 
 class SettleHeapTests(SynchronousTestCase):
