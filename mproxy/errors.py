@@ -74,3 +74,15 @@ class CertificateError(MproxyError):
 
 class ErrorPagesError(MproxyError):
     pass
+
+
+class UpgradeError(MproxyError):
+    """
+    The upgrade cannot be done; the server runs on as it was.
+    """
+
+
+class StartupError(MproxyError):
+    """
+    The server cannot start: a port or the control socket cannot be used.
+    """

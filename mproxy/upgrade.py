@@ -44,7 +44,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mproxy.activation import UPGRADE_VARIABLE, Handover
-from mproxy.errors import MproxyError
+from mproxy.errors import MproxyError, UpgradeError
 
 #: The hidden command that checks the installed code before an upgrade.
 CHECK_COMMAND = "upgrade-check"
@@ -60,12 +60,6 @@ REAP_INTERVAL = 0.5
 
 #: How long the old server's connections may drain, by default.
 DEFAULT_DRAIN_TIMEOUT = 10.0
-
-
-class UpgradeError(MproxyError):
-    """
-    The upgrade cannot be done; the server runs on as it was.
-    """
 
 
 @frozen

@@ -1,0 +1,216 @@
+"""
+The first workers of C{mproxy run}, started before the supervisor imports
+and builds the rest of itself.
+
+A worker takes about as long to start as the supervisor (both import
+Twisted and TLS): one after the other, they doubled the time from
+C{mproxy run} to the first request served.  So, as soon as its options are
+parsed, C{mproxy run} binds the HTTP and HTTPS sockets (and the HTTP/3 UDP
+one) and starts its first generation of workers with this module, which
+needs the C{socket} module and little else (L{prestart}); then it imports
+and builds the supervisor while they start.  Each worker waits for its
+channel to tell it what to serve; clients that connect meanwhile wait in
+the listening sockets' queues, and are served once the first worker
+serves.  The pool takes the workers over as its first generation
+(L{PrestartedSpawner}).
+
+Not used when the listening sockets are inherited (socket activation, an
+upgrade), nor under twistd (which binds before dropping privileges and
+starts the workers as the user it runs as).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable
+
+from mproxy.workers.binding import bind_sockets, listen_failure
+
+
+def worker_settings(config: Any, http_port: int, https_port: int,
+                    grace: float) -> dict[str, Any]:
+    """
+    The L{mproxy.workers.settings.WorkerSettings} fields other than the
+    slot and descriptors, for the ports the supervisor listens on.
+    """
+    return dict(
+        http_port=http_port, https_port=https_port,
+        header_timeout=config.http_header_timeout, idle_timeout=config.http_idle_timeout,
+        metrics=bool(config.metrics_port), debug=config.debug, grace=grace,
+    )
+
+
+def inherits_sockets() -> bool:
+    """
+    Whether this process was given listening sockets (socket activation,
+    or the handover of an upgrade).
+    """
+    import mproxy
+
+    return bool(mproxy._startup_listen_env)
+
+
+def stdout_is_shared() -> bool:
+    """
+    Whether workers may write their log lines to our descriptor 1 (else
+    they send them over their channel).
+    """
+    try:
+        return sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class PrestartedWorker:
+    """
+    A worker process started by L{prestart}: its PID and our end of its
+    channel.
+    """
+
+    def __init__(self, slot: int, pid: int, channel: socket.socket) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.channel = channel
+
+    def __repr__(self) -> str:
+        return f"<PrestartedWorker {self.slot} pid={self.pid}>"
+
+
+class Prestarted:
+    """
+    What L{prestart} started: the bound sockets by kind (C{http},
+    C{https}, C{http3}) and the workers not yet taken over by a pool.
+    """
+
+    def __init__(self, sockets: dict[str, list[socket.socket]],
+                 workers: list[PrestartedWorker], settings: dict[str, Any]) -> None:
+        self.sockets = sockets
+        self.workers = workers
+        self.settings = settings
+
+    def take(self, slot: int) -> PrestartedWorker | None:
+        """
+        The worker started for C{slot}, once.
+        """
+        for w in self.workers:
+            if w.slot == slot:
+                self.workers.remove(w)
+                return w
+        return None
+
+    def abandon(self) -> None:
+        """
+        Start-up failed: kill the workers not taken over (they never
+        served) and close what is left here.
+        """
+        workers, self.workers = self.workers, []
+        for w in workers:
+            w.channel.close()
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+                os.waitpid(w.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for sockets in self.sockets.values():
+            for s in sockets:
+                s.close()
+        self.sockets = {}
+
+
+def _spawn(python: str, argv: list[str], fds: dict[int, int]) -> int:
+    # the copies to the child's high numbers first: none of them is below
+    # a source, so only the standard descriptors can overwrite one
+    actions = [(os.POSIX_SPAWN_DUP2, ours, theirs)
+               for theirs, ours in sorted(fds.items(), reverse=True)]
+    return os.posix_spawn(python, argv, dict(os.environ), file_actions=actions)
+
+
+def prestart(config: Any, grace: float, python: str = sys.executable,
+             spawn: Callable[[str, list[str], dict[int, int]], int] = _spawn) -> Prestarted:
+    """
+    Bind the sockets of C{config} (a L{mproxy.config.ServerConfig} with
+    workers) and start its C{config.workers} workers on them.
+
+    @param spawn: starts a process: C{(python, argv, {child fd: ours})} ->
+        its PID.
+    @raise StartupError: a port cannot be bound (nothing is left open).
+    """
+    from mproxy.workers.settings import WorkerSettings, child_descriptors
+
+    kinds = [("http", "HTTP", config.http_port, socket.SOCK_STREAM),
+             ("https", "HTTPS", config.https_port, socket.SOCK_STREAM)]
+    if config.http3:
+        kinds.append(("http3", "HTTP/3 (UDP)", None, socket.SOCK_DGRAM))
+    bound: dict[str, list[socket.socket]] = {}
+    prestarted = Prestarted(bound, [], {})
+    try:
+        for name, what, port, kind in kinds:
+            if port is None:  # HTTP/3 listens on the port HTTPS got
+                port = bound["https"][0].getsockname()[1]
+            try:
+                bound[name] = bind_sockets(config.bind, port, kind)
+            except OSError as e:
+                raise listen_failure(what, port, e)
+        listening = {name: [(s.fileno(), int(s.family)) for s in bound[name]]
+                     for name in ("http", "https")}
+        udp = [(s.fileno(), int(s.family)) for s in bound.get("http3", [])]
+        prestarted.settings = settings = worker_settings(
+            config, bound["http"][0].getsockname()[1], bound["https"][0].getsockname()[1],
+            grace)
+        log_to_fd = stdout_is_shared()
+        for slot in range(config.workers):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                fds, channel_fd, sockets, child_udp = child_descriptors(
+                    theirs.fileno(), devnull, log_to_fd, listening, udp)
+                arguments = WorkerSettings(
+                    slot=slot, channel=channel_fd, sockets=sockets, udp=child_udp,
+                    log="fd" if log_to_fd else "channel", **settings)
+                pid = spawn(python, [python, "-m", "mproxy.workers", arguments.to_json()], fds)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+                os.close(devnull)
+            prestarted.workers.append(PrestartedWorker(slot, pid, ours))
+    except BaseException:
+        prestarted.abandon()
+        raise
+    return prestarted
+
+
+class PrestartedSpawner:
+    """
+    A pool's spawner that hands it the prestarted workers, slot by slot,
+    for its first spawns, and leaves every other spawn to C{fallback} (a
+    L{mproxy.workers.pool.ProcessSpawner}).
+
+    A prestarted worker is not a process the reactor started: like a worker
+    adopted after an upgrade, its end is seen as its channel closing, then
+    C{waitpid}.
+    """
+
+    def __init__(self, reactor: Any, prestarted: Prestarted, fallback: Any) -> None:
+        self.reactor = reactor
+        self.prestarted = prestarted
+        self.fallback = fallback
+
+    def spawn(self, pool: Any, worker: Any) -> None:
+        mine = self.prestarted.take(worker.slot) if worker.slot >= 0 else None
+        if mine is None:
+            self.fallback.spawn(pool, worker)
+            return
+        from twisted.internet.protocol import Factory
+
+        worker.pid = mine.pid
+        channel = pool.channel_for(worker)
+        try:
+            self.reactor.adoptStreamConnection(mine.channel.fileno(), socket.AF_UNIX,
+                                               Factory.forProtocol(lambda: channel))
+        finally:
+            mine.channel.close()
