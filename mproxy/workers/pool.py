@@ -266,6 +266,14 @@ class WorkerPool(Service):
         return [w for g in self.generations for w in g.workers
                 if w.channel is not None and not w.gone]
 
+    @property
+    def serving(self) -> list[WorkerHandle]:
+        """
+        The workers that serve (a starting one has no requests or metrics
+        to ask for, and may not answer for a while).
+        """
+        return [w for w in self.workers if w.serving]
+
     def channel_for(self, worker: WorkerHandle) -> SupervisorChannel:
         channel = SupervisorChannel(self, worker)
         worker.channel = channel
@@ -507,9 +515,10 @@ class WorkerPool(Service):
 
     # IDataPlane
 
-    def _broadcast(self, command: Any, **arguments: Any) -> list[Deferred[Any]]:
+    def _broadcast(self, command: Any, workers: list[WorkerHandle] | None = None,
+                   **arguments: Any) -> list[Deferred[Any]]:
         return [w.channel.callRemote(command, **arguments)  # type: ignore[union-attr]
-                for w in self.workers]
+                for w in (self.workers if workers is None else workers)]
 
     def apply(self, records: Any, drain_timeout: float) -> Switch:
         self.seq += 1
@@ -570,7 +579,7 @@ class WorkerPool(Service):
                         total[name] = total.get(name, 0) + n
             self._inflight = total
 
-        d = DeferredList(self._broadcast(c.GetInflight), consumeErrors=True)
+        d = DeferredList(self._broadcast(c.GetInflight, self.serving), consumeErrors=True)
         return d.addCallback(summed)
 
     def inflight(self, service: str) -> int:
@@ -595,7 +604,7 @@ class WorkerPool(Service):
         """
         Every serving worker's C{mproxy_*} metric families (one list each).
         """
-        ds = self._broadcast(c.GetMetrics)
+        ds = self._broadcast(c.GetMetrics, self.serving)
 
         def collected(results: list[tuple[bool, Any]]) -> list[Any]:
             return [answer["families"] for ok, answer in results if ok]

@@ -21,10 +21,12 @@ starts the workers as the user it runs as).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
 import sys
+import time
 from typing import Any, Callable
 
 from mproxy.workers.binding import bind_sockets, listen_failure
@@ -79,17 +81,29 @@ class PrestartedWorker:
         return f"<PrestartedWorker {self.slot} pid={self.pid}>"
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 class Prestarted:
     """
     What L{prestart} started: the bound sockets by kind (C{http},
     C{https}, C{http3}) and the workers not yet taken over by a pool.
+
+    @param kill: ends a worker process that never served, by its PID.
     """
 
     def __init__(self, sockets: dict[str, list[socket.socket]],
-                 workers: list[PrestartedWorker], settings: dict[str, Any]) -> None:
+                 workers: list[PrestartedWorker], settings: dict[str, Any],
+                 kill: Callable[[int], None] = _kill) -> None:
         self.sockets = sockets
         self.workers = workers
         self.settings = settings
+        self.kill = kill
 
     def take(self, slot: int) -> PrestartedWorker | None:
         """
@@ -109,11 +123,7 @@ class Prestarted:
         workers, self.workers = self.workers, []
         for w in workers:
             w.channel.close()
-            try:
-                os.kill(w.pid, signal.SIGKILL)
-                os.waitpid(w.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            self.kill(w.pid)
         for sockets in self.sockets.values():
             for s in sockets:
                 s.close()
@@ -128,14 +138,37 @@ def _spawn(python: str, argv: list[str], fds: dict[int, int]) -> int:
     return os.posix_spawn(python, argv, dict(os.environ), file_actions=actions)
 
 
+#: How long a port in use is tried again before start-up fails: the
+#: workers of a server killed just before (kill -9) close their listening
+#: sockets only once they see their supervisor gone.
+BIND_WAIT = 1.0
+
+
+def _bind_waiting(bind: str, port: int, kind: int, wait: float,
+                  sleep: Callable[[float], None]) -> list[socket.socket]:
+    tries = max(1, int(wait / 0.05) + 1)
+    for attempt in range(tries):
+        try:
+            return bind_sockets(bind, port, kind)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or attempt == tries - 1 or port == 0:
+                raise
+        sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 def prestart(config: Any, grace: float, python: str = sys.executable,
-             spawn: Callable[[str, list[str], dict[int, int]], int] = _spawn) -> Prestarted:
+             spawn: Callable[[str, list[str], dict[int, int]], int] = _spawn,
+             kill: Callable[[int], None] = _kill, wait: float = BIND_WAIT,
+             sleep: Callable[[float], None] = time.sleep) -> Prestarted:
     """
     Bind the sockets of C{config} (a L{mproxy.config.ServerConfig} with
-    workers) and start its C{config.workers} workers on them.
+    workers) and start its C{config.workers} workers on them.  A port in
+    use is tried again every 50 ms for up to C{wait} seconds.
 
     @param spawn: starts a process: C{(python, argv, {child fd: ours})} ->
         its PID.
+    @param kill: ends one, by its PID, when start-up fails.
     @raise StartupError: a port cannot be bound (nothing is left open).
     """
     from mproxy.workers.settings import WorkerSettings, child_descriptors
@@ -145,13 +178,13 @@ def prestart(config: Any, grace: float, python: str = sys.executable,
     if config.http3:
         kinds.append(("http3", "HTTP/3 (UDP)", None, socket.SOCK_DGRAM))
     bound: dict[str, list[socket.socket]] = {}
-    prestarted = Prestarted(bound, [], {})
+    prestarted = Prestarted(bound, [], {}, kill)
     try:
         for name, what, port, kind in kinds:
             if port is None:  # HTTP/3 listens on the port HTTPS got
                 port = bound["https"][0].getsockname()[1]
             try:
-                bound[name] = bind_sockets(config.bind, port, kind)
+                bound[name] = _bind_waiting(config.bind, port, kind, wait, sleep)
             except OSError as e:
                 raise listen_failure(what, port, e)
         listening = {name: [(s.fileno(), int(s.family)) for s in bound[name]]
