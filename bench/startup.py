@@ -308,6 +308,7 @@ def main() -> int:
     trees = [t.split("=", 1) if "=" in t else (t, t) for t in args.tree] or [
         ("this", str(REPO_ROOT))]
     upstream = http.server.ThreadingHTTPServer((HOST, 0), Upstream)
+    upstream.handle_error = lambda request, address: None  # a probe that went away
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     servers = [Server(name, tree, args, upstream.server_address[1]) for name, tree in trees]
     load: list[subprocess.Popen] = []

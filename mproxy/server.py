@@ -68,6 +68,9 @@ def _run(config: Any, streams: Any, run_args: Sequence[str], prestarted: Any) ->
     except Exception as e:
         return fail(streams, f"{type(e).__name__}: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    from mproxy import collector
+
+    collector.resume()
     reactor.run()
     if service.failure is not None:  # failed once running (its workers did not start)
         return fail(streams, str(service.failure))

@@ -9,7 +9,10 @@ them instead of binding their ports.  Starting it restores the state file, then 
 (C{privilegedStartService}), then listens on the control socket and starts
 the other children (C{startService}); a failure at any step raises (so twistd
 exits non-zero) and fails L{MproxyService.ready}, which otherwise fires once
-the server is serving.
+the server is serving.  Under C{mproxy run} with workers, the HTTP and HTTPS
+sockets are bound, and the first workers started, before this is built
+(L{mproxy.workers.prestart}): a bad state file then stops start-up after
+they listened, the workers ending with it.
 """
 
 from __future__ import annotations

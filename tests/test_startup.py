@@ -424,3 +424,34 @@ class ImportTests(SynchronousTestCase):
             "print(json.dumps([m for m in ('acme', 'josepy', 'requests', 'treq',"
             " 'mproxy.tls.acme', 'mproxy.http.proxy') if m in sys.modules]))\n")
         self.assertEqual(loaded, [])
+
+
+class CollectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        import gc
+
+        self.addCleanup(gc.enable if gc.isenabled() else gc.disable)
+        self.addCleanup(gc.unfreeze)
+
+    def test_paused_until_resumed(self) -> None:
+        import gc
+
+        from mproxy import collector
+
+        gc.enable()
+        collector.pause()
+        self.assertFalse(gc.isenabled())
+        collector.resume()
+        self.assertTrue(gc.isenabled())
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_resume_leaves_a_collector_stopped_by_someone_else(self) -> None:
+        import gc
+
+        from mproxy import collector
+
+        gc.disable()
+        collector.pause()
+        collector.resume()
+        self.assertFalse(gc.isenabled())
+        self.assertEqual(gc.get_freeze_count(), 0)

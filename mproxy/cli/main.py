@@ -208,6 +208,9 @@ def run() -> None:
     """
     Console-script entry point.
     """
+    from mproxy import collector
+
+    collector.pause()  # until the command has imported what it runs
     argv = sys.argv[1:]
     if split_command(argv)[0] not in LOCAL:
         without_tls()

@@ -414,4 +414,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    from mproxy import collector
+
+    collector.resume()
     reactor.run(installSignalHandlers=False)
