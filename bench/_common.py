@@ -236,6 +236,36 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_seconds_by_pid(pids: list[int]) -> dict[int, float]:
+    """utime+stime (seconds) of each live process in `pids`."""
+    return {p: cpu_seconds([p]) for p in pids}
+
+
+def established_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to local `port` each process in
+    `pids` holds (from /proc/net/tcp{,6} and the processes' descriptors):
+    which worker accepted how many of the clients' connections."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{inode}]")
+    out = {}
+    for p in pids:
+        n = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{p}/fd/{fd}") in inodes:
+                        n += 1
+        out[p] = n
+    return out
+
+
 def listen_overflows() -> int | None:
     """System-wide TcpExt ListenOverflows (SYNs dropped because an accept
     queue was full). Not per process: other load on the machine counts too."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """
 A small HTTP/3 load generator (aioquic, through mproxy's own
-L{mproxy.http.h3client} on Twisted): C{-c} QUIC connections, each keeping
+L{mproxy.testing.H3Client} on Twisted): C{-c} QUIC connections, each keeping
 C{-m} requests in flight, for C{-d} seconds.  Prints one JSON object:
 requests, elapsed_s, req_per_s, non_2xx, socket_errors and latency
 percentiles (ms), the shape proxy_cpu.py reads from wrk.
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
     from twisted.internet.defer import gatherResults, inlineCallbacks
 
-    from mproxy.http.h3client import H3Client
+    from mproxy.testing import H3Client
 
     u = urlsplit(args.url)
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")

@@ -64,8 +64,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -138,9 +140,31 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     a0 = C.nginx_accepts(upstream_port)
     lo0 = C.listen_overflows()
     s0 = C.cpu_times()
+    by_pid0 = C.cpu_seconds_by_pid(proxy_pids)
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
-    res = P.run_load(url, args, args.run_duration, args.load_cpu, run_wrk)
+    split: dict[int, int] = {}
+    sampler = None
+    if len(proxy_pids) > 1:
+        # which process holds how many of the client connections, sampled
+        # half-way through the run (the load keeps its connections open)
+        port = urlsplit(P.split_url(url)[1]).port
+        sampler = threading.Timer(args.run_duration / 2,
+                                  lambda: split.update(C.established_by_pid(proxy_pids, port)))
+        sampler.start()
+    try:
+        res = P.run_load(url, args, args.run_duration, args.load_cpu, run_wrk)
+    finally:
+        if sampler is not None:
+            sampler.cancel()
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
+    by_pid1 = C.cpu_seconds_by_pid(proxy_pids)
+    if len(proxy_pids) > 1:
+        # per process: CPU share of a core and client connections held
+        res["per_process"] = {
+            str(pid): {"cpu_util": round((by_pid1[pid] - by_pid0.get(pid, by_pid1[pid]))
+                                         / (t1 - t0), 3),
+                       "connections": split.get(pid)}
+            for pid in proxy_pids if pid in by_pid1}
     s1 = C.cpu_times()
     a1 = C.nginx_accepts(upstream_port)
     lo1 = C.listen_overflows()
@@ -310,6 +334,7 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
                 quiet = C.wait_quiet([args.proxy_cpu, args.load_cpu], args.wait_quiet)
             r = measure(url, args, pid, upstream.pid, upstream_port)
             r["started_quiet"] = quiet
+            r["round"] = getattr(args, "round", 1)
             runs.append(r)
             cpu = (f", proxy CPU {r['proxy_cpu_us_per_req']:.1f} us/req "
                    f"({r['proxy_cpu_util'] * 100:.0f}% of a core)" if pid else "")
@@ -324,6 +349,13 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
                         "queue (listen backlog too small?)")
             if "upstream_new_connections" in r:
                 bad += f"; {r['upstream_new_connections']} new upstream connections"
+            if r.get("per_process"):
+                bad += "; per process (connections, core use): " + ", ".join(
+                    f"{v['connections']}/{v['cpu_util'] * 100:.0f}%"
+                    for v in r["per_process"].values())
+            if "generator_cpu_util" in r:
+                bad += (f"; rate generator {r['generator_cpu_util'] * 100:.0f}% of a core, "
+                        f"p99 send lag {r['send_lag_p99_ms']:.2f} ms")
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
@@ -377,7 +409,7 @@ def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
             "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign",
             "upstream_new_connections", "listen_overflows", "mib_per_s",
-            "proxy_cpu_ns_per_kib"]
+            "proxy_cpu_ns_per_kib", "generator_cpu_util", "send_lag_p99_ms"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):
@@ -391,6 +423,20 @@ def summarize(runs: list[dict]) -> dict:
     s["requests"] = sum(r["requests"] for r in runs)
     s["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
     return s
+
+
+def round_ratios(runs_a: list[dict], runs_b: list[dict]) -> list[float]:
+    """req/s of A over B in each round both ran in (medians of that round's
+    runs): with the targets interleaved, each ratio shares one stretch of the
+    machine's noise."""
+    def by_round(runs):
+        rounds: dict[int, list[float]] = {}
+        for r in runs:
+            rounds.setdefault(r.get("round", 1), []).append(r["req_per_s"])
+        return {k: statistics.median(v) for k, v in rounds.items()}
+
+    a, b = by_round(runs_a), by_round(runs_b)
+    return [a[k] / b[k] for k in sorted(a) if k in b and b[k]]
 
 
 def fmt(v, spec):
@@ -433,6 +479,17 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         lines.append(f"WARNING: other processes shared the proxy CPU during {', '.join(noisy)} "
                      "(see proxy_cpu_foreign in the JSON): req/s for those rows is understated;"
                      " CPU us/req is less affected, but not immune (shared caches and cores).")
+    for name, r in results.items():
+        splits = []
+        for run in r["runs"]:
+            procs = [v for v in run.get("per_process", {}).values()
+                     if v["connections"] or v["cpu_util"] >= 0.02]
+            if procs:
+                splits.append("+".join(str(v["connections"]) for v in procs) + " ("
+                              + "/".join(f"{v['cpu_util'] * 100:.0f}%" for v in procs) + ")")
+        if splits:
+            lines.append(f"{name}: client connections per process (core use), by run: "
+                         + ", ".join(splits))
     lines.append("")
     lines.append("Ratios (medians; >1 means the first is higher):")
     pairs = [("mproxy", b) for b in ("direct", "nginx", "nginx-nolog", "caddy")]
@@ -479,6 +536,12 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         if mb:
             txt += f", throughput x{mb:.3f}"
         lines.append(txt)
+        paired = round_ratios(results[a]["runs"], results[b]["runs"])
+        if len(paired) > 1:
+            # --rounds: the two targets ran next to each other in each round
+            ratios[f"{a}_vs_{b}"]["req_per_s_by_round"] = paired
+            lines.append(f"    per round: {', '.join(f'x{x:.3f}' for x in paired)}"
+                         f" (median x{statistics.median(paired):.3f})")
     return "\n".join(lines), ratios
 
 
@@ -588,9 +651,13 @@ def main(argv=None) -> int:
             C.wait_port(up_port, 15, upstream)
             verify(f"http://{C.HOST}:{up_port}/", body)
             for round_no in range(args.rounds):
+                args.round = round_no + 1
                 if args.rounds > 1:
                     C.log(f"round {round_no + 1}/{args.rounds}")
-                for workload, target in [(w, t) for w in workloads for t in targets]:
+                # odd rounds in the given order, even rounds reversed (A B, B A, ...):
+                # a drift in the machine's load favours neither of two neighbours
+                order = targets if round_no % 2 == 0 else targets[::-1]
+                for workload, target in [(w, t) for w in workloads for t in order]:
                     name = target if workload == "small" else f"{target}:{workload}"
                     if name in skipped or target in skipped:
                         continue

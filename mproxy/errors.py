@@ -82,6 +82,13 @@ class UpgradeError(MproxyError):
     """
 
 
+class UpgradeInProgress(MproxyError):
+    """
+    A control command arrived while an upgrade is under way: it was not
+    carried out; it can be sent again once the new server answers.
+    """
+
+
 class StartupError(MproxyError):
     """
     The server cannot start: a port or the control socket cannot be used.

@@ -220,7 +220,8 @@ class ExchangeTests(SynchronousTestCase):
 
     def test_select_error_refuses(self) -> None:
         """
-        A failing certificate lookup is logged and refuses the handshake.
+        A failing certificate lookup is logged with its traceback and
+        refuses the handshake.
         """
         def select(name: Any) -> Any:
             raise RuntimeError("boom")
@@ -228,7 +229,10 @@ class ExchangeTests(SynchronousTestCase):
         h = Harness(serving([]), select=select)
         h.pump()
         self.assertIsNotNone(h.terminated())
-        self.assertIn("Selecting a certificate for 'one.test' failed", h.logger.messages())
+        [error] = [r for r in h.logger.records if r["level"] == "ERROR"]
+        self.assertEqual(error["msg"], "Selecting a certificate for 'one.test' failed")
+        self.assertEqual(error["error"], "RuntimeError: boom")
+        self.assertIn("RuntimeError", error["traceback"])
 
     def test_request_body_streamed(self) -> None:
         """

@@ -1,6 +1,6 @@
 """
 End to end: a real C{mproxy run --http3} with custom certificates, real
-upstream servers and aioquic's HTTP/3 client (L{mproxy.http.h3client}).
+upstream servers and aioquic's HTTP/3 client (L{mproxy.testing.H3Client}).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from mproxy.http.h3client import H3Client, H3ConnectionLost
+from mproxy.testing import H3Client, H3ConnectionLost
 from mproxy.testing import MproxyProcess, listen_upstream
 from mproxy.tls.testing import make_ca, make_certificate, pem_pair
 

@@ -30,9 +30,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from mproxy.testing import MproxyProcess
+from mproxy.testing import (
+    MproxyProcess,
+    decode_websocket_frames,
+    encode_websocket_frame,
+    websocket_accept_key,
+)
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 BIG = 20 << 20
 _blob: list[bytes] = []
 
@@ -49,64 +53,6 @@ def sleep(seconds: float) -> Deferred[None]:
 
 def measured(what: str, value: Any) -> None:
     print(f"MEASURED {what}: {value}")
-
-
-# --- WebSocket framing --------------------------------------------------------
-
-
-def ws_frame(opcode: int, payload: bytes, mask: bool) -> bytes:
-    head = bytes([0x80 | opcode])
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else (
-        (int.from_bytes(payload, "big") ^ int.from_bytes((key * (n // 4 + 1))[:n], "big"))
-        .to_bytes(n, "big")
-    )
-    return head + key + masked
-
-
-def ws_parse(buf: bytes) -> tuple[list[tuple[int, bytes, bool]], bytes]:
-    """
-    Complete frames in C{buf} as (opcode, payload, was_masked), and the rest.
-    """
-    frames = []
-    while len(buf) >= 2:
-        opcode = buf[0] & 0x0F
-        masked = bool(buf[1] & 0x80)
-        n = buf[1] & 0x7F
-        pos = 2
-        if n == 126:
-            if len(buf) < 4:
-                break
-            n = struct.unpack("!H", buf[2:4])[0]
-            pos = 4
-        elif n == 127:
-            if len(buf) < 10:
-                break
-            n = struct.unpack("!Q", buf[2:10])[0]
-            pos = 10
-        key = b""
-        if masked:
-            key = buf[pos:pos + 4]
-            pos += 4
-        if len(buf) < pos + n:
-            break
-        payload = buf[pos:pos + n]
-        if masked:
-            payload = (int.from_bytes(payload, "big")
-                       ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
-        frames.append((opcode, payload, masked))
-        buf = buf[pos + n:]
-    return frames, buf
 
 
 # --- the upstream -------------------------------------------------------------
@@ -298,7 +244,7 @@ class _Upstream(Protocol):
         self.ws_hold = False
         name = self.factory.name.encode()
         key = self.header(b"sec-websocket-key") or b""
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        accept = websocket_accept_key(key)
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
@@ -306,10 +252,10 @@ class _Upstream(Protocol):
         self.ws = True
         self.factory.ws_open += 1
         if query.get("greet"):
-            self.transport.write(ws_frame(1, b"welcome from " + name, mask=False))
+            self.transport.write(encode_websocket_frame(1, b"welcome from " + name, mask=False))
         if query.get("bye"):
             self.busy = reactor.callLater(0.2, self.transport.write,
-                                          ws_frame(8, struct.pack("!H", 1011), mask=False))
+                                          encode_websocket_frame(8, struct.pack("!H", 1011), mask=False))
         if self.ws_buf:
             self.ws_data(b"")
 
@@ -358,18 +304,18 @@ class _Upstream(Protocol):
 
     def ws_data(self, data: bytes) -> None:
         self.ws_buf += data
-        frames, self.ws_buf = ws_parse(self.ws_buf)
+        frames, self.ws_buf = decode_websocket_frames(self.ws_buf)
         for opcode, payload, masked in frames:
             if not masked:
                 self.transport.loseConnection()
                 return
             if opcode == 1 or opcode == 2:
-                self.transport.write(ws_frame(opcode, self.factory.name.encode() + b":" + payload,
+                self.transport.write(encode_websocket_frame(opcode, self.factory.name.encode() + b":" + payload,
                                               mask=False))
             elif opcode == 9:
-                self.transport.write(ws_frame(10, payload, mask=False))
+                self.transport.write(encode_websocket_frame(10, payload, mask=False))
             elif opcode == 8:
-                self.transport.write(ws_frame(8, payload[:2], mask=False))
+                self.transport.write(encode_websocket_frame(8, payload[:2], mask=False))
                 self.transport.loseConnection()
 
 
@@ -454,7 +400,7 @@ class WSClient(Raw):
         else:
             self._rest += self.buf[self._consumed:]
         self._consumed = len(self.buf)
-        frames, self._rest = ws_parse(self._rest)
+        frames, self._rest = decode_websocket_frames(self._rest)
         now = time.monotonic()
         for opcode, payload, masked in frames:
             assert not masked, "server frames must not be masked"
@@ -463,7 +409,7 @@ class WSClient(Raw):
     _consumed = 0
 
     def send(self, text: bytes, opcode: int = 1) -> None:
-        self.transport.write(ws_frame(opcode, text, mask=True))
+        self.transport.write(encode_websocket_frame(opcode, text, mask=True))
 
     def frame(self, pred: Callable[[int, bytes], bool], timeout: float = 5.0) -> Deferred[Any]:
         def found(_: bytes) -> Any:
@@ -649,7 +595,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         yield connect(p.http_port, ws)
         yield ws.until(head_complete)
         self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
-        accept = base64.b64encode(hashlib.sha1(ws.key + WS_GUID).digest())
+        accept = websocket_accept_key(ws.key)
         self.assertIn(b"sec-websocket-accept: " + accept, ws.head.lower().replace(
             accept.lower(), accept))
         self.assertEqual((yield ws.echo(b"hello")), b"one")
@@ -861,7 +807,7 @@ class WebSocketTests(StreamingMixin, TestCase):
         p = yield self.proxy()
         yield self.deploy(p, addr1)
         ws = WSClient(b"/ws?greet=1")
-        ws.first += ws_frame(1, b"early", mask=True)
+        ws.first += encode_websocket_frame(1, b"early", mask=True)
         yield connect(p.http_port, ws)
         yield ws.frame(lambda op, payload: payload == b"welcome from one")
         yield ws.frame(lambda op, payload: payload == b"one:early")

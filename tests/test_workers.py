@@ -301,13 +301,13 @@ class FakeDataPlane:
         self.switches: list[tuple[Deferred[int], Deferred[Drained]]] = []
         self.health: list[tuple[str, bool]] = []
 
-    def apply(self, records: Any, drain_timeout: float) -> Switch:
+    def apply(self, records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         self.applied.append(([r.name for r in records], drain_timeout))
         pair: tuple[Deferred[int], Deferred[Drained]] = (Deferred(), Deferred())
         self.switches.append(pair)
         return Switch(*pair)
 
-    def set_health(self, address: str, healthy: bool) -> None:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
         self.health.append((address, healthy))
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
@@ -580,6 +580,118 @@ class SocketTests(SynchronousTestCase):
         listener = SocketListener("HTTPS", 443, "", inherited=[(5, 10, 8443)])
         listener.privilegedStartService()
         self.assertEqual((listener.port, listener.fds), (8443, [(5, 10)]))
+
+
+def accept_queue(listener: Any) -> int:
+    """
+    The connections waiting in a listening socket's accept queue (Linux:
+    C{tcpi_unacked} of a listener's C{TCP_INFO}).
+    """
+    import socket
+    import struct
+
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 24)[0]
+
+
+class OneAcceptTests(SynchronousTestCase):
+    """
+    A worker accepts one connection each time its shared listening socket
+    is readable, so that a burst is shared between the workers.
+    """
+
+    def listening_with_clients(self, clients: int) -> Any:
+        import socket
+
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        for _ in range(clients):
+            client = socket.create_connection(listener.getsockname(), timeout=5)
+            self.addCleanup(client.close)
+        self.assertEqual(accept_queue(listener), clients)
+        return listener
+
+    def adopt(self, listener: Any) -> tuple[Any, list[Any], MemoryReactorClock]:
+        import socket
+
+        from twisted.internet.protocol import Factory, Protocol
+
+        from mproxy.workers.sockets import adopt_listening
+
+        built: list[Any] = []
+
+        def build() -> Protocol:
+            built.append(Protocol())
+            return built[-1]
+
+        reactor = MemoryReactorClock()
+        port = adopt_listening(reactor, listener.fileno(), socket.AF_INET,
+                               Factory.forProtocol(build))
+        self.addCleanup(port.connectionLost, None)
+        return port, built, reactor
+
+    def test_one_connection_per_wake_up(self) -> None:
+        listener = self.listening_with_clients(3)
+        port, built, reactor = self.adopt(listener)
+        self.assertIn(port, reactor.getReaders())
+        for n in (1, 2, 3):
+            port.doRead()
+            self.assertEqual((len(built), accept_queue(listener)), (n, 3 - n))
+        port.doRead()  # nothing left: no error, nothing built
+        self.assertEqual(len(built), 3)
+        self.assertEqual(port.numberAccepts, 1)
+        for protocol in built:
+            protocol.transport.socket.close()
+
+    def test_worker_serves_with_one_accept_ports(self) -> None:
+        import socket
+
+        from mproxy.workers.sockets import OneAcceptPort
+
+        listener = self.listening_with_clients(2)
+        settings = WorkerSettings(slot=0, channel=-1, http_port=80, https_port=443,
+                                  header_timeout=30, idle_timeout=60,
+                                  sockets={"http": [(os.dup(listener.fileno()), socket.AF_INET)]})
+        reactor = MemoryReactorClock()
+        server = WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None,
+                              exit=lambda: None)
+        server.serve()
+        (port,) = server.ports
+        self.assertIsInstance(port, OneAcceptPort)
+        port.doRead()
+        self.assertEqual(accept_queue(listener), 1)
+        for reader in reactor.getReaders():
+            if reader is not port:
+                reader.socket.close()  # the accepted connection
+        server.retire(0)
+        reactor.advance(0)  # the port closes its socket
+
+
+class SettleHeapTests(SynchronousTestCase):
+    def test_heap_settled_once_the_reactor_runs(self) -> None:
+        settings = WorkerSettings(slot=0, channel=-1, http_port=80, https_port=443,
+                                  header_timeout=30, idle_timeout=60, sockets={})
+        reactor = MemoryReactorClock()
+        settled: list[bool] = []
+        WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None, exit=lambda: None,
+                     settle=lambda: settled.append(True))
+        self.assertEqual(settled, [])
+        reactor.run()
+        self.assertEqual(settled, [True])
+
+    def test_settle_heap_freezes_what_start_up_built(self) -> None:
+        import gc
+
+        from mproxy.workers.worker import settle_heap
+
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        settle_heap()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertEqual(gc.get_count()[2], 0)
 
 
 class SpawnerTests(SynchronousTestCase):

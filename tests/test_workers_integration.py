@@ -193,6 +193,54 @@ class WorkersTests(TestCase):
                 since_kill_s=round(time.monotonic() - killed, 2))
 
     @inlineCallbacks
+    def test_a_burst_of_connections_is_shared_by_the_workers(self) -> Any:
+        """
+        20 connections that arrive together, each with a request (a load
+        generator starting up): both workers take a share of them, instead
+        of the first worker to wake taking the whole accept queue.
+        """
+        import socket
+
+        p, _ = yield self.serving("one")
+        workers = self.worker_pids(p)
+        request = b"GET / HTTP/1.1\r\nHost: burst.test\r\n\r\n"
+
+        def burst() -> list[bytes]:
+            # queued in the kernel while the workers are stopped, so that
+            # both find the whole burst waiting when they resume
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            clients = []
+            try:
+                for _ in range(20):
+                    client = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
+                    client.sendall(request)
+                    clients.append(client)
+            finally:
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
+            heads = []
+            for client in clients:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                heads.append(data.split(b"\r\n", 1)[0])
+            ours = {client.getsockname()[1] for client in clients}
+            held = [len(client_ports_of(pid, p.http_port) & ours) for pid in workers]
+            for client in clients:
+                client.close()
+            return [heads, held]
+
+        heads, held = yield deferToThread(burst)
+        self.assertEqual(heads, [b"HTTP/1.1 200 OK"] * 20)
+        self.assertEqual(sum(held), 20)
+        self.assertGreaterEqual(min(held), 4, held)
+        figures(test="burst of 20 connections", per_worker=held)
+
+    @inlineCallbacks
     def test_50_deploys_under_load(self) -> Any:
         """
         50 back-to-back deploys alternating two targets under 20 keep-alive

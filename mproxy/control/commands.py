@@ -27,6 +27,7 @@ from mproxy.errors import (
     ServiceNotFound,
     StateError,
     UpgradeError,
+    UpgradeInProgress,
 )
 
 PROTOCOL_VERSION = 1
@@ -53,6 +54,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     HelloRequired: b"HELLO_REQUIRED",
     StateError: b"STATE_ERROR",
     UpgradeError: b"UPGRADE_ERROR",
+    UpgradeInProgress: b"UPGRADE_IN_PROGRESS",
 }
 
 

@@ -71,7 +71,7 @@ from mproxy.http.interfaces import IExchange
 from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH
 from mproxy.http.request import MAX_QUEUED_BODY, address_strings, reason_bytes
 from mproxy.listeners import BindingService
-from mproxy.tls.sni import normalise_server_name
+from mproxy.tls.sni import guarded_select, normalise_server_name
 
 __all__ = ["HTTP3Service", "H3Listener", "H3Session", "H3Exchange", "proxy_handler", "SEND_HIGH_WATER", "SEND_LOW_WATER"]
 
@@ -128,13 +128,7 @@ class _SNIQuicConnection(QuicConnection):
             input_buf.seek(start)
             self.server_name = name = normalise_server_name(
                 hello.server_name.encode("idna") if hello.server_name else None)
-            try:
-                certified = self._select(name)
-            except Exception as e:
-                self._mproxy_logger.error(
-                    f"Selecting a certificate for {name!r} failed", server_name=name,
-                    error=f"{type(e).__name__}: {e}")
-                certified = None
+            certified = guarded_select(self._select, name, self._mproxy_logger)
             if certified is None:
                 self._mproxy_logger.debug(f"No certificate for server name {name!r}",
                                           server_name=name)

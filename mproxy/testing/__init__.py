@@ -22,7 +22,10 @@ health answer can be scripted, and which can hold requests open) on a
 loopback port.  L{LoadClient} keeps many keep-alive clients busy against a
 real server and counts failed requests (it checks an idle connection before
 reusing it, as urllib3 does); L{open_websocket} and L{WebSocketUpstream} are
-a WebSocket client and an echoing app.
+a WebSocket client and an echoing app, L{encode_websocket_frame},
+L{decode_websocket_frames} and L{websocket_accept_key} the framing they
+use, for an app of a test's own; L{H3Client} is an HTTP/3 client (on
+aioquic) for a server started with C{--http3}.
 
     class DeployTests(TestCase):
         @inlineCallbacks
@@ -36,6 +39,7 @@ a WebSocket client and an echoing app.
             self.assertEqual(result.status, 0)
 """
 
+from mproxy.testing._h3client import H3Client, H3ConnectionLost, H3Response
 from mproxy.testing._harness import MemoryUpstream, ProxyHarness, Response
 from mproxy.testing._load import LoadClient, LoadReport
 from mproxy.testing._network import MemoryNetwork, MemoryTransport
@@ -51,13 +55,19 @@ from mproxy.testing._upstream import UpstreamApp, listen_upstream
 from mproxy.testing._websocket import (
     WebSocketClient,
     WebSocketUpstream,
+    decode_websocket_frames,
+    encode_websocket_frame,
     listen_websocket_upstream,
     open_websocket,
+    websocket_accept_key,
 )
 
 __all__ = [
     "CommandProtocol",
     "CommandResult",
+    "H3Client",
+    "H3ConnectionLost",
+    "H3Response",
     "LoadClient",
     "LoadReport",
     "MemoryNetwork",
@@ -71,8 +81,11 @@ __all__ = [
     "WebSocketClient",
     "WebSocketUpstream",
     "child_env",
+    "decode_websocket_frames",
+    "encode_websocket_frame",
     "listen_upstream",
     "listen_websocket_upstream",
     "open_websocket",
     "run_mproxy",
+    "websocket_accept_key",
 ]

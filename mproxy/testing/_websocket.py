@@ -24,14 +24,14 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, CLOSE, PING, PONG = 0x1, 0x8, 0x9, 0xA
 
 
-def accept_key(key: bytes) -> bytes:
+def websocket_accept_key(key: bytes) -> bytes:
     """
     The C{Sec-WebSocket-Accept} answering C{Sec-WebSocket-Key: key}.
     """
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
-def encode_frame(opcode: int, payload: bytes, mask: bool) -> bytes:
+def encode_websocket_frame(opcode: int, payload: bytes, mask: bool) -> bytes:
     """
     One final frame (clients mask theirs, servers do not).
     """
@@ -61,6 +61,15 @@ def decode_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     The complete frames at the start of C{data}, as (opcode, unmasked
     payload), and the bytes after them.
     """
+    frames, rest = decode_websocket_frames(data)
+    return [(opcode, payload) for opcode, payload, _ in frames], rest
+
+
+def decode_websocket_frames(data: bytes) -> tuple[list[tuple[int, bytes, bool]], bytes]:
+    """
+    Like L{decode_frames}, with each frame's (opcode, unmasked payload,
+    whether it was masked): a test checks clients mask and servers do not.
+    """
     frames = []
     while len(data) >= 2:
         opcode, masked, n, pos = data[0] & 0x0F, data[1] & 0x80, data[1] & 0x7F, 2
@@ -77,7 +86,7 @@ def decode_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
         if len(data) < pos + n:
             break
         payload = data[pos:pos + n]
-        frames.append((opcode, _unmask(key, payload) if masked else payload))
+        frames.append((opcode, _unmask(key, payload) if masked else payload, bool(masked)))
         data = data[pos + n:]
     return frames, data
 
@@ -121,7 +130,7 @@ class WebSocketClient(Protocol):
                 return
             self._head, self._buffer = self._buffer[:end], self._buffer[end + 4:]
             status = self._head.split(b"\r\n", 1)[0]
-            if b" 101 " not in status + b" " or accept_key(self.key) not in self._head:
+            if b" 101 " not in status + b" " or websocket_accept_key(self.key) not in self._head:
                 self.opened.errback(Failure(ConnectionError(f"not upgraded: {self._head[:200]!r}")))
                 self.transport.loseConnection()
                 return
@@ -143,7 +152,7 @@ class WebSocketClient(Protocol):
 
     def _write(self, opcode: int, payload: bytes) -> None:
         if not self._gone:
-            self.transport.write(encode_frame(opcode, payload, mask=True))
+            self.transport.write(encode_websocket_frame(opcode, payload, mask=True))
 
     def send(self, text: bytes) -> None:
         """
@@ -220,11 +229,11 @@ class _UpstreamConnection(Protocol):
         name = self.factory.name.encode()
         for opcode, payload in frames:
             if opcode == TEXT:
-                self.transport.write(encode_frame(TEXT, name + b":" + payload, mask=False))
+                self.transport.write(encode_websocket_frame(TEXT, name + b":" + payload, mask=False))
             elif opcode == PING:
-                self.transport.write(encode_frame(PONG, payload, mask=False))
+                self.transport.write(encode_websocket_frame(PONG, payload, mask=False))
             elif opcode == CLOSE:
-                self.transport.write(encode_frame(CLOSE, payload[:2], mask=False))
+                self.transport.write(encode_websocket_frame(CLOSE, payload[:2], mask=False))
                 self.transport.loseConnection()
 
     def _request(self, head: bytes) -> None:
@@ -240,7 +249,7 @@ class _UpstreamConnection(Protocol):
             self.transport.write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
-                % accept_key(headers.get(b"sec-websocket-key", b""))
+                % websocket_accept_key(headers.get(b"sec-websocket-key", b""))
             )
             return
         body = b"up" if target.split(b"?")[0] == b"/up" else self.factory.name.encode()

@@ -74,6 +74,26 @@ def normalise_server_name(raw: bytes | None) -> str | None:
     return name or None
 
 
+def guarded_select(select: Callable[[str | None], Any], name: str | None, logger: Any) -> Any:
+    """
+    C{select(name)}, with an exception of its logged (with its traceback)
+    and answered as no certificate: a bug there refuses one handshake
+    instead of breaking the connection's code (TCP or QUIC).
+    """
+    try:
+        return select(name)
+    except Exception as e:
+        import traceback
+
+        logger.error(
+            f"Selecting a certificate for {name!r} failed",
+            server_name=name,
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc(),
+        )
+        return None
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """
@@ -134,18 +154,7 @@ class ServerTLS:
         traceback) and answered as no certificate, so that a bug there
         refuses one handshake instead of breaking the connection's code.
         """
-        try:
-            return self.select(name)
-        except Exception as e:
-            import traceback
-
-            self.logger.error(
-                f"Selecting a certificate for {name!r} failed",
-                server_name=name,
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(),
-            )
-            return None
+        return guarded_select(self.select, name, self.logger)
 
     # -- callbacks (reactor thread, inside the handshake) -----------------
 

@@ -8,6 +8,11 @@ L{SocketListener} is the stand-in for a L{mproxy.listeners.Listener} of
 one kind: the same ports (C{::} and C{0.0.0.0}, or C{--bind}; or the
 inherited sockets of socket activation), the same errors, C{port} and
 C{fds} for the workers.
+
+L{adopt_listening} is how a worker accepts from such a shared socket: one
+connection per wake-up (L{OneAcceptPort}), so that a burst of new
+connections is shared between the workers instead of taken whole by the
+first one the kernel wakes.
 """
 
 from __future__ import annotations
@@ -15,8 +20,46 @@ from __future__ import annotations
 import socket as _socket
 from typing import Any, Callable
 
+from twisted.internet import tcp
+
 from mproxy.listeners import BindingService
 from mproxy.workers.binding import bind_sockets, listen_failure
+
+
+class OneAcceptPort(tcp.Port):
+    """
+    A listening TCP port that accepts at most one connection each time the
+    reactor finds it readable.
+
+    Twisted's port accepts up to C{numberAccepts} connections per wake-up
+    (100 at first, growing while the queue stays full).  With one socket
+    shared by several worker processes, every worker is woken for a burst
+    (a load generator or a browser opening its connections at once) and the
+    first to run takes the whole queue: the others stay idle for as long as
+    those keep-alive connections live.  Taking one connection and going back
+    to the reactor lets every woken worker take its turn, and a worker busy
+    serving the connections it already has takes fewer new ones.
+    """
+
+    @property  # type: ignore[override]
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        # tcp.Port grows or shrinks its batch after each wake-up; ours stays 1
+        pass
+
+
+def adopt_listening(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """
+    Serve C{factory} on the listening TCP socket C{fd} (not closed: the
+    port works on its own duplicate), accepting one connection per wake-up
+    (L{OneAcceptPort}); like C{reactor.adoptStreamPort} otherwise.
+    """
+    port = OneAcceptPort._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
+    return port
 
 
 class SocketListener(BindingService):

@@ -21,6 +21,7 @@ supervisor's L{mproxy.workers.pool} starts them.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ from mproxy.state import ServiceRecord, Slot
 from mproxy.target import Drained
 from mproxy.workers import commands as c
 from mproxy.workers.settings import WorkerSettings
+from mproxy.workers.sockets import adopt_listening
 
 
 def metric_families(registry: Any) -> list[Any]:
@@ -52,6 +54,19 @@ def metric_families(registry: Any) -> list[Any]:
     return out
 
 
+def settle_heap() -> None:
+    """
+    Put what start-up built (modules, factories, protocols) out of the
+    cyclic garbage collector's sight before serving: a full collection
+    would otherwise walk all of it again and again while requests wait
+    (tens of milliseconds each time, the p99 of a steady load), although
+    none of it is ever garbage.  One collection first, so that start-up's
+    own garbage is not kept for good.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class WorkerServer:
     """
     The worker's data plane.  C{send(command, **arguments)} sends a command
@@ -61,21 +76,28 @@ class WorkerServer:
     """
 
     def __init__(self, reactor: Any, settings: WorkerSettings, logger: Any,
-                 send: Callable[..., Any], exit: Callable[[], None] | None = None) -> None:
+                 send: Callable[..., Any], exit: Callable[[], None] | None = None,
+                 settle: Callable[[], None] | None = None) -> None:
         from mproxy.http.proxy import build_http_factory
         from mproxy.http.upstream import PoolRegistry
         from mproxy.tls.sni import ServerTLS, https_factory
-        from mproxy.workers.certs import CertificateMirror
+        from mproxy.workers.certs import CertificateMirror, HelloGate
 
         self.reactor = reactor
         self.settings = settings
         self.logger = logger
         self.send = send
         self.exit = exit or reactor.stop
+        # once start-up is done, and off the path of a standby's Serve
+        reactor.callWhenRunning(settle or settle_heap)
         self.router = Router()
         self.pools = PoolRegistry(reactor)
         self.replica = Replica(self.router, reactor, self._balancer)
-        self.certs = CertificateMirror(self._root_service, self._ask_certificate)
+        self.certs = CertificateMirror(self._root_service, self._ask_certificate,
+                                       fetch=self._fetch_certificate)
+        #: whether a service has on-demand TLS (a handshake may wait for
+        #: the supervisor's certificate)
+        self.on_demand = False
         self.metrics = None
         if settings.metrics:
             from mproxy.metrics import Metrics
@@ -89,7 +111,8 @@ class WorkerServer:
         self.site = build_http_factory(reactor, self.router, logger, **common)
         self.secure = build_http_factory(reactor, self.router, logger, secure=True, **common)
         tls = ServerTLS(self.certs.select, self.certs.challenges, logger=logger)
-        self.https = https_factory(tls, self.secure)
+        self.https = HelloGate(https_factory(tls, self.secure), self.certs.wait_for, reactor,
+                               lambda: self.on_demand)
         self.http3: Any = None
         self.ports: list[Any] = []
         self.retiring = False
@@ -124,12 +147,15 @@ class WorkerServer:
         return reporting
 
     def set_services(self, seq: int, records: list[dict[str, Any]], health: dict[str, bool],
-                     drain_timeout: float) -> int:
+                     drain_timeout: float, targets: dict[str, Any] | None = None) -> int:
         """
         Switch to C{records}; drain what they replaced (reported with
         L{Drained}); returns the requests in flight on what was replaced.
         """
-        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health)
+        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health,
+                                      targets)
+        self.on_demand = any(s.options.tls_on_demand_url
+                             for s in self.router.services.values())
         draining = sum(lb.inflight() for lb in replaced)
         for lb in replaced:
             lb.stop_health_checks()
@@ -140,8 +166,8 @@ class WorkerServer:
         drain_all(replaced, drain_timeout).addCallback(drained)
         return draining
 
-    def set_health(self, address: str, healthy: bool) -> None:
-        self.replica.set_health(address, healthy)
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
+        self.replica.set_health(address, healthy, key)
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
         from mproxy.balancer import gather_drains
@@ -165,6 +191,10 @@ class WorkerServer:
     def _ask_certificate(self, server_name: str) -> None:
         self.send(c.AskCertificate, server_name=server_name)
 
+    def _fetch_certificate(self, server_name: str) -> Deferred[Any]:
+        d = self.send(c.FetchCertificate, server_name=server_name)
+        return d.addCallbacks(lambda answer: answer["pem"], lambda f: None)
+
     # serving
 
     def serve(self, http3: bool = False) -> None:
@@ -179,7 +209,7 @@ class WorkerServer:
                 # an inherited socket may be blocking (systemd's are not, a
                 # test's may be): accept() must never block the reactor
                 os.set_blocking(fd, False)
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, factories[kind]))
+                self.ports.append(adopt_listening(self.reactor, fd, family, factories[kind]))
                 os.close(fd)
         for fd, family in self.settings.udp:
             if not http3:
@@ -250,14 +280,16 @@ class WorkerChannel(amp.AMP):
         self.server = server
 
     @c.SetServices.responder
-    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float) -> dict:
+    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float,
+                     targets: Any = None) -> dict:
         assert self.server is not None
-        return {"draining": self.server.set_services(seq, records, health, drain_timeout)}
+        return {"draining": self.server.set_services(seq, records, health, drain_timeout,
+                                                     targets)}
 
     @c.SetHealth.responder
-    def set_health(self, address: str, healthy: bool) -> dict:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> dict:
         assert self.server is not None
-        self.server.set_health(address, healthy)
+        self.server.set_health(address, healthy, key)
         return {}
 
     @c.DrainService.responder

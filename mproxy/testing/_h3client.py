@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_h3 -*-
+# -*- test-case-name: tests.test_h3_integration -*-
 """
 A small HTTP/3 client on Twisted (aioquic's client connection driven from
 the reactor), for tests and the benchmark.
