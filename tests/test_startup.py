@@ -73,7 +73,7 @@ class PrestartTests(SynchronousTestCase):
         """
         processes = FakeProcesses()
         cfg = config()
-        started = prestart(cfg, 7.0, python="/py", spawn=processes.spawn, kill=processes.kill)
+        started = prestart(cfg, 7.0, python="/py", spawn=processes.spawn, kill=processes.kill, fork=None)
         self.addCleanup(started.abandon)
         http = started.sockets["http"][0]
         https = started.sockets["https"][0]
@@ -109,7 +109,8 @@ class PrestartTests(SynchronousTestCase):
             self.addCleanup(held[-1].close)
             return 1001
 
-        started = prestart(config(workers=1), 10.0, spawn=spawn, kill=lambda pid: None)
+        started = prestart(config(workers=1), 10.0, spawn=spawn, kill=lambda pid: None,
+                           fork=None)
         self.addCleanup(started.abandon)
         worker = started.take(0)
         assert worker is not None
@@ -122,7 +123,7 @@ class PrestartTests(SynchronousTestCase):
     def test_http3_socket_on_the_https_port(self) -> None:
         processes = FakeProcesses()
         started = prestart(config(http3=True, workers=1), 10.0, spawn=processes.spawn,
-                           kill=processes.kill)
+                           kill=processes.kill, fork=None)
         self.addCleanup(started.abandon)
         udp = started.sockets["http3"][0]
         self.assertEqual(udp.type, socket.SOCK_DGRAM)
@@ -143,7 +144,7 @@ class PrestartTests(SynchronousTestCase):
         processes = FakeProcesses()
         slept: list[float] = []
         e = self.assertRaises(StartupError, prestart, config(http_port=port), 10.0,
-                              spawn=processes.spawn, kill=processes.kill, wait=0.5,
+                              spawn=processes.spawn, kill=processes.kill, fork=None, wait=0.5,
                               sleep=slept.append)
         self.assertIn(f"cannot listen for HTTP on port {port}", str(e))
         self.assertEqual(slept, [0.05] * 10)
@@ -167,7 +168,7 @@ class PrestartTests(SynchronousTestCase):
 
         processes = FakeProcesses()
         started = prestart(config(http_port=port), 10.0, spawn=processes.spawn,
-                           kill=processes.kill, sleep=sleep)
+                           kill=processes.kill, sleep=sleep, fork=None)
         self.addCleanup(started.abandon)
         self.assertEqual(len(slept), 2)
         self.assertEqual(started.sockets["http"][0].getsockname()[1], port)
@@ -180,7 +181,7 @@ class PrestartTests(SynchronousTestCase):
         processes = FakeProcesses(fail_at=1)
         cfg = config()
         self.assertRaises(OSError, prestart, cfg, 10.0, spawn=processes.spawn,
-                          kill=processes.kill)
+                          kill=processes.kill, fork=None)
         self.assertEqual(processes.killed, [1001])
         http_port = WorkerSettings.from_json(processes.spawned[0][1][3]).http_port
         again = socket.socket()
@@ -191,7 +192,7 @@ class PrestartTests(SynchronousTestCase):
 
     def test_abandon_kills_those_not_taken(self) -> None:
         processes = FakeProcesses()
-        started = prestart(config(), 10.0, spawn=processes.spawn, kill=processes.kill)
+        started = prestart(config(), 10.0, spawn=processes.spawn, kill=processes.kill, fork=None)
         taken = started.take(1)
         assert taken is not None
         self.addCleanup(taken.channel.close)
@@ -214,6 +215,88 @@ class AdoptingReactor(MemoryReactorClock):
         factory.buildProtocol(None).makeConnection(StringTransport())
 
 
+class FakeFork:
+    """
+    C{fork} for L{prestart}: records what each child would run, runs
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        self.children: list[Any] = []
+
+    def __call__(self, child: Any) -> int:
+        self.children.append(child)
+        return 2000 + len(self.children)
+
+
+class ForkTests(SynchronousTestCase):
+    def test_workers_are_forked(self) -> None:
+        """
+        Where it can, prestart forks the workers: each goes on with its
+        slot, its end of its channel and the listening sockets at the
+        numbers they have here, and lets go of everything else.
+        """
+        import mproxy.workers.prestart as prestart_module
+
+        forks = FakeFork()
+        ran: list[tuple[Any, set[int], list[Any], bool]] = []
+        self.patch(prestart_module, "run_forked",
+                   lambda *args: ran.append(args))  # type: ignore[arg-type]
+        started = prestart(config(), 10.0, spawn=FakeProcesses().spawn,
+                           kill=lambda pid: None, fork=forks, can_fork=lambda: True)
+        self.addCleanup(started.abandon)
+        self.assertEqual([w.pid for w in started.workers], [2001, 2002])
+        for child in forks.children:
+            child()
+        http = started.sockets["http"][0].fileno()
+        https = started.sockets["https"][0].fileno()
+        first, second = ran
+        for slot, (arguments, keep, objects, log_to_fd) in enumerate(ran):
+            self.assertEqual(arguments.slot, slot)
+            self.assertEqual(arguments.sockets, {"http": [(http, socket.AF_INET)],
+                                                 "https": [(https, socket.AF_INET)]})
+            self.assertEqual(keep, {arguments.channel, http, https})
+            self.assertIn(started.workers[slot].channel, objects)
+        # the second child lets go of the first one's channel too
+        self.assertIn(started.workers[0].channel, second[2])
+        self.assertNotIn(started.workers[1].channel, first[2])
+
+    def test_no_fork_where_unsafe(self) -> None:
+        """
+        A process whose reactor is installed does not fork its workers: it
+        starts them as processes of their own.
+        """
+        from twisted.internet import reactor
+
+        from mproxy.workers.prestart import preload
+
+        if "twisted.internet.reactor" not in sys.modules:  # pragma: no cover
+            sys.modules["twisted.internet.reactor"] = reactor
+            self.addCleanup(sys.modules.pop, "twisted.internet.reactor")
+        self.assertFalse(preload())
+        forks = FakeFork()
+        processes = FakeProcesses()
+        started = prestart(config(), 10.0, spawn=processes.spawn, kill=processes.kill,
+                           fork=forks)
+        self.addCleanup(started.abandon)
+        self.assertEqual(forks.children, [])
+        self.assertEqual(len(processes.spawned), 2)
+
+
+class PreloadTests(SynchronousTestCase):
+    def test_not_with_another_thread(self) -> None:
+        import threading
+
+        from mproxy.workers.prestart import preload
+
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        self.assertFalse(preload())
+
+
 class Fallback:
     def __init__(self, spawner: MemorySpawner) -> None:
         self.spawner = spawner
@@ -229,7 +312,7 @@ class PrestartedSpawnerTests(SynchronousTestCase):
         self.reactor = AdoptingReactor()
         self.processes = FakeProcesses()
         self.started = prestart(config(), 10.0, spawn=self.processes.spawn,
-                                kill=self.processes.kill)
+                                kill=self.processes.kill, fork=None)
         self.addCleanup(self.started.abandon)
         self.fallback = Fallback(MemorySpawner(self.reactor))
         self.pool = WorkerPool(self.reactor, ListLogger(), PrestartedSpawner(

@@ -4,15 +4,18 @@ and builds the rest of itself.
 
 A worker takes about as long to start as the supervisor (both import
 Twisted and TLS): one after the other, they doubled the time from
-C{mproxy run} to the first request served.  So, as soon as its options are
-parsed, C{mproxy run} binds the HTTP and HTTPS sockets (and the HTTP/3 UDP
-one) and starts its first generation of workers with this module, which
-needs the C{socket} module and little else (L{prestart}); then it imports
-and builds the supervisor while they start.  Each worker waits for its
-channel to tell it what to serve; clients that connect meanwhile wait in
-the listening sockets' queues, and are served once the first worker
-serves.  The pool takes the workers over as its first generation
-(L{PrestartedSpawner}).
+C{mproxy run} to the first request served, and each process imported the
+same modules again.  So, as soon as its options are parsed, C{mproxy run}
+binds the HTTP and HTTPS sockets (and the HTTP/3 UDP one), imports what a
+worker runs (no reactor yet) and forks its first generation of workers,
+which go on as C{python -m mproxy.workers} would (L{prestart}); then it
+imports and builds the rest of the supervisor while they start.  Where it
+cannot fork safely, the workers are started as processes of their own
+instead.  Each worker waits for its channel to tell it what to serve;
+clients that connect meanwhile wait in the listening sockets' queues, and
+are served once the first worker serves.  The pool takes the workers over
+as its first generation (L{PrestartedSpawner}); later workers (a
+replacement, the standby, an upgrade's) are started as usual.
 
 Not used when the listening sockets are inherited (socket activation, an
 upgrade), nor under twistd (which binds before dropping privileges and
@@ -157,17 +160,98 @@ def _bind_waiting(bind: str, port: int, kind: int, wait: float,
     raise AssertionError("unreachable")
 
 
+def preload() -> bool:
+    """
+    Import what a worker runs, so that forked workers start with it;
+    C{False} when forking here would not be safe (a reactor is installed,
+    or another thread runs).
+    """
+    import threading
+
+    if "twisted.internet.reactor" in sys.modules or threading.active_count() > 1:
+        return False
+    from mproxy.workers.worker import import_data_plane
+
+    import_data_plane()
+    return "twisted.internet.reactor" not in sys.modules and threading.active_count() == 1
+
+
+def _fork(child: Callable[[], None]) -> int:
+    """
+    Run C{child} in a forked process, which exits when it returns; the
+    child's PID.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        child()
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+def _open_descriptors() -> list[int]:
+    try:
+        return [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(os.sysconf("SC_OPEN_MAX")))
+
+
+def run_forked(arguments: Any, keep: set[int], objects: list[socket.socket],
+               log_to_fd: bool) -> None:
+    """
+    In a forked worker: let go of the supervisor's socket objects (their
+    descriptors are closed, or kept, by number), take stdin (and stdout
+    unless it is shared) from /dev/null, close every descriptor but the
+    standard ones and those in C{keep}, and run the worker.
+    """
+    for s in objects:
+        s.detach()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    if not log_to_fd:
+        os.dup2(devnull, 1)
+    for fd in _open_descriptors():
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    from mproxy.workers.worker import main
+
+    main([arguments.to_json()])
+
+
 def prestart(config: Any, grace: float, python: str = sys.executable,
              spawn: Callable[[str, list[str], dict[int, int]], int] = _spawn,
              kill: Callable[[int], None] = _kill, wait: float = BIND_WAIT,
-             sleep: Callable[[float], None] = time.sleep) -> Prestarted:
+             sleep: Callable[[float], None] = time.sleep,
+             fork: Callable[[Callable[[], None]], int] | None = _fork,
+             can_fork: Callable[[], bool] = preload) -> Prestarted:
     """
     Bind the sockets of C{config} (a L{mproxy.config.ServerConfig} with
-    workers) and start its C{config.workers} workers on them.  A port in
-    use is tried again every 50 ms for up to C{wait} seconds.
+    workers) and start its C{config.workers} workers on them: forked (see
+    the module docstring) when C{fork} is given and C{can_fork()}, else
+    with C{spawn}.  A port in use is tried again every 50 ms for up to
+    C{wait} seconds.
 
     @param spawn: starts a process: C{(python, argv, {child fd: ours})} ->
         its PID.
+    @param fork: runs a function in a forked process -> its PID.
     @param kill: ends one, by its PID, when start-up fails.
     @raise StartupError: a port cannot be bound (nothing is left open).
     """
@@ -194,6 +278,9 @@ def prestart(config: Any, grace: float, python: str = sys.executable,
             config, bound["http"][0].getsockname()[1], bound["https"][0].getsockname()[1],
             grace)
         log_to_fd = stdout_is_shared()
+        if fork is not None and can_fork():
+            _fork_workers(prestarted, config.workers, listening, udp, log_to_fd, fork)
+            return prestarted
         for slot in range(config.workers):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             devnull = os.open(os.devnull, os.O_RDWR)
@@ -215,6 +302,30 @@ def prestart(config: Any, grace: float, python: str = sys.executable,
         prestarted.abandon()
         raise
     return prestarted
+
+
+def _fork_workers(prestarted: Prestarted, count: int, listening: dict[str, list[tuple[int, int]]],
+                  udp: list[tuple[int, int]], log_to_fd: bool,
+                  fork: Callable[[Callable[[], None]], int]) -> None:
+    from mproxy.workers.settings import WorkerSettings
+
+    sockets = [s for group in prestarted.sockets.values() for s in group]
+    for slot in range(count):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            arguments = WorkerSettings(
+                slot=slot, channel=theirs.fileno(), sockets=listening, udp=udp,
+                log="fd" if log_to_fd else "channel", **prestarted.settings)
+            keep = {theirs.fileno()} | {fd for pairs in listening.values() for fd, _ in pairs} | {
+                fd for fd, _ in udp}
+            objects = [w.channel for w in prestarted.workers] + [ours, theirs] + sockets
+            pid = fork(lambda a=arguments, k=keep, o=objects: run_forked(a, k, o, log_to_fd))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        prestarted.workers.append(PrestartedWorker(slot, pid, ours))
 
 
 class PrestartedSpawner:

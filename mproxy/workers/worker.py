@@ -412,6 +412,22 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
+def import_data_plane() -> None:
+    """
+    Import what a worker runs, without installing a reactor: a process
+    that forks its workers (L{mproxy.workers.prestart}) does it once for
+    all of them.
+    """
+    import twisted.internet.protocol  # noqa: F401
+    import twisted.logger  # noqa: F401
+
+    import mproxy.http.proxy  # noqa: F401
+    import mproxy.http.upstream  # noqa: F401
+    import mproxy.logging  # noqa: F401
+    import mproxy.tls.sni  # noqa: F401
+    import mproxy.workers.certs  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     Run a worker: C{python -m mproxy.workers SETTINGS_JSON}.
