@@ -211,15 +211,16 @@ class Controller:
                     chosen.get("rollout", current.rollout if current else None))
         return {"slots": slots, "states": states}
 
-    def eject(self, address: str, error: str) -> None:
+    def eject(self, address: str, error: str, key: str | None = None) -> None:
         """
-        The data plane could not reach target C{address}: take it out of
-        rotation in every service (see L{mproxy.target.Target.eject}).
+        The data plane could not reach target C{address} (the target named
+        C{key}, when given): take it out of rotation (see
+        L{mproxy.target.Target.eject}); without a key, in every service.
         """
         for s in self.router.services.values():
             for lb in s.balancers():
                 for t in lb.targets:
-                    if t.address == address:
+                    if t.address == address and (key is None or self._keys.get(t) == key):
                         t.eject(error)
 
     def _commit(self, name: str, record: ServiceRecord | None,

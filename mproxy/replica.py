@@ -138,6 +138,12 @@ class Replica:
             self.router.install(service)
         return replaced
 
+    def key_of(self, target: Target) -> str | None:
+        """
+        The supervisor's key of a target here, if it gave one.
+        """
+        return self._keys.get(target)
+
     def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
         """
         The supervisor's health checks found target C{address} (the one it

@@ -58,13 +58,13 @@ class HealthParityMixin:
         self.probe.answer(address, code)
         self.settle()
 
-    def serving(self) -> list[set[str]]:
+    def serving(self, service: str = "web") -> list[set[str]]:
         """
         In each serving process, the addresses that would get a request.
         """
         found = []
         for router in self.routers():
-            lb = router.services["web"].active
+            lb = router.services[service].active
             addresses = set()
             for _ in lb.targets:
                 claim = lb.claim(False)
@@ -115,6 +115,24 @@ class HealthParityMixin:
         self.settle()
         self.assertEqual(self.serving(), [{"web-a:3000", "web-b:3000"}] * self.processes)  # type: ignore[attr-defined]
 
+    def test_a_failed_connection_ejects_that_target_only(self) -> None:
+        """
+        A connection to a service's target fails: that target leaves
+        rotation; another service's target at the same address stays.
+        """
+        self.probe.auto["web-1:3000"] = 200
+        for name in ("a", "b"):
+            d = self.controller.deploy(DeployRequest(
+                name, ("web-1:3000",), options=ServiceOptions(hosts=(f"{name}.test",)),
+                target_options=CHECKS))
+            self.settle()
+            self.successResultOf(d)  # type: ignore[attr-defined]
+        first = self.routers()[0]
+        self.assertTrue(first.services["a"].active.targets[0].eject("connection refused"))
+        self.settle()
+        self.assertEqual(self.serving("a"), [set()] * self.processes)  # type: ignore[attr-defined]
+        self.assertEqual(self.serving("b"), [{"web-1:3000"}] * self.processes)  # type: ignore[attr-defined]
+
     def test_restored_targets_serve_at_once(self) -> None:
         self.probe.auto["web-1:3000"] = 200
         self.successResultOf(self.deploy("web-1:3000"))  # type: ignore[attr-defined]
@@ -141,7 +159,10 @@ class WorkerProcessesTests(HealthParityMixin, SynchronousTestCase):
 
     def make(self) -> None:
         self.spawner = MemorySpawner(self.reactor)
-        self.pool = WorkerPool(self.reactor, self.logger, self.spawner, 2)
+        # as the server wires it: a worker's failed connection reaches the
+        # supervisor's targets
+        self.pool = WorkerPool(self.reactor, self.logger, self.spawner, 2,
+                               on_eject=lambda a, e, k: self.controller.eject(a, e, k))
         self.pool.startService()
         self.controller = Controller(Router(), self.reactor, self.probe, self.store, self.logger,
                                      dataplane=self.pool)

@@ -88,7 +88,7 @@ class PoolTests(SynchronousTestCase):
         self.logger = ListLogger()
         self.ejected: list[tuple[str, str]] = []
         self.pool = WorkerPool(self.reactor, self.logger, self.spawner, 2,
-                               on_eject=lambda a, e: self.ejected.append((a, e)))
+                               on_eject=lambda a, e, k: self.ejected.append((a, e)))
         self.pool.startService()
 
     def start(self) -> Any:

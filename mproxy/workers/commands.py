@@ -172,7 +172,13 @@ class Drained(amp.Command):
 
 
 class Eject(amp.Command):
-    arguments = [(b"address", amp.Unicode()), (b"error", amp.Unicode())]
+    """
+    A connection to target C{address} (the one the supervisor calls C{key},
+    when known) failed: it is out of rotation here.
+    """
+
+    arguments = [(b"address", amp.Unicode()), (b"error", amp.Unicode()),
+                 (b"key", amp.Unicode(optional=True))]
     requiresAnswer = False
 
 

@@ -109,8 +109,8 @@ class SupervisorChannel(amp.AMP):
         return {}
 
     @c.Eject.responder
-    def eject(self, address: str, error: str) -> dict:
-        self.pool.on_eject(address, error)
+    def eject(self, address: str, error: str, key: str | None = None) -> dict:
+        self.pool.on_eject(address, error, key)
         return {}
 
     @c.AskCertificate.responder
@@ -223,8 +223,9 @@ class WorkerPool(Service):
     @param spawner: C{spawn(pool, worker)} starts a worker: sets its
         C{pid}, connects a channel built by L{channel_for}, and makes the
         pool's C{_worker_ended(worker, how)} be called when it ends.
-    @param on_eject: called with C{(address, error)} when a worker could not
-        reach a target.
+    @param on_eject: called with C{(address, error, key)} when a worker could
+        not reach a target (C{key}: the controller's name of that target, or
+        C{None} from a worker that does not know it).
     @param on_ask_certificate: called with an on-demand TLS name a worker
         has no certificate for; returns the certificate the supervisor has
         for it now, if any (sent to a worker that waits for it).
@@ -234,7 +235,7 @@ class WorkerPool(Service):
 
     def __init__(self, reactor: Any, logger: Any, spawner: Any, count: int,
                  grace: float = 10.0, spares: int = 0,
-                 on_eject: Callable[[str, str], None] = lambda a, e: None,
+                 on_eject: Callable[[str, str, str | None], None] = lambda a, e, k: None,
                  on_ask_certificate: Callable[[str], Any] = lambda n: None,
                  write_line: Callable[[str], None] | None = None,
                  on_exhausted: Callable[[str], None] = lambda e: None) -> None:

@@ -141,7 +141,8 @@ class WorkerServer:
         def reporting(error: str) -> bool:
             ejected = eject(error)
             if ejected:
-                self.send(c.Eject, address=target.address, error=error)
+                self.send(c.Eject, address=target.address, error=error,
+                          key=self.replica.key_of(target))
             return ejected
 
         return reporting
