@@ -11,9 +11,11 @@ what is serving, and what a restart brings back.
 The processes serving requests follow through an L{IDataPlane}: the
 controller's own router (L{LocalDataPlane}, the default) or worker
 processes (L{mproxy.workers.pool.WorkerPool}).  Each change is sent as the
-full list of service records right after it is made durable; a command
-answers once every replica switched, and drains wait for the requests in
-flight everywhere.
+full list of service records right after it is made durable, with the
+health of every target (L{target_health_map}): a replica's targets are in
+rotation exactly when the controller's are (a target not yet checked, as
+after C{--force}, is not); a command answers once every replica switched,
+and drains wait for the requests in flight everywhere.
 
 A deploy never holds anything that other services need while it waits:
 health waits and drains only touch the service being deployed, and commands
@@ -22,7 +24,9 @@ for one service are serialised by that service's own lock.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import itertools
+import weakref
+from typing import Any, Callable, Mapping, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -46,7 +50,7 @@ from mproxy.spec import (
     validate_percentage,
 )
 from mproxy.state import PauseRecord, ServiceRecord, Slot, StateStore
-from mproxy.target import PoolFactory, TargetState, no_pool
+from mproxy.target import PoolFactory, Target, TargetState, no_pool
 from mproxy.workers.interfaces import IDataPlane, Switch
 from mproxy.workers.local import LocalDataPlane
 
@@ -129,6 +133,10 @@ class Controller:
         self.certificates: Certificates = certificates or NoCertificates()
         self.validate_error_pages = validate_error_pages
         self.deploys: DeployRecorder = deploys or _NoRecorder()
+        #: each target's name on the data plane (a re-deployed address is a
+        #: new target, with a health of its own)
+        self._keys: weakref.WeakKeyDictionary[Target, str] = weakref.WeakKeyDictionary()
+        self._numbers = itertools.count(1)
         self.deployer = Deployer(
             router, clock, probe, logger, self._commit, self._balancer, self.certificates,
             validate_error_pages, self.deploys,
@@ -144,6 +152,7 @@ class Controller:
         lb = LoadBalancer(slot.writers, slot.readers, self.clock, self.pool_factory,
                           self.logger)
         for t in lb.targets:
+            self._keys[t] = str(next(self._numbers))
             t.on_state_change = self._health_follower(t.on_state_change)
         return lb
 
@@ -152,31 +161,77 @@ class Controller:
         C{changed}, then the data plane told of a move in or out of rotation.
         """
         dataplane = self.dataplane
+        keys = self._keys
 
         def follow(target: Any, was: TargetState) -> None:
             changed(target, was)
             if target.state in (TargetState.HEALTHY, TargetState.UNHEALTHY):
-                dataplane.set_health(target.address, target.healthy)
+                dataplane.set_health(target.address, target.healthy, keys.get(target))
 
         return follow
 
-    def eject(self, address: str, error: str) -> None:
+    def target_health_map(self, name: str | None = None,
+                          record: ServiceRecord | None = None,
+                          balancers: Mapping[str, LoadBalancer] | None = None
+                          ) -> dict[str, Any]:
         """
-        The data plane could not reach target C{address}: take it out of
-        rotation in every service (see L{mproxy.target.Target.eject}).
+        The targets of every service as the data plane needs them:
+        C{{"slots": {service: {"active"|"rollout": {address: key}}},
+        "states": {key: "adding"|"healthy"|"unhealthy"}}}.  Service C{name}
+        is taken as C{record} (C{None}: gone) with the load balancers in
+        C{balancers} by slot, the ones it has now for the others.
+        """
+        slots: dict[str, dict[str, dict[str, str]]] = {}
+        states: dict[str, str] = {}
+
+        def add(service: str, slot: str, lb: LoadBalancer | None) -> None:
+            if lb is None:
+                return
+            by_address = slots.setdefault(service, {}).setdefault(slot, {})
+            for t in lb.targets:
+                key = self._keys.get(t)
+                if key is None:
+                    continue
+                by_address[t.address] = key
+                state = t.state
+                if state is TargetState.DRAINING:
+                    state = t._state_before_drain or TargetState.ADDING
+                states[key] = state.value
+
+        for n, s in self.router.services.items():
+            if n != name:
+                add(n, "active", s.active)
+                add(n, "rollout", s.rollout)
+        if name is not None and record is not None:
+            current = self.router.services.get(name)
+            chosen = dict(balancers or {})
+            add(name, "active", chosen.get("active", current.active if current else None))
+            if record.rollout is not None:
+                add(name, "rollout",
+                    chosen.get("rollout", current.rollout if current else None))
+        return {"slots": slots, "states": states}
+
+    def eject(self, address: str, error: str, key: str | None = None) -> None:
+        """
+        The data plane could not reach target C{address} (the target named
+        C{key}, when given): take it out of rotation (see
+        L{mproxy.target.Target.eject}); without a key, in every service.
         """
         for s in self.router.services.values():
             for lb in s.balancers():
                 for t in lb.targets:
-                    if t.address == address:
+                    if t.address == address and (key is None or self._keys.get(t) == key):
                         t.eject(error)
 
     def _commit(self, name: str, record: ServiceRecord | None,
-                drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> Switch:
+                drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                balancers: Mapping[str, LoadBalancer] | None = None) -> Switch:
         """
         Make durable the state in which service C{name} is C{record} (or is
-        gone, for C{None}), and send it to the data plane.  The caller applies
-        the change to its router only after this returns.
+        gone, for C{None}), and send it to the data plane, with the load
+        balancers that are to serve its slots (C{balancers}, by slot: the
+        ones it has for the others).  The caller applies the change to its
+        router only after this returns.
 
         @raise StateError: when the state file cannot be written; the old
             file is intact and nothing has changed.
@@ -186,7 +241,8 @@ class Controller:
             records.append(record)
         records.sort(key=lambda r: r.name)
         self._save(records)
-        return self.dataplane.apply(records, drain_timeout)
+        return self.dataplane.apply(records, drain_timeout,
+                                    targets=self.target_health_map(name, record, balancers))
 
     def _save(self, records: list[ServiceRecord]) -> None:
         if self.store is None:
@@ -386,7 +442,7 @@ class Controller:
             return 0
         for r in records:
             self._restore(r)
-        self.dataplane.apply(records, DEFAULT_DRAIN_TIMEOUT)
+        self.dataplane.apply(records, DEFAULT_DRAIN_TIMEOUT, targets=self.target_health_map())
         self.logger.info("Restored saved state", path=self.store.path, services=len(records))
         return len(records)
 

@@ -52,9 +52,10 @@ if TYPE_CHECKING:
 
 #: Makes durable the state in which a service is the given record (or is
 #: gone, for C{None}), with the drain timeout of what it replaces, and sends
-#: it to the data plane (the L{mproxy.workers.interfaces.Switch} returned);
-#: raises L{mproxy.errors.StateError} when it cannot.
-Commit = Callable[[str, "ServiceRecord | None", float], Any]
+#: it to the data plane (the L{mproxy.workers.interfaces.Switch} returned)
+#: with the load balancers that are to serve it, by slot (C{"active"},
+#: C{"rollout"}); raises L{mproxy.errors.StateError} when it cannot.
+Commit = Callable[[str, "ServiceRecord | None", float, "dict[str, LoadBalancer]"], Any]
 
 #: Progress of a long command: C{(phase, detail)}, e.g.
 #: C{("health", "waiting for web-2:3000 to become healthy")}.
@@ -318,7 +319,7 @@ class Deployer:
                 kept = ServiceRecord.of(existing)
                 record = attrs.evolve(record, rollout=kept.rollout, split=kept.split,
                                       pause=kept.pause)
-            switch = self._commit(name, record, req.drain_timeout)
+            switch = self._commit(name, record, req.drain_timeout, {"active": lb})
         except BaseException:
             lb.close()
             raise
@@ -387,7 +388,7 @@ class Deployer:
             service = self._service(name)  # removed while the rollout waited?
             slot = Slot(lb.writer_addresses, lb.reader_addresses)
             switch = self._commit(name, attrs.evolve(ServiceRecord.of(service), rollout=slot),
-                                  drain_timeout)
+                                  drain_timeout, {"rollout": lb})
         except BaseException:
             lb.close()
             raise

@@ -228,7 +228,7 @@ class MproxyService(MultiService):
         exhaustion = TwistedEvents(logger, self.reactor)
         pool = WorkerPool(
             self.reactor, logger, None, self.config.workers, grace=SHUTDOWN_GRACE, spares=1,
-            on_eject=lambda address, error: self.controller.eject(address, error),
+            on_eject=lambda address, error, key: self.controller.eject(address, error, key),
             on_ask_certificate=lambda name: self.certificates.select(name),
             write_line=write_line,
             on_exhausted=exhaustion._exhausted,

@@ -7,7 +7,15 @@ listening socket.
      with the server's run options: it imports everything, parses the
      options and reads the state file.  If it fails, the upgrade fails with
      its reason and nothing changed.
-  2. The listening sockets (HTTP, HTTPS, metrics, HTTP/3's UDP) and the
+  2. The control commands in progress (a deploy waiting for health or
+     draining, a pause draining, ...) finish first, so that their clients
+     get their answers from this image: the exec would close their
+     connections.  From now on a new control command is refused with
+     L{UpgradeInProgress} (nothing done), which the C{mproxy} client takes
+     as a cue to wait and send it again to the new image.  When they do not
+     finish within L{OPERATIONS_TIMEOUT}, the upgrade fails and everything
+     goes on as before.
+  3. The listening sockets (HTTP, HTTPS, metrics, HTTP/3's UDP) and the
      control socket are duplicated into descriptors kept across an exec.
      The server stops accepting and drains what it serves (in-flight
      requests finish, idle keep-alive connections are closed; new
@@ -15,7 +23,7 @@ listening socket.
      state file is written, and the process re-executes its own command
      line (L{Relaunch}) with the descriptors named in C{MPROXY_UPGRADE}
      (L{mproxy.activation.Handover}); the PID stays the same.
-  3. The new image adopts the sockets (L{mproxy.activation.upgrade_sockets})
+  4. The new image adopts the sockets (L{mproxy.activation.upgrade_sockets})
      and restores the state; once it serves, the upgrade is done, and the
      client that asked for it (reconnected, since the exec closed its
      connection) is told so by L{Upgrades.outcome}.
@@ -38,6 +46,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from attrs import frozen
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -61,11 +70,87 @@ REAP_INTERVAL = 0.5
 #: How long the old server's connections may drain, by default.
 DEFAULT_DRAIN_TIMEOUT = 10.0
 
+#: Seconds the exec waits for the control commands in progress (a deploy's
+#: default health wait and drain take up to a minute).
+OPERATIONS_TIMEOUT = 120.0
+
 
 class UpgradeError(MproxyError):
     """
     The upgrade cannot be done; the server runs on as it was.
     """
+
+
+class UpgradeInProgress(MproxyError):
+    """
+    A control command arrived while an upgrade is under way: it was not
+    carried out; it can be sent again once the new server answers.
+    """
+
+
+class Operations:
+    """
+    The control commands in progress, each named as its user would say it
+    (C{"deploy web"}), so an upgrade can wait until there are none.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._running: dict[int, str] = {}
+        self._next = 0
+        self._idle: list[Deferred[None]] = []
+
+    def begin(self, what: str) -> Callable[[], None]:
+        """
+        Command C{what} started; call the function returned once its answer
+        is sent.
+        """
+        self._next += 1
+        token = self._next
+        self._running[token] = what
+
+        def end() -> None:
+            if self._running.pop(token, None) is not None:
+                # the answer is written in the callbacks after this one:
+                # count the command as done on the next turn
+                self.reactor.callLater(0, self._check)
+
+        return end
+
+    def running(self) -> list[str]:
+        """
+        The commands in progress, oldest first.
+        """
+        return list(self._running.values())
+
+    def _check(self) -> None:
+        if self._running:
+            return
+        idle, self._idle = self._idle, []
+        for d in idle:
+            if not d.called:
+                d.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """
+        Fires once no command is in progress.
+        """
+        d: Deferred[None] = Deferred()
+        if self._running:
+            self._idle.append(d)
+        else:
+            d.callback(None)
+        return d
+
+
+def describe_commands(names: Sequence[str]) -> str:
+    """
+    C{deploy web, pause api}; the same ones counted once (C{list (x2)}).
+    """
+    counted: dict[str, int] = {}
+    for name in names:
+        counted[name] = counted.get(name, 0) + 1
+    return ", ".join(name if n == 1 else f"{name} (x{n})" for name, n in counted.items())
 
 
 @frozen
@@ -239,6 +324,10 @@ class Upgrades:
         self.waitpid = waitpid
         self.relaunch: Relaunch | None = None
         self.running: str | None = None
+        self.operations = Operations(reactor)
+        self.operations_timeout = OPERATIONS_TIMEOUT
+        #: new control commands are refused (the exec is coming)
+        self.holding = False
         self._waiting: list[tuple[Deferred[dict[str, Any]], Callable[[str, str], Any]]] = []
         self._done: dict[str, Any] | None = None
         self._pending = False  # old workers are still to retire
@@ -246,6 +335,23 @@ class Upgrades:
         self._phase: tuple[str, str] | None = None
 
     # The image before
+
+    def admit(self, what: str) -> Callable[[], None]:
+        """
+        Control command C{what} may start: returns the function to call once
+        it is answered (see L{Operations.begin}).
+
+        @raise UpgradeInProgress: an upgrade is about to re-execute the
+            server; the command must not start.
+        """
+        if self.holding:
+            self.logger.info("Control command refused: an upgrade is in progress",
+                             upgrade=self.running, command=what)
+            raise UpgradeInProgress(
+                f"an upgrade is in progress ({self.running}): {what} was not carried out; "
+                "send it again once the new server answers"
+            )
+        return self.operations.begin(what)
 
     def upgrade(
         self, id: str, drain_timeout: float,
@@ -297,6 +403,13 @@ class Upgrades:
             self.running = None
             self.logger.error("Upgrade failed", upgrade=id, error=repr(e))
             raise UpgradeError(f"cannot check the new code: {e}")
+        self.holding = True
+        try:
+            yield self._wait_for_operations(id, progress)
+        except UpgradeError:
+            self.holding = False
+            self.running = None
+            raise
         sockets, control = self._keep_sockets()
         if getattr(self.server, "pool", None) is None:
             progress("drain",
@@ -318,6 +431,34 @@ class Upgrades:
         handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
                             tuple(self._keep_channels()))
         self._exec(relaunch, handover)
+
+    @inlineCallbacks
+    def _wait_for_operations(self, id: str, progress: Callable[[str, str], Any]) -> Any:
+        """
+        Wait until the control commands in progress have been answered, for
+        up to L{operations_timeout} seconds.
+        """
+        waiting = self.operations.running()
+        if not waiting:
+            return
+        timeout = self.operations_timeout
+        what = describe_commands(waiting)
+        progress("wait", f"Waiting for the control commands in progress to finish: {what} "
+                 f"(up to {timeout:g}s)")
+        self.logger.info("Upgrade: waiting for control commands", upgrade=id,
+                         commands=waiting, timeout=timeout)
+        idle = self.operations.idle()
+        idle.addTimeout(timeout, self.reactor)
+        try:
+            yield idle
+        except defer.TimeoutError:
+            left = describe_commands(self.operations.running())
+            error = UpgradeError(
+                f"control commands still in progress after {timeout:g}s: {left}; "
+                "nothing was changed (try again once they are done)"
+            )
+            self.logger.error("Upgrade failed", upgrade=id, error=str(error))
+            raise error
 
     def _keep_sockets(self) -> tuple[list[tuple[str, int]], int | None]:
         sockets = [(kind, self.keep(fd)) for kind, fd in self.server.listening_sockets()]

@@ -88,7 +88,7 @@ class PoolTests(SynchronousTestCase):
         self.logger = ListLogger()
         self.ejected: list[tuple[str, str]] = []
         self.pool = WorkerPool(self.reactor, self.logger, self.spawner, 2,
-                               on_eject=lambda a, e: self.ejected.append((a, e)))
+                               on_eject=lambda a, e, k: self.ejected.append((a, e)))
         self.pool.startService()
 
     def start(self) -> Any:
@@ -301,13 +301,13 @@ class FakeDataPlane:
         self.switches: list[tuple[Deferred[int], Deferred[Drained]]] = []
         self.health: list[tuple[str, bool]] = []
 
-    def apply(self, records: Any, drain_timeout: float) -> Switch:
+    def apply(self, records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         self.applied.append(([r.name for r in records], drain_timeout))
         pair: tuple[Deferred[int], Deferred[Drained]] = (Deferred(), Deferred())
         self.switches.append(pair)
         return Switch(*pair)
 
-    def set_health(self, address: str, healthy: bool) -> None:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
         self.health.append((address, healthy))
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:

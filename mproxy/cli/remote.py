@@ -4,6 +4,11 @@ C{pause}, C{stop}, C{resume}, C{rollout ...}, C{upgrade}): one function per comm
 a L{ControlClient}, and L{run_client}, which runs one on a reactor and turns
 its outcome into an exit status.
 
+A command the server refuses because an upgrade is about to re-execute it
+(L{UpgradeInProgress}: nothing was done) is held: the client says it waits,
+reconnects and sends it again until the new server answers it (for up to
+L{HOLD_TIMEOUT} seconds).
+
 Ctrl-C (SIGINT) ends a command with C{interrupted} and exit status 130; the
 connection closes with the process, and the server then cancels a deploy
 that has not switched traffic yet.
@@ -28,6 +33,7 @@ from mproxy.control.client import ControlClient, connect
 from mproxy.controlsocket import UntrustedSocket
 from mproxy.errors import InvalidOptions, MproxyError
 from mproxy.spec import given
+from mproxy.upgrade import OPERATIONS_TIMEOUT, UpgradeInProgress
 
 INTERRUPTED = 130
 
@@ -151,12 +157,37 @@ COMMANDS: dict[str, Callable[[ControlClient, Any, ProgressPrinter, Any], Any]] =
 }
 
 
+#: Seconds a command refused during an upgrade is sent again for: the
+#: upgrade may wait for the commands in progress, then the new server starts.
+HOLD_TIMEOUT = OPERATIONS_TIMEOUT + UPGRADE_RECONNECT
+
+#: Seconds between two tries of a held command.
+HOLD_INTERVAL = 0.5
+
+
 @inlineCallbacks
 def client_command(reactor: Any, name: str, ns: Any, streams: Streams) -> Any:
+    from twisted.internet.task import deferLater
+
     printer = ProgressPrinter(streams.out)
-    client = yield connect(reactor, socket_path(ns.socket or ""), printer)
+    path = socket_path(ns.socket or "")
+    client = yield connect(reactor, path, printer)
+    deadline = None
     try:
-        yield COMMANDS[name](client, ns, printer, reactor)
+        while True:
+            try:
+                yield COMMANDS[name](client, ns, printer, reactor)
+                return
+            except UpgradeInProgress as e:
+                now = reactor.seconds()
+                if deadline is None:
+                    deadline = now + HOLD_TIMEOUT
+                    printer("held", "Waiting for the upgrade in progress to finish")
+                elif now >= deadline:
+                    raise MproxyError(f"{e} (still upgrading after {HOLD_TIMEOUT:g}s)")
+            client.close()
+            yield deferLater(reactor, HOLD_INTERVAL, lambda: None)
+            client = yield reconnect(reactor, path, printer, max(0.0, deadline - reactor.seconds()))
     finally:
         printer.finish()
         client.close()

@@ -29,7 +29,7 @@ from mproxy.errors import (
 )
 
 from mproxy.spec import DeployRequest, from_json, to_json
-from mproxy.upgrade import UpgradeError
+from mproxy.upgrade import UpgradeError, UpgradeInProgress
 
 PROTOCOL_VERSION = 1
 
@@ -55,6 +55,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     HelloRequired: b"HELLO_REQUIRED",
     StateError: b"STATE_ERROR",
     UpgradeError: b"UPGRADE_ERROR",
+    UpgradeInProgress: b"UPGRADE_IN_PROGRESS",
 }
 
 

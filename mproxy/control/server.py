@@ -5,6 +5,11 @@ connection, answering each command through the L{Controller}.
 A deploy belongs to its connection: when the client goes away before the
 switch (Ctrl-C, a dropped SSH session), the deploy is cancelled.
 
+While an upgrade is about to re-execute the server, every command but the
+upgrade's own is refused with C{UPGRADE_IN_PROGRESS} (nothing is done), and
+the upgrade waits for the commands in progress to be answered
+(L{mproxy.upgrade.Upgrades.admit}).
+
 Bad input (garbage bytes, a box that is no command, a command with missing
 or malformed arguments, an unknown command) is logged in one line and
 answered or dropped; it never reaches the log as a traceback.
@@ -13,9 +18,10 @@ answered or dropped; it never reaches the log as a traceback.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -27,7 +33,21 @@ from mproxy.deploy import DeployResult
 from mproxy.errors import DeployCancelled
 from mproxy.logging import JSONLogger
 from mproxy.spec import DeployRequest, given, validate_drain
-from mproxy.upgrade import DEFAULT_DRAIN_TIMEOUT, UpgradeError
+from mproxy.upgrade import DEFAULT_DRAIN_TIMEOUT, UpgradeError, UpgradeInProgress
+
+#: The commands an upgrade neither waits for nor refuses.
+_UPGRADE_COMMANDS = frozenset([c.Hello.commandName, c.Upgrade.commandName,
+                               c.UpgradeStatus.commandName])
+
+
+def _command_words(name: str, arguments: dict[str, Any]) -> str:
+    """
+    How a user names a command: C{RolloutDeploy} of service web is
+    C{rollout deploy web}.
+    """
+    words = re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
+    service = arguments.get("service") or getattr(arguments.get("request"), "service", None)
+    return f"{words} {service}" if service else words
 
 
 def _answer(result: DeployResult) -> dict[str, Any]:
@@ -96,7 +116,7 @@ class ControlProtocol(amp.AMP):
 
         def checked(box: amp.AmpBox) -> Any:
             try:
-                command.parseArguments(box, self)
+                arguments = command.parseArguments(box, self)
             except amp.RemoteAmpError as e:
                 self._bad_input(label, str(e.description))
                 raise
@@ -104,7 +124,14 @@ class ControlProtocol(amp.AMP):
                 reason = f"{e.__class__.__name__}: {e}"
                 self._bad_input(label, reason)
                 raise amp.RemoteAmpError(b"BAD_ARGUMENTS", f"malformed {label}: {reason}")
-            return responder(box)
+            if self.upgrades is None or name in _UPGRADE_COMMANDS:
+                return responder(box)
+            try:
+                done = self.upgrades.admit(_command_words(label, arguments))
+            except UpgradeInProgress as e:
+                raise amp.RemoteAmpError(c.ERRORS[UpgradeInProgress], str(e))
+            d = maybeDeferred(responder, box)
+            return d.addBoth(lambda result: (done(), result)[1])
 
         return checked
 

@@ -11,6 +11,7 @@ inherited sockets) and L{Retire} (stop accepting, drain, exit).
 Worker to supervisor: L{Drained} (the load balancers a L{SetServices}
 replaced have drained), L{Eject} (a connection to a target failed),
 L{AskCertificate} (an on-demand TLS name without a certificate),
+L{FetchCertificate} (the same, answered: held by the handshake),
 L{Exhausted} (out of file descriptors) and L{Log} (a log line, when the supervisor's log is not a file descriptor the
 worker can share).
 
@@ -36,7 +37,10 @@ class BigJSON(amp.Argument):
     """
 
     def toBox(self, name: bytes, strings: dict, objects: dict, proto: Any) -> None:  # type: ignore[override]
-        data = json.dumps(objects[str(name, "ascii")], separators=(",", ":")).encode("utf-8")
+        value = objects.get(str(name, "ascii"))
+        if value is None and self.optional:
+            return
+        data = json.dumps(value, separators=(",", ":")).encode("utf-8")
         chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
         strings[name] = chunks[0]
         for i, chunk in enumerate(chunks[1:], 1):
@@ -44,6 +48,9 @@ class BigJSON(amp.Argument):
         strings[name + b".n"] = b"%d" % len(chunks)
 
     def fromBox(self, name: bytes, strings: dict, objects: dict, proto: Any) -> None:  # type: ignore[override]
+        if self.optional and name not in strings:
+            objects[str(name, "ascii")] = None
+            return
         count = int(strings.pop(name + b".n", b"1"))
         parts = [strings.pop(name)]
         for i in range(1, count):
@@ -57,19 +64,28 @@ class BigJSON(amp.Argument):
 class SetServices(amp.Command):
     """
     Serve exactly C{records} (L{mproxy.state.ServiceRecord.to_json} each);
-    C{health} maps target addresses to whether they are healthy.  Answered
-    once the worker's router switched, with the requests in flight on the
-    load balancers it replaced; those drain (cut after C{drain_timeout}) and
-    their end is reported with L{Drained} carrying the same C{seq}.
+    C{targets} names every target and gives its health
+    (L{mproxy.controller.Controller.target_health_map}); C{health}, by
+    address, is for the workers of an image before an upgrade, which do not
+    know C{targets}.  Answered once the worker's router switched, with the
+    requests in flight on the load balancers it replaced; those drain (cut
+    after C{drain_timeout}) and their end is reported with L{Drained}
+    carrying the same C{seq}.
     """
 
     arguments = [(b"seq", amp.Integer()), (b"records", BigJSON()),
-                 (b"health", BigJSON()), (b"drain_timeout", amp.Float())]
+                 (b"health", BigJSON()), (b"drain_timeout", amp.Float()),
+                 (b"targets", BigJSON(optional=True))]
     response = [(b"draining", amp.Integer())]
 
 
 class SetHealth(amp.Command):
-    arguments = [(b"address", amp.Unicode()), (b"healthy", amp.Boolean())]
+    """
+    Target C{address} (the one named C{key}, when given) is now (un)healthy.
+    """
+
+    arguments = [(b"address", amp.Unicode()), (b"healthy", amp.Boolean()),
+                 (b"key", amp.Unicode(optional=True))]
     response: list = []
 
 
@@ -156,13 +172,30 @@ class Drained(amp.Command):
 
 
 class Eject(amp.Command):
-    arguments = [(b"address", amp.Unicode()), (b"error", amp.Unicode())]
+    """
+    A connection to target C{address} (the one the supervisor calls C{key},
+    when known) failed: it is out of rotation here.
+    """
+
+    arguments = [(b"address", amp.Unicode()), (b"error", amp.Unicode()),
+                 (b"key", amp.Unicode(optional=True))]
     requiresAnswer = False
 
 
 class AskCertificate(amp.Command):
     arguments = [(b"server_name", amp.Unicode())]
     requiresAnswer = False
+
+
+class FetchCertificate(amp.Command):
+    """
+    The certificate for an on-demand TLS name, as the supervisor would
+    choose it for a handshake now (which may start its issuance): its PEM
+    pair, or nothing.
+    """
+
+    arguments = [(b"server_name", amp.Unicode())]
+    response = [(b"pem", BigJSON(optional=True))]
 
 
 class Exhausted(amp.Command):

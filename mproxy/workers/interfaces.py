@@ -29,16 +29,18 @@ class Switch:
 
 
 class IDataPlane(Interface):
-    def apply(records: Any, drain_timeout: float) -> Switch:
+    def apply(records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         """
         Serve exactly C{records} (the L{mproxy.state.ServiceRecord} of every
         service); what the change replaced drains, cut after
-        C{drain_timeout} seconds.
+        C{drain_timeout} seconds.  C{targets}: the key and health of every
+        target (L{mproxy.controller.Controller.target_health_map}).
         """
 
-    def set_health(address: str, healthy: bool) -> None:
+    def set_health(address: str, healthy: bool, key: str | None = None) -> None:
         """
-        The control plane's health checks moved target C{address}.
+        The control plane's health checks moved target C{address} (the one
+        named C{key} in the last C{targets}).
         """
 
     def drain_service(name: str, timeout: float) -> Deferred[Any]:

@@ -19,10 +19,10 @@ from mproxy.workers.interfaces import IDataPlane, Switch
 
 @implementer(IDataPlane)
 class LocalDataPlane:
-    def apply(self, records: Any, drain_timeout: float) -> Switch:
+    def apply(self, records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         return Switch(succeed(0), succeed(Drained()))
 
-    def set_health(self, address: str, healthy: bool) -> None:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
         pass
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Any]:

@@ -60,6 +60,9 @@ class Generation:
         self.count = count
         self.workers: list[WorkerHandle] = []
         self.retiring = False
+        #: taken over from the image before an upgrade: its workers know the
+        #: targets of that image's supervisor only by address
+        self.adopted = False
 
     def __repr__(self) -> str:
         return f"<Generation {self.number} workers={[w.pid for w in self.workers]}>"
@@ -105,14 +108,22 @@ class SupervisorChannel(amp.AMP):
         return {}
 
     @c.Eject.responder
-    def eject(self, address: str, error: str) -> dict:
-        self.pool.on_eject(address, error)
+    def eject(self, address: str, error: str, key: str | None = None) -> dict:
+        self.pool.on_eject(address, error, key)
         return {}
 
     @c.AskCertificate.responder
     def ask_certificate(self, server_name: str) -> dict:
         self.pool.on_ask_certificate(server_name)
         return {}
+
+    @c.FetchCertificate.responder
+    def fetch_certificate(self, server_name: str) -> dict:
+        from mproxy.tls.certs import CertifiedKey
+        from mproxy.workers.certs import _pem
+
+        found = self.pool.on_ask_certificate(server_name)
+        return {"pem": _pem(found) if isinstance(found, CertifiedKey) else None}
 
     @c.Exhausted.responder
     def exhausted(self, error: str) -> dict:
@@ -230,18 +241,20 @@ class WorkerPool(Service):
     @param spawner: C{spawn(pool, worker)} starts a worker: sets its
         C{pid}, connects a channel built by L{channel_for}, and makes the
         pool's C{_worker_ended(worker, how)} be called when it ends.
-    @param on_eject: called with C{(address, error)} when a worker could not
-        reach a target.
+    @param on_eject: called with C{(address, error, key)} when a worker could
+        not reach a target (C{key}: the controller's name of that target, or
+        C{None} from a worker that does not know it).
     @param on_ask_certificate: called with an on-demand TLS name a worker
-        has no certificate for.
+        has no certificate for; returns the certificate the supervisor has
+        for it now, if any (sent to a worker that waits for it).
     @param write_line: writes a log line a worker sent.
     @param on_exhausted: called when a worker ran out of file descriptors.
     """
 
     def __init__(self, reactor: Any, logger: Any, spawner: Any, count: int,
                  grace: float = 10.0, spares: int = 0,
-                 on_eject: Callable[[str, str], None] = lambda a, e: None,
-                 on_ask_certificate: Callable[[str], None] = lambda n: None,
+                 on_eject: Callable[[str, str, str | None], None] = lambda a, e, k: None,
+                 on_ask_certificate: Callable[[str], Any] = lambda n: None,
                  write_line: Callable[[str], None] | None = None,
                  on_exhausted: Callable[[str], None] = lambda e: None) -> None:
         self.reactor = reactor
@@ -262,6 +275,8 @@ class WorkerPool(Service):
         self.seq = 0
         self.records: list[dict[str, Any]] = []
         self.health: dict[str, bool] = {}
+        #: every target's key and health (the controller's target_health_map)
+        self.targets: dict[str, Any] | None = None
         self.drain_timeout = 30.0
         self.certificates: dict[str, Any] = {"default": None, "static": {}, "hosts": [],
                                              "directories": ["", ""]}
@@ -308,7 +323,8 @@ class WorkerPool(Service):
         ch.callRemote(c.SetChallenges, http01=self.challenges[0],
                       alpn=self.challenges[1]).addErrback(quiet)
         ch.callRemote(c.SetServices, seq=self.seq, records=self.records, health=self.health,
-                      drain_timeout=float(self.drain_timeout)).addErrback(quiet)
+                      drain_timeout=float(self.drain_timeout),
+                      targets=self.targets).addErrback(quiet)
         d = ch.callRemote(c.Serve, slot=worker.slot, http3=worker.slot == 0,
                           alt_svc=self.alt_svc)
 
@@ -475,6 +491,7 @@ class WorkerPool(Service):
             generation = by_number.get(number)
             if generation is None:
                 generation = by_number[number] = Generation(number, 0)
+                generation.adopted = True
                 self.generations.append(generation)
                 self._next_generation = max(self._next_generation, number + 1)
             worker = WorkerHandle(len(generation.workers), generation)
@@ -529,8 +546,17 @@ class WorkerPool(Service):
         return [w.channel.callRemote(command, **arguments)  # type: ignore[union-attr]
                 for w in self.workers]
 
-    def apply(self, records: Any, drain_timeout: float) -> Switch:
+    def _ask_serving(self, command: Any) -> list[Deferred[Any]]:
+        """
+        Ask C{command} of the workers that serve: one still starting has no
+        requests or metrics yet, and may take seconds to answer.
+        """
+        return [w.channel.callRemote(command)  # type: ignore[union-attr]
+                for w in self.workers if w.serving]
+
+    def apply(self, records: Any, drain_timeout: float, targets: Any = None) -> Switch:
         self.seq += 1
+        self.targets = targets
         seq = self.seq
         self.records = [r.to_json() for r in records]
         self.drain_timeout = drain_timeout
@@ -539,6 +565,9 @@ class WorkerPool(Service):
         self.health = {a: h for a, h in self.health.items() if a in addresses}
         acks = []
         drains = []
+        # Workers adopted after an upgrade get no keys: theirs came from the
+        # supervisor image before, whose keys differ from this one's, and
+        # every deployment would look new to them.
         for w in self.workers:
             ch = w.channel
             assert ch is not None
@@ -546,7 +575,8 @@ class WorkerPool(Service):
             w.drains[seq] = drained
             drains.append(drained)
             acks.append(ch.callRemote(c.SetServices, seq=seq, records=self.records,
-                                      health=self.health, drain_timeout=float(drain_timeout)))
+                                      health=self.health, drain_timeout=float(drain_timeout),
+                                      targets=None if w.generation.adopted else self.targets))
 
         barrier: Deferred[None] = Deferred()
         self.reactor.callLater(0, self._barrier, barrier)
@@ -569,10 +599,15 @@ class WorkerPool(Service):
         d = DeferredList(self._broadcast(c.GetInflight), consumeErrors=True)
         d.addCallback(lambda _: done.callback(None))
 
-    def set_health(self, address: str, healthy: bool) -> None:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
         self.health[address] = healthy
-        for d in self._broadcast(c.SetHealth, address=address, healthy=healthy):
-            d.addErrback(lambda f: None)
+        if key is not None and self.targets is not None:
+            self.targets["states"][key] = "healthy" if healthy else "unhealthy"
+        for w in self.workers:
+            assert w.channel is not None
+            w.channel.callRemote(c.SetHealth, address=address, healthy=healthy,
+                                 key=None if w.generation.adopted else key
+                                 ).addErrback(lambda f: None)
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
         ds = [d.addCallback(lambda a: Drained(a["requests"], a["cut"]))
@@ -588,7 +623,7 @@ class WorkerPool(Service):
                         total[name] = total.get(name, 0) + n
             self._inflight = total
 
-        d = DeferredList(self._broadcast(c.GetInflight), consumeErrors=True)
+        d = DeferredList(self._ask_serving(c.GetInflight), consumeErrors=True)
         return d.addCallback(summed)
 
     def inflight(self, service: str) -> int:
@@ -613,7 +648,7 @@ class WorkerPool(Service):
         """
         Every serving worker's C{mproxy_*} metric families (one list each).
         """
-        ds = self._broadcast(c.GetMetrics)
+        ds = self._ask_serving(c.GetMetrics)
 
         def collected(results: list[tuple[bool, Any]]) -> list[Any]:
             return [answer["families"] for ok, answer in results if ok]

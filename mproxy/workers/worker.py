@@ -123,7 +123,7 @@ class WorkerServer:
         from mproxy.http.proxy import build_http_factory
         from mproxy.http.upstream import PoolRegistry
         from mproxy.tls.sni import ServerTLS, https_factory
-        from mproxy.workers.certs import CertificateMirror
+        from mproxy.workers.certs import CertificateMirror, HelloGate
 
         self.reactor = reactor
         self.settings = settings
@@ -135,7 +135,11 @@ class WorkerServer:
         self.router = Router()
         self.pools = PoolRegistry(reactor)
         self.replica = Replica(self.router, reactor, self._balancer)
-        self.certs = CertificateMirror(self._root_service, self._ask_certificate)
+        self.certs = CertificateMirror(self._root_service, self._ask_certificate,
+                                       fetch=self._fetch_certificate)
+        #: whether a service has on-demand TLS (a handshake may wait for
+        #: the supervisor's certificate)
+        self.on_demand = False
         self.metrics = None
         if settings.metrics:
             from mproxy.metrics import Metrics
@@ -149,7 +153,8 @@ class WorkerServer:
         self.site = build_http_factory(reactor, self.router, logger, **common)
         self.secure = build_http_factory(reactor, self.router, logger, secure=True, **common)
         tls = ServerTLS(self.certs.select, self.certs.challenges, logger=logger)
-        self.https = https_factory(tls, self.secure)
+        self.https = HelloGate(https_factory(tls, self.secure), self.certs.wait_for, reactor,
+                               lambda: self.on_demand)
         self.http3: Any = None
         self.ports: list[Any] = []
         self.retiring = False
@@ -178,18 +183,22 @@ class WorkerServer:
         def reporting(error: str) -> bool:
             ejected = eject(error)
             if ejected:
-                self.send(c.Eject, address=target.address, error=error)
+                self.send(c.Eject, address=target.address, error=error,
+                          key=self.replica.key_of(target))
             return ejected
 
         return reporting
 
     def set_services(self, seq: int, records: list[dict[str, Any]], health: dict[str, bool],
-                     drain_timeout: float) -> int:
+                     drain_timeout: float, targets: dict[str, Any] | None = None) -> int:
         """
         Switch to C{records}; drain what they replaced (reported with
         L{Drained}); returns the requests in flight on what was replaced.
         """
-        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health)
+        replaced = self.replica.apply([ServiceRecord.from_json(r) for r in records], health,
+                                      targets)
+        self.on_demand = any(s.options.tls_on_demand_url
+                             for s in self.router.services.values())
         draining = sum(lb.inflight() for lb in replaced)
         for lb in replaced:
             lb.stop_health_checks()
@@ -200,8 +209,8 @@ class WorkerServer:
         drain_all(replaced, drain_timeout).addCallback(drained)
         return draining
 
-    def set_health(self, address: str, healthy: bool) -> None:
-        self.replica.set_health(address, healthy)
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> None:
+        self.replica.set_health(address, healthy, key)
 
     def drain_service(self, name: str, timeout: float) -> Deferred[Drained]:
         from mproxy.balancer import gather_drains
@@ -224,6 +233,10 @@ class WorkerServer:
 
     def _ask_certificate(self, server_name: str) -> None:
         self.send(c.AskCertificate, server_name=server_name)
+
+    def _fetch_certificate(self, server_name: str) -> Deferred[Any]:
+        d = self.send(c.FetchCertificate, server_name=server_name)
+        return d.addCallbacks(lambda answer: answer["pem"], lambda f: None)
 
     # serving
 
@@ -310,14 +323,16 @@ class WorkerChannel(amp.AMP):
         self.server = server
 
     @c.SetServices.responder
-    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float) -> dict:
+    def set_services(self, seq: int, records: Any, health: Any, drain_timeout: float,
+                     targets: Any = None) -> dict:
         assert self.server is not None
-        return {"draining": self.server.set_services(seq, records, health, drain_timeout)}
+        return {"draining": self.server.set_services(seq, records, health, drain_timeout,
+                                                     targets)}
 
     @c.SetHealth.responder
-    def set_health(self, address: str, healthy: bool) -> dict:
+    def set_health(self, address: str, healthy: bool, key: str | None = None) -> dict:
         assert self.server is not None
-        self.server.set_health(address, healthy)
+        self.server.set_health(address, healthy, key)
         return {}
 
     @c.DrainService.responder
