@@ -274,14 +274,20 @@ class WorkersTests(TestCase):
 
         def slow() -> int:
             conn = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=30)
-            conn.request("GET", "/slow?ms=2000")
+            conn.request("GET", "/slow?ms=6000")
             status = conn.getresponse().status
             finished.append(time.monotonic())
             conn.close()
             return status
 
         requests = [deferToThread(slow) for _ in range(8)]
-        yield sleep(0.5)
+        # all eight at the old target before the deploy starts (on a loaded
+        # machine the threads' requests can take longer than a fixed wait),
+        # and slow enough to outlast the deploy command's own start-up
+        waited = time.monotonic()
+        while apps[0][0].requests < 8:
+            self.assertLess(time.monotonic() - waited, 10.0, apps[0][0].requests)
+            yield sleep(0.05)
         holding = []
         for pid in self.worker_pids(p):
             holding.append(len((yield deferToThread(client_ports_of, pid, p.http_port))))
