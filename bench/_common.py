@@ -236,6 +236,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def set_realtime(pids: list[int], priority: int) -> None:
+    """SCHED_FIFO at `priority` for the given processes (all their threads),
+    or back to the normal policy with 0."""
+    policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
+    for p in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
+
+
+def rt_prefix(priority: int) -> list[str]:
+    """`chrt -f PRIORITY` prefix, or nothing for 0."""
+    return ["chrt", "-f", str(priority)] if priority and shutil.which("chrt") else []
+
+
 def cpu_seconds_by_pid(pids: list[int]) -> dict[int, float]:
     """utime+stime (seconds) of each live process in `pids`."""
     return {p: cpu_seconds([p]) for p in pids}

@@ -103,7 +103,8 @@ def run_load(url: str, args, duration: float, cpu: int | None, run_wrk) -> dict:
             raise C.BenchError(f"h2load failed ({r.returncode}): {r.stderr}\n{r.stdout}")
         return parse_h2load(r.stdout)
     if proto == "rate":
-        argv = C.pin_prefix(cpu) + [
+        rt = C.rt_prefix(args.realtime) if getattr(args, "rt", False) else []
+        argv = C.pin_prefix(cpu) + rt + [
             sys.executable, str(RATELOAD), plain, "--rate", f"{args.rate:g}",
             "-c", str(args.connections), "-d", f"{duration:g}"]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,

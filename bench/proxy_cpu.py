@@ -140,6 +140,8 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     a0 = C.nginx_accepts(upstream_port)
     lo0 = C.listen_overflows()
     s0 = C.cpu_times()
+    if getattr(args, "rt", False):
+        C.set_realtime(proxy_pids + up_pids, args.realtime)
     by_pid0 = C.cpu_seconds_by_pid(proxy_pids)
     p0, u0, t0 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     split: dict[int, int] = {}
@@ -156,6 +158,8 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     finally:
         if sampler is not None:
             sampler.cancel()
+        if getattr(args, "rt", False):
+            C.set_realtime(proxy_pids + up_pids, 0)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     by_pid1 = C.cpu_seconds_by_pid(proxy_pids)
     if len(proxy_pids) > 1:
@@ -382,6 +386,9 @@ def set_workload(args, workload: str, tmp: Path) -> None:
     counted per request."""
     _, upload, download = WORKLOADS[workload]
     args.run_duration = args.rate_duration if workload == "rate" else args.duration
+    # the fixed-rate load uses a fraction of a core: real-time priority for it
+    # cannot starve the machine, and keeps other processes' load out of its latency
+    args.rt = bool(args.realtime) and workload == "rate"
     args.wrk_script = None
     if upload:
         script = tmp / f"post-{upload}.lua"
@@ -579,6 +586,10 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS",
                     help="before each run, wait up to this long until the pinned CPUs are "
                          "idle (<10%% busy), for shared machines (0: don't wait)")
+    ap.add_argument("--realtime", type=int, default=0, metavar="PRIORITY",
+                    help="for the rate workload: run the generator, the upstream and the "
+                         "proxy under SCHED_FIFO with this priority (e.g. 20), so that other "
+                         "processes on a shared machine do not delay them (0: off)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)

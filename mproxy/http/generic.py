@@ -34,6 +34,8 @@ class GenericExchange:
     finished = False
     #: headers added to every response (L{ProxyResource.alt_svc})
     extra_headers: list[tuple[bytes, bytes]] = []
+    _lost: Callable[[], None] | None = None
+    _watching = False
 
     def __init__(self, request: Any) -> None:
         self.r = request
@@ -161,11 +163,18 @@ class GenericExchange:
         self.finished = True
         self.r.channel.abortConnection()
 
-    def set_lost_handler(self, fn: Callable[[], None]) -> None:
+    def set_lost_handler(self, fn: Callable[[], None] | None) -> None:
+        self._lost = fn
+        if self._watching:
+            return
+        self._watching = True
+
         def lost(_: Failure) -> None:
             if not self.finished:
                 self.finished = True
-                fn()
+                handler, self._lost = self._lost, None
+                if handler is not None:
+                    handler()
 
         self.r.notifyFinish().addErrback(lost)
 

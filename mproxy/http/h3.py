@@ -334,7 +334,7 @@ class H3Exchange:
         self.session.reset(self.stream_id)
         self.session.exchange_done(self)
 
-    def set_lost_handler(self, fn: Callable[[], None]) -> None:
+    def set_lost_handler(self, fn: Callable[[], None] | None) -> None:
         self._lost = fn
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:

@@ -60,7 +60,7 @@ class IExchange(Interface):
     def set_lost_handler(fn):
         """
         C{fn()} is called if the client goes away before the response is
-        finished.
+        finished (C{None}: nothing is, from now on).
         """
 
     def set_body_consumer(on_data, on_end, on_error):
