@@ -15,6 +15,9 @@ from attrs import frozen
 from mproxy.errors import InvalidOptions
 from mproxy.spec import parse_duration
 
+#: How long a stop lets in-flight requests finish (not an option).
+SHUTDOWN_GRACE = 10.0
+
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 

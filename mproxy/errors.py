@@ -74,3 +74,22 @@ class CertificateError(MproxyError):
 
 class ErrorPagesError(MproxyError):
     pass
+
+
+class UpgradeError(MproxyError):
+    """
+    The upgrade cannot be done; the server runs on as it was.
+    """
+
+
+class UpgradeInProgress(MproxyError):
+    """
+    A control command arrived while an upgrade is under way: it was not
+    carried out; it can be sent again once the new server answers.
+    """
+
+
+class StartupError(MproxyError):
+    """
+    The server cannot start: a port or the control socket cannot be used.
+    """

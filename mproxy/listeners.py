@@ -16,7 +16,6 @@ supervisor, L{adopted_endpoints}), with nothing else changing here.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket as _socket
 from typing import Any, Callable, Sequence
@@ -28,24 +27,15 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.failure import Failure
 
-from mproxy.errors import MproxyError
-
-#: Twisted's default backlog (50) drops SYNs under a burst of new connections;
-#: the kernel caps this at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
+# StartupError and listen_failure are used from here by the rest of the tree
+from mproxy.errors import StartupError
+from mproxy.workers.binding import LISTEN_BACKLOG, listen_failure  # noqa: F401
 
 #: A port number (0: any free port) → an endpoint to listen on.
 EndpointMaker = Callable[[int], IStreamServerEndpoint]
-
-
-class StartupError(MproxyError):
-    """
-    The server cannot start: a port or the control socket cannot be used.
-    """
 
 
 def bind_endpoints(reactor: Any, bind: str) -> list[EndpointMaker]:
@@ -78,25 +68,6 @@ def adopted_endpoints(reactor: Any, sockets: Sequence[tuple[int, int]]) -> list[
         return lambda port: AdoptedStreamServerEndpoint(reactor, os.dup(fd), family)
 
     return [maker(fd, family) for fd, family in sockets]
-
-
-def listen_failure(what: str, port: int, error: BaseException) -> StartupError:
-    """
-    The start-up error for a port that could not be bound; a port below
-    1024 refused for lack of privilege names the way out.
-    """
-    message = f"cannot listen for {what} on port {port}: {str(error).rstrip('.')}"
-    socket_error = error.socketError if isinstance(error, CannotListenError) else error
-    if (
-        isinstance(socket_error, OSError)
-        and socket_error.errno == errno.EACCES
-        and 0 < port < 1024
-    ):
-        message += (
-            "; ports below 1024 need root (or CAP_NET_BIND_SERVICE): as a normal "
-            "user, run with --http-port 8080 --https-port 8443"
-        )
-    return StartupError(message)
 
 
 class BindingService(Service):

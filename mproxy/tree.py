@@ -9,7 +9,10 @@ them instead of binding their ports.  Starting it restores the state file, then 
 (C{privilegedStartService}), then listens on the control socket and starts
 the other children (C{startService}); a failure at any step raises (so twistd
 exits non-zero) and fails L{MproxyService.ready}, which otherwise fires once
-the server is serving.
+the server is serving.  Under C{mproxy run} with workers, the HTTP and HTTPS
+sockets are bound, and the first workers started, before this is built
+(L{mproxy.workers.prestart}): a bad state file then stops start-up after
+they listened, the workers ending with it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from mproxy.activation import (
     startup_environment,
     upgrade_sockets,
 )
-from mproxy.config import ServerConfig
+from mproxy.config import SHUTDOWN_GRACE, ServerConfig
 from mproxy.control.server import ControlFactory
 from mproxy.controller import Controller
 from mproxy.controlsocket import ControlSocketService
@@ -43,8 +46,6 @@ from mproxy.signals import install_stop_signals, install_upgrade_signal
 from mproxy.state import STATE_FILENAME, ServiceRecord, StateStore
 from mproxy.upgrade import Upgrades
 
-#: How long a stop lets in-flight requests finish.
-SHUTDOWN_GRACE = 10.0
 
 
 class MproxyService(MultiService):
@@ -74,11 +75,15 @@ class MproxyService(MultiService):
         config: ServerConfig,
         logger: JSONLogger,
         inherited: InheritedSockets | None = None,
+        prestarted: Any = None,
     ) -> None:
         super().__init__()
         self.setName("mproxy")
         self.reactor = reactor
         self.inherited = inherited
+        #: the sockets and first workers C{mproxy run} started before
+        #: building this (L{mproxy.workers.prestart}), or C{None}
+        self.prestarted = prestarted
         if inherited is not None:
             config = with_inherited_ports(config, inherited)
         self.config = config
@@ -249,15 +254,18 @@ class MproxyService(MultiService):
             found = self.inherited.get(kind) if self.inherited is not None else ()
             return [(s.fd, s.family, s.port) for s in found]
 
-        https = SocketListener("HTTPS", cfg.https_port, cfg.bind, inherited("https"))
+        bound = self.prestarted.sockets if self.prestarted is not None else {}
+        https = SocketListener("HTTPS", cfg.https_port, cfg.bind, inherited("https"),
+                               bound=bound.get("https"))
         listeners: list[Any] = [
-            SocketListener("HTTP", cfg.http_port, cfg.bind, inherited("http")), https]
+            SocketListener("HTTP", cfg.http_port, cfg.bind, inherited("http"),
+                           bound=bound.get("http")), https]
         if cfg.http3:
             import socket
 
             listeners.append(SocketListener("HTTP/3 (UDP)", lambda: https.port, cfg.bind,
                                             inherited("http3"), kind=socket.SOCK_DGRAM,
-                                            name="http3"))
+                                            name="http3", bound=bound.get("http3")))
         if self.metrics is not None:
             from mproxy.workers.metrics import PooledMetricsResource
 
@@ -275,6 +283,7 @@ class MproxyService(MultiService):
         import sys
 
         from mproxy.workers.pool import ProcessSpawner
+        from mproxy.workers.prestart import PrestartedSpawner, worker_settings
 
         cfg = self.config
         by_name = {s.name: s for s in self.listeners}
@@ -285,14 +294,14 @@ class MproxyService(MultiService):
             log_to_fd = stream in (sys.stdout, sys.__stdout__) and stream.fileno() == 1
         except (AttributeError, OSError, ValueError):
             log_to_fd = False
-        settings = dict(
-            http_port=http.port, https_port=https.port,
-            header_timeout=cfg.http_header_timeout, idle_timeout=cfg.http_idle_timeout,
-            metrics=self.metrics is not None, debug=cfg.debug, grace=SHUTDOWN_GRACE,
-        )
-        self.pool.spawner = ProcessSpawner(
+        settings = worker_settings(cfg, http.port, https.port, SHUTDOWN_GRACE)
+        spawner: Any = ProcessSpawner(
             self.reactor, {"http": http.fds, "https": https.fds},
             h3.fds if h3 is not None else [], settings, log_to_fd)
+        if self.prestarted is not None:
+            # the first generation is the workers started with the sockets
+            spawner = PrestartedSpawner(self.reactor, self.prestarted, spawner)
+        self.pool.spawner = spawner
         if h3 is not None:
             self.pool.alt_svc = h3.port
         self.certificate_watch.start()
@@ -478,6 +487,8 @@ class MproxyService(MultiService):
             self.certificate_watch.stop()
             for generation in list(self.pool.generations):
                 self.pool.retire(generation, 0)
+        if self.prestarted is not None:
+            self.prestarted.abandon()
         message = str(error) if isinstance(error, MproxyError) else repr(error)
         self.logger.error("Unable to start", error=message)
         if not self.ready.called:
@@ -550,16 +561,19 @@ def build_service(
     config: ServerConfig,
     logger: JSONLogger | None = None,
     environ: MutableMapping[str, str] | None = None,
+    prestarted: Any = None,
 ) -> MproxyService:
     """
     The service tree for C{config}; it serves the listening sockets this
     process was started with, when C{environ} (by default the process's
     environment as it started, L{startup_environment}) says there are some:
-    handed over by the image before an upgrade, or by systemd.
+    handed over by the image before an upgrade, or by systemd; or else the
+    sockets and first workers of C{prestarted}
+    (L{mproxy.workers.prestart.prestart}).
 
     @raise StartupError: the inherited sockets cannot be used.
     """
     logger = logger or JSONLogger(level="DEBUG" if config.debug else "INFO")
     environ = startup_environment() if environ is None else environ
     inherited = upgrade_sockets(environ) or inherited_sockets(environ)
-    return MproxyService(reactor, config, logger, inherited)
+    return MproxyService(reactor, config, logger, inherited, prestarted)

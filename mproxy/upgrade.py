@@ -53,7 +53,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mproxy.activation import UPGRADE_VARIABLE, Handover
-from mproxy.errors import MproxyError
+from mproxy.errors import MproxyError, UpgradeError, UpgradeInProgress
 
 #: The hidden command that checks the installed code before an upgrade.
 CHECK_COMMAND = "upgrade-check"
@@ -73,19 +73,6 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 #: Seconds the exec waits for the control commands in progress (a deploy's
 #: default health wait and drain take up to a minute).
 OPERATIONS_TIMEOUT = 120.0
-
-
-class UpgradeError(MproxyError):
-    """
-    The upgrade cannot be done; the server runs on as it was.
-    """
-
-
-class UpgradeInProgress(MproxyError):
-    """
-    A control command arrived while an upgrade is under way: it was not
-    carried out; it can be sent again once the new server answers.
-    """
 
 
 class Operations:

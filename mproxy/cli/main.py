@@ -5,6 +5,10 @@ or one of the client commands of L{mproxy.cli.remote}) and its exit status.
 Every expected failure prints C{Error: <message>} on stderr and exits 1; no
 traceback reaches the user for a bad flag, an unreachable server or a failed
 deploy.
+
+Each command imports only what it needs: C{--version} and the help import
+next to nothing, a client command neither the server nor TLS (see
+L{without_tls}), and C{run} the server (L{mproxy.server}).
 """
 
 from __future__ import annotations
@@ -13,31 +17,54 @@ import sys
 from typing import Any, Callable, Sequence
 
 import mproxy
-from mproxy.cli import parsing
-from mproxy.cli.parsing import UsageError
-from mproxy.cli.remote import run_client
-from mproxy.cli.requests import deploy_request
 from mproxy.cli.streams import Streams, fail
-from mproxy.errors import MproxyError
 
-COMMANDS: dict[str, Callable[[], parsing.Command]] = {
-    "run": parsing.run_command,
-    "deploy": parsing.deploy_command,
-    "remove": lambda: parsing.simple_command("remove", "Remove a service"),
-    "list": parsing.list_command,
-    "pause": parsing.pause_command,
-    "resume": lambda: parsing.simple_command("resume", "Resume a paused or stopped service"),
-    "stop": parsing.stop_command,
-    "rollout deploy": parsing.rollout_deploy_command,
-    "rollout set": parsing.rollout_set_command,
-    "rollout stop": parsing.rollout_stop_command,
-    "upgrade": parsing.upgrade_command,
+
+def _simple(name: str, summary: str) -> Callable[[], Any]:
+    def command() -> Any:
+        from mproxy.cli import parsing
+
+        return parsing.simple_command(name, summary)
+
+    return command
+
+
+def _parser(name: str) -> Callable[[], Any]:
+    """
+    The factory C{name} of L{mproxy.cli.parsing}, imported when called.
+    """
+
+    def command() -> Any:
+        from mproxy.cli import parsing
+
+        return getattr(parsing, name)()
+
+    return command
+
+
+#: command name -> a factory of its L{mproxy.cli.parsing.Command}
+COMMANDS: dict[str, Callable[[], Any]] = {
+    "run": _parser("run_command"),
+    "deploy": _parser("deploy_command"),
+    "remove": _simple("remove", "Remove a service"),
+    "list": _parser("list_command"),
+    "pause": _parser("pause_command"),
+    "resume": _simple("resume", "Resume a paused or stopped service"),
+    "stop": _parser("stop_command"),
+    "rollout deploy": _parser("rollout_deploy_command"),
+    "rollout set": _parser("rollout_set_command"),
+    "rollout stop": _parser("rollout_stop_command"),
+    "upgrade": _parser("upgrade_command"),
 }
 
 #: Commands run by mproxy itself, not shown in the help.
 HIDDEN = {
-    "upgrade-check": parsing.run_command,
+    "upgrade-check": _parser("run_command"),
 }
+
+#: The commands that run here rather than talk to a server.
+LOCAL = frozenset(["run", "upgrade-check"])
+
 ALIASES = {"rm": "remove", "ls": "list"}
 
 OVERVIEW = f"""\
@@ -130,6 +157,8 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
         return fail(streams, f'unknown command "{sub}" for "mproxy rollout"')
     if factory is None:
         return fail(streams, f'unknown command "{name}" for "mproxy" (see `mproxy help`)')
+    from mproxy.cli.parsing import UsageError
+
     cmd = factory()
     if "-h" in rest or "--help" in rest:
         streams.out.write(cmd.help())
@@ -148,20 +177,45 @@ def main(argv: Sequence[str], streams: Streams | None = None, reactor: Any = Non
         from mproxy.upgrade import check_installed
 
         return check_installed(ns, streams)
+    from mproxy.errors import MproxyError
+
     if name == "deploy":
+        from mproxy.cli.requests import deploy_request
+
         try:
             deploy_request(ns)
         except MproxyError as e:
             return fail(streams, str(e))
+    from mproxy.cli.remote import run_client
+
     return run_client(name, ns, streams, reactor)
+
+
+def without_tls() -> None:
+    """
+    Make this process run as if pyOpenSSL were not installed.  A client
+    command talks to the server over a UNIX socket and never uses TLS, but
+    Twisted loads pyOpenSSL and cryptography wherever it can (for AMP's
+    StartTLS, TLS transports, endpoints): about a third of a command's
+    start-up.  Every such import of Twisted's is optional (it falls back to
+    no TLS); a C{None} in C{sys.modules} makes it fail as if the package
+    were missing.  Only for a process that has not imported it already.
+    """
+    sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
 
 
 def run() -> None:
     """
     Console-script entry point.
     """
+    from mproxy import collector
+
+    collector.pause()  # until the command has imported what it runs
+    argv = sys.argv[1:]
+    if split_command(argv)[0] not in LOCAL:
+        without_tls()
     try:
-        status = main(sys.argv[1:])
+        status = main(argv)
     except KeyboardInterrupt:
         status = 130
     sys.exit(status)

@@ -241,5 +241,8 @@ def run_client(name: str, ns: Any, streams: Streams, reactor: Any = None) -> int
         d.addCallbacks(lambda _: finished(0), failed)
 
     reactor.callWhenRunning(start)
+    from mproxy import collector
+
+    collector.resume()
     reactor.run(installSignalHandlers=False)
     return result.get("status", INTERRUPTED)

@@ -26,10 +26,9 @@ from mproxy.errors import (
     RolloutNotSet,
     ServiceNotFound,
     StateError,
+    UpgradeError,
+    UpgradeInProgress,
 )
-
-from mproxy.spec import DeployRequest, from_json, to_json
-from mproxy.upgrade import UpgradeError, UpgradeInProgress
 
 PROTOCOL_VERSION = 1
 
@@ -90,12 +89,16 @@ class DeployRequestArgument(BigUnicode):
     """
 
     def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        from mproxy.spec import to_json
+
         # AMP hands each argument a copy of the caller's keywords.
         key = name.decode("ascii")
         objects[key] = json.dumps(to_json(objects[key]))
         super().toBox(name, strings, objects, proto)
 
     def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        from mproxy.spec import DeployRequest, from_json
+
         key = name.decode("ascii")
         try:
             super().fromBox(name, strings, objects, proto)

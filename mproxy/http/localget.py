@@ -205,11 +205,13 @@ def local_getter(
     The C{local_get(service_name, path_and_query, host)} that
     L{mproxy.tls.ondemand.OnDemandChecker} wants; see the module docstring.
     """
-    from mproxy.http.proxy import ProxyResource
-
     quiet = _QuietLogger(logger)
 
     def local_get(service: str, path_and_query: str, host: str) -> Deferred[tuple[int, bytes]]:
+        # here, not above: a supervisor with workers serves no HTTP itself,
+        # and need not import the proxy before it asks
+        from mproxy.http.proxy import ProxyResource
+
         resource = ProxyResource(
             _OneService(router, service), quiet, clock=clock,
             http_port=http_port, https_port=https_port,

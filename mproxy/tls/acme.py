@@ -41,6 +41,13 @@ from zope.interface import implementer
 from mproxy.tls.certs import generate_key_pem
 from mproxy.tls.challenges import tls_alpn_certificate
 from mproxy.tls.interfaces import IChallengeResponder, IDirectoryStore, IIssuer
+from mproxy.tls.issuing import (
+    HTTP_01,
+    LETS_ENCRYPT,
+    LETS_ENCRYPT_STAGING,
+    TLS_ALPN_01,
+    IssueError,
+)
 
 __all__ = [
     "AcmeIssuer",
@@ -51,50 +58,7 @@ __all__ = [
     "TLS_ALPN_01",
 ]
 
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
-HTTP_01 = "http-01"
-TLS_ALPN_01 = "tls-alpn-01"
-
 _PERMANENT = {"rejectedIdentifier", "unsupportedIdentifier", "caa", "malformed"}
-
-
-class IssueError(Exception):
-    """
-    An order failed.
-
-    @ivar retry_after: seconds the CA asked us to wait (Retry-After), if any.
-    @ivar rate_limited: the CA answered C{urn:ietf:params:acme:error:rateLimited}.
-    @ivar permanent: the CA refuses this identifier; retrying soon won't help.
-    @ivar challenge_failed: the challenge type used failed validation (or the
-        CA does not offer it); another type may well succeed at once.
-    @ivar held_by: another cluster node holds the order lock for the name
-        (no order was placed); C{retry_after} says when the lock expires.
-    @ivar store_unavailable: the cluster store could not be reached, so no
-        order was placed.
-    @ivar cooling_down: with C{held_by}: that node's last order failed and
-        the cluster waits out its backoff.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        retry_after: float | None = None,
-        rate_limited: bool = False,
-        permanent: bool = False,
-        challenge_failed: bool = False,
-        held_by: str | None = None,
-        store_unavailable: bool = False,
-        cooling_down: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.held_by = held_by
-        self.cooling_down = cooling_down
-        self.store_unavailable = store_unavailable
-        self.retry_after = retry_after
-        self.rate_limited = rate_limited
-        self.permanent = permanent
-        self.challenge_failed = challenge_failed
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from attrs import frozen
 
-from mproxy.tls.acme import HTTP_01, TLS_ALPN_01, IssueError
+from mproxy.tls.issuing import HTTP_01, TLS_ALPN_01, IssueError
 from mproxy.tls.certs import CertifiedKey
 
 __all__ = ["RetryPolicy"]

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from mproxy.tls.acme import IssueError
+from mproxy.tls.issuing import IssueError
 from mproxy.tls.certs import CertifiedKey, certified_pem, load_certified_key
 from mproxy.tls.interfaces import (
     ICertificateStore,

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mproxy.tls.acme import IssueError
+from mproxy.tls.issuing import IssueError
 from mproxy.tls.backoff import RetryPolicy
 from mproxy.tls.certs import CertifiedKey, format_time
 from mproxy.tls.status import HostStatus

@@ -56,21 +56,33 @@ def check_url(url: str, host: str) -> str:
 
 def treq_http_get(reactor: Any, ca_bundle: str | None = None) -> Callable[[str], Deferred]:
     """
-    The default C{http_get}: treq without redirects.
+    The default C{http_get}: treq without redirects.  The CA bundle is read
+    at once; treq and the HTTP client are imported and made at the first
+    request (most servers never make one, and start sooner without them).
     """
-    import treq
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-
-    policy = BrowserLikePolicyForHTTPS()
+    trust = None
     if ca_bundle:
         from twisted.internet.ssl import Certificate
 
         with open(ca_bundle, "rb") as f:
-            policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
-    client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
+            trust = Certificate.loadPEM(f.read())
+    clients: list[Any] = []
+
+    def client() -> Any:
+        if not clients:
+            import treq
+            from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+            policy = BrowserLikePolicyForHTTPS()
+            if trust is not None:
+                policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
+            clients.append(treq.client.HTTPClient(Agent(reactor, contextFactory=policy)))
+        return clients[0]
 
     def get(url: str) -> Deferred:
-        d = client.get(url, allow_redirects=False)
+        import treq
+
+        d = client().get(url, allow_redirects=False)
 
         def read(response: Any) -> Deferred:
             body = treq.content(response)

@@ -39,7 +39,7 @@ from attrs import evolve, frozen
 from twisted.application.service import Service
 
 from mproxy.errors import CertificateError
-from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+from mproxy.tls.issuing import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
 from mproxy.tls.backoff import RetryPolicy
 from mproxy.tls.certs import CertifiedKey
 from mproxy.tls.challenges import ChallengeStore

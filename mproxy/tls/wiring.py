@@ -22,13 +22,16 @@ L{AcmeIssuer}s, the treq-based on-demand policy) and the HTTPS factory.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
-from mproxy.tls.acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+from mproxy.tls.interfaces import IIssuer
+from mproxy.tls.issuing import LETS_ENCRYPT, LETS_ENCRYPT_STAGING, IssueError
 from mproxy.tls.backoff import RetryPolicy
 from mproxy.tls.challenges import ChallengeStore
 from mproxy.tls.clusterstore import ClusterCertificateStore, ClusterChallenges, ClusterGuard, ClusterPolicy
@@ -75,6 +78,38 @@ def directories_for(directory_url: str | None) -> Directories:
     """
     url = directory_url or LETS_ENCRYPT
     return Directories(url, LETS_ENCRYPT_STAGING if url == LETS_ENCRYPT else url)
+
+
+@implementer(IIssuer)
+class LazyIssuer:
+    """
+    An issuer made by C{make} at its first order, in the thread the order
+    runs in: the ACME client (C{acme}, C{josepy}, C{requests}) is a large
+    share of a server's start-up to import, and most servers order nothing
+    for a while, if ever.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._issuer: Any = None
+        self._making = threading.Lock()
+        self._cancelled = False
+
+    def issue(self, host: str, challenge_type: str) -> tuple[bytes, bytes]:
+        with self._making:
+            if self._issuer is None:
+                if self._cancelled:
+                    raise IssueError("stopped")
+                self._issuer = self._make()
+                if self._cancelled:  # cancelled while it was made
+                    self._issuer.cancel()
+        return self._issuer.issue(host, challenge_type)  # type: ignore[no-any-return]
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        issuer = self._issuer
+        if issuer is not None:
+            issuer.cancel()
 
 
 def _worker_thread(
@@ -128,7 +163,6 @@ def certificate_service(
     L{RedisCluster}, certificates, challenges, locks and on-demand decisions
     are shared through it (L{cluster_parts}).
     """
-    from mproxy.tls.acme import AcmeIssuer
     from mproxy.tls.ondemand import treq_http_get
 
     local_store = CertificateStore(state_dir)
@@ -145,7 +179,14 @@ def certificate_service(
     def acme_issuer(url: str) -> Any:
         if issuer_factory is not None:
             return issuer_factory(url, store.for_directory(url), challenges)
-        return AcmeIssuer(url, store.for_directory(url), challenges, email=email, ca_bundle=ca_bundle)
+
+        def make() -> Any:
+            from mproxy.tls.acme import AcmeIssuer
+
+            return AcmeIssuer(url, store.for_directory(url), challenges, email=email,
+                              ca_bundle=ca_bundle)
+
+        return LazyIssuer(make)
 
     run_in_thread, stop_thread = _worker_thread(reactor)
     orders = OrderRunner(store, acme_issuer, run_in_thread, guard)

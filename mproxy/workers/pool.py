@@ -45,6 +45,7 @@ from zope.interface import implementer
 from mproxy.target import Drained
 from mproxy.workers import commands as c
 from mproxy.workers.interfaces import IDataPlane, Switch
+from mproxy.workers.settings import child_descriptors
 
 #: A replacement for a worker that died before serving is started after this.
 RESPAWN_DELAY = 1.0
@@ -180,32 +181,13 @@ class ProcessSpawner:
         self.env = env
 
     def spawn(self, pool: WorkerPool, worker: WorkerHandle) -> None:
-        from mproxy.workers.worker import WorkerSettings
+        from mproxy.workers.settings import WorkerSettings
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
-            sources = [child.fileno(), devnull] + [
-                fd for pairs in self.listening.values() for fd, _ in pairs] + [
-                fd for fd, _ in self.udp]
-            # the child's numbers are above every one of ours: no mapping
-            # overwrites a descriptor another one is still to be copied from
-            n = max(3, *sources) + 1
-            channel_fd = n
-            fds: dict[int, Any] = {0: devnull, 1: 1 if self.log_to_fd else devnull, 2: 2,
-                                   channel_fd: child.fileno()}
-            n += 1
-            sockets: dict[str, list[tuple[int, int]]] = {}
-            for kind, pairs in self.listening.items():
-                for fd, family in pairs:
-                    fds[n] = fd
-                    sockets.setdefault(kind, []).append((n, family))
-                    n += 1
-            udp = []
-            for fd, family in self.udp:
-                fds[n] = fd
-                udp.append((n, family))
-                n += 1
+            fds, channel_fd, sockets, udp = child_descriptors(
+                child.fileno(), devnull, self.log_to_fd, self.listening, self.udp)
             settings = WorkerSettings(slot=worker.slot, channel=channel_fd, sockets=sockets,
                                       udp=udp,
                                       log="fd" if self.log_to_fd else "channel",

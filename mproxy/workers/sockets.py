@@ -17,14 +17,13 @@ first one the kernel wakes.
 
 from __future__ import annotations
 
-import errno
 import socket as _socket
 from typing import Any, Callable
 
-
 from twisted.internet import tcp
 
-from mproxy.listeners import LISTEN_BACKLOG, BindingService, listen_failure
+from mproxy.listeners import BindingService
+from mproxy.workers.binding import bind_sockets, listen_failure
 
 
 class OneAcceptPort(tcp.Port):
@@ -63,61 +62,14 @@ def adopt_listening(reactor: Any, fd: int, family: int, factory: Any) -> Any:
     return port
 
 
-def _bind_one(family: int, address: str, port: int, kind: int) -> _socket.socket:
-    s = _socket.socket(family, kind)
-    try:
-        if kind == _socket.SOCK_STREAM:
-            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-        if family == _socket.AF_INET6 and address == "::":
-            s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
-        s.bind((address, port))
-        if kind == _socket.SOCK_STREAM:
-            s.listen(LISTEN_BACKLOG)
-        s.setblocking(False)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def bind_sockets(bind: str, port: int, kind: int = _socket.SOCK_STREAM) -> list[_socket.socket]:
-    """
-    Listening sockets on C{port} (0: a free one) at C{bind}, or at C{::}
-    (dual-stack) and C{0.0.0.0} where the first does not already take IPv4.
-
-    @raise OSError: the last error when no socket could be bound.
-    """
-    if bind:
-        address = bind.strip("[]")
-        family = _socket.AF_INET6 if ":" in address else _socket.AF_INET
-        return [_bind_one(family, address, port, kind)]
-    out: list[_socket.socket] = []
-    error: OSError | None = None
-    candidates = ([(_socket.AF_INET6, "::")] if _socket.has_ipv6 else []) + [
-        (_socket.AF_INET, "0.0.0.0")]
-    for family, address in candidates:
-        try:
-            s = _bind_one(family, address, port, kind)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE and out:
-                continue  # the dual-stack socket has IPv4 too
-            error = e
-            continue
-        out.append(s)
-        if port == 0:
-            port = s.getsockname()[1]
-    if not out:
-        assert error is not None
-        raise error
-    return out
-
-
 class SocketListener(BindingService):
     """
     The sockets of one kind (C{what}: "HTTP", "HTTPS", "HTTP/3 (UDP)"),
-    bound in C{privilegedStartService} or inherited (C{inherited}:
-    C{[(fd, family, port)]}); C{port} may be a callable giving the port
-    when it is bound (HTTP/3 binds the port HTTPS got).
+    bound in C{privilegedStartService}, or inherited (C{inherited}:
+    C{[(fd, family, port)]}), or bound already by this process (C{bound}:
+    sockets it then owns, L{mproxy.workers.prestart}); C{port} may be a
+    callable giving the port when it is bound (HTTP/3 binds the port HTTPS
+    got).
 
     @ivar port: the port number, once bound.
     @ivar fds: C{[(fd, family), ...]} for the workers.
@@ -125,7 +77,8 @@ class SocketListener(BindingService):
 
     def __init__(self, what: str, port: int | Callable[[], int | None], bind: str,
                  inherited: list[tuple[int, int, int]] | None = None,
-                 kind: int = _socket.SOCK_STREAM, name: str | None = None) -> None:
+                 kind: int = _socket.SOCK_STREAM, name: str | None = None,
+                 bound: list[_socket.socket] | None = None) -> None:
         self.setName(name or what.lower())
         self.what = what
         self.requested_port = port
@@ -135,24 +88,29 @@ class SocketListener(BindingService):
         self.port: int | None = None
         self.fds: list[tuple[int, int]] = []
         self._sockets: list[_socket.socket] = []
+        self._bound = bound or []
 
     def _bind(self) -> None:
         if self.inherited:
             self.fds = [(fd, family) for fd, family, _ in self.inherited]
             self.port = self.inherited[0][2]
             return
-        port = self.requested_port
-        number = (port() or 0) if callable(port) else port
-        try:
-            self._sockets = bind_sockets(self.bind, number, self.kind)
-        except OSError as e:
-            raise listen_failure(self.what, number, e)
+        if self._bound:
+            self._sockets, self._bound = self._bound, []
+        else:
+            port = self.requested_port
+            number = (port() or 0) if callable(port) else port
+            try:
+                self._sockets = bind_sockets(self.bind, number, self.kind)
+            except OSError as e:
+                raise listen_failure(self.what, number, e)
         self.fds = [(s.fileno(), int(s.family)) for s in self._sockets]
         self.port = self._sockets[0].getsockname()[1]
 
     def abandon(self) -> None:
         self.port = None
-        sockets, self._sockets = self._sockets, []
+        sockets, self._sockets = self._sockets + self._bound, []
+        self._bound = []
         for s in sockets:
             s.close()
 

@@ -22,13 +22,11 @@ supervisor's L{mproxy.workers.pool} starts them.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import sys
 from typing import Any, Callable
 
-from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.protocols import amp
 
@@ -38,48 +36,8 @@ from mproxy.router import Router
 from mproxy.state import ServiceRecord, Slot
 from mproxy.target import Drained
 from mproxy.workers import commands as c
+from mproxy.workers.settings import WorkerSettings
 from mproxy.workers.sockets import adopt_listening
-
-
-@frozen
-class WorkerSettings:
-    """
-    What a worker is told on its command line: its slot, the ports (for
-    redirects and Alt-Svc), the HTTP timeouts, whether metrics and HTTP/3
-    are on, and its inherited descriptors: the channel, the listening TCP
-    sockets by kind (C{[(fd, family), ...]}), the UDP socket for HTTP/3.
-    C{log} is C{"fd"} (write JSON lines to descriptor 1) or C{"channel"}.
-    """
-
-    slot: int
-    channel: int
-    http_port: int
-    https_port: int
-    header_timeout: float
-    idle_timeout: float
-    sockets: dict[str, list[tuple[int, int]]]
-    udp: list[tuple[int, int]] = []
-    metrics: bool = False
-    debug: bool = False
-    log: str = "fd"
-    grace: float = 10.0
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "slot": self.slot, "channel": self.channel, "http_port": self.http_port,
-            "https_port": self.https_port, "header_timeout": self.header_timeout,
-            "idle_timeout": self.idle_timeout,
-            "sockets": {k: [list(s) for s in v] for k, v in self.sockets.items()},
-            "udp": [list(s) for s in self.udp], "metrics": self.metrics,
-            "debug": self.debug, "log": self.log, "grace": self.grace,
-        })
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSettings:
-        d = json.loads(text)
-        d["sockets"] = {k: [tuple(s) for s in v] for k, v in d["sockets"].items()}
-        d["udp"] = [tuple(s) for s in d["udp"]]
-        return cls(**d)
 
 
 def metric_families(registry: Any) -> list[Any]:
@@ -455,6 +413,22 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
+def import_data_plane() -> None:
+    """
+    Import what a worker runs, without installing a reactor: a process
+    that forks its workers (L{mproxy.workers.prestart}) does it once for
+    all of them.
+    """
+    import twisted.internet.protocol  # noqa: F401
+    import twisted.logger  # noqa: F401
+
+    import mproxy.http.proxy  # noqa: F401
+    import mproxy.http.upstream  # noqa: F401
+    import mproxy.logging  # noqa: F401
+    import mproxy.tls.sni  # noqa: F401
+    import mproxy.workers.certs  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     Run a worker: C{python -m mproxy.workers SETTINGS_JSON}.
@@ -489,4 +463,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    from mproxy import collector
+
+    collector.resume()
     reactor.run(installSignalHandlers=False)
