@@ -90,12 +90,45 @@ def total_ir(path: Path) -> int:
     raise C.BenchError(f"no instruction total in {path}")
 
 
+def total_ir_all(workdir: Path, timeout: float = 120) -> int:
+    """The instruction total of the process that served the requests.
+    `mproxy run --workers 1` is a supervisor, the worker and a standby
+    worker, all traced: the worker with the largest total served them (the
+    supervisor's and the standby's counts grow with the run's wall time, not
+    with the requests, so they are left out); without worker processes, the
+    one process's total. Waits for each process's file to be complete: a
+    worker may still be exiting after the supervisor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(workdir.glob("callgrind.out.*"))
+        try:
+            totals = [total_ir(f) for f in files]
+        except C.BenchError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+            continue
+        break
+    if not files:
+        raise C.BenchError(f"no callgrind output in {workdir}")
+    workers = []
+    for f, t in zip(files, totals):
+        cmd = next((line[5:].strip() for line in f.read_text(errors="replace").splitlines()
+                    if line.startswith("cmd:")), "?")
+        is_worker = "mproxy.workers" in cmd or '"slot":' in cmd
+        C.log(f"  {f.name}: {t:,} instructions ({'worker' if is_worker else 'main'})")
+        if is_worker:
+            workers.append(t)
+    return max(workers) if workers else sum(totals)
+
+
 def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
             upstream_port: int, body: bytes, args, h2: bool = False) -> int:
     """Total Ir of one mproxy process that served n requests (after its deploy)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=tmp))
-    out = workdir / "callgrind.out"
-    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    # every process: with --workers the requests are served by a worker process
+    wrapper = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+               f"--callgrind-out-file={workdir}/callgrind.out.%p"]
     with C.Procs() as procs:
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, wrapper=wrapper,
                       start_timeout=300, extra_args=single_worker(cmd, env))
@@ -121,7 +154,7 @@ def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
         C.log(f"{label}: {n} requests in {time.monotonic() - t0:.1f}s under callgrind")
         mp.proc.popen.send_signal(signal.SIGTERM)
         mp.proc.popen.wait(300)
-    return total_ir(out)
+    return total_ir_all(workdir)
 
 
 def main(argv=None) -> int:

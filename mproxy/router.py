@@ -110,12 +110,18 @@ class Router:
     def __init__(self) -> None:
         self.services: dict[str, Service] = {}
         self.table = RouteTable({})
+        # one Match per (service name, prefix) found, made once: a match is
+        # asked for every request (emptied with each new table)
+        self._matches: dict[tuple[str, str], Match] = {}
 
     def match(self, host: str, path: str) -> Match | None:
         found = self.table.lookup(strip_port(host), path)
         if found is None:
             return None
-        return Match(self.services[found[0]], found[1])
+        m = self._matches.get(found)
+        if m is None or m.service is not self.services[found[0]]:
+            m = self._matches[found] = Match(self.services[found[0]], found[1])
+        return m
 
     def check_conflicts(self, name: str, options: ServiceOptions) -> None:
         """
@@ -142,6 +148,7 @@ class Router:
         return service
 
     def _rebuild(self) -> None:
+        self._matches = {}
         self.table = RouteTable.build(
             (s.name, s.options) for s in self.services.values()
         )

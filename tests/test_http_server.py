@@ -15,6 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mproxy.http.interfaces import IRequestChannel, ITunnelExchange
+from mproxy.http.request import header_lines
 from mproxy.http.server import IDLE_CLOSE_QUIET, FastHTTPChannel, FastRequest, ProxySite
 
 
@@ -528,6 +529,50 @@ class ConnectionTests(SynchronousTestCase):
         h.send(b"GET / HTTP/1.1\r\nHost:")
         h.reactor.advance(3)
         self.assertTrue(h.output().startswith(b"HTTP/1.1 408"))
+        self.assertTrue(h.closed)
+
+    def test_timeouts_after_keep_alive_requests(self) -> None:
+        """
+        After requests on a keep-alive connection, the idle timeout counts
+        from the last response and the header timeout from the start of
+        the next request's headers, whichever of the two was set first.
+        """
+        h = Harness(Recorder(auto=True), idle_timeout=50, header_timeout=20)
+        for _ in range(3):
+            h.reactor.advance(7)
+            h.send(GET)
+        h.reactor.advance(49.5)  # 70.5: the first timer's time, long passed
+        self.assertFalse(h.closed)
+        h.reactor.advance(1)
+        self.assertTrue(h.closed)
+        self.assertEqual(h.output().count(b"HTTP/1.1 200"), 3)
+        h = Harness(Recorder(auto=True), idle_timeout=50, header_timeout=20)
+        h.reactor.advance(15)
+        h.send(GET)
+        h.reactor.advance(40)
+        h.send(b"GET / HTTP/1.1\r\nHost:")
+        h.reactor.advance(19.5)
+        self.assertFalse(h.closed)
+        h.reactor.advance(1)
+        self.assertTrue(h.output().endswith(b"</h1>"), h.output())
+        self.assertIn(b"HTTP/1.1 408", h.output())
+        self.assertTrue(h.closed)
+
+    def test_timer_moves_only_sooner(self) -> None:
+        """
+        Setting the connection's timer for a later deadline does not move
+        its DelayedCall (a request costs no timer update); a sooner one does.
+        """
+        h = Harness(Recorder(auto=True), idle_timeout=50, header_timeout=20)
+        (call,) = h.reactor.getDelayedCalls()
+        self.assertEqual(call.getTime(), 20)
+        h.reactor.advance(5)
+        h.send(GET)
+        self.assertEqual(h.reactor.getDelayedCalls(), [call])
+        self.assertEqual(call.getTime(), 20)
+        h.channel.set_timer(1)
+        self.assertEqual(call.getTime(), 6)
+        h.reactor.advance(1)
         self.assertTrue(h.closed)
 
     def test_no_timeout_while_request_in_progress(self) -> None:
@@ -1290,3 +1335,15 @@ class ReadSizeTests(SynchronousTestCase):
         h.send(b"y" * (200000 - 65536))
         self.assertEqual(sum(got), 200000)
         self.assertIn(b"200", h.output())
+
+
+class HeaderLinesTests(SynchronousTestCase):
+    def test_lines(self) -> None:
+        """
+        Each header as C{name: value} and CRLF, in order (an empty value
+        too); nothing for no headers.
+        """
+        self.assertEqual(header_lines([]), b"")
+        self.assertEqual(header_lines([(b"A", b"1")]), b"A: 1\r\n")
+        self.assertEqual(header_lines([(b"A", b"1"), (b"B", b""), (b"A", b"x y")]),
+                         b"A: 1\r\nB: \r\nA: x y\r\n")

@@ -97,3 +97,33 @@ class LineTests(SynchronousTestCase):
         logger.error("loud")
         self.assertEqual([json.loads(x)["msg"] for x in out.getvalue().splitlines()], ["loud"])
         self.assertTrue(re.match(r"\{", out.getvalue()))
+
+
+class EncodedLineTests(SynchronousTestCase):
+    def test_same_line_as_log(self) -> None:
+        """
+        C{log_encoded} with attributes encoded as C{log} would writes the
+        line C{log} writes (time, level and msg escaped the same way).
+        """
+        now = lambda: 'T "1"\n'  # noqa: E731
+        a, b = io.StringIO(), io.StringIO()
+        JSONLogger(a, now=now).log_encoded("WARN", 'm"sg', ', "k": "v\\"", "n": 3')
+        JSONLogger(b, now=now).warn('m"sg', k='v"', n=3)
+        self.assertEqual(a.getvalue(), b.getvalue())
+
+    def test_level(self) -> None:
+        """
+        Below the logger's level nothing is written.
+        """
+        out = io.StringIO()
+        JSONLogger(out, level="ERROR").log_encoded("INFO", "x", ', "k": 1')
+        self.assertEqual(out.getvalue(), "")
+
+    def test_list_logger_keeps_the_record(self) -> None:
+        """
+        The test logger decodes the attributes into its record.
+        """
+        logger = mlogging.ListLogger()
+        logger.log_encoded("INFO", "Request", ', "path": "/a\\"b", "status": 200')
+        self.assertEqual(logger.records, [
+            {"level": "INFO", "msg": "Request", "path": '/a"b', "status": 200}])

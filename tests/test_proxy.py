@@ -5,8 +5,13 @@ L{mproxy.http.reqlog}, with fake routers, services and claims.
 
 from __future__ import annotations
 
+import gc
+import io
+import json
 import re
+import weakref
 from io import BytesIO
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import error
@@ -36,7 +41,8 @@ from mproxy.http.interfaces import (
 from mproxy.http.pages import render_page
 from mproxy.http.proxy import ProxyResource, build_http_factory
 from mproxy.http.upstream import UpstreamPool
-from mproxy.logging import ListLogger
+from mproxy.http import reqlog
+from mproxy.logging import JSONLogger, ListLogger
 from mproxy.spec import ServiceOptions, TargetOptions
 
 
@@ -547,6 +553,43 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(h.metrics.events, [
             ("enter", "web"), ("leave", "web"), ("observe", "web", "POST", 201)])
 
+    def test_request_objects_freed_without_the_garbage_collector(self) -> None:
+        """
+        Once a request is complete, nothing of it is kept in a reference
+        cycle: its request object and upstream exchange are freed by
+        reference counting alone (the cyclic collector stays off here),
+        so requests do not pile up garbage whose collections every request
+        pays for.
+        """
+        h = Harness()
+        seen: list[Any] = []
+        render = h.site.resource.render
+        pool = h.service.target.pool
+        request = pool.request
+
+        def capture(rq: Any) -> Any:
+            seen.append(weakref.ref(rq))
+            return render(rq)
+
+        def exchange(*args: Any, **kw: Any) -> Any:
+            ex = request(*args, **kw)
+            seen.append(weakref.ref(ex))
+            return ex
+
+        h.site.resource.render = capture  # type: ignore[method-assign]
+        pool.request = exchange  # type: ignore[method-assign]
+        enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if enabled else None)
+        h.get()
+        proto, t = h.upstream()
+        proto.dataReceived(OK)
+        h.get()  # on the same connections
+        proto.dataReceived(OK)
+        self.assertEqual(h.output().count(b"HTTP/1.1 200 OK"), 2)
+        self.assertEqual(len(seen), 4)
+        self.assertEqual([r() for r in seen], [None] * 4)
+
     def test_logged_headers(self) -> None:
         """
         Configured request/response headers are logged as req_*/resp_*.
@@ -994,6 +1037,110 @@ class GenericRequestTests(SynchronousTestCase):
         self.assertEqual([r["status"] for r in logger.records if r["msg"] == "Request"], [200])
 
 
+
+#: values that JSON must escape or keep as they are: quotes, backslashes,
+#: every control character, DEL, Latin-1 bytes, line and paragraph
+#: separators, a lone surrogate (a path's undecodable escape)
+TRICKY = ['a"b\\c', "".join(chr(i) for i in range(32)) + "\x7f", "caf\xe9 \xff",
+          "\u2028\u2029", "/x\udcff", "", "</script>", "{\"k\": 1}"]
+
+
+class _CallStub:
+    """
+    The attributes of a completed call that the request log reads.
+    """
+
+    def __init__(self, text: str, tls: bool, remote: str, service: Any) -> None:
+        b = text.encode("latin-1", "replace")
+        self.rq = SimpleNamespace(
+            client_strings=(text, text[::-1]), is_tls=tls, method=b"G\"ET",
+            body_length=-1 if tls else 7, sentLength=12345678901, clientproto=b"HTTP/1.0",
+            query=b,
+        )
+        self.res = SimpleNamespace(http_port=8080, https_port=8443)
+        self.host = b
+        self.path = text
+        self.request_id = b
+        self.status = 599
+        self.service = service
+        self.target = text
+        self.req_ctype = b
+        self.resp_ctype = b
+        self.remote_addr = remote.encode("latin-1", "replace")
+        self.user_agent = b
+        self.log_extra = None
+        self.tried = None
+
+
+class RequestLogEncodingTests(SynchronousTestCase):
+    """
+    The request log line encoded in one format (L{reqlog.log_request} with
+    a logger that takes encoded attributes) is the text of the record
+    encoded as a dict.
+    """
+
+    def lines(self, call: Any) -> tuple[str, str]:
+        fast, slow = io.StringIO(), io.StringIO()
+        reqlog.log_request(JSONLogger(fast, now=lambda: 'T"\n'), call, 987654321012)
+        reqlog._log_record(JSONLogger(slow, now=lambda: 'T"\n'), call, 987654321012)
+        return fast.getvalue(), slow.getvalue()
+
+    def test_same_text_as_the_record(self) -> None:
+        """
+        For tricky strings in every field, TLS or not, with or without a
+        remote address and a service, both lines are the same text, one
+        line of JSON that reads back as the values.
+        """
+        for text in TRICKY:
+            for tls in (False, True):
+                for remote in ("", text, "10.0.0.1, 10.0.0.2"):
+                    for service in (None, SimpleNamespace(name=text)):
+                        call = _CallStub(text, tls, remote, service)
+                        fast, slow = self.lines(call)
+                        self.assertEqual(fast, slow, (text, tls, remote, service))
+                        self.assertEqual(fast.count("\n"), 1)
+                        record = json.loads(fast)
+                        self.assertEqual(record["path"], text)
+                        self.assertEqual(record["remote_addr"],
+                                         call.remote_addr.decode("latin-1") or text)
+                        self.assertEqual(record["service"], service.name if service else "")
+                        self.assertEqual(record["port"], 8443 if tls else 8080)
+
+    def test_extra_fields_and_retries(self) -> None:
+        """
+        Logged headers (which may reuse a key) and retries take the record
+        path: the line is the record's.
+        """
+        call = _CallStub("x", False, "", None)
+        call.log_extra = {"req_content_type": "over", "resp_x": 'a"b'}
+        call.tried = ["10.0.0.9:80"]
+        fast, slow = self.lines(call)
+        self.assertEqual(fast, slow)
+        record = json.loads(fast)
+        self.assertEqual(record["req_content_type"], "over")
+        self.assertEqual(record["tried"], ["10.0.0.9:80", "x"])
+        self.assertEqual(list(record).index("req_content_type"), 13)
+
+    def test_logger_without_encoded_records(self) -> None:
+        """
+        A logger with only C{info} gets the record as attributes.
+        """
+        got: list[tuple[str, dict[str, Any]]] = []
+        logger = SimpleNamespace(info=lambda msg, **attrs: got.append((msg, attrs)))
+        reqlog.log_request(logger, _CallStub("p", True, "", None), 5)
+        self.assertEqual(got[0][0], "Request")
+        self.assertEqual(got[0][1]["path"], "p")
+        self.assertEqual(got[0][1]["scheme"], "https")
+
+    def test_below_level(self) -> None:
+        """
+        A logger above INFO writes no request line.
+        """
+        out = io.StringIO()
+        reqlog.log_request(JSONLogger(out, level="WARN"), _CallStub("p", False, "", None), 5)
+        self.assertEqual(out.getvalue(), "")
+
+
 class PageTests(SynchronousTestCase):
     def test_titles(self) -> None:
         """
@@ -1265,6 +1412,36 @@ class FrontTests(SynchronousTestCase):
         self.assertIn(b"Location: http://example.com/p\r\n", out)
         self.assertIn(b"Content-Length: 0\r\n", out)
 
+
+    def test_canonical_host_redirect_over_tls(self) -> None:
+        """
+        Over TLS too, another host of a TLS service goes to the canonical
+        host (on HTTPS), and the canonical host itself is served.
+        """
+        h = Harness()
+        h.router.routes["www.example.com"] = (h.service, "/")
+        h.service.options = ServiceOptions(hosts=["example.com", "www.example.com"],
+                                           tls_enabled=True, canonical_host="example.com")
+        h.client.is_tls = True
+        h.send(b"GET /p HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        self.assertIn(b"Location: https://example.com/p\r\n", h.output())
+        h = Harness()
+        h.service.options = ServiceOptions(hosts=["example.com"], tls_enabled=True,
+                                           canonical_host="example.com")
+        h.client.is_tls = True
+        h.get()
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_tls_service_without_redirect_serves_http(self) -> None:
+        """
+        A TLS service with the HTTPS redirect off serves plain HTTP.
+        """
+        h = Harness()
+        h.service.options = ServiceOptions(hosts=["example.com"], tls_enabled=True,
+                                           tls_redirect=False)
+        h.get()
+        self.assertEqual(h.output(), b"")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
 
 class CookieScopeTests(SynchronousTestCase):
     def test_scope_cookie(self) -> None:

@@ -416,3 +416,23 @@ class TLSInheritanceTests(SynchronousTestCase):
         self.assertEqual(self.flags("api"), (False, True))
         self.install("api2", ["*.a.com"], ["/api2"])
         self.assertEqual(self.flags("api2"), (True, True))
+
+
+class MatchReuseTests(RouterTestCase):
+    def test_match_follows_reinstalled_service(self) -> None:
+        """
+        Matches for the same route are the same value until the service
+        behind the route changes: a re-installed service (a new object
+        under the same name), a removed one, a replaced one.
+        """
+        first = self.add("app", ["a.example"], ["/api"])
+        m = self.router.match("a.example", "/api/x")
+        self.assertIs(self.router.match("A.example:80", "/api"), m)
+        self.assertIs(m.service, first)
+        self.assertEqual(m.prefix, "/api")
+        self.router.services["app"] = second = make_service("app", ["a.example"], ["/api"])
+        self.assertIs(self.router.match("a.example", "/api/x").service, second)
+        self.router.remove("app")
+        self.assertIsNone(self.router.match("a.example", "/api/x"))
+        third = self.add("app", ["a.example"], ["/api"])
+        self.assertIs(self.router.match("a.example", "/api/x").service, third)

@@ -252,6 +252,35 @@ class FailureTests(SynchronousTestCase):
         self.assertEqual(r.events[0][:2], ("failed", 504))
         self.assertTrue(t.disconnected)
 
+    def test_header_timeout_on_reused_connection(self) -> None:
+        """
+        On a re-used connection each request gets its own full timeout,
+        counted from when it was sent (the connection's one timer is not
+        moved for a later deadline, but fires only once that passed), and
+        a shorter timeout applies at once.
+        """
+        h = Harness()
+        ex, r = h.request(timeout=5)
+        proto, t = h.connect()
+        (timer,) = h.reactor.getDelayedCalls()
+        h.reactor.advance(3)
+        proto.dataReceived(OK)
+        ex2, r2 = h.request(timeout=5)
+        self.assertEqual(h.reactor.getDelayedCalls(), [timer])
+        self.assertEqual(timer.getTime(), 5)
+        h.reactor.advance(4.9)  # 7.9: the timer's time passed, not the deadline
+        self.assertEqual(r2.events, [])
+        h.reactor.advance(0.2)
+        self.assertEqual(r2.events[0][:2], ("failed", 504))
+        self.assertTrue(t.disconnected)
+        h = Harness()
+        ex, r = h.request(timeout=30)
+        proto, t = h.connect()
+        proto.dataReceived(OK)
+        ex2, r2 = h.request(timeout=2)
+        h.reactor.advance(2.1)
+        self.assertEqual(r2.events[0][:2], ("failed", 504))
+
     def test_timeout_does_not_bound_body(self) -> None:
         """
         Once headers arrived, a slow body is not cut by the timeout.

@@ -670,30 +670,6 @@ class OneAcceptTests(SynchronousTestCase):
         reactor.advance(0)  # the port closes its socket
 
 
-class SettleHeapTests(SynchronousTestCase):
-    def test_heap_settled_once_the_reactor_runs(self) -> None:
-        settings = WorkerSettings(slot=0, channel=-1, http_port=80, https_port=443,
-                                  header_timeout=30, idle_timeout=60, sockets={})
-        reactor = MemoryReactorClock()
-        settled: list[bool] = []
-        WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None, exit=lambda: None,
-                     settle=lambda: settled.append(True))
-        self.assertEqual(settled, [])
-        reactor.run()
-        self.assertEqual(settled, [True])
-
-    def test_settle_heap_freezes_what_start_up_built(self) -> None:
-        import gc
-
-        from mproxy.workers.worker import settle_heap
-
-        self.addCleanup(gc.unfreeze)
-        gc.unfreeze()
-        settle_heap()
-        self.assertGreater(gc.get_freeze_count(), 0)
-        self.assertEqual(gc.get_count()[2], 0)
-
-
 class SpawnerTests(SynchronousTestCase):
     def test_descriptors_settings_and_log_mode(self) -> None:
         """

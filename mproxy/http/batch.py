@@ -54,7 +54,10 @@ def _direct(transport: Any) -> bool:
 class WriteBatcher:
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self._pending: dict[Any, bytearray] = {}
+        # a transport's first piece is kept as it was given (most
+        # transports get one piece per iteration); a second one makes it
+        # a bytearray
+        self._pending: dict[Any, bytes | bytearray] = {}
         self._call: Any = None
 
     def write(self, transport: Any, data: bytes) -> None:
@@ -68,6 +71,8 @@ class WriteBatcher:
             self._send_now(transport, buf, data)
             return
         if buf is not None:
+            if type(buf) is not bytearray:
+                buf = pending[transport] = bytearray(buf)
             buf += data
             if len(buf) > MAX_PENDING:
                 del pending[transport]
@@ -79,11 +84,11 @@ class WriteBatcher:
                 or transport._aborting):
             transport.write(data)
             return
-        pending[transport] = bytearray(data)
+        pending[transport] = bytes(data)
         if self._call is None:
             self._call = self.reactor.callLater(0, self.flush)
 
-    def _send_now(self, transport: Any, buf: bytearray | None, data: bytes) -> None:
+    def _send_now(self, transport: Any, buf: bytes | bytearray | None, data: bytes) -> None:
         """
         Send C{buf} (what was pending) and C{data} to the socket now; what
         it does not take goes to Twisted.

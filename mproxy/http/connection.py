@@ -5,7 +5,8 @@ reading back, times out and ends.
 
   - reading is paused for named reasons (a full body consumer, a queued
     body, a pending upgrade, an owed error) and resumes when none is left;
-  - one timer (header, idle or body timeout) is re-armed with C{reset()};
+  - one timer (header, idle or body timeout), whose deadline moves with
+    each request (see L{ConnectionControl.set_timer});
   - L{ConnectionControl.close} closes once what was written is sent;
     L{ConnectionControl.linger} half-closes after an early answer and
     discards what the client still sends for L{LINGER_TIMEOUT} seconds, so
@@ -40,18 +41,44 @@ class ConnectionControl:
     _timed_out: Callable[[], None]
     _linger_call: Any = None
     _nodelay = False
+    #: when the connection times out, and when its DelayedCall fires
+    #: (never later than that)
+    _deadline = 0.0
+    _timer_at = 0.0
 
     def set_timer(self, delay: float) -> None:
+        """
+        Time out (C{_timed_out}) C{delay} seconds from now instead of when
+        the timer was last set; 0 stops it.  It is set several times per
+        request (header, body, idle timeouts), so this only moves the
+        deadline: the one DelayedCall is moved only when the deadline comes
+        before it, and when it fires before the deadline it is set again
+        for the rest.
+        """
         t = self._timer
         if not delay:
             if t is not None:
                 self._timer = None
                 t.cancel()
             return
-        if t is not None:
+        deadline = self._deadline = self.clock.seconds() + delay
+        if t is None:
+            self._timer = self.clock.callLater(delay, self._timer_fired)
+            self._timer_at = deadline
+        elif self._timer_at > deadline:
             t.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timed_out)
+            self._timer_at = deadline
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        rest = self._deadline - self.clock.seconds()
+        if rest > 0:
+            # (at least a millisecond: never early, never a busy loop)
+            rest = max(rest, 0.001)
+            self._timer = self.clock.callLater(rest, self._timer_fired)
+            self._timer_at = self._deadline
+            return
+        self._timed_out()
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused:

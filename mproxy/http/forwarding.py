@@ -68,16 +68,17 @@ for _n in HOP:
     _SPECIAL.setdefault(_n, _H_HOP)
 
 _rand = random.Random(os.urandom(16)).getrandbits
+# a UUID's version (4) and variant (10) bits: cleared, then set
+_UUID_KEEP = ((1 << 128) - 1) & ~(0xF000 << 64) & ~(0xC000 << 48)
+_UUID_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def new_request_id() -> bytes:
     """
     A random (version 4) UUID, lower-case and hyphenated.
     """
-    n = _rand(128) & ~(0xF000 << 64) | (0x4000 << 64)
-    n = n & ~(0xC000 << 48) | (0x8000 << 48)
-    h = b"%032x" % n
-    return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
+    h = b"%032x" % (_rand(128) & _UUID_KEEP | _UUID_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 class RequestHeaders:

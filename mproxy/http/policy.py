@@ -42,7 +42,9 @@ def refuse_or_redirect(call: ProxyCall) -> bool:
     if rq.is_tls and not opts.tls_enabled:
         send_page(call, 503)
         return True
-    if opts.tls_enabled or opts.canonical_host:
+    # only these can redirect: to HTTPS (a plain request to a TLS service
+    # that redirects) or to the canonical host
+    if opts.canonical_host or (opts.tls_enabled and opts.tls_redirect and not rq.is_tls):
         res = call.res
         location = redirect_location(
             secure=rq.is_tls, host_header=call.host.decode("latin-1"),

@@ -52,6 +52,16 @@ def reason_bytes(code: int) -> bytes:
         return _http.RESPONSES.get(code, b"Unknown Status")
 
 
+def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """
+    C{name: value\r\n} for each header (the joins run in C: no
+    concatenation per header).
+    """
+    if not headers:
+        return b""
+    return b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
+
+
 def error_response(code: int) -> bytes:
     """
     A complete C{Connection: close} response for protocol errors.
@@ -252,7 +262,7 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
             return
         self.channel.batcher.write(
             self.transport,
-            status_line(code) + b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
+            status_line(code) + header_lines(headers) + b"\r\n"
         )
 
     def start_response(self, code: int, reason: bytes | None,
@@ -271,8 +281,7 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
             self.channel.set_nodelay()
             self._no_body = True
             self.keep_alive = False
-            lines = [n + b": " + v + b"\r\n" for n, v in headers]
-            self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
+            self._head = status_line(code, reason) + header_lines(headers) + b"\r\n"
             return
         if self.method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
             self._no_body = True
@@ -287,14 +296,14 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
             # the rest of the body (or the refused upgrade's stream) cannot
             # be skipped reliably: close after this response
             self.keep_alive = False
-        lines = [n + b": " + v + b"\r\n" for n, v in headers]
+        end = b"\r\n"
         if self._chunked_out:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            end = b"Transfer-Encoding: chunked\r\n" + end
         if not self.keep_alive:
-            lines.append(b"Connection: close\r\n")
+            end = b"Connection: close\r\n" + end
         elif self.clientproto != b"HTTP/1.1":
-            lines.append(b"Connection: keep-alive\r\n")
-        self._head = status_line(code, reason) + b"".join(lines) + b"\r\n"
+            end = b"Connection: keep-alive\r\n" + end
+        self._head = status_line(code, reason) + header_lines(headers) + end
 
     def write(self, data: bytes) -> None:
         if self.finished:
@@ -332,7 +341,7 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         end = b""
         if self._chunked_out:
             if trailers:
-                end = b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in trailers]) + b"\r\n"
+                end = b"0\r\n" + header_lines(trailers) + b"\r\n"
             else:
                 end = b"0\r\n\r\n"
         bwrite = self.channel.batcher.write
@@ -343,6 +352,9 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         elif end:
             bwrite(self.transport, end)
         self.finished = 1
+        # never called once finished (see connectionLost); dropped so that
+        # the request does not keep its handler's owner alive in a cycle
+        self._lost_handler = None
         if self._producer is not None:
             self.unregisterProducer()
         self.channel.request_done(self)

@@ -130,10 +130,9 @@ class FastHTTPChannel(ConnectionControl, Protocol):
         self.site._connection_opened(self)
         self._idle_since = self.clock.seconds()
         if self.header_timeout:
-            self._timer = self.clock.callLater(self.header_timeout, self._timed_out)
+            self.set_timer(self.header_timeout)
 
     def _timed_out(self) -> None:
-        self._timer = None
         if self._requests:
             # A request is in progress: only a body that stopped arriving
             # (while we were reading) times out here.

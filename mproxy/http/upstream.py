@@ -76,6 +76,7 @@ from zope.interface import implementer
 from mproxy.http.batch import batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.request import header_lines
 
 
 MAX_PENDING_BODY = 65536
@@ -362,13 +363,17 @@ class UpstreamExchange:
 class _Connection(Protocol):
     """
     One connection to the target.  Its response-header timer is one
-    DelayedCall re-armed with C{reset()} for each request (and left to fire
-    harmlessly when disarmed), so no timer is created per request.
+    DelayedCall, left to fire harmlessly when disarmed: arming it for a
+    request only sets the deadline (the DelayedCall is moved only when the
+    deadline comes before it, and set again for the rest when it fires
+    before the deadline), so a request costs no timer update.
     """
 
     exchange: UpstreamExchange | None = None
     timer: Any = None
     armed = False
+    deadline = 0.0
+    _timer_at = 0.0
     _pending: UpstreamExchange | None = None
     tunnel = False
     paused = False
@@ -421,19 +426,31 @@ class _Connection(Protocol):
 
     def arm(self, timeout: float) -> None:
         self.armed = True
+        reactor = self.pool.reactor
+        deadline = self.deadline = reactor.seconds() + timeout
         t = self.timer
-        if t is not None and t.active():
+        if t is None:
+            self.timer = reactor.callLater(timeout, self._timer_fired)
+            self._timer_at = deadline
+        elif self._timer_at > deadline:
             t.reset(timeout)
-        else:
-            self.timer = self.pool.reactor.callLater(timeout, self._timer_fired)
+            self._timer_at = deadline
 
     def _timer_fired(self) -> None:
         self.timer = None
-        if self.armed:
-            self.armed = False
-            ex = self.exchange
-            if ex is not None:
-                ex._timed_out()
+        if not self.armed:
+            return
+        reactor = self.pool.reactor
+        rest = self.deadline - reactor.seconds()
+        if rest > 0:
+            # (at least a millisecond: never early, never a busy loop)
+            self.timer = reactor.callLater(max(rest, 0.001), self._timer_fired)
+            self._timer_at = self.deadline
+            return
+        self.armed = False
+        ex = self.exchange
+        if ex is not None:
+            ex._timed_out()
 
     def _register_body_producer(self, producer: Any) -> None:
         if self._body_producer is None:
@@ -619,15 +636,20 @@ class _ConnectFactory(ClientFactory):
 
     def __init__(self, pool: UpstreamPool, exchange: UpstreamExchange) -> None:
         self.pool = pool
-        self.exchange = exchange
+        self.exchange: UpstreamExchange | None = exchange
 
     def buildProtocol(self, addr: Any) -> _Connection:
         c = _Connection(self.pool)
         c._pending = self.exchange
+        # the connector keeps its factory as long as the connection lasts:
+        # it must not keep the connection's first request alive with it
+        self.exchange = None
         return c
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         ex = self.exchange
+        if ex is None:
+            return  # connected (and failing later is not a connect failure)
         ex.connector = None
         if ex.done:
             return
@@ -669,13 +691,13 @@ class UpstreamPool:
         """
         Start a request; see the module docstring.
         """
-        lines = [n + b": " + v + b"\r\n" for n, v in headers]
+        end = b"\r\n"
         if body_length < 0:
             if codings:
-                lines.append(b"Transfer-Encoding: " + codings + b", chunked\r\n")
+                end = b"Transfer-Encoding: " + codings + b", chunked\r\n\r\n"
             else:
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-        head = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(lines) + b"\r\n"
+                end = b"Transfer-Encoding: chunked\r\n\r\n"
+        head = b"%s %s HTTP/1.1\r\n%s%s" % (method, target, header_lines(headers), end)
         ex = UpstreamExchange(self, method, head, receiver, body_length, timeout)
         if replay is not None:
             ex._take_over(replay)

@@ -21,7 +21,6 @@ supervisor's L{mproxy.workers.pool} starts them.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
@@ -54,19 +53,6 @@ def metric_families(registry: Any) -> list[Any]:
     return out
 
 
-def settle_heap() -> None:
-    """
-    Put what start-up built (modules, factories, protocols) out of the
-    cyclic garbage collector's sight before serving: a full collection
-    would otherwise walk all of it again and again while requests wait
-    (tens of milliseconds each time, the p99 of a steady load), although
-    none of it is ever garbage.  One collection first, so that start-up's
-    own garbage is not kept for good.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 class WorkerServer:
     """
     The worker's data plane.  C{send(command, **arguments)} sends a command
@@ -76,8 +62,7 @@ class WorkerServer:
     """
 
     def __init__(self, reactor: Any, settings: WorkerSettings, logger: Any,
-                 send: Callable[..., Any], exit: Callable[[], None] | None = None,
-                 settle: Callable[[], None] | None = None) -> None:
+                 send: Callable[..., Any], exit: Callable[[], None] | None = None) -> None:
         from mproxy.http.proxy import build_http_factory
         from mproxy.http.upstream import PoolRegistry
         from mproxy.tls.sni import ServerTLS, https_factory
@@ -88,8 +73,6 @@ class WorkerServer:
         self.logger = logger
         self.send = send
         self.exit = exit or reactor.stop
-        # once start-up is done, and off the path of a standby's Serve
-        reactor.callWhenRunning(settle or settle_heap)
         self.router = Router()
         self.pools = PoolRegistry(reactor)
         self.replica = Replica(self.router, reactor, self._balancer)
