@@ -280,7 +280,8 @@ class Server:
         out = subprocess.run(
             [sys.executable, "-m", "mproxy", "deploy", "app", "--target",
              f"{HOST}:{self.upstream}", "--host", SERVICE_HOST,
-             "--socket", self.control], env=self.env, capture_output=True, text=True)
+             "--socket", self.control], env=self.env, capture_output=True, text=True,
+            cwd=str(self.tmp))
         if out.returncode:
             raise SystemExit(f"{self.name}: deploy failed: {out.stderr}")
         return run
@@ -383,7 +384,7 @@ def client_times(args: argparse.Namespace, server: Server) -> None:
         for _ in range(args.runs):
             t0 = time.monotonic()
             out = subprocess.run([sys.executable, "-m", "mproxy", *cmd], env=server.env,
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, cwd=str(server.tmp))
             values.append(time.monotonic() - t0)
             if out.returncode:
                 raise SystemExit(f"mproxy {name} failed: {out.stderr}")

@@ -479,9 +479,11 @@ class ImportTests(SynchronousTestCase):
             "print(json.dumps([m for m in sys.modules if m.startswith(('twisted', 'mproxy.cli.p'))]))\n")
         self.assertEqual(loaded, [])
 
-    def test_workers_start_before_twisted_is_imported(self) -> None:
+    def test_options_and_sockets_without_twisted(self) -> None:
         """
-        C{mproxy run} gets as far as starting its workers with no Twisted.
+        What C{mproxy run} imports before it binds its sockets (its options,
+        the binding, the workers' settings) imports no Twisted: only what a
+        worker runs is imported then, before the workers are forked.
         """
         loaded = run_python(
             "import json, sys\n"

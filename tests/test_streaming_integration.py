@@ -1564,14 +1564,13 @@ class BodyTests(StreamingMixin, TestCase):
                 pass
             return 0
 
+        # the server and its serving workers (the one relaying is among
+        # them); not the standby worker, which may still be starting up
+        started = [r for r in p.records if r.get("msg") == "Workers started"]
+        serving = started[-1]["pids"] if started else []
+
         def rss() -> int:
-            # the server and its worker processes (the one relaying is among them)
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    children = [int(c) for c in f.read().split()]
-            except OSError:
-                children = []
-            return sum(rss_of(c) for c in [pid, *children])
+            return sum(rss_of(c) for c in [pid, *serving])
 
         s = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
