@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import sys
 import time
 from typing import IO, Any, Callable
@@ -65,6 +66,17 @@ def _make_dumps() -> Callable[[dict[str, Any]], str]:
 
 _dumps = _make_dumps()
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_surrogates(line: str) -> str:
+    """
+    C{line} (JSON text) with each lone surrogate written as its C{\\uXXXX}
+    escape: valid UTF-8, and the same value once decoded.
+    """
+    return _SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), line)
+
+
 #: a string as L{_dumps} writes it (quoted, escaped, non-ASCII kept)
 encode_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
@@ -88,12 +100,7 @@ class JSONLogger:
             return
         record = {"time": self._now(), "level": level, "msg": msg}
         record.update(attrs)
-        line = _dumps(record)
-        try:
-            self._stream.write(line + "\n")
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
+        self._write(_dumps(record) + "\n")
 
     def log_encoded(self, level: str, msg: str, fields: str) -> None:
         """
@@ -107,8 +114,17 @@ class JSONLogger:
             return
         line = '{"time": %s, "level": %s, "msg": %s%s}\n' % (
             encode_string(self._now()), encode_string(level), encode_string(msg), fields)
+        self._write(line)
+
+    def _write(self, line: str) -> None:
         try:
-            self._stream.write(line)
+            try:
+                self._stream.write(line)
+            except UnicodeEncodeError:
+                # A lone surrogate (a path's undecodable %-escape, decoded
+                # with surrogateescape) has no UTF-8: it is written as its
+                # JSON escape, which decodes back to the same string.
+                self._stream.write(escape_surrogates(line))
             self._stream.flush()
         except (OSError, ValueError):
             pass

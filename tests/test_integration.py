@@ -398,6 +398,25 @@ class BadInputTests(IntegrationMixin, TestCase):
         self.assertEqual((code, body), (200, b"one"))
 
     @inlineCallbacks
+    def test_undecodable_path_is_logged(self) -> Any:
+        """
+        A request whose path has an escape that is not UTF-8 (C{/%ff}) is
+        proxied and gets its request log line like any other, the escape
+        kept as a lone surrogate's JSON escape.
+        """
+        _one, _addr, p = yield self.serving("one")
+        code, body, _ = yield self.get(p.url("/a%ff?q=%fe"))
+        self.assertEqual((code, body), (200, b"one"))
+        code, _, _ = yield self.get(p.url("/after"))
+        self.assertEqual(code, 200)
+        waited = time.monotonic()
+        while not any(x.get("path") == "/after" for x in p.records):
+            self.assertLess(time.monotonic() - waited, 10.0, "no log line for /after")
+            yield sleep(0.05)
+        paths = [x.get("path") for x in p.records if x.get("msg") == "Request"]
+        self.assertEqual(paths, ["/a\udcff", "/after"])
+
+    @inlineCallbacks
     def test_malformed_amp_message(self) -> Any:
         p = yield self.proxy()
 

@@ -99,6 +99,51 @@ class LineTests(SynchronousTestCase):
         self.assertTrue(re.match(r"\{", out.getvalue()))
 
 
+class SurrogateTests(SynchronousTestCase):
+    """
+    A path with an undecodable %-escape (C{/%ff}) is a string with a lone
+    surrogate: its line is still written, as UTF-8, with the same value.
+    """
+
+    def strict_stream(self) -> tuple[io.BytesIO, io.TextIOWrapper]:
+        raw = io.BytesIO()
+        return raw, io.TextIOWrapper(raw, encoding="utf-8", errors="strict",
+                                     write_through=True)
+
+    def test_log(self) -> None:
+        raw, stream = self.strict_stream()
+        JSONLogger(stream, now=lambda: "T").info("Request", path="/x\udcff", host="é")
+        line = raw.getvalue().decode("utf-8")
+        self.assertEqual(line.count("\n"), 1)
+        self.assertIn('"path": "/x\\udcff"', line)
+        self.assertEqual(json.loads(line)["path"], "/x\udcff")
+        self.assertEqual(json.loads(line)["host"], "é")
+
+    def test_log_encoded(self) -> None:
+        raw, stream = self.strict_stream()
+        JSONLogger(stream, now=lambda: "T").log_encoded(
+            "INFO", "Request", ', "path": %s' % mlogging.encode_string("/\udcff\udc80"))
+        self.assertEqual(json.loads(raw.getvalue().decode("utf-8"))["path"], "/\udcff\udc80")
+
+    def test_worker_descriptor_stream(self) -> None:
+        """
+        The same through a worker's descriptor stream (bytes to a pipe).
+        """
+        import os
+
+        from mproxy.workers.worker import FDLines
+
+        r, w = os.pipe()
+        os.set_blocking(r, False)  # no line written: an error, not a hang
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        JSONLogger(FDLines(w), now=lambda: "T").warn("x", path="/%\udcff")
+        self.assertEqual(json.loads(os.read(r, 65536).decode("utf-8"))["path"], "/%\udcff")
+
+    def test_other_lines_untouched(self) -> None:
+        self.assertEqual(mlogging.escape_surrogates('{"a": "é\\udcff"}'), '{"a": "é\\udcff"}')
+
+
 class EncodedLineTests(SynchronousTestCase):
     def test_same_line_as_log(self) -> None:
         """
