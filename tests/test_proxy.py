@@ -475,11 +475,14 @@ class GarbageTests(SynchronousTestCase):
         self.assertEqual(kinds & {"ProxyCall", "Relay", "FastRequest", "UpstreamExchange"},
                          set())
 
-    def test_lost_handler_cleared_on_a_generic_exchange(self) -> None:
+    def generic_exchange(self) -> tuple[Request, GenericExchange]:
         request = Request(DummyChannel())
         request.method, request.uri, request.clientproto = b"GET", b"/x", b"HTTP/1.1"
         request.content = BytesIO(b"")
-        ex = GenericExchange(request)
+        return request, GenericExchange(request)
+
+    def test_lost_handler_cleared_on_a_generic_exchange(self) -> None:
+        request, ex = self.generic_exchange()
         called: list[str] = []
         ex.set_lost_handler(lambda: called.append("first"))
         ex.set_lost_handler(None)
@@ -487,10 +490,7 @@ class GarbageTests(SynchronousTestCase):
         self.assertEqual(called, [])
 
     def test_lost_handler_of_a_generic_exchange_called(self) -> None:
-        request = Request(DummyChannel())
-        request.method, request.uri, request.clientproto = b"GET", b"/x", b"HTTP/1.1"
-        request.content = BytesIO(b"")
-        ex = GenericExchange(request)
+        request, ex = self.generic_exchange()
         called: list[str] = []
         ex.set_lost_handler(lambda: called.append("first"))
         ex.set_lost_handler(lambda: called.append("second"))
