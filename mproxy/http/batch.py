@@ -12,7 +12,9 @@ straight to the sockets at the start of the next one (C{callLater(0)}), so
 writes stay batched per iteration but skip the writability round trip.
 A large piece (a body chunk of L{SEND_NOW} bytes or more) is not copied
 into the batch: it goes to the socket at once, after what is pending for
-the transport, in one C{sendmsg}.  Whatever a socket does not take, and
+the transport, in one C{sendmsg}; L{WriteBatcher.write_pieces} does the
+same for a large chunk with its framing (a response head, chunk size
+lines), without joining the pieces.  Whatever a socket does not take, and
 every transport that is not a plain TCP connection with an empty Twisted
 buffer, goes through C{transport.write} as usual.
 
@@ -22,6 +24,7 @@ other write to, or close of, that transport.
 
     batcher = batcher_for(reactor)
     batcher.write(transport, data)
+    batcher.write_pieces(transport, (head, data))   # a large chunk and its framing
     batcher.flush_transport(transport)   # then transport.loseConnection()
 """
 
@@ -117,6 +120,39 @@ class WriteBatcher:
             n -= held
         if n < len(data):
             transport.write(data[n:] if n else data)
+
+    def write_pieces(self, transport: Any, pieces: tuple[bytes, ...]) -> None:
+        """
+        Write C{pieces} (a large body chunk with its head or chunk framing)
+        at once, after what is pending for C{transport}: on a plain TCP
+        transport in one C{sendmsg}, without joining them; what the socket
+        does not take, and every piece for another transport, goes to
+        Twisted as a sequence (no join here either).
+        """
+        buf = self._pending.pop(transport, None)
+        if type(transport) not in DIRECT_TYPES or not _direct(transport):
+            if type(transport) in DIRECT_TYPES and transport._aborting:
+                return
+            if buf:
+                transport.write(bytes(buf))
+            transport.writeSequence(pieces)
+            return
+        if buf:
+            pieces = (bytes(buf),) + pieces
+        try:
+            n = transport.socket.sendmsg(pieces)
+        except OSError:
+            # EAGAIN, or an error Twisted will notice itself
+            n = 0
+        for i, piece in enumerate(pieces):
+            size = len(piece)
+            if n < size:
+                rest = list(pieces[i:])
+                if n:
+                    rest[0] = piece[n:]
+                transport.writeSequence(rest)
+                return
+            n -= size
 
     def flush_transport(self, transport: Any) -> None:
         """
