@@ -12,11 +12,12 @@ straight to the sockets at the start of the next one (C{callLater(0)}), so
 writes stay batched per iteration but skip the writability round trip.
 A large piece (a body chunk of L{SEND_NOW} bytes or more) is not copied
 into the batch: it goes to the socket at once, after what is pending for
-the transport, in one C{sendmsg}; L{WriteBatcher.write_pieces} does the
-same for a large chunk with its framing (a response head, chunk size
-lines), without joining the pieces.  Whatever a socket does not take, and
+the transport, in one C{sendmsg}.  Whatever a socket does not take, and
 every transport that is not a plain TCP connection with an empty Twisted
 buffer, goes through C{transport.write} as usual.
+
+L{WriteBatcher.write_pieces} sends a large chunk with its framing (a
+response head, chunk size lines) the same way, without joining them.
 
 Rule for users: once bytes for a transport may have gone through
 L{WriteBatcher.write}, call L{WriteBatcher.flush_transport} before any
