@@ -636,19 +636,26 @@ class _Connection(Protocol):
         assert ex is not None
         left = self._raw_left
         n = len(data)
+        rest = b""
         if n < left:
             self._raw_left = left - n
+        else:
+            self._raw_left = 0
+            if n > left:
+                rest = data[left:]
+                data = data[:left]
+        try:
             ex.receiver.upstream_data(data)
+            if self._raw_left:
+                return
+            self.parser = httptools.HttpResponseParser(self)
+            if self.exchange is ex:
+                self._complete(self._raw_keep_alive)
+        except Exception as e:
+            # as the parser reports a failing callback
+            self._raw_left = 0
+            self._broken(f"error handling response: {e!r}")
             return
-        self._raw_left = 0
-        rest = b""
-        if n > left:
-            rest = data[left:]
-            data = data[:left]
-        ex.receiver.upstream_data(data)
-        self.parser = httptools.HttpResponseParser(self)
-        if self.exchange is ex:
-            self._complete(self._raw_keep_alive)
         if rest:
             # bytes after the response, which nothing asked for
             self.dataReceived(rest)
