@@ -232,6 +232,27 @@ class ContentLengthBodyTests(SynchronousTestCase):
         self.assertEqual(r2.kinds()[-1], "done")
 
 
+class ChunkedUploadTests(SynchronousTestCase):
+    def test_large_chunk_with_framing(self) -> None:
+        """
+        A large piece of a request body sent chunked goes to the target
+        with its size line and CRLF as separate pieces (the piece itself
+        not copied); small ones are framed as before.
+        """
+        u = Upstream()
+        seqs: list[list[bytes]] = []
+        r = Receiver()
+        ex = u.pool.request(b"POST", b"/up", [(b"Host", b"x")], r, body_length=-1)
+        proto, t = u.connect()
+        t.writeSequence = lambda seq: seqs.append(list(seq))  # type: ignore[method-assign]
+        ex.write_body(BIG)
+        self.assertEqual(seqs, [[b"%x\r\n" % len(BIG), BIG, b"\r\n"]])
+        self.assertIs(seqs[0][1], BIG)
+        ex.write_body(b"abc")
+        ex.end_body()
+        self.assertTrue(t.value().endswith(b"3\r\nabc\r\n0\r\n\r\n"))
+
+
 class FakeSocket:
     def __init__(self, take: int | None = None, error: Exception | None = None) -> None:
         self.calls: list[tuple[str, list[bytes]]] = []

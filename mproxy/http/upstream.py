@@ -73,7 +73,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mproxy.http.batch import batcher_for
+from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import header_lines
@@ -208,6 +208,11 @@ class UpstreamExchange:
         if self.done or self.body_ended or not data:
             return
         if self.chunked:
+            conn = self.conn
+            if conn is not None and len(data) >= SEND_NOW:
+                # a large chunk goes out with its framing, not joined to it
+                conn.pool.batcher.write_pieces(conn.transport, (_hex(len(data)), data, b"\r\n"))
+                return
             data = _hex(len(data)) + data + b"\r\n"
         self._write(data)
 
