@@ -18,6 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from mproxy.workers.reactor import WorkerReactor
 
 
+def _close_reactor(reactor: Any) -> None:
+    reactor._poller.close()
+    reactor.waker.connectionLost(None)
+
+
 class Selectable:
     """
     A readable end of a socket pair, as the reactor sees a connection:
@@ -65,13 +70,7 @@ class WorkerReactorTests(SynchronousTestCase):
 
     def _close(self) -> None:
         # the sockets are closed by then (later cleanups run first)
-        r = self.reactor
-        r._poller.close()
-        for fd in (r.waker.i, r.waker.o):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_reactor(self.reactor)
 
     def readable(self, on_read: Any = None) -> tuple[Selectable, socket.socket]:
         a, b = socket.socketpair()
@@ -231,6 +230,97 @@ class WorkerReactorTests(SynchronousTestCase):
         self.assertEqual(r.getDelayedCalls(), [])
         r.runUntilCurrent()
         self.assertEqual(sent, ["flush"])
+
+
+class TCPReadTests(SynchronousTestCase):
+    """
+    Reads of TCP connections (handled inline by the reactor) behave as
+    Twisted's: data to the protocol, a raising protocol logged and its
+    connection closed, the peer's close a clean C{connectionLost}.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+
+        self.reactor = WorkerReactor()
+        self.addCleanup(self._close)
+        test = self
+        self.received: list[bytes] = []
+        self.lost: list[Any] = []
+        self.protocols: list[Any] = []
+        self.fail_with: BaseException | None = None
+
+        class Recorder(Protocol):
+            def connectionMade(self) -> None:
+                test.protocols.append(self)
+
+            def dataReceived(self, data: bytes) -> None:
+                test.received.append(data)
+                if test.fail_with is not None:
+                    raise test.fail_with
+
+            def connectionLost(self, reason: Any) -> None:
+                test.lost.append(reason)
+
+        self.port = self.reactor.listenTCP(0, Factory.forProtocol(Recorder),
+                                           interface="127.0.0.1")
+        self.client = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        self.addCleanup(self.client.close)
+        self.turns(lambda: self.protocols)
+
+    def _close(self) -> None:
+        for s in self.reactor.getReaders() + self.reactor.getWriters():
+            sock = getattr(s, "socket", None)
+            if sock is not None:
+                sock.close()
+        _close_reactor(self.reactor)
+
+    def turns(self, done: Any) -> None:
+        for _ in range(50):
+            if done():
+                return
+            self.reactor.doIteration(0.1)
+        self.fail("not done after 50 turns")
+
+    def test_data_reaches_the_protocol(self) -> None:
+        transport = self.protocols[0].transport
+
+        def no_dispatch() -> None:
+            raise AssertionError("dispatched through doRead")
+
+        # the reactor reads a plain TCP connection itself
+        transport.doRead = no_dispatch
+        self.client.sendall(b"hello")
+        self.turns(lambda: self.received)
+        self.assertEqual(self.received, [b"hello"])
+        self.assertEqual(self.lost, [])
+
+    def test_raising_protocol_logged_and_closed(self) -> None:
+        self.fail_with = ZeroDivisionError("boom")
+        self.client.sendall(b"hello")
+        self.turns(lambda: self.lost)
+        self.lost[0].trap(ZeroDivisionError)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.client.settimeout(5)
+        self.assertEqual(self.client.recv(10), b"")
+
+    def test_raising_oserror_is_the_protocols(self) -> None:
+        """
+        An C{OSError} from the protocol is its error, not the socket's.
+        """
+        self.fail_with = BlockingIOError(11, "not the socket")
+        self.client.sendall(b"hello")
+        self.turns(lambda: self.lost)
+        self.lost[0].trap(BlockingIOError)
+        self.assertEqual(len(self.flushLoggedErrors(BlockingIOError)), 1)
+
+    def test_peer_close_is_connection_done(self) -> None:
+        from twisted.internet import error
+
+        self.client.close()
+        self.turns(lambda: self.lost)
+        self.lost[0].trap(error.ConnectionDone)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 def _fake_tcp() -> Any:

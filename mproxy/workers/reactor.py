@@ -30,12 +30,20 @@ import errno
 import sys
 from typing import Any, Callable
 
+from twisted.internet import tcp
 from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.python import log
 
 _DISCONNECTED = EPOLLHUP | EPOLLERR
+
+#: TCP connection types that read as Twisted's Connection.doRead does
+#: (inlined in L{WorkerReactor.doPoll})
+_TCP_READS = {
+    t for t in (tcp.Server, tcp.Client)
+    if t.doRead is tcp.Connection.doRead and t._dataReceived is tcp.Connection._dataReceived
+}
 
 
 class WorkerReactor(EPollReactor):
@@ -91,11 +99,32 @@ class WorkerReactor(EPollReactor):
             selectable = selectables.get(fd)
             if selectable is None:
                 continue
-            # Twisted's _doReadOrWrite, inline
             try:
                 why = None
                 in_read = False
-                if event & _DISCONNECTED and not event & EPOLLIN:
+                if event == EPOLLIN and type(selectable) in _TCP_READS:
+                    # a TCP connection with data (the common event):
+                    # Twisted's Connection.doRead, inline
+                    in_read = True
+                    try:
+                        if selectable.fileno() == -1:
+                            why = _NO_FILEDESC
+                        else:
+                            try:
+                                data = selectable.socket.recv(selectable.bufferSize)
+                            except OSError as se:
+                                if se.args[0] != tcp.EWOULDBLOCK:
+                                    why = CONNECTION_LOST
+                            else:
+                                if data:
+                                    selectable.protocol.dataReceived(data)
+                                else:
+                                    why = CONNECTION_DONE
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.err()
+                # the other events: Twisted's _doReadOrWrite, inline
+                elif event & _DISCONNECTED and not event & EPOLLIN:
                     # disconnected, and no input left to read first
                     if fd in self._reads:
                         in_read = True
