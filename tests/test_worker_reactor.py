@@ -283,17 +283,34 @@ class TCPReadTests(SynchronousTestCase):
         self.fail("not done after 50 turns")
 
     def test_data_reaches_the_protocol(self) -> None:
-        transport = self.protocols[0].transport
+        from twisted.internet import tcp
 
-        def no_dispatch() -> None:
+        def no_dispatch(self: Any) -> None:
             raise AssertionError("dispatched through doRead")
 
         # the reactor reads a plain TCP connection itself
-        transport.doRead = no_dispatch
+        self.patch(tcp.Server, "doRead", no_dispatch)
         self.client.sendall(b"hello")
         self.turns(lambda: self.received)
         self.assertEqual(self.received, [b"hello"])
         self.assertEqual(self.lost, [])
+
+    def test_connection_with_its_own_read(self) -> None:
+        """
+        A connection given a C{doRead} of its own (as Twisted does while a
+        client connects) is read through it.
+        """
+        transport = self.protocols[0].transport
+        calls: list[int] = []
+
+        def own() -> None:
+            calls.append(len(transport.socket.recv(100)))
+
+        transport.doRead = own
+        self.client.sendall(b"hello")
+        self.turns(lambda: calls)
+        self.assertEqual(calls, [5])
+        self.assertEqual(self.received, [])
 
     def test_raising_protocol_logged_and_closed(self) -> None:
         self.fail_with = ZeroDivisionError("boom")

@@ -102,9 +102,12 @@ class WorkerReactor(EPollReactor):
             try:
                 why = None
                 in_read = False
-                if event == EPOLLIN and type(selectable) in _TCP_READS:
+                if (event == EPOLLIN and type(selectable) in _TCP_READS
+                        and "doRead" not in selectable.__dict__):
                     # a TCP connection with data (the common event):
-                    # Twisted's Connection.doRead, inline
+                    # Twisted's Connection.doRead, inline (unless the
+                    # connection has a doRead of its own: connecting,
+                    # aborted)
                     in_read = True
                     try:
                         if selectable.fileno() == -1:
