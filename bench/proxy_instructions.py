@@ -100,13 +100,16 @@ def total_ir(path: Path) -> int:
     raise C.BenchError(f"no instruction total in {path}")
 
 
-def total_ir_all(workdir: Path, timeout: float = 120) -> int:
+def total_ir_all(workdir: Path, supervisor: int, timeout: float = 120) -> int:
     """The instruction total of the process that served the requests.
-    `mproxy run --workers 1` is a supervisor, the worker and a standby
-    worker, all traced: the worker with the largest total served them (the
-    supervisor's and the standby's counts grow with the run's wall time, not
-    with the requests, so they are left out); without worker processes, the
-    one process's total. Waits for each process's file to be complete: a
+    `mproxy run --workers 1` is a supervisor (the process started, PID
+    `supervisor`), the worker and a standby worker, all traced: the worker
+    with the largest total served them (the supervisor's and the standby's
+    counts grow with the run's wall time, not with the requests, so they are
+    left out). A worker is any other process: the first workers are forked
+    from the supervisor (their command line is the supervisor's), later ones
+    are `python -m mproxy.workers`. Without worker processes, the one
+    process's total. Waits for each process's file to be complete: a
     worker may still be exiting after the supervisor."""
     deadline = time.monotonic() + timeout
     while True:
@@ -123,9 +126,9 @@ def total_ir_all(workdir: Path, timeout: float = 120) -> int:
         raise C.BenchError(f"no callgrind output in {workdir}")
     workers = []
     for f, t in zip(files, totals):
-        cmd = next((line[5:].strip() for line in f.read_text(errors="replace").splitlines()
-                    if line.startswith("cmd:")), "?")
-        is_worker = "mproxy.workers" in cmd or '"slot":' in cmd
+        pid = next((line[5:].strip() for line in f.read_text(errors="replace").splitlines()
+                    if line.startswith("pid:")), "?")
+        is_worker = pid != str(supervisor)
         C.log(f"  {f.name}: {t:,} instructions ({'worker' if is_worker else 'main'})")
         if is_worker:
             workers.append(t)
@@ -164,7 +167,7 @@ def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
         C.log(f"{label}: {n} requests in {time.monotonic() - t0:.1f}s under callgrind")
         mp.proc.popen.send_signal(signal.SIGTERM)
         mp.proc.popen.wait(300)
-    return total_ir_all(workdir)
+    return total_ir_all(workdir, mp.pid)
 
 
 def main(argv=None) -> int:
