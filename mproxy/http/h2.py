@@ -54,6 +54,7 @@ What it changes, and why:
 from __future__ import annotations
 
 import re
+from collections import deque
 from typing import Any
 
 import h2.config
@@ -71,9 +72,13 @@ from hyperframe.frame import GoAwayFrame, RstStreamFrame
 from hpack import NeverIndexedHeaderTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISSLTransport, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.web import server as _server
-from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
+
+from mproxy.http.h2exchange import H2Request
+from mproxy.http.request import address_strings
 
 __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
 
@@ -82,6 +87,13 @@ ABORT_TIMEOUT = 5.0
 #: bytes of DATA one connection sends per reactor iteration before letting
 #: the others run
 SEND_BUDGET = 262144
+#: request body bytes of a stream without a declared length collected
+#: before it is dispatched: a body that ends within them reaches the proxy
+#: whole, with its length; a longer one is streamed (length unknown)
+PREBUFFER = 65536
+
+#: queued after a stream's last data: its last DATA frame ends the stream
+_END_STREAM = object()
 
 #: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
 _CONNECTION_HEADERS = frozenset(
@@ -395,45 +407,83 @@ class ServerConnection(h2.connection.H2Connection):
         self._prepare_for_sending([f])
 
 
-class H2Channel(H2Connection):
+class H2Channel(Protocol, TimeoutMixin):
     """
-    One HTTP/2 client connection of a L{ProxySite}: its streams are
-    standard L{twisted.web.server.Request}s rendered by the site.
+    One HTTP/2 client connection of a L{ProxySite}: hyper-h2's state
+    machine (L{ServerConnection}) as the frame layer, each stream an
+    L{H2Request} given to the site's resource as soon as its header block
+    (and a small body, see L{PREBUFFER}) has arrived.
+
+    @ivar streams: the open streams (by id) that have a request.
+    @ivar conn: the L{ServerConnection}.
     """
 
-    requestFactory = _server.Request
     abortTimeout = ABORT_TIMEOUT
+    _abortingCall: Any = None
+    #: peer-initiated resets allowed in a burst, and replenished per second
+    #: (HTTP/2 Rapid Reset)
+    _resetTokenBurst = 1000
+    _resetTokenRate = 33
+    #: control frame bytes buffered for a transport that does not drain
+    #: before the connection is aborted
+    _maxBufferedControlFrameBytes = 1024 * 17
+
+    peer: Any = None
+    local: Any = None
+    is_tls = False
 
     def __init__(self, site: Any, reactor: Any, idle_timeout: float | None = None) -> None:
-        super().__init__(reactor)
         self.conn = ServerConnection()
         self.priority = RoundRobin()
         self.site = site
         self.factory = site
         self.timeOut = idle_timeout
+        self._reactor = reactor
         self.callLater = reactor.callLater
+        self.streams: dict[int, H2Request] = {}
+        #: streams whose header block arrived but which are not dispatched
+        #: yet (their small body is being collected)
+        self._pending: dict[int, H2Request] = {}
+        self._outboundStreamQueues: dict[int, deque[Any]] = {}
+        self._consumerBlocked: Deferred[None] | None = None
+        self._sendingDeferred: Deferred[None] | None = None
+        self._stillProducing = True
+        self._bufferedControlFrames: deque[bytes] = deque()
+        self._bufferedControlFrameBytes = 0
+        self._resetTokens: float = self._resetTokenBurst
+        self._resetTokenTimestamp = reactor.seconds()
         self._closed = False
         self._draining = False
         self._last_accepted: int | None = None
         self._peer_going_away = False
+        #: streams whose response head ended them, forgotten once it is sent
+        self._done: list[int] = []
 
     # --- connection ---------------------------------------------------------
 
+    _client_strings: tuple[str, str] | None = None
+
+    @property
+    def client_strings(self) -> tuple[str, str]:
+        cs = self._client_strings
+        if cs is None:
+            cs = self._client_strings = address_strings(self.peer)
+        return cs
+
     def connectionMade(self) -> None:
-        super().connectionMade()
+        t = self.transport
+        self.peer = t.getPeer()
+        self.local = t.getHost()
+        self.is_tls = ISSLTransport.providedBy(t)
+        if ITCPTransport.providedBy(t):
+            t.setTcpNoDelay(True)
+        self.setTimeout(self.timeOut)
+        self.conn.initiate_connection()
+        t.write(self.conn.data_to_send())
         try:
-            self.transport.registerProducer(self, True)
+            t.registerProducer(self, True)
         except RuntimeError:
             pass
-
-    _secure: bool | None = None
-
-    def _isSecure(self) -> bool:
-        # asked for every request; the transport does not change
-        secure = self._secure
-        if secure is None:
-            secure = self._secure = super()._isSecure()
-        return secure
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -453,40 +503,51 @@ class H2Channel(H2Connection):
             self._close_if_done()
 
     def _dispatch(self, event: Any) -> None:
-        stream_id = getattr(event, "stream_id", 0)
-        if isinstance(event, h2.events.RequestReceived):
+        kind = type(event)
+        if kind is h2.events.RequestReceived:
+            stream_id = event.stream_id
             if self._last_accepted is not None and stream_id > self._last_accepted:
                 # opened after our GOAWAY: the client may retry it elsewhere
                 self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
                 return
-            self._requestReceived(event)
-        elif isinstance(event, h2.events.DataReceived):
-            if stream_id in self.streams:
-                self._requestDataReceived(event)
-            else:
+            self._request_received(event)
+        elif kind is h2.events.DataReceived:
+            stream_id = event.stream_id
+            req = self.streams.get(stream_id)
+            if req is None:
                 # a stream we refused or have already answered: its bytes
                 # still count against the connection's window
-                self.conn.acknowledge_received_data(
-                    event.flow_controlled_length, stream_id)
-        elif isinstance(event, h2.events.StreamEnded):
-            if stream_id in self.streams:
-                self._requestEnded(event)
-        elif isinstance(event, h2.events.StreamReset):
-            if stream_id in self.streams:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif stream_id in self._pending:
+                self._collect(req, event)
+            else:
+                req.body_received(event.data, event.flow_controlled_length)
+        elif kind is h2.events.StreamEnded:
+            req = self.streams.get(event.stream_id)
+            if req is not None:
+                if self._pending.pop(event.stream_id, None) is not None:
+                    req.body_length = req._held_bytes
+                    req.body_done = True
+                    self._render(req)
+                else:
+                    req.body_complete()
+        elif kind is h2.events.StreamReset:
+            if event.stream_id in self.streams:
                 self._requestAborted(event)
-        elif isinstance(event, h2.events.WindowUpdated):
+        elif kind is h2.events.WindowUpdated:
             self._handleWindowUpdate(event)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif kind is h2.events.RemoteSettingsChanged:
             if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                 self._windows_changed()
-        elif isinstance(event, h2.events.PriorityUpdated):
-            self._handlePriorityUpdate(event)
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif kind is h2.events.ConnectionTerminated:
             if event.error_code != ErrorCodes.NO_ERROR:
                 self._close(Failure(ConnectionLost(
                     "client sent GOAWAY with %s" % (event.error_code,))))
             else:
                 self._peer_going_away = True
+        elif kind is h2.events.PriorityUpdated:
+            # accepted and ignored (see RoundRobin)
+            pass
 
     def _terminate(self, reason: Failure) -> None:
         # the GOAWAY (too many resets) is queued by the caller
@@ -518,6 +579,10 @@ class H2Channel(H2Connection):
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.connectionLost(reason, _cancelTimeouts=False)
 
+    def forceAbortClient(self) -> None:
+        self._abortingCall = None
+        self.transport.abortConnection()
+
     def _close_if_done(self) -> None:
         if not self._closed and not self.streams:
             self._close(Failure(ConnectionDone()))
@@ -529,6 +594,38 @@ class H2Channel(H2Connection):
             return
         self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
         self._close(Failure(ConnectionLost("idle timeout")), abort_after=True)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone()),
+                       _cancelTimeouts: bool = True) -> None:
+        call, self._send_call = self._send_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._closed = True
+        self._stillProducing = False
+        if _cancelTimeouts:
+            self.setTimeout(None)
+        for req in list(self.streams.values()):
+            req.stream_reset(reason)
+        for stream_id in list(self.streams):
+            self._requestDone(stream_id)
+        if _cancelTimeouts and self._abortingCall is not None:
+            self._abortingCall.cancel()
+            self._abortingCall = None
+
+    # --- the transport's producer ----------------------------------------------
+
+    def stopProducing(self) -> None:
+        self.connectionLost(Failure(ConnectionLost("Producing stopped")))
+
+    def pauseProducing(self) -> None:
+        self._consumerBlocked = Deferred()
+        # pending control data goes first once the transport drains
+        self._consumerBlocked.addCallback(self._flushBufferedControlData)
+
+    def resumeProducing(self) -> None:
+        d, self._consumerBlocked = self._consumerBlocked, None
+        if d is not None:
+            d.callback(None)
 
     # --- the site's interface -------------------------------------------------
 
@@ -553,20 +650,239 @@ class H2Channel(H2Connection):
         self._closed = True
         self.transport.abortConnection()
 
-    # --- streams ---------------------------------------------------------------
+    # --- streams: requests --------------------------------------------------------
+
+    def _request_received(self, event: Any) -> None:
+        stream_id = event.stream_id
+        method = path = authority = None
+        raw: list[tuple[bytes, bytes]] = []
+        host = False
+        length = None
+        expect = False
+        for header in event.headers:
+            name = header[0]
+            if name[0] == 0x3A:
+                if name == b":method":
+                    method = header[1]
+                elif name == b":path":
+                    path = header[1]
+                elif name == b":authority":
+                    authority = header[1]
+                continue
+            if name == b"host":
+                host = True
+            elif name == b"content-length":
+                try:
+                    length = int(header[1])
+                except ValueError:
+                    length = None
+            elif name == b"expect":
+                expect = header[1].lower() == b"100-continue"
+            raw.append((name, header[1]))
+        if authority is not None and not host:
+            raw.insert(0, (b"host", authority))
+        req = H2Request(self, stream_id, method or b"", path or b"", raw)
+        self.streams[stream_id] = req
+        self._outboundStreamQueues[stream_id] = deque()
+        try:
+            self.priority.insert_stream(stream_id)
+        except priority.DuplicateStreamError:
+            pass
+        self.priority.block(stream_id)
+        ended = event.stream_ended is not None
+        if ended:
+            self._render(req)
+            return
+        req.body_done = False
+        req.expect_continue = expect
+        if length is not None and length >= 0:
+            req.body_length = length
+            self._render(req)
+        else:
+            # no declared length: collect a small body (dispatched with its
+            # length at END_STREAM), stream a larger one
+            req.body_length = -1
+            self._pending[stream_id] = req
+
+    def _collect(self, req: H2Request, event: Any) -> None:
+        """
+        Body data of a stream not dispatched yet: held, and acknowledged
+        (the client may send more than one window before END_STREAM); past
+        L{PREBUFFER} bytes the stream is dispatched with its body streamed.
+        """
+        if req._held is None:
+            req._held = []
+        req._held.append((event.data, 0))
+        req._held_bytes += len(event.data)
+        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        if req._held_bytes > PREBUFFER:
+            del self._pending[event.stream_id]
+            self._render(req)
+
+    def _render(self, req: H2Request) -> None:
+        site = self.site
+        try:
+            resource = site.resource
+            if not resource.isLeaf:
+                resource = site.getResourceFor(req)
+            else:
+                req.site = site
+            body = resource.render(req)
+            if isinstance(body, bytes):
+                if not req.started:
+                    req.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+                req.write(body)
+                req.finish()
+        except Exception:
+            site.render_failed(req, Failure())
+
+    def acknowledge(self, stream_id: int, flow_length: int) -> None:
+        """
+        C{flow_length} bytes of C{stream_id}'s body were consumed: give them
+        back to the client's windows (sent with the next write).
+        """
+        if flow_length and not self._closed:
+            self.conn.acknowledge_received_data(flow_length, stream_id)
+            self._tryToWriteControlData()
+
+    def _requestAborted(self, event: Any) -> None:
+        stream_id = event.stream_id
+        self.streams[stream_id].stream_reset(
+            Failure(ConnectionLost("Stream reset with code %s" % event.error_code)))
+        self._requestDone(stream_id)
+        # refill for the elapsed time, then spend one token; an empty
+        # bucket is a Rapid Reset flood: GOAWAY and close
+        now = self._reactor.seconds()
+        elapsed = max(0.0, now - self._resetTokenTimestamp)
+        self._resetTokens = min(self._resetTokenBurst,
+                                self._resetTokens + elapsed * self._resetTokenRate)
+        self._resetTokenTimestamp = now
+        if self._resetTokens < 1:
+            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            self._terminate(Failure(ConnectionLost("Too many stream resets")))
+        else:
+            self._resetTokens -= 1
 
     def _requestDone(self, streamID: int) -> None:
-        super()._requestDone(streamID)
+        """
+        The stream is over (answered, reset, or the connection is gone):
+        forget it, giving back the window of body data it still held.
+        """
+        req = self.streams.pop(streamID, None)
+        self._pending.pop(streamID, None)
+        self._outboundStreamQueues.pop(streamID, None)
+        try:
+            self.priority.remove_stream(streamID)
+        except priority.MissingStreamError:
+            pass
+        if req is not None:
+            held = req.release_held()
+            if held and not self._closed:
+                self.conn.acknowledge_received_data(held, streamID)
+                self._tryToWriteControlData()
         if (self._draining or self._peer_going_away) and not self._closed:
             self._close_if_done()
 
-    def _wake_sender(self) -> None:
-        d, self._sendingDeferred = self._sendingDeferred, None
-        if d is not None:
-            d.callback(None)
+    # --- streams: responses --------------------------------------------------------
+
+    def send_head(self, stream_id: int, block: list[Any], end: bool) -> None:
+        """
+        Queue a response head (a checked HPACK header list); with C{end} it
+        ends the stream (a response without a body).
+        """
+        if self._closed:
+            return
+        try:
+            self.conn.send_headers(stream_id, block, end_stream=end)
+        except h2.exceptions.StreamClosedError:
+            # the client reset the stream meanwhile
+            return
+        self._wake()
+
+    def send_informational(self, stream_id: int, block: list[Any]) -> None:
+        self.send_head(stream_id, block, False)
+
+    def queue_data(self, stream_id: int, data: bytes) -> None:
+        queue = self._outboundStreamQueues.get(stream_id)
+        if queue is None or self._closed:
+            return
+        queue.append(data)
+        if self.conn.local_flow_control_window(stream_id) > 0:
+            self.priority.unblock(stream_id)
+            self._wake()
+        if self.remainingOutboundWindow(stream_id) <= 0:
+            self.streams[stream_id].window_blocked()
+
+    def stream_ended(self, stream_id: int, queued: bool) -> None:
+        """
+        A response is complete.  With C{queued}, its end goes behind its
+        queued data (the last DATA frame carries END_STREAM); without, its
+        head already ended the stream.  What is queued is sent now, so that
+        the last data goes out with the head (one TLS record for a small
+        response).
+        """
+        queue = self._outboundStreamQueues.get(stream_id)
+        if queue is None:
+            return
+        if queued:
+            queue.append(_END_STREAM)
+            self.priority.unblock(stream_id)
+        else:
+            self._done.append(stream_id)
+        call = self._send_call
+        if call is not None and self._consumerBlocked is None:
+            self._send_call = None
+            call.cancel()
+            self._sendPrioritisedData()
+        elif queued:
+            self._wake()
+        else:
+            self._schedule_send()
+
+    def reset_stream(self, stream_id: int) -> None:
+        """
+        Abort one stream (RST_STREAM INTERNAL_ERROR).
+        """
+        if self._closed or stream_id not in self.streams:
+            return
+        try:
+            self.conn.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass
+        if self._tryToWriteControlData():
+            self._requestDone(stream_id)
+
+    def remaining_window(self, stream_id: int) -> int:
+        if stream_id not in self._outboundStreamQueues:
+            return 0
+        return self.remainingOutboundWindow(stream_id)
+
+    def remainingOutboundWindow(self, stream_id: int) -> int:
+        """
+        The stream's send window less the data queued for it.
+        """
+        window = self.conn.local_flow_control_window(stream_id)
+        for chunk in self._outboundStreamQueues[stream_id]:
+            if chunk is not _END_STREAM:
+                window -= len(chunk)
+        return window
 
     def _handleWindowUpdate(self, event: Any) -> None:
-        super()._handleWindowUpdate(event)
+        stream_id = event.stream_id
+        queues = self._outboundStreamQueues
+        if stream_id:
+            req = self.streams.get(stream_id)
+            if req is None:
+                # a late WINDOW_UPDATE for a finished stream
+                return
+            if queues.get(stream_id):
+                self.priority.unblock(stream_id)
+            req.window_opened()
+        else:
+            for sid, req in list(self.streams.items()):
+                if queues.get(sid):
+                    self.priority.unblock(sid)
+                req.window_opened()
         self._wake_sender()
 
     def _windows_changed(self) -> None:
@@ -574,38 +890,22 @@ class H2Channel(H2Connection):
         SETTINGS_INITIAL_WINDOW_SIZE changed every stream's send window by
         the same amount: retry the streams that have data waiting.
         """
-        for stream_id, stream in list(self.streams.items()):
-            if self._outboundStreamQueues.get(stream_id):
+        queues = self._outboundStreamQueues
+        for stream_id, req in list(self.streams.items()):
+            if queues.get(stream_id):
                 self.priority.unblock(stream_id)
-            stream.windowUpdated()
+            req.window_opened()
         self._wake_sender()
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,
-                     headers: list[tuple[bytes, bytes]], streamID: int) -> None:
-        """
-        Send a response's headers: names lowercased, values stripped,
-        connection-specific fields dropped, credentials never indexed.
-        """
-        block = [(b":status", code)]
-        for name, value in headers:
-            name = name.lower().strip()
-            if name in _CONNECTION_HEADERS:
-                continue
-            value = value.strip()
-            if name in _SECRET_HEADERS or (name == b"cookie" and len(value) < 20):
-                block.append(NeverIndexedHeaderTuple(name, value))
-            else:
-                block.append((name, value))
-        try:
-            self.conn.send_headers(streamID, block)
-        except h2.exceptions.StreamClosedError:
-            # the client reset the stream meanwhile; write() ignores it too
-            return
-        # sent with the stream's first data (or alone, next iteration)
-        self._wake()
+    # --- sending ------------------------------------------------------------------
 
     _send_call: Any = None
     _waiting_for_consumer = False
+
+    def _wake_sender(self) -> None:
+        d, self._sendingDeferred = self._sendingDeferred, None
+        if d is not None:
+            d.callback(None)
 
     def _wake(self) -> None:
         """
@@ -633,35 +933,43 @@ class H2Channel(H2Connection):
         self._send_call = None
         self._sendPrioritisedData()
 
-    def endRequest(self, streamID: int) -> None:
+    def _tryToWriteControlData(self) -> bool:
         """
-        A response is complete: send what is queued now, so that its last
-        data goes out with its headers (one TLS record for a small
-        response) and ends the stream in the same frame.
-        """
-        super().endRequest(streamID)
-        call = self._send_call
-        if call is not None and self._consumerBlocked is None:
-            self._send_call = None
-            call.cancel()
-            self._sendPrioritisedData()
+        Write what the state machine has queued (control frames, heads),
+        or buffer it while the transport is full.
 
-    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
-        call, self._send_call = self._send_call, None
-        if call is not None and call.active():
-            call.cancel()
-        self._closed = True
-        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+        @return: C{False} if the connection was aborted because too much
+            was buffered for a client that does not read.
+        """
+        data = self.conn.data_to_send()
+        if not data:
+            return True
+        if self._consumerBlocked is None and not self._bufferedControlFrames:
+            self.transport.write(data)
+            return True
+        self._bufferedControlFrames.append(data)
+        self._bufferedControlFrameBytes += len(data)
+        if self._bufferedControlFrameBytes >= self._maxBufferedControlFrameBytes:
+            self.transport.abortConnection()
+            self.connectionLost(Failure(ConnectionLost(
+                "too many control frame bytes buffered")))
+            return False
+        return True
+
+    def _flushBufferedControlData(self, *args: Any) -> None:
+        while self._consumerBlocked is None and self._bufferedControlFrames:
+            data = self._bufferedControlFrames.popleft()
+            self._bufferedControlFrameBytes -= len(data)
+            self.transport.write(data)
 
     def _sendPrioritisedData(self, *args: Any) -> None:
         """
-        Send frames of the streams that have data and send window, highest
-        priority first, until none is left, the transport is full or
-        L{SEND_BUDGET} bytes went out (then again next iteration); the
-        frames go to the transport in one write.  A stream's last data
-        frame carries END_STREAM.  A stream whose window is zero or
-        negative waits (blocked) for a WINDOW_UPDATE or a larger initial
-        window.
+        Send frames of the streams that have data and send window, in
+        turns, until none is left, the transport is full or L{SEND_BUDGET}
+        bytes went out (then again next iteration); the frames go to the
+        transport in one write.  A stream's last data frame carries
+        END_STREAM.  A stream whose window is zero or negative waits
+        (blocked) for a WINDOW_UPDATE or a larger initial window.
         """
         if not self._stillProducing:
             return
@@ -669,7 +977,9 @@ class H2Channel(H2Connection):
         priority_tree = self.priority
         queues = self._outboundStreamQueues
         budget = SEND_BUDGET
-        done: list[int] = []
+        done = self._done
+        if done:
+            self._done = []
         try:
             while True:
                 try:
@@ -691,7 +1001,7 @@ class H2Channel(H2Connection):
                     return
                 queue = queues[stream]
                 frameData = queue.popleft()
-                if frameData is _END_STREAM_SENTINEL:
+                if frameData is _END_STREAM:
                     conn.end_stream(stream)
                     priority_tree.block(stream)
                     done.append(stream)
@@ -700,7 +1010,7 @@ class H2Channel(H2Connection):
                 if window <= 0:
                     queue.appendleft(frameData)
                     priority_tree.block(stream)
-                    self.streams[stream].flowControlBlocked()
+                    self.streams[stream].window_blocked()
                     continue
                 size = min(conn.max_outbound_frame_size, window)
                 if len(frameData) > size:
@@ -708,7 +1018,7 @@ class H2Channel(H2Connection):
                         frameData = memoryview(frameData)
                     queue.appendleft(frameData[size:])
                     frameData = frameData[:size]
-                end = bool(queue) and queue[0] is _END_STREAM_SENTINEL
+                end = bool(queue) and queue[0] is _END_STREAM
                 if end:
                     queue.popleft()
                 conn.send_data(stream, frameData, end_stream=end)
@@ -720,7 +1030,7 @@ class H2Channel(H2Connection):
                 if not queue:
                     priority_tree.block(stream)
                 if self.remainingOutboundWindow(stream) <= 0:
-                    self.streams[stream].flowControlBlocked()
+                    self.streams[stream].window_blocked()
         finally:
             alive = True
             if conn._data_to_send:
