@@ -64,7 +64,9 @@ import h2.exceptions
 import h2.stream
 import h2.utilities
 import priority
+from h2.connection import ConnectionInputs
 from h2.errors import ErrorCodes
+from h2.stream import StreamInputs
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
@@ -78,6 +80,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mproxy.http.h2exchange import H2Request
+from mproxy.http.h2frames import data_frame_head, encode_block, headers_frame
 from mproxy.http.request import address_strings
 
 __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
@@ -394,6 +397,50 @@ class ServerConnection(h2.connection.H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+    def send_response_head(self, stream_id: int, headers: list[Any], end_stream: bool) -> None:
+        """
+        Queue a (final) response head: hyper-h2's C{send_headers}, with the
+        block encoded by L{mproxy.http.h2frames} and the HEADERS frame
+        written directly (one that needs CONTINUATION goes the usual way).
+
+        @raise h2.exceptions.StreamClosedError: the stream is closed.
+        """
+        block = encode_block(headers)
+        if len(block) > self.max_outbound_frame_size - 8:
+            self.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        stream = self._get_stream_by_id(stream_id)
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        table = self.encoder.header_table
+        if table.resized:
+            # the client changed SETTINGS_HEADER_TABLE_SIZE: the next block
+            # starts with the size update
+            block = self.encoder._encode_table_size_change() + block
+            table.resized = False
+        self._data_to_send += headers_frame(stream_id, block, end_stream)
+
+    def send_data_frame(self, stream_id: int, data: Any, end_stream: bool) -> None:
+        """
+        hyper-h2's C{send_data} for data the caller has checked against the
+        windows and the frame size, written without a frame object.
+        """
+        stream = self._get_stream_by_id(stream_id)
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        n = len(data)
+        out = self._data_to_send
+        out += data_frame_head(stream_id, n, end_stream)
+        out += data
+        stream.outbound_flow_control_window -= n
+        self.outbound_flow_control_window -= n
 
     def send_goaway(self, last_stream_id: int) -> None:
         """
@@ -793,14 +840,23 @@ class H2Channel(Protocol, TimeoutMixin):
         if self._closed:
             return
         try:
-            self.conn.send_headers(stream_id, block, end_stream=end)
+            self.conn.send_response_head(stream_id, block, end)
         except h2.exceptions.StreamClosedError:
             # the client reset the stream meanwhile
             return
         self._wake()
 
     def send_informational(self, stream_id: int, block: list[Any]) -> None:
-        self.send_head(stream_id, block, False)
+        """
+        Queue a 1xx head (100 Continue).
+        """
+        if self._closed:
+            return
+        try:
+            self.conn.send_headers(stream_id, block)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._wake()
 
     def queue_data(self, stream_id: int, data: bytes) -> None:
         queue = self._outboundStreamQueues.get(stream_id)
@@ -1021,7 +1077,7 @@ class H2Channel(Protocol, TimeoutMixin):
                 end = bool(queue) and queue[0] is _END_STREAM
                 if end:
                     queue.popleft()
-                conn.send_data(stream, frameData, end_stream=end)
+                conn.send_data_frame(stream, frameData, end)
                 budget -= len(frameData)
                 if end:
                     priority_tree.block(stream)
