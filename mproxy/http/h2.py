@@ -211,6 +211,11 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
     return out
 
 
+#: the validation flags of a request's header block
+_REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
+
+
 class _ServerStream(h2.stream.H2Stream):
     """
     hyper-h2's stream, with a request's header block checked by
@@ -345,6 +350,41 @@ class ServerConnection(h2.connection.H2Connection):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = _ServerStream
         return stream
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        """
+        hyper-h2's, with the common case (the HEADERS opening a new request
+        stream, without priority information) taken in a straight line: the
+        same checks and state transitions, without its per-block dispatch
+        on what kind of header block it might be.
+        """
+        stream_id = frame.stream_id
+        flags = frame.flags
+        if (stream_id in self.streams or stream_id <= self.highest_inbound_stream_id
+                or not stream_id & 1 or "PRIORITY" in flags):
+            return super()._receive_headers_frame(frame)
+        max_open = self.local_settings.max_concurrent_streams
+        value = self.open_inbound_streams
+        if value + 1 > max_open:
+            raise h2.exceptions.TooManyStreamsError(
+                f"Max inbound streams is {max_open}, {value} open")
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+        end = "END_STREAM" in flags
+        if headers and headers[0][0] == b":status":
+            # not a request: hyper-h2's own checks refuse it
+            frames, stream_events = stream.receive_headers(headers, end, None)
+            return frames, events + stream_events
+        machine = stream.state_machine
+        stream_events = machine.process_input(StreamInputs.RECV_HEADERS)
+        if end:
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            stream_events[0].stream_ended = ended[0]
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        stream_events[0].headers = request_headers(headers, _REQUEST_FLAGS)
+        return [], events + stream_events
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
