@@ -11,7 +11,7 @@ from typing import Any
 
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
+from hyperframe.frame import HeadersFrame, RstStreamFrame, WindowUpdateFrame
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET

@@ -1,17 +1,19 @@
 # -*- test-case-name: tests.test_h2 -*-
 """
-mproxy's HTTP/2 server connection: Twisted's L{H2Connection} (hyper-h2 as
-the frame layer, L{twisted.web.server.Request} per stream) with the
-protocol-error, shutdown and flow-control handling a conforming server
-needs.
+mproxy's HTTP/2 server connection, L{H2Channel}: hyper-h2's state machine
+(L{ServerConnection}) as the frame layer, and each request stream an
+L{mproxy.http.h2exchange.H2Request}, the exchange the proxy drives
+directly, as it drives L{mproxy.http.request.FastRequest} on HTTP/1.1 (no
+Twisted C{H2Connection}, no C{twisted.web} request per stream).  Response
+HEADERS and DATA frames are written by L{mproxy.http.h2frames}.
 
-What it changes, and why:
+What it does beyond hyper-h2, and why:
 
     - A connection error always ends in a GOAWAY carrying the right code,
-      then a close.  Twisted left such connections open: a TLS transport
-      does not close while a producer is registered, and the connection is
-      the transport's producer.  Data arriving after the close decision is
-      ignored (no second GOAWAY, no answers).
+      then a close (a TLS transport does not close while a producer is
+      registered, and the connection is the transport's producer).  Data
+      arriving after the close decision is ignored (no second GOAWAY, no
+      answers).
     - HPACK decoding errors are COMPRESSION_ERROR (hyper-h2 says
       PROTOCOL_ERROR); a SETTINGS ACK with a payload is FRAME_SIZE_ERROR;
       an invalid connection preface gets a GOAWAY (hyper-h2 raises before
@@ -29,23 +31,31 @@ What it changes, and why:
       with REFUSED_STREAM, and the connection closes when none is left.
     - The idle timeout only applies to a connection without streams, as
       for HTTP/1.1 (a long poll or a quiet event stream is not idle).
+    - Request bodies stream, with flow control per stream: DATA is
+      acknowledged (WINDOW_UPDATE) only once the body's consumer took it,
+      so a paused upload stops the client.  A stream without a declared
+      length is dispatched once its body ended (then with its length) or
+      passed L{PREBUFFER} bytes; one with a Content-Length at its headers.
     - Sending is batched: data written to streams during one reactor
       iteration is sent at the start of the next one, as many frames as
       the windows allow (up to L{SEND_BUDGET} bytes before yielding to
-      other connections), a stream's last data frame carries END_STREAM,
-      and everything goes to the transport in one write.  Twisted sent one
-      frame per reactor iteration and an empty DATA frame to end each
-      stream.
+      other connections), a stream's last data frame carries END_STREAM, a
+      response without a body is one HEADERS frame ending the stream, and
+      everything goes to the transport in one write.  A finished response
+      is sent at once, with its head.  While a stream's send window is
+      used up, its producer (the relay, hence the target) is paused.
     - Streams with data to send take turns, one frame each (round robin).
       Clients' priority signals (PRIORITY frames, HEADERS priority) are
-      accepted and ignored, as the current HTTP/2 specification allows:
-      the priority tree Twisted kept cost tens of microseconds per stream.
-    - Header blocks are checked and normalized in one pass each instead of
-      by hyper-h2's chains of generators (and its per-byte loops): a
-      request's headers against the same rules (L{request_headers}: a
-      violation is a PROTOCOL_ERROR, as before), a response's lowercased,
-      stripped of connection-specific fields, credentials never indexed.
-      Trailers still go through hyper-h2's own checks.
+      accepted and ignored, as the current HTTP/2 specification allows.
+    - Request header blocks are checked and normalized in one pass each
+      (L{request_headers}: the same rules as hyper-h2's chains of
+      generators, a violation is a PROTOCOL_ERROR), and a HEADERS frame
+      opening a new stream is received in a straight line.  Response
+      heads are lowercased, stripped of connection-specific fields,
+      credentials never indexed.  Trailers go through hyper-h2's checks.
+    - Rapid Reset (a flood of RST_STREAM) ends the connection with
+      ENHANCE_YOUR_CALM; control frames piling up for a client that does
+      not read abort it.
 
     channel = H2Channel(site, reactor, idle_timeout=75)
     channel.makeConnection(tls_transport)   # sends SETTINGS, registers itself
@@ -101,8 +111,6 @@ _END_STREAM = object()
 #: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
 _CONNECTION_HEADERS = frozenset(
     [b"connection", b"upgrade", b"transfer-encoding", b"keep-alive", b"proxy-connection"])
-#: fields HPACK must never index (hyper-h2's rule: credentials)
-_SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 
 _SETTINGS = 0x4
 _ACK = 0x1
