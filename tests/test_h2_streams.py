@@ -74,6 +74,16 @@ def post(h: Harness, stream_id: int = 1, length: int | None = None,
     h.flush()
 
 
+def frames_to_client(h: Harness) -> list[Any]:
+    """
+    The server's frames since the last look, also given to the client.
+    """
+    wire = h.transport.value()
+    fs = h.frames()
+    h.client.receive_data(wire)
+    return fs
+
+
 def window_updates(frames: list[Any], stream_id: int) -> int:
     return sum(f.window_increment for f in frames
                if isinstance(f, WindowUpdateFrame) and f.stream_id == stream_id)
@@ -281,24 +291,53 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertEqual(b"".join(c.data), b"1" * 800 + b"2" * 800 + b"3" * 10)
         self.assertTrue(c.ended)
 
-    def test_answered_stream_gives_back_held_window(self) -> None:
+    def test_held_body_does_not_hold_other_streams(self) -> None:
         """
-        Body data held for a stream that is then answered without reading
-        it (e.g. a 404) goes back to the connection's window.
+        A body held for a paused consumer closes only its own stream's
+        window: the connection's is given back at receipt, so the other
+        streams' bodies keep flowing.
         """
         app = Exchanges()
         h = Harness(app)
-        post(h, length=50000)
-        [rq] = app.got
-        for _ in range(2):
-            h.client.send_data(1, b"w" * 16000)
-        h.client.send_data(1, b"w" * 3000)
+        post(h, 1, length=100000)
+        post(h, 3, length=100000)
+        held, other = app.got
+        held.body_producer.pauseProducing()
+        c = Consumer()
+        c.attach(other)
+        frames_to_client(h)
+        for _ in range(3):
+            h.client.send_data(1, b"h" * 16000)
         h.flush()
-        h.frames()
+        fs = frames_to_client(h)
+        self.assertEqual(window_updates(fs, 1), 0)
+        self.assertEqual(window_updates(fs, 0), 48000)
+        for _ in range(3):
+            h.client.send_data(3, b"o" * 16000)
+        h.flush()
+        self.assertEqual(len(b"".join(c.data)), 48000)
+        fs = frames_to_client(h)
+        self.assertEqual(window_updates(fs, 3), 48000)
+        self.assertEqual(window_updates(fs, 0), 48000)
+
+    def test_body_after_the_response_is_dropped(self) -> None:
+        """
+        Body data arriving once the response is finished is dropped, its
+        window given back.
+        """
+        app = Exchanges()
+        h = Harness(app)
+        post(h, length=100000)
+        [rq] = app.got
         rq.start_response(404, None, [(b"Content-Length", b"0")], 0)
         rq.finish()
         h.pump()
-        self.assertEqual(window_updates(h.frames(), 0), 35000)
+        h.frames()
+        for _ in range(3):
+            h.client.send_data(1, b"w" * 16000)
+        h.flush()
+        self.assertEqual(window_updates(h.frames(), 0), 48000)
+        self.assertFalse(h.closed)
 
     def test_expect_continue_when_the_body_is_read(self) -> None:
         app = Exchanges()

@@ -80,7 +80,7 @@ from h2.stream import StreamInputs
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 from hpack import NeverIndexedHeaderTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -490,6 +490,29 @@ class ServerConnection(h2.connection.H2Connection):
         stream.outbound_flow_control_window -= n
         self.outbound_flow_control_window -= n
 
+    def acknowledge_connection_data(self, size: int) -> None:
+        """
+        The connection-level half of C{acknowledge_received_data}: a
+        stream's held (unconsumed) body then only closes its own window,
+        never the other streams'.
+        """
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            f = WindowUpdateFrame(0)
+            f.window_increment = increment
+            self._prepare_for_sending([f])
+
+    def acknowledge_stream_data(self, size: int, stream_id: int) -> None:
+        """
+        The stream-level half of C{acknowledge_received_data}.
+        """
+        try:
+            stream = self._get_stream_by_id(stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+        if stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(size))
+
     def send_goaway(self, last_stream_id: int) -> None:
         """
         Queue a GOAWAY(NO_ERROR) announcing that streams after
@@ -616,6 +639,9 @@ class H2Channel(Protocol, TimeoutMixin):
             elif stream_id in self._pending:
                 self._collect(req, event)
             else:
+                # the connection's window at once, the stream's once the
+                # body's consumer took the data
+                self.conn.acknowledge_connection_data(event.flow_controlled_length)
                 req.body_received(event.data, event.flow_controlled_length)
         elif kind is h2.events.StreamEnded:
             req = self.streams.get(event.stream_id)
@@ -834,10 +860,10 @@ class H2Channel(Protocol, TimeoutMixin):
     def acknowledge(self, stream_id: int, flow_length: int) -> None:
         """
         C{flow_length} bytes of C{stream_id}'s body were consumed: give them
-        back to the client's windows (sent with the next write).
+        back to the stream's window (the connection's was at receipt).
         """
         if flow_length and not self._closed:
-            self.conn.acknowledge_received_data(flow_length, stream_id)
+            self.conn.acknowledge_stream_data(flow_length, stream_id)
             self._tryToWriteControlData()
 
     def _requestAborted(self, event: Any) -> None:
@@ -861,7 +887,7 @@ class H2Channel(Protocol, TimeoutMixin):
     def _requestDone(self, streamID: int) -> None:
         """
         The stream is over (answered, reset, or the connection is gone):
-        forget it, giving back the window of body data it still held.
+        forget it and the body data it still held.
         """
         req = self.streams.pop(streamID, None)
         self._pending.pop(streamID, None)
@@ -871,10 +897,7 @@ class H2Channel(Protocol, TimeoutMixin):
         except priority.MissingStreamError:
             pass
         if req is not None:
-            held = req.release_held()
-            if held and not self._closed:
-                self.conn.acknowledge_received_data(held, streamID)
-                self._tryToWriteControlData()
+            req.release_held()
         if (self._draining or self._peer_going_away) and not self._closed:
             self._close_if_done()
 

@@ -9,7 +9,8 @@ What the stream does for the proxy:
 
     - The request body is delivered as it arrives (L{set_body_consumer}),
       with backpressure: while the consumer is paused (L{body_producer}),
-      or before one is set, received DATA is held and not acknowledged, so
+      or before one is set, received DATA is held and not acknowledged on
+      the stream (the connection's window is given back at receipt), so
       the client's stream window closes and it stops sending.  Before the
       stream is dispatched, the channel collects a small body itself (see
       L{mproxy.http.h2.PREBUFFER}).
@@ -209,14 +210,12 @@ class H2Request(FastRequest):
         if not held and self.body_done and self.body_length and not self._body_paused:
             self._end_body()
 
-    def release_held(self) -> int:
+    def release_held(self) -> None:
         """
-        The stream is over: drop the held body data; returns its
-        flow-controlled length (for the connection's window).
+        The stream is over: drop the held body data.
         """
-        held, self._held = self._held, None
+        self._held = None
         self._held_bytes = 0
-        return sum(n for _, n in held) if held else 0
 
     _body_producer: _StreamBodyProducer | None = None
 
