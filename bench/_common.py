@@ -426,9 +426,16 @@ BODY_FILES = {"64k": 65536, "1m": 1048576}
 
 
 def nginx_upstream_config(d: Path, port: int, body: bytes) -> Path:
-    """A fast upstream: fixed body on / (and on POST /upload, whose request
-    body nginx reads and discards), 200 on /up, /files/64k and /files/1m
-    (BODY_FILES bytes each), keepalive, no logging."""
+    """A fast upstream: fixed body on / (and on POST /upload, after reading
+    the whole request body), 200 on /up, /files/64k and /files/1m
+    (BODY_FILES bytes each), keepalive, no logging.
+
+    /upload reads the body before it answers: nginx's `return` answers at
+    once and discards the body in the background, so a proxy saw the
+    response while still sending the body and (mproxy) closed both
+    connections, or (Caddy) went on sending it. Its proxy module reads the
+    whole body first (into memory: client_body_buffer_size), then asks
+    /sink on this server for the response without the body."""
     d.mkdir(parents=True, exist_ok=True)
     files = d / "files"
     files.mkdir(exist_ok=True)
@@ -445,12 +452,22 @@ http {{
   keepalive_requests 10000000;
   keepalive_timeout 300s;
   default_type text/plain;
+  upstream sink {{ server {HOST}:{port}; keepalive 16; }}
   server {{
     listen {HOST}:{port} backlog=4096;
     location = /up {{ return 200 "OK\\n"; }}
     location = /__upstream_status {{ stub_status; }}
     location /files/ {{ root {d}; default_type application/octet-stream; }}
-    location = /upload {{ client_max_body_size 64m; return 200 "{text}"; }}
+    location = /upload {{
+      client_max_body_size 64m;
+      client_body_buffer_size 2m;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://sink/sink;
+    }}
+    location = /sink {{ return 200 "{text}"; }}
     location / {{ return 200 "{text}"; }}
   }}
 }}

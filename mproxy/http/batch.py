@@ -16,12 +16,16 @@ the transport, in one C{sendmsg}.  Whatever a socket does not take, and
 every transport that is not a plain TCP connection with an empty Twisted
 buffer, goes through C{transport.write} as usual.
 
+L{WriteBatcher.write_pieces} sends a large chunk with its framing (a
+response head, chunk size lines) the same way, without joining them.
+
 Rule for users: once bytes for a transport may have gone through
 L{WriteBatcher.write}, call L{WriteBatcher.flush_transport} before any
 other write to, or close of, that transport.
 
     batcher = batcher_for(reactor)
     batcher.write(transport, data)
+    batcher.write_pieces(transport, (head, data))   # a large chunk and its framing
     batcher.flush_transport(transport)   # then transport.loseConnection()
 """
 
@@ -117,6 +121,39 @@ class WriteBatcher:
             n -= held
         if n < len(data):
             transport.write(data[n:] if n else data)
+
+    def write_pieces(self, transport: Any, pieces: tuple[bytes, ...]) -> None:
+        """
+        Write C{pieces} (a large body chunk with its head or chunk framing)
+        at once, after what is pending for C{transport}: on a plain TCP
+        transport in one C{sendmsg}, without joining them; what the socket
+        does not take, and every piece for another transport, goes to
+        Twisted as a sequence (no join here either).
+        """
+        buf = self._pending.pop(transport, None)
+        if type(transport) not in DIRECT_TYPES or not _direct(transport):
+            if type(transport) in DIRECT_TYPES and transport._aborting:
+                return
+            if buf:
+                transport.write(bytes(buf))
+            transport.writeSequence(pieces)
+            return
+        if buf:
+            pieces = (bytes(buf),) + pieces
+        try:
+            n = transport.socket.sendmsg(pieces)
+        except OSError:
+            # EAGAIN, or an error Twisted will notice itself
+            n = 0
+        for i, piece in enumerate(pieces):
+            size = len(piece)
+            if n < size:
+                rest = list(pieces[i:])
+                if n:
+                    rest[0] = piece[n:]
+                transport.writeSequence(rest)
+                return
+            n -= size
 
     def flush_transport(self, transport: Any) -> None:
         """

@@ -23,6 +23,7 @@ from twisted.web import http as _http
 from twisted.web import server as _server
 from zope.interface import implementer
 
+from mproxy.http.batch import SEND_NOW
 from mproxy.http.compat import TwistedRequestFace
 from mproxy.http.interfaces import ITunnelExchange
 
@@ -314,9 +315,21 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
             self._generic_start()
         if self._no_body:
             data = b""
-        bwrite = self.channel.batcher.write
+        batcher = self.channel.batcher
+        bwrite = batcher.write
         head = self._head
-        if head is not None:
+        if len(data) >= SEND_NOW:
+            # a large chunk: sent with its framing, without joining them
+            self.sentLength += len(data)
+            if self._chunked_out:
+                pieces: tuple[bytes, ...] = (_hex(len(data)), data, b"\r\n")
+            else:
+                pieces = (data,)
+            if head is not None:
+                self._head = None
+                pieces = (head,) + pieces
+            batcher.write_pieces(self.transport, pieces)
+        elif head is not None:
             self._head = None
             if data:
                 self.sentLength += len(data)

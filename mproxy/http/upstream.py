@@ -385,6 +385,14 @@ class _Connection(Protocol):
     _info = False
     _in_body = False
     _body_producer: Any = None
+    #: the response's Content-Length value (None: another framing), the
+    #: body bytes the parser delivered, and once the rest of the body
+    #: bypasses the parser (L{_raw_body}) how many are still to come and
+    #: whether the connection is kept after it
+    _length: bytes | None = None
+    _body_seen = 0
+    _raw_left = 0
+    _raw_keep_alive = False
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -504,13 +512,19 @@ class _Connection(Protocol):
             return
         self._info = False
         self._in_body = True
+        self._body_seen = 0
+        length = None
         for name, value in headers:
             n = len(name)
-            if (n == 14 and name.lower() == b"content-length") or (
-                    n == 17 and name.lower() == b"transfer-encoding"):
+            if n == 14 and name.lower() == b"content-length":
                 self._framed = True
+                length = value
+            elif n == 17 and name.lower() == b"transfer-encoding":
+                self._framed = True
+                length = b""  # chunked: never bypasses the parser
             elif n == 10 and name.lower() == b"keep-alive":
                 self.keep_alive = _keep_alive_timeout(value)
+        self._length = length or None
         if status == 101:
             self.tunnel = True
             if ex is not None:
@@ -522,6 +536,7 @@ class _Connection(Protocol):
             raise _HeadDone()
 
     def on_body(self, data: bytes) -> None:
+        self._body_seen += len(data)
         ex = self.exchange
         if ex is not None:
             ex.receiver.upstream_data(data)
@@ -570,8 +585,12 @@ class _Connection(Protocol):
             if self._raw_head_bytes > 2 * MAX_RESPONSE_HEADER_BYTES:
                 self._broken("response headers too large")
                 return
-        elif len(data) >= READ_GROW_AT:
-            grow_reads(self.transport, len(data))
+        else:
+            if len(data) >= READ_GROW_AT:
+                grow_reads(self.transport, len(data))
+            if self._raw_left or (self._length is not None and self._start_raw()):
+                self._raw_body(data)
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -589,6 +608,50 @@ class _Connection(Protocol):
                 self._broken(f"error handling response: {e.__context__!r}")
         except httptools.HttpParserError as e:
             self._broken(f"malformed response from target: {e}")
+
+    def _start_raw(self) -> bool:
+        """
+        The response's head was parsed, its Content-Length body is not
+        complete yet: the rest bypasses the parser (which copies every
+        piece it delivers) from now on; C{False} if it cannot.
+        """
+        length, self._length = self._length, None
+        try:
+            left = int(length) - self._body_seen  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        if left <= 0 or self.exchange is None or self.exchange.method == b"HEAD":
+            return False
+        self._raw_left = left
+        self._raw_keep_alive = self.parser.should_keep_alive()
+        return True
+
+    def _raw_body(self, data: bytes) -> None:
+        """
+        A piece of a Content-Length body that bypasses the parser: passed
+        on as it arrived; at its end the connection gets a fresh parser
+        for its next response.
+        """
+        ex = self.exchange
+        assert ex is not None
+        left = self._raw_left
+        n = len(data)
+        if n < left:
+            self._raw_left = left - n
+            ex.receiver.upstream_data(data)
+            return
+        self._raw_left = 0
+        rest = b""
+        if n > left:
+            rest = data[left:]
+            data = data[:left]
+        ex.receiver.upstream_data(data)
+        self.parser = httptools.HttpResponseParser(self)
+        if self.exchange is ex:
+            self._complete(self._raw_keep_alive)
+        if rest:
+            # bytes after the response, which nothing asked for
+            self.dataReceived(rest)
 
     def _broken(self, message: str) -> None:
         ex = self.exchange

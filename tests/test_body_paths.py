@@ -1,0 +1,413 @@
+"""
+Tests for the large-body paths: body pieces passed on without copies
+(L{mproxy.http.upstream}'s Content-Length bodies, L{mproxy.http.batch}'s
+L{WriteBatcher.write_pieces}, L{mproxy.http.request.FastRequest.write}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from mproxy.http import batch
+from mproxy.http.batch import SEND_NOW, WriteBatcher
+from mproxy.http.upstream import UpstreamPool
+
+BIG = bytes(range(256)) * 100  # 25,600 bytes: over SEND_NOW
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.on_data: Any = None
+
+    def upstream_informational(self, status: int, headers: Any) -> None:
+        self.events.append(("info", status))
+
+    def upstream_response(self, status: int, reason: bytes, headers: Any) -> None:
+        self.events.append(("response", status))
+
+    def upstream_data(self, data: bytes) -> None:
+        self.events.append(("data", data))
+        if self.on_data is not None:
+            self.on_data(data)
+
+    def upstream_done(self, trailers: Any) -> None:
+        self.events.append(("done", trailers))
+
+    def upstream_failed(self, err: Any) -> None:
+        self.events.append(("failed", err.status, err.message))
+
+    def kinds(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+    def pieces(self) -> list[bytes]:
+        return [e[1] for e in self.events if e[0] == "data"]
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = UpstreamPool(self.reactor, "10.0.0.2", 3000)
+        self.connected = 0
+
+    def request(self, method: bytes = b"GET") -> tuple[Any, Receiver]:
+        r = Receiver()
+        ex = self.pool.request(method, b"/x", [(b"Host", b"example.com")], r)
+        return ex, r
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        factory = self.reactor.tcpClients[self.connected][2]
+        self.connected += 1
+        proto = factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        return proto, t
+
+
+HEAD10 = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+
+
+class ContentLengthBodyTests(SynchronousTestCase):
+    """
+    After the head, the rest of a Content-Length body reaches the receiver
+    as the pieces that arrived (the parser would copy each one).
+    """
+
+    def test_pieces_as_received(self) -> None:
+        """
+        Each later read of the body is passed on as the same object; the
+        body ends at its length and the connection is kept.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10 + b"ab")
+        second, third = bytearray(b"cdef"), b"ghij"
+        second = bytes(second)
+        proto.dataReceived(second)
+        self.assertEqual(r.kinds(), ["response", "data", "data"])
+        proto.dataReceived(third)
+        self.assertEqual(r.kinds(), ["response", "data", "data", "data", "done"])
+        self.assertEqual(b"".join(r.pieces()), b"abcdefghij")
+        self.assertIs(r.pieces()[1], second)
+        self.assertIs(r.pieces()[2], third)
+        self.assertEqual(u.pool.idle_count, 1)
+        self.assertFalse(t.disconnecting)
+
+    def test_next_response_parsed(self) -> None:
+        """
+        The connection's next response, after a body that bypassed the
+        parser, is parsed as usual (chunked this time).
+        """
+        u = Upstream()
+        u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10)
+        proto.dataReceived(b"0123456789")
+        ex, r = u.request()
+        self.assertEqual(u.connected, 1)
+        proto.dataReceived(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(r.events, [("response", 201), ("data", b"abc"), ("done", None)])
+        self.assertEqual(u.pool.idle_count, 1)
+
+    def test_head_and_body_in_one_read(self) -> None:
+        """
+        A whole response in one read goes through the parser alone.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10 + b"0123456789")
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        ex2, r2 = u.request()
+        proto.dataReceived(HEAD10 + b"abcde")
+        proto.dataReceived(b"fghij")
+        self.assertEqual(b"".join(r2.pieces()), b"abcdefghij")
+        self.assertEqual(r2.kinds()[-1], "done")
+
+    def test_connection_close(self) -> None:
+        """
+        C{Connection: close} on a response whose body bypassed the parser
+        still ends the connection after it.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+        proto.dataReceived(b"abcd")
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(u.pool.idle_count, 0)
+
+    def test_http10_not_kept(self) -> None:
+        """
+        An HTTP/1.0 response without keep-alive is not re-used.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\n")
+        proto.dataReceived(b"abcd")
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertTrue(t.disconnecting)
+
+    def test_bytes_after_the_body(self) -> None:
+        """
+        The body ends at its length; bytes after it (nothing was asked)
+        abort the connection instead of being taken for a response.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10)
+        proto.dataReceived(b"0123456789HTTP/1.1 200 OK\r\n")
+        self.assertEqual(r.events[1:], [("data", b"0123456789"), ("done", None)])
+        self.assertTrue(t.disconnecting)
+
+    def test_cancel_from_the_receiver(self) -> None:
+        """
+        A receiver that cancels the exchange on a piece hears nothing
+        more; what still arrives aborts the connection.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10 + b"ab")
+        r.on_data = lambda data: ex.cancel()
+        proto.dataReceived(b"cdefghij")
+        self.assertEqual(r.kinds(), ["response", "data", "data"])
+        proto.dataReceived(b"more")
+        self.assertEqual(r.kinds(), ["response", "data", "data"])
+        self.assertEqual(u.pool.idle_count, 0)
+
+    def test_lost_mid_body(self) -> None:
+        """
+        A connection lost in the middle of such a body fails the exchange.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10 + b"ab")
+        proto.dataReceived(b"cd")
+        proto.connectionLost()
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+
+    def test_head_request(self) -> None:
+        """
+        A HEAD response's Content-Length announces no body: the next
+        response on the connection is parsed.
+        """
+        u = Upstream()
+        ex, r = u.request(b"HEAD")
+        proto, t = u.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        self.assertEqual(r.kinds(), ["response", "done"])
+        ex2, r2 = u.request()
+        proto.dataReceived(HEAD10 + b"01234")
+        proto.dataReceived(b"56789")
+        self.assertEqual(b"".join(r2.pieces()), b"0123456789")
+        self.assertEqual(r2.kinds()[-1], "done")
+
+
+class FakeSocket:
+    def __init__(self, take: int | None = None, error: Exception | None = None) -> None:
+        self.calls: list[tuple[str, list[bytes]]] = []
+        self.take = take
+        self.error = error
+
+    def _take(self, n: int) -> int:
+        if self.error is not None:
+            raise self.error
+        return n if self.take is None else min(self.take, n)
+
+    def send(self, data: bytes) -> int:
+        self.calls.append(("send", [data]))
+        return self._take(len(data))
+
+    def sendmsg(self, buffers: Any) -> int:
+        buffers = list(buffers)
+        self.calls.append(("sendmsg", buffers))
+        return self._take(sum(len(b) for b in buffers))
+
+
+class FakeTCP:
+    """
+    Looks like a Twisted TCP transport to the batcher.
+    """
+
+    def __init__(self, sock: FakeSocket) -> None:
+        self.socket = sock
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.connected = True
+        self.disconnecting = False
+        self._aborting = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self._tempDataLen += len(data)
+
+    def writeSequence(self, data: Any) -> None:
+        for piece in data:
+            self.write(piece)
+
+
+class WritePiecesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+        self.clock = MemoryReactorClock()
+        self.batcher = WriteBatcher(self.clock)
+
+    def test_one_sendmsg(self) -> None:
+        """
+        The pieces go to the socket at once, after what was pending, in
+        one sendmsg of the pieces themselves (not joined).
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"pending")
+        self.batcher.write_pieces(t, (b"head", BIG, b"\r\n"))
+        ((kind, buffers),) = t.socket.calls
+        self.assertEqual(kind, "sendmsg")
+        self.assertEqual(buffers, [b"pending", b"head", BIG, b"\r\n"])
+        self.assertIs(buffers[2], BIG)
+        self.clock.advance(0)
+        self.assertEqual(len(t.socket.calls), 1)
+        self.assertEqual(t.written, [])
+
+    def test_partial(self) -> None:
+        """
+        What the socket did not take goes to Twisted in order: the rest
+        of the piece it stopped in, then the whole pieces after it.
+        """
+        t = FakeTCP(FakeSocket(take=10))
+        self.batcher.write_pieces(t, (b"head", BIG, b"\r\n"))
+        self.assertEqual(t.written, [BIG[6:], b"\r\n"])
+        t2 = FakeTCP(FakeSocket(take=4))
+        self.batcher.write_pieces(t2, (b"head", BIG))
+        self.assertEqual(t2.written, [BIG])
+        self.assertIs(t2.written[0], BIG)
+
+    def test_error(self) -> None:
+        """
+        A send error leaves every piece to Twisted.
+        """
+        t = FakeTCP(FakeSocket(error=BlockingIOError()))
+        self.batcher.write(t, b"p")
+        self.batcher.write_pieces(t, (b"head", BIG))
+        self.assertEqual(t.written, [b"p", b"head", BIG])
+
+    def test_busy_transport(self) -> None:
+        """
+        A transport with bytes buffered by Twisted gets what was pending,
+        then the pieces, through Twisted.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"p")
+        t._tempDataLen = 5
+        self.batcher.write_pieces(t, (b"head", BIG))
+        self.assertEqual(t.socket.calls, [])
+        self.assertEqual(t.written, [b"p", b"head", BIG])
+
+    def test_aborted(self) -> None:
+        """
+        Nothing goes to a transport aborted meanwhile.
+        """
+        t = FakeTCP(FakeSocket())
+        self.batcher.write(t, b"p")
+        t._aborting = True
+        self.batcher.write_pieces(t, (b"head", BIG))
+        self.assertEqual((t.socket.calls, t.written), ([], []))
+
+    def test_other_transports(self) -> None:
+        """
+        Other transports (TLS, test transports) get the pieces through
+        their writeSequence.
+        """
+        seqs: list[list[bytes]] = []
+        t = StringTransport()
+        t.writeSequence = lambda seq: seqs.append(list(seq))  # type: ignore[method-assign]
+        self.batcher.write_pieces(t, (b"head", BIG))
+        self.assertEqual(seqs, [[b"head", BIG]])
+
+
+class ResponseWriteTests(SynchronousTestCase):
+    """
+    L{FastRequest.write} of a large chunk: the head and the chunk's
+    framing go with it in one sendmsg, the chunk not copied.
+    """
+
+    def setUp(self) -> None:
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+
+    def _request(self, method: bytes = b"GET") -> tuple[Any, FakeTCP]:
+        from twisted.web.resource import Resource
+
+        from mproxy.http.server import ProxySite
+
+        site = ProxySite(Resource(), MemoryReactorClock())
+        ch = site.buildProtocol(None)
+        t = FakeTCP(FakeSocket())
+        t.getPeer = lambda: None  # type: ignore[attr-defined]
+        t.getHost = lambda: None  # type: ignore[attr-defined]
+        ch.makeConnection(t)
+        req = ch.requestFactory(ch, method, b"/", b"HTTP/1.1", [(b"Host", b"x")])
+        ch._requests.append(req)
+        return req, t
+
+    def test_head_and_chunk(self) -> None:
+        req, t = self._request()
+        req.start_response(200, None, [(b"Content-Length", b"%d" % (2 * len(BIG)))],
+                           2 * len(BIG))
+        req.write(BIG)
+        ((kind, buffers),) = t.socket.calls
+        self.assertEqual(kind, "sendmsg")
+        self.assertTrue(buffers[0].startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(buffers[0].endswith(b"\r\n\r\n"))
+        self.assertIs(buffers[1], BIG)
+        req.write(BIG)
+        self.assertIs(t.socket.calls[1][1][-1], BIG)
+        self.assertEqual(req.sentLength, 2 * len(BIG))
+
+    def test_chunked(self) -> None:
+        """
+        A response of unknown length: each large chunk goes with its size
+        line and CRLF, the chunk itself not copied; the body ends as usual.
+        """
+        req, t = self._request()
+        req.start_response(200, None, [], None)
+        req.write(BIG)
+        buffers = t.socket.calls[0][1]
+        self.assertIn(b"Transfer-Encoding: chunked", buffers[0])
+        self.assertEqual(buffers[1:], [b"%x\r\n" % len(BIG), BIG, b"\r\n"])
+        self.assertIs(buffers[2], BIG)
+        req.write(BIG)
+        self.assertEqual(t.socket.calls[1][1], [b"%x\r\n" % len(BIG), BIG, b"\r\n"])
+
+    def test_small_chunks_batched(self) -> None:
+        """
+        Small chunks are still batched for the next iteration.
+        """
+        req, t = self._request()
+        req.start_response(200, None, [(b"Content-Length", b"3")], 3)
+        req.write(b"abc")
+        self.assertEqual(t.socket.calls, [])
+        self.assertLess(3, SEND_NOW)
+
+    def test_head_request(self) -> None:
+        """
+        A HEAD response sends its head only, however much is written.
+        """
+        req, t = self._request(b"HEAD")
+        req.start_response(200, None, [(b"Content-Length", b"%d" % len(BIG))], len(BIG))
+        req.write(BIG)
+        req.channel.batcher.flush()
+        sent = b"".join(b"".join(bufs) for _, bufs in t.socket.calls)
+        self.assertTrue(sent.endswith(b"\r\n\r\n"), sent[-20:])
+        self.assertNotIn(BIG[:100], sent)
