@@ -64,6 +64,7 @@ What it does beyond hyper-h2, and why:
 from __future__ import annotations
 
 import re
+import weakref
 from collections import deque
 from typing import Any
 
@@ -525,6 +526,44 @@ class ServerConnection(h2.connection.H2Connection):
         self._prepare_for_sending([f])
 
 
+class _Sender:
+    """
+    Runs, at the start of the next reactor iteration, the send loop of
+    every connection that has something to send (one C{callLater(0)} per
+    iteration for all of them, none cancelled when a connection sends at
+    once instead).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pending: dict[Any, None] = {}
+        self._call: Any = None
+
+    def add(self, channel: Any) -> None:
+        self.pending[channel] = None
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self.run)
+
+    def discard(self, channel: Any) -> None:
+        self.pending.pop(channel, None)
+
+    def run(self) -> None:
+        self._call = None
+        pending, self.pending = self.pending, {}
+        for channel in pending:
+            channel._send_scheduled()
+
+
+_senders: weakref.WeakKeyDictionary[Any, _Sender] = weakref.WeakKeyDictionary()
+
+
+def _sender_for(reactor: Any) -> _Sender:
+    sender = _senders.get(reactor)
+    if sender is None:
+        sender = _senders[reactor] = _Sender(reactor)
+    return sender
+
+
 class H2Channel(Protocol, TimeoutMixin):
     """
     One HTTP/2 client connection of a L{ProxySite}: hyper-h2's state
@@ -564,7 +603,7 @@ class H2Channel(Protocol, TimeoutMixin):
         self._pending: dict[int, H2Request] = {}
         self._outboundStreamQueues: dict[int, deque[Any]] = {}
         self._consumerBlocked: Deferred[None] | None = None
-        self._sendingDeferred: Deferred[None] | None = None
+        self._sender = _sender_for(reactor)
         self._stillProducing = True
         self._bufferedControlFrames: deque[bytes] = deque()
         self._bufferedControlFrameBytes = 0
@@ -718,9 +757,9 @@ class H2Channel(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone()),
                        _cancelTimeouts: bool = True) -> None:
-        call, self._send_call = self._send_call, None
-        if call is not None and call.active():
-            call.cancel()
+        if self._send_queued:
+            self._send_queued = False
+            self._sender.discard(self)
         self._closed = True
         self._stillProducing = False
         if _cancelTimeouts:
@@ -956,13 +995,10 @@ class H2Channel(Protocol, TimeoutMixin):
             self.priority.unblock(stream_id)
         else:
             self._done.append(stream_id)
-        call = self._send_call
-        if call is not None and self._consumerBlocked is None:
-            self._send_call = None
-            call.cancel()
+        if self._send_queued and self._consumerBlocked is None:
+            self._send_queued = False
+            self._sender.discard(self)
             self._sendPrioritisedData()
-        elif queued:
-            self._wake()
         else:
             self._schedule_send()
 
@@ -1026,23 +1062,9 @@ class H2Channel(Protocol, TimeoutMixin):
 
     # --- sending ------------------------------------------------------------------
 
-    _send_call: Any = None
+    #: the send loop is due in the next reactor iteration (L{_Sender})
+    _send_queued = False
     _waiting_for_consumer = False
-
-    def _wake_sender(self) -> None:
-        d, self._sendingDeferred = self._sendingDeferred, None
-        if d is not None:
-            d.callback(None)
-
-    def _wake(self) -> None:
-        """
-        Something is queued to send: wake the send loop (next iteration).
-        """
-        d, self._sendingDeferred = self._sendingDeferred, None
-        if d is not None:
-            d.callback(None)
-        else:
-            self._schedule_send()
 
     def _consumer_ready(self, *args: Any) -> None:
         self._waiting_for_consumer = False
@@ -1053,11 +1075,14 @@ class H2Channel(Protocol, TimeoutMixin):
         Run the send loop at the start of the next reactor iteration (once,
         however many streams got data meanwhile).
         """
-        if self._send_call is None and self._stillProducing:
-            self._send_call = self._reactor.callLater(0, self._send_scheduled)
+        if not self._send_queued and self._stillProducing:
+            self._send_queued = True
+            self._sender.add(self)
+
+    _wake = _wake_sender = _schedule_send
 
     def _send_scheduled(self) -> None:
-        self._send_call = None
+        self._send_queued = False
         self._sendPrioritisedData()
 
     def _tryToWriteControlData(self) -> bool:
@@ -1107,16 +1132,13 @@ class H2Channel(Protocol, TimeoutMixin):
         done = self._done
         if done:
             self._done = []
+        ready = priority_tree._ready
         try:
             while True:
-                try:
-                    stream = next(priority_tree)
-                except priority.DeadlockError:
+                if not ready:
                     # nothing to send: wait until a stream has data
-                    if self._sendingDeferred is None:
-                        self._sendingDeferred = Deferred()
-                        self._sendingDeferred.addCallback(self._schedule_send)
                     return
+                stream = next(priority_tree)
                 if self._consumerBlocked is not None:
                     # the transport is full: resume when it drains
                     if not self._waiting_for_consumer:
