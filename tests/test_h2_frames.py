@@ -15,7 +15,14 @@ from hyperframe.frame import DataFrame, Frame, HeadersFrame
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.http import h2frames
-from mproxy.http.h2frames import data_frame_head, encode_block, encode_field, headers_frame
+from mproxy.http.h2frames import (
+    data_frame_head,
+    encode_block,
+    encode_field,
+    encode_response,
+    headers_frame,
+    response_block,
+)
 from tests.test_h2 import Harness
 from tests.test_h2_streams import Exchanges
 
@@ -71,6 +78,24 @@ class EncodeTests(SynchronousTestCase):
         self.assertLessEqual(len(h2frames._plain), 10)
         self.assertEqual(Decoder().decode(encode_field(b"x-n", b"7"), raw=True), [(b"x-n", b"7")])
 
+    def test_response_normalized(self) -> None:
+        """
+        L{encode_response} encodes what L{response_block} makes of a head:
+        names lowercased, values stripped, connection-specific fields
+        dropped, credentials never indexed; the same again from its cache.
+        """
+        headers = [(b"Content-Type", b"text/plain"), (b"Connection", b"close"),
+                   (b"X-Pad", b" v\t"), (b"Authorization", b"secret"),
+                   [b"X-List", b"1"], (b"Transfer-Encoding", b"chunked")]
+        expected = response_block(404, headers)
+        self.assertEqual(expected, [(b":status", b"404"), (b"content-type", b"text/plain"),
+                                    (b"x-pad", b"v"), (b"authorization", b"secret"),
+                                    (b"x-list", b"1")])
+        for _ in range(2):
+            decoded = Decoder().decode(encode_response(404, headers), raw=True)
+            self.assertEqual(decoded, expected)
+            self.assertIsInstance(decoded[3], NeverIndexedHeaderTuple)
+
     def test_frames(self) -> None:
         f = parse(headers_frame(5, b"\x88", True))
         self.assertIsInstance(f, HeadersFrame)
@@ -125,3 +150,22 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(h.client.inbound_flow_control_window,
                          h.channel.conn.outbound_flow_control_window)
         self.assertFalse(h.closed)
+
+    def test_head_larger_than_a_frame(self) -> None:
+        """
+        A head too large for one HEADERS frame goes out with CONTINUATION
+        frames (hyper-h2's way), and the client reads it.
+        """
+        app = Exchanges()
+        h = Harness(app)
+        h.get()
+        [rq] = app.got
+        rq.start_response(200, None, [(b"X-Big", b"b" * 20000), (b"Content-Length", b"2")], 2)
+        rq.write(b"ok")
+        rq.finish()
+        h.pump()
+        events = self.responses(h)
+        [head] = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+        self.assertIn((b"x-big", b"b" * 20000), head.headers)
+        self.assertEqual([e.data for e in events if isinstance(e, h2.events.DataReceived)],
+                         [b"ok"])

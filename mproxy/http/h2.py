@@ -91,7 +91,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mproxy.http.h2exchange import H2Request
-from mproxy.http.h2frames import data_frame_head, encode_block, headers_frame
+from mproxy.http.h2frames import data_frame_head, encode_response, headers_frame, response_block
 from mproxy.http.request import address_strings
 
 __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
@@ -447,17 +447,19 @@ class ServerConnection(h2.connection.H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
-    def send_response_head(self, stream_id: int, headers: list[Any], end_stream: bool) -> None:
+    def send_response_head(self, stream_id: int, code: int,
+                           headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         """
         Queue a (final) response head: hyper-h2's C{send_headers}, with the
-        block encoded by L{mproxy.http.h2frames} and the HEADERS frame
-        written directly (one that needs CONTINUATION goes the usual way).
+        block normalized and encoded by L{mproxy.http.h2frames} and the
+        HEADERS frame written directly (one that needs CONTINUATION goes
+        the usual way).
 
         @raise h2.exceptions.StreamClosedError: the stream is closed.
         """
-        block = encode_block(headers)
+        block = encode_response(code, headers)
         if len(block) > self.max_outbound_frame_size - 8:
-            self.send_headers(stream_id, headers, end_stream=end_stream)
+            self.send_headers(stream_id, response_block(code, headers), end_stream=end_stream)
             return
         stream = self._get_stream_by_id(stream_id)
         self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
@@ -942,15 +944,16 @@ class H2Channel(Protocol, TimeoutMixin):
 
     # --- streams: responses --------------------------------------------------------
 
-    def send_head(self, stream_id: int, block: list[Any], end: bool) -> None:
+    def send_head(self, stream_id: int, code: int, headers: list[tuple[bytes, bytes]],
+                  end: bool) -> None:
         """
-        Queue a response head (a checked HPACK header list); with C{end} it
-        ends the stream (a response without a body).
+        Queue a response head; with C{end} it ends the stream (a response
+        without a body).
         """
         if self._closed:
             return
         try:
-            self.conn.send_response_head(stream_id, block, end)
+            self.conn.send_response_head(stream_id, code, headers, end)
         except h2.exceptions.StreamClosedError:
             # the client reset the stream meanwhile
             return

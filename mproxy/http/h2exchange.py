@@ -30,53 +30,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from hpack import NeverIndexedHeaderTuple
 from zope.interface import implementer
 
 from mproxy.http.interfaces import ITunnelExchange
 from mproxy.http.request import FastRequest
 
-__all__ = ["H2Request", "response_block"]
+__all__ = ["H2Request"]
 
-#: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
-CONNECTION_HEADERS = frozenset(
-    [b"connection", b"upgrade", b"transfer-encoding", b"keep-alive", b"proxy-connection"])
-#: fields HPACK must never index (credentials)
-SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 _NO_BODY_CODES = frozenset((204, 304))
-_STATUS: dict[int, bytes] = {}
-#: response field names already lowercased (names repeat from response to
-#: response)
-_LOWER: dict[bytes, bytes] = {}
-MAX_LOWER = 1024
-
-
-def response_block(code: int, headers: list[tuple[bytes, bytes]]) -> list[Any]:
-    """
-    A response head as an HPACK header list: C{:status} first, names
-    lowercased, values stripped, connection-specific fields dropped,
-    credentials (and short cookies) never indexed.
-    """
-    status = _STATUS.get(code)
-    if status is None:
-        status = _STATUS[code] = b"%d" % code
-    block: list[Any] = [(b":status", status)]
-    lower = _LOWER
-    for name, value in headers:
-        n = lower.get(name)
-        if n is None:
-            n = name.lower().strip()
-            if len(lower) < MAX_LOWER:
-                lower[name] = n
-        if n in CONNECTION_HEADERS:
-            continue
-        if value and (value[0] in (0x20, 0x09) or value[-1] in (0x20, 0x09)):
-            value = value.strip()
-        if n in SECRET_HEADERS or (n == b"cookie" and len(value) < 20):
-            block.append(NeverIndexedHeaderTuple(n, value))
-        else:
-            block.append((n, value))
-    return block
 
 
 class _StreamBodyProducer:
@@ -109,7 +70,7 @@ class H2Request(FastRequest):
     docstring).
     """
 
-    _block: list[Any] | None = None
+    _response_headers: list[tuple[bytes, bytes]] = []
     _head_sent = False
     #: the relay (or another producer) paused while the send window is full
     _producing = False
@@ -251,7 +212,7 @@ class H2Request(FastRequest):
             headers = headers + self.extra_headers
         if self.method == b"HEAD" or code in _NO_BODY_CODES:
             self._no_body = True
-        self._block = response_block(code, headers)
+        self._response_headers = headers
 
     def write(self, data: bytes) -> None:
         if self.finished:
@@ -271,10 +232,8 @@ class H2Request(FastRequest):
 
     def _send_head(self, end: bool) -> None:
         self._head_sent = True
-        block, self._block = self._block, None
-        if block is None:
-            block = response_block(self.code, [])
-        self.channel.send_head(self.stream_id, block, end)
+        headers, self._response_headers = self._response_headers, []
+        self.channel.send_head(self.stream_id, self.code, headers, end)
 
     def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished or self._disconnected:

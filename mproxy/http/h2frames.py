@@ -5,6 +5,8 @@ through hyper-h2's frame objects and HPACK encoder (whose per-frame and
 per-field Python work was most of a small response's sending cost).
 
     encode_block(headers) -> bytes        # an HPACK header block
+    encode_response(code, headers) -> bytes   # a response head, normalized
+    response_block(code, headers) -> list     # the same as a header list
     headers_frame(stream_id, block, end) -> bytes
     data_frame_head(stream_id, length, end) -> bytes   # the DATA frame's 9 bytes
 
@@ -26,7 +28,14 @@ from typing import Any
 from hpack import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 
-__all__ = ["encode_block", "encode_field", "headers_frame", "data_frame_head"]
+__all__ = ["encode_block", "encode_field", "encode_response", "response_block",
+           "headers_frame", "data_frame_head"]
+
+#: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
+CONNECTION_HEADERS = frozenset(
+    [b"connection", b"upgrade", b"transfer-encoding", b"keep-alive", b"proxy-connection"])
+#: fields HPACK must never index (credentials)
+SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 
 #: encoded fields kept (names and values repeat from response to response)
 FIELD_CACHE = 4096
@@ -126,3 +135,67 @@ def data_frame_head(stream_id: int, length: int, end_stream: bool) -> bytes:
     """
     return (length.to_bytes(3, "big") + bytes((_DATA, _END_STREAM if end_stream else 0))
             + stream_id.to_bytes(4, "big"))
+
+
+def _normalized(name: bytes, value: bytes) -> Any:
+    """
+    A response field as HTTP/2 sends it (name lowercased, value stripped;
+    never indexed if a credential or a short cookie), or C{None} if it is
+    connection-specific.
+    """
+    n = name.lower().strip()
+    if n in CONNECTION_HEADERS:
+        return None
+    if value and (value[0] in (0x20, 0x09) or value[-1] in (0x20, 0x09)):
+        value = value.strip()
+    if n in SECRET_HEADERS or (n == b"cookie" and len(value) < 20):
+        return NeverIndexedHeaderTuple(n, value)
+    return (n, value)
+
+
+def response_block(code: int, headers: list[tuple[bytes, bytes]]) -> list[Any]:
+    """
+    A response head as an HPACK header list: C{:status} first, then the
+    fields as L{_normalized} makes them.
+    """
+    block: list[Any] = [(b":status", b"%d" % code)]
+    for name, value in headers:
+        field = _normalized(name, value)
+        if field is not None:
+            block.append(field)
+    return block
+
+
+#: a response field as given (name, value) -> its normalized encoding
+_response_fields: dict[Any, bytes] = {}
+_status_fields: dict[int, bytes] = {}
+
+
+def encode_response(code: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """
+    The HPACK block of L{response_block}C{(code, headers)}, each field's
+    normalization and encoding looked up at once.
+    """
+    status = _status_fields.get(code)
+    if status is None:
+        status = _status_fields[code] = encode_field(b":status", b"%d" % code)
+    parts = [status]
+    cache = _response_fields
+    for field in headers:
+        try:
+            out = cache.get(field)
+        except TypeError:
+            # not a tuple
+            field = tuple(field)
+            out = cache.get(field)
+        if out is None:
+            norm = _normalized(field[0], field[1])
+            if norm is None:
+                out = b""
+            else:
+                out = encode_field(norm[0], norm[1], type(norm) is not tuple)
+            if len(cache) >= FIELD_CACHE:
+                cache.clear()
+            cache[field] = out
+        parts.append(out)
+    return b"".join(parts)
