@@ -351,3 +351,22 @@ class RequestBodyTests(SynchronousTestCase):
         from hpack import Decoder
 
         self.assertEqual(Decoder().decode(hf.data, raw=True), [(b":status", b"100")])
+
+    def test_expect_continue_without_length_dispatched_at_once(self) -> None:
+        """
+        A client waiting for 100 Continue sends no body until it gets one:
+        such a stream is not held back to collect its body.
+        """
+        app = Exchanges()
+        h = Harness(app)
+        post(h, extra=[(b"expect", b"100-continue")])
+        [rq] = app.got
+        self.assertEqual((rq.body_length, rq.body_done), (-1, False))
+        c = Consumer()
+        c.attach(rq)
+        rq.send_continue()
+        h.pump()
+        self.assertEqual(len([f for f in h.frames() if isinstance(f, HeadersFrame)]), 1)
+        h.client.send_data(1, b"body", end_stream=True)
+        h.flush()
+        self.assertEqual((b"".join(c.data), c.ended), (b"body", True))

@@ -860,6 +860,11 @@ class H2Channel(Protocol, TimeoutMixin):
         if length is not None and length >= 0:
             req.body_length = length
             self._render(req)
+        elif expect:
+            # the client waits for 100 Continue before it sends the body:
+            # streamed, its length unknown
+            req.body_length = -1
+            self._render(req)
         else:
             # no declared length: collect a small body (dispatched with its
             # length at END_STREAM), stream a larger one
