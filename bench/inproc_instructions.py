@@ -3,7 +3,8 @@
 
 The real router, service, load balancer, proxy site and upstream pool of a
 source tree serve GET / on a loopback socket; -c keep-alive clients and a
-fixed-response upstream run in the same process and reactor, so every
+fixed-response upstream run in the same process and reactor (the worker's
+reactor and log stream, where the tree has them), so every
 request takes the same steps whatever the machine's load (the
 `proxy_instructions.py` count, with its clients in another process, depends
 on how many requests one reactor iteration handles). The count includes the
@@ -40,6 +41,13 @@ WARMUP = 200
 
 def serve(args) -> None:
     sys.path.insert(0, args.tree)
+    try:
+        # the worker's own reactor, in trees that have one
+        from mproxy.workers.reactor import install
+    except ImportError:
+        pass
+    else:
+        install()
     from twisted.internet import reactor
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
@@ -67,7 +75,12 @@ def serve(args) -> None:
     lb = LoadBalancer([address], [], reactor, pool_factory=pools)
     lb.mark_all_healthy()
     router.install(Service("default", ServiceOptions(), TargetOptions(), lb, reactor))
-    log = open(os.devnull, "w")
+    # the log lines as a worker writes them (to /dev/null here)
+    from mproxy.workers.worker import FDLines
+
+    turn_end = getattr(reactor, "call_at_turn_end", None)
+    log_fd = os.open(os.devnull, os.O_WRONLY)
+    log = FDLines(log_fd) if turn_end is None else FDLines(log_fd, turn_end)
     site = build_http_factory(reactor, router, JSONLogger(log), pools=pools)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     target = upport.getHost().port if args.direct else port.getHost().port

@@ -12,7 +12,9 @@ start-up, deploy and shutdown cancelled out.
 
 Cases: each source tree given with --mproxy-tree LABEL=DIR (default: this
 checkout as "here"), over plain HTTP, (--tls) HTTPS and (--h2) HTTP/2 over
-TLS (h2load -n N -c --connections -m --h2-streams).
+TLS (h2load -n N -c --connections -m --h2-streams). --workload get64k,
+get1m or post1m (HTTP/1.1 only) sends proxy_cpu.py's body requests instead
+of GET /: the figure is then also given per MiB of body.
 
 Usage: python3 bench/proxy_instructions.py --mproxy-tree before=/path/a \\
            --mproxy-tree after=/path/b [--requests 2000] [--base 300] [--tls] [--h2]
@@ -37,12 +39,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from proxy_cpu import single_worker, tree_command, verify  # noqa: E402
+from proxy_cpu import WORKLOADS, single_worker, tree_command, verify  # noqa: E402
 
 
-def load(host: str, port: int, total: int, connections: int, cafile: str | None) -> int:
-    """Send `total` GET / requests over `connections` keep-alive connections;
-    returns how many got a 200."""
+def load(host: str, port: int, total: int, connections: int, cafile: str | None,
+         workload: str = "small") -> int:
+    """Send `total` requests of `workload` (GET / by default) over
+    `connections` keep-alive connections; returns how many got a 200 (with
+    the whole body, for the downloads)."""
+    path, upload, download = WORKLOADS[workload]
+    body = b"x" * upload if upload else None
     ok = [0] * connections
     share = [total // connections + (1 if i < total % connections else 0)
              for i in range(connections)]
@@ -55,10 +61,14 @@ def load(host: str, port: int, total: int, connections: int, cafile: str | None)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=120)
         for _ in range(share[i]):
-            conn.request("GET", "/")
+            if body is not None:
+                conn.request("POST", "/" + path, body=body,
+                             headers={"Content-Type": "application/octet-stream"})
+            else:
+                conn.request("GET", "/" + path)
             r = conn.getresponse()
-            r.read()
-            if r.status == 200:
+            got = r.read()
+            if r.status == 200 and (download is None or len(got) == download):
                 ok[i] += 1
         conn.close()
 
@@ -90,13 +100,16 @@ def total_ir(path: Path) -> int:
     raise C.BenchError(f"no instruction total in {path}")
 
 
-def total_ir_all(workdir: Path, timeout: float = 120) -> int:
+def total_ir_all(workdir: Path, supervisor: int, timeout: float = 120) -> int:
     """The instruction total of the process that served the requests.
-    `mproxy run --workers 1` is a supervisor, the worker and a standby
-    worker, all traced: the worker with the largest total served them (the
-    supervisor's and the standby's counts grow with the run's wall time, not
-    with the requests, so they are left out); without worker processes, the
-    one process's total. Waits for each process's file to be complete: a
+    `mproxy run --workers 1` is a supervisor (the process started, PID
+    `supervisor`), the worker and a standby worker, all traced: the worker
+    with the largest total served them (the supervisor's and the standby's
+    counts grow with the run's wall time, not with the requests, so they are
+    left out). A worker is any other process: the first workers are forked
+    from the supervisor (their command line is the supervisor's), later ones
+    are `python -m mproxy.workers`. Without worker processes, the one
+    process's total. Waits for each process's file to be complete: a
     worker may still be exiting after the supervisor."""
     deadline = time.monotonic() + timeout
     while True:
@@ -113,9 +126,9 @@ def total_ir_all(workdir: Path, timeout: float = 120) -> int:
         raise C.BenchError(f"no callgrind output in {workdir}")
     workers = []
     for f, t in zip(files, totals):
-        cmd = next((line[5:].strip() for line in f.read_text(errors="replace").splitlines()
-                    if line.startswith("cmd:")), "?")
-        is_worker = "mproxy.workers" in cmd or '"slot":' in cmd
+        pid = next((line[5:].strip() for line in f.read_text(errors="replace").splitlines()
+                    if line.startswith("pid:")), "?")
+        is_worker = pid != str(supervisor)
         C.log(f"  {f.name}: {t:,} instructions ({'worker' if is_worker else 'main'})")
         if is_worker:
             workers.append(t)
@@ -148,13 +161,13 @@ def one_run(label: str, cmd: list[str], env: dict, tls: bool, n: int, tmp: Path,
         if h2:
             got = load_h2(host, port, n, args.connections, args.h2_streams)
         else:
-            got = load(host, port, n, args.connections, cafile)
+            got = load(host, port, n, args.connections, cafile, args.workload)
         if got != n:
             raise C.BenchError(f"{label}: only {got} of {n} requests got a 200")
         C.log(f"{label}: {n} requests in {time.monotonic() - t0:.1f}s under callgrind")
         mp.proc.popen.send_signal(signal.SIGTERM)
         mp.proc.popen.wait(300)
-    return total_ir_all(workdir)
+    return total_ir_all(workdir, mp.pid)
 
 
 def main(argv=None) -> int:
@@ -170,11 +183,16 @@ def main(argv=None) -> int:
     ap.add_argument("--h2-streams", type=int, default=10,
                     help="HTTP/2 streams in flight per connection (h2load -m)")
     ap.add_argument("--no-plain", action="store_true", help="skip plain HTTP")
+    ap.add_argument("--workload", default="small",
+                    choices=[w for w in WORKLOADS if w != "rate"],
+                    help="the requests sent (proxy_cpu.py's workloads; HTTP/1.1 only)")
     ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
     ap.add_argument("--load-cpu", type=int, default=1, help="CPU for the upstream (-1: no pin)")
     ap.add_argument("--slow-health", action="store_true",
                     help="deploy with --health-check-interval 1h (trees that accept it)")
     args = ap.parse_args(argv)
+    if args.h2 and args.workload != "small":
+        ap.error("--workload is for HTTP/1.1 (h2load sends GET /)")
     C.install_signal_handlers()
     for tool in ("valgrind", "nginx") + (("h2load",) if args.h2 else ()):
         if not shutil.which(tool):
@@ -209,11 +227,14 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
+    _, upload, download = WORKLOADS[args.workload]
+    mib = (upload or download or 0) / 1048576
     print(f"callgrind instructions per request ({args.requests} requests, "
           f"{args.connections} keep-alive connections"
+          + (f"; workload {args.workload}" if args.workload != "small" else "")
           + (f"; HTTP/2: {args.h2_streams} streams each" if args.h2 else "") + "):")
     for name, ir in results.items():
-        print(f"  {name:<22} {ir:>12,.0f}")
+        print(f"  {name:<22} {ir:>12,.0f}" + (f"   {ir / mib:>14,.0f} per MiB" if mib else ""))
     labels = list(trees)
     for base in ("mproxy", "mproxy-tls", "mproxy-h2"):
         for i, a in enumerate(labels):

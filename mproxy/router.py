@@ -60,17 +60,30 @@ class RouteTable:
         match on segment boundaries: C{/app} matches C{/app} and C{/app/x} but
         not C{/appointment}.
         """
-        bindings = self.bindings_for(host)
-        if not bindings:
-            return None
-        for prefix, name in bindings:
-            if prefix == "/":
-                return name, prefix
-            if path.startswith(prefix):
-                n = len(prefix)
-                if len(path) == n or path[n] == "/":
-                    return name, prefix
+        return first_binding(self.bindings_for(host), path)
+
+
+def first_binding(bindings: tuple[tuple[str, str], ...] | None,
+                  path: str) -> tuple[str, str] | None:
+    """
+    The first of a host's bindings (longest prefix first) matching C{path},
+    as C{(service name, prefix)}, or C{None}.
+    """
+    if not bindings:
         return None
+    for prefix, name in bindings:
+        if prefix == "/":
+            return name, prefix
+        if path.startswith(prefix):
+            n = len(prefix)
+            if len(path) == n or path[n] == "/":
+                return name, prefix
+    return None
+
+
+#: the most Host values (as sent: port and case included) a L{Router}
+#: remembers the bindings of; others are looked up each time
+HOST_CACHE_SIZE = 1024
 
 
 def strip_port(host: str) -> str:
@@ -113,9 +126,24 @@ class Router:
         # one Match per (service name, prefix) found, made once: a match is
         # asked for every request (emptied with each new table)
         self._matches: dict[tuple[str, str], Match] = {}
+        # the bindings of each Host value seen (requests carry the same few
+        # hosts: the port stripped and the table searched once per host,
+        # not per request), for the table they were found in
+        self._hosts: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._hosts_table = self.table
 
     def match(self, host: str, path: str) -> Match | None:
-        found = self.table.lookup(strip_port(host), path)
+        table = self.table
+        hosts = self._hosts
+        if self._hosts_table is not table:
+            hosts = self._hosts = {}
+            self._hosts_table = table
+        bindings = hosts.get(host)
+        if bindings is None:
+            bindings = table.bindings_for(strip_port(host)) or ()
+            if len(hosts) < HOST_CACHE_SIZE:
+                hosts[host] = bindings
+        found = first_binding(bindings, path)
         if found is None:
             return None
         m = self._matches.get(found)

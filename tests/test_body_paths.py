@@ -184,6 +184,25 @@ class ContentLengthBodyTests(SynchronousTestCase):
         self.assertEqual(r.kinds(), ["response", "data", "data"])
         self.assertEqual(u.pool.idle_count, 0)
 
+    def test_failing_receiver(self) -> None:
+        """
+        A receiver that raises on a piece fails the exchange (502) and
+        aborts the connection, as for a piece the parser delivered.
+        """
+        u = Upstream()
+        ex, r = u.request()
+        proto, t = u.connect()
+        proto.dataReceived(HEAD10 + b"ab")
+
+        def boom(data: bytes) -> None:
+            raise ValueError("boom")
+
+        r.on_data = boom
+        proto.dataReceived(b"cd")
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+        self.assertIn("boom", r.events[-1][2])
+        self.assertTrue(t.disconnecting)
+
     def test_lost_mid_body(self) -> None:
         """
         A connection lost in the middle of such a body fails the exchange.
@@ -211,6 +230,27 @@ class ContentLengthBodyTests(SynchronousTestCase):
         proto.dataReceived(b"56789")
         self.assertEqual(b"".join(r2.pieces()), b"0123456789")
         self.assertEqual(r2.kinds()[-1], "done")
+
+
+class ChunkedUploadTests(SynchronousTestCase):
+    def test_large_chunk_with_framing(self) -> None:
+        """
+        A large piece of a request body sent chunked goes to the target
+        with its size line and CRLF as separate pieces (the piece itself
+        not copied); small ones are framed as before.
+        """
+        u = Upstream()
+        seqs: list[list[bytes]] = []
+        r = Receiver()
+        ex = u.pool.request(b"POST", b"/up", [(b"Host", b"x")], r, body_length=-1)
+        proto, t = u.connect()
+        t.writeSequence = lambda seq: seqs.append(list(seq))  # type: ignore[method-assign]
+        ex.write_body(BIG)
+        self.assertEqual(seqs, [[b"%x\r\n" % len(BIG), BIG, b"\r\n"]])
+        self.assertIs(seqs[0][1], BIG)
+        ex.write_body(b"abc")
+        ex.end_body()
+        self.assertTrue(t.value().endswith(b"3\r\nabc\r\n0\r\n\r\n"))
 
 
 class FakeSocket:
@@ -411,3 +451,156 @@ class ResponseWriteTests(SynchronousTestCase):
         sent = b"".join(b"".join(bufs) for _, bufs in t.socket.calls)
         self.assertTrue(sent.endswith(b"\r\n\r\n"), sent[-20:])
         self.assertNotIn(BIG[:100], sent)
+
+
+class _Recorder:
+    """
+    A leaf resource that remembers its requests and streams their bodies
+    into C{bodies} (answering once a body ends).
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.pieces: list[list[bytes]] = []
+        self.errors: list[int] = []
+
+    def render(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        self.requests.append(request)
+        pieces: list[bytes] = []
+        self.pieces.append(pieces)
+
+        def end() -> None:
+            body = b"%d" % sum(map(len, pieces))
+            request.start_response(200, None, [(b"Content-Length", b"%d" % len(body))],
+                                   len(body))
+            request.write(body)
+            request.finish()
+
+        def data(piece: bytes) -> None:
+            if piece == b"boom":
+                raise ValueError("boom")
+            pieces.append(piece)
+
+        request.set_body_consumer(data, end, lambda status, message: self.errors.append(status))
+        if not request.body_length:
+            end()
+        return NOT_DONE_YET
+
+
+class Client:
+    def __init__(self) -> None:
+        from mproxy.http.server import ProxySite
+
+        self.reactor = MemoryReactorClock()
+        self.resource = _Recorder()
+        self.site = ProxySite(self.resource, self.reactor)
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def output(self) -> bytes:
+        return self.transport.value()
+
+
+POST10 = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+
+
+class RequestBodyTests(SynchronousTestCase):
+    """
+    After the head, the rest of a Content-Length request body reaches the
+    consumer as the pieces that arrived (the parser would copy each one).
+    """
+
+    def test_pieces_as_received(self) -> None:
+        c = Client()
+        c.send(POST10 + b"ab")
+        second, third = bytes(bytearray(b"cdef")), bytes(bytearray(b"ghij"))
+        c.send(second)
+        c.send(third)
+        (pieces,) = c.resource.pieces
+        self.assertEqual(pieces, [b"ab", b"cdef", b"ghij"])
+        self.assertIs(pieces[1], second)
+        self.assertIs(pieces[2], third)
+        self.assertTrue(c.output().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(c.output().endswith(b"\r\n\r\n10"))
+        self.assertFalse(c.transport.disconnecting)
+
+    def test_following_requests_parsed(self) -> None:
+        """
+        Requests after such a body, in the same read as its end or later,
+        are parsed as usual.
+        """
+        c = Client()
+        c.send(POST10)
+        c.send(b"01234")
+        c.send(b"56789" + b"POST /two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\n\r\n")
+        c.send(b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([r.path for r in c.resource.requests], [b"/up", b"/two", b"/three"])
+        self.assertEqual(c.resource.pieces[:2], [[b"01234", b"56789"], [b"abc"]])
+        self.assertEqual(c.output().count(b"HTTP/1.1 200 OK"), 3)
+
+    def test_queued_until_consumed(self) -> None:
+        """
+        Pieces that arrive before the body has a consumer are queued and
+        delivered to it in order.
+        """
+        from mproxy.http.server import ProxySite
+
+        got: list[bytes] = []
+
+        class Later:
+            isLeaf = True
+            request: Any = None
+
+            def render(self, request: Any) -> Any:
+                from twisted.web.server import NOT_DONE_YET
+
+                self.request = request
+                return NOT_DONE_YET
+
+        res = Later()
+        site = ProxySite(res, MemoryReactorClock())
+        ch = site.buildProtocol(None)
+        ch.makeConnection(StringTransport())
+        ch.dataReceived(POST10 + b"a")
+        ch.dataReceived(b"bcd")
+        ended: list[bool] = []
+        res.request.set_body_consumer(got.append, lambda: ended.append(True),
+                                      lambda s, m: None)
+        ch.dataReceived(b"efghij")
+        self.assertEqual(got, [b"a", b"bcd", b"efghij"])
+        self.assertEqual(ended, [True])
+
+    def test_failing_consumer(self) -> None:
+        """
+        A consumer that raises on a piece is reported as the parser
+        reports a failing callback: 400 to the request, reading stops.
+        """
+        c = Client()
+        c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nab")
+        c.send(b"boom")
+        self.assertEqual(c.resource.errors, [400])
+        c.send(b"cd")
+        self.assertEqual(c.resource.pieces, [[b"ab"]])
+
+    def test_body_timeout_moves(self) -> None:
+        """
+        Each piece that bypasses the parser counts as body progress for
+        the body timeout.
+        """
+        c = Client()
+        c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+        for _ in range(3):
+            c.reactor.advance(40)
+            c.send(b"x")
+        self.assertEqual(c.resource.errors, [])
+        c.reactor.advance(61)
+        self.assertEqual(c.resource.errors, [408])

@@ -1132,6 +1132,41 @@ class RequestLogEncodingTests(SynchronousTestCase):
         self.assertEqual(got[0][1]["path"], "p")
         self.assertEqual(got[0][1]["scheme"], "https")
 
+    def test_repeated_values_encoded_once(self) -> None:
+        """
+        What repeats from one request to the next (host, method, content
+        types, service and target, the client's fields) is encoded once:
+        a second request like the first encodes only its path, request id
+        and query.
+        """
+        for cache in (reqlog._values, reqlog._service_targets, reqlog._clients):
+            cache.clear()
+        encoded: list[str] = []
+        real = reqlog._s
+
+        def counting(text: str) -> str:
+            encoded.append(text)
+            return real(text)
+
+        self.patch(reqlog, "_s", counting)
+        first, _ = self.lines(_CallStub("a", False, "", SimpleNamespace(name="svc")))
+        del encoded[:]
+        second, _ = self.lines(_CallStub("a", False, "", SimpleNamespace(name="svc")))
+        self.assertEqual(second, first)
+        self.assertEqual(len(encoded), 3)
+
+    def test_caches_bounded(self) -> None:
+        """
+        Clients choose most of these values: each cache holds at most
+        L{reqlog.CACHE_SIZE} of them, and every line stays right.
+        """
+        for i in range(reqlog.CACHE_SIZE + 5):
+            call = _CallStub("h%d" % i, False, "", SimpleNamespace(name="s%d" % i))
+            fast, slow = self.lines(call)
+            self.assertEqual(fast, slow)
+        for cache in (reqlog._values, reqlog._service_targets, reqlog._clients):
+            self.assertTrue(0 < len(cache) <= reqlog.CACHE_SIZE)
+
     def test_below_level(self) -> None:
         """
         A logger above INFO writes no request line.

@@ -436,3 +436,50 @@ class MatchReuseTests(RouterTestCase):
         self.assertIsNone(self.router.match("a.example", "/api/x"))
         third = self.add("app", ["a.example"], ["/api"])
         self.assertIs(self.router.match("a.example", "/api/x").service, third)
+
+
+class HostCacheTests(RouterTestCase):
+    def test_host_looked_up_once(self) -> None:
+        """
+        A Host value's bindings are looked up in the table once, however
+        many requests carry it.
+        """
+        self.add("app", ["a.example"], ["/"])
+        asked: list[str] = []
+        real = RouteTable.bindings_for
+
+        def counting(table: RouteTable, host: str) -> object:
+            asked.append(host)
+            return real(table, host)
+
+        self.patch(RouteTable, "bindings_for", counting)
+        for _ in range(3):
+            self.assertEqual(self.matched("A.example:8080", "/x"), "app")
+            self.assertEqual(self.matched("other.example", "/x"), None)
+        self.assertEqual(asked, ["a.example", "other.example"])
+
+    def test_new_table_used_at_once(self) -> None:
+        """
+        What a host was bound to is forgotten when the routes change.
+        """
+        self.assertIsNone(self.matched("a.example", "/"))
+        self.add("app", ["a.example"], ["/"])
+        self.assertEqual(self.matched("a.example", "/"), "app")
+        self.add("api", ["a.example"], ["/api"])
+        self.assertEqual(self.matched("a.example", "/api/v1"), "api")
+        self.router.remove("app")
+        self.assertIsNone(self.matched("a.example", "/"))
+        self.router.table = RouteTable({})
+        self.assertIsNone(self.matched("a.example", "/api/v1"))
+
+    def test_bounded(self) -> None:
+        """
+        Clients choose Host values: only so many are remembered, the rest
+        are routed all the same.
+        """
+        from mproxy.router import HOST_CACHE_SIZE
+
+        self.add("app", [], ["/"])
+        for i in range(HOST_CACHE_SIZE + 10):
+            self.assertEqual(self.matched("h%d.example" % i, "/"), "app")
+        self.assertEqual(len(self.router._hosts), HOST_CACHE_SIZE)

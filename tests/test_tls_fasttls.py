@@ -176,6 +176,31 @@ class FastTLSTests(SynchronousTestCase):
         self.assertEqual(client.read(65536),
                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
 
+    def test_largePieceNotJoined(self) -> None:
+        """
+        A large piece written with its framing (a response head) is
+        encrypted as it is: the head goes in a record of its own instead of
+        being joined with the piece; the bytes arrive in order.
+        """
+        server, wire, client, cin, cout, error = self.connect("a.test", ["http/1.1"])
+        self.pump(wire, client, cin, cout)
+        app = self.apps[0][1]
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n"
+        big = bytes(range(256)) * 78 + b"x" * 32  # 20,000 bytes
+        app.transport.writeSequence([head, big])
+        app.transport.write(b"a")
+        app.transport.write(b"b")
+        self.clock.advance(0)
+        cin.write(wire.value())
+        got = []
+        while True:
+            try:
+                got.append(client.read(65536))
+            except ssl.SSLWantReadError:
+                break
+        self.assertEqual(got[0], head)
+        self.assertEqual(b"".join(got), head + big + b"ab")
+
     def test_recordsOfOneReadDeliveredTogether(self) -> None:
         """
         The plaintext of every record that arrived in one read reaches the

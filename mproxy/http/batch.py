@@ -8,8 +8,10 @@ writable event and unregisters again (another epoll update).  For a proxy
 that writes one small request and one small response per exchange, that
 bookkeeping is a large part of the cost.  A L{WriteBatcher} collects what
 is written to idle TCP transports during one reactor iteration and sends it
-straight to the sockets at the start of the next one (C{callLater(0)}), so
-writes stay batched per iteration but skip the writability round trip.
+straight to the sockets at the end of it (a reactor with
+C{call_at_turn_end}, L{mproxy.workers.reactor}) or at the start of the next
+one (C{callLater(0)}), so writes stay batched per iteration but skip the
+writability round trip.
 A large piece (a body chunk of L{SEND_NOW} bytes or more) is not copied
 into the batch: it goes to the socket at once, after what is pending for
 the transport, in one C{sendmsg}.  Whatever a socket does not take, and
@@ -63,6 +65,7 @@ class WriteBatcher:
         # a bytearray
         self._pending: dict[Any, bytes | bytearray] = {}
         self._call: Any = None
+        self._at_turn_end = getattr(reactor, "call_at_turn_end", None)
 
     def write(self, transport: Any, data: bytes) -> None:
         if not data:
@@ -90,7 +93,12 @@ class WriteBatcher:
             return
         pending[transport] = bytes(data)
         if self._call is None:
-            self._call = self.reactor.callLater(0, self.flush)
+            at_turn_end = self._at_turn_end
+            if at_turn_end is not None:
+                self._call = True
+                at_turn_end(self.flush)
+            else:
+                self._call = self.reactor.callLater(0, self.flush)
 
     def _send_now(self, transport: Any, buf: bytes | bytearray | None, data: bytes) -> None:
         """

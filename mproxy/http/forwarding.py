@@ -51,6 +51,8 @@ RESP_HOP = HOP | {b"x-writer-affinity"}
 # Content-Length} would forward a body without its length, and the target
 # would read the body as a second request on a shared connection.)
 _PROTECTED = frozenset((b"content-length", b"transfer-encoding", b"host"))
+# Connection values (lower-cased) that name no header to drop
+_NAMES_NOTHING = frozenset((b"keep-alive", b"close", b"upgrade"))
 
 # special request headers: code per lower-cased name
 _H_HOST, _H_XFF, _H_XFP, _H_XFH, _H_RID, _H_RSTART, _H_UA, _H_CTYPE, _H_COOKIE, \
@@ -154,7 +156,8 @@ def read_request_headers(raw_headers: list[tuple[bytes, bytes]], logger: Any) ->
             # re-written from the length the channel checked
             h.declared_length = True
         elif code == _H_CONNECTION:
-            conn_tokens.append(value)
+            if value.lower() not in _NAMES_NOTHING:
+                conn_tokens.append(value)
         elif code == _H_TE:
             h.te = value
         elif code == _H_TENC:
@@ -296,9 +299,12 @@ def response_headers(call: ProxyCall, headers: list[tuple[bytes, bytes]]) -> Res
         lname = item[0].lower()
         if lname in RESP_HOP:
             if lname == b"connection":
-                if conn_tokens is None:
-                    conn_tokens = []
-                conn_tokens.append(item[1])
+                # (most targets send just keep-alive or close: no header
+                # to drop, nothing to look for)
+                if item[1].lower() not in _NAMES_NOTHING:
+                    if conn_tokens is None:
+                        conn_tokens = []
+                    conn_tokens.append(item[1])
             elif lname == b"x-writer-affinity":
                 affinity = item[1]
                 if claim.set_cookie is None:

@@ -107,7 +107,17 @@ class RequestReader:
 
     @ivar current: the request whose head or body is being read.
     @ivar in_headers: a request's header section is being read.
+
+    The rest of a Content-Length body that did not arrive with its head
+    bypasses the parser (which copies every piece it delivers): its pieces
+    reach the request as they arrived, and the parser is replaced by a
+    fresh one for the requests after it.
     """
+
+    #: body bytes of the current request the parser delivered, and (once
+    #: the rest bypasses it) how many are still to come
+    _body_seen = 0
+    _raw_left = 0
 
     def __init__(self, channel: FastHTTPChannel) -> None:
         self.channel = channel
@@ -124,6 +134,10 @@ class RequestReader:
         """
         Parse what arrived; errors go to the channel.
         """
+        if self._raw_left or (self.current is not None and self._start_raw()):
+            data = self._raw_body(data)
+            if not data:
+                return
         channel = self.channel
         while True:
             try:
@@ -157,6 +171,49 @@ class RequestReader:
                     if self._raw_header_bytes > MAX_HEADER_BYTES:
                         channel.protocol_error(431, "header section too large")
             return
+
+    def _start_raw(self) -> bool:
+        """
+        The current request's head was parsed, its Content-Length body is
+        not complete: the rest bypasses the parser from now on; C{False} if
+        it cannot (a chunked body).
+        """
+        req = self.current
+        assert req is not None
+        if req.body_length <= 0 or req.body_done:
+            return False
+        self._raw_left = req.body_length - self._body_seen
+        return self._raw_left > 0
+
+    def _raw_body(self, data: bytes) -> bytes:
+        """
+        Pass on a piece of the body that bypasses the parser; at its end,
+        a fresh parser for what follows, which is returned.
+        """
+        req = self.current
+        assert req is not None
+        left = self._raw_left
+        n = len(data)
+        rest = b""
+        if n < left:
+            self._raw_left = left - n
+        else:
+            self._raw_left = 0
+            if n > left:
+                rest = data[left:]
+                data = data[:left]
+        try:
+            self.channel.body_arrived()
+            req.body_received(data)
+            if not self._raw_left:
+                self.parser = httptools.HttpRequestParser(self)
+                self.on_message_complete()
+        except Exception as e:
+            # as the parser reports a failing callback
+            self._raw_left = 0
+            self.channel.protocol_error(400, repr(e))
+            return b""
+        return rest
 
     def _restart_parser(self, req: FastRequest) -> None:
         """
@@ -214,6 +271,7 @@ class RequestReader:
         channel = self.channel
         req = channel.requestFactory(channel, p.get_method(), url, version, self._headers)
         self._headers = []
+        self._body_seen = 0
         req.keep_alive = p.should_keep_alive()
         _check_headers(req, version)
         self.current = req
@@ -231,6 +289,7 @@ class RequestReader:
         channel.request_parsed(req)
 
     def on_body(self, data: bytes) -> None:
+        self._body_seen += len(data)
         req = self.current
         if req is not None:
             self.channel.body_arrived()

@@ -144,12 +144,25 @@ def handle(call: ProxyCall) -> None:
     except Exception:
         internal_error(Failure(), call)
         return
-    if isinstance(result, Deferred):
+    if _is_deferred(result):
         call.held = result
         result.addCallback(_selected, call, h)
         result.addErrback(internal_error, call)
         return
     _selected(result, call, h)
+
+
+# whether a type is a Deferred, per type: isinstance() against Deferred (an
+# abstract base class's subclass) runs a Python-level check per call
+_DEFERRED_TYPES: dict[type, bool] = {}
+
+
+def _is_deferred(result: Any) -> bool:
+    kind = type(result)
+    known = _DEFERRED_TYPES.get(kind)
+    if known is None:
+        known = _DEFERRED_TYPES[kind] = issubclass(kind, Deferred)
+    return known
 
 
 def _routed(call: ProxyCall, match: Any) -> None:

@@ -17,7 +17,9 @@ The line is written for every request, so for a logger that takes encoded
 attributes (C{log_encoded}) the common record (no logged headers, no
 retries) is encoded here in one string format, each string through the
 encoder's own escaping: the same text as the record built as a dict and
-encoded by the logger.
+encoded by the logger.  Values that repeat from one request to the next
+(host, method, content types, service and target, the client's fields)
+are encoded once and remembered (a bounded cache).
 """
 
 from __future__ import annotations
@@ -27,12 +29,38 @@ from typing import Any
 from mproxy.logging import encode_string as _s
 
 _FIELDS = (
-    ', "host": %s, "port": %d, "path": %s, "request_id": %s, "status": %d, "service": %s, '
-    '"target": %s, "duration": %d, "method": %s, "req_content_length": %d, '
+    ', "host": %s, "port": %d, "path": %s, "request_id": %s, "status": %d, %s, '
+    '"duration": %d, "method": %s, "req_content_length": %d, '
     '"req_content_type": %s, "resp_content_length": %d, "resp_content_type": %s, '
-    '"client_addr": %s, "client_port": %s, "remote_addr": %s, "user_agent": %s, '
-    '"proto": %s, "scheme": %s, "query": %s'
+    '%s, "query": %s'
 )
+_SERVICE_TARGET = '"service": %s, "target": %s'
+_CLIENT = ('"client_addr": %s, "client_port": %s, "remote_addr": %s, "user_agent": %s, '
+           '"proto": %s, "scheme": %s')
+
+#: how many encoded values each cache below keeps (then it starts again)
+CACHE_SIZE = 1024
+
+# Encoded values and runs of fields that repeat from request to request
+# (the same Host, method and content types; one service and target; one
+# client connection's address, user agent and protocol), each looked up
+# once instead of encoded per request.  The keys are everything the text
+# is made of.
+_values: dict[bytes, str] = {}
+_service_targets: dict[tuple[str | None, str], str] = {}
+_clients: dict[tuple[Any, ...], str] = {}
+
+
+def _value(b: bytes) -> str:
+    """
+    C{b} (Latin-1) as a JSON string, remembered.
+    """
+    text = _values.get(b)
+    if text is None:
+        if len(_values) >= CACHE_SIZE:
+            _values.clear()
+        text = _values[b] = _s(b.decode("latin-1"))
+    return text
 
 
 def log_request(logger: Any, call: Any, duration_ns: int) -> None:
@@ -41,32 +69,53 @@ def log_request(logger: Any, call: Any, duration_ns: int) -> None:
         _log_record(logger, call, duration_ns)
         return
     rq = call.rq
-    res = call.res
-    client_addr, client_port = rq.client_strings
     tls = rq.is_tls
     service = call.service
+    name = None if service is None else service.name
+    st_key = (name, call.target)
+    service_target = _service_targets.get(st_key)
+    if service_target is None:
+        if len(_service_targets) >= CACHE_SIZE:
+            _service_targets.clear()
+        service_target = _service_targets[st_key] = _SERVICE_TARGET % (
+            '""' if name is None else _s(name), _s(call.target))
     remote = call.remote_addr
+    client_key = (rq.client_strings, remote, call.user_agent, rq.clientproto, tls)
+    client = _clients.get(client_key)
+    if client is None:
+        if len(_clients) >= CACHE_SIZE:
+            _clients.clear()
+        client_addr, client_port = rq.client_strings
+        client = _clients[client_key] = _CLIENT % (
+            _s(client_addr),
+            _s(client_port),
+            _s(remote.decode("latin-1")) if remote else _s(client_addr),
+            _s(call.user_agent.decode("latin-1")),
+            _s(rq.clientproto.decode("latin-1")),
+            '"https"' if tls else '"http"',
+        )
+    values = _values
+    host = values.get(call.host) or _value(call.host)
+    method = values.get(rq.method) or _value(rq.method)
+    req_ctype = values.get(call.req_ctype) or _value(call.req_ctype)
+    resp_ctype = values.get(call.resp_ctype) or _value(call.resp_ctype)
+    query = rq.query
+    res = call.res
     log_encoded("INFO", "Request", _FIELDS % (
-        _s(call.host.decode("latin-1")),
+        host,
         res.https_port if tls else res.http_port,
         _s(call.path),
         _s(call.request_id.decode("latin-1")),
         call.status,
-        _s(service.name) if service is not None else '""',
-        _s(call.target),
+        service_target,
         duration_ns,
-        _s(rq.method.decode("latin-1")),
+        method,
         rq.body_length,
-        _s(call.req_ctype.decode("latin-1")),
+        req_ctype,
         rq.sentLength,
-        _s(call.resp_ctype.decode("latin-1")),
-        _s(client_addr),
-        _s(client_port),
-        _s(remote.decode("latin-1")) if remote else _s(client_addr),
-        _s(call.user_agent.decode("latin-1")),
-        _s(rq.clientproto.decode("latin-1")),
-        '"https"' if tls else '"http"',
-        _s(rq.query.decode("latin-1")),
+        resp_ctype,
+        client,
+        _s(query.decode("latin-1")) if query else '""',
     ))
 
 

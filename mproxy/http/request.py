@@ -247,14 +247,9 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
             self.path = uri[:q]
             self.query = uri[q + 1:]
         self.is_tls = channel.is_tls
-
-    @property
-    def client_strings(self) -> tuple[str, str]:
-        """
-        The peer's address and port as strings (for logs), computed once
-        per connection.
-        """
-        return self.channel.client_strings
+        #: the peer's address and port as strings (for logs), computed
+        #: once per connection
+        self.client_strings: tuple[str, str] = channel.client_strings
 
     # --- response -----------------------------------------------------------
 

@@ -73,7 +73,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mproxy.http.batch import batcher_for
+from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import header_lines
@@ -208,6 +208,11 @@ class UpstreamExchange:
         if self.done or self.body_ended or not data:
             return
         if self.chunked:
+            conn = self.conn
+            if conn is not None and len(data) >= SEND_NOW:
+                # a large chunk goes out with its framing, not joined to it
+                conn.pool.batcher.write_pieces(conn.transport, (_hex(len(data)), data, b"\r\n"))
+                return
             data = _hex(len(data)) + data + b"\r\n"
         self._write(data)
 
@@ -636,19 +641,26 @@ class _Connection(Protocol):
         assert ex is not None
         left = self._raw_left
         n = len(data)
+        rest = b""
         if n < left:
             self._raw_left = left - n
+        else:
+            self._raw_left = 0
+            if n > left:
+                rest = data[left:]
+                data = data[:left]
+        try:
             ex.receiver.upstream_data(data)
+            if self._raw_left:
+                return
+            self.parser = httptools.HttpResponseParser(self)
+            if self.exchange is ex:
+                self._complete(self._raw_keep_alive)
+        except Exception as e:
+            # as the parser reports a failing callback
+            self._raw_left = 0
+            self._broken(f"error handling response: {e!r}")
             return
-        self._raw_left = 0
-        rest = b""
-        if n > left:
-            rest = data[left:]
-            data = data[:left]
-        ex.receiver.upstream_data(data)
-        self.parser = httptools.HttpResponseParser(self)
-        if self.exchange is ex:
-            self._complete(self._raw_keep_alive)
         if rest:
             # bytes after the response, which nothing asked for
             self.dataReceived(rest)

@@ -57,6 +57,9 @@ __all__ = ["FastTLSFactory", "StdlibContexts"]
 MAX_PENDING = 65536
 #: bytes read from the SSL object at a time
 READ_SIZE = 65536
+#: a piece this large (it fills a TLS record of its own) is encrypted as it
+#: is, not joined with the pieces around it (a response head, chunk framing)
+SEPARATE_AT = 16384
 
 
 class StdlibContexts:
@@ -341,11 +344,16 @@ class FastTLSProtocol(Protocol):
     def _flush_plaintext(self) -> None:
         self._queued = False
         plain, self._plain = self._plain, []
-        self._plain_len = 0
+        total, self._plain_len = self._plain_len, 0
         if plain and not self.disconnected:
-            data = plain[0] if len(plain) == 1 else b"".join(plain)
+            write = self._ssl.write
             try:
-                self._ssl.write(data)
+                if len(plain) == 1:
+                    write(plain[0])
+                elif total < SEPARATE_AT:
+                    write(b"".join(plain))
+                else:
+                    _write_pieces(write, plain)
             except ssl.SSLError as e:
                 self._fail(e)
                 return
@@ -364,8 +372,23 @@ class FastTLSProtocol(Protocol):
             self._queued = True
             self.factory.flusher.add(self)
 
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
+    def writeSequence(self, data: Any) -> None:
+        """
+        Queue the pieces as they are (a large body chunk is not joined
+        with its framing).
+        """
+        if self.disconnecting:
+            return
+        plain = self._plain
+        for piece in data:
+            if piece:
+                plain.append(piece)
+                self._plain_len += len(piece)
+        if self._plain_len > MAX_PENDING:
+            self._flush_plaintext()
+        elif plain and not self._queued:
+            self._queued = True
+            self.factory.flusher.add(self)
 
     def loseConnection(self) -> None:
         if self.disconnecting:
@@ -434,6 +457,24 @@ class FastTLSProtocol(Protocol):
 
     def stopProducing(self) -> None:
         self.transport.stopProducing()
+
+
+def _write_pieces(write: Any, plain: list[bytes]) -> None:
+    """
+    Encrypt C{plain} with C{write}: pieces of L{SEPARATE_AT} bytes or more
+    as they are, the small ones between them joined.
+    """
+    small: list[bytes] = []
+    for piece in plain:
+        if len(piece) >= SEPARATE_AT:
+            if small:
+                write(small[0] if len(small) == 1 else b"".join(small))
+                small = []
+            write(piece)
+        else:
+            small.append(piece)
+    if small:
+        write(small[0] if len(small) == 1 else b"".join(small))
 
 
 class FastTLSFactory(TLSMemoryBIOFactory):

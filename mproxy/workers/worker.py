@@ -22,6 +22,7 @@ supervisor's L{mproxy.workers.pool} starts them.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 from typing import Any, Callable
@@ -342,18 +343,65 @@ def worker_events(logger: Any, clock: Any, report: Callable[[str], None]) -> Any
     return WorkerEvents(logger, clock)
 
 
+#: the most bytes one write(2) to a pipe writes atomically (POSIX: at least 512)
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
 class FDLines:
     """
-    A stream for L{mproxy.logging.JSONLogger} that writes each line with
-    one C{write(2)} to a descriptor shared with the supervisor, so lines of
-    different processes never mix.
+    A stream for L{mproxy.logging.JSONLogger} that writes to a descriptor
+    shared with the supervisor (and the other workers) whole lines only:
+    each C{write(2)} holds complete lines, so lines of different processes
+    never mix.
+
+    With C{at_turn_end} (the reactor's C{call_at_turn_end}), the lines of
+    one reactor turn are written together when it ends, as few writes as
+    fit in L{PIPE_BUF} bytes each (atomic on a pipe); a longer line is
+    written alone.  L{drain} writes what is pending at once: the worker
+    calls it when its reactor has stopped, so no line is lost on the way
+    out.  Without C{at_turn_end}, each line is written at once.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, at_turn_end: Callable[[Callable[[], None]], None] | None = None,
+                 limit: int = PIPE_BUF) -> None:
         self.fd = fd
+        self._at_turn_end = at_turn_end
+        self._limit = limit
+        self._pending: list[bytes] = []
+        self._size = 0
 
     def write(self, text: str) -> None:
         data = text.encode("utf-8")
+        if self._at_turn_end is None:
+            self._write_out(data)
+            return
+        if self._size + len(data) > self._limit:
+            self.drain()
+            if len(data) > self._limit:
+                self._write_out(data)
+                return
+        if not self._pending:
+            self._at_turn_end(self.drain)
+        self._pending.append(data)
+        self._size += len(data)
+
+    def drain(self) -> None:
+        """
+        Write the pending lines now.
+        """
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._size = 0
+        try:
+            self._write_out(pending[0] if len(pending) == 1 else b"".join(pending))
+        except OSError:
+            # as a line written at once would be: dropped (the logger
+            # drops a line its stream cannot take)
+            pass
+
+    def _write_out(self, data: bytes) -> None:
         while data:
             n = os.write(self.fd, data)
             data = data[n:]
@@ -418,14 +466,16 @@ def main(argv: list[str] | None = None) -> None:
     """
     import socket
 
-    from twisted.internet import reactor
     from twisted.internet.protocol import Factory
 
     from mproxy.logging import JSONLogger
+    from mproxy.workers.reactor import install
 
+    reactor = install()
     args = sys.argv[1:] if argv is None else argv
     settings = WorkerSettings.from_json(args[0])
-    lines: Any = FDLines(1) if settings.log == "fd" else ChannelLines()
+    lines: Any = (FDLines(1, getattr(reactor, "call_at_turn_end", None))
+                  if settings.log == "fd" else ChannelLines())
     logger = JSONLogger(lines, level="DEBUG" if settings.debug else "INFO")
     from twisted.logger import globalLogBeginner
 
@@ -449,4 +499,18 @@ def main(argv: list[str] | None = None) -> None:
     from mproxy import collector
 
     collector.resume()
-    reactor.run(installSignalHandlers=False)
+    run_reactor(reactor, lines)
+
+
+def run_reactor(reactor: Any, lines: Any) -> None:
+    """
+    Run C{reactor}; once it has stopped (or failed), write the log lines
+    still pending in C{lines} (an L{FDLines} holding a turn's lines): a
+    forked worker leaves with C{os._exit}, which would drop them.
+    """
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        drain = getattr(lines, "drain", None)
+        if drain is not None:
+            drain()
