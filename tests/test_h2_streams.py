@@ -200,6 +200,41 @@ class ExchangeTests(SynchronousTestCase):
         self.assertEqual(len(data_of(h.frames())), 2)
 
 
+class ProxyTests(SynchronousTestCase):
+    def test_request_logged(self) -> None:
+        """
+        Through the proxy resource: an unrouted HTTP/2 request gets the 404
+        page and its Request log line, with the HTTP/2 protocol and the
+        client's address.
+        """
+        import io
+        import json
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from mproxy.http.proxy import build_http_factory
+        from mproxy.logging import JSONLogger
+        from mproxy.router import Router
+
+        out = io.StringIO()
+        site = build_http_factory(MemoryReactorClock(), Router(), JSONLogger(out), secure=True)
+        h = Harness(site.resource)
+        h.get(path=b"/nowhere?x=1")
+        h.pump()
+        heads = [f for f in h.frames() if isinstance(f, HeadersFrame)]
+        from hpack import Decoder
+
+        self.assertEqual(Decoder().decode(heads[0].data, raw=True)[0], (b":status", b"404"))
+        [line] = [json.loads(x) for x in out.getvalue().splitlines()
+                  if json.loads(x)["msg"] == "Request"]
+        peer = h.transport.getPeer()
+        self.assertEqual(
+            (line["status"], line["proto"], line["path"], line["query"], line["method"],
+             line["client_addr"], line["client_port"], line["host"]),
+            (404, "HTTP/2.0", "/nowhere", "x=1", "GET", peer.host, str(peer.port),
+             "example.com"))
+
+
 class RequestBodyTests(SynchronousTestCase):
     def test_declared_length_dispatched_at_headers_and_streamed(self) -> None:
         """

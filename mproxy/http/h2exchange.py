@@ -109,6 +109,9 @@ class H2Request(FastRequest):
             self.path = uri[:q]
             self.query = uri[q + 1:]
         self.is_tls = channel.is_tls
+        #: the peer's address and port as strings (for logs), computed
+        #: once per connection
+        self.client_strings = channel.client_strings
 
     def __repr__(self) -> str:
         return f"<H2Request {self.stream_id} {self.method!r} {self.uri!r}>"
