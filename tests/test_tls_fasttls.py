@@ -176,6 +176,27 @@ class FastTLSTests(SynchronousTestCase):
         self.assertEqual(client.read(65536),
                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
 
+    def test_aes128PreferredForTLS13(self) -> None:
+        """
+        TLS 1.3 connections use AES-128-GCM, even with a client that lists
+        AES-256-GCM first (OpenSSL's default order).
+        """
+        server, wire, client, cin, cout, error = self.connect("a.test", ["http/1.1"])
+        self.assertIsNone(error)
+        self.assertEqual(client.version(), "TLSv1.3")
+        self.assertEqual(client.cipher()[0], "TLS_AES_128_GCM_SHA256")
+
+    def test_tls13CiphersuitesRefused(self) -> None:
+        """
+        Suites OpenSSL does not know are refused and leave the context
+        as it was.
+        """
+        from mproxy.tls.fasttls import set_tls13_ciphersuites
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.assertFalse(set_tls13_ciphersuites(ctx, b"TLS_NO_SUCH_SUITE"))
+        self.assertTrue(set_tls13_ciphersuites(ctx, b"TLS_CHACHA20_POLY1305_SHA256"))
+
     def test_largePieceNotJoined(self) -> None:
         """
         A large piece written with its framing (a response head) is
