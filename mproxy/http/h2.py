@@ -1,17 +1,19 @@
 # -*- test-case-name: tests.test_h2 -*-
 """
-mproxy's HTTP/2 server connection: Twisted's L{H2Connection} (hyper-h2 as
-the frame layer, L{twisted.web.server.Request} per stream) with the
-protocol-error, shutdown and flow-control handling a conforming server
-needs.
+mproxy's HTTP/2 server connection, L{H2Channel}: hyper-h2's state machine
+(L{ServerConnection}) as the frame layer, and each request stream an
+L{mproxy.http.h2exchange.H2Request}, the exchange the proxy drives
+directly, as it drives L{mproxy.http.request.FastRequest} on HTTP/1.1 (no
+Twisted C{H2Connection}, no C{twisted.web} request per stream).  Response
+HEADERS and DATA frames are written by L{mproxy.http.h2frames}.
 
-What it changes, and why:
+What it does beyond hyper-h2, and why:
 
     - A connection error always ends in a GOAWAY carrying the right code,
-      then a close.  Twisted left such connections open: a TLS transport
-      does not close while a producer is registered, and the connection is
-      the transport's producer.  Data arriving after the close decision is
-      ignored (no second GOAWAY, no answers).
+      then a close (a TLS transport does not close while a producer is
+      registered, and the connection is the transport's producer).  Data
+      arriving after the close decision is ignored (no second GOAWAY, no
+      answers).
     - HPACK decoding errors are COMPRESSION_ERROR (hyper-h2 says
       PROTOCOL_ERROR); a SETTINGS ACK with a payload is FRAME_SIZE_ERROR;
       an invalid connection preface gets a GOAWAY (hyper-h2 raises before
@@ -29,23 +31,31 @@ What it changes, and why:
       with REFUSED_STREAM, and the connection closes when none is left.
     - The idle timeout only applies to a connection without streams, as
       for HTTP/1.1 (a long poll or a quiet event stream is not idle).
+    - Request bodies stream, with flow control per stream: DATA is
+      acknowledged (WINDOW_UPDATE) only once the body's consumer took it,
+      so a paused upload stops the client.  A stream without a declared
+      length is dispatched once its body ended (then with its length) or
+      passed L{PREBUFFER} bytes; one with a Content-Length at its headers.
     - Sending is batched: data written to streams during one reactor
       iteration is sent at the start of the next one, as many frames as
       the windows allow (up to L{SEND_BUDGET} bytes before yielding to
-      other connections), a stream's last data frame carries END_STREAM,
-      and everything goes to the transport in one write.  Twisted sent one
-      frame per reactor iteration and an empty DATA frame to end each
-      stream.
+      other connections), a stream's last data frame carries END_STREAM, a
+      response without a body is one HEADERS frame ending the stream, and
+      everything goes to the transport in one write.  A finished response
+      is sent at once, with its head.  While a stream's send window is
+      used up, its producer (the relay, hence the target) is paused.
     - Streams with data to send take turns, one frame each (round robin).
       Clients' priority signals (PRIORITY frames, HEADERS priority) are
-      accepted and ignored, as the current HTTP/2 specification allows:
-      the priority tree Twisted kept cost tens of microseconds per stream.
-    - Header blocks are checked and normalized in one pass each instead of
-      by hyper-h2's chains of generators (and its per-byte loops): a
-      request's headers against the same rules (L{request_headers}: a
-      violation is a PROTOCOL_ERROR, as before), a response's lowercased,
-      stripped of connection-specific fields, credentials never indexed.
-      Trailers still go through hyper-h2's own checks.
+      accepted and ignored, as the current HTTP/2 specification allows.
+    - Request header blocks are checked and normalized in one pass each
+      (L{request_headers}: the same rules as hyper-h2's chains of
+      generators, a violation is a PROTOCOL_ERROR), and a HEADERS frame
+      opening a new stream is received in a straight line.  Response
+      heads are lowercased, stripped of connection-specific fields,
+      credentials never indexed.  Trailers go through hyper-h2's checks.
+    - Rapid Reset (a flood of RST_STREAM) ends the connection with
+      ENHANCE_YOUR_CALM; control frames piling up for a client that does
+      not read abort it.
 
     channel = H2Channel(site, reactor, idle_timeout=75)
     channel.makeConnection(tls_transport)   # sends SETTINGS, registers itself
@@ -54,6 +64,8 @@ What it changes, and why:
 from __future__ import annotations
 
 import re
+import weakref
+from collections import deque
 from typing import Any
 
 import h2.config
@@ -63,17 +75,24 @@ import h2.exceptions
 import h2.stream
 import h2.utilities
 import priority
+from h2.connection import ConnectionInputs
 from h2.errors import ErrorCodes
+from h2.stream import StreamInputs
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 from hpack import NeverIndexedHeaderTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISSLTransport, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.web import server as _server
-from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
+
+from mproxy.http.h2exchange import H2Request
+from mproxy.http.h2frames import data_frame_head, encode_response, headers_frame, response_block
+from mproxy.http.request import address_strings
 
 __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
 
@@ -82,12 +101,17 @@ ABORT_TIMEOUT = 5.0
 #: bytes of DATA one connection sends per reactor iteration before letting
 #: the others run
 SEND_BUDGET = 262144
+#: request body bytes of a stream without a declared length collected
+#: before it is dispatched: a body that ends within them reaches the proxy
+#: whole, with its length; a longer one is streamed (length unknown)
+PREBUFFER = 65536
+
+#: queued after a stream's last data: its last DATA frame ends the stream
+_END_STREAM = object()
 
 #: fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2
 _CONNECTION_HEADERS = frozenset(
     [b"connection", b"upgrade", b"transfer-encoding", b"keep-alive", b"proxy-connection"])
-#: fields HPACK must never index (hyper-h2's rule: credentials)
-_SECRET_HEADERS = frozenset([b"authorization", b"proxy-authorization"])
 
 _SETTINGS = 0x4
 _ACK = 0x1
@@ -194,6 +218,11 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
     if authority is not None and host is not None and authority != host:
         raise ProtocolError("Request header block has mismatched :authority and Host headers")
     return out
+
+
+#: the validation flags of a request's header block
+_REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
 
 
 class _ServerStream(h2.stream.H2Stream):
@@ -331,6 +360,41 @@ class ServerConnection(h2.connection.H2Connection):
         stream.__class__ = _ServerStream
         return stream
 
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        """
+        hyper-h2's, with the common case (the HEADERS opening a new request
+        stream, without priority information) taken in a straight line: the
+        same checks and state transitions, without its per-block dispatch
+        on what kind of header block it might be.
+        """
+        stream_id = frame.stream_id
+        flags = frame.flags
+        if (stream_id in self.streams or stream_id <= self.highest_inbound_stream_id
+                or not stream_id & 1 or "PRIORITY" in flags):
+            return super()._receive_headers_frame(frame)
+        max_open = self.local_settings.max_concurrent_streams
+        value = self.open_inbound_streams
+        if value + 1 > max_open:
+            raise h2.exceptions.TooManyStreamsError(
+                f"Max inbound streams is {max_open}, {value} open")
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+        end = "END_STREAM" in flags
+        if headers and headers[0][0] == b":status":
+            # not a request: hyper-h2's own checks refuse it
+            frames, stream_events = stream.receive_headers(headers, end, None)
+            return frames, events + stream_events
+        machine = stream.state_machine
+        stream_events = machine.process_input(StreamInputs.RECV_HEADERS)
+        if end:
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            stream_events[0].stream_ended = ended[0]
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        stream_events[0].headers = request_headers(headers, _REQUEST_FLAGS)
+        return [], events + stream_events
+
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
             return self._receive_frame_quietly(frame)
@@ -383,6 +447,75 @@ class ServerConnection(h2.connection.H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+    def send_response_head(self, stream_id: int, code: int,
+                           headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        """
+        Queue a (final) response head: hyper-h2's C{send_headers}, with the
+        block normalized and encoded by L{mproxy.http.h2frames} and the
+        HEADERS frame written directly (one that needs CONTINUATION goes
+        the usual way).
+
+        @raise h2.exceptions.StreamClosedError: the stream is closed.
+        """
+        block = encode_response(code, headers)
+        if len(block) > self.max_outbound_frame_size - 8:
+            self.send_headers(stream_id, response_block(code, headers), end_stream=end_stream)
+            return
+        stream = self._get_stream_by_id(stream_id)
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        table = self.encoder.header_table
+        if table.resized:
+            # the client changed SETTINGS_HEADER_TABLE_SIZE: the next block
+            # starts with the size update
+            block = self.encoder._encode_table_size_change() + block
+            table.resized = False
+        self._data_to_send += headers_frame(stream_id, block, end_stream)
+
+    def send_data_frame(self, stream_id: int, data: Any, end_stream: bool) -> None:
+        """
+        hyper-h2's C{send_data} for data the caller has checked against the
+        windows and the frame size, written without a frame object.
+        """
+        stream = self._get_stream_by_id(stream_id)
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        n = len(data)
+        out = self._data_to_send
+        out += data_frame_head(stream_id, n, end_stream)
+        out += data
+        stream.outbound_flow_control_window -= n
+        self.outbound_flow_control_window -= n
+
+    def acknowledge_connection_data(self, size: int) -> None:
+        """
+        The connection-level half of C{acknowledge_received_data}: a
+        stream's held (unconsumed) body then only closes its own window,
+        never the other streams'.
+        """
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            f = WindowUpdateFrame(0)
+            f.window_increment = increment
+            self._prepare_for_sending([f])
+
+    def acknowledge_stream_data(self, size: int, stream_id: int) -> None:
+        """
+        The stream-level half of C{acknowledge_received_data}.
+        """
+        try:
+            stream = self._get_stream_by_id(stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+        if stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(size))
+
     def send_goaway(self, last_stream_id: int) -> None:
         """
         Queue a GOAWAY(NO_ERROR) announcing that streams after
@@ -395,45 +528,121 @@ class ServerConnection(h2.connection.H2Connection):
         self._prepare_for_sending([f])
 
 
-class H2Channel(H2Connection):
+class _Sender:
     """
-    One HTTP/2 client connection of a L{ProxySite}: its streams are
-    standard L{twisted.web.server.Request}s rendered by the site.
+    Runs, at the start of the next reactor iteration, the send loop of
+    every connection that has something to send (one C{callLater(0)} per
+    iteration for all of them, none cancelled when a connection sends at
+    once instead).
     """
 
-    requestFactory = _server.Request
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pending: dict[Any, None] = {}
+        self._call: Any = None
+
+    def add(self, channel: Any) -> None:
+        self.pending[channel] = None
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self.run)
+
+    def discard(self, channel: Any) -> None:
+        self.pending.pop(channel, None)
+
+    def run(self) -> None:
+        self._call = None
+        pending, self.pending = self.pending, {}
+        for channel in pending:
+            channel._send_scheduled()
+
+
+_senders: weakref.WeakKeyDictionary[Any, _Sender] = weakref.WeakKeyDictionary()
+
+
+def _sender_for(reactor: Any) -> _Sender:
+    sender = _senders.get(reactor)
+    if sender is None:
+        sender = _senders[reactor] = _Sender(reactor)
+    return sender
+
+
+class H2Channel(Protocol, TimeoutMixin):
+    """
+    One HTTP/2 client connection of a L{ProxySite}: hyper-h2's state
+    machine (L{ServerConnection}) as the frame layer, each stream an
+    L{H2Request} given to the site's resource as soon as its header block
+    (and a small body, see L{PREBUFFER}) has arrived.
+
+    @ivar streams: the open streams (by id) that have a request.
+    @ivar conn: the L{ServerConnection}.
+    """
+
     abortTimeout = ABORT_TIMEOUT
+    _abortingCall: Any = None
+    #: peer-initiated resets allowed in a burst, and replenished per second
+    #: (HTTP/2 Rapid Reset)
+    _resetTokenBurst = 1000
+    _resetTokenRate = 33
+    #: control frame bytes buffered for a transport that does not drain
+    #: before the connection is aborted
+    _maxBufferedControlFrameBytes = 1024 * 17
+
+    peer: Any = None
+    local: Any = None
+    is_tls = False
 
     def __init__(self, site: Any, reactor: Any, idle_timeout: float | None = None) -> None:
-        super().__init__(reactor)
         self.conn = ServerConnection()
         self.priority = RoundRobin()
         self.site = site
         self.factory = site
         self.timeOut = idle_timeout
+        self._reactor = reactor
         self.callLater = reactor.callLater
+        self.streams: dict[int, H2Request] = {}
+        #: streams whose header block arrived but which are not dispatched
+        #: yet (their small body is being collected)
+        self._pending: dict[int, H2Request] = {}
+        self._outboundStreamQueues: dict[int, deque[Any]] = {}
+        self._consumerBlocked: Deferred[None] | None = None
+        self._sender = _sender_for(reactor)
+        self._stillProducing = True
+        self._bufferedControlFrames: deque[bytes] = deque()
+        self._bufferedControlFrameBytes = 0
+        self._resetTokens: float = self._resetTokenBurst
+        self._resetTokenTimestamp = reactor.seconds()
         self._closed = False
         self._draining = False
         self._last_accepted: int | None = None
         self._peer_going_away = False
+        #: streams whose response head ended them, forgotten once it is sent
+        self._done: list[int] = []
 
     # --- connection ---------------------------------------------------------
 
+    _client_strings: tuple[str, str] | None = None
+
+    @property
+    def client_strings(self) -> tuple[str, str]:
+        cs = self._client_strings
+        if cs is None:
+            cs = self._client_strings = address_strings(self.peer)
+        return cs
+
     def connectionMade(self) -> None:
-        super().connectionMade()
+        t = self.transport
+        self.peer = t.getPeer()
+        self.local = t.getHost()
+        self.is_tls = ISSLTransport.providedBy(t)
+        if ITCPTransport.providedBy(t):
+            t.setTcpNoDelay(True)
+        self.setTimeout(self.timeOut)
+        self.conn.initiate_connection()
+        t.write(self.conn.data_to_send())
         try:
-            self.transport.registerProducer(self, True)
+            t.registerProducer(self, True)
         except RuntimeError:
             pass
-
-    _secure: bool | None = None
-
-    def _isSecure(self) -> bool:
-        # asked for every request; the transport does not change
-        secure = self._secure
-        if secure is None:
-            secure = self._secure = super()._isSecure()
-        return secure
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -453,40 +662,54 @@ class H2Channel(H2Connection):
             self._close_if_done()
 
     def _dispatch(self, event: Any) -> None:
-        stream_id = getattr(event, "stream_id", 0)
-        if isinstance(event, h2.events.RequestReceived):
+        kind = type(event)
+        if kind is h2.events.RequestReceived:
+            stream_id = event.stream_id
             if self._last_accepted is not None and stream_id > self._last_accepted:
                 # opened after our GOAWAY: the client may retry it elsewhere
                 self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
                 return
-            self._requestReceived(event)
-        elif isinstance(event, h2.events.DataReceived):
-            if stream_id in self.streams:
-                self._requestDataReceived(event)
-            else:
+            self._request_received(event)
+        elif kind is h2.events.DataReceived:
+            stream_id = event.stream_id
+            req = self.streams.get(stream_id)
+            if req is None:
                 # a stream we refused or have already answered: its bytes
                 # still count against the connection's window
-                self.conn.acknowledge_received_data(
-                    event.flow_controlled_length, stream_id)
-        elif isinstance(event, h2.events.StreamEnded):
-            if stream_id in self.streams:
-                self._requestEnded(event)
-        elif isinstance(event, h2.events.StreamReset):
-            if stream_id in self.streams:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif stream_id in self._pending:
+                self._collect(req, event)
+            else:
+                # the connection's window at once, the stream's once the
+                # body's consumer took the data
+                self.conn.acknowledge_connection_data(event.flow_controlled_length)
+                req.body_received(event.data, event.flow_controlled_length)
+        elif kind is h2.events.StreamEnded:
+            req = self.streams.get(event.stream_id)
+            if req is not None:
+                if self._pending.pop(event.stream_id, None) is not None:
+                    req.body_length = req._held_bytes
+                    req.body_done = True
+                    self._render(req)
+                else:
+                    req.body_complete()
+        elif kind is h2.events.StreamReset:
+            if event.stream_id in self.streams:
                 self._requestAborted(event)
-        elif isinstance(event, h2.events.WindowUpdated):
+        elif kind is h2.events.WindowUpdated:
             self._handleWindowUpdate(event)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif kind is h2.events.RemoteSettingsChanged:
             if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                 self._windows_changed()
-        elif isinstance(event, h2.events.PriorityUpdated):
-            self._handlePriorityUpdate(event)
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif kind is h2.events.ConnectionTerminated:
             if event.error_code != ErrorCodes.NO_ERROR:
                 self._close(Failure(ConnectionLost(
                     "client sent GOAWAY with %s" % (event.error_code,))))
             else:
                 self._peer_going_away = True
+        elif kind is h2.events.PriorityUpdated:
+            # accepted and ignored (see RoundRobin)
+            pass
 
     def _terminate(self, reason: Failure) -> None:
         # the GOAWAY (too many resets) is queued by the caller
@@ -518,6 +741,10 @@ class H2Channel(H2Connection):
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.connectionLost(reason, _cancelTimeouts=False)
 
+    def forceAbortClient(self) -> None:
+        self._abortingCall = None
+        self.transport.abortConnection()
+
     def _close_if_done(self) -> None:
         if not self._closed and not self.streams:
             self._close(Failure(ConnectionDone()))
@@ -529,6 +756,38 @@ class H2Channel(H2Connection):
             return
         self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
         self._close(Failure(ConnectionLost("idle timeout")), abort_after=True)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone()),
+                       _cancelTimeouts: bool = True) -> None:
+        if self._send_queued:
+            self._send_queued = False
+            self._sender.discard(self)
+        self._closed = True
+        self._stillProducing = False
+        if _cancelTimeouts:
+            self.setTimeout(None)
+        for req in list(self.streams.values()):
+            req.stream_reset(reason)
+        for stream_id in list(self.streams):
+            self._requestDone(stream_id)
+        if _cancelTimeouts and self._abortingCall is not None:
+            self._abortingCall.cancel()
+            self._abortingCall = None
+
+    # --- the transport's producer ----------------------------------------------
+
+    def stopProducing(self) -> None:
+        self.connectionLost(Failure(ConnectionLost("Producing stopped")))
+
+    def pauseProducing(self) -> None:
+        self._consumerBlocked = Deferred()
+        # pending control data goes first once the transport drains
+        self._consumerBlocked.addCallback(self._flushBufferedControlData)
+
+    def resumeProducing(self) -> None:
+        d, self._consumerBlocked = self._consumerBlocked, None
+        if d is not None:
+            d.callback(None)
 
     # --- the site's interface -------------------------------------------------
 
@@ -553,20 +812,248 @@ class H2Channel(H2Connection):
         self._closed = True
         self.transport.abortConnection()
 
-    # --- streams ---------------------------------------------------------------
+    # --- streams: requests --------------------------------------------------------
+
+    def _request_received(self, event: Any) -> None:
+        stream_id = event.stream_id
+        method = path = authority = None
+        raw: list[tuple[bytes, bytes]] = []
+        host = False
+        length = None
+        expect = False
+        for header in event.headers:
+            name = header[0]
+            if name[0] == 0x3A:
+                if name == b":method":
+                    method = header[1]
+                elif name == b":path":
+                    path = header[1]
+                elif name == b":authority":
+                    authority = header[1]
+                continue
+            if name == b"host":
+                host = True
+            elif name == b"content-length":
+                try:
+                    length = int(header[1])
+                except ValueError:
+                    length = None
+            elif name == b"expect":
+                expect = header[1].lower() == b"100-continue"
+            raw.append((name, header[1]))
+        if authority is not None and not host:
+            raw.insert(0, (b"host", authority))
+        req = H2Request(self, stream_id, method or b"", path or b"", raw)
+        self.streams[stream_id] = req
+        self._outboundStreamQueues[stream_id] = deque()
+        try:
+            self.priority.insert_stream(stream_id)
+        except priority.DuplicateStreamError:
+            pass
+        self.priority.block(stream_id)
+        ended = event.stream_ended is not None
+        if ended:
+            self._render(req)
+            return
+        req.body_done = False
+        req.expect_continue = expect
+        if length is not None and length >= 0:
+            req.body_length = length
+            self._render(req)
+        elif expect:
+            # the client waits for 100 Continue before it sends the body:
+            # streamed, its length unknown
+            req.body_length = -1
+            self._render(req)
+        else:
+            # no declared length: collect a small body (dispatched with its
+            # length at END_STREAM), stream a larger one
+            req.body_length = -1
+            self._pending[stream_id] = req
+
+    def _collect(self, req: H2Request, event: Any) -> None:
+        """
+        Body data of a stream not dispatched yet: held, and acknowledged
+        (the client may send more than one window before END_STREAM); past
+        L{PREBUFFER} bytes the stream is dispatched with its body streamed.
+        """
+        if req._held is None:
+            req._held = []
+        req._held.append((event.data, 0))
+        req._held_bytes += len(event.data)
+        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        if req._held_bytes > PREBUFFER:
+            del self._pending[event.stream_id]
+            self._render(req)
+
+    def _render(self, req: H2Request) -> None:
+        site = self.site
+        try:
+            resource = site.resource
+            if not resource.isLeaf:
+                resource = site.getResourceFor(req)
+            else:
+                req.site = site
+            body = resource.render(req)
+            if isinstance(body, bytes):
+                if not req.started:
+                    req.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+                req.write(body)
+                req.finish()
+        except Exception:
+            site.render_failed(req, Failure())
+
+    def acknowledge(self, stream_id: int, flow_length: int) -> None:
+        """
+        C{flow_length} bytes of C{stream_id}'s body were consumed: give them
+        back to the stream's window (the connection's was at receipt).
+        """
+        if flow_length and not self._closed:
+            self.conn.acknowledge_stream_data(flow_length, stream_id)
+            self._tryToWriteControlData()
+
+    def _requestAborted(self, event: Any) -> None:
+        stream_id = event.stream_id
+        self.streams[stream_id].stream_reset(
+            Failure(ConnectionLost("Stream reset with code %s" % event.error_code)))
+        self._requestDone(stream_id)
+        # refill for the elapsed time, then spend one token; an empty
+        # bucket is a Rapid Reset flood: GOAWAY and close
+        now = self._reactor.seconds()
+        elapsed = max(0.0, now - self._resetTokenTimestamp)
+        self._resetTokens = min(self._resetTokenBurst,
+                                self._resetTokens + elapsed * self._resetTokenRate)
+        self._resetTokenTimestamp = now
+        if self._resetTokens < 1:
+            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            self._terminate(Failure(ConnectionLost("Too many stream resets")))
+        else:
+            self._resetTokens -= 1
 
     def _requestDone(self, streamID: int) -> None:
-        super()._requestDone(streamID)
+        """
+        The stream is over (answered, reset, or the connection is gone):
+        forget it and the body data it still held.
+        """
+        req = self.streams.pop(streamID, None)
+        self._pending.pop(streamID, None)
+        self._outboundStreamQueues.pop(streamID, None)
+        try:
+            self.priority.remove_stream(streamID)
+        except priority.MissingStreamError:
+            pass
+        if req is not None:
+            req.release_held()
         if (self._draining or self._peer_going_away) and not self._closed:
             self._close_if_done()
 
-    def _wake_sender(self) -> None:
-        d, self._sendingDeferred = self._sendingDeferred, None
-        if d is not None:
-            d.callback(None)
+    # --- streams: responses --------------------------------------------------------
+
+    def send_head(self, stream_id: int, code: int, headers: list[tuple[bytes, bytes]],
+                  end: bool) -> None:
+        """
+        Queue a response head; with C{end} it ends the stream (a response
+        without a body).
+        """
+        if self._closed:
+            return
+        try:
+            self.conn.send_response_head(stream_id, code, headers, end)
+        except h2.exceptions.StreamClosedError:
+            # the client reset the stream meanwhile
+            return
+        self._wake()
+
+    def send_informational(self, stream_id: int, block: list[Any]) -> None:
+        """
+        Queue a 1xx head (100 Continue).
+        """
+        if self._closed:
+            return
+        try:
+            self.conn.send_headers(stream_id, block)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._wake()
+
+    def queue_data(self, stream_id: int, data: bytes) -> None:
+        queue = self._outboundStreamQueues.get(stream_id)
+        if queue is None or self._closed:
+            return
+        queue.append(data)
+        if self.conn.local_flow_control_window(stream_id) > 0:
+            self.priority.unblock(stream_id)
+            self._wake()
+        if self.remainingOutboundWindow(stream_id) <= 0:
+            self.streams[stream_id].window_blocked()
+
+    def stream_ended(self, stream_id: int, queued: bool) -> None:
+        """
+        A response is complete.  With C{queued}, its end goes behind its
+        queued data (the last DATA frame carries END_STREAM); without, its
+        head already ended the stream.  What is queued is sent now, so that
+        the last data goes out with the head (one TLS record for a small
+        response).
+        """
+        queue = self._outboundStreamQueues.get(stream_id)
+        if queue is None:
+            return
+        if queued:
+            queue.append(_END_STREAM)
+            self.priority.unblock(stream_id)
+        else:
+            self._done.append(stream_id)
+        if self._send_queued and self._consumerBlocked is None:
+            self._send_queued = False
+            self._sender.discard(self)
+            self._sendPrioritisedData()
+        else:
+            self._schedule_send()
+
+    def reset_stream(self, stream_id: int) -> None:
+        """
+        Abort one stream (RST_STREAM INTERNAL_ERROR).
+        """
+        if self._closed or stream_id not in self.streams:
+            return
+        try:
+            self.conn.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass
+        if self._tryToWriteControlData():
+            self._requestDone(stream_id)
+
+    def remaining_window(self, stream_id: int) -> int:
+        if stream_id not in self._outboundStreamQueues:
+            return 0
+        return self.remainingOutboundWindow(stream_id)
+
+    def remainingOutboundWindow(self, stream_id: int) -> int:
+        """
+        The stream's send window less the data queued for it.
+        """
+        window = self.conn.local_flow_control_window(stream_id)
+        for chunk in self._outboundStreamQueues[stream_id]:
+            if chunk is not _END_STREAM:
+                window -= len(chunk)
+        return window
 
     def _handleWindowUpdate(self, event: Any) -> None:
-        super()._handleWindowUpdate(event)
+        stream_id = event.stream_id
+        queues = self._outboundStreamQueues
+        if stream_id:
+            req = self.streams.get(stream_id)
+            if req is None:
+                # a late WINDOW_UPDATE for a finished stream
+                return
+            if queues.get(stream_id):
+                self.priority.unblock(stream_id)
+            req.window_opened()
+        else:
+            for sid, req in list(self.streams.items()):
+                if queues.get(sid):
+                    self.priority.unblock(sid)
+                req.window_opened()
         self._wake_sender()
 
     def _windows_changed(self) -> None:
@@ -574,48 +1061,18 @@ class H2Channel(H2Connection):
         SETTINGS_INITIAL_WINDOW_SIZE changed every stream's send window by
         the same amount: retry the streams that have data waiting.
         """
-        for stream_id, stream in list(self.streams.items()):
-            if self._outboundStreamQueues.get(stream_id):
+        queues = self._outboundStreamQueues
+        for stream_id, req in list(self.streams.items()):
+            if queues.get(stream_id):
                 self.priority.unblock(stream_id)
-            stream.windowUpdated()
+            req.window_opened()
         self._wake_sender()
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,
-                     headers: list[tuple[bytes, bytes]], streamID: int) -> None:
-        """
-        Send a response's headers: names lowercased, values stripped,
-        connection-specific fields dropped, credentials never indexed.
-        """
-        block = [(b":status", code)]
-        for name, value in headers:
-            name = name.lower().strip()
-            if name in _CONNECTION_HEADERS:
-                continue
-            value = value.strip()
-            if name in _SECRET_HEADERS or (name == b"cookie" and len(value) < 20):
-                block.append(NeverIndexedHeaderTuple(name, value))
-            else:
-                block.append((name, value))
-        try:
-            self.conn.send_headers(streamID, block)
-        except h2.exceptions.StreamClosedError:
-            # the client reset the stream meanwhile; write() ignores it too
-            return
-        # sent with the stream's first data (or alone, next iteration)
-        self._wake()
+    # --- sending ------------------------------------------------------------------
 
-    _send_call: Any = None
+    #: the send loop is due in the next reactor iteration (L{_Sender})
+    _send_queued = False
     _waiting_for_consumer = False
-
-    def _wake(self) -> None:
-        """
-        Something is queued to send: wake the send loop (next iteration).
-        """
-        d, self._sendingDeferred = self._sendingDeferred, None
-        if d is not None:
-            d.callback(None)
-        else:
-            self._schedule_send()
 
     def _consumer_ready(self, *args: Any) -> None:
         self._waiting_for_consumer = False
@@ -626,42 +1083,53 @@ class H2Channel(H2Connection):
         Run the send loop at the start of the next reactor iteration (once,
         however many streams got data meanwhile).
         """
-        if self._send_call is None and self._stillProducing:
-            self._send_call = self._reactor.callLater(0, self._send_scheduled)
+        if not self._send_queued and self._stillProducing:
+            self._send_queued = True
+            self._sender.add(self)
+
+    _wake = _wake_sender = _schedule_send
 
     def _send_scheduled(self) -> None:
-        self._send_call = None
+        self._send_queued = False
         self._sendPrioritisedData()
 
-    def endRequest(self, streamID: int) -> None:
+    def _tryToWriteControlData(self) -> bool:
         """
-        A response is complete: send what is queued now, so that its last
-        data goes out with its headers (one TLS record for a small
-        response) and ends the stream in the same frame.
-        """
-        super().endRequest(streamID)
-        call = self._send_call
-        if call is not None and self._consumerBlocked is None:
-            self._send_call = None
-            call.cancel()
-            self._sendPrioritisedData()
+        Write what the state machine has queued (control frames, heads),
+        or buffer it while the transport is full.
 
-    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
-        call, self._send_call = self._send_call, None
-        if call is not None and call.active():
-            call.cancel()
-        self._closed = True
-        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+        @return: C{False} if the connection was aborted because too much
+            was buffered for a client that does not read.
+        """
+        data = self.conn.data_to_send()
+        if not data:
+            return True
+        if self._consumerBlocked is None and not self._bufferedControlFrames:
+            self.transport.write(data)
+            return True
+        self._bufferedControlFrames.append(data)
+        self._bufferedControlFrameBytes += len(data)
+        if self._bufferedControlFrameBytes >= self._maxBufferedControlFrameBytes:
+            self.transport.abortConnection()
+            self.connectionLost(Failure(ConnectionLost(
+                "too many control frame bytes buffered")))
+            return False
+        return True
+
+    def _flushBufferedControlData(self, *args: Any) -> None:
+        while self._consumerBlocked is None and self._bufferedControlFrames:
+            data = self._bufferedControlFrames.popleft()
+            self._bufferedControlFrameBytes -= len(data)
+            self.transport.write(data)
 
     def _sendPrioritisedData(self, *args: Any) -> None:
         """
-        Send frames of the streams that have data and send window, highest
-        priority first, until none is left, the transport is full or
-        L{SEND_BUDGET} bytes went out (then again next iteration); the
-        frames go to the transport in one write.  A stream's last data
-        frame carries END_STREAM.  A stream whose window is zero or
-        negative waits (blocked) for a WINDOW_UPDATE or a larger initial
-        window.
+        Send frames of the streams that have data and send window, in
+        turns, until none is left, the transport is full or L{SEND_BUDGET}
+        bytes went out (then again next iteration); the frames go to the
+        transport in one write.  A stream's last data frame carries
+        END_STREAM.  A stream whose window is zero or negative waits
+        (blocked) for a WINDOW_UPDATE or a larger initial window.
         """
         if not self._stillProducing:
             return
@@ -669,17 +1137,16 @@ class H2Channel(H2Connection):
         priority_tree = self.priority
         queues = self._outboundStreamQueues
         budget = SEND_BUDGET
-        done: list[int] = []
+        done = self._done
+        if done:
+            self._done = []
+        ready = priority_tree._ready
         try:
             while True:
-                try:
-                    stream = next(priority_tree)
-                except priority.DeadlockError:
+                if not ready:
                     # nothing to send: wait until a stream has data
-                    if self._sendingDeferred is None:
-                        self._sendingDeferred = Deferred()
-                        self._sendingDeferred.addCallback(self._schedule_send)
                     return
+                stream = next(priority_tree)
                 if self._consumerBlocked is not None:
                     # the transport is full: resume when it drains
                     if not self._waiting_for_consumer:
@@ -691,7 +1158,7 @@ class H2Channel(H2Connection):
                     return
                 queue = queues[stream]
                 frameData = queue.popleft()
-                if frameData is _END_STREAM_SENTINEL:
+                if frameData is _END_STREAM:
                     conn.end_stream(stream)
                     priority_tree.block(stream)
                     done.append(stream)
@@ -700,7 +1167,7 @@ class H2Channel(H2Connection):
                 if window <= 0:
                     queue.appendleft(frameData)
                     priority_tree.block(stream)
-                    self.streams[stream].flowControlBlocked()
+                    self.streams[stream].window_blocked()
                     continue
                 size = min(conn.max_outbound_frame_size, window)
                 if len(frameData) > size:
@@ -708,10 +1175,10 @@ class H2Channel(H2Connection):
                         frameData = memoryview(frameData)
                     queue.appendleft(frameData[size:])
                     frameData = frameData[:size]
-                end = bool(queue) and queue[0] is _END_STREAM_SENTINEL
+                end = bool(queue) and queue[0] is _END_STREAM
                 if end:
                     queue.popleft()
-                conn.send_data(stream, frameData, end_stream=end)
+                conn.send_data_frame(stream, frameData, end)
                 budget -= len(frameData)
                 if end:
                     priority_tree.block(stream)
@@ -720,7 +1187,7 @@ class H2Channel(H2Connection):
                 if not queue:
                     priority_tree.block(stream)
                 if self.remainingOutboundWindow(stream) <= 0:
-                    self.streams[stream].flowControlBlocked()
+                    self.streams[stream].window_blocked()
         finally:
             alive = True
             if conn._data_to_send:

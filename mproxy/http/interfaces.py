@@ -5,8 +5,9 @@ The contracts of the data plane, as L{zope.interface} interfaces.
 What the proxy drives:
   - L{IExchange}: one client request/response as the proxy sees it
     (L{mproxy.http.request.FastRequest} for HTTP/1.1,
-    L{mproxy.http.generic.GenericExchange} over any standard Twisted request,
-    e.g. HTTP/2); L{ITunnelExchange} adds what a WebSocket tunnel needs.
+    L{mproxy.http.h2exchange.H2Request} for HTTP/2,
+    L{mproxy.http.generic.GenericExchange} over any standard Twisted
+    request); L{ITunnelExchange} adds what a WebSocket tunnel needs.
   - L{IRequestChannel}: what a L{FastRequest} needs from the connection it
     arrived on (L{mproxy.http.server.FastHTTPChannel}).
 

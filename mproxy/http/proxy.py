@@ -43,8 +43,9 @@ module):
 
 Errors go through L{mproxy.http.responses.fail}.  It works with
 L{mproxy.http.server.FastRequest} (fast path, streamed request bodies,
-upgrades) and with any standard L{twisted.web.server.Request} (HTTP/2)
-through L{mproxy.http.generic.GenericExchange}.
+upgrades), with its HTTP/2 counterpart L{mproxy.http.h2exchange.H2Request},
+and with any standard L{twisted.web.server.Request} through
+L{mproxy.http.generic.GenericExchange}.
 
 Statuses the proxy produces itself: 301 (redirects), 400 (malformed
 chunked body), 404 (no route), 408 (request body stalled for 60 s), 413
@@ -242,7 +243,7 @@ def build_http_factory(reactor: Any, router: Any, logger: Any, *, http_port: int
                        body_timeout: float | None = None) -> ProxySite:
     """
     The site for an HTTP (C{secure=False}) or HTTPS (C{secure=True}: wrap
-    it in TLS; ALPN C{h2} gets Twisted's HTTP/2 stack) listener.
+    it in TLS; ALPN C{h2} gets L{mproxy.http.h2.H2Channel}) listener.
     """
     resource = ProxyResource(router, logger, clock=reactor, http_port=http_port,
                              https_port=https_port, metrics=metrics, challenges=challenges)

@@ -466,8 +466,9 @@ class ProxySite(_server.Site):
 
 class _NegotiatingProtocol(Protocol):
     """
-    For TLS listeners: speaks HTTP/2 (L{mproxy.http.h2.H2Channel}, standard
-    requests) when ALPN chose C{h2}, else L{FastHTTPChannel}.
+    For TLS listeners: speaks HTTP/2 (L{mproxy.http.h2.H2Channel}, its
+    streams exchanges the proxy drives) when ALPN chose C{h2}, else
+    L{FastHTTPChannel}.
     """
 
     def __init__(self, site: ProxySite) -> None:
