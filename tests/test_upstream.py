@@ -756,3 +756,93 @@ class ReadSizeTests(SynchronousTestCase):
         proto.dataReceived(b"x" * (size - sent))
         self.assertEqual(r.kinds()[-1], "done")
         self.assertEqual(len(r.body()), size)
+
+
+class _NoFeed:
+    """
+    A parser that must not be fed.
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.test = test
+
+    def feed_data(self, data: bytes) -> None:
+        self.test.fail(f"parser fed {data!r}")
+
+
+class WholeResponseTests(SynchronousTestCase):
+    def test_whole_response_skips_parser(self) -> None:
+        """
+        A whole small response in one read is handled without the
+        incremental parser, with the same events, and the connection is
+        re-used (the parser is fine for the next, split response).
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        parser, proto.parser = proto.parser, _NoFeed(self)
+        proto.dataReceived(OK)
+        self.assertEqual(r.events, [
+            ("response", 200, b"OK", [(b"Content-Length", b"5"), (b"Content-Type", b"text/plain")]),
+            ("data", b"hello"), ("done", None)])
+        self.assertEqual(h.pool.idle_count, 1)
+        proto.parser = parser
+        ex, r = h.request()
+        proto.dataReceived(OK[:20])
+        proto.dataReceived(OK[20:])
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertEqual(r.body(), b"hello")
+
+    def test_whole_response_keep_alive_timeout(self) -> None:
+        """
+        A whole response's C{Keep-Alive: timeout=N} is heeded.
+        """
+        h = Harness()
+        h.request()
+        proto, t = h.connect()
+        proto.parser = _NoFeed(self)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(proto.keep_alive, 2.0)
+
+    def test_whole_response_failing_receiver(self) -> None:
+        """
+        A receiver failing on a whole response breaks the connection as
+        it does from the parser's callbacks.
+        """
+        class Failing(Receiver):
+            def upstream_data(self, data: bytes) -> None:
+                raise RuntimeError("boom")
+
+        h = Harness()
+        r = Failing()
+        h.pool.request(b"GET", b"/x", [(b"Host", b"h")], r)
+        proto, t = h.connect()
+        proto.parser = _NoFeed(self)
+        proto.dataReceived(OK)
+        self.assertEqual(r.events[-1], ("failed", 502, "error handling response: RuntimeError('boom')"))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_malformed_whole_response(self) -> None:
+        """
+        A malformed response that arrives whole still goes to the parser
+        and is a 502.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nX : y\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+        self.assertTrue(t.disconnecting)
+
+    def test_head_response_not_whole(self) -> None:
+        """
+        A HEAD response's Content-Length announces no body: it is left to
+        the parser.
+        """
+        h = Harness()
+        ex, r = h.request(method=b"HEAD")
+        proto, t = h.connect()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(r.kinds(), ["response", "done"])
+        self.assertEqual(h.pool.idle_count, 1)

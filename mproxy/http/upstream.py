@@ -77,6 +77,8 @@ from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import header_lines
+from mproxy.http.whole_response import keep_alive_timeout as _keep_alive_timeout
+from mproxy.http.whole_response import parse_whole
 
 
 MAX_PENDING_BODY = 65536
@@ -91,21 +93,6 @@ KEEP_ALIVE_MIN_MARGIN = 0.5
 NOT_CONNECTED = "not-connected"
 #: L{UpstreamError.kind}: closed or reset before any byte of the response
 CLOSED = "closed"
-
-
-def _keep_alive_timeout(value: bytes) -> float:
-    """
-    The C{timeout=N} of a C{Keep-Alive} header, 0 when absent or invalid.
-    """
-    for part in value.split(b","):
-        name, _, n = part.partition(b"=")
-        if name.strip().lower() == b"timeout":
-            try:
-                t = float(n.strip())
-            except ValueError:
-                return 0.0
-            return t if t > 0 else 0.0
-    return 0.0
 
 
 class UpstreamError(Exception):
@@ -586,6 +573,11 @@ class _Connection(Protocol):
             self.transport.abortConnection()
             return
         if not self._in_body:
+            if not self._begun and ex.method != b"HEAD":
+                parsed = parse_whole(data)
+                if parsed is not None:
+                    self._whole(ex, parsed)
+                    return
             self._raw_head_bytes += len(data)
             if self._raw_head_bytes > 2 * MAX_RESPONSE_HEADER_BYTES:
                 self._broken("response headers too large")
@@ -613,6 +605,34 @@ class _Connection(Protocol):
                 self._broken(f"error handling response: {e.__context__!r}")
         except httptools.HttpParserError as e:
             self._broken(f"malformed response from target: {e}")
+
+    def _whole(self, ex: UpstreamExchange, parsed: tuple[Any, ...]) -> None:
+        """
+        A whole response parsed at once (L{parse_whole}): the receiver hears
+        what the parser's callbacks would have told it, in the same order.
+        """
+        status, reason, headers, body, ka = parsed
+        self._begun = True
+        self._reason = reason
+        self._headers = headers
+        self._trailers = None
+        self._framed = True
+        self._info = False
+        self._in_body = True
+        self._length = None
+        self._body_seen = len(body)
+        if ka is not None:
+            self.keep_alive = ka
+        try:
+            ex._response(status, reason, headers)
+            if body:
+                ex = self.exchange  # type: ignore[assignment]
+                if ex is not None:
+                    ex.receiver.upstream_data(body)
+            self._complete(True)
+        except Exception as e:
+            # as the parser reports a failing callback
+            self._broken(f"error handling response: {e!r}")
 
     def _start_raw(self) -> bool:
         """
