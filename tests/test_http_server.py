@@ -1339,3 +1339,55 @@ class HeaderLinesTests(SynchronousTestCase):
         self.assertEqual(header_lines([(b"A", b"1")]), b"A: 1\r\n")
         self.assertEqual(header_lines([(b"A", b"1"), (b"B", b""), (b"A", b"x y")]),
                          b"A: 1\r\nB: \r\nA: x y\r\n")
+
+
+class _NoFeed:
+    """
+    A request parser that must not be fed.
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.test = test
+
+    def feed_data(self, data: bytes) -> None:
+        self.test.fail(f"parser fed {data!r}")
+
+
+class WholeRequestTests(SynchronousTestCase):
+    def test_whole_get_skips_parser(self) -> None:
+        """
+        A whole bodiless request in one read is read without the
+        incremental parser, with the same request; the next one, split,
+        goes through the parser.
+        """
+        r = Recorder()
+        h = Harness(r)
+        reader = h.channel.reader
+        parser, reader.parser = reader.parser, _NoFeed(self)
+        h.send(GET)
+        self.assertEqual(len(r.requests), 1)
+        req = r.requests[0]
+        self.assertEqual((req.method, req.path, req.query, req.clientproto, req.keep_alive,
+                          req.body_length),
+                         (b"GET", b"/a", b"b=1", b"HTTP/1.1", True, 0))
+        self.assertEqual(req.raw_headers, [(b"Host", b"example.com"), (b"User-Agent", b"t")])
+        self.assertIsNone(reader.current)
+        respond(req, b"hello")
+        self.assertEqual(h.writes, [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"])
+        reader.parser = parser
+        h.send(GET[:10])
+        h.send(GET[10:])
+        self.assertEqual(len(r.requests), 2)
+        self.assertEqual(r.requests[1].raw_headers, req.raw_headers)
+
+    def test_whole_get_after_partial_head(self) -> None:
+        """
+        The rest of a request whose head began in an earlier read goes to
+        the parser even when it looks like a whole request.
+        """
+        r = Recorder()
+        h = Harness(r)
+        h.send(b"GET /x HTTP/1.1\r\nX-A: 1\r\n")
+        h.send(GET)
+        self.assertEqual(len(r.requests), 0)
+        self.assertTrue(h.closed or b"400" in h.output())

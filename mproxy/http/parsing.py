@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from mproxy.http.whole import parse_whole_request
+
 if TYPE_CHECKING:
     from mproxy.http.request import FastRequest
     from mproxy.http.server import FastHTTPChannel
@@ -139,6 +141,11 @@ class RequestReader:
             if not data:
                 return
         channel = self.channel
+        if self.current is None and not self.in_headers:
+            parsed = parse_whole_request(data)
+            if parsed is not None:
+                self._whole(*parsed)
+                return
         while True:
             try:
                 self.parser.feed_data(data)
@@ -214,6 +221,30 @@ class RequestReader:
             self.channel.protocol_error(400, repr(e))
             return b""
         return rest
+
+    def _whole(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        A whole bodiless request parsed at once (L{parse_whole_request}):
+        the channel is told what the parser's callbacks would have told
+        it, in the same order.
+        """
+        channel = self.channel
+        try:
+            channel.header_started()
+            req = channel.requestFactory(channel, method, url, b"HTTP/1.1", headers)
+            self._body_seen = 0
+            # (HTTP/1.1 without Connection: close)
+            req.keep_alive = True
+            _check_headers(req, b"HTTP/1.1")
+            self.current = req
+            channel.request_parsed(req)
+            # the message is complete (no body)
+            self.current = None
+        except ParseError as e:
+            channel.protocol_error(e.status, str(e))
+        except Exception as e:
+            # as the parser reports a failing callback
+            channel.protocol_error(400, repr(e))
 
     def _restart_parser(self, req: FastRequest) -> None:
         """

@@ -77,8 +77,8 @@ from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import header_lines
-from mproxy.http.whole_response import keep_alive_timeout as _keep_alive_timeout
-from mproxy.http.whole_response import parse_whole
+from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
+from mproxy.http.whole import parse_whole
 
 
 MAX_PENDING_BODY = 65536

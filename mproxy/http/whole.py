@@ -1,5 +1,7 @@
-# -*- test-case-name: tests.test_whole_response -*-
+# -*- test-case-name: tests.test_whole -*-
 """
+Whole messages parsed in one pass instead of through httptools' callbacks.
+
 L{parse_whole}: a target's small response that arrived in one read (its
 whole head and its whole Content-Length body), parsed in one pass
 instead of through httptools' callbacks.
@@ -19,7 +21,10 @@ Proxy-Connection other than C{keep-alive}).  Anything else, valid or not,
 gives C{None}: the caller hands the data to the incremental parser, which
 answers (and rejects malformed responses) as it always did.
 
-Targets send the same header lines again and again, so the checked value
+L{parse_whole_request}: the same for a client's small request without a
+body (see its docstring).
+
+Targets and clients send the same header lines again and again, so the checked value
 of each line (and status line) is remembered in a bounded cache.
 """
 
@@ -42,6 +47,9 @@ _LENGTH = 1
 _KEEP_ALIVE = 2
 _CONNECTION_OK = 3
 _NOT_HERE = 4
+# (plain in a response)
+_HOST = 5
+_EXPECT = 6
 
 # line -> (pair, kind, value): value is the Content-Length or the
 # Keep-Alive timeout
@@ -85,6 +93,10 @@ def _check_line(line: bytes) -> tuple[tuple[bytes, bytes], int, object] | None:
         kind = _CONNECTION_OK if value.lower() == b"keep-alive" else _NOT_HERE
     elif lname == b"transfer-encoding" or lname == b"upgrade":
         kind = _NOT_HERE
+    elif lname == b"host":
+        kind = _HOST
+    elif lname == b"expect":
+        kind = _EXPECT
     entry = ((name, value), kind, extra)
     if len(_lines) >= MAX_CACHED_LINES:
         _lines.clear()
@@ -154,4 +166,58 @@ def parse_whole(data: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], byt
     return st[0], st[1], headers, data[start:], ka  # type: ignore[return-value]
 
 
-__all__ = ["parse_whole", "keep_alive_timeout", "MAX_WHOLE"]
+#: largest request taken (so that no size limit of the request reader can
+#: be reached)
+MAX_WHOLE_REQUEST = 8192
+#: most header lines in a request taken
+MAX_WHOLE_REQUEST_HEADERS = 100
+_REQUEST_METHODS = {b"GET": b"GET", b"HEAD": b"HEAD"}
+_TARGET = re.compile(rb"/[!-~]*")
+
+
+def parse_whole_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
+    """
+    C{(method, target, headers)} of a request that is all of C{data}: a
+    GET or HEAD in HTTP/1.1 with an origin-form target of visible ASCII,
+    header lines as in a response, one Host, and nothing that frames a
+    body, asks for an upgrade, a continue or the connection's close
+    (C{Content-Length}, C{Transfer-Encoding}, C{Upgrade}, C{Expect}, a
+    C{Connection} other than C{keep-alive}); else C{None}: the caller
+    hands C{data} to the incremental parser.
+    """
+    if len(data) > MAX_WHOLE_REQUEST or data[-4:] != b"\r\n\r\n":
+        return None
+    lines = data[:-4].split(b"\r\n")
+    n = len(lines)
+    if n > MAX_WHOLE_REQUEST_HEADERS + 1:
+        return None
+    method, sp, rest = lines[0].partition(b" ")
+    method = _REQUEST_METHODS.get(method)  # type: ignore[assignment]
+    if method is None or rest[-9:] != b" HTTP/1.1":
+        return None
+    target = rest[:-9]
+    if _TARGET.fullmatch(target) is None:
+        return None
+    get = _lines.get
+    headers = []
+    append = headers.append
+    hosts = 0
+    for i in range(1, n):
+        line = lines[i]
+        e = get(line) or _check_line(line)
+        if e is None:
+            return None
+        kind = e[1]
+        if kind:
+            if kind == _HOST:
+                hosts += 1
+            elif kind != _CONNECTION_OK and kind != _KEEP_ALIVE:
+                return None
+        append(e[0])
+    if hosts != 1:
+        return None
+    return method, target, headers
+
+
+__all__ = ["parse_whole", "parse_whole_request", "keep_alive_timeout", "MAX_WHOLE",
+           "MAX_WHOLE_REQUEST"]

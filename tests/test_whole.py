@@ -1,5 +1,5 @@
 """
-Tests for L{mproxy.http.whole_response}: a whole small response parsed in
+Tests for L{mproxy.http.whole}: a whole small response parsed in
 one pass gives exactly what httptools gives, and anything it does not
 take (valid or malformed) is left to httptools.
 """
@@ -11,8 +11,9 @@ from typing import Any
 import httptools
 from twisted.trial.unittest import SynchronousTestCase
 
-from mproxy.http import whole_response
-from mproxy.http.whole_response import MAX_CACHED_LINES, MAX_WHOLE, parse_whole
+from mproxy.http import whole as whole_response
+from mproxy.http.whole import (MAX_CACHED_LINES, MAX_WHOLE, MAX_WHOLE_REQUEST, parse_whole,
+                               parse_whole_request)
 
 
 class _Collect:
@@ -171,3 +172,119 @@ class ParseWholeTests(SynchronousTestCase):
             assert got is not None
             self.assertEqual(got[2], [(b"Date", b"%d" % i), (b"Content-Length", b"5")])
             self.assertLessEqual(len(whole_response._lines), MAX_CACHED_LINES)
+
+
+class _RequestCollect:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+        self.parser: Any = None
+        self.keep_alive = False
+        self.upgrade = False
+
+    def on_url(self, u: bytes) -> None:
+        self.url += u
+
+    def on_header(self, n: bytes, v: bytes) -> None:
+        self.headers.append((n, v))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        self.upgrade = self.parser.should_upgrade()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def _httptools_request(data: bytes) -> tuple[Any, ...] | None:
+    c = _RequestCollect()
+    p = c.parser = httptools.HttpRequestParser(c)
+    try:
+        p.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    return (p.get_method(), c.url, c.headers, p.get_http_version(), c.complete, c.keep_alive,
+            c.upgrade)
+
+
+def _req(*lines: bytes) -> bytes:
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+REQUESTS_TAKEN = [
+    _req(b"GET / HTTP/1.1", b"Host: example.com"),
+    _req(b"HEAD /a?b=1&c=%20#frag HTTP/1.1", b"host:x", b"User-Agent: t  ",
+         b"Accept: */*", b"Connection: keep-alive", b"Keep-Alive: 5"),
+    _req(b"GET /!$&'()*+,;=:@-._~[]{}|^`\"<>\\ HTTP/1.1", b"Host: h", b"X: \x80\xff"),
+]
+
+REQUESTS_MALFORMED = [
+    _req(b"GET / HTTP/1.1", b"Host : h"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b"X: a\x01"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b" folded"),
+    _req(b"GET /a\x7f HTTP/1.1", b"Host: h"),
+    _req(b"GET /a\x80 HTTP/1.1", b"Host: h"),
+    _req(b"GET /a b HTTP/1.1", b"Host: h"),
+    _req(b"get / HTTP/1.1", b"Host: h"),
+    _req(b"GET / HTTP/1.1 ", b"Host: h"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b"X: a\nY: b"),
+]
+
+# valid (or refused later by the reader's own rules), but left to httptools
+REQUESTS_LEFT = [
+    _req(b"GET  / HTTP/1.1", b"Host: h"),
+    _req(b"GET / HTTP/1.1", b"Host: a", b"Host: b"),
+    _req(b"GET / HTTP/1.1"),
+    _req(b"GET / HTTP/1.0", b"Host: h"),
+    _req(b"POST / HTTP/1.1", b"Host: h", b"Content-Length: 0"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b"Content-Length: 0"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b"Transfer-Encoding: chunked") + b"0\r\n\r\n",
+    _req(b"GET / HTTP/1.1", b"Host: h", b"Connection: close"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b"Connection: Upgrade", b"Upgrade: websocket"),
+    _req(b"GET / HTTP/1.1", b"Host: h", b"Expect: 100-continue"),
+    _req(b"GET * HTTP/1.1", b"Host: h"),
+    _req(b"GET http://h/ HTTP/1.1", b"Host: h"),
+    _req(b"GET / HTTP/1.1", b"Host: h") + b"GET / HTTP/1.1\r\n",
+    _req(b"GET / HTTP/1.1", b"Host: h")[:-2],
+    _req(b"GET /" + b"a" * MAX_WHOLE_REQUEST + b" HTTP/1.1", b"Host: h"),
+    _req(b"GET / HTTP/1.1", b"Host: h", *[b"X-%d: v" % i for i in range(100)]),
+]
+
+
+class ParseWholeRequestTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        whole_response._lines.clear()
+
+    def test_same_as_httptools(self) -> None:
+        """
+        What the one-pass parser takes, httptools parses to the same
+        method, target and headers, as one complete HTTP/1.1 keep-alive
+        request that asks for no upgrade.
+        """
+        for data in REQUESTS_TAKEN:
+            for _ in range(2):
+                got = parse_whole_request(data)
+                self.assertIsNotNone(got, data)
+                assert got is not None
+                method, target, headers = got
+                self.assertEqual(_httptools_request(data),
+                                 (method, target, headers, "1.1", True, True, False), data)
+
+    def test_malformed_left_to_httptools(self) -> None:
+        """
+        Every malformed request is left to httptools, which rejects it.
+        """
+        for data in REQUESTS_MALFORMED:
+            self.assertIsNone(_httptools_request(data), data)
+            self.assertIsNone(parse_whole_request(data), data)
+            self.assertIsNone(parse_whole_request(data), data)
+
+    def test_others_left_to_httptools(self) -> None:
+        """
+        Requests with a body, an upgrade, an expectation, a close, another
+        version or target form, not one Host, more than one message or
+        beyond the size limits are left to httptools.
+        """
+        for data in REQUESTS_LEFT:
+            self.assertIsNone(parse_whole_request(data), data)
