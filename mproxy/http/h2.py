@@ -82,7 +82,8 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
-from hpack import NeverIndexedHeaderTuple
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hpack.exceptions import InvalidTableIndex
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ISSLTransport, ITCPTransport
@@ -301,6 +302,30 @@ class RoundRobin:
         return stream_id
 
 
+def decode_block(decoder: Any, data: bytes) -> Any:
+    """
+    hyper-h2's decoding of a header block (an HPACK error is a
+    L{h2.exceptions.ProtocolError}), with the block a client repeats (every
+    field one indexed byte, as when it sends the same fields again) looked
+    up in the table directly; such a block changes nothing in the decoder,
+    and any block the lookup does not fully accept is decoded by hpack.
+    """
+    if data and min(data) >= 0x80 and 0xFF not in data:
+        get = decoder.header_table.get_by_index
+        try:
+            fields = [get(b & 0x7F) for b in data]
+        except InvalidTableIndex:
+            fields = None
+        if fields is not None:
+            size = 0
+            for name, value in fields:
+                size += 32 + len(name) + len(value)
+            if (size <= decoder.max_header_list_size
+                    and decoder.header_table_size <= decoder.max_allowed_table_size):
+                return [HeaderTuple(name, value) for name, value in fields]
+    return h2.connection._decode_headers(decoder, data)
+
+
 class CompressionError(h2.exceptions.ProtocolError):
     """
     A header block could not be decoded: a connection error of type
@@ -377,7 +402,7 @@ class ServerConnection(h2.connection.H2Connection):
         if value + 1 > max_open:
             raise h2.exceptions.TooManyStreamsError(
                 f"Max inbound streams is {max_open}, {value} open")
-        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        headers = decode_block(self.decoder, frame.data)
         events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
         end = "END_STREAM" in flags
