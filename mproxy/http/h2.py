@@ -1006,10 +1006,14 @@ class H2Channel(Protocol, TimeoutMixin):
         if queue is None or self._closed:
             return
         queue.append(data)
-        if self.conn.local_flow_control_window(stream_id) > 0:
+        window = self.conn.local_flow_control_window(stream_id)
+        if window > 0:
             self.priority.unblock(stream_id)
             self._wake()
-        if self.remainingOutboundWindow(stream_id) <= 0:
+        for chunk in queue:
+            if chunk is not _END_STREAM:
+                window -= len(chunk)
+        if window <= 0:
             self.streams[stream_id].window_blocked()
 
     def stream_ended(self, stream_id: int, queued: bool) -> None:
@@ -1211,7 +1215,9 @@ class H2Channel(Protocol, TimeoutMixin):
                     continue
                 if not queue:
                     priority_tree.block(stream)
-                if self.remainingOutboundWindow(stream) <= 0:
+                    if window - len(frameData) <= 0:
+                        self.streams[stream].window_blocked()
+                elif self.remainingOutboundWindow(stream) <= 0:
                     self.streams[stream].window_blocked()
         finally:
             alive = True
