@@ -191,8 +191,7 @@ class DecodeTests(SynchronousTestCase):
         for block in blocks:
             got = decode_block(ours, block)
             expected = theirs.decode(block, raw=True)
-            self.assertEqual(got, expected)
-            self.assertEqual([type(f) for f in got], [type(f) for f in expected])
+            self.assertEqual([tuple(f) for f in got], [tuple(f) for f in expected])
         self.assertEqual(list(ours.header_table.dynamic_entries),
                          list(theirs.header_table.dynamic_entries))
 

@@ -82,8 +82,8 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
-from hpack.exceptions import InvalidTableIndex
+from hpack import NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ISSLTransport, ITCPTransport
@@ -302,27 +302,38 @@ class RoundRobin:
         return stream_id
 
 
+_STATIC_TABLE = HeaderTable.STATIC_TABLE
+_STATIC_ENTRIES = len(_STATIC_TABLE)
+
+
 def decode_block(decoder: Any, data: bytes) -> Any:
     """
     hyper-h2's decoding of a header block (an HPACK error is a
     L{h2.exceptions.ProtocolError}), with the block a client repeats (every
     field one indexed byte, as when it sends the same fields again) looked
-    up in the table directly; such a block changes nothing in the decoder,
-    and any block the lookup does not fully accept is decoded by hpack.
+    up in the table directly (its fields are the table's own tuples); such
+    a block changes nothing in the decoder, and any block the lookup does
+    not fully accept is decoded by hpack.
     """
-    if data and min(data) >= 0x80 and 0xFF not in data:
-        get = decoder.header_table.get_by_index
-        try:
-            fields = [get(b & 0x7F) for b in data]
-        except InvalidTableIndex:
-            fields = None
-        if fields is not None:
-            size = 0
-            for name, value in fields:
-                size += 32 + len(name) + len(value)
+    if data and min(data) > 0x80 and 0xFF not in data:
+        dynamic = decoder.header_table.dynamic_entries
+        fields = []
+        size = 0
+        for b in data:
+            i = (b & 0x7F) - 1
+            if i < _STATIC_ENTRIES:
+                field = _STATIC_TABLE[i]
+            else:
+                i -= _STATIC_ENTRIES
+                if i >= len(dynamic):
+                    break
+                field = dynamic[i]
+            fields.append(field)
+            size += 32 + len(field[0]) + len(field[1])
+        else:
             if (size <= decoder.max_header_list_size
                     and decoder.header_table_size <= decoder.max_allowed_table_size):
-                return [HeaderTuple(name, value) for name, value in fields]
+                return fields
     return h2.connection._decode_headers(decoder, data)
 
 
