@@ -221,6 +221,7 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
     return out
 
 
+_SERVER_OPEN = h2.connection.ConnectionState.SERVER_OPEN
 #: the validation flags of a request's header block
 _REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
@@ -414,7 +415,9 @@ class ServerConnection(h2.connection.H2Connection):
             raise h2.exceptions.TooManyStreamsError(
                 f"Max inbound streams is {max_open}, {value} open")
         headers = decode_block(self.decoder, frame.data)
-        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        # (in SERVER_OPEN the connection's transition changes nothing)
+        events = ([] if self.state_machine.state is _SERVER_OPEN
+                  else self.state_machine.process_input(ConnectionInputs.RECV_HEADERS))
         stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
         end = "END_STREAM" in flags
         if headers and headers[0][0] == b":status":
@@ -498,7 +501,8 @@ class ServerConnection(h2.connection.H2Connection):
             self.send_headers(stream_id, response_block(code, headers), end_stream=end_stream)
             return
         stream = self._get_stream_by_id(stream_id)
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        if self.state_machine.state is not _SERVER_OPEN:
+            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
         if end_stream:
@@ -517,7 +521,8 @@ class ServerConnection(h2.connection.H2Connection):
         windows and the frame size, written without a frame object.
         """
         stream = self._get_stream_by_id(stream_id)
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        if self.state_machine.state is not _SERVER_OPEN:
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_DATA)
         if end_stream:
