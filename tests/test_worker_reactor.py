@@ -428,6 +428,20 @@ class FDLinesTests(SynchronousTestCase):
         lines.write("a\n")
         self.assertEqual(self.writes, [b"a\n"])
 
+    def test_other_threads_lines_at_once(self) -> None:
+        """
+        A line logged by another thread is written at once (the reactor
+        may be waiting, and the pending lines are the reactor thread's).
+        """
+        import threading
+
+        lines = self.lines()
+        t = threading.Thread(target=lines.write, args=("from a thread\n",))
+        t.start()
+        t.join()
+        self.assertEqual(self.writes, [b"from a thread\n"])
+        self.assertEqual(self.turn, [])
+
     def test_failed_write_dropped(self) -> None:
         lines = self.lines()
         lines.write("a\n")

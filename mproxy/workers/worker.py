@@ -25,6 +25,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -359,7 +360,8 @@ class FDLines:
     fit in L{PIPE_BUF} bytes each (atomic on a pipe); a longer line is
     written alone.  L{drain} writes what is pending at once: the worker
     calls it when its reactor has stopped, so no line is lost on the way
-    out.  Without C{at_turn_end}, each line is written at once.
+    out.  Without C{at_turn_end}, and for lines logged by another thread
+    than the one that made it (the reactor's), each line is written at once.
     """
 
     def __init__(self, fd: int, at_turn_end: Callable[[Callable[[], None]], None] | None = None,
@@ -369,10 +371,11 @@ class FDLines:
         self._limit = limit
         self._pending: list[bytes] = []
         self._size = 0
+        self._thread = threading.get_ident()
 
     def write(self, text: str) -> None:
         data = text.encode("utf-8")
-        if self._at_turn_end is None:
+        if self._at_turn_end is None or threading.get_ident() != self._thread:
             self._write_out(data)
             return
         if self._size + len(data) > self._limit:
