@@ -7,9 +7,10 @@ HTTP/2 connection (`mproxy.http.h2.H2Channel`) on a plain loopback socket
 (no TLS: its cost is the same in every tree); -c clients with -m streams in
 flight each, and a fixed-response HTTP/1.1 upstream, in the same process and
 reactor, so that the count does not depend on the machine's load. The
-clients send pre-built frames (the same HEADERS block every time, fields
-never indexed) and read only frame headers, so their share of the count is
-small and the same for every tree.
+clients send pre-built frames (the first HEADERS block of a connection
+puts its fields in the dynamic table, the later ones refer to them, as
+h2load's and browsers' do) and read only frame headers, so their share of
+the count is small and the same for every tree.
 
     python3 bench/inproc_h2_instructions.py --mproxy-tree before=/tmp/a --mproxy-tree after=.
 
@@ -44,7 +45,7 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
 
 def serve(args) -> None:
     sys.path.insert(0, args.tree)
-    from hpack import Encoder, NeverIndexedHeaderTuple
+    from hpack import Encoder
     from twisted.internet import reactor
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
@@ -82,10 +83,14 @@ def serve(args) -> None:
 
     port = reactor.listenTCP(0, H2Factory(), interface="127.0.0.1")
     target = port.getHost().port
-    block = Encoder().encode([NeverIndexedHeaderTuple(n, v) for n, v in (
-        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-        (b":authority", b"127.0.0.1:%d" % target), (b"user-agent", b"bench"),
-        (b"accept", b"*/*"))])
+    fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+              (b":authority", b"127.0.0.1:%d" % target), (b"user-agent", b"bench"),
+              (b"accept", b"*/*")]
+    # as h2load and browsers send them: the first request's fields go into
+    # the connection's dynamic table, the later ones refer to them
+    encoder = Encoder()
+    first_block = encoder.encode(fields)
+    block = encoder.encode(fields)
     # every window as large as it can be: the clients never send WINDOW_UPDATE
     hello = (PREFACE + frame(0x4, 0, 0, (4).to_bytes(2, "big") + (2**31 - 1).to_bytes(4, "big"))
              + frame(0x8, 0, 0, (2**31 - 1 - 65535).to_bytes(4, "big")))
@@ -104,7 +109,8 @@ def serve(args) -> None:
             while self.in_flight < args.streams and state["left"] > 0:
                 state["left"] -= 1
                 self.in_flight += 1
-                out.append(frame(0x1, 0x5, self.next_id, block))
+                out.append(frame(0x1, 0x5, self.next_id, first_block if self.next_id == 1
+                                 else block))
                 self.next_id += 2
             if out:
                 self.transport.write(b"".join(out))

@@ -169,3 +169,53 @@ class ChannelTests(SynchronousTestCase):
         self.assertIn((b"x-big", b"b" * 20000), head.headers)
         self.assertEqual([e.data for e in events if isinstance(e, h2.events.DataReceived)],
                          [b"ok"])
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_same_as_hpack(self) -> None:
+        """
+        L{decode_block} gives what hpack's decoder gives, for a client's
+        blocks in turn (literals that fill the dynamic table, then blocks
+        of indexed fields only), and leaves the table as hpack leaves it.
+        """
+        from mproxy.http.h2 import decode_block
+
+        fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a"),
+                  (b":authority", b"x.test"), (b"user-agent", b"t/1")]
+        encoder = Encoder()
+        blocks = [encoder.encode(fields), encoder.encode(fields),
+                  encoder.encode(fields[:3] + [(b":path", b"/b")] + fields[3:]),
+                  encoder.encode(fields)]
+        self.assertTrue(all(b >= 0x80 for b in blocks[1]))
+        ours, theirs = Decoder(), Decoder()
+        for block in blocks:
+            got = decode_block(ours, block)
+            expected = theirs.decode(block, raw=True)
+            self.assertEqual([tuple(f) for f in got], [tuple(f) for f in expected])
+        self.assertEqual(list(ours.header_table.dynamic_entries),
+                         list(theirs.header_table.dynamic_entries))
+
+    def test_bad_indexed_blocks(self) -> None:
+        """
+        An index past both tables, index 0, or a header list over the
+        limit in a block of indexed fields is the error hpack reports.
+        """
+        import h2.exceptions
+
+        from mproxy.http.h2 import decode_block
+
+        for block in (b"\x82\x86\xc6", b"\x82\x80"):
+            self.assertRaises(h2.exceptions.ProtocolError, decode_block, Decoder(), block)
+        small = Decoder(max_header_list_size=50)
+        self.assertRaises(h2.exceptions.DenialOfServiceError, decode_block, small,
+                          b"\x82\x86\x84\x87")
+
+    def test_indexed_block_past_the_table_is_compression_error(self) -> None:
+        from h2.errors import ErrorCodes
+
+        from tests.test_h2 import frame, goaways
+
+        h = Harness()
+        h.send(frame(0x1, 0x5, 1, b"\x82\x86\x84\xc6"))
+        self.assertEqual(goaways(h.frames()), [ErrorCodes.COMPRESSION_ERROR])
+        self.assertTrue(h.closed)

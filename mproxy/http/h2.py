@@ -83,6 +83,7 @@ from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 from hpack import NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ISSLTransport, ITCPTransport
@@ -220,6 +221,7 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
     return out
 
 
+_SERVER_OPEN = h2.connection.ConnectionState.SERVER_OPEN
 #: the validation flags of a request's header block
 _REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
@@ -301,6 +303,41 @@ class RoundRobin:
         return stream_id
 
 
+_STATIC_TABLE = HeaderTable.STATIC_TABLE
+_STATIC_ENTRIES = len(_STATIC_TABLE)
+
+
+def decode_block(decoder: Any, data: bytes) -> Any:
+    """
+    hyper-h2's decoding of a header block (an HPACK error is a
+    L{h2.exceptions.ProtocolError}), with the block a client repeats (every
+    field one indexed byte, as when it sends the same fields again) looked
+    up in the table directly (its fields are the table's own tuples); such
+    a block changes nothing in the decoder, and any block the lookup does
+    not fully accept is decoded by hpack.
+    """
+    if data and min(data) > 0x80 and 0xFF not in data:
+        dynamic = decoder.header_table.dynamic_entries
+        fields = []
+        size = 0
+        for b in data:
+            i = (b & 0x7F) - 1
+            if i < _STATIC_ENTRIES:
+                field = _STATIC_TABLE[i]
+            else:
+                i -= _STATIC_ENTRIES
+                if i >= len(dynamic):
+                    break
+                field = dynamic[i]
+            fields.append(field)
+            size += 32 + len(field[0]) + len(field[1])
+        else:
+            if (size <= decoder.max_header_list_size
+                    and decoder.header_table_size <= decoder.max_allowed_table_size):
+                return fields
+    return h2.connection._decode_headers(decoder, data)
+
+
 class CompressionError(h2.exceptions.ProtocolError):
     """
     A header block could not be decoded: a connection error of type
@@ -377,8 +414,10 @@ class ServerConnection(h2.connection.H2Connection):
         if value + 1 > max_open:
             raise h2.exceptions.TooManyStreamsError(
                 f"Max inbound streams is {max_open}, {value} open")
-        headers = h2.connection._decode_headers(self.decoder, frame.data)
-        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        headers = decode_block(self.decoder, frame.data)
+        # (in SERVER_OPEN the connection's transition changes nothing)
+        events = ([] if self.state_machine.state is _SERVER_OPEN
+                  else self.state_machine.process_input(ConnectionInputs.RECV_HEADERS))
         stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
         end = "END_STREAM" in flags
         if headers and headers[0][0] == b":status":
@@ -462,7 +501,8 @@ class ServerConnection(h2.connection.H2Connection):
             self.send_headers(stream_id, response_block(code, headers), end_stream=end_stream)
             return
         stream = self._get_stream_by_id(stream_id)
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        if self.state_machine.state is not _SERVER_OPEN:
+            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
         if end_stream:
@@ -481,7 +521,8 @@ class ServerConnection(h2.connection.H2Connection):
         windows and the frame size, written without a frame object.
         """
         stream = self._get_stream_by_id(stream_id)
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        if self.state_machine.state is not _SERVER_OPEN:
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_DATA)
         if end_stream:
@@ -981,10 +1022,14 @@ class H2Channel(Protocol, TimeoutMixin):
         if queue is None or self._closed:
             return
         queue.append(data)
-        if self.conn.local_flow_control_window(stream_id) > 0:
+        window = self.conn.local_flow_control_window(stream_id)
+        if window > 0:
             self.priority.unblock(stream_id)
             self._wake()
-        if self.remainingOutboundWindow(stream_id) <= 0:
+        for chunk in queue:
+            if chunk is not _END_STREAM:
+                window -= len(chunk)
+        if window <= 0:
             self.streams[stream_id].window_blocked()
 
     def stream_ended(self, stream_id: int, queued: bool) -> None:
@@ -1186,7 +1231,9 @@ class H2Channel(Protocol, TimeoutMixin):
                     continue
                 if not queue:
                     priority_tree.block(stream)
-                if self.remainingOutboundWindow(stream) <= 0:
+                    if window - len(frameData) <= 0:
+                        self.streams[stream].window_blocked()
+                elif self.remainingOutboundWindow(stream) <= 0:
                     self.streams[stream].window_blocked()
         finally:
             alive = True

@@ -33,6 +33,7 @@ import ctypes
 import os
 import ssl
 import sys
+import sysconfig
 import tempfile
 import weakref
 from typing import Any
@@ -79,8 +80,12 @@ def set_tls13_ciphersuites(ctx: ssl.SSLContext, suites: bytes) -> bool:
     for it as the context does.  C{False} (the context unchanged) where
     that does not hold.
     """
-    if sys.implementation.name != "cpython" or hasattr(sys, "getobjects"):
-        return False  # another object layout (or a trace-refs build)
+    if (sys.implementation.name != "cpython" or hasattr(sys, "getobjects")
+            or sysconfig.get_config_var("Py_GIL_DISABLED")
+            or not (3, 11) <= sys.version_info[:2] <= (3, 14)):
+        # another object header (a trace-refs or free-threaded build), or
+        # a version whose SSLContext layout was not checked
+        return False
     try:
         lib = ctypes.CDLL(_ssl.__file__)
         get_options = lib.SSL_CTX_get_options
