@@ -12,7 +12,7 @@ import httptools
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.http import whole as whole_response
-from mproxy.http.whole import (MAX_CACHED_LINES, MAX_WHOLE, MAX_WHOLE_REQUEST, parse_whole,
+from mproxy.http.whole import (MAX_CACHED_HEADS, MAX_CACHED_LINES, MAX_WHOLE, MAX_WHOLE_REQUEST, parse_whole,
                                parse_whole_request)
 
 
@@ -116,6 +116,7 @@ class ParseWholeTests(SynchronousTestCase):
     def setUp(self) -> None:
         whole_response._lines.clear()
         whole_response._status_lines.clear()
+        whole_response._heads.clear()
 
     def test_same_as_httptools(self) -> None:
         """
@@ -131,6 +132,8 @@ class ParseWholeTests(SynchronousTestCase):
                 status, reason, headers, body, _ka = got
                 self.assertEqual(_httptools(data), (status, reason, headers, body, True, True),
                                  data)
+                # the list given is the caller's: the cached head is not changed
+                headers.append((b"X-Added", b"1"))
 
     def test_malformed_left_to_httptools(self) -> None:
         """
@@ -172,6 +175,7 @@ class ParseWholeTests(SynchronousTestCase):
             assert got is not None
             self.assertEqual(got[2], [(b"Date", b"%d" % i), (b"Content-Length", b"5")])
             self.assertLessEqual(len(whole_response._lines), MAX_CACHED_LINES)
+            self.assertLessEqual(len(whole_response._heads), MAX_CACHED_HEADS)
 
 
 class _RequestCollect:
@@ -255,6 +259,7 @@ REQUESTS_LEFT = [
 class ParseWholeRequestTests(SynchronousTestCase):
     def setUp(self) -> None:
         whole_response._lines.clear()
+        whole_response._request_blocks.clear()
 
     def test_same_as_httptools(self) -> None:
         """
@@ -288,3 +293,18 @@ class ParseWholeRequestTests(SynchronousTestCase):
         """
         for data in REQUESTS_LEFT:
             self.assertIsNone(parse_whole_request(data), data)
+
+    def test_request_cache_bounded(self) -> None:
+        """
+        The header block cache starts over when full; blocks parse the
+        same after it started over, and the list given is the caller's.
+        """
+        for i in range(MAX_CACHED_HEADS * 2 + 3):
+            data = _req(b"GET /%d HTTP/1.1" % i, b"Host: h", b"X: %d" % i)
+            got = parse_whole_request(data)
+            assert got is not None
+            self.assertEqual(got, (b"GET", b"/%d" % i, [(b"Host", b"h"), (b"X", b"%d" % i)]))
+            got[2].append((b"Y", b"z"))
+            self.assertEqual(parse_whole_request(data),
+                             (b"GET", b"/%d" % i, [(b"Host", b"h"), (b"X", b"%d" % i)]))
+            self.assertLessEqual(len(whole_response._request_blocks), MAX_CACHED_HEADS)

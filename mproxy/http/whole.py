@@ -24,8 +24,9 @@ answers (and rejects malformed responses) as it always did.
 L{parse_whole_request}: the same for a client's small request without a
 body (see its docstring).
 
-Targets and clients send the same header lines again and again, so the checked value
-of each line (and status line) is remembered in a bounded cache.
+Targets and clients send the same header lines again and again, so the
+checked value of each line (and status line), and of each whole response
+head and request header block, is remembered in bounded caches.
 """
 
 from __future__ import annotations
@@ -123,19 +124,23 @@ def _check_status(line: bytes) -> tuple[int, bytes] | None:
     return entry
 
 
-def parse_whole(data: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, float | None] | None:
-    """
-    C{(status, reason, headers, body, keep_alive_timeout)} of a response
-    that is all of C{data} (C{keep_alive_timeout} is C{None} without a
-    C{Keep-Alive} header), or C{None} to leave C{data} to the incremental
-    parser (see the module docstring).
-    """
-    if len(data) > MAX_WHOLE:
-        return None
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = data[:end].split(b"\r\n")
+#: whole heads (responses) and header blocks (requests) remembered
+MAX_CACHED_HEADS = 256
+# response head -> (status, reason, headers, Content-Length, Keep-Alive timeout)
+_heads: dict[bytes, tuple[int, bytes, tuple[tuple[bytes, bytes], ...], int, float | None]] = {}
+# request header block -> headers
+_request_blocks: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
+
+
+def _remember(cache: dict, key: bytes, entry: object) -> None:  # type: ignore[type-arg]
+    if len(cache) >= MAX_CACHED_HEADS:
+        cache.clear()
+    cache[key] = entry
+
+
+def _check_head(head: bytes) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...], int,
+                                      float | None] | None:
+    lines = head.split(b"\r\n")
     st = _status_lines.get(lines[0]) or _check_status(lines[0])
     if st is None:
         return None
@@ -160,10 +165,33 @@ def parse_whole(data: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], byt
             elif kind == _NOT_HERE:
                 return None
         append(e[0])
-    start = end + 4
-    if length < 0 or start + length != len(data):
+    if length < 0:
         return None
-    return st[0], st[1], headers, data[start:], ka  # type: ignore[return-value]
+    entry = (st[0], st[1], tuple(headers), length, ka)
+    _remember(_heads, head, entry)
+    return entry
+
+
+def parse_whole(data: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, float | None] | None:
+    """
+    C{(status, reason, headers, body, keep_alive_timeout)} of a response
+    that is all of C{data} (C{keep_alive_timeout} is C{None} without a
+    C{Keep-Alive} header), or C{None} to leave C{data} to the incremental
+    parser (see the module docstring).
+    """
+    if len(data) > MAX_WHOLE:
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[:end]
+    e = _heads.get(head) or _check_head(head)
+    if e is None:
+        return None
+    start = end + 4
+    if start + e[3] != len(data):
+        return None
+    return e[0], e[1], list(e[2]), data[start:], e[4]
 
 
 #: largest request taken (so that no size limit of the request reader can
@@ -175,35 +203,15 @@ _REQUEST_METHODS = {b"GET": b"GET", b"HEAD": b"HEAD"}
 _TARGET = re.compile(rb"/[!-~]*")
 
 
-def parse_whole_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
-    """
-    C{(method, target, headers)} of a request that is all of C{data}: a
-    GET or HEAD in HTTP/1.1 with an origin-form target of visible ASCII,
-    header lines as in a response, one Host, and nothing that frames a
-    body, asks for an upgrade, a continue or the connection's close
-    (C{Content-Length}, C{Transfer-Encoding}, C{Upgrade}, C{Expect}, a
-    C{Connection} other than C{keep-alive}); else C{None}: the caller
-    hands C{data} to the incremental parser.
-    """
-    if len(data) > MAX_WHOLE_REQUEST or data[-4:] != b"\r\n\r\n":
-        return None
-    lines = data[:-4].split(b"\r\n")
-    n = len(lines)
-    if n > MAX_WHOLE_REQUEST_HEADERS + 1:
-        return None
-    method, sp, rest = lines[0].partition(b" ")
-    method = _REQUEST_METHODS.get(method)  # type: ignore[assignment]
-    if method is None or rest[-9:] != b" HTTP/1.1":
-        return None
-    target = rest[:-9]
-    if _TARGET.fullmatch(target) is None:
+def _check_request_block(block: bytes) -> tuple[tuple[bytes, bytes], ...] | None:
+    lines = block.split(b"\r\n")
+    if len(lines) > MAX_WHOLE_REQUEST_HEADERS:
         return None
     get = _lines.get
     headers = []
     append = headers.append
     hosts = 0
-    for i in range(1, n):
-        line = lines[i]
+    for line in lines:
         e = get(line) or _check_line(line)
         if e is None:
             return None
@@ -216,7 +224,39 @@ def parse_whole_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, by
         append(e[0])
     if hosts != 1:
         return None
-    return method, target, headers
+    entry = tuple(headers)
+    _remember(_request_blocks, block, entry)
+    return entry
+
+
+def parse_whole_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
+    """
+    C{(method, target, headers)} of a request that is all of C{data}: a
+    GET or HEAD in HTTP/1.1 with an origin-form target of visible ASCII,
+    header lines as in a response, one Host, and nothing that frames a
+    body, asks for an upgrade, a continue or the connection's close
+    (C{Content-Length}, C{Transfer-Encoding}, C{Upgrade}, C{Expect}, a
+    C{Connection} other than C{keep-alive}); else C{None}: the caller
+    hands C{data} to the incremental parser.
+    """
+    n = len(data)
+    if n > MAX_WHOLE_REQUEST or data[-4:] != b"\r\n\r\n":
+        return None
+    i = data.find(b"\r\n")
+    if i + 4 >= n:
+        return None  # no header line
+    method, sp, rest = data[:i].partition(b" ")
+    method = _REQUEST_METHODS.get(method)  # type: ignore[assignment]
+    if method is None or rest[-9:] != b" HTTP/1.1":
+        return None
+    target = rest[:-9]
+    if _TARGET.fullmatch(target) is None:
+        return None
+    block = data[i + 2:-4]
+    e = _request_blocks.get(block) or _check_request_block(block)
+    if e is None:
+        return None
+    return method, target, list(e)
 
 
 __all__ = ["parse_whole", "parse_whole_request", "keep_alive_timeout", "MAX_WHOLE",
