@@ -233,15 +233,13 @@ class RequestReader:
             channel.header_started()
             req = channel.requestFactory(channel, method, url, b"HTTP/1.1", headers)
             self._body_seen = 0
-            # (HTTP/1.1 without Connection: close)
+            # HTTP/1.1 without Connection: close, and (one Host, no framing
+            # or Expect header) nothing for _check_headers to find
             req.keep_alive = True
-            _check_headers(req, b"HTTP/1.1")
             self.current = req
             channel.request_parsed(req)
             # the message is complete (no body)
             self.current = None
-        except ParseError as e:
-            channel.protocol_error(e.status, str(e))
         except Exception as e:
             # as the parser reports a failing callback
             channel.protocol_error(400, repr(e))
