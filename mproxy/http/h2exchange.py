@@ -83,35 +83,10 @@ class H2Request(FastRequest):
 
     def __init__(self, channel: Any, stream_id: int, method: bytes, uri: bytes,
                  raw_headers: list[tuple[bytes, bytes]]) -> None:
-        self.channel = channel
+        FastRequest.__init__(self, channel, method, uri, b"HTTP/2.0", raw_headers)
         self.stream_id = stream_id
+        # the stream writes through its channel, never to the TLS transport
         self.transport = None
-        self.client = channel.peer
-        self.host = channel.local
-        self.method = method
-        self.uri = uri
-        self.clientproto = b"HTTP/2.0"
-        self.raw_headers = raw_headers
-        self.body_length = 0
-        self.body_done = True
-        self.keep_alive = True
-        self.started = False
-        self.finished = 0
-        self.code = 200
-        self.code_message = b"OK"
-        self.sentLength = 0
-        self.prepath = []
-        q = uri.find(b"?")
-        if q < 0:
-            self.path = uri
-            self.query = b""
-        else:
-            self.path = uri[:q]
-            self.query = uri[q + 1:]
-        self.is_tls = channel.is_tls
-        #: the peer's address and port as strings (for logs), computed
-        #: once per connection
-        self.client_strings = channel.client_strings
 
     def __repr__(self) -> str:
         return f"<H2Request {self.stream_id} {self.method!r} {self.uri!r}>"
