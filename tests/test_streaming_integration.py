@@ -1258,14 +1258,14 @@ class TLSStreamingTests(StreamingMixin, TestCase):
             c = Raw(b"GET /%s?k=h1&n=10 HTTP/1.1\r\nHost: stream.test\r\n\r\n" % kind)
             yield tls_connect(c)
             h1.append((kind, c))
-        h2 = deferToThread(h2_stream, p.https_port, "stream.test", paths["ca.pem"],
-                           ["/sse?k=h2&n=10", "/chunked?k=h2&n=10", "/accel?k=h2&n=10"])
         ws = WSClient(host=b"stream.test")
         yield tls_connect(ws)
         yield ws.until(head_complete)
         self.assertTrue(ws.head.startswith(b"HTTP/1.1 101"), ws.head)
         self.assertEqual((yield ws.echo(b"secure")), b"one")
         yield gatherResults([c.until(lambda b: b"evt-0009-end" in b, timeout=5) for _, c in h1])
+        h2 = deferToThread(h2_stream, p.https_port, "stream.test", paths["ca.pem"],
+                           ["/sse?k=h2&n=10", "/chunked?k=h2&n=10", "/accel?k=h2&n=10"])
         results = yield h2
         worst = {}
         for kind, c in h1:
