@@ -64,7 +64,6 @@ What it does beyond hyper-h2, and why:
 from __future__ import annotations
 
 import re
-import weakref
 from collections import deque
 from typing import Any
 
@@ -94,6 +93,7 @@ from twisted.python.failure import Failure
 from mproxy.http.h2exchange import H2Request
 from mproxy.http.h2frames import data_frame_head, encode_response, headers_frame, response_block
 from mproxy.http.request import address_strings
+from mproxy.nextturn import next_iteration_for
 
 __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
 
@@ -569,44 +569,6 @@ class ServerConnection(h2.connection.H2Connection):
         self._prepare_for_sending([f])
 
 
-class _Sender:
-    """
-    Runs, at the start of the next reactor iteration, the send loop of
-    every connection that has something to send (one C{callLater(0)} per
-    iteration for all of them, none cancelled when a connection sends at
-    once instead).
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.pending: dict[Any, None] = {}
-        self._call: Any = None
-
-    def add(self, channel: Any) -> None:
-        self.pending[channel] = None
-        if self._call is None:
-            self._call = self.reactor.callLater(0, self.run)
-
-    def discard(self, channel: Any) -> None:
-        self.pending.pop(channel, None)
-
-    def run(self) -> None:
-        self._call = None
-        pending, self.pending = self.pending, {}
-        for channel in pending:
-            channel._send_scheduled()
-
-
-_senders: weakref.WeakKeyDictionary[Any, _Sender] = weakref.WeakKeyDictionary()
-
-
-def _sender_for(reactor: Any) -> _Sender:
-    sender = _senders.get(reactor)
-    if sender is None:
-        sender = _senders[reactor] = _Sender(reactor)
-    return sender
-
-
 class H2Channel(Protocol, TimeoutMixin):
     """
     One HTTP/2 client connection of a L{ProxySite}: hyper-h2's state
@@ -646,7 +608,7 @@ class H2Channel(Protocol, TimeoutMixin):
         self._pending: dict[int, H2Request] = {}
         self._outboundStreamQueues: dict[int, deque[Any]] = {}
         self._consumerBlocked: Deferred[None] | None = None
-        self._sender = _sender_for(reactor)
+        self._sender = next_iteration_for(reactor, "_send_scheduled")
         self._stillProducing = True
         self._bufferedControlFrames: deque[bytes] = deque()
         self._bufferedControlFrameBytes = 0
@@ -1115,7 +1077,7 @@ class H2Channel(Protocol, TimeoutMixin):
 
     # --- sending ------------------------------------------------------------------
 
-    #: the send loop is due in the next reactor iteration (L{_Sender})
+    #: the send loop is due in the next reactor iteration (L{mproxy.nextturn.NextIteration})
     _send_queued = False
     _waiting_for_consumer = False
 

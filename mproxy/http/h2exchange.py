@@ -243,9 +243,6 @@ class H2Request(FastRequest):
             self._lost_handler = None
             self.channel.reset_stream(self.stream_id)
 
-    def set_shutdown_handler(self, fn: Callable[[], None]) -> None:
-        self.on_shutdown = fn
-
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self._disconnected:
             producer.stopProducing()

@@ -52,6 +52,7 @@ from zope.interface import implementer
 
 from mproxy.http.batch import DIRECT_TYPES
 from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
@@ -170,40 +171,6 @@ class StdlibContexts:
             tls.logger.error(f"Loading the certificate for {name!r} failed",
                              server_name=name, error=f"{type(e).__name__}: {e}")
         return None
-
-
-class _Flusher:
-    """
-    Encrypts and sends, at the start of the next reactor iteration, what
-    was written to each TLS connection during this one (one C{callLater(0)}
-    per iteration for all connections).
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.pending: dict[FastTLSProtocol, None] = {}
-        self._call: Any = None
-
-    def add(self, conn: "FastTLSProtocol") -> None:
-        self.pending[conn] = None
-        if self._call is None:
-            self._call = self.reactor.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        self._call = None
-        pending, self.pending = self.pending, {}
-        for conn in pending:
-            conn._flush_plaintext()
-
-
-_flushers: weakref.WeakKeyDictionary[Any, _Flusher] = weakref.WeakKeyDictionary()
-
-
-def _flusher_for(reactor: Any) -> _Flusher:
-    f = _flushers.get(reactor)
-    if f is None:
-        f = _flushers[reactor] = _Flusher(reactor)
-    return f
 
 
 @implementer(ISSLTransport, ITCPTransport, INegotiated, IPushProducer)
@@ -533,7 +500,7 @@ class FastTLSFactory(TLSMemoryBIOFactory):
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
-        self.flusher = _flusher_for(reactor)
+        self.flusher = next_iteration_for(reactor, "_flush_plaintext")
 
     def buildProtocol(self, addr: Any) -> Any:
         return FastTLSProtocol(self, addr)
