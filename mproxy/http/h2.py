@@ -92,7 +92,7 @@ from twisted.python.failure import Failure
 
 from mproxy.http.h2exchange import H2Request
 from mproxy.http.h2frames import data_frame_head, encode_response, headers_frame, response_block
-from mproxy.http.request import address_strings
+from mproxy.http.request import PeerStrings
 from mproxy.nextturn import next_iteration_for
 
 __all__ = ["H2Channel", "ServerConnection", "CompressionError"]
@@ -569,7 +569,7 @@ class ServerConnection(h2.connection.H2Connection):
         self._prepare_for_sending([f])
 
 
-class H2Channel(Protocol, TimeoutMixin):
+class H2Channel(PeerStrings, Protocol, TimeoutMixin):
     """
     One HTTP/2 client connection of a L{ProxySite}: hyper-h2's state
     machine (L{ServerConnection}) as the frame layer, each stream an
@@ -622,15 +622,6 @@ class H2Channel(Protocol, TimeoutMixin):
         self._done: list[int] = []
 
     # --- connection ---------------------------------------------------------
-
-    _client_strings: tuple[str, str] | None = None
-
-    @property
-    def client_strings(self) -> tuple[str, str]:
-        cs = self._client_strings
-        if cs is None:
-            cs = self._client_strings = address_strings(self.peer)
-        return cs
 
     def connectionMade(self) -> None:
         t = self.transport

@@ -109,6 +109,22 @@ def address_strings(address: Any) -> tuple[str, str]:
     return "", ""
 
 
+class PeerStrings:
+    """
+    A connection's C{client_strings}: its peer's (C{self.peer}) address
+    and port as strings, computed the first time a request asks.
+    """
+
+    _client_strings: tuple[str, str] | None = None
+
+    @property
+    def client_strings(self) -> tuple[str, str]:
+        cs = self._client_strings
+        if cs is None:
+            cs = self._client_strings = address_strings(self.peer)
+        return cs
+
+
 def _hex(n: int) -> bytes:
     return b"%x\r\n" % n
 

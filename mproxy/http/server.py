@@ -45,7 +45,7 @@ from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
     _BodyProducer,
-    address_strings,
+    PeerStrings,
     error_response,
     reason_bytes,
     status_line,
@@ -70,7 +70,7 @@ IDLE_CLOSE_QUIET = 1.0
 
 
 @implementer(IRequestChannel)
-class FastHTTPChannel(ConnectionControl, Protocol):
+class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
     """
     One client connection.  Requests are handled one at a time in order;
     pipelined requests wait (their bodies queued, reading paused when the
@@ -112,15 +112,6 @@ class FastHTTPChannel(ConnectionControl, Protocol):
         self.body_producer = _BodyProducer(self)
 
     # --- connection ---------------------------------------------------------
-
-    _client_strings: tuple[str, str] | None = None
-
-    @property
-    def client_strings(self) -> tuple[str, str]:
-        cs = self._client_strings
-        if cs is None:
-            cs = self._client_strings = address_strings(self.peer)
-        return cs
 
     def connectionMade(self) -> None:
         t = self.transport
