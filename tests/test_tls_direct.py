@@ -349,10 +349,15 @@ class DirectTests(SynchronousTestCase):
         iteration without another socket event, unless the protocol
         paused reading (then it follows once it resumes).
         """
-        self.patch(fasttls, "MAX_READ_EVENT", 20000)
         app = self.connect()
-        app.pause_on_data = True
         body = bytes(range(256)) * 256  # 64 KiB: four records
+        self.client.write(body)
+        self.send_client()
+        self.server_read()  # a busy read: the read buffer grows
+        self.assertTrue(self.server._io.grown_reads)
+        del app.received[:]
+        self.patch(fasttls, "MAX_READ_EVENT", 20000)
+        app.pause_on_data = True
         self.client.write(body)
         self.send_client()
         self.server_read()

@@ -688,10 +688,11 @@ class FastTLSProtocol(Protocol):
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._paused = False
+        paused, self._paused = self._paused, False
         self.transport.resumeProducing()
-        if self._io is not None:
-            # records OpenSSL holds already: the socket will not signal them
+        io = self._io
+        if paused and io is not None and (io.unread() or self._ssl.pending()):
+            # bytes OpenSSL holds already: the socket will not signal them
             self.factory.reader.add(self)
 
     def stopProducing(self) -> None:
