@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mproxy.http.batch import DIRECT_TYPES
-from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.reads import MAX_READ, READ_GROW_AT, grow_reads
 from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
 from mproxy.tls.sslbio import DirectIO, attach
@@ -68,8 +68,10 @@ READ_SIZE = 65536
 #: is, not joined with the pieces around it (a response head, chunk framing)
 SEPARATE_AT = 16384
 #: decrypted bytes handed to the protocol per socket event, at most (the
-#: rest is read in the next reactor iteration)
-MAX_READ_EVENT = 1048576
+#: rest is read in the next reactor iteration): the largest read of a plain
+#: TCP connection (mproxy.http.reads.MAX_READ), so the HTTP layer sees the
+#: same sizes over both
+MAX_READ_EVENT = MAX_READ
 #: a socket event or a flush of this many bytes gives the connection's
 #: buffering BIO its large buffer for that direction
 GROW_AT = 32768
