@@ -81,7 +81,7 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
-from hpack import NeverIndexedHeaderTuple
+from hpack import Decoder, NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -478,6 +478,25 @@ def _compression_error(e: h2.exceptions.ProtocolError) -> h2.exceptions.Protocol
     return e
 
 
+#: whole request header blocks remembered per connection, and the largest
+MAX_KNOWN_BLOCKS = 32
+MAX_KNOWN_BLOCK = 1024
+
+
+class _CountingDecoder(Decoder):
+    """
+    hpack's decoder, counting the blocks it decoded (L{generation}): while
+    the count stands still, its dynamic table has not changed, and a block
+    of indexed fields means what it meant before.
+    """
+
+    generation = 0
+
+    def decode(self, data: Any, raw: bool = False) -> Any:
+        self.generation += 1
+        return super().decode(data, raw)
+
+
 class _Light:
     """
     A light stream: a request stream whose HEADERS frame ended it (so
@@ -531,8 +550,12 @@ class ServerConnection(h2.connection.H2Connection):
             client_side=False, header_encoding=None,
             normalize_outbound_headers=False, validate_outbound_headers=False))
         self.incoming_buffer = _FrameBuffer(server=True)
+        self.decoder.__class__ = _CountingDecoder
         #: the light streams, by id
         self._light: dict[int, _Light] = {}
+        #: whole requests' header blocks -> (the decoder's generation, the
+        #: header list's size, what request_fields made of them)
+        self._wholes: dict[bytes, tuple[int, int, Any]] = {}
 
     def receive_data(self, data: Any) -> list[Any]:
         """
@@ -657,15 +680,33 @@ class ServerConnection(h2.connection.H2Connection):
         if value + 1 > max_open:
             raise h2.exceptions.TooManyStreamsError(
                 f"Max inbound streams is {max_open}, {value} open")
-        try:
-            headers = decode_block(self.decoder, block)
-        except h2.exceptions.ProtocolError as e:
-            raise _compression_error(e)
-        if headers and headers[0][0] == b":status":
-            # not a request: hyper-h2's own checks refuse it
-            stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
-            stream.receive_headers(headers, True, None)
-        method, path, fields = request_fields(headers)
+        decoder = self.decoder
+        known = self._wholes.get(block)
+        if (known is not None and known[0] == decoder.generation
+                and known[1] <= decoder.max_header_list_size
+                and decoder.header_table_size <= decoder.max_allowed_table_size):
+            # the same block as an earlier request's, the table unchanged
+            # since: the same fields, found valid
+            method, path, fields = known[2]
+            fields = fields[:]
+        else:
+            try:
+                headers = decode_block(decoder, block)
+            except h2.exceptions.ProtocolError as e:
+                raise _compression_error(e)
+            if headers and headers[0][0] == b":status":
+                # not a request: hyper-h2's own checks refuse it
+                stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+                stream.receive_headers(headers, True, None)
+            method, path, fields = request_fields(headers)
+            if len(block) <= MAX_KNOWN_BLOCK:
+                wholes = self._wholes
+                if len(wholes) >= MAX_KNOWN_BLOCKS:
+                    wholes.clear()
+                size = 0
+                for field in headers:
+                    size += 32 + len(field[0]) + len(field[1])
+                wholes[block] = (decoder.generation, size, (method, path, fields[:]))
         if self.state_machine.state is _IDLE:
             # the first stream opens the connection
             self.state_machine.state = _SERVER_OPEN
