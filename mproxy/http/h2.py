@@ -461,6 +461,7 @@ class _FrameBuffer(FrameBuffer):
 _HALF_CLOSED_REMOTE = h2.stream.StreamState.HALF_CLOSED_REMOTE
 _CLOSED_BY = h2.stream.StreamClosedBy
 _MAX_WINDOW = 2**31 - 1
+_guard_increment = h2.utilities.guard_increment_window
 
 
 def _compression_error(e: h2.exceptions.ProtocolError) -> h2.exceptions.ProtocolError:
@@ -553,8 +554,9 @@ class ServerConnection(h2.connection.H2Connection):
         self.decoder.__class__ = _CountingDecoder
         #: the light streams, by id
         self._light: dict[int, _Light] = {}
-        #: whole requests' header blocks -> (the decoder's generation, the
-        #: header list's size, what request_fields made of them)
+        #: whole requests' header blocks that left the decoder unchanged
+        #: (indexed fields only) -> (the decoder's generation, the header
+        #: list's size, what request_fields made of them)
         self._wholes: dict[bytes, tuple[int, int, Any]] = {}
 
     def receive_data(self, data: Any) -> list[Any]:
@@ -602,14 +604,17 @@ class ServerConnection(h2.connection.H2Connection):
         L{_Light}); WINDOW_UPDATE for the connection or a light stream;
         RST_STREAM for a light stream.  Any other frame, or one of these
         that is not valid, goes to hyper-h2 (a light stream it concerns
-        becomes one of hyper-h2's first), and so does everything after a
-        frame that begins a header block (CONTINUATION follows) or ends the
-        connection.  An incomplete frame at the end waits for more data.
+        becomes one of hyper-h2's first), and so do the frames of a header
+        block continued in CONTINUATION frames, and everything after a frame
+        that ends the connection.  An incomplete frame at the end waits for
+        more data.
         """
         n = len(data)
         i = 0
         light = self._light
         max_size = self.max_inbound_frame_size
+        #: a header block is being continued (CONTINUATION): hyper-h2's
+        in_block = False
         while n - i >= 9:
             length = data[i] << 16 | data[i + 1] << 8 | data[i + 2]
             if length > max_size:
@@ -623,48 +628,49 @@ class ServerConnection(h2.connection.H2Connection):
             flags = data[i + 4]
             stream_id = (data[i + 5] << 24 | data[i + 6] << 16 | data[i + 7] << 8
                          | data[i + 8]) & 0x7FFFFFFF
-            if (kind == 0x1 and flags & 0x2D == 0x05 and stream_id & 1
-                    and stream_id > self.highest_inbound_stream_id):
-                events.append(self._receive_whole_request(stream_id, data[i + 9:end]))
-                i = end
-                continue
-            if kind == 0x8 and length == 4 and (not stream_id or stream_id in light):
-                increment = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
-                             | data[i + 12]) & 0x7FFFFFFF
-                if increment:
-                    if not stream_id:
-                        self.outbound_flow_control_window = h2.utilities.guard_increment_window(
-                            self.outbound_flow_control_window, increment)
-                        events.append(h2.events.WindowUpdated(stream_id=0, delta=increment))
-                        i = end
-                        continue
-                    stream = light[stream_id]
-                    if stream.window + increment <= _MAX_WINDOW:
-                        stream.window += increment
-                        events.append(h2.events.WindowUpdated(stream_id=stream_id,
-                                                              delta=increment))
-                        i = end
-                        continue
-            elif kind == 0x3 and length == 4 and stream_id in light:
-                del light[stream_id]
-                self._closed_streams[stream_id] = _CLOSED_BY.RECV_RST_STREAM
-                code = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
-                        | data[i + 12])
-                events.append(h2.events.StreamReset(
-                    stream_id=stream_id, error_code=h2.errors._error_code_from_int(code),
-                    remote_reset=True))
-                i = end
-                continue
+            if not in_block:
+                if (kind == 0x1 and flags & 0x2D == 0x05 and stream_id & 1
+                        and stream_id > self.highest_inbound_stream_id):
+                    events.append(self._receive_whole_request(stream_id, data[i + 9:end]))
+                    i = end
+                    continue
+                if kind == 0x8 and length == 4 and (not stream_id or stream_id in light):
+                    increment = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
+                                 | data[i + 12]) & 0x7FFFFFFF
+                    if increment:
+                        if not stream_id:
+                            self.outbound_flow_control_window = _guard_increment(
+                                self.outbound_flow_control_window, increment)
+                            events.append(h2.events.WindowUpdated(stream_id=0, delta=increment))
+                            i = end
+                            continue
+                        stream = light[stream_id]
+                        if stream.window + increment <= _MAX_WINDOW:
+                            stream.window += increment
+                            events.append(h2.events.WindowUpdated(stream_id=stream_id,
+                                                                  delta=increment))
+                            i = end
+                            continue
+                elif kind == 0x3 and length == 4 and stream_id in light:
+                    del light[stream_id]
+                    self._closed_streams[stream_id] = _CLOSED_BY.RECV_RST_STREAM
+                    code = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
+                            | data[i + 12])
+                    events.append(h2.events.StreamReset(
+                        stream_id=stream_id, error_code=h2.errors._error_code_from_int(code),
+                        remote_reset=True))
+                    i = end
+                    continue
             if stream_id in light:
                 self._promote(stream_id)
             events.extend(self._receive_slowly(data[i:end]))
             i = end
             state = self.state_machine.state
-            if (self.incoming_buffer._headers_buffer
-                    or (state is not _SERVER_OPEN and state is not _IDLE)):
+            if state is not _SERVER_OPEN and state is not _IDLE:
                 if i < n:
                     events.extend(self._receive_slowly(data[i:]))
                 return
+            in_block = bool(self.incoming_buffer._headers_buffer)
             max_size = self.max_inbound_frame_size
         if i < n:
             self.incoming_buffer._data += data[i:]
@@ -690,6 +696,7 @@ class ServerConnection(h2.connection.H2Connection):
             method, path, fields = known[2]
             fields = fields[:]
         else:
+            generation = decoder.generation
             try:
                 headers = decode_block(decoder, block)
             except h2.exceptions.ProtocolError as e:
@@ -699,7 +706,9 @@ class ServerConnection(h2.connection.H2Connection):
                 stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
                 stream.receive_headers(headers, True, None)
             method, path, fields = request_fields(headers)
-            if len(block) <= MAX_KNOWN_BLOCK:
+            if decoder.generation == generation and len(block) <= MAX_KNOWN_BLOCK:
+                # (a block that hpack decoded may have changed the table:
+                # decoded again, it would change it again)
                 wholes = self._wholes
                 if len(wholes) >= MAX_KNOWN_BLOCKS:
                     wholes.clear()
