@@ -20,15 +20,29 @@ from hyperframe.frame import (
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
+    SettingsFrame,
 )
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.http.h2 import (
     _REQUEST_FLAGS,
+    H2Channel,
     request_fields,
     request_headers,
 )
-from tests.test_h2 import REQUEST, Harness, RequestHeaderCheckTests, data_of, frame, goaways
+from mproxy.http.server import ProxySite
+from tests.test_h2 import (
+    IDLE,
+    PREFACE,
+    REQUEST,
+    Harness,
+    Reactor,
+    RequestHeaderCheckTests,
+    data_of,
+    frame,
+    goaways,
+)
 from tests.test_h2_streams import Consumer, Exchanges, Producer
 
 PING = frame(0x6, 0, 0, b"12345678")
@@ -164,6 +178,38 @@ class WholeRequestTests(SynchronousTestCase):
         h.send(whole(1, block_of(REQUEST)))
         self.assertEqual(conn.state_machine.state.name, "SERVER_OPEN")
         self.assertEqual(conn.highest_inbound_stream_id, 1)
+
+    def test_preface_and_request_in_one_read(self) -> None:
+        """
+        The client's first read: the preface, its SETTINGS and a request.
+        """
+        app = Exchanges()
+        h = Harness.__new__(Harness)
+        h.app = app
+        h.reactor = Reactor()
+        h.site = ProxySite(app, h.reactor, secure=True)
+        h.transport = StringTransport()
+        h.channel = H2Channel(h.site, h.reactor, IDLE)
+        h.channel.makeConnection(h.transport)
+        h._buf = b""
+        h.send(PREFACE[:5])
+        h.send(PREFACE[5:] + frame(0x4, 0, 0, b"") + whole(1, block_of(REQUEST)))
+        [rq] = app.got
+        self.assertIn(1, h.channel.conn._light)
+        self.assertTrue(any(isinstance(f, SettingsFrame) and "ACK" in f.flags
+                            for f in h.frames()))
+
+    def test_bad_preface_before_request(self) -> None:
+        app = Exchanges()
+        h = Harness.__new__(Harness)
+        h.reactor = Reactor()
+        h.transport = StringTransport()
+        h.channel = H2Channel(ProxySite(app, h.reactor, secure=True), h.reactor, IDLE)
+        h.channel.makeConnection(h.transport)
+        h._buf = b""
+        h.send(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + whole(1, block_of(REQUEST)))
+        self.assertEqual(app.got, [])
+        self.assertEqual(goaways(h.frames()), [ErrorCodes.PROTOCOL_ERROR])
 
     def test_frames_split_across_reads(self) -> None:
         """

@@ -566,15 +566,23 @@ class ServerConnection(h2.connection.H2Connection):
         queues its GOAWAY and raises.
         """
         buf = self.incoming_buffer
+        events: list[Any] = []
+        if buf._preamble_len:
+            # the preface (checked by hyper-h2), then maybe frames
+            n = buf._preamble_len
+            events = self._receive_slowly(data[:n])
+            data = data[n:]
+            if not data:
+                return events
         state = self.state_machine.state
-        if (buf._preamble_len or buf._headers_buffer
-                or (state is not _SERVER_OPEN and state is not _IDLE)):
-            return self._receive_slowly(data)
+        if buf._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
+            return events + self._receive_slowly(data)
         if buf._data:
             buf._data += data
             data = bytes(buf._data)
             del buf._data[:]
-        events: list[Any] = []
+        elif type(data) is not bytes:
+            data = bytes(data)
         try:
             self._receive_fast(data, events)
         except h2.exceptions.ProtocolError as e:
