@@ -164,7 +164,7 @@ class WholeRequestTests(SynchronousTestCase):
         self.assertEqual(data.data, b"ok")
         self.assertEqual(Decoder().decode(head.data, raw=True)[0], (b":status", b"200"))
         self.assertNotIn(1, conn._light)
-        self.assertEqual(conn._closed_streams[1], StreamClosedBy.SEND_END_STREAM)
+        self.assertEqual(conn._stream_closed_by(1), StreamClosedBy.SEND_END_STREAM)
         self.assertEqual(conn.open_inbound_streams, 0)
         self.assertTrue(h.channel.is_idle())
         # its window and the connection's were spent
@@ -358,7 +358,7 @@ class WholeRequestTests(SynchronousTestCase):
         h.send(whole(3, enc.encode(REQUEST)))
         self.assertEqual(len(app.got), 1)
         self.assertEqual(resets(h.frames()), [(3, ErrorCodes.REFUSED_STREAM)])
-        self.assertEqual(h.channel.conn._closed_streams[3], StreamClosedBy.SEND_RST_STREAM)
+        self.assertEqual(h.channel.conn._stream_closed_by(3), StreamClosedBy.SEND_RST_STREAM)
         answer(app.got[0])
         h.pump()
         self.assertEqual(data_of(h.frames()), b"ok")
@@ -509,7 +509,7 @@ class LightStreamFrameTests(SynchronousTestCase):
         self.assertEqual(len(lost), 1)
         self.assertTrue(h.channel.is_idle())
         conn = h.channel.conn
-        self.assertEqual(conn._closed_streams[1], StreamClosedBy.RECV_RST_STREAM)
+        self.assertEqual(conn._stream_closed_by(1), StreamClosedBy.RECV_RST_STREAM)
         # ignored
         h.send(frame(0x8, 0, 1, (5).to_bytes(4, "big")))
         self.assertEqual(h.frames(), [])
@@ -588,8 +588,24 @@ class LightStreamFrameTests(SynchronousTestCase):
         h.pump()
         self.assertEqual(resets(h.frames()), [(1, ErrorCodes.INTERNAL_ERROR)])
         conn = h.channel.conn
-        self.assertEqual(conn._closed_streams[1], StreamClosedBy.SEND_RST_STREAM)
+        self.assertEqual(conn._stream_closed_by(1), StreamClosedBy.SEND_RST_STREAM)
         self.assertTrue(h.channel.is_idle())
+
+    def test_closed_streams_remembered_bounded(self) -> None:
+        from mproxy.http import h2 as h2mod
+
+        self.patch(h2mod, "MAX_CLOSED_LIGHT", 4)
+        app = Exchanges()
+        h = Harness(app)
+        enc = Encoder()
+        for i in range(6):
+            h.send(whole(2 * i + 1, enc.encode(REQUEST)))
+            answer(app.got[-1])
+            h.pump()
+        conn = h.channel.conn
+        self.assertLessEqual(len(conn._closed_light), 4)
+        self.assertIsNone(conn._stream_closed_by(1))
+        self.assertEqual(conn._stream_closed_by(11), StreamClosedBy.SEND_END_STREAM)
 
     def test_head_only_response(self) -> None:
         h, rq = self.harness()
@@ -599,7 +615,7 @@ class LightStreamFrameTests(SynchronousTestCase):
         [head] = h.frames()
         self.assertIsInstance(head, HeadersFrame)
         self.assertIn("END_STREAM", head.flags)
-        self.assertEqual(h.channel.conn._closed_streams[1], StreamClosedBy.SEND_END_STREAM)
+        self.assertEqual(h.channel.conn._stream_closed_by(1), StreamClosedBy.SEND_END_STREAM)
 
     def test_rapid_reset(self) -> None:
         """

@@ -479,6 +479,8 @@ def _compression_error(e: h2.exceptions.ProtocolError) -> h2.exceptions.Protocol
     return e
 
 
+#: closed light streams remembered (as hyper-h2 remembers its closed streams)
+MAX_CLOSED_LIGHT = 2**16
 #: whole request header blocks remembered per connection, and the largest
 MAX_KNOWN_BLOCKS = 32
 MAX_KNOWN_BLOCK = 1024
@@ -554,6 +556,8 @@ class ServerConnection(h2.connection.H2Connection):
         self.decoder.__class__ = _CountingDecoder
         #: the light streams, by id
         self._light: dict[int, _Light] = {}
+        #: how closed light streams were closed, by id
+        self._closed_light: dict[int, Any] = {}
         #: whole requests' header blocks that left the decoder unchanged
         #: (indexed fields only) -> (the decoder's generation, the header
         #: list's size, what request_fields made of them)
@@ -661,7 +665,7 @@ class ServerConnection(h2.connection.H2Connection):
                             continue
                 elif kind == 0x3 and length == 4 and stream_id in light:
                     del light[stream_id]
-                    self._closed_streams[stream_id] = _CLOSED_BY.RECV_RST_STREAM
+                    self._light_closed(stream_id, _CLOSED_BY.RECV_RST_STREAM)
                     code = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
                             | data[i + 12])
                     events.append(h2.events.StreamReset(
@@ -735,6 +739,25 @@ class ServerConnection(h2.connection.H2Connection):
     def open_inbound_streams(self) -> int:
         return self._open_streams(1) + len(self._light)
 
+    def _light_closed(self, stream_id: int, how: Any) -> None:
+        """
+        Remember how light stream C{stream_id} was closed, as hyper-h2
+        remembers its closed streams (the latest L{MAX_CLOSED_LIGHT}), in a
+        plain dict.
+        """
+        closed = self._closed_light
+        if len(closed) >= MAX_CLOSED_LIGHT:
+            # forget the older half
+            closed = self._closed_light = dict(
+                list(closed.items())[MAX_CLOSED_LIGHT // 2:])
+        closed[stream_id] = how
+
+    def _stream_closed_by(self, stream_id: int) -> Any:
+        how = self._closed_light.get(stream_id)
+        if how is not None:
+            return how
+        return super()._stream_closed_by(stream_id)
+
     def _promote(self, stream_id: int) -> Any:
         """
         Make light stream C{stream_id} one of hyper-h2's, in the same state
@@ -789,7 +812,7 @@ class ServerConnection(h2.connection.H2Connection):
     def reset_stream(self, stream_id: int, error_code: Any = 0) -> None:
         if stream_id in self._light and self.state_machine.state is _SERVER_OPEN:
             del self._light[stream_id]
-            self._closed_streams[stream_id] = _CLOSED_BY.SEND_RST_STREAM
+            self._light_closed(stream_id, _CLOSED_BY.SEND_RST_STREAM)
             self._data_to_send += (b"\x00\x00\x04\x03\x00" + stream_id.to_bytes(4, "big")
                                    + int(error_code).to_bytes(4, "big"))
             return
@@ -911,7 +934,7 @@ class ServerConnection(h2.connection.H2Connection):
             light.head_sent = True
             if end_stream:
                 del self._light[stream_id]
-                self._closed_streams[stream_id] = _CLOSED_BY.SEND_END_STREAM
+                self._light_closed(stream_id, _CLOSED_BY.SEND_END_STREAM)
             if table.resized:
                 block = self.encoder._encode_table_size_change() + block
                 table.resized = False
@@ -948,7 +971,7 @@ class ServerConnection(h2.connection.H2Connection):
             self.outbound_flow_control_window -= n
             if end_stream:
                 del self._light[stream_id]
-                self._closed_streams[stream_id] = _CLOSED_BY.SEND_END_STREAM
+                self._light_closed(stream_id, _CLOSED_BY.SEND_END_STREAM)
             return
         stream = self._get_stream_by_id(stream_id)
         if self.state_machine.state is not _SERVER_OPEN:
@@ -1433,8 +1456,22 @@ class H2Channel(PeerStrings, Protocol, TimeoutMixin):
         if queue is None:
             return
         if queued:
-            queue.append(_END_STREAM)
-            self.priority.unblock(stream_id)
+            if len(queue) == 1 and self._consumerBlocked is None and not self._closed:
+                # one piece left (a small response): its frame ends the
+                # stream, if the windows and the frame size allow
+                conn = self.conn
+                data = queue[0]
+                n = len(data)
+                if (n <= conn.local_flow_control_window(stream_id)
+                        and n <= conn.max_outbound_frame_size):
+                    queue.clear()
+                    conn.send_data_frame(stream_id, data, True)
+                    self.priority.block(stream_id)
+                    self._done.append(stream_id)
+                    queued = False
+            if queued:
+                queue.append(_END_STREAM)
+                self.priority.unblock(stream_id)
         else:
             self._done.append(stream_id)
         if self._send_queued and self._consumerBlocked is None:
