@@ -116,6 +116,33 @@ class JSONLogger:
             encode_string(self._now()), encode_string(level), encode_string(msg), fields)
         self._write(line)
 
+    def log_encoded_later(self, level: str, msg: str, fields: Callable[[], str]) -> None:
+        """
+        L{log_encoded} with C{fields()} called when the line is written,
+        for a stream that writes a reactor turn's lines when the turn ends
+        (C{write_later}): a request's line is then built after what the
+        turn sent, in its place among the other lines, with the time of
+        this call.  Other streams get the line now.
+        """
+        if LEVELS[level] < self._min:
+            return
+        later = getattr(self._stream, "write_later", None)
+        if later is None:
+            self.log_encoded(level, msg, fields())
+            return
+        head = '{"time": %s, "level": %s, "msg": %s' % (
+            encode_string(self._now()), encode_string(level), encode_string(msg))
+
+        def line() -> bytes:
+            text = "%s%s}\n" % (head, fields())
+            try:
+                return text.encode("utf-8")
+            except UnicodeEncodeError:
+                # (as L{_write} does)
+                return escape_surrogates(text).encode("utf-8")
+
+        later(line)
+
     def _write(self, line: str) -> None:
         try:
             try:
@@ -161,6 +188,12 @@ class ListLogger(JSONLogger):
         Kept as the record it encodes (C{fields} must be valid JSON text).
         """
         self.log(level, msg, **json.loads("{" + fields[2:] + "}"))
+
+    def log_encoded_later(self, level: str, msg: str, fields: Callable[[], str]) -> None:
+        """
+        Kept at once, as L{log_encoded} keeps it.
+        """
+        self.log_encoded(level, msg, fields())
 
     def messages(self) -> list[str]:
         return [r["msg"] for r in self.records]

@@ -559,6 +559,98 @@ class FDLinesTests(SynchronousTestCase):
         self.end_turn()
         self.assertEqual(self.writes, [b"a\n"])
 
+    def test_line_made_later_in_its_place(self) -> None:
+        """
+        A line to be made later is made when the turn's lines are written,
+        in its place among them.
+        """
+        lines = self.lines()
+        made: list[str] = []
+
+        def make() -> bytes:
+            made.append("b")
+            return b"b\n"
+
+        lines.write("a\n")
+        lines.write_later(make)
+        lines.write("c\n")
+        self.assertEqual((made, self.writes), ([], []))
+        self.end_turn()
+        self.assertEqual(made, ["b"])
+        self.assertEqual(self.writes, [b"a\nb\nc\n"])
+
+    def test_line_made_later_alone_registers_the_turn_end(self) -> None:
+        lines = self.lines()
+        lines.write_later(lambda: b"x\n")
+        self.assertEqual(len(self.turn), 1)
+        self.end_turn()
+        self.assertEqual(self.writes, [b"x\n"])
+
+    def test_lines_made_later_held_within_the_limit(self) -> None:
+        """
+        Lines made later are written as the others: whole lines, no write
+        longer than the limit unless one line is.
+        """
+        lines = self.lines(limit=30)
+        sent = [("%s\n" % (c * 9)).encode() for c in "abcd"] + [b"e" * 40 + b"\n", b"f\n"]
+        for i, line in enumerate(sent):
+            if i % 2:
+                lines.write(line.decode())
+            else:
+                lines.write_later(lambda line=line: line)
+        self.end_turn()
+        for data in self.writes:
+            self.assertTrue(data.endswith(b"\n"))
+            self.assertTrue(len(data) <= 30 or data.count(b"\n") == 1)
+        self.assertEqual(b"".join(self.writes), b"".join(sent))
+        self.assertEqual(len(self.writes), 4)
+
+    def test_line_made_later_without_turn_end_at_once(self) -> None:
+        from mproxy.workers.worker import FDLines
+
+        lines = FDLines(self.w)
+        lines.write_later(lambda: b"a\n")
+        self.assertEqual(self.writes, [b"a\n"])
+
+    def test_line_made_later_by_another_thread_at_once(self) -> None:
+        import threading
+
+        lines = self.lines()
+        t = threading.Thread(target=lines.write_later, args=(lambda: b"t\n",))
+        t.start()
+        t.join()
+        self.assertEqual(self.writes, [b"t\n"])
+        self.assertEqual(self.turn, [])
+
+    def test_failing_line_left_out_and_logged(self) -> None:
+        """
+        A line whose making fails is left out (and the error logged); the
+        others are written.
+        """
+        lines = self.lines()
+
+        def fail() -> bytes:
+            raise ZeroDivisionError("boom")
+
+        lines.write("a\n")
+        lines.write_later(fail)
+        lines.write("b\n")
+        self.end_turn()
+        self.assertEqual(self.writes, [b"a\nb\n"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_lines_made_later_written_when_the_reactor_stops(self) -> None:
+        from mproxy.workers.worker import run_reactor
+
+        lines = self.lines()
+
+        class Reactor:
+            def run(self, installSignalHandlers: bool = True) -> None:
+                lines.write_later(lambda: b"last\n")
+
+        run_reactor(Reactor(), lines)
+        self.assertEqual(self.writes, [b"last\n"])
+
     def test_not_encodable_raises_at_write(self) -> None:
         """
         A line the stream cannot encode fails when written (the logger
