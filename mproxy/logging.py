@@ -91,6 +91,8 @@ class JSONLogger:
         self._stream = stream if stream is not None else sys.stdout
         self._min = LEVELS[level]
         self._now = now
+        #: the stream's way to take a line made when it is written, if any
+        self._write_later = getattr(self._stream, "write_later", None)
 
     def enabled(self, level: str) -> bool:
         return LEVELS[level] >= self._min
@@ -126,15 +128,15 @@ class JSONLogger:
         """
         if LEVELS[level] < self._min:
             return
-        later = getattr(self._stream, "write_later", None)
+        later = self._write_later
         if later is None:
             self.log_encoded(level, msg, fields())
             return
-        head = '{"time": %s, "level": %s, "msg": %s' % (
-            encode_string(self._now()), encode_string(level), encode_string(msg))
+        now = self._now()
 
         def line() -> bytes:
-            text = "%s%s}\n" % (head, fields())
+            text = '{"time": %s, "level": %s, "msg": %s%s}\n' % (
+                encode_string(now), encode_string(level), encode_string(msg), fields())
             try:
                 return text.encode("utf-8")
             except UnicodeEncodeError:

@@ -638,6 +638,10 @@ class FDLinesTests(SynchronousTestCase):
         self.end_turn()
         self.assertEqual(self.writes, [b"a\nb\n"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        lines.write_later(fail)
+        self.end_turn()
+        self.assertEqual(self.writes, [b"a\nb\n"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_lines_made_later_written_when_the_reactor_stops(self) -> None:
         from mproxy.workers.worker import run_reactor

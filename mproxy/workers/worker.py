@@ -418,8 +418,15 @@ class FDLines:
             return
         self._pending = []
         self._size = 0
-        if len(pending) == 1 and type(pending[0]) is bytes:
-            self._write_quietly(pending[0])
+        if len(pending) == 1:
+            item = pending[0]
+            if type(item) is not bytes:
+                try:
+                    item = item()
+                except Exception:
+                    log.err(Failure(), "Unable to make a log line")
+                    return
+            self._write_quietly(item)
             return
         limit = self._limit
         errors: list[Any] = []
