@@ -232,6 +232,164 @@ class ContentLengthBodyTests(SynchronousTestCase):
         self.assertEqual(r2.kinds()[-1], "done")
 
 
+BODY = bytes(range(256)) * 300  # 76,800 bytes: more than one whole read takes
+
+
+def head(length: int, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (length, extra)
+
+
+class ViewReceiver(Receiver):
+    takes_views = True
+
+
+class BodyWithHeadTests(SynchronousTestCase):
+    """
+    The part of a Content-Length body that arrives in the same read as its
+    head bypasses the parser too: a receiver that takes views gets it as a
+    memoryview of the read (not copied), others as bytes.
+    """
+
+    def _exchange(self, receiver: Receiver, method: bytes = b"GET") -> tuple[Any, Any, Any]:
+        u = Upstream()
+        ex = u.pool.request(method, b"/x", [(b"Host", b"example.com")], receiver)
+        proto, t = u.connect()
+        return u, proto, t
+
+    def test_not_copied(self) -> None:
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        data = head(len(BODY) + 4) + BODY
+        proto.dataReceived(data)
+        self.assertEqual(r.kinds(), ["response", "data"])
+        (piece,) = r.pieces()
+        self.assertIs(type(piece), memoryview)
+        self.assertIs(piece.obj, data)
+        self.assertEqual(piece, BODY)
+        last = bytes(bytearray(b"1234"))
+        proto.dataReceived(last)
+        self.assertIs(r.pieces()[1], last)
+        self.assertEqual(r.kinds()[-1], "done")
+        self.assertEqual(u.pool.idle_count, 1)
+        # the next response on the connection is parsed as usual
+        ex2, r2 = u.request()
+        proto.dataReceived(head(3) + b"abc")
+        self.assertEqual(r2.events, [("response", 200), ("data", b"abc"), ("done", None)])
+
+    def test_bytes_for_other_receivers(self) -> None:
+        r = Receiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(head(len(BODY)) + BODY)
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertIs(type(r.pieces()[0]), bytes)
+        self.assertEqual(r.pieces()[0], BODY)
+        self.assertEqual(u.pool.idle_count, 1)
+
+    def test_connection_close(self) -> None:
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(head(len(BODY), b"Connection: close\r\n") + BODY)
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(u.pool.idle_count, 0)
+
+    def test_bytes_after_the_body(self) -> None:
+        """
+        Bytes after the body in the same read (nothing asked for them)
+        abort the connection; the body is complete.
+        """
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(head(len(BODY)) + BODY + b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertEqual(r.pieces()[0], BODY)
+        self.assertTrue(t.disconnecting)
+
+    def test_chunked_through_the_parser(self) -> None:
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + b"%x\r\n" % len(BODY) + BODY + b"\r\n0\r\n\r\n")
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertEqual(r.pieces()[0], BODY)
+        self.assertIs(type(r.pieces()[0]), bytes)
+
+    def test_informational_first(self) -> None:
+        """
+        A 1xx head (even one with a Content-Length) before the response in
+        the same read: the response after it is read as usual.
+        """
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(b"HTTP/1.1 103 Early Hints\r\nContent-Length: 7\r\n\r\n"
+                           + head(len(BODY)) + BODY)
+        self.assertEqual(r.kinds(), ["info", "response", "data", "done"])
+        self.assertEqual(b"".join(r.pieces()), BODY)
+
+    def test_switching_protocols(self) -> None:
+        """
+        After a 101 (with a Content-Length, which it does not frame), the
+        rest of the read goes into the tunnel, once.
+        """
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nContent-Length: 5\r\n\r\n" + BODY)
+        self.assertEqual(r.kinds(), ["response", "data"])
+        self.assertEqual(r.pieces(), [BODY])
+        proto.dataReceived(b"more")
+        self.assertEqual(r.pieces(), [BODY, b"more"])
+
+    def test_cancelled_on_the_head(self) -> None:
+        """
+        A receiver that cancels the exchange on the head hears nothing
+        more.
+        """
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        ex = proto.exchange
+
+        class Cancelling(ViewReceiver):
+            def upstream_response(self, status: int, reason: bytes, headers: Any) -> None:
+                super().upstream_response(status, reason, headers)
+                ex.cancel()
+
+        ex.receiver = c = Cancelling()
+        proto.dataReceived(head(len(BODY) + 10) + BODY)
+        self.assertEqual(c.kinds(), ["response"])
+        self.assertTrue(t.disconnecting)
+
+    def test_failing_receiver(self) -> None:
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+
+        def boom(data: bytes) -> None:
+            raise ValueError("boom")
+
+        r.on_data = boom
+        proto.dataReceived(head(len(BODY) + 10) + BODY)
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+        self.assertIn("boom", r.events[-1][2])
+        self.assertTrue(t.disconnecting)
+
+    def test_malformed_head(self) -> None:
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\n" + BODY)
+        self.assertEqual(r.events[-1][:2], ("failed", 502))
+        self.assertTrue(t.disconnecting)
+
+    def test_head_request(self) -> None:
+        """
+        A HEAD response is never split: its Content-Length frames nothing.
+        """
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r, b"HEAD")
+        proto.dataReceived(head(len(BODY)))
+        self.assertEqual(r.kinds(), ["response", "done"])
+        self.assertEqual(u.pool.idle_count, 1)
+
+
 class ChunkedUploadTests(SynchronousTestCase):
     def test_large_chunk_with_framing(self) -> None:
         """
@@ -374,6 +532,76 @@ class WritePiecesTests(SynchronousTestCase):
         t.writeSequence = lambda seq: seqs.append(list(seq))  # type: ignore[method-assign]
         self.batcher.write_pieces(t, (b"head", BIG))
         self.assertEqual(seqs, [[b"head", BIG]])
+
+
+class ViewPieceTests(SynchronousTestCase):
+    """
+    Memoryview pieces (a body that arrived with its head) go to the socket
+    as they are; what of them goes to Twisted, which takes only bytes, is
+    copied.
+    """
+
+    def setUp(self) -> None:
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+        self.clock = MemoryReactorClock()
+        self.batcher = WriteBatcher(self.clock)
+        self.view = memoryview(b"head" + BIG)[4:]
+
+    def test_sent_as_they_are(self) -> None:
+        t = FakeTCP(FakeSocket())
+        self.batcher.write_pieces(t, (b"head", self.view))
+        self.assertIs(t.socket.calls[0][1][1], self.view)
+        self.batcher.write(t, self.view)
+        self.assertIs(t.socket.calls[1][1][0], self.view)
+        self.assertEqual(t.written, [])
+
+    def test_partial(self) -> None:
+        t = FakeTCP(FakeSocket(take=10))
+        self.batcher.write_pieces(t, (b"head", self.view, b"\r\n"))
+        self.assertEqual(t.written, [BIG[6:], b"\r\n"])
+        self.assertEqual([type(p) for p in t.written], [bytes, bytes])
+        t2 = FakeTCP(FakeSocket(take=4))
+        self.batcher.write_pieces(t2, (b"head", self.view))
+        self.assertEqual(t2.written, [BIG])
+        self.assertIs(type(t2.written[0]), bytes)
+        t3 = FakeTCP(FakeSocket(take=10))
+        self.batcher.write(t3, self.view)
+        self.assertEqual(t3.written, [BIG[10:]])
+        self.assertIs(type(t3.written[0]), bytes)
+        t4 = FakeTCP(FakeSocket(error=BlockingIOError()))
+        self.batcher.write(t4, self.view)
+        self.assertEqual(t4.written, [BIG])
+        self.assertIs(type(t4.written[0]), bytes)
+
+    def test_busy_and_other_transports(self) -> None:
+        t = FakeTCP(FakeSocket())
+        t._tempDataLen = 5
+        self.batcher.write_pieces(t, (b"head", self.view))
+        self.batcher.write(t, self.view)
+        self.assertEqual(t.written, [b"head", BIG, BIG])
+        self.assertEqual([type(p) for p in t.written], [bytes, bytes, bytes])
+        s = StringTransport()
+        self.batcher.write_pieces(s, (b"head", self.view))
+        self.batcher.write(s, self.view)
+        self.assertEqual(s.value(), b"head" + BIG + BIG)
+
+
+class RelayViewsTests(SynchronousTestCase):
+    def test_http11_only(self) -> None:
+        """
+        The relay takes memoryview pieces for HTTP/1.1 clients only.
+        """
+        from types import SimpleNamespace
+
+        from mproxy.http.h2exchange import H2Request
+        from mproxy.http.relay import Relay
+        from mproxy.http.request import FastRequest
+
+        relay = Relay(SimpleNamespace(rq=FastRequest.__new__(FastRequest)))  # type: ignore[arg-type]
+        self.assertTrue(relay.takes_views)
+        relay = Relay(SimpleNamespace(rq=H2Request.__new__(H2Request)))  # type: ignore[arg-type]
+        self.assertFalse(relay.takes_views)
 
 
 class ResponseWriteTests(SynchronousTestCase):
@@ -604,3 +832,87 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertEqual(c.resource.errors, [])
         c.reactor.advance(61)
         self.assertEqual(c.resource.errors, [408])
+
+
+def post(length: int, extra: bytes = b"") -> bytes:
+    return b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (length, extra)
+
+
+class RequestBodyWithHeadTests(SynchronousTestCase):
+    """
+    The part of a Content-Length request body that arrives in the same
+    read as its head bypasses the parser too, as a memoryview of the read
+    (not copied); framing errors are refused as before.
+    """
+
+    def test_not_copied(self) -> None:
+        c = Client()
+        data = post(len(BODY) + 4) + BODY
+        c.send(data)
+        last = bytes(bytearray(b"1234"))
+        c.send(last)
+        (pieces,) = c.resource.pieces
+        self.assertIs(type(pieces[0]), memoryview)
+        self.assertIs(pieces[0].obj, data)
+        self.assertEqual(pieces[0], BODY)
+        self.assertIs(pieces[1], last)
+        self.assertTrue(c.output().endswith(b"\r\n\r\n%d" % (len(BODY) + 4)))
+        self.assertFalse(c.transport.disconnecting)
+
+    def test_following_requests(self) -> None:
+        """
+        Requests after the body in the same read are parsed as usual.
+        """
+        c = Client()
+        c.send(post(len(BODY)) + BODY + b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+               + post(3) + b"abc")
+        self.assertEqual([r.path for r in c.resource.requests], [b"/up", b"/two", b"/up"])
+        self.assertEqual(c.resource.pieces, [[BODY], [], [b"abc"]])
+        self.assertEqual(c.output().count(b"HTTP/1.1 200 OK"), 3)
+
+    def test_head_over_two_reads(self) -> None:
+        """
+        A head whose end straddles two reads: the body is still complete.
+        """
+        c = Client()
+        whole = post(len(BODY)) + BODY
+        cut = len(post(len(BODY))) - 1
+        c.send(whole[:cut])
+        c.send(whole[cut:])
+        (pieces,) = c.resource.pieces
+        self.assertEqual(b"".join(pieces), BODY)
+        self.assertTrue(c.output().endswith(b"\r\n\r\n%d" % len(BODY)))
+        # cut in a header line: the second read is split after the head
+        c = Client()
+        c.send(whole[:20])
+        c.send(whole[20:])
+        (pieces,) = c.resource.pieces
+        self.assertEqual(pieces, [BODY])
+        self.assertIs(type(pieces[0]), memoryview)
+
+    def test_with_transfer_encoding(self) -> None:
+        c = Client()
+        c.send(post(len(BODY), b"Transfer-Encoding: chunked\r\n") + BODY)
+        self.assertTrue(c.output().startswith(b"HTTP/1.1 400 "), c.output()[:40])
+        self.assertEqual(c.resource.requests, [])
+
+    def test_bad_length(self) -> None:
+        c = Client()
+        c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\n" + BODY)
+        self.assertTrue(c.output().startswith(b"HTTP/1.1 400 "), c.output()[:40])
+        c2 = Client()
+        c2.send(post(5, b"Content-Length: 5\r\n") + BODY)
+        self.assertTrue(c2.output().startswith(b"HTTP/1.1 400 "), c2.output()[:40])
+
+    def test_dropped_upgrade(self) -> None:
+        """
+        An upgrade offer other than WebSocket is dropped: the request's
+        body and the requests after it are read as usual.
+        """
+        c = Client()
+        c.send(post(len(BODY), b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+               + BODY + b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([r.path for r in c.resource.requests], [b"/up", b"/two"])
+        self.assertEqual(b"".join(c.resource.pieces[0]), BODY)
+        self.assertEqual(c.output().count(b"HTTP/1.1 200 OK"), 2)

@@ -20,6 +20,9 @@ buffer, goes through C{transport.write} as usual.
 
 L{WriteBatcher.write_pieces} sends a large chunk with its framing (a
 response head, chunk size lines) the same way, without joining them.
+A large piece (L{SEND_NOW} bytes or more) may be a memoryview of bytes (a
+body that arrived with its head, L{mproxy.http.rawbody}): what of it goes
+to Twisted, which takes only C{bytes}, is copied.
 
 Rule for users: once bytes for a transport may have gone through
 L{WriteBatcher.write}, call L{WriteBatcher.flush_transport} before any
@@ -45,6 +48,10 @@ DIRECT_TYPES: set[type] = {_tcp.Server, _tcp.Client}
 MAX_PENDING = 65536
 #: a piece this large is sent at once instead of being batched
 SEND_NOW = 16384
+
+
+def _bytes(piece: bytes | memoryview) -> bytes:
+    return piece if type(piece) is bytes else bytes(piece)
 
 
 def _direct(transport: Any) -> bool:
@@ -106,12 +113,12 @@ class WriteBatcher:
         it does not take goes to Twisted.
         """
         if type(transport) not in DIRECT_TYPES:
-            transport.write(bytes(buf) + data if buf else data)
+            transport.write(bytes(buf) + data if buf else _bytes(data))
             return
         if transport._aborting:
             return
         if not _direct(transport):
-            transport.write(bytes(buf) + data if buf else data)
+            transport.write(bytes(buf) + data if buf else _bytes(data))
             return
         try:
             if buf:
@@ -128,7 +135,7 @@ class WriteBatcher:
                 return
             n -= held
         if n < len(data):
-            transport.write(data[n:] if n else data)
+            transport.write(_bytes(data[n:] if n else data))
 
     def write_pieces(self, transport: Any, pieces: tuple[bytes, ...]) -> None:
         """
@@ -144,7 +151,7 @@ class WriteBatcher:
                 return
             if buf:
                 transport.write(bytes(buf))
-            transport.writeSequence(pieces)
+            transport.writeSequence([_bytes(p) for p in pieces])
             return
         if buf:
             pieces = (bytes(buf),) + pieces
@@ -156,9 +163,9 @@ class WriteBatcher:
         for i, piece in enumerate(pieces):
             size = len(piece)
             if n < size:
-                rest = list(pieces[i:])
+                rest = [_bytes(p) for p in pieces[i:]]
                 if n:
-                    rest[0] = piece[n:]
+                    rest[0] = _bytes(piece[n:])
                 transport.writeSequence(rest)
                 return
             n -= size

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from mproxy.http.rawbody import RawBody, head_end
 from mproxy.http.whole import parse_whole_request
 
 if TYPE_CHECKING:
@@ -116,10 +117,8 @@ class RequestReader:
     fresh one for the requests after it.
     """
 
-    #: body bytes of the current request the parser delivered, and (once
-    #: the rest bypasses it) how many are still to come
+    #: body bytes of the current request the parser delivered
     _body_seen = 0
-    _raw_left = 0
 
     def __init__(self, channel: FastHTTPChannel) -> None:
         self.channel = channel
@@ -131,36 +130,64 @@ class RequestReader:
         self._header_bytes = 0
         self._raw_header_bytes = 0
         self._dropped_upgrade: FastRequest | None = None
+        self._raw = RawBody(self._raw_piece, self._raw_ended, self._raw_failed)
 
     def feed(self, data: bytes) -> None:
         """
         Parse what arrived; errors go to the channel.
         """
-        if self._raw_left or (self.current is not None and self._start_raw()):
-            data = self._raw_body(data)
+        raw = self._raw
+        if raw.left or (self.current is not None and self._start_raw()):
+            data = raw.take(data)
             if not data:
                 return
+        if self.current is None:
+            if not self.in_headers:
+                parsed = parse_whole_request(data)
+                if parsed is not None:
+                    self._whole(*parsed)
+                    return
+            end = head_end(data)
+            if end:
+                # the head alone through the parser, its body's part of the
+                # read as it is (no copy)
+                if not self._parse(data, end):
+                    return
+                if self.current is not None and not self.in_headers and self._start_raw():
+                    data = raw.take(memoryview(data)[end:])
+                    if data:
+                        self.feed(data)
+                    return
+                data = data[end:]
+                if self.current is None:
+                    self.feed(data)
+                    return
+        self._parse(data)
+
+    def _parse(self, data: bytes, end: int = 0) -> bool:
+        """
+        Give C{data} to the parser (with C{end}: only its first C{end}
+        bytes); C{False} when nothing more is to be parsed (an error, or
+        an upgrade, which takes the rest of C{data}).
+        """
         channel = self.channel
-        if self.current is None and not self.in_headers:
-            parsed = parse_whole_request(data)
-            if parsed is not None:
-                self._whole(*parsed)
-                return
+        piece: bytes | memoryview = memoryview(data)[:end] if end else data
         while True:
             try:
-                self.parser.feed_data(data)
+                self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as e:
                 rest = data[e.args[0]:]
                 req = self._dropped_upgrade
                 if req is None:
                     self.current = None
                     channel.upgrade_started(rest)
-                    return
+                    return False
                 # go on parsing what follows as HTTP (the body, further
                 # requests)
                 self._dropped_upgrade = None
                 self._restart_parser(req)
-                data = rest
+                data = piece = rest
+                end = 0
                 continue
             except ParseError as e:
                 channel.protocol_error(e.status, str(e))
@@ -174,10 +201,12 @@ class RequestReader:
                 channel.protocol_error(400, str(e))
             else:
                 if self.in_headers:
-                    self._raw_header_bytes += len(data)
+                    self._raw_header_bytes += len(piece)
                     if self._raw_header_bytes > MAX_HEADER_BYTES:
                         channel.protocol_error(431, "header section too large")
-            return
+                        return False
+                return end > 0
+            return False
 
     def _start_raw(self) -> bool:
         """
@@ -189,38 +218,28 @@ class RequestReader:
         assert req is not None
         if req.body_length <= 0 or req.body_done:
             return False
-        self._raw_left = req.body_length - self._body_seen
-        return self._raw_left > 0
+        left = req.body_length - self._body_seen
+        if left <= 0:
+            return False
+        # request body consumers (the upstream exchange, the request
+        # buffer) take memoryview pieces
+        self._raw.start(left, views=True)
+        return True
 
-    def _raw_body(self, data: bytes) -> bytes:
-        """
-        Pass on a piece of the body that bypasses the parser; at its end,
-        a fresh parser for what follows, which is returned.
-        """
+    def _raw_piece(self, data: bytes) -> None:
         req = self.current
         assert req is not None
-        left = self._raw_left
-        n = len(data)
-        rest = b""
-        if n < left:
-            self._raw_left = left - n
-        else:
-            self._raw_left = 0
-            if n > left:
-                rest = data[left:]
-                data = data[:left]
-        try:
-            self.channel.body_arrived()
-            req.body_received(data)
-            if not self._raw_left:
-                self.parser = httptools.HttpRequestParser(self)
-                self.on_message_complete()
-        except Exception as e:
-            # as the parser reports a failing callback
-            self._raw_left = 0
-            self.channel.protocol_error(400, repr(e))
-            return b""
-        return rest
+        self.channel.body_arrived()
+        req.body_received(data)
+
+    def _raw_ended(self) -> None:
+        # a fresh parser for what follows the body
+        self.parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+
+    def _raw_failed(self, e: Exception) -> None:
+        # as the parser reports a failing callback
+        self.channel.protocol_error(400, repr(e))
 
     def _whole(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """

@@ -32,6 +32,7 @@ from mproxy.http.call import ProxyCall, cancel_stall_timer, complete, log_header
 from mproxy.http.forwarding import RequestHeaders, informational_headers, response_headers
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamReceiver
 from mproxy.http.paths import target_uri
+from mproxy.http.request import FastRequest
 from mproxy.http.responses import abort, fail
 
 #: seconds a client may leave a response unread (its socket full) before
@@ -139,6 +140,15 @@ class Relay:
         rq.take_over(up.write_raw)
         rq.registerProducer(self, True)
         up.set_tunnel_producer(rq.body_producer)
+
+    @property
+    def takes_views(self) -> bool:
+        """
+        Large response body pieces may be memoryviews: an HTTP/1.1 client's
+        request writes them with L{mproxy.http.batch.WriteBatcher}, which
+        takes them (HTTP/2 and HTTP/3 streams get C{bytes}).
+        """
+        return type(self.call.rq) is FastRequest
 
     def upstream_data(self, data: bytes) -> None:
         call = self.call

@@ -75,6 +75,7 @@ from zope.interface import implementer
 
 from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
+from mproxy.http.rawbody import RawBody, head_end
 from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import header_lines
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
@@ -379,11 +380,9 @@ class _Connection(Protocol):
     _body_producer: Any = None
     #: the response's Content-Length value (None: another framing), the
     #: body bytes the parser delivered, and once the rest of the body
-    #: bypasses the parser (L{_raw_body}) how many are still to come and
-    #: whether the connection is kept after it
+    #: bypasses the parser (L{_raw}) whether the connection is kept after it
     _length: bytes | None = None
     _body_seen = 0
-    _raw_left = 0
     _raw_keep_alive = False
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -393,6 +392,7 @@ class _Connection(Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._framed = False
+        self._raw = RawBody(self._raw_piece, self._raw_ended, self._raw_failed)
 
     def connectionMade(self) -> None:
         try:
@@ -582,19 +582,35 @@ class _Connection(Protocol):
             if self._raw_head_bytes > 2 * MAX_RESPONSE_HEADER_BYTES:
                 self._broken("response headers too large")
                 return
+            if ex.method != b"HEAD":
+                end = head_end(data)
+                if end:
+                    self._head_then_body(ex, data, end)
+                    return
         else:
             if len(data) >= READ_GROW_AT:
                 grow_reads(self.transport, len(data))
-            if self._raw_left or (self._length is not None and self._start_raw()):
-                self._raw_body(data)
+            raw = self._raw
+            if raw.left or (self._length is not None and self._start_raw()):
+                rest = raw.take(data)
+                if rest:
+                    # bytes after the response, which nothing asked for
+                    self.dataReceived(rest)
                 return
+        self._feed(data)
+
+    def _feed(self, data: bytes | memoryview, whole: bytes = b"") -> None:
+        """
+        Give C{data} to the parser (C{whole}: the read C{data} starts, if
+        it is only a part of it).
+        """
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            rest = data[e.args[0]:]
+            rest = (whole or data)[e.args[0]:]
             ex = self.exchange
             if rest and ex is not None:
-                ex.receiver.upstream_data(rest)
+                ex.receiver.upstream_data(bytes(rest))
         except httptools.HttpParserCallbackError as e:
             if isinstance(e.__context__, _HeadDone):
                 self.parser = httptools.HttpResponseParser(self)
@@ -605,6 +621,25 @@ class _Connection(Protocol):
                 self._broken(f"error handling response: {e.__context__!r}")
         except httptools.HttpParserError as e:
             self._broken(f"malformed response from target: {e}")
+
+    def _head_then_body(self, ex: UpstreamExchange, data: bytes, end: int) -> None:
+        """
+        A read that starts with a head (ending at C{end}) and goes on with
+        its Content-Length body: the parser gets the head alone, the
+        body's part of the read bypasses it as it is (no copy).
+        """
+        view = memoryview(data)
+        self._feed(view[:end], data)
+        if self.lost or self.tunnel:
+            # failed (the rest is dropped), or a tunnel (the rest went in)
+            return
+        if (self.exchange is ex and self._in_body and self._length is not None
+                and self._start_raw()):
+            rest = self._raw.take(view[end:])
+            if rest:
+                self.dataReceived(rest)
+            return
+        self.dataReceived(data[end:])
 
     def _whole(self, ex: UpstreamExchange, parsed: tuple[Any, ...]) -> None:
         """
@@ -645,45 +680,27 @@ class _Connection(Protocol):
             left = int(length) - self._body_seen  # type: ignore[arg-type]
         except ValueError:
             return False
-        if left <= 0 or self.exchange is None or self.exchange.method == b"HEAD":
+        ex = self.exchange
+        if left <= 0 or ex is None or ex.method == b"HEAD":
             return False
-        self._raw_left = left
+        self._raw.start(left, getattr(ex.receiver, "takes_views", False))
         self._raw_keep_alive = self.parser.should_keep_alive()
         return True
 
-    def _raw_body(self, data: bytes) -> None:
-        """
-        A piece of a Content-Length body that bypasses the parser: passed
-        on as it arrived; at its end the connection gets a fresh parser
-        for its next response.
-        """
+    def _raw_piece(self, data: bytes) -> None:
         ex = self.exchange
-        assert ex is not None
-        left = self._raw_left
-        n = len(data)
-        rest = b""
-        if n < left:
-            self._raw_left = left - n
-        else:
-            self._raw_left = 0
-            if n > left:
-                rest = data[left:]
-                data = data[:left]
-        try:
+        if ex is not None:
             ex.receiver.upstream_data(data)
-            if self._raw_left:
-                return
-            self.parser = httptools.HttpResponseParser(self)
-            if self.exchange is ex:
-                self._complete(self._raw_keep_alive)
-        except Exception as e:
-            # as the parser reports a failing callback
-            self._raw_left = 0
-            self._broken(f"error handling response: {e!r}")
-            return
-        if rest:
-            # bytes after the response, which nothing asked for
-            self.dataReceived(rest)
+
+    def _raw_ended(self) -> None:
+        # a fresh parser for the connection's next response
+        self.parser = httptools.HttpResponseParser(self)
+        if self.exchange is not None:
+            self._complete(self._raw_keep_alive)
+
+    def _raw_failed(self, e: Exception) -> None:
+        # as the parser reports a failing callback
+        self._broken(f"error handling response: {e!r}")
 
     def _broken(self, message: str) -> None:
         ex = self.exchange
