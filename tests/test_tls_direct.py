@@ -214,6 +214,29 @@ class DirectTests(SynchronousTestCase):
         self.assertEqual(producer.calls, ["pause", "resume"])
         self.assertTrue(self.server._io.grown_writes)
 
+    def test_largePieceLeavesInOneSend(self) -> None:
+        """
+        Once a connection is busy, the records of a 256 KiB piece (a
+        plain TCP connection's largest read) all fit the write buffer:
+        none of them is sent before the flush, which sends them at once.
+        """
+        app = self.connect()
+        app.transport.write(b"w" * 65536)  # busy: the large write buffer
+        self.reactor.advance(0)
+        self.assertEqual(len(self.client_read()), 65536)
+        io = self.server._io
+        self.assertTrue(io.grown_writes)
+        piece = b"p" * 262144
+        self.server._ssl.write(piece)
+        self.assertGreater(io.unsent(), len(piece))
+        self.assertEqual(self.client_receive(), 0)
+        got = []
+        while io.flush() != 1:  # the socket pair's buffer is smaller
+            got.append(self.client_read())
+        self.assertEqual(io.unsent(), 0)
+        got.append(self.client_read())
+        self.assertEqual(b"".join(got), piece)
+
     def test_writesWhileBlockedKeepOrder(self) -> None:
         """
         Writes made while the socket is full are sent after what it is
