@@ -381,9 +381,12 @@ class _Connection(Protocol):
     #: the response's Content-Length value (None: another framing), the
     #: body bytes the parser delivered, and once the rest of the body
     #: bypasses the parser (L{_raw}) whether the connection is kept after it
+    #: and whether the parser saw nothing of the response (its head was
+    #: parsed at once)
     _length: bytes | None = None
     _body_seen = 0
     _raw_keep_alive = False
+    _raw_unparsed = False
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -676,6 +679,7 @@ class _Connection(Protocol):
             return  # cancelled
         # (an HTTP/1.1 head without Connection: close)
         self._raw_keep_alive = True
+        self._raw_unparsed = True
         self._raw.start(length, getattr(ex.receiver, "takes_views", False))
         rest = self._raw.take(body)
         if rest:
@@ -725,6 +729,7 @@ class _Connection(Protocol):
             return False
         self._raw.start(left, getattr(ex.receiver, "takes_views", False))
         self._raw_keep_alive = self.parser.should_keep_alive()
+        self._raw_unparsed = False
         return True
 
     def _raw_piece(self, data: bytes) -> None:
@@ -733,8 +738,11 @@ class _Connection(Protocol):
             ex.receiver.upstream_data(data)
 
     def _raw_ended(self) -> None:
-        # a fresh parser for the connection's next response
-        self.parser = httptools.HttpResponseParser(self)
+        if self._raw_unparsed:
+            self._raw_unparsed = False
+        else:
+            # a fresh parser for the connection's next response
+            self.parser = httptools.HttpResponseParser(self)
         if self.exchange is not None:
             self._complete(self._raw_keep_alive)
 
