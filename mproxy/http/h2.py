@@ -81,7 +81,7 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
-from hpack import NeverIndexedHeaderTuple
+from hpack import Decoder, NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -221,7 +221,88 @@ def request_headers(headers: Any, flags: Any) -> list[Any]:
     return out
 
 
+def request_fields(headers: Any) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """
+    A whole request's decoded header block (its stream ended with it),
+    checked by the rules of L{request_headers}, as the proxy takes it:
+    C{(method, path, fields)}, the fields without the pseudo-header ones,
+    C{cookie} fields joined into one (last), and a C{host} field first
+    from C{:authority} if there is none.  One pass for both.
+
+    @raise h2.exceptions.ProtocolError: for any violation.
+    """
+    raw: list[tuple[bytes, bytes]] = []
+    cookies = None
+    pseudo: set[bytes] = set()
+    regular = False
+    method = path = authority = host = None
+    ProtocolError = h2.exceptions.ProtocolError
+    for header in headers:
+        name = header[0]
+        value = header[1]
+        if name not in _GOOD_NAMES:
+            if not name:
+                raise ProtocolError("Received header name with zero length.")
+            if _BAD_NAME_BYTE.search(name) is not None or name.find(b":", 1) != -1:
+                raise ProtocolError("Illegal character in header name: %r" % (name,))
+            if len(_GOOD_NAMES) < MAX_GOOD_NAMES:
+                _GOOD_NAMES.add(name)
+        if name == b"cookie":
+            if cookies is None:
+                cookies = [value]
+            else:
+                cookies.append(value)
+            continue
+        if value and (value[0] in _BLANKS or value[-1] in _BLANKS
+                      or _BAD_VALUE_BYTE.search(value) is not None):
+            _check_value(value)
+        if name[0] == 0x3A:
+            if name in pseudo:
+                raise ProtocolError("Received duplicate pseudo-header field %r" % (name,))
+            pseudo.add(name)
+            if regular:
+                raise ProtocolError("Received pseudo-header field out of sequence: %r"
+                                    % (name,))
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                if not value:
+                    raise ProtocolError("An empty :path header is forbidden")
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name not in _PSEUDO_FIELDS:
+                raise ProtocolError("Received custom pseudo-header field %r" % (name,))
+            continue
+        regular = True
+        if name in _CONNECTION_HEADERS:
+            raise ProtocolError("Connection-specific header field present: %r." % (name,))
+        if name == b"te":
+            if value.lower() != b"trailers":
+                raise ProtocolError("Invalid value for TE header: %r" % (value,))
+        elif name == b"host":
+            if host is not None:
+                raise ProtocolError("Request header block has multiple Host headers.")
+            host = value
+        raw.append(header if type(header) is tuple else (name, value))
+    if cookies is not None:
+        value = b"; ".join(cookies)
+        _check_value(value)
+        raw.append((b"cookie", value))
+    if pseudo != _USUAL_PSEUDO or method == b"CONNECT":
+        h2.utilities._check_pseudo_header_field_acceptability(pseudo, method, _REQUEST_FLAGS)
+    if host is None:
+        if authority is None:
+            raise ProtocolError(
+                "Request header block does not have an :authority or Host header.")
+        raw.insert(0, (b"host", authority))
+    elif authority is not None and authority != host:
+        raise ProtocolError("Request header block has mismatched :authority and Host headers")
+    return method or b"", path or b"", raw
+
+
 _SERVER_OPEN = h2.connection.ConnectionState.SERVER_OPEN
+_IDLE = h2.connection.ConnectionState.IDLE
 #: the validation flags of a request's header block
 _REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
@@ -267,6 +348,21 @@ class RoundRobin:
                 % (self.maximum_streams + 1))
         self._known.add(stream_id)
         self._ready[stream_id] = None
+
+    def insert_blocked(self, stream_id: int) -> None:
+        """
+        L{insert_stream} (a stream already known is not an error), then
+        L{block}: a stream that has nothing to send yet.
+        """
+        known = self._known
+        if stream_id in known:
+            self._ready.pop(stream_id, None)
+            return
+        if len(known) >= self.maximum_streams:
+            raise priority.TooManyStreamsError(
+                "Refusing to insert %d streams into priority tree at once"
+                % (self.maximum_streams + 1))
+        known.add(stream_id)
 
     def reprioritize(self, stream_id: int, depends_on: Any = None, weight: int = 16,
                      exclusive: bool = False) -> None:
@@ -362,6 +458,85 @@ class _FrameBuffer(FrameBuffer):
         return super().__next__()
 
 
+_HALF_CLOSED_REMOTE = h2.stream.StreamState.HALF_CLOSED_REMOTE
+_CLOSED_BY = h2.stream.StreamClosedBy
+_MAX_WINDOW = 2**31 - 1
+_guard_increment = h2.utilities.guard_increment_window
+
+
+def _compression_error(e: h2.exceptions.ProtocolError) -> h2.exceptions.ProtocolError:
+    """
+    The error to raise for C{e}, raised while decoding a header block:
+    hyper-h2 turns every decoding failure into a plain ProtocolError, which
+    is a L{CompressionError} (an oversized header list becomes a
+    DenialOfServiceError instead, and stays one).
+    """
+    if type(e) is h2.exceptions.ProtocolError and isinstance(
+            e.__cause__, (HPACKError, IndexError, TypeError)):
+        error = CompressionError(str(e))
+        error.__cause__ = e.__cause__
+        return error
+    return e
+
+
+#: closed light streams remembered (as hyper-h2 remembers its closed streams)
+MAX_CLOSED_LIGHT = 2**16
+#: whole request header blocks remembered per connection, and the largest
+MAX_KNOWN_BLOCKS = 32
+MAX_KNOWN_BLOCK = 1024
+
+
+class _CountingDecoder(Decoder):
+    """
+    hpack's decoder, counting the blocks it decoded (L{generation}): while
+    the count stands still, its dynamic table has not changed, and a block
+    of indexed fields means what it meant before.
+    """
+
+    generation = 0
+
+    def decode(self, data: Any, raw: bool = False) -> Any:
+        self.generation += 1
+        return super().decode(data, raw)
+
+
+class _Light:
+    """
+    A light stream: a request stream whose HEADERS frame ended it (so
+    half-closed (remote): the client may only send WINDOW_UPDATE,
+    PRIORITY and RST_STREAM on it), kept as its send window and whether
+    its response head was sent, instead of as hyper-h2's stream object
+    and state machine.  Sending its head, its data and END_STREAM, a reset
+    either way, and WINDOW_UPDATE are handled by L{ServerConnection}
+    itself; for anything else it becomes one of hyper-h2's streams in the
+    same state (L{ServerConnection._promote}).  Once closed it is
+    remembered as hyper-h2 remembers a closed stream (how it was closed).
+    """
+
+    __slots__ = ("window", "head_sent")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.head_sent = False
+
+
+class WholeRequest:
+    """
+    The event of a request received whole in one HEADERS frame (which
+    ended its stream): its method, path and fields as
+    L{request_fields} gives them.
+    """
+
+    __slots__ = ("stream_id", "method", "path", "fields")
+
+    def __init__(self, stream_id: int, method: bytes, path: bytes,
+                 fields: list[tuple[bytes, bytes]]) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.path = path
+        self.fields = fields
+
+
 class ServerConnection(h2.connection.H2Connection):
     """
     hyper-h2's connection state machine for our server side.
@@ -378,8 +553,52 @@ class ServerConnection(h2.connection.H2Connection):
             client_side=False, header_encoding=None,
             normalize_outbound_headers=False, validate_outbound_headers=False))
         self.incoming_buffer = _FrameBuffer(server=True)
+        self.decoder.__class__ = _CountingDecoder
+        #: the light streams, by id
+        self._light: dict[int, _Light] = {}
+        #: how closed light streams were closed, by id
+        self._closed_light: dict[int, Any] = {}
+        #: whole requests' header blocks that left the decoder unchanged
+        #: (indexed fields only) -> (the decoder's generation, the header
+        #: list's size, what request_fields made of them)
+        self._wholes: dict[bytes, tuple[int, int, Any]] = {}
 
-    def receive_data(self, data: Any) -> list[h2.events.Event]:
+    def receive_data(self, data: Any) -> list[Any]:
+        """
+        The frames in C{data}: the common ones (see L{_receive_fast}) taken
+        here, every other one by hyper-h2, in order.  A connection error
+        queues its GOAWAY and raises.
+        """
+        buf = self.incoming_buffer
+        events: list[Any] = []
+        if buf._preamble_len:
+            # the preface (checked by hyper-h2), then maybe frames
+            n = buf._preamble_len
+            events = self._receive_slowly(data[:n])
+            data = data[n:]
+            if not data:
+                return events
+        state = self.state_machine.state
+        if buf._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
+            return events + self._receive_slowly(data)
+        if buf._data:
+            buf._data += data
+            data = bytes(buf._data)
+            del buf._data[:]
+        elif type(data) is not bytes:
+            data = bytes(data)
+        try:
+            self._receive_fast(data, events)
+        except h2.exceptions.ProtocolError as e:
+            if self.goaway_code is None:
+                self._terminate_connection(e.error_code)
+            raise
+        return events
+
+    def _receive_slowly(self, data: Any) -> list[h2.events.Event]:
+        """
+        hyper-h2's C{receive_data}.
+        """
         try:
             return super().receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -387,6 +606,217 @@ class ServerConnection(h2.connection.H2Connection):
                 # raised before hyper-h2 queued a GOAWAY (a bad preface)
                 self._terminate_connection(e.error_code)
             raise
+
+    def _receive_fast(self, data: bytes, events: list[Any]) -> None:
+        """
+        Receive the frames of C{data}, appending their events to
+        C{events}.  Taken here: a HEADERS frame that opens a new stream
+        and ends it (a whole request: END_HEADERS and END_STREAM, without
+        padding or priority), which then becomes a light stream (see
+        L{_Light}); WINDOW_UPDATE for the connection or a light stream;
+        RST_STREAM for a light stream.  Any other frame, or one of these
+        that is not valid, goes to hyper-h2 (a light stream it concerns
+        becomes one of hyper-h2's first), and so do the frames of a header
+        block continued in CONTINUATION frames, and everything after a frame
+        that ends the connection.  An incomplete frame at the end waits for
+        more data.
+        """
+        n = len(data)
+        i = 0
+        light = self._light
+        max_size = self.max_inbound_frame_size
+        #: a header block is being continued (CONTINUATION): hyper-h2's
+        in_block = False
+        while n - i >= 9:
+            length = data[i] << 16 | data[i + 1] << 8 | data[i + 2]
+            if length > max_size:
+                # hyper-h2 refuses it (FRAME_SIZE_ERROR)
+                events.extend(self._receive_slowly(data[i:]))
+                return
+            end = i + 9 + length
+            if end > n:
+                break
+            kind = data[i + 3]
+            flags = data[i + 4]
+            stream_id = (data[i + 5] << 24 | data[i + 6] << 16 | data[i + 7] << 8
+                         | data[i + 8]) & 0x7FFFFFFF
+            if not in_block:
+                if (kind == 0x1 and flags & 0x2D == 0x05 and stream_id & 1
+                        and stream_id > self.highest_inbound_stream_id):
+                    events.append(self._receive_whole_request(stream_id, data[i + 9:end]))
+                    i = end
+                    continue
+                if kind == 0x8 and length == 4 and (not stream_id or stream_id in light):
+                    increment = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
+                                 | data[i + 12]) & 0x7FFFFFFF
+                    if increment:
+                        if not stream_id:
+                            self.outbound_flow_control_window = _guard_increment(
+                                self.outbound_flow_control_window, increment)
+                            events.append(h2.events.WindowUpdated(stream_id=0, delta=increment))
+                            i = end
+                            continue
+                        stream = light[stream_id]
+                        if stream.window + increment <= _MAX_WINDOW:
+                            stream.window += increment
+                            events.append(h2.events.WindowUpdated(stream_id=stream_id,
+                                                                  delta=increment))
+                            i = end
+                            continue
+                elif kind == 0x3 and length == 4 and stream_id in light:
+                    del light[stream_id]
+                    self._light_closed(stream_id, _CLOSED_BY.RECV_RST_STREAM)
+                    code = (data[i + 9] << 24 | data[i + 10] << 16 | data[i + 11] << 8
+                            | data[i + 12])
+                    events.append(h2.events.StreamReset(
+                        stream_id=stream_id, error_code=h2.errors._error_code_from_int(code),
+                        remote_reset=True))
+                    i = end
+                    continue
+            if stream_id in light:
+                self._promote(stream_id)
+            events.extend(self._receive_slowly(data[i:end]))
+            i = end
+            state = self.state_machine.state
+            if state is not _SERVER_OPEN and state is not _IDLE:
+                if i < n:
+                    events.extend(self._receive_slowly(data[i:]))
+                return
+            in_block = bool(self.incoming_buffer._headers_buffer)
+            max_size = self.max_inbound_frame_size
+        if i < n:
+            self.incoming_buffer._data += data[i:]
+
+    def _receive_whole_request(self, stream_id: int, block: bytes) -> "WholeRequest":
+        """
+        A HEADERS frame opened stream C{stream_id} and ended it: the checks
+        and state changes of hyper-h2 for it (decoded, checked, the stream
+        half-closed (remote)), the stream kept as a L{_Light}.
+        """
+        max_open = self.local_settings.max_concurrent_streams
+        value = self.open_inbound_streams
+        if value + 1 > max_open:
+            raise h2.exceptions.TooManyStreamsError(
+                f"Max inbound streams is {max_open}, {value} open")
+        decoder = self.decoder
+        known = self._wholes.get(block)
+        if (known is not None and known[0] == decoder.generation
+                and known[1] <= decoder.max_header_list_size
+                and decoder.header_table_size <= decoder.max_allowed_table_size):
+            # the same block as an earlier request's, the table unchanged
+            # since: the same fields, found valid
+            method, path, fields = known[2]
+            fields = fields[:]
+        else:
+            generation = decoder.generation
+            try:
+                headers = decode_block(decoder, block)
+            except h2.exceptions.ProtocolError as e:
+                raise _compression_error(e)
+            if headers and headers[0][0] == b":status":
+                # not a request: hyper-h2's own checks refuse it
+                stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+                stream.receive_headers(headers, True, None)
+            method, path, fields = request_fields(headers)
+            if decoder.generation == generation and len(block) <= MAX_KNOWN_BLOCK:
+                # (a block that hpack decoded may have changed the table:
+                # decoded again, it would change it again)
+                wholes = self._wholes
+                if len(wholes) >= MAX_KNOWN_BLOCKS:
+                    wholes.clear()
+                size = 0
+                for field in headers:
+                    size += 32 + len(field[0]) + len(field[1])
+                wholes[block] = (decoder.generation, size, (method, path, fields[:]))
+        if self.state_machine.state is _IDLE:
+            # the first stream opens the connection
+            self.state_machine.state = _SERVER_OPEN
+        self.highest_inbound_stream_id = stream_id
+        self._light[stream_id] = _Light(self.remote_settings.initial_window_size)
+        return WholeRequest(stream_id, method, path, fields)
+
+    @property
+    def open_inbound_streams(self) -> int:
+        return self._open_streams(1) + len(self._light)
+
+    def _light_closed(self, stream_id: int, how: Any) -> None:
+        """
+        Remember how light stream C{stream_id} was closed, as hyper-h2
+        remembers its closed streams (the latest L{MAX_CLOSED_LIGHT}), in a
+        plain dict.
+        """
+        closed = self._closed_light
+        if len(closed) >= MAX_CLOSED_LIGHT:
+            # forget the older half
+            closed = self._closed_light = dict(
+                list(closed.items())[MAX_CLOSED_LIGHT // 2:])
+        closed[stream_id] = how
+
+    def _stream_closed_by(self, stream_id: int) -> Any:
+        how = self._closed_light.get(stream_id)
+        if how is not None:
+            return how
+        return super()._stream_closed_by(stream_id)
+
+    def _promote(self, stream_id: int) -> Any:
+        """
+        Make light stream C{stream_id} one of hyper-h2's, in the same state
+        (half-closed (remote), its head sent or not, its send window).
+        """
+        light = self._light.pop(stream_id)
+        stream = _ServerStream(stream_id, config=self.config,
+                               inbound_window_size=self.local_settings.initial_window_size,
+                               outbound_window_size=light.window)
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        machine = stream.state_machine
+        machine.state = _HALF_CLOSED_REMOTE
+        machine.client = False
+        machine.headers_received = True
+        if light.head_sent:
+            machine.headers_sent = True
+        self.streams[stream_id] = stream
+        return stream
+
+    def _get_stream_by_id(self, stream_id: int | None) -> Any:
+        if stream_id in self._light:
+            return self._promote(stream_id)
+        return super()._get_stream_by_id(stream_id)
+
+    def _get_or_create_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        if stream_id in self._light:
+            return self._promote(stream_id)
+        return super()._get_or_create_stream(stream_id, allowed_ids)
+
+    def _flow_control_change_from_settings(self, old_value: int | None,
+                                           new_value: int) -> None:
+        super()._flow_control_change_from_settings(old_value, new_value)
+        delta = new_value - (old_value or 0)
+        for light in self._light.values():
+            light.window = h2.utilities.guard_increment_window(light.window, delta)
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        light = self._light.get(stream_id)
+        if light is None:
+            return super().local_flow_control_window(stream_id)
+        window = self.outbound_flow_control_window
+        return light.window if light.window < window else window
+
+    def end_stream(self, stream_id: int) -> None:
+        light = self._light.get(stream_id)
+        if (light is not None and light.head_sent
+                and self.state_machine.state is _SERVER_OPEN):
+            self.send_data_frame(stream_id, b"", True)
+            return
+        super().end_stream(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: Any = 0) -> None:
+        if stream_id in self._light and self.state_machine.state is _SERVER_OPEN:
+            del self._light[stream_id]
+            self._light_closed(stream_id, _CLOSED_BY.SEND_RST_STREAM)
+            self._data_to_send += (b"\x00\x00\x04\x03\x00" + stream_id.to_bytes(4, "big")
+                                   + int(error_code).to_bytes(4, "big"))
+            return
+        super().reset_stream(stream_id, error_code)
 
     def _terminate_connection(self, error_code: Any) -> None:
         self.goaway_code = error_code
@@ -438,13 +868,10 @@ class ServerConnection(h2.connection.H2Connection):
         try:
             return self._receive_frame_quietly(frame)
         except h2.exceptions.ProtocolError as e:
-            # hyper-h2 turns every decoding failure into a plain
-            # ProtocolError (an oversized header list becomes a
-            # DenialOfServiceError instead, and stays one)
-            if (type(e) is h2.exceptions.ProtocolError
-                    and isinstance(e.__cause__, (HPACKError, IndexError, TypeError))):
-                raise CompressionError(str(e)) from e.__cause__
-            raise
+            error = _compression_error(e)
+            if error is e:
+                raise
+            raise error from e.__cause__
 
     def _receive_frame_quietly(self, frame: Any) -> list[h2.events.Event]:
         """
@@ -500,6 +927,19 @@ class ServerConnection(h2.connection.H2Connection):
         if len(block) > self.max_outbound_frame_size - 8:
             self.send_headers(stream_id, response_block(code, headers), end_stream=end_stream)
             return
+        table = self.encoder.header_table
+        light = self._light.get(stream_id)
+        if (light is not None and not light.head_sent
+                and self.state_machine.state is _SERVER_OPEN):
+            light.head_sent = True
+            if end_stream:
+                del self._light[stream_id]
+                self._light_closed(stream_id, _CLOSED_BY.SEND_END_STREAM)
+            if table.resized:
+                block = self.encoder._encode_table_size_change() + block
+                table.resized = False
+            self._data_to_send += headers_frame(stream_id, block, end_stream)
+            return
         stream = self._get_stream_by_id(stream_id)
         if self.state_machine.state is not _SERVER_OPEN:
             self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
@@ -520,6 +960,19 @@ class ServerConnection(h2.connection.H2Connection):
         hyper-h2's C{send_data} for data the caller has checked against the
         windows and the frame size, written without a frame object.
         """
+        light = self._light.get(stream_id)
+        if (light is not None and light.head_sent
+                and self.state_machine.state is _SERVER_OPEN):
+            n = len(data)
+            out = self._data_to_send
+            out += data_frame_head(stream_id, n, end_stream)
+            out += data
+            light.window -= n
+            self.outbound_flow_control_window -= n
+            if end_stream:
+                del self._light[stream_id]
+                self._light_closed(stream_id, _CLOSED_BY.SEND_END_STREAM)
+            return
         stream = self._get_stream_by_id(stream_id)
         if self.state_machine.state is not _SERVER_OPEN:
             self.state_machine.process_input(ConnectionInputs.SEND_DATA)
@@ -657,7 +1110,17 @@ class H2Channel(PeerStrings, Protocol, TimeoutMixin):
 
     def _dispatch(self, event: Any) -> None:
         kind = type(event)
-        if kind is h2.events.RequestReceived:
+        if kind is WholeRequest:
+            stream_id = event.stream_id
+            if self._last_accepted is not None and stream_id > self._last_accepted:
+                self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+                return
+            req = H2Request(self, stream_id, event.method, event.path, event.fields)
+            self.streams[stream_id] = req
+            self._outboundStreamQueues[stream_id] = deque()
+            self.priority.insert_blocked(stream_id)
+            self._render(req)
+        elif kind is h2.events.RequestReceived:
             stream_id = event.stream_id
             if self._last_accepted is not None and stream_id > self._last_accepted:
                 # opened after our GOAWAY: the client may retry it elsewhere
@@ -840,11 +1303,7 @@ class H2Channel(PeerStrings, Protocol, TimeoutMixin):
         req = H2Request(self, stream_id, method or b"", path or b"", raw)
         self.streams[stream_id] = req
         self._outboundStreamQueues[stream_id] = deque()
-        try:
-            self.priority.insert_stream(stream_id)
-        except priority.DuplicateStreamError:
-            pass
-        self.priority.block(stream_id)
+        self.priority.insert_blocked(stream_id)
         ended = event.stream_ended is not None
         if ended:
             self._render(req)
@@ -997,8 +1456,22 @@ class H2Channel(PeerStrings, Protocol, TimeoutMixin):
         if queue is None:
             return
         if queued:
-            queue.append(_END_STREAM)
-            self.priority.unblock(stream_id)
+            if len(queue) == 1 and self._consumerBlocked is None and not self._closed:
+                # one piece left (a small response): its frame ends the
+                # stream, if the windows and the frame size allow
+                conn = self.conn
+                data = queue[0]
+                n = len(data)
+                if (n <= conn.local_flow_control_window(stream_id)
+                        and n <= conn.max_outbound_frame_size):
+                    queue.clear()
+                    conn.send_data_frame(stream_id, data, True)
+                    self.priority.block(stream_id)
+                    self._done.append(stream_id)
+                    queued = False
+            if queued:
+                queue.append(_END_STREAM)
+                self.priority.unblock(stream_id)
         else:
             self._done.append(stream_id)
         if self._send_queued and self._consumerBlocked is None:
