@@ -35,6 +35,12 @@ if not sslbio.available():
 
 class Recorder(Protocol):
     pause_on_data = False
+    producer: "Producer | None" = None
+
+    def connectionMade(self) -> None:
+        if self.producer is not None:
+            # as HTTP/2 connections do
+            self.transport.registerProducer(self.producer, True)
 
     def __init__(self) -> None:
         self.received: list[bytes] = []
@@ -75,8 +81,11 @@ class DirectTests(SynchronousTestCase):
         self.apps: list[Recorder] = []
         self.reactor = MemoryReactorClock()
 
+        self.app_producer = None
+
         def protocol_for_alpn(negotiated, addr):
             p = Recorder()
+            p.producer = self.app_producer
             self.apps.append(p)
             return p
 
@@ -185,6 +194,26 @@ class DirectTests(SynchronousTestCase):
         self.assertEqual(self.client_read(), b"")
         self.reactor.advance(0)
         self.assertEqual(self.client_read(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+
+    def test_movedWithProducerRegistered(self) -> None:
+        """
+        A protocol that registers a producer when it starts (HTTP/2) is
+        moved too; a blocked write pauses that producer.
+        """
+        self.app_producer = Producer()
+        app = self.connect(sndbuf=65536)
+        self.assertIsNotNone(self.server._io)
+        app.transport.write(b"q" * 1000000)
+        self.assertEqual(self.app_producer.calls, ["pause"])
+        got = []
+        for _ in range(1000):
+            got.append(self.client_read())
+            if self.t not in self.reactor.getWriters():
+                break
+            self.t.doWrite()
+        got.append(self.client_read())
+        self.assertEqual(len(b"".join(got)), 1000000)
+        self.assertEqual(self.app_producer.calls, ["pause", "resume"])
 
     def test_notMovedWhenDisabled(self) -> None:
         """

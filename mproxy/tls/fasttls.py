@@ -335,8 +335,7 @@ class FastTLSProtocol(Protocol):
             self._go_direct = self._noop  # type: ignore[method-assign]
             return
         if (not t.connected or t.disconnecting or t.dataBuffer or t._tempDataLen
-                or t.producer is not None or self._incoming.pending
-                or self._outgoing.pending):
+                or self._incoming.pending or self._outgoing.pending):
             return  # not yet: after the next read
         io = attach(self._sslobj, self._incoming, self._outgoing, t.fileno())
         if io is None:
