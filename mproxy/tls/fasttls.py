@@ -15,6 +15,15 @@ API::
         #   challenges); wrapped_factory builds the protocol that runs once
         #   the handshake is done (it is told through IHandshakeListener).
 
+Once the handshake is done and nothing is left in the memory BIOs or the TCP
+transport's buffer, a connection on a plain TCP transport is moved onto its
+socket (L{mproxy.tls.sslbio}: OpenSSL reads and writes the socket through a
+buffering BIO, without the copies into and out of the memory BIOs); the TCP
+transport's C{doRead} and C{doWrite} then become this protocol's
+C{_do_read} and C{_do_write}, and what the socket does not take waits for it
+to be writable with the TCP transport's producer paused.  Connections that
+cannot be moved stay on the memory BIOs.
+
 Certificate selection is L{ServerTLS}'s (its C{select} and the same
 fallback to a TLS-ALPN-01 certificate for names without one), done in the
 C{sni_callback}, which swaps the connection's C{SSLContext} for one holding
