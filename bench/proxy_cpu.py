@@ -359,7 +359,10 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
                     for v in r["per_process"].values())
             if "generator_cpu_util" in r:
                 bad += (f"; rate generator {r['generator_cpu_util'] * 100:.0f}% of a core, "
-                        f"p99 send lag {r['send_lag_p99_ms']:.2f} ms")
+                        f"p99 send lag {r['send_lag_p99_ms']:.2f} ms"
+                        + (f" (late {r['send_late_p99_ms']:.2f}, in send() "
+                           f"{r['send_call_p99_ms']:.2f}; {r['send_late_over_1ms']} sends "
+                           "over 1 ms late)" if "send_late_p99_ms" in r else ""))
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
@@ -416,7 +419,8 @@ def summarize(runs: list[dict]) -> dict:
     keys = ["req_per_s", "proxy_cpu_us_per_req", "proxy_cpu_util", "upstream_cpu_us_per_req",
             "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign",
             "upstream_new_connections", "listen_overflows", "mib_per_s",
-            "proxy_cpu_ns_per_kib", "generator_cpu_util", "send_lag_p99_ms"]
+            "proxy_cpu_ns_per_kib", "generator_cpu_util", "send_lag_p99_ms",
+            "send_late_p99_ms", "send_call_p99_ms", "send_late_over_1ms"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):

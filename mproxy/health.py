@@ -16,15 +16,17 @@ state follows the checks:
     makes it C{healthy} again.
 
 The probe itself is injected (L{ProbeFunction}); L{http_probe} is the real one,
-on a L{HostnameEndpoint}.
+on a L{HostnameEndpoint} (a target given as an IP address is connected to
+directly: no name lookup, which Twisted runs in a thread, every interval).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -99,13 +101,16 @@ class _EndpointFactory:
         self._reactor = reactor
         self._timeout = timeout
 
-    def endpointForURI(self, uri: object) -> HostnameEndpoint:
-        return HostnameEndpoint(
-            self._reactor,
-            uri.host,  # type: ignore[attr-defined]
-            uri.port,  # type: ignore[attr-defined]
-            timeout=max(1, int(self._timeout + 0.999)),
-        )
+    def endpointForURI(self, uri: object) -> Any:
+        host: bytes = uri.host  # type: ignore[attr-defined]
+        port: int = uri.port  # type: ignore[attr-defined]
+        timeout = max(1, int(self._timeout + 0.999))
+        text = host.decode("ascii", "replace")
+        if isIPAddress(text):
+            return TCP4ClientEndpoint(self._reactor, text, port, timeout=timeout)
+        if isIPv6Address(text):
+            return TCP6ClientEndpoint(self._reactor, text, port, timeout=timeout)
+        return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
 
 
 def http_probe(reactor: object) -> ProbeFunction:

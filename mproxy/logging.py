@@ -91,6 +91,8 @@ class JSONLogger:
         self._stream = stream if stream is not None else sys.stdout
         self._min = LEVELS[level]
         self._now = now
+        #: the stream's way to take a line made when it is written, if any
+        self._write_later = getattr(self._stream, "write_later", None)
 
     def enabled(self, level: str) -> bool:
         return LEVELS[level] >= self._min
@@ -115,6 +117,33 @@ class JSONLogger:
         line = '{"time": %s, "level": %s, "msg": %s%s}\n' % (
             encode_string(self._now()), encode_string(level), encode_string(msg), fields)
         self._write(line)
+
+    def log_encoded_later(self, level: str, msg: str, fields: Callable[[], str]) -> None:
+        """
+        L{log_encoded} with C{fields()} called when the line is written,
+        for a stream that writes a reactor turn's lines when the turn ends
+        (C{write_later}): a request's line is then built after what the
+        turn sent, in its place among the other lines, with the time of
+        this call.  Other streams get the line now.
+        """
+        if LEVELS[level] < self._min:
+            return
+        later = self._write_later
+        if later is None:
+            self.log_encoded(level, msg, fields())
+            return
+        now = self._now()
+
+        def line() -> bytes:
+            text = '{"time": %s, "level": %s, "msg": %s%s}\n' % (
+                encode_string(now), encode_string(level), encode_string(msg), fields())
+            try:
+                return text.encode("utf-8")
+            except UnicodeEncodeError:
+                # (as L{_write} does)
+                return escape_surrogates(text).encode("utf-8")
+
+        later(line)
 
     def _write(self, line: str) -> None:
         try:
@@ -161,6 +190,12 @@ class ListLogger(JSONLogger):
         Kept as the record it encodes (C{fields} must be valid JSON text).
         """
         self.log(level, msg, **json.loads("{" + fields[2:] + "}"))
+
+    def log_encoded_later(self, level: str, msg: str, fields: Callable[[], str]) -> None:
+        """
+        Kept at once, as L{log_encoded} keeps it.
+        """
+        self.log_encoded(level, msg, fields())
 
     def messages(self) -> list[str]:
         return [r["msg"] for r in self.records]

@@ -276,6 +276,36 @@ class BodyWithHeadTests(SynchronousTestCase):
         proto.dataReceived(head(3) + b"abc")
         self.assertEqual(r2.events, [("response", 200), ("data", b"abc"), ("done", None)])
 
+    def test_head_without_the_parser(self) -> None:
+        """
+        A plain keep-alive head (as a whole small response would be) is
+        parsed at once, without the parser; many such responses follow
+        each other on one connection.
+        """
+        r = ViewReceiver()
+        u, proto, t = self._exchange(r)
+
+        class Unfed:
+            def feed_data(self, data: Any) -> None:
+                raise AssertionError("fed")
+
+            def should_keep_alive(self) -> bool:
+                raise AssertionError("asked")
+
+        proto.parser = Unfed()
+        data = head(len(BODY), b"Keep-Alive: timeout=30\r\n") + BODY
+        proto.dataReceived(data)
+        self.assertEqual(r.kinds(), ["response", "data", "done"])
+        self.assertIs(r.pieces()[0].obj, data)
+        self.assertEqual(proto.keep_alive, 30.0)
+        self.assertEqual(u.pool.idle_count, 1)
+        for i in range(50):
+            ex, r = u.request()
+            proto.dataReceived(head(len(BODY) + 1) + BODY)
+            proto.dataReceived(b"!")
+            self.assertEqual(r.kinds(), ["response", "data", "data", "done"], i)
+        self.assertEqual(u.connected, 1)
+
     def test_bytes_for_other_receivers(self) -> None:
         r = Receiver()
         u, proto, t = self._exchange(r)

@@ -547,6 +547,21 @@ class HTTPProbeTests(SynchronousTestCase):
         )
         self.assertEqual(self.successResultOf(d), 204)
 
+    def test_ip_address_connected_without_lookup(self) -> None:
+        """
+        A target given as an IPv4 or IPv6 address is connected to as it is
+        (the name resolver, here answering 10.0.0.7 for every name, is not
+        asked).
+        """
+        for address, host in (("127.0.0.1:3000", "127.0.0.1"), ("[::1]:3000", "::1")):
+            d = self.probe(Target(address, self.memory), HealthCheckConfig(path="up"))
+            self.assertEqual(self.memory.tcpClients[-1][:2], (host, 3000))
+            self.assertEqual(self.memory.tcpClients[-1][3], 5)
+            transport = self.connect()
+            self.assertTrue(transport.value().startswith(b"GET /up HTTP/1.1\r\n"))
+            transport.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            self.assertEqual(self.successResultOf(d), 200)
+
     def test_health_port(self) -> None:
         """
         The health-check port replaces the target's port; the Host header is

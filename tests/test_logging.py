@@ -8,6 +8,8 @@ import datetime
 import io
 import json
 import re
+from types import SimpleNamespace
+from typing import Any
 from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -163,6 +165,58 @@ class EncodedLineTests(SynchronousTestCase):
         out = io.StringIO()
         JSONLogger(out, level="ERROR").log_encoded("INFO", "x", ', "k": 1')
         self.assertEqual(out.getvalue(), "")
+
+    def test_later_same_line_made_when_written(self) -> None:
+        """
+        C{log_encoded_later} on a stream that makes lines later: the
+        attributes are encoded when the stream writes, the line is the one
+        C{log_encoded} writes, with the time of the call.
+        """
+        times = iter(["T1", "T2"])
+
+        class Later:
+            def __init__(self) -> None:
+                self.makers: list[Any] = []
+
+            def write_later(self, make: Any) -> None:
+                self.makers.append(make)
+
+        stream = Later()
+        calls: list[str] = []
+
+        def fields() -> str:
+            calls.append("fields")
+            return ', "k": "v\\"", "n": 3'
+
+        JSONLogger(stream, now=lambda: next(times)).log_encoded_later(  # type: ignore[arg-type]
+            "WARN", 'm"sg', fields)
+        self.assertEqual(calls, [])
+        out = io.StringIO()
+        JSONLogger(out, now=lambda: "T1").log_encoded("WARN", 'm"sg', ', "k": "v\\"", "n": 3')
+        self.assertEqual([m() for m in stream.makers], [out.getvalue().encode("utf-8")])
+
+    def test_later_lone_surrogate_escaped(self) -> None:
+        made: list[Any] = []
+        stream = SimpleNamespace(write_later=made.append)
+        JSONLogger(stream, now=lambda: "T").log_encoded_later(  # type: ignore[arg-type]
+            "INFO", "Request", lambda: ', "path": %s' % mlogging.encode_string("/\udcff"))
+        self.assertEqual(json.loads(made[0]().decode("utf-8"))["path"], "/\udcff")
+
+    def test_later_on_other_streams_now(self) -> None:
+        out = io.StringIO()
+        JSONLogger(out, now=lambda: "T").log_encoded_later("INFO", "x", lambda: ', "k": 1')
+        self.assertEqual(json.loads(out.getvalue())["k"], 1)
+
+    def test_later_below_level_not_encoded(self) -> None:
+        out = io.StringIO()
+        JSONLogger(out, level="ERROR").log_encoded_later(
+            "INFO", "x", lambda: self.fail("encoded"))  # type: ignore[arg-type,return-value]
+        self.assertEqual(out.getvalue(), "")
+
+    def test_list_logger_keeps_the_record_later(self) -> None:
+        logger = mlogging.ListLogger()
+        logger.log_encoded_later("INFO", "Request", lambda: ', "status": 200')
+        self.assertEqual(logger.records, [{"level": "INFO", "msg": "Request", "status": 200}])
 
     def test_list_logger_keeps_the_record(self) -> None:
         """

@@ -1167,6 +1167,39 @@ class RequestLogEncodingTests(SynchronousTestCase):
         for cache in (reqlog._values, reqlog._service_targets, reqlog._clients):
             self.assertTrue(0 < len(cache) <= reqlog.CACHE_SIZE)
 
+    def test_built_when_the_worker_writes_its_turn(self) -> None:
+        """
+        Through a worker's log stream the line is built when the reactor
+        turn's lines are written (after the turn's responses went out):
+        nothing is encoded before, and the line is the one written at once
+        elsewhere.
+        """
+        import os
+
+        from mproxy.workers.worker import FDLines
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        turn: list[Any] = []
+        encoded: list[str] = []
+        real = reqlog._s
+
+        def counting(text: str) -> str:
+            encoded.append(text)
+            return real(text)
+
+        self.patch(reqlog, "_s", counting)
+        call = _CallStub("/later", False, "", SimpleNamespace(name="svc"))
+        reqlog.log_request(JSONLogger(FDLines(w, turn.append), now=lambda: "T"), call, 7)
+        self.assertEqual(encoded, [])
+        self.assertEqual(len(turn), 1)
+        turn[0]()
+        self.assertNotEqual(encoded, [])
+        now = io.StringIO()
+        reqlog.log_request(JSONLogger(now, now=lambda: "T"), call, 7)
+        self.assertEqual(os.read(r, 65536), now.getvalue().encode("utf-8"))
+
     def test_below_level(self) -> None:
         """
         A logger above INFO writes no request line.

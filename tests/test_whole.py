@@ -12,8 +12,8 @@ import httptools
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.http import whole as whole_response
-from mproxy.http.whole import (MAX_CACHED_HEADS, MAX_CACHED_LINES, MAX_WHOLE, MAX_WHOLE_REQUEST, parse_whole,
-                               parse_whole_request)
+from mproxy.http.whole import (MAX_CACHED_HEADS, MAX_CACHED_LINES, MAX_WHOLE, MAX_WHOLE_REQUEST, parse_head,
+                               parse_whole, parse_whole_request)
 
 
 class _Collect:
@@ -176,6 +176,53 @@ class ParseWholeTests(SynchronousTestCase):
             self.assertEqual(got[2], [(b"Date", b"%d" % i), (b"Content-Length", b"5")])
             self.assertLessEqual(len(whole_response._lines), MAX_CACHED_LINES)
             self.assertLessEqual(len(whole_response._heads), MAX_CACHED_HEADS)
+
+
+def _head(data: bytes) -> bytes:
+    return data[:data.find(b"\r\n\r\n")]
+
+
+class ParseHeadTests(SynchronousTestCase):
+    """
+    L{parse_head}: the head alone of a response L{parse_whole} takes, its
+    body still to come.
+    """
+
+    def setUp(self) -> None:
+        whole_response._lines.clear()
+        whole_response._status_lines.clear()
+        whole_response._heads.clear()
+
+    def test_same_as_httptools(self) -> None:
+        for data in TAKEN:
+            for _ in range(2):
+                got = parse_head(_head(data))
+                self.assertIsNotNone(got, data)
+                assert got is not None
+                status, reason, headers, length, ka = got
+                w = parse_whole(data)
+                assert w is not None
+                self.assertEqual((status, reason, headers, length, ka),
+                                 (w[0], w[1], w[2], len(w[3]), w[4]))
+                alone = _httptools(_head(data) + b"\r\n\r\n")
+                assert alone is not None
+                self.assertEqual(alone[:3], (status, reason, headers))
+                # the list given is the caller's: the cached head is not changed
+                headers.append((b"X-Added", b"1"))
+
+    def test_others_left_to_httptools(self) -> None:
+        """
+        Malformed heads, and valid ones that are not the plain
+        Content-Length keep-alive case, are left to httptools.
+        """
+        for data in MALFORMED + LEFT:
+            h = _head(data)
+            if _httptools(h + b"\r\n\r\n") is None:
+                self.assertIsNone(parse_head(h), data)
+        for data in LEFT[:11] + [_resp(b"HTTP/1.1 200 OK")]:
+            self.assertIsNone(parse_head(_head(data)), data)
+        big = _resp(b"HTTP/1.1 200 OK", b"X: " + b"x" * MAX_WHOLE, b"Content-Length: 5")
+        self.assertIsNone(parse_head(_head(big)))
 
 
 class _RequestCollect:

@@ -340,6 +340,154 @@ class TCPReadTests(SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
+class ScriptedReactor(WorkerReactor):
+    """
+    A L{WorkerReactor} whose polls run the next step of a script instead
+    of waiting (each records the timeout it was given); its clock is
+    C{self.now}.  The loop stops when the script is done.
+    """
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.steps: list[Any] = []
+        self.timeouts: list[Any] = []
+        self.full_turns = 0
+        super().__init__()
+        self.seconds = lambda: self.now  # type: ignore[method-assign]
+
+    def doPoll(self, timeout: float | None) -> None:
+        self.timeouts.append(timeout)
+        if not self.steps:
+            self._started = False
+            return
+        self.steps.pop(0)()
+
+    doIteration = doPoll
+
+    def runUntilCurrent(self) -> None:
+        self.full_turns += 1
+        super().runUntilCurrent()
+
+
+class MainLoopTests(SynchronousTestCase):
+    """
+    L{WorkerReactor.mainLoop}: Twisted's loop, with the common turn (nothing
+    due) done without C{runUntilCurrent} and C{timeout}.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ScriptedReactor()
+        self.addCleanup(_close_reactor, self.reactor)
+        self.reactor._started = True
+        self.reactor.running = True
+
+    def test_poll_waits_until_the_first_timed_call(self) -> None:
+        """
+        With a timed call pending, the poll waits until it is due, and it
+        runs once due; with none, the poll waits for events only.
+        """
+        r = self.reactor
+        ran: list[float] = []
+        r.callLater(5, lambda: ran.append(r.now))
+        r.callLater(9, lambda: ran.append(r.now))
+
+        def advance(to: float) -> Any:
+            return lambda: setattr(r, "now", to)
+
+        r.steps = [advance(102.5), advance(105.0), advance(109.5)]
+        r.mainLoop()
+        self.assertEqual(ran, [105.0, 109.5])
+        self.assertEqual(r.timeouts, [5.0, 2.5, 4.0, None])
+
+    def test_common_turn_without_runUntilCurrent(self) -> None:
+        """
+        Turns with no timed call due, none added, and nothing from another
+        thread do not run Twisted's C{runUntilCurrent}; one with a call due
+        does.
+        """
+        r = self.reactor
+        r.callLater(30, lambda: None)
+        r.steps = [lambda: None, lambda: None, lambda: setattr(r, "now", 130.0)]
+        r.mainLoop()
+        self.assertEqual(r.full_turns, 1)
+        self.assertEqual(r.timeouts, [30.0, 30.0, 30.0, None])
+
+    def test_new_timed_call_counts(self) -> None:
+        """
+        A timed call added during a turn bounds the next poll.
+        """
+        r = self.reactor
+        r.steps = [lambda: r.callLater(0.25, lambda: None)]
+        r.mainLoop()
+        self.assertEqual(r.timeouts, [None, 0.25])
+
+    def test_cancelled_calls_dropped(self) -> None:
+        """
+        Once most pending timed calls are cancelled, they are dropped from
+        the heap, as Twisted's loop does.
+        """
+        r = self.reactor
+        calls = [r.callLater(60 + i, lambda: None) for i in range(60)]
+        r.steps = [lambda: [c.cancel() for c in calls[:55]]]
+        r.mainLoop()
+        self.assertEqual(len(r._pendingTimedCalls), 5)
+
+    def test_thread_call_runs_before_the_poll(self) -> None:
+        r = self.reactor
+        ran: list[str] = []
+        r.callFromThread(ran.append, "called")
+        r.mainLoop()
+        self.assertEqual(ran, ["called"])
+
+    def test_pending_turn_end_call_runs_before_the_poll(self) -> None:
+        """
+        A turn-end call still pending when a poll returned (added outside
+        of the poll's dispatch) runs before the next poll.
+        """
+        r = self.reactor
+        order: list[str] = []
+        r.steps = [lambda: r._turn_end.append(lambda: order.append("end")),
+                   lambda: order.append("poll")]
+        r.mainLoop()
+        self.assertEqual(order, ["end", "poll"])
+
+    def test_not_running_poll_does_not_wait(self) -> None:
+        r = self.reactor
+        r.running = False
+        r.callLater(10, lambda: None)
+        r.mainLoop()
+        self.assertEqual(r.timeouts, [False])
+
+    def test_stop_fires_shutdown_and_ends_the_loop(self) -> None:
+        r = self.reactor
+        r._stopped = False
+        fired: list[str] = []
+        r.addSystemEventTrigger("during", "shutdown", fired.append, "shutdown")
+        r.steps = [r.stop] + [lambda: None] * 5
+        r.mainLoop()
+        self.assertEqual(fired, ["shutdown"])
+        self.assertFalse(r._started)
+        self.assertEqual(len(r.timeouts), 2)
+
+    def test_error_logged_and_loop_goes_on(self) -> None:
+        r = self.reactor
+        events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def fail() -> None:
+            raise ZeroDivisionError("boom")
+
+        r.steps = [fail, lambda: None]
+        r.mainLoop()
+        self.assertEqual(len(r.timeouts), 3)
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual([e["log_format"] for e in failures], ["Unexpected error in main loop"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
 def _fake_tcp() -> Any:
     from twisted.internet import tcp
 
@@ -410,6 +558,102 @@ class FDLinesTests(SynchronousTestCase):
         self.assertEqual(self.writes, [b"a\n"])
         self.end_turn()
         self.assertEqual(self.writes, [b"a\n"])
+
+    def test_line_made_later_in_its_place(self) -> None:
+        """
+        A line to be made later is made when the turn's lines are written,
+        in its place among them.
+        """
+        lines = self.lines()
+        made: list[str] = []
+
+        def make() -> bytes:
+            made.append("b")
+            return b"b\n"
+
+        lines.write("a\n")
+        lines.write_later(make)
+        lines.write("c\n")
+        self.assertEqual((made, self.writes), ([], []))
+        self.end_turn()
+        self.assertEqual(made, ["b"])
+        self.assertEqual(self.writes, [b"a\nb\nc\n"])
+
+    def test_line_made_later_alone_registers_the_turn_end(self) -> None:
+        lines = self.lines()
+        lines.write_later(lambda: b"x\n")
+        self.assertEqual(len(self.turn), 1)
+        self.end_turn()
+        self.assertEqual(self.writes, [b"x\n"])
+
+    def test_lines_made_later_held_within_the_limit(self) -> None:
+        """
+        Lines made later are written as the others: whole lines, no write
+        longer than the limit unless one line is.
+        """
+        lines = self.lines(limit=30)
+        sent = [("%s\n" % (c * 9)).encode() for c in "abcd"] + [b"e" * 40 + b"\n", b"f\n"]
+        for i, line in enumerate(sent):
+            if i % 2:
+                lines.write(line.decode())
+            else:
+                lines.write_later(lambda line=line: line)
+        self.end_turn()
+        for data in self.writes:
+            self.assertTrue(data.endswith(b"\n"))
+            self.assertTrue(len(data) <= 30 or data.count(b"\n") == 1)
+        self.assertEqual(b"".join(self.writes), b"".join(sent))
+        self.assertEqual(len(self.writes), 4)
+
+    def test_line_made_later_without_turn_end_at_once(self) -> None:
+        from mproxy.workers.worker import FDLines
+
+        lines = FDLines(self.w)
+        lines.write_later(lambda: b"a\n")
+        self.assertEqual(self.writes, [b"a\n"])
+
+    def test_line_made_later_by_another_thread_at_once(self) -> None:
+        import threading
+
+        lines = self.lines()
+        t = threading.Thread(target=lines.write_later, args=(lambda: b"t\n",))
+        t.start()
+        t.join()
+        self.assertEqual(self.writes, [b"t\n"])
+        self.assertEqual(self.turn, [])
+
+    def test_failing_line_left_out_and_logged(self) -> None:
+        """
+        A line whose making fails is left out (and the error logged); the
+        others are written.
+        """
+        lines = self.lines()
+
+        def fail() -> bytes:
+            raise ZeroDivisionError("boom")
+
+        lines.write("a\n")
+        lines.write_later(fail)
+        lines.write("b\n")
+        self.end_turn()
+        self.assertEqual(self.writes, [b"a\nb\n"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        lines.write_later(fail)
+        self.end_turn()
+        self.assertEqual(self.writes, [b"a\nb\n"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_lines_made_later_written_when_the_reactor_stops(self) -> None:
+        from mproxy.workers.worker import run_reactor
+
+        lines = self.lines()
+
+        class Reactor:
+            def run(self, installSignalHandlers: bool = True) -> None:
+                lines.write_later(lambda: b"last\n")
+
+        run_reactor(Reactor(), lines)
+        self.assertEqual(self.writes, [b"last\n"])
 
     def test_not_encodable_raises_at_write(self) -> None:
         """

@@ -17,7 +17,10 @@ The line is written for every request, so for a logger that takes encoded
 attributes (C{log_encoded}) the common record (no logged headers, no
 retries) is encoded here in one string format, each string through the
 encoder's own escaping: the same text as the record built as a dict and
-encoded by the logger.  Values that repeat from one request to the next
+encoded by the logger.  A logger that can build it later
+(C{log_encoded_later}: the worker's, whose lines are written when its
+reactor turn ends) builds it after the turn's responses were sent, so
+that the client does not wait for its log line.  Values that repeat from one request to the next
 (host, method, content types, service and target, the client's fields)
 are encoded once and remembered (a bounded cache).
 """
@@ -64,10 +67,24 @@ def _value(b: bytes) -> str:
 
 
 def log_request(logger: Any, call: Any, duration_ns: int) -> None:
-    log_encoded = getattr(logger, "log_encoded", None)
-    if log_encoded is None or call.log_extra or call.tried:
+    if call.log_extra or call.tried:
         _log_record(logger, call, duration_ns)
         return
+    later = getattr(logger, "log_encoded_later", None)
+    if later is not None:
+        later("INFO", "Request", lambda: _fields(call, duration_ns))
+        return
+    log_encoded = getattr(logger, "log_encoded", None)
+    if log_encoded is None:
+        _log_record(logger, call, duration_ns)
+        return
+    log_encoded("INFO", "Request", _fields(call, duration_ns))
+
+
+def _fields(call: Any, duration_ns: int) -> str:
+    """
+    The common record's attributes, encoded (the text after C{msg}).
+    """
     rq = call.rq
     tls = rq.is_tls
     service = call.service
@@ -101,7 +118,7 @@ def log_request(logger: Any, call: Any, duration_ns: int) -> None:
     resp_ctype = values.get(call.resp_ctype) or _value(call.resp_ctype)
     query = rq.query
     res = call.res
-    log_encoded("INFO", "Request", _FIELDS % (
+    return _FIELDS % (
         host,
         res.https_port if tls else res.http_port,
         _s(call.path),
@@ -116,7 +133,7 @@ def log_request(logger: Any, call: Any, duration_ns: int) -> None:
         resp_ctype,
         client,
         _s(query.decode("latin-1")) if query else '""',
-    ))
+    )
 
 
 def _log_record(logger: Any, call: Any, duration_ns: int) -> None:

@@ -79,7 +79,7 @@ from mproxy.http.rawbody import RawBody, head_end
 from mproxy.http.reads import READ_GROW_AT, grow_reads
 from mproxy.http.request import header_lines
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
-from mproxy.http.whole import parse_whole
+from mproxy.http.whole import parse_head, parse_whole
 
 
 MAX_PENDING_BODY = 65536
@@ -381,9 +381,12 @@ class _Connection(Protocol):
     #: the response's Content-Length value (None: another framing), the
     #: body bytes the parser delivered, and once the rest of the body
     #: bypasses the parser (L{_raw}) whether the connection is kept after it
+    #: and whether the parser saw nothing of the response (its head was
+    #: parsed at once)
     _length: bytes | None = None
     _body_seen = 0
     _raw_keep_alive = False
+    _raw_unparsed = False
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -629,6 +632,11 @@ class _Connection(Protocol):
         body's part of the read bypasses it as it is (no copy).
         """
         view = memoryview(data)
+        if not self._begun:
+            e = parse_head(data[:end - 4])
+            if e is not None and e[3]:
+                self._head_parsed(ex, e, view[end:])
+                return
         self._feed(view[:end], data)
         if self.lost or self.tunnel:
             # failed (the rest is dropped), or a tunnel (the rest went in)
@@ -640,6 +648,42 @@ class _Connection(Protocol):
                 self.dataReceived(rest)
             return
         self.dataReceived(data[end:])
+
+    def _head_parsed(self, ex: UpstreamExchange, parsed: tuple[Any, ...],
+                     body: memoryview) -> None:
+        """
+        A head parsed at once (L{parse_head}), the start of its body in
+        C{body}: the receiver hears what the parser's callbacks would have
+        told it, the body goes on without the parser.
+        """
+        status, reason, headers, length, ka = parsed
+        self._begun = True
+        self._reason = reason
+        self._headers = headers
+        self._trailers = None
+        self._framed = True
+        self._info = False
+        self._in_body = True
+        self._length = None
+        self._body_seen = 0
+        self._head_bytes = self._raw_head_bytes = 0
+        if ka is not None:
+            self.keep_alive = ka
+        try:
+            ex._response(status, reason, headers)
+        except Exception as e:
+            # as the parser reports a failing callback
+            self._broken(f"error handling response: {e!r}")
+            return
+        if self.exchange is not ex:
+            return  # cancelled
+        # (an HTTP/1.1 head without Connection: close)
+        self._raw_keep_alive = True
+        self._raw_unparsed = True
+        self._raw.start(length, getattr(ex.receiver, "takes_views", False))
+        rest = self._raw.take(body)
+        if rest:
+            self.dataReceived(rest)
 
     def _whole(self, ex: UpstreamExchange, parsed: tuple[Any, ...]) -> None:
         """
@@ -685,6 +729,7 @@ class _Connection(Protocol):
             return False
         self._raw.start(left, getattr(ex.receiver, "takes_views", False))
         self._raw_keep_alive = self.parser.should_keep_alive()
+        self._raw_unparsed = False
         return True
 
     def _raw_piece(self, data: bytes) -> None:
@@ -693,8 +738,11 @@ class _Connection(Protocol):
             ex.receiver.upstream_data(data)
 
     def _raw_ended(self) -> None:
-        # a fresh parser for the connection's next response
-        self.parser = httptools.HttpResponseParser(self)
+        if self._raw_unparsed:
+            self._raw_unparsed = False
+        else:
+            # a fresh parser for the connection's next response
+            self.parser = httptools.HttpResponseParser(self)
         if self.exchange is not None:
             self._complete(self._raw_keep_alive)
 

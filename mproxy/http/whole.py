@@ -21,6 +21,9 @@ Proxy-Connection other than C{keep-alive}).  Anything else, valid or not,
 gives C{None}: the caller hands the data to the incremental parser, which
 answers (and rejects malformed responses) as it always did.
 
+L{parse_head}: the head of such a response whose body did not all arrive
+with it (the body goes on without the parser, L{mproxy.http.rawbody}).
+
 L{parse_whole_request}: the same for a client's small request without a
 body (see its docstring).
 
@@ -194,6 +197,23 @@ def parse_whole(data: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], byt
     return e[0], e[1], list(e[2]), data[start:], e[4]
 
 
+def parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], int,
+                                      float | None] | None:
+    """
+    C{(status, reason, headers, content_length, keep_alive_timeout)} of a
+    response head (C{head}: its status line and header lines, without the
+    blank line after them) that L{parse_whole} would take, for a response
+    whose body did not all arrive with it; or C{None} to leave the head to
+    the incremental parser.
+    """
+    if len(head) > MAX_WHOLE:
+        return None
+    e = _heads.get(head) or _check_head(head)
+    if e is None:
+        return None
+    return e[0], e[1], list(e[2]), e[3], e[4]
+
+
 #: largest request taken (so that no size limit of the request reader can
 #: be reached)
 MAX_WHOLE_REQUEST = 8192
@@ -259,5 +279,5 @@ def parse_whole_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, by
     return method, target, list(e)
 
 
-__all__ = ["parse_whole", "parse_whole_request", "keep_alive_timeout", "MAX_WHOLE",
+__all__ = ["parse_whole", "parse_head", "parse_whole_request", "keep_alive_timeout", "MAX_WHOLE",
            "MAX_WHOLE_REQUEST"]

@@ -45,15 +45,17 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     ITCPTransport,
 )
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mproxy.http.batch import DIRECT_TYPES
-from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.reads import MAX_READ, READ_GROW_AT, grow_reads
 from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
+from mproxy.tls.sslbio import DirectIO, attach
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
 
@@ -65,6 +67,17 @@ READ_SIZE = 65536
 #: a piece this large (it fills a TLS record of its own) is encrypted as it
 #: is, not joined with the pieces around it (a response head, chunk framing)
 SEPARATE_AT = 16384
+#: decrypted bytes handed to the protocol per socket event, at most (the
+#: rest is read in the next reactor iteration): the largest read of a plain
+#: TCP connection (mproxy.http.reads.MAX_READ), so the HTTP layer sees the
+#: same sizes over both
+MAX_READ_EVENT = MAX_READ
+#: a flush of this many bytes gives the connection's buffering BIO its
+#: large write buffer
+GROW_AT = 32768
+#: a socket event that brings this many bytes (a full record: a large body
+#: on its way) gives it its large read buffer
+READ_GROW_AT_TLS = 16384
 #: TLS 1.3 cipher suites, most preferred first: AES-128-GCM (as Go's TLS
 #: and the browsers order them; about a fifth cheaper to encrypt and decrypt
 #: than AES-256-GCM, which OpenSSL's default list puts first and the server's
@@ -186,6 +199,15 @@ class FastTLSProtocol(Protocol):
     _fallback = False
     _sent = False  # anything sent to the client yet
     TLS = True
+    #: the buffering BIO on the socket, once the connection runs on it
+    _io: DirectIO | None = None
+    #: what the socket could not take yet (the first piece is the one
+    #: OpenSSL must be given again), or None
+    _blocked: list[bytes] | None = None
+    _closing = False  # close once what is blocked is sent
+    _shut = False  # close_notify written
+    _want_write = False  # a read needs the socket writable (a TLS reply)
+    _paused = False  # the application paused reading
 
     def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
         self.factory = factory
@@ -262,6 +284,8 @@ class FastTLSProtocol(Protocol):
                 self.loseConnection()
         if self._outgoing.pending:
             self._send_outgoing()
+        if self.factory.direct and not self._handshaking and not self.disconnecting:
+            self._go_direct()
 
     def _handshake(self) -> bool:
         try:
@@ -295,6 +319,188 @@ class FastTLSProtocol(Protocol):
         self._deliver = (inner if inner is not None else app).dataReceived
         return not self.disconnecting
 
+    # -- on the socket ---------------------------------------------------------
+
+    def _go_direct(self) -> None:
+        """
+        Move the established connection from the memory BIOs onto its
+        socket (L{mproxy.tls.sslbio}), once nothing is left in them or in
+        the TCP transport's buffer; reads and writes then go through
+        L{_do_read} and L{_do_write}, which the reactor calls for the TCP
+        transport.  Connections that cannot be moved stay as they are.
+        """
+        t = self.transport
+        if (type(t) not in DIRECT_TYPES or "doRead" in t.__dict__
+                or "doWrite" in t.__dict__):
+            self._go_direct = self._noop  # type: ignore[method-assign]
+            return
+        if (not t.connected or t.disconnecting or t.dataBuffer or t._tempDataLen
+                or self._incoming.pending or self._outgoing.pending):
+            return  # not yet: after the next read
+        io = attach(self._sslobj, self._incoming, self._outgoing, t.fileno())
+        if io is None:
+            self._go_direct = self._noop  # type: ignore[method-assign]
+            return
+        self._io = io
+        self._go_direct = self._noop  # type: ignore[method-assign]
+        t.doRead = self._do_read
+        t.doWrite = self._do_write
+
+    def _noop(self) -> None:
+        pass
+
+    def _do_read(self) -> Any:
+        """
+        The socket is readable: decrypt every record OpenSSL can read now
+        (up to L{MAX_READ_EVENT} bytes) and hand them to the protocol in
+        one call.  The reactor's C{doRead}: returns why the connection is
+        lost, or None.
+        """
+        io = self._io
+        if io is None or self.disconnected:
+            return None
+        if self.disconnecting:
+            self.transport.stopReading()
+            return None
+        sslobj = self._ssl
+        first: bytes | None = None
+        more: list[bytes] | None = None
+        total = 0
+        why: Any = None
+        closed = False
+        while True:
+            try:
+                chunk = sslobj.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                # a reply OpenSSL must send first (a key update)
+                self._want_write = True
+                self.transport.startWriting()
+                break
+            except ssl.SSLEOFError:
+                why = CONNECTION_DONE
+                break
+            except ssl.SSLError as e:
+                # OpenSSL has sent its alert
+                self._reason = Failure(e)
+                why = CONNECTION_LOST
+                break
+            except OSError:
+                why = CONNECTION_LOST
+                break
+            if not chunk:
+                closed = True  # close_notify from the client
+                break
+            total += len(chunk)
+            if first is None:
+                first = chunk
+            elif more is None:
+                more = [first, chunk]
+            else:
+                more.append(chunk)
+            if total >= MAX_READ_EVENT:
+                self.factory.reader.add(self)
+                break
+            if not sslobj.pending() and not io.unread():
+                # nothing left in OpenSSL's buffers: what the socket still
+                # holds makes the reactor call again (asking OpenSSL would
+                # cost a failed read and an SSLWantReadError)
+                break
+        if total >= READ_GROW_AT_TLS and not io.grown_reads:
+            io.grow(True)
+        if first is not None:
+            self._deliver(first if more is None else b"".join(more))
+        if why is None and closed:
+            self.loseConnection()
+        return why
+
+    def _read_later(self) -> None:
+        """
+        Read what OpenSSL holds already (the socket will not signal it):
+        after a capped read, or once the protocol resumes reading.
+        """
+        if self._io is None or self.disconnecting or self._paused:
+            return
+        why = self._do_read()
+        if why is not None:
+            if self._reason is None:
+                self._reason = Failure(why)
+            self.transport.abortConnection()
+
+    def _send_direct(self, pieces: list[bytes], total: int) -> None:
+        """
+        Encrypt C{pieces} onto the socket; what it does not take waits
+        for it to be writable (L{_do_write}), with the TCP transport's
+        producer paused.
+        """
+        io = self._io
+        assert io is not None
+        if self._blocked is not None:
+            self._blocked.extend(pieces)
+            return
+        if total >= GROW_AT and not io.grown_writes:
+            io.grow(False)
+        write = self._ssl.write
+        for i, piece in enumerate(pieces):
+            try:
+                write(piece)
+            except ssl.SSLWantWriteError:
+                self._blocked = pieces[i:]
+                self._wait_writable()
+                return
+            except OSError as e:
+                self._fail_direct(e)
+                return
+        self._sent = True
+        r = io.flush()
+        if r == 0:
+            self._blocked = []
+            self._wait_writable()
+        elif r < 0:
+            self._fail_direct(ConnectionError("sending to the client failed"))
+
+    def _wait_writable(self) -> None:
+        t = self.transport
+        producer = t.producer
+        if producer is not None and t.streamingProducer and not t.producerPaused:
+            t.producerPaused = True
+            producer.pauseProducing()
+        t.startWriting()
+
+    def _fail_direct(self, e: Exception) -> None:
+        self._reason = Failure(e)
+        self.disconnecting = True
+        self._plain = []
+        self._blocked = None
+        self.transport.abortConnection()
+
+    def _do_write(self) -> Any:
+        """
+        The socket is writable: send what it could not take before, then
+        let the TCP transport resume its producer or finish closing.  The
+        reactor's C{doWrite}.
+        """
+        t = self.transport
+        if self._want_write:
+            self._want_write = False
+            why = self._do_read()
+            if why is not None:
+                return why
+        blocked = self._blocked
+        if blocked is not None:
+            self._blocked = None
+            self._send_direct(blocked, 0)
+            if self._blocked is not None:
+                return None
+        if self._closing and not self._shut:
+            self._shutdown()
+            if self._blocked is not None:
+                return None
+        if self.disconnected or "doWrite" not in t.__dict__:
+            return None
+        return type(t).doWrite(t)
+
     def _to_pyopenssl(self) -> None:
         """
         Replay the ClientHello into the pyOpenSSL TLS protocol, which
@@ -318,6 +524,9 @@ class FastTLSProtocol(Protocol):
         self.connected = 0
         self.disconnecting = True
         self._plain = []
+        self._blocked = None
+        if self._io is not None:
+            self._io.detach()
         self.factory.protocols.pop(self, None)
         app, self.app = self.app, None
         if app is not None:
@@ -354,6 +563,15 @@ class FastTLSProtocol(Protocol):
         plain, self._plain = self._plain, []
         total, self._plain_len = self._plain_len, 0
         if plain and not self.disconnected:
+            if self._io is not None:
+                if len(plain) == 1:
+                    pieces = plain
+                elif total < SEPARATE_AT:
+                    pieces = [b"".join(plain)]
+                else:
+                    pieces = _grouped(plain)
+                self._send_direct(pieces, total)
+                return
             write = self._ssl.write
             try:
                 if len(plain) == 1:
@@ -361,7 +579,8 @@ class FastTLSProtocol(Protocol):
                 elif total < SEPARATE_AT:
                     write(b"".join(plain))
                 else:
-                    _write_pieces(write, plain)
+                    for piece in _grouped(plain):
+                        write(piece)
             except ssl.SSLError as e:
                 self._fail(e)
                 return
@@ -407,19 +626,35 @@ class FastTLSProtocol(Protocol):
             return
         if self._plain:
             self._flush_plaintext()
+        if self._io is not None:
+            self.transport.stopReading()
+            if self._blocked is not None:
+                self._closing = True  # once the socket took the rest
+                return
         self._shutdown()
 
     def _shutdown(self) -> None:
+        self._shut = True
         try:
             self._sslobj.unwrap()
         except (ssl.SSLError, ValueError):
             pass  # no reply to our close_notify is awaited
-        self._send_outgoing()
+        io = self._io
+        if io is not None:
+            r = io.flush()
+            if r == 0:
+                self._closing = True
+                self._blocked = []
+                self.transport.startWriting()
+                return
+        else:
+            self._send_outgoing()
         self.transport.loseConnection()
 
     def abortConnection(self) -> None:
         self.disconnecting = True
         self._plain = []
+        self._blocked = None
         self.transport.abortConnection()
 
     def getPeer(self) -> Any:
@@ -458,31 +693,39 @@ class FastTLSProtocol(Protocol):
         self.transport.unregisterProducer()
 
     def pauseProducing(self) -> None:
+        self._paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, False
         self.transport.resumeProducing()
+        io = self._io
+        if paused and io is not None and (io.unread() or self._ssl.pending()):
+            # bytes OpenSSL holds already: the socket will not signal them
+            self.factory.reader.add(self)
 
     def stopProducing(self) -> None:
         self.transport.stopProducing()
 
 
-def _write_pieces(write: Any, plain: list[bytes]) -> None:
+def _grouped(plain: list[bytes]) -> list[bytes]:
     """
-    Encrypt C{plain} with C{write}: pieces of L{SEPARATE_AT} bytes or more
-    as they are, the small ones between them joined.
+    C{plain}'s pieces of L{SEPARATE_AT} bytes or more as they are, the
+    small ones between them joined.
     """
+    out: list[bytes] = []
     small: list[bytes] = []
     for piece in plain:
         if len(piece) >= SEPARATE_AT:
             if small:
-                write(small[0] if len(small) == 1 else b"".join(small))
+                out.append(small[0] if len(small) == 1 else b"".join(small))
                 small = []
-            write(piece)
+            out.append(piece)
         else:
             small.append(piece)
     if small:
-        write(small[0] if len(small) == 1 else b"".join(small))
+        out.append(small[0] if len(small) == 1 else b"".join(small))
+    return out
 
 
 class FastTLSFactory(TLSMemoryBIOFactory):
@@ -491,6 +734,9 @@ class FastTLSFactory(TLSMemoryBIOFactory):
     library's C{ssl} (handshakes that need C{acme-tls/1} fall back to the
     pyOpenSSL protocol).
     """
+
+    #: move established connections onto their sockets (L{mproxy.tls.sslbio})
+    direct = True
 
     def __init__(self, tls: Any, wrapped: Any, reactor: Any = None) -> None:
         super().__init__(tls, False, wrapped)
@@ -501,6 +747,7 @@ class FastTLSFactory(TLSMemoryBIOFactory):
 
             reactor = _reactor
         self.flusher = next_iteration_for(reactor, "_flush_plaintext")
+        self.reader = next_iteration_for(reactor, "_read_later")
 
     def buildProtocol(self, addr: Any) -> Any:
         return FastTLSProtocol(self, addr)

@@ -20,6 +20,17 @@ before it waits for the next events): what a turn's handlers wrote can be
 sent, or a turn's log lines written, together, without a C{callLater(0)}
 (a timed call, its heap entry, and a zero timeout for the next poll).
 
+Between two polls Twisted's main loop runs C{runUntilCurrent} and
+C{timeout} (each reads the clock and looks for new timed calls) inside a
+context manager that logs what they raise.  At a moderate request rate
+every request has turns to itself, so that is paid for each of them:
+L{WorkerReactor.mainLoop} reads the clock once, and when no timed call is
+due, none was added, no call came from another thread or waits for the
+turn's end and the reactor is not stopping (the common turn), it only
+works out how long the poll may wait; otherwise it runs Twisted's C{runUntilCurrent} and C{timeout} as
+they are.  An exception is logged as Twisted's loop logs it, and the loop
+goes on.
+
     reactor = install()   # in the worker, before anything imports the reactor
     reactor.call_at_turn_end(flush)
 """
@@ -34,9 +45,15 @@ from twisted.internet import tcp
 from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.logger import Logger, LogLevel
 from twisted.python import log
 
 _DISCONNECTED = EPOLLHUP | EPOLLERR
+#: the longest poll timeout (seconds) epoll takes (a C int of milliseconds),
+#: as Twisted's C{timeout} bounds it
+_LONGEST = 2147483
+
+_log = Logger()
 
 #: TCP connection types that read as Twisted's Connection.doRead does
 #: (inlined in L{WorkerReactor.doPoll})
@@ -84,6 +101,41 @@ class WorkerReactor(EPollReactor):
         if self._turn_end:
             return 0
         return super().timeout()
+
+    def mainLoop(self) -> None:
+        while self._started:
+            try:
+                self._turns()
+            except BaseException:
+                # as Twisted's main loop does: logged, and the loop goes on
+                _log.failure("Unexpected error in main loop", level=LogLevel.critical)
+        _log.info("Main loop terminated.")
+
+    def _turns(self) -> None:
+        """
+        Poll and dispatch until the reactor stops (Twisted's loop: timed
+        calls, the poll's timeout, the poll).
+        """
+        seconds = self.seconds
+        poll = self.doPoll
+        while self._started:
+            if self._newTimedCalls:
+                self._insertNewDelayedCalls()
+            pending = self._pendingTimedCalls
+            # until the first timed call (the clock read once)
+            first = pending[0].time - seconds() if pending else None
+            cancelled = self._cancellations
+            if (self.threadCallQueue or self._justStopped or self._turn_end
+                    or (first is not None and first <= 0)
+                    or (cancelled > 50 and cancelled > len(pending) >> 1)):
+                # something to run (or cancelled calls to drop): Twisted's way
+                self.runUntilCurrent()
+                t = self.timeout()
+            elif first is None:
+                t = None
+            else:
+                t = min(_LONGEST, first)
+            poll(self.running and t)
 
     def doPoll(self, timeout: float | None) -> None:
         if timeout is None:

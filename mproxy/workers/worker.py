@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.protocols import amp
+from twisted.python import log
+from twisted.python.failure import Failure
 
 from mproxy.balancer import LoadBalancer
 from mproxy.replica import Replica, drain_all
@@ -358,10 +360,13 @@ class FDLines:
     With C{at_turn_end} (the reactor's C{call_at_turn_end}), the lines of
     one reactor turn are written together when it ends, as few writes as
     fit in L{PIPE_BUF} bytes each (atomic on a pipe); a longer line is
-    written alone.  L{drain} writes what is pending at once: the worker
-    calls it when its reactor has stopped, so no line is lost on the way
-    out.  Without C{at_turn_end}, and for lines logged by another thread
-    than the one that made it (the reactor's), each line is written at once.
+    written alone.  L{write_later} takes a line to be made then, in its
+    place among the others: a request's line is built once the turn's
+    responses are sent, not before.  L{drain} writes what is pending at
+    once: the worker calls it when its reactor has stopped, so no line is
+    lost on the way out.  Without C{at_turn_end}, and for lines logged by
+    another thread than the one that made it (the reactor's), each line is
+    written (or made and written) at once.
     """
 
     def __init__(self, fd: int, at_turn_end: Callable[[Callable[[], None]], None] | None = None,
@@ -369,7 +374,9 @@ class FDLines:
         self.fd = fd
         self._at_turn_end = at_turn_end
         self._limit = limit
-        self._pending: list[bytes] = []
+        #: lines (bytes) and lines to make (callables returning bytes), in order
+        self._pending: list[Any] = []
+        #: bytes of the pending lines already made
         self._size = 0
         self._thread = threading.get_ident()
 
@@ -388,17 +395,64 @@ class FDLines:
         self._pending.append(data)
         self._size += len(data)
 
+    def write_later(self, make: Callable[[], bytes]) -> None:
+        """
+        Write the line C{make()} returns (encoded, with its newline) in
+        this place among the pending lines, made when they are written.
+        """
+        if self._at_turn_end is None or threading.get_ident() != self._thread:
+            self._write_out(make())
+            return
+        if not self._pending:
+            self._at_turn_end(self.drain)
+        self._pending.append(make)
+
     def drain(self) -> None:
         """
-        Write the pending lines now.
+        Write the pending lines now (lines still to be made are made
+        first; one that fails is left out, and its error logged once the
+        others are written).
         """
         pending = self._pending
         if not pending:
             return
         self._pending = []
         self._size = 0
+        if len(pending) == 1:
+            item = pending[0]
+            if type(item) is not bytes:
+                try:
+                    item = item()
+                except Exception:
+                    log.err(Failure(), "Unable to make a log line")
+                    return
+            self._write_quietly(item)
+            return
+        limit = self._limit
+        errors: list[Any] = []
+        chunk: list[bytes] = []
+        size = 0
+        for item in pending:
+            if type(item) is not bytes:
+                try:
+                    item = item()
+                except Exception:
+                    errors.append(Failure())
+                    continue
+            if chunk and size + len(item) > limit:
+                self._write_quietly(b"".join(chunk))
+                chunk = []
+                size = 0
+            chunk.append(item)
+            size += len(item)
+        if chunk:
+            self._write_quietly(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+        for failure in errors:
+            log.err(failure, "Unable to make a log line")
+
+    def _write_quietly(self, data: bytes) -> None:
         try:
-            self._write_out(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._write_out(data)
         except OSError:
             # as a line written at once would be: dropped (the logger
             # drops a line its stream cannot take)

@@ -1,0 +1,471 @@
+"""
+L{mproxy.tls.fasttls} connections moved onto their sockets
+(L{mproxy.tls.sslbio}): a real TCP transport (C{tcp.Server}) over one end
+of a socket pair, on a MemoryReactorClock, driven synchronously; the client
+is an C{ssl.SSLObject} on the other end.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import tempfile
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from mproxy.logging import ListLogger
+from mproxy.tls import fasttls, sslbio
+from mproxy.tls.certs import certified_pem
+from mproxy.tls.challenges import ChallengeStore
+from mproxy.tls.fasttls import FastTLSFactory
+from mproxy.tls.sni import ServerTLS, _ALPNDispatchFactory
+from mproxy.tls.testing import make_ca, make_certificate
+
+if not sslbio.available():
+    skip = "connections cannot be moved onto their sockets on this Python"
+
+
+class Recorder(Protocol):
+    pause_on_data = False
+    producer: "Producer | None" = None
+
+    def connectionMade(self) -> None:
+        if self.producer is not None:
+            # as HTTP/2 connections do
+            self.transport.registerProducer(self.producer, True)
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost: list = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        if self.pause_on_data:
+            self.transport.pauseProducing()
+
+    def connectionLost(self, reason) -> None:
+        self.lost.append(reason)
+
+
+@implementer(IPushProducer)
+class Producer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class _Port:
+    _realPortNumber = 443
+
+
+class DirectTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.ca = make_ca()
+        self.cert = make_certificate(["a.test"], issuer=self.ca)
+        self.apps: list[Recorder] = []
+        self.reactor = MemoryReactorClock()
+
+        self.app_producer = None
+
+        def protocol_for_alpn(negotiated, addr):
+            p = Recorder()
+            p.producer = self.app_producer
+            self.apps.append(p)
+            return p
+
+        tls = ServerTLS(lambda name: self.cert if name == "a.test" else None,
+                        ChallengeStore(), logger=ListLogger())
+        self.factory = FastTLSFactory(
+            tls, _ALPNDispatchFactory(protocol_for_alpn, None), reactor=self.reactor)
+
+    def connect(self, sndbuf: int | None = None):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        if sndbuf:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        self.theirs = theirs
+        server = self.factory.buildProtocol(("127.0.0.1", 40000))
+        t = tcp.Server(ours, server, ("127.0.0.1", 40000), _Port(), 1, self.reactor)
+        self.addCleanup(lambda: t.disconnected or t.connectionLost(Failure(ConnectionDone())))
+        server.makeConnection(t)
+        self.server, self.t = server, t
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+            f.write(certified_pem(self.ca)[0])
+            f.flush()
+            ctx.load_verify_locations(f.name)
+        ctx.set_alpn_protocols(["http/1.1"])
+        self.cin, self.cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = ctx.wrap_bio(self.cin, self.cout, server_hostname="a.test")
+        for _ in range(10):
+            try:
+                self.client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            finally:
+                self.send_client()
+            self.server_read()
+            self.client_receive()
+        self.server_read()  # the client's Finished
+        self.client_read()  # session tickets
+        return self.apps[0]
+
+    def send_client(self) -> None:
+        out = self.cout.read()
+        if out:
+            self.theirs.sendall(out)
+
+    def server_read(self):
+        """
+        What the reactor does while the socket is readable (and the
+        transport reading).
+        """
+        why = None
+        for _ in range(1000):
+            why = self.t.doRead()
+            if why:
+                self.t.connectionLost(Failure(why))
+                return why
+            if (self.t not in self.reactor.getReaders()
+                    or not select.select([self.t.fileno()], [], [], 0)[0]):
+                break
+        return why
+
+    def client_receive(self) -> int:
+        n = 0
+        while True:
+            try:
+                data = self.theirs.recv(1 << 20)
+            except BlockingIOError:
+                return n
+            if not data:
+                return n
+            n += len(data)
+            self.cin.write(data)
+
+    def client_read(self) -> bytes:
+        self.client_receive()
+        got = []
+        while True:
+            try:
+                chunk = self.client.read(1 << 20)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            got.append(chunk)
+        return b"".join(got)
+
+    def test_movedOntoSocket(self) -> None:
+        """
+        Once the handshake is done the connection reads and writes its
+        socket itself; bytes reach the application and its writes reach
+        the client, one flush per reactor iteration.
+        """
+        app = self.connect()
+        self.assertIsNotNone(self.server._io)
+        self.assertIn("doRead", self.t.__dict__)
+        self.client.write(b"GET / HTTP/1.1\r\n\r\n")
+        self.send_client()
+        self.assertIsNone(self.server_read())
+        self.assertEqual(b"".join(app.received), b"GET / HTTP/1.1\r\n\r\n")
+        app.transport.write(b"HTTP/1.1 200 OK\r\n")
+        app.transport.writeSequence([b"Content-Length: 2\r\n\r\n", b"hi"])
+        self.assertEqual(self.client_read(), b"")
+        self.reactor.advance(0)
+        self.assertEqual(self.client_read(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+
+    def test_movedWithProducerRegistered(self) -> None:
+        """
+        A protocol that registers a producer when it starts (HTTP/2) is
+        moved too; a blocked write pauses that producer.
+        """
+        self.app_producer = Producer()
+        app = self.connect(sndbuf=65536)
+        self.assertIsNotNone(self.server._io)
+        app.transport.write(b"q" * 1000000)
+        self.assertEqual(self.app_producer.calls, ["pause"])
+        got = []
+        for _ in range(1000):
+            got.append(self.client_read())
+            if self.t not in self.reactor.getWriters():
+                break
+            self.t.doWrite()
+        got.append(self.client_read())
+        self.assertEqual(len(b"".join(got)), 1000000)
+        self.assertEqual(self.app_producer.calls, ["pause", "resume"])
+
+    def test_notMovedWhenDisabled(self) -> None:
+        """
+        With C{direct} off the connection stays on its memory BIOs.
+        """
+        self.factory.direct = False
+        app = self.connect()
+        self.assertIsNone(self.server._io)
+        self.client.write(b"ping")
+        self.send_client()
+        self.server_read()
+        self.assertEqual(app.received, [b"ping"])
+
+    def test_blockedWritePausesProducer(self) -> None:
+        """
+        What the socket does not take waits for it to be writable, with
+        the producer paused; once all of it is sent the producer resumes
+        and the bytes have arrived in order.
+        """
+        app = self.connect(sndbuf=65536)
+        producer = Producer()
+        app.transport.registerProducer(producer, True)
+        body = bytes(range(256)) * 8192  # 2 MiB
+        app.transport.write(body)
+        self.assertEqual(producer.calls, ["pause"])
+        self.assertIn(self.t, self.reactor.getWriters())
+        got = []
+        for _ in range(1000):
+            got.append(self.client_read())
+            if self.t not in self.reactor.getWriters():
+                break
+            self.assertIsNone(self.t.doWrite())
+        got.append(self.client_read())
+        self.assertEqual(b"".join(got), body)
+        self.assertEqual(producer.calls, ["pause", "resume"])
+        self.assertTrue(self.server._io.grown_writes)
+
+    def test_largePieceLeavesInOneSend(self) -> None:
+        """
+        Once a connection is busy, the records of a 256 KiB piece (a
+        plain TCP connection's largest read) all fit the write buffer:
+        none of them is sent before the flush, which sends them at once.
+        """
+        app = self.connect()
+        app.transport.write(b"w" * 65536)  # busy: the large write buffer
+        self.reactor.advance(0)
+        self.assertEqual(len(self.client_read()), 65536)
+        io = self.server._io
+        self.assertTrue(io.grown_writes)
+        piece = b"p" * 262144
+        self.server._ssl.write(piece)
+        self.assertGreater(io.unsent(), len(piece))
+        self.assertEqual(self.client_receive(), 0)
+        got = []
+        while io.flush() != 1:  # the socket pair's buffer is smaller
+            got.append(self.client_read())
+        self.assertEqual(io.unsent(), 0)
+        got.append(self.client_read())
+        self.assertEqual(b"".join(got), piece)
+
+    def test_writesWhileBlockedKeepOrder(self) -> None:
+        """
+        Writes made while the socket is full are sent after what it is
+        still to take.
+        """
+        app = self.connect(sndbuf=65536)
+        first = b"a" * 1000000
+        app.transport.write(first)
+        app.transport.write(b"then")
+        self.reactor.advance(0)
+        got = []
+        for _ in range(1000):
+            got.append(self.client_read())
+            if self.t not in self.reactor.getWriters():
+                break
+            self.t.doWrite()
+        got.append(self.client_read())
+        self.assertEqual(b"".join(got), first + b"then")
+
+    def test_loseConnectionAfterBlockedData(self) -> None:
+        """
+        C{loseConnection} while the socket is full sends the rest, then
+        close_notify, then closes the TCP connection.
+        """
+        app = self.connect(sndbuf=65536)
+        body = b"z" * 1000000
+        app.transport.write(body)
+        app.transport.loseConnection()
+        self.assertFalse(self.t.disconnecting)
+        got = []
+        why = None
+        for _ in range(1000):
+            got.append(self.client_read())
+            why = self.t.doWrite()
+            if why:
+                break
+        got.append(self.client_read())
+        self.assertEqual(b"".join(got), body)
+        self.assertIsInstance(why, ConnectionDone)
+        self.assertEqual(self.client.read(10), b"")  # close_notify
+
+    def test_loseConnectionSendsCloseNotify(self) -> None:
+        app = self.connect()
+        app.transport.write(b"bye")
+        app.transport.loseConnection()
+        self.assertTrue(self.t.disconnecting)
+        self.assertEqual(self.client_read(), b"bye")
+        self.assertEqual(self.client.read(10), b"")  # close_notify
+
+    def test_clientCloseNotify(self) -> None:
+        """
+        The client's close_notify, after data in the same read, delivers
+        the data and closes the connection.
+        """
+        app = self.connect()
+        self.client.write(b"last words")
+        try:
+            self.client.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.send_client()
+        self.server_read()
+        self.assertEqual(app.received, [b"last words"])
+        self.assertTrue(self.t.disconnecting)
+
+    def test_clientEOF(self) -> None:
+        """
+        The client closing TCP without close_notify loses the connection
+        as a clean close (as on the memory BIOs, where the TCP transport
+        sees the end of the stream).
+        """
+        app = self.connect()
+        self.theirs.shutdown(socket.SHUT_WR)
+        why = self.server_read()
+        self.assertIsInstance(why, ConnectionDone)
+        self.assertEqual(len(app.lost), 1)
+        app.lost[0].trap(ConnectionDone)
+
+    def test_corruptRecordFails(self) -> None:
+        """
+        A record that does not decrypt loses the connection with the
+        TLS error.
+        """
+        app = self.connect()
+        self.client.write(b"x" * 100)
+        raw = bytearray(self.cout.read())
+        raw[-1] ^= 1
+        self.theirs.sendall(bytes(raw))
+        self.assertTrue(self.server_read())
+        app.lost[0].trap(ssl.SSLError)
+
+    def test_detachedAfterConnectionLost(self) -> None:
+        """
+        Once the connection is lost the SSL object no longer reaches the
+        socket (its descriptor may be reused): writes go nowhere.
+        """
+        app = self.connect()
+        io = self.server._io
+        fd = self.t.fileno()
+        dup = socket.socket(fileno=__import__("os").dup(fd))
+        self.addCleanup(dup.close)
+        self.t.connectionLost(Failure(ConnectionDone()))
+        app.transport.write(b"late")
+        self.reactor.advance(0)
+        self.server._ssl.write(b"later")
+        self.assertIsNone(io._bio)
+        self.assertEqual(self.client_receive(), 0)
+
+    def test_largeUploadReadsAtOnce(self) -> None:
+        """
+        A busy upload gets the large read buffer; every byte arrives in
+        order.
+        """
+        app = self.connect()
+        body = bytes(range(256)) * 4096  # 1 MiB
+        self.client.write(body)
+        out = self.cout.read()
+        while out:
+            try:
+                n = self.theirs.send(out)
+            except BlockingIOError:
+                n = 0
+            out = out[n:]
+            self.server_read()
+        self.server_read()
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(self.server._io.grown_reads)
+
+    def test_cappedReadContinuesNextIteration(self) -> None:
+        """
+        A socket event hands at most MAX_READ_EVENT bytes to the
+        protocol; the rest, already read by OpenSSL, follows in the next
+        iteration without another socket event, unless the protocol
+        paused reading (then it follows once it resumes).
+        """
+        app = self.connect()
+        body = bytes(range(256)) * 256  # 64 KiB: four records
+        self.client.write(body)
+        self.send_client()
+        self.server_read()  # a busy read: the read buffer grows
+        self.assertTrue(self.server._io.grown_reads)
+        del app.received[:]
+        self.patch(fasttls, "MAX_READ_EVENT", 20000)
+        app.pause_on_data = True
+        self.client.write(body)
+        self.send_client()
+        self.server_read()
+        self.assertEqual(len(app.received), 1)
+        self.assertLess(len(app.received[0]), len(body))
+        self.reactor.advance(0)
+        self.assertEqual(len(app.received), 1)  # paused
+        app.pause_on_data = False
+        app.transport.resumeProducing()
+        for _ in range(5):
+            self.reactor.advance(0)
+        self.assertEqual(b"".join(app.received), body)
+
+
+class AttachTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from mproxy.tls.testing import pem_pair
+
+        cert = make_certificate(["a.test"])
+        chain, key = pem_pair(cert)
+        with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+            f.write(key + b"\n" + chain)
+            f.flush()
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(f.name)
+
+    def test_refusesOtherBIOs(self) -> None:
+        """
+        An SSL object whose memory BIOs are not the ones given is left
+        alone.
+        """
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self.ctx.wrap_bio(inc, out, server_side=True)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        self.assertIsNone(sslbio.attach(obj, ssl.MemoryBIO(), out, a.fileno()))
+        self.assertIsNone(sslbio.attach(obj, inc, ssl.MemoryBIO(), a.fileno()))
+        self.assertIsNotNone(sslbio.attach(obj, inc, out, a.fileno()))
+
+    def test_refusesPendingBytes(self) -> None:
+        """
+        Bytes still in either memory BIO would be lost: not attached.
+        """
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self.ctx.wrap_bio(inc, out, server_side=True)
+        inc.write(b"\x16\x03\x01")
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        self.assertIsNone(sslbio.attach(obj, inc, out, a.fileno()))
