@@ -7,6 +7,7 @@ is an C{ssl.SSLObject} on the other end.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import tempfile
@@ -34,6 +35,12 @@ if not sslbio.available():
 
 class Recorder(Protocol):
     pause_on_data = False
+    producer: "Producer | None" = None
+
+    def connectionMade(self) -> None:
+        if self.producer is not None:
+            # as HTTP/2 connections do
+            self.transport.registerProducer(self.producer, True)
 
     def __init__(self) -> None:
         self.received: list[bytes] = []
@@ -74,8 +81,11 @@ class DirectTests(SynchronousTestCase):
         self.apps: list[Recorder] = []
         self.reactor = MemoryReactorClock()
 
+        self.app_producer = None
+
         def protocol_for_alpn(negotiated, addr):
             p = Recorder()
+            p.producer = self.app_producer
             self.apps.append(p)
             return p
 
@@ -127,11 +137,18 @@ class DirectTests(SynchronousTestCase):
 
     def server_read(self):
         """
-        What the reactor does for a readable event.
+        What the reactor does while the socket is readable (and the
+        transport reading).
         """
-        why = self.t.doRead()
-        if why:
-            self.t.connectionLost(Failure(why))
+        why = None
+        for _ in range(1000):
+            why = self.t.doRead()
+            if why:
+                self.t.connectionLost(Failure(why))
+                return why
+            if (self.t not in self.reactor.getReaders()
+                    or not select.select([self.t.fileno()], [], [], 0)[0]):
+                break
         return why
 
     def client_receive(self) -> int:
@@ -178,6 +195,26 @@ class DirectTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.client_read(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
 
+    def test_movedWithProducerRegistered(self) -> None:
+        """
+        A protocol that registers a producer when it starts (HTTP/2) is
+        moved too; a blocked write pauses that producer.
+        """
+        self.app_producer = Producer()
+        app = self.connect(sndbuf=65536)
+        self.assertIsNotNone(self.server._io)
+        app.transport.write(b"q" * 1000000)
+        self.assertEqual(self.app_producer.calls, ["pause"])
+        got = []
+        for _ in range(1000):
+            got.append(self.client_read())
+            if self.t not in self.reactor.getWriters():
+                break
+            self.t.doWrite()
+        got.append(self.client_read())
+        self.assertEqual(len(b"".join(got)), 1000000)
+        self.assertEqual(self.app_producer.calls, ["pause", "resume"])
+
     def test_notMovedWhenDisabled(self) -> None:
         """
         With C{direct} off the connection stays on its memory BIOs.
@@ -213,6 +250,29 @@ class DirectTests(SynchronousTestCase):
         self.assertEqual(b"".join(got), body)
         self.assertEqual(producer.calls, ["pause", "resume"])
         self.assertTrue(self.server._io.grown_writes)
+
+    def test_largePieceLeavesInOneSend(self) -> None:
+        """
+        Once a connection is busy, the records of a 256 KiB piece (a
+        plain TCP connection's largest read) all fit the write buffer:
+        none of them is sent before the flush, which sends them at once.
+        """
+        app = self.connect()
+        app.transport.write(b"w" * 65536)  # busy: the large write buffer
+        self.reactor.advance(0)
+        self.assertEqual(len(self.client_read()), 65536)
+        io = self.server._io
+        self.assertTrue(io.grown_writes)
+        piece = b"p" * 262144
+        self.server._ssl.write(piece)
+        self.assertGreater(io.unsent(), len(piece))
+        self.assertEqual(self.client_receive(), 0)
+        got = []
+        while io.flush() != 1:  # the socket pair's buffer is smaller
+            got.append(self.client_read())
+        self.assertEqual(io.unsent(), 0)
+        got.append(self.client_read())
+        self.assertEqual(b"".join(got), piece)
 
     def test_writesWhileBlockedKeepOrder(self) -> None:
         """

@@ -72,9 +72,12 @@ SEPARATE_AT = 16384
 #: TCP connection (mproxy.http.reads.MAX_READ), so the HTTP layer sees the
 #: same sizes over both
 MAX_READ_EVENT = MAX_READ
-#: a socket event or a flush of this many bytes gives the connection's
-#: buffering BIO its large buffer for that direction
+#: a flush of this many bytes gives the connection's buffering BIO its
+#: large write buffer
 GROW_AT = 32768
+#: a socket event that brings this many bytes (a full record: a large body
+#: on its way) gives it its large read buffer
+READ_GROW_AT_TLS = 16384
 #: TLS 1.3 cipher suites, most preferred first: AES-128-GCM (as Go's TLS
 #: and the browsers order them; about a fifth cheaper to encrypt and decrypt
 #: than AES-256-GCM, which OpenSSL's default list puts first and the server's
@@ -332,8 +335,7 @@ class FastTLSProtocol(Protocol):
             self._go_direct = self._noop  # type: ignore[method-assign]
             return
         if (not t.connected or t.disconnecting or t.dataBuffer or t._tempDataLen
-                or t.producer is not None or self._incoming.pending
-                or self._outgoing.pending):
+                or self._incoming.pending or self._outgoing.pending):
             return  # not yet: after the next read
         io = attach(self._sslobj, self._incoming, self._outgoing, t.fileno())
         if io is None:
@@ -400,7 +402,12 @@ class FastTLSProtocol(Protocol):
             if total >= MAX_READ_EVENT:
                 self.factory.reader.add(self)
                 break
-        if total >= GROW_AT and not io.grown_reads:
+            if not sslobj.pending() and not io.unread():
+                # nothing left in OpenSSL's buffers: what the socket still
+                # holds makes the reactor call again (asking OpenSSL would
+                # cost a failed read and an SSLWantReadError)
+                break
+        if total >= READ_GROW_AT_TLS and not io.grown_reads:
             io.grow(True)
         if first is not None:
             self._deliver(first if more is None else b"".join(more))

@@ -35,10 +35,15 @@ import sys
 import sysconfig
 from typing import Any
 
-__all__ = ["BULK_BUFFER", "DirectIO", "attach", "available"]
+__all__ = ["BULK_READ_BUFFER", "BULK_WRITE_BUFFER", "DirectIO", "attach", "available"]
 
-#: the buffering BIO's read and write buffers of a busy connection
-BULK_BUFFER = 262144
+#: the buffering BIO's read buffer of a busy connection
+BULK_READ_BUFFER = 262144
+#: its write buffer: the records of a 256 KiB piece (a plain TCP
+#: connection's largest read) with their framing (22 bytes per 16 KiB
+#: record), so that such a piece leaves in one send, not in a full buffer
+#: and its last few hundred bytes
+BULK_WRITE_BUFFER = 262144 + 16384
 
 _P = ctypes.sizeof(ctypes.c_void_p)
 _BIO_C_SET_BUFF_SIZE = 117
@@ -155,8 +160,9 @@ class DirectIO:
 
     def grow(self, reads: bool) -> bool:
         """
-        Give the buffer's read (C{reads}) or write side L{BULK_BUFFER}
-        bytes, if that side is empty (resizing drops what it holds).
+        Give the buffer's read (C{reads}, L{BULK_READ_BUFFER} bytes) or
+        write side (L{BULK_WRITE_BUFFER}) its large size, if that side is
+        empty (resizing drops what it holds).
         C{True} once it has them.
         """
         bio = self._bio
@@ -167,7 +173,8 @@ class DirectIO:
         lib = self._lib
         if lib.BIO_ctrl(bio, _BIO_CTRL_PENDING if reads else _BIO_CTRL_WPENDING, 0, None):
             return False
-        if lib.BIO_int_ctrl(bio, _BIO_C_SET_BUFF_SIZE, BULK_BUFFER, 0 if reads else 1) <= 0:
+        size = BULK_READ_BUFFER if reads else BULK_WRITE_BUFFER
+        if lib.BIO_int_ctrl(bio, _BIO_C_SET_BUFF_SIZE, size, 0 if reads else 1) <= 0:
             return False
         if reads:
             self.grown_reads = True
