@@ -576,6 +576,9 @@ class LightStreamFrameTests(SynchronousTestCase):
         h.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 100})
         h.flush()
         self.assertEqual(conn.local_flow_control_window(1), 100)
+        # and a new stream starts with it
+        h.send(whole(3, block_of(REQUEST)))
+        self.assertEqual(conn.local_flow_control_window(3), 100)
         h.send(frame(0x8, 0, 1, (2**31 - 1 - 100).to_bytes(4, "big")))
         self.assertIn(1, conn._light)
         h.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 101})

@@ -558,6 +558,8 @@ class ServerConnection(h2.connection.H2Connection):
         self._light: dict[int, _Light] = {}
         #: how closed light streams were closed, by id
         self._closed_light: dict[int, Any] = {}
+        #: the client's SETTINGS_INITIAL_WINDOW_SIZE: a new stream's send window
+        self._initial_window: int = self.remote_settings.initial_window_size
         #: whole requests' header blocks that left the decoder unchanged
         #: (indexed fields only) -> (the decoder's generation, the header
         #: list's size, what request_fields made of them)
@@ -732,7 +734,7 @@ class ServerConnection(h2.connection.H2Connection):
             # the first stream opens the connection
             self.state_machine.state = _SERVER_OPEN
         self.highest_inbound_stream_id = stream_id
-        self._light[stream_id] = _Light(self.remote_settings.initial_window_size)
+        self._light[stream_id] = _Light(self._initial_window)
         return WholeRequest(stream_id, method, path, fields)
 
     @property
@@ -790,6 +792,7 @@ class ServerConnection(h2.connection.H2Connection):
     def _flow_control_change_from_settings(self, old_value: int | None,
                                            new_value: int) -> None:
         super()._flow_control_change_from_settings(old_value, new_value)
+        self._initial_window = new_value
         delta = new_value - (old_value or 0)
         for light in self._light.values():
             light.window = h2.utilities.guard_increment_window(light.window, delta)

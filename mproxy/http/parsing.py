@@ -111,10 +111,11 @@ class RequestReader:
     @ivar current: the request whose head or body is being read.
     @ivar in_headers: a request's header section is being read.
 
-    The rest of a Content-Length body that did not arrive with its head
-    bypasses the parser (which copies every piece it delivers): its pieces
-    reach the request as they arrived, and the parser is replaced by a
-    fresh one for the requests after it.
+    The rest of a Content-Length body bypasses the parser (which copies
+    every piece it delivers): its pieces reach the request as they arrived
+    (the part that came in the read of its head as a memoryview of that
+    read, L{mproxy.http.rawbody}), and the parser is replaced by a fresh
+    one for the requests after it.
     """
 
     #: body bytes of the current request the parser delivered

@@ -24,7 +24,9 @@ The C{receiver} gets (duck-typed callbacks, called from the reactor):
     - C{upstream_informational(status: int, headers)} for 1xx other than 101;
     - C{upstream_response(status: int, reason: bytes, headers)} once;
     - C{upstream_data(data: bytes)} for each body piece (after a 101: each
-      piece of the tunnelled stream);
+      piece of the tunnelled stream); a receiver whose C{takes_views} is
+      true may get a large piece as a memoryview of the read it came in
+      (L{mproxy.http.rawbody});
     - C{upstream_done(trailers: list | None)} when the body is complete
       (after a 101: when the target closes the tunnel);
     - C{upstream_failed(error: UpstreamError)} instead of the rest when the
