@@ -651,14 +651,13 @@ class _Connection(Protocol):
             return
         self.dataReceived(data[end:])
 
-    def _head_parsed(self, ex: UpstreamExchange, parsed: tuple[Any, ...],
-                     body: memoryview) -> None:
+    def _parsed_at_once(self, reason: bytes, headers: Any, body_seen: int,
+                        ka: bool | None) -> None:
         """
-        A head parsed at once (L{parse_head}), the start of its body in
-        C{body}: the receiver hears what the parser's callbacks would have
-        told it, the body goes on without the parser.
+        The state the parser's callbacks would have left after a final
+        response head with a Content-Length, for a head parsed without it
+        (C{body_seen} of its body bytes already in hand).
         """
-        status, reason, headers, length, ka = parsed
         self._begun = True
         self._reason = reason
         self._headers = headers
@@ -667,10 +666,20 @@ class _Connection(Protocol):
         self._info = False
         self._in_body = True
         self._length = None
-        self._body_seen = 0
-        self._head_bytes = self._raw_head_bytes = 0
+        self._body_seen = body_seen
         if ka is not None:
             self.keep_alive = ka
+
+    def _head_parsed(self, ex: UpstreamExchange, parsed: tuple[Any, ...],
+                     body: memoryview) -> None:
+        """
+        A head parsed at once (L{parse_head}), the start of its body in
+        C{body}: the receiver hears what the parser's callbacks would have
+        told it, the body goes on without the parser.
+        """
+        status, reason, headers, length, ka = parsed
+        self._parsed_at_once(reason, headers, 0, ka)
+        self._head_bytes = self._raw_head_bytes = 0
         try:
             ex._response(status, reason, headers)
         except Exception as e:
@@ -693,17 +702,7 @@ class _Connection(Protocol):
         what the parser's callbacks would have told it, in the same order.
         """
         status, reason, headers, body, ka = parsed
-        self._begun = True
-        self._reason = reason
-        self._headers = headers
-        self._trailers = None
-        self._framed = True
-        self._info = False
-        self._in_body = True
-        self._length = None
-        self._body_seen = len(body)
-        if ka is not None:
-            self.keep_alive = ka
+        self._parsed_at_once(reason, headers, len(body), ka)
         try:
             ex._response(status, reason, headers)
             if body:
