@@ -119,8 +119,10 @@ def run(case: Case) -> dict[str, Any]:
         "upstream": [(_normal(t.value()), t.disconnecting) for _, t in conns],
         "client": h.output(),
         "client_closed": closed,
-        # (once closing, whatever follows is dropped either way)
-        "client_paused": [] if closed else sorted(h.client._paused),
+        # (once closing, or after a request that asked for the close,
+        # whatever follows is never served either way)
+        "client_paused": [] if closed or not all(r.keep_alive for r in h.client._requests)
+        else sorted(h.client._paused),
         "log": logged,
     }
 

@@ -719,6 +719,11 @@ class ServerConnection(h2.connection.H2Connection):
                 # not a request: hyper-h2's own checks refuse it
                 stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
                 stream.receive_headers(headers, True, None)
+            # open from here on, as in hyper-h2: a field refused below is a
+            # connection error whose GOAWAY names this stream as the last
+            if self.state_machine.state is _IDLE:
+                self.state_machine.state = _SERVER_OPEN
+            self.highest_inbound_stream_id = stream_id
             method, path, fields = request_fields(headers)
             if decoder.generation == generation and len(block) <= MAX_KNOWN_BLOCK:
                 # (a block that hpack decoded may have changed the table:
