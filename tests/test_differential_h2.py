@@ -345,6 +345,16 @@ class DifferentialTests(SynchronousTestCase):
                 slow = run(steps)
             finally:
                 general.restore()
+            if fast != slow and fast["frames"] == slow["frames"] and fast["closed"]:
+                # hyper-h2 refuses a malformed frame header as soon as its
+                # 9 bytes are in, before the frame's payload, dropping the
+                # requests read with it; the light path's loop waits for
+                # the whole frame, so the requests before it in the read
+                # are dispatched first.  The client sees the same either
+                # way (the same GOAWAY, naming the same last stream); the
+                # requests the connection error ended are left out here.
+                fast["streams"] = _not_ended_by_the_error(fast["streams"])
+                slow["streams"] = _not_ended_by_the_error(slow["streams"])
             if fast != slow:
                 for k in fast:
                     if fast[k] != slow[k]:
@@ -363,6 +373,11 @@ class DifferentialTests(SynchronousTestCase):
 
     def test_frames_2(self) -> None:
         self._check(2, 200)
+
+
+def _not_ended_by_the_error(streams: list[tuple[int, dict[str, Any]]]) -> list[Any]:
+    return [(sid, rec) for sid, rec in streams
+            if not (rec["lost"] == ["ProtocolError"] and not rec["end"] and not rec["body"])]
 
 
 class FoundTests(SynchronousTestCase):
@@ -394,3 +409,34 @@ class FoundTests(SynchronousTestCase):
             # last stream 3, PROTOCOL_ERROR
             self.assertEqual(goaway[4][:8], b"\0\0\0\x03\0\0\0\x01", patched)
             self.assertTrue(out["closed"])
+
+    def test_window_setting_after_a_closed_stream_grew(self) -> None:
+        """
+        A stream whose send window grew (WINDOW_UPDATE) and that closed,
+        then a SETTINGS_INITIAL_WINDOW_SIZE that would take that window
+        past the maximum: the closed stream's window no longer counts, the
+        setting applies to the open streams (hyper-h2 made it a
+        FLOW_CONTROL_ERROR).
+        """
+        block = Encoder().encode(_REQ)
+        post = [(b":method", b"POST")] + _REQ[1:] + [(b"content-length", b"5")]
+        big = (2**31 - 1) - 65535
+        for patched in (False, True):
+            patcher = general_path()
+            if patched:
+                patcher.patch()
+            try:
+                out = run([
+                    ("send", PREFACE + frame(0x4, 0, 0, b"")
+                     + frame(0x1, 0x4, 1, Encoder().encode(post))  # a hyper-h2 stream, open
+                     + frame(0x1, 0x5, 3, block)
+                     + frame(0x8, 0, 3, _u32(100))),
+                    ("answer", (1, 10, "whole")),  # stream 3 answered and closed
+                    ("send", frame(0x4, 0, 0, (0x4).to_bytes(2, "big") + _u32(big + 65535))),
+                ])
+            finally:
+                if patched:
+                    patcher.restore()
+            self.assertFalse(out["closed"], patched)
+            self.assertEqual([f for f in out["frames"] if f[0] == "GoAwayFrame"], [])
+            self.assertEqual([sid for sid, _ in out["streams"]], [1, 3])

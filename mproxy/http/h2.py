@@ -796,11 +796,17 @@ class ServerConnection(h2.connection.H2Connection):
 
     def _flow_control_change_from_settings(self, old_value: int | None,
                                            new_value: int) -> None:
-        super()._flow_control_change_from_settings(old_value, new_value)
         self._initial_window = new_value
         delta = new_value - (old_value or 0)
+        guard = h2.utilities.guard_increment_window
+        for stream in self.streams.values():
+            # (hyper-h2 changes closed streams' windows too: one that grew
+            # before it closed made a valid setting a FLOW_CONTROL_ERROR)
+            if not stream.closed:
+                stream.outbound_flow_control_window = guard(
+                    stream.outbound_flow_control_window, delta)
         for light in self._light.values():
-            light.window = h2.utilities.guard_increment_window(light.window, delta)
+            light.window = guard(light.window, delta)
 
     def local_flow_control_window(self, stream_id: int) -> int:
         light = self._light.get(stream_id)
