@@ -67,6 +67,7 @@ every idle connection at shutdown.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import httptools
@@ -313,6 +314,7 @@ class UpstreamExchange:
         c = self.connector
         if c is not None:
             self.connector = None
+            self.pool._waiting.pop(self, None)
             try:
                 c.stopConnecting()
             except _error.NotConnectingError:
@@ -406,9 +408,11 @@ class _Connection(Protocol):
             pass
         ex, self._pending = self._pending, None
         if ex is None or ex.done:
-            self.pool._release(self)
+            # a spare connect: the request it was made for is served
+            self.pool._release(self, reused=False)
             return
         ex.connector = None
+        self.pool._waiting.pop(ex, None)
         self.start(ex, reused=False)
 
     def start(self, ex: UpstreamExchange, reused: bool) -> None:
@@ -793,7 +797,14 @@ class _Connection(Protocol):
 
 
 class _ConnectFactory(ClientFactory):
+    """
+    One connect, made for C{exchange}; when that request is served by
+    another connection first, the connect goes on as the pool's spare
+    (C{exchange} is C{None}), for the next request or the idle set.
+    """
+
     noisy = False
+    connector: Any = None
 
     def __init__(self, pool: UpstreamPool, exchange: UpstreamExchange) -> None:
         self.pool = pool
@@ -801,17 +812,26 @@ class _ConnectFactory(ClientFactory):
 
     def buildProtocol(self, addr: Any) -> _Connection:
         c = _Connection(self.pool)
-        c._pending = self.exchange
+        ex = c._pending = self.exchange
+        if ex is None:
+            self.pool._spare.pop(self, None)
         # the connector keeps its factory as long as the connection lasts:
         # it must not keep the connection's first request alive with it
         self.exchange = None
+        self.connector = None
         return c
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connector = None
         ex = self.exchange
         if ex is None:
-            return  # connected (and failing later is not a connect failure)
+            # connected (and failing later is not a connect failure), or a
+            # spare connect: no request is waiting for it
+            self.pool._spare.pop(self, None)
+            return
+        self.exchange = None
         ex.connector = None
+        self.pool._waiting.pop(ex, None)
         if ex.done:
             return
         if reason.check(_error.TimeoutError):
@@ -844,6 +864,11 @@ class UpstreamPool:
         self.batcher = batcher_for(reactor)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        #: requests waiting for their connect, oldest first, with it: each
+        #: takes the first connection released before its own is made
+        self._waiting: OrderedDict[UpstreamExchange, _ConnectFactory] = OrderedDict()
+        #: connects whose request was served by another connection
+        self._spare: dict[_ConnectFactory, None] = {}
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 receiver: Any, *, body_length: int = 0, timeout: float = 30.0,
@@ -882,12 +907,19 @@ class UpstreamPool:
             ex._fail(502, "target removed")
             return
         f = _ConnectFactory(self, ex)
-        ex.connector = self.reactor.connectTCP(self.host, self.port, f,
-                                               timeout=ex.timeout or 30)
+        ex.connector = f.connector = self.reactor.connectTCP(self.host, self.port, f,
+                                                             timeout=ex.timeout or 30)
+        if not fresh and not ex.done:
+            self._waiting[ex] = f
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: _Connection, reused: bool = True) -> None:
+        """
+        C{conn} is free (C{reused}: after a response; else newly made): the
+        oldest request still waiting for its connect takes it, else it goes
+        to the idle set if there is room.
+        """
         self._busy.discard(conn)
-        if self.closed or len(self._idle) >= self.max_idle or conn.lost:
+        if self.closed or conn.lost:
             conn.transport.loseConnection()
             return
         limit = self.idle_reuse_limit
@@ -899,6 +931,19 @@ class UpstreamPool:
                 return
             if ka < limit:
                 limit = ka
+        waiting = self._waiting
+        while waiting:
+            ex, f = waiting.popitem(last=False)
+            # its own connect goes on, for whoever needs a connection next
+            f.exchange = None
+            self._spare[f] = None
+            ex.connector = None
+            if not ex.done:
+                conn.start(ex, reused)
+                return
+        if len(self._idle) >= self.max_idle:
+            conn.transport.loseConnection()
+            return
         conn.idle_until = self.reactor.seconds() + limit
         self._idle.append(conn)
 
@@ -917,13 +962,37 @@ class UpstreamPool:
     def busy_count(self) -> int:
         return len(self._busy)
 
+    @property
+    def waiting_count(self) -> int:
+        """
+        Requests waiting for their connect (that a released connection
+        would serve).
+        """
+        return len(self._waiting)
+
+    @property
+    def spare_count(self) -> int:
+        """
+        Connects in progress whose request was served by another connection.
+        """
+        return len(self._spare)
+
     def close_idle(self) -> None:
         """
-        Close every idle keep-alive connection (busy ones stay).
+        Close every idle keep-alive connection and stop the spare connects
+        (busy connections, and the connects of waiting requests, stay).
         """
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.transport.loseConnection()
+        spare, self._spare = self._spare, {}
+        for f in spare:
+            c, f.connector = f.connector, None
+            if c is not None:
+                try:
+                    c.stopConnecting()
+                except _error.NotConnectingError:
+                    pass
 
     def close(self) -> None:
         """

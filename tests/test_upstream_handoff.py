@@ -1,0 +1,481 @@
+"""
+Tests for L{mproxy.http.upstream.UpstreamPool} handing a released
+connection to a request still waiting for its own connect, and what
+becomes of that connect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mproxy.http.upstream import CLOSED, NOT_CONNECTED, UpstreamPool
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.errors: list[Any] = []
+
+    def upstream_informational(self, status: int, headers: Any) -> None:
+        self.events.append(("info", status))
+
+    def upstream_response(self, status: int, reason: bytes, headers: Any) -> None:
+        self.events.append(("response", status))
+
+    def upstream_data(self, data: bytes) -> None:
+        self.events.append(("data", bytes(data)))
+
+    def upstream_done(self, trailers: Any) -> None:
+        self.events.append(("done",))
+
+    def upstream_failed(self, err: Any) -> None:
+        self.errors.append(err)
+        self.events.append(("failed", err.status))
+
+
+class Harness:
+    """
+    A pool on a MemoryReactorClock; connects are completed (or failed)
+    one by one, in any order, by their index in C{reactor.tcpClients}.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = UpstreamPool(self.reactor, "10.0.0.2", 3000, **kw)
+        self.transports: dict[int, StringTransport] = {}
+
+    def request(self, target: bytes = b"/x", **kw: Any) -> tuple[Any, Receiver]:
+        r = Receiver()
+        ex = self.pool.request(b"GET", target, [(b"Host", b"h")], r, **kw)
+        return ex, r
+
+    @property
+    def connects(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def connect(self, i: int) -> tuple[Any, StringTransport]:
+        factory = self.reactor.tcpClients[i][2]
+        proto = factory.buildProtocol(None)
+        t = StringTransport()
+        self.transports[i] = t
+        proto.makeConnection(t)
+        return proto, t
+
+    def fail(self, i: int, reason: Exception | None = None) -> None:
+        factory = self.reactor.tcpClients[i][2]
+        factory.clientConnectionFailed(self.reactor.connectors[i],
+                                       Failure(reason or error.ConnectionRefusedError()))
+
+    def stopped(self, i: int) -> bool:
+        return bool(self.reactor.connectors[i].stoppedConnecting)
+
+    def stop_connect(self, i: int) -> None:
+        """
+        What a real connector does after stopConnecting().
+        """
+        assert self.stopped(i)
+        self.fail(i, error.UserError())
+
+
+def sent(t: StringTransport) -> list[bytes]:
+    """
+    The request targets written on C{t}, in order.
+    """
+    return [line.split(b" ")[1] for line in t.value().split(b"\r\n") if line.startswith(b"GET ")]
+
+
+class HandOffTests(SynchronousTestCase):
+    def test_released_goes_to_waiting(self) -> None:
+        """
+        A connection released while requests wait for their connects goes
+        to the oldest of them at once, as a re-used connection.
+        """
+        h = Harness()
+        a, ra = h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        self.assertEqual(h.connects, 3)
+        self.assertEqual(h.pool.waiting_count, 3)
+        pa, ta = h.connect(0)
+        self.assertEqual(h.pool.waiting_count, 2)
+        pa.dataReceived(OK)
+        self.assertEqual(ra.events[-1], ("done",))
+        self.assertEqual(sent(ta), [b"/a", b"/b"])
+        self.assertEqual(h.pool.idle_count, 0)
+        self.assertEqual(h.pool.busy_count, 1)
+        self.assertEqual(h.pool.waiting_count, 1)
+        self.assertEqual(h.pool.spare_count, 1)
+        pa.dataReceived(OK)
+        self.assertEqual(rb.events, [("response", 200), ("data", b"hello"), ("done",)])
+        self.assertEqual(sent(ta), [b"/a", b"/b", b"/c"])
+        pa.dataReceived(OK)
+        self.assertEqual(rc.events[-1], ("done",))
+        self.assertEqual(h.pool.idle_count, 1)
+        self.assertEqual(h.pool.waiting_count, 0)
+        self.assertEqual(h.pool.spare_count, 2)
+        self.assertEqual(h.connects, 3)
+
+    def test_fifo_order(self) -> None:
+        """
+        Released connections go to the waiting requests in the order they
+        were made, whichever connect completes first.
+        """
+        h = Harness()
+        rs = [h.request(b"/%d" % i)[1] for i in range(4)]
+        p3, t3 = h.connect(3)
+        self.assertEqual(sent(t3), [b"/3"])
+        p3.dataReceived(OK)
+        self.assertEqual(sent(t3), [b"/3", b"/0"])
+        p3.dataReceived(OK)
+        self.assertEqual(sent(t3), [b"/3", b"/0", b"/1"])
+        self.assertEqual(rs[0].events[-1], ("done",))
+        self.assertEqual(rs[2].events, [])
+
+    def test_spare_connect_serves_next_waiting(self) -> None:
+        """
+        The connect of a request served by another connection, once made,
+        serves the oldest request still waiting (as a new connection).
+        """
+        h = Harness()
+        a, ra = h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)  # -> /b on ta; /b's connect (1) is spare
+        pb, tb = h.connect(1)
+        self.assertEqual(sent(tb), [b"/c"])
+        self.assertEqual(h.pool.waiting_count, 0)
+        self.assertEqual(h.pool.spare_count, 1)
+        # /c's own connect is spare now; made, it goes idle
+        pc, tc = h.connect(2)
+        self.assertEqual(tc.value(), b"")
+        self.assertFalse(tc.disconnecting)
+        self.assertEqual(h.pool.idle_count, 1)
+        self.assertEqual(h.pool.spare_count, 0)
+        # and a new request takes it
+        d, rd = h.request(b"/d")
+        self.assertEqual(sent(tc), [b"/d"])
+        self.assertEqual(h.connects, 3)
+
+    def test_spare_connect_dropped_when_idle_full(self) -> None:
+        """
+        A spare connect made when nothing waits and the idle set is full
+        is closed: C{max_idle} still bounds what is kept.
+        """
+        h = Harness(max_idle=1)
+        h.request(b"/a")
+        h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)  # -> /b
+        pa.dataReceived(OK)  # idle: 1
+        self.assertEqual(h.pool.idle_count, 1)
+        pb, tb = h.connect(1)
+        self.assertTrue(tb.disconnecting)
+        self.assertEqual(h.pool.idle_count, 1)
+        self.assertEqual(h.pool.spare_count, 0)
+
+    def test_spare_connect_idle_timeout(self) -> None:
+        """
+        A spare connection that goes idle is not re-used after the idle
+        reuse limit, counted from when it was made.
+        """
+        h = Harness(idle_reuse_limit=10)
+        h.request(b"/a")
+        h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        pa.dataReceived(OK)
+        h.reactor.advance(5)
+        pb, tb = h.connect(1)
+        self.assertEqual(h.pool.idle_count, 2)
+        h.reactor.advance(8)  # ta idle for 13 s, tb for 8 s
+        h.request(b"/c")
+        self.assertEqual(sent(tb), [b"/c"])
+        h.request(b"/d")
+        self.assertTrue(ta.disconnecting)
+        self.assertEqual(h.connects, 3)
+
+    def test_fresh_request_never_waits(self) -> None:
+        """
+        A request asking for a new connection (a request sent again) is
+        not given a released one.
+        """
+        h = Harness()
+        h.request(b"/a")
+        f, rf = h.request(b"/f", fresh=True)
+        self.assertEqual(h.pool.waiting_count, 1)
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        self.assertEqual(sent(ta), [b"/a"])
+        self.assertEqual(h.pool.idle_count, 1)
+        pf, tf = h.connect(1)
+        self.assertEqual(sent(tf), [b"/f"])
+
+    def test_body_queued_while_waiting(self) -> None:
+        """
+        The body a waiting request queued goes out on the connection it is
+        handed, after its head; the body producer paused by the queue
+        resumes.
+        """
+        h = Harness()
+        h.request(b"/a")
+        b, rb = h.request(b"/b", body_length=6)
+        producer = Producer()
+        b.set_body_producer(producer)
+        b.write_body(b"x" * 70000)
+        self.assertEqual(producer.calls, ["pause"])
+        pa, ta = h.connect(0)
+        ta.clear()
+        pa.dataReceived(OK)
+        self.assertTrue(ta.value().startswith(b"GET /b HTTP/1.1\r\n"))
+        self.assertTrue(ta.value().endswith(b"\r\n\r\n" + b"x" * 70000))
+        self.assertEqual(producer.calls, ["pause", "resume"])
+
+    def test_announced_keep_alive_too_short(self) -> None:
+        """
+        A connection whose announced keep-alive timeout leaves no time is
+        closed, not handed to a waiting request.
+        """
+        h = Harness()
+        h.request(b"/a")
+        b, rb = h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=0.4\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(ta.disconnecting)
+        self.assertEqual(sent(ta), [b"/a"])
+        self.assertEqual(h.pool.waiting_count, 1)
+        pb, tb = h.connect(1)
+        self.assertEqual(sent(tb), [b"/b"])
+
+    def test_connection_close_not_handed(self) -> None:
+        """
+        A response that ends its connection does not hand it on.
+        """
+        h = Harness()
+        h.request(b"/a")
+        h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(sent(ta), [b"/a"])
+        self.assertEqual(h.pool.waiting_count, 1)
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class CancellationTests(SynchronousTestCase):
+    def test_cancelled_waiter_removed(self) -> None:
+        """
+        A waiting request that is abandoned (its client went away) stops
+        its connect and is not handed a connection.
+        """
+        h = Harness()
+        h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        b.cancel()
+        self.assertTrue(h.stopped(1))
+        self.assertEqual(h.pool.waiting_count, 2)
+        h.stop_connect(1)
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        self.assertEqual(sent(ta), [b"/a", b"/c"])
+        self.assertEqual(rb.events, [])
+
+    def test_cancel_after_hand_off(self) -> None:
+        """
+        A request abandoned after it was handed a connection aborts that
+        connection (as any busy one); its spare connect goes on.
+        """
+        h = Harness()
+        h.request(b"/a")
+        b, rb = h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        b.cancel()
+        self.assertTrue(ta.disconnecting)
+        self.assertFalse(h.stopped(1))
+        self.assertEqual(rb.events, [])
+        pb, tb = h.connect(1)
+        self.assertEqual(h.pool.idle_count, 1)
+
+    def test_spare_connect_failure_is_harmless(self) -> None:
+        """
+        A connect that fails after its request was served by another
+        connection fails no request and is forgotten.
+        """
+        h = Harness()
+        a, ra = h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)  # /b on ta, connect 1 spare
+        h.fail(1)
+        h.fail(1, error.TimeoutError())  # (a second report is no different)
+        self.assertEqual(h.pool.spare_count, 0)
+        self.assertEqual(ra.errors + rb.errors + rc.errors, [])
+        self.assertEqual(h.pool.waiting_count, 1)
+        pa.dataReceived(OK)
+        self.assertEqual(sent(ta), [b"/a", b"/b", b"/c"])
+        self.assertEqual(rb.events[-1], ("done",))
+
+    def test_own_connect_failure_fails_only_its_request(self) -> None:
+        """
+        A waiting request whose own connect fails gets the connect error
+        (which may send it again); the other waiting requests stay, and
+        are served.
+        """
+        h = Harness()
+        a, ra = h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        h.fail(1)
+        self.assertEqual(rb.events, [("failed", 502)])
+        self.assertEqual(rb.errors[0].kind, NOT_CONNECTED)
+        self.assertEqual(ra.events + rc.events, [])
+        self.assertEqual(h.pool.waiting_count, 2)
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        self.assertEqual(sent(ta), [b"/a", b"/c"])
+        pa.dataReceived(OK)
+        self.assertEqual(rc.events[-1], ("done",))
+        self.assertEqual(rb.events, [("failed", 502)])
+
+    def test_waiter_bounded_by_own_connect(self) -> None:
+        """
+        No request waits longer than its own connect: a connect that times
+        out fails its request with a 504 even while other connections are
+        busy.
+        """
+        h = Harness()
+        a, ra = h.request(b"/a", timeout=5)
+        pa, ta = h.connect(0)
+        b, rb = h.request(b"/b", timeout=5)
+        self.assertEqual(h.reactor.tcpClients[1][3], 5)
+        h.fail(1, error.TimeoutError())
+        self.assertEqual(rb.events, [("failed", 504)])
+        self.assertEqual(rb.errors[0].kind, NOT_CONNECTED)
+        self.assertEqual(h.pool.waiting_count, 0)
+        pa.dataReceived(OK)
+        self.assertEqual(sent(ta), [b"/a"])
+        self.assertEqual(h.pool.idle_count, 1)
+
+    def test_own_connect_serves_its_request_first(self) -> None:
+        """
+        A waiting request's own connect, made, serves that request even
+        when older requests still wait.
+        """
+        h = Harness()
+        h.request(b"/a")
+        h.request(b"/b")
+        pb, tb = h.connect(1)
+        self.assertEqual(sent(tb), [b"/b"])
+        self.assertEqual(h.pool.waiting_count, 1)
+
+    def test_handed_connection_closed_is_reused_failure(self) -> None:
+        """
+        A released connection that the target closes before answering the
+        request it was handed is a re-used connection's close (the request
+        may be sent again, the target is not blamed); a spare connection
+        handed on is a new one.
+        """
+        h = Harness()
+        h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        pa.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(rb.events, [("failed", 502)])
+        self.assertEqual((rb.errors[0].kind, rb.errors[0].reused), (CLOSED, True))
+        pb, tb = h.connect(1)  # /b's connect, spare: to /c
+        self.assertEqual(sent(tb), [b"/c"])
+        pb.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual((rc.errors[0].kind, rc.errors[0].reused), (CLOSED, False))
+
+
+class CloseTests(SynchronousTestCase):
+    def test_closed_pool_hands_nothing(self) -> None:
+        """
+        After close() a released connection is closed, not handed to a
+        waiting request, which its own connect serves.
+        """
+        h = Harness()
+        h.request(b"/a")
+        b, rb = h.request(b"/b")
+        pa, ta = h.connect(0)
+        h.pool.close()
+        pa.dataReceived(OK)
+        self.assertTrue(ta.disconnecting)
+        self.assertEqual(sent(ta), [b"/a"])
+        pb, tb = h.connect(1)
+        self.assertEqual(sent(tb), [b"/b"])
+        pb.dataReceived(OK)
+        self.assertTrue(tb.disconnecting)
+        self.assertEqual(rb.events[-1], ("done",))
+
+    def test_close_idle_stops_spare_connects(self) -> None:
+        """
+        close_idle() (a drained or removed target) stops the spare
+        connects too, so no connection is left idle after it; waiting
+        requests keep their connects.
+        """
+        h = Harness()
+        h.request(b"/a")
+        h.request(b"/b")
+        c, rc = h.request(b"/c")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)  # connect 1 spare
+        h.pool.close_idle()
+        self.assertTrue(h.stopped(1))
+        self.assertFalse(h.stopped(2))
+        self.assertEqual(h.pool.spare_count, 0)
+        h.stop_connect(1)
+        self.assertEqual(rc.events, [])
+
+    def test_spare_connect_made_after_close(self) -> None:
+        """
+        A spare connect that completes once the pool is closed is closed.
+        """
+        h = Harness()
+        h.request(b"/a")
+        h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        h.pool.closed = True  # (as close() does, without its close_idle)
+        pb, tb = h.connect(1)
+        self.assertTrue(tb.disconnecting)
+        self.assertEqual(h.pool.idle_count, 0)
+
+    def test_request_on_closed_pool(self) -> None:
+        """
+        A closed pool takes no request, even with connections in progress.
+        """
+        h = Harness()
+        h.request(b"/a")
+        h.request(b"/b")
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        h.pool.close()
+        d, rd = h.request(b"/d")
+        self.assertEqual(rd.events, [("failed", 502)])
+        self.assertEqual(h.pool.waiting_count, 0)
