@@ -53,7 +53,15 @@ producer is given with L{UpstreamExchange.set_body_producer} and is paused
 while the target's socket is full.
 
 Connections are dialled with C{reactor.connectTCP} (names resolved by the
-reactor, IPv6 literals accepted).  Idle connections older than
+reactor, IPv6 literals accepted).  A request that finds no idle connection
+starts its own connect and waits for it; a connection released in the
+meantime (a response ended) goes to the oldest such request instead of the
+idle set, and that request's connect goes on as a spare: made, it serves
+the next waiting request, or goes idle (closed when C{max_idle} are idle);
+failing, it fails no request.  A request only ever fails on its own
+connect, so none waits longer than its connect timeout; C{fresh} requests
+always wait for their own connection.  C{close_idle} also stops spare
+connects.  Idle connections older than
 C{idle_reuse_limit}, or close to the idle timeout the target announced
 (C{Keep-Alive: timeout=N}: not re-used after N minus a margin of a tenth of
 N, at least 0.5 s), are closed instead of re-used, so the target rarely
@@ -805,6 +813,9 @@ class _ConnectFactory(ClientFactory):
 
     noisy = False
     connector: Any = None
+    #: when a request took this connect over as a spare (C{None}: made
+    #: for its request)
+    taken_at: float | None = None
 
     def __init__(self, pool: UpstreamPool, exchange: UpstreamExchange) -> None:
         self.pool = pool
@@ -831,9 +842,18 @@ class _ConnectFactory(ClientFactory):
             return
         self.exchange = None
         ex.connector = None
-        self.pool._waiting.pop(ex, None)
+        pool = self.pool
         if ex.done:
+            pool._waiting.pop(ex, None)
             return
+        if self.taken_at is not None and not pool.closed:
+            # a spare the request took over: not its own connect; it gets
+            # one for the rest of its connect timeout
+            left = (ex.timeout or 30) - (pool.reactor.seconds() - self.taken_at)
+            if left > 0:
+                pool._waiting[ex] = pool._connect(ex, left)
+                return
+        pool._waiting.pop(ex, None)
         if reason.check(_error.TimeoutError):
             ex._fail(504, f"timed out connecting to {self.pool.address}", NOT_CONNECTED)
         else:
@@ -868,7 +888,7 @@ class UpstreamPool:
         #: takes the first connection released before its own is made
         self._waiting: OrderedDict[UpstreamExchange, _ConnectFactory] = OrderedDict()
         #: connects whose request was served by another connection
-        self._spare: dict[_ConnectFactory, None] = {}
+        self._spare: OrderedDict[_ConnectFactory, None] = OrderedDict()
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 receiver: Any, *, body_length: int = 0, timeout: float = 30.0,
@@ -906,11 +926,26 @@ class UpstreamPool:
         if self.closed:
             ex._fail(502, "target removed")
             return
+        if fresh:
+            self._connect(ex, ex.timeout or 30)
+            return
+        spare = self._spare
+        if spare:
+            # a connect made for a request already served: take it over
+            # rather than start one more
+            f, _ = spare.popitem(last=False)
+            f.exchange = ex
+            f.taken_at = self.reactor.seconds()
+            ex.connector = f.connector
+        else:
+            f = self._connect(ex, ex.timeout or 30)
+        self._waiting[ex] = f
+
+    def _connect(self, ex: UpstreamExchange, timeout: float) -> _ConnectFactory:
         f = _ConnectFactory(self, ex)
         ex.connector = f.connector = self.reactor.connectTCP(self.host, self.port, f,
-                                                             timeout=ex.timeout or 30)
-        if not fresh and not ex.done:
-            self._waiting[ex] = f
+                                                             timeout=timeout)
+        return f
 
     def _release(self, conn: _Connection, reused: bool = True) -> None:
         """
@@ -985,7 +1020,7 @@ class UpstreamPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.transport.loseConnection()
-        spare, self._spare = self._spare, {}
+        spare, self._spare = self._spare, OrderedDict()
         for f in spare:
             c, f.connector = f.connector, None
             if c is not None:
