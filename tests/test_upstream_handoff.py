@@ -479,3 +479,223 @@ class CloseTests(SynchronousTestCase):
         d, rd = h.request(b"/d")
         self.assertEqual(rd.events, [("failed", 502)])
         self.assertEqual(h.pool.waiting_count, 0)
+
+
+class ConnectLimitTests(SynchronousTestCase):
+    """
+    At most C{max_connecting} connects are in progress; the requests beyond
+    wait for one of them or for a released connection, in order.
+    """
+
+    def test_connects_limited(self) -> None:
+        """
+        Requests beyond the limit start no connect; each connect made, or
+        connection released, serves the oldest waiting request, and a
+        connect made frees its place for the next one.
+        """
+        h = Harness(max_connecting=2)
+        rs = [h.request(b"/%d" % i)[1] for i in range(5)]
+        self.assertEqual(h.connects, 2)
+        self.assertEqual(h.pool.connecting_count, 2)
+        self.assertEqual(h.pool.waiting_count, 5)
+        p0, t0 = h.connect(0)
+        self.assertEqual(sent(t0), [b"/0"])
+        self.assertEqual(h.connects, 3)  # for /2
+        p0.dataReceived(OK)
+        # /1 takes the released connection; its connect goes to /3
+        self.assertEqual(sent(t0), [b"/0", b"/1"])
+        self.assertEqual(h.connects, 3)
+        p1, t1 = h.connect(1)
+        self.assertEqual(sent(t1), [b"/3"])
+        self.assertEqual(h.connects, 4)  # for /4
+        p2, t2 = h.connect(2)
+        self.assertEqual(sent(t2), [b"/2"])
+        p3, t3 = h.connect(3)
+        self.assertEqual(sent(t3), [b"/4"])
+        self.assertEqual(h.pool.waiting_count, 0)
+        self.assertEqual(h.pool.connecting_count, 0)
+        for p in (p0, p1, p2, p3):
+            p.dataReceived(OK)
+        self.assertEqual([r.events[-1] for r in rs], [("done",)] * 5)
+        self.assertEqual(h.pool.idle_count, 4)
+
+    def test_released_serves_queued_in_order(self) -> None:
+        """
+        Released connections go to the waiting requests oldest first,
+        whether they have a connect of their own or not.
+        """
+        h = Harness(max_connecting=1)
+        rs = [h.request(b"/%d" % i)[1] for i in range(3)]
+        p0, t0 = h.connect(0)  # /0; a connect for /1 starts
+        self.assertEqual(h.connects, 2)
+        p0.dataReceived(OK)  # -> /1; its connect goes to /2
+        p0.dataReceived(OK)  # -> /2; its connect is spare
+        self.assertEqual(sent(t0), [b"/0", b"/1", b"/2"])
+        self.assertEqual(h.pool.spare_count, 1)
+        self.assertEqual(h.connects, 2)
+        p1, t1 = h.connect(1)
+        self.assertEqual(h.pool.idle_count, 1)
+        self.assertEqual(rs[1].events[-1], ("done",))
+
+    def test_queued_waits_its_connect_timeout_at_most(self) -> None:
+        """
+        A request that got no connect within its connect timeout fails as
+        if its connect had timed out (a 504 it may be sent again after);
+        the others wait on.
+        """
+        h = Harness(max_connecting=1)
+        a, ra = h.request(b"/a", timeout=5)
+        h.reactor.advance(1)
+        b, rb = h.request(b"/b", timeout=5)
+        c, rc = h.request(b"/c", timeout=5)
+        h.reactor.advance(4.9)
+        self.assertEqual(rb.events, [])
+        h.reactor.advance(0.2)
+        self.assertEqual(rb.events, [("failed", 504)])
+        self.assertEqual(rc.events, [("failed", 504)])
+        self.assertEqual(rb.errors[0].kind, NOT_CONNECTED)
+        self.assertEqual(ra.events, [])
+        self.assertEqual(h.pool.waiting_count, 1)
+        self.assertEqual(h.connects, 1)
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)
+        self.assertEqual(sent(ta), [b"/a"])
+        self.assertEqual(h.pool.idle_count, 1)
+
+    def test_queue_timer_follows_oldest(self) -> None:
+        """
+        Each waiting request's own connect timeout counts, also for those
+        that came later than the first.
+        """
+        h = Harness(max_connecting=1)
+        h.request(b"/a", timeout=5)
+        b, rb = h.request(b"/b", timeout=5)
+        h.reactor.advance(3)
+        c, rc = h.request(b"/c", timeout=5)
+        h.reactor.advance(2.1)
+        self.assertEqual(rb.events, [("failed", 504)])
+        self.assertEqual(rc.events, [])
+        h.reactor.advance(2.9)
+        self.assertEqual(rc.events, [("failed", 504)])
+        self.assertEqual(h.pool.waiting_count, 1)
+
+    def test_late_connect_gets_rest_of_timeout(self) -> None:
+        """
+        A request whose connect starts after it waited gets what is left
+        of its connect timeout; a failed connect fails only its own request
+        and lets the next one connect.
+        """
+        h = Harness(max_connecting=1)
+        a, ra = h.request(b"/a", timeout=5)
+        b, rb = h.request(b"/b", timeout=5)
+        h.reactor.advance(2)
+        h.fail(0)
+        self.assertEqual(ra.events, [("failed", 502)])
+        self.assertEqual(rb.events, [])
+        self.assertEqual(h.connects, 2)
+        self.assertEqual(h.reactor.tcpClients[1][3], 3)
+        pb, tb = h.connect(1)
+        self.assertEqual(sent(tb), [b"/b"])
+
+    def test_queued_cancelled(self) -> None:
+        """
+        A waiting request without a connect that is abandoned is forgotten:
+        no connect is started for it.
+        """
+        h = Harness(max_connecting=1)
+        a, ra = h.request(b"/a")
+        b, rb = h.request(b"/b")
+        c, rc = h.request(b"/c")
+        b.cancel()
+        self.assertEqual(h.pool.waiting_count, 2)
+        pa, ta = h.connect(0)
+        self.assertEqual(h.connects, 2)
+        pc, tc = h.connect(1)
+        self.assertEqual(sent(tc), [b"/c"])
+        self.assertEqual(rb.events, [])
+
+    def test_cancelled_connect_goes_to_queued(self) -> None:
+        """
+        The connect of an abandoned request goes on for the oldest request
+        waiting without one, instead of being stopped.
+        """
+        h = Harness(max_connecting=1)
+        a, ra = h.request(b"/a")
+        b, rb = h.request(b"/b")
+        a.cancel()
+        self.assertFalse(h.stopped(0))
+        self.assertEqual(h.pool.waiting_count, 1)
+        pa, ta = h.connect(0)
+        self.assertEqual(sent(ta), [b"/b"])
+        self.assertEqual(ra.events, [])
+
+    def test_taken_over_connect_failing(self) -> None:
+        """
+        A request waiting for a connect made for another one does not fail
+        when that connect fails: it connects itself, for what is left of
+        its connect timeout, and only that connect failing fails it.
+        """
+        h = Harness(max_connecting=1)
+        h.request(b"/a", timeout=5)
+        b, rb = h.request(b"/b", timeout=5)
+        pa, ta = h.connect(0)  # /a; connect 1 for /b
+        c, rc = h.request(b"/c", timeout=5)  # waits without a connect
+        h.reactor.advance(1)
+        pa.dataReceived(OK)  # -> /b; connect 1 goes to /c
+        h.reactor.advance(1)
+        h.fail(1)
+        self.assertEqual(rc.events, [])
+        self.assertEqual(h.connects, 3)
+        self.assertEqual(h.reactor.tcpClients[2][3], 3)
+        h.fail(2)
+        self.assertEqual(rc.events, [("failed", 502)])
+        self.assertEqual(rc.errors[0].kind, NOT_CONNECTED)
+        self.assertEqual(h.pool.waiting_count, 0)
+        self.assertEqual(h.pool.connecting_count, 0)
+
+    def test_taken_over_spare_failing(self) -> None:
+        """
+        The same for a new request that took over a spare connect.
+        """
+        h = Harness()
+        h.request(b"/a", timeout=5)
+        h.request(b"/b", timeout=5)
+        pa, ta = h.connect(0)
+        pa.dataReceived(OK)  # /b on ta; connect 1 spare
+        d, rd = h.request(b"/d", timeout=5)
+        self.assertEqual(h.connects, 2)
+        self.assertEqual(h.pool.spare_count, 0)
+        h.fail(1, error.TimeoutError())
+        self.assertEqual(rd.events, [])
+        self.assertEqual(h.connects, 3)
+        pd, td = h.connect(2)
+        self.assertEqual(sent(td), [b"/d"])
+
+    def test_close_connects_queued(self) -> None:
+        """
+        Once the pool is closed nothing is handed on: every request still
+        waiting without a connect gets its own.
+        """
+        h = Harness(max_connecting=1)
+        h.request(b"/a")
+        h.request(b"/b")
+        h.request(b"/c")
+        pa, ta = h.connect(0)
+        self.assertEqual(h.connects, 2)
+        h.pool.close()
+        self.assertEqual(h.connects, 3)
+        pa.dataReceived(OK)
+        self.assertTrue(ta.disconnecting)
+        pb, tb = h.connect(1)
+        pc, tc = h.connect(2)
+        self.assertEqual((sent(tb), sent(tc)), ([b"/b"], [b"/c"]))
+
+    def test_fresh_not_limited(self) -> None:
+        """
+        A request sent again on a new connection connects at once.
+        """
+        h = Harness(max_connecting=1)
+        h.request(b"/a")
+        f, rf = h.request(b"/f", fresh=True)
+        self.assertEqual(h.connects, 2)
+        self.assertEqual(h.pool.waiting_count, 1)
