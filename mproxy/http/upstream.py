@@ -1,10 +1,10 @@
-# -*- test-case-name: tests.test_upstream -*-
+# -*- test-case-name: tests.test_upstream,tests.test_upstream_handoff -*-
 """
 A small HTTP/1.1 client for talking to targets, with a keep-alive pool per
 target.
 
     pool = UpstreamPool(reactor, "10.0.0.5", 3000, *, max_idle=100,
-                        idle_reuse_limit=50.0)
+                        idle_reuse_limit=50.0, max_connecting=8)
     exchange = pool.request(b"GET", b"/path?q", headers, receiver, *,
                             body_length=0, timeout=30.0, fresh=False,
                             replay=None)
@@ -54,14 +54,19 @@ while the target's socket is full.
 
 Connections are dialled with C{reactor.connectTCP} (names resolved by the
 reactor, IPv6 literals accepted).  A request that finds no idle connection
-starts its own connect and waits for it; a connection released in the
-meantime (a response ended) goes to the oldest such request instead of the
-idle set, and that request's connect goes on as a spare: made, it serves
-the next waiting request, or goes idle (closed when C{max_idle} are idle);
-failing, it fails no request.  A request only ever fails on its own
-connect, so none waits longer than its connect timeout; C{fresh} requests
-always wait for their own connection.  C{close_idle} also stops spare
-connects.  Idle connections older than
+waits for one, oldest first: its own connect, started at once while fewer
+than C{max_connecting} (L{MAX_CONNECTING}) are in progress to the target,
+or the first connection released in the meantime (a response ended), or
+another request's connect made (a burst then needs far fewer new
+connections).  A connect whose request was served by another connection
+goes on for the next waiting request, else as a spare: taken over by the
+next request that finds no idle connection, or made and kept idle (closed
+when C{max_idle} are idle).  A request only fails on a connect made for it
+(a failed connect it took over is replaced by its own) or once it waited
+its whole connect timeout without a connection (a 504, as a connect timing
+out).  C{fresh} requests always connect at once, for themselves.
+C{close_idle} also stops the spare connects; after C{close} nothing is
+handed on and the waiting requests all connect.  Idle connections older than
 C{idle_reuse_limit}, or close to the idle timeout the target announced
 (C{Keep-Alive: timeout=N}: not re-used after N minus a margin of a tenth of
 N, at least 0.5 s), are closed instead of re-used, so the target rarely
