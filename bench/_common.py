@@ -191,6 +191,38 @@ class Procs(contextlib.ExitStack):
         return p
 
 
+class Awake(contextlib.AbstractContextManager):
+    """Keep CPUs from idling while the block runs: one busy loop per CPU,
+    pinned there, at SCHED_IDLE (below every normal and real-time process,
+    which preempt it as soon as they wake up).  On a VM an idle vCPU halts,
+    and waking it again can take milliseconds: a latency measured across
+    halted vCPUs is mostly the hypervisor's.  `cpu_seconds()` is the CPU
+    time the loops took, per CPU, to subtract from busy figures."""
+
+    LOOP = "import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass\n"
+
+    def __init__(self, cpus: list[int]) -> None:
+        self.cpus = sorted({c for c in cpus if c is not None and c >= 0})
+        self.popens: dict[int, subprocess.Popen] = {}
+
+    def __enter__(self) -> "Awake":
+        for cpu in self.cpus:
+            self.popens[cpu] = subprocess.Popen(
+                pin_prefix(cpu) + [sys.executable, "-c", self.LOOP],
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def cpu_seconds(self) -> dict[int, float]:
+        return {cpu: cpu_seconds([p.pid]) for cpu, p in self.popens.items()}
+
+    def __exit__(self, *exc) -> None:
+        for p in self.popens.values():
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        self.popens.clear()
+
+
 # --------------------------------------------------------------------------
 # /proc accounting
 

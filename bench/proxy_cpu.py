@@ -44,7 +44,9 @@ workload other than "small" is named TARGET:WORKLOAD):
   post1m       POST of a 1 MiB request body (wrk script), small response
   rate         GET / at a constant --rate (default 1,000 req/s) for
                --rate-duration (30 s) by bench/rateload.py: latency, not
-               capacity; the ratios give each proxy's p99 minus direct's
+               capacity; the ratios give each proxy's p99 minus direct's.
+               On a VM, --awake keeps the pinned vCPUs from halting between
+               requests (their wake-up would otherwise be in every row)
 
 Usage: python3 bench/proxy_cpu.py [--targets direct,mproxy,nginx,caddy]
        [--duration 10] [--runs 3] [--connections 50]
@@ -137,6 +139,10 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
             upstream_port: int) -> dict:
     proxy_pids = C.tree_pids(proxy_pid) if proxy_pid else []
     up_pids = C.tree_pids(upstream_pid)
+    awake = C.Awake([args.proxy_cpu, args.load_cpu]) if getattr(args, "awake_now", False) else None
+    if awake is not None:
+        awake.__enter__()
+        w0 = awake.cpu_seconds()
     a0 = C.nginx_accepts(upstream_port)
     lo0 = C.listen_overflows()
     s0 = C.cpu_times()
@@ -160,6 +166,9 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
             sampler.cancel()
         if getattr(args, "rt", False):
             C.set_realtime(proxy_pids + up_pids, 0)
+        if awake is not None:
+            w1 = awake.cpu_seconds()
+            awake.__exit__(None, None, None)
     p1, u1, t1 = C.cpu_seconds(proxy_pids), C.cpu_seconds(up_pids), time.monotonic()
     by_pid1 = C.cpu_seconds_by_pid(proxy_pids)
     if len(proxy_pids) > 1:
@@ -183,7 +192,12 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     # How busy each pinned CPU was: tells which side was the bottleneck.
     for label, cpu in (("proxy_cpu", args.proxy_cpu), ("load_cpu", args.load_cpu)):
         if cpu is not None and cpu >= 0:
-            res[f"{label}{cpu}_usage"] = C.cpu_busy(s0, s1, cpu)
+            res[f"{label}{cpu}_usage"] = usage = C.cpu_busy(s0, s1, cpu)
+            if awake is not None and cpu in w1 and usage:
+                # the busy loops' own time is not load
+                spin = (w1[cpu] - w0.get(cpu, 0.0)) / (t1 - t0)
+                usage["awake_loop"] = round(spin, 3)
+                usage["busy"] = round(max(0.0, usage["busy"] - spin), 3)
     n = max(res["requests"], 1)
     res["wall_s"] = t1 - t0
     res["upstream_cpu_s"] = u1 - u0
@@ -392,6 +406,7 @@ def set_workload(args, workload: str, tmp: Path) -> None:
     # the fixed-rate load uses a fraction of a core: real-time priority for it
     # cannot starve the machine, and keeps other processes' load out of its latency
     args.rt = bool(args.realtime) and workload == "rate"
+    args.awake_now = bool(args.awake) and workload == "rate"
     args.wrk_script = None
     if upload:
         script = tmp / f"post-{upload}.lua"
@@ -594,6 +609,12 @@ def main(argv=None) -> int:
                     help="for the rate workload: run the generator, the upstream and the "
                          "proxy under SCHED_FIFO with this priority (e.g. 20), so that other "
                          "processes on a shared machine do not delay them (0: off)")
+    ap.add_argument("--awake", action="store_true",
+                    help="for the rate workload: keep the pinned CPUs from idling during "
+                         "each measured run (a busy loop per CPU at SCHED_IDLE, which every "
+                         "other process preempts at once). On a VM an idle vCPU halts and "
+                         "its wake-up can take milliseconds, which then enters every row's "
+                         "latency; the loops' CPU time is left out of the busy figures")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)
@@ -710,7 +731,9 @@ def main(argv=None) -> int:
           f"x{args.runs * args.rounds} "
           f"(median), body {args.body_size} B, proxy on CPU {args.proxy_cpu}, "
           f"wrk+upstream on CPU {args.load_cpu}, workloads {','.join(workloads)}"
-          + (f" (rate: {args.rate:g} req/s for {args.rate_duration:g} s)"
+          + (f" (rate: {args.rate:g} req/s for {args.rate_duration:g} s"
+             + ("; CPUs kept awake" if args.awake else "")
+             + (f"; SCHED_FIFO {args.realtime}" if args.realtime else "") + ")"
              if "rate" in workloads else ""))
     print(table)
     for t, why in skipped.items():
