@@ -254,7 +254,13 @@ class UpstreamExchange:
             self._write(b"0\r\n\r\n")
         conn = self.conn
         if conn is not None:
+            producer = conn._body_producer
             conn._unregister_body_producer()
+            if producer is not None:
+                # the transport may have paused it (and never resumes a
+                # producer it no longer holds): the client's reading must
+                # not stay paused for a body that is all sent
+                producer.resumeProducing()
             if not self.responded:
                 self._arm_timer()
 
@@ -451,6 +457,9 @@ class _Connection(Protocol):
             data += ex._take_pending()
         self.pool.batcher.write(self.transport, data)
         if ex.body_ended:
+            # (a body queued whole while connecting may have paused its
+            # producer)
+            ex._resume_body()
             ex._arm_timer()
         elif ex.body_producer is not None:
             self._register_body_producer(ex.body_producer)
