@@ -686,7 +686,11 @@ class ServerConnection(h2.connection.H2Connection):
                 return
             in_block = bool(self.incoming_buffer._headers_buffer)
             max_size = self.max_inbound_frame_size
-        if i < n:
+        if n - i >= 9:
+            # an incomplete frame: hyper-h2 keeps it, refusing a malformed
+            # frame header now as it always does (before its payload)
+            events.extend(self._receive_slowly(data[i:]))
+        elif i < n:
             self.incoming_buffer._data += data[i:]
 
     def _receive_whole_request(self, stream_id: int, block: bytes) -> "WholeRequest":
@@ -719,6 +723,11 @@ class ServerConnection(h2.connection.H2Connection):
                 # not a request: hyper-h2's own checks refuse it
                 stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
                 stream.receive_headers(headers, True, None)
+            # open from here on, as in hyper-h2: a field refused below is a
+            # connection error whose GOAWAY names this stream as the last
+            if self.state_machine.state is _IDLE:
+                self.state_machine.state = _SERVER_OPEN
+            self.highest_inbound_stream_id = stream_id
             method, path, fields = request_fields(headers)
             if decoder.generation == generation and len(block) <= MAX_KNOWN_BLOCK:
                 # (a block that hpack decoded may have changed the table:
@@ -791,11 +800,17 @@ class ServerConnection(h2.connection.H2Connection):
 
     def _flow_control_change_from_settings(self, old_value: int | None,
                                            new_value: int) -> None:
-        super()._flow_control_change_from_settings(old_value, new_value)
         self._initial_window = new_value
         delta = new_value - (old_value or 0)
+        guard = h2.utilities.guard_increment_window
+        for stream in self.streams.values():
+            # (hyper-h2 changes closed streams' windows too: one that grew
+            # before it closed made a valid setting a FLOW_CONTROL_ERROR)
+            if not stream.closed:
+                stream.outbound_flow_control_window = guard(
+                    stream.outbound_flow_control_window, delta)
         for light in self._light.values():
-            light.window = h2.utilities.guard_increment_window(light.window, delta)
+            light.window = guard(light.window, delta)
 
     def local_flow_control_window(self, stream_id: int) -> int:
         light = self._light.get(stream_id)

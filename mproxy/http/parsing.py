@@ -104,6 +104,19 @@ def _check_headers(req: FastRequest, version: bytes) -> None:
         req.body_done = False
 
 
+def _head_part(data: bytes, n: int, body: int) -> int:
+    """
+    At most how many of the first C{n} bytes of C{data} (a piece given to
+    the parser, in which a head began and did not end) are that head's:
+    not the C{body} bytes of the body the parser delivered in it, nor what
+    comes before its last blank line (which ends an earlier head or a
+    chunked body; in the unfinished head only empty lines before the
+    request line can be one).
+    """
+    i = data.rfind(b"\r\n\r\n", 0, n)
+    return min(n - i - 4 if i >= 0 else n, n - body if body > 0 else n)
+
+
 class RequestReader:
     """
     See the module docstring.
@@ -174,6 +187,7 @@ class RequestReader:
         channel = self.channel
         piece: bytes | memoryview = memoryview(data)[:end] if end else data
         while True:
+            seen = self._body_seen
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as e:
@@ -202,8 +216,15 @@ class RequestReader:
                 channel.protocol_error(400, str(e))
             else:
                 if self.in_headers:
-                    self._raw_header_bytes += len(piece)
-                    if self._raw_header_bytes > MAX_HEADER_BYTES:
+                    n = self._raw_header_bytes
+                    if n < 0:
+                        # the head began in this piece: the bodies and
+                        # heads before it in the piece do not count
+                        n = _head_part(data, len(piece), self._body_seen - seen)
+                    else:
+                        n += len(piece)
+                    self._raw_header_bytes = n
+                    if n > MAX_HEADER_BYTES:
                         channel.protocol_error(431, "header section too large")
                         return False
                 return end > 0
@@ -289,7 +310,7 @@ class RequestReader:
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        self._raw_header_bytes = 0
+        self._raw_header_bytes = -1  # (begun in the piece being parsed)
         self.channel.header_started()
 
     def on_url(self, url: bytes) -> None:

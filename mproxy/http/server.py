@@ -317,6 +317,12 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         if not self._requests or self._requests[0] is not req:
             return
         self._requests.popleft()
+        if req._queue is not None:
+            # answered without reading its body (a refusal): what was
+            # queued of it is dropped, and reading no longer waits for it
+            req._queue = None
+            req._queued_bytes = 0
+            self.resume_reading("queue")
         if not req.keep_alive or self._closing or self.site.shutting_down:
             if not req.body_done and not self._closing:
                 self.linger()
