@@ -195,6 +195,33 @@ class DirectTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.client_read(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
 
+    def test_memoryviewPieces(self) -> None:
+        """
+        Memoryview pieces (a body that arrived with its head) are
+        encrypted as they are, on the socket and on the memory BIOs, in
+        order with the bytes around them; one that waits for the socket
+        arrives intact.
+        """
+        body = bytes(range(256)) * 1024
+        for direct in (True, False):
+            self.apps.clear()
+            self.factory.direct = direct
+            app = self.connect(sndbuf=65536)
+            self.assertEqual(self.server._io is not None, direct)
+            view = memoryview(b"HEAD" + body)[4:]
+            app.transport.writeSequence((b"head", view))
+            app.transport.write(view[:20000])
+            app.transport.write(b"tail")
+            self.reactor.advance(0)
+            got = []
+            for _ in range(1000):
+                got.append(self.client_read())
+                if self.t not in self.reactor.getWriters():
+                    break
+                self.t.doWrite()
+            got.append(self.client_read())
+            self.assertEqual(b"".join(got), b"head" + body + body[:20000] + b"tail")
+
     def test_movedWithProducerRegistered(self) -> None:
         """
         A protocol that registers a producer when it starts (HTTP/2) is

@@ -222,6 +222,9 @@ class FastTLSProtocol(Protocol):
     _shut = False  # close_notify written
     _want_write = False  # a read needs the socket writable (a TLS reply)
     _paused = False  # the application paused reading
+    #: L{write} and L{writeSequence} take memoryviews of C{bytes} as well
+    #: (encrypted as they are; one that waits keeps its bytes alive)
+    takes_views = True
 
     def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
         self.factory = factory
