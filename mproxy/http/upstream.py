@@ -92,7 +92,7 @@ from zope.interface import implementer
 from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.rawbody import RawBody, head_end
-from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.reads import MAX_READ, READ_GROW_AT, body_read_size
 from mproxy.http.request import header_lines
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
 from mproxy.http.whole import parse_head, parse_whole
@@ -417,6 +417,9 @@ class _Connection(Protocol):
     _body_seen = 0
     _raw_keep_alive = False
     _raw_unparsed = False
+    #: the connection's read size, grown while reads fill it (0: the
+    #: transport's); its C{bufferSize} is this, or a body's rest
+    _reads = 0
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -627,18 +630,42 @@ class _Connection(Protocol):
                 end = head_end(data)
                 if end:
                     self._head_then_body(ex, data, end)
+                    self._size_reads(len(data))
                     return
         else:
-            if len(data) >= READ_GROW_AT:
-                grow_reads(self.transport, len(data))
             raw = self._raw
             if raw.left or (self._length is not None and self._start_raw()):
                 rest = raw.take(data)
                 if rest:
                     # bytes after the response, which nothing asked for
                     self.dataReceived(rest)
+                self._size_reads(len(data))
                 return
+            if len(data) >= READ_GROW_AT:
+                self._size_reads(len(data))
         self._feed(data)
+
+    def _size_reads(self, n: int) -> None:
+        """
+        After a read of C{n} bytes of a response: a read that filled the
+        connection's read size doubles it (up to L{MAX_READ}), and while
+        a Content-Length body bypasses the parser its rest is read whole
+        when it is a little more than that size (L{body_read_size}).
+        Transports without a C{bufferSize} (in-memory) are left alone.
+        """
+        t = self.transport
+        current = getattr(t, "bufferSize", None)
+        if current is None:
+            return
+        size = self._reads or current
+        if n >= size and size < MAX_READ:
+            size = min(size * 2, MAX_READ)
+        self._reads = size
+        left = self._raw.left
+        if left:
+            size = body_read_size(size, left)
+        if current != size:
+            t.bufferSize = size
 
     def _feed(self, data: bytes | memoryview, whole: bytes = b"") -> None:
         """
