@@ -617,6 +617,28 @@ class ViewPieceTests(SynchronousTestCase):
         self.assertEqual(s.value(), b"head" + BIG + BIG)
 
 
+    def test_transport_taking_views(self) -> None:
+        """
+        A transport that is not plain TCP but takes memoryviews (the TLS
+        connection) gets the pieces as they are, not copied.
+        """
+        seqs: list[list[Any]] = []
+        t = StringTransport()
+        t.takes_views = True  # type: ignore[attr-defined]
+        t.writeSequence = lambda seq: seqs.append(list(seq))  # type: ignore[method-assign]
+        self.batcher.write_pieces(t, (b"head", self.view))
+        self.assertEqual(len(seqs), 1)
+        self.assertIs(seqs[0][1], self.view)
+
+    def test_tls_transport_takes_views(self) -> None:
+        """
+        The TLS connection says it takes them.
+        """
+        from mproxy.tls.fasttls import FastTLSProtocol
+
+        self.assertTrue(FastTLSProtocol.takes_views)
+
+
 class RelayViewsTests(SynchronousTestCase):
     def test_http11_only(self) -> None:
         """

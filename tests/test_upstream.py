@@ -758,6 +758,70 @@ class ReadSizeTests(SynchronousTestCase):
         self.assertEqual(len(r.body()), size)
 
 
+    def test_head_with_body_read_grows(self) -> None:
+        """
+        A read that fills the buffer with a head and the start of its body
+        grows the read size too, so that the next such response (head and
+        64 KiB body) arrives in one read, not its last bytes in another.
+        """
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        t.bufferSize = 65536
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
+        proto.dataReceived(head + b"x" * (65536 - len(head)))
+        self.assertEqual(t.bufferSize, 131072)
+        proto.dataReceived(b"x" * len(head))
+        self.assertEqual(r.kinds()[-1], "done")
+        self.assertEqual(len(r.body()), 65536)
+        self.assertEqual(t.bufferSize, 131072)
+
+    def test_body_rest_read_whole(self) -> None:
+        """
+        The rest of a body a little larger than a read (by up to
+        READ_TAIL bytes: a head's worth) is read in one read; after the
+        body, reads are of the connection's size again.
+        """
+        from mproxy.http.reads import MAX_READ, READ_TAIL
+
+        h = Harness()
+        ex, r = h.request()
+        proto, t = h.connect()
+        t.bufferSize = MAX_READ
+        size = 2 * MAX_READ + 300
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        proto.dataReceived(b"x" * MAX_READ)
+        self.assertEqual(t.bufferSize, MAX_READ + 300)
+        proto.dataReceived(b"x" * (MAX_READ + 300))
+        self.assertEqual(r.kinds()[-1], "done")
+        self.assertEqual(len(r.body()), size)
+        self.assertEqual(t.bufferSize, MAX_READ)
+        # a rest more than READ_TAIL bytes beyond a read: reads as usual
+        ex, r = h.request()
+        size = 2 * MAX_READ + READ_TAIL + 1
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        proto.dataReceived(b"x" * MAX_READ)
+        self.assertEqual(t.bufferSize, MAX_READ)
+        proto.dataReceived(b"x" * MAX_READ)
+        self.assertEqual(t.bufferSize, MAX_READ)
+        proto.dataReceived(b"x" * (READ_TAIL + 1))
+        self.assertEqual(r.kinds()[-1], "done")
+        self.assertEqual(len(r.body()), size)
+
+    def test_body_read_size(self) -> None:
+        """
+        L{body_read_size}: a rest up to READ_TAIL bytes beyond the read
+        size is read whole; any other, at the read size.
+        """
+        from mproxy.http.reads import READ_TAIL, body_read_size
+
+        self.assertEqual(body_read_size(65536, 100), 65536)
+        self.assertEqual(body_read_size(65536, 65536), 65536)
+        self.assertEqual(body_read_size(65536, 65537), 65537)
+        self.assertEqual(body_read_size(65536, 65536 + READ_TAIL), 65536 + READ_TAIL)
+        self.assertEqual(body_read_size(65536, 65537 + READ_TAIL), 65536)
+
+
 class _NoFeed:
     """
     A parser that must not be fed.

@@ -22,7 +22,9 @@ L{WriteBatcher.write_pieces} sends a large chunk with its framing (a
 response head, chunk size lines) the same way, without joining them.
 A large piece (L{SEND_NOW} bytes or more) may be a memoryview of bytes (a
 body that arrived with its head, L{mproxy.http.rawbody}): what of it goes
-to Twisted, which takes only C{bytes}, is copied.
+to Twisted, which takes only C{bytes}, is copied; a transport whose
+C{takes_views} is true (the TLS connection of L{mproxy.tls.fasttls}) gets
+it as it is.
 
 Rule for users: once bytes for a transport may have gone through
 L{WriteBatcher.write}, call L{WriteBatcher.flush_transport} before any
@@ -151,7 +153,10 @@ class WriteBatcher:
                 return
             if buf:
                 transport.write(bytes(buf))
-            transport.writeSequence([_bytes(p) for p in pieces])
+            if getattr(transport, "takes_views", False):
+                transport.writeSequence(pieces)
+            else:
+                transport.writeSequence([_bytes(p) for p in pieces])
             return
         if buf:
             pieces = (bytes(buf),) + pieces

@@ -9,6 +9,12 @@ L{MAX_READ}; connections that read little never allocate more.
 
     if len(data) >= READ_GROW_AT:
         grow_reads(self.transport, len(data))
+
+A body whose length is known can have its last read fitted to it
+(L{body_read_size}): a response head shifts the end of a body past a
+multiple of the read size, and its last few bytes (as many as the head
+took from the first read) would otherwise come in a read of their own, and
+go on in a send (and a TLS record) of their own.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any
 MAX_READ = 262144
 #: reads this large may have filled the buffer (Twisted's default size)
 READ_GROW_AT = 65536
+#: the rest of a body at most this many bytes larger than a read is read
+#: in one read (more than most response heads)
+READ_TAIL = 8192
 
 
 def grow_reads(transport: Any, n: int) -> None:
@@ -30,3 +39,14 @@ def grow_reads(transport: Any, n: int) -> None:
     size = getattr(transport, "bufferSize", None)
     if size is not None and n >= size and size < MAX_READ:
         transport.bufferSize = min(size * 2, MAX_READ)
+
+
+def body_read_size(size: int, left: int) -> int:
+    """
+    The next read's size on a connection that reads C{size} bytes at a
+    time and has C{left} bytes of a body still to come: all of them when
+    they are at most L{READ_TAIL} bytes more than C{size}, else C{size}.
+    """
+    if size < left <= size + READ_TAIL:
+        return left
+    return size

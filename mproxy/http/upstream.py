@@ -1,10 +1,10 @@
-# -*- test-case-name: tests.test_upstream -*-
+# -*- test-case-name: tests.test_upstream,tests.test_upstream_handoff -*-
 """
 A small HTTP/1.1 client for talking to targets, with a keep-alive pool per
 target.
 
     pool = UpstreamPool(reactor, "10.0.0.5", 3000, *, max_idle=100,
-                        idle_reuse_limit=50.0)
+                        idle_reuse_limit=50.0, max_connecting=8)
     exchange = pool.request(b"GET", b"/path?q", headers, receiver, *,
                             body_length=0, timeout=30.0, fresh=False,
                             replay=None)
@@ -53,7 +53,20 @@ producer is given with L{UpstreamExchange.set_body_producer} and is paused
 while the target's socket is full.
 
 Connections are dialled with C{reactor.connectTCP} (names resolved by the
-reactor, IPv6 literals accepted).  Idle connections older than
+reactor, IPv6 literals accepted).  A request that finds no idle connection
+waits for one, oldest first: its own connect, started at once while fewer
+than C{max_connecting} (L{MAX_CONNECTING}) are in progress to the target,
+or the first connection released in the meantime (a response ended), or
+another request's connect made (a burst then needs far fewer new
+connections).  A connect whose request was served by another connection
+goes on for the next waiting request, else as a spare: taken over by the
+next request that finds no idle connection, or made and kept idle (closed
+when C{max_idle} are idle).  A request only fails on a connect made for it
+(a failed connect it took over is replaced by its own) or once it waited
+its whole connect timeout without a connection (a 504, as a connect timing
+out).  C{fresh} requests always connect at once, for themselves.
+C{close_idle} also stops the spare connects; after C{close} nothing is
+handed on and the waiting requests all connect.  Idle connections older than
 C{idle_reuse_limit}, or close to the idle timeout the target announced
 (C{Keep-Alive: timeout=N}: not re-used after N minus a margin of a tenth of
 N, at least 0.5 s), are closed instead of re-used, so the target rarely
@@ -67,6 +80,7 @@ every idle connection at shutdown.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import httptools
@@ -78,13 +92,16 @@ from zope.interface import implementer
 from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.rawbody import RawBody, head_end
-from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.reads import MAX_READ, READ_GROW_AT, body_read_size
 from mproxy.http.request import header_lines
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
 from mproxy.http.whole import parse_head, parse_whole
 
 
 MAX_PENDING_BODY = 65536
+#: connects in progress to one target at most; more requests wait for one
+#: of them, or for a busy connection to be released
+MAX_CONNECTING = 8
 #: idle connections older than this are not reused (servers drop them)
 IDLE_REUSE_LIMIT = 50.0
 #: an announced keep-alive timeout is cut by this share, at least
@@ -141,6 +158,8 @@ class UpstreamExchange:
 
     conn: _Connection | None = None
     connector: Any = None
+    #: when it began waiting for a connection (none was idle)
+    since = 0.0
     body_producer: Any = None
     responded = False
     done = False
@@ -316,6 +335,9 @@ class UpstreamExchange:
             return
         self.done = True
         self._disarm_timer()
+        pool = self.pool
+        if pool._waiting and pool._unwait(self):
+            self.connector = None  # (its connect went on for another request)
         c = self.connector
         if c is not None:
             self.connector = None
@@ -395,6 +417,9 @@ class _Connection(Protocol):
     _body_seen = 0
     _raw_keep_alive = False
     _raw_unparsed = False
+    #: the connection's read size, grown while reads fill it (0: the
+    #: transport's); its C{bufferSize} is this, or a body's rest
+    _reads = 0
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -411,11 +436,16 @@ class _Connection(Protocol):
         except Exception:
             pass
         ex, self._pending = self._pending, None
+        pool = self.pool
         if ex is None or ex.done:
-            self.pool._release(self)
-            return
-        ex.connector = None
-        self.start(ex, reused=False)
+            # a spare connect: the request it was made for is served
+            pool._release(self, reused=False)
+        else:
+            ex.connector = None
+            pool._waiting.pop(ex, None)
+            self.start(ex, reused=False)
+        if pool._unconnected:
+            pool._connect_next()
 
     def start(self, ex: UpstreamExchange, reused: bool) -> None:
         self.exchange = ex
@@ -600,18 +630,42 @@ class _Connection(Protocol):
                 end = head_end(data)
                 if end:
                     self._head_then_body(ex, data, end)
+                    self._size_reads(len(data))
                     return
         else:
-            if len(data) >= READ_GROW_AT:
-                grow_reads(self.transport, len(data))
             raw = self._raw
             if raw.left or (self._length is not None and self._start_raw()):
                 rest = raw.take(data)
                 if rest:
                     # bytes after the response, which nothing asked for
                     self.dataReceived(rest)
+                self._size_reads(len(data))
                 return
+            if len(data) >= READ_GROW_AT:
+                self._size_reads(len(data))
         self._feed(data)
+
+    def _size_reads(self, n: int) -> None:
+        """
+        After a read of C{n} bytes of a response: a read that filled the
+        connection's read size doubles it (up to L{MAX_READ}), and while
+        a Content-Length body bypasses the parser its rest is read whole
+        when it is a little more than that size (L{body_read_size}).
+        Transports without a C{bufferSize} (in-memory) are left alone.
+        """
+        t = self.transport
+        current = getattr(t, "bufferSize", None)
+        if current is None:
+            return
+        size = self._reads or current
+        if n >= size and size < MAX_READ:
+            size = min(size * 2, MAX_READ)
+        self._reads = size
+        left = self._raw.left
+        if left:
+            size = body_read_size(size, left)
+        if current != size:
+            t.bufferSize = size
 
     def _feed(self, data: bytes | memoryview, whole: bytes = b"") -> None:
         """
@@ -802,31 +856,69 @@ class _Connection(Protocol):
 
 
 class _ConnectFactory(ClientFactory):
+    """
+    One connect, made for C{exchange}.  When that request is served by
+    another connection first, the connect goes on for another waiting
+    request (which takes it over: C{adopted}) or as the pool's spare
+    (C{exchange} is C{None}), for the next request or the idle set.
+    """
+
     noisy = False
+    connector: Any = None
+    #: not connected nor failed yet (counted in the pool's connects)
+    pending = True
+    #: C{exchange} took this connect over: it was not made for it
+    adopted = False
 
     def __init__(self, pool: UpstreamPool, exchange: UpstreamExchange) -> None:
         self.pool = pool
         self.exchange: UpstreamExchange | None = exchange
 
     def buildProtocol(self, addr: Any) -> _Connection:
-        c = _Connection(self.pool)
-        c._pending = self.exchange
+        pool = self.pool
+        if self.pending:
+            self.pending = False
+            pool._connecting -= 1
+        c = _Connection(pool)
+        ex = c._pending = self.exchange
+        if ex is None:
+            pool._spare.pop(self, None)
         # the connector keeps its factory as long as the connection lasts:
         # it must not keep the connection's first request alive with it
         self.exchange = None
+        self.connector = None
         return c
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        self.connector = None
+        pool = self.pool
+        pool._connecting -= 1
         ex = self.exchange
+        self.exchange = None
         if ex is None:
-            return  # connected (and failing later is not a connect failure)
+            # a spare connect: no request is waiting for it
+            pool._spare.pop(self, None)
+            pool._connect_next()
+            return
         ex.connector = None
+        if not ex.done and self.adopted and not pool.closed:
+            # a connect the request took over, not its own: it gets one
+            # for the rest of its connect timeout
+            left = (ex.timeout or 30) - (pool.reactor.seconds() - ex.since)
+            if left > 0:
+                pool._waiting[ex] = pool._connect(ex, left)
+                return
+        pool._waiting.pop(ex, None)
+        pool._connect_next()
         if ex.done:
             return
         if reason.check(_error.TimeoutError):
-            ex._fail(504, f"timed out connecting to {self.pool.address}", NOT_CONNECTED)
+            ex._fail(504, f"timed out connecting to {pool.address}", NOT_CONNECTED)
         else:
-            ex._fail(502, f"unable to connect to {self.pool.address}: {reason.getErrorMessage()}",
+            ex._fail(502, f"unable to connect to {pool.address}: {reason.getErrorMessage()}",
                      NOT_CONNECTED)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
@@ -842,17 +934,29 @@ class UpstreamPool:
     """
 
     def __init__(self, reactor: Any, host: str, port: int, *, max_idle: int = 100,
-                 idle_reuse_limit: float = IDLE_REUSE_LIMIT) -> None:
+                 idle_reuse_limit: float = IDLE_REUSE_LIMIT,
+                 max_connecting: int = MAX_CONNECTING) -> None:
         self.reactor = reactor
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_idle = max_idle
         self.idle_reuse_limit = idle_reuse_limit
+        self.max_connecting = max_connecting
         self.closed = False
         self.batcher = batcher_for(reactor)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        #: requests waiting for a connection, oldest first, each with the
+        #: connect it waits for (C{None}: none yet, L{_unconnected})
+        self._waiting: OrderedDict[UpstreamExchange, _ConnectFactory | None] = OrderedDict()
+        #: the waiting requests without a connect, oldest first
+        self._unconnected: OrderedDict[UpstreamExchange, None] = OrderedDict()
+        #: connects whose request was served by another connection
+        self._spare: OrderedDict[_ConnectFactory, None] = OrderedDict()
+        #: connects in progress
+        self._connecting = 0
+        self._queue_timer: Any = None
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 receiver: Any, *, body_length: int = 0, timeout: float = 30.0,
@@ -890,13 +994,126 @@ class UpstreamPool:
         if self.closed:
             ex._fail(502, "target removed")
             return
-        f = _ConnectFactory(self, ex)
-        ex.connector = self.reactor.connectTCP(self.host, self.port, f,
-                                               timeout=ex.timeout or 30)
+        if fresh:
+            self._connect(ex, ex.timeout or 30)
+            return
+        ex.since = self.reactor.seconds()
+        spare = self._spare
+        if spare:
+            # a connect made for a request already served: take it over
+            # rather than start one more
+            f, _ = spare.popitem(last=False)
+            self._adopt(f, ex)
+        elif self._connecting < self.max_connecting:
+            self._waiting[ex] = self._connect(ex, ex.timeout or 30)
+        else:
+            # enough connects are under way: the first of them made, or of
+            # the busy connections released, serves it
+            self._waiting[ex] = None
+            self._unconnected[ex] = None
+            if self._queue_timer is None:
+                self._queue_timer = self.reactor.callLater(ex.timeout or 30,
+                                                           self._queue_expired)
 
-    def _release(self, conn: _Connection) -> None:
+    def _connect(self, ex: UpstreamExchange, timeout: float) -> _ConnectFactory:
+        self._connecting += 1
+        f = _ConnectFactory(self, ex)
+        ex.connector = f.connector = self.reactor.connectTCP(self.host, self.port, f,
+                                                             timeout=timeout)
+        return f
+
+    def _adopt(self, f: _ConnectFactory, ex: UpstreamExchange) -> None:
+        """
+        C{ex} waits for the connect C{f}, made for another request.
+        """
+        f.exchange = ex
+        f.adopted = True
+        ex.connector = f.connector
+        self._waiting[ex] = f
+
+    def _free(self, f: _ConnectFactory) -> None:
+        """
+        The request the connect C{f} was for is served (or gone): the
+        oldest request waiting without a connect takes it over, else it
+        goes on as a spare.
+        """
+        f.exchange = None
+        unconnected = self._unconnected
+        while unconnected:
+            ex, _ = unconnected.popitem(last=False)
+            if not ex.done and ex in self._waiting:
+                self._adopt(f, ex)
+                return
+        self._spare[f] = None
+
+    def _unwait(self, ex: UpstreamExchange) -> bool:
+        """
+        C{ex} no longer waits (abandoned); C{True} if the connect it waited
+        for goes on for another request.
+        """
+        if ex not in self._waiting:
+            return False
+        f = self._waiting.pop(ex)
+        if f is None:
+            self._unconnected.pop(ex, None)
+            return False
+        if self._unconnected:
+            self._free(f)
+            return True
+        return False
+
+    def _connect_next(self) -> None:
+        """
+        Connects for the oldest requests waiting without one, as far as
+        L{max_connecting} allows (any number once the pool is closed: no
+        connection is handed on then).
+        """
+        unconnected = self._unconnected
+        waiting = self._waiting
+        now = -1.0
+        while unconnected and (self._connecting < self.max_connecting or self.closed):
+            ex, _ = unconnected.popitem(last=False)
+            if ex.done or ex not in waiting:
+                continue
+            if now < 0:
+                now = self.reactor.seconds()
+            left = (ex.timeout or 30) - (now - ex.since)
+            if left <= 0:
+                del waiting[ex]
+                ex._fail(504, f"timed out connecting to {self.address}", NOT_CONNECTED)
+                continue
+            waiting[ex] = self._connect(ex, left)
+
+    def _queue_expired(self) -> None:
+        """
+        Requests that waited their whole connect timeout without getting a
+        connect fail as a connect timing out would.
+        """
+        self._queue_timer = None
+        unconnected = self._unconnected
+        waiting = self._waiting
+        now = self.reactor.seconds()
+        while unconnected:
+            ex = next(iter(unconnected))
+            if ex.done or ex not in waiting:
+                del unconnected[ex]
+                continue
+            deadline = ex.since + (ex.timeout or 30)
+            if deadline > now:
+                self._queue_timer = self.reactor.callLater(deadline - now, self._queue_expired)
+                return
+            del unconnected[ex]
+            del waiting[ex]
+            ex._fail(504, f"timed out connecting to {self.address}", NOT_CONNECTED)
+
+    def _release(self, conn: _Connection, reused: bool = True) -> None:
+        """
+        C{conn} is free (C{reused}: after a response; else newly made): the
+        oldest request still waiting for a connection takes it, else it
+        goes to the idle set if there is room.
+        """
         self._busy.discard(conn)
-        if self.closed or len(self._idle) >= self.max_idle or conn.lost:
+        if self.closed or conn.lost:
             conn.transport.loseConnection()
             return
         limit = self.idle_reuse_limit
@@ -908,6 +1125,21 @@ class UpstreamPool:
                 return
             if ka < limit:
                 limit = ka
+        waiting = self._waiting
+        while waiting:
+            ex, f = waiting.popitem(last=False)
+            if f is None:
+                self._unconnected.pop(ex, None)
+            else:
+                # its connect goes on, for whoever needs a connection next
+                ex.connector = None
+                self._free(f)
+            if not ex.done:
+                conn.start(ex, reused)
+                return
+        if len(self._idle) >= self.max_idle:
+            conn.transport.loseConnection()
+            return
         conn.idle_until = self.reactor.seconds() + limit
         self._idle.append(conn)
 
@@ -926,13 +1158,43 @@ class UpstreamPool:
     def busy_count(self) -> int:
         return len(self._busy)
 
+    @property
+    def waiting_count(self) -> int:
+        """
+        Requests waiting for a connection (that a released one would serve).
+        """
+        return len(self._waiting)
+
+    @property
+    def connecting_count(self) -> int:
+        """
+        Connects in progress.
+        """
+        return self._connecting
+
+    @property
+    def spare_count(self) -> int:
+        """
+        Connects in progress whose request was served by another connection.
+        """
+        return len(self._spare)
+
     def close_idle(self) -> None:
         """
-        Close every idle keep-alive connection (busy ones stay).
+        Close every idle keep-alive connection and stop the spare connects
+        (busy connections, and the connects of waiting requests, stay).
         """
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.transport.loseConnection()
+        spare, self._spare = self._spare, OrderedDict()
+        for f in spare:
+            c, f.connector = f.connector, None
+            if c is not None:
+                try:
+                    c.stopConnecting()
+                except _error.NotConnectingError:
+                    pass
 
     def close(self) -> None:
         """
@@ -941,6 +1203,7 @@ class UpstreamPool:
         """
         self.closed = True
         self.close_idle()
+        self._connect_next()
 
 
 class PoolRegistry:
