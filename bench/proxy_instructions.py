@@ -188,6 +188,9 @@ def main(argv=None) -> int:
                     help="the requests sent (proxy_cpu.py's workloads; HTTP/1.1 only)")
     ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
     ap.add_argument("--load-cpu", type=int, default=1, help="CPU for the upstream (-1: no pin)")
+    ap.add_argument("--keep-tmp", action="store_true",
+                    help="keep the temporary directory (the callgrind.out files, for "
+                         "callgrind_annotate)")
     ap.add_argument("--slow-health", action="store_true",
                     help="deploy with --health-check-interval 1h (trees that accept it)")
     args = ap.parse_args(argv)
@@ -225,7 +228,10 @@ def main(argv=None) -> int:
                 results[name] = (full - base) / args.requests
                 C.log(f"{name}: {results[name]:,.0f} instructions per request")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep_tmp:
+            C.log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print()
     _, upload, download = WORKLOADS[args.workload]
     mib = (upload or download or 0) / 1048576
