@@ -458,6 +458,146 @@ class DirectTests(SynchronousTestCase):
             self.reactor.advance(0)
         self.assertEqual(b"".join(app.received), body)
 
+    def busy(self, app: Recorder) -> None:
+        """
+        Make the connection a busy one (its large read buffer), as a first
+        large read does.
+        """
+        self.client.write(b"b" * 65536)
+        self.send_client()
+        self.server_read()
+        self.assertTrue(self.server._io.grown_reads)
+        del app.received[:]
+
+    def send_all(self, data: bytes) -> None:
+        while data:
+            try:
+                n = self.theirs.send(data)
+            except BlockingIOError:
+                n = 0
+            data = data[n:]
+            self.server_read()
+        self.server_read()
+
+    def record_fillings(self) -> list:
+        made = []
+
+        class Recording(fasttls.Filling):
+            __slots__ = ()
+
+            def __init__(self, size: int) -> None:
+                super().__init__(size)
+                made.append(size)
+
+        self.patch(fasttls, "Filling", Recording)
+        return made
+
+    def test_bulkReadIntoOneObject(self) -> None:
+        """
+        On a busy connection, a socket event that starts with a full
+        record reads the records that follow into one object (up to
+        MAX_READ_EVENT bytes); every byte arrives in order.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        body = bytes(range(256)) * 4096  # 1 MiB
+        self.client.write(body)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(made)
+        self.assertEqual(set(made), {fasttls.MAX_READ_EVENT})
+        self.assertTrue(all(type(p) is bytes and len(p) <= fasttls.MAX_READ_EVENT
+                            for p in app.received))
+        # fewer pieces than records
+        self.assertLess(len(app.received), len(body) // 16384)
+
+    def test_smallReadNotBulk(self) -> None:
+        """
+        A read that starts with less than a full record (a request head)
+        is read record by record, as before.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        self.client.write(b"GET / HTTP/1.1\r\n\r\n")
+        self.send_client()
+        self.server_read()
+        self.assertEqual(app.received, [b"GET / HTTP/1.1\r\n\r\n"])
+        self.assertEqual(made, [])
+
+    def test_bulkWithoutFilling(self) -> None:
+        """
+        Where bytes cannot be filled in place, large reads go record by
+        record and join.
+        """
+        self.patch(fasttls, "fill_available", lambda: False)
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        body = bytes(range(256)) * 1024
+        self.client.write(body)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), body)
+        self.assertEqual(made, [])
+
+    def test_bulkThenCloseNotify(self) -> None:
+        """
+        close_notify after full records, in the same read: the data is
+        delivered, then the connection closes.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        body = b"c" * 100000
+        self.client.write(body)
+        try:
+            self.client.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.send_client()
+        self.server_read()
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(self.t.disconnecting)
+        self.assertTrue(made)
+
+    def test_bulkThenCorruptRecord(self) -> None:
+        """
+        A record that does not decrypt after full ones: the records before
+        it are delivered, then the connection is lost with the TLS error.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        body = b"d" * 65536
+        self.client.write(body)
+        good = self.cout.read()
+        self.client.write(b"x" * 100)
+        bad = bytearray(self.cout.read())
+        bad[-1] ^= 1
+        self.theirs.sendall(good + bytes(bad))
+        self.assertTrue(self.server_read())
+        self.assertEqual(b"".join(app.received), body)
+        app.lost[0].trap(ssl.SSLError)
+        self.assertTrue(made)
+
+    def test_bulkThenEOF(self) -> None:
+        """
+        The client closing TCP after full records: they are delivered,
+        then the connection is lost as a clean close.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        body = b"e" * 50000
+        self.client.write(body)
+        self.send_client()
+        self.theirs.shutdown(socket.SHUT_WR)
+        why = self.server_read()
+        self.assertEqual(b"".join(app.received), body)
+        self.assertIsInstance(why, ConnectionDone)
+        self.assertTrue(made)
+
 
 class AttachTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -64,6 +64,8 @@ from mproxy.http.batch import DIRECT_TYPES
 from mproxy.http.reads import MAX_READ, READ_GROW_AT, grow_reads
 from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
+from mproxy.tls.fill import Filling
+from mproxy.tls.fill import available as fill_available
 from mproxy.tls.sslbio import DirectIO, attach
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
@@ -81,6 +83,9 @@ SEPARATE_AT = 16384
 #: TCP connection (mproxy.http.reads.MAX_READ), so the HTTP layer sees the
 #: same sizes over both
 MAX_READ_EVENT = MAX_READ
+#: a first record this large (a full one) on a busy connection starts a
+#: bulk read: the event's records decrypted into one object
+BULK_RECORD = 16384
 #: a flush of this many bytes gives the connection's buffering BIO its
 #: large write buffer
 GROW_AT = 32768
@@ -386,9 +391,7 @@ class FastTLSProtocol(Protocol):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLWantWriteError:
-                # a reply OpenSSL must send first (a key update)
-                self._want_write = True
-                self.transport.startWriting()
+                self._wants_write()
                 break
             except ssl.SSLEOFError:
                 why = CONNECTION_DONE
@@ -406,6 +409,10 @@ class FastTLSProtocol(Protocol):
                 break
             total += len(chunk)
             if first is None:
+                if total >= BULK_RECORD and io.grown_reads and fill_available():
+                    # a full record on a busy connection: a large body on
+                    # its way, read into one object
+                    return self._read_bulk(chunk)
                 first = chunk
             elif more is None:
                 more = [first, chunk]
@@ -426,6 +433,66 @@ class FastTLSProtocol(Protocol):
         if why is None and closed:
             self.loseConnection()
         return why
+
+    def _read_bulk(self, first: bytes) -> Any:
+        """
+        The rest of L{_do_read} once a full record came first: C{first}
+        and the records after it, up to L{MAX_READ_EVENT} bytes, decrypted
+        into one C{bytes} (L{mproxy.tls.fill}) instead of one per record
+        and a join; no question to OpenSSL per record (a failed read ends
+        the event).  Handed to the protocol in one call, as there.
+        """
+        io = self._io
+        assert io is not None
+        sslobj = self._ssl
+        size = MAX_READ_EVENT
+        filling = Filling(size)
+        view = filling.view
+        total = len(first)
+        view[:total] = first
+        del first
+        why: Any = None
+        closed = False
+        read = sslobj.read
+        while total < size:
+            try:
+                n = read(size - total, view[total:])
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                self._wants_write()
+                break
+            except ssl.SSLEOFError:
+                why = CONNECTION_DONE
+                break
+            except ssl.SSLError as e:
+                self._reason = Failure(e)
+                why = CONNECTION_LOST
+                break
+            except OSError:
+                why = CONNECTION_LOST
+                break
+            if not n:
+                closed = True  # close_notify from the client
+                break
+            total += n
+        else:
+            if sslobj.pending() or io.unread():
+                # decrypted or read already: the socket will not signal it
+                self.factory.reader.add(self)
+        del view
+        self._deliver(filling.take(total))
+        if why is None and closed:
+            self.loseConnection()
+        return why
+
+    def _wants_write(self) -> None:
+        """
+        A read needs the socket writable first: a reply OpenSSL must send
+        (a key update).
+        """
+        self._want_write = True
+        self.transport.startWriting()
 
     def _read_later(self) -> None:
         """
