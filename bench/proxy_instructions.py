@@ -189,8 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (-1: no pin)")
     ap.add_argument("--load-cpu", type=int, default=1, help="CPU for the upstream (-1: no pin)")
     ap.add_argument("--keep-tmp", action="store_true",
-                    help="keep the temporary directory (the callgrind.out files, for "
-                         "callgrind_annotate)")
+                    help="keep the temp dir (the callgrind.out files, for callgrind_annotate)")
     ap.add_argument("--slow-health", action="store_true",
                     help="deploy with --health-check-interval 1h (trees that accept it)")
     args = ap.parse_args(argv)

@@ -40,7 +40,8 @@ from proxy_cpu import (  # noqa: E402
 
 #: the system calls counted one by one (the total is counted too)
 SYSCALLS = ("read", "recvfrom", "recvmsg", "readv", "write", "sendto", "sendmsg", "writev",
-            "epoll_wait", "epoll_pwait", "epoll_ctl", "futex", "nanosleep", "getpid")
+            "epoll_wait", "epoll_pwait", "epoll_ctl", "futex", "nanosleep", "getpid", "mmap",
+            "munmap", "mremap", "brk")
 SOCKET_IO = ("read", "recvfrom", "recvmsg", "readv", "write", "sendto", "sendmsg", "writev")
 
 
@@ -69,7 +70,8 @@ def split_times(pids: list[int]) -> tuple[float, float]:
 
 
 def perf_stat(tids: list[int], duration: float, out: Path) -> subprocess.Popen:
-    events = ["task-clock", "context-switches", "cpu-migrations", "raw_syscalls:sys_enter"]
+    events = ["task-clock", "context-switches", "cpu-migrations", "page-faults",
+              "raw_syscalls:sys_enter"]
     events += [f"syscalls:sys_enter_{n}" for n in SYSCALLS]
     available = Path("/sys/kernel/tracing/available_events")
     if available.exists():
@@ -208,7 +210,7 @@ def measure_target(name: str, tmp: Path, upstream, up_port: int, body: bytes, ar
 
 def report(results: list[dict], per_mib: bool) -> str:
     unit = "MiB" if per_mib else "request"
-    keys = ["task-clock", "context-switches", "cpu-migrations", "syscalls"] + list(SYSCALLS)
+    keys = ["task-clock", "context-switches", "cpu-migrations", "page-faults", "syscalls"] + list(SYSCALLS)
     keys = [k for k in keys if any(r["counts"].get(k) for r in results)]
     width = max(len(r["target"]) for r in results) + 2
     lines = [f"per {unit}:".ljust(22) + "".join(r["target"].rjust(width) for r in results)]
@@ -266,7 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="alternate the targets this many times")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args(argv)
+    # proxy_cpu.set_workload's settings for the rate workload (not run here)
     args.realtime = 0
+    args.awake = 0
     args.rate_duration = args.duration
     C.install_signal_handlers()
     for tool in ("wrk", "nginx", "perf") + (("strace", "ss") if args.strace else ()):

@@ -460,9 +460,9 @@ class _Connection(Protocol):
             data += ex._take_pending()
         self.pool.batcher.write(self.transport, data)
         if ex.body_ended:
-            # (a body queued whole while connecting may have paused its
-            # producer)
-            ex._resume_body()
+            if ex._producer_paused:
+                # a body queued whole while connecting paused its producer
+                ex._resume_body()
             ex._arm_timer()
         elif ex.body_producer is not None:
             self._register_body_producer(ex.body_producer)

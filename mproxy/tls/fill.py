@@ -37,11 +37,16 @@ _DATA = bytes.__basicsize__ - 1
 _new: Any = None
 _resize: Any = None
 _decref: Any = None
+_view: Any = None
+#: where take() puts an address to read the object from
+_slot = ctypes.c_void_p()
+_slot_object = ctypes.py_object.from_address(ctypes.addressof(_slot))
+_PyBUF_WRITE = 0x200
 _loaded = False
 
 
 def _load() -> bool:
-    global _new, _resize, _decref, _loaded
+    global _new, _resize, _decref, _view, _loaded
     if _loaded:
         return _new is not None
     _loaded = True
@@ -52,6 +57,7 @@ def _load() -> bool:
         new = api.PyBytes_FromStringAndSize
         resize = api._PyBytes_Resize
         decref = api.Py_DecRef
+        view = api.PyMemoryView_FromMemory
     except AttributeError:
         return False
     # plain addresses, not py_object: a py_object keeps its own reference
@@ -63,7 +69,9 @@ def _load() -> bool:
     resize.restype = ctypes.c_int
     decref.argtypes = [ctypes.c_void_p]
     decref.restype = None
-    _new, _resize, _decref = new, resize, decref
+    view.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    view.restype = ctypes.py_object
+    _new, _resize, _decref, _view = new, resize, decref, view
     # the probe: written through the view, shrunk (which moves a small
     # object), equal to what was written, and referenced once
     try:
@@ -74,7 +82,7 @@ def _load() -> bool:
     except Exception:
         ok = False
     if not ok:
-        _new = _resize = _decref = None
+        _new = _resize = _decref = _view = None
     return ok
 
 
@@ -96,11 +104,10 @@ class Filling:
     def __init__(self, size: int) -> None:
         # the address of a new object whose one reference is this Filling's
         # until take()
-        ptr = ctypes.c_void_p(_new(None, size))
-        self._ptr: ctypes.c_void_p | None = ptr
+        ptr = _new(None, size)
+        self._ptr: int | None = ptr
         self._size = size
-        array = (ctypes.c_char * size).from_address(ptr.value + _DATA)
-        self.view = memoryview(array).cast("B")
+        self.view: memoryview = _view(ptr + _DATA, size, _PyBUF_WRITE)
 
     def take(self, n: int) -> bytes:
         """
@@ -110,10 +117,13 @@ class Filling:
         self.view.release()
         ptr, self._ptr = self._ptr, None
         assert ptr is not None
+        slot = _slot
+        slot.value = ptr
         if n != self._size:
-            _resize(ctypes.byref(ptr), n)  # moves it, or raises (then freed)
-        obj = ctypes.cast(ptr, ctypes.py_object).value
-        _decref(ptr)  # the reference is obj's now
+            _resize(ctypes.byref(slot), n)  # may move it; raises (then freed)
+        obj = _slot_object.value  # a reference of its own
+        _decref(slot.value)  # the Filling's
+        slot.value = None
         return obj
 
     def __del__(self) -> None:
