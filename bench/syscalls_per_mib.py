@@ -354,7 +354,9 @@ def main(argv=None) -> int:
         label, _, directory = spec.partition("=")
         args.mproxy_trees[label] = PC.tree_command(directory)
     args.multi = None
+    # proxy_cpu.py's settings that its helpers read (off here)
     args.realtime = 0
+    args.awake = 0
     args.rate = 1000
     args.rate_duration = args.duration
     targets = [t for t in args.targets.split(",") if t]

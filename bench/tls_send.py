@@ -23,6 +23,7 @@ import argparse
 import os
 import resource
 import select
+import shutil
 import socket
 import ssl
 import statistics
@@ -143,16 +144,19 @@ def main(argv=None) -> int:
     pin = C.pin_prefix(args.receiver_cpu)
     os.sched_setaffinity(0, {args.sender_cpu})
     tmp = Path(tempfile.mkdtemp(prefix="tls-send-"))
-    cert = C.make_cert(tmp)
     sizes = [int(x) for x in args.write_buffer.split(",")]
     results: dict[int, list[dict]] = {s: [] for s in sizes}
-    for rnd in range(args.rounds):
-        for s in (sizes if rnd % 2 == 0 else sizes[::-1]):
-            r = send_once(sslbio, cert, s, args.piece, args.mib, pin)
-            results[s].append(r)
-            print(f"round {rnd + 1} write buffer {s}: user {r['user_ms']:.3f} sys "
-                  f"{r['sys_ms']:.3f} ms/MiB, {r['writes']:.1f} writes/MiB, "
-                  f"{r['mib_s']:.0f} MiB/s", file=sys.stderr)
+    try:
+        cert = C.make_cert(tmp)
+        for rnd in range(args.rounds):
+            for s in (sizes if rnd % 2 == 0 else sizes[::-1]):
+                r = send_once(sslbio, cert, s, args.piece, args.mib, pin)
+                results[s].append(r)
+                print(f"round {rnd + 1} write buffer {s}: user {r['user_ms']:.3f} sys "
+                      f"{r['sys_ms']:.3f} ms/MiB, {r['writes']:.1f} writes/MiB, "
+                      f"{r['mib_s']:.0f} MiB/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"piece {args.piece} B, {args.mib} MiB per run, medians of {args.rounds}:")
     for s, rs in results.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
