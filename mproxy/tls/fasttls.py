@@ -390,19 +390,8 @@ class FastTLSProtocol(Protocol):
                 chunk = sslobj.read(READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLWantWriteError:
-                self._wants_write()
-                break
-            except ssl.SSLEOFError:
-                why = CONNECTION_DONE
-                break
-            except ssl.SSLError as e:
-                # OpenSSL has sent its alert
-                self._reason = Failure(e)
-                why = CONNECTION_LOST
-                break
-            except OSError:
-                why = CONNECTION_LOST
+            except OSError as e:
+                why = self._read_failed(e)
                 break
             if not chunk:
                 closed = True  # close_notify from the client
@@ -459,18 +448,8 @@ class FastTLSProtocol(Protocol):
                 n = read(size - total, view[total:])
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLWantWriteError:
-                self._wants_write()
-                break
-            except ssl.SSLEOFError:
-                why = CONNECTION_DONE
-                break
-            except ssl.SSLError as e:
-                self._reason = Failure(e)
-                why = CONNECTION_LOST
-                break
-            except OSError:
-                why = CONNECTION_LOST
+            except OSError as e:
+                why = self._read_failed(e)
                 break
             if not n:
                 closed = True  # close_notify from the client
@@ -485,6 +464,22 @@ class FastTLSProtocol(Protocol):
         if why is None and closed:
             self.loseConnection()
         return why
+
+    def _read_failed(self, e: OSError) -> Any:
+        """
+        What a read from the socket that raised C{e} means for the
+        connection: C{None} if it goes on (a reply OpenSSL must send first:
+        the socket is watched for writing), else why it ends.
+        """
+        if isinstance(e, ssl.SSLWantWriteError):
+            self._wants_write()
+            return None
+        if isinstance(e, ssl.SSLEOFError):
+            return CONNECTION_DONE
+        if isinstance(e, ssl.SSLError):
+            # OpenSSL has sent its alert
+            self._reason = Failure(e)
+        return CONNECTION_LOST
 
     def _wants_write(self) -> None:
         """
