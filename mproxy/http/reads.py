@@ -37,8 +37,21 @@ def grow_reads(transport: Any, n: int) -> None:
     C{bufferSize} (TLS, in-memory) are left alone.
     """
     size = getattr(transport, "bufferSize", None)
-    if size is not None and n >= size and size < MAX_READ:
-        transport.bufferSize = min(size * 2, MAX_READ)
+    if size is not None:
+        grown = grown_size(size, n)
+        if grown != size:
+            transport.bufferSize = grown
+
+
+def grown_size(size: int, n: int) -> int:
+    """
+    The read size after a read of C{n} bytes on a connection that reads
+    C{size} bytes at a time: twice as much when the read filled it (up to
+    L{MAX_READ}), else the same.
+    """
+    if n >= size and size < MAX_READ:
+        return min(size * 2, MAX_READ)
+    return size
 
 
 def body_read_size(size: int, left: int) -> int:

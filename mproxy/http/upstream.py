@@ -92,7 +92,7 @@ from zope.interface import implementer
 from mproxy.http.batch import SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.rawbody import RawBody, head_end
-from mproxy.http.reads import MAX_READ, READ_GROW_AT, body_read_size
+from mproxy.http.reads import READ_GROW_AT, body_read_size, grown_size
 from mproxy.http.request import header_lines
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
 from mproxy.http.whole import parse_head, parse_whole
@@ -657,10 +657,7 @@ class _Connection(Protocol):
         current = getattr(t, "bufferSize", None)
         if current is None:
             return
-        size = self._reads or current
-        if n >= size and size < MAX_READ:
-            size = min(size * 2, MAX_READ)
-        self._reads = size
+        self._reads = size = grown_size(self._reads or current, n)
         left = self._raw.left
         if left:
             size = body_read_size(size, left)
