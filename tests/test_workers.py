@@ -706,7 +706,7 @@ class OneAcceptTests(SynchronousTestCase):
                              header_timeout=30, idle_timeout=60, sockets={})
         self.assertEqual(old.acceptors, 0)
 
-    def test_worker_takes_its_share(self) -> None:
+    def test_sole_worker_takes_the_whole_queue(self) -> None:
         import socket
 
         listener = self.listening_with_clients(2)
