@@ -66,7 +66,13 @@ from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
 from mproxy.tls.fill import Filling
 from mproxy.tls.fill import available as fill_available
-from mproxy.tls.sslbio import DirectIO, attach
+from mproxy.tls.sslbio import (
+    BULK_MIN,
+    READ_WANTS_READ,
+    READ_WANTS_WRITE,
+    DirectIO,
+    attach,
+)
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
 
@@ -428,8 +434,10 @@ class FastTLSProtocol(Protocol):
         The rest of L{_do_read} once a full record came first: C{first}
         and the records after it, up to L{MAX_READ_EVENT} bytes, decrypted
         into one C{bytes} (L{mproxy.tls.fill}) instead of one per record
-        and a join; no question to OpenSSL per record (a failed read ends
-        the event).  Handed to the protocol in one call, as there.
+        and a join, by one call into OpenSSL for all of them
+        (L{DirectIO.read_into}) where it can, else one C{read} per record;
+        no question to OpenSSL per record (a failed read ends the event).
+        Handed to the protocol in one call, as there.
         """
         io = self._io
         assert io is not None
@@ -443,6 +451,15 @@ class FastTLSProtocol(Protocol):
         why: Any = None
         closed = False
         read = sslobj.read
+        if size - total >= BULK_MIN:
+            n, state = io.read_into(filling.address + total, size - total)
+            total += n
+            if state == READ_WANTS_READ:
+                size = total  # the socket is drained: no read below
+            elif state == READ_WANTS_WRITE:
+                self._wants_write()
+                size = total
+            # READ_FULL: done; READ_ENDED: the read below says why
         while total < size:
             try:
                 n = read(size - total, view[total:])
@@ -456,7 +473,7 @@ class FastTLSProtocol(Protocol):
                 break
             total += n
         else:
-            if sslobj.pending() or io.unread():
+            if total >= MAX_READ_EVENT and (sslobj.pending() or io.unread()):
                 # decrypted or read already: the socket will not signal it
                 self.factory.reader.add(self)
         del view
