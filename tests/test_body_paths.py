@@ -812,6 +812,34 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertTrue(c.output().endswith(b"\r\n\r\n10"))
         self.assertFalse(c.transport.disconnecting)
 
+    def test_transport_told_body_left(self) -> None:
+        """
+        A transport with C{fit_reads} is told, after each piece that
+        bypasses the parser, how many bytes of the Content-Length body are
+        still to come (0 once it is complete); not for a chunked body,
+        whose length is not known.
+        """
+        told: list[int] = []
+
+        class Fitting(StringTransport):
+            def fit_reads(self, left: int) -> None:
+                told.append(left)
+
+        from mproxy.http.server import ProxySite
+
+        site = ProxySite(_Recorder(), MemoryReactorClock())
+        ch = site.buildProtocol(None)
+        t = Fitting()
+        ch.makeConnection(t)
+        ch.dataReceived(POST10 + b"ab")
+        ch.dataReceived(b"cdef")
+        ch.dataReceived(b"ghij")
+        self.assertEqual(told, [4, 0])
+        ch.dataReceived(b"POST /two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(told, [4, 0])
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 OK"), 2)
+
     def test_following_requests_parsed(self) -> None:
         """
         Requests after such a body, in the same read as its end or later,

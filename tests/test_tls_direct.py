@@ -684,6 +684,55 @@ class DirectTests(SynchronousTestCase):
         self.send_all(self.cout.read())
         self.assertEqual(b"".join(app.received), first + second + b"t" * 40000)
 
+    def upload_at_once(self, data: bytes) -> None:
+        """
+        Send C{data} from the client so that the server's socket holds
+        all of it before it reads.
+        """
+        self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        self.t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.client.write(data)
+        out = self.cout.read()
+        self.theirs.setblocking(True)
+        self.theirs.sendall(out)
+        self.theirs.setblocking(False)
+
+    def test_fittedReadTakesBodyRest(self) -> None:
+        """
+        Told that a little more than an event's bytes are still to come
+        (fit_reads), a bulk read takes all of them in one event, instead
+        of leaving the last few for a read of their own.
+        """
+        app = self.connect()
+        self.busy(app)
+        rest = fasttls.MAX_READ_EVENT + 150
+        body = bytes(range(256)) * (rest // 256) + b"t" * (rest % 256)
+        self.server.fit_reads(rest)
+        self.upload_at_once(body)
+        self.server_read()
+        self.assertEqual([len(p) for p in app.received], [rest])
+        self.assertEqual(app.received[0], body)
+
+    def test_unfittedReadStopsAtEventSize(self) -> None:
+        """
+        Without it (or when far more is to come) an event stops at
+        MAX_READ_EVENT bytes; the rest follows in the next iteration.
+        """
+        for want in (0, fasttls.MAX_READ_EVENT * 4):
+            app = self.connect()
+            self.busy(app)
+            rest = fasttls.MAX_READ_EVENT + 150
+            body = b"u" * rest
+            self.server.fit_reads(want)
+            self.upload_at_once(body)
+            self.server_read()
+            self.reactor.advance(0)
+            self.assertEqual([len(p) for p in app.received], [fasttls.MAX_READ_EVENT, 150])
+            self.assertEqual(b"".join(app.received), body)
+            self.theirs.close()
+            self.t.connectionLost(Failure(ConnectionDone()))
+            del self.apps[:]
+
     def test_readerFreedOnDetach(self) -> None:
         """
         The BIOs of the one-call read go with the connection: after it is

@@ -83,6 +83,11 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
     peer: Any = None
     local: Any = None
     is_tls = False
+    #: the transport's C{fit_reads(left)}, where it has one (the TLS
+    #: transport of mproxy.tls.fasttls): told how many bytes of a request
+    #: body are still to come, so that it can read them with the last
+    #: full-size read instead of in a small one of their own
+    _fit_reads: Callable[[int], None] | None = None
 
     def __init__(self, site: _server.Site, clock: Any,
                  header_timeout: float = HEADER_TIMEOUT,
@@ -118,6 +123,7 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         self.peer = t.getPeer()
         self.local = t.getHost()
         self.is_tls = ISSLTransport.providedBy(t)
+        self._fit_reads = getattr(t, "fit_reads", None)
         self.site._connection_opened(self)
         self._idle_since = self.clock.seconds()
         if self.header_timeout:
@@ -229,9 +235,13 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         if len(self._requests) == 1:
             self._to_dispatch = req
 
-    def body_arrived(self) -> None:
+    def body_arrived(self, left: int = -1) -> None:
         if self.body_timeout:
             self.set_timer(self.body_timeout)
+        if left >= 0:
+            fit = self._fit_reads
+            if fit is not None:
+                fit(left)
 
     def protocol_error(self, status: int, message: str) -> None:
         self._stopped = True

@@ -61,7 +61,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mproxy.http.batch import DIRECT_TYPES
-from mproxy.http.reads import MAX_READ, READ_GROW_AT, grow_reads
+from mproxy.http.reads import MAX_READ, READ_GROW_AT, body_read_size, grow_reads
 from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
 from mproxy.tls.fill import Filling
@@ -231,6 +231,8 @@ class FastTLSProtocol(Protocol):
     #: L{write} and L{writeSequence} take memoryviews of C{bytes} as well
     #: (encrypted as they are; one that waits keeps its bytes alive)
     takes_views = True
+    #: bytes the protocol said are still to come (L{fit_reads})
+    _read_want = 0
 
     def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
         self.factory = factory
@@ -442,7 +444,8 @@ class FastTLSProtocol(Protocol):
         io = self._io
         assert io is not None
         sslobj = self._ssl
-        size = MAX_READ_EVENT
+        # the rest of a body a little larger than an event: all of it now
+        size = body_read_size(MAX_READ_EVENT, self._read_want)
         filling = Filling(size)
         view = filling.view
         total = len(first)
@@ -481,6 +484,17 @@ class FastTLSProtocol(Protocol):
         if why is None and closed:
             self.loseConnection()
         return why
+
+    def fit_reads(self, left: int) -> None:
+        """
+        The protocol expects C{left} more bytes (the rest of a request
+        body; 0: nothing in particular): a bulk read takes all of them
+        when they are a little more than it takes at most
+        (L{mproxy.http.reads.body_read_size}), so that the last few bytes
+        (those a request head moved past the end of the last full-size
+        read) do not come in an event of their own.
+        """
+        self._read_want = left
 
     def _read_failed(self, e: OSError) -> Any:
         """
