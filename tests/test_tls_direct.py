@@ -733,6 +733,42 @@ class DirectTests(SynchronousTestCase):
             self.t.connectionLost(Failure(ConnectionDone()))
             del self.apps[:]
 
+    def test_bodyOnItsWayReadInOneCall(self) -> None:
+        """
+        Told that more than a record of a body is still to come, an event
+        reads into one object from its first record on: no C{read} of the
+        C{SSLObject} at all.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        self.server.fit_reads(1 << 20)
+        reads = self.count_reads()
+        body = bytes(range(256)) * 1024  # 256 KiB
+        self.client.write(body)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(made)
+        self.assertEqual(reads, [])
+        self.assertNotIn(b"", app.received)
+
+    def test_bodyOnItsWayThenCloseNotify(self) -> None:
+        """
+        close_notify where body bytes were expected: nothing (not an empty
+        piece) is delivered, and the connection closes.
+        """
+        app = self.connect()
+        self.busy(app)
+        self.server.fit_reads(1 << 20)
+        try:
+            self.client.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.send_client()
+        self.server_read()
+        self.assertEqual(app.received, [])
+        self.assertTrue(self.t.disconnecting)
+
     def test_readerFreedOnDetach(self) -> None:
         """
         The BIOs of the one-call read go with the connection: after it is

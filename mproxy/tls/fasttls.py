@@ -387,6 +387,10 @@ class FastTLSProtocol(Protocol):
         if self.disconnecting:
             self.transport.stopReading()
             return None
+        if self._read_want >= BULK_RECORD and io.grown_reads and fill_available():
+            # a body with more than a record still to come: read into one
+            # object from the start
+            return self._read_bulk(b"")
         sslobj = self._ssl
         first: bytes | None = None
         more: list[bytes] | None = None
@@ -433,8 +437,10 @@ class FastTLSProtocol(Protocol):
 
     def _read_bulk(self, first: bytes) -> Any:
         """
-        The rest of L{_do_read} once a full record came first: C{first}
-        and the records after it, up to L{MAX_READ_EVENT} bytes, decrypted
+        The rest of L{_do_read} once a full record came first, or all of
+        it when the protocol said a large body is on its way (L{fit_reads};
+        C{first} is then empty): C{first} and the records after it, up to
+        L{MAX_READ_EVENT} bytes, decrypted
         into one C{bytes} (L{mproxy.tls.fill}) instead of one per record
         and a join, by one call into OpenSSL for all of them
         (L{DirectIO.read_into}) where it can, else one C{read} per record;
@@ -480,7 +486,10 @@ class FastTLSProtocol(Protocol):
                 # decrypted or read already: the socket will not signal it
                 self.factory.reader.add(self)
         del view
-        self._deliver(filling.take(total))
+        if total:
+            self._deliver(filling.take(total))
+        else:
+            del filling  # nothing came (freed unused)
         if why is None and closed:
             self.loseConnection()
         return why
