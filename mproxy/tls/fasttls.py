@@ -497,8 +497,10 @@ class FastTLSProtocol(Protocol):
     def fit_reads(self, left: int) -> None:
         """
         The protocol expects C{left} more bytes (the rest of a request
-        body; 0: nothing in particular): a bulk read takes all of them
-        when they are a little more than it takes at most
+        body; 0: nothing in particular).  On a busy connection, more than
+        a record's worth makes each event a bulk read from its first
+        record on; and a bulk read takes all of them when they are a
+        little more than it takes at most
         (L{mproxy.http.reads.body_read_size}), so that the last few bytes
         (those a request head moved past the end of the last full-size
         read) do not come in an event of their own.
