@@ -371,6 +371,7 @@ class ProxySite(_server.Site):
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.secure = secure
+        self.shutting_down = False
         self.connections: set[Any] = set()
         self.on_shutdown: list[Callable[[], None]] = []
         self._shutdown_waiters: list[Any] = []
