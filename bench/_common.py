@@ -457,7 +457,7 @@ def _nginx_http_tmp(d: Path) -> str:
 BODY_FILES = {"64k": 65536, "1m": 1048576}
 
 
-def nginx_upstream_config(d: Path, port: int, body: bytes) -> Path:
+def nginx_upstream_config(d: Path, port: int, body: bytes, sendfile: bool = False) -> Path:
     """A fast upstream: fixed body on / (and on POST /upload, after reading
     the whole request body), 200 on /up, /files/64k and /files/1m
     (BODY_FILES bytes each), keepalive, no logging.
@@ -467,7 +467,11 @@ def nginx_upstream_config(d: Path, port: int, body: bytes) -> Path:
     response while still sending the body and (mproxy) closed both
     connections, or (Caddy) went on sending it. Its proxy module reads the
     whole body first (into memory: client_body_buffer_size), then asks
-    /sink on this server for the response without the body."""
+    /sink on this server for the response without the body.
+
+    `sendfile`: the files go out with sendfile() (no read into nginx and
+    copy out of it: about half of nginx's CPU per MiB) instead of nginx's
+    default pread + writev of 32 KiB buffers."""
     d.mkdir(parents=True, exist_ok=True)
     files = d / "files"
     files.mkdir(exist_ok=True)
@@ -481,6 +485,7 @@ def nginx_upstream_config(d: Path, port: int, body: bytes) -> Path:
 http {{
 {_nginx_http_tmp(d)}
   access_log off;
+  sendfile {"on" if sendfile else "off"};
   keepalive_requests 10000000;
   keepalive_timeout 300s;
   default_type text/plain;

@@ -61,6 +61,7 @@ import argparse
 import gzip
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -128,11 +129,17 @@ def run_wrk(url: str, args, duration: float, cpu: int | None) -> dict:
     argv = C.pin_prefix(cpu) + [
         "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration:g}s",
         "--timeout", "5s", "--latency"] + (["-s", script] if script else []) + [url]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                        stdin=subprocess.DEVNULL)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise C.BenchError(f"wrk failed ({r.returncode}): {r.stderr}\n{r.stdout}")
-    return parse_wrk(r.stdout)
+    res = parse_wrk(r.stdout)
+    # wrk's own CPU (it shares the load CPU with the upstream): the client's
+    # cost per request through each target
+    res["wrk_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    return res
 
 
 def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
@@ -202,6 +209,8 @@ def measure(url: str, args, proxy_pid: int | None, upstream_pid: int,
     res["wall_s"] = t1 - t0
     res["upstream_cpu_s"] = u1 - u0
     res["upstream_cpu_us_per_req"] = (u1 - u0) / n * 1e6
+    if "wrk_cpu_s" in res:
+        res["wrk_cpu_us_per_req"] = res["wrk_cpu_s"] / n * 1e6
     if proxy_pid:
         res["proxy_cpu_s"] = p1 - p0
         res["proxy_cpu_us_per_req"] = (p1 - p0) / n * 1e6
@@ -380,6 +389,9 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
             load = r.get(f"load_cpu{args.load_cpu}_usage", {})
             busy = (f"; load CPU {load['busy'] * 100:.0f}% busy, {load['steal'] * 100:.0f}% "
                     "stolen" if load else "")
+            if "wrk_cpu_us_per_req" in r:
+                busy += (f"; wrk {r['wrk_cpu_us_per_req']:.1f} us/req, upstream "
+                         f"{r['upstream_cpu_us_per_req']:.1f} us/req")
             C.log(f"{name}: run {i + 1}/{args.runs}: {r['req_per_s']:.0f} req/s{cpu}{bad}{busy}")
         verify(root, body, extra.get("cafile"))
         out = {"target": name, "workload": workload, "url": url, "runs": runs}
@@ -435,7 +447,7 @@ def summarize(runs: list[dict]) -> dict:
             "latency_p50_ms", "latency_p99_ms", "proxy_rss_kib", "proxy_cpu_foreign",
             "upstream_new_connections", "listen_overflows", "mib_per_s",
             "proxy_cpu_ns_per_kib", "generator_cpu_util", "send_lag_p99_ms",
-            "send_late_p99_ms", "send_call_p99_ms", "send_late_over_1ms"]
+            "send_late_p99_ms", "send_call_p99_ms", "send_late_over_1ms", "wrk_cpu_us_per_req"]
     s = {}
     for r in runs:
         for k, v in list(r.items()):
@@ -615,6 +627,11 @@ def main(argv=None) -> int:
                          "other process preempts at once). On a VM an idle vCPU halts and "
                          "its wake-up can take milliseconds, which then enters every row's "
                          "latency; the loops' CPU time is left out of the busy figures")
+    ap.add_argument("--upstream-sendfile", action="store_true",
+                    help="the nginx upstream sends /files/* with sendfile() instead of "
+                         "reading them into 32 KiB buffers: about half of its CPU per MiB "
+                         "off the load CPU, which otherwise sets the pace of the get1m rows "
+                         "(every target gets the same upstream; off by default)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)
@@ -681,7 +698,8 @@ def main(argv=None) -> int:
     try:
         with C.Procs() as procs:
             (up_port,) = C.free_ports(1)
-            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body)
+            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body,
+                                           sendfile=args.upstream_sendfile)
             upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
                                    tmp / "upstream")
             C.wait_port(up_port, 15, upstream)
@@ -731,6 +749,7 @@ def main(argv=None) -> int:
           f"x{args.runs * args.rounds} "
           f"(median), body {args.body_size} B, proxy on CPU {args.proxy_cpu}, "
           f"wrk+upstream on CPU {args.load_cpu}, workloads {','.join(workloads)}"
+          + ("; upstream sendfile on" if args.upstream_sendfile else "")
           + (f" (rate: {args.rate:g} req/s for {args.rate_duration:g} s"
              + ("; CPUs kept awake" if args.awake else "")
              + (f"; SCHED_FIFO {args.realtime}" if args.realtime else "") + ")"

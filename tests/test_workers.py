@@ -597,7 +597,8 @@ def accept_queue(listener: Any) -> int:
 class OneAcceptTests(SynchronousTestCase):
     """
     A worker accepts one connection each time its shared listening socket
-    is readable, so that a burst is shared between the workers.
+    is readable, so that a burst is shared between the workers; a worker
+    accepting alone takes the whole queue.
     """
 
     def listening_with_clients(self, clients: int) -> Any:
@@ -614,7 +615,7 @@ class OneAcceptTests(SynchronousTestCase):
         self.assertEqual(accept_queue(listener), clients)
         return listener
 
-    def adopt(self, listener: Any) -> tuple[Any, list[Any], MemoryReactorClock]:
+    def adopt(self, listener: Any, acceptors: int = 0) -> tuple[Any, list[Any], MemoryReactorClock]:
         import socket
 
         from twisted.internet.protocol import Factory, Protocol
@@ -629,7 +630,7 @@ class OneAcceptTests(SynchronousTestCase):
 
         reactor = MemoryReactorClock()
         port = adopt_listening(reactor, listener.fileno(), socket.AF_INET,
-                               Factory.forProtocol(build))
+                               Factory.forProtocol(build), acceptors=acceptors)
         self.addCleanup(port.connectionLost, None)
         return port, built, reactor
 
@@ -645,6 +646,86 @@ class OneAcceptTests(SynchronousTestCase):
         self.assertEqual(port.numberAccepts, 1)
         for protocol in built:
             protocol.transport.socket.close()
+
+    def test_shared_by_two_one_per_wake_up(self) -> None:
+        listener = self.listening_with_clients(3)
+        port, built, reactor = self.adopt(listener, acceptors=2)
+        for n in (1, 2, 3):
+            port.doRead()
+            self.assertEqual((len(built), accept_queue(listener)), (n, 3 - n))
+        for protocol in built:
+            protocol.transport.socket.close()
+
+    def test_sole_acceptor_takes_the_whole_queue(self) -> None:
+        """
+        A port no other worker accepts on takes every queued connection in
+        one wake-up: one per wake-up, a burst to a busy worker would wait
+        a reactor turn per connection.
+        """
+        listener = self.listening_with_clients(4)
+        port, built, reactor = self.adopt(listener, acceptors=1)
+        port.doRead()
+        self.assertEqual((len(built), accept_queue(listener)), (4, 0))
+        for protocol in built:
+            protocol.transport.socket.close()
+
+    def test_queue_not_readable_one_per_wake_up(self) -> None:
+        from mproxy.workers.sockets import queued_connections
+
+        class NoInfo:
+            def getsockopt(self, *args: Any) -> bytes:
+                raise OSError("no TCP_INFO here")
+
+        self.assertIsNone(queued_connections(NoInfo()))
+        listener = self.listening_with_clients(2)
+        port, built, reactor = self.adopt(listener, acceptors=1)
+        real = port.socket
+        port.socket = NoInfo()
+        self.assertEqual(port.numberAccepts, 1)
+        port.socket = real
+        self.assertEqual(port.numberAccepts, 2)
+
+    def test_acceptors_in_settings(self) -> None:
+        """
+        The supervisor tells its workers how many of them accept on the
+        sockets, and the number survives the command line; settings made
+        without it take one connection per wake-up.
+        """
+        from types import SimpleNamespace
+
+        from mproxy.workers.prestart import worker_settings
+
+        for workers in (1, 2, 4):
+            config = SimpleNamespace(http_header_timeout=30, http_idle_timeout=60,
+                                     metrics_port=None, debug=False, workers=workers)
+            fields = worker_settings(config, 80, 443, 10.0)
+            self.assertEqual(fields["acceptors"], workers)
+            ws = WorkerSettings(slot=0, channel=3, sockets={}, **fields)
+            self.assertEqual(WorkerSettings.from_json(ws.to_json()), ws)
+        old = WorkerSettings(slot=0, channel=3, http_port=80, https_port=443,
+                             header_timeout=30, idle_timeout=60, sockets={})
+        self.assertEqual(old.acceptors, 0)
+
+    def test_worker_takes_its_share(self) -> None:
+        import socket
+
+        listener = self.listening_with_clients(2)
+        settings = WorkerSettings(slot=0, channel=-1, http_port=80, https_port=443,
+                                  header_timeout=30, idle_timeout=60, acceptors=1,
+                                  sockets={"http": [(os.dup(listener.fileno()), socket.AF_INET)]})
+        reactor = MemoryReactorClock()
+        server = WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None,
+                              exit=lambda: None)
+        server.serve()
+        (port,) = server.ports
+        self.assertEqual(port.acceptors, 1)
+        port.doRead()
+        self.assertEqual(accept_queue(listener), 0)
+        for reader in reactor.getReaders():
+            if reader is not port:
+                reader.socket.close()
+        server.retire(0)
+        reactor.advance(0)
 
     def test_worker_serves_with_one_accept_ports(self) -> None:
         import socket

@@ -45,6 +45,7 @@ def worker_settings(config: Any, http_port: int, https_port: int,
         http_port=http_port, https_port=https_port,
         header_timeout=config.http_header_timeout, idle_timeout=config.http_idle_timeout,
         metrics=bool(config.metrics_port), debug=config.debug, grace=grace,
+        acceptors=config.workers,
     )
 
 

@@ -20,6 +20,8 @@ class WorkerSettings:
     are on, and its inherited descriptors: the channel, the listening TCP
     sockets by kind (C{[(fd, family), ...]}), the UDP socket for HTTP/3.
     C{log} is C{"fd"} (write JSON lines to descriptor 1) or C{"channel"}.
+    C{acceptors}: how many workers accept on those sockets (C{0}: not
+    known), which sets how many queued connections a wake-up takes.
     """
 
     slot: int
@@ -34,6 +36,7 @@ class WorkerSettings:
     debug: bool = False
     log: str = "fd"
     grace: float = 10.0
+    acceptors: int = 0
 
     def to_json(self) -> str:
         return json.dumps({
@@ -43,6 +46,7 @@ class WorkerSettings:
             "sockets": {k: [list(s) for s in v] for k, v in self.sockets.items()},
             "udp": [list(s) for s in self.udp], "metrics": self.metrics,
             "debug": self.debug, "log": self.log, "grace": self.grace,
+            "acceptors": self.acceptors,
         })
 
     @classmethod

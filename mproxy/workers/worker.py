@@ -197,7 +197,8 @@ class WorkerServer:
                 # an inherited socket may be blocking (systemd's are not, a
                 # test's may be): accept() must never block the reactor
                 os.set_blocking(fd, False)
-                self.ports.append(adopt_listening(self.reactor, fd, family, factories[kind]))
+                self.ports.append(adopt_listening(self.reactor, fd, family, factories[kind],
+                                                  acceptors=self.settings.acceptors))
                 os.close(fd)
         for fd, family in self.settings.udp:
             if not http3:
