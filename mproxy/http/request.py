@@ -162,7 +162,7 @@ class _StreamedBody:
         self._queue.append(data)
         self._queued_bytes += len(data)
         if self._queued_bytes > MAX_QUEUED_BODY:
-            self.channel.pause_reading("queue")
+            self.channel.body_queue_full()
 
     def body_complete(self) -> None:
         self.body_done = True
