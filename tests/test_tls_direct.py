@@ -18,8 +18,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from mproxy.logging import ListLogger
 from mproxy.tls import fasttls, sslbio
@@ -28,6 +26,7 @@ from mproxy.tls.challenges import ChallengeStore
 from mproxy.tls.fasttls import FastTLSFactory
 from mproxy.tls.sni import ServerTLS, _ALPNDispatchFactory
 from mproxy.tls.testing import make_ca, make_certificate
+from tests.doubles import Producer
 
 if not sslbio.available():
     skip = "connections cannot be moved onto their sockets on this Python"
@@ -53,21 +52,6 @@ class Recorder(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.lost.append(reason)
-
-
-@implementer(IPushProducer)
-class Producer:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resume")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
 
 
 class _Port:

@@ -120,6 +120,11 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         self._quiet_call: Any = None
         self._idle_since = 0.0
         self.body_producer = _BodyProducer(self)
+        # (read for every request or read: an instance's own attributes
+        # read faster than the class's defaults)
+        self.requestFactory = type(self).requestFactory
+        self._in_read = False
+        self._queue_full = False
 
     # --- connection ---------------------------------------------------------
 
@@ -406,6 +411,7 @@ class ProxySite(_server.Site):
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.secure = secure
+        self.shutting_down = False
         self.connections: set[Any] = set()
         self.on_shutdown: list[Callable[[], None]] = []
         self._shutdown_waiters: list[Any] = []
