@@ -93,6 +93,21 @@ class FlowHarness(Harness):
         self.upstream_limit = upstream_limit
         self.targets: list[tuple[Any, FlowTransport]] = []
 
+    @classmethod
+    def with_target(cls, slow: bool) -> FlowHarness:
+        """
+        A harness whose target takes at most 64 KiB at a time (C{slow}),
+        or all it is sent at once.
+        """
+        return cls(upstream_limit=65536 if slow else 1 << 40)
+
+    def answer(self, proto: Any) -> None:
+        """
+        The target answers (a 200) on C{proto}'s connection; then settled.
+        """
+        proto.dataReceived(OK)
+        self.settle()
+
     def upstream(self) -> tuple[Any, FlowTransport]:  # type: ignore[override]
         host, port, factory, timeout, bind = self.reactor.tcpClients[self.connected]
         self.connected += 1
@@ -157,7 +172,7 @@ class KeepAliveUploadTests(SynchronousTestCase):
 
     def _two_uploads(self, first: tuple[int, int], second: tuple[int, int],
                      slow: bool = False) -> FlowHarness:
-        h = FlowHarness(upstream_limit=65536 if slow else 1 << 40)
+        h = FlowHarness.with_target(slow)
         bodies = []
         for n, ((length, step), seed) in enumerate(zip((first, second), (1, 2))):
             b = body(length, seed)
@@ -165,8 +180,7 @@ class KeepAliveUploadTests(SynchronousTestCase):
             h.feed(post(length) + b, step)
             proto, t = h.targets[0]
             self.assertEqual(sent_body(t.value()), bodies, (first, second, slow, n))
-            proto.dataReceived(OK)
-            h.settle()
+            h.answer(proto)
             self.assertEqual(h.output().count(b"HTTP/1.1 200 OK\r\n"), n + 1)
             self.assertEqual(h.ct.producerState, "producing", (first, second, slow, n, h.client._paused))
         self.assertEqual(h.connected, 1)
@@ -220,8 +234,7 @@ class KeepAliveUploadTests(SynchronousTestCase):
         h.reactor.advance(0)
         proto, t = h.upstream()
         h.reactor.advance(0)
-        proto.dataReceived(OK)
-        h.settle()
+        h.answer(proto)
         self.assertEqual(h.output().count(b"200 OK"), 1)
         self.assertEqual(h.ct.producerState, "producing")
         self.assertEqual(sent_body(t.value()), [b])
@@ -232,27 +245,42 @@ class PipelinedTests(SynchronousTestCase):
     Requests after a large upload in the same delivery.
     """
 
+    def _sent(self, slow: bool, data: bytes) -> tuple[FlowHarness, Any, FlowTransport]:
+        """
+        C{data} from the client in one delivery (see
+        L{FlowHarness.with_target}); the harness and the target connection
+        it went to.
+        """
+        h = FlowHarness.with_target(slow)
+        h.send(data)
+        h.settle()
+        proto, t = h.targets[0]
+        h.settle()
+        return h, proto, t
+
+    def _both_answered(self, h: FlowHarness, proto: Any) -> None:
+        """
+        The second request answered: both responses reached the client and
+        reading goes on.
+        """
+        h.answer(proto)
+        self.assertEqual(h.output().count(b"200 OK"), 2)
+        self.assertEqual(h.ct.producerState, "producing")
+
     def test_after_upload_in_one_delivery(self) -> None:
         """
         A 1 MiB upload and a GET behind it, in one delivery: both answered
         in order, the GET forwarded once the upload is answered.
         """
         for slow in (False, True):
-            h = FlowHarness(upstream_limit=65536 if slow else 1 << 40)
             b = body(MIB, 4)
-            h.send(post(MIB) + b + b"GET /next HTTP/1.1\r\nHost: example.com\r\n\r\n")
-            h.settle()
-            proto, t = h.targets[0]
-            h.settle()
+            h, proto, t = self._sent(slow, post(MIB) + b
+                                     + b"GET /next HTTP/1.1\r\nHost: example.com\r\n\r\n")
             self.assertEqual(sent_body(t.value()), [b])
-            proto.dataReceived(OK)
-            h.settle()
+            h.answer(proto)
             self.assertTrue(t.value().endswith(b"\r\n\r\n"), slow)
             self.assertIn(b"GET /next ", t.value())
-            proto.dataReceived(OK)
-            h.settle()
-            self.assertEqual(h.output().count(b"200 OK"), 2)
-            self.assertEqual(h.ct.producerState, "producing")
+            self._both_answered(h, proto)
 
     def test_two_uploads_in_one_delivery(self) -> None:
         """
@@ -260,20 +288,12 @@ class PipelinedTests(SynchronousTestCase):
         (reading paused) until the first is answered, then goes on.
         """
         for slow in (False, True):
-            h = FlowHarness(upstream_limit=65536 if slow else 1 << 40)
             b1, b2 = body(300000, 5), body(300000, 6)
-            h.send(post(300000) + b1 + post(300000) + b2)
-            h.settle()
-            proto, t = h.targets[0]
-            h.settle()
+            h, proto, t = self._sent(slow, post(300000) + b1 + post(300000) + b2)
             self.assertEqual(sent_body(t.value()), [b1])
-            proto.dataReceived(OK)
-            h.settle()
+            h.answer(proto)
             self.assertEqual(sent_body(t.value()), [b1, b2])
-            proto.dataReceived(OK)
-            h.settle()
-            self.assertEqual(h.output().count(b"200 OK"), 2)
-            self.assertEqual(h.ct.producerState, "producing")
+            self._both_answered(h, proto)
 
 
 class AfterErrorTests(SynchronousTestCase):
@@ -290,8 +310,7 @@ class AfterErrorTests(SynchronousTestCase):
         self.assertNotIn(b"Connection: close", out.split(b"\r\n\r\n")[0])
         proto, t = h.targets[0]
         self.assertTrue(t.value().startswith(b"GET /next "))
-        proto.dataReceived(OK)
-        h.settle()
+        h.answer(proto)
         self.assertEqual(h.output().count(b"HTTP/1.1 200 OK\r\n"), 1)
         self.assertEqual(h.ct.producerState, "producing")
         self.assertEqual(h.client._paused, set())
@@ -349,8 +368,7 @@ class AfterErrorTests(SynchronousTestCase):
         h.settle()
         proto, t = h.targets[0]
         self.assertEqual(sent_body(t.value()), [b])
-        proto.dataReceived(OK)
-        h.settle()
+        h.answer(proto)
         out = h.output()
         self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", out)

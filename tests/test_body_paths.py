@@ -812,6 +812,34 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertTrue(c.output().endswith(b"\r\n\r\n10"))
         self.assertFalse(c.transport.disconnecting)
 
+    def test_transport_told_body_left(self) -> None:
+        """
+        A transport with C{fit_reads} is told, after each piece that
+        bypasses the parser, how many bytes of the Content-Length body are
+        still to come (0 once it is complete); not for a chunked body,
+        whose length is not known.
+        """
+        told: list[int] = []
+
+        class Fitting(StringTransport):
+            def fit_reads(self, left: int) -> None:
+                told.append(left)
+
+        from mproxy.http.server import ProxySite
+
+        site = ProxySite(_Recorder(), MemoryReactorClock())
+        ch = site.buildProtocol(None)
+        t = Fitting()
+        ch.makeConnection(t)
+        ch.dataReceived(POST10 + b"ab")
+        ch.dataReceived(b"cdef")
+        ch.dataReceived(b"ghij")
+        self.assertEqual(told, [4, 0])
+        ch.dataReceived(b"POST /two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(told, [4, 0])
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 OK"), 2)
+
     def test_following_requests_parsed(self) -> None:
         """
         Requests after such a body, in the same read as its end or later,
@@ -858,6 +886,72 @@ class RequestBodyTests(SynchronousTestCase):
         ch.dataReceived(b"efghij")
         self.assertEqual(got, [b"a", b"bcd", b"efghij"])
         self.assertEqual(ended, [True])
+
+    def _pausing(self, resource: Any) -> tuple[Any, list[str]]:
+        from mproxy.http.server import ProxySite
+
+        calls: list[str] = []
+
+        class Recording(StringTransport):
+            def pauseProducing(self) -> None:
+                calls.append("pause")
+                super().pauseProducing()
+
+            def resumeProducing(self) -> None:
+                calls.append("resume")
+                super().resumeProducing()
+
+        ch = ProxySite(resource, MemoryReactorClock()).buildProtocol(None)
+        ch.makeConnection(Recording())
+        return ch, calls
+
+    def test_queue_taken_in_the_same_read(self) -> None:
+        """
+        A large body piece that arrives with its head is queued until the
+        request is dispatched at the end of the read; a consumer set then
+        takes it at once, and reading is not paused for it.
+        """
+        from mproxy.http.request import MAX_QUEUED_BODY
+
+        res = _Recorder()
+        ch, calls = self._pausing(res)
+        n = MAX_QUEUED_BODY * 2
+        ch.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n
+                        + b"q" * n)
+        self.assertEqual(b"".join(res.pieces[0]), b"q" * n)
+        self.assertEqual(calls, [])
+        self.assertEqual(ch._paused, set())
+
+    def test_queue_left_pauses_reading(self) -> None:
+        """
+        A body still queued once the read is handled (its consumer not
+        set yet) pauses reading until the consumer takes it.
+        """
+        from twisted.web.server import NOT_DONE_YET
+
+        from mproxy.http.request import MAX_QUEUED_BODY
+
+        class Later:
+            isLeaf = True
+            request: Any = None
+
+            def render(self, request: Any) -> Any:
+                self.request = request
+                return NOT_DONE_YET
+
+        res = Later()
+        ch, calls = self._pausing(res)
+        n = MAX_QUEUED_BODY * 2
+        ch.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n
+                        + b"q" * (n - 10))
+        self.assertEqual(calls, ["pause"])
+        self.assertEqual(ch._paused, {"queue"})
+        got: list[bytes] = []
+        res.request.set_body_consumer(got.append, lambda: None, lambda s, m: None)
+        self.assertEqual(calls, ["pause", "resume"])
+        self.assertEqual(ch._paused, set())
+        ch.dataReceived(b"r" * 10)
+        self.assertEqual(b"".join(got), b"q" * (n - 10) + b"r" * 10)
 
     def test_failing_consumer(self) -> None:
         """

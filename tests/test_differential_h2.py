@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mproxy.http import h2 as h2mod
+from tests.differential import both_ways, check_seeded, patched
 from tests.test_h2 import PREFACE, Harness, frame
 
 
@@ -329,34 +330,25 @@ def run(steps: list[tuple[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _both(steps: list[tuple[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return run(steps), patched(general_path(), run, steps)
+
+
+def _describe(seed: int, i: int, k: str, a: Any, b: Any, steps: list[tuple[str, Any]]) -> str:
+    if isinstance(a, list) and isinstance(b, list):
+        j = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+        a, b = a[max(j - 2, 0):j + 3], b[max(j - 2, 0):j + 3]
+    return "seed %d case %d: %s differs\nlight on:  %r\nlight off: %r\nsteps: %r" % (
+        seed, i, k, a, b, [(s[0], s[1][:200] if s[0] == "send" else s[1]) for s in steps])
+
+
 class DifferentialTests(SynchronousTestCase):
     """
     Seeded random frame sequences with the light path on and off.
     """
 
     def _check(self, seed: int, count: int) -> None:
-        rnd = random.Random(seed)
-        for i in range(count):
-            steps = make_case(rnd)
-            fast = run(steps)
-            general = general_path()
-            general.patch()
-            try:
-                slow = run(steps)
-            finally:
-                general.restore()
-            if fast != slow:
-                for k in fast:
-                    if fast[k] != slow[k]:
-                        a, b = fast[k], slow[k]
-                        if isinstance(a, list) and isinstance(b, list):
-                            j = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]),
-                                     min(len(a), len(b)))
-                            a, b = a[max(j - 2, 0):j + 3], b[max(j - 2, 0):j + 3]
-                        self.fail("seed %d case %d: %s differs\nlight on:  %r\nlight off: %r\n"
-                                  "steps: %r" % (seed, i, k, a, b,
-                                                 [(s[0], s[1][:200] if s[0] == "send" else s[1])
-                                                  for s in steps]))
+        check_seeded(self, seed, count, make_case, _both, _describe)
 
     def test_frames_1(self) -> None:
         self._check(1, 200)
@@ -384,18 +376,10 @@ class FoundTests(SynchronousTestCase):
             ("send", PREFACE + frame(0x4, 0, 0, b"") + frame(0x1, 0x5, 1, Encoder().encode(_REQ))),
             ("send", frame(0x1, 0x5, 3, block)),
         ]
-        for patched in (False, True):
-            patcher = general_path()
-            if patched:
-                patcher.patch()
-            try:
-                out = run(steps)
-            finally:
-                if patched:
-                    patcher.restore()
+        for light_off, out in both_ways(general_path, run, steps):
             [goaway] = [f for f in out["frames"] if f[0] == "GoAwayFrame"]
             # last stream 3, PROTOCOL_ERROR
-            self.assertEqual(goaway[4][:8], b"\0\0\0\x03\0\0\0\x01", patched)
+            self.assertEqual(goaway[4][:8], b"\0\0\0\x03\0\0\0\x01", light_off)
             self.assertTrue(out["closed"])
 
     def test_window_setting_after_a_closed_stream_grew(self) -> None:
@@ -409,23 +393,16 @@ class FoundTests(SynchronousTestCase):
         block = Encoder().encode(_REQ)
         post = [(b":method", b"POST")] + _REQ[1:] + [(b"content-length", b"5")]
         big = (2**31 - 1) - 65535
-        for patched in (False, True):
-            patcher = general_path()
-            if patched:
-                patcher.patch()
-            try:
-                out = run([
-                    ("send", PREFACE + frame(0x4, 0, 0, b"")
-                     + frame(0x1, 0x4, 1, Encoder().encode(post))  # a hyper-h2 stream, open
-                     + frame(0x1, 0x5, 3, block)
-                     + frame(0x8, 0, 3, _u32(100))),
-                    ("answer", (1, 10, "whole")),  # stream 3 answered and closed
-                    ("send", frame(0x4, 0, 0, (0x4).to_bytes(2, "big") + _u32(big + 65535))),
-                ])
-            finally:
-                if patched:
-                    patcher.restore()
-            self.assertFalse(out["closed"], patched)
+        steps: list[tuple[str, Any]] = [
+            ("send", PREFACE + frame(0x4, 0, 0, b"")
+             + frame(0x1, 0x4, 1, Encoder().encode(post))  # a hyper-h2 stream, open
+             + frame(0x1, 0x5, 3, block)
+             + frame(0x8, 0, 3, _u32(100))),
+            ("answer", (1, 10, "whole")),  # stream 3 answered and closed
+            ("send", frame(0x4, 0, 0, (0x4).to_bytes(2, "big") + _u32(big + 65535))),
+        ]
+        for light_off, out in both_ways(general_path, run, steps):
+            self.assertFalse(out["closed"], light_off)
             self.assertEqual([f for f in out["frames"] if f[0] == "GoAwayFrame"], [])
             self.assertEqual([sid for sid, _ in out["streams"]], [1, 3])
 
@@ -436,20 +413,12 @@ class FoundTests(SynchronousTestCase):
         hyper-h2 refuses such a header before the payload is in (the light
         loop waited for the whole frame, and dispatched the request).
         """
-        for patched in (False, True):
-            patcher = general_path()
-            if patched:
-                patcher.patch()
-            try:
-                out = run([
-                    ("send", PREFACE + frame(0x4, 0, 0, b"")),
-                    ("send", frame(0x1, 0x5, 1, Encoder().encode(_REQ))
-                     + frame(0x0, 0, 0, b"12345")[:11]),
-                ])
-            finally:
-                if patched:
-                    patcher.restore()
+        steps: list[tuple[str, Any]] = [
+            ("send", PREFACE + frame(0x4, 0, 0, b"")),
+            ("send", frame(0x1, 0x5, 1, Encoder().encode(_REQ)) + frame(0x0, 0, 0, b"12345")[:11]),
+        ]
+        for light_off, out in both_ways(general_path, run, steps):
             [goaway] = [f for f in out["frames"] if f[0] == "GoAwayFrame"]
-            self.assertEqual(goaway[4][4:8], b"\0\0\0\x01", patched)  # PROTOCOL_ERROR
+            self.assertEqual(goaway[4][4:8], b"\0\0\0\x01", light_off)  # PROTOCOL_ERROR
             self.assertTrue(out["closed"])
             self.assertEqual(out["streams"], [])

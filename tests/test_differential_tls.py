@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.tls import sslbio
 from tests import test_tls_direct
+from tests.differential import check_seeded
 
 if not sslbio.available():
     skip = "connections cannot be moved onto their sockets on this Python"
@@ -46,6 +47,15 @@ def make_case(rnd: random.Random) -> list[tuple[str, Any]]:
     steps.append(("resume", None))
     steps.append(("end", rnd.choice(["lose", "close_notify", "eof", "none"])))
     return steps
+
+
+def _describe(seed: int, i: int, k: str, a: Any, b: Any, steps: list[tuple[str, Any]]) -> str:
+    if isinstance(a, bytes):
+        a, b = (len(a), a[:50]), (len(b), b[:50])
+    return "seed %d case %d: %s differs\nmoved:  %r\nstayed: %r\n%r" % (
+        seed, i, k, a, b,
+        [(s, (len(x) if isinstance(x, bytes) else (len(x[0]), x[1]) if isinstance(x, tuple) else x))
+         for s, x in steps])
 
 
 class TLSDifferentialTests(SynchronousTestCase):
@@ -187,25 +197,15 @@ class TLSDifferentialTests(SynchronousTestCase):
         self.theirs.close()
         return out
 
+    def _both(self, steps: list[tuple[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        moved = self.run_case(steps, True)
+        stayed = self.run_case(steps, False)
+        if moved["close_notify"] is None or stayed["close_notify"] is None:
+            moved["close_notify"] = stayed["close_notify"] = None
+        return moved, stayed
+
     def _check(self, seed: int, count: int) -> None:
-        rnd = random.Random(seed)
-        for i in range(count):
-            steps = make_case(rnd)
-            moved = self.run_case(steps, True)
-            stayed = self.run_case(steps, False)
-            if moved["close_notify"] is None or stayed["close_notify"] is None:
-                moved["close_notify"] = stayed["close_notify"] = None
-            if moved != stayed:
-                for k in moved:
-                    if moved[k] != stayed[k]:
-                        a, b = moved[k], stayed[k]
-                        if isinstance(a, bytes):
-                            a, b = (len(a), a[:50]), (len(b), b[:50])
-                        self.fail("seed %d case %d: %s differs\nmoved:  %r\nstayed: %r\n%r" % (
-                            seed, i, k, a, b,
-                            [(s, (len(x) if isinstance(x, bytes) else
-                                  (len(x[0]), x[1]) if isinstance(x, tuple) else x))
-                             for s, x in steps]))
+        check_seeded(self, seed, count, make_case, self._both, _describe)
 
     def test_sequences_1(self) -> None:
         self._check(1, 20)

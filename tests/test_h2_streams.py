@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET
 from mproxy.http import h2 as h2mod
 from mproxy.http.h2exchange import H2Request
 from mproxy.http.interfaces import ITunnelExchange
+from tests.doubles import Producer
 from tests.test_h2 import REQUEST, Harness, data_of
 
 
@@ -49,20 +50,6 @@ class Consumer:
 
     def end(self) -> None:
         self.ended = True
-
-
-class Producer:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resume")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
 
 
 def post(h: Harness, stream_id: int = 1, length: int | None = None,

@@ -18,8 +18,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from mproxy.logging import ListLogger
 from mproxy.tls import fasttls, sslbio
@@ -28,6 +26,7 @@ from mproxy.tls.challenges import ChallengeStore
 from mproxy.tls.fasttls import FastTLSFactory
 from mproxy.tls.sni import ServerTLS, _ALPNDispatchFactory
 from mproxy.tls.testing import make_ca, make_certificate
+from tests.doubles import Producer
 
 if not sslbio.available():
     skip = "connections cannot be moved onto their sockets on this Python"
@@ -53,21 +52,6 @@ class Recorder(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.lost.append(reason)
-
-
-@implementer(IPushProducer)
-class Producer:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resume")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
 
 
 class _Port:
@@ -597,6 +581,196 @@ class DirectTests(SynchronousTestCase):
         self.assertEqual(b"".join(app.received), body)
         self.assertIsInstance(why, ConnectionDone)
         self.assertTrue(made)
+
+    def count_reads(self) -> list[int]:
+        """
+        The sizes asked of the server's C{SSLObject.read}, from now on.
+        """
+        sizes: list[int] = []
+        real = self.server._ssl
+
+        class Counting:
+            def read(self, n, *buffer):
+                sizes.append(n)
+                return real.read(n, *buffer)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        self.server._ssl = Counting()
+        return sizes
+
+    def test_bulkReadInOneCall(self) -> None:
+        """
+        The records after the first of a bulk read are decrypted by one
+        call into OpenSSL, not one C{read} each: an event asks the
+        C{SSLObject} for its first record only.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        reads = self.count_reads()
+        body = bytes(range(256)) * 4096  # 1 MiB: 64 records
+        self.client.write(body)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(made)
+        self.assertLessEqual(len(reads), len(made) + 2)
+        self.assertLess(len(reads), 64 // 4)
+
+    def test_bulkRecordByRecordWithoutReader(self) -> None:
+        """
+        Where the BIOs for one call cannot be made, a bulk read reads one
+        record per C{read}, into the same one object.
+        """
+        self.patch(sslbio.DirectIO, "_make_reader", lambda io: 0)
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        reads = self.count_reads()
+        body = bytes(range(256)) * 1024  # 256 KiB: 16 records
+        self.client.write(body)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(made)
+        self.assertGreaterEqual(len(reads), 16)
+
+    def test_keyUpdateDuringBulkRead(self) -> None:
+        """
+        A key update the client asks for between full records: the
+        records after it are decrypted with the new key, and the server's
+        own key update reaches the client, which reads what is written
+        next.
+        """
+        import ctypes
+
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        lib = sslbio._load()
+        key_update = lib.SSL_key_update
+        key_update.restype = ctypes.c_int
+        key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        first = b"f" * 65536
+        self.client.write(first)
+        client_ssl = sslbio._field(self.client._sslobj, 1)
+        self.assertEqual(key_update(client_ssl, 1), 1)  # SSL_KEY_UPDATE_REQUESTED
+        second = b"s" * 65536
+        self.client.write(second)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), first + second)
+        self.assertTrue(made)
+        self.assertEqual(self.client_read(), b"")  # the server's key update
+        app.transport.write(b"after the update")
+        self.reactor.advance(0)
+        self.assertEqual(self.client_read(), b"after the update")
+        self.client.write(b"t" * 40000)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), first + second + b"t" * 40000)
+
+    def upload_at_once(self, data: bytes) -> None:
+        """
+        Send C{data} from the client so that the server's socket holds
+        all of it before it reads.
+        """
+        self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        self.t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.client.write(data)
+        out = self.cout.read()
+        self.theirs.setblocking(True)
+        self.theirs.sendall(out)
+        self.theirs.setblocking(False)
+
+    def test_fittedReadTakesBodyRest(self) -> None:
+        """
+        Told that a little more than an event's bytes are still to come
+        (fit_reads), a bulk read takes all of them in one event, instead
+        of leaving the last few for a read of their own.
+        """
+        app = self.connect()
+        self.busy(app)
+        rest = fasttls.MAX_READ_EVENT + 150
+        body = bytes(range(256)) * (rest // 256) + b"t" * (rest % 256)
+        self.server.fit_reads(rest)
+        self.upload_at_once(body)
+        self.server_read()
+        self.assertEqual([len(p) for p in app.received], [rest])
+        self.assertEqual(app.received[0], body)
+
+    def test_unfittedReadStopsAtEventSize(self) -> None:
+        """
+        Without it (or when far more is to come) an event stops at
+        MAX_READ_EVENT bytes; the rest follows in the next iteration.
+        """
+        for want in (0, fasttls.MAX_READ_EVENT * 4):
+            app = self.connect()
+            self.busy(app)
+            rest = fasttls.MAX_READ_EVENT + 150
+            body = b"u" * rest
+            self.server.fit_reads(want)
+            self.upload_at_once(body)
+            self.server_read()
+            self.reactor.advance(0)
+            self.assertEqual([len(p) for p in app.received], [fasttls.MAX_READ_EVENT, 150])
+            self.assertEqual(b"".join(app.received), body)
+            self.theirs.close()
+            self.t.connectionLost(Failure(ConnectionDone()))
+            del self.apps[:]
+
+    def test_bodyOnItsWayReadInOneCall(self) -> None:
+        """
+        Told that more than a record of a body is still to come, an event
+        reads into one object from its first record on: no C{read} of the
+        C{SSLObject} at all.
+        """
+        app = self.connect()
+        self.busy(app)
+        made = self.record_fillings()
+        self.server.fit_reads(1 << 20)
+        reads = self.count_reads()
+        body = bytes(range(256)) * 1024  # 256 KiB
+        self.client.write(body)
+        self.send_all(self.cout.read())
+        self.assertEqual(b"".join(app.received), body)
+        self.assertTrue(made)
+        self.assertEqual(reads, [])
+        self.assertNotIn(b"", app.received)
+
+    def test_bodyOnItsWayThenCloseNotify(self) -> None:
+        """
+        close_notify where body bytes were expected: nothing (not an empty
+        piece) is delivered, and the connection closes.
+        """
+        app = self.connect()
+        self.busy(app)
+        self.server.fit_reads(1 << 20)
+        try:
+            self.client.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.send_client()
+        self.server_read()
+        self.assertEqual(app.received, [])
+        self.assertTrue(self.t.disconnecting)
+
+    def test_readerFreedOnDetach(self) -> None:
+        """
+        The BIOs of the one-call read go with the connection: after it is
+        lost, reading through them is refused.
+        """
+        app = self.connect()
+        self.busy(app)
+        self.client.write(b"g" * 65536)
+        self.send_all(self.cout.read())
+        io = self.server._io
+        self.assertTrue(io._reader)
+        self.t.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(io._reader, 0)
+        import ctypes
+
+        buf = bytearray(sslbio.BULK_MIN)
+        address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        self.assertEqual(io.read_into(address, len(buf)), (0, sslbio.READ_ENDED))
 
 
 class AttachTests(SynchronousTestCase):

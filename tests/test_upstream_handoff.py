@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mproxy.http.upstream import CLOSED, NOT_CONNECTED, UpstreamPool
+from tests.doubles import Producer
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
@@ -57,6 +58,24 @@ class Harness:
         ex = self.pool.request(b"GET", target, [(b"Host", b"h")], r, **kw)
         return ex, r
 
+    def requests(self, *targets: bytes, **kw: Any) -> list[tuple[Any, Receiver]]:
+        """
+        A request for each of C{targets}, in order.
+        """
+        return [self.request(target, **kw) for target in targets]
+
+    def handed_on(self, *targets: bytes,
+                  **kw: Any) -> tuple[Any, StringTransport, list[tuple[Any, Receiver]]]:
+        """
+        Requests for C{targets}; the first one's connect made and its
+        response received, so that its connection goes on to the second
+        request (whose own connect goes on, a spare or for the third).
+        """
+        exchanges = self.requests(*targets, **kw)
+        proto, t = self.connect(0)
+        proto.dataReceived(OK)
+        return proto, t, exchanges
+
     @property
     def connects(self) -> int:
         return len(self.reactor.tcpClients)
@@ -99,9 +118,7 @@ class HandOffTests(SynchronousTestCase):
         to the oldest of them at once, as a re-used connection.
         """
         h = Harness()
-        a, ra = h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
+        (a, ra), (b, rb), (c, rc) = h.requests(b"/a", b"/b", b"/c")
         self.assertEqual(h.connects, 3)
         self.assertEqual(h.pool.waiting_count, 3)
         pa, ta = h.connect(0)
@@ -145,11 +162,7 @@ class HandOffTests(SynchronousTestCase):
         serves the oldest request still waiting (as a new connection).
         """
         h = Harness()
-        a, ra = h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)  # -> /b on ta; /b's connect (1) is spare
+        pa, ta, _ = h.handed_on(b"/a", b"/b", b"/c")  # /b on ta; /b's connect (1) is spare
         pb, tb = h.connect(1)
         self.assertEqual(sent(tb), [b"/c"])
         self.assertEqual(h.pool.waiting_count, 0)
@@ -171,10 +184,7 @@ class HandOffTests(SynchronousTestCase):
         is closed: C{max_idle} still bounds what is kept.
         """
         h = Harness(max_idle=1)
-        h.request(b"/a")
-        h.request(b"/b")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)  # -> /b
+        pa, ta, _ = h.handed_on(b"/a", b"/b")  # -> /b
         pa.dataReceived(OK)  # idle: 1
         self.assertEqual(h.pool.idle_count, 1)
         pb, tb = h.connect(1)
@@ -188,10 +198,7 @@ class HandOffTests(SynchronousTestCase):
         reuse limit, counted from when it was made.
         """
         h = Harness(idle_reuse_limit=10)
-        h.request(b"/a")
-        h.request(b"/b")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)
+        pa, ta, _ = h.handed_on(b"/a", b"/b")
         pa.dataReceived(OK)
         h.reactor.advance(5)
         pb, tb = h.connect(1)
@@ -268,20 +275,6 @@ class HandOffTests(SynchronousTestCase):
         self.assertEqual(h.pool.waiting_count, 1)
 
 
-class Producer:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resume")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
-
-
 class CancellationTests(SynchronousTestCase):
     def test_cancelled_waiter_removed(self) -> None:
         """
@@ -289,9 +282,7 @@ class CancellationTests(SynchronousTestCase):
         its connect and is not handed a connection.
         """
         h = Harness()
-        h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
+        _, (b, rb), (c, rc) = h.requests(b"/a", b"/b", b"/c")
         b.cancel()
         self.assertTrue(h.stopped(1))
         self.assertEqual(h.pool.waiting_count, 2)
@@ -307,10 +298,7 @@ class CancellationTests(SynchronousTestCase):
         connection (as any busy one); its spare connect goes on.
         """
         h = Harness()
-        h.request(b"/a")
-        b, rb = h.request(b"/b")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)
+        pa, ta, [_, (b, rb)] = h.handed_on(b"/a", b"/b")
         b.cancel()
         self.assertTrue(ta.disconnecting)
         self.assertFalse(h.stopped(1))
@@ -324,11 +312,8 @@ class CancellationTests(SynchronousTestCase):
         connection fails no request and is forgotten.
         """
         h = Harness()
-        a, ra = h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)  # /b on ta, connect 1 spare
+        pa, ta, [(a, ra), (b, rb), (c, rc)] = h.handed_on(b"/a", b"/b", b"/c")
+        # /b on ta, connect 1 spare
         h.fail(1)
         h.fail(1, error.TimeoutError())  # (a second report is no different)
         self.assertEqual(h.pool.spare_count, 0)
@@ -345,9 +330,7 @@ class CancellationTests(SynchronousTestCase):
         are served.
         """
         h = Harness()
-        a, ra = h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
+        (a, ra), (b, rb), (c, rc) = h.requests(b"/a", b"/b", b"/c")
         h.fail(1)
         self.assertEqual(rb.events, [("failed", 502)])
         self.assertEqual(rb.errors[0].kind, NOT_CONNECTED)
@@ -399,11 +382,7 @@ class CancellationTests(SynchronousTestCase):
         handed on is a new one.
         """
         h = Harness()
-        h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)
+        pa, ta, [_, (b, rb), (c, rc)] = h.handed_on(b"/a", b"/b", b"/c")
         pa.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(rb.events, [("failed", 502)])
         self.assertEqual((rb.errors[0].kind, rb.errors[0].reused), (CLOSED, True))
@@ -440,11 +419,7 @@ class CloseTests(SynchronousTestCase):
         requests keep their connects.
         """
         h = Harness()
-        h.request(b"/a")
-        h.request(b"/b")
-        c, rc = h.request(b"/c")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)  # connect 1 spare
+        pa, ta, [_, _, (c, rc)] = h.handed_on(b"/a", b"/b", b"/c")  # connect 1 spare
         h.pool.close_idle()
         self.assertTrue(h.stopped(1))
         self.assertFalse(h.stopped(2))
@@ -457,10 +432,7 @@ class CloseTests(SynchronousTestCase):
         A spare connect that completes once the pool is closed is closed.
         """
         h = Harness()
-        h.request(b"/a")
-        h.request(b"/b")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)
+        h.handed_on(b"/a", b"/b")
         h.pool.closed = True  # (as close() does, without its close_idle)
         pb, tb = h.connect(1)
         self.assertTrue(tb.disconnecting)
@@ -471,10 +443,7 @@ class CloseTests(SynchronousTestCase):
         A closed pool takes no request, even with connections in progress.
         """
         h = Harness()
-        h.request(b"/a")
-        h.request(b"/b")
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)
+        h.handed_on(b"/a", b"/b")
         h.pool.close()
         d, rd = h.request(b"/d")
         self.assertEqual(rd.events, [("failed", 502)])
@@ -586,8 +555,7 @@ class ConnectLimitTests(SynchronousTestCase):
         and lets the next one connect.
         """
         h = Harness(max_connecting=1)
-        a, ra = h.request(b"/a", timeout=5)
-        b, rb = h.request(b"/b", timeout=5)
+        (a, ra), (b, rb) = h.requests(b"/a", b"/b", timeout=5)
         h.reactor.advance(2)
         h.fail(0)
         self.assertEqual(ra.events, [("failed", 502)])
@@ -603,9 +571,7 @@ class ConnectLimitTests(SynchronousTestCase):
         no connect is started for it.
         """
         h = Harness(max_connecting=1)
-        a, ra = h.request(b"/a")
-        b, rb = h.request(b"/b")
-        c, rc = h.request(b"/c")
+        _, (b, rb), _ = h.requests(b"/a", b"/b", b"/c")
         b.cancel()
         self.assertEqual(h.pool.waiting_count, 2)
         pa, ta = h.connect(0)
@@ -620,8 +586,7 @@ class ConnectLimitTests(SynchronousTestCase):
         waiting without one, instead of being stopped.
         """
         h = Harness(max_connecting=1)
-        a, ra = h.request(b"/a")
-        b, rb = h.request(b"/b")
+        (a, ra), (b, rb) = h.requests(b"/a", b"/b")
         a.cancel()
         self.assertFalse(h.stopped(0))
         self.assertEqual(h.pool.waiting_count, 1)
@@ -658,10 +623,7 @@ class ConnectLimitTests(SynchronousTestCase):
         The same for a new request that took over a spare connect.
         """
         h = Harness()
-        h.request(b"/a", timeout=5)
-        h.request(b"/b", timeout=5)
-        pa, ta = h.connect(0)
-        pa.dataReceived(OK)  # /b on ta; connect 1 spare
+        h.handed_on(b"/a", b"/b", timeout=5)  # /b on ta; connect 1 spare
         d, rd = h.request(b"/d", timeout=5)
         self.assertEqual(h.connects, 2)
         self.assertEqual(h.pool.spare_count, 0)
@@ -677,9 +639,7 @@ class ConnectLimitTests(SynchronousTestCase):
         waiting without a connect gets its own.
         """
         h = Harness(max_connecting=1)
-        h.request(b"/a")
-        h.request(b"/b")
-        h.request(b"/c")
+        h.requests(b"/a", b"/b", b"/c")
         pa, ta = h.connect(0)
         self.assertEqual(h.connects, 2)
         h.pool.close()

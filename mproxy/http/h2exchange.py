@@ -87,6 +87,9 @@ class H2Request(FastRequest):
         self.stream_id = stream_id
         # the stream writes through its channel, never to the TLS transport
         self.transport = None
+        # (read for every request: faster as the instance's own)
+        self._reset = False
+        self._head_sent = False
 
     def __repr__(self) -> str:
         return f"<H2Request {self.stream_id} {self.method!r} {self.uri!r}>"

@@ -15,8 +15,9 @@ upgrade offer (h2c ...) is dropped and the request read as a normal one.
 
 The connection (L{mproxy.http.server.FastHTTPChannel}) is told about each
 step through a few calls: C{header_started()}, C{request_parsed(req)},
-C{body_arrived()}, C{protocol_error(status, message)} and
-C{upgrade_started(rest)}.
+C{body_arrived(left)} (C{left}: the bytes of a Content-Length body still
+to come, -1 where the parser reads the body), C{protocol_error(status,
+message)} and C{upgrade_started(rest)}.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class RequestReader:
     def _raw_piece(self, data: bytes) -> None:
         req = self.current
         assert req is not None
-        self.channel.body_arrived()
+        self.channel.body_arrived(self._raw.left)
         req.body_received(data)
 
     def _raw_ended(self) -> None:
@@ -362,7 +363,7 @@ class RequestReader:
         self._body_seen += len(data)
         req = self.current
         if req is not None:
-            self.channel.body_arrived()
+            self.channel.body_arrived(-1)
             req.body_received(data)
 
     def on_message_complete(self) -> None:

@@ -83,6 +83,16 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
     peer: Any = None
     local: Any = None
     is_tls = False
+    #: the transport's C{fit_reads(left)}, where it has one (the TLS
+    #: transport of mproxy.tls.fasttls): told how many bytes of a request
+    #: body are still to come, so that it can read them with the last
+    #: full-size read instead of in a small one of their own
+    _fit_reads: Callable[[int], None] | None = None
+    #: in dataReceived: a body queued past its limit pauses reading only if
+    #: it is still queued once the read is handled (its request, dispatched
+    #: at the end of the read, usually takes the queue at once)
+    _in_read = False
+    _queue_full = False
 
     def __init__(self, site: _server.Site, clock: Any,
                  header_timeout: float = HEADER_TIMEOUT,
@@ -110,6 +120,11 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         self._quiet_call: Any = None
         self._idle_since = 0.0
         self.body_producer = _BodyProducer(self)
+        # (read for every request or read: an instance's own attributes
+        # read faster than the class's defaults)
+        self.requestFactory = type(self).requestFactory
+        self._in_read = False
+        self._queue_full = False
 
     # --- connection ---------------------------------------------------------
 
@@ -118,6 +133,7 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         self.peer = t.getPeer()
         self.local = t.getHost()
         self.is_tls = ISSLTransport.providedBy(t)
+        self._fit_reads = getattr(t, "fit_reads", None)
         self.site._connection_opened(self)
         self._idle_since = self.clock.seconds()
         if self.header_timeout:
@@ -208,13 +224,23 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
             return
         if len(data) >= READ_GROW_AT:
             grow_reads(self.transport, len(data))
-        self.reader.feed(data)
-        # requests are dispatched once what arrived with them is parsed, so
-        # that a body received together with its headers is complete
-        req = self._to_dispatch
-        if req is not None:
-            self._to_dispatch = None
-            self._dispatch(req)
+        self._in_read = True
+        try:
+            self.reader.feed(data)
+            # requests are dispatched once what arrived with them is parsed,
+            # so that a body received together with its headers is complete
+            req = self._to_dispatch
+            if req is not None:
+                self._to_dispatch = None
+                self._dispatch(req)
+        finally:
+            self._in_read = False
+        if self._queue_full:
+            self._queue_full = False
+            for r in self._requests:
+                if r._queue is not None and r._queued_bytes > MAX_QUEUED_BODY:
+                    self.pause_reading("queue")
+                    break
 
     # what the RequestReader tells the connection
 
@@ -229,9 +255,23 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         if len(self._requests) == 1:
             self._to_dispatch = req
 
-    def body_arrived(self) -> None:
+    def body_queue_full(self) -> None:
+        """
+        A request's body queued (no consumer yet) past L{MAX_QUEUED_BODY}
+        bytes: reading pauses until it is taken (or the request is done).
+        """
+        if self._in_read:
+            self._queue_full = True
+        else:
+            self.pause_reading("queue")
+
+    def body_arrived(self, left: int = -1) -> None:
         if self.body_timeout:
             self.set_timer(self.body_timeout)
+        if left >= 0:
+            fit = self._fit_reads
+            if fit is not None:
+                fit(left)
 
     def protocol_error(self, status: int, message: str) -> None:
         self._stopped = True
@@ -371,6 +411,7 @@ class ProxySite(_server.Site):
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.secure = secure
+        self.shutting_down = False
         self.connections: set[Any] = set()
         self.on_shutdown: list[Callable[[], None]] = []
         self._shutdown_waiters: list[Any] = []

@@ -61,12 +61,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mproxy.http.batch import DIRECT_TYPES
-from mproxy.http.reads import MAX_READ, READ_GROW_AT, grow_reads
+from mproxy.http.reads import MAX_READ, READ_GROW_AT, body_read_size, grow_reads
 from mproxy.nextturn import next_iteration_for
 from mproxy.tls.certs import CertifiedKey, certified_pem
 from mproxy.tls.fill import Filling
 from mproxy.tls.fill import available as fill_available
-from mproxy.tls.sslbio import DirectIO, attach
+from mproxy.tls.sslbio import (
+    BULK_MIN,
+    READ_WANTS_READ,
+    READ_WANTS_WRITE,
+    DirectIO,
+    attach,
+)
 
 __all__ = ["FastTLSFactory", "StdlibContexts"]
 
@@ -225,6 +231,8 @@ class FastTLSProtocol(Protocol):
     #: L{write} and L{writeSequence} take memoryviews of C{bytes} as well
     #: (encrypted as they are; one that waits keeps its bytes alive)
     takes_views = True
+    #: bytes the protocol said are still to come (L{fit_reads})
+    _read_want = 0
 
     def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
         self.factory = factory
@@ -379,6 +387,10 @@ class FastTLSProtocol(Protocol):
         if self.disconnecting:
             self.transport.stopReading()
             return None
+        if self._read_want >= BULK_RECORD and io.grown_reads and fill_available():
+            # a body with more than a record still to come: read into one
+            # object from the start
+            return self._read_bulk(b"")
         sslobj = self._ssl
         first: bytes | None = None
         more: list[bytes] | None = None
@@ -425,16 +437,21 @@ class FastTLSProtocol(Protocol):
 
     def _read_bulk(self, first: bytes) -> Any:
         """
-        The rest of L{_do_read} once a full record came first: C{first}
-        and the records after it, up to L{MAX_READ_EVENT} bytes, decrypted
+        The rest of L{_do_read} once a full record came first, or all of
+        it when the protocol said a large body is on its way (L{fit_reads};
+        C{first} is then empty): C{first} and the records after it, up to
+        L{MAX_READ_EVENT} bytes, decrypted
         into one C{bytes} (L{mproxy.tls.fill}) instead of one per record
-        and a join; no question to OpenSSL per record (a failed read ends
-        the event).  Handed to the protocol in one call, as there.
+        and a join, by one call into OpenSSL for all of them
+        (L{DirectIO.read_into}) where it can, else one C{read} per record;
+        no question to OpenSSL per record (a failed read ends the event).
+        Handed to the protocol in one call, as there.
         """
         io = self._io
         assert io is not None
         sslobj = self._ssl
-        size = MAX_READ_EVENT
+        # the rest of a body a little larger than an event: all of it now
+        size = body_read_size(MAX_READ_EVENT, self._read_want)
         filling = Filling(size)
         view = filling.view
         total = len(first)
@@ -443,6 +460,15 @@ class FastTLSProtocol(Protocol):
         why: Any = None
         closed = False
         read = sslobj.read
+        if size - total >= BULK_MIN:
+            n, state = io.read_into(filling.address + total, size - total)
+            total += n
+            if state == READ_WANTS_READ:
+                size = total  # the socket is drained: no read below
+            elif state == READ_WANTS_WRITE:
+                self._wants_write()
+                size = total
+            # READ_FULL: done; READ_ENDED: the read below says why
         while total < size:
             try:
                 n = read(size - total, view[total:])
@@ -456,14 +482,30 @@ class FastTLSProtocol(Protocol):
                 break
             total += n
         else:
-            if sslobj.pending() or io.unread():
+            if total >= MAX_READ_EVENT and (sslobj.pending() or io.unread()):
                 # decrypted or read already: the socket will not signal it
                 self.factory.reader.add(self)
         del view
-        self._deliver(filling.take(total))
+        if total:
+            self._deliver(filling.take(total))
+        else:
+            del filling  # nothing came (freed unused)
         if why is None and closed:
             self.loseConnection()
         return why
+
+    def fit_reads(self, left: int) -> None:
+        """
+        The protocol expects C{left} more bytes (the rest of a request
+        body; 0: nothing in particular).  On a busy connection, more than
+        a record's worth makes each event a bulk read from its first
+        record on; and a bulk read takes all of them when they are a
+        little more than it takes at most
+        (L{mproxy.http.reads.body_read_size}), so that the last few bytes
+        (those a request head moved past the end of the last full-size
+        read) do not come in an event of their own.
+        """
+        self._read_want = left
 
     def _read_failed(self, e: OSError) -> Any:
         """

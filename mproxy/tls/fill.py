@@ -16,7 +16,7 @@ Only on CPython 3.11-3.14 with the GIL (the layouts mproxy.tls.sslbio
 checks) and only if a probe of the two functions behaves as expected;
 elsewhere L{available} is C{False} and callers read record by record.
 
-    f = Filling(size)              # f.view: size writable bytes
+    f = Filling(size)              # f.view: size writable bytes (at f.address)
     n = sslobj.read(size, f.view)  # ... until done
     data = f.take(n)               # the bytes, n long; f is spent
 """
@@ -108,6 +108,16 @@ class Filling:
         self._ptr: int | None = ptr
         self._size = size
         self.view: memoryview = _view(ptr + _DATA, size, _PyBUF_WRITE)
+
+    @property
+    def address(self) -> int:
+        """
+        Where the object's data begins (what L{view} covers), for a C
+        function to write into until L{take}.
+        """
+        ptr = self._ptr
+        assert ptr is not None
+        return ptr + _DATA
 
     def take(self, n: int) -> bytes:
         """

@@ -23,7 +23,18 @@ gives C{None}: the connection stays on its memory BIOs.
     io = attach(sslobj, incoming, outgoing, fd)   # None: stay on memory BIOs
     io.flush()          # 1 all sent, 0 the socket is full, -1 an error
     io.grow(reads)      # a 256 KiB read (or write) buffer from now on (a busy connection)
+    n, state = io.read_into(address, size)   # every record OpenSSL can read now, in one call
     io.detach()         # no more socket I/O (the fd is about to be closed)
+
+C{read_into} decrypts record after record straight into C{size} bytes at
+C{address} in one call from Python, where C{ssl.SSLObject.read} gives one
+record per call (with its argument parsing, buffer export and GIL release
+each time): OpenSSL's own loop does it.  A buffering BIO asked for more
+bytes than its buffer holds reads them directly from the BIO below it,
+again and again until that one fails or the request is filled; below it
+is an SSL BIO over the connection's C{SSL} object, whose every read is one
+C{SSL_read}.  The buffering BIO keeps nothing itself as long as every
+request is larger than its buffer (L{BULK_MIN}).
 """
 
 from __future__ import annotations
@@ -35,7 +46,10 @@ import sys
 import sysconfig
 from typing import Any
 
-__all__ = ["BULK_READ_BUFFER", "BULK_WRITE_BUFFER", "DirectIO", "attach", "available"]
+__all__ = [
+    "BULK_MIN", "BULK_READ_BUFFER", "BULK_WRITE_BUFFER", "DirectIO", "READ_ENDED",
+    "READ_FULL", "READ_WANTS_READ", "READ_WANTS_WRITE", "attach", "available",
+]
 
 #: the buffering BIO's read buffer of a busy connection
 BULK_READ_BUFFER = 262144
@@ -45,8 +59,25 @@ BULK_READ_BUFFER = 262144
 #: and its last few hundred bytes
 BULK_WRITE_BUFFER = 262144 + 16384
 
+#: the smallest request L{DirectIO.read_into} takes: more than the 4 KiB
+#: buffer of the buffering BIO it reads through, so that it reads past it
+#: (a request that fitted would be buffered there, out of OpenSSL's sight)
+BULK_MIN = 8192
+
+#: how a L{DirectIO.read_into} ended: the bytes asked for were all read
+#: (OpenSSL may hold more); the socket has nothing more for now; OpenSSL
+#: must write first (the reply to a key update, the socket full); or it
+#: stopped for something else (close_notify, an alert, a bad record, the end
+#: of the stream), which the next C{SSLObject.read} reports as usual
+READ_FULL = 0
+READ_WANTS_READ = 1
+READ_WANTS_WRITE = 2
+READ_ENDED = 3
+
 _P = ctypes.sizeof(ctypes.c_void_p)
 _BIO_C_SET_BUFF_SIZE = 117
+_BIO_C_SET_SSL = 109
+_BIO_FLAGS_WRITE = 2
 _BIO_CTRL_FLUSH = 11
 _BIO_CTRL_PENDING = 10
 _BIO_CTRL_WPENDING = 13
@@ -75,6 +106,8 @@ def _load() -> Any:
         vp, cint, clong = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         sigs = {
             "BIO_f_buffer": (vp, []),
+            "BIO_f_ssl": (vp, []),
+            "BIO_read": (cint, [vp, vp, cint]),
             "BIO_new": (vp, [vp]),
             "BIO_new_socket": (vp, [cint, cint]),
             "BIO_push": (vp, [vp, vp]),
@@ -126,6 +159,9 @@ class DirectIO:
         self._bio: int | None = bio
         self.grown_reads = False
         self.grown_writes = False
+        #: the buffering BIO over an SSL BIO that read_into reads through
+        #: (made at its first use; 0: it could not be made)
+        self._reader: int | None = None
 
     def flush(self) -> int:
         """
@@ -182,6 +218,56 @@ class DirectIO:
             self.grown_writes = True
         return True
 
+    def read_into(self, address: int, size: int) -> tuple[int, int]:
+        """
+        Decrypt what OpenSSL can read now (from its buffer, then the
+        socket) into the C{size} bytes at C{address}, record after record,
+        in one call: how many bytes it wrote there and how it stopped
+        (L{READ_FULL}, L{READ_WANTS_READ}, L{READ_WANTS_WRITE} or
+        L{READ_ENDED}).  C{size} must be at least L{BULK_MIN}.  C{(0,
+        READ_ENDED)} when this cannot be done (detached, or the BIOs could
+        not be made): the caller reads with C{SSLObject.read}, which also
+        tells what ended a read.
+        """
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = self._make_reader()
+        if not reader or self._bio is None:
+            return 0, READ_ENDED
+        if size < BULK_MIN:
+            raise ValueError("read_into needs at least BULK_MIN bytes")
+        lib = self._lib
+        n = lib.BIO_read(reader, address, size)
+        if n == size:
+            return n, READ_FULL
+        if n < 0:
+            n = 0
+        if lib.BIO_test_flags(reader, _BIO_FLAGS_SHOULD_RETRY):
+            if lib.BIO_test_flags(reader, _BIO_FLAGS_WRITE):
+                return n, READ_WANTS_WRITE
+            return n, READ_WANTS_READ
+        return n, READ_ENDED
+
+    def _make_reader(self) -> int:
+        """
+        The buffering BIO over an SSL BIO over our C{SSL} object (which
+        the SSL BIO neither shuts down nor frees), or 0.
+        """
+        lib = self._lib
+        over = lib.BIO_new(lib.BIO_f_ssl())
+        if not over:
+            return 0
+        # also makes the SSL's read BIO (our socket chain) the SSL BIO's
+        # next, with a reference of its own, freed with the SSL BIO
+        if lib.BIO_ctrl(over, _BIO_C_SET_SSL, _BIO_NOCLOSE, self._ssl) <= 0:
+            lib.BIO_free_all(over)
+            return 0
+        top = lib.BIO_new(lib.BIO_f_buffer())
+        if not top:
+            lib.BIO_free_all(over)
+            return 0
+        return lib.BIO_push(top, over)
+
     def detach(self) -> None:
         """
         Give the C{SSL} object an empty memory BIO in place of the socket
@@ -195,6 +281,11 @@ class DirectIO:
         mem = lib.BIO_new(lib.BIO_s_mem())
         if mem:
             lib.SSL_set_bio(self._ssl, mem, mem)
+        reader, self._reader = self._reader, 0
+        if reader:
+            # the SSL BIO's reference to the socket chain is the last one
+            # (when the SSL object no longer holds it): freed with it
+            lib.BIO_free_all(reader)
 
 
 def attach(sslobj: Any, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
