@@ -583,6 +583,22 @@ http {{
     return conf
 
 
+#: the small response the benches' upstream serves on / (128 bytes)
+SMALL_BODY = (b"Hello from the upstream! " * 6)[:127] + b"\n"
+
+
+def start_upstream(procs: "Procs", d: Path, cpu: int | None, body: bytes = SMALL_BODY,
+                   sendfile: bool = False) -> "tuple[Proc, int]":
+    """The nginx upstream of nginx_upstream_config serving `body`, started
+    in `procs` from directory `d`, pinned to `cpu`, and listening: the
+    process and its port."""
+    (port,) = free_ports(1)
+    conf = nginx_upstream_config(d, port, body, sendfile=sendfile)
+    proc = procs.start("upstream", pin_prefix(cpu) + nginx_argv(conf), d)
+    wait_port(port, 15, proc)
+    return proc, port
+
+
 def nginx_argv(conf: Path) -> list[str]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     return [nginx, "-p", str(conf.parent), "-c", str(conf), "-e", str(conf.parent / "error.log")]

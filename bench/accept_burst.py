@@ -83,31 +83,18 @@ def main(argv=None) -> int:
             return 1
     args.threads = 1
     args.mproxy_cmd = None
-    args.mproxy_argv = C.mproxy_command(None)
-    args.mproxy_trees = {}
-    for spec in args.mproxy_tree:
-        label, _, directory = spec.partition("=")
-        args.mproxy_trees[label] = PC.tree_command(directory)
-    args.multi = None
-    args.realtime = 0
-    args.awake = 0
-    args.rate = 1000
-    args.duration = args.rate_duration = args.busy + 4
+    args.duration = args.busy + 4
+    PC.borrow_settings(args)
     targets = [t for t in args.targets.split(",") if t]
     for t in targets:
         if not t.partition("@")[0].endswith("-tls"):
             ap.error(f"{t}: only TLS targets (the burst times TLS handshakes)")
-    body = b"Hello from the upstream! " * 6
-    body = body[:127] + b"\n"
+    body = C.SMALL_BODY
     tmp = Path(tempfile.mkdtemp(prefix="mproxy-burst-"))
     results: dict[str, list[list[float]]] = {t: [] for t in targets}
     try:
         with C.Procs() as procs:
-            (up_port,) = C.free_ports(1)
-            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body)
-            upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
-                                   tmp / "upstream")
-            C.wait_port(up_port, 15, upstream)
+            upstream, up_port = C.start_upstream(procs, tmp / "upstream", args.load_cpu, body)
             PC.set_workload(args, args.workload, tmp)
             for rnd in range(args.rounds):
                 for target in (targets if rnd % 2 == 0 else targets[::-1]):

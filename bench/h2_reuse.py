@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-from proxy_cpu import single_worker, tree_command  # noqa: E402
+from proxy_cpu import single_worker, tree_commands  # noqa: E402
 
 
 def h2load(url: str, n: int, args) -> tuple[int, int, float]:
@@ -95,21 +95,14 @@ def main() -> int:
     ap.add_argument("--load-cpu", type=int, default=1)
     args = ap.parse_args()
     C.install_signal_handlers()
-    args.trees = {}
-    for spec in args.mproxy_tree:
-        label, _, directory = spec.partition("=")
-        args.trees[label] = tree_command(directory)
+    args.trees = tree_commands(args.mproxy_tree)
     labels = list(args.trees) + (["caddy"] if args.caddy else [])
     if not labels:
         ap.error("give --mproxy-tree and/or --caddy")
     results: dict[str, list[dict]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory(prefix="mproxy-h2reuse-") as t, C.Procs() as procs:
         tmp = Path(t)
-        (upstream_port,) = C.free_ports(1)
-        conf = C.nginx_upstream_config(tmp / "upstream", upstream_port, b"x" * 128)
-        up = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
-                         tmp / "upstream")
-        C.wait_port(upstream_port, 15, up)
+        _, upstream_port = C.start_upstream(procs, tmp / "upstream", args.load_cpu, b"x" * 128)
         for rnd in range(args.rounds):
             order = labels if rnd % 2 == 0 else labels[::-1]
             for label in order:

@@ -30,11 +30,9 @@ import collections
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -235,9 +233,9 @@ def measure(name: str, workload: str, tmp: Path, up_pid: int, up_port: int, body
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(0.3)
-            p = subprocess.run(["perf", "record", "-q", "-F", "2000", "-o", str(prof), "--"]
-                               + _wrk_argv(url, args, min(args.duration, 4)),
-                               capture_output=True, text=True, timeout=120)
+            subprocess.run(["perf", "record", "-q", "-F", "2000", "-o", str(prof), "--"]
+                           + _wrk_argv(url, args, min(args.duration, 4)),
+                           capture_output=True, text=True, timeout=120)
             _stop(ngp)
             out["wrk_profile"] = S._profile(prof)
             out["nginx_profile"] = S._profile(ngprof)
@@ -285,62 +283,16 @@ def show(r: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--targets", default="mproxy-tls,caddy-tls")
-    ap.add_argument("--workloads", default="get1m")
-    ap.add_argument("--duration", type=float, default=5)
-    ap.add_argument("--warmup", type=float, default=2)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--connections", "-c", type=int, default=50)
-    ap.add_argument("--threads", "-t", type=int, default=1)
-    ap.add_argument("--proxy-cpu", type=int, default=0)
-    ap.add_argument("--load-cpu", type=int, default=1)
-    ap.add_argument("--mproxy-tree", action="append", default=[], metavar="LABEL=DIR")
+    PC.add_run_args(ap, "get1m")
     ap.add_argument("--sizes", action="store_true",
                     help="also record wrk's and nginx's read/write sizes (a further short run)")
     ap.add_argument("--profile", action="store_true",
                     help="also a flat perf profile of wrk and of nginx (a further short run)")
     ap.add_argument("--upstream-sendfile", action="store_true",
                     help="the nginx upstream sends its files with sendfile()")
-    ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args(argv)
-    C.install_signal_handlers()
-    if not shutil.which("perf"):
-        C.log("error: perf not found")
-        return 1
-    args.mproxy_argv = C.mproxy_command(None)
-    args.mproxy_trees = {}
-    for spec in args.mproxy_tree:
-        label, _, directory = spec.partition("=")
-        args.mproxy_trees[label] = PC.tree_command(directory)
-    args.multi = None
-    args.realtime = 0
-    args.awake = 0
-    args.rate = 1000
-    args.rate_duration = args.duration
-    targets = [t for t in args.targets.split(",") if t]
-    workloads = [w for w in args.workloads.split(",") if w]
-    body = b"Hello from the upstream! " * 6
-    body = body[:127] + b"\n"
-    tmp = Path(tempfile.mkdtemp(prefix="mproxy-load-"))
-    try:
-        with C.Procs() as procs:
-            (up_port,) = C.free_ports(1)
-            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body,
-                                           sendfile=args.upstream_sendfile)
-            upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
-                                   tmp / "upstream")
-            C.wait_port(up_port, 15, upstream)
-            for rnd in range(args.rounds):
-                order = targets if rnd % 2 == 0 else targets[::-1]
-                for w in workloads:
-                    for t in order:
-                        show(measure(t, w, tmp, upstream.pid, up_port, body, args))
-    finally:
-        if args.keep_tmp:
-            C.log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return PC.run_each(args, "mproxy-load-", lambda t, w, tmp, upstream, port, body: show(
+        measure(t, w, tmp, upstream.pid, port, body, args)), sendfile=args.upstream_sendfile)
 
 
 if __name__ == "__main__":

@@ -410,6 +410,78 @@ def bench_target(name: str, tmp: Path, upstream, upstream_port: int, body: bytes
     return out
 
 
+def tree_commands(specs: list[str]) -> dict[str, tuple[list[str], dict]]:
+    """The mproxy command of each --mproxy-tree LABEL=DIR, by label."""
+    trees = {}
+    for spec in specs:
+        label, _, directory = spec.partition("=")
+        trees[label] = tree_command(directory)
+    return trees
+
+
+def borrow_settings(args) -> None:
+    """For a bench script that starts and loads targets with this module's
+    helpers: the mproxy commands they read (this tree's and
+    args.mproxy_tree's), and this module's own run settings off: one worker
+    kind, no realtime generator, no busy loops, the rate workload's
+    defaults."""
+    args.mproxy_argv = C.mproxy_command(None)
+    args.mproxy_trees = tree_commands(args.mproxy_tree)
+    args.multi = None
+    args.realtime = 0
+    args.awake = 0
+    args.rate = 1000
+    args.rate_duration = args.duration
+
+
+def add_run_args(ap, workloads: str) -> None:
+    """The options of a bench script that runs wrk at proxy_cpu.py's
+    targets, workload by workload (run_each)."""
+    ap.add_argument("--targets", default="mproxy-tls,caddy-tls")
+    ap.add_argument("--workloads", default=workloads)
+    ap.add_argument("--duration", type=float, default=5)
+    ap.add_argument("--warmup", type=float, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--connections", "-c", type=int, default=50)
+    ap.add_argument("--threads", "-t", type=int, default=1)
+    ap.add_argument("--proxy-cpu", type=int, default=0)
+    ap.add_argument("--load-cpu", type=int, default=1)
+    ap.add_argument("--mproxy-tree", action="append", default=[], metavar="LABEL=DIR")
+    ap.add_argument("--keep-tmp", action="store_true")
+
+
+def run_each(args, prefix: str, run, sendfile: bool = False) -> int:
+    """For a script with add_run_args's options that measures with perf:
+    one nginx upstream (serving SMALL_BODY; its files with sendfile() if
+    `sendfile`), then `run(target, workload, tmp, upstream, port, body)`
+    for each workload and target, targets in alternating order round by
+    round; its temporary directory (prefix `prefix`) kept with --keep-tmp.
+    The exit status."""
+    C.install_signal_handlers()
+    if not shutil.which("perf"):
+        C.log("error: perf not found")
+        return 1
+    borrow_settings(args)
+    targets = [t for t in args.targets.split(",") if t]
+    workloads = [w for w in args.workloads.split(",") if w]
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with C.Procs() as procs:
+            upstream, up_port = C.start_upstream(procs, tmp / "upstream", args.load_cpu,
+                                                 C.SMALL_BODY, sendfile=sendfile)
+            for rnd in range(args.rounds):
+                order = targets if rnd % 2 == 0 else targets[::-1]
+                for w in workloads:
+                    for t in order:
+                        run(t, w, tmp, upstream, up_port, C.SMALL_BODY)
+    finally:
+        if args.keep_tmp:
+            C.log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def set_workload(args, workload: str, tmp: Path) -> None:
     """The load settings of `workload`: run length, wrk script, body bytes
     counted per request."""
@@ -697,12 +769,8 @@ def main(argv=None) -> int:
     rc = 0
     try:
         with C.Procs() as procs:
-            (up_port,) = C.free_ports(1)
-            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body,
-                                           sendfile=args.upstream_sendfile)
-            upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
-                                   tmp / "upstream")
-            C.wait_port(up_port, 15, upstream)
+            upstream, up_port = C.start_upstream(procs, tmp / "upstream", args.load_cpu, body,
+                                                 sendfile=args.upstream_sendfile)
             verify(f"http://{C.HOST}:{up_port}/", body)
             for round_no in range(args.rounds):
                 args.round = round_no + 1

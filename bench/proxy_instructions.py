@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from proxy_cpu import WORKLOADS, single_worker, tree_command, verify  # noqa: E402
+from proxy_cpu import WORKLOADS, single_worker, tree_commands, verify  # noqa: E402
 
 
 def load(host: str, port: int, total: int, connections: int, cafile: str | None,
@@ -200,20 +200,13 @@ def main(argv=None) -> int:
         if not shutil.which(tool):
             C.log(f"error: {tool} not found")
             return 1
-    trees = {}
-    for spec in args.mproxy_tree or [f"here={C.REPO_ROOT}"]:
-        label, _, directory = spec.partition("=")
-        trees[label] = tree_command(directory)
-    body = (b"Hello from the upstream! " * 6)[:127] + b"\n"
+    trees = tree_commands(args.mproxy_tree or [f"here={C.REPO_ROOT}"])
+    body = C.SMALL_BODY
     tmp = Path(tempfile.mkdtemp(prefix="mproxy-bench-ir-"))
     results: dict[str, float] = {}
     try:
         with C.Procs() as procs:
-            (up_port,) = C.free_ports(1)
-            conf = C.nginx_upstream_config(tmp / "upstream", up_port, body)
-            upstream = procs.start("upstream", C.pin_prefix(args.load_cpu) + C.nginx_argv(conf),
-                                   tmp / "upstream")
-            C.wait_port(up_port, 15, upstream)
+            upstream, up_port = C.start_upstream(procs, tmp / "upstream", args.load_cpu, body)
             kinds = ([] if args.no_plain else ["mproxy"]) + (["mproxy-tls"] if args.tls else [])
             kinds += ["mproxy-h2"] if args.h2 else []
             cases = [(label, kind) for kind in kinds for label in trees]
