@@ -161,8 +161,16 @@ class _StreamedBody:
             self._queue = []
         self._queue.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > MAX_QUEUED_BODY:
+        if self.queue_full:
             self.channel.body_queue_full()
+
+    @property
+    def queue_full(self) -> bool:
+        """
+        The body is queued (no consumer has taken it yet) past
+        L{MAX_QUEUED_BODY} bytes.
+        """
+        return self._queue is not None and self._queued_bytes > MAX_QUEUED_BODY
 
     def body_complete(self) -> None:
         self.body_done = True

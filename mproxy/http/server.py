@@ -238,7 +238,7 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         if self._queue_full:
             self._queue_full = False
             for r in self._requests:
-                if r._queue is not None and r._queued_bytes > MAX_QUEUED_BODY:
+                if r.queue_full:
                     self.pause_reading("queue")
                     break
 

@@ -231,8 +231,6 @@ class FastTLSProtocol(Protocol):
     #: L{write} and L{writeSequence} take memoryviews of C{bytes} as well
     #: (encrypted as they are; one that waits keeps its bytes alive)
     takes_views = True
-    #: bytes the protocol said are still to come (L{fit_reads})
-    _read_want = 0
 
     def __init__(self, factory: "FastTLSFactory", addr: Any) -> None:
         self.factory = factory
@@ -246,6 +244,9 @@ class FastTLSProtocol(Protocol):
         self._ssl = getattr(self._sslobj, "_sslobj", self._sslobj)
         self._deliver: Any = None
         self._handshaking = True
+        #: bytes the protocol said are still to come (L{fit_reads}); read
+        #: at every read event
+        self._read_want = 0
         # the client's bytes until anything is sent (the fallback replays them)
         self._hello: list[bytes] | None = []
         self._plain: list[bytes] = []
