@@ -18,11 +18,14 @@ are), and for each mproxy round the burst's connections each of its
 processes holds (sockets open during the burst minus before it) are printed:
 how the burst was spread over the workers.  --stall-worker stops (SIGSTOP)
 one of mproxy's first workers for the burst: a worker stuck or very busy
-while another idles.
+while another idles.  --load-on-one stops all but one of them while wrk
+connects, so that the one takes every load connection (the others' sockets
+queue them meanwhile, and it takes those too): one worker busy with the load,
+the others idle when the burst comes.
 
 Usage: python3 bench/accept_burst.py --mproxy-tree before=DIR --mproxy-tree after=. \\
            --targets mproxy-tls@before,mproxy-tls@after,caddy-tls [--burst 30] [--rounds 2]
-           [--workers 2] [--stall-worker]
+           [--workers 2] [--stall-worker] [--load-on-one]
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="mproxy run --workers")
     ap.add_argument("--stall-worker", action="store_true",
                     help="SIGSTOP one mproxy worker for the burst")
+    ap.add_argument("--load-on-one", action="store_true",
+                    help="all wrk connections on one mproxy worker, the others idle")
     args = ap.parse_args(argv)
     C.install_signal_handlers()
     for tool in ("wrk", "nginx", "openssl"):
@@ -156,13 +161,24 @@ def main(argv=None) -> int:
                         PC.verify(root, body, extra.get("cafile"))
                         url = root + PC.WORKLOADS[args.workload][0]
                         port = int(root.rstrip("/").rsplit(":", 1)[1])
-                        load = subprocess.Popen(
-                            C.pin_prefix(args.load_cpu) + [
-                                "wrk", "-t1", f"-c{args.connections}",
-                                f"-d{args.busy + 4:g}s", url],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
                         pid = extra["mproxy"].pid if "mproxy" in extra else None
+                        held: list[int] = []
+                        if pid is not None and args.load_on_one:
+                            held = first_workers(pid)[1:]
+                            for p in held:
+                                os.kill(p, signal.SIGSTOP)
+                        try:
+                            load = subprocess.Popen(
+                                C.pin_prefix(args.load_cpu) + [
+                                    "wrk", "-t1", f"-c{args.connections}",
+                                    f"-d{args.busy + 4:g}s", url],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+                            if held:
+                                time.sleep(1)  # wrk connects meanwhile
+                        finally:
+                            for p in held:
+                                os.kill(p, signal.SIGCONT)
                         procs_before: dict[int, int] = {}
                         spread: list[int] = []
                         stopped: list[int] = []
@@ -175,7 +191,7 @@ def main(argv=None) -> int:
                             stopped.clear()
 
                         try:
-                            time.sleep(args.busy)
+                            time.sleep(args.busy - (1 if held else 0))
                             if pid is not None:
                                 procs_before = {p: sockets_open(p) for p in children(pid)}
                                 if args.stall_worker and first_workers(pid):
@@ -196,6 +212,7 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{args.burst} new TLS connections at once, the proxy busy with wrk -c"
           f"{args.connections} {args.workload} (mproxy --workers {args.workers}"
+          f"{', the load on one' if args.load_on_one else ''}"
           f"{', one stopped' if args.stall_worker else ''}): handshake time from connect (ms)")
     print(f"{'target':28s} {'median':>8s} {'largest':>8s}   per round (median/largest)")
     for t, rounds in results.items():

@@ -164,8 +164,8 @@ class ProcessSpawner:
     @param listening: C{{kind: [(fd, family, owner), ...]}} of the
         supervisor's listening TCP sockets (C{owner}: the slot whose own
         socket it is, or C{-1}; every worker gets all of them, a standby
-        worker's slot being known only once it serves); C{udp}: the HTTP/3 sockets (the worker of
-        slot 0 serves them, the others close them).
+        worker's slot being known only once it serves); C{udp}: the HTTP/3
+        sockets (the worker of slot 0 serves them, the others close them).
     @param settings: the L{mproxy.workers.worker.WorkerSettings} fields
         other than the slot and descriptors.
     """

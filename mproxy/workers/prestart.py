@@ -322,7 +322,8 @@ def _fork_workers(prestarted: Prestarted, count: int, listening: dict[str, list[
             arguments = WorkerSettings(
                 slot=slot, channel=theirs.fileno(), sockets=listening, udp=udp,
                 log="fd" if log_to_fd else "channel", **prestarted.settings)
-            keep = {theirs.fileno()} | {s[0] for entries in listening.values() for s in entries} | {
+            keep = {theirs.fileno()} | {
+                entry[0] for entries in listening.values() for entry in entries} | {
                 fd for fd, _ in udp}
             objects = [w.channel for w in prestarted.workers] + [ours, theirs] + sockets
             pid = fork(lambda a=arguments, k=keep, o=objects: run_forked(a, k, o, log_to_fd))

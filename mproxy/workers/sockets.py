@@ -62,10 +62,12 @@ def queued_connections(sock: Any) -> int | None:
 
 class OneAcceptPort(tcp.Port):
     """
-    A listening TCP port shared by C{acceptors} worker processes: with
-    several (or an unknown number, C{0}), it accepts at most one connection
-    each time the reactor finds it readable; the only worker accepting on
-    it takes every queued connection.
+    A listening TCP port that C{acceptors} worker processes take
+    connections from: with several (or an unknown number, C{0}: a socket
+    shared by all, or another worker's own socket this one helps with), it
+    accepts at most one connection each time the reactor finds it readable;
+    the only worker accepting on it (its own socket) takes every queued
+    connection.
 
     Twisted's port accepts up to C{numberAccepts} connections per wake-up
     (100 at first, growing while the queue stays full).  With one socket
@@ -76,11 +78,11 @@ class OneAcceptPort(tcp.Port):
     to the reactor lets every woken worker take its turn, and a worker busy
     serving the connections it already has takes fewer new ones.  (Taking
     half the queue of two workers per wake-up split a burst of 20 15/5 and
-    4/16, one at a time 11/9.)  A worker alone has no one to share with,
-    and one at a time its burst waited a reactor turn per connection (50
-    connections opened at once while 1 MiB responses went out: the last
-    one's handshake began about a second after its connect, while the
-    client retried its reads).
+    4/16, one at a time 11/9.)  But one at a time a burst waits a reactor
+    turn per connection (50 connections opened at once while 1 MiB
+    responses went out: the last one's handshake began about a second after
+    its connect, while the client retried its reads), which is why each
+    worker has a socket of its own, taken whole.
     """
 
     acceptors = 0
