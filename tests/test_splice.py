@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 
 from mproxy.http import batch
 from mproxy.http.batch import WriteBatcher
+from mproxy.http.reads import HEAD_READ
 from mproxy.http.splice import (
     PIPE_MIN,
     SPLICE_MIN,
@@ -615,6 +616,22 @@ class UpstreamSpliceTests(SynchronousTestCase):
         self.assertEqual(self.connects, 1)
         proto.dataReceived(head(5) + b"hello")
         self.assertEqual(r2.events, [("response", 200), ("data", 5), "done"])
+
+    def test_next_head_read(self) -> None:
+        """
+        After a spliced body the next response's first read is
+        L{HEAD_READ} bytes (a 64 KiB body and its head), not the grown
+        read size; the reads after it are the grown size again.
+        """
+        r, proto, t = self.spliced_exchange()
+        t.bufferSize = 262144
+        proto._reads = 262144
+        self.calls.source[SRC] = 180000
+        t.doRead()
+        self.assertEqual(t.bufferSize, HEAD_READ)
+        self.request(Receiver(None))
+        proto.dataReceived(head(1 << 20) + b"a" * (HEAD_READ - 100))
+        self.assertEqual(t.bufferSize, 262144)
 
     def test_rest_spliced_after_parser(self) -> None:
         """

@@ -47,7 +47,7 @@ PIPE_SIZE = 1 << 20
 #: not used: the body takes the ordinary path
 PIPE_MIN = 65536
 #: empty pipes kept for the next relays
-MAX_IDLE_PIPES = 16
+MAX_IDLE_PIPES = 64
 
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032

@@ -100,7 +100,7 @@ from zope.interface import implementer
 from mproxy.http.batch import DIRECT_TYPES, SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.rawbody import RawBody, head_end
-from mproxy.http.reads import READ_GROW_AT, body_read_size, grown_size
+from mproxy.http.reads import HEAD_READ, READ_GROW_AT, body_read_size, grown_size
 from mproxy.http.request import header_lines
 from mproxy.http.splice import SPLICE_MIN, ISpliceHandler, SpliceRelay, splicer_for
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
@@ -951,6 +951,11 @@ class _SpliceHandler:
         conn = self.conn
         conn._splice = None
         conn._raw.left = 0
+        t = conn.transport
+        if t.bufferSize > HEAD_READ:
+            # the next response's head, and no more than a small body
+            # with it: a large body's rest is spliced
+            t.bufferSize = HEAD_READ
         conn._raw_ended()
 
     def source_failed(self, message: str) -> None:
