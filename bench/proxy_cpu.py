@@ -292,7 +292,9 @@ def _start_target(name: str, procs: C.Procs, workdir: Path, upstream_port: int, 
     if base == "mproxy":
         cmd, env = args.mproxy_trees[label] if label else args.mproxy_argv
         if not getattr(args, "multi", None):  # the pinned rows: one worker
-            mproxy_args = (mproxy_args or []) + single_worker(cmd, env)
+            workers = getattr(args, "mproxy_workers", None)  # unless a script sets it
+            mproxy_args = (mproxy_args or []) + (
+                ["--workers", str(workers)] if workers else single_worker(cmd, env))
         mp = C.MProxy(procs, cmd, env, workdir, args.proxy_cpu, extra_args=mproxy_args)
         opts = []
         if tls:

@@ -255,11 +255,14 @@ class MproxyService(MultiService):
             return [(s.fd, s.family, s.port) for s in found]
 
         bound = self.prestarted.sockets if self.prestarted is not None else {}
+        # an upgrade's sockets may get more members in their groups; those
+        # of socket activation are systemd's, one per address
+        grow = self.inherited is not None and self.inherited.handover is not None
         https = SocketListener("HTTPS", cfg.https_port, cfg.bind, inherited("https"),
-                               bound=bound.get("https"))
+                               bound=bound.get("https"), workers=cfg.workers, grow=grow)
         listeners: list[Any] = [
             SocketListener("HTTP", cfg.http_port, cfg.bind, inherited("http"),
-                           bound=bound.get("http")), https]
+                           bound=bound.get("http"), workers=cfg.workers, grow=grow), https]
         if cfg.http3:
             import socket
 
@@ -296,7 +299,7 @@ class MproxyService(MultiService):
             log_to_fd = False
         settings = worker_settings(cfg, http.port, https.port, SHUTDOWN_GRACE)
         spawner: Any = ProcessSpawner(
-            self.reactor, {"http": http.fds, "https": https.fds},
+            self.reactor, {"http": http.worker_sockets, "https": https.worker_sockets},
             h3.fds if h3 is not None else [], settings, log_to_fd)
         if self.prestarted is not None:
             # the first generation is the workers started with the sockets

@@ -248,14 +248,17 @@ class ForkTests(SynchronousTestCase):
         self.assertEqual([w.pid for w in started.workers], [2001, 2002])
         for child in forks.children:
             child()
-        http = started.sockets["http"][0].fileno()
-        https = started.sockets["https"][0].fileno()
+        # a socket per worker and kind, each owned by its slot
+        http = [s.fileno() for s in started.sockets["http"]]
+        https = [s.fileno() for s in started.sockets["https"]]
+        self.assertEqual((len(http), len(https)), (2, 2))
         first, second = ran
         for slot, (arguments, keep, objects, log_to_fd) in enumerate(ran):
             self.assertEqual(arguments.slot, slot)
-            self.assertEqual(arguments.sockets, {"http": [(http, socket.AF_INET)],
-                                                 "https": [(https, socket.AF_INET)]})
-            self.assertEqual(keep, {arguments.channel, http, https})
+            self.assertEqual(arguments.sockets, {
+                "http": [(fd, socket.AF_INET, owner) for fd, owner in zip(http, (0, 1))],
+                "https": [(fd, socket.AF_INET, owner) for fd, owner in zip(https, (0, 1))]})
+            self.assertEqual(keep, {arguments.channel, *http, *https})
             self.assertIn(started.workers[slot].channel, objects)
         # the second child lets go of the first one's channel too
         self.assertIn(started.workers[0].channel, second[2])

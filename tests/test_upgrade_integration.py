@@ -462,3 +462,170 @@ class ActivatedUpgradeTests(TestCase):
         answer = yield deferToThread(get, http_port)
         self.assertIn(b"web-1", answer)
         self.assertEqual(len(records(proxy, "Server started")), 2)
+
+
+class Bursts:
+    """
+    Bursts of C{size} new connections at once, each with a GET, one burst
+    after another in a thread until stopped; records every connection that
+    did not get a 200 (refused, reset, or another answer).
+    """
+
+    def __init__(self, port: int, size: int = 20) -> None:
+        self.port = port
+        self.size = size
+        self.bursts = 0
+        self.served = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from tests.test_workers_integration import read_heads
+
+        request = b"GET / HTTP/1.1\r\nHost: burst.test\r\nConnection: close\r\n\r\n"
+        while not self._stop.is_set():
+            clients = []
+            try:
+                for _ in range(self.size):
+                    try:
+                        clients.append(socket.create_connection(("127.0.0.1", self.port),
+                                                                timeout=30))
+                        clients[-1].sendall(request)
+                    except OSError as e:
+                        self.failures.append(f"connect: {errno.errorcode.get(e.errno or 0, e)}")
+                try:
+                    heads = read_heads(clients)
+                except OSError as e:
+                    self.failures.append(f"read: {errno.errorcode.get(e.errno or 0, e)}")
+                    heads = []
+                for head in heads:
+                    if head == b"HTTP/1.1 200 OK":
+                        self.served += 1
+                    else:
+                        self.failures.append(head.decode("latin-1") or "closed")
+            finally:
+                for c in clients:
+                    c.close()
+            self.bursts += 1
+            self._stop.wait(0.02)
+
+    def stop(self) -> Deferred[None]:
+        from twisted.internet.threads import deferToThread
+
+        self._stop.set()
+        return deferToThread(self._thread.join)
+
+
+def listening_sockets_on(port: int) -> int:
+    """
+    How many listening TCP sockets there are on C{port} (from /proc).
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return len(inodes)
+
+
+class WorkerCountUpgradeTests(TestCase):
+    """
+    Upgrades that change how many workers serve (C{--workers auto} after
+    the supervisor's CPUs changed), under bursts of new connections.
+    """
+
+    timeout = 180
+    if not workers_supported():
+        skip = "no --workers yet"
+    elif len(os.sched_getaffinity(0)) < 2:
+        skip = "needs two CPUs"
+
+    @inlineCallbacks
+    def test_bursts_through_upgrades_from_one_worker_to_two_and_back(self) -> Any:
+        """
+        One worker, upgraded to two (its sockets' groups grow), to two
+        again, then back to one (which then serves both sockets of each
+        group): bursts of
+        20 new connections all along are all answered, none refused or
+        reset; with two workers a burst is spread over both.
+        """
+        from tests.test_workers_integration import client_ports_of, open_with_requests
+
+        app, port = listen_upstream(reactor, "web-1")
+        self.addCleanup(port.stopListening)
+        cpus = os.sched_getaffinity(0)
+        one = {min(cpus)}
+        proxy = MproxyProcess(reactor, self.mktemp(), extra_args=("--workers", "auto"))
+        # started on one CPU: one worker
+        os.sched_setaffinity(0, one)
+        try:
+            started = proxy.start()
+        finally:
+            os.sched_setaffinity(0, cpus)
+        yield started
+        self.addCleanup(proxy.stop)
+        result = yield proxy.command("deploy", f"127.0.0.1:{port.getHost().port}")
+        self.assertEqual(result.status, 0, result.err)
+        pid = proxy.process.pid
+
+        def workers() -> list[int]:
+            return list(records(proxy, "Workers started")[-1]["pids"])
+
+        self.assertEqual(len(workers()), 1)
+        self.assertEqual(listening_sockets_on(proxy.http_port), 1)
+        counts = []
+        for n, affinity, expected in ((1, cpus, 2), (2, cpus, 2), (3, one, 1)):
+            os.sched_setaffinity(pid, affinity)
+            bursts = Bursts(proxy.http_port)
+            yield sleep(0.3)
+            result = yield proxy.command("upgrade", "--drain-timeout", "2s")
+            self.assertEqual(result.status, 0, f"upgrade {n}: {result.out} {result.err}")
+            yield self.wait_done(proxy, n)
+            yield sleep(0.3)
+            yield bursts.stop()
+            self.assertEqual(bursts.failures, [], f"upgrade {n}")
+            self.assertGreater(bursts.bursts, 2)
+            now = workers()
+            self.assertEqual(len(now), expected, f"upgrade {n}")
+            # a socket per worker bound into the group; kept when fewer serve
+            self.assertEqual(listening_sockets_on(proxy.http_port), 2, f"upgrade {n}")
+
+            def burst(now: list[int] = now) -> list[int]:
+                for w in now:
+                    os.kill(w, signal.SIGSTOP)
+                try:
+                    clients = open_with_requests(proxy.http_port, 40)
+                finally:
+                    for w in now:
+                        os.kill(w, signal.SIGCONT)
+                from tests.test_workers_integration import read_heads
+
+                heads = read_heads(clients)
+                ours = {c.getsockname()[1] for c in clients}
+                held = [len(client_ports_of(w, proxy.http_port) & ours) for w in now]
+                for c in clients:
+                    c.close()
+                self.assertEqual(heads, [b"HTTP/1.1 200 OK"] * 40)
+                return held
+
+            from twisted.internet.threads import deferToThread
+
+            held = yield deferToThread(burst)
+            self.assertEqual(sum(held), 40, f"upgrade {n}")
+            if expected == 2:
+                self.assertGreaterEqual(min(held), 8, held)
+            counts.append((expected, held, bursts.bursts, bursts.served))
+        print(f"MEASURED worker-count upgrades (workers, burst per worker, bursts during, "
+              f"connections served during): {counts}")
+
+    @inlineCallbacks
+    def wait_done(self, proxy: MproxyProcess, n: int) -> Any:
+        for _ in range(400):
+            if len(records(proxy, "Upgrade done")) >= n:
+                return
+            yield sleep(0.05)
+        self.fail(f"upgrade {n} not done: {proxy.records[-5:]}")

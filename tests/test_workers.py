@@ -44,12 +44,17 @@ class MemorySpawner:
         self.servers: dict[int, WorkerServer] = {}
         self.pumps: list[Any] = []
         self.next_pid = 100
+        #: the supervisor's listening sockets, C{{kind: [(fd, family, owner)]}}:
+        #: each worker gets duplicates of all of them
+        self.sockets: dict[str, list[tuple[int, int, int]]] = {}
 
     def spawn(self, pool: WorkerPool, worker: Any) -> None:
         pid = self.next_pid
         self.next_pid += 1
+        sockets = {kind: [(os.dup(fd), family, owner) for fd, family, owner in entries]
+                   for kind, entries in self.sockets.items()}
         settings = WorkerSettings(slot=worker.slot, channel=-1, http_port=80, https_port=443,
-                                  header_timeout=30.0, idle_timeout=75.0, sockets={},
+                                  header_timeout=30.0, idle_timeout=75.0, sockets=sockets,
                                   metrics=True)
         channel = WorkerChannel()
         server = WorkerServer(self.reactor, settings, ListLogger(), channel.callRemote,
@@ -225,6 +230,53 @@ class PoolTests(SynchronousTestCase):
         self.assertTrue(generation.workers[1].serving)
         self.reactor.advance(0)
         self.assertEqual(len(self.pool.standby), 1)  # a new spare
+
+    def test_replacement_takes_the_dead_workers_own_socket(self) -> None:
+        """
+        A worker that dies is replaced by the standby worker, which then
+        takes the dead one's own listening socket whole (the supervisor
+        held it open meanwhile, its queue kept) and helps with the other.
+        """
+        import socket
+
+        from mproxy.workers.sockets import SocketListener
+
+        listener = SocketListener("HTTP", 0, "127.0.0.1", workers=2)
+        listener.privilegedStartService()
+        self.addCleanup(listener.stopService)
+        self.spawner.sockets = {"http": listener.worker_sockets}
+        self.pool.spares = 1
+        generation = self.start()
+        self.spawner.flush()
+
+        def ports(worker: Any) -> list[tuple[int, int]]:
+            server = self.spawner.servers[worker.pid]
+            return [(os.fstat(p.fileno()).st_ino, p.acceptors) for p in server.ports]
+
+        inodes = [os.fstat(fd).st_ino for fd, _family in listener.fds]
+        before = ports(generation.workers[1])
+        self.assertEqual(before, [(inodes[0], 0), (inodes[1], 1)])
+        dead = self.spawner.servers[generation.workers[1].pid]
+        for server in self.spawner.servers.values():
+            for p in server.ports:
+                self.addCleanup(p.connectionLost, None)
+        own = listener._sockets[1]
+        while accept_queue(own) < 2:  # queued on the socket of the worker that dies
+            connect_clients(listener.port, 1, self)
+        self.spawner.kill(generation.workers[1].pid)
+        self.spawner.flush()
+        self.assertEqual(ports(generation.workers[1]), before)
+        self.assertEqual(accept_queue(own), 2)
+        replacement = self.spawner.servers[generation.workers[1].pid]
+        self.assertIsNot(replacement, dead)
+        replacement.ports[1].doRead()
+        self.assertEqual(accept_queue(own), 0)
+        for reader in self.reactor.getReaders():
+            if getattr(reader, "socket", None) is not None and reader not in replacement.ports \
+                    and not isinstance(reader, type(replacement.ports[0])):
+                reader.socket.close()
+        for p in replacement.ports:
+            self.addCleanup(p.connectionLost, None)
 
     def test_worker_that_never_serves_fails_the_generation(self) -> None:
         d = self.pool.start_generation()
@@ -851,3 +903,320 @@ class RetireReleasesSocketsTests(SynchronousTestCase):
         self.addCleanup(os.close, other)
         server.retire(0)
         os.fstat(other)
+
+
+def connect_clients(port: int, n: int, test: Any) -> list[Any]:
+    import socket
+
+    clients = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        test.addCleanup(client.close)
+        clients.append(client)
+    return clients
+
+
+class ReuseportGroupTests(SynchronousTestCase):
+    """
+    One listening socket per worker and address, in one C{SO_REUSEPORT}
+    group: the kernel spreads new connections over them; a port in use is
+    refused as before.
+    """
+
+    def bound(self, bind: str, port: int = 0, count: int = 2) -> list[Any]:
+        from mproxy.workers.binding import bind_sockets
+
+        sockets = bind_sockets(bind, port, count=count)
+        for s in sockets:
+            self.addCleanup(s.close)
+        return sockets
+
+    def test_a_group_per_address_shares_the_connections(self) -> None:
+        import socket
+
+        group = self.bound("127.0.0.1")
+        self.assertEqual(len(group), 2)
+        port = group[0].getsockname()[1]
+        self.assertEqual({s.getsockname() for s in group}, {("127.0.0.1", port)})
+        for s in group:
+            self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+            self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        connect_clients(port, 40, self)
+        queues = [accept_queue(s) for s in group]
+        self.assertEqual(sum(queues), 40)
+        # by hash: all 40 to one socket would be one chance in 2**39
+        self.assertGreater(min(queues), 0, queues)
+
+    def test_port_in_use_is_refused(self) -> None:
+        """
+        A port another server listens on fails to bind as it always did,
+        whether that server's socket has C{SO_REUSEPORT} (another mproxy,
+        the same user) or not.
+        """
+        import errno
+        import socket
+
+        from mproxy.workers.binding import bind_sockets
+
+        group = self.bound("127.0.0.1")
+        port = group[0].getsockname()[1]
+        with self.assertRaises(OSError) as cm:
+            bind_sockets("127.0.0.1", port, count=2)
+        self.assertEqual(cm.exception.errno, errno.EADDRINUSE)
+        plain = socket.socket()
+        self.addCleanup(plain.close)
+        plain.bind(("127.0.0.1", 0))
+        plain.listen(1)
+        with self.assertRaises(OSError):
+            bind_sockets("127.0.0.1", plain.getsockname()[1], count=2)
+
+    def test_all_interfaces_one_group_when_dual_stack(self) -> None:
+        import socket
+
+        if not socket.has_ipv6:
+            raise self.skipTest("no IPv6")
+        sockets = self.bound("", count=2)
+        families = [s.family for s in sockets]
+        port = sockets[0].getsockname()[1]
+        if families[0] == socket.AF_INET6:
+            # the dual-stack group takes IPv4 too: no second group for 0.0.0.0
+            self.assertEqual(families, [socket.AF_INET6] * 2)
+            connect_clients(port, 4, self)
+            self.assertEqual(sum(accept_queue(s) for s in sockets), 4)
+            six = socket.create_connection(("::1", port), timeout=5)
+            self.addCleanup(six.close)
+            self.assertEqual(sum(accept_queue(s) for s in sockets), 5)
+        self.assertEqual({s.getsockname()[1] for s in sockets}, {port})
+
+    def test_join_group(self) -> None:
+        import socket
+
+        from mproxy.workers.binding import join_group
+
+        (first,) = self.bound("127.0.0.1", count=1)
+        added = join_group(first, 2)
+        for s in added:
+            self.addCleanup(s.close)
+        self.assertEqual([s.getsockname() for s in added], [first.getsockname()] * 2)
+        plain = socket.socket()
+        self.addCleanup(plain.close)
+        plain.bind(("127.0.0.1", 0))
+        plain.listen(1)
+        self.assertRaises(OSError, join_group, plain, 1)
+
+    def test_owners(self) -> None:
+        """
+        Socket C{i} of an address's group is slot C{i % workers}'s own; a
+        group smaller than the workers (one inherited socket) is shared; a
+        socket whose address cannot be read is a group of its own.
+        """
+        from mproxy.workers.binding import socket_owners
+
+        addresses = {1: "a", 2: "a", 3: "b", 4: "b", 5: "a", 6: None, 7: "c"}
+        pairs = [(fd, 2) for fd in addresses]
+        self.assertEqual(socket_owners(pairs, 2, addresses.get),
+                         [0, 1, 0, 1, 0, -1, -1])
+        self.assertEqual(socket_owners(pairs, 1, addresses.get), [0] * 7)
+        self.assertEqual(socket_owners(pairs, 3, addresses.get), [0, 1, -1, -1, 2, -1, -1])
+
+    def test_local_address(self) -> None:
+        from mproxy.workers.binding import local_address
+
+        (s,) = self.bound("127.0.0.1", count=1)
+        self.assertEqual(local_address(s.fileno()), (int(s.family), s.getsockname()))
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.assertIsNone(local_address(fd))
+
+
+class SocketListenerGroupTests(SynchronousTestCase):
+    def listener(self, **kw: Any) -> Any:
+        from mproxy.workers.sockets import SocketListener
+
+        listener = SocketListener("HTTP", kw.pop("port", 0), kw.pop("bind", "127.0.0.1"), **kw)
+        listener.privilegedStartService()
+        self.addCleanup(listener.stopService)
+        return listener
+
+    def test_a_socket_per_worker(self) -> None:
+        listener = self.listener(workers=3)
+        self.assertEqual(len(listener.fds), 3)
+        self.assertEqual([owner for _fd, _family, owner in listener.worker_sockets], [0, 1, 2])
+        self.assertEqual([(fd, family) for fd, family, _ in listener.worker_sockets],
+                         listener.fds)
+
+    def test_udp_is_one_socket(self) -> None:
+        import socket
+
+        listener = self.listener(workers=3, kind=socket.SOCK_DGRAM, name="http3")
+        self.assertEqual(len(listener.fds), 1)
+        self.assertEqual(listener.worker_sockets[0][2], -1)
+
+    def test_socket_activation_stays_shared(self) -> None:
+        """
+        One socket inherited from systemd is shared by the workers, and no
+        socket is bound beside it (it would not outlive this process as
+        systemd's does).
+        """
+        import socket
+
+        inherited = socket.socket()
+        self.addCleanup(inherited.close)
+        inherited.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        inherited.bind(("127.0.0.1", 0))
+        inherited.listen(8)
+        port = inherited.getsockname()[1]
+        listener = self.listener(
+            workers=2, inherited=[(inherited.fileno(), int(inherited.family), port)])
+        self.assertEqual(listener.worker_sockets,
+                         [(inherited.fileno(), int(inherited.family), -1)])
+
+    def test_upgrade_to_more_workers_grows_the_group(self) -> None:
+        """
+        Handed over by an image with one worker, the group gets a socket
+        for the second worker, on the same port and in the same group.
+        """
+        from mproxy.workers.binding import bind_sockets
+
+        (old,) = bind_sockets("127.0.0.1", 0, count=1)
+        self.addCleanup(old.close)
+        port = old.getsockname()[1]
+        listener = self.listener(workers=2, grow=True,
+                                 inherited=[(old.fileno(), int(old.family), port)])
+        self.assertEqual(len(listener.fds), 2)
+        self.assertEqual(listener.fds[0], (old.fileno(), int(old.family)))
+        self.assertEqual([owner for *_, owner in listener.worker_sockets], [0, 1])
+        new = listener._sockets[0]
+        self.assertEqual(new.getsockname(), old.getsockname())
+        connect_clients(port, 40, self)
+        self.assertGreater(min(accept_queue(old), accept_queue(new)), 0)
+        # the socket bound here closes with the listener; the handed-over one stays
+        listener.stopService()
+        self.assertEqual(new.fileno(), -1)
+        self.assertEqual(old.getsockname()[1], port)
+
+    def test_upgrade_to_more_workers_of_a_shared_socket(self) -> None:
+        """
+        A handed-over socket not in a group (from an image before groups)
+        cannot get members: it stays shared.
+        """
+        import socket
+
+        old = socket.socket()
+        self.addCleanup(old.close)
+        old.bind(("127.0.0.1", 0))
+        old.listen(8)
+        port = old.getsockname()[1]
+        listener = self.listener(workers=2, grow=True,
+                                 inherited=[(old.fileno(), int(old.family), port)])
+        self.assertEqual(listener.worker_sockets, [(old.fileno(), int(old.family), -1)])
+        self.assertEqual(listener._sockets, [])
+
+    def test_upgrade_to_fewer_workers_keeps_every_socket_served(self) -> None:
+        """
+        Handed over by an image with three workers, to two: every socket
+        of the group stays open and owned (slot 0 owns two), so the
+        connections the kernel still queues on the third are served.
+        """
+        from mproxy.workers.binding import bind_sockets
+
+        old = bind_sockets("127.0.0.1", 0, count=3)
+        for s in old:
+            self.addCleanup(s.close)
+        port = old[0].getsockname()[1]
+        listener = self.listener(workers=2, grow=True,
+                                 inherited=[(s.fileno(), int(s.family), port) for s in old])
+        self.assertEqual(listener.worker_sockets,
+                         [(s.fileno(), int(s.family), owner) for s, owner in zip(old, [0, 1, 0])])
+        self.assertEqual(listener._sockets, [])
+
+
+class OwnSocketTests(SynchronousTestCase):
+    """
+    A worker takes its own socket's whole queue per wake-up, and one
+    connection per wake-up from the other slots' sockets.
+    """
+
+    def group(self, n: int) -> list[Any]:
+        from mproxy.workers.binding import bind_sockets
+
+        sockets = bind_sockets("127.0.0.1", 0, count=n)
+        for s in sockets:
+            self.addCleanup(s.close)
+        return sockets
+
+    def serving(self, slot: int, sockets: list[tuple[int, ...]],
+                acceptors: int = 2) -> tuple[WorkerServer, MemoryReactorClock]:
+        settings = WorkerSettings(slot=-1, channel=-1, http_port=80, https_port=443,
+                                  header_timeout=30, idle_timeout=60, acceptors=acceptors,
+                                  sockets={"http": sockets})
+        reactor = MemoryReactorClock()
+        server = WorkerServer(reactor, settings, ListLogger(), lambda *a, **k: None,
+                              exit=lambda: None)
+        channel = WorkerChannel(server)
+        # a standby worker learns its slot when it is told to serve
+        channel.serve(slot=slot, http3=False, alt_svc=0)
+
+        def close() -> None:
+            for reader in reactor.getReaders():
+                if reader not in server.ports:
+                    reader.socket.close()
+            server.retire(0)
+            reactor.advance(0)
+
+        self.addCleanup(close)
+        return server, reactor
+
+    def queued(self, sockets: list[Any], each: int) -> None:
+        """Queue C{each} connections on every one of C{sockets}."""
+        port = sockets[0].getsockname()[1]
+        for _ in range(200):
+            if min(accept_queue(s) for s in sockets) >= each:
+                break
+            connect_clients(port, 1, self)
+        self.assertGreaterEqual(min(accept_queue(s) for s in sockets), each)
+
+    def test_own_whole_queue_others_one(self) -> None:
+        import socket
+
+        sockets = self.group(2)
+        self.queued(sockets, 3)
+        own, other = accept_queue(sockets[1]), accept_queue(sockets[0])
+        entries = [(os.dup(s.fileno()), socket.AF_INET, owner)
+                   for s, owner in zip(sockets, (0, 1))]
+        server, reactor = self.serving(1, entries)
+        self.assertEqual([p.acceptors for p in server.ports], [0, 1])
+        foreign, mine = server.ports
+        mine.doRead()
+        self.assertEqual(accept_queue(sockets[1]), 0, own)
+        foreign.doRead()
+        self.assertEqual(accept_queue(sockets[0]), other - 1)
+
+    def test_shared_socket_by_the_workers_count(self) -> None:
+        import socket
+
+        (s,) = self.group(1)
+        entries = [(os.dup(s.fileno()), socket.AF_INET, -1)]
+        server, _ = self.serving(0, entries, acceptors=2)
+        self.assertEqual(server.ports[0].acceptors, 2)
+
+    def test_settings_without_owners_are_shared(self) -> None:
+        import socket
+
+        (s,) = self.group(1)
+        server, _ = self.serving(0, [(os.dup(s.fileno()), socket.AF_INET)], acceptors=3)
+        self.assertEqual(server.ports[0].acceptors, 3)
+
+    def test_owners_survive_the_command_line(self) -> None:
+        settings = WorkerSettings(slot=1, channel=3, http_port=80, https_port=443,
+                                  header_timeout=30, idle_timeout=60,
+                                  sockets={"http": [(7, 2, 0), (8, 2, 1)], "https": [(9, 10)]})
+        self.assertEqual(WorkerSettings.from_json(settings.to_json()), settings)
+
+    def test_child_descriptors_keep_owners(self) -> None:
+        from mproxy.workers.settings import child_descriptors
+
+        fds, _channel, sockets, _udp = child_descriptors(
+            20, 21, True, {"http": [(10, 2, 0), (11, 2, 1)]}, [])
+        self.assertEqual([owner for _fd, _family, owner in sockets["http"]], [0, 1])
+        self.assertEqual([fds[fd] for fd, _family, _owner in sockets["http"]], [10, 11])

@@ -128,6 +128,37 @@ def client_ports_of(pid: int, server_port: int) -> set[int]:
     return ports
 
 
+def open_with_requests(port: int, n: int, host: bytes = b"burst.test") -> list[Any]:
+    """
+    C{n} connections to C{port}, each with a GET sent.
+    """
+    import socket
+
+    request = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    clients = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        client.sendall(request)
+        clients.append(client)
+    return clients
+
+
+def read_heads(clients: list[Any]) -> list[bytes]:
+    """
+    The status line each of C{clients} got (C{b""}: none).
+    """
+    heads = []
+    for client in clients:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        heads.append(data.split(b"\r\n", 1)[0])
+    return heads
+
+
 class WorkersTests(TestCase):
     timeout = 180
 
@@ -195,39 +226,25 @@ class WorkersTests(TestCase):
     @inlineCallbacks
     def test_a_burst_of_connections_is_shared_by_the_workers(self) -> Any:
         """
-        20 connections that arrive together, each with a request (a load
-        generator starting up): both workers take a share of them, instead
-        of the first worker to wake taking the whole accept queue.
+        40 connections that arrive together, each with a request (a load
+        generator starting up): both workers take a share of them (the
+        kernel spreads them over the workers' sockets), instead of the
+        first worker to wake taking the whole accept queue.
         """
-        import socket
-
         p, _ = yield self.serving("one")
         workers = self.worker_pids(p)
-        request = b"GET / HTTP/1.1\r\nHost: burst.test\r\n\r\n"
 
-        def burst() -> list[bytes]:
+        def burst() -> list[Any]:
             # queued in the kernel while the workers are stopped, so that
             # both find the whole burst waiting when they resume
             for pid in workers:
                 os.kill(pid, signal.SIGSTOP)
-            clients = []
             try:
-                for _ in range(20):
-                    client = socket.create_connection(("127.0.0.1", p.http_port), timeout=30)
-                    client.sendall(request)
-                    clients.append(client)
+                clients = open_with_requests(p.http_port, 40)
             finally:
                 for pid in workers:
                     os.kill(pid, signal.SIGCONT)
-            heads = []
-            for client in clients:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = client.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                heads.append(data.split(b"\r\n", 1)[0])
+            heads = read_heads(clients)
             ours = {client.getsockname()[1] for client in clients}
             held = [len(client_ports_of(pid, p.http_port) & ours) for pid in workers]
             for client in clients:
@@ -235,10 +252,43 @@ class WorkersTests(TestCase):
             return [heads, held]
 
         heads, held = yield deferToThread(burst)
+        self.assertEqual(heads, [b"HTTP/1.1 200 OK"] * 40)
+        self.assertEqual(sum(held), 40)
+        self.assertGreaterEqual(min(held), 8, held)
+        figures(test="burst of 40 connections", per_worker=held)
+
+    @inlineCallbacks
+    def test_connections_queued_on_a_killed_workers_socket_are_served(self) -> Any:
+        """
+        Both workers stopped, 20 connections queue on their sockets; one
+        worker is killed: its replacement serves every one of them, those
+        on its own socket and those on the other (still stopped) worker's
+        too.  The supervisor held the dead worker's socket open: nothing
+        queued there was reset.
+        """
+        p, _ = yield self.serving("one")
+        dead, stuck = self.worker_pids(p)
+        for pid in (dead, stuck):
+            os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(stuck, signal.SIGCONT))
+        clients = yield deferToThread(open_with_requests, p.http_port, 20)
+        os.kill(dead, signal.SIGKILL)
+        for _ in range(200):
+            replaced = [r for r in p.records if r.get("msg") == "Worker replaced"]
+            if replaced:
+                break
+            yield sleep(0.05)
+        self.assertEqual(replaced[0]["was"], dead)
+        replacement = replaced[0]["pid"]
+        heads = yield deferToThread(read_heads, clients)
+        ours = {client.getsockname()[1] for client in clients}
+        held = yield deferToThread(client_ports_of, replacement, p.http_port)
+        os.kill(stuck, signal.SIGCONT)
+        for client in clients:
+            client.close()
         self.assertEqual(heads, [b"HTTP/1.1 200 OK"] * 20)
-        self.assertEqual(sum(held), 20)
-        self.assertGreaterEqual(min(held), 4, held)
-        figures(test="burst of 20 connections", per_worker=held)
+        self.assertEqual(len(held & ours), 20)
+        figures(test="connections queued on a killed worker", served_by_replacement=20)
 
     @inlineCallbacks
     def test_50_deploys_under_load(self) -> Any:

@@ -34,6 +34,7 @@ other write to, or close of, that transport.
     batcher.write(transport, data)
     batcher.write_pieces(transport, (head, data))   # a large chunk and its framing
     batcher.flush_transport(transport)   # then transport.loseConnection()
+    batcher.sent_out(transport)          # True: all in the socket (splice may follow)
 """
 
 from __future__ import annotations
@@ -174,6 +175,27 @@ class WriteBatcher:
                 transport.writeSequence(rest)
                 return
             n -= size
+
+    def sent_out(self, transport: Any) -> bool:
+        """
+        Send what is pending for C{transport} (a plain TCP one) to its
+        socket now; C{True} when nothing written to it is left outside its
+        socket (nothing pending here, nothing buffered by Twisted) and it
+        is open, so that bytes may go to the socket directly next.
+        """
+        if type(transport) not in DIRECT_TYPES or not _direct(transport):
+            return False
+        buf = self._pending.pop(transport, None)
+        if buf:
+            try:
+                n = transport.socket.send(buf)
+            except OSError:
+                # EAGAIN, or an error Twisted will notice itself
+                n = 0
+            if n < len(buf):
+                transport.write(bytes(buf[n:]))
+                return False
+        return True
 
     def flush_transport(self, transport: Any) -> None:
         """

@@ -15,6 +15,10 @@ A body whose length is known can have its last read fitted to it
 multiple of the read size, and its last few bytes (as many as the head
 took from the first read) would otherwise come in a read of their own, and
 go on in a send (and a TLS record) of their own.
+
+After a body whose rest was spliced, the connection's next response is
+read with a first read of L{HEAD_READ} bytes: a larger one would copy a
+large body's start instead of leaving it to the splice.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ READ_GROW_AT = 65536
 #: the rest of a body at most this many bytes larger than a read is read
 #: in one read (more than most response heads)
 READ_TAIL = 8192
+#: the first read of a response on a connection whose last body was spliced
+#: (L{mproxy.http.splice}): a 64 KiB body fits in it with its head; of a
+#: larger one only what this read took is copied, the rest is spliced
+HEAD_READ = READ_GROW_AT + READ_TAIL
 
 
 def grow_reads(transport: Any, n: int) -> None:

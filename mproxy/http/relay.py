@@ -150,6 +150,32 @@ class Relay:
         """
         return type(self.call.rq) is FastRequest
 
+    def splice_transport(self) -> Any:
+        """
+        The client's TCP transport, when the rest of the body may go to its
+        socket by splice (L{mproxy.http.splice}): a response relayed as it
+        comes (not buffered, not a tunnel) to an HTTP/1.1 connection's
+        request, which says whether its transport can take it; else
+        C{None}.
+        """
+        call = self.call
+        if call.done or call.tunnel or call.resp_spool is not None:
+            return None
+        rq = call.rq
+        if type(rq) is not FastRequest:
+            return None
+        return rq.splice_transport()
+
+    def spliced(self, n: int) -> None:
+        self.call.rq.spliced(n)
+
+    def splice_broken(self) -> None:
+        """
+        The client's socket failed under a spliced body: the client
+        connection is aborted (its loss ends the request).
+        """
+        self.call.rq.abort()
+
     def upstream_data(self, data: bytes) -> None:
         call = self.call
         if call.done:

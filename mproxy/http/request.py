@@ -23,7 +23,7 @@ from twisted.web import http as _http
 from twisted.web import server as _server
 from zope.interface import implementer
 
-from mproxy.http.batch import SEND_NOW
+from mproxy.http.batch import DIRECT_TYPES, SEND_NOW
 from mproxy.http.compat import TwistedRequestFace
 from mproxy.http.interfaces import ITunnelExchange
 
@@ -377,6 +377,30 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
                 bwrite(self.transport, _hex(len(data)) + data + b"\r\n")
             else:
                 bwrite(self.transport, data)
+
+    def splice_transport(self) -> Any:
+        """
+        The client's plain TCP transport, if the rest of this response's
+        body may be written to its socket directly (by splice, see
+        L{mproxy.http.splice}): the head and everything written before
+        are in the socket (what was pending is sent now), the body is
+        framed by its length (not chunked, not suppressed) and the
+        connection is open; else C{None} (the body goes on through
+        L{write}).
+        """
+        if (self._head is not None or self._chunked_out or self._no_body or self.finished
+                or self._disconnected):
+            return None
+        t = self.transport
+        if type(t) not in DIRECT_TYPES or not self.channel.batcher.sent_out(t):
+            return None
+        return t
+
+    def spliced(self, n: int) -> None:
+        """
+        C{n} body bytes went to the client's socket by splice.
+        """
+        self.sentLength += n
 
     def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished or self._disconnected:

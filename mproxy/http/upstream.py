@@ -27,6 +27,14 @@ The C{receiver} gets (duck-typed callbacks, called from the reactor):
       piece of the tunnelled stream); a receiver whose C{takes_views} is
       true may get a large piece as a memoryview of the read it came in
       (L{mproxy.http.rawbody});
+    - optionally, for a Content-Length body's rest that may go from the
+      target's socket to the client's by splice(2) (L{mproxy.http.splice}):
+      C{splice_transport()} gives the client's plain TCP transport once
+      everything written to it is in its socket (else C{None}: the body
+      goes on as pieces), C{spliced(n)} counts the bytes that went,
+      C{pauseProducing()} / C{resumeProducing()} are called as the
+      client's socket fills and empties, C{splice_broken()} when the
+      client's socket failed (abort the client connection);
     - C{upstream_done(trailers: list | None)} when the body is complete
       (after a 101: when the target closes the tunnel);
     - C{upstream_failed(error: UpstreamError)} instead of the rest when the
@@ -89,11 +97,12 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mproxy.http.batch import SEND_NOW, batcher_for
+from mproxy.http.batch import DIRECT_TYPES, SEND_NOW, batcher_for
 from mproxy.http.interfaces import IUpstreamExchange, IUpstreamPool
 from mproxy.http.rawbody import RawBody, head_end
-from mproxy.http.reads import READ_GROW_AT, body_read_size, grown_size
+from mproxy.http.reads import HEAD_READ, READ_GROW_AT, body_read_size, grown_size
 from mproxy.http.request import header_lines
+from mproxy.http.splice import SPLICE_MIN, ISpliceHandler, SpliceRelay, splicer_for
 from mproxy.http.whole import keep_alive_timeout as _keep_alive_timeout
 from mproxy.http.whole import parse_head, parse_whole
 
@@ -351,6 +360,7 @@ class UpstreamExchange:
         if conn is not None:
             self.conn = None
             conn.exchange = None
+            conn._stop_splice()
             conn.transport.abortConnection()
 
     def close(self) -> None:
@@ -422,6 +432,8 @@ class _Connection(Protocol):
     #: the connection's read size, grown while reads fill it (0: the
     #: transport's); its C{bufferSize} is this, or a body's rest
     _reads = 0
+    #: the body's rest on its way to the client by splice (L{_try_splice})
+    _splice: SpliceRelay | None = None
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -438,6 +450,7 @@ class _Connection(Protocol):
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._framed = False
         self._raw = RawBody(self._raw_piece, self._raw_ended, self._raw_failed)
+        self._splice = None
 
     def connectionMade(self) -> None:
         try:
@@ -648,6 +661,8 @@ class _Connection(Protocol):
                 if rest:
                     # bytes after the response, which nothing asked for
                     self.dataReceived(rest)
+                elif raw.left >= SPLICE_MIN and self._try_splice():
+                    return
                 self._size_reads(len(data))
                 return
             if len(data) >= READ_GROW_AT:
@@ -717,6 +732,8 @@ class _Connection(Protocol):
             rest = self._raw.take(view[end:])
             if rest:
                 self.dataReceived(rest)
+            elif self._raw.left >= SPLICE_MIN:
+                self._try_splice()
             return
         self.dataReceived(data[end:])
 
@@ -764,6 +781,8 @@ class _Connection(Protocol):
         rest = self._raw.take(body)
         if rest:
             self.dataReceived(rest)
+        elif self._raw.left >= SPLICE_MIN:
+            self._try_splice()
 
     def _whole(self, ex: UpstreamExchange, parsed: tuple[Any, ...]) -> None:
         """
@@ -820,7 +839,44 @@ class _Connection(Protocol):
         # as the parser reports a failing callback
         self._broken(f"error handling response: {e!r}")
 
+    # --- the body's rest by splice ----------------------------------------------
+
+    def _try_splice(self) -> bool:
+        """
+        The rest of a Content-Length body (at least L{SPLICE_MIN} bytes, all
+        still in the target's socket) goes to the client's socket by
+        splice (L{mproxy.http.splice}) when both ends are plain TCP
+        sockets and the receiver passes the body on unchanged (its
+        C{splice_transport()} gives the client's transport once everything
+        written to it is in its socket); C{False}: it goes on as before.
+        """
+        splicer = self.pool.splicer
+        ex = self.exchange
+        if splicer is None or ex is None or self.lost or self.tunnel:
+            return False
+        t = self.transport
+        if type(t) not in DIRECT_TYPES or t.disconnecting or t._aborting:
+            return False
+        target = getattr(ex.receiver, "splice_transport", None)
+        if target is None:
+            return False
+        sink = target()
+        if sink is None:
+            return False
+        relay = splicer.start(t, sink, self._raw.left, _SpliceHandler(self, ex))
+        if relay is None:
+            return False
+        self._splice = relay
+        return True
+
+    def _stop_splice(self) -> None:
+        relay = self._splice
+        if relay is not None:
+            self._splice = None
+            relay.stop()
+
     def _broken(self, message: str) -> None:
+        self._stop_splice()
         ex = self.exchange
         self.exchange = None
         self.lost = True
@@ -830,6 +886,7 @@ class _Connection(Protocol):
             ex._fail(502, message)
 
     def connectionLost(self, reason: Failure = Failure(_error.ConnectionDone())) -> None:
+        self._stop_splice()
         self.lost = True
         self.armed = False
         t = self.timer
@@ -859,6 +916,63 @@ class _Connection(Protocol):
                      CLOSED, self.reused)
             return
         ex._fail(502, "target closed the connection: " + reason.getErrorMessage())
+
+
+@implementer(ISpliceHandler)
+class _SpliceHandler:
+    """
+    What a connection hears from the splice relay of its response's body
+    (L{_Connection._try_splice}), for exchange C{ex}: the receiver's
+    C{spliced(n)} counts the bytes sent, the client's socket filling up
+    pauses the exchange as a full client transport does (the receiver's
+    C{pauseProducing}, which stops reading from the target and starts its
+    send timeout), its end completes the response as the last body piece
+    would, a target failing mid-body is a broken response (502: the client
+    connection is aborted), a client failing aborts the target connection
+    and, through the receiver's C{splice_broken()}, the client's.
+    """
+
+    __slots__ = ("conn", "ex")
+
+    def __init__(self, conn: _Connection, ex: UpstreamExchange) -> None:
+        self.conn = conn
+        self.ex = ex
+
+    def sent(self, n: int) -> None:
+        self.ex.receiver.spliced(n)
+
+    def stalled(self) -> None:
+        self.ex.receiver.pauseProducing()
+
+    def flowing(self) -> None:
+        self.ex.receiver.resumeProducing()
+
+    def ended(self) -> None:
+        conn = self.conn
+        conn._splice = None
+        conn._raw.left = 0
+        t = conn.transport
+        if t.bufferSize > HEAD_READ:
+            # the next response's head, and no more than a small body
+            # with it: a large body's rest is spliced
+            t.bufferSize = HEAD_READ
+        conn._raw_ended()
+
+    def source_failed(self, message: str) -> None:
+        conn = self.conn
+        conn._splice = None
+        conn._broken(message)
+
+    def sink_failed(self, message: str) -> None:
+        conn = self.conn
+        conn._splice = None
+        ex = conn.exchange
+        conn.exchange = None
+        conn.lost = True
+        conn.transport.abortConnection()
+        if ex is not None:
+            ex.conn = None
+            ex.receiver.splice_broken()
 
 
 class _ConnectFactory(ClientFactory):
@@ -951,6 +1065,8 @@ class UpstreamPool:
         self.max_connecting = max_connecting
         self.closed = False
         self.batcher = batcher_for(reactor)
+        #: relays Content-Length bodies' rests by splice (None: not here)
+        self.splicer = splicer_for(reactor)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         #: requests waiting for a connection, oldest first, each with the

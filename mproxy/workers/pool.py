@@ -161,14 +161,16 @@ class ProcessSpawner:
     and the listening sockets at descriptors above all of the supervisor's
     (their numbers are on its command line).
 
-    @param listening: C{{kind: [(fd, family), ...]}} of the supervisor's
-        listening TCP sockets; C{udp}: the HTTP/3 sockets (the worker of
-        slot 0 serves them, the others close them).
+    @param listening: C{{kind: [(fd, family, owner), ...]}} of the
+        supervisor's listening TCP sockets (C{owner}: the slot whose own
+        socket it is, or C{-1}; every worker gets all of them, a standby
+        worker's slot being known only once it serves); C{udp}: the HTTP/3
+        sockets (the worker of slot 0 serves them, the others close them).
     @param settings: the L{mproxy.workers.worker.WorkerSettings} fields
         other than the slot and descriptors.
     """
 
-    def __init__(self, reactor: Any, listening: dict[str, list[tuple[int, int]]],
+    def __init__(self, reactor: Any, listening: dict[str, list[tuple[int, ...]]],
                  udp: list[tuple[int, int]], settings: dict[str, Any],
                  log_to_fd: bool, python: str = sys.executable,
                  env: dict[str, str] | None = None) -> None:

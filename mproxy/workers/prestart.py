@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from mproxy.workers.binding import bind_sockets, listen_failure
+from mproxy.workers.binding import bind_sockets, listen_failure, socket_owners
 
 
 def worker_settings(config: Any, http_port: int, https_port: int,
@@ -149,11 +149,11 @@ BIND_WAIT = 1.0
 
 
 def _bind_waiting(bind: str, port: int, kind: int, wait: float,
-                  sleep: Callable[[float], None]) -> list[socket.socket]:
+                  sleep: Callable[[float], None], count: int = 1) -> list[socket.socket]:
     tries = max(1, int(wait / 0.05) + 1)
     for attempt in range(tries):
         try:
-            return bind_sockets(bind, port, kind)
+            return bind_sockets(bind, port, kind, count)
         except OSError as e:
             if e.errno != errno.EADDRINUSE or attempt == tries - 1 or port == 0:
                 raise
@@ -268,12 +268,17 @@ def prestart(config: Any, grace: float, python: str = sys.executable,
         for name, what, port, kind in kinds:
             if port is None:  # HTTP/3 listens on the port HTTPS got
                 port = bound["https"][0].getsockname()[1]
+            count = config.workers if kind == socket.SOCK_STREAM else 1
             try:
-                bound[name] = _bind_waiting(config.bind, port, kind, wait, sleep)
+                bound[name] = _bind_waiting(config.bind, port, kind, wait, sleep, count)
             except OSError as e:
                 raise listen_failure(what, port, e)
-        listening = {name: [(s.fileno(), int(s.family)) for s in bound[name]]
-                     for name in ("http", "https")}
+        listening: dict[str, list[tuple[int, ...]]] = {}
+        for name in ("http", "https"):
+            pairs = [(s.fileno(), int(s.family)) for s in bound[name]]
+            owners = socket_owners(pairs, config.workers)
+            listening[name] = [(fd, family, owner)
+                               for (fd, family), owner in zip(pairs, owners)]
         udp = [(s.fileno(), int(s.family)) for s in bound.get("http3", [])]
         prestarted.settings = settings = worker_settings(
             config, bound["http"][0].getsockname()[1], bound["https"][0].getsockname()[1],
@@ -305,7 +310,7 @@ def prestart(config: Any, grace: float, python: str = sys.executable,
     return prestarted
 
 
-def _fork_workers(prestarted: Prestarted, count: int, listening: dict[str, list[tuple[int, int]]],
+def _fork_workers(prestarted: Prestarted, count: int, listening: dict[str, list[tuple[int, ...]]],
                   udp: list[tuple[int, int]], log_to_fd: bool,
                   fork: Callable[[Callable[[], None]], int]) -> None:
     from mproxy.workers.settings import WorkerSettings
@@ -317,7 +322,8 @@ def _fork_workers(prestarted: Prestarted, count: int, listening: dict[str, list[
             arguments = WorkerSettings(
                 slot=slot, channel=theirs.fileno(), sockets=listening, udp=udp,
                 log="fd" if log_to_fd else "channel", **prestarted.settings)
-            keep = {theirs.fileno()} | {fd for pairs in listening.values() for fd, _ in pairs} | {
+            keep = {theirs.fileno()} | {
+                entry[0] for entries in listening.values() for entry in entries} | {
                 fd for fd, _ in udp}
             objects = [w.channel for w in prestarted.workers] + [ours, theirs] + sockets
             pid = fork(lambda a=arguments, k=keep, o=objects: run_forked(a, k, o, log_to_fd))

@@ -18,10 +18,12 @@ class WorkerSettings:
     What a worker is told on its command line: its slot, the ports (for
     redirects and Alt-Svc), the HTTP timeouts, whether metrics and HTTP/3
     are on, and its inherited descriptors: the channel, the listening TCP
-    sockets by kind (C{[(fd, family), ...]}), the UDP socket for HTTP/3.
-    C{log} is C{"fd"} (write JSON lines to descriptor 1) or C{"channel"}.
-    C{acceptors}: how many workers accept on those sockets (C{0}: not
-    known), which sets how many queued connections a wake-up takes.
+    sockets by kind (C{[(fd, family, owner), ...]}: C{owner} the slot whose
+    own socket it is, C{-1} (or left out) for one shared by every worker),
+    the UDP socket for HTTP/3.  C{log} is C{"fd"} (write JSON lines to
+    descriptor 1) or C{"channel"}.  C{acceptors}: how many workers accept
+    on a shared socket (C{0}: not known), which sets how many queued
+    connections a wake-up takes there.
     """
 
     slot: int
@@ -30,7 +32,7 @@ class WorkerSettings:
     https_port: int
     header_timeout: float
     idle_timeout: float
-    sockets: dict[str, list[tuple[int, int]]]
+    sockets: dict[str, list[tuple[int, ...]]]
     udp: list[tuple[int, int]] = []
     metrics: bool = False
     debug: bool = False
@@ -58,16 +60,17 @@ class WorkerSettings:
 
 
 def child_descriptors(
-    channel: int, devnull: int, log_to_fd: bool, listening: dict[str, list[tuple[int, int]]],
+    channel: int, devnull: int, log_to_fd: bool, listening: dict[str, list[tuple[int, ...]]],
     udp: list[tuple[int, int]],
-) -> tuple[dict[int, int], int, dict[str, list[tuple[int, int]]], list[tuple[int, int]]]:
+) -> tuple[dict[int, int], int, dict[str, list[tuple[int, ...]]], list[tuple[int, int]]]:
     """
     Where a worker's descriptors go: C{{child's fd: ours}} (stdin from
     C{devnull}, stdout ours or C{devnull}, stderr ours, the channel, the
     listening sockets), then the child's numbers of its channel, of its TCP
-    sockets by kind (C{[(fd, family), ...]}) and of its UDP sockets.
+    sockets by kind (C{[(fd, family, ...), ...]}: the rest of each entry as
+    given) and of its UDP sockets.
     """
-    sources = [channel, devnull] + [fd for pairs in listening.values() for fd, _ in pairs] + [
+    sources = [channel, devnull] + [s[0] for entries in listening.values() for s in entries] + [
         fd for fd, _ in udp]
     # the child's numbers are above every one of ours: no mapping
     # overwrites a descriptor another one is still to be copied from
@@ -75,11 +78,11 @@ def child_descriptors(
     channel_fd = n
     fds = {0: devnull, 1: 1 if log_to_fd else devnull, 2: 2, channel_fd: channel}
     n += 1
-    sockets: dict[str, list[tuple[int, int]]] = {}
-    for kind, pairs in listening.items():
-        for fd, family in pairs:
+    sockets: dict[str, list[tuple[int, ...]]] = {}
+    for kind, entries in listening.items():
+        for fd, *rest in entries:
             fds[n] = fd
-            sockets.setdefault(kind, []).append((n, family))
+            sockets.setdefault(kind, []).append((n, *rest))
             n += 1
     child_udp = []
     for fd, family in udp:

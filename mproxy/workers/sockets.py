@@ -6,18 +6,29 @@ the workers inherit them.
 
 L{SocketListener} is the stand-in for a L{mproxy.listeners.Listener} of
 one kind: the same ports (C{::} and C{0.0.0.0}, or C{--bind}; or the
-inherited sockets of socket activation), the same errors, C{port} and
-C{fds} for the workers.
+inherited sockets of socket activation or of an upgrade), the same errors,
+C{port}, C{fds} and, for the workers, C{worker_sockets}.
 
-L{adopt_listening} is how a worker accepts from such a shared socket: one
-connection per wake-up (L{OneAcceptPort}), so that a burst of new
-connections is shared between the workers instead of taken whole by the
-first one the kernel wakes; a worker that accepts alone takes the whole
-queue.
+Each address gets one socket per worker, all in one C{SO_REUSEPORT} group:
+the kernel spreads new connections over them by hash, and each socket is
+owned by one worker slot (L{socket_owners}), which takes the whole queue of
+its own socket at each wake-up.  The supervisor holds every socket open, so
+connections queued on the socket of a worker that died wait there for its
+replacement, which is given the same socket.  Every worker also accepts on
+the other slots' sockets, one connection per wake-up: a worker that is busy
+or stuck (or dead and not yet replaced) does not leave the connections the
+kernel gave its socket waiting while another worker idles.
+
+A single inherited socket cannot be made a group (systemd socket
+activation passes one per address, and sockets bound here would not
+outlive this process as systemd's do): it is shared by all workers, each
+taking one connection per wake-up so that a burst is shared between them
+(L{OneAcceptPort}), as a worker's foreign sockets are.
 """
 
 from __future__ import annotations
 
+import os
 import socket as _socket
 import struct
 from typing import Any, Callable
@@ -25,7 +36,13 @@ from typing import Any, Callable
 from twisted.internet import tcp
 
 from mproxy.listeners import BindingService
-from mproxy.workers.binding import bind_sockets, listen_failure
+from mproxy.workers.binding import (
+    bind_sockets,
+    join_group,
+    listen_failure,
+    local_address,
+    socket_owners,
+)
 
 
 def queued_connections(sock: Any) -> int | None:
@@ -45,10 +62,12 @@ def queued_connections(sock: Any) -> int | None:
 
 class OneAcceptPort(tcp.Port):
     """
-    A listening TCP port shared by C{acceptors} worker processes: with
-    several (or an unknown number, C{0}), it accepts at most one connection
-    each time the reactor finds it readable; the only worker accepting on
-    it takes every queued connection.
+    A listening TCP port that C{acceptors} worker processes take
+    connections from: with several (or an unknown number, C{0}: a socket
+    shared by all, or another worker's own socket this one helps with), it
+    accepts at most one connection each time the reactor finds it readable;
+    the only worker accepting on it (its own socket) takes every queued
+    connection.
 
     Twisted's port accepts up to C{numberAccepts} connections per wake-up
     (100 at first, growing while the queue stays full).  With one socket
@@ -59,11 +78,11 @@ class OneAcceptPort(tcp.Port):
     to the reactor lets every woken worker take its turn, and a worker busy
     serving the connections it already has takes fewer new ones.  (Taking
     half the queue of two workers per wake-up split a burst of 20 15/5 and
-    4/16, one at a time 11/9.)  A worker alone has no one to share with,
-    and one at a time its burst waited a reactor turn per connection (50
-    connections opened at once while 1 MiB responses went out: the last
-    one's handshake began about a second after its connect, while the
-    client retried its reads).
+    4/16, one at a time 11/9.)  But one at a time a burst waits a reactor
+    turn per connection (50 connections opened at once while 1 MiB
+    responses went out: the last one's handshake began about a second after
+    its connect, while the client retried its reads), which is why each
+    worker has a socket of its own, taken whole.
     """
 
     acceptors = 0
@@ -99,28 +118,42 @@ def adopt_listening(reactor: Any, fd: int, family: int, factory: Any,
 class SocketListener(BindingService):
     """
     The sockets of one kind (C{what}: "HTTP", "HTTPS", "HTTP/3 (UDP)"),
-    bound in C{privilegedStartService}, or inherited (C{inherited}:
-    C{[(fd, family, port)]}), or bound already by this process (C{bound}:
-    sockets it then owns, L{mproxy.workers.prestart}); C{port} may be a
-    callable giving the port when it is bound (HTTP/3 binds the port HTTPS
-    got).
+    bound in C{privilegedStartService} (TCP: C{workers} per address, see
+    the module docstring), or inherited (C{inherited}: C{[(fd, family,
+    port)]}), or bound already by this process (C{bound}: sockets it then
+    owns, L{mproxy.workers.prestart}); C{port} may be a callable giving the
+    port when it is bound (HTTP/3 binds the port HTTPS got).
+
+    With C{grow} (the sockets an upgrade handed over), an address whose
+    group has fewer sockets than C{workers} (the image before ran fewer
+    workers) gets more, bound into the same group; where that fails (the
+    handed-over sockets are not in a group), its sockets stay shared.
 
     @ivar port: the port number, once bound.
-    @ivar fds: C{[(fd, family), ...]} for the workers.
+    @ivar fds: C{[(fd, family), ...]}, every socket (kept across an
+        upgrade, in this order).
+    @ivar worker_sockets: C{[(fd, family, owner), ...]} for the workers
+        (L{socket_owners}).
     """
 
     def __init__(self, what: str, port: int | Callable[[], int | None], bind: str,
                  inherited: list[tuple[int, int, int]] | None = None,
                  kind: int = _socket.SOCK_STREAM, name: str | None = None,
-                 bound: list[_socket.socket] | None = None) -> None:
+                 bound: list[_socket.socket] | None = None, workers: int = 1,
+                 grow: bool = False,
+                 address_of: Callable[[int], Any] = local_address) -> None:
         self.setName(name or what.lower())
         self.what = what
         self.requested_port = port
         self.bind = bind
         self.kind = kind
         self.inherited = inherited or []
+        self.workers = workers
+        self.grow = grow
+        self.address_of = address_of
         self.port: int | None = None
         self.fds: list[tuple[int, int]] = []
+        self.worker_sockets: list[tuple[int, int, int]] = []
         self._sockets: list[_socket.socket] = []
         self._bound = bound or []
 
@@ -128,18 +161,46 @@ class SocketListener(BindingService):
         if self.inherited:
             self.fds = [(fd, family) for fd, family, _ in self.inherited]
             self.port = self.inherited[0][2]
-            return
-        if self._bound:
-            self._sockets, self._bound = self._bound, []
+            if self.grow and self.kind == _socket.SOCK_STREAM:
+                self._grow()
         else:
-            port = self.requested_port
-            number = (port() or 0) if callable(port) else port
+            if self._bound:
+                self._sockets, self._bound = self._bound, []
+            else:
+                port = self.requested_port
+                number = (port() or 0) if callable(port) else port
+                count = self.workers if self.kind == _socket.SOCK_STREAM else 1
+                try:
+                    self._sockets = bind_sockets(self.bind, number, self.kind, count)
+                except OSError as e:
+                    raise listen_failure(self.what, number, e)
+            self.fds = [(s.fileno(), int(s.family)) for s in self._sockets]
+            self.port = self._sockets[0].getsockname()[1]
+        owners = (socket_owners(self.fds, self.workers, self.address_of)
+                  if self.kind == _socket.SOCK_STREAM else [-1] * len(self.fds))
+        self.worker_sockets = [(fd, family, owner)
+                               for (fd, family), owner in zip(self.fds, owners)]
+
+    def _grow(self) -> None:
+        groups: dict[Any, list[int]] = {}
+        for fd, _family in self.fds:
+            groups.setdefault(self.address_of(fd), []).append(fd)
+        for address, fds in groups.items():
+            missing = self.workers - len(fds)
+            if address is None or missing <= 0:
+                continue
             try:
-                self._sockets = bind_sockets(self.bind, number, self.kind)
-            except OSError as e:
-                raise listen_failure(self.what, number, e)
-        self.fds = [(s.fileno(), int(s.family)) for s in self._sockets]
-        self.port = self._sockets[0].getsockname()[1]
+                sock = _socket.socket(fileno=os.dup(fds[0]))
+            except OSError:
+                continue
+            try:
+                added = join_group(sock, missing)
+            except OSError:
+                continue  # not a group: its sockets stay shared
+            finally:
+                sock.close()
+            self._sockets += added
+            self.fds += [(s.fileno(), int(s.family)) for s in added]
 
     def abandon(self) -> None:
         self.port = None

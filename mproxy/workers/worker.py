@@ -193,12 +193,12 @@ class WorkerServer:
         self.served = True
         factories = {"http": self.site, "https": self.https}
         for kind, sockets in self.settings.sockets.items():
-            for fd, family in sockets:
+            for fd, family, *owner in sockets:
                 # an inherited socket may be blocking (systemd's are not, a
                 # test's may be): accept() must never block the reactor
                 os.set_blocking(fd, False)
                 self.ports.append(adopt_listening(self.reactor, fd, family, factories[kind],
-                                                  acceptors=self.settings.acceptors))
+                                                  acceptors=self._acceptors(owner)))
                 os.close(fd)
         for fd, family in self.settings.udp:
             if not http3:
@@ -214,6 +214,19 @@ class WorkerServer:
             listener.ports.append(self.reactor.adoptDatagramPort(fd, family, listener))
             os.close(fd)
 
+    def _acceptors(self, owner: list[int]) -> int:
+        """
+        How many workers take connections from a socket owned by C{owner}
+        (C{[slot]}, or C{[]} / C{[-1]}: shared by all): its own socket this
+        worker accepts on alone (its whole queue per wake-up); another
+        slot's it only helps with, one connection per wake-up (as on a
+        socket shared by an unknown number).
+        """
+        slot = owner[0] if owner else -1
+        if slot < 0:
+            return self.settings.acceptors
+        return 1 if slot == self.slot else 0
+
     def _release_unserved(self) -> None:
         """
         Close the inherited sockets this worker never served (a standby
@@ -225,7 +238,7 @@ class WorkerServer:
             return
         self.served = True
         for sockets in self.settings.sockets.values():
-            for fd, _family in sockets:
+            for fd, *_rest in sockets:
                 _close_quietly(fd)
         for fd, _family in self.settings.udp:
             _close_quietly(fd)
