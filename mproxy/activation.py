@@ -71,6 +71,10 @@ class Handover:
     @ivar drain_timeout: how long the old generation may drain.
     @ivar channels: the worker channels kept across the exec, as the
         worker pool describes them (plain JSON values).
+    @ivar activated: the kinds whose sockets came from socket activation,
+        in this image or one before it: the workers share them, and no
+        socket of this process's own is added beside them (it would not
+        outlive the process as systemd's do).
     """
 
     pid: int
@@ -79,12 +83,13 @@ class Handover:
     control: int | None = None
     drain_timeout: float = 10.0
     channels: tuple[Any, ...] = ()
+    activated: tuple[str, ...] = ()
 
     def to_text(self) -> str:
         return json.dumps({
             "pid": self.pid, "id": self.id, "sockets": [list(s) for s in self.sockets],
             "control": self.control, "drain_timeout": self.drain_timeout,
-            "channels": list(self.channels),
+            "channels": list(self.channels), "activated": list(self.activated),
         })
 
     @classmethod
@@ -100,6 +105,7 @@ class Handover:
                 int(data["pid"]), str(data["id"]), sockets,
                 None if control is None else int(control),
                 float(data.get("drain_timeout", 10.0)), tuple(data.get("channels") or ()),
+                tuple(str(kind) for kind in data.get("activated") or ()),
             )
         except (ValueError, TypeError, KeyError) as e:
             raise StartupError(f"${UPGRADE_VARIABLE} is not a socket handover: {e}")

@@ -255,14 +255,20 @@ class MproxyService(MultiService):
             return [(s.fd, s.family, s.port) for s in found]
 
         bound = self.prestarted.sockets if self.prestarted is not None else {}
-        # an upgrade's sockets may get more members in their groups; those
-        # of socket activation are systemd's, one per address
-        grow = self.inherited is not None and self.inherited.handover is not None
+
+        def grow(kind: str) -> bool:
+            # an upgrade's sockets may get more members in their groups;
+            # those of socket activation are systemd's, one per address
+            handed = self.inherited is not None and self.inherited.handover is not None
+            return handed and kind not in self.activated_kinds
+
         https = SocketListener("HTTPS", cfg.https_port, cfg.bind, inherited("https"),
-                               bound=bound.get("https"), workers=cfg.workers, grow=grow)
+                               bound=bound.get("https"), workers=cfg.workers,
+                               grow=grow("https"))
         listeners: list[Any] = [
             SocketListener("HTTP", cfg.http_port, cfg.bind, inherited("http"),
-                           bound=bound.get("http"), workers=cfg.workers, grow=grow), https]
+                           bound=bound.get("http"), workers=cfg.workers, grow=grow("http")),
+            https]
         if cfg.http3:
             import socket
 
@@ -321,6 +327,18 @@ class MproxyService(MultiService):
         if inherited:
             return adopted_endpoints(self.reactor, [(s.fd, s.family) for s in inherited])
         return bind_endpoints(self.reactor, self.config.bind)
+
+    @property
+    def activated_kinds(self) -> tuple[str, ...]:
+        """
+        The kinds of listening socket that came from socket activation,
+        when this image started or in the image an upgrade came from.
+        """
+        if self.inherited is None:
+            return ()
+        if self.inherited.handover is not None:
+            return self.inherited.handover.activated
+        return tuple(sorted(self.inherited.by_kind))
 
     def listening_sockets(self) -> list[tuple[str, int]]:
         """

@@ -416,7 +416,8 @@ class Upgrades:
         while self._busy_channels() and self.reactor.seconds() < deadline:
             yield deferLater(self.reactor, 0.01, lambda: None)
         handover = Handover(self.getpid(), id, tuple(sockets), control, drain_timeout,
-                            tuple(self._keep_channels()))
+                            tuple(self._keep_channels()),
+                            tuple(getattr(self.server, "activated_kinds", ())))
         self._exec(relaunch, handover)
 
     @inlineCallbacks

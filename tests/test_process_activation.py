@@ -214,11 +214,12 @@ class WorkerSocketGroupTests(SynchronousTestCase):
         s.listen(1)
         return s
 
-    def http_listener(self, handover: Any) -> Any:
+    def http_listener(self, handover: Any, activated: tuple[str, ...] = ()) -> Any:
         from mproxy.activation import Handover
 
         s = self.reusable()
-        handed = Handover(os.getpid(), "u1", (("http", s.fileno()),)) if handover else None
+        handed = (Handover(os.getpid(), "u1", (("http", s.fileno()),), activated=activated)
+                  if handover else None)
         inherited = InheritedSockets({"http": (describe_socket(s.fileno()),)},
                                      handover=handed)
         d = tempfile.mkdtemp(prefix="mpa-")
@@ -227,6 +228,7 @@ class WorkerSocketGroupTests(SynchronousTestCase):
                               socket=os.path.join(d, "s.sock"),
                               state_dir=os.path.join(d, "state"))
         service = MproxyService(MemoryReactorClock(), config, ListLogger(), inherited)
+        self.service = service
         (listener,) = [x for x in service.listeners if x.name == "http"]
         listener.privilegedStartService()
         self.addCleanup(listener.stopService)
@@ -235,8 +237,19 @@ class WorkerSocketGroupTests(SynchronousTestCase):
     def test_socket_activation_shared(self) -> None:
         s, listener = self.http_listener(handover=False)
         self.assertEqual(listener.worker_sockets, [(s.fileno(), socket.AF_INET, -1)])
+        self.assertEqual(self.service.activated_kinds, ("http",))
+
+    def test_activated_before_an_upgrade_stays_shared(self) -> None:
+        """
+        Sockets that came from systemd to an image before the upgrade stay
+        shared: the handover says so.
+        """
+        s, listener = self.http_listener(handover=True, activated=("http",))
+        self.assertEqual(listener.worker_sockets, [(s.fileno(), socket.AF_INET, -1)])
+        self.assertEqual(self.service.activated_kinds, ("http",))
 
     def test_handed_over_grows(self) -> None:
         s, listener = self.http_listener(handover=True)
+        self.assertEqual(self.service.activated_kinds, ())
         self.assertEqual(len(listener.fds), 2)
         self.assertEqual([owner for *_, owner in listener.worker_sockets], [0, 1])

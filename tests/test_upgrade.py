@@ -49,6 +49,12 @@ class HandoverTests(SynchronousTestCase):
                      ({"pid": 100, "fd": 11},))
         self.assertEqual(Handover.from_text(h.to_text()), h)
 
+    def test_activated_kinds(self) -> None:
+        h = Handover(42, "abc", (("http", 7),), activated=("http",))
+        self.assertEqual(Handover.from_text(h.to_text()).activated, ("http",))
+        older = '{"pid": 42, "id": "a", "sockets": [["http", 7]]}'
+        self.assertEqual(Handover.from_text(older).activated, ())
+
     def test_malformed(self) -> None:
         for text in ("", "{}", '{"pid": "x", "id": "a", "sockets": []}', "[1]"):
             self.assertRaises(StartupError, Handover.from_text, text)
@@ -187,6 +193,20 @@ class UpgradesTests(SynchronousTestCase):
         self.assertEqual(handover, Handover(42, "u1", (("http", 105), ("https", 106)), 107, 3.0))
         self.assertEqual(self.flushed, 1)
         self.assertEqual([p[0] for p in self.progress], ["check", "drain", "exec"])
+
+    def test_activated_kinds_handed_over(self) -> None:
+        """
+        The kinds whose sockets came from socket activation are named in
+        the handover (the next image keeps them shared by its workers).
+        """
+        self.server.activated_kinds = ("http",)
+        self.start()
+        self.check_result.callback(None)
+        self.server.drain.callback(None)
+        self.reactor.advance(0)
+        self.reactor.advance(0)
+        [(_path, _argv, env)] = self.execs
+        self.assertEqual(Handover.from_text(env[UPGRADE_VARIABLE]).activated, ("http",))
 
     def test_check_fails(self) -> None:
         d = self.start()
