@@ -1197,3 +1197,20 @@ class UploadSpliceTests(SynchronousTestCase):
         self.assertIn(b"HTTP/1.1 413 Too Large", self.client_bytes(h))
         self.assertEqual(self.calls.open, set())
         self.assertNotEqual(getattr(h.ct.doRead, "__name__", ""), "_readable")
+
+    def test_early_response_while_stalled(self) -> None:
+        """
+        An early response while the target's socket is full: reading from
+        the client goes on (the connection reads and drops the rest of
+        the body before it closes).
+        """
+        h = self.harness()
+        proto, t = self.post(h)
+        self.calls.source[CLIENT] = 100000
+        self.calls.room[TARGET] = 10
+        h.ct.doRead()
+        self.assertFalse(h.ct.reading)
+        proto.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(h.ct.reading)
+        self.assertNotIn("doWrite", t.__dict__)
+        self.assertEqual(self.calls.open, set())

@@ -426,6 +426,8 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         if relay is not None:
             self._body_splice = None
             relay.stop()
+            # (reading may have been paused for the target's full socket)
+            self.channel.resume_reading("splice")
 
     def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished or self._disconnected:
