@@ -21,6 +21,10 @@ calls per MiB do not depend on how loaded the machine is as much as CPU
 time does, but they do depend on timing (how much is waiting per wake-up):
 compare runs made under similar load.
 
+--kernel-events adds kernel tracepoint counts to perf stat's (packets
+sent, loopback deliveries, softirqs, sockets told data is ready, wake-ups):
+work a proxy's system calls cause in the kernel beyond the calls themselves
+(on loopback the receiving socket's TCP work runs in the sender's context).
 --no-sizes counts only; --profile takes a flat perf profile of the proxy
 instead of the sizes (--callgraph: with DWARF call graphs), --pyspy a py-spy
 profile of its busiest process (samples holding the GIL only).  perf's
@@ -53,6 +57,9 @@ import proxy_cpu as PC  # noqa: E402
 #: system calls whose enter/exit pairs are recorded (fd, size)
 SIZED = ["read", "write", "recvfrom", "sendto", "sendmsg", "recvmsg", "writev", "readv"]
 WAITS = ["epoll_wait", "epoll_pwait", "epoll_pwait2"]
+#: --kernel-events: tracepoints counted beside the system calls
+KERNEL_EVENTS = ["net:net_dev_xmit", "net:netif_rx", "irq:softirq_entry", "sock:sk_data_ready",
+                 "sched:sched_waking", "skb:consume_skb"]
 
 
 def _sockets(pids: list[int]) -> dict[tuple[int, int], str]:
@@ -129,8 +136,10 @@ def measure(name: str, workload: str, tmp: Path, upstream, up_port: int, body: b
         pid_list = ",".join(str(p) for p in pids)
         stat_out = workdir / "perf-stat.txt"
         rec_out = workdir / "perf.data"
-        events = ["task-clock", "context-switches", "cpu-migrations", "page-faults",
-                  "syscalls:sys_enter_*"]
+        events = ["task-clock", "context-switches", "cpu-migrations", "page-faults"]
+        if args.kernel_events:
+            events += KERNEL_EVENTS
+        events.append("syscalls:sys_enter_*")
         stat = subprocess.Popen(["perf", "stat", "-x", ";", "-o", str(stat_out),
                                  "-e", ",".join(events), "-p", pid_list],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -203,7 +212,7 @@ def measure(name: str, workload: str, tmp: Path, upstream, up_port: int, body: b
     out["per_mib"] = {k: v / mib for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
     out["syscalls_per_mib"] = sum(v for k, v in counts.items()
                                   if k not in ("context-switches", "cpu-migrations",
-                                               "page-faults")) / mib
+                                               "page-faults") and ":" not in k) / mib
     if rec is not None and args.pyspy:
         out["profile"] = _pyspy(workdir / "pyspy.txt")
     elif rec is not None and args.profile:
@@ -322,6 +331,8 @@ def show(r: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     PC.add_run_args(ap, "get64k,get1m")
+    ap.add_argument("--kernel-events", action="store_true",
+                    help="also count packets, softirqs, data-ready calls and wake-ups")
     ap.add_argument("--no-sizes", action="store_true",
                     help="counts only (no perf record of each call)")
     ap.add_argument("--profile", action="store_true",

@@ -11,9 +11,13 @@ with select() when it is full.  It reports the sender's user and system CPU
 per MiB (getrusage) and its write() calls per MiB, for each --write-buffer
 size given (the buffering BIO's write side: 4096, OpenSSL's default, writes
 each 16 KiB record with a write() of its own; a larger one gathers records
-and sends them in fewer, larger write() calls, at the cost of a copy).
+and sends them in fewer, larger write() calls, at the cost of a copy), and
+the receiver's CPU per MiB.  A size with a "c" after it (278528c) runs with
+TCP_CORK set around each piece's writes (TCP_NODELAY on, as mproxy's
+client connections have it), so that the kernel sends what the piece's
+writes queued at once, in fewer packets.
 
-Usage: python3 bench/tls_send.py --write-buffer 4096,65536,278528 [--mib 512]
+Usage: python3 bench/tls_send.py --write-buffer 4096,65536,278528,278528c [--mib 512]
            [--piece 262144] [--rounds 3]
 """
 
@@ -55,7 +59,7 @@ def _count_writes(pid: int) -> int:
 
 
 def send_once(sslbio, cert: tuple[Path, Path], wbuf: int, piece: int, mib: int,
-              receiver_cpu: list[str]) -> dict:
+              receiver_cpu: list[str], cork: bool = False) -> dict:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert[0]), str(cert[1]))
     lsock = socket.socket()
@@ -83,6 +87,7 @@ def send_once(sslbio, cert: tuple[Path, Path], wbuf: int, piece: int, mib: int,
     conn.setblocking(False)
     if inc.pending or out.pending:
         raise SystemExit("bytes left in the memory BIOs")
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     io = sslbio.attach(obj, inc, out, conn.fileno())
     if io is None:
         raise SystemExit("could not move the connection onto its socket")
@@ -97,6 +102,8 @@ def send_once(sslbio, cert: tuple[Path, Path], wbuf: int, piece: int, mib: int,
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
     for _ in range(n):
+        if cork:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         while True:
             try:
                 c.write(payload)
@@ -110,17 +117,21 @@ def send_once(sslbio, cert: tuple[Path, Path], wbuf: int, piece: int, mib: int,
             if r < 0:
                 raise SystemExit("flush failed")
             select.select([], [conn], [])
+        if cork:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
     t1 = time.monotonic()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     w1 = _count_writes(os.getpid())
     io.detach()
     conn.close()
-    child.wait(30)
+    _, _, child_usage = os.wait4(child.pid, 0)
+    child.returncode = 0
     total = n * piece / 1048576
     return {"user_ms": (r1.ru_utime - r0.ru_utime) * 1000 / total,
             "sys_ms": (r1.ru_stime - r0.ru_stime) * 1000 / total,
             "writes": (w1 - w0) / total, "mib_s": total / (t1 - t0),
-            "nvcsw": (r1.ru_nvcsw - r0.ru_nvcsw) / total}
+            "nvcsw": (r1.ru_nvcsw - r0.ru_nvcsw) / total,
+            "receiver_ms": (child_usage.ru_utime + child_usage.ru_stime) * 1000 / total}
 
 
 def main(argv=None) -> int:
@@ -144,13 +155,14 @@ def main(argv=None) -> int:
     pin = C.pin_prefix(args.receiver_cpu)
     os.sched_setaffinity(0, {args.sender_cpu})
     tmp = Path(tempfile.mkdtemp(prefix="tls-send-"))
-    sizes = [int(x) for x in args.write_buffer.split(",")]
-    results: dict[int, list[dict]] = {s: [] for s in sizes}
+    sizes = [x for x in args.write_buffer.split(",") if x]
+    results: dict[str, list[dict]] = {s: [] for s in sizes}
     try:
         cert = C.make_cert(tmp)
         for rnd in range(args.rounds):
             for s in (sizes if rnd % 2 == 0 else sizes[::-1]):
-                r = send_once(sslbio, cert, s, args.piece, args.mib, pin)
+                r = send_once(sslbio, cert, int(s.rstrip("c")), args.piece, args.mib, pin,
+                              cork=s.endswith("c"))
                 results[s].append(r)
                 print(f"round {rnd + 1} write buffer {s}: user {r['user_ms']:.3f} sys "
                       f"{r['sys_ms']:.3f} ms/MiB, {r['writes']:.1f} writes/MiB, "
@@ -162,7 +174,7 @@ def main(argv=None) -> int:
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         print(f"  write buffer {s:>7}: user {med['user_ms']:.3f} + sys {med['sys_ms']:.3f} = "
               f"{med['user_ms'] + med['sys_ms']:.3f} ms/MiB; {med['writes']:.1f} write() per "
-              f"MiB; {med['mib_s']:.0f} MiB/s")
+              f"MiB; {med['mib_s']:.0f} MiB/s; receiver {med['receiver_ms']:.3f} ms/MiB")
     return 0
 
 

@@ -198,3 +198,45 @@ class ServiceTreeTests(SynchronousTestCase):
                               ListLogger(), environ={"LISTEN_PID": str(os.getpid()),
                                                      "LISTEN_FDS": "1"})
         self.assertIn("LISTEN_FDNAMES names 0", str(e))
+
+
+class WorkerSocketGroupTests(SynchronousTestCase):
+    """
+    With workers, the sockets of socket activation stay shared by all of
+    them; those an upgrade handed over get a socket per worker.
+    """
+
+    def reusable(self) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(s.close)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        return s
+
+    def http_listener(self, handover: Any) -> Any:
+        from mproxy.activation import Handover
+
+        s = self.reusable()
+        handed = Handover(os.getpid(), "u1", (("http", s.fileno()),)) if handover else None
+        inherited = InheritedSockets({"http": (describe_socket(s.fileno()),)},
+                                     handover=handed)
+        d = tempfile.mkdtemp(prefix="mpa-")
+        self.addCleanup(shutil.rmtree, d, True)
+        config = ServerConfig(http_port=8080, https_port=0, bind="127.0.0.1", workers=2,
+                              socket=os.path.join(d, "s.sock"),
+                              state_dir=os.path.join(d, "state"))
+        service = MproxyService(MemoryReactorClock(), config, ListLogger(), inherited)
+        (listener,) = [x for x in service.listeners if x.name == "http"]
+        listener.privilegedStartService()
+        self.addCleanup(listener.stopService)
+        return s, listener
+
+    def test_socket_activation_shared(self) -> None:
+        s, listener = self.http_listener(handover=False)
+        self.assertEqual(listener.worker_sockets, [(s.fileno(), socket.AF_INET, -1)])
+
+    def test_handed_over_grows(self) -> None:
+        s, listener = self.http_listener(handover=True)
+        self.assertEqual(len(listener.fds), 2)
+        self.assertEqual([owner for *_, owner in listener.worker_sockets], [0, 1])

@@ -25,6 +25,7 @@ from mproxy.target import Drained, TargetState
 from mproxy.workers.interfaces import IDataPlane, Switch
 from mproxy.workers.local import LocalDataPlane
 from mproxy.workers.pool import WorkerPool
+from mproxy.workers.sockets import HELP_AFTER
 from mproxy.workers.worker import WorkerChannel, WorkerServer, WorkerSettings
 
 
@@ -249,13 +250,15 @@ class PoolTests(SynchronousTestCase):
         generation = self.start()
         self.spawner.flush()
 
-        def ports(worker: Any) -> list[tuple[int, int]]:
+        from mproxy.workers.sockets import HelpingPort, OneAcceptPort
+
+        def ports(worker: Any) -> list[tuple[int, type]]:
             server = self.spawner.servers[worker.pid]
-            return [(os.fstat(p.fileno()).st_ino, p.acceptors) for p in server.ports]
+            return [(os.fstat(p.fileno()).st_ino, type(p)) for p in server.ports]
 
         inodes = [os.fstat(fd).st_ino for fd, _family in listener.fds]
         before = ports(generation.workers[1])
-        self.assertEqual(before, [(inodes[0], 0), (inodes[1], 1)])
+        self.assertEqual(before, [(inodes[0], HelpingPort), (inodes[1], OneAcceptPort)])
         dead = self.spawner.servers[generation.workers[1].pid]
         for server in self.spawner.servers.values():
             for p in server.ports:
@@ -1176,21 +1179,29 @@ class OwnSocketTests(SynchronousTestCase):
             connect_clients(port, 1, self)
         self.assertGreaterEqual(min(accept_queue(s) for s in sockets), each)
 
-    def test_own_whole_queue_others_one(self) -> None:
+    def test_own_whole_queue_others_helped(self) -> None:
         import socket
+
+        from mproxy.workers.sockets import HelpingPort, OneAcceptPort
 
         sockets = self.group(2)
         self.queued(sockets, 3)
-        own, other = accept_queue(sockets[1]), accept_queue(sockets[0])
+        other = accept_queue(sockets[0])
         entries = [(os.dup(s.fileno()), socket.AF_INET, owner)
                    for s, owner in zip(sockets, (0, 1))]
         server, reactor = self.serving(1, entries)
-        self.assertEqual([p.acceptors for p in server.ports], [0, 1])
         foreign, mine = server.ports
+        self.assertEqual((type(foreign), type(mine)), (HelpingPort, OneAcceptPort))
+        self.assertEqual(mine.acceptors, 1)
         mine.doRead()
-        self.assertEqual(accept_queue(sockets[1]), 0, own)
+        self.assertEqual(accept_queue(sockets[1]), 0)
+        # the other slot's connections are its own to take for a while
         foreign.doRead()
-        self.assertEqual(accept_queue(sockets[0]), other - 1)
+        self.assertEqual(accept_queue(sockets[0]), other)
+        self.assertNotIn(foreign, reactor.getReaders())
+        reactor.advance(HELP_AFTER)
+        self.assertEqual(accept_queue(sockets[0]), 0)
+        self.assertIn(foreign, reactor.getReaders())
 
     def test_shared_socket_by_the_workers_count(self) -> None:
         import socket
@@ -1220,3 +1231,81 @@ class OwnSocketTests(SynchronousTestCase):
             20, 21, True, {"http": [(10, 2, 0), (11, 2, 1)]}, [])
         self.assertEqual([owner for _fd, _family, owner in sockets["http"]], [0, 1])
         self.assertEqual([fds[fd] for fd, _family, _owner in sockets["http"]], [10, 11])
+
+
+class HelpingPortTests(SynchronousTestCase):
+    """
+    A worker helping with another worker's socket takes the connections
+    the owner has left there for L{HELP_AFTER} seconds, no sooner, and no
+    newer ones.
+    """
+
+    def setUp(self) -> None:
+        import socket
+
+        from twisted.internet.protocol import Factory, Protocol
+
+        from mproxy.workers.sockets import adopt_listening
+
+        self.listener = socket.socket()
+        self.addCleanup(self.listener.close)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.built: list[Any] = []
+
+        def build() -> Protocol:
+            self.built.append(Protocol())
+            return self.built[-1]
+
+        self.reactor = MemoryReactorClock()
+        self.port = adopt_listening(self.reactor, self.listener.fileno(), socket.AF_INET,
+                                    Factory.forProtocol(build), helping=True)
+        self.addCleanup(self.close)
+
+    def close(self) -> None:
+        for protocol in self.built:
+            protocol.transport.socket.close()
+        if self.port.connected:
+            self.port.connectionLost(None)
+
+    def connect(self, n: int) -> None:
+        connect_clients(self.listener.getsockname()[1], n, self)
+
+    def test_taken_by_the_owner_meanwhile(self) -> None:
+        self.connect(2)
+        self.port.doRead()
+        self.reactor.advance(HELP_AFTER / 2)
+        self.assertEqual(self.built, [])
+        for _ in range(2):
+            self.listener.accept()[0].close()  # the owner takes them
+        self.reactor.advance(HELP_AFTER / 2)
+        self.assertEqual(self.built, [])
+        self.assertIn(self.port, self.reactor.getReaders())
+
+    def test_left_by_the_owner_taken_not_the_newer(self) -> None:
+        self.connect(3)
+        self.port.doRead()
+        self.port.doRead()  # not reading meanwhile; a second wake-up changes nothing
+        self.connect(2)
+        self.reactor.advance(HELP_AFTER)
+        self.assertEqual((len(self.built), accept_queue(self.listener)), (3, 2))
+        self.port.doRead()
+        self.reactor.advance(HELP_AFTER)
+        self.assertEqual((len(self.built), accept_queue(self.listener)), (5, 0))
+
+    def test_queue_not_readable_one_at_a_time(self) -> None:
+        import mproxy.workers.sockets as sockets
+
+        self.patch(sockets, "queued_connections", lambda sock: None)
+        self.connect(2)
+        self.port.doRead()
+        self.reactor.advance(HELP_AFTER)
+        self.assertEqual(len(self.built), 1)
+
+    def test_closed_while_waiting(self) -> None:
+        self.connect(1)
+        self.port.doRead()
+        self.port.connectionLost(None)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.built, [])

@@ -291,6 +291,74 @@ class WorkersTests(TestCase):
         figures(test="connections queued on a killed worker", served_by_replacement=20)
 
     @inlineCallbacks
+    def test_bursts_over_ipv6_http_and_https(self) -> Any:
+        """
+        Bound to C{::1}: bursts of new connections to the HTTP and the
+        HTTPS port (each port and address a socket per worker) are all
+        answered, and spread over both workers.
+        """
+        import socket
+        import ssl
+
+        from mproxy.tls.testing import make_ca, make_certificate, pem_pair
+
+        if not socket.has_ipv6:
+            raise self.skipTest("no IPv6")
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        ca = make_ca()
+        chain, key = pem_pair(make_certificate(["secure.test"], issuer=ca))
+        paths = {}
+        for name, data in (("ca.pem", pem_pair(ca)[0]), ("cert.pem", chain), ("key.pem", key)):
+            paths[name] = os.path.join(work, name)
+            with open(paths[name], "wb") as f:
+                f.write(data)
+        app, upstream = listen_upstream(reactor, "one")
+        self.addCleanup(upstream.stopListening)
+        p = MproxyProcess(reactor, os.path.join(work, "mproxy"),
+                          extra_args=("--workers", "2", "--bind", "::1"))
+        yield p.start()
+        self.addCleanup(p.stop, signal.SIGKILL)
+        target = f"127.0.0.1:{upstream.getHost().port}"
+        for args in (("secure", "--target", target, "--host", "secure.test", "--tls",
+                      "--tls-certificate-path", paths["cert.pem"],
+                      "--tls-private-key-path", paths["key.pem"]),
+                     ("plain", "--target", target, "--host", "plain.test")):
+            r = yield p.command("deploy", *args)
+            self.assertEqual(r.status, 0, r.err)
+        workers = self.worker_pids(p)
+        context = ssl.create_default_context(cafile=paths["ca.pem"])
+
+        def burst(port: int, tls: bool) -> list[Any]:
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            raw = []
+            try:
+                for _ in range(30):
+                    raw.append(socket.create_connection(("::1", port), timeout=30))
+            finally:
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
+            clients = [context.wrap_socket(c, server_hostname="secure.test") if tls else c
+                       for c in raw]
+            host = b"secure.test" if tls else b"plain.test"
+            for c in clients:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            heads = read_heads(clients)
+            ours = {c.getsockname()[1] for c in clients}
+            held = [len(client_ports_of(pid, port) & ours) for pid in workers]
+            for c in clients:
+                c.close()
+            return [heads, held]
+
+        for port, tls in ((p.https_port, True), (p.http_port, False)):
+            heads, held = yield deferToThread(burst, port, tls)
+            self.assertEqual(heads, [b"HTTP/1.1 200 OK"] * 30)
+            self.assertEqual(sum(held), 30, (tls, held))
+            self.assertGreaterEqual(min(held), 5, (tls, held))
+            figures(test=f"burst of 30 over IPv6, {'HTTPS' if tls else 'HTTP'}", per_worker=held)
+
+    @inlineCallbacks
     def test_50_deploys_under_load(self) -> Any:
         """
         50 back-to-back deploys alternating two targets under 20 keep-alive

@@ -14,16 +14,17 @@ the kernel spreads new connections over them by hash, and each socket is
 owned by one worker slot (L{socket_owners}), which takes the whole queue of
 its own socket at each wake-up.  The supervisor holds every socket open, so
 connections queued on the socket of a worker that died wait there for its
-replacement, which is given the same socket.  Every worker also accepts on
-the other slots' sockets, one connection per wake-up: a worker that is busy
-or stuck (or dead and not yet replaced) does not leave the connections the
-kernel gave its socket waiting while another worker idles.
+replacement, which is given the same socket.  Every worker also helps with
+the other slots' sockets, taking the connections that have waited there
+for a few milliseconds (L{HelpingPort}): a worker that is busy or stuck (or
+dead and not yet replaced) does not leave the connections the kernel gave
+its socket waiting while another worker idles.
 
 A single inherited socket cannot be made a group (systemd socket
 activation passes one per address, and sockets bound here would not
 outlive this process as systemd's do): it is shared by all workers, each
 taking one connection per wake-up so that a burst is shared between them
-(L{OneAcceptPort}), as a worker's foreign sockets are.
+(L{OneAcceptPort}).
 """
 
 from __future__ import annotations
@@ -100,16 +101,75 @@ class OneAcceptPort(tcp.Port):
         pass
 
 
+#: Seconds a connection waits on another worker's socket before a worker
+#: that helps with it takes it: the owner, when it is not busy, takes its
+#: queue well within this (so that each worker keeps the connections the
+#: kernel gave it, and the keep-alive load stays spread); one busy with a
+#: long reactor turn, stuck or dead has its queue taken after this wait.
+HELP_AFTER = 0.005
+
+
+class HelpingPort(OneAcceptPort):
+    """
+    Another worker's own socket, which this worker helps with: when it is
+    readable, the connections queued then are looked at again after
+    L{HELP_AFTER} seconds (the port not read meanwhile), and those the
+    owner has not taken by then are taken here (at most as many as were
+    queued at first: the newer ones are still the owner's to take).
+    """
+
+    help_after = HELP_AFTER
+    _look: Any = None
+    _waiting = 0
+    _batch = 1
+
+    @property  # type: ignore[override]
+    def numberAccepts(self) -> int:
+        return self._batch
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+    def doRead(self) -> None:
+        if self._look is not None:
+            return
+        self._waiting = queued_connections(self.socket) or 1
+        self.stopReading()
+        self._look = self.reactor.callLater(self.help_after, self._help)
+
+    def _help(self) -> None:
+        self._look = None
+        if self.disconnecting or not self.connected:
+            return
+        queued = queued_connections(self.socket)
+        left = min(self._waiting, 1 if queued is None else queued)
+        if left > 0:
+            self._batch = left
+            try:
+                super().doRead()
+            finally:
+                self._batch = 1
+        self.startReading()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._look is not None:
+            self._look.cancel()
+            self._look = None
+        super().connectionLost(reason)
+
+
 def adopt_listening(reactor: Any, fd: int, family: int, factory: Any,
-                    acceptors: int = 0) -> Any:
+                    acceptors: int = 0, helping: bool = False) -> Any:
     """
     Serve C{factory} on the listening TCP socket C{fd} (not closed: the
     port works on its own duplicate), which C{acceptors} workers accept on
     (C{0}: not known): one connection per wake-up, or with C{acceptors} 1
-    the whole queue (L{OneAcceptPort}); like C{reactor.adoptStreamPort}
-    otherwise.
+    the whole queue (L{OneAcceptPort}); with C{helping}, another worker's
+    own socket (L{HelpingPort}).
     """
-    port = OneAcceptPort._fromListeningDescriptor(reactor, fd, family, factory)
+    kind = HelpingPort if helping else OneAcceptPort
+    port = kind._fromListeningDescriptor(reactor, fd, family, factory)
     port.acceptors = acceptors
     port.startListening()
     return port

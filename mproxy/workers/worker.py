@@ -188,7 +188,10 @@ class WorkerServer:
     def serve(self, http3: bool = False) -> None:
         """
         Accept on the inherited sockets (the UDP one too with C{http3},
-        else it is closed here).
+        else it is closed here): this worker's own sockets taken whole at
+        each wake-up (no other worker takes from them as it does), other
+        workers' helped with (L{mproxy.workers.sockets.HelpingPort}), a
+        socket shared by all one connection per wake-up.
         """
         self.served = True
         factories = {"http": self.site, "https": self.https}
@@ -197,8 +200,11 @@ class WorkerServer:
                 # an inherited socket may be blocking (systemd's are not, a
                 # test's may be): accept() must never block the reactor
                 os.set_blocking(fd, False)
-                self.ports.append(adopt_listening(self.reactor, fd, family, factories[kind],
-                                                  acceptors=self._acceptors(owner)))
+                slot = owner[0] if owner else -1
+                self.ports.append(adopt_listening(
+                    self.reactor, fd, family, factories[kind],
+                    acceptors=self.settings.acceptors if slot < 0 else 1,
+                    helping=0 <= slot != self.slot))
                 os.close(fd)
         for fd, family in self.settings.udp:
             if not http3:
@@ -213,19 +219,6 @@ class WorkerServer:
             os.set_blocking(fd, False)
             listener.ports.append(self.reactor.adoptDatagramPort(fd, family, listener))
             os.close(fd)
-
-    def _acceptors(self, owner: list[int]) -> int:
-        """
-        How many workers take connections from a socket owned by C{owner}
-        (C{[slot]}, or C{[]} / C{[-1]}: shared by all): its own socket this
-        worker accepts on alone (its whole queue per wake-up); another
-        slot's it only helps with, one connection per wake-up (as on a
-        socket shared by an unknown number).
-        """
-        slot = owner[0] if owner else -1
-        if slot < 0:
-            return self.settings.acceptors
-        return 1 if slot == self.slot else 0
 
     def _release_unserved(self) -> None:
         """
