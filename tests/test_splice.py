@@ -1034,3 +1034,183 @@ class BatcherSentOutTests(SynchronousTestCase):
         t2.disconnecting = True
         self.assertFalse(self.batcher.sent_out(t2))
         self.assertFalse(self.batcher.sent_out(StringTransport()))
+
+
+CLIENT, TARGET = DST, SRC
+
+
+class UploadSpliceTests(SynchronousTestCase):
+    """
+    A Content-Length request body's rest of at least L{SPLICE_MIN} bytes
+    goes from the client's socket to the target's by splice once the
+    exchange is connected; everything around it behaves as with the body
+    in pieces.
+    """
+
+    def setUp(self) -> None:
+        batch.DIRECT_TYPES.add(FakeTCP)
+        self.addCleanup(batch.DIRECT_TYPES.discard, FakeTCP)
+        self.calls = FakeCalls()
+        from mproxy.http import server
+
+        self.patch(server, "splicer_for", lambda reactor: self.splicer)
+        self.splicer = Splicer(self.calls, pipe_size=1 << 20)
+
+    def harness(self, **options: Any) -> Any:
+        h = ProxySpliceTests.harness(self, **options)  # type: ignore[arg-type]
+        return h
+
+    upstream = ProxySpliceTests.upstream
+    client_bytes = ProxySpliceTests.client_bytes
+
+    def post(self, h: Any, length: int = 300000, first: int = 20000) -> tuple[Any, FakeTCP]:
+        h.send(b"POST /up HTTP/1.1\r\nHost: example.com\r\nContent-Length: %d\r\n\r\n" % length
+               + b"a" * first)
+        proto, t = self.upstream(h)
+        self.assertTrue(t.socket.sent[0].startswith(b"POST /up HTTP/1.1\r\n"))
+        # the next read: the exchange is connected now
+        h.send(b"b" * 1000)
+        return proto, t
+
+    def test_upload_spliced(self) -> None:
+        """
+        The head and the body's first pieces go to the target's socket
+        before the rest is spliced; the body's end lets the response
+        through and the next request is read as usual.
+        """
+        h = self.harness()
+        h.ct.bufferSize = 262144
+        proto, t = self.post(h)
+        sent = b"".join(t.socket.sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\n" + b"a" * 20000 + b"b" * 1000), sent[-100:])
+        self.assertIsNotNone(h.client.reader.current._body_splice)
+        self.assertEqual(h.ct.doRead.__name__, "_readable")
+        self.calls.source[CLIENT] = 279000 + 50
+        h.ct.doRead()
+        self.assertEqual(self.calls.taken[TARGET], 279000)
+        self.assertEqual(self.calls.source[CLIENT], 50)  # (what follows the body)
+        self.assertNotIn("doRead", h.ct.__dict__)
+        self.assertIsNone(h.client.reader.current)
+        self.assertEqual(h.ct.bufferSize, HEAD_READ)
+        proto.dataReceived(OK_SMALL)
+        h.reactor.advance(0)
+        self.assertTrue(self.client_bytes(h).endswith(OK_SMALL_OUT))
+        self.assertEqual(h.requests_logged()[0]["status"], 200)
+        # the next request on the connection
+        h.send(b"GET /n HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        h.reactor.advance(0)
+        self.assertTrue(t.socket.sent[-1].startswith(b"GET /n HTTP/1.1\r\n"))
+
+    def test_not_connected_yet(self) -> None:
+        """
+        While the exchange waits for its connection the body is queued as
+        pieces (nothing to splice to).
+        """
+        h = self.harness()
+        h.send(b"POST /up HTTP/1.1\r\nHost: example.com\r\nContent-Length: 300000\r\n\r\n"
+               + b"a" * 20000)
+        h.send(b"b" * 1000)
+        self.assertIsNone(h.client.reader.current._body_splice)
+        self.assertEqual(self.calls.open, set())
+
+    def test_buffered_request_not_spliced(self) -> None:
+        h = self.harness(buffer_requests=True)
+        h.send(b"POST /up HTTP/1.1\r\nHost: example.com\r\nContent-Length: 300000\r\n\r\n"
+               + b"a" * 20000)
+        h.send(b"b" * 1000)
+        self.assertIsNone(h.client.reader.current._body_splice)
+        self.assertEqual(self.calls.open, set())
+
+    def test_backpressure_and_timeout(self) -> None:
+        """
+        The target's socket full: reading from the client pauses (no body
+        timeout meanwhile) until it takes what waits; progress keeps the
+        body timeout away.
+        """
+        h = self.harness()
+        proto, t = self.post(h)
+        self.calls.source[CLIENT] = 100000
+        self.calls.room[TARGET] = 1000
+        h.ct.doRead()
+        self.assertFalse(h.ct.reading)
+        self.assertTrue(t.writing)
+        h.reactor.advance(120)
+        self.assertEqual(h.requests_logged(), [])
+        self.calls.room[TARGET] = None
+        t.doWrite()
+        self.assertTrue(h.ct.reading)
+        self.assertFalse(t.writing)
+        self.calls.source[CLIENT] = 179000
+        h.ct.doRead()
+        self.assertEqual(self.calls.taken[TARGET], 279000)
+        self.assertIsNone(h.client.reader.current)
+
+    def test_client_gone(self) -> None:
+        """
+        The client's socket at its end mid-body: the client connection is
+        aborted, its loss abandons the exchange (the target connection
+        aborted too).
+        """
+        h = self.harness()
+        aborted: list[bool] = []
+        h.ct.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        proto, t = self.post(h)
+        self.calls.source[CLIENT] = None
+        h.ct.doRead()
+        self.assertEqual(aborted, [True])
+        self.assertEqual(self.calls.open, set())
+        h.client.connectionLost()
+        self.assertTrue(t.aborted)
+        self.assertEqual(h.requests_logged()[0]["status"], 499)
+
+    def test_target_fails(self) -> None:
+        """
+        The target's socket failing mid-body: the target connection is
+        aborted, the client gets the 502 page (the body was streamed: the
+        request is not sent again).
+        """
+        h = self.harness()
+        proto, t = self.post(h)
+        self.calls.source[CLIENT] = 100000
+        self.calls.room[TARGET] = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        h.ct.doRead()
+        self.assertTrue(t.aborted)
+        self.assertEqual(self.calls.open, set())
+        self.assertNotIn("doRead", h.ct.__dict__)
+        proto.connectionLost()
+        h.reactor.advance(0)
+        self.assertIn(b"HTTP/1.1 502 ", self.client_bytes(h))
+        self.assertEqual(h.connected, 1)
+
+    def test_early_response(self) -> None:
+        """
+        The target answering before the body's end: the splice stops (the
+        connection reads, and drops, the rest itself), the response goes
+        to the client.
+        """
+        h = self.harness()
+        proto, t = self.post(h)
+        self.calls.source[CLIENT] = 1000
+        h.ct.doRead()
+        proto.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        h.reactor.advance(0)
+        self.assertIn(b"HTTP/1.1 413 Too Large", self.client_bytes(h))
+        self.assertEqual(self.calls.open, set())
+        self.assertNotEqual(getattr(h.ct.doRead, "__name__", ""), "_readable")
+
+    def test_early_response_while_stalled(self) -> None:
+        """
+        An early response while the target's socket is full: reading from
+        the client goes on (the connection reads and drops the rest of
+        the body before it closes).
+        """
+        h = self.harness()
+        proto, t = self.post(h)
+        self.calls.source[CLIENT] = 100000
+        self.calls.room[TARGET] = 10
+        h.ct.doRead()
+        self.assertFalse(h.ct.reading)
+        proto.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(h.ct.reading)
+        self.assertNotIn("doWrite", t.__dict__)
+        self.assertEqual(self.calls.open, set())

@@ -55,6 +55,12 @@ class App(Factory):
         self.made = 0
         self.lost = 0
         self.served: list[list[bytes]] = []
+        self.timers: list[Any] = []
+
+    def cancel_timers(self) -> None:
+        for t in self.timers:
+            if t.active():
+                t.cancel()
 
     def buildProtocol(self, addr: Any) -> Protocol:
         p = _Upstream()
@@ -74,12 +80,40 @@ class _Upstream(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.lost += 1
 
+    #: request body bytes still to come, and their hash so far
+    left = 0
+    hasher: Any = None
+
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
-        while b"\r\n\r\n" in self.buf:
+        while True:
+            if self.left:
+                piece, self.buf = self.buf[:self.left], self.buf[self.left:]
+                self.hasher.update(piece)
+                self.got += len(piece)
+                self.left -= len(piece)
+                if self.left:
+                    return
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s %d"
+                                     % (64 + 1 + len(b"%d" % self.got),
+                                        self.hasher.hexdigest().encode(), self.got))
+                continue
+            if b"\r\n\r\n" not in self.buf:
+                return
             head, self.buf = self.buf.split(b"\r\n\r\n", 1)
             path = head.split(b" ", 2)[1]
             self.paths.append(path)
+            m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if m and int(m.group(1)):
+                self.left = int(m.group(1))
+                self.hasher = hashlib.sha256()
+                self.got = 0
+                if path == b"/slowupload":
+                    # take nothing for a while: the proxy must hold back
+                    self.transport.pauseProducing()
+                    self.factory.timers.append(
+                        reactor.callLater(0.5, self.transport.resumeProducing))
+                continue
             self.answer(path)
 
     def answer(self, path: bytes) -> None:
@@ -138,6 +172,38 @@ def pipes(pids: list[int]) -> int:
     return n
 
 
+def piped(pids: list[int]) -> int:
+    """
+    The most bytes any pipe of the processes holds (read through
+    /proc/PID/fd, which opens the same pipe).
+    """
+    import fcntl
+    import termios
+
+    most = 0
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in names:
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
+                if not os.readlink(path).startswith("pipe:"):
+                    continue
+                f = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                buf = fcntl.ioctl(f, termios.FIONREAD, b"\0\0\0\0")
+                most = max(most, struct.unpack("i", buf)[0])
+            except OSError:
+                pass
+            finally:
+                os.close(f)
+    return most
+
+
 def fds(pids: list[int]) -> int:
     n = 0
     for pid in pids:
@@ -160,6 +226,7 @@ class SpliceIntegrationTests(TestCase):
         app = App()
         port = reactor.listenTCP(0, app, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        self.addCleanup(app.cancel_timers)
         p = MproxyProcess(reactor, self.mktemp())
         yield p.start()
         self.addCleanup(p.stop, signal.SIGKILL)
@@ -244,6 +311,7 @@ class SpliceIntegrationTests(TestCase):
         yield sleep(0.5)
         # the body's rest waits in a pipe while the client reads nothing
         self.assertEqual(pipes(workers), base_pipes + 2)
+        self.assertGreater(piped(workers), 65536)
 
         def slow() -> bytes:
             buf = b""
@@ -329,3 +397,74 @@ class SpliceIntegrationTests(TestCase):
             lambda: (s2.sendall(b"GET /size/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size),
                      read_response(s2))[1])
         self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(body(size)).digest())
+
+    @inlineCallbacks
+    def test_uploads(self) -> Any:
+        """
+        Request bodies of several sizes, pipelined on one keep-alive
+        connection with a download after them, reach the target byte for
+        byte (its sha256 of each); a target that takes nothing for a while
+        gets the whole body after it; a client leaving mid-upload makes the
+        target's connection close; the workers' descriptors come back to
+        their baseline plus the kept pipes.
+        """
+        p, app, workers = yield self.proxy()
+        sizes = [1000, 70000, 65536 + 70000, 1 << 20, (3 << 20) + 7]
+        yield sleep(0.3)
+        base_fds = fds(workers)
+
+        def post(path: bytes, n: int) -> bytes:
+            return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, n)
+                    + body(n))
+
+        def run() -> list[bytes]:
+            s = self.client(p)
+            s.sendall(b"".join(post(b"/upload", n) for n in sizes)
+                      + b"GET /size/%d HTTP/1.1\r\nHost: x\r\n\r\n" % (1 << 20))
+            got = []
+            rest = b""
+            for _ in range(len(sizes) + 1):
+                head, data, rest = read_response(s, rest)
+                got.append(data)
+            s.sendall(post(b"/slowupload", 4 << 20))
+            head, data, rest = read_response(s, rest)
+            got.append(data)
+            return got
+
+        got = yield deferToThread(run)
+        for n, g in zip(sizes, got):
+            self.assertEqual(g, hashlib.sha256(body(n)).hexdigest().encode() + b" %d" % n)
+        self.assertEqual(hashlib.sha256(got[len(sizes)]).digest(),
+                         hashlib.sha256(body(1 << 20)).digest())
+        self.assertEqual(got[-1], hashlib.sha256(body(4 << 20)).hexdigest().encode()
+                         + b" %d" % (4 << 20))
+
+        c = socket.socket()
+        self.addCleanup(c.close)
+
+        def send_what_fits() -> None:
+            c.connect(("127.0.0.1", p.http_port))
+            data = memoryview(post(b"/slowupload", 32 << 20))
+            c.setblocking(False)
+            sent = 0
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:
+                try:
+                    sent += c.send(data[sent:sent + (1 << 20)])
+                except BlockingIOError:
+                    time.sleep(0.01)
+
+        lost = app.lost
+        yield deferToThread(send_what_fits)
+        # the target takes nothing yet: the body's rest waits in a pipe
+        self.assertGreater(piped(workers), 65536)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        deadline = time.monotonic() + 5
+        while app.lost == lost and time.monotonic() < deadline:
+            yield sleep(0.1)
+        self.assertGreater(app.lost, lost)
+        deadline = time.monotonic() + 5
+        while fds(workers) > base_fds + 2 * 2 and time.monotonic() < deadline:
+            yield sleep(0.1)
+        self.assertLessEqual(fds(workers), base_fds + 2 * 2)

@@ -249,6 +249,23 @@ class RequestReader:
         self._raw.start(left, views=True)
         return True
 
+    @property
+    def body_left(self) -> int:
+        """
+        The bytes of the current request's Content-Length body still to
+        come once its rest bypasses the parser (0: none, or not known).
+        """
+        return self._raw.left
+
+    def body_spliced(self) -> None:
+        """
+        The rest of the current request's body went on without being read
+        here (by splice, L{mproxy.http.splice}): it is complete, a fresh
+        parser reads what follows it.
+        """
+        self._raw.left = 0
+        self._raw_ended()
+
     def _raw_piece(self, data: bytes) -> None:
         req = self.current
         assert req is not None

@@ -79,7 +79,21 @@ class Relay:
         rq = self.call.rq
         up.set_body_producer(rq.body_producer)
         rq.send_continue()
+        if type(rq) is FastRequest:
+            rq.set_splice_target(self._body_splice_target)
         rq.set_body_consumer(self._body_data, self._body_end, self.body_error)
+
+    def _body_splice_target(self) -> Any:
+        """
+        The target's transport the request body's rest may be spliced to
+        (a streamed body, not buffered, going to a plain TCP connection),
+        else C{None}.
+        """
+        call = self.call
+        up: Any = call.up
+        if up is None or call.done or call.req_spool is not None:
+            return None
+        return up.body_splice_transport()
 
     def _body_data(self, data: bytes) -> None:
         up = self.call.up

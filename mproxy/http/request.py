@@ -146,6 +146,12 @@ class _StreamedBody:
     _on_data: Callable[[bytes], None] | None = None
     _on_end: Callable[[], None] | None = None
     _on_error: Callable[[int, str], None] | None = None
+    #: the consumer's C{splice_target()}: the target's transport, when the
+    #: body's rest may go to its socket by splice (see
+    #: L{mproxy.http.server.FastHTTPChannel}), else C{None}
+    _splice_target: Callable[[], Any] | None = None
+    #: the body's rest on its way by splice
+    _body_splice: Any = None
     _queue: list[bytes] | None = None
     _queued_bytes = 0
     _body_error: tuple[int, str] | None = None
@@ -402,9 +408,34 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         """
         self.sentLength += n
 
+    def set_splice_target(self, target: Callable[[], Any]) -> None:
+        """
+        C{target()} gives the plain TCP transport the rest of a
+        Content-Length body may be spliced to (once everything written to
+        it is in its socket), or C{None}; the connection asks it while the
+        body's consumer takes it as it arrives.
+        """
+        self._splice_target = target
+
+    def stop_body_splice(self) -> None:
+        """
+        The request body's splice, if one runs, is abandoned (the client's
+        transport reads for itself again).
+        """
+        relay = self._body_splice
+        if relay is not None:
+            self._body_splice = None
+            relay.stop()
+            # (reading may have been paused for the target's full socket)
+            self.channel.resume_reading("splice")
+
     def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished or self._disconnected:
             return
+        if self._body_splice is not None:
+            # answered before the body's end: what is left of it is read
+            # (and dropped) by the connection
+            self.stop_body_splice()
         if not self.started:
             self._generic_start()
         end = b""
@@ -488,6 +519,7 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         if self.finished:
             return
         self._disconnected = True
+        self.stop_body_splice()
         if self._producer is not None:
             self._producer = None
         fn = self._lost_handler

@@ -40,7 +40,9 @@ from mproxy.http.batch import batcher_for
 from mproxy.http.connection import ConnectionControl
 from mproxy.http.interfaces import IRequestChannel
 from mproxy.http.parsing import MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_URL_LENGTH, RequestReader
-from mproxy.http.reads import READ_GROW_AT, grow_reads
+from mproxy.http.reads import HEAD_READ, READ_GROW_AT, grow_reads
+from mproxy.http.batch import DIRECT_TYPES
+from mproxy.http.splice import SPLICE_MIN, ISpliceHandler, splicer_for
 from mproxy.http.request import (
     MAX_QUEUED_BODY,
     FastRequest,
@@ -241,6 +243,32 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
                 if r.queue_full:
                     self.pause_reading("queue")
                     break
+        if self.reader.body_left >= SPLICE_MIN:
+            self._splice_body()
+
+    def _splice_body(self) -> None:
+        """
+        The rest of the request body being read (at least L{SPLICE_MIN}
+        bytes, all still in the socket) goes to the target's socket by
+        splice (L{mproxy.http.splice}) when its consumer offers a plain TCP
+        transport for it (L{FastRequest.set_body_consumer}) and this one is
+        plain TCP too; else it goes on as pieces.
+        """
+        req = self.reader.current
+        if (req is None or req.finished or req._body_splice is not None or self._closing
+                or self._stopped or type(self.transport) not in DIRECT_TYPES):
+            return
+        target = req._splice_target
+        if target is None:
+            return
+        splicer = splicer_for(self.clock)
+        if splicer is None:
+            return
+        sink = target()
+        if sink is None:
+            return
+        req._body_splice = splicer.start(self.transport, sink, self.reader.body_left,
+                                         _BodySplice(self, req, sink))
 
     # what the RequestReader tells the connection
 
@@ -387,6 +415,56 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         if pending:
             on_data(pending)
         self.resume_reading("upgrade")
+
+
+@implementer(ISpliceHandler)
+class _BodySplice:
+    """
+    What a connection hears from the splice relay of a request body's
+    rest (L{FastHTTPChannel._splice_body}): progress keeps the body
+    timeout from firing, the target's socket filling up pauses reading
+    from the client (as the target connection's producer does), the end
+    completes the body as its last piece would; the client's socket
+    failing or ending mid-body aborts the client connection (its loss
+    abandons the request), the target's aborts the target connection (a
+    502, as a target lost mid-request).
+    """
+
+    __slots__ = ("channel", "req", "sink")
+
+    def __init__(self, channel: FastHTTPChannel, req: FastRequest, sink: Any) -> None:
+        self.channel = channel
+        self.req = req
+        self.sink = sink
+
+    def sent(self, n: int) -> None:
+        self.channel.body_arrived()
+
+    def stalled(self) -> None:
+        self.channel.pause_reading("splice")
+
+    def flowing(self) -> None:
+        self.channel.resume_reading("splice")
+
+    def ended(self) -> None:
+        self.req._body_splice = None
+        channel = self.channel
+        t = channel.transport
+        if t.bufferSize > HEAD_READ:
+            # the next request's head, and no more than a small body with
+            # it: a large body's rest is spliced
+            t.bufferSize = HEAD_READ
+        channel.resume_reading("splice")
+        channel.reader.body_spliced()
+
+    def source_failed(self, message: str) -> None:
+        self.req._body_splice = None
+        self.channel.abort()
+
+    def sink_failed(self, message: str) -> None:
+        self.req._body_splice = None
+        self.channel.resume_reading("splice")
+        self.sink.abortConnection()
 
 
 class ProxySite(_server.Site):

@@ -257,6 +257,22 @@ class UpstreamExchange:
             self._producer_paused = True
             self.body_producer.pauseProducing()
 
+    def body_splice_transport(self) -> Any:
+        """
+        The connection's transport, when the rest of a Content-Length
+        request body may go to its socket by splice: the exchange is
+        connected, no response came yet, the transport is plain TCP and
+        everything written to it is in its socket; else C{None}.
+        """
+        conn = self.conn
+        if (conn is None or self.done or self.chunked or self.body_ended or self.responded
+                or conn.lost or conn._splice is not None):
+            return None
+        t = conn.transport
+        if type(t) not in DIRECT_TYPES or not conn.pool.batcher.sent_out(t):
+            return None
+        return t
+
     def end_body(self) -> None:
         if self.done or self.body_ended:
             return
