@@ -308,8 +308,11 @@ class SpliceIntegrationTests(TestCase):
 
         s = self.client(p, rcvbuf=32768)
         s.sendall(b"GET /size/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
-        yield sleep(0.5)
         # the body's rest waits in a pipe while the client reads nothing
+        # (how soon it fills depends on the machine's load: wait for it)
+        deadline = time.monotonic() + 5.0
+        while piped(workers) <= 65536 and time.monotonic() < deadline:
+            yield sleep(0.1)
         self.assertEqual(pipes(workers), base_pipes + 2)
         self.assertGreater(piped(workers), 65536)
 
