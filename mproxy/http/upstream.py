@@ -891,14 +891,23 @@ class _Connection(Protocol):
             self._splice = None
             relay.stop()
 
-    def _broken(self, message: str) -> None:
-        self._stop_splice()
+    def _abandon(self) -> UpstreamExchange | None:
+        """
+        Abort this connection (never re-used) and detach its exchange,
+        which is returned for its caller to fail.
+        """
         ex = self.exchange
         self.exchange = None
         self.lost = True
         self.transport.abortConnection()
         if ex is not None:
             ex.conn = None
+        return ex
+
+    def _broken(self, message: str) -> None:
+        self._stop_splice()
+        ex = self._abandon()
+        if ex is not None:
             ex._fail(502, message)
 
     def connectionLost(self, reason: Failure = Failure(_error.ConnectionDone())) -> None:
@@ -982,12 +991,8 @@ class _SpliceHandler:
     def sink_failed(self, message: str) -> None:
         conn = self.conn
         conn._splice = None
-        ex = conn.exchange
-        conn.exchange = None
-        conn.lost = True
-        conn.transport.abortConnection()
+        ex = conn._abandon()
         if ex is not None:
-            ex.conn = None
             ex.receiver.splice_broken()
 
 
