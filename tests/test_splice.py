@@ -22,6 +22,7 @@ from mproxy.http import batch
 from mproxy.http.batch import WriteBatcher
 from mproxy.http.reads import HEAD_READ
 from mproxy.http.splice import (
+    MAX_PIPE_BYTES,
     PIPE_MIN,
     SPLICE_MIN,
     ISpliceCalls,
@@ -29,6 +30,7 @@ from mproxy.http.splice import (
     OSSpliceCalls,
     Splicer,
     available,
+    pipe_budget,
 )
 from mproxy.http.upstream import UpstreamPool, _SpliceHandler
 
@@ -475,6 +477,56 @@ class RelayTests(SynchronousTestCase):
         self.assertIsNone(self.splicer.start(self.source, self.sink, 100000, self.handler))
         self.assertEqual(self.calls._next, made)
         self.assertNotIn("doRead", self.source.__dict__)
+
+    def test_capacity_budget(self) -> None:
+        """
+        The pipes held, in use and idle, add up to at most C{max_bytes}:
+        past it a body takes the ordinary path (no pipe is asked for); a
+        pipe closed gives its share back, an idle one keeps it.
+        """
+        splicer = Splicer(self.calls, pipe_size=1 << 20, max_idle=1, max_bytes=2 << 20)
+        relays = [splicer.start(FakeTCP(10 + i), FakeTCP(20 + i), 10, Handler())
+                  for i in range(2)]
+        self.assertEqual(splicer.held, 2 << 20)
+        made = self.calls._next
+        self.assertIsNone(splicer.start(FakeTCP(12), FakeTCP(22), 10, Handler()))
+        self.assertEqual(self.calls._next, made)
+        for i, r in enumerate(relays):
+            self.calls.source[10 + i] = 10
+            r.source.doRead()
+        # one kept idle, one closed
+        self.assertEqual(splicer.held, 1 << 20)
+        self.assertEqual(len(self.calls.open), 2)
+        again = [splicer.start(FakeTCP(12 + i), FakeTCP(22 + i), 10, Handler())
+                 for i in range(2)]
+        self.assertNotIn(None, again)
+        self.assertEqual(splicer.held, 2 << 20)
+        self.assertIsNone(splicer.start(FakeTCP(14), FakeTCP(24), 10, Handler()))
+        again[0].stop()
+        again[1].stop()
+        splicer.close()
+        self.assertEqual((splicer.held, self.calls.open), (0, set()))
+
+    def test_budget_after_small_pipe(self) -> None:
+        """
+        A pipe too small to use, closed at once, does not count.
+        """
+        self.calls.pipe_size = PIPE_MIN // 2
+        self.assertIsNone(self.splicer.start(self.source, self.sink, 100000, self.handler))
+        self.assertEqual(self.splicer.held, 0)
+
+    def test_pipe_budget(self) -> None:
+        """
+        A process may hold an eighth of the user's pipe quota, and never
+        more than L{MAX_PIPE_BYTES}; no quota (0) or none to read: that
+        maximum.
+        """
+        self.assertEqual(pipe_budget(16384, 4096), 8 << 20)
+        self.assertEqual(pipe_budget(1 << 20, 4096), MAX_PIPE_BYTES)
+        self.assertEqual(pipe_budget(0, 4096), MAX_PIPE_BYTES)
+        self.assertEqual(pipe_budget(1024, 4096), 512 << 10)
+        self.assertLessEqual(pipe_budget(), MAX_PIPE_BYTES)
+        self.assertLessEqual(Splicer().max_bytes, MAX_PIPE_BYTES)
 
     def test_os_calls(self) -> None:
         """

@@ -308,13 +308,16 @@ class SpliceIntegrationTests(TestCase):
 
         s = self.client(p, rcvbuf=32768)
         s.sendall(b"GET /size/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
-        # the body's rest waits in a pipe while the client reads nothing
-        # (how soon it fills depends on the machine's load: wait for it)
+        # the body's rest waits in a pipe while the client reads nothing.
+        # How much depends on timing, not only on the pipe's size: reading
+        # from the target stops while the pipe holds bytes, so the pipe
+        # holds what one read from the target's socket took, less what the
+        # client's socket took of it.
         deadline = time.monotonic() + 5.0
-        while piped(workers) <= 65536 and time.monotonic() < deadline:
+        while not piped(workers) and time.monotonic() < deadline:
             yield sleep(0.1)
         self.assertEqual(pipes(workers), base_pipes + 2)
-        self.assertGreater(piped(workers), 65536)
+        self.assertGreater(piped(workers), 0)
 
         def slow() -> bytes:
             buf = b""
@@ -460,7 +463,7 @@ class SpliceIntegrationTests(TestCase):
         lost = app.lost
         yield deferToThread(send_what_fits)
         # the target takes nothing yet: the body's rest waits in a pipe
-        self.assertGreater(piped(workers), 65536)
+        self.assertGreater(piped(workers), 0)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
         deadline = time.monotonic() + 5

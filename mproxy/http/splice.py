@@ -48,6 +48,9 @@ PIPE_SIZE = 1 << 20
 PIPE_MIN = 65536
 #: empty pipes kept for the next relays
 MAX_IDLE_PIPES = 64
+#: the most pipe capacity one process holds, in use and idle together
+#: (capped lower by the user's pipe quota: see L{pipe_budget})
+MAX_PIPE_BYTES = 16 << 20
 
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -139,12 +142,36 @@ class ISpliceHandler(Interface):
         """
 
 
-def _max_pipe_size() -> int:
+def _read_int(path: str) -> int | None:
     try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
+        with open(path) as f:
             return int(f.read())
     except (OSError, ValueError):
-        return PIPE_SIZE
+        return None
+
+
+def _max_pipe_size() -> int:
+    size = _read_int("/proc/sys/fs/pipe-max-size")
+    return PIPE_SIZE if size is None else size
+
+
+def pipe_budget(soft_pages: int | None = None, page_size: int | None = None) -> int:
+    """
+    The pipe capacity one process may hold: L{MAX_PIPE_BYTES}, or an eighth
+    of the user's pipe quota (C{fs.pipe-user-pages-soft}, 64 MiB by
+    default) when that is less.  Every pipe of a user counts against that
+    quota, and once it is used up each new pipe of that user (the proxy's
+    other workers', any other program's) gets two pages and cannot be
+    made bigger: a pool of 1 MiB pipes must leave most of it to others.
+    """
+    if soft_pages is None:
+        soft_pages = _read_int("/proc/sys/fs/pipe-user-pages-soft")
+    if page_size is None:
+        page_size = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+    if not soft_pages:
+        # no quota (0), or none to read
+        return MAX_PIPE_BYTES
+    return min(MAX_PIPE_BYTES, soft_pages * page_size // 8)
 
 
 class Splicer:
@@ -152,15 +179,20 @@ class Splicer:
     The relays of one reactor and their pool of empty pipes.
 
     @ivar pipe_size: the size asked for new pipes.
+    @ivar max_bytes: the most capacity the pipes held (in use and idle)
+        may add up to; past it a body takes the ordinary path.
+    @ivar held: the capacity of the pipes held now.
     """
 
     def __init__(self, calls: Any = None, pipe_size: int | None = None,
-                 max_idle: int = MAX_IDLE_PIPES) -> None:
+                 max_idle: int = MAX_IDLE_PIPES, max_bytes: int | None = None) -> None:
         self.calls = calls if calls is not None else OSSpliceCalls()
         if pipe_size is None:
             pipe_size = min(PIPE_SIZE, _max_pipe_size())
         self.pipe_size = pipe_size
         self.max_idle = max_idle
+        self.max_bytes = pipe_budget() if max_bytes is None else max_bytes
+        self.held = 0
         self._idle: list[tuple[int, int, int]] = []
         #: a pipe too small was made once: the quota is used up, later
         #: relays are not tried until a pipe is given back
@@ -180,12 +212,13 @@ class Splicer:
     def _take(self) -> tuple[int, int, int] | None:
         if self._idle:
             return self._idle.pop()
-        if self._short:
+        if self._short or self.held + self.pipe_size > self.max_bytes:
             return None
         try:
             pipe = self.calls.pipe(self.pipe_size)
         except OSError:
             return None
+        self.held += pipe[2]
         if pipe[2] < PIPE_MIN:
             self._short = True
             self._close(pipe)
@@ -203,6 +236,7 @@ class Splicer:
             self._close(pipe)
 
     def _close(self, pipe: tuple[int, int, int]) -> None:
+        self.held -= pipe[2]
         for fd in pipe[:2]:
             try:
                 self.calls.close(fd)
@@ -391,4 +425,5 @@ def splicer_for(reactor: Any) -> Splicer | None:
 
 
 __all__ = ["Splicer", "SpliceRelay", "ISpliceCalls", "ISpliceHandler", "OSSpliceCalls",
-           "splicer_for", "available", "SPLICE_MIN", "PIPE_SIZE"]
+           "splicer_for", "available", "pipe_budget", "SPLICE_MIN", "PIPE_SIZE",
+           "MAX_PIPE_BYTES"]
