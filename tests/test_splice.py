@@ -481,29 +481,32 @@ class RelayTests(SynchronousTestCase):
     def test_capacity_budget(self) -> None:
         """
         The pipes held, in use and idle, add up to at most C{max_bytes}:
-        past it a body takes the ordinary path (no pipe is asked for); a
-        pipe closed gives its share back, an idle one keeps it.
+        its first half in pipes of C{pipe_size}, the rest in pipes of
+        C{PIPE_MIN}; past it a body takes the ordinary path (no pipe is
+        asked for).  A pipe closed gives its share back, an idle one keeps
+        it.
         """
-        splicer = Splicer(self.calls, pipe_size=1 << 20, max_idle=1, max_bytes=2 << 20)
+        big = 4 * PIPE_MIN
+        splicer = Splicer(self.calls, pipe_size=big, max_idle=1, max_bytes=2 * big)
         relays = [splicer.start(FakeTCP(10 + i), FakeTCP(20 + i), 10, Handler())
-                  for i in range(2)]
-        self.assertEqual(splicer.held, 2 << 20)
+                  for i in range(5)]
+        self.assertEqual([r._pipe_size for r in relays], [big] + [PIPE_MIN] * 4)
+        self.assertEqual(splicer.held, 2 * big)
         made = self.calls._next
-        self.assertIsNone(splicer.start(FakeTCP(12), FakeTCP(22), 10, Handler()))
+        self.assertIsNone(splicer.start(FakeTCP(15), FakeTCP(25), 10, Handler()))
         self.assertEqual(self.calls._next, made)
         for i, r in enumerate(relays):
             self.calls.source[10 + i] = 10
             r.source.doRead()
-        # one kept idle, one closed
-        self.assertEqual(splicer.held, 1 << 20)
+        # the first one given back is kept idle, the others closed
+        self.assertEqual(splicer.held, big)
         self.assertEqual(len(self.calls.open), 2)
-        again = [splicer.start(FakeTCP(12 + i), FakeTCP(22 + i), 10, Handler())
+        again = [splicer.start(FakeTCP(16 + i), FakeTCP(26 + i), 10, Handler())
                  for i in range(2)]
-        self.assertNotIn(None, again)
-        self.assertEqual(splicer.held, 2 << 20)
-        self.assertIsNone(splicer.start(FakeTCP(14), FakeTCP(24), 10, Handler()))
-        again[0].stop()
-        again[1].stop()
+        self.assertEqual([r._pipe_size for r in again], [big, PIPE_MIN])
+        self.assertEqual(splicer.held, big + PIPE_MIN)
+        for r in again:
+            r.stop()
         splicer.close()
         self.assertEqual((splicer.held, self.calls.open), (0, set()))
 
