@@ -489,7 +489,7 @@ http {{
   keepalive_requests 10000000;
   keepalive_timeout 300s;
   default_type text/plain;
-  upstream sink {{ server {HOST}:{port}; keepalive 16; }}
+  upstream sink {{ server {HOST}:{port}; keepalive 256; }}
   server {{
     listen {HOST}:{port} backlog=4096;
     location = /up {{ return 200 "OK\\n"; }}
