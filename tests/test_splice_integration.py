@@ -29,6 +29,8 @@ from twisted.trial.unittest import TestCase
 from mproxy.http.splice import MAX_IDLE_PIPES, available
 from mproxy.testing import MproxyProcess
 
+from tests.wire import read_response
+
 _bodies: dict[int, bytes] = {}
 
 
@@ -129,32 +131,6 @@ class _Upstream(Protocol):
             self.transport.write(head + data)
             return
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup")
-
-
-def read_response(s: socket.socket, rest: bytes = b"") -> tuple[bytes, bytes, bytes]:
-    """
-    Head, Content-Length body and what followed them, from a blocking
-    socket (C{rest}: bytes already read).
-    """
-    buf = rest
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {buf[:200]!r}")
-        buf += chunk
-    head, buf = buf.split(b"\r\n\r\n", 1)
-    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-    n = int(m.group(1)) if m else 0
-    chunks = [buf]
-    got = len(buf)
-    while got < n:
-        chunk = s.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError(f"closed in body after {got} of {n} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    data = b"".join(chunks)
-    return head, data[:n], data[n:]
 
 
 def pipes(pids: list[int]) -> int:

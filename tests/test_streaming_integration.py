@@ -37,6 +37,8 @@ from mproxy.testing import (
     websocket_accept_key,
 )
 
+from tests.wire import read_one_response
+
 BIG = 20 << 20
 _blob: list[bytes] = []
 
@@ -508,30 +510,6 @@ def blocking_exchange(port: int, data: bytes, timeout: float = 30.0) -> bytes:
         return b"".join(out)
     finally:
         s.close()
-
-
-def read_one_response(s: socket.socket) -> tuple[bytes, bytes]:
-    """
-    Head and Content-Length body of one response from a blocking socket.
-    """
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {buf[:200]!r}")
-        buf += chunk
-    head, body = buf.split(b"\r\n\r\n", 1)
-    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-    n = int(m.group(1)) if m else 0
-    chunks = [body]
-    got = len(body)
-    while got < n:
-        chunk = s.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError("closed in body")
-        chunks.append(chunk)
-        got += len(chunk)
-    return head, b"".join(chunks)
 
 
 def fd_count(pid: int) -> int:
