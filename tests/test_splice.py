@@ -481,30 +481,28 @@ class RelayTests(SynchronousTestCase):
     def test_capacity_budget(self) -> None:
         """
         The pipes held, in use and idle, add up to at most C{max_bytes}:
-        its first half in pipes of C{pipe_size}, the rest in pipes of
-        C{PIPE_MIN}; past it a body takes the ordinary path (no pipe is
-        asked for).  A pipe closed gives its share back, an idle one keeps
-        it.
+        past it a body takes the ordinary path (no pipe is asked for).  A
+        pipe closed gives its share back, an idle one keeps it.
         """
-        big = 4 * PIPE_MIN
-        splicer = Splicer(self.calls, pipe_size=big, max_idle=1, max_bytes=2 * big)
+        big = 1 << 20
+        splicer = Splicer(self.calls, pipe_size=big, max_idle=1, max_bytes=2 * big + PIPE_MIN)
         relays = [splicer.start(FakeTCP(10 + i), FakeTCP(20 + i), 10, Handler())
-                  for i in range(5)]
-        self.assertEqual([r._pipe_size for r in relays], [big] + [PIPE_MIN] * 4)
+                  for i in range(2)]
         self.assertEqual(splicer.held, 2 * big)
         made = self.calls._next
-        self.assertIsNone(splicer.start(FakeTCP(15), FakeTCP(25), 10, Handler()))
+        self.assertIsNone(splicer.start(FakeTCP(12), FakeTCP(22), 10, Handler()))
         self.assertEqual(self.calls._next, made)
         for i, r in enumerate(relays):
             self.calls.source[10 + i] = 10
             r.source.doRead()
-        # the first one given back is kept idle, the others closed
+        # the first one given back is kept idle, the other closed
         self.assertEqual(splicer.held, big)
         self.assertEqual(len(self.calls.open), 2)
-        again = [splicer.start(FakeTCP(16 + i), FakeTCP(26 + i), 10, Handler())
+        again = [splicer.start(FakeTCP(13 + i), FakeTCP(23 + i), 10, Handler())
                  for i in range(2)]
-        self.assertEqual([r._pipe_size for r in again], [big, PIPE_MIN])
-        self.assertEqual(splicer.held, big + PIPE_MIN)
+        self.assertNotIn(None, again)
+        self.assertEqual(splicer.held, 2 * big)
+        self.assertIsNone(splicer.start(FakeTCP(15), FakeTCP(25), 10, Handler()))
         for r in again:
             r.stop()
         splicer.close()
@@ -520,14 +518,15 @@ class RelayTests(SynchronousTestCase):
 
     def test_pipe_budget(self) -> None:
         """
-        A process may hold an eighth of the user's pipe quota, and never
+        A process may hold a quarter of the user's pipe quota, and never
         more than L{MAX_PIPE_BYTES}; no quota (0) or none to read: that
         maximum.
         """
-        self.assertEqual(pipe_budget(16384, 4096), 8 << 20)
+        self.assertEqual(pipe_budget(8192, 4096), 8 << 20)
+        self.assertEqual(pipe_budget(16384, 4096), MAX_PIPE_BYTES)
         self.assertEqual(pipe_budget(1 << 20, 4096), MAX_PIPE_BYTES)
         self.assertEqual(pipe_budget(0, 4096), MAX_PIPE_BYTES)
-        self.assertEqual(pipe_budget(1024, 4096), 512 << 10)
+        self.assertEqual(pipe_budget(1024, 4096), 1 << 20)
         self.assertLessEqual(pipe_budget(), MAX_PIPE_BYTES)
         self.assertLessEqual(Splicer().max_bytes, MAX_PIPE_BYTES)
 
