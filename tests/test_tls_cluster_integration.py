@@ -161,6 +161,23 @@ class ClusterIntegration(TestCase):
     def orders(self) -> int:
         return self.pebble_log().count(b"Added order")
 
+    def order_story(self) -> str:
+        """
+        What each node said about its certificate orders, and pebble's
+        order and validation lines: the account of a run with an
+        unexpected number of orders.
+        """
+        lines = []
+        for name, p in sorted(self.procs.items()):
+            for r in p.records:
+                text = repr(r)
+                if any(w in text.lower() for w in ("order", "certificate", "challenge", "lock")):
+                    lines.append(f"{name}: {text[:400]}")
+        for line in self.pebble_log().splitlines():
+            if any(w in line for w in (b"order", b"Order", b"validat", b"challenge")):
+                lines.append("pebble: " + line.decode(errors="replace")[:300])
+        return "\n".join(lines[-200:])
+
     def issued(self) -> int:
         return self.pebble_log().count(b"Issued certificate serial")
 
@@ -468,7 +485,7 @@ class FailingNameTests(ClusterIntegration):
         # long enough for a node told "a is ordering" to look again (lock TTL 15 s)
         yield sleep(20)
         print(f"MEASURED cluster, failing name: pebble orders in 20 s: {self.orders()}")
-        self.assertEqual(self.orders(), 2)
+        self.assertEqual(self.orders(), 2, self.order_story())
         outs = []
         for name in ("a", "b"):
             out = yield self.listing(name)
