@@ -818,7 +818,8 @@ def main(argv=None) -> int:
     print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
           f"x{args.runs * args.rounds} "
           f"(median), body {args.body_size} B, proxy on CPU {args.proxy_cpu}, "
-          f"wrk+upstream on CPU {args.load_cpu}, workloads {','.join(workloads)}"
+          f"wrk+upstream on CPU {args.load_cpu}, workloads {','.join(workloads)}, "
+          f"TCP congestion control {C.tcp_congestion_control()}"
           + ("; upstream sendfile on" if args.upstream_sendfile else "")
           + (f" (rate: {args.rate:g} req/s for {args.rate_duration:g} s"
              + ("; CPUs kept awake" if args.awake else "")
