@@ -1209,8 +1209,8 @@ class BatchSendNowTests(SynchronousTestCase):
 class NoDelayTests(SynchronousTestCase):
     def test_nodelay(self) -> None:
         """
-        Streamed responses (unknown length) disable Nagle on the client
-        connection, so events go out at once; others leave it alone.
+        A client connection disables Nagle when it starts, once: neither a
+        sized response nor a streamed one (unknown length) changes it.
         """
         t = TCPStringTransport()
         calls = t.nodelay_calls
@@ -1218,13 +1218,25 @@ class NoDelayTests(SynchronousTestCase):
         site = ProxySite(r, MemoryReactorClock())
         ch = site.buildProtocol(None)
         ch.makeConnection(t)
+        self.assertEqual(calls, [True])
         ch.dataReceived(GET)
         respond(r.requests[0], b"sized")
-        self.assertEqual(calls, [])
         ch.dataReceived(GET)
         r.requests[1].start_response(200, None, [(b"Content-Type", b"text/event-stream")], None)
         r.requests[1].write(b"data: 1\n\n")
         self.assertEqual(calls, [True])
+        self.assertTrue(t.getTcpNoDelay())
+
+    def test_not_tcp(self) -> None:
+        """
+        A transport that is not TCP (an in-memory one) is left alone.
+        """
+        t = StringTransport()
+        site = ProxySite(Recorder(), MemoryReactorClock())
+        ch = site.buildProtocol(None)
+        ch.makeConnection(t)
+        ch.dataReceived(GET)
+        self.assertFalse(t.disconnecting)
 
 
 class DroppedUpgradeTests(SynchronousTestCase):

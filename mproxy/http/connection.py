@@ -97,8 +97,9 @@ class ConnectionControl:
 
     def set_nodelay(self) -> None:
         """
-        Disable Nagle for this connection (once): small streamed pieces
-        (SSE events) must not wait for the client's ACK.
+        Disable Nagle for this connection (once): no piece (an SSE event,
+        the end of a body written in several sends) waits for the client's
+        ACK.
         """
         if self._nodelay:
             return

@@ -169,7 +169,8 @@ class IRequestChannel(Interface):
 
     def set_nodelay():
         """
-        Disable Nagle for the connection (streamed responses, tunnels).
+        Disable Nagle for the connection (once; HTTP/1.1 connections do it
+        when they start, streamed responses and tunnels ask again).
         """
 
     def request_done(request):

@@ -140,6 +140,12 @@ class FastHTTPChannel(ConnectionControl, PeerStrings, Protocol):
         self._idle_since = self.clock.seconds()
         if self.header_timeout:
             self.set_timer(self.header_timeout)
+        # Nagle off from the start, as nginx and Go do: what one reactor
+        # iteration writes already leaves in one send, and with Nagle the
+        # short last segment of a send waits while an earlier one is
+        # unacknowledged, up to the client's delayed ACK (tens of ms: the
+        # end of a large body written in several sends)
+        self.set_nodelay()
 
     def _timed_out(self) -> None:
         if self._requests:
