@@ -262,11 +262,11 @@ class DirectTests(SynchronousTestCase):
         self.assertEqual(producer.calls, ["pause", "resume"])
         self.assertTrue(self.server._io.grown_writes)
 
-    def test_largePieceLeavesInOneSend(self) -> None:
+    def test_64KiBResponseLeavesInOneSend(self) -> None:
         """
-        Once a connection is busy, the records of a 256 KiB piece (a
-        plain TCP connection's largest read) all fit the write buffer:
-        none of them is sent before the flush, which sends them at once.
+        Once a connection is busy, the records of a 64 KiB body and its
+        head all fit the write buffer: none of them is sent before the
+        flush, which sends them at once.
         """
         app = self.connect()
         app.transport.write(b"w" * 65536)  # busy: the large write buffer
@@ -274,16 +274,30 @@ class DirectTests(SynchronousTestCase):
         self.assertEqual(len(self.client_read()), 65536)
         io = self.server._io
         self.assertTrue(io.grown_writes)
-        piece = b"p" * 262144
+        piece = b"h" * 300 + b"p" * 65536
         self.server._ssl.write(piece)
         self.assertGreater(io.unsent(), len(piece))
         self.assertEqual(self.client_receive(), 0)
-        got = []
-        while io.flush() != 1:  # the socket pair's buffer is smaller
-            got.append(self.client_read())
+        self.assertEqual(io.flush(), 1)
         self.assertEqual(io.unsent(), 0)
-        got.append(self.client_read())
-        self.assertEqual(b"".join(got), piece)
+        self.assertEqual(self.client_read(), piece)
+
+    def test_largerPieceLeavesAsTheBufferFills(self) -> None:
+        """
+        A piece larger than the write buffer leaves in sends of its size
+        as it is encrypted, the rest with the flush.
+        """
+        app = self.connect()
+        app.transport.write(b"w" * 65536)
+        self.reactor.advance(0)
+        self.client_read()
+        io = self.server._io
+        piece = b"q" * 100000
+        self.server._ssl.write(piece)
+        self.assertLessEqual(io.unsent(), sslbio.BULK_WRITE_BUFFER)
+        self.assertGreater(self.client_receive(), 0)
+        self.assertEqual(io.flush(), 1)
+        self.assertEqual(self.client_read(), piece)
 
     def test_writesWhileBlockedKeepOrder(self) -> None:
         """
