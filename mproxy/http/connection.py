@@ -40,7 +40,6 @@ class ConnectionControl:
     _timer: Any
     _timed_out: Callable[[], None]
     _linger_call: Any = None
-    _nodelay = False
     #: when the connection times out, and when its DelayedCall fires
     #: (never later than that)
     _deadline = 0.0
@@ -97,13 +96,10 @@ class ConnectionControl:
 
     def set_nodelay(self) -> None:
         """
-        Disable Nagle for this connection (once): no piece (an SSE event,
-        the end of a body written in several sends) waits for the client's
-        ACK.
+        Disable Nagle for this connection (when it starts): no piece (an
+        SSE event, the end of a body written in several sends) waits for
+        the client's ACK.
         """
-        if self._nodelay:
-            return
-        self._nodelay = True
         if ITCPTransport.providedBy(self.transport):
             try:
                 self.transport.setTcpNoDelay(True)

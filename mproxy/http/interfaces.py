@@ -167,12 +167,6 @@ class IRequestChannel(Interface):
         C{reason} no longer holds reading back.
         """
 
-    def set_nodelay():
-        """
-        Disable Nagle for the connection (once; HTTP/1.1 connections do it
-        when they start, streamed responses and tunnels ask again).
-        """
-
     def request_done(request):
         """
         C{request}'s response is finished: go on with the next request.

@@ -317,7 +317,6 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         if self.extra_headers:
             headers = headers + self.extra_headers
         if code == 101:
-            self.channel.set_nodelay()
             self._no_body = True
             self.keep_alive = False
             self._head = status_line(code, reason) + header_lines(headers) + b"\r\n"
@@ -325,8 +324,8 @@ class FastRequest(TwistedRequestFace, _StreamedBody, _server.Request):
         if self.method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
             self._no_body = True
         elif length is None:
-            # a streamed response (SSE, chunked): pieces go out at once
-            self.channel.set_nodelay()
+            # a streamed response (SSE, chunked): pieces go out as written
+            # (the connection has Nagle off since it started)
             if self.clientproto == b"HTTP/1.1":
                 self._chunked_out = True
             else:
